@@ -1,0 +1,35 @@
+//! The `echo` handler: answers each request with its own body. It has no model, so it
+//! measures the server itself (HTTP, queue, batcher, workers).
+
+use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, Input, Output, RawBody};
+
+/// Returns its input unchanged.
+#[derive(Debug, Default)]
+pub struct Echo;
+
+impl Handler for Echo {
+    fn decode(&self, body: RawBody) -> Result<Input, HandlerError> {
+        Ok(Input::Raw(body))
+    }
+
+    fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
+        Ok(batch
+            .iter()
+            .map(|input| match input {
+                Input::Raw(body) => Ok(Output::Raw(body.clone())),
+                Input::Texts(_) => Err(HandlerError::Input("echo takes raw bodies".into())),
+            })
+            .collect())
+    }
+
+    fn info(&self) -> HandlerInfo {
+        HandlerInfo {
+            handler: HandlerKind::Echo,
+            architecture: None,
+            dtype: None,
+            device: "cpu".into(),
+            max_input_tokens: None,
+            parameters: None,
+        }
+    }
+}

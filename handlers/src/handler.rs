@@ -1,0 +1,268 @@
+//! The [`Handler`] trait and the types that cross it.
+//!
+//! Requests are decoded and validated by [`Handler::decode`] on the HTTP side, before
+//! they are queued, so one bad request never fails the batch it would have joined.
+//! [`Handler::run`] then runs a whole batch on a worker thread and answers each item.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use crate::{HandlerError, ModelFiles, echo::Echo, text_embedding::TextEmbedding};
+
+/// A request body as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawBody {
+    pub content_type: Option<String>,
+    pub bytes: Vec<u8>,
+}
+
+/// A decoded, validated request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// One or more texts (the text handlers).
+    Texts(Vec<String>),
+    /// The body as it came (the echo handler).
+    Raw(RawBody),
+}
+
+/// One request's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// One embedding per input text.
+    Embeddings(Vec<Vec<f32>>),
+    /// Bytes to send back as they are.
+    Raw(RawBody),
+}
+
+/// The built-in handlers, by the name used in archives (`--handler text_embedding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerKind {
+    TextEmbedding,
+    Echo,
+}
+
+impl HandlerKind {
+    pub const ALL: [HandlerKind; 2] = [HandlerKind::TextEmbedding, HandlerKind::Echo];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HandlerKind::TextEmbedding => "text_embedding",
+            HandlerKind::Echo => "echo",
+        }
+    }
+
+    /// Whether the handler needs model files (weights, config, tokenizer).
+    pub fn needs_model_files(self) -> bool {
+        !matches!(self, HandlerKind::Echo)
+    }
+}
+
+impl std::fmt::Display for HandlerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for HandlerKind {
+    type Err = HandlerError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        HandlerKind::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| {
+                let known: Vec<&str> = HandlerKind::ALL.iter().map(|k| k.name()).collect();
+                HandlerError::Unsupported(format!(
+                    "unknown handler `{s}`; the built-in handlers are: {}",
+                    known.join(", ")
+                ))
+            })
+    }
+}
+
+/// What a handler is told at load time, from the model's setup_config.json.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Where the model runs.
+    pub device: Device,
+    /// The dtype to run in; `None` means the checkpoint's own (`torch_dtype: "auto"`).
+    pub dtype: Option<DType>,
+    /// Longest input in tokens; longer inputs are truncated. `None`: the model's own limit.
+    pub max_length: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+            max_length: None,
+        }
+    }
+}
+
+/// Describes a loaded handler (shown by the describe API).
+#[derive(Debug, Clone, Serialize)]
+pub struct HandlerInfo {
+    pub handler: HandlerKind,
+    /// Model family, e.g. "bert".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    pub device: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_input_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<usize>,
+}
+
+/// A loaded model, shared by all of its workers.
+pub trait Handler: Send + Sync {
+    /// Decodes and validates one request body. Cheap; runs before queueing.
+    fn decode(&self, body: RawBody) -> Result<Input, HandlerError>;
+
+    /// Runs a batch. `Ok` holds exactly one result per input, in order (an input can
+    /// fail alone); `Err` means the whole batch failed.
+    fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError>;
+
+    /// What this handler is.
+    fn info(&self) -> HandlerInfo;
+}
+
+/// Builds the handler `kind` from the model's files.
+pub fn load(
+    kind: HandlerKind,
+    files: &dyn ModelFiles,
+    options: &LoadOptions,
+) -> Result<Arc<dyn Handler>, HandlerError> {
+    Ok(match kind {
+        HandlerKind::TextEmbedding => Arc::new(TextEmbedding::load(files, options)?),
+        HandlerKind::Echo => Arc::new(Echo),
+    })
+}
+
+/// Decodes the text inputs of a request body: `{"inputs": "text"}`, `{"inputs": ["a", "b"]}`,
+/// a bare JSON string or array of strings, or a text/plain body.
+pub fn decode_texts(body: &RawBody) -> Result<Vec<String>, HandlerError> {
+    let is_json = body
+        .content_type
+        .as_deref()
+        .map(|ct| ct.starts_with("application/json"))
+        .unwrap_or_else(|| body.bytes.first().is_some_and(|b| matches!(b, b'{' | b'[' | b'"')));
+    let texts = if is_json {
+        let value: serde_json::Value = serde_json::from_slice(&body.bytes)
+            .map_err(|e| HandlerError::Input(format!("malformed JSON body: {e}")))?;
+        texts_from_json(value)?
+    } else {
+        let text = String::from_utf8(body.bytes.clone())
+            .map_err(|_| HandlerError::Input("the request body is not valid UTF-8 text".into()))?;
+        vec![text]
+    };
+    if texts.is_empty() || (texts.len() == 1 && texts[0].trim().is_empty()) {
+        return Err(HandlerError::Input("the request has no input text".into()));
+    }
+    Ok(texts)
+}
+
+fn texts_from_json(value: serde_json::Value) -> Result<Vec<String>, HandlerError> {
+    use serde_json::Value;
+    let inputs = match value {
+        Value::Object(mut map) => map
+            .remove("inputs")
+            .or_else(|| map.remove("data"))
+            .or_else(|| map.remove("body"))
+            .ok_or_else(|| {
+                HandlerError::Input("expected a JSON object with an \"inputs\" field".into())
+            })?,
+        other => other,
+    };
+    match inputs {
+        Value::String(s) => Ok(vec![s]),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(HandlerError::Input(format!(
+                    "\"inputs\" must hold strings, found {}",
+                    json_kind(&other)
+                ))),
+            })
+            .collect(),
+        other => Err(HandlerError::Input(format!(
+            "\"inputs\" must be a string or an array of strings, found {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> RawBody {
+        RawBody {
+            content_type: Some("application/json".into()),
+            bytes: s.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn decodes_the_accepted_text_shapes() {
+        assert_eq!(decode_texts(&json(r#"{"inputs": "hi"}"#)).ok(), Some(vec!["hi".to_string()]));
+        assert_eq!(
+            decode_texts(&json(r#"{"inputs": ["a", "b"]}"#)).ok(),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(decode_texts(&json(r#"["x"]"#)).ok(), Some(vec!["x".to_string()]));
+        let plain = RawBody {
+            content_type: Some("text/plain".into()),
+            bytes: b"{not json".to_vec(),
+        };
+        assert_eq!(decode_texts(&plain).ok(), Some(vec!["{not json".to_string()]));
+        let sniffed = RawBody {
+            content_type: None,
+            bytes: br#"{"inputs": "y"}"#.to_vec(),
+        };
+        assert_eq!(decode_texts(&sniffed).ok(), Some(vec!["y".to_string()]));
+    }
+
+    #[test]
+    fn refuses_malformed_or_empty_input_as_client_errors() {
+        for body in [
+            r#"{"inputs": "#,
+            r#"{"inputs": []}"#,
+            r#"{"inputs": ""}"#,
+            r#"{"inputs": [1, 2]}"#,
+            r#"{"text": "x"}"#,
+            r#"42"#,
+        ] {
+            let err = decode_texts(&json(body)).expect_err(body);
+            assert!(err.is_client_error(), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn handler_names_round_trip_and_unknown_names_list_the_known_ones() {
+        for kind in HandlerKind::ALL {
+            assert_eq!(kind.name().parse::<HandlerKind>().ok(), Some(kind));
+        }
+        let err = "python_code".parse::<HandlerKind>().expect_err("unknown");
+        assert!(err.to_string().contains("text_embedding"), "{err}");
+    }
+}

@@ -1,0 +1,37 @@
+//! Spillway's built-in model handlers and the model code they run.
+//!
+//! A handler turns validated request inputs into outputs on a worker thread. It never
+//! sees HTTP, tokio or the model store's layout: the server hands it a [`ModelFiles`]
+//! view of an archive and gets back an `Arc<dyn Handler>` that all workers share.
+//! No code is ever executed from an archive: handlers are named, built-in types.
+//!
+//! # Layout
+//! - [`handler`]: the [`Handler`] trait, request [`Input`] / [`Output`], [`HandlerKind`]
+//!   and [`load`], which builds a handler by kind.
+//! - [`files`]: [`ModelFiles`], how a handler reads the files of its model archive.
+//! - [`weights`]: [`WeightSource`], safetensors mapped from disk (also from inside a
+//!   zip-store archive) and served to candle's `VarBuilder`; the crate's only `unsafe`.
+//! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
+//! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
+//! - [`echo`]: returns its input unchanged; measures the server itself.
+//! - [`error`]: [`HandlerError`], the crate's one error type.
+//! - `testing` (feature `testing`): tiny random-weight models for tests.
+
+pub mod echo;
+pub mod error;
+pub mod files;
+pub mod handler;
+pub mod sentence_transformers;
+pub mod text_embedding;
+pub mod weights;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use error::HandlerError;
+pub use files::ModelFiles;
+pub use handler::{Handler, HandlerInfo, HandlerKind, Input, LoadOptions, Output, RawBody, load};
+pub use weights::WeightSource;
+
+// The tensor vocabulary handlers are configured with, so the server needs no candle dependency.
+pub use candle_core::{DType, Device};

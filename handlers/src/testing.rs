@@ -1,0 +1,180 @@
+//! Tiny random-weight models for tests (feature `testing`).
+//!
+//! [`write_tiny_bert`] writes a complete sentence-transformers BERT folder: weights
+//! initialised by candle-transformers' own `BertModel::load` through a `VarMap` and saved
+//! as safetensors, a `config.json`, a WordPiece `tokenizer.json` whose vocabulary covers
+//! any lowercase ASCII text (letters and `##letters`), and the pooling files.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde_json::json;
+
+use crate::HandlerError;
+use crate::error::CandleContext;
+
+/// The shape and sentence-transformers settings of a tiny BERT.
+#[derive(Debug, Clone)]
+pub struct TinyBert {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub max_position_embeddings: usize,
+    /// `max_seq_length` written to sentence_bert_config.json (`None`: no such file).
+    pub max_seq_length: Option<usize>,
+    /// "mean", "cls", "max" or "mean_sqrt_len".
+    pub pooling: &'static str,
+    pub normalize: bool,
+}
+
+impl Default for TinyBert {
+    fn default() -> Self {
+        Self {
+            hidden_size: 32,
+            layers: 2,
+            heads: 4,
+            max_position_embeddings: 64,
+            max_seq_length: Some(24),
+            pooling: "mean",
+            normalize: true,
+        }
+    }
+}
+
+const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+const WORDS: [&str; 12] = [
+    "hello", "world", "the", "quick", "brown", "fox", "model", "server", "rust", "spill", "##way", "##s",
+];
+
+/// The tokenizer vocabulary, in id order.
+pub fn vocabulary() -> Vec<String> {
+    let mut vocab: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
+    vocab.extend(WORDS.iter().map(|s| s.to_string()));
+    for c in ('a'..='z').chain('0'..='9') {
+        vocab.push(c.to_string());
+        vocab.push(format!("##{c}"));
+    }
+    for p in [".", ",", "!", "?", "'", "-"] {
+        vocab.push(p.to_string());
+    }
+    vocab.dedup();
+    vocab
+}
+
+impl TinyBert {
+    /// The config.json this model is written with.
+    pub fn config(&self) -> serde_json::Value {
+        json!({
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            "vocab_size": vocabulary().len(),
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "intermediate_size": self.hidden_size * 4,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": 2,
+            "initializer_range": 0.02,
+            "layer_norm_eps": 1e-12,
+            "pad_token_id": 0,
+            "position_embedding_type": "absolute"
+        })
+    }
+
+    /// Writes the model folder into `dir` (created if needed).
+    pub fn write(&self, dir: &Path) -> Result<(), HandlerError> {
+        let io = |source| HandlerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir.join("1_Pooling")).map_err(io)?;
+        let config = self.config();
+        let write_json = |name: &str, value: &serde_json::Value| {
+            std::fs::write(dir.join(name), value.to_string()).map_err(io)
+        };
+        write_json("config.json", &config)?;
+        write_json("tokenizer.json", &tokenizer_json())?;
+        let mut modules = vec![
+            json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
+            json!({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}),
+        ];
+        if self.normalize {
+            modules.push(json!({"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}));
+        }
+        write_json("modules.json", &serde_json::Value::Array(modules))?;
+        let mode = |m: &str| self.pooling == m;
+        write_json(
+            "1_Pooling/config.json",
+            &json!({
+                "word_embedding_dimension": self.hidden_size,
+                "pooling_mode_cls_token": mode("cls"),
+                "pooling_mode_mean_tokens": mode("mean"),
+                "pooling_mode_max_tokens": mode("max"),
+                "pooling_mode_mean_sqrt_len_tokens": mode("mean_sqrt_len")
+            }),
+        )?;
+        if let Some(max) = self.max_seq_length {
+            write_json("sentence_bert_config.json", &json!({"max_seq_length": max, "do_lower_case": false}))?;
+        }
+
+        let bert: BertConfig = serde_json::from_value(config).map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let varmap = VarMap::new();
+        BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &bert)
+            .context(|| "cannot initialise a random BERT".into())?;
+        varmap
+            .save(dir.join("model.safetensors"))
+            .context(|| "cannot save random BERT weights".into())
+    }
+}
+
+/// A WordPiece tokenizer.json in the layout BERT checkpoints ship, with fixed padding and
+/// truncation at 128 as MiniLM's has (the handler must override both).
+fn tokenizer_json() -> serde_json::Value {
+    let vocab: serde_json::Map<String, serde_json::Value> = vocabulary()
+        .into_iter()
+        .enumerate()
+        .map(|(id, token)| (token, json!(id)))
+        .collect();
+    let added: Vec<serde_json::Value> = SPECIALS
+        .iter()
+        .enumerate()
+        .map(|(id, token)| {
+            json!({"id": id, "content": token, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": {"max_length": 128, "strategy": "LongestFirst", "stride": 0},
+        "padding": {"strategy": {"Fixed": 128}, "direction": "Right", "pad_to_multiple_of": null,
+                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+        "added_tokens": added,
+        "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                       "strip_accents": null, "lowercase": true},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": "[SEP]", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "[CLS]", "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "[SEP]", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": "[SEP]", "type_id": 1}}],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [2], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [3], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+        "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab}
+    })
+}

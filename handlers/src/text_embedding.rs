@@ -1,0 +1,353 @@
+//! The `text_embedding` handler: BERT-family encoders turned into sentence embeddings
+//! with the pooling and normalisation their sentence-transformers files ask for.
+//!
+//! Inputs longer than `max_seq_length` (sentence_bert_config.json, else the model's
+//! maximum positions, capped by setup_config's `max_length`) are truncated, as
+//! sentence-transformers does. A batch's texts are tokenized one by one (a bad text
+//! fails alone), padded to the longest in each chunk, and run through the model.
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::error::CandleContext;
+use crate::handler::decode_texts;
+use crate::sentence_transformers::{Pooling, SentenceTransformerConfig};
+use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output, RawBody};
+
+/// Texts per forward pass: bounds activation memory whatever the batch size.
+const MAX_TEXTS_PER_FORWARD: usize = 64;
+
+/// A loaded BERT sentence-embedding model.
+pub struct TextEmbedding {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    pooling: Pooling,
+    normalize: bool,
+    max_tokens: usize,
+    pad_id: u32,
+    device: Device,
+    dtype: DType,
+    parameters: usize,
+}
+
+impl TextEmbedding {
+    pub fn load(files: &dyn ModelFiles, options: &LoadOptions) -> Result<Self, HandlerError> {
+        let config_bytes = files.read_required("config.json")?;
+        let family: serde_json::Value = serde_json::from_slice(&config_bytes)
+            .map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let model_type = family.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        if model_type != "bert" {
+            return Err(HandlerError::Unsupported(format!(
+                "text_embedding serves BERT-family encoders (config.json model_type \"bert\"), \
+                 this model's model_type is {:?}",
+                model_type
+            )));
+        }
+        let config: BertConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let sentence = SentenceTransformerConfig::read(files)?;
+
+        let max_tokens = [options.max_length, sentence.max_seq_length]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or(config.max_position_embeddings)
+            .min(config.max_position_embeddings);
+        let mut tokenizer = Tokenizer::from_bytes(files.read_required("tokenizer.json")?)
+            .map_err(|e| HandlerError::bad_file("tokenizer.json", e))?;
+        // tokenizer.json often carries its own truncation and fixed padding (MiniLM's pads
+        // everything to 128); padding is done per batch here, truncation at max_tokens.
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length: max_tokens,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+            }))
+            .map_err(|source| HandlerError::Tokenizer {
+                context: "cannot set truncation".into(),
+                source,
+            })?;
+        let pad_id = tokenizer
+            .get_padding()
+            .map(|p| p.pad_id)
+            .unwrap_or(config.pad_token_id as u32);
+        tokenizer.with_padding(None);
+
+        let weights = files.weights("model.safetensors")?;
+        let dtype = options.dtype.unwrap_or(DType::F32);
+        let parameters = weights
+            .tensor_names()
+            .iter()
+            .filter_map(|name| weights.info(name))
+            .map(|info| info.shape.iter().product::<usize>())
+            .sum();
+        let model = BertModel::load(weights.var_builder(dtype, &options.device), &config)
+            .context(|| format!("cannot load BERT weights from {}", weights.path().display()))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            pooling: sentence.pooling,
+            normalize: sentence.normalize,
+            max_tokens,
+            pad_id,
+            device: options.device.clone(),
+            dtype,
+            parameters,
+        })
+    }
+
+    /// Embeds already tokenized texts in one forward pass.
+    fn embed(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, HandlerError> {
+        let batch = encodings.len();
+        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![self.pad_id; batch * len];
+        let mut type_ids = vec![0u32; batch * len];
+        let mut mask = vec![0u32; batch * len];
+        for (row, encoding) in encodings.iter().enumerate() {
+            let at = row * len;
+            let n = encoding.len();
+            ids[at..at + n].copy_from_slice(encoding.get_ids());
+            type_ids[at..at + n].copy_from_slice(encoding.get_type_ids());
+            mask[at..at + n].copy_from_slice(encoding.get_attention_mask());
+        }
+        let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let ids = Tensor::from_vec(ids, (batch, len), &self.device)?;
+            let type_ids = Tensor::from_vec(type_ids, (batch, len), &self.device)?;
+            let mask = Tensor::from_vec(mask, (batch, len), &self.device)?;
+            let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
+            let hidden = hidden.to_dtype(DType::F32)?;
+            let pooled = pool(&hidden, &mask, self.pooling)?;
+            let pooled = if self.normalize { l2_normalize(&pooled)? } else { pooled };
+            pooled.to_vec2()
+        };
+        forward().context(|| format!("BERT forward pass failed (batch {batch} x {len} tokens)"))
+    }
+}
+
+/// Pools `[batch, tokens, hidden]` into `[batch, hidden * modes]` over the attention mask.
+pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
+    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?; // [b, t, 1]
+    let mut parts = Vec::with_capacity(pooling.modes());
+    if pooling.cls {
+        parts.push(hidden.narrow(1, 0, 1)?.squeeze(1)?);
+    }
+    if pooling.max {
+        // Padding positions get a large negative value so they never win the max.
+        let masked = hidden.broadcast_add(&((mask.ones_like()? - &mask)? * -1e9)?)?;
+        parts.push(masked.max(1)?);
+    }
+    if pooling.mean || pooling.mean_sqrt_len {
+        let sum = hidden.broadcast_mul(&mask)?.sum(1)?; // [b, h]
+        let count = mask.sum(1)?.clamp(1e-9, f64::MAX)?; // [b, 1]
+        if pooling.mean {
+            parts.push(sum.broadcast_div(&count)?);
+        }
+        if pooling.mean_sqrt_len {
+            parts.push(sum.broadcast_div(&count.sqrt()?)?);
+        }
+    }
+    Tensor::cat(&parts, 1)
+}
+
+/// Divides each row by its L2 norm (with torch's `F.normalize` epsilon).
+pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+    x.broadcast_div(&norm)
+}
+
+impl Handler for TextEmbedding {
+    fn decode(&self, body: RawBody) -> Result<Input, HandlerError> {
+        decode_texts(&body).map(Input::Texts)
+    }
+
+    fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
+        // Tokenize each request on its own so that one bad text fails only its request.
+        let encoded: Vec<Result<Vec<Encoding>, HandlerError>> = batch
+            .iter()
+            .map(|input| match input {
+                Input::Texts(texts) => texts
+                    .iter()
+                    .map(|text| {
+                        self.tokenizer
+                            .encode(text.as_str(), true)
+                            .map_err(|e| HandlerError::Input(format!("cannot tokenize input: {e}")))
+                    })
+                    .collect(),
+                Input::Raw(_) => Err(HandlerError::Input("text_embedding takes texts".into())),
+            })
+            .collect();
+
+        let all: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
+        let mut embeddings = Vec::with_capacity(all.len());
+        for chunk in all.chunks(MAX_TEXTS_PER_FORWARD) {
+            embeddings.extend(self.embed(chunk)?);
+        }
+        let mut embeddings = embeddings.into_iter();
+        Ok(encoded
+            .into_iter()
+            .map(|request| {
+                request.map(|texts| Output::Embeddings(embeddings.by_ref().take(texts.len()).collect()))
+            })
+            .collect())
+    }
+
+    fn info(&self) -> HandlerInfo {
+        HandlerInfo {
+            handler: HandlerKind::TextEmbedding,
+            architecture: Some("bert".into()),
+            dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
+            device: device_name(&self.device),
+            max_input_tokens: Some(self.max_tokens),
+            parameters: Some(self.parameters),
+        }
+    }
+}
+
+/// The torch spelling of a candle device ("cpu", "cuda:0").
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("mps:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::FolderFiles;
+    use crate::testing::TinyBert;
+
+    fn texts(batch: &[&[&str]]) -> Vec<Input> {
+        batch
+            .iter()
+            .map(|texts| Input::Texts(texts.iter().map(|t| t.to_string()).collect()))
+            .collect()
+    }
+
+    fn embeddings(output: &Result<Output, HandlerError>) -> Vec<Vec<f32>> {
+        match output {
+            Ok(Output::Embeddings(e)) => e.clone(),
+            other => panic!("expected embeddings, got {other:?}"),
+        }
+    }
+
+    /// The reference: candle-transformers' BertModel loaded by candle's own mmap loader,
+    /// one text at a time (no padding), pooled with plain loops.
+    fn reference(dir: &std::path::Path, spec: &TinyBert, text: &str) -> Vec<f32> {
+        let config: BertConfig = serde_json::from_value(spec.config()).expect("config");
+        #[allow(unsafe_code)]
+        // SAFETY: the test's own temporary file, not modified while mapped.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+        }
+        .expect("mmap");
+        let model = BertModel::load(vb, &config).expect("load");
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).expect("no truncation");
+        let mut ids = tokenizer.encode(text, true).expect("encode").get_ids().to_vec();
+        if let Some(max) = spec.max_seq_length {
+            if ids.len() > max {
+                let sep = ids[ids.len() - 1];
+                ids.truncate(max - 1);
+                ids.push(sep);
+            }
+        }
+        let n = ids.len();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let hidden = model
+            .forward(&input, &input.zeros_like().expect("zeros"), None)
+            .and_then(|h| h.squeeze(0))
+            .and_then(|h| h.to_vec2::<f32>())
+            .expect("forward");
+        let dim = hidden[0].len();
+        let mut pooled: Vec<f32> = match spec.pooling {
+            "cls" => hidden[0].clone(),
+            "max" => (0..dim).map(|d| hidden.iter().map(|row| row[d]).fold(f32::MIN, f32::max)).collect(),
+            _ => (0..dim).map(|d| hidden.iter().map(|row| row[d]).sum::<f32>() / n as f32).collect(),
+        };
+        if spec.normalize {
+            let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt();
+            pooled.iter_mut().for_each(|x| *x /= norm);
+        }
+        pooled
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn batched_padded_embeddings_match_the_unpadded_reference_for_each_pooling() {
+        for (pooling, normalize) in [("mean", true), ("cls", false), ("max", true)] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let spec = TinyBert {
+                pooling,
+                normalize,
+                ..TinyBert::default()
+            };
+            spec.write(dir.path()).expect("write");
+            let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default()).expect("load");
+            let batch = [&["hello world", "the quick brown fox jumps over spillways"][..], &["rust"][..]];
+            let outputs = handler.run(&texts(&batch)).expect("run");
+            assert_eq!(outputs.len(), 2);
+            let got: Vec<Vec<f32>> = outputs.iter().flat_map(embeddings).collect();
+            let sentences: Vec<&str> = batch.iter().flat_map(|b| b.iter().copied()).collect();
+            for (text, embedding) in sentences.iter().zip(&got) {
+                let want = reference(dir.path(), &spec, text);
+                let diff = max_abs_diff(embedding, &want);
+                assert!(diff <= 1e-5, "{pooling}: {text:?} differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn inputs_longer_than_max_seq_length_are_truncated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyBert::default(); // max_seq_length 24
+        spec.write(dir.path()).expect("write");
+        let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default()).expect("load");
+        let long = "the quick brown fox ".repeat(10);
+        let outputs = handler
+            .run(&texts(&[&[long.as_str(), &format!("{long} hello world model")]]))
+            .expect("run");
+        let got = embeddings(&outputs[0]);
+        let diff = max_abs_diff(&got[0], &got[1]);
+        assert_eq!(diff, 0.0, "text past the limit must not change the embedding");
+        let want = reference(dir.path(), &spec, &long);
+        assert!(max_abs_diff(&got[0], &want) <= 1e-5);
+        assert_eq!(handler.info().max_input_tokens, Some(24));
+    }
+
+    #[test]
+    fn setup_max_length_caps_the_input_length() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        TinyBert::default().write(dir.path()).expect("write");
+        let options = LoadOptions {
+            max_length: Some(8),
+            ..LoadOptions::default()
+        };
+        let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &options).expect("load");
+        assert_eq!(handler.info().max_input_tokens, Some(8));
+        let outputs = handler
+            .run(&texts(&[&["a b c d e f g h i j", "a b c d e f x y z"]]))
+            .expect("run");
+        let got = embeddings(&outputs[0]);
+        assert_eq!(max_abs_diff(&got[0], &got[1]), 0.0, "both are cut to [CLS] a..f [SEP]");
+    }
+
+    #[test]
+    fn a_non_bert_model_is_refused_with_its_model_type() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        TinyBert::default().write(dir.path()).expect("write");
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama"}"#).expect("write");
+        let err = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .err()
+            .expect("must fail");
+        assert!(err.to_string().contains("llama"), "{err}");
+    }
+}

@@ -1,0 +1,302 @@
+//! [`ServerConfig`]: the server's settings, merged once at start-up from (highest first)
+//! command-line flags, `SPILLWAY_*` environment variables (both arrive as [`Overrides`]),
+//! TorchServe's `config.properties`, and defaults.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Which models to load at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupModels {
+    /// Every archive and model folder in the store.
+    All,
+    /// Only these (`NAME=ARCHIVE` or `ARCHIVE`, whose manifest names the model).
+    List(Vec<StartupModel>),
+}
+
+/// One model named at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupModel {
+    pub name: Option<String>,
+    pub url: String,
+}
+
+impl std::str::FromStr for StartupModels {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("all") {
+            return Ok(StartupModels::All);
+        }
+        let mut list = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if item.eq_ignore_ascii_case("standalone") {
+                continue;
+            }
+            let model = match item.split_once('=') {
+                Some((name, url)) if !name.trim().is_empty() && !url.trim().is_empty() => StartupModel {
+                    name: Some(name.trim().to_string()),
+                    url: url.trim().to_string(),
+                },
+                Some(_) => {
+                    return Err(Error::bad_config(
+                        "--models",
+                        format!("`{item}`: expected NAME=ARCHIVE, ARCHIVE or all"),
+                    ));
+                }
+                None => StartupModel {
+                    name: None,
+                    url: item.to_string(),
+                },
+            };
+            list.push(model);
+        }
+        Ok(StartupModels::List(list))
+    }
+}
+
+/// Settings given on the command line or in `SPILLWAY_*` variables. `None` means "not
+/// given", so config.properties or the default applies.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub ts_config: Option<PathBuf>,
+    pub model_store: Option<PathBuf>,
+    pub models: Option<String>,
+    pub inference_address: Option<String>,
+    pub management_address: Option<String>,
+    pub metrics_address: Option<String>,
+    pub default_workers_per_model: Option<usize>,
+    pub job_queue_size: Option<usize>,
+    pub max_request_size: Option<usize>,
+    pub max_response_size: Option<usize>,
+    pub management_token: Option<String>,
+    pub inference_token: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The merged server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub inference_address: SocketAddr,
+    pub management_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub model_store: PathBuf,
+    pub startup_models: StartupModels,
+    pub default_workers_per_model: usize,
+    pub job_queue_size: usize,
+    pub max_request_size: usize,
+    pub max_response_size: usize,
+    /// Required on the management API when set (and whenever it is off loopback).
+    pub management_token: Option<String>,
+    /// Required on the inference API when set.
+    pub inference_token: Option<String>,
+    /// Where archives that cannot be mapped in place are unpacked.
+    pub cache_dir: PathBuf,
+    /// Response timeout for models whose config gives none (TorchServe's default).
+    pub default_response_timeout: Duration,
+}
+
+/// TorchServe's default body limit (6,553,500 bytes).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 6_553_500;
+
+impl ServerConfig {
+    /// Merges overrides, the properties file they name (if any) and defaults.
+    pub fn resolve(overrides: Overrides) -> Result<Self> {
+        let properties = match &overrides.ts_config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+                crate::properties::parse(&text)
+            }
+            None => BTreeMap::new(),
+        };
+        Self::merge(overrides, &properties)
+    }
+
+    /// The pure part of [`ServerConfig::resolve`].
+    pub fn merge(o: Overrides, props: &BTreeMap<String, String>) -> Result<Self> {
+        let prop = |key: &str| props.get(key).filter(|v| !v.is_empty()).cloned();
+        let address = |given: Option<String>, key: &str, default: &str| -> Result<SocketAddr> {
+            let text = given.or_else(|| prop(key)).unwrap_or_else(|| default.to_string());
+            parse_address(&text).map_err(|reason| Error::bad_config(key, reason))
+        };
+        let number = |given: Option<usize>, key: &str, default: usize| -> Result<usize> {
+            match given {
+                Some(n) => Ok(n),
+                None => prop(key).map_or(Ok(default), |v| {
+                    v.parse()
+                        .map_err(|_| Error::bad_config(key, format!("`{v}` is not a whole number")))
+                }),
+            }
+        };
+        let startup_models = o
+            .models
+            .clone()
+            .or_else(|| prop("load_models"))
+            .unwrap_or_else(|| "all".to_string())
+            .parse()?;
+        let cache_dir = o
+            .cache_dir
+            .clone()
+            .or_else(|| prop("cache_dir").map(PathBuf::from))
+            .unwrap_or_else(default_cache_dir);
+        let config = ServerConfig {
+            inference_address: address(o.inference_address, "inference_address", "127.0.0.1:8080")?,
+            management_address: address(o.management_address, "management_address", "127.0.0.1:8081")?,
+            metrics_address: address(o.metrics_address, "metrics_address", "127.0.0.1:8082")?,
+            model_store: o
+                .model_store
+                .clone()
+                .or_else(|| prop("model_store").map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from("model-store")),
+            startup_models,
+            default_workers_per_model: number(o.default_workers_per_model, "default_workers_per_model", 1)?,
+            job_queue_size: number(o.job_queue_size, "job_queue_size", 100)?,
+            max_request_size: number(o.max_request_size, "max_request_size", DEFAULT_MAX_MESSAGE_SIZE)?,
+            max_response_size: number(o.max_response_size, "max_response_size", DEFAULT_MAX_MESSAGE_SIZE)?,
+            management_token: o.management_token.clone().or_else(|| prop("management_token")),
+            inference_token: o.inference_token.clone().or_else(|| prop("inference_token")),
+            cache_dir,
+            default_response_timeout: Duration::from_secs(120),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Refuses settings that would be unsafe or cannot work.
+    fn check(&self) -> Result<()> {
+        if !is_loopback(self.management_address.ip()) && self.management_token.is_none() {
+            return Err(Error::bad_config(
+                "management_address",
+                format!(
+                    "{} is not a loopback address: the management API can register models, so it \
+                     needs a token off loopback (set SPILLWAY_MANAGEMENT_TOKEN or management_token)",
+                    self.management_address
+                ),
+            ));
+        }
+        if self.job_queue_size == 0 {
+            return Err(Error::bad_config("job_queue_size", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("spillway")
+}
+
+/// Reads `http://host:port`, `host:port` or `:port` (TorchServe writes the scheme).
+pub fn parse_address(text: &str) -> std::result::Result<SocketAddr, String> {
+    let bare = text.trim();
+    let bare = bare
+        .strip_prefix("http://")
+        .or_else(|| bare.strip_prefix("https://").map(|_| ""))
+        .unwrap_or(bare);
+    if bare.is_empty() {
+        return Err(format!("`{text}`: TLS listeners are not supported; use http://HOST:PORT"));
+    }
+    let bare = bare.trim_end_matches('/');
+    let bare = match bare.strip_prefix("localhost:") {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None if bare.starts_with(':') => format!("127.0.0.1{bare}"),
+        None => bare.to_string(),
+    };
+    bare.parse()
+        .map_err(|_| format!("`{text}` is not an address; expected http://HOST:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_loopback_and_serve_the_whole_store() {
+        let config = ServerConfig::merge(Overrides::default(), &BTreeMap::new()).expect("config");
+        assert_eq!(config.inference_address.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.management_address.to_string(), "127.0.0.1:8081");
+        assert_eq!(config.metrics_address.to_string(), "127.0.0.1:8082");
+        assert_eq!(config.startup_models, StartupModels::All);
+        assert_eq!(config.model_store, PathBuf::from("model-store"));
+        assert_eq!(config.job_queue_size, 100);
+        assert_eq!(config.max_request_size, DEFAULT_MAX_MESSAGE_SIZE);
+    }
+
+    #[test]
+    fn overrides_beat_properties_which_beat_defaults() {
+        let p = props(&[
+            ("inference_address", "http://127.0.0.1:9000"),
+            ("job_queue_size", "7"),
+            ("max_request_size", "1000"),
+            ("load_models", "a=a.mar,b.mar"),
+        ]);
+        let o = Overrides {
+            job_queue_size: Some(3),
+            ..Overrides::default()
+        };
+        let config = ServerConfig::merge(o, &p).expect("config");
+        assert_eq!(config.inference_address.port(), 9000);
+        assert_eq!(config.job_queue_size, 3);
+        assert_eq!(config.max_request_size, 1000);
+        assert_eq!(
+            config.startup_models,
+            StartupModels::List(vec![
+                StartupModel {
+                    name: Some("a".into()),
+                    url: "a.mar".into()
+                },
+                StartupModel {
+                    name: None,
+                    url: "b.mar".into()
+                },
+            ])
+        );
+    }
+
+    #[test]
+    fn an_open_management_address_needs_a_token() {
+        let p = props(&[("management_address", "http://0.0.0.0:8081")]);
+        let err = ServerConfig::merge(Overrides::default(), &p).expect_err("must refuse");
+        assert!(err.to_string().contains("SPILLWAY_MANAGEMENT_TOKEN"), "{err}");
+        let o = Overrides {
+            management_token: Some("secret".into()),
+            ..Overrides::default()
+        };
+        assert!(ServerConfig::merge(o, &p).is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = ServerConfig::merge(Overrides::default(), &props(&[("job_queue_size", "many")]))
+            .expect_err("bad number");
+        assert!(err.to_string().contains("job_queue_size"), "{err}");
+        let err = ServerConfig::merge(Overrides::default(), &props(&[("metrics_address", "nowhere")]))
+            .expect_err("bad address");
+        assert!(err.to_string().contains("metrics_address"), "{err}");
+        assert!("a=".parse::<StartupModels>().is_err());
+    }
+
+    #[test]
+    fn addresses_take_torchserve_and_plain_forms() {
+        assert_eq!(parse_address("http://0.0.0.0:8080").map(|a| a.port()), Ok(8080));
+        assert_eq!(parse_address("127.0.0.1:0").map(|a| a.port()), Ok(0));
+        assert_eq!(parse_address("localhost:81").map(|a| a.to_string()), Ok("127.0.0.1:81".into()));
+        assert!(parse_address("https://0.0.0.0:8443").is_err());
+    }
+}

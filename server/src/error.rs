@@ -1,0 +1,139 @@
+//! [`Error`]: the server crate's one error type, and [`ErrorKind`], the classification
+//! that `http::error` turns into a status code. Nothing else in the crate knows HTTP
+//! statuses.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_handlers::HandlerError;
+
+/// How an error is reported to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Unknown model, version or archive (404).
+    NotFound,
+    /// Malformed or invalid request (400).
+    BadRequest,
+    /// Body larger than `max_request_size` (413).
+    PayloadTooLarge,
+    /// The model's job queue is full (503, with Retry-After).
+    QueueFull,
+    /// Not answered within the model's response timeout (504).
+    Timeout,
+    /// The model is loading, failed to load or is being removed (503).
+    NotReady,
+    /// The model or version already exists, or the change is not allowed now (409).
+    Conflict,
+    /// Missing or wrong bearer token (401).
+    Unauthorized,
+    /// The server's or the model's fault (500).
+    Internal,
+}
+
+/// The server's error type.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Model not found: {0}")]
+    ModelNotFound(String),
+
+    #[error("Model version not found: {name} version {version}")]
+    VersionNotFound { name: String, version: String },
+
+    #[error("archive not found in the model store: {0}")]
+    ArchiveNotFound(String),
+
+    #[error("{0}")]
+    BadRequest(String),
+
+    #[error("invalid archive {path}: {reason}")]
+    BadArchive { path: PathBuf, reason: String },
+
+    #[error("invalid {file}: {reason}")]
+    BadConfig { file: String, reason: String },
+
+    #[error("request body is larger than max_request_size ({limit} bytes)")]
+    PayloadTooLarge { limit: usize },
+
+    #[error("Model \"{model}\" has no free slot in its job queue ({capacity} jobs); retry later")]
+    QueueFull { model: String, capacity: usize },
+
+    #[error("Model \"{model}\" did not answer within its response timeout of {timeout:?}")]
+    Timeout { model: String, timeout: Duration },
+
+    #[error("Model \"{model}\" is not ready: {state}")]
+    NotReady { model: String, state: String },
+
+    #[error("{0}")]
+    Conflict(String),
+
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+
+    /// A handler error. Shared, because one batch failure answers every job in the batch.
+    #[error(transparent)]
+    Handler(Arc<HandlerError>),
+
+    #[error("I/O error on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::ModelNotFound(_) | Error::VersionNotFound { .. } | Error::ArchiveNotFound(_) => {
+                ErrorKind::NotFound
+            }
+            Error::BadRequest(_) | Error::BadArchive { .. } | Error::BadConfig { .. } => ErrorKind::BadRequest,
+            Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
+            Error::QueueFull { .. } => ErrorKind::QueueFull,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::NotReady { .. } => ErrorKind::NotReady,
+            Error::Conflict(_) => ErrorKind::Conflict,
+            Error::Unauthorized => ErrorKind::Unauthorized,
+            Error::Handler(e) => match &**e {
+                HandlerError::Input(_) => ErrorKind::BadRequest,
+                // At load time these mean the archive is unusable: the client's to fix.
+                HandlerError::MissingFile(_) | HandlerError::BadFile { .. } | HandlerError::Unsupported(_) => {
+                    ErrorKind::BadRequest
+                }
+                _ => ErrorKind::Internal,
+            },
+            Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+
+    pub(crate) fn bad_archive(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Error {
+        Error::BadArchive {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn bad_config(file: impl Into<String>, reason: impl std::fmt::Display) -> Error {
+        Error::BadConfig {
+            file: file.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl From<HandlerError> for Error {
+    fn from(e: HandlerError) -> Self {
+        Error::Handler(Arc::new(e))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,99 @@
+//! The inference API: `GET /ping` and `POST /predictions/{model}[/{version}]`.
+//!
+//! A prediction is decoded and validated here, queued on the model, and awaited within
+//! the model's response timeout. If the client goes away first, this future is dropped,
+//! which closes the job's reply channel, and the batcher drops the job unrun.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use spillway_handlers::Output;
+
+use crate::app::{AppState, Health};
+use crate::error::{Error, Result};
+use crate::http::Body;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ping", get(ping))
+        .route("/predictions/{model}", post(predict_default))
+        .route("/predictions/{model}/{version}", post(predict_version))
+        .with_state(state)
+}
+
+async fn ping(State(state): State<AppState>) -> Response {
+    let (status, text) = match state.startup().health() {
+        Health::Healthy => (StatusCode::OK, "Healthy"),
+        Health::Loading => (StatusCode::SERVICE_UNAVAILABLE, "Loading"),
+        Health::Unhealthy => (StatusCode::SERVICE_UNAVAILABLE, "Unhealthy"),
+    };
+    (status, axum::Json(json!({ "status": text }))).into_response()
+}
+
+async fn predict_default(State(state): State<AppState>, Path(model): Path<String>, body: Body) -> Response {
+    predict(state, &model, None, body).await
+}
+
+async fn predict_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    body: Body,
+) -> Response {
+    predict(state, &model, Some(&version), body).await
+}
+
+async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body): Body) -> Response {
+    let started = Instant::now();
+    let model = match state.registry().get(name, version) {
+        Ok(model) => model,
+        Err(e) => return e.into_response(),
+    };
+    let answer = async {
+        let receiver = model.submit(body)?;
+        let timeout = model.spec.config.response_timeout;
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(output)) => output,
+            // The job was dropped unanswered: its model was unloaded under it.
+            Ok(Err(_)) => Err(Error::NotReady {
+                model: model.spec.name.clone(),
+                state: "it was unloaded before answering".into(),
+            }),
+            Err(_) => Err(Error::Timeout {
+                model: model.spec.name.clone(),
+                timeout,
+            }),
+        }
+    }
+    .await;
+    let response = answer
+        .and_then(|output| render(output, state.config().max_response_size))
+        .unwrap_or_else(IntoResponse::into_response);
+    model.labels().prediction(response.status().as_u16(), started.elapsed());
+    response
+}
+
+/// Serializes a handler output, within `max_response_size`.
+fn render(output: Output, limit: usize) -> Result<Response> {
+    let (content_type, bytes) = match output {
+        Output::Embeddings(embeddings) => (
+            "application/json".to_string(),
+            serde_json::to_vec(&embeddings).map_err(|e| Error::Internal(format!("cannot encode embeddings: {e}")))?,
+        ),
+        Output::Raw(body) => (
+            body.content_type.unwrap_or_else(|| "application/octet-stream".into()),
+            body.bytes,
+        ),
+    };
+    if bytes.len() > limit {
+        return Err(Error::Internal(format!(
+            "response of {} bytes is larger than max_response_size ({limit} bytes)",
+            bytes.len()
+        )));
+    }
+    Ok(([(header::CONTENT_TYPE, content_type)], bytes).into_response())
+}

@@ -1,0 +1,94 @@
+//! The three HTTP APIs, each its own router on its own listener: inference
+//! (`/ping`, `/predictions/...`), management (`/models...`) and metrics (`/metrics`).
+//!
+//! - [`inference`]: health and predictions.
+//! - [`management`]: register, describe, scale, unregister, set-default.
+//! - [`metrics`]: Prometheus text.
+//! - [`error`]: the one place where errors become statuses and JSON bodies.
+//!
+//! Bearer tokens, when configured, guard a whole API ([`require_token`]).
+
+pub mod error;
+pub mod inference;
+pub mod management;
+pub mod metrics;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use spillway_handlers::RawBody;
+
+use crate::app::AppState;
+use crate::error::Error;
+
+pub fn inference_router(state: AppState) -> Router {
+    let token = state.config().inference_token.clone();
+    let limit = state.config().max_request_size;
+    guarded(inference::router(state), token).layer(axum::extract::DefaultBodyLimit::max(limit))
+}
+
+pub fn management_router(state: AppState) -> Router {
+    let token = state.config().management_token.clone();
+    guarded(management::router(state), token)
+}
+
+pub fn metrics_router(state: AppState) -> Router {
+    metrics::router(state)
+}
+
+fn guarded(router: Router, token: Option<String>) -> Router {
+    let router = router.fallback(error::unknown_endpoint);
+    match token {
+        Some(token) => router.layer(middleware::from_fn_with_state(Arc::<str>::from(token), require_token)),
+        None => router,
+    }
+}
+
+/// Rejects requests without `Authorization: Bearer <token>`.
+async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented.is_some_and(|p| constant_time_eq(p.as_bytes(), token.as_bytes())) {
+        next.run(request).await
+    } else {
+        axum::response::IntoResponse::into_response(Error::Unauthorized)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A request body read within `max_request_size`, with its content type.
+pub struct Body(pub RawBody);
+
+impl FromRequest<AppState> for Body {
+    type Rejection = Error;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let limit = state.config().max_request_size;
+        let bytes = axum::body::Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                Error::PayloadTooLarge { limit }
+            } else {
+                Error::BadRequest(format!("cannot read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        Ok(Body(RawBody {
+            content_type,
+            bytes: bytes.to_vec(),
+        }))
+    }
+}

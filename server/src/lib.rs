@@ -1,0 +1,152 @@
+//! Spillway: a TorchServe-compatible model server. This crate is the server: HTTP APIs,
+//! configuration, the model store and archives, the registry, batching and workers.
+//! Model code lives in `spillway-handlers`.
+//!
+//! # Layout
+//! A request, top to bottom: [`http`] (the three APIs) → [`registry`] (name and version
+//! → [`model::ModelHandle`]) → the model's job queue → [`batcher`] → [`worker`] (OS
+//! threads) → the handler → the answer over a oneshot channel.
+//!
+//! A model load, top to bottom ([`loader`]): [`store`] (the url stays inside the store)
+//! → [`archive`] (checked; weights mapped) → [`manifest`], [`model_config`],
+//! [`setup_config`] → the handler is built → workers start.
+//!
+//! Also: [`config`] and [`properties`] (server settings), [`archiver`] (`spillway
+//! archive`), [`metrics`] (every metric name), [`error`] (the crate's error type),
+//! [`app`] (shared state), [`shutdown`], [`timestamp`].
+
+pub mod app;
+pub mod archive;
+pub mod archiver;
+pub mod batcher;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod loader;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod model_config;
+pub mod properties;
+pub mod registry;
+pub mod setup_config;
+pub mod shutdown;
+pub mod store;
+pub mod timestamp;
+pub mod worker;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+
+use crate::app::AppState;
+use crate::config::{ServerConfig, StartupModels};
+use crate::error::{Error, Result};
+use crate::loader::LoadRequest;
+
+/// The three bound listeners. Binding is the caller's job, so tests can bind port 0.
+pub struct Listeners {
+    pub inference: TcpListener,
+    pub management: TcpListener,
+    pub metrics: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the configured addresses.
+    pub async fn bind(config: &ServerConfig) -> Result<Self> {
+        let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Internal(format!("cannot listen on {addr} for the {what} API: {e}")))
+        };
+        Ok(Self {
+            inference: bind(config.inference_address, "inference").await?,
+            management: bind(config.management_address, "management").await?,
+            metrics: bind(config.metrics_address, "metrics").await?,
+        })
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets requests in flight
+/// finish, and returns.
+pub async fn run(config: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    if !config.model_store.is_dir() {
+        return Err(Error::BadRequest(format!(
+            "the model store {} is not a folder (create it, or pass --model-store)",
+            config.model_store.display()
+        )));
+    }
+    let state = AppState::new(config, metrics::install());
+    for (name, listener) in [
+        ("Inference", &listeners.inference),
+        ("Management", &listeners.management),
+        ("Metrics", &listeners.metrics),
+    ] {
+        let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+        tracing::info!("{name} API listening on http://{addr}");
+    }
+    load_startup_models(&state)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let serve = |listener: TcpListener, router: axum::Router| {
+        let mut stop = stop_rx.clone();
+        async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|stopped| *stopped).await;
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("server error: {e}")))
+        }
+    };
+    tokio::try_join!(
+        serve(listeners.inference, http::inference_router(state.clone())),
+        serve(listeners.management, http::management_router(state.clone())),
+        serve(listeners.metrics, http::metrics_router(state.clone())),
+    )?;
+    tracing::info!("all requests answered; stopped");
+    Ok(())
+}
+
+/// Starts loading the start-up models one after another in the background; `/ping`
+/// reports Loading until they are all done.
+fn load_startup_models(state: &AppState) -> Result<()> {
+    let requests: Vec<LoadRequest> = match &state.config().startup_models {
+        StartupModels::All => state
+            .store()
+            .archives()?
+            .into_iter()
+            .map(|url| LoadRequest {
+                url,
+                loaded_at_startup: true,
+                ..LoadRequest::default()
+            })
+            .collect(),
+        StartupModels::List(list) => list
+            .iter()
+            .map(|m| LoadRequest {
+                url: m.url.clone(),
+                name: m.name.clone(),
+                loaded_at_startup: true,
+                ..LoadRequest::default()
+            })
+            .collect(),
+    };
+    state.startup().expect(requests.len());
+    let state = state.clone();
+    tokio::spawn(async move {
+        for request in requests {
+            let url = request.url.clone();
+            let result = loader::register(&state, request, true).await;
+            if let Err(e) = &result {
+                tracing::error!(archive = %url, "cannot load start-up model: {e}");
+            }
+            state.startup().finished(result.is_ok());
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Loading a model, step by step: open the archive inside the store (checked), read the
+//! manifest and both configs, register the version as Loading, build the handler on a
+//! blocking thread, then start its workers. Registration errors in the first steps
+//! (unknown archive, bad manifest or config, duplicate version) are returned at once;
+//! a failed build leaves the model Failed (or, for synchronous loads, unregistered).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use spillway_handlers::{Handler, HandlerKind};
+
+use crate::app::AppState;
+use crate::archive::{self, ArchiveLimits, OpenedArchive};
+use crate::error::{Error, Result};
+use crate::model::{ModelHandle, ModelSpec};
+use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
+use crate::setup_config::SetupConfig;
+
+/// A registration request (from the management API or the start-up list).
+#[derive(Debug, Clone, Default)]
+pub struct LoadRequest {
+    pub url: String,
+    pub name: Option<String>,
+    pub overrides: ModelConfigOverrides,
+    pub loaded_at_startup: bool,
+}
+
+/// An archive that has been opened and understood, not yet built into a handler.
+pub struct Prepared {
+    pub spec: ModelSpec,
+    archive: OpenedArchive,
+}
+
+/// Steps 1–3: everything short of reading weights. Blocking (a `.tar.gz` is unpacked).
+pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
+    let config = state.config();
+    let path = state.store().resolve(&request.url)?;
+    let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
+    let manifest = &archive.manifest.model;
+    let handler: HandlerKind = manifest.handler.parse().map_err(|e: spillway_handlers::HandlerError| {
+        let hint = if manifest.handler.ends_with(".py") {
+            " (custom Python handlers are never executed; archive with a built-in handler)"
+        } else {
+            ""
+        };
+        Error::bad_archive(&path, format!("{e}{hint}"))
+    })?;
+    let name = request.name.clone().unwrap_or_else(|| manifest.model_name.clone());
+    check_name(&name)?;
+    let yaml = match &manifest.config_file {
+        Some(file) => Some(
+            archive
+                .files
+                .read(file)?
+                .ok_or_else(|| Error::bad_archive(&path, format!("configFile {file} is missing")))?,
+        ),
+        None => archive.files.read("model-config.yaml")?,
+    };
+    let yaml = yaml
+        .map(String::from_utf8)
+        .transpose()
+        .map_err(|_| Error::bad_config("model-config.yaml", "not UTF-8"))?;
+    let defaults = ModelDefaults {
+        workers: config.default_workers_per_model,
+        response_timeout: config.default_response_timeout,
+    };
+    let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
+    let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
+    setup.load_options()?;
+    Ok(Prepared {
+        spec: ModelSpec {
+            name,
+            version: manifest.model_version.clone(),
+            url: request.url.clone(),
+            handler,
+            format: archive.format,
+            job_queue_size: model_config.job_queue_size.unwrap_or(config.job_queue_size),
+            config: model_config,
+            setup,
+            loaded_at_startup: request.loaded_at_startup,
+        },
+        archive,
+    })
+}
+
+fn check_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "model name `{name}` may hold only letters, digits, '-', '_' and '.'"
+        )))
+    }
+}
+
+/// Step 4: reads the weights and builds the handler. Blocking.
+pub fn build(prepared: &Prepared) -> Result<Arc<dyn Handler>> {
+    let options = prepared.spec.setup.load_options()?;
+    Ok(spillway_handlers::load(prepared.spec.handler, &*prepared.archive.files, &options)?)
+}
+
+/// Registers and loads a model. With `synchronous`, returns once it serves (or failed,
+/// in which case it is unregistered again); otherwise returns once it is registered and
+/// loads it in the background.
+pub async fn register(state: &AppState, request: LoadRequest, synchronous: bool) -> Result<Arc<ModelHandle>> {
+    let prepared = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || prepare(&state, &request))
+            .await
+            .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
+    };
+    let handle = ModelHandle::new(prepared.spec.clone());
+    state.registry().insert(handle.clone())?;
+    let load = {
+        let handle = handle.clone();
+        async move {
+            let started = Instant::now();
+            let built = tokio::task::spawn_blocking(move || build(&prepared))
+                .await
+                .map_err(|e| Error::Internal(format!("load task failed: {e}")))
+                .and_then(|r| r);
+            let result = built.and_then(|handler| handle.set_ready(handler, started.elapsed()));
+            match &result {
+                Ok(()) => tracing::info!(
+                    model = %handle.spec.name, version = %handle.spec.version,
+                    "loaded in {:.3} s", started.elapsed().as_secs_f64()
+                ),
+                Err(e) => {
+                    tracing::error!(model = %handle.spec.name, error = %e, source = ?std::error::Error::source(e), "load failed");
+                    handle.set_failed(e.to_string());
+                }
+            }
+            result
+        }
+    };
+    if synchronous {
+        if let Err(e) = load.await {
+            let _ = state.registry().remove(&handle.spec.name, Some(&handle.spec.version));
+            return Err(e);
+        }
+    } else {
+        tokio::spawn(load);
+    }
+    Ok(handle)
+}

@@ -1,0 +1,240 @@
+//! [`ModelHandle`]: one registered model version — what it is (name, version, archive,
+//! configs), where it is in its life (loading, ready, failed), and when ready, its job
+//! queue, batcher and workers. Requests reach the model only through
+//! [`ModelHandle::submit`].
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use spillway_handlers::{Handler, HandlerInfo, HandlerKind, Input, Output, RawBody};
+use tokio::sync::oneshot;
+
+use crate::archive::ArchiveFormat;
+use crate::batcher::{self, BatchPolicy, IdleWorkers, Job};
+use crate::error::{Error, Result};
+use crate::metrics::ModelLabels;
+use crate::model_config::ModelConfig;
+use crate::setup_config::SetupConfig;
+use crate::worker::{WorkerInfo, WorkerPool};
+
+/// What a model is, fixed at registration.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: String,
+    /// The store-relative archive name it was registered from.
+    pub url: String,
+    pub handler: HandlerKind,
+    pub format: ArchiveFormat,
+    pub config: ModelConfig,
+    pub setup: SetupConfig,
+    pub job_queue_size: usize,
+    pub loaded_at_startup: bool,
+}
+
+/// Where a model is in its life.
+enum State {
+    Loading,
+    Ready(Serving),
+    Failed(String),
+}
+
+/// A loaded model's serving machinery.
+struct Serving {
+    handler: Arc<dyn Handler>,
+    jobs: flume::Sender<Job>,
+    pool: Mutex<WorkerPool>,
+    loaded_at: SystemTime,
+    load_time: Duration,
+}
+
+/// One registered model version. Shared as `Arc<ModelHandle>`; when the registry and
+/// every in-flight request have let go, the job queue closes and the workers stop.
+pub struct ModelHandle {
+    pub spec: ModelSpec,
+    labels: ModelLabels,
+    state: RwLock<State>,
+}
+
+/// The describe API's view of a model.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDescription {
+    pub model_name: String,
+    pub model_version: String,
+    pub model_url: String,
+    pub runtime: &'static str,
+    pub handler: HandlerKind,
+    pub status: String,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub batch_size: usize,
+    pub max_batch_delay: u128,
+    pub response_timeout: u64,
+    pub job_queue_size: usize,
+    pub loaded_at_startup: bool,
+    pub archive_format: ArchiveFormat,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_time_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loaded_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<HandlerInfo>,
+    pub setup_config: SetupConfig,
+    pub workers: Vec<WorkerInfo>,
+}
+
+impl ModelHandle {
+    pub fn new(spec: ModelSpec) -> Arc<Self> {
+        Arc::new(Self {
+            labels: ModelLabels::new(&spec.name, &spec.version),
+            spec,
+            state: RwLock::new(State::Loading),
+        })
+    }
+
+    pub fn labels(&self) -> &ModelLabels {
+        &self.labels
+    }
+
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere while holding it; the state
+        // itself is always a complete value.
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the batcher and workers around a loaded handler. Must run inside the
+    /// tokio runtime (the batcher is a task).
+    pub fn set_ready(&self, handler: Arc<dyn Handler>, load_time: Duration) -> Result<()> {
+        let (jobs_tx, jobs_rx) = flume::bounded(self.spec.job_queue_size);
+        // A rendezvous channel: a batch is handed over only when a worker takes it, so
+        // jobs keep gathering in the queue (and join the next batch) while all are busy.
+        let (batch_tx, batch_rx) = flume::bounded(0);
+        let idle = Arc::new(IdleWorkers::default());
+        let policy = BatchPolicy {
+            batch_size: self.spec.config.batch_size,
+            max_batch_delay: self.spec.config.max_batch_delay,
+        };
+        let mut pool = WorkerPool::new(handler.clone(), batch_rx, idle.clone(), self.labels.clone());
+        pool.scale(self.spec.config.min_workers, self.spec.config.max_workers)?;
+        tokio::spawn(batcher::run(jobs_rx, batch_tx, policy, idle, self.labels.clone()));
+        self.labels.loaded(load_time);
+        *self.state_mut() = State::Ready(Serving {
+            handler,
+            jobs: jobs_tx,
+            pool: Mutex::new(pool),
+            loaded_at: SystemTime::now(),
+            load_time,
+        });
+        Ok(())
+    }
+
+    pub fn set_failed(&self, reason: String) {
+        *self.state_mut() = State::Failed(reason);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(*self.state(), State::Ready(_))
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        match &*self.state() {
+            State::Failed(reason) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    fn not_ready(&self, state: &State) -> Error {
+        Error::NotReady {
+            model: self.spec.name.clone(),
+            state: match state {
+                State::Loading => "it is loading".into(),
+                State::Failed(reason) => format!("it failed to load: {reason}"),
+                State::Ready(_) => "it has no workers (scale it up with PUT /models/{name}?min_worker=1)".into(),
+            },
+        }
+    }
+
+    /// Decodes the body, queues it, and returns where its answer will arrive.
+    pub fn submit(&self, body: RawBody) -> Result<oneshot::Receiver<Result<Output>>> {
+        let state = self.state();
+        let serving = match &*state {
+            State::Ready(serving) => serving,
+            other => return Err(self.not_ready(other)),
+        };
+        let input: Input = serving.handler.decode(body)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            input,
+            reply,
+            enqueued_at: Instant::now(),
+        };
+        match serving.jobs.try_send(job) {
+            Ok(()) => Ok(answer),
+            Err(flume::TrySendError::Full(_)) => Err(Error::QueueFull {
+                model: self.spec.name.clone(),
+                capacity: self.spec.job_queue_size,
+            }),
+            Err(flume::TrySendError::Disconnected(_)) => Err(self.not_ready(&state)),
+        }
+    }
+
+    /// Changes the number of workers.
+    pub fn scale(&self, min: usize, max: usize) -> Result<()> {
+        match &*self.state() {
+            State::Ready(serving) => serving.pool.lock().unwrap_or_else(|e| e.into_inner()).scale(min, max),
+            other => Err(self.not_ready(other)),
+        }
+    }
+
+    pub fn describe(&self) -> ModelDescription {
+        let spec = &self.spec;
+        let state = self.state();
+        let (status, error) = match &*state {
+            State::Loading => ("LOADING".to_string(), None),
+            State::Ready(_) => ("READY".to_string(), None),
+            State::Failed(reason) => ("FAILED".to_string(), Some(reason.clone())),
+        };
+        let (mut min_workers, mut max_workers) = (spec.config.min_workers, spec.config.max_workers);
+        let mut description = ModelDescription {
+            model_name: spec.name.clone(),
+            model_version: spec.version.clone(),
+            model_url: spec.url.clone(),
+            runtime: "spillway",
+            handler: spec.handler,
+            status,
+            min_workers,
+            max_workers,
+            batch_size: spec.config.batch_size,
+            max_batch_delay: spec.config.max_batch_delay.as_millis(),
+            response_timeout: spec.config.response_timeout.as_secs(),
+            job_queue_size: spec.job_queue_size,
+            loaded_at_startup: spec.loaded_at_startup,
+            archive_format: spec.format,
+            load_time_seconds: None,
+            loaded_at: None,
+            error,
+            model: None,
+            setup_config: spec.setup.clone(),
+            workers: Vec::new(),
+        };
+        if let State::Ready(serving) = &*state {
+            let pool = serving.pool.lock().unwrap_or_else(|e| e.into_inner());
+            (min_workers, max_workers) = (pool.min_workers, pool.max_workers);
+            description.workers = pool.describe();
+            description.min_workers = min_workers;
+            description.max_workers = max_workers;
+            description.load_time_seconds = Some(serving.load_time.as_secs_f64());
+            description.loaded_at = Some(crate::timestamp::rfc3339(serving.loaded_at));
+            description.model = Some(serving.handler.info());
+        }
+        description
+    }
+}

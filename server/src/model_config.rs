@@ -1,0 +1,135 @@
+//! [`ModelConfig`]: TorchServe's per-model `model-config.yaml` (`minWorkers`, `batchSize`,
+//! `maxBatchDelay`, ...), with the registration API's query parameters applied on top.
+//! Keys this server does not use (handler-specific sections, `parallelType`, ...) are
+//! accepted and ignored, as TorchServe passes them to handlers.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Worker and batching settings of one model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelConfig {
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub response_timeout: Duration,
+    /// `deviceType` as written ("cpu", "gpu"); placement reads it.
+    pub device_type: Option<String>,
+    pub job_queue_size: Option<usize>,
+}
+
+/// The file as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelConfigFile {
+    min_workers: Option<usize>,
+    max_workers: Option<usize>,
+    batch_size: Option<usize>,
+    /// Milliseconds.
+    max_batch_delay: Option<u64>,
+    /// Seconds.
+    response_timeout: Option<u64>,
+    device_type: Option<String>,
+    job_queue_size: Option<usize>,
+}
+
+/// Registration-time overrides (`POST /models?batch_size=..&initial_workers=..`).
+#[derive(Debug, Clone, Default)]
+pub struct ModelConfigOverrides {
+    pub initial_workers: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_batch_delay_ms: Option<u64>,
+    pub response_timeout_s: Option<u64>,
+}
+
+/// Server-wide defaults a model config falls back to.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelDefaults {
+    pub workers: usize,
+    pub response_timeout: Duration,
+}
+
+impl ModelConfig {
+    /// Parses `model-config.yaml` text (or none) and applies overrides and defaults.
+    pub fn parse(yaml: Option<&str>, overrides: &ModelConfigOverrides, defaults: ModelDefaults) -> Result<Self> {
+        let file: ModelConfigFile = match yaml {
+            Some(text) if !text.trim().is_empty() => {
+                serde_saphyr::from_str(text).map_err(|e| Error::bad_config("model-config.yaml", e))?
+            }
+            _ => ModelConfigFile::default(),
+        };
+        let min_workers = overrides.initial_workers.or(file.min_workers).unwrap_or(defaults.workers);
+        let max_workers = file.max_workers.unwrap_or(min_workers).max(min_workers);
+        let batch_size = overrides.batch_size.or(file.batch_size).unwrap_or(1);
+        if batch_size == 0 {
+            return Err(Error::bad_config("model-config.yaml", "batchSize must be at least 1"));
+        }
+        let config = ModelConfig {
+            min_workers,
+            max_workers,
+            batch_size,
+            max_batch_delay: Duration::from_millis(overrides.max_batch_delay_ms.or(file.max_batch_delay).unwrap_or(100)),
+            response_timeout: overrides
+                .response_timeout_s
+                .or(file.response_timeout)
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.response_timeout),
+            device_type: file.device_type,
+            job_queue_size: file.job_queue_size,
+        };
+        if config.response_timeout.is_zero() {
+            return Err(Error::bad_config("model-config.yaml", "responseTimeout must be at least 1 second"));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULTS: ModelDefaults = ModelDefaults {
+        workers: 1,
+        response_timeout: Duration::from_secs(120),
+    };
+
+    #[test]
+    fn reads_torchserve_keys_and_ignores_handler_sections() {
+        let yaml = "minWorkers: 2\nmaxWorkers: 4\nbatchSize: 8\nmaxBatchDelay: 5\nresponseTimeout: 30\n\
+                    deviceType: cpu\nparallelType: pp\nhandler:\n  max_length: 50\n";
+        let c = ModelConfig::parse(Some(yaml), &ModelConfigOverrides::default(), DEFAULTS).expect("parse");
+        assert_eq!((c.min_workers, c.max_workers, c.batch_size), (2, 4, 8));
+        assert_eq!(c.max_batch_delay, Duration::from_millis(5));
+        assert_eq!(c.response_timeout, Duration::from_secs(30));
+        assert_eq!(c.device_type.as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn registration_parameters_override_the_file() {
+        let overrides = ModelConfigOverrides {
+            initial_workers: Some(3),
+            batch_size: Some(4),
+            max_batch_delay_ms: Some(50),
+            response_timeout_s: Some(9),
+        };
+        let c = ModelConfig::parse(Some("minWorkers: 1\nbatchSize: 2\n"), &overrides, DEFAULTS).expect("parse");
+        assert_eq!((c.min_workers, c.max_workers, c.batch_size), (3, 3, 4));
+        assert_eq!(c.max_batch_delay, Duration::from_millis(50));
+        assert_eq!(c.response_timeout, Duration::from_secs(9));
+    }
+
+    #[test]
+    fn no_file_gives_the_defaults_and_bad_yaml_is_an_error() {
+        let c = ModelConfig::parse(None, &ModelConfigOverrides::default(), DEFAULTS).expect("parse");
+        assert_eq!((c.min_workers, c.batch_size), (1, 1));
+        assert_eq!(c.response_timeout, Duration::from_secs(120));
+        let err = ModelConfig::parse(Some("batchSize: [oops"), &ModelConfigOverrides::default(), DEFAULTS)
+            .expect_err("bad yaml");
+        assert!(err.to_string().contains("model-config.yaml"), "{err}");
+        assert!(ModelConfig::parse(Some("batchSize: 0"), &ModelConfigOverrides::default(), DEFAULTS).is_err());
+    }
+}

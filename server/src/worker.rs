@@ -1,0 +1,233 @@
+//! Workers: OS threads that run batches through the model's shared handler.
+//!
+//! All workers of a model share one `Arc<dyn Handler>` (one copy of the weights) and one
+//! batch channel. A worker answers every job of its batch exactly once: with the
+//! handler's per-item result, with the batch's error, or — when the handler panics —
+//! with an internal error, after which the worker carries on (counted as a restart).
+//! Model compute never runs on the async runtime.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use spillway_handlers::{Handler, HandlerError};
+
+use crate::batcher::{IdleWorkers, Job};
+use crate::error::Error;
+use crate::metrics::ModelLabels;
+
+/// How often an idle worker checks whether it was asked to stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// What the describe API shows of a worker.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerInfo {
+    pub id: String,
+    pub start_time: String,
+    pub status: &'static str,
+    pub requests_served: u64,
+    pub restarts: u64,
+    pub gpu: bool,
+}
+
+struct WorkerStats {
+    started_at: SystemTime,
+    busy: AtomicBool,
+    requests: AtomicU64,
+    restarts: AtomicU64,
+}
+
+struct Worker {
+    id: usize,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+    _thread: JoinHandle<()>,
+}
+
+/// The workers of one model.
+pub struct WorkerPool {
+    handler: Arc<dyn Handler>,
+    batches: flume::Receiver<Vec<Job>>,
+    idle: Arc<IdleWorkers>,
+    labels: ModelLabels,
+    workers: Vec<Worker>,
+    next_id: usize,
+    pub min_workers: usize,
+    pub max_workers: usize,
+}
+
+impl WorkerPool {
+    pub fn new(
+        handler: Arc<dyn Handler>,
+        batches: flume::Receiver<Vec<Job>>,
+        idle: Arc<IdleWorkers>,
+        labels: ModelLabels,
+    ) -> Self {
+        Self {
+            handler,
+            batches,
+            idle,
+            labels,
+            workers: Vec::new(),
+            next_id: 9000,
+            min_workers: 0,
+            max_workers: 0,
+        }
+    }
+
+    /// Sets the worker range and starts or stops workers to run `min` of them.
+    pub fn scale(&mut self, min: usize, max: usize) -> Result<(), Error> {
+        self.min_workers = min;
+        self.max_workers = max.max(min);
+        while self.workers.len() > min {
+            if let Some(worker) = self.workers.pop() {
+                // The thread finishes its current batch, then exits on its own.
+                worker.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        while self.workers.len() < min {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<(), Error> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let stats = Arc::new(WorkerStats {
+            started_at: SystemTime::now(),
+            busy: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let context = WorkerContext {
+            handler: self.handler.clone(),
+            batches: self.batches.clone(),
+            idle: self.idle.clone(),
+            labels: self.labels.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{id}"))
+            .spawn(move || context.run())
+            .map_err(|e| Error::Internal(format!("cannot start a worker thread: {e}")))?;
+        self.workers.push(Worker {
+            id,
+            stats,
+            stop,
+            _thread: thread,
+        });
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    pub fn describe(&self) -> Vec<WorkerInfo> {
+        self.workers
+            .iter()
+            .map(|w| WorkerInfo {
+                id: w.id.to_string(),
+                start_time: crate::timestamp::rfc3339(w.stats.started_at),
+                status: if w.stats.busy.load(Ordering::Relaxed) { "BUSY" } else { "READY" },
+                requests_served: w.stats.requests.load(Ordering::Relaxed),
+                restarts: w.stats.restarts.load(Ordering::Relaxed),
+                gpu: false,
+            })
+            .collect()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        for worker in &self.workers {
+            worker.stop.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Everything one worker thread owns.
+struct WorkerContext {
+    handler: Arc<dyn Handler>,
+    batches: flume::Receiver<Vec<Job>>,
+    idle: Arc<IdleWorkers>,
+    labels: ModelLabels,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+}
+
+impl WorkerContext {
+    fn run(self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            self.idle.enter();
+            let received = self.batches.recv_timeout(STOP_POLL);
+            self.idle.leave();
+            match received {
+                Ok(batch) => self.run_batch(batch),
+                Err(flume::RecvTimeoutError::Timeout) => continue,
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+    }
+
+    fn run_batch(&self, batch: Vec<Job>) {
+        self.stats.busy.store(true, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut inputs = Vec::with_capacity(batch.len());
+        let mut replies = Vec::with_capacity(batch.len());
+        for job in batch {
+            self.labels.queued(started.saturating_duration_since(job.enqueued_at));
+            inputs.push(job.input);
+            replies.push(job.reply);
+        }
+        self.labels.batch();
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.run(&inputs)));
+        let count = replies.len();
+        let answers: Vec<Result<_, Error>> = match ran {
+            Ok(Ok(outputs)) if outputs.len() == count => {
+                outputs.into_iter().map(|r| r.map_err(Error::from)).collect()
+            }
+            Ok(Ok(outputs)) => {
+                let e = Error::Internal(format!("handler answered {} of {count} requests", outputs.len()));
+                tracing::error!("{e}");
+                shared_error(Arc::new(HandlerError::Unsupported(e.to_string())), count)
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "batch of {count} failed");
+                shared_error(Arc::new(e), count)
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!("handler panicked on a batch of {count}: {message}");
+                self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                self.labels.worker_restart();
+                shared_error(Arc::new(HandlerError::Panicked(message)), count)
+            }
+        };
+        for (reply, answer) in replies.into_iter().zip(answers) {
+            // A closed receiver means the client gave up (timeout or disconnect).
+            let _ = reply.send(answer);
+        }
+        self.stats.requests.fetch_add(count as u64, Ordering::Relaxed);
+        self.stats.busy.store(false, Ordering::Relaxed);
+    }
+}
+
+fn shared_error(error: Arc<HandlerError>, count: usize) -> Vec<Result<spillway_handlers::Output, Error>> {
+    (0..count).map(|_| Err(Error::Handler(error.clone()))).collect()
+}

@@ -20,7 +20,10 @@ pub trait ModelFiles: Send + Sync {
     }
 
     /// The file at `path` parsed as JSON, or `None` when it does not exist.
-    fn read_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Option<T>, HandlerError>
+    fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Option<T>, HandlerError>
     where
         Self: Sized,
     {
@@ -56,8 +59,13 @@ impl FolderFiles {
         let relative = std::path::Path::new(path);
         // Handlers name files by constant relative paths; refuse anything that could
         // leave the model folder all the same.
-        if relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-            return Err(HandlerError::Input(format!("invalid model file path `{path}`")));
+        if relative
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(HandlerError::Input(format!(
+                "invalid model file path `{path}`"
+            )));
         }
         Ok(self.root.join(relative))
     }

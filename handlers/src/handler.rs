@@ -152,7 +152,11 @@ pub fn decode_texts(body: &RawBody) -> Result<Vec<String>, HandlerError> {
         .content_type
         .as_deref()
         .map(|ct| ct.starts_with("application/json"))
-        .unwrap_or_else(|| body.bytes.first().is_some_and(|b| matches!(b, b'{' | b'[' | b'"')));
+        .unwrap_or_else(|| {
+            body.bytes
+                .first()
+                .is_some_and(|b| matches!(b, b'{' | b'[' | b'"'))
+        });
     let texts = if is_json {
         let value: serde_json::Value = serde_json::from_slice(&body.bytes)
             .map_err(|e| HandlerError::Input(format!("malformed JSON body: {e}")))?;
@@ -224,17 +228,26 @@ mod tests {
 
     #[test]
     fn decodes_the_accepted_text_shapes() {
-        assert_eq!(decode_texts(&json(r#"{"inputs": "hi"}"#)).ok(), Some(vec!["hi".to_string()]));
+        assert_eq!(
+            decode_texts(&json(r#"{"inputs": "hi"}"#)).ok(),
+            Some(vec!["hi".to_string()])
+        );
         assert_eq!(
             decode_texts(&json(r#"{"inputs": ["a", "b"]}"#)).ok(),
             Some(vec!["a".to_string(), "b".to_string()])
         );
-        assert_eq!(decode_texts(&json(r#"["x"]"#)).ok(), Some(vec!["x".to_string()]));
+        assert_eq!(
+            decode_texts(&json(r#"["x"]"#)).ok(),
+            Some(vec!["x".to_string()])
+        );
         let plain = RawBody {
             content_type: Some("text/plain".into()),
             bytes: b"{not json".to_vec(),
         };
-        assert_eq!(decode_texts(&plain).ok(), Some(vec!["{not json".to_string()]));
+        assert_eq!(
+            decode_texts(&plain).ok(),
+            Some(vec!["{not json".to_string()])
+        );
         let sniffed = RawBody {
             content_type: None,
             bytes: br#"{"inputs": "y"}"#.to_vec(),

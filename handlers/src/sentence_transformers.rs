@@ -156,8 +156,14 @@ mod tests {
     fn reads_minilm_style_files() {
         let dir = folder(&[
             ("modules.json", MODULES),
-            ("1_Pooling/config.json", r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#),
-            ("sentence_bert_config.json", r#"{"max_seq_length": 256, "do_lower_case": false}"#),
+            (
+                "1_Pooling/config.json",
+                r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
+            ),
+            (
+                "sentence_bert_config.json",
+                r#"{"max_seq_length": 256, "do_lower_case": false}"#,
+            ),
         ]);
         let config = SentenceTransformerConfig::read(&FolderFiles::new(dir.path())).expect("read");
         assert!(config.normalize);
@@ -180,14 +186,19 @@ mod tests {
             "modules.json",
             r#"[{"path": "2_Dense", "type": "sentence_transformers.models.Dense"}]"#,
         )]);
-        let err = SentenceTransformerConfig::read(&FolderFiles::new(dir.path())).expect_err("dense");
+        let err =
+            SentenceTransformerConfig::read(&FolderFiles::new(dir.path())).expect_err("dense");
         assert!(err.to_string().contains("Dense"), "{err}");
 
         let dir = folder(&[
             ("modules.json", MODULES),
-            ("1_Pooling/config.json", r#"{"pooling_mode_lasttoken": true}"#),
+            (
+                "1_Pooling/config.json",
+                r#"{"pooling_mode_lasttoken": true}"#,
+            ),
         ]);
-        let err = SentenceTransformerConfig::read(&FolderFiles::new(dir.path())).expect_err("lasttoken");
+        let err =
+            SentenceTransformerConfig::read(&FolderFiles::new(dir.path())).expect_err("lasttoken");
         assert!(err.to_string().contains("last-token"), "{err}");
     }
 }

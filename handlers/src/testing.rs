@@ -45,7 +45,8 @@ impl Default for TinyBert {
 
 const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 const WORDS: [&str; 12] = [
-    "hello", "world", "the", "quick", "brown", "fox", "model", "server", "rust", "spill", "##way", "##s",
+    "hello", "world", "the", "quick", "brown", "fox", "model", "server", "rust", "spill", "##way",
+    "##s",
 ];
 
 /// The tokenizer vocabulary, in id order.
@@ -120,13 +121,20 @@ impl TinyBert {
             }),
         )?;
         if let Some(max) = self.max_seq_length {
-            write_json("sentence_bert_config.json", &json!({"max_seq_length": max, "do_lower_case": false}))?;
+            write_json(
+                "sentence_bert_config.json",
+                &json!({"max_seq_length": max, "do_lower_case": false}),
+            )?;
         }
 
-        let bert: BertConfig = serde_json::from_value(config).map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let bert: BertConfig =
+            serde_json::from_value(config).map_err(|e| HandlerError::bad_file("config.json", e))?;
         let varmap = VarMap::new();
-        BertModel::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &bert)
-            .context(|| "cannot initialise a random BERT".into())?;
+        BertModel::load(
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            &bert,
+        )
+        .context(|| "cannot initialise a random BERT".into())?;
         varmap
             .save(dir.join("model.safetensors"))
             .context(|| "cannot save random BERT weights".into())

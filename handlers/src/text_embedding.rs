@@ -13,7 +13,10 @@ use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, Tru
 use crate::error::CandleContext;
 use crate::handler::decode_texts;
 use crate::sentence_transformers::{Pooling, SentenceTransformerConfig};
-use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output, RawBody};
+use crate::{
+    Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output,
+    RawBody,
+};
 
 /// Texts per forward pass: bounds activation memory whatever the batch size.
 const MAX_TEXTS_PER_FORWARD: usize = 64;
@@ -36,7 +39,10 @@ impl TextEmbedding {
         let config_bytes = files.read_required("config.json")?;
         let family: serde_json::Value = serde_json::from_slice(&config_bytes)
             .map_err(|e| HandlerError::bad_file("config.json", e))?;
-        let model_type = family.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let model_type = family
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         if model_type != "bert" {
             return Err(HandlerError::Unsupported(format!(
                 "text_embedding serves BERT-family encoders (config.json model_type \"bert\"), \
@@ -119,7 +125,11 @@ impl TextEmbedding {
             let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
             let hidden = hidden.to_dtype(DType::F32)?;
             let pooled = pool(&hidden, &mask, self.pooling)?;
-            let pooled = if self.normalize { l2_normalize(&pooled)? } else { pooled };
+            let pooled = if self.normalize {
+                l2_normalize(&pooled)?
+            } else {
+                pooled
+            };
             pooled.to_vec2()
         };
         forward().context(|| format!("BERT forward pass failed (batch {batch} x {len} tokens)"))
@@ -188,7 +198,9 @@ impl Handler for TextEmbedding {
         Ok(encoded
             .into_iter()
             .map(|request| {
-                request.map(|texts| Output::Embeddings(embeddings.by_ref().take(texts.len()).collect()))
+                request.map(|texts| {
+                    Output::Embeddings(embeddings.by_ref().take(texts.len()).collect())
+                })
             })
             .collect())
     }
@@ -241,14 +253,22 @@ mod tests {
         #[allow(unsafe_code)]
         // SAFETY: the test's own temporary file, not modified while mapped.
         let vb = unsafe {
-            candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+            candle_nn::VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
         }
         .expect("mmap");
         let model = BertModel::load(vb, &config).expect("load");
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
         tokenizer.with_padding(None);
         tokenizer.with_truncation(None).expect("no truncation");
-        let mut ids = tokenizer.encode(text, true).expect("encode").get_ids().to_vec();
+        let mut ids = tokenizer
+            .encode(text, true)
+            .expect("encode")
+            .get_ids()
+            .to_vec();
         if let Some(max) = spec.max_seq_length {
             if ids.len() > max {
                 let sep = ids[ids.len() - 1];
@@ -257,7 +277,9 @@ mod tests {
             }
         }
         let n = ids.len();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("ids");
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("ids");
         let hidden = model
             .forward(&input, &input.zeros_like().expect("zeros"), None)
             .and_then(|h| h.squeeze(0))
@@ -266,8 +288,12 @@ mod tests {
         let dim = hidden[0].len();
         let mut pooled: Vec<f32> = match spec.pooling {
             "cls" => hidden[0].clone(),
-            "max" => (0..dim).map(|d| hidden.iter().map(|row| row[d]).fold(f32::MIN, f32::max)).collect(),
-            _ => (0..dim).map(|d| hidden.iter().map(|row| row[d]).sum::<f32>() / n as f32).collect(),
+            "max" => (0..dim)
+                .map(|d| hidden.iter().map(|row| row[d]).fold(f32::MIN, f32::max))
+                .collect(),
+            _ => (0..dim)
+                .map(|d| hidden.iter().map(|row| row[d]).sum::<f32>() / n as f32)
+                .collect(),
         };
         if spec.normalize {
             let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -278,7 +304,10 @@ mod tests {
 
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 
     #[test]
@@ -291,8 +320,13 @@ mod tests {
                 ..TinyBert::default()
             };
             spec.write(dir.path()).expect("write");
-            let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default()).expect("load");
-            let batch = [&["hello world", "the quick brown fox jumps over spillways"][..], &["rust"][..]];
+            let handler =
+                TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+                    .expect("load");
+            let batch = [
+                &["hello world", "the quick brown fox jumps over spillways"][..],
+                &["rust"][..],
+            ];
             let outputs = handler.run(&texts(&batch)).expect("run");
             assert_eq!(outputs.len(), 2);
             let got: Vec<Vec<f32>> = outputs.iter().flat_map(embeddings).collect();
@@ -310,14 +344,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = TinyBert::default(); // max_seq_length 24
         spec.write(dir.path()).expect("write");
-        let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default()).expect("load");
+        let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .expect("load");
         let long = "the quick brown fox ".repeat(10);
         let outputs = handler
-            .run(&texts(&[&[long.as_str(), &format!("{long} hello world model")]]))
+            .run(&texts(&[&[
+                long.as_str(),
+                &format!("{long} hello world model"),
+            ]]))
             .expect("run");
         let got = embeddings(&outputs[0]);
         let diff = max_abs_diff(&got[0], &got[1]);
-        assert_eq!(diff, 0.0, "text past the limit must not change the embedding");
+        assert_eq!(
+            diff, 0.0,
+            "text past the limit must not change the embedding"
+        );
         let want = reference(dir.path(), &spec, &long);
         assert!(max_abs_diff(&got[0], &want) <= 1e-5);
         assert_eq!(handler.info().max_input_tokens, Some(24));
@@ -337,14 +378,19 @@ mod tests {
             .run(&texts(&[&["a b c d e f g h i j", "a b c d e f x y z"]]))
             .expect("run");
         let got = embeddings(&outputs[0]);
-        assert_eq!(max_abs_diff(&got[0], &got[1]), 0.0, "both are cut to [CLS] a..f [SEP]");
+        assert_eq!(
+            max_abs_diff(&got[0], &got[1]),
+            0.0,
+            "both are cut to [CLS] a..f [SEP]"
+        );
     }
 
     #[test]
     fn a_non_bert_model_is_refused_with_its_model_type() {
         let dir = tempfile::tempdir().expect("tempdir");
         TinyBert::default().write(dir.path()).expect("write");
-        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama"}"#).expect("write");
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "llama"}"#)
+            .expect("write");
         let err = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
             .err()
             .expect("must fail");

@@ -119,19 +119,22 @@ impl WeightSource {
 
     fn view(&self, name: &str) -> candle_core::Result<TensorView<'_>> {
         let inner = &*self.inner;
-        let info = inner
-            .metadata
-            .info(name)
-            .ok_or_else(|| candle_core::Error::CannotFindTensor {
-                path: name.to_string(),
-            })?;
+        let info =
+            inner
+                .metadata
+                .info(name)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })?;
         let (begin, end) = info.data_offsets;
         let base = inner.range.start + inner.data_start;
         let bytes = inner
             .map
             .get(base + begin..base + end)
             .filter(|_| base + end <= inner.range.end)
-            .ok_or_else(|| candle_core::Error::Msg(format!("tensor {name} lies outside its file")))?;
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!("tensor {name} lies outside its file"))
+            })?;
         Ok(TensorView::new(info.dtype, info.shape.clone(), bytes)?)
     }
 
@@ -177,7 +180,12 @@ impl candle_nn::var_builder::SimpleBackend for WeightSource {
         Ok(tensor)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.load(name, dtype, device)
     }
 
@@ -193,7 +201,10 @@ mod tests {
 
     fn sample_file(dir: &Path) -> (PathBuf, HashMap<String, Tensor>) {
         let tensors: HashMap<String, Tensor> = [
-            ("a.weight", Tensor::arange(0f32, 12., &Device::Cpu).and_then(|t| t.reshape((3, 4)))),
+            (
+                "a.weight",
+                Tensor::arange(0f32, 12., &Device::Cpu).and_then(|t| t.reshape((3, 4))),
+            ),
             ("b.bias", Tensor::new(&[1.5f32, -2.0], &Device::Cpu)),
         ]
         .into_iter()
@@ -217,7 +228,10 @@ mod tests {
         let source = WeightSource::open(&path).expect("open");
         assert_eq!(source.tensor_names(), vec!["a.weight", "b.bias"]);
         for (name, tensor) in &expected {
-            assert_same(&source.load(name, DType::F32, &Device::Cpu).expect("load"), tensor);
+            assert_same(
+                &source.load(name, DType::F32, &Device::Cpu).expect("load"),
+                tensor,
+            );
         }
     }
 
@@ -233,10 +247,17 @@ mod tests {
         f.write_all(b"trailing").expect("write");
         drop(f);
         let start = b"some leading bytes".len() as u64;
-        let source = WeightSource::open_range(&wrapped, start..start + inner.len() as u64).expect("open");
+        let source =
+            WeightSource::open_range(&wrapped, start..start + inner.len() as u64).expect("open");
         let vb = source.var_builder(DType::F32, &Device::Cpu);
-        assert_same(&vb.get((3, 4), "a.weight").expect("get"), &expected["a.weight"]);
-        assert!(vb.get((4, 3), "a.weight").is_err(), "a wrong shape is refused");
+        assert_same(
+            &vb.get((3, 4), "a.weight").expect("get"),
+            &expected["a.weight"],
+        );
+        assert!(
+            vb.get((4, 3), "a.weight").is_err(),
+            "a wrong shape is refused"
+        );
         assert!(!vb.contains_tensor("missing"));
     }
 
@@ -246,6 +267,9 @@ mod tests {
         let (path, _) = sample_file(dir.path());
         let len = std::fs::metadata(&path).expect("meta").len();
         assert!(WeightSource::open_range(&path, 0..len + 10).is_err());
-        assert!(WeightSource::open_range(&path, 5..len).is_err(), "garbage header is refused");
+        assert!(
+            WeightSource::open_range(&path, 5..len).is_err(),
+            "garbage header is refused"
+        );
     }
 }

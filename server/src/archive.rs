@@ -77,7 +77,10 @@ impl std::fmt::Debug for OpenedArchive {
 
 /// Opens the archive or model folder at `path`; `cache_dir` receives what must be unpacked.
 pub fn open(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<OpenedArchive> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let (format, files): (ArchiveFormat, Arc<dyn ModelFiles>) = if path.is_dir() {
         (ArchiveFormat::Folder, Arc::new(FolderFiles::new(path)))
     } else if name.ends_with(".tar.gz") || name.ends_with(".tgz") {
@@ -85,14 +88,24 @@ pub fn open(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<Ope
         (ArchiveFormat::Tgz, Arc::new(FolderFiles::new(dir)))
     } else {
         let zip = ZipFiles::open(path, cache_dir, limits)?;
-        let format = if zip.all_stored() { ArchiveFormat::ZipStore } else { ArchiveFormat::Zip };
+        let format = if zip.all_stored() {
+            ArchiveFormat::ZipStore
+        } else {
+            ArchiveFormat::Zip
+        };
         (format, Arc::new(zip))
     };
-    let manifest_bytes = files.read(MANIFEST_PATH).map_err(Error::from)?.ok_or_else(|| {
-        Error::bad_archive(path, format!("{MANIFEST_PATH} is missing (pack models with `spillway archive`)"))
-    })?;
-    let manifest: Manifest =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| Error::bad_archive(path, format!("{MANIFEST_PATH}: {e}")))?;
+    let manifest_bytes = files
+        .read(MANIFEST_PATH)
+        .map_err(Error::from)?
+        .ok_or_else(|| {
+            Error::bad_archive(
+                path,
+                format!("{MANIFEST_PATH} is missing (pack models with `spillway archive`)"),
+            )
+        })?;
+    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
+        .map_err(|e| Error::bad_archive(path, format!("{MANIFEST_PATH}: {e}")))?;
     Ok(OpenedArchive {
         path: path.to_path_buf(),
         format,
@@ -114,7 +127,13 @@ fn fingerprint(path: &Path) -> Result<String> {
         .and_then(|n| n.to_str())
         .unwrap_or("archive")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     Ok(format!("{stem}-{:x}-{modified:x}", meta.len()))
 }
@@ -140,7 +159,10 @@ fn fill_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
     std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
     let staging = parent.join(format!(
         ".{}.partial-{}",
-        final_dir.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
+        final_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("x"),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&staging);
@@ -168,9 +190,16 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
         for (index, entry) in entries.enumerate() {
             let mut entry = entry.map_err(|e| Error::bad_archive(path, e))?;
             if index >= limits.max_entries {
-                return Err(Error::bad_archive(path, format!("more than {} entries", limits.max_entries)));
+                return Err(Error::bad_archive(
+                    path,
+                    format!("more than {} entries", limits.max_entries),
+                ));
             }
-            let name = entry.path().map_err(|e| Error::bad_archive(path, e))?.display().to_string();
+            let name = entry
+                .path()
+                .map_err(|e| Error::bad_archive(path, e))?
+                .display()
+                .to_string();
             let kind = entry.header().entry_type();
             if kind.is_dir() {
                 continue;
@@ -178,11 +207,14 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
             if !kind.is_file() {
                 return Err(Error::bad_archive(
                     path,
-                    format!("entry `{name}` is a link or special file; archives may hold regular files only"),
+                    format!(
+                        "entry `{name}` is a link or special file; archives may hold regular files only"
+                    ),
                 ));
             }
-            let relative = safe_relative(&name)
-                .ok_or_else(|| Error::bad_archive(path, format!("entry `{name}` escapes the archive folder")))?;
+            let relative = safe_relative(&name).ok_or_else(|| {
+                Error::bad_archive(path, format!("entry `{name}` escapes the archive folder"))
+            })?;
             total = total.saturating_add(entry.size());
             if total > limits.max_total_bytes {
                 return Err(Error::bad_archive(
@@ -221,18 +253,32 @@ impl ZipFiles {
     fn open(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<Self> {
         let mut zip = Self::reader(path)?;
         if zip.len() > limits.max_entries {
-            return Err(Error::bad_archive(path, format!("more than {} entries", limits.max_entries)));
+            return Err(Error::bad_archive(
+                path,
+                format!("more than {} entries", limits.max_entries),
+            ));
         }
         let mut entries = HashMap::new();
         let mut total = 0u64;
         for index in 0..zip.len() {
-            let entry = zip.by_index_raw(index).map_err(|e| Error::bad_archive(path, e))?;
-            let name = entry.name().map_err(|e| Error::bad_archive(path, e))?.to_string();
+            let entry = zip
+                .by_index_raw(index)
+                .map_err(|e| Error::bad_archive(path, e))?;
+            let name = entry
+                .name()
+                .map_err(|e| Error::bad_archive(path, e))?
+                .to_string();
             if entry.is_symlink() {
-                return Err(Error::bad_archive(path, format!("entry `{name}` is a symlink")));
+                return Err(Error::bad_archive(
+                    path,
+                    format!("entry `{name}` is a symlink"),
+                ));
             }
             if entry.enclosed_name().is_none() || safe_relative(&name).is_none() {
-                return Err(Error::bad_archive(path, format!("entry `{name}` escapes the archive folder")));
+                return Err(Error::bad_archive(
+                    path,
+                    format!("entry `{name}` escapes the archive folder"),
+                ));
             }
             if entry.is_dir() {
                 continue;
@@ -242,7 +288,9 @@ impl ZipFiles {
             if !stored && size > (1 << 20) && size / packed.max(1) > limits.max_compression_ratio {
                 return Err(Error::bad_archive(
                     path,
-                    format!("entry `{name}` inflates {size} bytes from {packed}: refusing a likely zip bomb"),
+                    format!(
+                        "entry `{name}` inflates {size} bytes from {packed}: refusing a likely zip bomb"
+                    ),
                 ));
             }
             total = total.saturating_add(size);
@@ -252,8 +300,17 @@ impl ZipFiles {
                     format!("unpacks to more than {} bytes", limits.max_total_bytes),
                 ));
             }
-            let key = safe_relative(&name).map(|p| p.display().to_string()).unwrap_or(name);
-            entries.insert(key, ZipEntry { index, stored, size });
+            let key = safe_relative(&name)
+                .map(|p| p.display().to_string())
+                .unwrap_or(name);
+            entries.insert(
+                key,
+                ZipEntry {
+                    index,
+                    stored,
+                    size,
+                },
+            );
         }
         Ok(Self {
             path: path.to_path_buf(),
@@ -264,7 +321,8 @@ impl ZipFiles {
 
     fn reader(path: &Path) -> Result<zip::ZipArchive<File>> {
         let file = File::open(path).map_err(Error::io(path))?;
-        zip::ZipArchive::new(file).map_err(|e| Error::bad_archive(path, format!("not a zip or tar.gz archive: {e}")))
+        zip::ZipArchive::new(file)
+            .map_err(|e| Error::bad_archive(path, format!("not a zip or tar.gz archive: {e}")))
     }
 
     fn all_stored(&self) -> bool {
@@ -278,13 +336,30 @@ impl ZipFiles {
         }
     }
 
+    /// Errors about the archive file as a whole are about one of its entries: say which.
+    fn name_entry(&self, entry: &str, error: HandlerError) -> HandlerError {
+        match error {
+            HandlerError::BadFile { reason, .. } => HandlerError::BadFile {
+                file: format!("{entry} (in {})", self.path.display()),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// Streams an entry into `out`, never past its declared size.
     fn copy_entry(&self, entry: ZipEntry, out: &mut impl Write) -> Result<(), HandlerError> {
         let mut zip = Self::reader(&self.path).map_err(|e| self.handler_error(e))?;
-        let file = zip.by_index(entry.index).map_err(|e| self.handler_error(e))?;
-        let copied = std::io::copy(&mut file.take(entry.size + 1), out).map_err(|e| self.handler_error(e))?;
+        let file = zip
+            .by_index(entry.index)
+            .map_err(|e| self.handler_error(e))?;
+        let copied = std::io::copy(&mut file.take(entry.size + 1), out)
+            .map_err(|e| self.handler_error(e))?;
         if copied != entry.size {
-            return Err(self.handler_error(format!("entry size is {copied}, header says {}", entry.size)));
+            return Err(self.handler_error(format!(
+                "entry size is {copied}, header says {}",
+                entry.size
+            )));
         }
         Ok(())
     }
@@ -307,11 +382,14 @@ impl ModelFiles for ZipFiles {
             .ok_or_else(|| HandlerError::MissingFile(path.to_string()))?;
         if entry.stored {
             let mut zip = Self::reader(&self.path).map_err(|e| self.handler_error(e))?;
-            let file = zip.by_index_raw(entry.index).map_err(|e| self.handler_error(e))?;
+            let file = zip
+                .by_index_raw(entry.index)
+                .map_err(|e| self.handler_error(e))?;
             let start = file
                 .data_start()
                 .ok_or_else(|| self.handler_error(format!("cannot locate the data of `{path}`")))?;
-            return WeightSource::open_range(&self.path, start..start + entry.size);
+            return WeightSource::open_range(&self.path, start..start + entry.size)
+                .map_err(|e| self.name_entry(path, e));
         }
         // Compressed weights cannot be mapped: inflate them once into the cache.
         let dir = self
@@ -330,7 +408,7 @@ impl ModelFiles for ZipFiles {
             })
             .map_err(|e| self.handler_error(e))?;
         }
-        WeightSource::open(&target)
+        WeightSource::open(&target).map_err(|e| self.name_entry(path, e))
     }
 }
 
@@ -339,9 +417,13 @@ mod tests {
     use super::*;
     use zip::write::SimpleFileOptions;
 
-    const MANIFEST: &str = r#"{"model": {"modelName": "m", "modelVersion": "1.0", "handler": "echo"}}"#;
+    const MANIFEST: &str =
+        r#"{"model": {"modelName": "m", "modelVersion": "1.0", "handler": "echo"}}"#;
 
-    fn zip_with(entries: &[(&str, &[u8])], options: SimpleFileOptions) -> (tempfile::TempDir, PathBuf) {
+    fn zip_with(
+        entries: &[(&str, &[u8])],
+        options: SimpleFileOptions,
+    ) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.mar");
         let mut zip = zip::ZipWriter::new(File::create(&path).expect("create"));
@@ -359,18 +441,27 @@ mod tests {
 
     #[test]
     fn reads_the_manifest_and_files_of_a_zip_store_archive() {
-        let (dir, path) = zip_with(&[(MANIFEST_PATH, MANIFEST.as_bytes()), ("config.json", b"{}")], stored());
+        let (dir, path) = zip_with(
+            &[(MANIFEST_PATH, MANIFEST.as_bytes()), ("config.json", b"{}")],
+            stored(),
+        );
         let archive = open(&path, dir.path(), &ArchiveLimits::default()).expect("open");
         assert_eq!(archive.format, ArchiveFormat::ZipStore);
         assert_eq!(archive.manifest.model.model_name, "m");
-        assert_eq!(archive.files.read("config.json").expect("read"), Some(b"{}".to_vec()));
+        assert_eq!(
+            archive.files.read("config.json").expect("read"),
+            Some(b"{}".to_vec())
+        );
         assert_eq!(archive.files.read("absent.json").expect("read"), None);
     }
 
     #[test]
     fn zip_slip_entries_are_refused() {
         for evil in ["../evil.txt", "/etc/evil", "a/../../evil"] {
-            let (dir, path) = zip_with(&[(MANIFEST_PATH, MANIFEST.as_bytes()), (evil, b"x")], stored());
+            let (dir, path) = zip_with(
+                &[(MANIFEST_PATH, MANIFEST.as_bytes()), (evil, b"x")],
+                stored(),
+            );
             let err = open(&path, dir.path(), &ArchiveLimits::default()).expect_err(evil);
             assert!(err.to_string().contains("escapes"), "{evil}: {err}");
         }
@@ -383,7 +474,8 @@ mod tests {
         let mut zip = zip::ZipWriter::new(File::create(&path).expect("create"));
         zip.start_file(MANIFEST_PATH, stored()).expect("start");
         zip.write_all(MANIFEST.as_bytes()).expect("write");
-        zip.add_symlink("model.safetensors", "/etc/passwd", stored()).expect("symlink");
+        zip.add_symlink("model.safetensors", "/etc/passwd", stored())
+            .expect("symlink");
         zip.finish().expect("finish");
         let err = open(&path, dir.path(), &ArchiveLimits::default()).expect_err("symlink");
         assert!(err.to_string().contains("symlink"), "{err}");
@@ -392,8 +484,12 @@ mod tests {
     #[test]
     fn absurd_sizes_and_entry_counts_are_refused() {
         let big = vec![0u8; 4 << 20];
-        let deflated = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
-        let (dir, path) = zip_with(&[(MANIFEST_PATH, MANIFEST.as_bytes()), ("zeros.bin", &big)], deflated);
+        let deflated =
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let (dir, path) = zip_with(
+            &[(MANIFEST_PATH, MANIFEST.as_bytes()), ("zeros.bin", &big)],
+            deflated,
+        );
         let err = open(&path, dir.path(), &ArchiveLimits::default()).expect_err("bomb");
         assert!(err.to_string().contains("zip bomb"), "{err}");
 
@@ -401,27 +497,39 @@ mod tests {
             max_total_bytes: 1024,
             ..ArchiveLimits::default()
         };
-        let (dir, path) = zip_with(&[(MANIFEST_PATH, MANIFEST.as_bytes()), ("big.bin", &big)], stored());
+        let (dir, path) = zip_with(
+            &[(MANIFEST_PATH, MANIFEST.as_bytes()), ("big.bin", &big)],
+            stored(),
+        );
         assert!(open(&path, dir.path(), &limits).is_err());
 
         let limits = ArchiveLimits {
             max_entries: 1,
             ..ArchiveLimits::default()
         };
-        let (dir, path) = zip_with(&[(MANIFEST_PATH, MANIFEST.as_bytes()), ("a", b"a")], stored());
+        let (dir, path) = zip_with(
+            &[(MANIFEST_PATH, MANIFEST.as_bytes()), ("a", b"a")],
+            stored(),
+        );
         assert!(open(&path, dir.path(), &limits).is_err());
     }
 
-    fn tgz_with(build: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<File>>)) -> (tempfile::TempDir, PathBuf) {
+    fn tgz_with(
+        build: impl FnOnce(&mut tar::Builder<flate2::write::GzEncoder<File>>),
+    ) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.tar.gz");
-        let gz = flate2::write::GzEncoder::new(File::create(&path).expect("create"), flate2::Compression::fast());
+        let gz = flate2::write::GzEncoder::new(
+            File::create(&path).expect("create"),
+            flate2::Compression::fast(),
+        );
         let mut tar = tar::Builder::new(gz);
         let mut header = tar::Header::new_gnu();
         header.set_size(MANIFEST.len() as u64);
         header.set_mode(0o644);
         header.set_cksum();
-        tar.append_data(&mut header, MANIFEST_PATH, MANIFEST.as_bytes()).expect("append");
+        tar.append_data(&mut header, MANIFEST_PATH, MANIFEST.as_bytes())
+            .expect("append");
         build(&mut tar);
         tar.into_inner().and_then(|gz| gz.finish()).expect("finish");
         (dir, path)
@@ -434,7 +542,9 @@ mod tests {
         let archive = open(&path, &cache, &ArchiveLimits::default()).expect("open");
         assert_eq!(archive.format, ArchiveFormat::Tgz);
         assert_eq!(archive.manifest.model.handler, "echo");
-        let unpacked: Vec<_> = std::fs::read_dir(cache.join("unpacked")).expect("cache").collect();
+        let unpacked: Vec<_> = std::fs::read_dir(cache.join("unpacked"))
+            .expect("cache")
+            .collect();
         assert_eq!(unpacked.len(), 1);
         open(&path, &cache, &ArchiveLimits::default()).expect("reopen from cache");
     }
@@ -446,7 +556,8 @@ mod tests {
             header.set_entry_type(tar::EntryType::Symlink);
             header.set_size(0);
             header.set_cksum();
-            tar.append_link(&mut header, "model.safetensors", "/etc/passwd").expect("link");
+            tar.append_link(&mut header, "model.safetensors", "/etc/passwd")
+                .expect("link");
         });
         let err = open(&path, &dir.path().join("c"), &ArchiveLimits::default()).expect_err("link");
         assert!(err.to_string().contains("link"), "{err}");
@@ -459,7 +570,8 @@ mod tests {
             header.set_cksum();
             tar.append(&header, &b"x"[..]).expect("append");
         });
-        let err = open(&path, &dir.path().join("c"), &ArchiveLimits::default()).expect_err("escape");
+        let err =
+            open(&path, &dir.path().join("c"), &ArchiveLimits::default()).expect_err("escape");
         assert!(err.to_string().contains("escapes"), "{err}");
     }
 

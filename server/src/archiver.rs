@@ -76,7 +76,9 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
         )));
     }
     let files = collect_files(spec)?;
-    if spec.handler.needs_model_files() && !files.iter().any(|(name, _)| name == "model.safetensors") {
+    if spec.handler.needs_model_files()
+        && !files.iter().any(|(name, _)| name == "model.safetensors")
+    {
         return Err(Error::BadRequest(format!(
             "handler {} needs model.safetensors in the model folder",
             spec.handler
@@ -102,8 +104,8 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
         },
         archiver_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let manifest_json =
-        serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Internal(format!("manifest: {e}")))?;
+    let manifest_json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| Error::Internal(format!("manifest: {e}")))?;
 
     let file_name = match spec.format {
         OutputFormat::ZipStore | OutputFormat::Default => format!("{}.mar", spec.model_name),
@@ -122,8 +124,18 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
         .export_path
         .join(format!(".{file_name}.partial-{}", std::process::id()));
     let written = match spec.format {
-        OutputFormat::ZipStore => write_zip(&staging, &manifest_json, &files, zip::CompressionMethod::Stored),
-        OutputFormat::Default => write_zip(&staging, &manifest_json, &files, zip::CompressionMethod::Deflated),
+        OutputFormat::ZipStore => write_zip(
+            &staging,
+            &manifest_json,
+            &files,
+            zip::CompressionMethod::Stored,
+        ),
+        OutputFormat::Default => write_zip(
+            &staging,
+            &manifest_json,
+            &files,
+            zip::CompressionMethod::Deflated,
+        ),
         OutputFormat::Tgz => write_tgz(&staging, &manifest_json, &files),
         OutputFormat::NoArchive => write_folder(&staging, &manifest_json, &files),
     };
@@ -146,13 +158,19 @@ fn collect_files(spec: &ArchiveSpec) -> Result<Vec<(String, PathBuf)>> {
     let mut files = std::collections::BTreeMap::new();
     if let Some(dir) = &spec.model_dir {
         if !dir.is_dir() {
-            return Err(Error::BadRequest(format!("--model-dir {} is not a folder", dir.display())));
+            return Err(Error::BadRequest(format!(
+                "--model-dir {} is not a folder",
+                dir.display()
+            )));
         }
         walk(dir, dir, &mut files)?;
     }
     for extra in spec.config_file.iter().chain(&spec.extra_files) {
         if !extra.is_file() {
-            return Err(Error::BadRequest(format!("{} is not a file", extra.display())));
+            return Err(Error::BadRequest(format!(
+                "{} is not a file",
+                extra.display()
+            )));
         }
         let name = extra
             .file_name()
@@ -163,7 +181,11 @@ fn collect_files(spec: &ArchiveSpec) -> Result<Vec<(String, PathBuf)>> {
     Ok(files.into_iter().collect())
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, PathBuf>) -> Result<()> {
+fn walk(
+    root: &Path,
+    dir: &Path,
+    out: &mut std::collections::BTreeMap<String, PathBuf>,
+) -> Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(Error::io(dir))?
         .collect::<std::io::Result<_>>()
@@ -181,8 +203,13 @@ fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Pa
             walk(root, &path, out)?;
         } else {
             // Follow symlinks in the source folder: the archive holds the files themselves.
-            let relative = path.strip_prefix(root).map_err(|e| Error::Internal(e.to_string()))?;
-            let parts: Vec<String> = relative.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            let relative = path
+                .strip_prefix(root)
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let parts: Vec<String> = relative
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
             out.insert(parts.join("/"), path);
         }
     }
@@ -197,7 +224,8 @@ fn write_zip(
 ) -> Result<()> {
     let out = File::create(target).map_err(Error::io(target))?;
     let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(out));
-    let zip_err = |e: zip::result::ZipError| Error::Internal(format!("writing {}: {e}", target.display()));
+    let zip_err =
+        |e: zip::result::ZipError| Error::Internal(format!("writing {}: {e}", target.display()));
     let options = zip::write::SimpleFileOptions::default().compression_method(method);
     zip.start_file(MANIFEST_PATH, options).map_err(zip_err)?;
     zip.write_all(manifest).map_err(Error::io(target))?;
@@ -217,7 +245,8 @@ fn write_zip(
 
 fn write_tgz(target: &Path, manifest: &[u8], files: &[(String, PathBuf)]) -> Result<()> {
     let out = File::create(target).map_err(Error::io(target))?;
-    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(out), flate2::Compression::default());
+    let gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(out), flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
     tar.follow_symlinks(true);
     let mut header = tar::Header::new_gnu();
@@ -225,9 +254,11 @@ fn write_tgz(target: &Path, manifest: &[u8], files: &[(String, PathBuf)]) -> Res
     header.set_mode(0o644);
     header.set_mtime(0);
     header.set_cksum();
-    tar.append_data(&mut header, MANIFEST_PATH, manifest).map_err(Error::io(target))?;
+    tar.append_data(&mut header, MANIFEST_PATH, manifest)
+        .map_err(Error::io(target))?;
     for (name, source) in files {
-        tar.append_path_with_name(source, name).map_err(Error::io(source))?;
+        tar.append_path_with_name(source, name)
+            .map_err(Error::io(source))?;
     }
     let gz = tar.into_inner().map_err(Error::io(target))?;
     let mut writer = gz.finish().map_err(Error::io(target))?;
@@ -247,7 +278,9 @@ fn write_folder(target: &Path, manifest: &[u8], files: &[(String, PathBuf)]) -> 
         }
         match source {
             None => std::fs::write(&out, manifest).map_err(Error::io(&out))?,
-            Some(source) => std::fs::copy(source, &out).map(drop).map_err(Error::io(source))?,
+            Some(source) => std::fs::copy(source, &out)
+                .map(drop)
+                .map_err(Error::io(source))?,
         }
     }
     Ok(())

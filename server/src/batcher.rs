@@ -127,7 +127,13 @@ mod tests {
             batch_size,
             max_batch_delay: Duration::from_millis(delay_ms),
         };
-        tokio::spawn(run(jobs_rx, batch_tx, policy, idle.clone(), ModelLabels::new("m", "1")));
+        tokio::spawn(run(
+            jobs_rx,
+            batch_tx,
+            policy,
+            idle.clone(),
+            ModelLabels::new("m", "1"),
+        ));
         Harness {
             jobs: jobs_tx,
             batches: batch_rx,
@@ -145,7 +151,11 @@ mod tests {
         let started = tokio::time::Instant::now();
         let batch = h.batches.recv_async().await.expect("batch");
         assert_eq!(batch.len(), 2);
-        assert!(started.elapsed() >= Duration::from_millis(50), "waited {:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "waited {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -181,7 +191,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         h.idle.enter();
         let batch = tokio::time::timeout(Duration::from_millis(100), h.batches.recv_async()).await;
-        assert_eq!(batch.expect("no wait for the delay").expect("batch").len(), 1);
+        assert_eq!(
+            batch.expect("no wait for the delay").expect("batch").len(),
+            1
+        );
     }
 
     #[tokio::test(start_paused = true)]

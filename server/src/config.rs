@@ -39,10 +39,12 @@ impl std::str::FromStr for StartupModels {
                 continue;
             }
             let model = match item.split_once('=') {
-                Some((name, url)) if !name.trim().is_empty() && !url.trim().is_empty() => StartupModel {
-                    name: Some(name.trim().to_string()),
-                    url: url.trim().to_string(),
-                },
+                Some((name, url)) if !name.trim().is_empty() && !url.trim().is_empty() => {
+                    StartupModel {
+                        name: Some(name.trim().to_string()),
+                        url: url.trim().to_string(),
+                    }
+                }
                 Some(_) => {
                     return Err(Error::bad_config(
                         "--models",
@@ -121,7 +123,9 @@ impl ServerConfig {
     pub fn merge(o: Overrides, props: &BTreeMap<String, String>) -> Result<Self> {
         let prop = |key: &str| props.get(key).filter(|v| !v.is_empty()).cloned();
         let address = |given: Option<String>, key: &str, default: &str| -> Result<SocketAddr> {
-            let text = given.or_else(|| prop(key)).unwrap_or_else(|| default.to_string());
+            let text = given
+                .or_else(|| prop(key))
+                .unwrap_or_else(|| default.to_string());
             parse_address(&text).map_err(|reason| Error::bad_config(key, reason))
         };
         let number = |given: Option<usize>, key: &str, default: usize| -> Result<usize> {
@@ -146,7 +150,11 @@ impl ServerConfig {
             .unwrap_or_else(default_cache_dir);
         let config = ServerConfig {
             inference_address: address(o.inference_address, "inference_address", "127.0.0.1:8080")?,
-            management_address: address(o.management_address, "management_address", "127.0.0.1:8081")?,
+            management_address: address(
+                o.management_address,
+                "management_address",
+                "127.0.0.1:8081",
+            )?,
             metrics_address: address(o.metrics_address, "metrics_address", "127.0.0.1:8082")?,
             model_store: o
                 .model_store
@@ -154,12 +162,30 @@ impl ServerConfig {
                 .or_else(|| prop("model_store").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from("model-store")),
             startup_models,
-            default_workers_per_model: number(o.default_workers_per_model, "default_workers_per_model", 1)?,
+            default_workers_per_model: number(
+                o.default_workers_per_model,
+                "default_workers_per_model",
+                1,
+            )?,
             job_queue_size: number(o.job_queue_size, "job_queue_size", 100)?,
-            max_request_size: number(o.max_request_size, "max_request_size", DEFAULT_MAX_MESSAGE_SIZE)?,
-            max_response_size: number(o.max_response_size, "max_response_size", DEFAULT_MAX_MESSAGE_SIZE)?,
-            management_token: o.management_token.clone().or_else(|| prop("management_token")),
-            inference_token: o.inference_token.clone().or_else(|| prop("inference_token")),
+            max_request_size: number(
+                o.max_request_size,
+                "max_request_size",
+                DEFAULT_MAX_MESSAGE_SIZE,
+            )?,
+            max_response_size: number(
+                o.max_response_size,
+                "max_response_size",
+                DEFAULT_MAX_MESSAGE_SIZE,
+            )?,
+            management_token: o
+                .management_token
+                .clone()
+                .or_else(|| prop("management_token")),
+            inference_token: o
+                .inference_token
+                .clone()
+                .or_else(|| prop("inference_token")),
             cache_dir,
             default_response_timeout: Duration::from_secs(120),
         };
@@ -206,7 +232,9 @@ pub fn parse_address(text: &str) -> std::result::Result<SocketAddr, String> {
         .or_else(|| bare.strip_prefix("https://").map(|_| ""))
         .unwrap_or(bare);
     if bare.is_empty() {
-        return Err(format!("`{text}`: TLS listeners are not supported; use http://HOST:PORT"));
+        return Err(format!(
+            "`{text}`: TLS listeners are not supported; use http://HOST:PORT"
+        ));
     }
     let bare = bare.trim_end_matches('/');
     let bare = match bare.strip_prefix("localhost:") {
@@ -223,7 +251,10 @@ mod tests {
     use super::*;
 
     fn props(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -273,7 +304,10 @@ mod tests {
     fn an_open_management_address_needs_a_token() {
         let p = props(&[("management_address", "http://0.0.0.0:8081")]);
         let err = ServerConfig::merge(Overrides::default(), &p).expect_err("must refuse");
-        assert!(err.to_string().contains("SPILLWAY_MANAGEMENT_TOKEN"), "{err}");
+        assert!(
+            err.to_string().contains("SPILLWAY_MANAGEMENT_TOKEN"),
+            "{err}"
+        );
         let o = Overrides {
             management_token: Some("secret".into()),
             ..Overrides::default()
@@ -286,17 +320,26 @@ mod tests {
         let err = ServerConfig::merge(Overrides::default(), &props(&[("job_queue_size", "many")]))
             .expect_err("bad number");
         assert!(err.to_string().contains("job_queue_size"), "{err}");
-        let err = ServerConfig::merge(Overrides::default(), &props(&[("metrics_address", "nowhere")]))
-            .expect_err("bad address");
+        let err = ServerConfig::merge(
+            Overrides::default(),
+            &props(&[("metrics_address", "nowhere")]),
+        )
+        .expect_err("bad address");
         assert!(err.to_string().contains("metrics_address"), "{err}");
         assert!("a=".parse::<StartupModels>().is_err());
     }
 
     #[test]
     fn addresses_take_torchserve_and_plain_forms() {
-        assert_eq!(parse_address("http://0.0.0.0:8080").map(|a| a.port()), Ok(8080));
+        assert_eq!(
+            parse_address("http://0.0.0.0:8080").map(|a| a.port()),
+            Ok(8080)
+        );
         assert_eq!(parse_address("127.0.0.1:0").map(|a| a.port()), Ok(0));
-        assert_eq!(parse_address("localhost:81").map(|a| a.to_string()), Ok("127.0.0.1:81".into()));
+        assert_eq!(
+            parse_address("localhost:81").map(|a| a.to_string()),
+            Ok("127.0.0.1:81".into())
+        );
         assert!(parse_address("https://0.0.0.0:8443").is_err());
     }
 }

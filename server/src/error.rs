@@ -91,7 +91,9 @@ impl Error {
             Error::ModelNotFound(_) | Error::VersionNotFound { .. } | Error::ArchiveNotFound(_) => {
                 ErrorKind::NotFound
             }
-            Error::BadRequest(_) | Error::BadArchive { .. } | Error::BadConfig { .. } => ErrorKind::BadRequest,
+            Error::BadRequest(_) | Error::BadArchive { .. } | Error::BadConfig { .. } => {
+                ErrorKind::BadRequest
+            }
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::QueueFull { .. } => ErrorKind::QueueFull,
             Error::Timeout { .. } => ErrorKind::Timeout,
@@ -101,9 +103,9 @@ impl Error {
             Error::Handler(e) => match &**e {
                 HandlerError::Input(_) => ErrorKind::BadRequest,
                 // At load time these mean the archive is unusable: the client's to fix.
-                HandlerError::MissingFile(_) | HandlerError::BadFile { .. } | HandlerError::Unsupported(_) => {
-                    ErrorKind::BadRequest
-                }
+                HandlerError::MissingFile(_)
+                | HandlerError::BadFile { .. }
+                | HandlerError::Unsupported(_) => ErrorKind::BadRequest,
                 _ => ErrorKind::Internal,
             },
             Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,

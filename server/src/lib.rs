@@ -55,9 +55,9 @@ impl Listeners {
     /// Binds the configured addresses.
     pub async fn bind(config: &ServerConfig) -> Result<Self> {
         let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|e| Error::Internal(format!("cannot listen on {addr} for the {what} API: {e}")))
+            TcpListener::bind(addr).await.map_err(|e| {
+                Error::Internal(format!("cannot listen on {addr} for the {what} API: {e}"))
+            })
         };
         Ok(Self {
             inference: bind(config.inference_address, "inference").await?,
@@ -69,7 +69,11 @@ impl Listeners {
 
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in flight
 /// finish, and returns.
-pub async fn run(config: ServerConfig, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+pub async fn run(
+    config: ServerConfig,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     if !config.model_store.is_dir() {
         return Err(Error::BadRequest(format!(
             "the model store {} is not a folder (create it, or pass --model-store)",
@@ -82,7 +86,9 @@ pub async fn run(config: ServerConfig, listeners: Listeners, shutdown: impl Futu
         ("Management", &listeners.management),
         ("Metrics", &listeners.metrics),
     ] {
-        let addr = listener.local_addr().map_err(|e| Error::Internal(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
         tracing::info!("{name} API listening on http://{addr}");
     }
     load_startup_models(&state)?;

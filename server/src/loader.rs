@@ -37,25 +37,30 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
     let path = state.store().resolve(&request.url)?;
     let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
     let manifest = &archive.manifest.model;
-    let handler: HandlerKind = manifest.handler.parse().map_err(|e: spillway_handlers::HandlerError| {
-        let hint = if manifest.handler.ends_with(".py") {
-            " (custom Python handlers are never executed; archive with a built-in handler)"
-        } else {
-            ""
-        };
-        Error::bad_archive(&path, format!("{e}{hint}"))
-    })?;
-    let name = request.name.clone().unwrap_or_else(|| manifest.model_name.clone());
+    let handler: HandlerKind =
+        manifest
+            .handler
+            .parse()
+            .map_err(|e: spillway_handlers::HandlerError| {
+                let hint = if manifest.handler.ends_with(".py") {
+                    " (custom Python handlers are never executed; archive with a built-in handler)"
+                } else {
+                    ""
+                };
+                Error::bad_archive(&path, format!("{e}{hint}"))
+            })?;
+    let name = request
+        .name
+        .clone()
+        .unwrap_or_else(|| manifest.model_name.clone());
     check_name(&name)?;
-    let yaml = match &manifest.config_file {
-        Some(file) => Some(
-            archive
-                .files
-                .read(file)?
-                .ok_or_else(|| Error::bad_archive(&path, format!("configFile {file} is missing")))?,
-        ),
-        None => archive.files.read("model-config.yaml")?,
-    };
+    let yaml =
+        match &manifest.config_file {
+            Some(file) => Some(archive.files.read(file)?.ok_or_else(|| {
+                Error::bad_archive(&path, format!("configFile {file} is missing"))
+            })?),
+            None => archive.files.read("model-config.yaml")?,
+        };
     let yaml = yaml
         .map(String::from_utf8)
         .transpose()
@@ -86,7 +91,9 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -99,13 +106,21 @@ fn check_name(name: &str) -> Result<()> {
 /// Step 4: reads the weights and builds the handler. Blocking.
 pub fn build(prepared: &Prepared) -> Result<Arc<dyn Handler>> {
     let options = prepared.spec.setup.load_options()?;
-    Ok(spillway_handlers::load(prepared.spec.handler, &*prepared.archive.files, &options)?)
+    Ok(spillway_handlers::load(
+        prepared.spec.handler,
+        &*prepared.archive.files,
+        &options,
+    )?)
 }
 
 /// Registers and loads a model. With `synchronous`, returns once it serves (or failed,
 /// in which case it is unregistered again); otherwise returns once it is registered and
 /// loads it in the background.
-pub async fn register(state: &AppState, request: LoadRequest, synchronous: bool) -> Result<Arc<ModelHandle>> {
+pub async fn register(
+    state: &AppState,
+    request: LoadRequest,
+    synchronous: bool,
+) -> Result<Arc<ModelHandle>> {
     let prepared = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || prepare(&state, &request))
@@ -138,7 +153,9 @@ pub async fn register(state: &AppState, request: LoadRequest, synchronous: bool)
     };
     if synchronous {
         if let Err(e) = load.await {
-            let _ = state.registry().remove(&handle.spec.name, Some(&handle.spec.version));
+            let _ = state
+                .registry()
+                .remove(&handle.spec.name, Some(&handle.spec.version));
             return Err(e);
         }
     } else {

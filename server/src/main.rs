@@ -7,7 +7,11 @@ use spillway::archiver::{self, ArchiveSpec, OutputFormat};
 use spillway::config::{Overrides, ServerConfig};
 
 #[derive(Parser)]
-#[command(name = "spillway", version, about = "A TorchServe-compatible model server")]
+#[command(
+    name = "spillway",
+    version,
+    about = "A TorchServe-compatible model server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,6 +102,7 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(args),
@@ -128,7 +133,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         inference_token: args.inference_token,
         cache_dir: args.cache_dir,
     })?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let listeners = spillway::Listeners::bind(&config).await?;
         spillway::run(config, listeners, spillway::shutdown::signal()).await

@@ -46,14 +46,38 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge};
-    describe_counter!(INFERENCE_REQUESTS_TOTAL, "Total number of inference requests.");
-    describe_counter!(INFERENCE_LATENCY_US, Unit::Microseconds, "Cumulative inference duration in microseconds.");
-    describe_counter!(QUEUE_LATENCY_US, Unit::Microseconds, "Cumulative queue duration in microseconds.");
-    describe_gauge!(MODEL_LOAD_SECONDS, Unit::Seconds, "Time the model took to load, in seconds.");
-    describe_counter!(PREDICTIONS_BY_STATUS, "Prediction responses by HTTP status class.");
+    describe_counter!(
+        INFERENCE_REQUESTS_TOTAL,
+        "Total number of inference requests."
+    );
+    describe_counter!(
+        INFERENCE_LATENCY_US,
+        Unit::Microseconds,
+        "Cumulative inference duration in microseconds."
+    );
+    describe_counter!(
+        QUEUE_LATENCY_US,
+        Unit::Microseconds,
+        "Cumulative queue duration in microseconds."
+    );
+    describe_gauge!(
+        MODEL_LOAD_SECONDS,
+        Unit::Seconds,
+        "Time the model took to load, in seconds."
+    );
+    describe_counter!(
+        PREDICTIONS_BY_STATUS,
+        "Prediction responses by HTTP status class."
+    );
     describe_counter!(BATCHES_TOTAL, "Batches run by the model's workers.");
-    describe_counter!(DROPPED_REQUESTS_TOTAL, "Queued requests dropped because the client had gone.");
-    describe_counter!(WORKER_RESTARTS_TOTAL, "Worker restarts after a handler panic.");
+    describe_counter!(
+        DROPPED_REQUESTS_TOTAL,
+        "Queued requests dropped because the client had gone."
+    );
+    describe_counter!(
+        WORKER_RESTARTS_TOTAL,
+        "Worker restarts after a handler panic."
+    );
 }
 
 /// The `model_name` / `model_version` labels of one model.
@@ -72,7 +96,10 @@ impl ModelLabels {
     }
 
     fn pairs(&self) -> [(&'static str, String); 2] {
-        [("model_name", self.name.clone()), ("model_version", self.version.clone())]
+        [
+            ("model_name", self.name.clone()),
+            ("model_version", self.version.clone()),
+        ]
     }
 
     /// One prediction answered with `status` after `latency`.

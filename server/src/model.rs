@@ -122,9 +122,16 @@ impl ModelHandle {
             batch_size: self.spec.config.batch_size,
             max_batch_delay: self.spec.config.max_batch_delay,
         };
-        let mut pool = WorkerPool::new(handler.clone(), batch_rx, idle.clone(), self.labels.clone());
+        let mut pool =
+            WorkerPool::new(handler.clone(), batch_rx, idle.clone(), self.labels.clone());
         pool.scale(self.spec.config.min_workers, self.spec.config.max_workers)?;
-        tokio::spawn(batcher::run(jobs_rx, batch_tx, policy, idle, self.labels.clone()));
+        tokio::spawn(batcher::run(
+            jobs_rx,
+            batch_tx,
+            policy,
+            idle,
+            self.labels.clone(),
+        ));
         self.labels.loaded(load_time);
         *self.state_mut() = State::Ready(Serving {
             handler,
@@ -157,7 +164,9 @@ impl ModelHandle {
             state: match state {
                 State::Loading => "it is loading".into(),
                 State::Failed(reason) => format!("it failed to load: {reason}"),
-                State::Ready(_) => "it has no workers (scale it up with PUT /models/{name}?min_worker=1)".into(),
+                State::Ready(_) => {
+                    "it has no workers (scale it up with PUT /models/{name}?min_worker=1)".into()
+                }
             },
         }
     }
@@ -189,7 +198,11 @@ impl ModelHandle {
     /// Changes the number of workers.
     pub fn scale(&self, min: usize, max: usize) -> Result<()> {
         match &*self.state() {
-            State::Ready(serving) => serving.pool.lock().unwrap_or_else(|e| e.into_inner()).scale(min, max),
+            State::Ready(serving) => serving
+                .pool
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .scale(min, max),
             other => Err(self.not_ready(other)),
         }
     }

@@ -55,24 +55,38 @@ pub struct ModelDefaults {
 
 impl ModelConfig {
     /// Parses `model-config.yaml` text (or none) and applies overrides and defaults.
-    pub fn parse(yaml: Option<&str>, overrides: &ModelConfigOverrides, defaults: ModelDefaults) -> Result<Self> {
+    pub fn parse(
+        yaml: Option<&str>,
+        overrides: &ModelConfigOverrides,
+        defaults: ModelDefaults,
+    ) -> Result<Self> {
         let file: ModelConfigFile = match yaml {
-            Some(text) if !text.trim().is_empty() => {
-                serde_saphyr::from_str(text).map_err(|e| Error::bad_config("model-config.yaml", e))?
-            }
+            Some(text) if !text.trim().is_empty() => serde_saphyr::from_str(text)
+                .map_err(|e| Error::bad_config("model-config.yaml", e))?,
             _ => ModelConfigFile::default(),
         };
-        let min_workers = overrides.initial_workers.or(file.min_workers).unwrap_or(defaults.workers);
+        let min_workers = overrides
+            .initial_workers
+            .or(file.min_workers)
+            .unwrap_or(defaults.workers);
         let max_workers = file.max_workers.unwrap_or(min_workers).max(min_workers);
         let batch_size = overrides.batch_size.or(file.batch_size).unwrap_or(1);
         if batch_size == 0 {
-            return Err(Error::bad_config("model-config.yaml", "batchSize must be at least 1"));
+            return Err(Error::bad_config(
+                "model-config.yaml",
+                "batchSize must be at least 1",
+            ));
         }
         let config = ModelConfig {
             min_workers,
             max_workers,
             batch_size,
-            max_batch_delay: Duration::from_millis(overrides.max_batch_delay_ms.or(file.max_batch_delay).unwrap_or(100)),
+            max_batch_delay: Duration::from_millis(
+                overrides
+                    .max_batch_delay_ms
+                    .or(file.max_batch_delay)
+                    .unwrap_or(100),
+            ),
             response_timeout: overrides
                 .response_timeout_s
                 .or(file.response_timeout)
@@ -82,7 +96,10 @@ impl ModelConfig {
             job_queue_size: file.job_queue_size,
         };
         if config.response_timeout.is_zero() {
-            return Err(Error::bad_config("model-config.yaml", "responseTimeout must be at least 1 second"));
+            return Err(Error::bad_config(
+                "model-config.yaml",
+                "responseTimeout must be at least 1 second",
+            ));
         }
         Ok(config)
     }
@@ -101,7 +118,8 @@ mod tests {
     fn reads_torchserve_keys_and_ignores_handler_sections() {
         let yaml = "minWorkers: 2\nmaxWorkers: 4\nbatchSize: 8\nmaxBatchDelay: 5\nresponseTimeout: 30\n\
                     deviceType: cpu\nparallelType: pp\nhandler:\n  max_length: 50\n";
-        let c = ModelConfig::parse(Some(yaml), &ModelConfigOverrides::default(), DEFAULTS).expect("parse");
+        let c = ModelConfig::parse(Some(yaml), &ModelConfigOverrides::default(), DEFAULTS)
+            .expect("parse");
         assert_eq!((c.min_workers, c.max_workers, c.batch_size), (2, 4, 8));
         assert_eq!(c.max_batch_delay, Duration::from_millis(5));
         assert_eq!(c.response_timeout, Duration::from_secs(30));
@@ -116,7 +134,8 @@ mod tests {
             max_batch_delay_ms: Some(50),
             response_timeout_s: Some(9),
         };
-        let c = ModelConfig::parse(Some("minWorkers: 1\nbatchSize: 2\n"), &overrides, DEFAULTS).expect("parse");
+        let c = ModelConfig::parse(Some("minWorkers: 1\nbatchSize: 2\n"), &overrides, DEFAULTS)
+            .expect("parse");
         assert_eq!((c.min_workers, c.max_workers, c.batch_size), (3, 3, 4));
         assert_eq!(c.max_batch_delay, Duration::from_millis(50));
         assert_eq!(c.response_timeout, Duration::from_secs(9));
@@ -124,12 +143,24 @@ mod tests {
 
     #[test]
     fn no_file_gives_the_defaults_and_bad_yaml_is_an_error() {
-        let c = ModelConfig::parse(None, &ModelConfigOverrides::default(), DEFAULTS).expect("parse");
+        let c =
+            ModelConfig::parse(None, &ModelConfigOverrides::default(), DEFAULTS).expect("parse");
         assert_eq!((c.min_workers, c.batch_size), (1, 1));
         assert_eq!(c.response_timeout, Duration::from_secs(120));
-        let err = ModelConfig::parse(Some("batchSize: [oops"), &ModelConfigOverrides::default(), DEFAULTS)
-            .expect_err("bad yaml");
+        let err = ModelConfig::parse(
+            Some("batchSize: [oops"),
+            &ModelConfigOverrides::default(),
+            DEFAULTS,
+        )
+        .expect_err("bad yaml");
         assert!(err.to_string().contains("model-config.yaml"), "{err}");
-        assert!(ModelConfig::parse(Some("batchSize: 0"), &ModelConfigOverrides::default(), DEFAULTS).is_err());
+        assert!(
+            ModelConfig::parse(
+                Some("batchSize: 0"),
+                &ModelConfigOverrides::default(),
+                DEFAULTS
+            )
+            .is_err()
+        );
     }
 }

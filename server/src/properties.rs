@@ -9,7 +9,8 @@ pub fn parse(text: &str) -> BTreeMap<String, String> {
     let mut logical = String::new();
     for raw in text.lines() {
         let line = raw.trim_start();
-        if logical.is_empty() && (line.is_empty() || line.starts_with('#') || line.starts_with('!')) {
+        if logical.is_empty() && (line.is_empty() || line.starts_with('#') || line.starts_with('!'))
+        {
             continue;
         }
         // A line ending in an odd number of backslashes continues on the next line.

@@ -36,7 +36,9 @@ impl ModelRegistry {
             versions: BTreeMap::new(),
         });
         if entry.versions.contains_key(&version) {
-            return Err(Error::Conflict(format!("Model version {version} for model {name} is already registered")));
+            return Err(Error::Conflict(format!(
+                "Model version {version} for model {name} is already registered"
+            )));
         }
         entry.versions.insert(version, handle);
         Ok(())
@@ -45,18 +47,26 @@ impl ModelRegistry {
     /// The named version, or the default one.
     pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelHandle>> {
         let models = self.read();
-        let entry = models.get(name).ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
+        let entry = models
+            .get(name)
+            .ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
         let version = version.unwrap_or(&entry.default);
-        entry.versions.get(version).cloned().ok_or_else(|| Error::VersionNotFound {
-            name: name.to_string(),
-            version: version.to_string(),
-        })
+        entry
+            .versions
+            .get(version)
+            .cloned()
+            .ok_or_else(|| Error::VersionNotFound {
+                name: name.to_string(),
+                version: version.to_string(),
+            })
     }
 
     /// Every version of a model, the default first.
     pub fn versions(&self, name: &str) -> Result<Vec<Arc<ModelHandle>>> {
         let models = self.read();
-        let entry = models.get(name).ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
+        let entry = models
+            .get(name)
+            .ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
         let mut all: Vec<_> = entry.versions.values().cloned().collect();
         all.sort_by_key(|h| h.spec.version != entry.default);
         Ok(all)
@@ -72,16 +82,23 @@ impl ModelRegistry {
 
     /// Every registered version of every model.
     pub fn all(&self) -> Vec<Arc<ModelHandle>> {
-        self.read().values().flat_map(|e| e.versions.values().cloned()).collect()
+        self.read()
+            .values()
+            .flat_map(|e| e.versions.values().cloned())
+            .collect()
     }
 
     /// Removes one version, or (with `None`) every version of the model. The default
     /// version cannot be removed alone while others remain (as in TorchServe).
     pub fn remove(&self, name: &str, version: Option<&str>) -> Result<Vec<Arc<ModelHandle>>> {
         let mut models = self.write();
-        let entry = models.get_mut(name).ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
+        let entry = models
+            .get_mut(name)
+            .ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
         let Some(version) = version else {
-            let removed = models.remove(name).map(|e| e.versions.into_values().collect());
+            let removed = models
+                .remove(name)
+                .map(|e| e.versions.into_values().collect());
             return Ok(removed.unwrap_or_default());
         };
         if !entry.versions.contains_key(version) {
@@ -104,7 +121,9 @@ impl ModelRegistry {
 
     pub fn set_default(&self, name: &str, version: &str) -> Result<()> {
         let mut models = self.write();
-        let entry = models.get_mut(name).ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
+        let entry = models
+            .get_mut(name)
+            .ok_or_else(|| Error::ModelNotFound(name.to_string()))?;
         if !entry.versions.contains_key(version) {
             return Err(Error::VersionNotFound {
                 name: name.to_string(),

@@ -52,7 +52,9 @@ impl SetupConfig {
         let dtype = match self.torch_dtype.as_deref() {
             None | Some("auto") => None,
             Some("float32" | "torch.float32" | "fp32") => Some(spillway_handlers::DType::F32),
-            Some("float16" | "torch.float16" | "fp16" | "half") => Some(spillway_handlers::DType::F16),
+            Some("float16" | "torch.float16" | "fp16" | "half") => {
+                Some(spillway_handlers::DType::F16)
+            }
             Some("bfloat16" | "torch.bfloat16" | "bf16") => Some(spillway_handlers::DType::BF16),
             Some(other) => {
                 return Err(Error::bad_config(
@@ -83,7 +85,10 @@ impl SetupConfig {
             None => Ok(()),
             Some(Value::String(s)) if s == "cpu" || STRATEGIES.contains(&s.as_str()) => Ok(()),
             Some(Value::String(s)) => Err(not_here(&format!("\"{s}\""))),
-            Some(Value::Object(map)) => match map.iter().find(|(_, device)| device.as_str() != Some("cpu")) {
+            Some(Value::Object(map)) => match map
+                .iter()
+                .find(|(_, device)| device.as_str() != Some("cpu"))
+            {
                 None => Ok(()),
                 Some((module, device)) => Err(not_here(&format!("places `{module}` on {device}"))),
             },
@@ -107,7 +112,10 @@ mod tests {
         ))
         .expect("parse");
         assert_eq!(c.max_length, Some(128));
-        assert_eq!(c.other.get("model_name").and_then(|v| v.as_str()), Some("x"));
+        assert_eq!(
+            c.other.get("model_name").and_then(|v| v.as_str()),
+            Some("x")
+        );
         let options = c.load_options().expect("options");
         assert_eq!(options.dtype, Some(spillway_handlers::DType::F32));
         assert_eq!(options.max_length, Some(128));
@@ -115,7 +123,10 @@ mod tests {
 
     #[test]
     fn gpu_and_disk_placements_are_refused_clearly() {
-        for map in [r#"{"device_map": "cuda:0"}"#, r#"{"device_map": {"encoder": "cpu", "pooler": "disk"}}"#] {
+        for map in [
+            r#"{"device_map": "cuda:0"}"#,
+            r#"{"device_map": {"encoder": "cpu", "pooler": "disk"}}"#,
+        ] {
             let err = SetupConfig::parse(Some(map.as_bytes()))
                 .and_then(|c| c.load_options())
                 .expect_err(map);

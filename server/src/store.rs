@@ -32,7 +32,9 @@ impl ModelStore {
         }
         let relative = Path::new(url);
         let plain = !url.is_empty()
-            && relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            && relative
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if !plain {
             return Err(Error::BadRequest(format!(
                 "`{url}`: a model url must name an archive inside the model store (no absolute \
@@ -47,7 +49,9 @@ impl ModelStore {
         let store = self.root.canonicalize().map_err(Error::io(&self.root))?;
         let real = path.canonicalize().map_err(Error::io(&path))?;
         if !real.starts_with(&store) {
-            return Err(Error::BadRequest(format!("`{url}` resolves outside the model store")));
+            return Err(Error::BadRequest(format!(
+                "`{url}` resolves outside the model store"
+            )));
         }
         Ok(path)
     }
@@ -58,12 +62,17 @@ impl ModelStore {
         let mut names = Vec::new();
         for entry in entries {
             let entry = entry.map_err(Error::io(&self.root))?;
-            let Ok(name) = entry.file_name().into_string() else { continue };
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             if name.starts_with('.') {
                 continue;
             }
             let path = entry.path();
-            let is_archive = [".mar", ".tar.gz", ".tgz"].iter().any(|ext| name.ends_with(ext)) && path.is_file();
+            let is_archive = [".mar", ".tar.gz", ".tgz"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+                && path.is_file();
             let is_model_folder = path.join(crate::manifest::MANIFEST_PATH).is_file();
             if is_archive || is_model_folder {
                 names.push(name);
@@ -83,10 +92,23 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("a.mar"), b"x").expect("write");
         let store = ModelStore::new(dir.path());
-        assert_eq!(store.resolve("a.mar").expect("a.mar"), dir.path().join("a.mar"));
-        for bad in ["https://example.com/a.mar", "/etc/passwd", "../a.mar", "x/../../a.mar", ""] {
+        assert_eq!(
+            store.resolve("a.mar").expect("a.mar"),
+            dir.path().join("a.mar")
+        );
+        for bad in [
+            "https://example.com/a.mar",
+            "/etc/passwd",
+            "../a.mar",
+            "x/../../a.mar",
+            "",
+        ] {
             let err = store.resolve(bad).expect_err(bad);
-            assert_eq!(err.kind(), crate::error::ErrorKind::BadRequest, "{bad}: {err}");
+            assert_eq!(
+                err.kind(),
+                crate::error::ErrorKind::BadRequest,
+                "{bad}: {err}"
+            );
         }
         assert_eq!(
             store.resolve("missing.mar").expect_err("missing").kind(),
@@ -99,8 +121,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
         std::fs::write(outside.path().join("secret.mar"), b"x").expect("write");
-        std::os::unix::fs::symlink(outside.path().join("secret.mar"), dir.path().join("link.mar")).expect("link");
-        let err = ModelStore::new(dir.path()).resolve("link.mar").expect_err("escape");
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.mar"),
+            dir.path().join("link.mar"),
+        )
+        .expect("link");
+        let err = ModelStore::new(dir.path())
+            .resolve("link.mar")
+            .expect_err("escape");
         assert!(err.to_string().contains("outside"), "{err}");
     }
 

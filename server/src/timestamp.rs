@@ -70,6 +70,9 @@ mod tests {
         assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
         assert_eq!(archiver(t), "29/02/2024 12:34:56");
         // 2026-12-31T23:59:59Z
-        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(1_798_761_599)), "2026-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(1_798_761_599)),
+            "2026-12-31T23:59:59.000Z"
+        );
     }
 }

@@ -140,7 +140,11 @@ impl WorkerPool {
             .map(|w| WorkerInfo {
                 id: w.id.to_string(),
                 start_time: crate::timestamp::rfc3339(w.stats.started_at),
-                status: if w.stats.busy.load(Ordering::Relaxed) { "BUSY" } else { "READY" },
+                status: if w.stats.busy.load(Ordering::Relaxed) {
+                    "BUSY"
+                } else {
+                    "READY"
+                },
                 requests_served: w.stats.requests.load(Ordering::Relaxed),
                 restarts: w.stats.restarts.load(Ordering::Relaxed),
                 gpu: false,
@@ -181,13 +185,23 @@ impl WorkerContext {
         }
     }
 
-    fn run_batch(&self, batch: Vec<Job>) {
+    fn run_batch(&self, mut batch: Vec<Job>) {
+        // Clients that gave up while the batch waited for a worker are not worth the compute.
+        let before = batch.len();
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.len() < before {
+            self.labels.dropped(before - batch.len());
+        }
+        if batch.is_empty() {
+            return;
+        }
         self.stats.busy.store(true, Ordering::Relaxed);
         let started = Instant::now();
         let mut inputs = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
         for job in batch {
-            self.labels.queued(started.saturating_duration_since(job.enqueued_at));
+            self.labels
+                .queued(started.saturating_duration_since(job.enqueued_at));
             inputs.push(job.input);
             replies.push(job.reply);
         }
@@ -195,11 +209,15 @@ impl WorkerContext {
         let ran = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.run(&inputs)));
         let count = replies.len();
         let answers: Vec<Result<_, Error>> = match ran {
-            Ok(Ok(outputs)) if outputs.len() == count => {
-                outputs.into_iter().map(|r| r.map_err(Error::from)).collect()
-            }
+            Ok(Ok(outputs)) if outputs.len() == count => outputs
+                .into_iter()
+                .map(|r| r.map_err(Error::from))
+                .collect(),
             Ok(Ok(outputs)) => {
-                let e = Error::Internal(format!("handler answered {} of {count} requests", outputs.len()));
+                let e = Error::Internal(format!(
+                    "handler answered {} of {count} requests",
+                    outputs.len()
+                ));
                 tracing::error!("{e}");
                 shared_error(Arc::new(HandlerError::Unsupported(e.to_string())), count)
             }
@@ -223,11 +241,18 @@ impl WorkerContext {
             // A closed receiver means the client gave up (timeout or disconnect).
             let _ = reply.send(answer);
         }
-        self.stats.requests.fetch_add(count as u64, Ordering::Relaxed);
+        self.stats
+            .requests
+            .fetch_add(count as u64, Ordering::Relaxed);
         self.stats.busy.store(false, Ordering::Relaxed);
     }
 }
 
-fn shared_error(error: Arc<HandlerError>, count: usize) -> Vec<Result<spillway_handlers::Output, Error>> {
-    (0..count).map(|_| Err(Error::Handler(error.clone()))).collect()
+fn shared_error(
+    error: Arc<HandlerError>,
+    count: usize,
+) -> Vec<Result<spillway_handlers::Output, Error>> {
+    (0..count)
+        .map(|_| Err(Error::Handler(error.clone())))
+        .collect()
 }

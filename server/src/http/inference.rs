@@ -35,7 +35,11 @@ async fn ping(State(state): State<AppState>) -> Response {
     (status, axum::Json(json!({ "status": text }))).into_response()
 }
 
-async fn predict_default(State(state): State<AppState>, Path(model): Path<String>, body: Body) -> Response {
+async fn predict_default(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    body: Body,
+) -> Response {
     predict(state, &model, None, body).await
 }
 
@@ -73,7 +77,9 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
     let response = answer
         .and_then(|output| render(output, state.config().max_response_size))
         .unwrap_or_else(IntoResponse::into_response);
-    model.labels().prediction(response.status().as_u16(), started.elapsed());
+    model
+        .labels()
+        .prediction(response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -82,10 +88,12 @@ fn render(output: Output, limit: usize) -> Result<Response> {
     let (content_type, bytes) = match output {
         Output::Embeddings(embeddings) => (
             "application/json".to_string(),
-            serde_json::to_vec(&embeddings).map_err(|e| Error::Internal(format!("cannot encode embeddings: {e}")))?,
+            serde_json::to_vec(&embeddings)
+                .map_err(|e| Error::Internal(format!("cannot encode embeddings: {e}")))?,
         ),
         Output::Raw(body) => (
-            body.content_type.unwrap_or_else(|| "application/octet-stream".into()),
+            body.content_type
+                .unwrap_or_else(|| "application/octet-stream".into()),
             body.bytes,
         ),
     };

@@ -22,10 +22,17 @@ type Params = Query<BTreeMap<String, String>>;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/models", get(list).post(register))
-        .route("/models/{name}", get(describe_default).put(scale_default).delete(unregister_all))
+        .route(
+            "/models/{name}",
+            get(describe_default)
+                .put(scale_default)
+                .delete(unregister_all),
+        )
         .route(
             "/models/{name}/{version}",
-            get(describe_version).put(scale_version).delete(unregister_version),
+            get(describe_version)
+                .put(scale_version)
+                .delete(unregister_version),
         )
         .route("/models/{name}/{version}/set-default", put(set_default))
         .with_state(state)
@@ -35,8 +42,9 @@ fn number<T: std::str::FromStr>(params: &BTreeMap<String, String>, key: &str) ->
     params
         .get(key)
         .map(|v| {
-            v.parse()
-                .map_err(|_| Error::BadRequest(format!("parameter {key}=`{v}` is not a valid number")))
+            v.parse().map_err(|_| {
+                Error::BadRequest(format!("parameter {key}=`{v}` is not a valid number"))
+            })
         })
         .transpose()
 }
@@ -46,7 +54,9 @@ fn flag(params: &BTreeMap<String, String>, key: &str, default: bool) -> Result<b
         None => Ok(default),
         Some(v) if v == "true" => Ok(true),
         Some(v) if v == "false" => Ok(false),
-        Some(v) => Err(Error::BadRequest(format!("parameter {key}=`{v}` must be true or false"))),
+        Some(v) => Err(Error::BadRequest(format!(
+            "parameter {key}=`{v}` must be true or false"
+        ))),
     }
 }
 
@@ -71,7 +81,10 @@ async fn list(State(state): State<AppState>, Query(params): Params) -> Result<Re
     Ok(axum::Json(body).into_response())
 }
 
-async fn describe_default(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response> {
+async fn describe_default(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response> {
     let model = state.registry().get(&name, None)?;
     Ok(axum::Json(vec![model.describe()]).into_response())
 }
@@ -93,7 +106,11 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
     let url = params
         .get("url")
         .filter(|u| !u.is_empty())
-        .ok_or_else(|| Error::BadRequest("parameter url is required: the archive's name in the model store".into()))?
+        .ok_or_else(|| {
+            Error::BadRequest(
+                "parameter url is required: the archive's name in the model store".into(),
+            )
+        })?
         .clone();
     let request = LoadRequest {
         url,
@@ -113,7 +130,10 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
     Ok(if synchronous {
         status(
             StatusCode::OK,
-            format!("Model \"{}\" Version: {} registered with {workers} initial workers", spec.name, spec.version),
+            format!(
+                "Model \"{}\" Version: {} registered with {workers} initial workers",
+                spec.name, spec.version
+            ),
         )
     } else {
         status(
@@ -127,7 +147,11 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
     })
 }
 
-async fn scale_default(State(state): State<AppState>, Path(name): Path<String>, params: Params) -> Result<Response> {
+async fn scale_default(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Params,
+) -> Result<Response> {
     scale(state, &name, None, params)
 }
 
@@ -139,20 +163,36 @@ async fn scale_version(
     scale(state, &name, Some(&version), params)
 }
 
-fn scale(state: AppState, name: &str, version: Option<&str>, Query(params): Params) -> Result<Response> {
+fn scale(
+    state: AppState,
+    name: &str,
+    version: Option<&str>,
+    Query(params): Params,
+) -> Result<Response> {
     let model = state.registry().get(name, version)?;
     let min = number::<usize>(&params, "min_worker")?.unwrap_or(model.spec.config.min_workers);
-    let max = number::<usize>(&params, "max_worker")?.unwrap_or(min).max(min);
+    let max = number::<usize>(&params, "max_worker")?
+        .unwrap_or(min)
+        .max(min);
     model.scale(min, max)?;
     Ok(status(
         StatusCode::OK,
-        format!("Workers scaled to {min} (max {max}) for model: {}", model.spec.name),
+        format!(
+            "Workers scaled to {min} (max {max}) for model: {}",
+            model.spec.name
+        ),
     ))
 }
 
-async fn unregister_all(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response> {
+async fn unregister_all(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response> {
     state.registry().remove(&name, None)?;
-    Ok(status(StatusCode::OK, format!("Model \"{name}\" unregistered")))
+    Ok(status(
+        StatusCode::OK,
+        format!("Model \"{name}\" unregistered"),
+    ))
 }
 
 async fn unregister_version(
@@ -160,7 +200,10 @@ async fn unregister_version(
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Response> {
     state.registry().remove(&name, Some(&version))?;
-    Ok(status(StatusCode::OK, format!("Model \"{name}\" version {version} unregistered")))
+    Ok(status(
+        StatusCode::OK,
+        format!("Model \"{name}\" version {version} unregistered"),
+    ))
 }
 
 async fn set_default(

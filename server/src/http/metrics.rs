@@ -9,13 +9,18 @@ use axum::routing::get;
 use crate::app::AppState;
 
 pub fn router(state: AppState) -> Router {
-    Router::new().route("/metrics", get(render)).with_state(state)
+    Router::new()
+        .route("/metrics", get(render))
+        .with_state(state)
 }
 
 async fn render(State(state): State<AppState>) -> impl IntoResponse {
     state.metrics().run_upkeep();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics().render(),
     )
 }

@@ -43,7 +43,10 @@ pub fn metrics_router(state: AppState) -> Router {
 fn guarded(router: Router, token: Option<String>) -> Router {
     let router = router.fallback(error::unknown_endpoint);
     match token {
-        Some(token) => router.layer(middleware::from_fn_with_state(Arc::<str>::from(token), require_token)),
+        Some(token) => router.layer(middleware::from_fn_with_state(
+            Arc::<str>::from(token),
+            require_token,
+        )),
         None => router,
     }
 }
@@ -79,13 +82,18 @@ impl FromRequest<AppState> for Body {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let limit = state.config().max_request_size;
-        let bytes = axum::body::Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                Error::PayloadTooLarge { limit }
-            } else {
-                Error::BadRequest(format!("cannot read the request body: {}", rejection.body_text()))
-            }
-        })?;
+        let bytes = axum::body::Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    Error::PayloadTooLarge { limit }
+                } else {
+                    Error::BadRequest(format!(
+                        "cannot read the request body: {}",
+                        rejection.body_text()
+                    ))
+                }
+            })?;
         Ok(Body(RawBody {
             content_type,
             bytes: bytes.to_vec(),

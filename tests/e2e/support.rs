@@ -110,10 +110,10 @@ impl TestServer {
     pub fn wait_healthy(&self) -> &Self {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(r) = self.http.get(format!("{}/ping", self.inference)).send() {
-                if r.status() == 200 {
-                    return self;
-                }
+            if let Ok(r) = self.http.get(format!("{}/ping", self.inference)).send()
+                && r.status() == 200
+            {
+                return self;
             }
             assert!(Instant::now() < deadline, "never healthy:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));

@@ -1,0 +1,44 @@
+//! Times the text_embedding handler on a model folder: `cargo run --release -p
+//! spillway-handlers --example embed_timing -- MODEL_DIR [BATCH...]`.
+
+use std::time::Instant;
+
+use spillway_handlers::files::FolderFiles;
+use spillway_handlers::{HandlerKind, Input, LoadOptions};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let dir = args
+        .next()
+        .ok_or("usage: embed_timing MODEL_DIR [BATCH...]")?;
+    let batches: Vec<usize> = args.map(|a| a.parse()).collect::<Result<_, _>>()?;
+    let batches = if batches.is_empty() {
+        vec![1, 8, 32]
+    } else {
+        batches
+    };
+    let handler = spillway_handlers::load(
+        HandlerKind::TextEmbedding,
+        &FolderFiles::new(&dir),
+        &LoadOptions::default(),
+    )?;
+    let sentence = "The quick brown fox jumps over the lazy dog near the river bank today.";
+    for batch in batches {
+        let input = vec![Input::Texts(vec![sentence.to_string(); batch])];
+        for _ in 0..3 {
+            handler.run(&input)?;
+        }
+        let mut times: Vec<f64> = (0..15)
+            .map(|_| {
+                if std::env::var_os("GAP_MS").is_some() {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                let t = Instant::now();
+                handler.run(&input).map(|_| t.elapsed().as_secs_f64() * 1e3)
+            })
+            .collect::<Result<_, _>>()?;
+        times.sort_by(f64::total_cmp);
+        println!("batch {batch:>3}: median {:.2} ms", times[times.len() / 2]);
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! [`ModelShape`]: the architecture numbers that decide run-time memory (heads, KV heads,
+//! head dim, layers), read from config.json, and what they cost: the activations and
+//! KV cache that `max_length` × `batch_size` need ([`ModelShape::reserve`]). With no
+//! weights at hand, [`ModelShape::tensors`] lists the checkpoint's tensors for the
+//! families we serve, so a model can be planned from config.json alone.
+
+use serde::Serialize;
+
+use crate::inventory::{TensorDType, TensorInfo};
+
+/// Families with known tensor layouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// Llama, Mistral, Qwen2, SmolLM2: decoder with a KV cache.
+    Llama,
+    /// BERT-style encoders: no KV cache.
+    Bert,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelShape {
+    pub family: Family,
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// The checkpoint's dtype (`torch_dtype` in config.json), if stated.
+    pub dtype: Option<TensorDType>,
+    /// Qwen2 puts biases on q/k/v.
+    pub qkv_bias: bool,
+    pub type_vocab_size: usize,
+}
+
+/// Run-time memory of one device's share of the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Reserve {
+    /// Hidden states, attention scores and logits of one forward pass.
+    pub activations: u64,
+    /// KV cache of one block.
+    pub kv_per_block: u64,
+}
+
+impl ModelShape {
+    /// Reads config.json. Unknown families are an error naming the model_type.
+    pub fn from_config(config: &serde_json::Value) -> Result<Self, String> {
+        let get = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
+        let need = |key: &str| get(key).ok_or_else(|| format!("config.json has no `{key}`"));
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let family = match model_type.as_str() {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" => Family::Llama,
+            "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
+            other => {
+                return Err(format!(
+                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, bert)"
+                ));
+            }
+        };
+        let hidden_size = need("hidden_size")?;
+        let heads = need("num_attention_heads")?;
+        let head_dim = get("head_dim").unwrap_or(hidden_size / heads.max(1));
+        Ok(ModelShape {
+            family,
+            hidden_size,
+            intermediate_size: need("intermediate_size")?,
+            layers: need("num_hidden_layers")?,
+            heads,
+            kv_heads: get("num_key_value_heads").unwrap_or(heads),
+            head_dim,
+            vocab_size: need("vocab_size")?,
+            max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
+            tie_word_embeddings: config
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(family == Family::Bert),
+            dtype: config
+                .get("torch_dtype")
+                .and_then(|v| v.as_str())
+                .and_then(TensorDType::parse),
+            qkv_bias: model_type == "qwen2",
+            type_vocab_size: get("type_vocab_size").unwrap_or(2),
+            model_type,
+        })
+    }
+
+    /// Memory needed at run time for `batch` sequences of `seq` tokens in `dtype`.
+    pub fn reserve(&self, batch: usize, seq: usize, dtype: TensorDType) -> Reserve {
+        let (b, s, d) = (batch as u64, seq as u64, dtype.size_bytes());
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        // Live at once in one block: the residual stream and its normed copy, q/k/v and the
+        // attention output (4h), the MLP's intermediate (2i for gate and up), and the
+        // attention scores of all heads (eager attention).
+        let hidden = b * s * (4 * h + 2 * i) * d;
+        let scores = b * self.heads as u64 * s * s * d;
+        // Decoders compute logits for the last position; f32 for sampling.
+        let logits = match self.family {
+            Family::Llama => b * self.vocab_size as u64 * 4,
+            Family::Bert => 0,
+        };
+        let kv_per_block = match self.family {
+            Family::Llama => 2 * b * s * self.kv_heads as u64 * self.head_dim as u64 * d,
+            Family::Bert => 0,
+        };
+        Reserve {
+            activations: hidden + scores + logits,
+            kv_per_block,
+        }
+    }
+
+    /// The tensors a checkpoint of this shape holds (HF names), for sizing without weights.
+    pub fn tensors(&self) -> Vec<TensorInfo> {
+        let dtype = self.dtype.unwrap_or(TensorDType::F32);
+        let t = |name: String, shape: &[usize]| TensorInfo {
+            name,
+            dtype,
+            shape: shape.to_vec(),
+        };
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let q = self.heads * self.head_dim;
+        let kv = self.kv_heads * self.head_dim;
+        let mut out = Vec::new();
+        match self.family {
+            Family::Llama => {
+                out.push(t("model.embed_tokens.weight".into(), &[v, h]));
+                for l in 0..self.layers {
+                    let p = format!("model.layers.{l}");
+                    out.push(t(format!("{p}.self_attn.q_proj.weight"), &[q, h]));
+                    out.push(t(format!("{p}.self_attn.k_proj.weight"), &[kv, h]));
+                    out.push(t(format!("{p}.self_attn.v_proj.weight"), &[kv, h]));
+                    if self.qkv_bias {
+                        out.push(t(format!("{p}.self_attn.q_proj.bias"), &[q]));
+                        out.push(t(format!("{p}.self_attn.k_proj.bias"), &[kv]));
+                        out.push(t(format!("{p}.self_attn.v_proj.bias"), &[kv]));
+                    }
+                    out.push(t(format!("{p}.self_attn.o_proj.weight"), &[h, q]));
+                    out.push(t(format!("{p}.mlp.gate_proj.weight"), &[i, h]));
+                    out.push(t(format!("{p}.mlp.up_proj.weight"), &[i, h]));
+                    out.push(t(format!("{p}.mlp.down_proj.weight"), &[h, i]));
+                    out.push(t(format!("{p}.input_layernorm.weight"), &[h]));
+                    out.push(t(format!("{p}.post_attention_layernorm.weight"), &[h]));
+                }
+                out.push(t("model.norm.weight".into(), &[h]));
+                if !self.tie_word_embeddings {
+                    out.push(t("lm_head.weight".into(), &[v, h]));
+                }
+            }
+            Family::Bert => {
+                out.push(t("embeddings.word_embeddings.weight".into(), &[v, h]));
+                out.push(t(
+                    "embeddings.position_embeddings.weight".into(),
+                    &[self.max_position_embeddings, h],
+                ));
+                out.push(t(
+                    "embeddings.token_type_embeddings.weight".into(),
+                    &[self.type_vocab_size, h],
+                ));
+                out.push(t("embeddings.LayerNorm.weight".into(), &[h]));
+                out.push(t("embeddings.LayerNorm.bias".into(), &[h]));
+                for l in 0..self.layers {
+                    let p = format!("encoder.layer.{l}");
+                    for m in [
+                        "attention.self.query",
+                        "attention.self.key",
+                        "attention.self.value",
+                        "attention.output.dense",
+                    ] {
+                        out.push(t(format!("{p}.{m}.weight"), &[h, h]));
+                        out.push(t(format!("{p}.{m}.bias"), &[h]));
+                    }
+                    for m in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                        out.push(t(format!("{p}.{m}.weight"), &[h]));
+                        out.push(t(format!("{p}.{m}.bias"), &[h]));
+                    }
+                    out.push(t(format!("{p}.intermediate.dense.weight"), &[i, h]));
+                    out.push(t(format!("{p}.intermediate.dense.bias"), &[i]));
+                    out.push(t(format!("{p}.output.dense.weight"), &[h, i]));
+                    out.push(t(format!("{p}.output.dense.bias"), &[h]));
+                }
+                out.push(t("pooler.dense.weight".into(), &[h, h]));
+                out.push(t("pooler.dense.bias".into(), &[h]));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ModelShape {
+        let config: serde_json::Value =
+            serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
+                .expect("config");
+        ModelShape::from_config(&config).expect("shape")
+    }
+
+    #[test]
+    fn reads_smollm2_and_sizes_its_tensors_exactly() {
+        let shape = smollm2();
+        assert_eq!(
+            (
+                shape.family,
+                shape.layers,
+                shape.heads,
+                shape.kv_heads,
+                shape.head_dim
+            ),
+            (Family::Llama, 30, 9, 3, 64)
+        );
+        assert!(shape.tie_word_embeddings);
+        let params: u64 = shape.tensors().iter().map(|t| t.elements()).sum();
+        assert_eq!(params, 134_515_008, "SmolLM2-135M's parameter count");
+    }
+
+    #[test]
+    fn minilm_config_gives_its_parameter_count() {
+        let config: serde_json::Value =
+            serde_json::from_str(include_str!("../../../shared/refs/minilm_config.json"))
+                .expect("config");
+        let shape = ModelShape::from_config(&config).expect("shape");
+        let params: u64 = shape.tensors().iter().map(|t| t.elements()).sum();
+        assert_eq!(
+            params, 22_713_216,
+            "all-MiniLM-L6-v2's parameter count (without position ids)"
+        );
+        assert_eq!(
+            shape.reserve(8, 128, TensorDType::F32).kv_per_block,
+            0,
+            "encoders keep no KV cache"
+        );
+    }
+
+    #[test]
+    fn the_kv_cache_scales_with_batch_length_and_kv_heads() {
+        let shape = smollm2();
+        let r = shape.reserve(1, 2048, TensorDType::F32);
+        assert_eq!(r.kv_per_block, 2 * 2048 * 3 * 64 * 4);
+        assert_eq!(
+            shape.reserve(4, 2048, TensorDType::F32).kv_per_block,
+            4 * r.kv_per_block
+        );
+        assert_eq!(
+            shape.reserve(1, 2048, TensorDType::BF16).kv_per_block,
+            r.kv_per_block / 2
+        );
+    }
+
+    #[test]
+    fn unknown_families_are_named() {
+        let err = ModelShape::from_config(&serde_json::json!({"model_type": "gpt_neox"}))
+            .expect_err("unknown");
+        assert!(err.contains("gpt_neox"), "{err}");
+    }
+}

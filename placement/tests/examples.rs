@@ -1,0 +1,355 @@
+//! Known cases, checkable by hand: Llama-3-8B under {"0": "10GiB", "cpu": "30GiB"}, an
+//! all-fits model, a 70B model that spills to disk, and the balanced strategies on two GPUs.
+
+use spillway_placement::*;
+
+const GIB: u64 = 1 << 30;
+
+fn llama(
+    hidden: usize,
+    inter: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    vocab: usize,
+) -> ModelShape {
+    ModelShape::from_config(&serde_json::json!({
+        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "vocab_size": vocab, "max_position_embeddings": 8192, "tie_word_embeddings": false,
+        "torch_dtype": "bfloat16"
+    }))
+    .expect("shape")
+}
+
+fn machine(gpus: &[u64], cpu: u64) -> Machine {
+    Machine {
+        gpus: gpus
+            .iter()
+            .enumerate()
+            .map(|(ordinal, &gib)| GpuMemory {
+                ordinal,
+                free: gib * GIB,
+                total: gib * GIB,
+            })
+            .collect(),
+        cpu_available: cpu * GIB,
+        cpu_total: cpu * GIB,
+    }
+}
+
+struct Case {
+    units: Vec<PlacementUnit>,
+    budgets: Budgets,
+    reserve: Reserve,
+}
+
+fn case(
+    shape: &ModelShape,
+    machine: &Machine,
+    max_memory: serde_json::Value,
+    batch: usize,
+    seq: usize,
+) -> Case {
+    let units = inventory::units(&shape.tensors(), None, shape.tie_word_embeddings);
+    let budgets = Budgets::new(
+        machine,
+        &MaxMemory::from_json(&max_memory).expect("max_memory"),
+    )
+    .expect("budgets");
+    let reserve = shape.reserve(batch, seq, shape.dtype.unwrap_or(TensorDType::F32));
+    Case {
+        units,
+        budgets,
+        reserve,
+    }
+}
+
+fn run(case: &Case, strategy: &str) -> Result<Plan, PlanError> {
+    let strategy = Strategy::from_json(Some(&serde_json::json!(strategy)), 0).expect("strategy");
+    plan(&PlanRequest {
+        units: &case.units,
+        budgets: &case.budgets,
+        strategy: &strategy,
+        reserve: case.reserve,
+        disk: DiskAccess::Mapped,
+    })
+}
+
+fn on(plan: &Plan, device: Device) -> Vec<&str> {
+    plan.units
+        .iter()
+        .filter(|u| u.device == device)
+        .map(|u| u.name.as_str())
+        .collect()
+}
+
+fn within_budgets(plan: &Plan) {
+    for d in &plan.devices {
+        if let Some(budget) = d.budget {
+            assert!(
+                d.weights + d.reserve <= budget,
+                "{} over budget: {d:?}",
+                d.device
+            );
+        }
+    }
+}
+
+#[test]
+fn llama3_8b_under_10gib_gpu_and_30gib_cpu() {
+    let shape = llama(4096, 14336, 32, 32, 8, 128256);
+    let c = case(
+        &shape,
+        &machine(&[80], 64),
+        serde_json::json!({"0": "10GiB", "cpu": "30GiB"}),
+        1,
+        2048,
+    );
+    // bf16: each block 2 * (2*4096*4096 + 2*1024*4096 + 3*4096*14336 + 2*4096) = 436,224,000 bytes.
+    assert_eq!(c.units[1].bytes, 436_224_000);
+    assert_eq!(c.units[0].bytes, 128_256 * 4096 * 2, "embeddings");
+    let p = run(&c, "auto").expect("fits");
+    within_budgets(&p);
+    // GPU 0 holds the embeddings (1,050,673,152 B), one pass of activations at 2048 tokens
+    // (2048 * (4*4096 + 2*14336) * 2 = 184,549,376 for hidden states, 32 * 2048^2 * 2 =
+    // 268,435,456 for attention scores, 128256 * 4 = 513,024 for logits: 453,497,856 B),
+    // and as many blocks as fit with their KV caches (2 * 2048 * 8 * 128 * 2 = 8 MiB each):
+    // (10 GiB - 1,504,171,008) / 444,612,608 = 20.8 -> 20 blocks.
+    let gpu = on(&p, Device::cuda(0));
+    assert_eq!(gpu[0], "model.embed_tokens");
+    let blocks_on_gpu = gpu.len() - 1;
+    let gpu_usage = p.usage(Device::cuda(0)).expect("gpu");
+    let block_cost = 436_224_000 + 8 * (1 << 20);
+    assert!(
+        gpu_usage.weights + gpu_usage.reserve + block_cost > 10 * GIB,
+        "GPU 0 is full: one more block would not fit"
+    );
+    assert_eq!(c.reserve.activations, 453_497_856);
+    assert_eq!(blocks_on_gpu, 20, "{gpu:?}");
+    // The rest is on the CPU, in order, and nothing on disk.
+    let cpu = on(&p, Device::CPU);
+    assert_eq!(cpu.first(), Some(&"model.layers.20"));
+    assert_eq!(cpu.last(), Some(&"lm_head"));
+    assert_eq!(p.streamed_bytes_per_forward, 0);
+    let table = explain::table(&p);
+    assert!(table.contains("model.layers.0..19 (20 blocks)"), "{table}");
+}
+
+#[test]
+fn a_model_that_fits_maps_nothing_off_its_device() {
+    let config: serde_json::Value =
+        serde_json::from_str(include_str!("../../../shared/refs/minilm_config.json"))
+            .expect("config");
+    let shape = ModelShape::from_config(&config).expect("shape");
+    let c = case(&shape, &machine(&[], 24), serde_json::json!({}), 8, 256);
+    for strategy in ["auto", "sequential", "cpu"] {
+        let p = run(&c, strategy).expect("fits");
+        assert!(
+            p.units.iter().all(|u| u.device == Device::CPU),
+            "{strategy}"
+        );
+        assert_eq!(p.streamed_bytes_per_forward, 0);
+        assert_eq!(p.usage(Device::CPU).expect("cpu").weights, 22_713_216 * 4);
+    }
+}
+
+#[test]
+fn a_70b_model_spills_to_disk_after_the_gpu_and_cpu() {
+    // 68.98 B parameters in bf16 = 137.95 GB, on an 80 GiB GPU and 32 GiB of free RAM.
+    let shape = llama(8192, 28672, 80, 64, 8, 32000);
+    let c = case(&shape, &machine(&[80], 32), serde_json::json!({}), 1, 4096);
+    let p = run(&c, "auto").expect("disk is unlimited");
+    within_budgets(&p);
+    let kinds: Vec<Device> = p.units.iter().map(|u| u.device).collect();
+    let first_disk = kinds
+        .iter()
+        .position(|d| *d == Device::DISK)
+        .expect("some units on disk");
+    assert!(
+        kinds[first_disk..].iter().all(|d| *d == Device::DISK),
+        "disk is the tail of the chain"
+    );
+    assert!(on(&p, Device::cuda(0)).len() > 30 && !on(&p, Device::CPU).is_empty());
+    assert_eq!(
+        p.stream_device,
+        Device::cuda(0),
+        "disk units run on the GPU"
+    );
+    // The GPU keeps room for two disk blocks (bf16: 2 * (2*8192^2 + 2*1024*8192 + 3*8192*28672 + 2*8192) = 1,711,308,800 bytes each) and their KV caches.
+    let block = 1_711_308_800u64;
+    assert_eq!(c.units[1].bytes, block);
+    let disk_blocks = p
+        .units
+        .iter()
+        .filter(|u| u.device == Device::DISK && matches!(u.kind, UnitKind::Block(_)))
+        .count() as u64;
+    let gpu = p.usage(Device::cuda(0)).expect("gpu");
+    assert!(
+        gpu.reserve >= 2 * block + disk_blocks * c.reserve.kv_per_block,
+        "{gpu:?}"
+    );
+    assert_eq!(
+        p.streamed_bytes_per_forward,
+        p.usage(Device::DISK).expect("disk").weights
+    );
+
+    // With disk limited to 20 GB, it cannot fit: the error says by how much, and where.
+    let limited = case(
+        &shape,
+        &machine(&[80], 32),
+        serde_json::json!({"disk": "20GB"}),
+        1,
+        4096,
+    );
+    let err = run(&limited, "auto").expect_err("does not fit");
+    let text = err.to_string();
+    assert!(
+        text.contains("does not fit") && text.contains("cuda:0 has") && text.contains("cpu has"),
+        "{text}"
+    );
+    assert!(text.contains("max_memory"), "suggests the knob: {text}");
+}
+
+#[test]
+fn balanced_strategies_on_two_gpus() {
+    let config: serde_json::Value =
+        serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
+            .expect("config");
+    let shape = ModelShape::from_config(&config).expect("shape");
+    let c = case(
+        &shape,
+        &machine(&[16, 16], 64),
+        serde_json::json!({}),
+        1,
+        2048,
+    );
+
+    let p = run(&c, "balanced").expect("fits");
+    within_budgets(&p);
+    // The two GPUs carry the same load, give or take a block (weights + KV + activations).
+    let load = |d: Device| p.usage(d).map(|u| u.weights + u.reserve).expect("usage");
+    let block = c.units[1].bytes + c.reserve.kv_per_block;
+    let (a, b) = (load(Device::cuda(0)), load(Device::cuda(1)));
+    assert!(a.abs_diff(b) <= 2 * block, "balanced: {a} vs {b} bytes");
+    assert!(on(&p, Device::cuda(1)).len() > 10);
+
+    let p = run(&c, "balanced_low_0").expect("fits");
+    assert_eq!(
+        on(&p, Device::cuda(0)),
+        ["model.embed_tokens"],
+        "GPU 0 keeps only the embeddings"
+    );
+    assert_eq!(on(&p, Device::cuda(1)).len(), 31);
+
+    let p = run(&c, "sequential").expect("fits");
+    assert_eq!(
+        on(&p, Device::cuda(0)).len(),
+        32,
+        "sequential fills GPU 0 first"
+    );
+
+    let p = run(&c, "0:16;1:14").expect("fits");
+    assert_eq!(p.device_of("model.layers.15"), Some(Device::cuda(0)));
+    assert_eq!(p.device_of("model.layers.16"), Some(Device::cuda(1)));
+    assert_eq!(p.device_of("model.norm"), Some(Device::cuda(1)));
+    assert_eq!(p.device_of("model.embed_tokens"), Some(Device::cuda(0)));
+    let p = run(&c, "0:10").expect("fits");
+    assert_eq!(
+        p.device_of("model.layers.10"),
+        Some(Device::CPU),
+        "blocks past the counts go to the CPU"
+    );
+}
+
+#[test]
+fn explicit_maps_must_name_real_whole_units_and_cover_them_all() {
+    let config: serde_json::Value =
+        serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
+            .expect("config");
+    let shape = ModelShape::from_config(&config).expect("shape");
+    let c = case(&shape, &machine(&[16], 64), serde_json::json!({}), 1, 512);
+    let explicit = |map: serde_json::Value| {
+        let strategy = Strategy::from_json(Some(&map), 1).expect("map");
+        plan(&PlanRequest {
+            units: &c.units,
+            budgets: &c.budgets,
+            strategy: &strategy,
+            reserve: c.reserve,
+            disk: DiskAccess::Mapped,
+        })
+    };
+    let p = explicit(serde_json::json!({"model.embed_tokens": 0, "model.layers": "cpu", "model.layers.29": "disk", "model.norm": "cpu"}))
+        .expect("valid");
+    assert_eq!(p.device_of("model.layers.3"), Some(Device::CPU));
+    assert_eq!(p.device_of("model.layers.29"), Some(Device::DISK));
+    assert_eq!(p.device_of("model.embed_tokens"), Some(Device::cuda(0)));
+
+    let err = explicit(serde_json::json!({"": "cpu", "model.decoder": 0})).expect_err("unknown");
+    assert_eq!(
+        err,
+        PlanError::UnknownPrefix {
+            prefixes: vec!["model.decoder".into()]
+        }
+    );
+    let err = explicit(serde_json::json!({"model.embed_tokens": "cpu", "model.layers": "cpu"}))
+        .expect_err("uncovered");
+    assert_eq!(
+        err,
+        PlanError::Uncovered {
+            units: vec!["model.norm".into()]
+        }
+    );
+    let err =
+        explicit(serde_json::json!({"": "cpu", "model.layers.3.mlp": 0})).expect_err("inside");
+    assert!(err.to_string().contains("model.layers.3"), "{err}");
+    let err = explicit(serde_json::json!({"": "cpu", "lm_head": 0})).expect_err("tied");
+    assert!(err.to_string().contains("tied"), "{err}");
+    let err = explicit(serde_json::json!({"": "cuda:3"})).expect_err("no such GPU");
+    assert!(err.to_string().contains("cuda:3"), "{err}");
+    let err = explicit(serde_json::json!({"": "cpu"})).and_then(|_| {
+        let small = case(
+            &shape,
+            &machine(&[16], 64),
+            serde_json::json!({"cpu": "100MB"}),
+            1,
+            512,
+        );
+        let strategy = Strategy::Single(Device::CPU);
+        plan(&PlanRequest {
+            units: &small.units,
+            budgets: &small.budgets,
+            strategy: &strategy,
+            reserve: small.reserve,
+            disk: DiskAccess::Mapped,
+        })
+    });
+    assert!(matches!(err, Err(PlanError::DoesNotFit { .. })), "{err:?}");
+}
+
+#[test]
+fn disk_offload_of_unmappable_weights_needs_an_offload_folder() {
+    let config: serde_json::Value =
+        serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
+            .expect("config");
+    let shape = ModelShape::from_config(&config).expect("shape");
+    let c = case(
+        &shape,
+        &machine(&[], 64),
+        serde_json::json!({"cpu": "200MB"}),
+        1,
+        512,
+    );
+    let strategy = Strategy::Auto;
+    let err = plan(&PlanRequest {
+        units: &c.units,
+        budgets: &c.budgets,
+        strategy: &strategy,
+        reserve: c.reserve,
+        disk: DiskAccess::NeedsOffloadFolder(
+            "the weights are converted from float32 to bfloat16".into(),
+        ),
+    })
+    .expect_err("needs a folder");
+    assert!(err.to_string().contains("offload_folder"), "{err}");
+}

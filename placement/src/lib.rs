@@ -15,7 +15,7 @@
 //! - [`strategy`]: [`Strategy`], the user's unresolved `device_map`.
 //! - [`plan`](mod@plan): [`plan()`] → [`Plan`].
 //! - [`explain`]: a [`Plan`] as the table `spillway plan` prints.
-//! - [`error`]: [`PlanError`].
+//! - [`error`]: [`PlanError`], the crate's one error type.
 
 pub mod budget;
 pub mod bytesize;

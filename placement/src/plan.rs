@@ -193,6 +193,8 @@ enum Walk {
     Overflow {
         missing: u64,
         left: Vec<(Device, u64)>,
+        /// The device that runs disk units cannot hold their working set.
+        stream_short: Option<Device>,
     },
 }
 
@@ -212,6 +214,7 @@ fn walk(request: &PlanRequest<'_>, chain: &[(Device, u64)], stream: Device, extr
                 return Walk::Overflow {
                     missing: extra.saturating_add(activations),
                     left: chain.iter().map(|(d, limit)| (*d, *limit)).collect(),
+                    stream_short: Some(stream),
                 };
             }
         }
@@ -231,7 +234,11 @@ fn walk(request: &PlanRequest<'_>, chain: &[(Device, u64)], stream: Device, extr
                     .filter(|((d, _), _)| d.kind != DeviceType::Disk || disk_allowed(request))
                     .map(|((d, limit), used)| (*d, limit.saturating_sub(*used)))
                     .collect();
-                return Walk::Overflow { missing, left };
+                return Walk::Overflow {
+                    missing,
+                    left,
+                    stream_short: None,
+                };
             };
             let start = if started[at] || device.kind == DeviceType::Disk {
                 0
@@ -268,7 +275,11 @@ fn fill_with_chain(
                 }
                 extra = needed;
             }
-            Walk::Overflow { missing, left } => return Err(does_not_fit(request, missing, left)),
+            Walk::Overflow {
+                missing,
+                left,
+                stream_short,
+            } => return Err(does_not_fit(request, missing, left, stream_short)),
         }
     }
     Err(PlanError::BadDeviceMap(
@@ -276,7 +287,12 @@ fn fill_with_chain(
     ))
 }
 
-fn does_not_fit(request: &PlanRequest<'_>, missing: u64, left: Vec<(Device, u64)>) -> PlanError {
+fn does_not_fit(
+    request: &PlanRequest<'_>,
+    missing: u64,
+    left: Vec<(Device, u64)>,
+    stream_short: Option<Device>,
+) -> PlanError {
     if let DiskAccess::NeedsOffloadFolder(reason) = &request.disk {
         return PlanError::NeedsOffloadFolder(format!(
             "the model does not fit in its GPU and CPU budgets ({} more is needed) and would need disk offload, \
@@ -290,11 +306,16 @@ fn does_not_fit(request: &PlanRequest<'_>, missing: u64, left: Vec<(Device, u64)
             .into_iter()
             .map(|(device, available)| Shortfall { device, available })
             .collect(),
-        hint: Some(
-            "raise max_memory for a device (or drop its \"disk\" limit), lower max_length or batchSize, \
-             or load in a smaller torch_dtype"
+        hint: Some(match stream_short {
+            Some(device) => format!(
+                "units on disk run on {device}, which needs {} for two of them, their KV caches and one pass of \
+                 activations: raise max_memory for {device}, lower max_length or batchSize, or use a smaller torch_dtype",
+                ByteSize(missing)
+            ),
+            None => "raise max_memory for a device (or drop its \"disk\" limit), lower max_length or batchSize, \
+                     or load in a smaller torch_dtype"
                 .into(),
-        ),
+        }),
     }
 }
 

@@ -79,10 +79,13 @@ impl ModelShape {
             head_dim,
             vocab_size: need("vocab_size")?,
             max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
-            tie_word_embeddings: config
-                .get("tie_word_embeddings")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(family == Family::Bert),
+            // Encoders have no LM head to tie; decoders tie only when config.json says so
+            // (transformers' LlamaConfig defaults to untied).
+            tie_word_embeddings: family == Family::Llama
+                && config
+                    .get("tie_word_embeddings")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
             dtype: config
                 .get("torch_dtype")
                 .and_then(|v| v.as_str())

@@ -52,6 +52,9 @@ pub enum Error {
     #[error("invalid {file}: {reason}")]
     BadConfig { file: String, reason: String },
 
+    #[error("cannot place the model: {0}")]
+    Plan(spillway_placement::PlanError),
+
     #[error("request body is larger than max_request_size ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
 
@@ -86,14 +89,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// The message with every source after it (`a: b: c`), for logs and for describe.
+    pub fn chain(&self) -> String {
+        chain(self)
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::ModelNotFound(_) | Error::VersionNotFound { .. } | Error::ArchiveNotFound(_) => {
                 ErrorKind::NotFound
             }
-            Error::BadRequest(_) | Error::BadArchive { .. } | Error::BadConfig { .. } => {
-                ErrorKind::BadRequest
-            }
+            Error::BadRequest(_)
+            | Error::BadArchive { .. }
+            | Error::BadConfig { .. }
+            | Error::Plan(_) => ErrorKind::BadRequest,
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::QueueFull { .. } => ErrorKind::QueueFull,
             Error::Timeout { .. } => ErrorKind::Timeout,
@@ -132,10 +141,32 @@ impl Error {
     }
 }
 
+impl From<spillway_placement::PlanError> for Error {
+    fn from(e: spillway_placement::PlanError) -> Self {
+        Error::Plan(e)
+    }
+}
+
 impl From<HandlerError> for Error {
     fn from(e: HandlerError) -> Self {
         Error::Handler(Arc::new(e))
     }
+}
+
+/// Any error's message with every source after it (`a: b: c`).
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Transparent wrappers repeat their source's message; say it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

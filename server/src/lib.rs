@@ -11,6 +11,10 @@
 //! → [`archive`] (checked; weights mapped) → [`manifest`], [`model_config`],
 //! [`setup_config`] → the handler is built → workers start.
 //!
+//! Planning: [`placement`] reads tensor headers and hands them, with [`devices`]'
+//! probe of this machine, to `spillway-placement`; the plan is shown by describe and by
+//! `spillway plan`.
+//!
 //! Also: [`config`] and [`properties`] (server settings), [`archiver`] (`spillway
 //! archive`), [`metrics`] (every metric name), [`error`] (the crate's error type),
 //! [`app`] (shared state), [`shutdown`], [`timestamp`].
@@ -20,6 +24,7 @@ pub mod archive;
 pub mod archiver;
 pub mod batcher;
 pub mod config;
+pub mod devices;
 pub mod error;
 pub mod http;
 pub mod loader;
@@ -27,6 +32,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod model;
 pub mod model_config;
+pub mod placement;
 pub mod properties;
 pub mod registry;
 pub mod setup_config;

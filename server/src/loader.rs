@@ -8,12 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use spillway_handlers::{Handler, HandlerKind};
+use spillway_placement::{Device, Plan};
 
 use crate::app::AppState;
 use crate::archive::{self, ArchiveLimits, OpenedArchive};
+use crate::devices;
 use crate::error::{Error, Result};
 use crate::model::{ModelHandle, ModelSpec};
 use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
+use crate::placement::{ModelInventory, PlanOptions, plan_model};
 use crate::setup_config::SetupConfig;
 
 /// A registration request (from the management API or the start-up list).
@@ -72,6 +75,18 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     setup.load_options()?;
+    let plan = if handler.needs_model_files() {
+        let inventory = ModelInventory::read(&*archive.files)?;
+        let options = PlanOptions {
+            batch_size: model_config.batch_size,
+            max_length: None,
+        };
+        let plan = plan_model(&inventory, &setup, &options, &devices::probe())?;
+        check_executable(&plan)?;
+        Some(plan)
+    } else {
+        None
+    };
     Ok(Prepared {
         spec: ModelSpec {
             name,
@@ -82,10 +97,40 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
             job_queue_size: model_config.job_queue_size.unwrap_or(config.job_queue_size),
             config: model_config,
             setup,
+            plan,
             loaded_at_startup: request.loaded_at_startup,
         },
         archive,
     })
+}
+
+/// This build executes models on the CPU only; a plan that puts units elsewhere is
+/// refused with what it would need (GPU and disk execution come with later work).
+fn check_executable(plan: &Plan) -> Result<()> {
+    let elsewhere: Vec<String> = plan
+        .units
+        .iter()
+        .filter(|u| u.device != Device::CPU)
+        .map(|u| format!("{} on {}", u.name, u.device))
+        .collect();
+    if elsewhere.is_empty() {
+        return Ok(());
+    }
+    Err(Error::bad_config(
+        "setup_config.json",
+        format!(
+            "this build runs models on the CPU only, but the plan places {} units elsewhere ({}{}); \
+             give the CPU more max_memory or use device_map \"cpu\"",
+            elsewhere.len(),
+            elsewhere
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if elsewhere.len() > 3 { ", ..." } else { "" }
+        ),
+    ))
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -144,8 +189,8 @@ pub async fn register(
                     "loaded in {:.3} s", started.elapsed().as_secs_f64()
                 ),
                 Err(e) => {
-                    tracing::error!(model = %handle.spec.name, error = %e, source = ?std::error::Error::source(e), "load failed");
-                    handle.set_failed(e.to_string());
+                    tracing::error!(model = %handle.spec.name, error = %e.chain(), "load failed");
+                    handle.set_failed(e.chain());
                 }
             }
             result

@@ -23,6 +23,35 @@ enum Command {
     Serve(ServeArgs),
     /// Pack a model folder into an archive (what torch-model-archiver writes).
     Archive(ArchiveArgs),
+    /// Show where every layer of a model would live, before reading any weight.
+    Plan(PlanArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// An archive (.mar, .tar.gz), a model folder, or a config.json.
+    model: PathBuf,
+    /// "auto", "balanced", "balanced_low_0", "sequential", a device ("cpu", "cuda:0",
+    /// "disk"), layer counts ("0:16;1:16") or a JSON map {"module": "device"}.
+    #[arg(long)]
+    device_map: Option<String>,
+    /// JSON such as '{"0": "10GiB", "cpu": "30GiB"}'.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// float32, float16, bfloat16 or auto.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Tokens per sequence to reserve activations and KV cache for.
+    #[arg(long)]
+    max_length: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Print the plan as JSON (the structure describe shows).
+    #[arg(long)]
+    json: bool,
+    /// Where archives that cannot be mapped in place are unpacked.
+    #[arg(long, env = "SPILLWAY_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -110,6 +139,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Archive(args) => archive(args),
+        Command::Plan(args) => plan(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -162,5 +192,63 @@ fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
     };
     let path = archiver::write(&spec)?;
     println!("{}", path.display());
+    Ok(())
+}
+
+fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    use spillway::placement::{ModelInventory, PlanOptions, plan_model};
+    use spillway::setup_config::SetupConfig;
+
+    let model = &args.model;
+    let (inventory, mut setup) = if model.is_file()
+        && model.extension().is_some_and(|e| e == "json")
+    {
+        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model)?)?;
+        (
+            ModelInventory::from_config(&config)?,
+            SetupConfig::default(),
+        )
+    } else {
+        let files: std::sync::Arc<dyn spillway_handlers::ModelFiles> = if model.is_dir()
+            && !model.join(spillway::manifest::MANIFEST_PATH).is_file()
+        {
+            std::sync::Arc::new(spillway_handlers::files::FolderFiles::new(model))
+        } else {
+            let cache = args
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join("spillway-plan"));
+            spillway::archive::open(model, &cache, &spillway::archive::ArchiveLimits::default())?
+                .files
+        };
+        let setup = SetupConfig::parse(files.read("setup_config.json")?.as_deref())?;
+        (ModelInventory::read(&*files)?, setup)
+    };
+    if let Some(map) = &args.device_map {
+        setup.device_map = Some(
+            serde_json::from_str(map).unwrap_or_else(|_| serde_json::Value::String(map.clone())),
+        );
+    }
+    if let Some(max_memory) = &args.max_memory {
+        let value: serde_json::Value = serde_json::from_str(max_memory).map_err(|e| {
+            anyhow::anyhow!(
+                "--max-memory must be a JSON object such as '{{\"cpu\": \"8GiB\"}}': {e}"
+            )
+        })?;
+        setup.max_memory = value.as_object().cloned();
+    }
+    if let Some(dtype) = &args.dtype {
+        setup.torch_dtype = Some(dtype.clone());
+    }
+    let options = PlanOptions {
+        batch_size: args.batch_size,
+        max_length: args.max_length,
+    };
+    let plan = plan_model(&inventory, &setup, &options, &spillway::devices::probe())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        print!("{}", spillway_placement::explain::table(&plan));
+    }
     Ok(())
 }

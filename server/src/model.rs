@@ -29,6 +29,8 @@ pub struct ModelSpec {
     pub format: ArchiveFormat,
     pub config: ModelConfig,
     pub setup: SetupConfig,
+    /// Where each unit lives (models with weights).
+    pub plan: Option<spillway_placement::Plan>,
     pub job_queue_size: usize,
     pub loaded_at_startup: bool,
 }
@@ -84,6 +86,8 @@ pub struct ModelDescription {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<HandlerInfo>,
     pub setup_config: SetupConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<spillway_placement::Plan>,
     pub workers: Vec<WorkerInfo>,
 }
 
@@ -236,6 +240,7 @@ impl ModelHandle {
             error,
             model: None,
             setup_config: spec.setup.clone(),
+            placement: spec.plan.clone(),
             workers: Vec::new(),
         };
         if let State::Ready(serving) = &*state {

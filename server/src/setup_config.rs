@@ -1,10 +1,8 @@
 //! [`SetupConfig`]: a model's `setup_config.json`, with the keys HuggingFace accelerate
 //! users know (`device_map`, `max_memory`, `torch_dtype`, `max_length`, ...).
 //!
-//! This build runs every model on the CPU: `device_map` may be absent, a strategy name
-//! ("auto", "balanced", ...; with no GPU they all resolve to the CPU), "cpu", or an
-//! explicit map whose entries are all "cpu". Anything that names a GPU or disk is refused
-//! with a message saying so, rather than silently running elsewhere.
+//! `device_map`, `max_memory` and `offload_folder` are read by the planner
+//! (`crate::placement`); this module reads the rest and what the handler is told.
 
 use serde::{Deserialize, Serialize};
 use spillway_handlers::LoadOptions;
@@ -36,8 +34,6 @@ pub struct SetupConfig {
     pub other: serde_json::Map<String, serde_json::Value>,
 }
 
-const STRATEGIES: [&str; 4] = ["auto", "balanced", "balanced_low_0", "sequential"];
-
 impl SetupConfig {
     pub fn parse(bytes: Option<&[u8]>) -> Result<Self> {
         match bytes {
@@ -46,9 +42,9 @@ impl SetupConfig {
         }
     }
 
-    /// What the handler is told at load time.
+    /// What the handler is told at load time. (Where units go is the planner's job:
+    /// `crate::placement`.)
     pub fn load_options(&self) -> Result<LoadOptions> {
-        self.check_device_map()?;
         let dtype = match self.torch_dtype.as_deref() {
             None | Some("auto") => None,
             Some("float32" | "torch.float32" | "fp32") => Some(spillway_handlers::DType::F32),
@@ -71,32 +67,6 @@ impl SetupConfig {
             dtype,
             max_length: self.max_length,
         })
-    }
-
-    fn check_device_map(&self) -> Result<()> {
-        use serde_json::Value;
-        let not_here = |what: &str| {
-            Error::bad_config(
-                FILE,
-                format!("device_map {what}: this build runs models on the CPU only (\"cpu\")"),
-            )
-        };
-        match &self.device_map {
-            None => Ok(()),
-            Some(Value::String(s)) if s == "cpu" || STRATEGIES.contains(&s.as_str()) => Ok(()),
-            Some(Value::String(s)) => Err(not_here(&format!("\"{s}\""))),
-            Some(Value::Object(map)) => match map
-                .iter()
-                .find(|(_, device)| device.as_str() != Some("cpu"))
-            {
-                None => Ok(()),
-                Some((module, device)) => Err(not_here(&format!("places `{module}` on {device}"))),
-            },
-            Some(other) => Err(Error::bad_config(
-                FILE,
-                format!("device_map must be a string or an object, found {other}"),
-            )),
-        }
     }
 }
 
@@ -122,16 +92,7 @@ mod tests {
     }
 
     #[test]
-    fn gpu_and_disk_placements_are_refused_clearly() {
-        for map in [
-            r#"{"device_map": "cuda:0"}"#,
-            r#"{"device_map": {"encoder": "cpu", "pooler": "disk"}}"#,
-        ] {
-            let err = SetupConfig::parse(Some(map.as_bytes()))
-                .and_then(|c| c.load_options())
-                .expect_err(map);
-            assert!(err.to_string().contains("CPU only"), "{err}");
-        }
+    fn bad_dtypes_and_malformed_files_are_refused() {
         let err = SetupConfig::parse(Some(br#"{"torch_dtype": "int3"}"#))
             .and_then(|c| c.load_options())
             .expect_err("dtype");

@@ -222,7 +222,7 @@ impl WorkerContext {
                 shared_error(Arc::new(HandlerError::Unsupported(e.to_string())), count)
             }
             Ok(Err(e)) => {
-                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "batch of {count} failed");
+                tracing::error!(error = %crate::error::chain(&e), "batch of {count} failed");
                 shared_error(Arc::new(e), count)
             }
             Err(panic) => {

@@ -99,10 +99,23 @@ fn client_errors_get_json_bodies_with_the_right_status() {
 #[test]
 fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
     let fixture = Fixture::new();
+    // Valid safetensors whose shapes disagree with config.json: planning (headers only)
+    // succeeds, building the model fails.
     let dir = fixture.tiny_bert("broken", &Default::default());
-    std::fs::write(dir.join("model.safetensors"), b"not safetensors at all").unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    config["intermediate_size"] = serde_json::json!(100);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     fixture.archive("broken", "1.0", "text_embedding", Some(&dir), &[]);
-    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    // Not safetensors at all: refused at registration, before anything is loaded.
+    let garbage = fixture.tiny_bert("garbage", &Default::default());
+    std::fs::write(garbage.join("model.safetensors"), b"not safetensors at all").unwrap();
+    fixture.archive("garbage", "1.0", "text_embedding", Some(&garbage), &[]);
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "broken.mar"],
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let ping = server
@@ -133,8 +146,8 @@ fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
                 described[0]["error"]
                     .as_str()
                     .unwrap()
-                    .contains("model.safetensors"),
-                "{described}"
+                    .contains("shape mismatch"),
+                "the cause is shown: {described}"
             );
             break;
         }
@@ -143,6 +156,10 @@ fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
     }
     let message = error(server.predict("later", r#"{"inputs": "x"}"#), 503);
     assert!(message.contains("failed to load"), "{message}");
+
+    let message = error(server.manage(Method::POST, "/models?url=garbage.mar"), 400);
+    assert!(message.contains("model.safetensors"), "{message}");
+    error(server.manage(Method::GET, "/models/garbage"), 404);
 }
 
 #[test]

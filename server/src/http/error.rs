@@ -38,17 +38,6 @@ impl ErrorKind {
     }
 }
 
-fn error_chain(error: &Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The answer for paths no route matches.
 pub async fn unknown_endpoint(uri: axum::http::Uri) -> Response {
     let message = format!("no such endpoint: {}", uri.path());
@@ -61,7 +50,7 @@ impl IntoResponse for Error {
         let kind = self.kind();
         let status = kind.status();
         let message = if kind == ErrorKind::Internal {
-            tracing::error!(error = %error_chain(&self), "internal error");
+            tracing::error!(error = %self.chain(), "internal error");
             "Internal server error; the server log has the details".to_string()
         } else {
             self.to_string()

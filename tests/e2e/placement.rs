@@ -1,0 +1,188 @@
+//! `spillway plan` and the placement shown by describe.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use reqwest::Method;
+use spillway_handlers::testing::TinyBert;
+
+use crate::support::{BIN, Fixture, TestServer, json};
+
+fn plan(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).arg("plan").args(args).output().unwrap()
+}
+
+#[test]
+fn plan_prints_a_table_and_the_same_plan_as_json() {
+    let fixture = Fixture::new();
+    let spec = TinyBert {
+        hidden_size: 64,
+        layers: 4,
+        ..TinyBert::default()
+    };
+    let dir = fixture.tiny_bert("model", &spec);
+    let path = dir.to_str().unwrap();
+
+    let table = plan(&[path]);
+    assert!(
+        table.status.success(),
+        "{}",
+        String::from_utf8_lossy(&table.stderr)
+    );
+    let text = String::from_utf8(table.stdout).unwrap();
+    assert!(text.contains("encoder.layer.0..3 (4 blocks)"), "{text}");
+
+    let out = plan(&[path, "--json"]);
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let units = plan["units"].as_array().unwrap();
+    let names: Vec<_> = units.iter().map(|u| u["name"].as_str().unwrap()).collect();
+    // candle-transformers' BertModel (which wrote the weights) has no pooler.
+    assert_eq!(
+        names,
+        [
+            "embeddings",
+            "encoder.layer.0",
+            "encoder.layer.1",
+            "encoder.layer.2",
+            "encoder.layer.3"
+        ]
+    );
+    assert!(
+        units
+            .iter()
+            .all(|u| u["device"] == "cpu" && u["bytes"].as_u64().unwrap() > 0)
+    );
+    // The unit bytes are the safetensors' own: 4 bytes a float.
+    let weights = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .len();
+    let total: u64 = units.iter().map(|u| u["bytes"].as_u64().unwrap()).sum();
+    assert!(
+        total < weights && weights - total < 16 * 1024,
+        "{total} of {weights} bytes (the rest is the header)"
+    );
+    let cpu = &plan["devices"][0];
+    assert_eq!(cpu["device"], "cpu");
+    assert_eq!(cpu["weights"].as_u64(), Some(total));
+    assert!(cpu["budget"].as_u64().unwrap() > 0 && cpu["reserve"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn plan_spills_to_disk_under_a_small_budget_and_fails_clearly_when_impossible() {
+    let fixture = Fixture::new();
+    let spec = TinyBert {
+        hidden_size: 128,
+        layers: 6,
+        max_position_embeddings: 128,
+        ..TinyBert::default()
+    };
+    let dir = fixture.tiny_bert("model", &spec);
+    let path = dir.to_str().unwrap();
+    let full: serde_json::Value = serde_json::from_slice(&plan(&[path, "--json"]).stdout).unwrap();
+    let weights = full["devices"][0]["weights"].as_u64().unwrap();
+    let reserve = full["devices"][0]["reserve"].as_u64().unwrap();
+
+    // Room for everything but about half of the blocks: the tail goes to disk.
+    let budget = reserve + weights * 3 / 4;
+    let max_memory = format!(r#"{{"cpu": {budget}}}"#);
+    let out = plan(&[
+        path,
+        "--device-map",
+        "auto",
+        "--max-memory",
+        &max_memory,
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spilled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let devices: Vec<_> = spilled["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["device"].as_str().unwrap().to_string())
+        .collect();
+    let first_disk = devices
+        .iter()
+        .position(|d| d == "disk")
+        .expect("something on disk");
+    assert!(
+        devices[..first_disk].iter().all(|d| d == "cpu")
+            && devices[first_disk..].iter().all(|d| d == "disk"),
+        "{devices:?}"
+    );
+    assert!(spilled["streamed_bytes_per_forward"].as_u64().unwrap() > 0);
+
+    // The same budget with everything forced onto the CPU cannot work: non-zero exit, why on stderr.
+    let out = plan(&[path, "--device-map", "cpu", "--max-memory", &max_memory]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not fit") && stderr.contains("cpu has"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn plan_works_from_config_json_alone() {
+    let config = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/refs/smollm2_config.json"
+    );
+    let out = plan(&[
+        config,
+        "--json",
+        "--dtype",
+        "bfloat16",
+        "--max-length",
+        "2048",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let units = plan["units"].as_array().unwrap();
+    assert_eq!(units.len(), 32, "embeddings, 30 blocks, norm");
+    assert_eq!(units[0]["tied"], serde_json::json!(["lm_head"]));
+    let total: u64 = units.iter().map(|u| u["bytes"].as_u64().unwrap()).sum();
+    assert_eq!(total, 134_515_008 * 2, "SmolLM2-135M in bf16");
+}
+
+#[test]
+fn describe_shows_the_plan_and_gpu_plans_are_refused_on_this_build() {
+    let fixture = Fixture::new();
+    fixture.tiny_archive("tiny", "1.0", &[]);
+    let setup = fixture.file("setup_config.json", r#"{"device_map": "cuda:0"}"#);
+    fixture.tiny_archive("gpu", "1.0", &["--extra-files", setup.to_str().unwrap()]);
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "tiny.mar"],
+    );
+    server.wait_healthy();
+    let described = json(server.manage(Method::GET, "/models/tiny"), 200);
+    let placement = &described[0]["placement"];
+    assert_eq!(placement["strategy"], "cpu");
+    assert!(
+        placement["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["device"] == "cpu"),
+        "{placement}"
+    );
+
+    let response = server.manage(Method::POST, "/models?url=gpu.mar&synchronous=true");
+    let message = crate::support::error(response, 400);
+    assert!(
+        message.contains("cuda:0") && message.contains("not available"),
+        "{message}"
+    );
+}

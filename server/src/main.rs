@@ -29,8 +29,12 @@ enum Command {
 
 #[derive(Args)]
 struct PlanArgs {
-    /// An archive (.mar, .tar.gz), a model folder, or a config.json.
+    /// An archive (.mar, .tar.gz), a model folder, a config.json, or a model id
+    /// (`org/name`) in the HuggingFace cache.
     model: PathBuf,
+    /// Revision of a HuggingFace-cache model id [default: main].
+    #[arg(long)]
+    revision: Option<String>,
     /// "auto", "balanced", "balanced_low_0", "sequential", a device ("cpu", "cuda:0",
     /// "disk"), layer counts ("0:16;1:16") or a JSON map {"module": "device"}.
     #[arg(long)]
@@ -199,7 +203,14 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     use spillway::placement::{ModelInventory, PlanOptions, plan_model};
     use spillway::setup_config::SetupConfig;
 
-    let model = &args.model;
+    let model = &if !args.model.exists()
+        && let Some(id) = args.model.to_str()
+        && let Some(snapshot) = spillway::placement::hf_cache_snapshot(id, args.revision.as_deref())
+    {
+        snapshot
+    } else {
+        args.model.clone()
+    };
     let (inventory, mut setup) = if model.is_file()
         && model.extension().is_some_and(|e| e == "json")
     {

@@ -214,3 +214,184 @@ pub fn plan_model(
     ));
     Ok(plan)
 }
+
+/// The snapshot folder of a model in the HuggingFace cache (`org/name` at `revision`,
+/// default `main`), as huggingface_hub lays it out: `$HF_HUB_CACHE` (or `$HF_HOME/hub`, or
+/// `~/.cache/huggingface/hub`) / `models--org--name` / `snapshots` / the commit that
+/// `refs/<revision>` names (or the revision itself when it is a commit hash).
+pub fn hf_cache_snapshot(model_id: &str, revision: Option<&str>) -> Option<std::path::PathBuf> {
+    let hub = std::env::var_os("HF_HUB_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| std::path::PathBuf::from(h).join("hub")))
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache/huggingface/hub"))
+        })?;
+    let repo = hub.join(format!("models--{}", model_id.replace('/', "--")));
+    let revision = revision.unwrap_or("main");
+    let commit = std::fs::read_to_string(repo.join("refs").join(revision))
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| revision.to_string());
+    let snapshot = repo.join("snapshots").join(commit);
+    snapshot.is_dir().then_some(snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_handlers::files::FolderFiles;
+
+    fn write_shard(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
+        let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+            .iter()
+            .map(|(name, shape)| {
+                (
+                    name.to_string(),
+                    vec![0u8; shape.iter().product::<usize>() * 2],
+                    shape.clone(),
+                )
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(name, bytes, shape)| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::BF16,
+                    shape.clone(),
+                    bytes,
+                )
+                .expect("view");
+                (name.clone(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).expect("write shard");
+    }
+
+    #[test]
+    fn sharded_checkpoints_are_sized_from_every_shard_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_shard(
+            &dir.path().join("model-00001-of-00002.safetensors"),
+            &[
+                ("model.embed_tokens.weight", vec![100, 8]),
+                ("model.layers.0.mlp.up_proj.weight", vec![16, 8]),
+            ],
+        );
+        write_shard(
+            &dir.path().join("model-00002-of-00002.safetensors"),
+            &[
+                ("model.layers.1.mlp.up_proj.weight", vec![16, 8]),
+                ("model.norm.weight", vec![8]),
+            ],
+        );
+        let index = serde_json::json!({"metadata": {}, "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "model.layers.0.mlp.up_proj.weight": "model-00001-of-00002.safetensors",
+            "model.layers.1.mlp.up_proj.weight": "model-00002-of-00002.safetensors",
+            "model.norm.weight": "model-00002-of-00002.safetensors"
+        }});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .expect("index");
+        let inventory = ModelInventory::read(&FolderFiles::new(dir.path())).expect("inventory");
+        assert_eq!(inventory.source, SizeSource::SafetensorsHeaders);
+        assert_eq!(inventory.tensors.len(), 4);
+        assert_eq!(inventory.stored_dtype(), Some(TensorDType::BF16));
+        let units = inventory::units(&inventory.tensors, None, false);
+        let names: Vec<_> = units.iter().map(|u| (u.name.as_str(), u.bytes)).collect();
+        assert_eq!(
+            names,
+            [
+                ("model.embed_tokens", 1600),
+                ("model.layers.0", 256),
+                ("model.layers.1", 256),
+                ("model.norm", 16)
+            ]
+        );
+        // In float32 every float tensor doubles.
+        let f32_units = inventory::units(&inventory.tensors, Some(TensorDType::F32), false);
+        assert_eq!(f32_units[0].bytes, 3200);
+    }
+
+    #[test]
+    fn converting_dtypes_needs_an_offload_folder_to_spill_to_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let names: Vec<String> = (0..6).map(|i| format!("model.layers.{i}.w")).collect();
+        let mut tensors = vec![("model.embed_tokens.weight", vec![1000, 64])];
+        tensors.extend(names.iter().map(|n| (n.as_str(), vec![64, 64])));
+        write_shard(&dir.path().join("model.safetensors"), &tensors);
+        let inventory = ModelInventory::read(&FolderFiles::new(dir.path())).expect("inventory");
+        let machine = spillway_placement::Machine {
+            gpus: vec![],
+            cpu_available: 1 << 40,
+            cpu_total: 1 << 40,
+        };
+        let setup = |json: &str| SetupConfig::parse(Some(json.as_bytes())).expect("setup");
+        let options = PlanOptions {
+            batch_size: 1,
+            max_length: Some(16),
+        };
+        // In float32: embeddings 256,000 bytes, six blocks of 16,384. 300,000 holds the
+        // embeddings and room to stream two blocks (32,768), so the blocks go to disk.
+        let tight = r#""device_map": "auto", "max_memory": {"cpu": 300000}"#;
+        let err = plan_model(
+            &inventory,
+            &setup(&format!("{{{tight}, \"torch_dtype\": \"float32\"}}")),
+            &options,
+            &machine,
+        )
+        .expect_err("needs a folder");
+        assert!(err.to_string().contains("offload_folder"), "{err}");
+        let plan = plan_model(
+            &inventory,
+            &setup(&format!(
+                "{{{tight}, \"torch_dtype\": \"float32\", \"offload_folder\": \"/tmp/x\"}}"
+            )),
+            &options,
+            &machine,
+        )
+        .expect("with a folder");
+        assert_eq!(plan.streamed_bytes_per_forward, 6 * 16_384);
+        // In the stored bf16 (embeddings 128,000, blocks 8,192), 150,000 holds the
+        // embeddings and room for two streamed blocks; the blocks map in place, no folder.
+        let in_place = r#"{"device_map": "auto", "max_memory": {"cpu": 150000}}"#;
+        let plan = plan_model(&inventory, &setup(in_place), &options, &machine).expect("in place");
+        assert_eq!(
+            plan.device_of("model.embed_tokens"),
+            Some(spillway_placement::Device::CPU)
+        );
+        assert_eq!(plan.streamed_bytes_per_forward, 6 * 8_192);
+    }
+
+    #[test]
+    fn finds_snapshots_in_the_huggingface_cache_layout() {
+        let hub = tempfile::tempdir().expect("tempdir");
+        let repo = hub.path().join("models--org--tiny");
+        std::fs::create_dir_all(repo.join("refs")).expect("refs");
+        std::fs::create_dir_all(repo.join("snapshots/abc123")).expect("snapshot");
+        std::fs::write(repo.join("refs/main"), "abc123\n").expect("ref");
+        // SAFETY of the test: no other test in this process reads HF_HUB_CACHE.
+        let found = with_hub(hub.path(), || hf_cache_snapshot("org/tiny", None));
+        assert_eq!(found, Some(repo.join("snapshots/abc123")));
+        assert_eq!(
+            with_hub(hub.path(), || hf_cache_snapshot("org/tiny", Some("abc123"))),
+            Some(repo.join("snapshots/abc123"))
+        );
+        assert_eq!(
+            with_hub(hub.path(), || hf_cache_snapshot("org/other", None)),
+            None
+        );
+    }
+
+    fn with_hub<T>(hub: &std::path::Path, f: impl FnOnce() -> T) -> T {
+        #[allow(unsafe_code)]
+        // SAFETY: set_var is unsafe because other threads may read the environment at the
+        // same time; HF_HUB_CACHE is read by nothing but this test.
+        unsafe {
+            std::env::set_var("HF_HUB_CACHE", hub);
+        }
+        f()
+    }
+}

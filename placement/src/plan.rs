@@ -193,8 +193,8 @@ enum Walk {
     Overflow {
         missing: u64,
         left: Vec<(Device, u64)>,
-        /// The device that runs disk units cannot hold their working set.
-        stream_short: Option<Device>,
+        /// The device that runs disk units cannot hold their working set (of this size).
+        stream_short: Option<(Device, u64)>,
     },
 }
 
@@ -210,11 +210,13 @@ fn walk(request: &PlanRequest<'_>, chain: &[(Device, u64)], stream: Device, extr
                 started[i] = true;
             }
             // The stream device cannot hold the disk units' working set.
-            _ => {
+            found => {
+                let need = extra.saturating_add(activations);
+                let limit = found.map_or(0, |i| chain[i].1);
                 return Walk::Overflow {
-                    missing: extra.saturating_add(activations),
+                    missing: need.saturating_sub(limit),
                     left: chain.iter().map(|(d, limit)| (*d, *limit)).collect(),
-                    stream_short: Some(stream),
+                    stream_short: Some((stream, need)),
                 };
             }
         }
@@ -291,7 +293,7 @@ fn does_not_fit(
     request: &PlanRequest<'_>,
     missing: u64,
     left: Vec<(Device, u64)>,
-    stream_short: Option<Device>,
+    stream_short: Option<(Device, u64)>,
 ) -> PlanError {
     if let DiskAccess::NeedsOffloadFolder(reason) = &request.disk {
         return PlanError::NeedsOffloadFolder(format!(
@@ -307,10 +309,10 @@ fn does_not_fit(
             .map(|(device, available)| Shortfall { device, available })
             .collect(),
         hint: Some(match stream_short {
-            Some(device) => format!(
+            Some((device, need)) => format!(
                 "units on disk run on {device}, which needs {} for two of them, their KV caches and one pass of \
                  activations: raise max_memory for {device}, lower max_length or batchSize, or use a smaller torch_dtype",
-                ByteSize(missing)
+                ByteSize(need)
             ),
             None => "raise max_memory for a device (or drop its \"disk\" limit), lower max_length or batchSize, \
                      or load in a smaller torch_dtype"

@@ -65,11 +65,7 @@ impl FromStr for Device {
     type Err = PlanError;
 
     fn from_str(s: &str) -> Result<Self, PlanError> {
-        let bad = |reason: &str| PlanError::BadDevice {
-            given: s.to_string(),
-            reason: reason.to_string(),
-            accepted: ACCEPTED,
-        };
+        let bad = |reason: &str| PlanError::bad_device(s, reason, ACCEPTED);
         let text = s.trim().to_ascii_lowercase();
         let (kind, ordinal) = match text.split_once(':') {
             Some((kind, n)) => (

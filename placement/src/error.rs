@@ -58,3 +58,13 @@ pub enum PlanError {
     #[error("{0}")]
     NeedsOffloadFolder(String),
 }
+
+impl PlanError {
+    pub(crate) fn bad_device(given: &str, reason: &str, accepted: &'static str) -> Self {
+        PlanError::BadDevice {
+            given: given.to_string(),
+            reason: reason.to_string(),
+            accepted,
+        }
+    }
+}

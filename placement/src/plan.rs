@@ -380,7 +380,10 @@ fn fill_strategy(
             let budget = gpus[i].1;
             let is_last = i + 1 == gpus.len();
             *limit = if low_zero && i == 0 {
-                budget.min(first_share)
+                // GPU 0 stays light, but takes whatever the other GPUs cannot hold (as
+                // accelerate's get_balanced_memory does with low_zero).
+                let others: u64 = gpus.iter().skip(1).map(|(_, b)| *b).sum();
+                budget.min(first_share.max(total.saturating_sub(others) + largest))
             } else if is_last {
                 budget
             } else {

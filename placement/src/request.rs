@@ -39,11 +39,7 @@ impl FromStr for DeviceRequest {
     type Err = PlanError;
 
     fn from_str(s: &str) -> Result<Self, PlanError> {
-        let bad = |reason: &str| PlanError::BadDevice {
-            given: s.to_string(),
-            reason: reason.to_string(),
-            accepted: ACCEPTED,
-        };
+        let bad = |reason: &str| PlanError::bad_device(s, reason, ACCEPTED);
         let text = s.trim().to_ascii_lowercase();
         if text == "cpu" {
             return Ok(DeviceRequest::Cpu);

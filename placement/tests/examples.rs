@@ -22,6 +22,11 @@ fn llama(
     .expect("shape")
 }
 
+fn shape_from(config: &str) -> ModelShape {
+    let config: serde_json::Value = serde_json::from_str(config).expect("config");
+    ModelShape::from_config(&config).expect("shape")
+}
+
 fn machine(gpus: &[u64], cpu: u64) -> Machine {
     Machine {
         gpus: gpus
@@ -138,10 +143,7 @@ fn llama3_8b_under_10gib_gpu_and_30gib_cpu() {
 
 #[test]
 fn a_model_that_fits_maps_nothing_off_its_device() {
-    let config: serde_json::Value =
-        serde_json::from_str(include_str!("../../../shared/refs/minilm_config.json"))
-            .expect("config");
-    let shape = ModelShape::from_config(&config).expect("shape");
+    let shape = shape_from(include_str!("../../../shared/refs/minilm_config.json"));
     let c = case(&shape, &machine(&[], 24), serde_json::json!({}), 8, 256);
     for strategy in ["auto", "sequential", "cpu"] {
         let p = run(&c, strategy).expect("fits");
@@ -213,10 +215,7 @@ fn a_70b_model_spills_to_disk_after_the_gpu_and_cpu() {
 
 #[test]
 fn balanced_strategies_on_two_gpus() {
-    let config: serde_json::Value =
-        serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
-            .expect("config");
-    let shape = ModelShape::from_config(&config).expect("shape");
+    let shape = shape_from(include_str!("../../../shared/refs/smollm2_config.json"));
     let c = case(
         &shape,
         &machine(&[16, 16], 64),
@@ -264,10 +263,7 @@ fn balanced_strategies_on_two_gpus() {
 
 #[test]
 fn explicit_maps_must_name_real_whole_units_and_cover_them_all() {
-    let config: serde_json::Value =
-        serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
-            .expect("config");
-    let shape = ModelShape::from_config(&config).expect("shape");
+    let shape = shape_from(include_str!("../../../shared/refs/smollm2_config.json"));
     let c = case(&shape, &machine(&[16], 64), serde_json::json!({}), 1, 512);
     let explicit = |map: serde_json::Value| {
         let strategy = Strategy::from_json(Some(&map), 1).expect("map");
@@ -329,10 +325,7 @@ fn explicit_maps_must_name_real_whole_units_and_cover_them_all() {
 
 #[test]
 fn disk_offload_of_unmappable_weights_needs_an_offload_folder() {
-    let config: serde_json::Value =
-        serde_json::from_str(include_str!("../../../shared/refs/smollm2_config.json"))
-            .expect("config");
-    let shape = ModelShape::from_config(&config).expect("shape");
+    let shape = shape_from(include_str!("../../../shared/refs/smollm2_config.json"));
     let c = case(
         &shape,
         &machine(&[], 64),

@@ -11,16 +11,21 @@
 //! - [`files`]: [`ModelFiles`], how a handler reads the files of its model archive.
 //! - [`weights`]: [`WeightSource`], safetensors mapped from disk (also from inside a
 //!   zip-store archive) and served to candle's `VarBuilder`; the crate's only `unsafe`.
+//! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
+//!   streams disk units from their memory map with read-ahead.
+//! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
 //! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
 //! - [`echo`]: returns its input unchanged; measures the server itself.
 //! - [`error`]: [`HandlerError`], the crate's one error type.
 //! - `testing` (feature `testing`): tiny random-weight models for tests.
 
+pub mod bert;
 pub mod echo;
 pub mod error;
 pub mod files;
 pub mod handler;
+pub mod layer_stack;
 pub mod sentence_transformers;
 pub mod text_embedding;
 pub mod weights;

@@ -143,6 +143,44 @@ impl WeightSource {
         self.view(name)?.load(device)?.to_dtype(dtype)
     }
 
+    /// The bytes of the mapping that hold the tensors named `names` (one range spanning
+    /// them all), relative to the start of the mapping.
+    pub fn span_of<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Option<Range<usize>> {
+        let inner = &*self.inner;
+        let base = inner.range.start + inner.data_start;
+        names
+            .into_iter()
+            .filter_map(|name| inner.metadata.info(name))
+            .map(|info| base + info.data_offsets.0..base + info.data_offsets.1)
+            .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+    }
+
+    /// Asks the kernel to start reading `span` now (a disk unit about to be needed).
+    pub fn prefetch(&self, span: &Range<usize>) {
+        let (offset, len) = page_aligned(span);
+        // Advice only: failure costs speed, never correctness.
+        let _ = self
+            .inner
+            .map
+            .advise_range(memmap2::Advice::WillNeed, offset, len);
+    }
+
+    /// Drops `span`'s pages from this process's resident memory (they stay in the page
+    /// cache), so streaming disk units through a mapping never grows RSS to the file.
+    pub fn release(&self, span: &Range<usize>) {
+        let (offset, len) = page_aligned(span);
+        // SAFETY: the mapping is read-only and file-backed, and no tensor borrows these
+        // bytes any more (every tensor loaded from it on the CPU is an owned copy).
+        // MADV_DONTNEED on such a mapping only discards pages; a later read faults them
+        // back in from the file with the same contents. Advice failure is harmless.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            self.inner
+                .map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        };
+    }
+
     /// A candle `VarBuilder` reading from this source.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
         candle_nn::VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
@@ -158,6 +196,14 @@ impl WeightSource {
             })
             .collect()
     }
+}
+
+/// `span` widened to 64 KiB boundaries (a multiple of every page size in use), as
+/// madvise wants a page-aligned start.
+fn page_aligned(span: &Range<usize>) -> (usize, usize) {
+    const ALIGN: usize = 64 * 1024;
+    let start = span.start - span.start % ALIGN;
+    (start, span.end.saturating_sub(start))
 }
 
 impl candle_nn::var_builder::SimpleBackend for WeightSource {

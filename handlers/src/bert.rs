@@ -1,0 +1,318 @@
+//! BERT as a [`LayerStack`]: the embeddings and each encoder block are separate units,
+//! each resident on its device or streamed from disk, as the plan says. The math is
+//! candle-transformers' own: a 0-block `BertModel` is the embeddings unit, and block i is
+//! a 1-block `BertEncoder` whose tensor names are remapped from layer 0 to layer i, so a
+//! device-mapped BERT computes exactly what the single-device `BertModel` computes.
+
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
+
+use crate::error::CandleContext;
+use crate::layer_stack::LayerStack;
+use crate::{HandlerError, WeightSource};
+
+/// Where one unit lives at run time.
+#[derive(Debug, Clone)]
+pub enum UnitPlacement {
+    /// Built once on this device and kept.
+    Resident(Device),
+    /// Kept on disk (mapped) and built on this device for each pass.
+    Streamed(Device),
+}
+
+/// One unit of a BERT stack.
+pub enum BertUnit {
+    Embeddings(BertModel),
+    Block(BertEncoder),
+}
+
+/// A BERT encoder laid out by a plan.
+pub struct MappedBert {
+    stack: LayerStack<BertUnit>,
+}
+
+/// The prefix of checkpoints saved from `BertFor*` heads ("bert."), or none.
+fn prefix_of(source: &WeightSource) -> &'static str {
+    if source
+        .info("bert.embeddings.word_embeddings.weight")
+        .is_some()
+    {
+        "bert."
+    } else {
+        ""
+    }
+}
+
+impl MappedBert {
+    /// The placement unit names of this checkpoint, in order (as the planner names them).
+    pub fn unit_names(source: &WeightSource, config: &Config) -> Vec<String> {
+        let prefix = prefix_of(source);
+        std::iter::once(format!("{prefix}embeddings"))
+            .chain((0..config.num_hidden_layers).map(|i| format!("{prefix}encoder.layer.{i}")))
+            .collect()
+    }
+
+    /// Builds the stack; `place` says where each unit (by name) lives.
+    pub fn load(
+        source: &WeightSource,
+        config: &Config,
+        dtype: DType,
+        place: impl Fn(&str) -> Result<UnitPlacement, HandlerError>,
+    ) -> Result<Self, HandlerError> {
+        let prefix = prefix_of(source);
+        let mut stack = LayerStack::default();
+        let names = source.tensor_names();
+
+        let embeddings_config = Config {
+            num_hidden_layers: 0,
+            ..config.clone()
+        };
+        let embeddings_name = format!("{prefix}embeddings");
+        let build_embeddings = {
+            let (source, config, root) = (
+                source.clone(),
+                embeddings_config,
+                prefix.trim_end_matches('.').to_string(),
+            );
+            move |device: &Device| {
+                let vb = source.var_builder(dtype, device);
+                let vb = if root.is_empty() { vb } else { vb.pp(&root) };
+                BertModel::load(vb, &config).map(BertUnit::Embeddings)
+            }
+        };
+        Self::add(
+            &mut stack,
+            &embeddings_name,
+            place(&embeddings_name)?,
+            source,
+            &names,
+            build_embeddings,
+        )?;
+
+        let block_config = Config {
+            num_hidden_layers: 1,
+            ..config.clone()
+        };
+        for i in 0..config.num_hidden_layers {
+            let name = format!("{prefix}encoder.layer.{i}");
+            let build = {
+                let (source, config) = (source.clone(), block_config.clone());
+                let from = format!("{prefix}encoder.layer.0.");
+                let to = format!("{name}.");
+                let encoder = format!("{prefix}encoder");
+                move |device: &Device| {
+                    let (from, to) = (from.clone(), to.clone());
+                    let vb = source
+                        .var_builder(dtype, device)
+                        .rename_f(move |tensor: &str| match tensor.strip_prefix(&from) {
+                            Some(rest) => format!("{to}{rest}"),
+                            None => tensor.to_string(),
+                        })
+                        .pp(&encoder);
+                    BertEncoder::load(vb, &config).map(BertUnit::Block)
+                }
+            };
+            Self::add(&mut stack, &name, place(&name)?, source, &names, build)?;
+        }
+        Ok(Self { stack })
+    }
+
+    fn add(
+        stack: &mut LayerStack<BertUnit>,
+        name: &str,
+        placement: UnitPlacement,
+        source: &WeightSource,
+        all_tensors: &[String],
+        build: impl Fn(&Device) -> candle_core::Result<BertUnit> + Send + Sync + 'static,
+    ) -> Result<(), HandlerError> {
+        match placement {
+            UnitPlacement::Resident(device) => {
+                let module =
+                    build(&device).context(|| format!("cannot load {name} on {device:?}"))?;
+                stack.push_resident(name, device, module);
+            }
+            UnitPlacement::Streamed(device) => {
+                // Check now that it builds, so a broken checkpoint fails at load, not mid-request.
+                build(&device).context(|| format!("cannot load {name} from disk"))?;
+                let dotted = format!("{name}.");
+                let tensors = all_tensors
+                    .iter()
+                    .filter(|t| t.starts_with(&dotted))
+                    .map(String::as_str);
+                let exec = device.clone();
+                stack.push_streamed(name, device, source.clone(), tensors, move || build(&exec));
+            }
+        }
+        Ok(())
+    }
+
+    /// Units kept on disk and streamed each pass.
+    pub fn streamed_units(&self) -> usize {
+        self.stack
+            .units()
+            .iter()
+            .filter(|u| u.is_streamed())
+            .count()
+    }
+
+    /// The last hidden states `[batch, tokens, hidden]`.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self
+            .stack
+            .forward(None::<Tensor>, |unit, device, hidden| match unit {
+                BertUnit::Embeddings(model) => {
+                    let ids = ids.to_device(device)?;
+                    model
+                        .forward(
+                            &ids,
+                            &type_ids.to_device(device)?,
+                            Some(&mask.to_device(device)?),
+                        )
+                        .map(Some)
+                }
+                BertUnit::Block(encoder) => {
+                    let hidden = hidden.ok_or_else(|| {
+                        candle_core::Error::Msg("a block ran before the embeddings".into())
+                    })?;
+                    let hidden = hidden.to_device(device)?;
+                    let mask = extended_attention_mask(&mask.to_device(device)?, hidden.dtype())?;
+                    encoder.forward(&hidden, &mask).map(Some)
+                }
+            })?;
+        hidden.ok_or_else(|| candle_core::Error::Msg("the model has no units".into()))
+    }
+}
+
+/// `[batch, tokens]` 0/1 → `[batch, 1, 1, tokens]` additive mask, as BertModel builds it.
+fn extended_attention_mask(mask: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    let mask = mask.unsqueeze(1)?.unsqueeze(1)?.to_dtype(dtype)?;
+    (mask.ones_like()? - &mask)?.broadcast_mul(
+        &Tensor::try_from(f32::MIN)?
+            .to_device(mask.device())?
+            .to_dtype(dtype)?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TinyBert;
+
+    fn inputs() -> (Tensor, Tensor, Tensor) {
+        let ids = Tensor::new(
+            &[[2u32, 10, 11, 12, 13, 3], [2, 20, 21, 3, 0, 0]],
+            &Device::Cpu,
+        )
+        .expect("ids");
+        let mask =
+            Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).expect("mask");
+        (ids.clone(), ids.zeros_like().expect("types"), mask)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    #[test]
+    fn every_placement_equals_candles_single_device_bert() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyBert {
+            layers: 4,
+            ..TinyBert::default()
+        };
+        spec.write(dir.path()).expect("write");
+        let config: Config = serde_json::from_value(spec.config()).expect("config");
+        let path = dir.path().join("model.safetensors");
+        #[allow(unsafe_code)]
+        // SAFETY: the test's own file, not modified while mapped.
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu)
+        }
+        .expect("vb");
+        let reference = BertModel::load(vb, &config).expect("reference");
+        let (ids, types, mask) = inputs();
+        let want = reference
+            .forward(&ids, &types, Some(&mask))
+            .expect("reference forward");
+
+        let source = WeightSource::open(&path).expect("source");
+        let names = MappedBert::unit_names(&source, &config);
+        assert_eq!(
+            names,
+            [
+                "embeddings",
+                "encoder.layer.0",
+                "encoder.layer.1",
+                "encoder.layer.2",
+                "encoder.layer.3"
+            ]
+        );
+        let layouts: [(&str, fn(usize) -> bool); 4] = [
+            ("all resident", |_| false),
+            ("all on disk", |_| true),
+            ("blocks on disk", |i| i > 0),
+            ("alternating", |i| i % 2 == 1),
+        ];
+        for (label, on_disk) in layouts {
+            let stack = MappedBert::load(&source, &config, DType::F32, |name| {
+                let i = names.iter().position(|n| n == name).expect("known unit");
+                Ok(if on_disk(i) {
+                    UnitPlacement::Streamed(Device::Cpu)
+                } else {
+                    UnitPlacement::Resident(Device::Cpu)
+                })
+            })
+            .expect("load");
+            for pass in 0..2 {
+                let got = stack.forward(&ids, &types, &mask).expect("forward");
+                assert_eq!(got.dims(), want.dims());
+                let diff = max_diff(&got, &want);
+                assert!(diff <= 1e-5, "{label}, pass {pass}: differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_bert_prefixed_checkpoint_is_mapped_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyBert::default();
+        spec.write(dir.path()).expect("write");
+        let path = dir.path().join("model.safetensors");
+        let plain = WeightSource::open(&path)
+            .expect("source")
+            .load_all(&Device::Cpu)
+            .expect("tensors");
+        let prefixed: std::collections::HashMap<String, Tensor> = plain
+            .into_iter()
+            .map(|(k, v)| (format!("bert.{k}"), v))
+            .collect();
+        let prefixed_path = dir.path().join("prefixed.safetensors");
+        candle_core::safetensors::save(&prefixed, &prefixed_path).expect("save");
+        let config: Config = serde_json::from_value(spec.config()).expect("config");
+        let (ids, types, mask) = inputs();
+        let run = |p: &std::path::Path| {
+            let source = WeightSource::open(p).expect("source");
+            MappedBert::load(&source, &config, DType::F32, |_| {
+                Ok(UnitPlacement::Streamed(Device::Cpu))
+            })
+            .and_then(|m| m.forward(&ids, &types, &mask).context(|| "forward".into()))
+            .expect("run")
+        };
+        let source = WeightSource::open(&prefixed_path).expect("source");
+        assert_eq!(
+            MappedBert::unit_names(&source, &config)[0],
+            "bert.embeddings"
+        );
+        assert_eq!(max_diff(&run(&path), &run(&prefixed_path)), 0.0);
+    }
+}

@@ -1,0 +1,228 @@
+//! [`LayerStack`]: runs a model's units in plan order, each where the plan put it. The one
+//! place where activations hop devices and disk units stream.
+//!
+//! A *resident* unit is built once at load and kept. A *streamed* unit (planned on disk)
+//! keeps only its memory map: before its turn it is built from the mapping (on the CPU
+//! candle copies each tensor out), run, then dropped, and its pages are released from
+//! the process (`madvise(DONTNEED)`; they stay in the page cache), so resident memory
+//! never creeps up to the file size. While a unit computes, the next streamed unit is
+//! built on a helper thread, so disk reads overlap compute; at most two streamed units
+//! exist at once, which is what the planner reserves room for.
+
+use std::ops::Range;
+
+use candle_core::{Device, Result};
+
+use crate::WeightSource;
+
+type Build<M> = Box<dyn Fn() -> Result<M> + Send + Sync>;
+
+enum Weights<M> {
+    Resident(M),
+    Streamed {
+        build: Build<M>,
+        source: WeightSource,
+        span: Option<Range<usize>>,
+    },
+}
+
+/// One unit of the stack.
+pub struct StackUnit<M> {
+    pub name: String,
+    /// Where the unit computes.
+    pub device: Device,
+    weights: Weights<M>,
+}
+
+impl<M> StackUnit<M> {
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.weights, Weights::Streamed { .. })
+    }
+}
+
+/// Units in execution order.
+pub struct LayerStack<M> {
+    units: Vec<StackUnit<M>>,
+}
+
+impl<M> Default for LayerStack<M> {
+    fn default() -> Self {
+        Self { units: Vec::new() }
+    }
+}
+
+impl<M: Send + Sync> LayerStack<M> {
+    /// Adds a unit built now and kept.
+    pub fn push_resident(&mut self, name: impl Into<String>, device: Device, module: M) {
+        self.units.push(StackUnit {
+            name: name.into(),
+            device,
+            weights: Weights::Resident(module),
+        });
+    }
+
+    /// Adds a unit rebuilt from `source` for each pass; `tensors` are its tensor names
+    /// (whose pages are released after each use).
+    pub fn push_streamed<'n>(
+        &mut self,
+        name: impl Into<String>,
+        device: Device,
+        source: WeightSource,
+        tensors: impl IntoIterator<Item = &'n str>,
+        build: impl Fn() -> Result<M> + Send + Sync + 'static,
+    ) {
+        let span = source.span_of(tensors);
+        self.units.push(StackUnit {
+            name: name.into(),
+            device,
+            weights: Weights::Streamed {
+                build: Box::new(build),
+                source,
+                span,
+            },
+        });
+    }
+
+    pub fn units(&self) -> &[StackUnit<M>] {
+        &self.units
+    }
+
+    fn next_streamed(&self, from: usize) -> Option<usize> {
+        (from..self.units.len()).find(|&i| self.units[i].is_streamed())
+    }
+
+    fn build(unit: &StackUnit<M>) -> Result<M> {
+        match &unit.weights {
+            Weights::Streamed {
+                build,
+                source,
+                span,
+            } => {
+                if let Some(span) = span {
+                    source.prefetch(span);
+                }
+                build()
+            }
+            Weights::Resident(_) => Err(candle_core::Error::Msg(format!(
+                "{} is resident",
+                unit.name
+            ))),
+        }
+    }
+
+    /// Runs `step(module, device, state)` for every unit in order and returns the final
+    /// state. `step` moves its inputs to `device` (the unit's device).
+    pub fn forward<S>(
+        &self,
+        mut state: S,
+        mut step: impl FnMut(&M, &Device, S) -> Result<S>,
+    ) -> Result<S> {
+        std::thread::scope(|scope| {
+            let mut ahead: Option<(usize, std::thread::ScopedJoinHandle<'_, Result<M>>)> = None;
+            for (i, unit) in self.units.iter().enumerate() {
+                let owned = match &unit.weights {
+                    Weights::Resident(_) => None,
+                    Weights::Streamed { .. } => Some(match ahead.take() {
+                        Some((j, handle)) if j == i => handle.join().map_err(|_| {
+                            candle_core::Error::Msg(format!("reading {} ahead panicked", unit.name))
+                        })??,
+                        _ => Self::build(unit)?,
+                    }),
+                };
+                // Read the next streamed unit while this one computes.
+                if ahead.is_none()
+                    && let Some(j) = self.next_streamed(i + 1)
+                {
+                    let next = &self.units[j];
+                    ahead = Some((j, scope.spawn(move || Self::build(next))));
+                }
+                let module = match (&unit.weights, &owned) {
+                    (Weights::Resident(module), _) => module,
+                    (_, Some(module)) => module,
+                    (Weights::Streamed { .. }, None) => {
+                        unreachable!("a streamed unit is built above")
+                    }
+                };
+                state = step(module, &unit.device, state)?;
+                drop(owned);
+                if let Weights::Streamed {
+                    source,
+                    span: Some(span),
+                    ..
+                } = &unit.weights
+                {
+                    source.release(span);
+                }
+            }
+            Ok(state)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn source() -> (tempfile::TempDir, WeightSource) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.safetensors");
+        let t = candle_core::Tensor::new(&[1f32, 2.0], &Device::Cpu).expect("tensor");
+        candle_core::safetensors::save(&[("w".to_string(), t)].into_iter().collect(), &path)
+            .expect("save");
+        let source = WeightSource::open(&path).expect("open");
+        (dir, source)
+    }
+
+    #[test]
+    fn units_run_in_order_and_streamed_ones_are_built_each_pass() {
+        let (_dir, source) = source();
+        let builds = Arc::new(AtomicUsize::new(0));
+        let mut stack = LayerStack::default();
+        stack.push_resident("a", Device::Cpu, 1u64);
+        for value in [10u64, 100] {
+            let builds = builds.clone();
+            stack.push_streamed(
+                format!("s{value}"),
+                Device::Cpu,
+                source.clone(),
+                ["w"],
+                move || {
+                    builds.fetch_add(1, Ordering::SeqCst);
+                    Ok(value)
+                },
+            );
+        }
+        stack.push_resident("z", Device::Cpu, 1000u64);
+        let mut seen = Vec::new();
+        let total = stack
+            .forward(0u64, |m, _, acc| {
+                seen.push(*m);
+                Ok(acc + m)
+            })
+            .expect("forward");
+        assert_eq!(total, 1111);
+        assert_eq!(seen, [1, 10, 100, 1000]);
+        stack.forward(0u64, |m, _, acc| Ok(acc + m)).expect("again");
+        assert_eq!(
+            builds.load(Ordering::SeqCst),
+            4,
+            "two streamed units, built on each of two passes"
+        );
+    }
+
+    #[test]
+    fn a_failing_build_fails_the_pass_without_hanging() {
+        let (_dir, source) = source();
+        let mut stack: LayerStack<u64> = LayerStack::default();
+        stack.push_resident("a", Device::Cpu, 1);
+        stack.push_streamed("bad", Device::Cpu, source, ["w"], || {
+            Err(candle_core::Error::Msg("broken".into()))
+        });
+        let err = stack
+            .forward(0u64, |m, _, acc| Ok(acc + m))
+            .expect_err("must fail");
+        assert!(err.to_string().contains("broken"));
+    }
+}

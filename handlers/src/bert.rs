@@ -22,7 +22,8 @@ pub enum UnitPlacement {
 
 /// One unit of a BERT stack.
 pub enum BertUnit {
-    Embeddings(BertModel),
+    // Boxed: one embeddings unit per model, many blocks.
+    Embeddings(Box<BertModel>),
     Block(BertEncoder),
 }
 
@@ -77,7 +78,7 @@ impl MappedBert {
             move |device: &Device| {
                 let vb = source.var_builder(dtype, device);
                 let vb = if root.is_empty() { vb } else { vb.pp(&root) };
-                BertModel::load(vb, &config).map(BertUnit::Embeddings)
+                BertModel::load(vb, &config).map(|m| BertUnit::Embeddings(Box::new(m)))
             }
         };
         Self::add(
@@ -257,7 +258,8 @@ mod tests {
                 "encoder.layer.3"
             ]
         );
-        let layouts: [(&str, fn(usize) -> bool); 4] = [
+        type OnDisk = fn(usize) -> bool;
+        let layouts: [(&str, OnDisk); 4] = [
             ("all resident", |_| false),
             ("all on disk", |_| true),
             ("blocks on disk", |i| i > 0),

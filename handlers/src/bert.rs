@@ -134,7 +134,7 @@ impl MappedBert {
             }
             UnitPlacement::Streamed(device) => {
                 // Check now that it builds, so a broken checkpoint fails at load, not mid-request.
-                build(&device).context(|| format!("cannot load {name} from disk"))?;
+                build(&device).context(|| format!("cannot load BERT unit {name} (on disk)"))?;
                 let dotted = format!("{name}.");
                 let tensors = all_tensors
                     .iter()

@@ -29,6 +29,7 @@ impl Handler for Echo {
             dtype: None,
             device: "cpu".into(),
             max_input_tokens: None,
+            streamed_units: None,
             parameters: None,
         }
     }

@@ -92,6 +92,8 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     /// Longest input in tokens; longer inputs are truncated. `None`: the model's own limit.
     pub max_length: Option<usize>,
+    /// Where each unit lives; `None`: everything resident on `device`.
+    pub plan: Option<spillway_placement::Plan>,
 }
 
 impl Default for LoadOptions {
@@ -100,7 +102,33 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: None,
             max_length: None,
+            plan: None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Where the unit `name` lives at run time, from the plan. Disk units run on the
+    /// plan's stream device. This build has no GPU backend, so GPU units are refused.
+    pub fn placement_of(&self, name: &str) -> Result<crate::bert::UnitPlacement, HandlerError> {
+        use crate::bert::UnitPlacement;
+        use spillway_placement::DeviceType;
+        let Some(plan) = &self.plan else {
+            return Ok(UnitPlacement::Resident(self.device.clone()));
+        };
+        let device = plan.device_of(name).ok_or_else(|| {
+            HandlerError::Unsupported(format!("the placement plan has no unit `{name}`"))
+        })?;
+        let candle_device = |d: spillway_placement::Device| match d.kind {
+            DeviceType::Cpu | DeviceType::Disk => Ok(Device::Cpu),
+            DeviceType::Cuda | DeviceType::Metal => Err(HandlerError::Unsupported(format!(
+                "`{name}` is planned on {d}, but this build runs on the CPU only"
+            ))),
+        };
+        Ok(match device.kind {
+            DeviceType::Disk => UnitPlacement::Streamed(candle_device(plan.stream_device)?),
+            _ => UnitPlacement::Resident(candle_device(device)?),
+        })
     }
 }
 
@@ -116,6 +144,9 @@ pub struct HandlerInfo {
     pub device: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_input_tokens: Option<usize>,
+    /// Units kept on disk and streamed for each forward pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_units: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<usize>,
 }

@@ -7,7 +7,9 @@
 //! fails alone), padded to the longest in each chunk, and run through the model.
 
 use candle_core::{D, DType, Device, Tensor};
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
+
+use crate::bert::MappedBert;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::CandleContext;
@@ -23,7 +25,7 @@ const MAX_TEXTS_PER_FORWARD: usize = 64;
 
 /// A loaded BERT sentence-embedding model.
 pub struct TextEmbedding {
-    model: BertModel,
+    model: MappedBert,
     tokenizer: Tokenizer,
     pooling: Pooling,
     normalize: bool,
@@ -89,8 +91,7 @@ impl TextEmbedding {
             .filter_map(|name| weights.info(name))
             .map(|info| info.shape.iter().product::<usize>())
             .sum();
-        let model = BertModel::load(weights.var_builder(dtype, &options.device), &config)
-            .context(|| format!("cannot load BERT weights from {}", weights.path().display()))?;
+        let model = MappedBert::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
         Ok(Self {
             model,
             tokenizer,
@@ -122,7 +123,7 @@ impl TextEmbedding {
             let ids = Tensor::from_vec(ids, (batch, len), &self.device)?;
             let type_ids = Tensor::from_vec(type_ids, (batch, len), &self.device)?;
             let mask = Tensor::from_vec(mask, (batch, len), &self.device)?;
-            let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?;
+            let hidden = self.model.forward(&ids, &type_ids, &mask)?;
             let hidden = hidden.to_dtype(DType::F32)?;
             let pooled = pool(&hidden, &mask, self.pooling)?;
             let pooled = if self.normalize {
@@ -212,6 +213,7 @@ impl Handler for TextEmbedding {
             dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
             device: device_name(&self.device),
             max_input_tokens: Some(self.max_tokens),
+            streamed_units: Some(self.model.streamed_units()),
             parameters: Some(self.parameters),
         }
     }

@@ -104,13 +104,13 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
     })
 }
 
-/// This build executes models on the CPU only; a plan that puts units elsewhere is
-/// refused with what it would need (GPU and disk execution come with later work).
+/// This build executes units on the CPU, resident or streamed from disk; a plan that
+/// puts units on a GPU is refused with what it would need.
 fn check_executable(plan: &Plan) -> Result<()> {
     let elsewhere: Vec<String> = plan
         .units
         .iter()
-        .filter(|u| u.device != Device::CPU)
+        .filter(|u| u.device != Device::CPU && u.device != Device::DISK)
         .map(|u| format!("{} on {}", u.name, u.device))
         .collect();
     if elsewhere.is_empty() {
@@ -119,8 +119,8 @@ fn check_executable(plan: &Plan) -> Result<()> {
     Err(Error::bad_config(
         "setup_config.json",
         format!(
-            "this build runs models on the CPU only, but the plan places {} units elsewhere ({}{}); \
-             give the CPU more max_memory or use device_map \"cpu\"",
+            "this build runs models on the CPU (and streams disk units through it), but the plan \
+             places {} units on a GPU ({}{}); use device_map \"cpu\" or \"auto\"",
             elsewhere.len(),
             elsewhere
                 .iter()
@@ -148,14 +148,14 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Step 4: reads the weights and builds the handler. Blocking.
+/// Step 4: reads the weights and builds the handler where the plan says. Blocking. A
+/// failure here is the archive's (weights that disagree with config.json, a broken
+/// tokenizer), so it is reported with its whole cause.
 pub fn build(prepared: &Prepared) -> Result<Arc<dyn Handler>> {
-    let options = prepared.spec.setup.load_options()?;
-    Ok(spillway_handlers::load(
-        prepared.spec.handler,
-        &*prepared.archive.files,
-        &options,
-    )?)
+    let mut options = prepared.spec.setup.load_options()?;
+    options.plan = prepared.spec.plan.clone();
+    spillway_handlers::load(prepared.spec.handler, &*prepared.archive.files, &options)
+        .map_err(|e| Error::bad_archive(&prepared.archive.path, crate::error::chain(&e)))
 }
 
 /// Registers and loads a model. With `synchronous`, returns once it serves (or failed,

@@ -66,6 +66,7 @@ impl SetupConfig {
             device: spillway_handlers::Device::Cpu,
             dtype,
             max_length: self.max_length,
+            plan: None,
         })
     }
 }

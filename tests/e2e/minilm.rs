@@ -59,33 +59,42 @@ fn minilm_embeddings_match_the_sentence_transformers_reference() {
         Some(&model),
         &[],
     );
+    // The same model with its six blocks kept on disk, streamed out of the .mar each pass.
+    let setup = fixture.file(
+        "setup_config.json",
+        r#"{"device_map": {"embeddings": "cpu", "encoder": "disk", "pooler": "disk"}}"#,
+    );
+    let extra = ["--extra-files", setup.to_str().unwrap()];
+    fixture.archive("minilm-disk", "1.0", "text_embedding", Some(&model), &extra);
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
 
-    // All sentences in one request (one padded batch) and each on its own.
-    let batch = embeddings(&json(
-        server.predict(
-            "all-MiniLM-L6-v2",
-            &serde_json::json!({ "inputs": sentences }).to_string(),
-        ),
-        200,
-    ));
-    assert_eq!(batch.len(), sentences.len());
-    for (i, sentence) in sentences.iter().enumerate() {
-        let single = embeddings(&json(
-            server.predict(
-                "all-MiniLM-L6-v2",
-                &serde_json::json!({ "inputs": sentence }).to_string(),
-            ),
-            200,
-        ));
-        for got in [&batch[i], &single[0]] {
-            assert_eq!(got.len(), 384);
-            let (cosine, max_abs) = compare(got, &expected[i]);
-            assert!(cosine >= 0.9999, "{sentence:?}: cosine {cosine}");
-            assert!(max_abs <= 1e-4, "{sentence:?}: max abs diff {max_abs}");
+    for name in ["all-MiniLM-L6-v2", "minilm-disk"] {
+        let predict = |inputs: serde_json::Value| {
+            let body = serde_json::json!({ "inputs": inputs }).to_string();
+            embeddings(&json(server.predict(name, &body), 200))
+        };
+        // All sentences in one request (one padded batch) and each on its own.
+        let batch = predict(serde_json::json!(sentences));
+        assert_eq!(batch.len(), sentences.len());
+        for (i, sentence) in sentences.iter().enumerate() {
+            let single = predict(serde_json::json!(sentence));
+            for got in [&batch[i], &single[0]] {
+                assert_eq!(got.len(), 384);
+                let (cosine, max_abs) = compare(got, &expected[i]);
+                assert!(cosine >= 0.9999, "{name}, {sentence:?}: cosine {cosine}");
+                assert!(
+                    max_abs <= 1e-4,
+                    "{name}, {sentence:?}: max abs diff {max_abs}"
+                );
+            }
         }
     }
+    let described = json(
+        server.manage(reqwest::Method::GET, "/models/minilm-disk"),
+        200,
+    );
+    assert_eq!(described[0]["model"]["streamed_units"], 6);
 }
 
 #[test]

@@ -186,3 +186,59 @@ fn describe_shows_the_plan_and_gpu_plans_are_refused_on_this_build() {
         "{message}"
     );
 }
+
+#[test]
+fn units_planned_on_disk_are_streamed_and_answer_exactly_as_resident_ones() {
+    let fixture = Fixture::new();
+    let spec = TinyBert {
+        hidden_size: 64,
+        layers: 4,
+        ..TinyBert::default()
+    };
+    let model = fixture.tiny_bert("model", &spec);
+    let setups = [
+        ("resident", None),
+        (
+            "blocks-on-disk",
+            Some(r#"{"device_map": {"embeddings": "cpu", "encoder": "disk"}}"#),
+        ),
+        ("all-on-disk", Some(r#"{"device_map": "disk"}"#)),
+    ];
+    for (name, setup) in setups {
+        let mut extra = Vec::new();
+        if let Some(setup) = setup {
+            let dir = fixture.dir.path().join(format!("setup-{name}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("setup_config.json"), setup).unwrap();
+            extra.push(dir.join("setup_config.json").to_str().unwrap().to_string());
+        }
+        let mut args = vec![];
+        if let Some(path) = extra.first() {
+            args.extend(["--extra-files", path.as_str()]);
+        }
+        fixture.archive(name, "1.0", "text_embedding", Some(&model), &args);
+    }
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let body = r#"{"inputs": ["hello world", "the quick brown fox jumps over the lazy spillway"]}"#;
+    let reference = json(server.predict("resident", body), 200);
+    for (name, streamed) in [("blocks-on-disk", 4), ("all-on-disk", 5)] {
+        for _ in 0..2 {
+            assert_eq!(json(server.predict(name, body), 200), reference, "{name}");
+        }
+        let described = json(server.manage(Method::GET, &format!("/models/{name}")), 200);
+        assert_eq!(
+            described[0]["model"]["streamed_units"], streamed,
+            "{name}: {described}"
+        );
+        let on_disk = described[0]["placement"]["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["device"] == "disk")
+            .count();
+        assert_eq!(on_disk, streamed, "{name}");
+    }
+    let described = json(server.manage(Method::GET, "/models/resident"), 200);
+    assert_eq!(described[0]["model"]["streamed_units"], 0);
+}

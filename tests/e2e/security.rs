@@ -39,6 +39,7 @@ fn tokens_guard_the_apis_they_are_set_for() {
             ("SPILLWAY_INFERENCE_TOKEN", "i-secret"),
         ],
     );
+    server.wait_healthy(); // /ping needs no token
     error(server.manage(Method::GET, "/models"), 401);
     let wrong = server
         .http

@@ -18,12 +18,17 @@ use crate::app::{AppState, Health};
 use crate::error::{Error, Result};
 use crate::http::Body;
 
-pub fn router(state: AppState) -> Router {
+/// The predictions routes (guarded by the inference token when one is set).
+pub fn predictions(state: AppState) -> Router {
     Router::new()
-        .route("/ping", get(ping))
         .route("/predictions/{model}", post(predict_default))
         .route("/predictions/{model}/{version}", post(predict_version))
         .with_state(state)
+}
+
+/// `/ping`, never guarded: health probes carry no credentials.
+pub fn health(state: AppState) -> Router {
+    Router::new().route("/ping", get(ping)).with_state(state)
 }
 
 async fn ping(State(state): State<AppState>) -> Response {

@@ -28,7 +28,9 @@ use crate::error::Error;
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
     let limit = state.config().max_request_size;
-    guarded(inference::router(state), token).layer(axum::extract::DefaultBodyLimit::max(limit))
+    guarded(inference::predictions(state.clone()), token)
+        .merge(inference::health(state))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
 }
 
 pub fn management_router(state: AppState) -> Router {

@@ -232,6 +232,7 @@ pub fn device_name(device: &Device) -> String {
 mod tests {
     use super::*;
     use crate::files::FolderFiles;
+    use candle_transformers::models::bert::BertModel;
     use crate::testing::TinyBert;
 
     fn texts(batch: &[&[&str]]) -> Vec<Input> {

@@ -165,7 +165,7 @@ impl MappedBert {
     ) -> candle_core::Result<Tensor> {
         let hidden = self
             .stack
-            .forward(None::<Tensor>, |unit, device, hidden| match unit {
+            .forward(None::<Tensor>, |_, unit, device, hidden| match unit {
                 BertUnit::Embeddings(model) => {
                     let ids = ids.to_device(device)?;
                     model

@@ -110,12 +110,12 @@ impl<M: Send + Sync> LayerStack<M> {
         }
     }
 
-    /// Runs `step(module, device, state)` for every unit in order and returns the final
-    /// state. `step` moves its inputs to `device` (the unit's device).
+    /// Runs `step(index, module, device, state)` for every unit in order and returns the
+    /// final state. `step` moves its inputs to `device` (the unit's device).
     pub fn forward<S>(
         &self,
         mut state: S,
-        mut step: impl FnMut(&M, &Device, S) -> Result<S>,
+        mut step: impl FnMut(usize, &M, &Device, S) -> Result<S>,
     ) -> Result<S> {
         std::thread::scope(|scope| {
             let mut ahead: Option<(usize, std::thread::ScopedJoinHandle<'_, Result<M>>)> = None;
@@ -143,7 +143,7 @@ impl<M: Send + Sync> LayerStack<M> {
                         unreachable!("a streamed unit is built above")
                     }
                 };
-                state = step(module, &unit.device, state)?;
+                state = step(i, module, &unit.device, state)?;
                 drop(owned);
                 if let Weights::Streamed {
                     source,
@@ -197,14 +197,16 @@ mod tests {
         stack.push_resident("z", Device::Cpu, 1000u64);
         let mut seen = Vec::new();
         let total = stack
-            .forward(0u64, |m, _, acc| {
+            .forward(0u64, |_, m, _, acc| {
                 seen.push(*m);
                 Ok(acc + m)
             })
             .expect("forward");
         assert_eq!(total, 1111);
         assert_eq!(seen, [1, 10, 100, 1000]);
-        stack.forward(0u64, |m, _, acc| Ok(acc + m)).expect("again");
+        stack
+            .forward(0u64, |_, m, _, acc| Ok(acc + m))
+            .expect("again");
         assert_eq!(
             builds.load(Ordering::SeqCst),
             4,
@@ -221,7 +223,7 @@ mod tests {
             Err(candle_core::Error::Msg("broken".into()))
         });
         let err = stack
-            .forward(0u64, |m, _, acc| Ok(acc + m))
+            .forward(0u64, |_, m, _, acc| Ok(acc + m))
             .expect_err("must fail");
         assert!(err.to_string().contains("broken"));
     }

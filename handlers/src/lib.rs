@@ -14,6 +14,7 @@
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
+//! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
 //! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
 //! - [`echo`]: returns its input unchanged; measures the server itself.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod files;
 pub mod handler;
 pub mod layer_stack;
+pub mod llama;
 pub mod sentence_transformers;
 pub mod text_embedding;
 pub mod weights;

@@ -186,3 +186,88 @@ fn tokenizer_json() -> serde_json::Value {
                   "max_input_chars_per_word": 100, "vocab": vocab}
     })
 }
+
+/// The shape of a tiny Llama-family decoder.
+#[derive(Debug, Clone)]
+pub struct TinyLlama {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl Default for TinyLlama {
+    fn default() -> Self {
+        Self {
+            hidden_size: 32,
+            layers: 3,
+            heads: 4,
+            kv_heads: 2,
+            intermediate_size: 48,
+            vocab_size: 64,
+            tie_word_embeddings: true,
+        }
+    }
+}
+
+impl TinyLlama {
+    pub fn config(&self) -> serde_json::Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "vocab_size": self.vocab_size,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32"
+        })
+    }
+
+    /// Writes config.json and random weights (initialised by candle-transformers' own
+    /// `Llama::load`; RMSNorm weights are then randomised too, so norms are not trivial).
+    pub fn write(&self, dir: &Path) -> Result<(), HandlerError> {
+        use candle_transformers::models::llama;
+        let io = |source| HandlerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let config_json = self.config();
+        std::fs::write(dir.join("config.json"), config_json.to_string()).map_err(io)?;
+        let config: llama::LlamaConfig = serde_json::from_value(config_json)
+            .map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let varmap = VarMap::new();
+        llama::Llama::load(
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            &config.into_config(false),
+        )
+        .context(|| "cannot initialise a random Llama".into())?;
+        {
+            let data = varmap
+                .data()
+                .lock()
+                .map_err(|_| HandlerError::Unsupported("varmap lock".into()))?;
+            for (name, var) in data.iter() {
+                if name.ends_with("norm.weight") {
+                    let noise = candle_core::Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu)
+                        .context(|| "random norm".into())?;
+                    var.set(&noise).context(|| "set norm".into())?;
+                }
+            }
+        }
+        varmap
+            .save(dir.join("model.safetensors"))
+            .context(|| "cannot save random Llama weights".into())
+    }
+}

@@ -232,8 +232,8 @@ pub fn device_name(device: &Device) -> String {
 mod tests {
     use super::*;
     use crate::files::FolderFiles;
-    use candle_transformers::models::bert::BertModel;
     use crate::testing::TinyBert;
+    use candle_transformers::models::bert::BertModel;
 
     fn texts(batch: &[&[&str]]) -> Vec<Input> {
         batch

@@ -1,0 +1,629 @@
+//! Llama-family decoders (Llama, SmolLM2, Mistral and Qwen2 shapes: RoPE, RMSNorm, SwiGLU,
+//! grouped-query attention, tied embeddings) as a [`LayerStack`] with a KV cache.
+//!
+//! candle-transformers' `llama` keeps its blocks, cache and weights private and on one
+//! device, so the blocks are written here — with the same math (attention in f32, the same
+//! RoPE tables and causal mask), which the tests check against it on the same weights.
+//! Units follow the checkpoint: `model.embed_tokens`, `model.layers.N`, `model.norm`, and
+//! `lm_head` unless it is tied to the embedding (then the head reuses the embedding's
+//! weight: shared when the embedding is resident, read again when it is streamed).
+
+use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use serde::Deserialize;
+
+use crate::bert::UnitPlacement;
+use crate::error::CandleContext;
+use crate::layer_stack::LayerStack;
+use crate::{HandlerError, WeightSource};
+
+/// config.json of a Llama-family model (the keys the math needs).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    /// One id or a list.
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+
+fn default_max_positions() -> usize {
+    4096
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// End-of-sequence ids.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(ids)) => ids
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|n| n as u32)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Per-sequence state: each block's keys and values so far, and the next position.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    pub position: usize,
+}
+
+impl KvCache {
+    pub fn new(blocks: usize) -> Self {
+        Self {
+            layers: vec![None; blocks],
+            position: 0,
+        }
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    // Qwen2 puts biases on q/k/v; Llama has none.
+    if vb.contains_tensor("bias") {
+        candle_nn::linear(in_dim, out_dim, vb)
+    } else {
+        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    }
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        Ok(Self {
+            q: linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k: linear(h, cfg.kv_heads() * hd, vb.pp("k_proj"))?,
+            v: linear(h, cfg.kv_heads() * hd, vb.pp("v_proj"))?,
+            o: candle_nn::linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim: hd,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &mut Option<(Tensor, Tensor)>,
+        pos: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (b, seq, _) = x.dims3()?;
+        let shape =
+            |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2);
+        let q = shape(self.q.forward(x)?, self.heads)?.contiguous()?;
+        let k = shape(self.k.forward(x)?, self.kv_heads)?.contiguous()?;
+        let v = shape(self.v.forward(x)?, self.kv_heads)?;
+        let q = rope.apply(&q, pos)?;
+        let mut k = rope.apply(&k, pos)?;
+        let mut v = v;
+        if let Some((past_k, past_v)) = kv.as_ref() {
+            k = Tensor::cat(&[past_k, &k], 2)?.contiguous()?;
+            v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
+        }
+        *kv = Some((k.clone(), v.clone()));
+        let repeat = self.heads / self.kv_heads;
+        let k = candle_transformers::utils::repeat_kv(k, repeat)?;
+        let v = candle_transformers::utils::repeat_kv(v, repeat)?;
+        let in_dtype = q.dtype();
+        let (q, k, v) = (
+            q.to_dtype(DType::F32)?,
+            k.to_dtype(DType::F32)?,
+            v.to_dtype(DType::F32)?,
+        );
+        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = if seq == 1 {
+            att
+        } else {
+            let mask = candle_transformers::utils::build_causal_mask(seq, pos, att.device())?
+                .broadcast_as(att.shape())?;
+            let neg_inf =
+                Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(att.shape())?;
+            mask.where_cond(&neg_inf, &att)?
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?.to_dtype(in_dtype)?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, seq, self.heads * self.head_dim))?;
+        self.o.forward(&y)
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (candle_nn::ops::silu(&self.gate.forward(x)?)? * self.up.forward(x)?)?;
+        self.down.forward(&x)
+    }
+}
+
+/// One transformer block.
+pub struct Block {
+    input_norm: RmsNorm,
+    attention: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            input_norm: candle_nn::rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("input_layernorm"),
+            )?,
+            attention: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_norm: candle_nn::rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        kv: &mut Option<(Tensor, Tensor)>,
+        pos: usize,
+    ) -> candle_core::Result<Tensor> {
+        let h = (self
+            .attention
+            .forward(&self.input_norm.forward(x)?, rope, kv, pos)?
+            + x)?;
+        self.mlp.forward(&self.post_norm.forward(&h)?)? + h
+    }
+}
+
+/// RoPE tables (non-interleaved halves, as HF checkpoints expect).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let hd = cfg.head_dim();
+        let theta = cfg.rope_theta as f32;
+        let inv: Vec<f32> = (0..hd)
+            .step_by(2)
+            .map(|i| 1f32 / theta.powf(i as f32 / hd as f32))
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), device)?;
+        let positions = Tensor::arange(0, cfg.max_position_embeddings as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.max_position_embeddings, 1))?;
+        let angles = positions.matmul(&inv.reshape((1, inv.elem_count()))?)?;
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        candle_nn::rotary_emb::rope(x, &cos, &sin)
+    }
+}
+
+/// One unit of a Llama stack.
+pub enum LlamaUnit {
+    Embeddings(Embedding),
+    Block(Box<Block>),
+    Norm(RmsNorm),
+    Head(Linear),
+}
+
+/// Where the output head's weight comes from.
+enum Head {
+    /// An `lm_head` unit of the stack.
+    Own,
+    /// Tied to a resident embedding: the same tensor.
+    Shared(Linear),
+    /// Tied to a streamed embedding: read from disk again for the head.
+    Streamed {
+        source: WeightSource,
+        name: String,
+        dtype: DType,
+        device: Device,
+    },
+}
+
+/// A Llama-family decoder laid out by a plan.
+pub struct MappedLlama {
+    stack: LayerStack<LlamaUnit>,
+    config: LlamaConfig,
+    head: Head,
+    /// RoPE tables, built on the device of each block (CPU in this build).
+    rope: Rope,
+}
+
+fn device_of(placement: &UnitPlacement) -> &Device {
+    match placement {
+        UnitPlacement::Resident(d) | UnitPlacement::Streamed(d) => d,
+    }
+}
+
+impl MappedLlama {
+    /// Placement unit names, in order (as the planner names them).
+    pub fn unit_names(config: &LlamaConfig) -> Vec<String> {
+        let mut names = vec!["model.embed_tokens".to_string()];
+        names.extend((0..config.num_hidden_layers).map(|i| format!("model.layers.{i}")));
+        names.push("model.norm".into());
+        if !config.tie_word_embeddings {
+            names.push("lm_head".into());
+        }
+        names
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn load(
+        source: &WeightSource,
+        config: &LlamaConfig,
+        dtype: DType,
+        place: impl Fn(&str) -> Result<UnitPlacement, HandlerError>,
+    ) -> Result<Self, HandlerError> {
+        let mut stack = LayerStack::default();
+        let names = source.tensor_names();
+        let cfg = config.clone();
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+
+        let embed_place = place("model.embed_tokens")?;
+        let embed = {
+            let source = source.clone();
+            move |d: &Device| {
+                candle_nn::embedding(v, h, source.var_builder(dtype, d).pp("model.embed_tokens"))
+                    .map(LlamaUnit::Embeddings)
+            }
+        };
+        let head = if !cfg.tie_word_embeddings {
+            Head::Own
+        } else {
+            match &embed_place {
+                UnitPlacement::Resident(d) => {
+                    let weight = source
+                        .load("model.embed_tokens.weight", dtype, d)
+                        .context(|| "tied head".into())?;
+                    Head::Shared(Linear::new(weight, None))
+                }
+                UnitPlacement::Streamed(d) => Head::Streamed {
+                    source: source.clone(),
+                    name: "model.embed_tokens.weight".into(),
+                    dtype,
+                    device: d.clone(),
+                },
+            }
+        };
+        add(
+            &mut stack,
+            "model.embed_tokens",
+            embed_place,
+            source,
+            &names,
+            embed,
+        )?;
+        for i in 0..cfg.num_hidden_layers {
+            let name = format!("model.layers.{i}");
+            let build = {
+                let (source, cfg, name) = (source.clone(), cfg.clone(), name.clone());
+                move |d: &Device| {
+                    Block::load(source.var_builder(dtype, d).pp(&name), &cfg)
+                        .map(|b| LlamaUnit::Block(Box::new(b)))
+                }
+            };
+            add(&mut stack, &name, place(&name)?, source, &names, build)?;
+        }
+        let norm = {
+            let (source, eps) = (source.clone(), cfg.rms_norm_eps);
+            move |d: &Device| {
+                candle_nn::rms_norm(h, eps, source.var_builder(dtype, d).pp("model.norm"))
+                    .map(LlamaUnit::Norm)
+            }
+        };
+        add(
+            &mut stack,
+            "model.norm",
+            place("model.norm")?,
+            source,
+            &names,
+            norm,
+        )?;
+        if !cfg.tie_word_embeddings {
+            let head = {
+                let source = source.clone();
+                move |d: &Device| {
+                    candle_nn::linear_no_bias(h, v, source.var_builder(dtype, d).pp("lm_head"))
+                        .map(LlamaUnit::Head)
+                }
+            };
+            add(
+                &mut stack,
+                "lm_head",
+                place("lm_head")?,
+                source,
+                &names,
+                head,
+            )?;
+        }
+        let rope_device = stack
+            .units()
+            .get(1)
+            .map(|u| u.device.clone())
+            .unwrap_or(Device::Cpu);
+        let rope =
+            Rope::new(&cfg, dtype, &rope_device).context(|| "cannot build RoPE tables".into())?;
+        Ok(Self {
+            stack,
+            config: cfg,
+            head,
+            rope,
+        })
+    }
+
+    /// Units kept on disk and streamed each pass.
+    pub fn streamed_units(&self) -> usize {
+        self.stack
+            .units()
+            .iter()
+            .filter(|u| u.is_streamed())
+            .count()
+    }
+
+    /// Runs `tokens` (`[batch, seq]`) after what `cache` holds; returns the last
+    /// position's logits `[batch, vocab]` in f32 and advances the cache.
+    pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        if cache.layers.len() != self.config.num_hidden_layers {
+            *cache = KvCache::new(self.config.num_hidden_layers);
+        }
+        let pos = cache.position;
+        let seq = tokens.dim(1)?;
+        if pos + seq > self.config.max_position_embeddings {
+            return Err(candle_core::Error::Msg(format!(
+                "{} tokens exceed the model's {} positions",
+                pos + seq,
+                self.config.max_position_embeddings
+            )));
+        }
+        let mut block = 0;
+        let hidden = self.stack.forward(None::<Tensor>, |_, unit, device, x| {
+            Ok(Some(match unit {
+                LlamaUnit::Embeddings(e) => e.forward(&tokens.to_device(device)?)?,
+                LlamaUnit::Block(b) => {
+                    let x = need(x)?.to_device(device)?;
+                    let out = b.forward(&x, &self.rope, &mut cache.layers[block], pos)?;
+                    block += 1;
+                    out
+                }
+                LlamaUnit::Norm(n) => {
+                    let x = need(x)?.to_device(device)?;
+                    n.forward(&x.i((.., seq - 1, ..))?.contiguous()?.unsqueeze(1)?)?
+                }
+                LlamaUnit::Head(head) => head.forward(&need(x)?.to_device(device)?)?,
+            }))
+        })?;
+        let hidden = need(hidden)?;
+        let logits = match &self.head {
+            Head::Own => hidden,
+            Head::Shared(head) => head.forward(&hidden.to_device(head.weight().device())?)?,
+            Head::Streamed {
+                source,
+                name,
+                dtype,
+                device,
+            } => {
+                let head = Linear::new(source.load(name, *dtype, device)?, None);
+                head.forward(&hidden.to_device(device)?)?
+            }
+        };
+        cache.position += seq;
+        logits.squeeze(1)?.to_dtype(DType::F32)
+    }
+}
+
+fn need(x: Option<Tensor>) -> candle_core::Result<Tensor> {
+    x.ok_or_else(|| candle_core::Error::Msg("a unit ran before the embeddings".into()))
+}
+
+fn add(
+    stack: &mut LayerStack<LlamaUnit>,
+    name: &str,
+    placement: UnitPlacement,
+    source: &WeightSource,
+    all_tensors: &[String],
+    build: impl Fn(&Device) -> candle_core::Result<LlamaUnit> + Send + Sync + 'static,
+) -> Result<(), HandlerError> {
+    let device = device_of(&placement).clone();
+    let module = build(&device).context(|| format!("cannot load unit {name}"))?;
+    match placement {
+        UnitPlacement::Resident(_) => stack.push_resident(name, device, module),
+        UnitPlacement::Streamed(_) => {
+            drop(module);
+            let dotted = format!("{name}.");
+            let tensors = all_tensors
+                .iter()
+                .filter(|t| t.starts_with(&dotted))
+                .map(String::as_str);
+            let exec = device.clone();
+            stack.push_streamed(name, device, source.clone(), tensors, move || build(&exec));
+        }
+    }
+    Ok(())
+}
+
+/// Index of the largest logit.
+pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
+    logits.argmax(D::Minus1)?.to_scalar::<u32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TinyLlama;
+    use candle_transformers::models::llama as reference;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// Greedy decoding with candle-transformers' single-device Llama; the logits of each step.
+    fn reference_steps(dir: &std::path::Path, prompt: &[u32], steps: usize) -> Vec<Tensor> {
+        let config: reference::LlamaConfig =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))
+                .expect("parse");
+        let config = config.into_config(false);
+        #[allow(unsafe_code)]
+        // SAFETY: the test's own file, not modified while mapped.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &Device::Cpu,
+            )
+        }
+        .expect("vb");
+        let model = reference::Llama::load(vb, &config).expect("reference");
+        let mut cache =
+            reference::Cache::new(true, DType::F32, &config, &Device::Cpu).expect("cache");
+        let mut out = Vec::new();
+        let mut input = prompt.to_vec();
+        let mut pos = 0;
+        for _ in 0..steps {
+            let t = Tensor::new(input.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens");
+            let logits = model.forward(&t, pos, &mut cache).expect("forward");
+            pos += input.len();
+            let next = argmax(&logits.squeeze(0).expect("squeeze")).expect("argmax");
+            out.push(logits.squeeze(0).expect("squeeze"));
+            input = vec![next];
+        }
+        out
+    }
+
+    #[test]
+    fn every_placement_decodes_like_candles_single_device_llama() {
+        for tied in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let spec = TinyLlama {
+                tie_word_embeddings: tied,
+                ..TinyLlama::default()
+            };
+            spec.write(dir.path()).expect("write");
+            let prompt = [1u32, 5, 9, 14, 3, 7];
+            let want = reference_steps(dir.path(), &prompt, 6);
+            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+            let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+            let names = MappedLlama::unit_names(&config);
+            type OnDisk = fn(usize, usize) -> bool;
+            let layouts: [(&str, OnDisk); 4] = [
+                ("resident", |_, _| false),
+                ("all on disk", |_, _| true),
+                ("second half on disk", |i, n| i >= n / 2),
+                ("alternating", |i, _| i % 2 == 1),
+            ];
+            for (label, on_disk) in layouts {
+                let model = MappedLlama::load(&source, &config, DType::F32, |name| {
+                    let i = names.iter().position(|n| n == name).expect("known unit");
+                    Ok(if on_disk(i, names.len()) {
+                        UnitPlacement::Streamed(Device::Cpu)
+                    } else {
+                        UnitPlacement::Resident(Device::Cpu)
+                    })
+                })
+                .expect("load");
+                let mut cache = KvCache::default();
+                let mut input = prompt.to_vec();
+                for (step, expected) in want.iter().enumerate() {
+                    let t = Tensor::new(input.as_slice(), &Device::Cpu)
+                        .and_then(|t| t.unsqueeze(0))
+                        .expect("tokens");
+                    let logits = model
+                        .forward(&t, &mut cache)
+                        .expect("forward")
+                        .squeeze(0)
+                        .expect("squeeze");
+                    let diff = max_diff(&logits, expected);
+                    assert!(
+                        diff <= 1e-5,
+                        "tied={tied} {label}, step {step}: logits differ by {diff}"
+                    );
+                    input = vec![argmax(&logits).expect("argmax")];
+                }
+            }
+        }
+    }
+}

@@ -17,7 +17,7 @@ impl Handler for Echo {
             .iter()
             .map(|input| match input {
                 Input::Raw(body) => Ok(Output::Raw(body.clone())),
-                Input::Texts(_) => Err(HandlerError::Input("echo takes raw bodies".into())),
+                _ => Err(HandlerError::Input("echo takes raw bodies".into())),
             })
             .collect())
     }

@@ -25,6 +25,8 @@ pub enum Input {
     Texts(Vec<String>),
     /// The body as it came (the echo handler).
     Raw(RawBody),
+    /// A prompt and generation parameters (text_generation).
+    Generate(crate::text_generation::GenerateRequest),
 }
 
 /// One request's answer.
@@ -34,6 +36,8 @@ pub enum Output {
     Embeddings(Vec<Vec<f32>>),
     /// Bytes to send back as they are.
     Raw(RawBody),
+    /// A JSON document (generation results).
+    Json(serde_json::Value),
 }
 
 /// The built-in handlers, by the name used in archives (`--handler text_embedding`).
@@ -41,15 +45,21 @@ pub enum Output {
 #[serde(rename_all = "snake_case")]
 pub enum HandlerKind {
     TextEmbedding,
+    TextGeneration,
     Echo,
 }
 
 impl HandlerKind {
-    pub const ALL: [HandlerKind; 2] = [HandlerKind::TextEmbedding, HandlerKind::Echo];
+    pub const ALL: [HandlerKind; 3] = [
+        HandlerKind::TextEmbedding,
+        HandlerKind::TextGeneration,
+        HandlerKind::Echo,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             HandlerKind::TextEmbedding => "text_embedding",
+            HandlerKind::TextGeneration => "text_generation",
             HandlerKind::Echo => "echo",
         }
     }
@@ -172,6 +182,9 @@ pub fn load(
 ) -> Result<Arc<dyn Handler>, HandlerError> {
     Ok(match kind {
         HandlerKind::TextEmbedding => Arc::new(TextEmbedding::load(files, options)?),
+        HandlerKind::TextGeneration => Arc::new(crate::text_generation::TextGeneration::load(
+            files, options,
+        )?),
         HandlerKind::Echo => Arc::new(Echo),
     })
 }

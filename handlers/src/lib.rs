@@ -9,6 +9,8 @@
 //! - [`handler`]: the [`Handler`] trait, request [`Input`] / [`Output`], [`HandlerKind`]
 //!   and [`load`], which builds a handler by kind.
 //! - [`files`]: [`ModelFiles`], how a handler reads the files of its model archive.
+//! - [`gguf`]: GGUF models converted once to a HuggingFace-layout folder (weights,
+//!   config, tokenizer) in the offload folder.
 //! - [`weights`]: [`WeightSource`], safetensors mapped from disk (also from inside a
 //!   zip-store archive) and served to candle's `VarBuilder`; the crate's only `unsafe`.
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
@@ -16,6 +18,8 @@
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
 //! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
+//! - [`text_generation`]: Llama-family generation (greedy or seeded sampling, stop
+//!   sequences) behind a token iterator.
 //! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
 //! - [`echo`]: returns its input unchanged; measures the server itself.
 //! - [`error`]: [`HandlerError`], the crate's one error type.
@@ -25,11 +29,13 @@ pub mod bert;
 pub mod echo;
 pub mod error;
 pub mod files;
+pub mod gguf;
 pub mod handler;
 pub mod layer_stack;
 pub mod llama;
 pub mod sentence_transformers;
 pub mod text_embedding;
+pub mod text_generation;
 pub mod weights;
 
 #[cfg(any(test, feature = "testing"))]

@@ -186,7 +186,7 @@ impl Handler for TextEmbedding {
                             .map_err(|e| HandlerError::Input(format!("cannot tokenize input: {e}")))
                     })
                     .collect(),
-                Input::Raw(_) => Err(HandlerError::Input("text_embedding takes texts".into())),
+                _ => Err(HandlerError::Input("text_embedding takes texts".into())),
             })
             .collect();
 

@@ -375,11 +375,10 @@ impl ModelFiles for ZipFiles {
         Ok(Some(bytes))
     }
 
-    fn weights(&self, path: &str) -> Result<WeightSource, HandlerError> {
-        let entry = *self
-            .entries
-            .get(path)
-            .ok_or_else(|| HandlerError::MissingFile(path.to_string()))?;
+    fn locate(&self, path: &str) -> Result<Option<(PathBuf, std::ops::Range<u64>)>, HandlerError> {
+        let Some(&entry) = self.entries.get(path) else {
+            return Ok(None);
+        };
         if entry.stored {
             let mut zip = Self::reader(&self.path).map_err(|e| self.handler_error(e))?;
             let file = zip
@@ -388,27 +387,50 @@ impl ModelFiles for ZipFiles {
             let start = file
                 .data_start()
                 .ok_or_else(|| self.handler_error(format!("cannot locate the data of `{path}`")))?;
-            return WeightSource::open_range(&self.path, start..start + entry.size)
-                .map_err(|e| self.name_entry(path, e));
+            return Ok(Some((self.path.clone(), start..start + entry.size)));
         }
-        // Compressed weights cannot be mapped: inflate them once into the cache.
+        // Compressed entries cannot be mapped: inflate them once into the cache.
         let dir = self
             .cache_dir
             .join("inflated")
             .join(fingerprint(&self.path).map_err(|e| self.handler_error(e))?);
         let target = dir.join(path);
         if !target.is_file() {
-            fill_atomically(&dir, |staging| {
-                let out_path = staging.join(path);
-                if let Some(parent) = out_path.parent() {
-                    std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
-                }
-                let mut out = File::create(&out_path).map_err(Error::io(&out_path))?;
-                self.copy_entry(entry, &mut out).map_err(Error::from)
-            })
-            .map_err(|e| self.handler_error(e))?;
+            // Written under a temporary name and renamed, so a crash never leaves a
+            // truncated file that a restart would trust.
+            let parent = target.parent().unwrap_or(&dir).to_path_buf();
+            std::fs::create_dir_all(&parent).map_err(|e| self.handler_error(e))?;
+            let partial = parent.join(format!(".{}.partial-{}", entry.index, std::process::id()));
+            let written = File::create(&partial)
+                .map_err(|e| self.handler_error(e))
+                .and_then(|mut out| self.copy_entry(entry, &mut out))
+                .and_then(|()| {
+                    std::fs::rename(&partial, &target).map_err(|e| self.handler_error(e))
+                });
+            if written.is_err() {
+                let _ = std::fs::remove_file(&partial);
+            }
+            written?;
         }
-        WeightSource::open(&target).map_err(|e| self.name_entry(path, e))
+        Ok(Some((target, 0..entry.size)))
+    }
+
+    fn weights(&self, path: &str) -> Result<WeightSource, HandlerError> {
+        let (file, range) = self
+            .locate(path)?
+            .ok_or_else(|| HandlerError::MissingFile(path.to_string()))?;
+        WeightSource::open_range(&file, range).map_err(|e| self.name_entry(path, e))
+    }
+
+    fn find(&self, suffix: &str) -> Vec<String> {
+        let mut found: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| n.ends_with(suffix))
+            .cloned()
+            .collect();
+        found.sort();
+        found
     }
 }
 

@@ -76,11 +76,14 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
         )));
     }
     let files = collect_files(spec)?;
-    if spec.handler.needs_model_files()
-        && !files.iter().any(|(name, _)| name == "model.safetensors")
-    {
+    let has_weights = files.iter().any(|(name, _)| {
+        name == "model.safetensors"
+            || name == "model.safetensors.index.json"
+            || name.ends_with(".gguf")
+    });
+    if spec.handler.needs_model_files() && !has_weights {
         return Err(Error::BadRequest(format!(
-            "handler {} needs model.safetensors in the model folder",
+            "handler {} needs weights in the model folder (model.safetensors, a sharded index, or a .gguf)",
             spec.handler
         )));
     }
@@ -94,7 +97,7 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
             serialized_file: files
                 .iter()
                 .map(|(name, _)| name)
-                .find(|name| name.ends_with(".safetensors"))
+                .find(|name| name.ends_with(".safetensors") || name.ends_with(".gguf"))
                 .cloned(),
             config_file: spec
                 .config_file

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use spillway_handlers::{Handler, HandlerKind};
+use spillway_handlers::{Handler, HandlerKind, ModelFiles};
 use spillway_placement::{Device, Plan};
 
 use crate::app::AppState;
@@ -32,6 +32,9 @@ pub struct LoadRequest {
 pub struct Prepared {
     pub spec: ModelSpec,
     archive: OpenedArchive,
+    /// The model's weights, config and tokenizer: the archive itself, or for a GGUF
+    /// model the HF-layout folder converted from it.
+    model_files: Arc<dyn ModelFiles>,
 }
 
 /// Steps 1–3: everything short of reading weights. Blocking (a `.tar.gz` is unpacked).
@@ -75,8 +78,9 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     setup.load_options()?;
+    let model_files = model_files(&archive, &setup, &config.cache_dir)?;
     let plan = if handler.needs_model_files() {
-        let inventory = ModelInventory::read(&*archive.files)?;
+        let inventory = ModelInventory::read(&*model_files)?;
         let options = PlanOptions {
             batch_size: model_config.batch_size,
             max_length: None,
@@ -101,7 +105,44 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
             loaded_at_startup: request.loaded_at_startup,
         },
         archive,
+        model_files,
     })
+}
+
+/// The files a handler loads: the archive's, unless it holds a GGUF model and no
+/// safetensors, which is then converted once (dequantized to `torch_dtype`, float32 by
+/// default) into the offload folder — `offload_folder` from setup_config.json, else the
+/// server's cache — and served from there.
+fn model_files(
+    archive: &OpenedArchive,
+    setup: &SetupConfig,
+    cache_dir: &std::path::Path,
+) -> Result<Arc<dyn ModelFiles>> {
+    let ggufs = archive.files.find(".gguf");
+    if archive.files.locate("model.safetensors")?.is_some() || ggufs.is_empty() {
+        return Ok(archive.files.clone());
+    }
+    let gguf = archive
+        .manifest
+        .model
+        .serialized_file
+        .clone()
+        .filter(|f| f.ends_with(".gguf"))
+        .unwrap_or_else(|| ggufs[0].clone());
+    let root = setup
+        .offload_folder
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cache_dir.join("offload"));
+    let dtype = setup
+        .load_options()?
+        .dtype
+        .unwrap_or(spillway_handlers::DType::F32);
+    let started = Instant::now();
+    let folder = spillway_handlers::gguf::materialize(&*archive.files, &gguf, &root, dtype)
+        .map_err(|e| Error::bad_archive(&archive.path, crate::error::chain(&e)))?;
+    tracing::info!(gguf = %gguf, folder = %folder.display(), "GGUF ready in {:.2} s", started.elapsed().as_secs_f64());
+    Ok(Arc::new(spillway_handlers::files::FolderFiles::new(folder)))
 }
 
 /// This build executes units on the CPU, resident or streamed from disk; a plan that
@@ -154,7 +195,7 @@ fn check_name(name: &str) -> Result<()> {
 pub fn build(prepared: &Prepared) -> Result<Arc<dyn Handler>> {
     let mut options = prepared.spec.setup.load_options()?;
     options.plan = prepared.spec.plan.clone();
-    spillway_handlers::load(prepared.spec.handler, &*prepared.archive.files, &options)
+    spillway_handlers::load(prepared.spec.handler, &*prepared.model_files, &options)
         .map_err(|e| Error::bad_archive(&prepared.archive.path, crate::error::chain(&e)))
 }
 

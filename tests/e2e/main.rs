@@ -10,4 +10,5 @@ mod minilm;
 mod placement;
 mod security;
 mod shutdown;
+mod smollm2;
 mod support;

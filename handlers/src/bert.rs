@@ -189,14 +189,18 @@ impl MappedBert {
     }
 }
 
-/// `[batch, tokens]` 0/1 → `[batch, 1, 1, tokens]` additive mask, as BertModel builds it.
+/// `[batch, tokens]` 0/1 → `[batch, 1, 1, tokens]` additive mask: 0 where attended, the
+/// dtype's most negative finite value where padded (as transformers uses
+/// `torch.finfo(dtype).min`). candle's BertModel multiplies by `f32::MIN`, which is −inf
+/// in f16, so `0 · −inf` turns every attended position into NaN there.
 fn extended_attention_mask(mask: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
-    let mask = mask.unsqueeze(1)?.unsqueeze(1)?.to_dtype(dtype)?;
-    (mask.ones_like()? - &mask)?.broadcast_mul(
-        &Tensor::try_from(f32::MIN)?
-            .to_device(mask.device())?
-            .to_dtype(dtype)?,
-    )
+    let most_negative = match dtype {
+        DType::F16 => f32::from(half::f16::MIN),
+        DType::BF16 => f32::from(half::bf16::MIN),
+        _ => f32::MIN,
+    };
+    let mask = mask.unsqueeze(1)?.unsqueeze(1)?.to_dtype(DType::F32)?;
+    ((mask.ones_like()? - &mask)? * f64::from(most_negative))?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -280,6 +284,47 @@ mod tests {
                 assert_eq!(got.dims(), want.dims());
                 let diff = max_diff(&got, &want);
                 assert!(diff <= 1e-5, "{label}, pass {pass}: differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_stays_within_2e_2_of_the_f32_reference() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyBert {
+            layers: 3,
+            ..TinyBert::default()
+        };
+        spec.write(dir.path()).expect("write");
+        let config: Config = serde_json::from_value(spec.config()).expect("config");
+        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        let (ids, types, mask) = inputs();
+        let run = |dtype: DType, streamed: bool| {
+            MappedBert::load(&source, &config, dtype, |_| {
+                Ok(if streamed {
+                    UnitPlacement::Streamed(Device::Cpu)
+                } else {
+                    UnitPlacement::Resident(Device::Cpu)
+                })
+            })
+            .and_then(|m| m.forward(&ids, &types, &mask).context(|| "forward".into()))
+            .and_then(|t| t.to_dtype(DType::F32).context(|| "f32".into()))
+            .expect("run")
+        };
+        let want = run(DType::F32, false);
+        let scale = want
+            .abs()
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("max");
+        for dtype in [DType::F16, DType::BF16] {
+            for streamed in [false, true] {
+                let relative = max_diff(&run(dtype, streamed), &want) / scale;
+                assert!(
+                    relative <= 2e-2,
+                    "{dtype:?} streamed={streamed}: relative difference {relative}"
+                );
             }
         }
     }

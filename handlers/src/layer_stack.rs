@@ -72,6 +72,10 @@ impl<M: Send + Sync> LayerStack<M> {
         build: impl Fn() -> Result<M> + Send + Sync + 'static,
     ) {
         let span = source.span_of(tensors);
+        // Loading may have built the unit once to check it; its pages leave RSS now.
+        if let Some(span) = &span {
+            source.release(span);
+        }
         self.units.push(StackUnit {
             name: name.into(),
             device,

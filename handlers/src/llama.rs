@@ -345,32 +345,36 @@ impl MappedLlama {
                     .map(LlamaUnit::Embeddings)
             }
         };
-        let head = if !cfg.tie_word_embeddings {
-            Head::Own
-        } else {
-            match &embed_place {
-                UnitPlacement::Resident(d) => {
-                    let weight = source
-                        .load("model.embed_tokens.weight", dtype, d)
-                        .context(|| "tied head".into())?;
-                    Head::Shared(Linear::new(weight, None))
-                }
-                UnitPlacement::Streamed(d) => Head::Streamed {
-                    source: source.clone(),
-                    name: "model.embed_tokens.weight".into(),
-                    dtype,
-                    device: d.clone(),
-                },
+        let head = match (&embed_place, cfg.tie_word_embeddings) {
+            (_, false) => Head::Own,
+            (UnitPlacement::Resident(d), true) => {
+                // Build the resident embedding here, so the tied head shares its tensor
+                // (an Arc clone) instead of holding a second copy of the largest matrix.
+                let module = embed(d).context(|| "cannot load unit model.embed_tokens".into())?;
+                let LlamaUnit::Embeddings(embedding) = &module else {
+                    unreachable!("the embedding builder builds embeddings")
+                };
+                let head = Head::Shared(Linear::new(embedding.embeddings().clone(), None));
+                stack.push_resident("model.embed_tokens", d.clone(), module);
+                head
             }
+            (UnitPlacement::Streamed(d), true) => Head::Streamed {
+                source: source.clone(),
+                name: "model.embed_tokens.weight".into(),
+                dtype,
+                device: d.clone(),
+            },
         };
-        add(
-            &mut stack,
-            "model.embed_tokens",
-            embed_place,
-            source,
-            &names,
-            embed,
-        )?;
+        if stack.units().is_empty() {
+            add(
+                &mut stack,
+                "model.embed_tokens",
+                embed_place,
+                source,
+                &names,
+                embed,
+            )?;
+        }
         for i in 0..cfg.num_hidden_layers {
             let name = format!("model.layers.{i}");
             let build = {

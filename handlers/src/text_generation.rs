@@ -223,6 +223,7 @@ impl TextGeneration {
 
     fn respond(&self, request: &GenerateRequest) -> Result<Output, HandlerError> {
         let prompt = self.encode(&request.prompt)?;
+        let prompt_tokens = prompt.len();
         let mut generation = self.generate(prompt, &request.parameters)?;
         let mut ids = Vec::new();
         let mut finish = FinishReason::Length;
@@ -255,6 +256,7 @@ impl TextGeneration {
         if request.parameters.details {
             answer["details"] = serde_json::json!({
                 "finish_reason": finish.name(),
+                "prompt_tokens": prompt_tokens,
                 "generated_tokens": ids.len(),
                 "token_ids": ids,
             });

@@ -45,13 +45,15 @@ pub enum Output {
 #[serde(rename_all = "snake_case")]
 pub enum HandlerKind {
     TextEmbedding,
+    TextClassification,
     TextGeneration,
     Echo,
 }
 
 impl HandlerKind {
-    pub const ALL: [HandlerKind; 3] = [
+    pub const ALL: [HandlerKind; 4] = [
         HandlerKind::TextEmbedding,
+        HandlerKind::TextClassification,
         HandlerKind::TextGeneration,
         HandlerKind::Echo,
     ];
@@ -60,6 +62,7 @@ impl HandlerKind {
         match self {
             HandlerKind::TextEmbedding => "text_embedding",
             HandlerKind::TextGeneration => "text_generation",
+            HandlerKind::TextClassification => "text_classification",
             HandlerKind::Echo => "echo",
         }
     }
@@ -182,6 +185,9 @@ pub fn load(
 ) -> Result<Arc<dyn Handler>, HandlerError> {
     Ok(match kind {
         HandlerKind::TextEmbedding => Arc::new(TextEmbedding::load(files, options)?),
+        HandlerKind::TextClassification => Arc::new(
+            crate::text_classification::TextClassification::load(files, options)?,
+        ),
         HandlerKind::TextGeneration => Arc::new(crate::text_generation::TextGeneration::load(
             files, options,
         )?),

@@ -17,7 +17,9 @@
 //!   streams disk units from their memory map with read-ahead.
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
 //! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
+//! - [`bert_text`]: tokenization and batching shared by the BERT text handlers.
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
+//! - [`text_classification`]: `BertForSequenceClassification`, labels from `id2label`.
 //! - [`text_generation`]: Llama-family generation (greedy or seeded sampling, stop
 //!   sequences) behind a token iterator.
 //! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
@@ -26,6 +28,7 @@
 //! - `testing` (feature `testing`): tiny random-weight models for tests.
 
 pub mod bert;
+pub mod bert_text;
 pub mod echo;
 pub mod error;
 pub mod files;
@@ -34,6 +37,7 @@ pub mod handler;
 pub mod layer_stack;
 pub mod llama;
 pub mod sentence_transformers;
+pub mod text_classification;
 pub mod text_embedding;
 pub mod text_generation;
 pub mod weights;

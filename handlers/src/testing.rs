@@ -141,6 +141,50 @@ impl TinyBert {
     }
 }
 
+impl TinyBert {
+    /// Writes a `BertForSequenceClassification`: this BERT's encoder under `bert.`, a
+    /// random pooler, and a classifier over `labels` (in config.json's `id2label`).
+    pub fn write_sequence_classifier(
+        &self,
+        dir: &Path,
+        labels: &[&str],
+    ) -> Result<(), HandlerError> {
+        self.write(dir)?;
+        let weights = dir.join("model.safetensors");
+        let mut tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            crate::WeightSource::open(&weights)?
+                .load_all(&Device::Cpu)
+                .context(|| "cannot read the encoder".into())?
+                .into_iter()
+                .map(|(k, v)| (format!("bert.{k}"), v))
+                .collect();
+        let h = self.hidden_size;
+        let rand = |shape: &[usize]| {
+            candle_core::Tensor::randn(0f32, 0.5, shape, &Device::Cpu).context(|| "random".into())
+        };
+        tensors.insert("bert.pooler.dense.weight".into(), rand(&[h, h])?);
+        tensors.insert("bert.pooler.dense.bias".into(), rand(&[h])?);
+        tensors.insert("classifier.weight".into(), rand(&[labels.len(), h])?);
+        tensors.insert("classifier.bias".into(), rand(&[labels.len()])?);
+        candle_core::safetensors::save(&tensors, &weights)
+            .context(|| "cannot save the classifier".into())?;
+        let mut config = self.config();
+        config["architectures"] = json!(["BertForSequenceClassification"]);
+        config["id2label"] = labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), json!(l)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        std::fs::write(dir.join("config.json"), config.to_string()).map_err(|source| {
+            HandlerError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }
+        })
+    }
+}
+
 /// A WordPiece tokenizer.json in the layout BERT checkpoints ship, with fixed padding and
 /// truncation at 128 as MiniLM's has (the handler must override both).
 fn tokenizer_json() -> serde_json::Value {
@@ -197,6 +241,8 @@ pub struct TinyLlama {
     pub intermediate_size: usize,
     pub vocab_size: usize,
     pub tie_word_embeddings: bool,
+    /// Weights are a deterministic function of this seed.
+    pub seed: u64,
 }
 
 impl Default for TinyLlama {
@@ -209,6 +255,7 @@ impl Default for TinyLlama {
             intermediate_size: 48,
             vocab_size: 64,
             tie_word_embeddings: true,
+            seed: 7,
         }
     }
 }
@@ -234,8 +281,9 @@ impl TinyLlama {
         })
     }
 
-    /// Writes config.json and random weights (initialised by candle-transformers' own
-    /// `Llama::load`; RMSNorm weights are then randomised too, so norms are not trivial).
+    /// Writes config.json and weights: the tensors candle-transformers' own `Llama::load`
+    /// asks for, filled deterministically from `seed` (RMSNorm weights too, so norms are
+    /// not trivial), so a test sees the same model on every run.
     pub fn write(&self, dir: &Path) -> Result<(), HandlerError> {
         use candle_transformers::models::llama;
         let io = |source| HandlerError::Io {
@@ -253,21 +301,51 @@ impl TinyLlama {
             &config.into_config(false),
         )
         .context(|| "cannot initialise a random Llama".into())?;
-        {
-            let data = varmap
-                .data()
-                .lock()
-                .map_err(|_| HandlerError::Unsupported("varmap lock".into()))?;
-            for (name, var) in data.iter() {
-                if name.ends_with("norm.weight") {
-                    let noise = candle_core::Tensor::rand(0.5f32, 1.5, var.shape(), &Device::Cpu)
-                        .context(|| "random norm".into())?;
-                    var.set(&noise).context(|| "set norm".into())?;
-                }
-            }
-        }
+        reseed(&varmap, self.seed)?;
         varmap
             .save(dir.join("model.safetensors"))
             .context(|| "cannot save random Llama weights".into())
     }
+}
+
+/// Refills every variable deterministically from `seed`: norm weights uniform in
+/// [0.5, 1.5], embeddings in [-1, 1], other matrices in ±1/sqrt(fan_in) (kaiming-uniform's
+/// range), biases in ±0.1.
+fn reseed(varmap: &VarMap, seed: u64) -> Result<(), HandlerError> {
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| HandlerError::Unsupported("a VarMap lock was poisoned".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let (low, high) = if name.to_ascii_lowercase().ends_with("norm.weight") {
+            (0.5, 1.5)
+        } else if name.contains("embed") {
+            (-1.0, 1.0)
+        } else if name.ends_with("bias") {
+            (-0.1, 0.1)
+        } else {
+            let bound = 1.0 / (*dims.last().unwrap_or(&1) as f32).sqrt();
+            (-bound, bound)
+        };
+        let values: Vec<f32> = (0..var.elem_count())
+            .map(|_| {
+                // xorshift64*
+                state ^= state >> 12;
+                state ^= state << 25;
+                state ^= state >> 27;
+                let unit =
+                    (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32 / (1u64 << 24) as f32;
+                low + (high - low) * unit
+            })
+            .collect();
+        let tensor = candle_core::Tensor::from_vec(values, dims, &Device::Cpu)
+            .context(|| format!("reseed {name}"))?;
+        var.set(&tensor).context(|| format!("reseed {name}"))?;
+    }
+    Ok(())
 }

@@ -6,11 +6,10 @@
 //! sentence-transformers does. A batch's texts are tokenized one by one (a bad text
 //! fails alone), padded to the longest in each chunk, and run through the model.
 
-use candle_core::{D, DType, Device, Tensor};
-use candle_transformers::models::bert::Config as BertConfig;
-
 use crate::bert::MappedBert;
-use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use crate::bert_text::BertText;
+use candle_core::{D, DType, Device, Tensor};
+use tokenizers::Encoding;
 
 use crate::error::CandleContext;
 use crate::handler::decode_texts;
@@ -26,11 +25,9 @@ const MAX_TEXTS_PER_FORWARD: usize = 64;
 /// A loaded BERT sentence-embedding model.
 pub struct TextEmbedding {
     model: MappedBert,
-    tokenizer: Tokenizer,
+    text: BertText,
     pooling: Pooling,
     normalize: bool,
-    max_tokens: usize,
-    pad_id: u32,
     device: Device,
     dtype: DType,
     parameters: usize,
@@ -38,51 +35,12 @@ pub struct TextEmbedding {
 
 impl TextEmbedding {
     pub fn load(files: &dyn ModelFiles, options: &LoadOptions) -> Result<Self, HandlerError> {
-        let config_bytes = files.read_required("config.json")?;
-        let family: serde_json::Value = serde_json::from_slice(&config_bytes)
-            .map_err(|e| HandlerError::bad_file("config.json", e))?;
-        let model_type = family
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        if model_type != "bert" {
-            return Err(HandlerError::Unsupported(format!(
-                "text_embedding serves BERT-family encoders (config.json model_type \"bert\"), \
-                 this model's model_type is {:?}",
-                model_type
-            )));
-        }
-        let config: BertConfig = serde_json::from_slice(&config_bytes)
-            .map_err(|e| HandlerError::bad_file("config.json", e))?;
         let sentence = SentenceTransformerConfig::read(files)?;
-
-        let max_tokens = [options.max_length, sentence.max_seq_length]
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or(config.max_position_embeddings)
-            .min(config.max_position_embeddings);
-        let mut tokenizer = Tokenizer::from_bytes(files.read_required("tokenizer.json")?)
-            .map_err(|e| HandlerError::bad_file("tokenizer.json", e))?;
-        // tokenizer.json often carries its own truncation and fixed padding (MiniLM's pads
-        // everything to 128); padding is done per batch here, truncation at max_tokens.
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
-                max_length: max_tokens,
-                strategy: TruncationStrategy::LongestFirst,
-                stride: 0,
-            }))
-            .map_err(|source| HandlerError::Tokenizer {
-                context: "cannot set truncation".into(),
-                source,
-            })?;
-        let pad_id = tokenizer
-            .get_padding()
-            .map(|p| p.pad_id)
-            .unwrap_or(config.pad_token_id as u32);
-        tokenizer.with_padding(None);
-
+        let text = BertText::load(
+            files,
+            "text_embedding",
+            options.max_length.or(sentence.max_seq_length),
+        )?;
         let weights = files.weights("model.safetensors")?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let parameters = weights
@@ -91,14 +49,14 @@ impl TextEmbedding {
             .filter_map(|name| weights.info(name))
             .map(|info| info.shape.iter().product::<usize>())
             .sum();
-        let model = MappedBert::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
+        let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
+            options.placement_of(unit)
+        })?;
         Ok(Self {
             model,
-            tokenizer,
+            text,
             pooling: sentence.pooling,
             normalize: sentence.normalize,
-            max_tokens,
-            pad_id,
             device: options.device.clone(),
             dtype,
             parameters,
@@ -107,24 +65,12 @@ impl TextEmbedding {
 
     /// Embeds already tokenized texts in one forward pass.
     fn embed(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, HandlerError> {
-        let batch = encodings.len();
-        let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![self.pad_id; batch * len];
-        let mut type_ids = vec![0u32; batch * len];
-        let mut mask = vec![0u32; batch * len];
-        for (row, encoding) in encodings.iter().enumerate() {
-            let at = row * len;
-            let n = encoding.len();
-            ids[at..at + n].copy_from_slice(encoding.get_ids());
-            type_ids[at..at + n].copy_from_slice(encoding.get_type_ids());
-            mask[at..at + n].copy_from_slice(encoding.get_attention_mask());
-        }
         let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let ids = Tensor::from_vec(ids, (batch, len), &self.device)?;
-            let type_ids = Tensor::from_vec(type_ids, (batch, len), &self.device)?;
-            let mask = Tensor::from_vec(mask, (batch, len), &self.device)?;
-            let hidden = self.model.forward(&ids, &type_ids, &mask)?;
-            let hidden = hidden.to_dtype(DType::F32)?;
+            let (ids, type_ids, mask) = self.text.tensors(encodings, &self.device)?;
+            let hidden = self
+                .model
+                .forward(&ids, &type_ids, &mask)?
+                .to_dtype(DType::F32)?;
             let pooled = pool(&hidden, &mask, self.pooling)?;
             let pooled = if self.normalize {
                 l2_normalize(&pooled)?
@@ -133,7 +79,7 @@ impl TextEmbedding {
             };
             pooled.to_vec2()
         };
-        forward().context(|| format!("BERT forward pass failed (batch {batch} x {len} tokens)"))
+        forward().context(|| format!("BERT forward pass failed (batch of {})", encodings.len()))
     }
 }
 
@@ -174,22 +120,7 @@ impl Handler for TextEmbedding {
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
-        // Tokenize each request on its own so that one bad text fails only its request.
-        let encoded: Vec<Result<Vec<Encoding>, HandlerError>> = batch
-            .iter()
-            .map(|input| match input {
-                Input::Texts(texts) => texts
-                    .iter()
-                    .map(|text| {
-                        self.tokenizer
-                            .encode(text.as_str(), true)
-                            .map_err(|e| HandlerError::Input(format!("cannot tokenize input: {e}")))
-                    })
-                    .collect(),
-                _ => Err(HandlerError::Input("text_embedding takes texts".into())),
-            })
-            .collect();
-
+        let encoded = self.text.encode_each(batch, "text_embedding");
         let all: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
         let mut embeddings = Vec::with_capacity(all.len());
         for chunk in all.chunks(MAX_TEXTS_PER_FORWARD) {
@@ -212,7 +143,7 @@ impl Handler for TextEmbedding {
             architecture: Some("bert".into()),
             dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
             device: device_name(&self.device),
-            max_input_tokens: Some(self.max_tokens),
+            max_input_tokens: Some(self.text.max_tokens),
             streamed_units: Some(self.model.streamed_units()),
             parameters: Some(self.parameters),
         }
@@ -233,7 +164,8 @@ mod tests {
     use super::*;
     use crate::files::FolderFiles;
     use crate::testing::TinyBert;
-    use candle_transformers::models::bert::BertModel;
+    use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+    use tokenizers::Tokenizer;
 
     fn texts(batch: &[&[&str]]) -> Vec<Input> {
         batch

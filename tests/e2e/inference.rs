@@ -230,3 +230,45 @@ fn a_full_queue_answers_503_with_retry_after_and_slow_answers_time_out_with_504(
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn text_classification_answers_a_label_and_score_per_text() {
+    let fixture = Fixture::new();
+    let dir = fixture.dir.path().join("classifier");
+    spillway_handlers::testing::TinyBert::default()
+        .write_sequence_classifier(&dir, &["negative", "positive"])
+        .unwrap();
+    fixture.archive("sentiment", "1.0", "text_classification", Some(&dir), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let answer = json(
+        server.predict(
+            "sentiment",
+            r#"{"inputs": ["i love rust", "the fox is slow"]}"#,
+        ),
+        200,
+    );
+    let answers = answer.as_array().unwrap();
+    assert_eq!(answers.len(), 2);
+    for a in answers {
+        assert!(
+            ["negative", "positive"].contains(&a["label"].as_str().unwrap()),
+            "{a}"
+        );
+        let score = a["score"].as_f64().unwrap();
+        assert!(
+            (0.5..=1.0).contains(&score),
+            "the top of two labels has at least half the mass: {a}"
+        );
+    }
+    let described = json(server.manage(Method::GET, "/models/sentiment"), 200);
+    assert_eq!(described[0]["handler"], "text_classification");
+    let units: Vec<_> = described[0]["placement"]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(units.first().map(String::as_str), Some("bert.embeddings"));
+    assert!(units.contains(&"classifier".to_string()), "{units:?}");
+}

@@ -176,3 +176,42 @@ impl std::io::Seek for RangeReader {
         Ok(relative as u64)
     }
 }
+
+/// A model's files with `model.safetensors` replaced by another file (its converted copy
+/// in the offload folder); everything else comes from `base`.
+pub struct WithWeights {
+    base: std::sync::Arc<dyn ModelFiles>,
+    weights: std::path::PathBuf,
+}
+
+impl WithWeights {
+    pub fn new(base: std::sync::Arc<dyn ModelFiles>, weights: std::path::PathBuf) -> Self {
+        Self { base, weights }
+    }
+}
+
+impl ModelFiles for WithWeights {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, HandlerError> {
+        self.base.read(path)
+    }
+
+    fn locate(
+        &self,
+        path: &str,
+    ) -> Result<Option<(std::path::PathBuf, std::ops::Range<u64>)>, HandlerError> {
+        if path != "model.safetensors" {
+            return self.base.locate(path);
+        }
+        let len = std::fs::metadata(&self.weights)
+            .map_err(|source| HandlerError::Io {
+                path: self.weights.clone(),
+                source,
+            })?
+            .len();
+        Ok(Some((self.weights.clone(), 0..len)))
+    }
+
+    fn find(&self, suffix: &str) -> Vec<String> {
+        self.base.find(suffix)
+    }
+}

@@ -8,7 +8,7 @@
 //! memory of the conversion is one tensor, never the state dict.
 
 use std::collections::HashMap;
-use std::io::{Seek, Write};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::error::CandleContext;
 use crate::files::RangeReader;
+use crate::offload::{self, PlannedTensor};
 use crate::{HandlerError, ModelFiles};
 
 /// Where a GGUF model's HF-layout copy lives, writing it if needed; returns the folder.
@@ -29,57 +30,10 @@ pub fn materialize(
     let (path, range) = files
         .locate(gguf)?
         .ok_or_else(|| HandlerError::MissingFile(gguf.to_string()))?;
-    let meta = std::fs::metadata(&path).map_err(|source| HandlerError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let modified = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let stem: String = gguf
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let key = format!(
-        "{stem}-{:x}-{:x}-{modified:x}-{}",
-        range.start,
-        range.end - range.start,
-        format!("{dtype:?}").to_lowercase()
-    );
-    let folder = offload_root.join(key);
-    if folder.join("model.safetensors").is_file() {
-        return Ok(folder);
-    }
-    let staging = offload_root.join(format!(
-        ".partial-{}-{}",
-        std::process::id(),
-        folder
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("gguf")
-    ));
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| HandlerError::Io { path: p, source }
-    };
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-    let written = convert(&path, range, &staging, dtype);
-    let result = written.and_then(|()| match std::fs::rename(&staging, &folder) {
-        Ok(()) => Ok(()),
-        Err(_) if folder.join("model.safetensors").is_file() => Ok(()),
-        Err(e) => Err(io(&folder)(e)),
-    });
-    let _ = std::fs::remove_dir_all(&staging);
-    result.map(|()| folder)
+    let key = offload::fingerprint(&path, &range, dtype)?;
+    offload::folder(offload_root, &key, "model.safetensors", |staging| {
+        convert(&path, range.clone(), staging, dtype)
+    })
 }
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
@@ -189,50 +143,25 @@ fn convert(
         .filter_map(|g| hf_name(g, heads, kv_heads, permuted).map(|(hf, p)| (g.clone(), hf, p)))
         .collect();
     names.sort_by(|a, b| a.1.cmp(&b.1));
-    let element = match dtype {
-        DType::F32 => 4,
-        DType::F16 | DType::BF16 => 2,
-        other => {
-            return Err(HandlerError::Unsupported(format!(
-                "GGUF weights cannot be dequantized to {other:?}"
-            )));
-        }
-    };
-    let st_dtype = match dtype {
-        DType::F16 => "F16",
-        DType::BF16 => "BF16",
-        _ => "F32",
-    };
-    let mut header = serde_json::Map::new();
-    let mut offset = 0usize;
-    for (gguf, hf, _) in &names {
-        let shape = content.tensor_infos[gguf].shape.dims().to_vec();
-        let bytes = shape.iter().product::<usize>() * element;
-        header.insert(
-            hf.clone(),
-            json!({"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(HandlerError::Unsupported(format!(
+            "GGUF weights cannot be dequantized to {dtype:?}"
+        )));
     }
-    header.insert(
-        "__metadata__".into(),
-        json!({"format": "pt", "source": "gguf"}),
-    );
-    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
-    while !header.len().is_multiple_of(8) {
-        header.push(b' ');
-    }
-    let weights_path = out.join("model.safetensors");
-    let io = |source| HandlerError::Io {
-        path: weights_path.clone(),
-        source,
-    };
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&weights_path).map_err(io)?);
-    file.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    file.write_all(&header).map_err(io)?;
-    for (gguf, hf, heads) in &names {
-        let tensor = content
+    let planned: Vec<PlannedTensor> = names
+        .iter()
+        .map(|(gguf, hf, _)| PlannedTensor {
+            name: hf.clone(),
+            dtype,
+            shape: content.tensor_infos[gguf].shape.dims().to_vec(),
+        })
+        .collect();
+    let mut next = names.iter();
+    offload::write_streaming(&out.join("model.safetensors"), &planned, |_| {
+        let (gguf, hf, heads) = next
+            .next()
+            .ok_or_else(|| bad("more tensors planned than named"))?;
+        content
             .tensor(&mut reader, gguf, &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
             .and_then(|t| match heads {
@@ -240,11 +169,8 @@ fn convert(
                 None => Ok(t),
             })
             .and_then(|t| t.to_dtype(dtype))
-            .context(|| format!("cannot dequantize {gguf} ({hf})"))?;
-        let bytes = tensor_bytes(&tensor).context(|| format!("cannot read {hf}"))?;
-        file.write_all(&bytes).map_err(io)?;
-    }
-    file.flush().map_err(io)?;
+            .context(|| format!("cannot dequantize {gguf} ({hf})"))
+    })?;
     reader.rewind().map_err(|source| HandlerError::Io {
         path: path.to_path_buf(),
         source,
@@ -291,32 +217,6 @@ fn convert(
         &json!({"chat_template": template, "add_bos_token": false}),
     )?;
     Ok(())
-}
-
-fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
-    let flat = tensor.flatten_all()?;
-    Ok(match flat.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => flat
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => flat
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "unexpected dtype {other:?}"
-            )));
-        }
-    })
 }
 
 /// A `tokenizers` JSON for a GGUF `gpt2` (byte-level BPE) vocabulary: tokens and merges

@@ -11,6 +11,7 @@
 //! - [`files`]: [`ModelFiles`], how a handler reads the files of its model archive.
 //! - [`gguf`]: GGUF models converted once to a HuggingFace-layout folder (weights,
 //!   config, tokenizer) in the offload folder.
+//! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
 //! - [`weights`]: [`WeightSource`], safetensors mapped from disk (also from inside a
 //!   zip-store archive) and served to candle's `VarBuilder`; the crate's only `unsafe`.
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
@@ -36,6 +37,7 @@ pub mod gguf;
 pub mod handler;
 pub mod layer_stack;
 pub mod llama;
+pub mod offload;
 pub mod sentence_transformers;
 pub mod text_classification;
 pub mod text_embedding;

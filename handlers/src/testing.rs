@@ -1,8 +1,8 @@
 //! Tiny random-weight models for tests (feature `testing`).
 //!
-//! [`write_tiny_bert`] writes a complete sentence-transformers BERT folder: weights
-//! initialised by candle-transformers' own `BertModel::load` through a `VarMap` and saved
-//! as safetensors, a `config.json`, a WordPiece `tokenizer.json` whose vocabulary covers
+//! [`TinyBert::write`] writes a complete sentence-transformers BERT folder: the tensors
+//! candle-transformers' own `BertModel::load` asks for (through a `VarMap`), filled from a
+//! seed at kaiming scale and saved as safetensors, a `config.json`, a WordPiece `tokenizer.json` whose vocabulary covers
 //! any lowercase ASCII text (letters and `##letters`), and the pooling files.
 
 use std::path::Path;
@@ -27,7 +27,12 @@ pub struct TinyBert {
     /// "mean", "cls", "max" or "mean_sqrt_len".
     pub pooling: &'static str,
     pub normalize: bool,
+    /// Weights are a deterministic function of the seed; `None` takes the next one of a
+    /// process-wide counter, so two models written without a seed differ.
+    pub seed: Option<u64>,
 }
+
+static NEXT_SEED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
 
 impl Default for TinyBert {
     fn default() -> Self {
@@ -39,6 +44,7 @@ impl Default for TinyBert {
             max_seq_length: Some(24),
             pooling: "mean",
             normalize: true,
+            seed: None,
         }
     }
 }
@@ -135,6 +141,10 @@ impl TinyBert {
             &bert,
         )
         .context(|| "cannot initialise a random BERT".into())?;
+        let seed = self
+            .seed
+            .unwrap_or_else(|| NEXT_SEED.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        reseed(&varmap, seed)?;
         varmap
             .save(dir.join("model.safetensors"))
             .context(|| "cannot save random BERT weights".into())

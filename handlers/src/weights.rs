@@ -105,6 +105,11 @@ impl WeightSource {
         &self.inner.path
     }
 
+    /// The byte range of the file that holds the safetensors.
+    pub fn range(&self) -> Range<u64> {
+        self.inner.range.start as u64..self.inner.range.end as u64
+    }
+
     /// Names of all tensors, sorted.
     pub fn tensor_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.inner.metadata.tensors().into_keys().collect();

@@ -87,9 +87,37 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
         };
         let plan = plan_model(&inventory, &setup, &options, &devices::probe())?;
         check_executable(&plan)?;
-        Some(plan)
+        Some((plan, inventory))
     } else {
         None
+    };
+    // Disk units of weights served in another dtype than stored are written once, converted,
+    // into offload_folder (the planner has required it) and streamed from there.
+    let (plan, model_files) = match plan {
+        Some((plan, inventory)) => {
+            let target = setup.load_options()?.dtype;
+            let model_files = match (target, setup.offload_folder.as_ref()) {
+                (Some(dtype), Some(root))
+                    if plan.streamed_bytes_per_forward > 0 && converts(&inventory, dtype) =>
+                {
+                    let source = model_files.weights("model.safetensors")?;
+                    let converted = spillway_handlers::offload::convert(
+                        &source,
+                        dtype,
+                        std::path::Path::new(root),
+                    )
+                    .map_err(|e| Error::bad_archive(&archive.path, crate::error::chain(&e)))?;
+                    tracing::info!(file = %converted.display(), "disk units converted into the offload folder");
+                    Arc::new(spillway_handlers::files::WithWeights::new(
+                        model_files,
+                        converted,
+                    )) as Arc<dyn ModelFiles>
+                }
+                _ => model_files,
+            };
+            (Some(plan), model_files)
+        }
+        None => (None, model_files),
     };
     Ok(Prepared {
         spec: ModelSpec {
@@ -172,6 +200,20 @@ fn check_executable(plan: &Plan) -> Result<()> {
             if elsewhere.len() > 3 { ", ..." } else { "" }
         ),
     ))
+}
+
+/// Whether serving in `dtype` converts the checkpoint's floating-point weights.
+fn converts(inventory: &ModelInventory, dtype: spillway_handlers::DType) -> bool {
+    use spillway_handlers::DType;
+    use spillway_placement::TensorDType;
+    let stored = match inventory.stored_dtype() {
+        Some(TensorDType::F32) => DType::F32,
+        Some(TensorDType::F16) => DType::F16,
+        Some(TensorDType::BF16) => DType::BF16,
+        Some(TensorDType::F64) => DType::F64,
+        _ => return false,
+    };
+    stored != dtype
 }
 
 fn check_name(name: &str) -> Result<()> {

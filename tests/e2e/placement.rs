@@ -242,3 +242,78 @@ fn units_planned_on_disk_are_streamed_and_answer_exactly_as_resident_ones() {
     let described = json(server.manage(Method::GET, "/models/resident"), 200);
     assert_eq!(described[0]["model"]["streamed_units"], 0);
 }
+
+#[test]
+fn converted_disk_units_are_written_once_to_the_offload_folder() {
+    let fixture = Fixture::new();
+    let model = fixture.tiny_bert("model", &TinyBert::default());
+    let offload = fixture.dir.path().join("offload");
+    let setups = [
+        ("f32", r#"{"device_map": "cpu"}"#.to_string()),
+        (
+            "bf16-disk",
+            serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"}, "torch_dtype": "bfloat16",
+                               "offload_folder": offload})
+            .to_string(),
+        ),
+        ("bf16-no-folder", r#"{"device_map": {"embeddings": "cpu", "encoder": "disk"}, "torch_dtype": "bfloat16"}"#.to_string()),
+    ];
+    for (name, setup) in &setups {
+        let dir = fixture.dir.path().join(format!("setup-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("setup_config.json"), setup).unwrap();
+        let setup_path = dir.join("setup_config.json");
+        fixture.archive(
+            name,
+            "1.0",
+            "text_embedding",
+            Some(&model),
+            &["--extra-files", setup_path.to_str().unwrap()],
+        );
+    }
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "f32=f32.mar,bf16-disk=bf16-disk.mar"],
+    );
+    server.wait_healthy();
+    let body = r#"{"inputs": ["hello world", "the quick brown fox"]}"#;
+    let want = crate::support::embeddings(&json(server.predict("f32", body), 200));
+    let got = crate::support::embeddings(&json(server.predict("bf16-disk", body), 200));
+    for (g, w) in got.iter().zip(&want) {
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            diff / scale <= 2e-2,
+            "bf16 from the offload folder is {diff} off"
+        );
+    }
+    // The converted copy is in the folder, in bfloat16.
+    let files: Vec<_> = std::fs::read_dir(&offload)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let header = std::fs::read(files[0].join("model.safetensors")).unwrap();
+    let len = u64::from_le_bytes(header[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8_lossy(&header[8..8 + len]).to_string();
+    assert!(
+        header.contains("\"BF16\"") && !header.contains("\"F32\""),
+        "{header}"
+    );
+    assert_eq!(
+        json(server.manage(Method::GET, "/models/bf16-disk"), 200)[0]["model"]["streamed_units"],
+        2
+    );
+
+    // Without an offload folder the same setup cannot be served, and says why.
+    let message = crate::support::error(
+        server.manage(
+            Method::POST,
+            "/models?url=bf16-no-folder.mar&synchronous=true",
+        ),
+        400,
+    );
+    assert!(message.contains("offload_folder"), "{message}");
+}

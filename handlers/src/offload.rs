@@ -1,0 +1,274 @@
+//! The offload folder: where weights go when they cannot be mapped as they are — a
+//! dtype conversion, a GGUF source — written once as safetensors, keyed by a fingerprint
+//! of the source (file, byte range, size, mtime, target dtype) so a restart reuses them,
+//! then mapped like any checkpoint. Files are written header first and then tensor by
+//! tensor, so the peak memory of a conversion is one tensor, never the state dict; each
+//! folder is filled under a temporary name and renamed into place.
+
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::error::CandleContext;
+use crate::{HandlerError, WeightSource};
+
+/// One tensor of a file about to be written.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+fn st_dtype(dtype: DType) -> Result<&'static str, HandlerError> {
+    Ok(match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        DType::F64 => "F64",
+        DType::I64 => "I64",
+        DType::U32 => "U32",
+        DType::U8 => "U8",
+        other => {
+            return Err(HandlerError::Unsupported(format!(
+                "cannot write {other:?} tensors to the offload folder"
+            )));
+        }
+    })
+}
+
+/// A folder name for `path[range]` converted to `dtype` that changes whenever the source does.
+pub fn fingerprint(path: &Path, range: &Range<u64>, dtype: DType) -> Result<String, HandlerError> {
+    let meta = std::fs::metadata(path).map_err(|source| HandlerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let stem: String = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("weights")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok(format!(
+        "{stem}-{:x}-{:x}-{modified:x}-{}",
+        range.start,
+        range.end - range.start,
+        format!("{dtype:?}").to_lowercase()
+    ))
+}
+
+/// `root/key`, filled by `fill` unless a previous run already did (`done` names the file
+/// whose presence says so).
+pub fn folder(
+    root: &Path,
+    key: &str,
+    done: &str,
+    fill: impl FnOnce(&Path) -> Result<(), HandlerError>,
+) -> Result<PathBuf, HandlerError> {
+    let target = root.join(key);
+    if target.join(done).is_file() {
+        return Ok(target);
+    }
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| HandlerError::Io { path: p, source }
+    };
+    let staging = root.join(format!(".partial-{}-{key}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let result = fill(&staging).and_then(|()| match std::fs::rename(&staging, &target) {
+        Ok(()) => Ok(()),
+        // Another process finished first: its copy is as good as ours.
+        Err(_) if target.join(done).is_file() => Ok(()),
+        Err(e) => Err(io(&target)(e)),
+    });
+    let _ = std::fs::remove_dir_all(&staging);
+    result.map(|()| target)
+}
+
+/// Writes `tensors` to `path` as safetensors: the header first, then each tensor from
+/// `produce`, one at a time.
+pub fn write_streaming(
+    path: &Path,
+    tensors: &[PlannedTensor],
+    mut produce: impl FnMut(&PlannedTensor) -> Result<Tensor, HandlerError>,
+) -> Result<(), HandlerError> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for t in tensors {
+        let bytes = t.shape.iter().product::<usize>() * t.dtype.size_in_bytes();
+        header.insert(t.name.clone(), json!({"dtype": st_dtype(t.dtype)?, "shape": t.shape, "data_offsets": [offset, offset + bytes]}));
+        offset += bytes;
+    }
+    header.insert(
+        "__metadata__".into(),
+        json!({"format": "pt", "written_by": "spillway"}),
+    );
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let io = |source| HandlerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&header).map_err(io)?;
+    for t in tensors {
+        let tensor = produce(t)?;
+        if tensor.dims() != t.shape.as_slice() || tensor.dtype() != t.dtype {
+            return Err(HandlerError::Unsupported(format!(
+                "{} came out as {:?} {:?}",
+                t.name,
+                tensor.dtype(),
+                tensor.dims()
+            )));
+        }
+        file.write_all(&tensor_bytes(&tensor).context(|| format!("cannot read {}", t.name))?)
+            .map_err(io)?;
+    }
+    file.flush().map_err(io)
+}
+
+fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
+    let flat = tensor.flatten_all()?;
+    Ok(match flat.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F64 => flat
+            .to_vec1::<f64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => flat
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U32 => flat
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "unexpected dtype {other:?}"
+            )));
+        }
+    })
+}
+
+/// `source` with its floating-point tensors converted to `dtype`, written once into
+/// `root`; returns the converted file.
+pub fn convert(source: &WeightSource, dtype: DType, root: &Path) -> Result<PathBuf, HandlerError> {
+    let range = source.range();
+    let key = fingerprint(source.path(), &range, dtype)?;
+    let dir = folder(root, &key, "model.safetensors", |staging| {
+        let planned: Vec<PlannedTensor> = source
+            .tensor_names()
+            .into_iter()
+            .filter_map(|name| {
+                let info = source.info(&name)?;
+                let stored = DType::try_from(info.dtype).ok()?;
+                let out = if stored.is_float() { dtype } else { stored };
+                Some(PlannedTensor {
+                    name,
+                    dtype: out,
+                    shape: info.shape.clone(),
+                })
+            })
+            .collect();
+        write_streaming(&staging.join("model.safetensors"), &planned, |t| {
+            source
+                .load(&t.name, t.dtype, &Device::Cpu)
+                .context(|| format!("cannot convert {}", t.name))
+        })
+    })?;
+    Ok(dir.join("model.safetensors"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_once_and_reads_back_the_same_values_in_the_new_dtype() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.safetensors");
+        let tensors: std::collections::HashMap<String, Tensor> = [
+            (
+                "a".to_string(),
+                Tensor::new(&[[1.5f32, -2.25], [3.0, 0.125]], &Device::Cpu).expect("a"),
+            ),
+            (
+                "ids".to_string(),
+                Tensor::new(&[7u32, 9], &Device::Cpu).expect("ids"),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        candle_core::safetensors::save(&tensors, &path).expect("save");
+        let source = WeightSource::open(&path).expect("source");
+        let root = dir.path().join("offload");
+        let converted = convert(&source, DType::BF16, &root).expect("convert");
+        let out = WeightSource::open(&converted).expect("open converted");
+        assert_eq!(
+            out.info("a").map(|i| format!("{:?}", i.dtype)),
+            Some("BF16".into())
+        );
+        assert_eq!(
+            out.info("ids").map(|i| format!("{:?}", i.dtype)),
+            Some("U32".into()),
+            "integers stay as they are"
+        );
+        let a: Vec<f32> = out
+            .load("a", DType::F32, &Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("a");
+        assert_eq!(a, [1.5, -2.25, 3.0, 0.125], "exactly representable in bf16");
+        let modified = std::fs::metadata(&converted)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        let again = convert(&source, DType::BF16, &root).expect("reuse");
+        assert_eq!(again, converted);
+        assert_eq!(
+            std::fs::metadata(&again)
+                .and_then(|m| m.modified())
+                .expect("mtime"),
+            modified,
+            "not rewritten"
+        );
+    }
+}

@@ -7,18 +7,9 @@
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
-use crate::error::CandleContext;
 use crate::layer_stack::LayerStack;
+pub use crate::layer_stack::UnitPlacement;
 use crate::{HandlerError, WeightSource};
-
-/// Where one unit lives at run time.
-#[derive(Debug, Clone)]
-pub enum UnitPlacement {
-    /// Built once on this device and kept.
-    Resident(Device),
-    /// Kept on disk (mapped) and built on this device for each pass.
-    Streamed(Device),
-}
 
 /// One unit of a BERT stack.
 pub enum BertUnit {
@@ -62,7 +53,6 @@ impl MappedBert {
     ) -> Result<Self, HandlerError> {
         let prefix = prefix_of(source);
         let mut stack = LayerStack::default();
-        let names = source.tensor_names();
 
         let embeddings_config = Config {
             num_hidden_layers: 0,
@@ -81,12 +71,10 @@ impl MappedBert {
                 BertModel::load(vb, &config).map(|m| BertUnit::Embeddings(Box::new(m)))
             }
         };
-        Self::add(
-            &mut stack,
+        stack.push_planned(
             &embeddings_name,
             place(&embeddings_name)?,
             source,
-            &names,
             build_embeddings,
         )?;
 
@@ -113,38 +101,9 @@ impl MappedBert {
                     BertEncoder::load(vb, &config).map(BertUnit::Block)
                 }
             };
-            Self::add(&mut stack, &name, place(&name)?, source, &names, build)?;
+            stack.push_planned(&name, place(&name)?, source, build)?;
         }
         Ok(Self { stack })
-    }
-
-    fn add(
-        stack: &mut LayerStack<BertUnit>,
-        name: &str,
-        placement: UnitPlacement,
-        source: &WeightSource,
-        all_tensors: &[String],
-        build: impl Fn(&Device) -> candle_core::Result<BertUnit> + Send + Sync + 'static,
-    ) -> Result<(), HandlerError> {
-        match placement {
-            UnitPlacement::Resident(device) => {
-                let module =
-                    build(&device).context(|| format!("cannot load {name} on {device:?}"))?;
-                stack.push_resident(name, device, module);
-            }
-            UnitPlacement::Streamed(device) => {
-                // Check now that it builds, so a broken checkpoint fails at load, not mid-request.
-                build(&device).context(|| format!("cannot load BERT unit {name} (on disk)"))?;
-                let dotted = format!("{name}.");
-                let tensors = all_tensors
-                    .iter()
-                    .filter(|t| t.starts_with(&dotted))
-                    .map(String::as_str);
-                let exec = device.clone();
-                stack.push_streamed(name, device, source.clone(), tensors, move || build(&exec));
-            }
-        }
-        Ok(())
     }
 
     /// Units kept on disk and streamed each pass.
@@ -206,6 +165,7 @@ fn extended_attention_mask(mask: &Tensor, dtype: DType) -> candle_core::Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::CandleContext;
     use crate::testing::TinyBert;
 
     fn inputs() -> (Tensor, Tensor, Tensor) {

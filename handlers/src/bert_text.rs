@@ -7,7 +7,10 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::bert::Config as BertConfig;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::{HandlerError, Input, ModelFiles};
+use crate::{HandlerError, Input, ModelFiles, Output};
+
+/// Texts per forward pass: bounds activation memory whatever the batch size.
+const MAX_TEXTS_PER_FORWARD: usize = 64;
 
 /// A BERT checkpoint's config and tokenizer.
 pub struct BertText {
@@ -91,6 +94,31 @@ impl BertText {
                 _ => Err(HandlerError::Input(format!("{handler} takes texts"))),
             })
             .collect()
+    }
+
+    /// Runs a batch of text requests: tokenizes each on its own (a bad text fails only its
+    /// request), runs `forward` over chunks of at most 64 texts, and answers each request
+    /// with `answer` of its texts' results, in order.
+    pub fn run_batch<T>(
+        &self,
+        batch: &[Input],
+        handler: &str,
+        forward: impl Fn(&[&Encoding]) -> Result<Vec<T>, HandlerError>,
+        answer: impl Fn(Vec<T>) -> Output,
+    ) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
+        let encoded = self.encode_each(batch, handler);
+        let all: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
+        let mut results = Vec::with_capacity(all.len());
+        for chunk in all.chunks(MAX_TEXTS_PER_FORWARD) {
+            results.extend(forward(chunk)?);
+        }
+        let mut results = results.into_iter();
+        Ok(encoded
+            .into_iter()
+            .map(|request| {
+                request.map(|texts| answer(results.by_ref().take(texts.len()).collect()))
+            })
+            .collect())
     }
 
     /// `(ids, token types, attention mask)`, each `[batch, longest]`, padded on the right.

@@ -13,7 +13,17 @@ use std::ops::Range;
 
 use candle_core::{Device, Result};
 
-use crate::WeightSource;
+use crate::error::CandleContext;
+use crate::{HandlerError, WeightSource};
+
+/// Where one unit lives at run time.
+#[derive(Debug, Clone)]
+pub enum UnitPlacement {
+    /// Built once on this device and kept.
+    Resident(Device),
+    /// Kept on disk (mapped) and built on this device for each pass.
+    Streamed(Device),
+}
 
 type Build<M> = Box<dyn Fn() -> Result<M> + Send + Sync>;
 
@@ -85,6 +95,36 @@ impl<M: Send + Sync> LayerStack<M> {
                 span,
             },
         });
+    }
+
+    /// Adds the unit `name` (whose tensors are those under `name.`) as `placement` says.
+    /// It is built once now either way, so a broken checkpoint fails at load, not
+    /// mid-request; a streamed unit is then dropped and rebuilt for each pass.
+    pub fn push_planned(
+        &mut self,
+        name: &str,
+        placement: UnitPlacement,
+        source: &WeightSource,
+        build: impl Fn(&Device) -> Result<M> + Send + Sync + 'static,
+    ) -> std::result::Result<(), HandlerError> {
+        let (UnitPlacement::Resident(device) | UnitPlacement::Streamed(device)) = &placement;
+        let device = device.clone();
+        let module = build(&device).context(|| format!("cannot load unit {name}"))?;
+        match placement {
+            UnitPlacement::Resident(_) => self.push_resident(name, device, module),
+            UnitPlacement::Streamed(_) => {
+                drop(module);
+                let dotted = format!("{name}.");
+                let names = source.tensor_names();
+                let tensors = names
+                    .iter()
+                    .filter(|t| t.starts_with(&dotted))
+                    .map(String::as_str);
+                let exec = device.clone();
+                self.push_streamed(name, device, source.clone(), tensors, move || build(&exec));
+            }
+        }
+        Ok(())
     }
 
     pub fn units(&self) -> &[StackUnit<M>] {

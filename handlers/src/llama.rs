@@ -12,9 +12,9 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
 
-use crate::bert::UnitPlacement;
 use crate::error::CandleContext;
 use crate::layer_stack::LayerStack;
+use crate::layer_stack::UnitPlacement;
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -304,12 +304,6 @@ pub struct MappedLlama {
     rope: Rope,
 }
 
-fn device_of(placement: &UnitPlacement) -> &Device {
-    match placement {
-        UnitPlacement::Resident(d) | UnitPlacement::Streamed(d) => d,
-    }
-}
-
 impl MappedLlama {
     /// Placement unit names, in order (as the planner names them).
     pub fn unit_names(config: &LlamaConfig) -> Vec<String> {
@@ -333,7 +327,6 @@ impl MappedLlama {
         place: impl Fn(&str) -> Result<UnitPlacement, HandlerError>,
     ) -> Result<Self, HandlerError> {
         let mut stack = LayerStack::default();
-        let names = source.tensor_names();
         let cfg = config.clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
 
@@ -366,14 +359,7 @@ impl MappedLlama {
             },
         };
         if stack.units().is_empty() {
-            add(
-                &mut stack,
-                "model.embed_tokens",
-                embed_place,
-                source,
-                &names,
-                embed,
-            )?;
+            stack.push_planned("model.embed_tokens", embed_place, source, embed)?;
         }
         for i in 0..cfg.num_hidden_layers {
             let name = format!("model.layers.{i}");
@@ -384,7 +370,7 @@ impl MappedLlama {
                         .map(|b| LlamaUnit::Block(Box::new(b)))
                 }
             };
-            add(&mut stack, &name, place(&name)?, source, &names, build)?;
+            stack.push_planned(&name, place(&name)?, source, build)?;
         }
         let norm = {
             let (source, eps) = (source.clone(), cfg.rms_norm_eps);
@@ -393,14 +379,7 @@ impl MappedLlama {
                     .map(LlamaUnit::Norm)
             }
         };
-        add(
-            &mut stack,
-            "model.norm",
-            place("model.norm")?,
-            source,
-            &names,
-            norm,
-        )?;
+        stack.push_planned("model.norm", place("model.norm")?, source, norm)?;
         if !cfg.tie_word_embeddings {
             let head = {
                 let source = source.clone();
@@ -409,14 +388,7 @@ impl MappedLlama {
                         .map(LlamaUnit::Head)
                 }
             };
-            add(
-                &mut stack,
-                "lm_head",
-                place("lm_head")?,
-                source,
-                &names,
-                head,
-            )?;
+            stack.push_planned("lm_head", place("lm_head")?, source, head)?;
         }
         let rope_device = stack
             .units()
@@ -495,32 +467,6 @@ impl MappedLlama {
 
 fn need(x: Option<Tensor>) -> candle_core::Result<Tensor> {
     x.ok_or_else(|| candle_core::Error::Msg("a unit ran before the embeddings".into()))
-}
-
-fn add(
-    stack: &mut LayerStack<LlamaUnit>,
-    name: &str,
-    placement: UnitPlacement,
-    source: &WeightSource,
-    all_tensors: &[String],
-    build: impl Fn(&Device) -> candle_core::Result<LlamaUnit> + Send + Sync + 'static,
-) -> Result<(), HandlerError> {
-    let device = device_of(&placement).clone();
-    let module = build(&device).context(|| format!("cannot load unit {name}"))?;
-    match placement {
-        UnitPlacement::Resident(_) => stack.push_resident(name, device, module),
-        UnitPlacement::Streamed(_) => {
-            drop(module);
-            let dotted = format!("{name}.");
-            let tensors = all_tensors
-                .iter()
-                .filter(|t| t.starts_with(&dotted))
-                .map(String::as_str);
-            let exec = device.clone();
-            stack.push_streamed(name, device, source.clone(), tensors, move || build(&exec));
-        }
-    }
-    Ok(())
 }
 
 /// Index of the largest logit.

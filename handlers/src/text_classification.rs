@@ -18,8 +18,6 @@ use crate::{
     RawBody,
 };
 
-const MAX_TEXTS_PER_FORWARD: usize = 64;
-
 pub struct TextClassification {
     model: MappedBert,
     text: BertText,
@@ -150,26 +148,12 @@ impl Handler for TextClassification {
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
-        let encoded = self.text.encode_each(batch, "text_classification");
-        let all: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
-        let mut scores = Vec::with_capacity(all.len());
-        for chunk in all.chunks(MAX_TEXTS_PER_FORWARD) {
-            scores.extend(self.scores(chunk)?);
-        }
-        let mut scores = scores.into_iter();
-        Ok(encoded
-            .into_iter()
-            .map(|request| {
-                request.map(|texts| {
-                    let answers: Vec<serde_json::Value> = scores
-                        .by_ref()
-                        .take(texts.len())
-                        .map(|s| self.answer(&s))
-                        .collect();
-                    Output::Json(serde_json::Value::Array(answers))
-                })
-            })
-            .collect())
+        self.text.run_batch(
+            batch,
+            "text_classification",
+            |chunk| self.scores(chunk),
+            |scores| Output::Json(scores.iter().map(|s| self.answer(s)).collect()),
+        )
     }
 
     fn info(&self) -> HandlerInfo {

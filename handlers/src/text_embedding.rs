@@ -19,9 +19,6 @@ use crate::{
     RawBody,
 };
 
-/// Texts per forward pass: bounds activation memory whatever the batch size.
-const MAX_TEXTS_PER_FORWARD: usize = 64;
-
 /// A loaded BERT sentence-embedding model.
 pub struct TextEmbedding {
     model: MappedBert,
@@ -120,21 +117,12 @@ impl Handler for TextEmbedding {
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
-        let encoded = self.text.encode_each(batch, "text_embedding");
-        let all: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
-        let mut embeddings = Vec::with_capacity(all.len());
-        for chunk in all.chunks(MAX_TEXTS_PER_FORWARD) {
-            embeddings.extend(self.embed(chunk)?);
-        }
-        let mut embeddings = embeddings.into_iter();
-        Ok(encoded
-            .into_iter()
-            .map(|request| {
-                request.map(|texts| {
-                    Output::Embeddings(embeddings.by_ref().take(texts.len()).collect())
-                })
-            })
-            .collect())
+        self.text.run_batch(
+            batch,
+            "text_embedding",
+            |chunk| self.embed(chunk),
+            Output::Embeddings,
+        )
     }
 
     fn info(&self) -> HandlerInfo {

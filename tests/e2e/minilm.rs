@@ -4,26 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
-use crate::support::{Fixture, TestServer, embeddings, json};
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fetch_minilm() -> PathBuf {
-    let output = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
-        .arg("minilm")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "fetch failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
+use crate::support::{Fixture, TestServer, embeddings, fetch_model, json, repo_root};
 
 fn compare(got: &[f32], want: &[f32]) -> (f64, f64) {
     assert_eq!(got.len(), want.len());
@@ -51,7 +32,7 @@ fn minilm_embeddings_match_the_sentence_transformers_reference() {
     let expected: Vec<Vec<f32>> = serde_json::from_value(refs["embeddings"].clone()).unwrap();
 
     let fixture = Fixture::new();
-    let model = fetch_minilm();
+    let model = fetch_model("minilm");
     fixture.archive(
         "all-MiniLM-L6-v2",
         "1.0",
@@ -100,7 +81,7 @@ fn minilm_embeddings_match_the_sentence_transformers_reference() {
 #[test]
 fn minilm_truncates_long_inputs_at_its_256_token_max_seq_length() {
     let fixture = Fixture::new();
-    let model = fetch_minilm();
+    let model = fetch_model("minilm");
     fixture.archive("minilm", "1.0", "text_embedding", Some(&model), &[]);
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();

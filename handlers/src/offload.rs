@@ -40,12 +40,11 @@ fn st_dtype(dtype: DType) -> Result<&'static str, HandlerError> {
     })
 }
 
-/// A folder name for `path[range]` converted to `dtype` that changes whenever the source does.
-pub fn fingerprint(path: &Path, range: &Range<u64>, dtype: DType) -> Result<String, HandlerError> {
-    let meta = std::fs::metadata(path).map_err(|source| HandlerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+/// A name for the file at `path` that changes whenever the file does: its name (made
+/// safe for a folder name), size and modification time. Keys every cache of derived
+/// copies (unpacked archives, inflated entries, converted weights).
+pub fn source_key(path: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
     let modified = meta
         .modified()
         .ok()
@@ -54,7 +53,7 @@ pub fn fingerprint(path: &Path, range: &Range<u64>, dtype: DType) -> Result<Stri
     let stem: String = path
         .file_name()
         .and_then(|n| n.to_str())
-        .unwrap_or("weights")
+        .unwrap_or("source")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
@@ -64,8 +63,17 @@ pub fn fingerprint(path: &Path, range: &Range<u64>, dtype: DType) -> Result<Stri
             }
         })
         .collect();
+    Ok(format!("{stem}-{:x}-{modified:x}", meta.len()))
+}
+
+/// A folder name for `path[range]` converted to `dtype` that changes whenever the source does.
+pub fn fingerprint(path: &Path, range: &Range<u64>, dtype: DType) -> Result<String, HandlerError> {
+    let source = source_key(path).map_err(|source| HandlerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(format!(
-        "{stem}-{:x}-{:x}-{modified:x}-{}",
+        "{source}-{:x}-{:x}-{}",
         range.start,
         range.end - range.start,
         format!("{dtype:?}").to_lowercase()

@@ -83,12 +83,7 @@ impl TextClassification {
             })?;
         let classifier = candle_nn::linear(h, labels.len(), vb.pp("classifier"))
             .context(|| format!("cannot load the classifier for {} labels", labels.len()))?;
-        let parameters = weights
-            .tensor_names()
-            .iter()
-            .filter_map(|n| weights.info(n))
-            .map(|i| i.shape.iter().product::<usize>())
-            .sum();
+        let parameters = weights.parameters();
         let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
             options.placement_of(unit)
         })?;

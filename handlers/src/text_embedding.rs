@@ -40,12 +40,7 @@ impl TextEmbedding {
         )?;
         let weights = files.weights("model.safetensors")?;
         let dtype = options.dtype.unwrap_or(DType::F32);
-        let parameters = weights
-            .tensor_names()
-            .iter()
-            .filter_map(|name| weights.info(name))
-            .map(|info| info.shape.iter().product::<usize>())
-            .sum();
+        let parameters = weights.parameters();
         let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
             options.placement_of(unit)
         })?;

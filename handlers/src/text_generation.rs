@@ -156,12 +156,7 @@ impl TextGeneration {
             .map_err(|e| HandlerError::bad_file("tokenizer.json", e))?;
         let weights = files.weights("model.safetensors")?;
         let dtype = options.dtype.unwrap_or(DType::F32);
-        let parameters = weights
-            .tensor_names()
-            .iter()
-            .filter_map(|n| weights.info(n))
-            .map(|i| i.shape.iter().product::<usize>())
-            .sum();
+        let parameters = weights.parameters();
         let model = MappedLlama::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
         let mut eos = config.eos_ids();
         if let Some(id) = tokenizer

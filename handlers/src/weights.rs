@@ -117,6 +117,16 @@ impl WeightSource {
         names
     }
 
+    /// Number of elements over all tensors (the model's parameter count, buffers included).
+    pub fn parameters(&self) -> usize {
+        self.inner
+            .metadata
+            .tensors()
+            .values()
+            .map(|info| info.shape.iter().product::<usize>())
+            .sum()
+    }
+
     /// Header information (dtype, shape, offsets) of one tensor.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.inner.metadata.info(name)

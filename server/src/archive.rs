@@ -116,26 +116,7 @@ pub fn open(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<Ope
 
 /// A name for an archive's unpacked copy that changes whenever the archive does.
 fn fingerprint(path: &Path) -> Result<String> {
-    let meta = std::fs::metadata(path).map_err(Error::io(path))?;
-    let modified = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let stem: String = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("archive")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    Ok(format!("{stem}-{:x}-{modified:x}", meta.len()))
+    spillway_handlers::offload::source_key(path).map_err(Error::io(path))
 }
 
 /// The archive-relative path of an entry, if it stays inside the archive.

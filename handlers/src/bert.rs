@@ -3,10 +3,13 @@
 //! candle-transformers' own: a 0-block `BertModel` is the embeddings unit, and block i is
 //! a 1-block `BertEncoder` whose tensor names are remapped from layer 0 to layer i, so a
 //! device-mapped BERT computes exactly what the single-device `BertModel` computes.
+//! Blocks that run in f32 on the CPU use [`FusedBertBlock`] instead: the same math in
+//! fewer, fused passes (the tests hold both to `BertModel`).
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
+use crate::bert_block::FusedBertBlock;
 use crate::layer_stack::LayerStack;
 pub use crate::layer_stack::UnitPlacement;
 use crate::{HandlerError, WeightSource};
@@ -16,6 +19,7 @@ pub enum BertUnit {
     // Boxed: one embeddings unit per model, many blocks.
     Embeddings(Box<BertModel>),
     Block(BertEncoder),
+    FusedBlock(FusedBertBlock),
 }
 
 /// A BERT encoder laid out by a plan.
@@ -90,6 +94,12 @@ impl MappedBert {
                 let to = format!("{name}.");
                 let encoder = format!("{prefix}encoder");
                 move |device: &Device| {
+                    if FusedBertBlock::applies(&config, device, dtype) {
+                        let vb = source
+                            .var_builder(dtype, device)
+                            .pp(to.trim_end_matches('.'));
+                        return FusedBertBlock::load(vb, &config).map(BertUnit::FusedBlock);
+                    }
                     let (from, to) = (from.clone(), to.clone());
                     let vb = source
                         .var_builder(dtype, device)
@@ -122,6 +132,13 @@ impl MappedBert {
         type_ids: &Tensor,
         mask: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        let keep: Vec<bool> = mask
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|m| m != 0.0)
+            .collect();
         let hidden = self
             .stack
             .forward(None::<Tensor>, |_, unit, device, hidden| match unit {
@@ -142,6 +159,12 @@ impl MappedBert {
                     let hidden = hidden.to_device(device)?;
                     let mask = extended_attention_mask(&mask.to_device(device)?, hidden.dtype())?;
                     encoder.forward(&hidden, &mask).map(Some)
+                }
+                BertUnit::FusedBlock(block) => {
+                    let hidden = hidden.ok_or_else(|| {
+                        candle_core::Error::Msg("a block ran before the embeddings".into())
+                    })?;
+                    block.forward(&hidden.to_device(device)?, &keep).map(Some)
                 }
             })?;
         hidden.ok_or_else(|| candle_core::Error::Msg("the model has no units".into()))

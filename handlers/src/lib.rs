@@ -17,6 +17,8 @@
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
+//! - [`bert_block`]: a BERT block fused for f32 on the CPU; [`cpu_kernels`] the fused
+//!   kernels on slices, [`fused_ops`] the same as candle operations on tensors.
 //! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
 //! - [`bert_text`]: tokenization and batching shared by the BERT text handlers.
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
@@ -29,10 +31,13 @@
 //! - `testing` (feature `testing`): tiny random-weight models for tests.
 
 pub mod bert;
+pub mod bert_block;
 pub mod bert_text;
+pub mod cpu_kernels;
 pub mod echo;
 pub mod error;
 pub mod files;
+pub mod fused_ops;
 pub mod gguf;
 pub mod handler;
 pub mod layer_stack;

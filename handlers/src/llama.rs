@@ -148,6 +148,13 @@ impl Attention {
             v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
         }
         *kv = Some((k.clone(), v.clone()));
+        if q.device().is_cpu() && q.dtype() == DType::F32 {
+            let y = crate::fused_ops::causal_attention(&q, &k, &v)?;
+            let y = y
+                .transpose(1, 2)?
+                .reshape((b, seq, self.heads * self.head_dim))?;
+            return self.o.forward(&y);
+        }
         let repeat = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, repeat)?;
         let v = candle_transformers::utils::repeat_kv(v, repeat)?;

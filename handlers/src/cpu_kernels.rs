@@ -1,0 +1,519 @@
+//! Fused f32 CPU kernels for the non-matmul part of a transformer block, on plain
+//! slices so they can be tested against scalar references.
+//!
+//! Why they exist (docs/cpu-performance.md has the profile): with candle's own ops a BERT
+//! block makes a fresh tensor for every bias add, mask add, scale, softmax and residual,
+//! runs exact GELU through scalar `erff` and softmax through scalar `expf`, and splits
+//! the attention heads out with copies. Here each of those chains is one pass over
+//! memory, the transcendental functions are branch-free polynomials that the compiler
+//! vectorizes, and attention reads its heads straight out of the packed QKV matrix.
+
+use rayon::prelude::*;
+
+/// erf(x), |error| < 5e-7 in f32 (1e-7 in exact arithmetic): the odd rational approximation on [-4, 4] that Eigen and
+/// XLA use (outside that range erf is ±1 to f32 precision). Branch-free, so it vectorizes.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10_f32;
+    p = p * x2 + 2.770_681_4e-8;
+    p = p * x2 - 2.101_024e-6;
+    p = p * x2 - 5.692_506_4e-5;
+    p = p * x2 - 7.349_906_3e-4;
+    p = p * x2 - 2.9546e-3;
+    p = p * x2 - 1.609_603_3e-2;
+    let mut q = -1.456_607_2e-5_f32;
+    q = q * x2 - 2.133_740_6e-4;
+    q = q * x2 - 1.682_827e-3;
+    q = q * x2 - 7.373_329e-3;
+    q = q * x2 - 1.426_473_9e-2;
+    x * p / q
+}
+
+/// e^x for x ≤ 88 (relative error ~1e-7; underflows to 0 below −87): 2^n · p(r) with
+/// r = x − n·ln 2 and a degree-7 Taylor polynomial. Branch-free, so it vectorizes.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by adding and subtracting 1.5·2²³ (`f32::round` is a libm call
+    // on baseline x86-64, which would stop the loop from vectorizing).
+    const ROUNDER: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + ROUNDER) - ROUNDER;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.0 / 5040.0_f32;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Rows per parallel task: enough work per task that splitting pays.
+fn rows_per_task(columns: usize) -> usize {
+    (16_384 / columns.max(1)).max(1)
+}
+
+/// `x[r, c] = gelu(x[r, c] + bias[c])` with the exact (erf) GELU, in place.
+pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
+    let columns = bias.len();
+    x.par_chunks_mut(columns * rows_per_task(columns))
+        .for_each(|rows| {
+            for row in rows.chunks_exact_mut(columns) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    let y = *v + b;
+                    *v = 0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2));
+                }
+            }
+        });
+}
+
+/// Parameters of a LayerNorm over the last dimension.
+pub struct Norm<'a> {
+    pub gamma: &'a [f32],
+    pub beta: &'a [f32],
+    pub eps: f32,
+}
+
+/// `x[r] = LayerNorm(x[r] + bias + residual[r])`, in place (BERT's "add & norm").
+pub fn bias_residual_layer_norm(x: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm<'_>) {
+    let columns = bias.len();
+    let per_task = columns * rows_per_task(columns);
+    x.par_chunks_mut(per_task)
+        .zip(residual.par_chunks(per_task))
+        .for_each(|(rows, residual)| {
+            for (row, res) in rows
+                .chunks_exact_mut(columns)
+                .zip(residual.chunks_exact(columns))
+            {
+                for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
+                    *v += b + r;
+                }
+                let mean = sum(row) / columns as f32;
+                let mut var = 0.0;
+                for v in row.iter_mut() {
+                    *v -= mean;
+                    var += *v * *v;
+                }
+                let scale = 1.0 / (var / columns as f32 + norm.eps).sqrt();
+                for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
+                    *v = *v * scale * g + b;
+                }
+            }
+        });
+}
+
+/// Sum with 16 independent accumulators, so it vectorizes.
+#[inline(always)]
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product with 16 independent accumulators, so it vectorizes.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Shape of a packed self-attention: `batch` sequences of `tokens`, `heads` × `head_dim`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// Bidirectional multi-head self-attention straight from the packed projection.
+///
+/// `qkv` is `[batch · tokens, 3 · hidden]` (query, key, value blocks side by side, each
+/// `heads × head_dim`, before their bias); `bias` is the `3 · hidden` projection bias;
+/// `keep[b · tokens + j]` says whether token j of sequence b may be attended to (padding
+/// may not). Writes softmax(q·kᵀ·scale)·v to `out`, `[batch · tokens, hidden]`, the heads
+/// concatenated as BERT's output projection expects. Masked keys get weight exactly 0, as
+/// adding the dtype's most negative value does in transformers.
+pub fn self_attention(
+    qkv: &[f32],
+    bias: &[f32],
+    keep: &[bool],
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
+    let AttentionShape {
+        tokens,
+        heads,
+        head_dim,
+        ..
+    } = shape;
+    let hidden = heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    out.par_chunks_mut(tokens * hidden)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let rows = &qkv[b * tokens * 3 * hidden..(b + 1) * tokens * 3 * hidden];
+            let keep = &keep[b * tokens..(b + 1) * tokens];
+            let kept: Vec<usize> = (0..tokens).filter(|&j| keep[j]).collect();
+            let mut k = vec![0.0f32; kept.len() * head_dim];
+            let mut v = vec![0.0f32; kept.len() * head_dim];
+            let mut q = vec![0.0f32; head_dim];
+            let mut weights = vec![0.0f32; kept.len()];
+            for h in 0..heads {
+                let (qo, ko, vo) = (
+                    h * head_dim,
+                    hidden + h * head_dim,
+                    2 * hidden + h * head_dim,
+                );
+                for (slot, &j) in kept.iter().enumerate() {
+                    let row = &rows[j * 3 * hidden..];
+                    for d in 0..head_dim {
+                        k[slot * head_dim + d] = row[ko + d] + bias[ko + d];
+                        v[slot * head_dim + d] = row[vo + d] + bias[vo + d];
+                    }
+                }
+                for i in 0..tokens {
+                    let row = &rows[i * 3 * hidden..];
+                    for d in 0..head_dim {
+                        q[d] = (row[qo + d] + bias[qo + d]) * scale;
+                    }
+                    let mut max = f32::NEG_INFINITY;
+                    for (w, kj) in weights.iter_mut().zip(k.chunks_exact(head_dim)) {
+                        *w = dot(&q, kj);
+                        max = max.max(*w);
+                    }
+                    for w in weights.iter_mut() {
+                        *w = exp(*w - max);
+                    }
+                    let norm = 1.0 / sum(&weights);
+                    let o = &mut out[i * hidden + h * head_dim..i * hidden + (h + 1) * head_dim];
+                    o.fill(0.0);
+                    for (w, vj) in weights.iter().zip(v.chunks_exact(head_dim)) {
+                        let w = w * norm;
+                        for (o, x) in o.iter_mut().zip(vj) {
+                            *o += w * x;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// Shape of a causal grouped-query attention step: `queries` new tokens of each of
+/// `batch` sequences attend to `keys` cached tokens (the new ones last), `heads` query
+/// heads sharing `kv_heads` key/value heads.
+#[derive(Debug, Clone, Copy)]
+pub struct CausalShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub queries: usize,
+    pub keys: usize,
+    pub head_dim: usize,
+}
+
+/// Causal grouped-query attention: `q` `[batch, heads, queries, head_dim]`, `k` and `v`
+/// `[batch, kv_heads, keys, head_dim]` → `out` `[batch, heads, queries, head_dim]`. Query
+/// i sits at position `keys − queries + i` and attends to keys 0..=that position; query
+/// head h reads key/value head `h / (heads / kv_heads)` (no repeated copies).
+pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: CausalShape, out: &mut [f32]) {
+    let CausalShape {
+        heads,
+        kv_heads,
+        queries,
+        keys,
+        head_dim,
+        ..
+    } = shape;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let offset = keys - queries;
+    out.par_chunks_mut(queries * head_dim)
+        .enumerate()
+        .for_each(|(bh, out)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let kv = (b * kv_heads + h / group) * keys * head_dim;
+            let (k, v) = (&k[kv..kv + keys * head_dim], &v[kv..kv + keys * head_dim]);
+            let q = &q[bh * queries * head_dim..(bh + 1) * queries * head_dim];
+            let mut weights = vec![0.0f32; keys];
+            for (i, (qi, o)) in q
+                .chunks_exact(head_dim)
+                .zip(out.chunks_exact_mut(head_dim))
+                .enumerate()
+            {
+                let visible = offset + i + 1;
+                let weights = &mut weights[..visible];
+                let mut max = f32::NEG_INFINITY;
+                for (w, kj) in weights.iter_mut().zip(k.chunks_exact(head_dim)) {
+                    *w = dot(qi, kj) * scale;
+                    max = max.max(*w);
+                }
+                for w in weights.iter_mut() {
+                    *w = exp(*w - max);
+                }
+                let norm = 1.0 / sum(weights);
+                o.fill(0.0);
+                for (w, vj) in weights.iter().zip(v.chunks_exact(head_dim)) {
+                    let w = w * norm;
+                    for (o, x) in o.iter_mut().zip(vj) {
+                        *o += w * x;
+                    }
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn erf_f64(x: f64) -> f64 {
+        // Abramowitz–Stegun 7.1.28-free reference: a 60-term Taylor series is exact
+        // to f64 precision for |x| ≤ 3, and erf is 1 − 2e-5 or closer beyond that.
+        if x.abs() > 3.0 {
+            return x.signum() * (1.0 - libm_erfc_tail(x.abs()));
+        }
+        let mut term = x;
+        let mut total = x;
+        for n in 1..80 {
+            term *= -x * x / n as f64;
+            total += term / (2 * n + 1) as f64;
+        }
+        total * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// erfc(x) for x > 3 by its continued fraction.
+    fn libm_erfc_tail(x: f64) -> f64 {
+        let mut f = x;
+        for k in (1..60).rev() {
+            f = x + (k as f64 / 2.0) / f;
+        }
+        (-x * x).exp() / (f * std::f64::consts::PI.sqrt())
+    }
+
+    #[test]
+    fn erf_is_within_5e_7_everywhere() {
+        let worst = (-120_000..=120_000)
+            .map(|i| i as f32 / 10_000.0)
+            .map(|x| (f64::from(erf(x)) - erf_f64(f64::from(x))).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 5e-7, "worst |error| {worst}");
+    }
+
+    #[test]
+    fn exp_is_within_3e_7_relative() {
+        let worst = (-87_000..=88_000)
+            .map(|i| i as f32 / 1000.0)
+            .map(|x| {
+                let want = f64::from(x).exp();
+                (f64::from(exp(x)) - want).abs() / want
+            })
+            .fold(0.0, f64::max);
+        assert!(worst < 3e-7, "worst relative error {worst}");
+    }
+
+    fn rng(seed: u64) -> impl FnMut() -> f32 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_textbook_formula() {
+        let (rows, cols) = (37, 48);
+        let mut next = rng(1);
+        let x: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let res: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+        let bias: Vec<f32> = (0..cols).map(|_| next()).collect();
+        let gamma: Vec<f32> = (0..cols).map(|_| next()).collect();
+        let beta: Vec<f32> = (0..cols).map(|_| next()).collect();
+        let mut got = x.clone();
+        let norm = Norm {
+            gamma: &gamma,
+            beta: &beta,
+            eps: 1e-12,
+        };
+        bias_residual_layer_norm(&mut got, &bias, &res, &norm);
+        for r in 0..rows {
+            let y: Vec<f64> = (0..cols)
+                .map(|c| f64::from(x[r * cols + c] + bias[c] + res[r * cols + c]))
+                .collect();
+            let mean = y.iter().sum::<f64>() / cols as f64;
+            let var = y.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+            for c in 0..cols {
+                let want =
+                    (y[c] - mean) / (var + 1e-12).sqrt() * f64::from(gamma[c]) + f64::from(beta[c]);
+                let diff = (f64::from(got[r * cols + c]) - want).abs();
+                assert!(diff < 1e-5, "row {r} col {c}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_a_naive_masked_softmax() {
+        let shape = AttentionShape {
+            batch: 3,
+            tokens: 5,
+            heads: 2,
+            head_dim: 20,
+        };
+        let hidden = shape.heads * shape.head_dim;
+        let n = shape.batch * shape.tokens;
+        let mut next = rng(7);
+        let qkv: Vec<f32> = (0..n * 3 * hidden).map(|_| next()).collect();
+        let bias: Vec<f32> = (0..3 * hidden).map(|_| next()).collect();
+        // Sequence 1 has two padding tokens, sequence 2 a hole in the middle.
+        let keep: Vec<bool> = (0..n).map(|i| !matches!(i, 8 | 9 | 12)).collect();
+        let mut got = vec![f32::NAN; n * hidden];
+        self_attention(&qkv, &bias, &keep, shape, &mut got);
+        let at = |row: usize, col: usize| f64::from(qkv[row * 3 * hidden + col] + bias[col]);
+        let scale = 1.0 / (shape.head_dim as f64).sqrt();
+        for b in 0..shape.batch {
+            for h in 0..shape.heads {
+                for i in 0..shape.tokens {
+                    let qi = b * shape.tokens + i;
+                    let scores: Vec<Option<f64>> = (0..shape.tokens)
+                        .map(|j| {
+                            let kj = b * shape.tokens + j;
+                            keep[kj].then(|| {
+                                (0..shape.head_dim)
+                                    .map(|d| {
+                                        at(qi, h * shape.head_dim + d)
+                                            * at(kj, hidden + h * shape.head_dim + d)
+                                    })
+                                    .sum::<f64>()
+                                    * scale
+                            })
+                        })
+                        .collect();
+                    let max = scores.iter().flatten().fold(f64::MIN, |a, &b| a.max(b));
+                    let total: f64 = scores.iter().flatten().map(|s| (s - max).exp()).sum();
+                    for d in 0..shape.head_dim {
+                        let want: f64 = scores
+                            .iter()
+                            .enumerate()
+                            .filter_map(|(j, s)| s.map(|s| (j, s)))
+                            .map(|(j, s)| {
+                                (s - max).exp() / total
+                                    * at(b * shape.tokens + j, 2 * hidden + h * shape.head_dim + d)
+                            })
+                            .sum();
+                        let diff =
+                            (f64::from(got[qi * hidden + h * shape.head_dim + d]) - want).abs();
+                        assert!(diff < 1e-5, "b{b} h{h} i{i} d{d}: {diff}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_a_naive_grouped_softmax() {
+        let shape = CausalShape {
+            batch: 2,
+            heads: 6,
+            kv_heads: 2,
+            queries: 3,
+            keys: 7,
+            head_dim: 18,
+        };
+        let CausalShape {
+            batch,
+            heads,
+            kv_heads,
+            queries,
+            keys,
+            head_dim,
+        } = shape;
+        let mut next = rng(11);
+        let q: Vec<f32> = (0..batch * heads * queries * head_dim)
+            .map(|_| next())
+            .collect();
+        let k: Vec<f32> = (0..batch * kv_heads * keys * head_dim)
+            .map(|_| next())
+            .collect();
+        let v: Vec<f32> = (0..batch * kv_heads * keys * head_dim)
+            .map(|_| next())
+            .collect();
+        let mut got = vec![f32::NAN; q.len()];
+        causal_attention(&q, &k, &v, shape, &mut got);
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        for b in 0..batch {
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let at = |t: &[f32], heads: usize, head: usize, row: usize, d: usize| {
+                    f64::from(
+                        t[((b * heads + head) * (t.len() / batch / heads / head_dim) + row)
+                            * head_dim
+                            + d],
+                    )
+                };
+                for i in 0..queries {
+                    let visible = keys - queries + i + 1;
+                    let scores: Vec<f64> = (0..visible)
+                        .map(|j| {
+                            (0..head_dim)
+                                .map(|d| at(&q, heads, h, i, d) * at(&k, kv_heads, kvh, j, d))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                    let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                    for d in 0..head_dim {
+                        let want: f64 = scores
+                            .iter()
+                            .enumerate()
+                            .map(|(j, s)| (s - max).exp() / total * at(&v, kv_heads, kvh, j, d))
+                            .sum();
+                        let got = f64::from(got[((b * heads + h) * queries + i) * head_dim + d]);
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "b{b} h{h} i{i} d{d}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_gelu_matches_the_erf_definition() {
+        let mut next = rng(3);
+        let bias: Vec<f32> = (0..24).map(|_| next()).collect();
+        let x: Vec<f32> = (0..24 * 9).map(|_| next() * 3.0).collect();
+        let mut got = x.clone();
+        bias_gelu(&mut got, &bias);
+        for (i, (g, v)) in got.iter().zip(&x).enumerate() {
+            let y = f64::from(v + bias[i % 24]);
+            let want = 0.5 * y * (1.0 + erf_f64(y / std::f64::consts::SQRT_2));
+            assert!((f64::from(*g) - want).abs() < 1e-6, "{i}: {g} vs {want}");
+        }
+    }
+}

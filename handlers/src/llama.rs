@@ -148,7 +148,10 @@ impl Attention {
             v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
         }
         *kv = Some((k.clone(), v.clone()));
-        if q.device().is_cpu() && q.dtype() == DType::F32 {
+        // The fused kernel wins where queries are few (decode: 23 vs 25.6 ms/token on
+        // SmolLM2); a 128-token prefill is faster through MKL's batched matmuls
+        // (215–231 vs 239–282 ms), see docs/cpu-performance.md.
+        if q.device().is_cpu() && q.dtype() == DType::F32 && seq <= FUSED_ATTENTION_MAX_QUERIES {
             let y = crate::fused_ops::causal_attention(&q, &k, &v)?;
             let y = y
                 .transpose(1, 2)?
@@ -182,6 +185,9 @@ impl Attention {
         self.o.forward(&y)
     }
 }
+
+/// Longest step (new tokens) that runs through the fused CPU attention kernel.
+const FUSED_ATTENTION_MAX_QUERIES: usize = 16;
 
 struct Mlp {
     gate: Linear,

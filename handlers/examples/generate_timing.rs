@@ -1,0 +1,88 @@
+//! Times the text_generation handler all in RAM: the forward pass over a 128-token
+//! prompt (prefill) and greedy decoding of 32 tokens after it.
+//!
+//! `cargo run --release -p spillway-handlers --example generate_timing -- MODEL [RUNS]`,
+//! where MODEL is a HuggingFace-layout folder or a `.gguf` file (converted to float32 in
+//! `$TMPDIR/spillway-offload` once, as the server does). Prints the converted folder (so a
+//! reference implementation can load the same weights), then medians:
+//! `prefill_ms`, `decode_ms_per_token`, `decode_tokens_per_s`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use spillway_handlers::files::FolderFiles;
+use spillway_handlers::text_generation::{GenerateParameters, TextGeneration};
+use spillway_handlers::{DType, LoadOptions};
+
+const PROMPT_TOKENS: usize = 128;
+const NEW_TOKENS: usize = 32;
+
+fn folder_of(model: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    if model.extension().is_some_and(|e| e == "gguf") {
+        let dir = model.parent().ok_or("the .gguf file has no folder")?;
+        let name = model
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("bad name")?;
+        let offload = std::env::temp_dir().join("spillway-offload");
+        Ok(spillway_handlers::gguf::materialize(
+            &FolderFiles::new(dir),
+            name,
+            &offload,
+            DType::F32,
+        )?)
+    } else {
+        Ok(model.to_path_buf())
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let model = PathBuf::from(args.next().ok_or("usage: generate_timing MODEL [RUNS]")?);
+    let runs: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(5);
+    let folder = folder_of(&model)?;
+    println!("folder {}", folder.display());
+    let handler = TextGeneration::load(&FolderFiles::new(&folder), &LoadOptions::default())?;
+    let text = "The history of the river valley is long and full of change. ".repeat(12);
+    let mut prompt = handler.encode(&text)?;
+    if prompt.len() < PROMPT_TOKENS {
+        return Err("the prompt text is too short".into());
+    }
+    prompt.truncate(PROMPT_TOKENS);
+    let parameters = GenerateParameters {
+        max_new_tokens: NEW_TOKENS + 1,
+        ..GenerateParameters::default()
+    };
+    // The token iterator runs to max_new_tokens (end-of-sequence is the caller's call).
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    for run in 0..=runs {
+        let mut generation = handler.generate(prompt.clone(), &parameters)?;
+        let started = Instant::now();
+        generation.next().ok_or("no first token")??;
+        let first = started.elapsed().as_secs_f64() * 1e3;
+        let started = Instant::now();
+        let mut produced = 0;
+        for token in generation {
+            token?;
+            produced += 1;
+        }
+        let rest = started.elapsed().as_secs_f64() * 1e3;
+        if produced != NEW_TOKENS {
+            return Err(format!("decoded {produced} tokens, not {NEW_TOKENS}").into());
+        }
+        if run > 0 {
+            prefill.push(first);
+            decode.push(rest / NEW_TOKENS as f64);
+        }
+    }
+    let (prefill, decode) = (median(prefill), median(decode));
+    println!("prefill_ms {prefill:.2}");
+    println!("decode_ms_per_token {decode:.2}");
+    println!("decode_tokens_per_s {:.2}", 1e3 / decode);
+    Ok(())
+}

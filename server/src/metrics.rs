@@ -2,11 +2,12 @@
 //! otherwise), their help texts, the Prometheus recorder, and small recording helpers so
 //! call sites never spell a metric name.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use spillway_placement::Plan;
 
 /// Requests answered by the predictions API, by model (TorchServe's name).
 pub const INFERENCE_REQUESTS_TOTAL: &str = "ts_inference_requests_total";
@@ -25,13 +26,79 @@ pub const DROPPED_REQUESTS_TOTAL: &str = "spillway_dropped_requests_total";
 /// Worker panics (each restarts the worker's loop).
 pub const WORKER_RESTARTS_TOTAL: &str = "spillway_worker_restarts_total";
 
+/// Successful prediction answers, per host (TorchServe's name; it counts in the frontend).
+pub const REQUESTS_2XX: &str = "Requests2XX";
+/// Prediction answers with a client error (TorchServe's name).
+pub const REQUESTS_4XX: &str = "Requests4XX";
+/// Prediction answers with a server error, 503 and 504 included (TorchServe's name).
+pub const REQUESTS_5XX: &str = "Requests5XX";
+/// Milliseconds the most recent job waited in its queue (TorchServe's name).
+pub const QUEUE_TIME_MS: &str = "QueueTime";
+/// Milliseconds the most recent batch spent in the handler (TorchServe's name).
+pub const WORKER_THREAD_TIME_MS: &str = "WorkerThreadTime";
+/// Milliseconds the model took to load (TorchServe's name).
+pub const WORKER_LOAD_TIME_MS: &str = "WorkerLoadTime";
+/// Host CPU utilization between two scrapes, percent (TorchServe's name).
+pub const CPU_UTILIZATION: &str = "CPUUtilization";
+/// Host memory in use (total − available), megabytes (TorchServe's name).
+pub const MEMORY_USED_MB: &str = "MemoryUsed";
+/// Host memory available, megabytes (TorchServe's name).
+pub const MEMORY_AVAILABLE_MB: &str = "MemoryAvailable";
+/// This process's resident memory, bytes.
+pub const PROCESS_RESIDENT_BYTES: &str = "spillway_process_resident_bytes";
+/// Request to answer, seconds (histogram; buckets from 50 µs).
+pub const REQUEST_SECONDS: &str = "spillway_request_duration_seconds";
+/// Time in the job queue before a worker took the batch, seconds (histogram).
+pub const QUEUE_WAIT_SECONDS: &str = "spillway_queue_wait_seconds";
+/// Handler time per batch, seconds (histogram).
+pub const HANDLER_SECONDS: &str = "spillway_handler_duration_seconds";
+/// Requests per batch (histogram).
+pub const BATCH_SIZE: &str = "spillway_batch_size";
+/// Jobs waiting in the model's queue at scrape time.
+pub const QUEUE_DEPTH: &str = "spillway_queue_depth";
+/// Requests refused with 503 because the queue was full.
+pub const REJECTED_TOTAL: &str = "spillway_rejected_requests_total";
+/// Requests answered 504 because the response timeout passed.
+pub const TIMED_OUT_TOTAL: &str = "spillway_timed_out_requests_total";
+/// Weight bytes the plan put on each device.
+pub const PLACED_BYTES: &str = "spillway_placed_bytes";
+/// The budget (`max_memory` or detected) of each device the plan used.
+pub const DEVICE_BUDGET_BYTES: &str = "spillway_device_budget_bytes";
+/// Disk units materialized for a forward pass (process-wide).
+pub const STREAMED_UNITS_TOTAL: &str = "spillway_streamed_units_total";
+/// Bytes read from disk units for forward passes (process-wide).
+pub const STREAMED_BYTES_TOTAL: &str = "spillway_streamed_bytes_total";
+/// Time spent materializing disk units, microseconds (process-wide; overlaps compute
+/// when read ahead).
+pub const MATERIALIZE_US_TOTAL: &str = "spillway_materialize_microseconds_total";
+
+/// Latency buckets, seconds: 50 µs resolves the server's own overhead, 60 s covers a
+/// long generation.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let builder = [REQUEST_SECONDS, QUEUE_WAIT_SECONDS, HANDLER_SECONDS]
+                .into_iter()
+                .try_fold(PrometheusBuilder::new(), |b, name| {
+                    b.set_buckets_for_metric(Matcher::Full(name.into()), LATENCY_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), BATCH_BUCKETS)
+                })
+                .unwrap_or_else(|e| {
+                    tracing::warn!("histogram buckets not set ({e}); using the default");
+                    PrometheusBuilder::new()
+                });
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Another recorder can only be present if an embedding program installed one;
             // ours then stays unused and /metrics shows nothing, which the log says.
@@ -39,6 +106,8 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             describe();
+            // The baseline of the first CPUUtilization sample.
+            let _ = cpu_utilization();
             handle
         })
         .clone()
@@ -78,6 +147,161 @@ fn describe() {
         WORKER_RESTARTS_TOTAL,
         "Worker restarts after a handler panic."
     );
+    use metrics::describe_histogram;
+    for (name, help) in [
+        (REQUESTS_2XX, "Prediction answers with a 2XX status."),
+        (REQUESTS_4XX, "Prediction answers with a 4XX status."),
+        (REQUESTS_5XX, "Prediction answers with a 5XX status."),
+        (
+            REJECTED_TOTAL,
+            "Requests refused with 503: the queue was full.",
+        ),
+        (
+            TIMED_OUT_TOTAL,
+            "Requests answered 504: the response timeout passed.",
+        ),
+        (
+            STREAMED_UNITS_TOTAL,
+            "Disk units materialized for forward passes.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    describe_counter!(
+        STREAMED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes read from disk units for forward passes."
+    );
+    describe_counter!(
+        MATERIALIZE_US_TOTAL,
+        Unit::Microseconds,
+        "Time spent materializing disk units."
+    );
+    for (name, help) in [
+        (
+            QUEUE_TIME_MS,
+            "Milliseconds the last job waited in the queue.",
+        ),
+        (
+            WORKER_THREAD_TIME_MS,
+            "Milliseconds the last batch spent in the handler.",
+        ),
+        (WORKER_LOAD_TIME_MS, "Milliseconds the model took to load."),
+        (
+            CPU_UTILIZATION,
+            "Host CPU utilization since the last scrape, percent.",
+        ),
+        (MEMORY_USED_MB, "Host memory in use, megabytes."),
+        (MEMORY_AVAILABLE_MB, "Host memory available, megabytes."),
+        (QUEUE_DEPTH, "Jobs waiting in the model's queue."),
+    ] {
+        describe_gauge!(name, help);
+    }
+    for (name, help) in [
+        (PROCESS_RESIDENT_BYTES, "Resident memory of this process."),
+        (
+            PLACED_BYTES,
+            "Weight bytes placed on each device by the model's plan.",
+        ),
+        (
+            DEVICE_BUDGET_BYTES,
+            "Each device's budget in the model's plan.",
+        ),
+    ] {
+        describe_gauge!(name, Unit::Bytes, help);
+    }
+    for (name, help) in [
+        (REQUEST_SECONDS, "Prediction request to answer."),
+        (
+            QUEUE_WAIT_SECONDS,
+            "Time a job waited before its batch started.",
+        ),
+        (HANDLER_SECONDS, "Handler time per batch."),
+    ] {
+        describe_histogram!(name, Unit::Seconds, help);
+    }
+    describe_histogram!(BATCH_SIZE, "Requests per batch.");
+}
+
+/// Brings the values sampled at scrape time up to date: host CPU and memory, this
+/// process's RSS, disk-unit streaming totals, and each model's queue depth.
+pub fn refresh(queue_depths: &[(ModelLabels, usize)]) {
+    let host = [("Level", "Host".to_string())];
+    if let Some(busy) = cpu_utilization() {
+        gauge!(CPU_UTILIZATION, &host).set(busy);
+    }
+    if let Some((total, available)) = memory_kib() {
+        gauge!(MEMORY_USED_MB, &host).set(total.saturating_sub(available) as f64 / 1024.0);
+        gauge!(MEMORY_AVAILABLE_MB, &host).set(available as f64 / 1024.0);
+    }
+    if let Some(rss) = process_rss_bytes() {
+        gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
+    }
+    let streamed = spillway_handlers::layer_stack::stream_totals();
+    counter!(STREAMED_UNITS_TOTAL).absolute(streamed.units);
+    counter!(STREAMED_BYTES_TOTAL).absolute(streamed.bytes);
+    counter!(MATERIALIZE_US_TOTAL).absolute(streamed.nanos / 1000);
+    for (labels, depth) in queue_depths {
+        gauge!(QUEUE_DEPTH, &labels.pairs()).set(*depth as f64);
+    }
+}
+
+/// (busy, total) jiffies of the host from /proc/stat's first line.
+fn cpu_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    // idle + iowait are not busy.
+    let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Percent of host CPU busy since the previous sample that is at least a clock tick
+/// old (the first sample is taken when the recorder is installed).
+fn cpu_utilization() -> Option<f64> {
+    static LAST: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+    let now = cpu_jiffies()?;
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(before) = *last else {
+        *last = Some(now);
+        return None;
+    };
+    let (busy, total) = (
+        now.0.saturating_sub(before.0),
+        now.1.saturating_sub(before.1),
+    );
+    if total == 0 {
+        return None;
+    }
+    *last = Some(now);
+    Some(busy as f64 * 100.0 / total as f64)
+}
+
+fn memory_kib() -> Option<(u64, u64)> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("MemTotal:")?, field("MemAvailable:")?))
+}
+
+fn process_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
 }
 
 /// The `model_name` / `model_version` labels of one model.
@@ -106,6 +330,16 @@ impl ModelLabels {
     pub fn prediction(&self, status: u16, latency: Duration) {
         counter!(INFERENCE_REQUESTS_TOTAL, &self.pairs()).increment(1);
         counter!(INFERENCE_LATENCY_US, &self.pairs()).increment(micros(latency));
+        histogram!(REQUEST_SECONDS, &self.pairs()).record(latency.as_secs_f64());
+        let by_class = match status {
+            200..=299 => Some(REQUESTS_2XX),
+            400..=499 => Some(REQUESTS_4XX),
+            500..=599 => Some(REQUESTS_5XX),
+            _ => None,
+        };
+        if let Some(name) = by_class {
+            counter!(name, &[("Level", "Host".to_string())]).increment(1);
+        }
         let class = format!("{}XX", status / 100);
         let [name, version] = self.pairs();
         counter!(PREDICTIONS_BY_STATUS, &[name, version, ("status", class)]).increment(1);
@@ -114,10 +348,42 @@ impl ModelLabels {
     /// A job waited `waited` in the queue before its batch started.
     pub fn queued(&self, waited: Duration) {
         counter!(QUEUE_LATENCY_US, &self.pairs()).increment(micros(waited));
+        histogram!(QUEUE_WAIT_SECONDS, &self.pairs()).record(waited.as_secs_f64());
+        gauge!(QUEUE_TIME_MS, &self.pairs()).set(waited.as_secs_f64() * 1e3);
     }
 
-    pub fn batch(&self) {
+    /// A batch of `size` requests goes to the handler.
+    pub fn batch(&self, size: usize) {
         counter!(BATCHES_TOTAL, &self.pairs()).increment(1);
+        histogram!(BATCH_SIZE, &self.pairs()).record(size as f64);
+    }
+
+    /// The handler took `took` over a batch.
+    pub fn handled(&self, took: Duration) {
+        histogram!(HANDLER_SECONDS, &self.pairs()).record(took.as_secs_f64());
+        gauge!(WORKER_THREAD_TIME_MS, &self.pairs()).set(took.as_secs_f64() * 1e3);
+    }
+
+    /// A request refused because the queue was full (503).
+    pub fn rejected(&self) {
+        counter!(REJECTED_TOTAL, &self.pairs()).increment(1);
+    }
+
+    /// A request whose response timeout passed (504).
+    pub fn timed_out(&self) {
+        counter!(TIMED_OUT_TOTAL, &self.pairs()).increment(1);
+    }
+
+    /// The plan's weight bytes and budget per device.
+    pub fn placed(&self, plan: &Plan) {
+        for usage in &plan.devices {
+            let [name, version] = self.pairs();
+            let labels = [name, version, ("device", usage.device.to_string())];
+            gauge!(PLACED_BYTES, &labels).set(usage.weights as f64);
+            if let Some(budget) = usage.budget {
+                gauge!(DEVICE_BUDGET_BYTES, &labels).set(budget as f64);
+            }
+        }
     }
 
     pub fn dropped(&self, jobs: usize) {
@@ -130,6 +396,7 @@ impl ModelLabels {
 
     pub fn loaded(&self, took: Duration) {
         gauge!(MODEL_LOAD_SECONDS, &self.pairs()).set(took.as_secs_f64());
+        gauge!(WORKER_LOAD_TIME_MS, &self.pairs()).set(took.as_secs_f64() * 1e3);
     }
 }
 

@@ -75,6 +75,9 @@ pub struct ModelDescription {
     pub max_batch_delay: u128,
     pub response_timeout: u64,
     pub job_queue_size: usize,
+    /// Jobs waiting in the queue now (while serving).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<usize>,
     pub loaded_at_startup: bool,
     pub archive_format: ArchiveFormat,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,6 +140,9 @@ impl ModelHandle {
             self.labels.clone(),
         ));
         self.labels.loaded(load_time);
+        if let Some(plan) = &self.spec.plan {
+            self.labels.placed(plan);
+        }
         *self.state_mut() = State::Ready(Serving {
             handler,
             jobs: jobs_tx,
@@ -149,6 +155,14 @@ impl ModelHandle {
 
     pub fn set_failed(&self, reason: String) {
         *self.state_mut() = State::Failed(reason);
+    }
+
+    /// Jobs waiting in the queue (None unless the model is serving).
+    pub fn queue_depth(&self) -> Option<usize> {
+        match &*self.state() {
+            State::Ready(serving) => Some(serving.jobs.len()),
+            _ => None,
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -191,10 +205,13 @@ impl ModelHandle {
         };
         match serving.jobs.try_send(job) {
             Ok(()) => Ok(answer),
-            Err(flume::TrySendError::Full(_)) => Err(Error::QueueFull {
-                model: self.spec.name.clone(),
-                capacity: self.spec.job_queue_size,
-            }),
+            Err(flume::TrySendError::Full(_)) => {
+                self.labels.rejected();
+                Err(Error::QueueFull {
+                    model: self.spec.name.clone(),
+                    capacity: self.spec.job_queue_size,
+                })
+            }
             Err(flume::TrySendError::Disconnected(_)) => Err(self.not_ready(&state)),
         }
     }
@@ -233,6 +250,7 @@ impl ModelHandle {
             max_batch_delay: spec.config.max_batch_delay.as_millis(),
             response_timeout: spec.config.response_timeout.as_secs(),
             job_queue_size: spec.job_queue_size,
+            queue_depth: None,
             loaded_at_startup: spec.loaded_at_startup,
             archive_format: spec.format,
             load_time_seconds: None,
@@ -247,6 +265,7 @@ impl ModelHandle {
             let pool = serving.pool.lock().unwrap_or_else(|e| e.into_inner());
             (min_workers, max_workers) = (pool.min_workers, pool.max_workers);
             description.workers = pool.describe();
+            description.queue_depth = Some(serving.jobs.len());
             description.min_workers = min_workers;
             description.max_workers = max_workers;
             description.load_time_seconds = Some(serving.load_time.as_secs_f64());

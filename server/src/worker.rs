@@ -205,9 +205,10 @@ impl WorkerContext {
             inputs.push(job.input);
             replies.push(job.reply);
         }
-        self.labels.batch();
-        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.run(&inputs)));
         let count = replies.len();
+        self.labels.batch(count);
+        let ran = std::panic::catch_unwind(AssertUnwindSafe(|| self.handler.run(&inputs)));
+        self.labels.handled(started.elapsed());
         let answers: Vec<Result<_, Error>> = match ran {
             Ok(Ok(outputs)) if outputs.len() == count => outputs
                 .into_iter()

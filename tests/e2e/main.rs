@@ -7,6 +7,7 @@ mod inference;
 mod management;
 mod metrics;
 mod minilm;
+mod overload;
 mod placement;
 mod security;
 mod shutdown;

@@ -78,6 +78,7 @@ fn register_describe_scale_and_unregister() {
     );
     assert_eq!(d["responseTimeout"], 30);
     assert_eq!(d["workers"].as_array().unwrap().len(), 2);
+    assert_eq!(d["queueDepth"], 0, "an idle model has nothing queued");
     assert!(d["loadTimeSeconds"].as_f64().unwrap() > 0.0);
     assert_eq!(d["setupConfig"]["max_length"], 16);
     assert_eq!(

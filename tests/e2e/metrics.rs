@@ -41,4 +41,42 @@ fn predictions_are_counted_by_model_and_version() {
         Some(1.0)
     );
     assert!(text.contains("# TYPE ts_inference_requests_total counter"));
+
+    // TorchServe's frontend and system metrics.
+    let host = r#"Level="Host""#;
+    assert_eq!(sample(&text, "Requests2XX", host), Some(3.0), "{text}");
+    assert_eq!(sample(&text, "Requests4XX", host), Some(1.0));
+    assert!(sample(&text, "WorkerLoadTime", labels).unwrap() > 0.0);
+    assert!(sample(&text, "WorkerThreadTime", labels).is_some());
+    assert!(sample(&text, "QueueTime", labels).is_some());
+    assert!(sample(&text, "MemoryUsed", host).expect(&text) > 0.0);
+    // CPU utilization since start-up (or the previous scrape), sampled at scrape time.
+    let busy = sample(&text, "CPUUtilization", host).expect(&text);
+    assert!((0.0..=100.0).contains(&busy), "{busy}");
+    // Histograms resolve sub-millisecond latencies; batches are counted by size.
+    let bucket = |le: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("spillway_request_duration_seconds_bucket{")
+                    && l.contains(labels)
+                    && l.contains(&format!("le=\"{le}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert!(bucket("0.00005").is_some(), "a 50 µs bucket: {text}");
+    assert_eq!(bucket("+Inf"), Some(4.0));
+    assert_eq!(
+        sample(&text, "spillway_batch_size_count", labels),
+        Some(3.0)
+    );
+    assert_eq!(sample(&text, "spillway_queue_depth", labels), Some(0.0));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("spillway_process_resident_bytes ")),
+        "{text}"
+    );
+    // The plan's per-device bytes: the tiny model sits wholly in RAM.
+    let placed = sample(&text, "spillway_placed_bytes", r#"device="cpu""#).unwrap();
+    assert!(placed > 0.0, "{text}");
 }

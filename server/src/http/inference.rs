@@ -72,10 +72,13 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
                 model: model.spec.name.clone(),
                 state: "it was unloaded before answering".into(),
             }),
-            Err(_) => Err(Error::Timeout {
-                model: model.spec.name.clone(),
-                timeout,
-            }),
+            Err(_) => {
+                model.labels().timed_out();
+                Err(Error::Timeout {
+                    model: model.spec.name.clone(),
+                    timeout,
+                })
+            }
         }
     }
     .await;

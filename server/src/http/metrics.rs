@@ -15,6 +15,13 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    let depths: Vec<_> = state
+        .registry()
+        .all()
+        .iter()
+        .filter_map(|m| m.queue_depth().map(|d| (m.labels().clone(), d)))
+        .collect();
+    crate::metrics::refresh(&depths);
     state.metrics().run_upkeep();
     (
         [(

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Load benchmark: the release server under a closed-loop load at 1, 8 and 32 connections.
+
+Scenarios, each in its own server process so they do not share cores or queues:
+  echo                 the built-in echo handler: the server's own overhead
+  minilm batch 1       all-MiniLM-L6-v2, batchSize 1
+  minilm batch 8       all-MiniLM-L6-v2, batchSize 8, maxBatchDelay 5 ms
+Load comes from server/examples/loadgen.rs (keep-alive HTTP/1.1, one request in flight
+per connection). Also reports the server's idle RSS with MiniLM loaded after warm-up.
+Prints a Markdown table and writes it, with the machine and the command, to
+BENCHMARKS.md (unless --no-write).
+
+Usage: bench/load.py [--seconds 10] [--concurrency 1 8 32] [--loadgen-threads 1] [--no-write]
+"""
+import argparse, json, os, platform, shutil, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/spillway")
+LOADGEN = os.path.join(ROOT, "target/release/examples/loadgen")
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, **kw).stdout.strip()
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    def __init__(self, store, cache, port):
+        self.port = port
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--model-store", store, "--cache-dir", cache,
+             "--inference-address", f"127.0.0.1:{port}",
+             "--management-address", f"127.0.0.1:{port + 1}",
+             "--metrics-address", f"127.0.0.1:{port + 2}"],
+            env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1) as r:
+                    if json.load(r)["status"] == "Healthy":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become healthy")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def archive(store, name, handler, config, model_dir=None):
+    cfg = os.path.join(store, f"{name}.yaml")
+    with open(cfg, "w") as f:
+        f.write(config)
+    cmd = [BIN, "archive", "--model-name", name, "--version", "1.0", "--handler", handler,
+           "--config-file", cfg, "--export-path", store, "--force"]
+    if model_dir:
+        cmd += ["--model-dir", model_dir]
+    sh(cmd)
+    os.remove(cfg)
+
+
+def load(port, model, body_file, concurrency, seconds, threads):
+    out = sh([LOADGEN, f"http://127.0.0.1:{port}/predictions/{model}", body_file,
+              str(concurrency), str(seconds), str(threads)])
+    return json.loads(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--loadgen-threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+
+    sh(["scripts/build-release.sh"])
+    sh(["cargo", "build", "--release", "-p", "spillway", "--example", "loadgen"])
+    minilm = sh(["scripts/fetch-model.sh", "minilm"])
+    work = tempfile.mkdtemp(prefix="spillway-load-")
+    body = os.path.join(work, "body.json")
+    with open(body, "w") as f:
+        json.dump({"inputs": [SENTENCE]}, f)
+    workers = "minWorkers: 1\nmaxWorkers: 1\nresponseTimeout: 120\n"
+    scenarios = [
+        ("echo", "echo", "echo", workers + "batchSize: 1\nmaxBatchDelay: 0\n", None),
+        ("minilm batch 1", "minilm1", "text_embedding", workers + "batchSize: 1\nmaxBatchDelay: 0\n", minilm),
+        ("minilm batch 8, 5 ms", "minilm8", "text_embedding", workers + "batchSize: 8\nmaxBatchDelay: 5\n", minilm),
+    ]
+    rows, idle_rss = [], None
+    try:
+        for label, name, handler, config, model_dir in scenarios:
+            store = os.path.join(work, name)
+            os.makedirs(store)
+            archive(store, name, handler, config, model_dir)
+            server = Server(store, os.path.join(work, "cache"), 18080)
+            try:
+                load(18080, name, body, 4, 1, a.loadgen_threads)  # warm-up
+                if name == "minilm8":
+                    time.sleep(1)
+                    idle_rss = rss_mib(server.proc.pid)
+                for c in a.concurrency:
+                    r = load(18080, name, body, c, a.seconds, a.loadgen_threads)
+                    rows.append((label, r))
+                    print(f"{label:>22} c={c:<3} {r['requests_per_s']:>9.0f} req/s  p50 {r['p50_ms']:.3f}  "
+                          f"p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  {r['statuses']} errors {r['errors']}",
+                          file=sys.stderr)
+            finally:
+                server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    cpu = sh(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip()
+    lines = [
+        f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+        f"server and load generator on the same cores.",
+        f"Command: `bench/load.py --seconds {a.seconds:g} --concurrency {' '.join(map(str, a.concurrency))} "
+        f"--loadgen-threads {a.loadgen_threads}` ({time.strftime('%Y-%m-%d')}; release build with MKL, "
+        f"1 worker per model, keep-alive connections, {a.seconds:g} s per row after a warm-up).",
+        "",
+        "| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | statuses |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
+        if r["errors"]:
+            statuses += f", connection errors: {r['errors']}"
+        lines.append(f"| {label} | {r['concurrency']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.3f} | "
+                     f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {statuses} |")
+    lines += ["", f"Idle RSS serving MiniLM (after warm-up): {idle_rss:.0f} MiB."]
+    table = "\n".join(lines)
+    print(table)
+    if not a.no_write:
+        with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+            f.write("# Benchmarks\n\nWritten by `bench/load.py`; the figures of the other benchmarks are in "
+                    "docs/cpu-performance.md and the issue notes.\n\n## Load\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

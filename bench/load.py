@@ -80,6 +80,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--loadgen-threads", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="workers per MiniLM model")
+    ap.add_argument("--only", nargs="+", help="scenario names to run (echo, minilm1, minilm8)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
 
@@ -90,15 +92,18 @@ def main():
     body = os.path.join(work, "body.json")
     with open(body, "w") as f:
         json.dump({"inputs": [SENTENCE]}, f)
-    workers = "minWorkers: 1\nmaxWorkers: 1\nresponseTimeout: 120\n"
+    one = "minWorkers: 1\nmaxWorkers: 1\nresponseTimeout: 120\n"
+    workers = f"minWorkers: {a.workers}\nmaxWorkers: {a.workers}\nresponseTimeout: 120\n"
     scenarios = [
-        ("echo", "echo", "echo", workers + "batchSize: 1\nmaxBatchDelay: 0\n", None),
+        ("echo", "echo", "echo", one + "batchSize: 1\nmaxBatchDelay: 0\n", None),
         ("minilm batch 1", "minilm1", "text_embedding", workers + "batchSize: 1\nmaxBatchDelay: 0\n", minilm),
         ("minilm batch 8, 5 ms", "minilm8", "text_embedding", workers + "batchSize: 8\nmaxBatchDelay: 5\n", minilm),
     ]
     rows, idle_rss = [], None
     try:
         for label, name, handler, config, model_dir in scenarios:
+            if a.only and name not in a.only:
+                continue
             store = os.path.join(work, name)
             os.makedirs(store)
             archive(store, name, handler, config, model_dir)
@@ -125,7 +130,7 @@ def main():
         f"server and load generator on the same cores.",
         f"Command: `bench/load.py --seconds {a.seconds:g} --concurrency {' '.join(map(str, a.concurrency))} "
         f"--loadgen-threads {a.loadgen_threads}` ({time.strftime('%Y-%m-%d')}; release build with MKL, "
-        f"1 worker per model, keep-alive connections, {a.seconds:g} s per row after a warm-up).",
+        f"{a.workers} worker(s) per MiniLM model, keep-alive connections, {a.seconds:g} s per row after a warm-up).",
         "",
         "| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | statuses |",
         "|---|---|---|---|---|---|---|",
@@ -136,7 +141,8 @@ def main():
             statuses += f", connection errors: {r['errors']}"
         lines.append(f"| {label} | {r['concurrency']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.3f} | "
                      f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {statuses} |")
-    lines += ["", f"Idle RSS serving MiniLM (after warm-up): {idle_rss:.0f} MiB."]
+    if idle_rss is not None:
+        lines += ["", f"Idle RSS serving MiniLM (after warm-up): {idle_rss:.0f} MiB."]
     table = "\n".join(lines)
     print(table)
     if not a.no_write:

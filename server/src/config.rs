@@ -216,11 +216,12 @@ impl ServerConfig {
     }
 }
 
-/// One I/O thread per four cores, at least one. HTTP work is light next to a model's
-/// forward pass, and every extra runtime thread competes with the compute threads: on
-/// 2 cores, a second one made MiniLM's single-request latency 24 ms instead of 16 ms.
+/// One I/O thread per two cores, at least two. Measured on 2 cores (bench/load.py): two
+/// threads serve echo at 62k req/s (p50 0.5 ms) against 31k with one, and MiniLM is
+/// unchanged (474 vs 476 req/s at 32 connections, 4.4 ms at one). With candle's own
+/// element-wise pools (before the fused kernels) a second thread had cost MiniLM 8 ms.
 fn default_io_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 4).max(1))
+    std::thread::available_parallelism().map_or(2, |n| (n.get() / 2).max(2))
 }
 
 fn is_loopback(ip: IpAddr) -> bool {

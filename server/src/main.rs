@@ -99,7 +99,7 @@ struct ServeArgs {
     /// Where archives that cannot be mapped in place are unpacked [default: ~/.cache/spillway].
     #[arg(long, env = "SPILLWAY_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-    /// Threads for HTTP and queues; model compute runs on its own threads [default: cores/4, at least 1].
+    /// Threads for HTTP and queues; model compute runs on its own threads [default: cores/2, at least 2].
     #[arg(long, env = "SPILLWAY_IO_THREADS")]
     io_threads: Option<usize>,
 }

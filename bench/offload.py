@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--no-cold", action="store_true")
     args = ap.parse_args()
     model_dir = run([os.path.join(ROOT, "scripts/fetch-model.sh"), "smollm2"])
-    subprocess.run(["cargo", "build", "--release", "--bin", "spillway"], cwd=ROOT, check=True)
+    subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="spillway-offload-")
     weights_mib = 513.1  # float32 SmolLM2-135M, as `spillway plan` reports it
     third = int(weights_mib / 3 * 2**20)

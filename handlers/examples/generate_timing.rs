@@ -42,6 +42,11 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // SAFETY: first thing in main; no other thread exists yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        spillway_handlers::cpu_threads::run_elementwise_ops_on_the_calling_thread()
+    };
     let mut args = std::env::args().skip(1);
     let model = PathBuf::from(args.next().ok_or("usage: generate_timing MODEL [RUNS]")?);
     let runs: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(5);

@@ -46,6 +46,12 @@ pub fn self_attention(
     qkv.apply_op1_no_bwd(&SelfAttention { bias, keep, shape })
 }
 
+/// SwiGLU: `packed` `[rows, 2·width]` holding `[gate | up]` → `silu(gate) · up`,
+/// `[rows, width]`.
+pub fn silu_mul(packed: &Tensor) -> Result<Tensor> {
+    packed.contiguous()?.apply_op1_no_bwd(&SiluMul)
+}
+
 /// `x = gelu(x + bias)` over rows of `x`.
 pub fn bias_gelu_in_place(x: &Tensor, bias: &[f32]) -> Result<()> {
     x.inplace_op1(&BiasGelu { bias })
@@ -232,5 +238,25 @@ impl CustomOp3 for CausalAttention {
             CpuStorage::F32(out),
             Shape::from((batch, heads, queries, head_dim)),
         ))
+    }
+}
+
+struct SiluMul;
+
+impl CustomOp1 for SiluMul {
+    fn name(&self) -> &'static str {
+        "fused-silu-mul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let packed = elements(storage, layout)?;
+        let (rows, double) = layout.shape().dims2()?;
+        if double % 2 != 0 {
+            candle_core::bail!("packed gate/up width {double} is odd");
+        }
+        let width = double / 2;
+        let mut out = vec![0.0f32; rows * width];
+        cpu_kernels::silu_mul(packed, width, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((rows, width))))
     }
 }

@@ -19,6 +19,7 @@
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
 //! - [`bert_block`]: a BERT block fused for f32 on the CPU; [`cpu_kernels`] the fused
 //!   kernels on slices, [`fused_ops`] the same as candle operations on tensors.
+//! - [`cpu_threads`]: how candle's CPU thread pools are set up (call at start-up).
 //! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
 //! - [`bert_text`]: tokenization and batching shared by the BERT text handlers.
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
@@ -34,6 +35,7 @@ pub mod bert;
 pub mod bert_block;
 pub mod bert_text;
 pub mod cpu_kernels;
+pub mod cpu_threads;
 pub mod echo;
 pub mod error;
 pub mod files;

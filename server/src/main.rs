@@ -133,6 +133,11 @@ struct ArchiveArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: first thing in main; no other thread exists yet.
+    #[allow(unsafe_code)]
+    unsafe {
+        spillway_handlers::cpu_threads::run_elementwise_ops_on_the_calling_thread()
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -73,21 +73,14 @@ pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
         });
 }
 
-/// SwiGLU's gate: each row of `packed` is `[gate | up]`, both `width` wide, and
-/// `out[r, j] = silu(gate[r, j]) · up[r, j]` with silu(x) = x / (1 + e^−x).
-pub fn silu_mul(packed: &[f32], width: usize, out: &mut [f32]) {
-    let per_task = rows_per_task(2 * width);
-    out.par_chunks_mut(width * per_task)
-        .zip(packed.par_chunks(2 * width * per_task))
-        .for_each(|(out, packed)| {
-            for (o, row) in out
-                .chunks_exact_mut(width)
-                .zip(packed.chunks_exact(2 * width))
-            {
-                let (gate, up) = row.split_at(width);
-                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-                    *o = g / (1.0 + exp(-g)) * u;
-                }
+/// SwiGLU's gate, in place: `gate[i] = silu(gate[i]) · up[i]`, silu(x) = x / (1 + e^−x).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    const PER_TASK: usize = 16_384;
+    gate.par_chunks_mut(PER_TASK)
+        .zip(up.par_chunks(PER_TASK))
+        .for_each(|(gate, up)| {
+            for (g, u) in gate.iter_mut().zip(up) {
+                *g = *g / (1.0 + exp(-*g)) * u;
             }
         });
 }
@@ -524,19 +517,16 @@ mod tests {
 
     #[test]
     fn silu_mul_matches_its_definition() {
-        let (rows, width) = (5, 37);
         let mut next = rng(5);
-        let packed: Vec<f32> = (0..rows * 2 * width).map(|_| next() * 4.0).collect();
-        let mut got = vec![f32::NAN; rows * width];
-        silu_mul(&packed, width, &mut got);
-        for r in 0..rows {
-            for j in 0..width {
-                let g = f64::from(packed[r * 2 * width + j]);
-                let u = f64::from(packed[r * 2 * width + width + j]);
-                let want = g / (1.0 + (-g).exp()) * u;
-                let diff = (f64::from(got[r * width + j]) - want).abs();
-                assert!(diff < 1e-5 * (1.0 + want.abs()), "row {r} col {j}: {diff}");
-            }
+        let gate: Vec<f32> = (0..40_000).map(|_| next() * 4.0).collect();
+        let up: Vec<f32> = (0..40_000).map(|_| next() * 4.0).collect();
+        let mut got = gate.clone();
+        silu_mul(&mut got, &up);
+        for (i, ((o, g), u)) in got.iter().zip(&gate).zip(&up).enumerate() {
+            let (g, u) = (f64::from(*g), f64::from(*u));
+            let want = g / (1.0 + (-g).exp()) * u;
+            let diff = (f64::from(*o) - want).abs();
+            assert!(diff < 1e-5 * (1.0 + want.abs()), "{i}: {diff}");
         }
     }
 

@@ -46,10 +46,12 @@ pub fn self_attention(
     qkv.apply_op1_no_bwd(&SelfAttention { bias, keep, shape })
 }
 
-/// SwiGLU: `packed` `[rows, 2·width]` holding `[gate | up]` → `silu(gate) · up`,
-/// `[rows, width]`.
-pub fn silu_mul(packed: &Tensor) -> Result<Tensor> {
-    packed.contiguous()?.apply_op1_no_bwd(&SiluMul)
+/// SwiGLU's gate in place: `gate = silu(gate) · up` (same shapes).
+pub fn silu_mul_in_place(gate: &Tensor, up: &Tensor) -> Result<()> {
+    if gate.dims() != up.dims() {
+        candle_core::bail!("silu·up over {:?} and {:?}", gate.dims(), up.dims());
+    }
+    gate.inplace_op2(up, &SiluMul)
 }
 
 /// `x = gelu(x + bias)` over rows of `x`.
@@ -243,20 +245,24 @@ impl CustomOp3 for CausalAttention {
 
 struct SiluMul;
 
-impl CustomOp1 for SiluMul {
+impl InplaceOp2 for SiluMul {
     fn name(&self) -> &'static str {
         "fused-silu-mul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let packed = elements(storage, layout)?;
-        let (rows, double) = layout.shape().dims2()?;
-        if double % 2 != 0 {
-            candle_core::bail!("packed gate/up width {double} is odd");
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let up = elements(s2, l2)?;
+        let gate = elements_mut(s1, l1)?;
+        if gate.len() != up.len() {
+            candle_core::bail!("silu·up over {} and {} elements", gate.len(), up.len());
         }
-        let width = double / 2;
-        let mut out = vec![0.0f32; rows * width];
-        cpu_kernels::silu_mul(packed, width, &mut out);
-        Ok((CpuStorage::F32(out), Shape::from((rows, width))))
+        cpu_kernels::silu_mul(gate, up);
+        Ok(())
     }
 }

@@ -5,8 +5,8 @@
 //! (element-wise ops). Each spins after its work, so on a small machine every candle
 //! element-wise op after a matmul fights a spinning OpenMP thread for a core. Running
 //! candle's element-wise ops on the calling thread removes that fight: SmolLM2's
-//! 128-token prefill 168 ms instead of 213 ms, MiniLM batch 32 66.5–66.8 ms instead of
-//! 72–73 ms, the rest unchanged (interleaved runs, docs/cpu-performance.md).
+//! 128-token prefill 168 ms instead of 213 ms, MiniLM batch 32 66.8–69.9 ms instead of
+//! 71.0–72.0 ms, the rest unchanged (interleaved runs, docs/cpu-performance.md).
 
 /// Sets `CANDLE_NUM_THREADS=1` (candle's element-wise pool = the calling thread) unless
 /// the environment already sets it.

@@ -148,15 +148,23 @@ impl Attention {
             v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
         }
         *kv = Some((k.clone(), v.clone()));
+        let y = self.attend(q, k, v, pos)?.transpose(1, 2)?.reshape((
+            b,
+            seq,
+            self.heads * self.head_dim,
+        ))?;
+        self.o.forward(&y)
+    }
+
+    /// Causal attention of `q` `[b, heads, seq, head_dim]` over the cached `k`/`v`
+    /// `[b, kv_heads, keys, head_dim]` → `[b, heads, seq, head_dim]`.
+    fn attend(&self, q: Tensor, k: Tensor, v: Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let seq = q.dim(2)?;
         // The fused kernel wins where queries are few (decode: 23 vs 25.6 ms/token on
         // SmolLM2); a 128-token prefill is faster through MKL's batched matmuls
-        // (215–231 vs 239–282 ms), see docs/cpu-performance.md.
+        // (215–231 vs 239–290 ms), see docs/cpu-performance.md.
         if q.device().is_cpu() && q.dtype() == DType::F32 && seq <= FUSED_ATTENTION_MAX_QUERIES {
-            let y = crate::fused_ops::causal_attention(&q, &k, &v)?;
-            let y = y
-                .transpose(1, 2)?
-                .reshape((b, seq, self.heads * self.head_dim))?;
-            return self.o.forward(&y);
+            return crate::fused_ops::causal_attention(&q, &k, &v);
         }
         let repeat = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, repeat)?;
@@ -178,11 +186,7 @@ impl Attention {
             mask.where_cond(&neg_inf, &att)?
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?.to_dtype(in_dtype)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, seq, self.heads * self.head_dim))?;
-        self.o.forward(&y)
+        att.matmul(&v.contiguous()?)?.to_dtype(in_dtype)
     }
 }
 

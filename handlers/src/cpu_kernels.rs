@@ -8,7 +8,7 @@
 //! memory, the transcendental functions are branch-free polynomials that the compiler
 //! vectorizes, and attention reads its heads straight out of the packed QKV matrix.
 
-use rayon::prelude::*;
+use crate::cpu_team::for_each_chunk_mut;
 
 /// erf(x), |error| < 5e-7 in f32 (1e-7 in exact arithmetic): the odd rational approximation on [-4, 4] that Eigen and
 /// XLA use (outside that range erf is ±1 to f32 precision). Branch-free, so it vectorizes.
@@ -62,27 +62,25 @@ fn rows_per_task(columns: usize) -> usize {
 /// `x[r, c] = gelu(x[r, c] + bias[c])` with the exact (erf) GELU, in place.
 pub fn bias_gelu(x: &mut [f32], bias: &[f32]) {
     let columns = bias.len();
-    x.par_chunks_mut(columns * rows_per_task(columns))
-        .for_each(|rows| {
-            for row in rows.chunks_exact_mut(columns) {
-                for (v, b) in row.iter_mut().zip(bias) {
-                    let y = *v + b;
-                    *v = 0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2));
-                }
+    for_each_chunk_mut(x, columns * rows_per_task(columns), |_, rows| {
+        for row in rows.chunks_exact_mut(columns) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                let y = *v + b;
+                *v = 0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2));
             }
-        });
+        }
+    });
 }
 
 /// SwiGLU's gate, in place: `gate[i] = silu(gate[i]) · up[i]`, silu(x) = x / (1 + e^−x).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     const PER_TASK: usize = 16_384;
-    gate.par_chunks_mut(PER_TASK)
-        .zip(up.par_chunks(PER_TASK))
-        .for_each(|(gate, up)| {
-            for (g, u) in gate.iter_mut().zip(up) {
-                *g = *g / (1.0 + exp(-*g)) * u;
-            }
-        });
+    for_each_chunk_mut(gate, PER_TASK, |index, gate| {
+        let up = &up[index * PER_TASK..];
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + exp(-*g)) * u;
+        }
+    });
 }
 
 /// Parameters of a LayerNorm over the last dimension.
@@ -96,28 +94,27 @@ pub struct Norm<'a> {
 pub fn bias_residual_layer_norm(x: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm<'_>) {
     let columns = bias.len();
     let per_task = columns * rows_per_task(columns);
-    x.par_chunks_mut(per_task)
-        .zip(residual.par_chunks(per_task))
-        .for_each(|(rows, residual)| {
-            for (row, res) in rows
-                .chunks_exact_mut(columns)
-                .zip(residual.chunks_exact(columns))
-            {
-                for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
-                    *v += b + r;
-                }
-                let mean = sum(row) / columns as f32;
-                let mut var = 0.0;
-                for v in row.iter_mut() {
-                    *v -= mean;
-                    var += *v * *v;
-                }
-                let scale = 1.0 / (var / columns as f32 + norm.eps).sqrt();
-                for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
-                    *v = *v * scale * g + b;
-                }
+    for_each_chunk_mut(x, per_task, |index, rows| {
+        let residual = &residual[index * per_task..];
+        for (row, res) in rows
+            .chunks_exact_mut(columns)
+            .zip(residual.chunks_exact(columns))
+        {
+            for ((v, b), r) in row.iter_mut().zip(bias).zip(res) {
+                *v += b + r;
             }
-        });
+            let mean = sum(row) / columns as f32;
+            let mut var = 0.0;
+            for v in row.iter_mut() {
+                *v -= mean;
+                var += *v * *v;
+            }
+            let scale = 1.0 / (var / columns as f32 + norm.eps).sqrt();
+            for ((v, g), b) in row.iter_mut().zip(norm.gamma).zip(norm.beta) {
+                *v = *v * scale * g + b;
+            }
+        }
+    });
 }
 
 /// Sum with 16 independent accumulators, so it vectorizes.
@@ -185,54 +182,52 @@ pub fn self_attention(
     } = shape;
     let hidden = heads * head_dim;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    out.par_chunks_mut(tokens * hidden)
-        .enumerate()
-        .for_each(|(b, out)| {
-            let rows = &qkv[b * tokens * 3 * hidden..(b + 1) * tokens * 3 * hidden];
-            let keep = &keep[b * tokens..(b + 1) * tokens];
-            let kept: Vec<usize> = (0..tokens).filter(|&j| keep[j]).collect();
-            let mut k = vec![0.0f32; kept.len() * head_dim];
-            let mut v = vec![0.0f32; kept.len() * head_dim];
-            let mut q = vec![0.0f32; head_dim];
-            let mut weights = vec![0.0f32; kept.len()];
-            for h in 0..heads {
-                let (qo, ko, vo) = (
-                    h * head_dim,
-                    hidden + h * head_dim,
-                    2 * hidden + h * head_dim,
-                );
-                for (slot, &j) in kept.iter().enumerate() {
-                    let row = &rows[j * 3 * hidden..];
-                    for d in 0..head_dim {
-                        k[slot * head_dim + d] = row[ko + d] + bias[ko + d];
-                        v[slot * head_dim + d] = row[vo + d] + bias[vo + d];
-                    }
+    for_each_chunk_mut(out, tokens * hidden, |b, out| {
+        let rows = &qkv[b * tokens * 3 * hidden..(b + 1) * tokens * 3 * hidden];
+        let keep = &keep[b * tokens..(b + 1) * tokens];
+        let kept: Vec<usize> = (0..tokens).filter(|&j| keep[j]).collect();
+        let mut k = vec![0.0f32; kept.len() * head_dim];
+        let mut v = vec![0.0f32; kept.len() * head_dim];
+        let mut q = vec![0.0f32; head_dim];
+        let mut weights = vec![0.0f32; kept.len()];
+        for h in 0..heads {
+            let (qo, ko, vo) = (
+                h * head_dim,
+                hidden + h * head_dim,
+                2 * hidden + h * head_dim,
+            );
+            for (slot, &j) in kept.iter().enumerate() {
+                let row = &rows[j * 3 * hidden..];
+                for d in 0..head_dim {
+                    k[slot * head_dim + d] = row[ko + d] + bias[ko + d];
+                    v[slot * head_dim + d] = row[vo + d] + bias[vo + d];
                 }
-                for i in 0..tokens {
-                    let row = &rows[i * 3 * hidden..];
-                    for d in 0..head_dim {
-                        q[d] = (row[qo + d] + bias[qo + d]) * scale;
-                    }
-                    let mut max = f32::NEG_INFINITY;
-                    for (w, kj) in weights.iter_mut().zip(k.chunks_exact(head_dim)) {
-                        *w = dot(&q, kj);
-                        max = max.max(*w);
-                    }
-                    for w in weights.iter_mut() {
-                        *w = exp(*w - max);
-                    }
-                    let norm = 1.0 / sum(&weights);
-                    let o = &mut out[i * hidden + h * head_dim..i * hidden + (h + 1) * head_dim];
-                    o.fill(0.0);
-                    for (w, vj) in weights.iter().zip(v.chunks_exact(head_dim)) {
-                        let w = w * norm;
-                        for (o, x) in o.iter_mut().zip(vj) {
-                            *o += w * x;
-                        }
+            }
+            for i in 0..tokens {
+                let row = &rows[i * 3 * hidden..];
+                for d in 0..head_dim {
+                    q[d] = (row[qo + d] + bias[qo + d]) * scale;
+                }
+                let mut max = f32::NEG_INFINITY;
+                for (w, kj) in weights.iter_mut().zip(k.chunks_exact(head_dim)) {
+                    *w = dot(&q, kj);
+                    max = max.max(*w);
+                }
+                for w in weights.iter_mut() {
+                    *w = exp(*w - max);
+                }
+                let norm = 1.0 / sum(&weights);
+                let o = &mut out[i * hidden + h * head_dim..i * hidden + (h + 1) * head_dim];
+                o.fill(0.0);
+                for (w, vj) in weights.iter().zip(v.chunks_exact(head_dim)) {
+                    let w = w * norm;
+                    for (o, x) in o.iter_mut().zip(vj) {
+                        *o += w * x;
                     }
                 }
             }
-        });
+        }
+    });
 }
 
 /// Shape of a causal grouped-query attention step: `queries` new tokens of each of
@@ -264,39 +259,37 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: CausalShape, out
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
     let offset = keys - queries;
-    out.par_chunks_mut(queries * head_dim)
-        .enumerate()
-        .for_each(|(bh, out)| {
-            let (b, h) = (bh / heads, bh % heads);
-            let kv = (b * kv_heads + h / group) * keys * head_dim;
-            let (k, v) = (&k[kv..kv + keys * head_dim], &v[kv..kv + keys * head_dim]);
-            let q = &q[bh * queries * head_dim..(bh + 1) * queries * head_dim];
-            let mut weights = vec![0.0f32; keys];
-            for (i, (qi, o)) in q
-                .chunks_exact(head_dim)
-                .zip(out.chunks_exact_mut(head_dim))
-                .enumerate()
-            {
-                let visible = offset + i + 1;
-                let weights = &mut weights[..visible];
-                let mut max = f32::NEG_INFINITY;
-                for (w, kj) in weights.iter_mut().zip(k.chunks_exact(head_dim)) {
-                    *w = dot(qi, kj) * scale;
-                    max = max.max(*w);
-                }
-                for w in weights.iter_mut() {
-                    *w = exp(*w - max);
-                }
-                let norm = 1.0 / sum(weights);
-                o.fill(0.0);
-                for (w, vj) in weights.iter().zip(v.chunks_exact(head_dim)) {
-                    let w = w * norm;
-                    for (o, x) in o.iter_mut().zip(vj) {
-                        *o += w * x;
-                    }
+    for_each_chunk_mut(out, queries * head_dim, |bh, out| {
+        let (b, h) = (bh / heads, bh % heads);
+        let kv = (b * kv_heads + h / group) * keys * head_dim;
+        let (k, v) = (&k[kv..kv + keys * head_dim], &v[kv..kv + keys * head_dim]);
+        let q = &q[bh * queries * head_dim..(bh + 1) * queries * head_dim];
+        let mut weights = vec![0.0f32; keys];
+        for (i, (qi, o)) in q
+            .chunks_exact(head_dim)
+            .zip(out.chunks_exact_mut(head_dim))
+            .enumerate()
+        {
+            let visible = offset + i + 1;
+            let weights = &mut weights[..visible];
+            let mut max = f32::NEG_INFINITY;
+            for (w, kj) in weights.iter_mut().zip(k.chunks_exact(head_dim)) {
+                *w = dot(qi, kj) * scale;
+                max = max.max(*w);
+            }
+            for w in weights.iter_mut() {
+                *w = exp(*w - max);
+            }
+            let norm = 1.0 / sum(weights);
+            o.fill(0.0);
+            for (w, vj) in weights.iter().zip(v.chunks_exact(head_dim)) {
+                let w = w * norm;
+                for (o, x) in o.iter_mut().zip(vj) {
+                    *o += w * x;
                 }
             }
-        });
+        }
+    });
 }
 
 #[cfg(test)]

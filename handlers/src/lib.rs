@@ -13,12 +13,14 @@
 //!   config, tokenizer) in the offload folder.
 //! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
 //! - [`weights`]: [`WeightSource`], safetensors mapped from disk (also from inside a
-//!   zip-store archive) and served to candle's `VarBuilder`; the crate's only `unsafe`.
+//!   zip-store archive) and served to candle's `VarBuilder`.
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
 //! - [`bert_block`]: a BERT block fused for f32 on the CPU; [`cpu_kernels`] the fused
 //!   kernels on slices, [`fused_ops`] the same as candle operations on tensors.
+//! - [`cpu_team`]: the thread team the fused kernels run their loops on (MKL's OpenMP
+//!   team with `mkl`, rayon without).
 //! - [`cpu_threads`]: how candle's CPU thread pools are set up (call at start-up).
 //! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
 //! - [`bert_text`]: tokenization and batching shared by the BERT text handlers.
@@ -35,6 +37,8 @@ pub mod bert;
 pub mod bert_block;
 pub mod bert_text;
 pub mod cpu_kernels;
+#[allow(unsafe_code)] // FFI into the OpenMP runtime and disjoint chunks handed to threads.
+pub mod cpu_team;
 pub mod cpu_threads;
 pub mod echo;
 pub mod error;

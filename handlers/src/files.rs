@@ -15,7 +15,35 @@ pub trait ModelFiles: Send + Sync {
         let (file, range) = self
             .locate(path)?
             .ok_or_else(|| HandlerError::MissingFile(path.to_string()))?;
-        WeightSource::open_range(&file, range)
+        // Name the model file, not the archive it may sit in.
+        WeightSource::open_range(&file, range).map_err(|e| match e {
+            HandlerError::BadFile { reason, .. } => HandlerError::bad_file(path, reason),
+            other => other,
+        })
+    }
+
+    /// The model's weights: `model.safetensors`, or else the shards that
+    /// `model.safetensors.index.json` maps tensors to, read as one source.
+    /// [`HandlerError::MissingFile`] (naming `model.safetensors`) when there are neither.
+    fn model_weights(&self) -> Result<WeightSource, HandlerError> {
+        match self.weights(SINGLE_WEIGHTS) {
+            Err(HandlerError::MissingFile(_)) => {}
+            found => return found,
+        }
+        let Some(shards) = shard_names(self)? else {
+            return Err(HandlerError::MissingFile(SINGLE_WEIGHTS.to_string()));
+        };
+        let sources = shards
+            .iter()
+            .map(|shard| match self.weights(shard) {
+                Err(HandlerError::MissingFile(_)) => Err(HandlerError::bad_file(
+                    SHARD_INDEX,
+                    format!("it maps tensors to {shard}, which is not in the model"),
+                )),
+                other => other,
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        WeightSource::sharded(sources)
     }
 
     /// Where the bytes of `path` lie on disk — a file and a byte range in it (an
@@ -44,6 +72,36 @@ pub trait ModelFiles: Send + Sync {
     {
         read_json(self, path)
     }
+}
+
+/// The weights file of an unsharded checkpoint.
+pub const SINGLE_WEIGHTS: &str = "model.safetensors";
+/// The index of a sharded checkpoint (HuggingFace's layout: `weight_map` maps each
+/// tensor name to its shard file).
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The shard files `model.safetensors.index.json` names, sorted and without repeats;
+/// `None` when the model has no index.
+pub fn shard_names(
+    files: &(impl ModelFiles + ?Sized),
+) -> Result<Option<Vec<String>>, HandlerError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let Some(index) = read_json::<Index>(files, SHARD_INDEX)? else {
+        return Ok(None);
+    };
+    let mut shards: Vec<String> = index.weight_map.into_values().collect();
+    shards.sort();
+    shards.dedup();
+    if shards.is_empty() {
+        return Err(HandlerError::bad_file(
+            SHARD_INDEX,
+            "its weight_map is empty",
+        ));
+    }
+    Ok(Some(shards))
 }
 
 /// [`ModelFiles::read_json`] for trait objects.
@@ -213,5 +271,101 @@ impl ModelFiles for WithWeights {
 
     fn find(&self, suffix: &str) -> Vec<String> {
         self.base.find(suffix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn write_shard(dir: &std::path::Path, file: &str, names: &[&str]) {
+        let tensors: std::collections::HashMap<String, Tensor> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let t = Tensor::full(i as f32 + 1.0, (2, 3), &Device::Cpu).expect("tensor");
+                (n.to_string(), t)
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, dir.join(file)).expect("save");
+    }
+
+    fn write_index(dir: &std::path::Path, map: &[(&str, &str)]) {
+        let map: serde_json::Map<String, serde_json::Value> = map
+            .iter()
+            .map(|(t, f)| (t.to_string(), (*f).into()))
+            .collect();
+        let index = serde_json::json!({ "weight_map": map });
+        std::fs::write(dir.join(SHARD_INDEX), index.to_string()).expect("index");
+    }
+
+    #[test]
+    fn shards_named_by_the_index_read_as_one_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_shard(dir.path(), "a.safetensors", &["x.weight", "y.weight"]);
+        write_shard(dir.path(), "b.safetensors", &["y.bias"]);
+        write_index(
+            dir.path(),
+            &[
+                ("x.weight", "a.safetensors"),
+                ("y.weight", "a.safetensors"),
+                ("y.bias", "b.safetensors"),
+            ],
+        );
+        let source = FolderFiles::new(dir.path())
+            .model_weights()
+            .expect("source");
+        assert_eq!(source.tensor_names(), ["x.weight", "y.bias", "y.weight"]);
+        let bias = source.load("y.bias", candle_core::DType::F32, &Device::Cpu);
+        let bias: Vec<f32> = bias.and_then(|t| t.flatten_all()?.to_vec1()).expect("load");
+        assert_eq!(bias, [1.0; 6]);
+        // One unit ("y") whose tensors sit in two files spans both.
+        let span = source.span_of(["y.weight", "y.bias"]).expect("span");
+        assert_eq!(span.len(), 2 * 6 * 4);
+    }
+
+    #[test]
+    fn an_index_naming_a_missing_or_escaping_shard_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_shard(dir.path(), "a.safetensors", &["x.weight"]);
+        write_index(
+            dir.path(),
+            &[
+                ("x.weight", "a.safetensors"),
+                ("z.weight", "gone.safetensors"),
+            ],
+        );
+        let files = FolderFiles::new(dir.path());
+        let message = files
+            .model_weights()
+            .expect_err("missing shard")
+            .to_string();
+        assert!(message.contains("gone.safetensors"), "{message}");
+        write_index(dir.path(), &[("x.weight", "../a.safetensors")]);
+        assert!(
+            files.model_weights().is_err(),
+            "a shard outside the model folder"
+        );
+        write_index(dir.path(), &[]);
+        assert!(files.model_weights().is_err(), "an empty weight_map");
+    }
+
+    #[test]
+    fn a_tensor_in_two_shards_is_an_error_and_no_weights_is_missing_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = FolderFiles::new(dir.path());
+        assert!(matches!(
+            files.model_weights(),
+            Err(HandlerError::MissingFile(name)) if name == SINGLE_WEIGHTS
+        ));
+        write_shard(dir.path(), "a.safetensors", &["x.weight"]);
+        write_shard(dir.path(), "b.safetensors", &["x.weight"]);
+        write_index(
+            dir.path(),
+            &[("x.weight", "a.safetensors"), ("y", "b.safetensors")],
+        );
+        let message = files.model_weights().expect_err("duplicate").to_string();
+        assert!(message.contains("x.weight"), "{message}");
     }
 }

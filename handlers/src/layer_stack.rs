@@ -9,13 +9,13 @@
 //! built on a helper thread, so disk reads overlap compute; at most two streamed units
 //! exist at once, which is what the planner reserves room for.
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Result};
 
 use crate::error::CandleContext;
+use crate::weights::WeightSpan;
 use crate::{HandlerError, WeightSource};
 
 /// Process-wide totals of disk-unit streaming, for the server's metrics.
@@ -58,7 +58,7 @@ enum Weights<M> {
     Streamed {
         build: Build<M>,
         source: WeightSource,
-        span: Option<Range<usize>>,
+        span: Option<WeightSpan>,
     },
 }
 

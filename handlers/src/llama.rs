@@ -503,6 +503,7 @@ pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::ModelFiles;
     use crate::testing::TinyLlama;
     use candle_transformers::models::llama as reference;
 
@@ -592,6 +593,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_sharded_checkpoint_decodes_like_the_single_file_in_ram_and_streamed_from_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyLlama::default();
+        spec.write(dir.path()).expect("write");
+        let prompt = [1u32, 5, 9, 14];
+        let want = reference_steps(dir.path(), &prompt, 1).remove(0);
+        crate::testing::shard_checkpoint(dir.path(), 3).expect("shard");
+        assert!(!dir.path().join("model.safetensors").exists());
+        let source = crate::files::FolderFiles::new(dir.path())
+            .model_weights()
+            .expect("sharded source");
+        assert_eq!(source.files().count(), 3);
+        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let t = Tensor::new(prompt.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        for streamed in [false, true] {
+            let model = MappedLlama::load(&source, &config, DType::F32, |_| {
+                Ok(if streamed {
+                    UnitPlacement::Streamed(Device::Cpu)
+                } else {
+                    UnitPlacement::Resident(Device::Cpu)
+                })
+            })
+            .expect("load");
+            let logits = model
+                .forward(&t, &mut KvCache::default())
+                .and_then(|l| l.squeeze(0))
+                .expect("forward");
+            let diff = max_diff(&logits, &want);
+            assert!(diff <= 1e-5, "streamed={streamed}: logits differ by {diff}");
         }
     }
 

@@ -197,11 +197,36 @@ fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
     })
 }
 
+/// A folder name for all of `source`'s files converted to `dtype`: [`fingerprint`] of a
+/// single file; for shards the first one's, the count, and a stable hash of them all
+/// (a folder name must stay short however many shards there are).
+fn source_fingerprint(source: &WeightSource, dtype: DType) -> Result<String, HandlerError> {
+    let keys = source
+        .files()
+        .map(|(path, range)| fingerprint(path, &range, dtype))
+        .collect::<Result<Vec<_>, _>>()?;
+    match keys.as_slice() {
+        [one] => Ok(one.clone()),
+        [first, ..] => {
+            // FNV-1a: stable across Rust releases, unlike `DefaultHasher`.
+            let hash = keys
+                .join("/")
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+            Ok(format!("{first}-of-{}-{hash:016x}", keys.len()))
+        }
+        [] => Err(HandlerError::Unsupported(
+            "a weight source without files".into(),
+        )),
+    }
+}
+
 /// `source` with its floating-point tensors converted to `dtype`, written once into
 /// `root`; returns the converted file.
 pub fn convert(source: &WeightSource, dtype: DType, root: &Path) -> Result<PathBuf, HandlerError> {
-    let range = source.range();
-    let key = fingerprint(source.path(), &range, dtype)?;
+    let key = source_fingerprint(source, dtype)?;
     let dir = folder(root, &key, "model.safetensors", |staging| {
         let planned: Vec<PlannedTensor> = source
             .tensor_names()

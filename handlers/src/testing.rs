@@ -359,3 +359,37 @@ fn reseed(varmap: &VarMap, seed: u64) -> Result<(), HandlerError> {
     }
     Ok(())
 }
+
+/// Splits `dir/model.safetensors` into `shards` files in HuggingFace's sharded layout
+/// (`model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`) and removes the
+/// single file. Tensors are dealt out in name order in equal runs, so a run boundary can
+/// fall inside a layer: one unit's tensors then come from two shards.
+pub fn shard_checkpoint(dir: &Path, shards: usize) -> Result<(), HandlerError> {
+    let single = dir.join("model.safetensors");
+    let tensors = crate::WeightSource::open(&single)?
+        .load_all(&Device::Cpu)
+        .context(|| "cannot read the checkpoint to shard".into())?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let per_shard = names.len().div_ceil(shards.max(1));
+    let mut weight_map = serde_json::Map::new();
+    for (i, run) in names.chunks(per_shard).enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+        let part: std::collections::HashMap<&str, candle_core::Tensor> = run
+            .iter()
+            .map(|name| (name.as_str(), tensors[*name].clone()))
+            .collect();
+        candle_core::safetensors::save(&part, dir.join(&file))
+            .context(|| format!("cannot write {file}"))?;
+        for name in run {
+            weight_map.insert(name.to_string(), json!(file));
+        }
+    }
+    let index = json!({"metadata": {}, "weight_map": weight_map});
+    let io = |source| HandlerError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).map_err(io)?;
+    std::fs::remove_file(&single).map_err(io)
+}

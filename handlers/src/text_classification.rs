@@ -67,7 +67,7 @@ impl TextClassification {
             .get("problem_type")
             .and_then(|v| v.as_str())
             == Some("multi_label_classification");
-        let weights = files.weights("model.safetensors")?;
+        let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let device = options.device.clone();
         let h = text.config.hidden_size;
@@ -105,7 +105,8 @@ impl TextClassification {
         let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
             let (ids, types, mask) = self.text.tensors(encodings, &self.device)?;
             let hidden = self.model.forward(&ids, &types, &mask)?;
-            let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+            // Contiguous: MKL's matmul refuses a strided left-hand side (the portable gemm takes it).
+            let first = hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
             let pooled = self
                 .pooler
                 .forward(&first.to_device(&self.device)?)?

@@ -38,7 +38,7 @@ impl TextEmbedding {
             "text_embedding",
             options.max_length.or(sentence.max_seq_length),
         )?;
-        let weights = files.weights("model.safetensors")?;
+        let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let parameters = weights.parameters();
         let model = MappedBert::load(&weights, &text.config, dtype, |unit| {

@@ -154,7 +154,7 @@ impl TextGeneration {
             serde_json::from_slice(&bytes).map_err(|e| HandlerError::bad_file("config.json", e))?;
         let tokenizer = Tokenizer::from_bytes(files.read_required("tokenizer.json")?)
             .map_err(|e| HandlerError::bad_file("tokenizer.json", e))?;
-        let weights = files.weights("model.safetensors")?;
+        let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let parameters = weights.parameters();
         let model = MappedLlama::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;

@@ -1,13 +1,12 @@
-//! [`WeightSource`]: a safetensors file mapped into memory, handed to candle without a copy
-//! of the file.
+//! [`WeightSource`]: a model's safetensors — one file or the shards a
+//! `model.safetensors.index.json` lists — mapped into memory, handed to candle without a
+//! copy of the files.
 //!
-//! The mapping may cover a whole file or a byte range of one: a zip-store `.mar` keeps
+//! A mapping may cover a whole file or a byte range of one: a zip-store `.mar` keeps
 //! its safetensors uncompressed, so the server maps them straight out of the archive.
-//! The header is parsed once at open; tensors are read from the mapping on demand
+//! Headers are parsed once at open; tensors are read from the mappings on demand
 //! (on the CPU candle copies each tensor it loads into owned memory, so the mapping's
 //! pages are only touched while a tensor is being materialised).
-//!
-//! This module holds the crate's only `unsafe`: creating the memory map.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -22,11 +21,14 @@ use safetensors::tensor::{Metadata, SafeTensors, TensorInfo, TensorView};
 
 use crate::HandlerError;
 
-/// A memory-mapped safetensors file (or a safetensors byte range inside a larger file).
-/// Cheap to clone: clones share the mapping.
+/// Memory-mapped safetensors: one file, a byte range inside a larger file, or several
+/// shards read as one. Cheap to clone: clones share the mappings.
 #[derive(Clone)]
 pub struct WeightSource {
-    inner: Arc<Mapped>,
+    /// The mapped files, in the order they were given.
+    files: Arc<[Arc<Mapped>]>,
+    /// Which of `files` holds each tensor.
+    owner: Arc<HashMap<String, usize>>,
 }
 
 struct Mapped {
@@ -40,11 +42,36 @@ struct Mapped {
     metadata: Metadata,
 }
 
+impl Mapped {
+    /// Offsets of tensor `info`'s bytes inside `map`.
+    fn bytes_of(&self, info: &TensorInfo) -> Range<usize> {
+        let base = self.range.start + self.data_start;
+        base + info.data_offsets.0..base + info.data_offsets.1
+    }
+}
+
+/// The bytes a set of tensors occupies: per mapped file, one range spanning those of its
+/// tensors (see [`WeightSource::span_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightSpan {
+    parts: Vec<(usize, Range<usize>)>,
+}
+
+impl WeightSpan {
+    /// Bytes covered, over all files.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(|(_, r)| r.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl std::fmt::Debug for WeightSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WeightSource")
-            .field("path", &self.inner.path)
-            .field("range", &self.inner.range)
+        f.debug_list()
+            .entries(self.files.iter().map(|m| (&m.path, &m.range)))
             .finish()
     }
 }
@@ -89,67 +116,102 @@ impl WeightSource {
         let bytes = &map[start..end];
         let (header_len, metadata) = SafeTensors::read_metadata(bytes)
             .map_err(|e| HandlerError::bad_file(&path.display().to_string(), e))?;
+        let mapped = Mapped {
+            path: path.to_path_buf(),
+            data_start: 8 + header_len,
+            range: start..end,
+            map,
+            metadata,
+        };
+        for info in mapped.metadata.tensors().values() {
+            if mapped.bytes_of(info).end > end {
+                return Err(HandlerError::bad_file(
+                    &path.display().to_string(),
+                    "a tensor lies past the end of the file",
+                ));
+            }
+        }
+        Self::sharded(vec![Self::single(mapped)])
+    }
+
+    fn single(mapped: Mapped) -> Self {
+        let owner = mapped
+            .metadata
+            .tensors()
+            .into_keys()
+            .map(|name| (name, 0))
+            .collect();
+        Self {
+            files: Arc::new([Arc::new(mapped)]),
+            owner: Arc::new(owner),
+        }
+    }
+
+    /// The shards of one checkpoint read as one source. A tensor named in two shards is
+    /// an error (the index would be ambiguous).
+    pub fn sharded(shards: Vec<WeightSource>) -> Result<Self, HandlerError> {
+        let mut files = Vec::new();
+        let mut owner = HashMap::new();
+        for shard in shards {
+            for mapped in shard.files.iter() {
+                let index = files.len();
+                for name in mapped.metadata.tensors().into_keys() {
+                    if owner.insert(name.clone(), index).is_some() {
+                        return Err(HandlerError::bad_file(
+                            &mapped.path.display().to_string(),
+                            format!("tensor {name} is also in another shard"),
+                        ));
+                    }
+                }
+                files.push(mapped.clone());
+            }
+        }
         Ok(Self {
-            inner: Arc::new(Mapped {
-                path: path.to_path_buf(),
-                data_start: 8 + header_len,
-                range: start..end,
-                map,
-                metadata,
-            }),
+            files: files.into(),
+            owner: Arc::new(owner),
         })
     }
 
-    /// The file this source maps.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// The byte range of the file that holds the safetensors.
-    pub fn range(&self) -> Range<u64> {
-        self.inner.range.start as u64..self.inner.range.end as u64
+    /// Each mapped file and the byte range of it that holds safetensors.
+    pub fn files(&self) -> impl Iterator<Item = (&Path, Range<u64>)> {
+        self.files
+            .iter()
+            .map(|m| (m.path.as_path(), m.range.start as u64..m.range.end as u64))
     }
 
     /// Names of all tensors, sorted.
     pub fn tensor_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.inner.metadata.tensors().into_keys().collect();
+        let mut names: Vec<String> = self.owner.keys().cloned().collect();
         names.sort();
         names
     }
 
     /// Number of elements over all tensors (the model's parameter count, buffers included).
     pub fn parameters(&self) -> usize {
-        self.inner
-            .metadata
-            .tensors()
-            .values()
+        self.files
+            .iter()
+            .flat_map(|m| m.metadata.tensors().into_values())
             .map(|info| info.shape.iter().product::<usize>())
             .sum()
     }
 
+    fn locate(&self, name: &str) -> Option<(usize, &TensorInfo)> {
+        let &file = self.owner.get(name)?;
+        Some((file, self.files[file].metadata.info(name)?))
+    }
+
     /// Header information (dtype, shape, offsets) of one tensor.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.inner.metadata.info(name)
+        self.locate(name).map(|(_, info)| info)
     }
 
     fn view(&self, name: &str) -> candle_core::Result<TensorView<'_>> {
-        let inner = &*self.inner;
-        let info =
-            inner
-                .metadata
-                .info(name)
+        let (file, info) =
+            self.locate(name)
                 .ok_or_else(|| candle_core::Error::CannotFindTensor {
                     path: name.to_string(),
                 })?;
-        let (begin, end) = info.data_offsets;
-        let base = inner.range.start + inner.data_start;
-        let bytes = inner
-            .map
-            .get(base + begin..base + end)
-            .filter(|_| base + end <= inner.range.end)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!("tensor {name} lies outside its file"))
-            })?;
+        let bytes = &self.files[file].map[self.files[file].bytes_of(info)];
         Ok(TensorView::new(info.dtype, info.shape.clone(), bytes)?)
     }
 
@@ -158,42 +220,49 @@ impl WeightSource {
         self.view(name)?.load(device)?.to_dtype(dtype)
     }
 
-    /// The bytes of the mapping that hold the tensors named `names` (one range spanning
-    /// them all), relative to the start of the mapping.
-    pub fn span_of<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Option<Range<usize>> {
-        let inner = &*self.inner;
-        let base = inner.range.start + inner.data_start;
-        names
-            .into_iter()
-            .filter_map(|name| inner.metadata.info(name))
-            .map(|info| base + info.data_offsets.0..base + info.data_offsets.1)
-            .reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+    /// The bytes that hold the tensors named `names`: per file, one range spanning its
+    /// tensors among them. `None` when no name is known.
+    pub fn span_of<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Option<WeightSpan> {
+        let mut parts: Vec<(usize, Range<usize>)> = Vec::new();
+        for (file, info) in names.into_iter().filter_map(|name| self.locate(name)) {
+            let bytes = self.files[file].bytes_of(info);
+            match parts.iter_mut().find(|(f, _)| *f == file) {
+                Some((_, span)) => *span = span.start.min(bytes.start)..span.end.max(bytes.end),
+                None => parts.push((file, bytes)),
+            }
+        }
+        (!parts.is_empty()).then_some(WeightSpan { parts })
     }
 
     /// Asks the kernel to start reading `span` now (a disk unit about to be needed).
-    pub fn prefetch(&self, span: &Range<usize>) {
-        let (offset, len) = page_aligned(span);
-        // Advice only: failure costs speed, never correctness.
-        let _ = self
-            .inner
-            .map
-            .advise_range(memmap2::Advice::WillNeed, offset, len);
+    pub fn prefetch(&self, span: &WeightSpan) {
+        for (file, range) in &span.parts {
+            let (offset, len) = page_aligned(range);
+            // Advice only: failure costs speed, never correctness.
+            let _ = self.files[*file]
+                .map
+                .advise_range(memmap2::Advice::WillNeed, offset, len);
+        }
     }
 
     /// Drops `span`'s pages from this process's resident memory (they stay in the page
     /// cache), so streaming disk units through a mapping never grows RSS to the file.
-    pub fn release(&self, span: &Range<usize>) {
-        let (offset, len) = page_aligned(span);
-        // SAFETY: the mapping is read-only and file-backed, and no tensor borrows these
-        // bytes any more (every tensor loaded from it on the CPU is an owned copy).
-        // MADV_DONTNEED on such a mapping only discards pages; a later read faults them
-        // back in from the file with the same contents. Advice failure is harmless.
-        #[allow(unsafe_code)]
-        let _ = unsafe {
-            self.inner
-                .map
-                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-        };
+    pub fn release(&self, span: &WeightSpan) {
+        for (file, range) in &span.parts {
+            let (offset, len) = page_aligned(range);
+            // SAFETY: the mapping is read-only and file-backed, and no tensor borrows these
+            // bytes any more (every tensor loaded from it on the CPU is an owned copy).
+            // MADV_DONTNEED on such a mapping only discards pages; a later read faults them
+            // back in from the file with the same contents. Advice failure is harmless.
+            #[allow(unsafe_code)]
+            let _ = unsafe {
+                self.files[*file].map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    len,
+                )
+            };
+        }
     }
 
     /// A candle `VarBuilder` reading from this source.
@@ -201,7 +270,7 @@ impl WeightSource {
         candle_nn::VarBuilder::from_backend(Box::new(self.clone()), dtype, device.clone())
     }
 
-    /// Every tensor of the file, loaded onto `device` (for tests and small models).
+    /// Every tensor, loaded onto `device` (for tests and small models).
     pub fn load_all(&self, device: &Device) -> candle_core::Result<HashMap<String, Tensor>> {
         self.tensor_names()
             .into_iter()
@@ -251,7 +320,7 @@ impl candle_nn::var_builder::SimpleBackend for WeightSource {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.inner.metadata.info(name).is_some()
+        self.owner.contains_key(name)
     }
 }
 

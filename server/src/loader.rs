@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use spillway_handlers::{Handler, HandlerKind, ModelFiles};
+use spillway_handlers::{Handler, HandlerKind, ModelFiles, files};
 use spillway_placement::{Device, Plan};
 
 use crate::app::AppState;
@@ -100,7 +100,7 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
                 (Some(dtype), Some(root))
                     if plan.streamed_bytes_per_forward > 0 && converts(&inventory, dtype) =>
                 {
-                    let source = model_files.weights("model.safetensors")?;
+                    let source = model_files.model_weights()?;
                     let converted = spillway_handlers::offload::convert(
                         &source,
                         dtype,
@@ -147,7 +147,13 @@ fn model_files(
     cache_dir: &std::path::Path,
 ) -> Result<Arc<dyn ModelFiles>> {
     let ggufs = archive.files.find(".gguf");
-    if archive.files.locate("model.safetensors")?.is_some() || ggufs.is_empty() {
+    let has_safetensors = [files::SINGLE_WEIGHTS, files::SHARD_INDEX]
+        .into_iter()
+        .map(|name| archive.files.locate(name))
+        .collect::<std::result::Result<Vec<_>, _>>()?
+        .iter()
+        .any(Option::is_some);
+    if has_safetensors || ggufs.is_empty() {
         return Ok(archive.files.clone());
     }
     let gguf = archive

@@ -45,55 +45,35 @@ impl ModelInventory {
             .map(ModelShape::from_config)
             .transpose()
             .map_err(|e| Error::bad_config("config.json", e))?;
-        let shards: Vec<String> =
-            match read_json::<serde_json::Value>(files, "model.safetensors.index.json")? {
-                Some(index) => {
-                    let mut shards: Vec<String> = index
-                        .get("weight_map")
-                        .and_then(|m| m.as_object())
-                        .ok_or_else(|| {
-                            Error::bad_config("model.safetensors.index.json", "no weight_map")
-                        })?
-                        .values()
-                        .filter_map(|v| v.as_str().map(str::to_string))
-                        .collect();
-                    shards.sort();
-                    shards.dedup();
-                    shards
-                }
-                None => vec!["model.safetensors".to_string()],
-            };
-        let mut tensors = Vec::new();
-        for shard in &shards {
-            let weights = match files.weights(shard) {
-                Ok(w) => w,
-                Err(HandlerError::MissingFile(_)) if shards.len() == 1 => {
-                    let config = config.as_ref().ok_or_else(|| {
-                        Error::bad_config(
-                            "model",
-                            "neither model.safetensors nor config.json is present",
-                        )
-                    })?;
-                    return Self::from_config(config);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            for name in weights.tensor_names() {
-                let Some(info) = weights.info(&name) else {
-                    continue;
-                };
-                let dtype = dtype_of(info).ok_or_else(|| {
+        let weights = match files.model_weights() {
+            Ok(weights) => weights,
+            Err(HandlerError::MissingFile(_)) => {
+                let config = config.as_ref().ok_or_else(|| {
                     Error::bad_config(
-                        shard.clone(),
-                        format!("tensor {name} has dtype {:?}", info.dtype),
+                        "model",
+                        "neither model.safetensors nor config.json is present",
                     )
                 })?;
-                tensors.push(TensorInfo {
-                    name,
-                    dtype,
-                    shape: info.shape.clone(),
-                });
+                return Self::from_config(config);
             }
+            Err(e) => return Err(e.into()),
+        };
+        let mut tensors = Vec::new();
+        for name in weights.tensor_names() {
+            let Some(info) = weights.info(&name) else {
+                continue;
+            };
+            let dtype = dtype_of(info).ok_or_else(|| {
+                Error::bad_config(
+                    "model weights",
+                    format!("tensor {name} has dtype {:?}", info.dtype),
+                )
+            })?;
+            tensors.push(TensorInfo {
+                name,
+                dtype,
+                shape: info.shape.clone(),
+            });
         }
         Ok(Self {
             tensors,

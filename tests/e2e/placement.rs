@@ -193,18 +193,27 @@ fn units_planned_on_disk_are_streamed_and_answer_exactly_as_resident_ones() {
     let spec = TinyBert {
         hidden_size: 64,
         layers: 4,
+        seed: Some(11),
         ..TinyBert::default()
     };
     let model = fixture.tiny_bert("model", &spec);
+    // The same weights as a sharded checkpoint (3 shards + index), whose units can span
+    // two shard files.
+    let sharded = fixture.tiny_bert("sharded", &spec);
+    spillway_handlers::testing::shard_checkpoint(&sharded, 3).unwrap();
+    let all_on_disk = Some(r#"{"device_map": "disk"}"#);
     let setups = [
-        ("resident", None),
+        ("resident", &model, None),
         (
             "blocks-on-disk",
+            &model,
             Some(r#"{"device_map": {"embeddings": "cpu", "encoder": "disk"}}"#),
         ),
-        ("all-on-disk", Some(r#"{"device_map": "disk"}"#)),
+        ("all-on-disk", &model, all_on_disk),
+        ("sharded", &sharded, None),
+        ("sharded-all-on-disk", &sharded, all_on_disk),
     ];
-    for (name, setup) in setups {
+    for (name, model, setup) in setups {
         let mut extra = Vec::new();
         if let Some(setup) = setup {
             let dir = fixture.dir.path().join(format!("setup-{name}"));
@@ -216,13 +225,18 @@ fn units_planned_on_disk_are_streamed_and_answer_exactly_as_resident_ones() {
         if let Some(path) = extra.first() {
             args.extend(["--extra-files", path.as_str()]);
         }
-        fixture.archive(name, "1.0", "text_embedding", Some(&model), &args);
+        fixture.archive(name, "1.0", "text_embedding", Some(model), &args);
     }
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
     let body = r#"{"inputs": ["hello world", "the quick brown fox jumps over the lazy spillway"]}"#;
     let reference = json(server.predict("resident", body), 200);
-    for (name, streamed) in [("blocks-on-disk", 4), ("all-on-disk", 5)] {
+    assert_eq!(json(server.predict("sharded", body), 200), reference);
+    for (name, streamed) in [
+        ("blocks-on-disk", 4),
+        ("all-on-disk", 5),
+        ("sharded-all-on-disk", 5),
+    ] {
         for _ in 0..2 {
             assert_eq!(json(server.predict(name, body), 200), reference, "{name}");
         }

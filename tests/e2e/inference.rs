@@ -40,11 +40,15 @@ fn ping_turns_healthy_and_predictions_return_one_embedding_per_text() {
         server.predict("tiny", r#"{"inputs": "hello world"}"#),
         200,
     ));
-    assert_eq!(
-        one,
-        vec![two[0].clone()],
-        "a batch of two equals each alone"
-    );
+    // Equal up to rounding: MKL's sgemm picks kernels by matrix size, so the last bits
+    // of a row can depend on how many rows were multiplied with it.
+    assert_eq!(one.len(), 1);
+    let diff = one[0]
+        .iter()
+        .zip(&two[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff <= 1e-5, "a batch of two equals each alone, up to {diff}");
     let plain = server
         .http
         .post(format!("{}/predictions/tiny", server.inference))

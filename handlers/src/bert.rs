@@ -19,7 +19,7 @@ pub enum BertUnit {
     // Boxed: one embeddings unit per model, many blocks.
     Embeddings(Box<BertModel>),
     Block(BertEncoder),
-    FusedBlock(FusedBertBlock),
+    FusedBlock(Box<FusedBertBlock>),
 }
 
 /// A BERT encoder laid out by a plan.
@@ -98,7 +98,8 @@ impl MappedBert {
                         let vb = source
                             .var_builder(dtype, device)
                             .pp(to.trim_end_matches('.'));
-                        return FusedBertBlock::load(vb, &config).map(BertUnit::FusedBlock);
+                        return FusedBertBlock::load(vb, &config)
+                            .map(|b| BertUnit::FusedBlock(Box::new(b)));
                     }
                     let (from, to) = (from.clone(), to.clone());
                     let vb = source

@@ -12,25 +12,33 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 
 use crate::cpu_kernels::AttentionShape;
+use crate::cpu_linear::CpuLinear;
 use crate::fused_ops::{self, NormParams};
 
 /// A weight `[out, in]` and its bias, applied as `x · Wᵀ (+ b in the fused pass after)`.
 struct Dense {
-    weight: Tensor,
+    weight: CpuLinear,
     bias: Vec<f32>,
 }
 
 impl Dense {
     fn load(vb: &VarBuilder, out: usize, inp: usize) -> Result<Self> {
+        Self::new(
+            &vb.get((out, inp), "weight")?,
+            vb.get(out, "bias")?.to_vec1()?,
+        )
+    }
+
+    fn new(weight: &Tensor, bias: Vec<f32>) -> Result<Self> {
         Ok(Self {
-            weight: vb.get((out, inp), "weight")?,
-            bias: vb.get(out, "bias")?.to_vec1()?,
+            weight: CpuLinear::new(weight)?,
+            bias,
         })
     }
 
     /// `x · Wᵀ` without the bias.
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)
+        self.weight.forward(x)
     }
 }
 
@@ -61,14 +69,12 @@ impl FusedBertBlock {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let attention = vb.pp("attention");
         let projections = attention.pp("self");
-        let qkv_parts = ["query", "key", "value"]
-            .map(|p| Dense::load(&projections.pp(p), h, h))
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        let qkv = Dense {
-            weight: Tensor::cat(&qkv_parts.iter().map(|d| &d.weight).collect::<Vec<_>>(), 0)?,
-            bias: qkv_parts.iter().flat_map(|d| d.bias.clone()).collect(),
-        };
+        let (mut weights, mut bias) = (Vec::new(), Vec::new());
+        for part in ["query", "key", "value"] {
+            weights.push(projections.pp(part).get((h, h), "weight")?);
+            bias.extend(projections.pp(part).get(h, "bias")?.to_vec1::<f32>()?);
+        }
+        let qkv = Dense::new(&Tensor::cat(&weights, 0)?, bias)?;
         let eps = config.layer_norm_eps;
         Ok(Self {
             qkv,

@@ -12,6 +12,7 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
 
+use crate::cpu_linear::CpuLinear;
 use crate::error::CandleContext;
 use crate::layer_stack::LayerStack;
 use crate::layer_stack::UnitPlacement;
@@ -95,32 +96,81 @@ impl KvCache {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
-fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    // Qwen2 puts biases on q/k/v; Llama has none.
-    if vb.contains_tensor("bias") {
-        candle_nn::linear(in_dim, out_dim, vb)
-    } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+/// A projection `x · Wᵀ (+ b)` over the last dimension.
+enum Projection {
+    /// candle's `Linear`: any device and dtype.
+    Candle(Linear),
+    /// f32 on the CPU with the weight packed once for MKL's GEMM (resident units of the
+    /// `mkl` build: a streamed unit would repack every pass).
+    Packed {
+        weight: CpuLinear,
+        bias: Option<Tensor>,
+        out: usize,
+    },
+}
+
+impl Projection {
+    /// Loads `vb`'s `weight` `[out_dim, in_dim]` and, if `vb` has one, its `bias` (Qwen2
+    /// puts biases on q/k/v; Llama has none). `pack`: whether the unit stays resident.
+    fn load(
+        in_dim: usize,
+        out_dim: usize,
+        vb: VarBuilder,
+        pack: bool,
+    ) -> candle_core::Result<Self> {
+        let packs = pack && CpuLinear::PACKS && vb.device().is_cpu() && vb.dtype() == DType::F32;
+        let linear = if vb.contains_tensor("bias") {
+            candle_nn::linear(in_dim, out_dim, vb)?
+        } else {
+            candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+        };
+        if !packs {
+            return Ok(Self::Candle(linear));
+        }
+        Ok(Self::Packed {
+            weight: CpuLinear::new(linear.weight())?,
+            bias: linear.bias().cloned(),
+            out: out_dim,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Candle(linear) => linear.forward(x),
+            Self::Packed { weight, bias, out } => {
+                let mut dims = x.dims().to_vec();
+                let inner = dims.pop().unwrap_or(1);
+                let rows = x.elem_count() / inner.max(1);
+                let y = weight.forward(&x.reshape((rows, inner))?)?;
+                dims.push(*out);
+                let y = y.reshape(dims)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
     }
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, pack: bool) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
         Ok(Self {
-            q: linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k: linear(h, cfg.kv_heads() * hd, vb.pp("k_proj"))?,
-            v: linear(h, cfg.kv_heads() * hd, vb.pp("v_proj"))?,
-            o: candle_nn::linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            q: Projection::load(h, q, vb.pp("q_proj"), pack)?,
+            k: Projection::load(h, kv, vb.pp("k_proj"), pack)?,
+            v: Projection::load(h, kv, vb.pp("v_proj"), pack)?,
+            o: Projection::load(q, h, vb.pp("o_proj"), pack)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.kv_heads(),
             head_dim: hd,
@@ -194,18 +244,18 @@ impl Attention {
 const FUSED_ATTENTION_MAX_QUERIES: usize = 16;
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, pack: bool) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate: candle_nn::linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up: candle_nn::linear_no_bias(h, i, vb.pp("up_proj"))?,
-            down: candle_nn::linear_no_bias(i, h, vb.pp("down_proj"))?,
+            gate: Projection::load(h, i, vb.pp("gate_proj"), pack)?,
+            up: Projection::load(h, i, vb.pp("up_proj"), pack)?,
+            down: Projection::load(i, h, vb.pp("down_proj"), pack)?,
         })
     }
 
@@ -233,20 +283,21 @@ pub struct Block {
 }
 
 impl Block {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig) -> candle_core::Result<Self> {
+    /// `pack`: the block stays resident (see [`Projection::Packed`]).
+    fn load(vb: VarBuilder, cfg: &LlamaConfig, pack: bool) -> candle_core::Result<Self> {
         Ok(Self {
             input_norm: candle_nn::rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("input_layernorm"),
             )?,
-            attention: Attention::load(vb.pp("self_attn"), cfg)?,
+            attention: Attention::load(vb.pp("self_attn"), cfg, pack)?,
             post_norm: candle_nn::rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, pack)?,
         })
     }
 
@@ -389,14 +440,16 @@ impl MappedLlama {
         }
         for i in 0..cfg.num_hidden_layers {
             let name = format!("model.layers.{i}");
+            let placement = place(&name)?;
+            let resident = matches!(placement, UnitPlacement::Resident(_));
             let build = {
                 let (source, cfg, name) = (source.clone(), cfg.clone(), name.clone());
                 move |d: &Device| {
-                    Block::load(source.var_builder(dtype, d).pp(&name), &cfg)
+                    Block::load(source.var_builder(dtype, d).pp(&name), &cfg, resident)
                         .map(|b| LlamaUnit::Block(Box::new(b)))
                 }
             };
-            stack.push_planned(&name, place(&name)?, source, build)?;
+            stack.push_planned(&name, placement, source, build)?;
         }
         let norm = {
             let (source, eps) = (source.clone(), cfg.rms_norm_eps);

@@ -48,7 +48,10 @@ fn ping_turns_healthy_and_predictions_return_one_embedding_per_text() {
         .zip(&two[0])
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(diff <= 1e-5, "a batch of two equals each alone, up to {diff}");
+    assert!(
+        diff <= 1e-5,
+        "a batch of two equals each alone, up to {diff}"
+    );
     let plain = server
         .http
         .post(format!("{}/predictions/tiny", server.inference))

@@ -1,7 +1,7 @@
 //! How candle's CPU thread pools are set up in a Spillway process.
 //!
-//! With MKL three pools share the cores: MKL's OpenMP team (matmuls), rayon (candle-nn's
-//! softmax and norms, and Spillway's fused kernels) and candle's own barrier pool
+//! With MKL three pools share the cores: MKL's OpenMP team (matmuls, and Spillway's fused
+//! kernels, see [`crate::cpu_team`]), rayon (candle-nn's softmax and norms) and candle's own barrier pool
 //! (element-wise ops). Each spins after its work, so on a small machine every candle
 //! element-wise op after a matmul fights a spinning OpenMP thread for a core. Running
 //! candle's element-wise ops on the calling thread removes that fight: SmolLM2's

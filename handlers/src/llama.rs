@@ -39,6 +39,15 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     /// One id or a list.
     pub eos_token_id: Option<serde_json::Value>,
+    /// HF's `rope_scaling` (`{"rope_type": "llama3" | "linear", "factor": …}`); see
+    /// [`LlamaConfig::inverse_frequencies`].
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Mistral's and Qwen2's attention window (Qwen2 only with `use_sliding_window`).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
 }
 
 fn default_eps() -> f64 {
@@ -61,6 +70,79 @@ impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Positions a sequence may use: `max_position_embeddings`, or the sliding attention
+    /// window where the model has one. Attention here is never windowed, so within the
+    /// window it is exact and past it would not match the model; sequences stop there.
+    pub fn positions(&self) -> usize {
+        let window = self
+            .sliding_window
+            .filter(|_| self.use_sliding_window != Some(false));
+        window.map_or(self.max_position_embeddings, |w| {
+            w.min(self.max_position_embeddings)
+        })
+    }
+
+    /// RoPE's inverse frequencies, `theta^(-2i/head_dim)`, with `rope_scaling` applied:
+    /// none or `default`; `linear` (positions divided by `factor`); `llama3` (Llama 3.1's
+    /// banded rescaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    /// blend between). Other types are refused rather than silently ignored.
+    pub fn inverse_frequencies(&self) -> Result<Vec<f32>, HandlerError> {
+        let hd = self.head_dim();
+        let theta = self.rope_theta as f32;
+        let base = (0..hd)
+            .step_by(2)
+            .map(|i| 1f32 / theta.powf(i as f32 / hd as f32));
+        let Some(scaling) = &self.rope_scaling else {
+            return Ok(base.collect());
+        };
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let number = |key: &str| -> Result<f32, HandlerError> {
+            scaling
+                .get(key)
+                .and_then(|v| v.as_f64())
+                .map(|v| v as f32)
+                .ok_or_else(|| {
+                    HandlerError::bad_file(
+                        "config.json",
+                        format!("rope_scaling of type {kind} needs a number `{key}`"),
+                    )
+                })
+        };
+        match kind {
+            "default" => Ok(base.collect()),
+            "linear" => {
+                let factor = number("factor")?;
+                Ok(base.map(|f| f / factor).collect())
+            }
+            "llama3" => {
+                let factor = number("factor")?;
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                let original = number("original_max_position_embeddings")?;
+                let (low_wavelen, high_wavelen) = (original / low, original / high);
+                Ok(base
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect())
+            }
+            other => Err(HandlerError::Unsupported(format!(
+                "rope_scaling of type `{other}` (supported: linear, llama3)"
+            ))),
+        }
     }
 
     /// End-of-sequence ids.
@@ -324,12 +406,9 @@ struct Rope {
 
 impl Rope {
     fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        let hd = cfg.head_dim();
-        let theta = cfg.rope_theta as f32;
-        let inv: Vec<f32> = (0..hd)
-            .step_by(2)
-            .map(|i| 1f32 / theta.powf(i as f32 / hd as f32))
-            .collect();
+        let inv = cfg
+            .inverse_frequencies()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let inv = Tensor::new(inv.as_slice(), device)?;
         let positions = Tensor::arange(0, cfg.max_position_embeddings as u32, device)?
             .to_dtype(DType::F32)?
@@ -403,6 +482,8 @@ impl MappedLlama {
         dtype: DType,
         place: impl Fn(&str) -> Result<UnitPlacement, HandlerError>,
     ) -> Result<Self, HandlerError> {
+        // An unsupported rope_scaling is a load error, before any weight is read.
+        config.inverse_frequencies()?;
         let mut stack = LayerStack::default();
         let cfg = config.clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -501,11 +582,11 @@ impl MappedLlama {
         }
         let pos = cache.position;
         let seq = tokens.dim(1)?;
-        if pos + seq > self.config.max_position_embeddings {
+        if pos + seq > self.config.positions() {
             return Err(candle_core::Error::Msg(format!(
                 "{} tokens exceed the model's {} positions",
                 pos + seq,
-                self.config.max_position_embeddings
+                self.config.positions()
             )));
         }
         let mut block = 0;
@@ -647,6 +728,84 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Our logits for `prompt` under `config` (resident, f32) from the weights in `dir`.
+    fn our_logits(dir: &std::path::Path, config: &LlamaConfig, prompt: &[u32]) -> Tensor {
+        let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
+        let model = MappedLlama::load(&source, config, DType::F32, |_| {
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        })
+        .expect("load");
+        let t = Tensor::new(prompt, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        model
+            .forward(&t, &mut KvCache::default())
+            .and_then(|l| l.squeeze(0))
+            .expect("forward")
+    }
+
+    #[test]
+    fn llama3_rope_scaling_decodes_like_candles_llama() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // head_dim 8: wavelengths 6.3, 63, 628 and 6283 positions fall in all three
+        // bands of Llama 3's rescaling (kept below 16, blended to 64, divided above).
+        let spec = TinyLlama {
+            rope_scaling: Some(serde_json::json!({
+                "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64
+            })),
+            ..TinyLlama::default()
+        };
+        spec.write(dir.path()).expect("write");
+        let prompt = [1u32, 5, 9, 14, 3, 7, 11, 20, 30, 2, 8, 4];
+        let want = reference_steps(dir.path(), &prompt, 1).remove(0);
+        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let diff = max_diff(&our_logits(dir.path(), &config, &prompt), &want);
+        assert!(diff <= 1e-5, "scaled RoPE: logits differ by {diff}");
+        let unscaled = LlamaConfig {
+            rope_scaling: None,
+            ..config
+        };
+        let diff = max_diff(&our_logits(dir.path(), &unscaled, &prompt), &want);
+        assert!(diff > 1e-4, "the scaling must matter here ({diff})");
+    }
+
+    #[test]
+    fn other_rope_scalings_are_refused_and_linear_divides_every_frequency() {
+        let spec = TinyLlama::default();
+        let config = |scaling: serde_json::Value| -> LlamaConfig {
+            let mut json = spec.config();
+            json["rope_scaling"] = scaling;
+            serde_json::from_value(json).expect("config")
+        };
+        let plain: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let base = plain.inverse_frequencies().expect("plain");
+        let linear = config(serde_json::json!({"type": "linear", "factor": 2.0}));
+        let halved: Vec<f32> = base.iter().map(|f| f / 2.0).collect();
+        assert_eq!(linear.inverse_frequencies().expect("linear"), halved);
+        let yarn = config(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
+        let message = yarn.inverse_frequencies().expect_err("yarn").to_string();
+        assert!(message.contains("yarn"), "{message}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        spec.write(dir.path()).expect("write");
+        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        let refused = MappedLlama::load(&source, &yarn, DType::F32, |_| {
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        });
+        assert!(matches!(refused, Err(HandlerError::Unsupported(_))));
+    }
+
+    #[test]
+    fn a_sliding_window_bounds_the_positions_unless_switched_off() {
+        let mut json = TinyLlama::default().config();
+        json["sliding_window"] = 16.into();
+        let mistral: LlamaConfig = serde_json::from_value(json.clone()).expect("config");
+        assert_eq!(mistral.positions(), 16);
+        json["use_sliding_window"] = false.into();
+        let qwen2: LlamaConfig = serde_json::from_value(json).expect("config");
+        assert_eq!(qwen2.positions(), 128);
     }
 
     #[test]

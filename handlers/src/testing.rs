@@ -251,6 +251,8 @@ pub struct TinyLlama {
     pub intermediate_size: usize,
     pub vocab_size: usize,
     pub tie_word_embeddings: bool,
+    /// config.json's `rope_scaling`, if any.
+    pub rope_scaling: Option<serde_json::Value>,
     /// Weights are a deterministic function of this seed.
     pub seed: u64,
 }
@@ -265,6 +267,7 @@ impl Default for TinyLlama {
             intermediate_size: 48,
             vocab_size: 64,
             tie_word_embeddings: true,
+            rope_scaling: None,
             seed: 7,
         }
     }
@@ -272,7 +275,7 @@ impl Default for TinyLlama {
 
 impl TinyLlama {
     pub fn config(&self) -> serde_json::Value {
-        json!({
+        let mut config = json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": self.hidden_size,
@@ -288,7 +291,11 @@ impl TinyLlama {
             "bos_token_id": 1,
             "eos_token_id": 2,
             "torch_dtype": "float32"
-        })
+        });
+        if let Some(scaling) = &self.rope_scaling {
+            config["rope_scaling"] = scaling.clone();
+        }
+        config
     }
 
     /// Writes config.json and weights: the tensors candle-transformers' own `Llama::load`

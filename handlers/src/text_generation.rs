@@ -192,7 +192,7 @@ impl TextGeneration {
         prompt_ids: Vec<u32>,
         parameters: &GenerateParameters,
     ) -> Result<Generation<'_>, HandlerError> {
-        let limit = self.model.config().max_position_embeddings;
+        let limit = self.model.config().positions();
         if prompt_ids.is_empty() {
             return Err(HandlerError::Input("the prompt is empty".into()));
         }
@@ -358,7 +358,7 @@ impl Handler for TextGeneration {
             architecture: Some("llama".into()),
             dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
             device: "cpu".into(),
-            max_input_tokens: Some(self.model.config().max_position_embeddings),
+            max_input_tokens: Some(self.model.config().positions()),
             streamed_units: Some(self.model.streamed_units()),
             parameters: Some(self.parameters),
         }

@@ -6,7 +6,10 @@
 //!   stored uncompressed and mapped straight out of the archive (no extraction, no copy).
 //! - deflated `.mar` (torch-model-archiver's default): weights are inflated once into the
 //!   cache folder, keyed by the archive's fingerprint, then mapped.
-//! - `.tar.gz`: unpacked once into the cache folder, keyed the same way.
+//! - `.tar.gz`: unpacked once, keyed the same way, into the `offload_folder` its
+//!   `setup_config.json` names (weights that cannot be mapped as they are go there), else
+//!   into the cache folder; a note in the cache folder remembers where, so a restart
+//!   neither unpacks nor scans the archive again.
 //!
 //! Every archive is checked before anything is read from it: entries that would escape
 //! the extraction folder (zip-slip), symlinks and hard links, too many entries, and sizes
@@ -159,60 +162,121 @@ fn fill_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
 }
 
 fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<PathBuf> {
-    let target = cache_dir.join("unpacked").join(fingerprint(path)?);
-    if target.is_dir() {
-        return Ok(target);
+    let key = fingerprint(path)?;
+    let in_cache = cache_dir.join("unpacked").join(&key);
+    if in_cache.is_dir() {
+        return Ok(in_cache);
     }
-    fill_atomically(&target, |staging| {
-        let file = File::open(path).map_err(Error::io(path))?;
-        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
-        let mut total = 0u64;
-        let entries = tar.entries().map_err(|e| Error::bad_archive(path, e))?;
-        for (index, entry) in entries.enumerate() {
-            let mut entry = entry.map_err(|e| Error::bad_archive(path, e))?;
-            if index >= limits.max_entries {
-                return Err(Error::bad_archive(
-                    path,
-                    format!("more than {} entries", limits.max_entries),
-                ));
-            }
-            let name = entry
-                .path()
-                .map_err(|e| Error::bad_archive(path, e))?
-                .display()
-                .to_string();
-            let kind = entry.header().entry_type();
-            if kind.is_dir() {
-                continue;
-            }
-            if !kind.is_file() {
-                return Err(Error::bad_archive(
-                    path,
-                    format!(
-                        "entry `{name}` is a link or special file; archives may hold regular files only"
-                    ),
-                ));
-            }
-            let relative = safe_relative(&name).ok_or_else(|| {
-                Error::bad_archive(path, format!("entry `{name}` escapes the archive folder"))
-            })?;
-            total = total.saturating_add(entry.size());
-            if total > limits.max_total_bytes {
-                return Err(Error::bad_archive(
-                    path,
-                    format!("unpacks to more than {} bytes", limits.max_total_bytes),
-                ));
-            }
-            let out = staging.join(&relative);
-            if let Some(dir) = out.parent() {
-                std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-            }
-            let mut file = File::create(&out).map_err(Error::io(&out))?;
-            std::io::copy(&mut entry, &mut file).map_err(Error::io(&out))?;
+    let note = cache_dir.join("unpacked").join(format!("{key}.location"));
+    if let Ok(location) = std::fs::read_to_string(&note) {
+        let target = PathBuf::from(location);
+        if target.is_dir() {
+            return Ok(target);
         }
-        Ok(())
-    })?;
+    }
+    let target = match tgz_offload_folder(path, limits)? {
+        Some(folder) => folder.join("unpacked").join(&key),
+        None => in_cache,
+    };
+    if !target.is_dir() {
+        fill_atomically(&target, |staging| {
+            for_each_tgz_file(path, limits, |relative, entry| {
+                let out = staging.join(relative);
+                if let Some(dir) = out.parent() {
+                    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+                }
+                let mut file = File::create(&out).map_err(Error::io(&out))?;
+                std::io::copy(entry, &mut file).map_err(Error::io(&out))?;
+                Ok(true)
+            })
+        })?;
+    }
+    if target != cache_dir.join("unpacked").join(&key) {
+        std::fs::create_dir_all(cache_dir.join("unpacked")).map_err(Error::io(cache_dir))?;
+        let written = target.display().to_string();
+        std::fs::write(&note, written).map_err(Error::io(&note))?;
+    }
     Ok(target)
+}
+
+/// The `offload_folder` of the `setup_config.json` inside a `.tar.gz`, if it names one.
+/// Reads entries only until that file (`spillway archive` writes small files first, so
+/// this stops before the weights).
+fn tgz_offload_folder(path: &Path, limits: &ArchiveLimits) -> Result<Option<PathBuf>> {
+    const SETUP_LIMIT: u64 = 1 << 20;
+    let mut folder = None;
+    for_each_tgz_file(path, limits, |relative, entry| {
+        if relative != Path::new("setup_config.json") {
+            return Ok(true);
+        }
+        let mut bytes = Vec::new();
+        entry
+            .take(SETUP_LIMIT)
+            .read_to_end(&mut bytes)
+            .map_err(Error::io(path))?;
+        let setup: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::bad_archive(path, format!("setup_config.json: {e}")))?;
+        folder = setup
+            .get("offload_folder")
+            .and_then(|f| f.as_str())
+            .map(PathBuf::from);
+        Ok(false)
+    })?;
+    Ok(folder)
+}
+
+/// Runs `visit(relative path, entry)` for each regular file of a `.tar.gz` until it
+/// returns false, after checking each entry against `limits` (count, total size, links,
+/// escapes), whose violations are errors naming the entry.
+fn for_each_tgz_file(
+    path: &Path,
+    limits: &ArchiveLimits,
+    mut visit: impl FnMut(&Path, &mut dyn Read) -> Result<bool>,
+) -> Result<()> {
+    let file = File::open(path).map_err(Error::io(path))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut total = 0u64;
+    let entries = tar.entries().map_err(|e| Error::bad_archive(path, e))?;
+    for (index, entry) in entries.enumerate() {
+        let mut entry = entry.map_err(|e| Error::bad_archive(path, e))?;
+        if index >= limits.max_entries {
+            return Err(Error::bad_archive(
+                path,
+                format!("more than {} entries", limits.max_entries),
+            ));
+        }
+        let name = entry
+            .path()
+            .map_err(|e| Error::bad_archive(path, e))?
+            .display()
+            .to_string();
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        if !kind.is_file() {
+            return Err(Error::bad_archive(
+                path,
+                format!(
+                    "entry `{name}` is a link or special file; archives may hold regular files only"
+                ),
+            ));
+        }
+        let relative = safe_relative(&name).ok_or_else(|| {
+            Error::bad_archive(path, format!("entry `{name}` escapes the archive folder"))
+        })?;
+        total = total.saturating_add(entry.size());
+        if total > limits.max_total_bytes {
+            return Err(Error::bad_archive(
+                path,
+                format!("unpacks to more than {} bytes", limits.max_total_bytes),
+            ));
+        }
+        if !visit(&relative, &mut entry)? {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// One checked zip entry.
@@ -550,6 +614,46 @@ mod tests {
             .collect();
         assert_eq!(unpacked.len(), 1);
         open(&path, &cache, &ArchiveLimits::default()).expect("reopen from cache");
+    }
+
+    #[test]
+    fn tgz_archives_unpack_into_the_offload_folder_their_setup_config_names() {
+        let outer = tempfile::tempdir().expect("tempdir");
+        let offload = outer.path().join("big-disk");
+        let setup = serde_json::json!({ "offload_folder": offload }).to_string();
+        let (dir, path) = tgz_with(|tar| {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(setup.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, "setup_config.json", setup.as_bytes())
+                .expect("append");
+        });
+        let cache = dir.path().join("cache");
+        let archive = open(&path, &cache, &ArchiveLimits::default()).expect("open");
+        assert_eq!(archive.manifest.model.handler, "echo");
+        let unpacked: Vec<PathBuf> = std::fs::read_dir(offload.join("unpacked"))
+            .expect("unpacked into the offload folder")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(unpacked.len(), 1);
+        assert!(unpacked[0].join("setup_config.json").is_file());
+        let in_cache: Vec<PathBuf> = std::fs::read_dir(cache.join("unpacked"))
+            .expect("cache")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert_eq!(in_cache.len(), 1, "only a note stays in the cache");
+        let note = std::fs::read_to_string(&in_cache[0]).expect("note");
+        assert_eq!(PathBuf::from(note), unpacked[0], "the note says where");
+        let again = open(&path, &cache, &ArchiveLimits::default()).expect("reopen");
+        assert_eq!(again.manifest.model.handler, "echo");
+        assert_eq!(
+            std::fs::read_dir(offload.join("unpacked"))
+                .expect("dir")
+                .count(),
+            1,
+            "not unpacked twice"
+        );
     }
 
     #[test]

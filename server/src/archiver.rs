@@ -259,7 +259,17 @@ fn write_tgz(target: &Path, manifest: &[u8], files: &[(String, PathBuf)]) -> Res
     header.set_cksum();
     tar.append_data(&mut header, MANIFEST_PATH, manifest)
         .map_err(Error::io(target))?;
-    for (name, source) in files {
+    // Small files (configs, setup_config.json, the tokenizer) before the weights, so a
+    // reader looking for setup_config.json stops before the large entries.
+    let mut ordered: Vec<(u64, &String, &PathBuf)> = files
+        .iter()
+        .map(|(name, source)| {
+            let len = std::fs::metadata(source).map_err(Error::io(source))?.len();
+            Ok((len, name, source))
+        })
+        .collect::<Result<_>>()?;
+    ordered.sort_by_key(|(len, _, _)| *len);
+    for (_, name, source) in ordered {
         tar.append_path_with_name(source, name)
             .map_err(Error::io(source))?;
     }

@@ -5,6 +5,10 @@ Scenarios, each in its own server process so they do not share cores or queues:
   echo                 the built-in echo handler: the server's own overhead
   minilm batch 1       all-MiniLM-L6-v2, batchSize 1
   minilm batch 8       all-MiniLM-L6-v2, batchSize 8, maxBatchDelay 5 ms
+  smollm2 batches      SmolLM2-135M-Instruct (GGUF), 32 new tokens per request
+                       (ignore_eos), batchSize 8: a batch's requests run one by one
+  smollm2 continuous   the same with continuousBatching: requests join and leave a
+                       running batch of up to 8 between decode steps
 Load comes from server/examples/loadgen.rs (keep-alive HTTP/1.1, one request in flight
 per connection). Also reports the server's idle RSS with MiniLM loaded after warm-up.
 Prints a Markdown table and writes it, with the machine and the command, to
@@ -18,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/spillway")
 LOADGEN = os.path.join(ROOT, "target/release/examples/loadgen")
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+NEW_TOKENS = 32
 
 
 def sh(cmd, **kw):
@@ -81,40 +86,52 @@ def main():
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--loadgen-threads", type=int, default=1)
     ap.add_argument("--workers", type=int, default=1, help="workers per MiniLM model")
-    ap.add_argument("--only", nargs="+", help="scenario names to run (echo, minilm1, minilm8)")
+    ap.add_argument("--only", nargs="+",
+                    help="scenario names to run (echo, minilm1, minilm8, smollm2, smollm2cb)")
+    ap.add_argument("--skip", nargs="+", help="scenario names not to run")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
 
     sh(["scripts/build-release.sh"])
     sh(["cargo", "build", "--release", "-p", "spillway", "--example", "loadgen"])
     minilm = sh(["scripts/fetch-model.sh", "minilm"])
+    smollm2 = sh(["scripts/fetch-model.sh", "smollm2"]) if not a.only or {"smollm2", "smollm2cb"} & set(a.only) else None
     work = tempfile.mkdtemp(prefix="spillway-load-")
     body = os.path.join(work, "body.json")
     with open(body, "w") as f:
         json.dump({"inputs": [SENTENCE]}, f)
+    prompt = os.path.join(work, "prompt.json")
+    with open(prompt, "w") as f:
+        json.dump({"inputs": "Write a short story about a river.",
+                   "parameters": {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}}, f)
     one = "minWorkers: 1\nmaxWorkers: 1\nresponseTimeout: 120\n"
     workers = f"minWorkers: {a.workers}\nmaxWorkers: {a.workers}\nresponseTimeout: 120\n"
     scenarios = [
-        ("echo", "echo", "echo", one + "batchSize: 1\nmaxBatchDelay: 0\n", None),
-        ("minilm batch 1", "minilm1", "text_embedding", workers + "batchSize: 1\nmaxBatchDelay: 0\n", minilm),
-        ("minilm batch 8, 5 ms", "minilm8", "text_embedding", workers + "batchSize: 8\nmaxBatchDelay: 5\n", minilm),
+        ("echo", "echo", "echo", one + "batchSize: 1\nmaxBatchDelay: 0\n", None, body),
+        ("minilm batch 1", "minilm1", "text_embedding", workers + "batchSize: 1\nmaxBatchDelay: 0\n", minilm, body),
+        ("minilm batch 8, 5 ms", "minilm8", "text_embedding", workers + "batchSize: 8\nmaxBatchDelay: 5\n", minilm, body),
+        ("smollm2 batches of 8", "smollm2", "text_generation", one + "batchSize: 8\nmaxBatchDelay: 5\n", smollm2, prompt),
+        ("smollm2 continuous, 8", "smollm2cb", "text_generation",
+         one + "batchSize: 8\nmaxBatchDelay: 5\ncontinuousBatching: true\n", smollm2, prompt),
     ]
     rows, idle_rss = [], None
     try:
-        for label, name, handler, config, model_dir in scenarios:
+        for label, name, handler, config, model_dir, request in scenarios:
             if a.only and name not in a.only:
+                continue
+            if a.skip and name in a.skip:
                 continue
             store = os.path.join(work, name)
             os.makedirs(store)
             archive(store, name, handler, config, model_dir)
             server = Server(store, os.path.join(work, "cache"), 18080)
             try:
-                load(18080, name, body, 4, 1, a.loadgen_threads)  # warm-up
+                load(18080, name, request, 4, 1, a.loadgen_threads)  # warm-up
                 if name == "minilm8":
                     time.sleep(1)
                     idle_rss = rss_mib(server.proc.pid)
                 for c in a.concurrency:
-                    r = load(18080, name, body, c, a.seconds, a.loadgen_threads)
+                    r = load(18080, name, request, c, a.seconds, a.loadgen_threads)
                     rows.append((label, r))
                     print(f"{label:>22} c={c:<3} {r['requests_per_s']:>9.0f} req/s  p50 {r['p50_ms']:.3f}  "
                           f"p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  {r['statuses']} errors {r['errors']}",
@@ -131,6 +148,8 @@ def main():
         f"Command: `bench/load.py --seconds {a.seconds:g} --concurrency {' '.join(map(str, a.concurrency))} "
         f"--loadgen-threads {a.loadgen_threads}` ({time.strftime('%Y-%m-%d')}; release build with MKL, "
         f"{a.workers} worker(s) per MiniLM model, keep-alive connections, {a.seconds:g} s per row after a warm-up).",
+        "",
+        f"SmolLM2 rows: {NEW_TOKENS} new tokens per request, so tokens/s = {NEW_TOKENS} × requests/s.",
         "",
         "| scenario | connections | requests/s | p50 ms | p90 ms | p99 ms | statuses |",
         "|---|---|---|---|---|---|---|",

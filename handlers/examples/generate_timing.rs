@@ -61,22 +61,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prompt.truncate(PROMPT_TOKENS);
     let parameters = GenerateParameters {
         max_new_tokens: NEW_TOKENS + 1,
+        ignore_eos: true,
         ..GenerateParameters::default()
     };
-    // The token iterator runs to max_new_tokens (end-of-sequence is the caller's call).
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for run in 0..=runs {
-        let mut generation = handler.generate(prompt.clone(), &parameters)?;
+        let mut sequence = handler.begin_tokens(prompt.clone(), &parameters)?;
         let started = Instant::now();
-        generation.next().ok_or("no first token")??;
+        handler.advance(&mut [&mut sequence])?;
         let first = started.elapsed().as_secs_f64() * 1e3;
         let started = Instant::now();
-        let mut produced = 0;
-        for token in generation {
-            token?;
-            produced += 1;
+        while !sequence.finished() {
+            handler.advance(&mut [&mut sequence])?;
         }
         let rest = started.elapsed().as_secs_f64() * 1e3;
+        let produced = sequence.token_ids().len() - 1;
         if produced != NEW_TOKENS {
             return Err(format!("decoded {produced} tokens, not {NEW_TOKENS}").into());
         }

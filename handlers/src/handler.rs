@@ -175,6 +175,34 @@ pub trait Handler: Send + Sync {
 
     /// What this handler is.
     fn info(&self) -> HandlerInfo;
+
+    /// A fresh running batch for continuous batching, where the handler supports it
+    /// (generation: requests join between steps and leave as they finish).
+    fn step_batch(&self) -> Option<Box<dyn StepBatch + '_>> {
+        None
+    }
+}
+
+/// A request that left a [`StepBatch`]: its ticket and its answer.
+pub type Finished = (u64, Result<Output, HandlerError>);
+
+/// A batch that runs step by step (continuous batching): requests join it between steps
+/// and leave it when they finish, so a short request never waits for a long one and a
+/// new one never waits for the batch to drain. Tickets are the caller's request ids.
+pub trait StepBatch: Send {
+    /// Admits `input` and runs its first step (a prompt's prefill) now. `Some` when it is
+    /// already finished (or failed, alone); `None` when it runs on in the batch.
+    fn join(&mut self, ticket: u64, input: &Input) -> Option<Result<Output, HandlerError>>;
+
+    /// Drops a running request (its client left).
+    fn leave(&mut self, ticket: u64);
+
+    /// Advances every running request by one step, together; returns those that
+    /// finished. `Err` fails every running request (the batch is then empty).
+    fn step(&mut self) -> Result<Vec<Finished>, HandlerError>;
+
+    /// Requests still running.
+    fn running(&self) -> usize;
 }
 
 /// Builds the handler `kind` from the model's files.

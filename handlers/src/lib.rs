@@ -63,7 +63,9 @@ pub mod testing;
 
 pub use error::HandlerError;
 pub use files::ModelFiles;
-pub use handler::{Handler, HandlerInfo, HandlerKind, Input, LoadOptions, Output, RawBody, load};
+pub use handler::{
+    Handler, HandlerInfo, HandlerKind, Input, LoadOptions, Output, RawBody, StepBatch, load,
+};
 pub use weights::WeightSource;
 
 // The tensor vocabulary handlers are configured with, so the server needs no candle dependency.

@@ -259,32 +259,45 @@ impl Attention {
         })
     }
 
+    /// `x` `[b, seq, hidden]`: row `r` continues the sequence whose keys and values are
+    /// `kvs[r]` at position `positions[r]`. The projections run over all rows at once;
+    /// RoPE, the cache and attention per sequence.
     fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        kv: &mut Option<(Tensor, Tensor)>,
-        pos: usize,
+        kvs: &mut [&mut Option<(Tensor, Tensor)>],
+        positions: &[usize],
     ) -> candle_core::Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
+        if kvs.len() != b || positions.len() != b {
+            candle_core::bail!("{b} rows for {} caches", kvs.len());
+        }
         let shape =
             |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2);
         let q = shape(self.q.forward(x)?, self.heads)?.contiguous()?;
         let k = shape(self.k.forward(x)?, self.kv_heads)?.contiguous()?;
-        let v = shape(self.v.forward(x)?, self.kv_heads)?;
-        let q = rope.apply(&q, pos)?;
-        let mut k = rope.apply(&k, pos)?;
-        let mut v = v;
-        if let Some((past_k, past_v)) = kv.as_ref() {
-            k = Tensor::cat(&[past_k, &k], 2)?.contiguous()?;
-            v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
+        let v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        let mut rows = Vec::with_capacity(b);
+        for (r, (kv, &pos)) in kvs.iter_mut().zip(positions).enumerate() {
+            let q = rope.apply(&q.narrow(0, r, 1)?, pos)?;
+            let mut k = rope.apply(&k.narrow(0, r, 1)?, pos)?;
+            let mut v = v.narrow(0, r, 1)?;
+            if let Some((past_k, past_v)) = kv.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?.contiguous()?;
+                v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
+            }
+            **kv = Some((k.clone(), v.clone()));
+            rows.push(self.attend(q, k, v, pos)?);
         }
-        *kv = Some((k.clone(), v.clone()));
-        let y = self.attend(q, k, v, pos)?.transpose(1, 2)?.reshape((
-            b,
-            seq,
-            self.heads * self.head_dim,
-        ))?;
+        let y = if b == 1 {
+            rows.remove(0)
+        } else {
+            Tensor::cat(&rows, 0)?
+        };
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, seq, self.heads * self.head_dim))?;
         self.o.forward(&y)
     }
 
@@ -383,16 +396,17 @@ impl Block {
         })
     }
 
+    /// See [`Attention::forward`] for how rows map to sequences.
     fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        kv: &mut Option<(Tensor, Tensor)>,
-        pos: usize,
+        kvs: &mut [&mut Option<(Tensor, Tensor)>],
+        positions: &[usize],
     ) -> candle_core::Result<Tensor> {
         let h = (self
             .attention
-            .forward(&self.input_norm.forward(x)?, rope, kv, pos)?
+            .forward(&self.input_norm.forward(x)?, rope, kvs, positions)?
             + x)?;
         self.mlp.forward(&self.post_norm.forward(&h)?)? + h
     }
@@ -574,20 +588,39 @@ impl MappedLlama {
             .count()
     }
 
-    /// Runs `tokens` (`[batch, seq]`) after what `cache` holds; returns the last
-    /// position's logits `[batch, vocab]` in f32 and advances the cache.
+    /// Runs `tokens` (`[1, seq]`) after what `cache` holds; returns the last position's
+    /// logits `[1, vocab]` in f32 and advances the cache.
     pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        if cache.layers.len() != self.config.num_hidden_layers {
-            *cache = KvCache::new(self.config.num_hidden_layers);
+        self.forward_sequences(tokens, &mut [cache])
+    }
+
+    /// Runs `tokens` (`[b, seq]`), row `r` after what `caches[r]` holds (the sequences
+    /// may be at different positions); returns each row's last logits `[b, vocab]` in
+    /// f32 and advances every cache. One pass reads each weight once for all rows: a
+    /// decode step for several sequences costs little more than for one.
+    pub fn forward_sequences(
+        &self,
+        tokens: &Tensor,
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
+        let (rows, seq) = tokens.dims2()?;
+        if rows != caches.len() {
+            candle_core::bail!("{rows} token rows for {} caches", caches.len());
         }
-        let pos = cache.position;
-        let seq = tokens.dim(1)?;
-        if pos + seq > self.config.positions() {
-            return Err(candle_core::Error::Msg(format!(
-                "{} tokens exceed the model's {} positions",
-                pos + seq,
-                self.config.positions()
-            )));
+        let mut positions = Vec::with_capacity(rows);
+        for cache in caches.iter_mut() {
+            if cache.layers.len() != self.config.num_hidden_layers {
+                **cache = KvCache::new(self.config.num_hidden_layers);
+            }
+            let pos = cache.position;
+            if pos + seq > self.config.positions() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{} tokens exceed the model's {} positions",
+                    pos + seq,
+                    self.config.positions()
+                )));
+            }
+            positions.push(pos);
         }
         let mut block = 0;
         let hidden = self.stack.forward(None::<Tensor>, |_, unit, device, x| {
@@ -595,7 +628,9 @@ impl MappedLlama {
                 LlamaUnit::Embeddings(e) => e.forward(&tokens.to_device(device)?)?,
                 LlamaUnit::Block(b) => {
                     let x = need(x)?.to_device(device)?;
-                    let out = b.forward(&x, &self.rope, &mut cache.layers[block], pos)?;
+                    let mut kvs: Vec<&mut Option<(Tensor, Tensor)>> =
+                        caches.iter_mut().map(|c| &mut c.layers[block]).collect();
+                    let out = b.forward(&x, &self.rope, &mut kvs, &positions)?;
                     block += 1;
                     out
                 }
@@ -620,7 +655,9 @@ impl MappedLlama {
                 head.forward(&hidden.to_device(device)?)?
             }
         };
-        cache.position += seq;
+        for cache in caches.iter_mut() {
+            cache.position += seq;
+        }
         logits.squeeze(1)?.to_dtype(DType::F32)
     }
 }
@@ -744,6 +781,73 @@ mod tests {
             .forward(&t, &mut KvCache::default())
             .and_then(|l| l.squeeze(0))
             .expect("forward")
+    }
+
+    #[test]
+    fn sequences_at_different_positions_decode_together_as_each_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyLlama::default();
+        spec.write(dir.path()).expect("write");
+        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        let prompts: [&[u32]; 3] = [&[1, 5, 9], &[1, 7, 3, 12, 30, 4, 8], &[2]];
+        let tokens = |ids: &[u32]| {
+            Tensor::new(ids, &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens")
+        };
+        for streamed in [false, true] {
+            let model = MappedLlama::load(&source, &config, DType::F32, |_| {
+                Ok(if streamed {
+                    UnitPlacement::Streamed(Device::Cpu)
+                } else {
+                    UnitPlacement::Resident(Device::Cpu)
+                })
+            })
+            .expect("load");
+            // Each alone: prefill, then 4 greedy steps.
+            let mut alone = Vec::new();
+            for prompt in prompts {
+                let mut cache = KvCache::default();
+                let mut logits = model.forward(&tokens(prompt), &mut cache).expect("prefill");
+                let mut steps = Vec::new();
+                for _ in 0..4 {
+                    let next = argmax(&logits.squeeze(0).expect("row")).expect("argmax");
+                    logits = model.forward(&tokens(&[next]), &mut cache).expect("step");
+                    steps.push(logits.clone());
+                }
+                alone.push(steps);
+            }
+            // Together: the same prefills, then the 4 steps as one batch of 3 rows.
+            let mut caches: Vec<KvCache> = prompts.iter().map(|_| KvCache::default()).collect();
+            let mut last: Vec<Tensor> = prompts
+                .iter()
+                .zip(&mut caches)
+                .map(|(p, c)| model.forward(&tokens(p), c).expect("prefill"))
+                .collect();
+            for step in 0..4 {
+                let next: Vec<u32> = last
+                    .iter()
+                    .map(|l| argmax(&l.squeeze(0).expect("row")).expect("argmax"))
+                    .collect();
+                let input = Tensor::new(next.as_slice(), &Device::Cpu)
+                    .and_then(|t| t.unsqueeze(1))
+                    .expect("column");
+                let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+                let logits = model.forward_sequences(&input, &mut refs).expect("batched");
+                last = (0..3)
+                    .map(|r| logits.narrow(0, r, 1).expect("row"))
+                    .collect();
+                for (r, (row, steps)) in last.iter().zip(&alone).enumerate() {
+                    let diff = max_diff(row, &steps[step]);
+                    assert!(
+                        diff <= 1e-5,
+                        "streamed={streamed} seq {r} step {step}: {diff}"
+                    );
+                }
+            }
+            assert_eq!(caches[1].position, 7 + 4);
+        }
     }
 
     #[test]

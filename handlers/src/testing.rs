@@ -325,6 +325,30 @@ impl TinyLlama {
     }
 }
 
+impl TinyLlama {
+    /// A `text_generation` model folder: [`TinyLlama::write`] plus a tokenizer.json (the
+    /// tiny BERT's WordPiece vocabulary, without padding or truncation). The vocabulary
+    /// has [`vocabulary`]`().len()` tokens, so `vocab_size` must be at least that.
+    pub fn write_generator(&self, dir: &Path) -> Result<(), HandlerError> {
+        if self.vocab_size < vocabulary().len() {
+            return Err(HandlerError::Unsupported(format!(
+                "a generator needs vocab_size >= {}",
+                vocabulary().len()
+            )));
+        }
+        self.write(dir)?;
+        let mut tokenizer = tokenizer_json();
+        tokenizer["padding"] = serde_json::Value::Null;
+        tokenizer["truncation"] = serde_json::Value::Null;
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).map_err(|source| {
+            HandlerError::Io {
+                path: dir.join("tokenizer.json"),
+                source,
+            }
+        })
+    }
+}
+
 /// Refills every variable deterministically from `seed`: norm weights uniform in
 /// [0.5, 1.5], embeddings in [-1, 1], other matrices in ±1/sqrt(fan_in) (kaiming-uniform's
 /// range), biases in ±0.1.

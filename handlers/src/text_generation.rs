@@ -6,7 +6,10 @@
 //! (or a text/plain prompt). Answer: `{"generated_text": "..."}`, plus `"details":
 //! {"finish_reason": "length"|"eos_token"|"stop_sequence", "generated_tokens": n,
 //! "token_ids": [...]}` when asked. Greedy decoding is deterministic; sampling is seeded.
-//! Generation is a token iterator ([`Generation`]), so streaming can come later.
+//! A request is a [`Sequence`] that [`TextGeneration::advance`] moves on one token at a
+//! time, alone or together with others: [`GenerationBatch`] is continuous batching
+//! (model-config.yaml `continuousBatching: true`), and streaming can build on the same
+//! step.
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
@@ -14,7 +17,7 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::error::CandleContext;
-use crate::handler::{Input, Output, RawBody, decode_texts};
+use crate::handler::{Finished, Input, Output, RawBody, StepBatch, decode_texts};
 use crate::llama::{KvCache, LlamaConfig, MappedLlama};
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
 
@@ -34,6 +37,10 @@ pub struct GenerateParameters {
     pub stop: Vec<String>,
     #[serde(default)]
     pub details: bool,
+    /// Run to `max_new_tokens` even past end-of-sequence tokens (as vLLM's `ignore_eos`;
+    /// for benchmarks that need a fixed number of tokens).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 fn default_max_new_tokens() -> usize {
@@ -51,6 +58,7 @@ impl Default for GenerateParameters {
             seed: None,
             stop: Vec::new(),
             details: false,
+            ignore_eos: false,
         }
     }
 }
@@ -186,77 +194,129 @@ impl TextGeneration {
             .to_vec())
     }
 
-    /// Starts generating after `prompt_ids`.
-    pub fn generate(
+    /// A sequence for `request`, ready for its prefill (prompt tokenized and checked
+    /// against the model's positions; nothing computed yet).
+    pub fn begin(&self, request: &GenerateRequest) -> Result<Sequence, HandlerError> {
+        self.begin_tokens(self.encode(&request.prompt)?, &request.parameters)
+    }
+
+    /// [`TextGeneration::begin`] for an already tokenized prompt.
+    pub fn begin_tokens(
         &self,
-        prompt_ids: Vec<u32>,
+        prompt: Vec<u32>,
         parameters: &GenerateParameters,
-    ) -> Result<Generation<'_>, HandlerError> {
+    ) -> Result<Sequence, HandlerError> {
         let limit = self.model.config().positions();
-        if prompt_ids.is_empty() {
+        if prompt.is_empty() {
             return Err(HandlerError::Input("the prompt is empty".into()));
         }
-        if prompt_ids.len() + parameters.max_new_tokens > limit {
+        if prompt.len() + parameters.max_new_tokens > limit {
             return Err(HandlerError::Input(format!(
                 "the prompt ({} tokens) plus max_new_tokens ({}) exceeds the model's {limit} positions",
-                prompt_ids.len(),
+                prompt.len(),
                 parameters.max_new_tokens
             )));
         }
-        Ok(Generation {
-            owner: self,
+        Ok(Sequence {
+            prompt_tokens: prompt.len(),
             cache: KvCache::default(),
-            next_input: prompt_ids,
+            next_input: prompt,
             sampler: LogitsProcessor::from_sampling(
                 parameters.seed.unwrap_or(299_792_458),
                 parameters.sampling(),
             ),
-            remaining: parameters.max_new_tokens,
-            done: false,
+            ids: Vec::new(),
+            text: String::new(),
+            finish: None,
+            parameters: parameters.clone(),
         })
     }
 
-    fn respond(&self, request: &GenerateRequest) -> Result<Output, HandlerError> {
-        let prompt = self.encode(&request.prompt)?;
-        let prompt_tokens = prompt.len();
-        let mut generation = self.generate(prompt, &request.parameters)?;
-        let mut ids = Vec::new();
-        let mut finish = FinishReason::Length;
-        let mut text = String::new();
-        for next in generation.by_ref() {
-            let id = next?;
-            if self.eos.contains(&id) {
-                ids.push(id);
-                finish = FinishReason::EosToken;
-                break;
-            }
-            ids.push(id);
-            text = self.decode(&ids)?;
-            if let Some(at) = request
-                .parameters
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-            {
-                text.truncate(at);
-                finish = FinishReason::StopSequence;
-                break;
-            }
+    /// Runs one step of every unfinished sequence in `sequences` and appends the token
+    /// each produced: a sequence that has not had its prefill runs it alone (prompts
+    /// differ in length); those decoding run together, one row each, so a step reads
+    /// every weight once for all of them.
+    pub fn advance(&self, sequences: &mut [&mut Sequence]) -> Result<(), HandlerError> {
+        let (prefill, decode): (Vec<&mut &mut Sequence>, Vec<&mut &mut Sequence>) = sequences
+            .iter_mut()
+            .filter(|s| s.finish.is_none())
+            .partition(|s| s.next_input.len() > 1 || s.ids.is_empty());
+        for sequence in prefill {
+            let input = Tensor::new(sequence.next_input.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .and_then(|t| self.model.forward(&t, &mut sequence.cache))
+                .context(|| "prefill failed".into())?;
+            self.accept(sequence, &input.squeeze(0).context(|| "prefill".into())?)?;
         }
-        if finish == FinishReason::EosToken {
-            text = self.decode(&ids)?;
+        if decode.is_empty() {
+            return Ok(());
         }
-        let mut answer = serde_json::json!({ "generated_text": text });
-        if request.parameters.details {
+        let column: Vec<u32> = decode.iter().map(|s| s.next_input[0]).collect();
+        let mut decode = decode;
+        let logits = {
+            let mut caches: Vec<&mut KvCache> = decode.iter_mut().map(|s| &mut s.cache).collect();
+            Tensor::new(column.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(1))
+                .and_then(|t| self.model.forward_sequences(&t, &mut caches))
+                .context(|| "generation step failed".into())?
+        };
+        for (row, sequence) in decode.into_iter().enumerate() {
+            let logits = logits.get(row).context(|| "generation step".into())?;
+            self.accept(sequence, &logits)?;
+        }
+        Ok(())
+    }
+
+    /// Samples the next token from `logits` and decides whether `sequence` is done
+    /// (end-of-sequence token, a stop sequence in the text, or max_new_tokens).
+    fn accept(&self, sequence: &mut Sequence, logits: &Tensor) -> Result<(), HandlerError> {
+        let id = sequence
+            .sampler
+            .sample(logits)
+            .context(|| "sampling failed".into())?;
+        sequence.ids.push(id);
+        sequence.next_input = vec![id];
+        if self.eos.contains(&id) && !sequence.parameters.ignore_eos {
+            sequence.finish = Some(FinishReason::EosToken);
+            sequence.text = self.decode(&sequence.ids)?;
+            return Ok(());
+        }
+        sequence.text = self.decode(&sequence.ids)?;
+        if let Some(at) = sequence
+            .parameters
+            .stop
+            .iter()
+            .filter_map(|s| sequence.text.find(s.as_str()))
+            .min()
+        {
+            sequence.text.truncate(at);
+            sequence.finish = Some(FinishReason::StopSequence);
+        } else if sequence.ids.len() >= sequence.parameters.max_new_tokens {
+            sequence.finish = Some(FinishReason::Length);
+        }
+        Ok(())
+    }
+
+    /// The answer of a finished sequence.
+    fn answer(&self, sequence: Sequence) -> Output {
+        let mut answer = serde_json::json!({ "generated_text": sequence.text });
+        if sequence.parameters.details {
             answer["details"] = serde_json::json!({
-                "finish_reason": finish.name(),
-                "prompt_tokens": prompt_tokens,
-                "generated_tokens": ids.len(),
-                "token_ids": ids,
+                "finish_reason": sequence.finish.unwrap_or(FinishReason::Length).name(),
+                "prompt_tokens": sequence.prompt_tokens,
+                "generated_tokens": sequence.ids.len(),
+                "token_ids": sequence.ids,
             });
         }
-        Ok(Output::Json(answer))
+        Output::Json(answer)
+    }
+
+    fn respond(&self, request: &GenerateRequest) -> Result<Output, HandlerError> {
+        let mut sequence = self.begin(request)?;
+        while !sequence.finished() {
+            self.advance(&mut [&mut sequence])?;
+        }
+        Ok(self.answer(sequence))
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, HandlerError> {
@@ -269,43 +329,82 @@ impl TextGeneration {
     }
 }
 
-/// A generation in progress: yields one token id per step.
-pub struct Generation<'a> {
-    owner: &'a TextGeneration,
+/// One request being generated: its KV cache and sampler, the tokens it produced and
+/// their text. [`TextGeneration::advance`] moves it on by one token.
+pub struct Sequence {
+    prompt_tokens: usize,
     cache: KvCache,
+    /// What the next step feeds the model: the prompt before the prefill, then the last
+    /// token.
     next_input: Vec<u32>,
     sampler: LogitsProcessor,
-    remaining: usize,
-    done: bool,
+    ids: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+    parameters: GenerateParameters,
 }
 
-impl Iterator for Generation<'_> {
-    type Item = Result<u32, HandlerError>;
+impl Sequence {
+    pub fn finished(&self) -> bool {
+        self.finish.is_some()
+    }
 
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.done || self.remaining == 0 {
-            return None;
-        }
-        let mut step = || -> candle_core::Result<u32> {
-            let input = Tensor::new(self.next_input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-            let logits = self
-                .owner
-                .model
-                .forward(&input, &mut self.cache)?
-                .squeeze(0)?;
-            self.sampler.sample(&logits)
+    /// Token ids generated so far.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
+/// Continuous batching over [`TextGeneration`]: sequences join with their prefill and
+/// leave when they finish; every step decodes all running ones together.
+pub struct GenerationBatch<'a> {
+    owner: &'a TextGeneration,
+    running: Vec<(u64, Sequence)>,
+}
+
+impl StepBatch for GenerationBatch<'_> {
+    fn join(&mut self, ticket: u64, input: &Input) -> Option<Result<Output, HandlerError>> {
+        let Input::Generate(request) = input else {
+            return Some(Err(HandlerError::Input(
+                "text_generation takes a prompt".into(),
+            )));
         };
-        match step().context(|| "generation step failed".into()) {
-            Ok(id) => {
-                self.remaining -= 1;
-                self.next_input = vec![id];
-                Some(Ok(id))
-            }
-            Err(e) => {
-                self.done = true;
-                Some(Err(e))
-            }
+        let mut sequence = match self.owner.begin(request) {
+            Ok(sequence) => sequence,
+            Err(e) => return Some(Err(e)),
+        };
+        if let Err(e) = self.owner.advance(&mut [&mut sequence]) {
+            return Some(Err(e));
         }
+        if sequence.finished() {
+            return Some(Ok(self.owner.answer(sequence)));
+        }
+        self.running.push((ticket, sequence));
+        None
+    }
+
+    fn leave(&mut self, ticket: u64) {
+        self.running.retain(|(t, _)| *t != ticket);
+    }
+
+    fn step(&mut self) -> Result<Vec<Finished>, HandlerError> {
+        let mut sequences: Vec<&mut Sequence> = self.running.iter_mut().map(|(_, s)| s).collect();
+        if let Err(e) = self.owner.advance(&mut sequences) {
+            self.running.clear();
+            return Err(e);
+        }
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|(_, s)| s.finished());
+        self.running = running;
+        Ok(done
+            .into_iter()
+            .map(|(ticket, sequence)| (ticket, Ok(self.owner.answer(sequence))))
+            .collect())
+    }
+
+    fn running(&self) -> usize {
+        self.running.len()
     }
 }
 
@@ -352,6 +451,13 @@ impl Handler for TextGeneration {
             .collect())
     }
 
+    fn step_batch(&self) -> Option<Box<dyn StepBatch + '_>> {
+        Some(Box::new(GenerationBatch {
+            owner: self,
+            running: Vec::new(),
+        }))
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextGeneration,
@@ -374,6 +480,98 @@ mod tests {
             content_type: Some("application/json".into()),
             bytes: s.as_bytes().to_vec(),
         }
+    }
+
+    fn tiny_generator() -> (tempfile::TempDir, TextGeneration) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = crate::testing::TinyLlama {
+            vocab_size: crate::testing::vocabulary().len(),
+            // No end-of-sequence token, so every request runs to its length.
+            ..crate::testing::TinyLlama::default()
+        };
+        spec.write_generator(dir.path()).expect("write");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).expect("read"))
+                .expect("config");
+        config["eos_token_id"] = serde_json::Value::Null;
+        std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
+        let handler = TextGeneration::load(
+            &crate::files::FolderFiles::new(dir.path()),
+            &LoadOptions::default(),
+        )
+        .expect("load");
+        (dir, handler)
+    }
+
+    fn request(prompt: &str, max_new_tokens: usize) -> Input {
+        Input::Generate(GenerateRequest {
+            prompt: prompt.into(),
+            parameters: GenerateParameters {
+                max_new_tokens,
+                details: true,
+                ..GenerateParameters::default()
+            },
+        })
+    }
+
+    fn alone(handler: &TextGeneration, input: &Input) -> Output {
+        let mut answers = handler.run(std::slice::from_ref(input)).expect("run");
+        answers.remove(0).expect("answer")
+    }
+
+    #[test]
+    fn a_running_batch_answers_each_request_as_if_it_ran_alone() {
+        let (_dir, handler) = tiny_generator();
+        let inputs = [
+            request("hello world", 5),
+            request("the quick brown fox jumps", 2),
+            request("a", 1),
+            request("rust", 7),
+        ];
+        let want: Vec<Output> = inputs.iter().map(|i| alone(&handler, i)).collect();
+        let mut batch = handler.step_batch().expect("generation batches");
+        let mut got: Vec<Option<Output>> = vec![None; inputs.len()];
+        let mut finish = |ticket: u64, answer: Result<Output, HandlerError>| {
+            let slot = &mut got[ticket as usize];
+            assert!(slot.is_none(), "request {ticket} answered twice");
+            *slot = Some(answer.expect("answer"));
+        };
+        for ticket in 0..2u64 {
+            if let Some(answer) = batch.join(ticket, &inputs[ticket as usize]) {
+                finish(ticket, answer);
+            }
+        }
+        // One request finishes at its prefill (max_new_tokens 1).
+        let early = batch.join(2, &inputs[2]).expect("done at once");
+        finish(2, early);
+        let mut steps = 0;
+        while batch.running() > 0 {
+            for (ticket, answer) in batch.step().expect("step") {
+                finish(ticket, answer);
+            }
+            steps += 1;
+            // A late request joins the running batch between steps.
+            if steps == 1 {
+                // Request 1 (2 tokens) left after this step; 0 runs on.
+                assert!(batch.join(3, &inputs[3]).is_none());
+                assert_eq!(batch.running(), 2);
+            }
+        }
+        for (i, (got, want)) in got.into_iter().zip(want).enumerate() {
+            let got = got.expect("every request answered");
+            let (Output::Json(got), Output::Json(want)) = (got, want) else {
+                panic!("json answers");
+            };
+            assert_eq!(got, want, "request {i}");
+        }
+        // A bad request fails alone, and one that is dropped is not answered.
+        assert!(matches!(
+            batch.join(9, &Input::Texts(vec!["x".into()])),
+            Some(Err(_))
+        ));
+        assert!(batch.join(10, &request("hello", 4)).is_none());
+        batch.leave(10);
+        assert_eq!(batch.running(), 0);
     }
 
     #[test]

@@ -129,8 +129,24 @@ impl ModelHandle {
             batch_size: self.spec.config.batch_size,
             max_batch_delay: self.spec.config.max_batch_delay,
         };
-        let mut pool =
-            WorkerPool::new(handler.clone(), batch_rx, idle.clone(), self.labels.clone());
+        let continuous = self
+            .spec
+            .config
+            .continuous_batching
+            .then_some(policy.batch_size);
+        if continuous.is_some() && handler.step_batch().is_none() {
+            tracing::warn!(
+                model = %self.spec.name,
+                "continuousBatching is set but this handler runs whole batches; ignored"
+            );
+        }
+        let mut pool = WorkerPool::new(
+            handler.clone(),
+            batch_rx,
+            idle.clone(),
+            self.labels.clone(),
+            continuous,
+        );
         pool.scale(self.spec.config.min_workers, self.spec.config.max_workers)?;
         tokio::spawn(batcher::run(
             jobs_rx,

@@ -20,6 +20,9 @@ pub struct ModelConfig {
     /// `deviceType` as written ("cpu", "gpu"); placement reads it.
     pub device_type: Option<String>,
     pub job_queue_size: Option<usize>,
+    /// `continuousBatching` (TorchServe's name): generation requests join and leave a
+    /// running batch between decode steps instead of running batch by batch.
+    pub continuous_batching: bool,
 }
 
 /// The file as written: every key optional.
@@ -35,6 +38,7 @@ struct ModelConfigFile {
     response_timeout: Option<u64>,
     device_type: Option<String>,
     job_queue_size: Option<usize>,
+    continuous_batching: Option<bool>,
 }
 
 /// Registration-time overrides (`POST /models?batch_size=..&initial_workers=..`).
@@ -94,6 +98,7 @@ impl ModelConfig {
                 .unwrap_or(defaults.response_timeout),
             device_type: file.device_type,
             job_queue_size: file.job_queue_size,
+            continuous_batching: file.continuous_batching.unwrap_or(false),
         };
         if config.response_timeout.is_zero() {
             return Err(Error::bad_config(
@@ -124,6 +129,14 @@ mod tests {
         assert_eq!(c.max_batch_delay, Duration::from_millis(5));
         assert_eq!(c.response_timeout, Duration::from_secs(30));
         assert_eq!(c.device_type.as_deref(), Some("cpu"));
+        assert!(!c.continuous_batching, "off unless asked for");
+        let c = ModelConfig::parse(
+            Some("continuousBatching: true\n"),
+            &ModelConfigOverrides::default(),
+            DEFAULTS,
+        )
+        .expect("parse");
+        assert!(c.continuous_batching);
     }
 
     #[test]

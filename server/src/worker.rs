@@ -4,8 +4,11 @@
 //! batch channel. A worker answers every job of its batch exactly once: with the
 //! handler's per-item result, with the batch's error, or — when the handler panics —
 //! with an internal error, after which the worker carries on (counted as a restart).
+//! With `continuousBatching` a worker of a generation model keeps one running batch
+//! instead: requests join it between decode steps and are answered as each finishes.
 //! Model compute never runs on the async runtime.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,6 +57,8 @@ pub struct WorkerPool {
     batches: flume::Receiver<Vec<Job>>,
     idle: Arc<IdleWorkers>,
     labels: ModelLabels,
+    /// `Some(capacity)`: continuous batching, up to `capacity` requests running.
+    continuous: Option<usize>,
     workers: Vec<Worker>,
     next_id: usize,
     pub min_workers: usize,
@@ -66,12 +71,14 @@ impl WorkerPool {
         batches: flume::Receiver<Vec<Job>>,
         idle: Arc<IdleWorkers>,
         labels: ModelLabels,
+        continuous: Option<usize>,
     ) -> Self {
         Self {
             handler,
             batches,
             idle,
             labels,
+            continuous,
             workers: Vec::new(),
             next_id: 9000,
             min_workers: 0,
@@ -110,6 +117,7 @@ impl WorkerPool {
             batches: self.batches.clone(),
             idle: self.idle.clone(),
             labels: self.labels.clone(),
+            continuous: self.continuous,
             stats: stats.clone(),
             stop: stop.clone(),
         };
@@ -167,12 +175,18 @@ struct WorkerContext {
     batches: flume::Receiver<Vec<Job>>,
     idle: Arc<IdleWorkers>,
     labels: ModelLabels,
+    continuous: Option<usize>,
     stats: Arc<WorkerStats>,
     stop: Arc<AtomicBool>,
 }
 
 impl WorkerContext {
     fn run(self) {
+        if let Some(capacity) = self.continuous
+            && self.run_continuous(capacity)
+        {
+            return;
+        }
         while !self.stop.load(Ordering::SeqCst) {
             self.idle.enter();
             let received = self.batches.recv_timeout(STOP_POLL);
@@ -248,6 +262,136 @@ impl WorkerContext {
         self.stats.busy.store(false, Ordering::Relaxed);
     }
 }
+
+impl WorkerContext {
+    /// Continuous batching: requests join the running batch between steps (up to
+    /// `capacity` running; more wait in the queue) and are answered the moment they
+    /// finish. A step's error fails the requests then running; a panic also starts a
+    /// fresh batch (counted as a restart). On stop, running requests finish first.
+    /// False when the handler has no step batches (it then runs whole batches).
+    fn run_continuous(&self, capacity: usize) -> bool {
+        let handler = self.handler.clone();
+        let Some(mut batch) = handler.step_batch() else {
+            return false;
+        };
+        let mut waiting: HashMap<u64, Reply> = HashMap::new();
+        let mut next_ticket = 0u64;
+        loop {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            if stopping && batch.running() == 0 {
+                break;
+            }
+            let jobs = if stopping || batch.running() >= capacity {
+                Vec::new()
+            } else if batch.running() == 0 {
+                self.stats.busy.store(false, Ordering::Relaxed);
+                self.idle.enter();
+                let received = self.batches.recv_timeout(STOP_POLL);
+                self.idle.leave();
+                match received {
+                    Ok(jobs) => jobs,
+                    Err(flume::RecvTimeoutError::Timeout) => continue,
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                self.batches.try_recv().unwrap_or_default()
+            };
+            self.stats.busy.store(true, Ordering::Relaxed);
+            for job in jobs {
+                if job.reply.is_closed() {
+                    self.labels.dropped(1);
+                    continue;
+                }
+                let started = Instant::now();
+                self.labels
+                    .queued(started.saturating_duration_since(job.enqueued_at));
+                let ticket = next_ticket;
+                next_ticket += 1;
+                let joined =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| batch.join(ticket, &job.input)));
+                match joined {
+                    Ok(None) => {
+                        waiting.insert(ticket, job.reply);
+                    }
+                    Ok(Some(answer)) => {
+                        self.labels.handled(started.elapsed());
+                        self.answer(job.reply, answer.map_err(Error::from));
+                    }
+                    Err(panic) => {
+                        let error = self.panicked(panic, 1);
+                        self.answer(job.reply, Err(Error::Handler(error)));
+                    }
+                }
+            }
+            waiting.retain(|ticket, reply| {
+                let gone = reply.is_closed();
+                if gone {
+                    batch.leave(*ticket);
+                    self.labels.dropped(1);
+                }
+                !gone
+            });
+            if batch.running() == 0 {
+                continue;
+            }
+            self.labels.batch(batch.running());
+            let started = Instant::now();
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| batch.step()));
+            self.labels.handled(started.elapsed());
+            match stepped {
+                Ok(Ok(finished)) => {
+                    for (ticket, answer) in finished {
+                        if let Some(reply) = waiting.remove(&ticket) {
+                            self.answer(reply, answer.map_err(Error::from));
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %crate::error::chain(&e), "a step of {} running requests failed", waiting.len());
+                    let error = Arc::new(e);
+                    for (_, reply) in waiting.drain() {
+                        self.answer(reply, Err(Error::Handler(error.clone())));
+                    }
+                }
+                Err(panic) => {
+                    let error = self.panicked(panic, waiting.len());
+                    for (_, reply) in waiting.drain() {
+                        self.answer(reply, Err(Error::Handler(error.clone())));
+                    }
+                    // The batch may be half-updated: start afresh.
+                    drop(batch);
+                    match handler.step_batch() {
+                        Some(fresh) => batch = fresh,
+                        None => return true,
+                    }
+                }
+            }
+        }
+        self.stats.busy.store(false, Ordering::Relaxed);
+        true
+    }
+
+    fn answer(&self, reply: Reply, answer: Result<spillway_handlers::Output, Error>) {
+        // A closed receiver means the client gave up (timeout or disconnect).
+        let _ = reply.send(answer);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Logs and counts a handler panic that failed `count` requests.
+    fn panicked(&self, panic: Box<dyn std::any::Any + Send>, count: usize) -> Arc<HandlerError> {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!("handler panicked with {count} requests running: {message}");
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        self.labels.worker_restart();
+        Arc::new(HandlerError::Panicked(message))
+    }
+}
+
+type Reply = tokio::sync::oneshot::Sender<crate::error::Result<spillway_handlers::Output>>;
 
 fn shared_error(
     error: Arc<HandlerError>,

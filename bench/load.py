@@ -133,7 +133,7 @@ def main():
                 for c in a.concurrency:
                     r = load(18080, name, request, c, a.seconds, a.loadgen_threads)
                     rows.append((label, r))
-                    print(f"{label:>22} c={c:<3} {r['requests_per_s']:>9.0f} req/s  p50 {r['p50_ms']:.3f}  "
+                    print(f"{label:>22} c={c:<3} {r['requests_per_s']:>9.2f} req/s  p50 {r['p50_ms']:.3f}  "
                           f"p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  {r['statuses']} errors {r['errors']}",
                           file=sys.stderr)
             finally:
@@ -158,7 +158,9 @@ def main():
         statuses = ", ".join(f"{k}: {v}" for k, v in r["statuses"].items())
         if r["errors"]:
             statuses += f", connection errors: {r['errors']}"
-        lines.append(f"| {label} | {r['concurrency']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.3f} | "
+        rps = r["requests_per_s"]
+        rps = f"{rps:.0f}" if rps >= 100 else f"{rps:.2f}"
+        lines.append(f"| {label} | {r['concurrency']} | {rps} | {r['p50_ms']:.3f} | "
                      f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {statuses} |")
     if idle_rss is not None:
         lines += ["", f"Idle RSS serving MiniLM (after warm-up): {idle_rss:.0f} MiB."]

@@ -767,13 +767,22 @@ mod tests {
         }
     }
 
+    /// Every unit in RAM, or every unit streamed from disk.
+    fn load_all(source: &WeightSource, config: &LlamaConfig, streamed: bool) -> MappedLlama {
+        MappedLlama::load(source, config, DType::F32, |_| {
+            Ok(if streamed {
+                UnitPlacement::Streamed(Device::Cpu)
+            } else {
+                UnitPlacement::Resident(Device::Cpu)
+            })
+        })
+        .expect("load")
+    }
+
     /// Our logits for `prompt` under `config` (resident, f32) from the weights in `dir`.
     fn our_logits(dir: &std::path::Path, config: &LlamaConfig, prompt: &[u32]) -> Tensor {
         let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
-        let model = MappedLlama::load(&source, config, DType::F32, |_| {
-            Ok(UnitPlacement::Resident(Device::Cpu))
-        })
-        .expect("load");
+        let model = load_all(&source, config, false);
         let t = Tensor::new(prompt, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("tokens");
@@ -797,14 +806,7 @@ mod tests {
                 .expect("tokens")
         };
         for streamed in [false, true] {
-            let model = MappedLlama::load(&source, &config, DType::F32, |_| {
-                Ok(if streamed {
-                    UnitPlacement::Streamed(Device::Cpu)
-                } else {
-                    UnitPlacement::Resident(Device::Cpu)
-                })
-            })
-            .expect("load");
+            let model = load_all(&source, &config, streamed);
             // Each alone: prefill, then 4 greedy steps.
             let mut alone = Vec::new();
             for prompt in prompts {
@@ -930,14 +932,7 @@ mod tests {
             .and_then(|t| t.unsqueeze(0))
             .expect("tokens");
         for streamed in [false, true] {
-            let model = MappedLlama::load(&source, &config, DType::F32, |_| {
-                Ok(if streamed {
-                    UnitPlacement::Streamed(Device::Cpu)
-                } else {
-                    UnitPlacement::Resident(Device::Cpu)
-                })
-            })
-            .expect("load");
+            let model = load_all(&source, &config, streamed);
             let logits = model
                 .forward(&t, &mut KvCache::default())
                 .and_then(|l| l.squeeze(0))

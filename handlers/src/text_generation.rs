@@ -278,21 +278,27 @@ impl TextGeneration {
         sequence.next_input = vec![id];
         if self.eos.contains(&id) && !sequence.parameters.ignore_eos {
             sequence.finish = Some(FinishReason::EosToken);
+        } else if !sequence.parameters.stop.is_empty() {
+            // Stop sequences are looked for in the text, so it is decoded every step
+            // only when there are some.
             sequence.text = self.decode(&sequence.ids)?;
-            return Ok(());
+            if let Some(at) = sequence
+                .parameters
+                .stop
+                .iter()
+                .filter_map(|s| sequence.text.find(s.as_str()))
+                .min()
+            {
+                sequence.text.truncate(at);
+                sequence.finish = Some(FinishReason::StopSequence);
+                return Ok(());
+            }
         }
-        sequence.text = self.decode(&sequence.ids)?;
-        if let Some(at) = sequence
-            .parameters
-            .stop
-            .iter()
-            .filter_map(|s| sequence.text.find(s.as_str()))
-            .min()
-        {
-            sequence.text.truncate(at);
-            sequence.finish = Some(FinishReason::StopSequence);
-        } else if sequence.ids.len() >= sequence.parameters.max_new_tokens {
+        if sequence.finish.is_none() && sequence.ids.len() >= sequence.parameters.max_new_tokens {
             sequence.finish = Some(FinishReason::Length);
+        }
+        if sequence.finish.is_some() {
+            sequence.text = self.decode(&sequence.ids)?;
         }
         Ok(())
     }

@@ -176,7 +176,7 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
     }
     let target = match tgz_offload_folder(path, limits)? {
         Some(folder) => folder.join("unpacked").join(&key),
-        None => in_cache,
+        None => in_cache.clone(),
     };
     if !target.is_dir() {
         fill_atomically(&target, |staging| {
@@ -191,7 +191,7 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
             })
         })?;
     }
-    if target != cache_dir.join("unpacked").join(&key) {
+    if target != in_cache {
         std::fs::create_dir_all(cache_dir.join("unpacked")).map_err(Error::io(cache_dir))?;
         let written = target.display().to_string();
         std::fs::write(&note, written).map_err(Error::io(&note))?;

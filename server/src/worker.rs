@@ -240,17 +240,7 @@ impl WorkerContext {
                 tracing::error!(error = %crate::error::chain(&e), "batch of {count} failed");
                 shared_error(Arc::new(e), count)
             }
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!("handler panicked on a batch of {count}: {message}");
-                self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-                self.labels.worker_restart();
-                shared_error(Arc::new(HandlerError::Panicked(message)), count)
-            }
+            Err(panic) => shared_error(self.panicked(panic, count), count),
         };
         for (reply, answer) in replies.into_iter().zip(answers) {
             // A closed receiver means the client gave up (timeout or disconnect).
@@ -384,7 +374,7 @@ impl WorkerContext {
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
-        tracing::error!("handler panicked with {count} requests running: {message}");
+        tracing::error!("handler panicked with {count} requests in hand: {message}");
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
         self.labels.worker_restart();
         Arc::new(HandlerError::Panicked(message))

@@ -5,6 +5,9 @@ Scenarios, each in its own server process so they do not share cores or queues:
   echo                 the built-in echo handler: the server's own overhead
   minilm batch 1       all-MiniLM-L6-v2, batchSize 1
   minilm batch 8       all-MiniLM-L6-v2, batchSize 8, maxBatchDelay 5 ms
+  ... 2 workers        the same two MiniLM scenarios with 2 workers sharing the weights,
+                       1 thread each (the default threadsPerWorker: cores / maxWorkers);
+                       TorchServe's figures in the issue are 2 workers x 1 thread
   smollm2 batches      SmolLM2-135M-Instruct (GGUF), 32 new tokens per request
                        (ignore_eos), batchSize 8: a batch's requests run one by one
   smollm2 continuous   the same with continuousBatching: requests join and leave a
@@ -85,9 +88,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--loadgen-threads", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=1, help="workers per MiniLM model")
     ap.add_argument("--only", nargs="+",
-                    help="scenario names to run (echo, minilm1, minilm8, smollm2, smollm2cb)")
+                    help="scenario names to run (echo, minilm1, minilm8, minilm1x2, minilm8x2, smollm2, smollm2cb)")
     ap.add_argument("--skip", nargs="+", help="scenario names not to run")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
@@ -105,11 +107,15 @@ def main():
         json.dump({"inputs": "Write a short story about a river.",
                    "parameters": {"max_new_tokens": NEW_TOKENS, "ignore_eos": True}}, f)
     one = "minWorkers: 1\nmaxWorkers: 1\nresponseTimeout: 120\n"
-    workers = f"minWorkers: {a.workers}\nmaxWorkers: {a.workers}\nresponseTimeout: 120\n"
+    two = "minWorkers: 2\nmaxWorkers: 2\nresponseTimeout: 120\n"
     scenarios = [
         ("echo", "echo", "echo", one + "batchSize: 1\nmaxBatchDelay: 0\n", None, body),
-        ("minilm batch 1", "minilm1", "text_embedding", workers + "batchSize: 1\nmaxBatchDelay: 0\n", minilm, body),
-        ("minilm batch 8, 5 ms", "minilm8", "text_embedding", workers + "batchSize: 8\nmaxBatchDelay: 5\n", minilm, body),
+        ("minilm batch 1", "minilm1", "text_embedding", one + "batchSize: 1\nmaxBatchDelay: 0\n", minilm, body),
+        ("minilm batch 8, 5 ms", "minilm8", "text_embedding", one + "batchSize: 8\nmaxBatchDelay: 5\n", minilm, body),
+        ("minilm batch 1, 2 workers", "minilm1x2", "text_embedding", two + "batchSize: 1\nmaxBatchDelay: 0\n",
+         minilm, body),
+        ("minilm batch 8, 5 ms, 2 workers", "minilm8x2", "text_embedding", two + "batchSize: 8\nmaxBatchDelay: 5\n",
+         minilm, body),
         ("smollm2 batches of 8", "smollm2", "text_generation", one + "batchSize: 8\nmaxBatchDelay: 5\n", smollm2, prompt),
         ("smollm2 continuous, 8", "smollm2cb", "text_generation",
          one + "batchSize: 8\nmaxBatchDelay: 5\ncontinuousBatching: true\n", smollm2, prompt),
@@ -133,7 +139,7 @@ def main():
                 for c in a.concurrency:
                     r = load(18080, name, request, c, a.seconds, a.loadgen_threads)
                     rows.append((label, r))
-                    print(f"{label:>22} c={c:<3} {r['requests_per_s']:>9.2f} req/s  p50 {r['p50_ms']:.3f}  "
+                    print(f"{label:>31} c={c:<3} {r['requests_per_s']:>9.2f} req/s  p50 {r['p50_ms']:.3f}  "
                           f"p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  {r['statuses']} errors {r['errors']}",
                           file=sys.stderr)
             finally:
@@ -147,7 +153,7 @@ def main():
         f"server and load generator on the same cores.",
         f"Command: `bench/load.py --seconds {a.seconds:g} --concurrency {' '.join(map(str, a.concurrency))} "
         f"--loadgen-threads {a.loadgen_threads}` ({time.strftime('%Y-%m-%d')}; release build with MKL, "
-        f"{a.workers} worker(s) per MiniLM model, keep-alive connections, {a.seconds:g} s per row after a warm-up).",
+        f"keep-alive connections, {a.seconds:g} s per row after a warm-up).",
         "",
         f"SmolLM2 rows: {NEW_TOKENS} new tokens per request, so tokens/s = {NEW_TOKENS} × requests/s.",
         "",

@@ -20,6 +20,7 @@
 //! - [`bert_block`]: a BERT block fused for f32 on the CPU; [`cpu_kernels`] the fused
 //!   kernels on slices, [`fused_ops`] the same as candle operations on tensors.
 //! - [`cpu_linear`]: `x · Wᵀ` for f32 on the CPU (weights packed once for MKL).
+//! - [`cpu_simd`]: runs a kernel's loop compiled for the CPU's widest vector extension.
 //! - [`cpu_team`]: the thread team the fused kernels run their loops on (MKL's OpenMP
 //!   team with `mkl`, rayon without).
 //! - [`cpu_threads`]: how candle's CPU thread pools are set up (call at start-up).
@@ -40,6 +41,8 @@ pub mod bert_text;
 pub mod cpu_kernels;
 #[allow(unsafe_code)] // FFI into MKL's packed GEMM (feature `mkl`).
 pub mod cpu_linear;
+#[allow(unsafe_code)] // Calls code compiled for CPU features it has checked for.
+pub mod cpu_simd;
 #[allow(unsafe_code)] // FFI into the OpenMP runtime and disjoint chunks handed to threads.
 pub mod cpu_team;
 pub mod cpu_threads;

@@ -146,6 +146,7 @@ impl ModelHandle {
             idle.clone(),
             self.labels.clone(),
             continuous,
+            self.spec.config.threads_per_worker,
         );
         pool.scale(self.spec.config.min_workers, self.spec.config.max_workers)?;
         tokio::spawn(batcher::run(

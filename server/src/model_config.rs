@@ -23,6 +23,10 @@ pub struct ModelConfig {
     /// `continuousBatching` (TorchServe's name): generation requests join and leave a
     /// running batch between decode steps instead of running batch by batch.
     pub continuous_batching: bool,
+    /// `threadsPerWorker`: threads one worker's compute may use. Unset: the cores divided
+    /// among `maxWorkers` (at least one each), so busy workers do not oversubscribe the
+    /// machine (`crate::worker::WorkerPool`).
+    pub threads_per_worker: Option<usize>,
 }
 
 /// The file as written: every key optional.
@@ -39,6 +43,7 @@ struct ModelConfigFile {
     device_type: Option<String>,
     job_queue_size: Option<usize>,
     continuous_batching: Option<bool>,
+    threads_per_worker: Option<usize>,
 }
 
 /// Registration-time overrides (`POST /models?batch_size=..&initial_workers=..`).
@@ -99,7 +104,14 @@ impl ModelConfig {
             device_type: file.device_type,
             job_queue_size: file.job_queue_size,
             continuous_batching: file.continuous_batching.unwrap_or(false),
+            threads_per_worker: file.threads_per_worker,
         };
+        if config.threads_per_worker == Some(0) {
+            return Err(Error::bad_config(
+                "model-config.yaml",
+                "threadsPerWorker must be at least 1",
+            ));
+        }
         if config.response_timeout.is_zero() {
             return Err(Error::bad_config(
                 "model-config.yaml",
@@ -137,6 +149,17 @@ mod tests {
         )
         .expect("parse");
         assert!(c.continuous_batching);
+        assert_eq!(
+            c.threads_per_worker, None,
+            "unset: the pool divides the cores"
+        );
+        let c = ModelConfig::parse(
+            Some("threadsPerWorker: 3\n"),
+            &ModelConfigOverrides::default(),
+            DEFAULTS,
+        )
+        .expect("parse");
+        assert_eq!(c.threads_per_worker, Some(3));
     }
 
     #[test]

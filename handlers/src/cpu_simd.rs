@@ -1,0 +1,101 @@
+//! Fused-kernel loops compiled for the widest vector extension this CPU has, chosen at
+//! run time.
+//!
+//! The release binary targets baseline x86-64 so that it runs anywhere, which left the
+//! fused kernels ([`crate::cpu_kernels`]) in 4-wide SSE while MKL's matmuls pick AVX-512
+//! for themselves. [`simd_kernel!`] defines a function whose body is compiled three
+//! times — baseline, AVX2+FMA and AVX-512 — and which calls the best one the CPU
+//! supports ([`widest`]).
+
+/// A vector extension a kernel can be compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    Baseline,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 F and VL (with AVX2 and FMA).
+    Avx512,
+}
+
+/// The widest extension this CPU supports (std caches the detection).
+pub fn widest() -> Extension {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512vl") && has!("avx2") && has!("fma") {
+            return Extension::Avx512;
+        }
+        if has!("avx2") && has!("fma") {
+            return Extension::Avx2;
+        }
+    }
+    Extension::Baseline
+}
+
+/// Defines `fn name(args)` running `body` compiled for [`widest`]'s extension. The body
+/// should call only `#[inline(always)]` helpers in its hot loops, so they are compiled
+/// for that extension too. Arguments are passed through by name, so they are plain
+/// `name: Type` pairs; the function returns nothing.
+macro_rules! simd_kernel {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)] // calls the version for an extension `widest` detected
+            fn dispatch($($arg: $ty),*) {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                match $crate::cpu_simd::widest() {
+                    // SAFETY: `widest` found these features on this CPU.
+                    $crate::cpu_simd::Extension::Avx512 => unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    $crate::cpu_simd::Extension::Avx2 => unsafe { avx2($($arg),*) },
+                    $crate::cpu_simd::Extension::Baseline => body($($arg),*),
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            fn dispatch($($arg: $ty),*) {
+                body($($arg),*)
+            }
+
+            dispatch($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_kernel;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    simd_kernel! {
+        fn scale_and_sum(xs: &mut [f32], factor: f32, total: &mut f32) {
+            for x in xs.iter_mut() {
+                *x *= factor;
+            }
+            *total = xs.iter().sum();
+        }
+    }
+
+    #[test]
+    fn a_kernel_runs_its_body_once_on_its_arguments() {
+        let mut xs: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        let mut total = 0.0;
+        scale_and_sum(&mut xs, 0.5, &mut total);
+        assert_eq!(total, 249_750.0);
+        assert_eq!(xs[999], 499.5);
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert_ne!(widest(), Extension::Baseline);
+        }
+    }
+}

@@ -30,11 +30,19 @@ pub fn materialize(
     let (path, range) = files
         .locate(gguf)?
         .ok_or_else(|| HandlerError::MissingFile(gguf.to_string()))?;
-    let key = offload::fingerprint(&path, &range, dtype)?;
+    let key = format!(
+        "{}-v{CONVERSION}",
+        offload::fingerprint(&path, &range, dtype)?
+    );
     offload::folder(offload_root, &key, "model.safetensors", |staging| {
         convert(&path, range.clone(), staging, dtype)
     })
 }
+
+/// Version of the converted folder's layout, part of its key: a change to what
+/// [`materialize`] writes must not reuse folders written before it (2: `rope_scaling`
+/// from `rope_freqs` and the GGUF rope metadata).
+const CONVERSION: u32 = 2;
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
     HandlerError::bad_file("gguf", reason)
@@ -86,6 +94,44 @@ fn hf_name(
     };
     // Biases are permuted like their weights' rows.
     Some((format!("model.layers.{layer}.{hf}.{param}"), unpermute))
+}
+
+/// config.json's `rope_scaling` for a GGUF model. llama.cpp's converter turns Llama 3.1's
+/// banded `llama3` scaling into a `rope_freqs` tensor of per-frequency divisors, which
+/// becomes `frequency_factors` here (see [`crate::llama::LlamaConfig::inverse_frequencies`]);
+/// `{arch}.rope.scaling.type` `linear` keeps its factor; other scalings (yarn, ...) are
+/// refused rather than served with plain RoPE.
+fn rope_scaling(
+    content: &Content,
+    reader: &mut RangeReader,
+    arch: &str,
+) -> Result<Option<serde_json::Value>, HandlerError> {
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let factors = content
+            .tensor(reader, "rope_freqs.weight", &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .context(|| "cannot read rope_freqs.weight".into())?;
+        return Ok(Some(
+            json!({"rope_type": "frequency_factors", "factors": factors}),
+        ));
+    }
+    let kind = content
+        .metadata
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str);
+    match kind {
+        None | Some("none") => Ok(None),
+        Some("linear") => {
+            let factor = meta_f32(content, &format!("{arch}.rope.scaling.factor"))
+                .ok_or_else(|| bad(format!("{arch}.rope.scaling.factor is missing")))?;
+            Ok(Some(json!({"rope_type": "linear", "factor": factor})))
+        }
+        Some(other) => Err(HandlerError::Unsupported(format!(
+            "GGUF rope scaling `{other}` (supported: linear, and llama3 as rope_freqs)"
+        ))),
+    }
 }
 
 /// Undoes llama.cpp's `permute(w, n_head)`, which interleaves each head's two rotary halves.
@@ -156,6 +202,7 @@ fn convert(
             shape: content.tensor_infos[gguf].shape.dims().to_vec(),
         })
         .collect();
+    let rope_scaling = rope_scaling(&content, &mut reader, &arch)?;
     let mut next = names.iter();
     offload::write_streaming(&out.join("model.safetensors"), &planned, |_| {
         let (gguf, hf, heads) = next
@@ -184,7 +231,7 @@ fn convert(
         .metadata
         .get("tokenizer.ggml.eos_token_id")
         .and_then(|v| v.to_u32().ok());
-    let config = json!({
+    let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": arch,
         "hidden_size": hidden,
@@ -202,6 +249,9 @@ fn convert(
         "eos_token_id": eos,
         "torch_dtype": format!("{dtype:?}").to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
     });
+    if let Some(scaling) = rope_scaling {
+        config["rope_scaling"] = scaling;
+    }
     let write = |name: &str, value: &serde_json::Value| {
         let p = out.join(name);
         std::fs::write(&p, value.to_string()).map_err(|source| HandlerError::Io { path: p, source })
@@ -301,6 +351,7 @@ pub fn tokenizer_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::TinyLlama;
 
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
@@ -345,5 +396,169 @@ mod tests {
             Some("model.embed_tokens.weight".into())
         );
         assert_eq!(hf_name("rope_freqs.weight", 9, 3, true), None);
+    }
+
+    /// Writes the tiny Llama in `hf` (safetensors + config.json) as a llama.cpp-style
+    /// GGUF: llama names, q/k rows permuted, a byte-level BPE vocabulary, and
+    /// `rope_freqs.weight` when `rope_freqs` is given.
+    fn write_gguf(hf: &Path, spec: &TinyLlama, rope_freqs: Option<&[f32]>, out: &Path) {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
+            .expect("weights");
+        let permute = |w: &Tensor, heads: usize| {
+            let (rows, cols) = w.dims2().expect("2d");
+            w.reshape((heads, 2, rows / heads / 2, cols))
+                .and_then(|t| t.transpose(1, 2))
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.reshape((rows, cols)))
+                .expect("permute")
+        };
+        let mut quantized: Vec<(String, QTensor)> = Vec::new();
+        let mut add = |name: String, t: &Tensor| {
+            quantized.push((name, QTensor::quantize(t, GgmlDType::F32).expect("f32")));
+        };
+        for (name, t) in &tensors {
+            let gguf = match name.as_str() {
+                "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+                "model.norm.weight" => "output_norm.weight".to_string(),
+                "lm_head.weight" => "output.weight".to_string(),
+                other => {
+                    let rest = other.strip_prefix("model.layers.").expect("a layer");
+                    let (layer, tail) = rest.split_once('.').expect("layer.tail");
+                    let module = match tail.trim_end_matches(".weight") {
+                        "input_layernorm" => "attn_norm",
+                        "post_attention_layernorm" => "ffn_norm",
+                        "self_attn.q_proj" => "attn_q",
+                        "self_attn.k_proj" => "attn_k",
+                        "self_attn.v_proj" => "attn_v",
+                        "self_attn.o_proj" => "attn_output",
+                        "mlp.gate_proj" => "ffn_gate",
+                        "mlp.up_proj" => "ffn_up",
+                        "mlp.down_proj" => "ffn_down",
+                        unknown => panic!("unexpected tensor {unknown}"),
+                    };
+                    format!("blk.{layer}.{module}.weight")
+                }
+            };
+            let t = if gguf.ends_with("attn_q.weight") {
+                permute(t, spec.heads)
+            } else if gguf.ends_with("attn_k.weight") {
+                permute(t, spec.kv_heads)
+            } else {
+                t.clone()
+            };
+            add(gguf, &t);
+        }
+        if let Some(freqs) = rope_freqs {
+            add(
+                "rope_freqs.weight".into(),
+                &Tensor::new(freqs, &Device::Cpu).expect("freqs"),
+            );
+        }
+        let mut tokens: Vec<Value> = ["a", "b", "ab"]
+            .iter()
+            .map(|t| Value::String(t.to_string()))
+            .collect();
+        tokens.extend((3..spec.vocab_size).map(|i| Value::String(format!("t{i}"))));
+        let u32v = |v: usize| Value::U32(v as u32);
+        let metadata: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.attention.head_count", u32v(spec.heads)),
+            ("llama.attention.head_count_kv", u32v(spec.kv_heads)),
+            ("llama.embedding_length", u32v(spec.hidden_size)),
+            ("llama.feed_forward_length", u32v(spec.intermediate_size)),
+            ("llama.block_count", u32v(spec.layers)),
+            ("llama.context_length", u32v(128)),
+            ("llama.rope.freq_base", Value::F32(10_000.0)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens)),
+            (
+                "tokenizer.ggml.merges",
+                Value::Array(vec![Value::String("a b".into())]),
+            ),
+            ("tokenizer.ggml.bos_token_id", u32v(1)),
+            ("tokenizer.ggml.eos_token_id", u32v(2)),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let tensors: Vec<(&str, &QTensor)> =
+            quantized.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut file = std::fs::File::create(out).expect("create");
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &tensors).expect("write");
+    }
+
+    /// Last-position logits of the model in folder `dir` (config.json + safetensors).
+    fn logits(dir: &Path, prompt: &[u32]) -> Tensor {
+        use crate::layer_stack::UnitPlacement;
+        use crate::llama::{KvCache, LlamaConfig, MappedLlama};
+        let config: LlamaConfig =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))
+                .expect("parse");
+        let source = crate::WeightSource::open(&dir.join("model.safetensors")).expect("source");
+        let model = MappedLlama::load(&source, &config, DType::F32, |_| {
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        })
+        .expect("load");
+        let tokens = Tensor::new(prompt, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        model
+            .forward(&tokens, &mut KvCache::default())
+            .expect("forward")
+    }
+
+    #[test]
+    fn rope_freqs_serve_like_the_llama3_scaling_they_came_from() {
+        // The same tiny model twice: as HF safetensors with Llama 3.1's `llama3`
+        // rope_scaling, and as the GGUF llama.cpp would make of it, whose `rope_freqs`
+        // holds the per-frequency divisors its converter computes.
+        let (factor, low, high, original) = (4.0f32, 1.0f32, 4.0f32, 64.0f32);
+        let spec = TinyLlama {
+            rope_scaling: Some(json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": original as usize
+            })),
+            ..TinyLlama::default()
+        };
+        let work = tempfile::tempdir().expect("tempdir");
+        let hf = work.path().join("hf");
+        spec.write(&hf).expect("write");
+        let head_dim = spec.hidden_size / spec.heads;
+        let divisors: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| {
+                let freq = 1.0 / 10_000f32.powf(i as f32 / head_dim as f32);
+                let wavelen = 2.0 * std::f32::consts::PI / freq;
+                if wavelen < original / high {
+                    1.0
+                } else if wavelen > original / low {
+                    factor
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                }
+            })
+            .collect();
+        let prompt = [1u32, 5, 9, 14, 3, 7, 11, 20, 30, 2, 8, 4];
+        let want = logits(&hf, &prompt);
+        let diff_of = |rope_freqs: Option<&[f32]>, name: &str| {
+            let gguf_dir = work.path().join(name);
+            std::fs::create_dir_all(&gguf_dir).expect("dir");
+            write_gguf(&hf, &spec, rope_freqs, &gguf_dir.join("tiny.gguf"));
+            let folder = materialize(
+                &crate::files::FolderFiles::new(&gguf_dir),
+                "tiny.gguf",
+                &work.path().join(format!("{name}-offload")),
+                DType::F32,
+            )
+            .expect("materialize");
+            (&logits(&folder, &prompt) - &want)
+                .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+                .expect("diff")
+        };
+        let with = diff_of(Some(&divisors), "with-freqs");
+        assert!(with <= 1e-5, "GGUF with rope_freqs differs by {with}");
+        let without = diff_of(None, "without-freqs");
+        assert!(without > 1e-4, "the factors must matter here ({without})");
     }
 }

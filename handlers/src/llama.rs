@@ -87,7 +87,9 @@ impl LlamaConfig {
     /// RoPE's inverse frequencies, `theta^(-2i/head_dim)`, with `rope_scaling` applied:
     /// none or `default`; `linear` (positions divided by `factor`); `llama3` (Llama 3.1's
     /// banded rescaling: long wavelengths divided by `factor`, short ones kept, a smooth
-    /// blend between). Other types are refused rather than silently ignored.
+    /// blend between); `frequency_factors` (what a GGUF's `rope_freqs` tensor holds: each
+    /// frequency divided by its own entry of `factors`, as llama.cpp does). Other types
+    /// are refused rather than silently ignored.
     pub fn inverse_frequencies(&self) -> Result<Vec<f32>, HandlerError> {
         let hd = self.head_dim();
         let theta = self.rope_theta as f32;
@@ -139,8 +141,30 @@ impl LlamaConfig {
                     })
                     .collect())
             }
+            "frequency_factors" => {
+                let factors: Vec<f32> = scaling
+                    .get("factors")
+                    .and_then(|f| f.as_array())
+                    .map(|f| {
+                        f.iter()
+                            .filter_map(|v| v.as_f64())
+                            .map(|v| v as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if factors.len() != hd / 2 || factors.iter().any(|f| f.is_nan() || *f <= 0.0) {
+                    return Err(HandlerError::bad_file(
+                        "config.json",
+                        format!(
+                            "rope_scaling frequency_factors needs {} positive `factors`",
+                            hd / 2
+                        ),
+                    ));
+                }
+                Ok(base.zip(factors).map(|(f, factor)| f / factor).collect())
+            }
             other => Err(HandlerError::Unsupported(format!(
-                "rope_scaling of type `{other}` (supported: linear, llama3)"
+                "rope_scaling of type `{other}` (supported: linear, llama3, frequency_factors)"
             ))),
         }
     }
@@ -894,6 +918,16 @@ mod tests {
         let yarn = config(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
         let message = yarn.inverse_frequencies().expect_err("yarn").to_string();
         assert!(message.contains("yarn"), "{message}");
+        let half = base.len();
+        let factors = config(serde_json::json!({"rope_type": "frequency_factors",
+            "factors": (0..half).map(|i| (i + 1) as f32).collect::<Vec<_>>()}));
+        let divided: Vec<f32> = base.iter().zip(1..).map(|(f, i)| f / i as f32).collect();
+        assert_eq!(factors.inverse_frequencies().expect("factors"), divided);
+        let short = config(serde_json::json!({"rope_type": "frequency_factors", "factors": [1.0]}));
+        assert!(
+            short.inverse_frequencies().is_err(),
+            "one factor per frequency"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         spec.write(dir.path()).expect("write");
         let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");

@@ -1,11 +1,13 @@
 //! Times the text_generation handler all in RAM: the forward pass over a 128-token
 //! prompt (prefill) and greedy decoding of 32 tokens after it.
 //!
-//! `cargo run --release -p spillway-handlers --example generate_timing -- MODEL [RUNS]`,
+//! `cargo run --release -p spillway-handlers --example generate_timing -- MODEL [RUNS] [ROWS...]`,
 //! where MODEL is a HuggingFace-layout folder or a `.gguf` file (converted to float32 in
 //! `$TMPDIR/spillway-offload` once, as the server does). Prints the converted folder (so a
 //! reference implementation can load the same weights), then medians:
-//! `prefill_ms`, `decode_ms_per_token`, `decode_tokens_per_s`.
+//! `prefill_ms`, `decode_ms_per_token`, `decode_tokens_per_s`; for each ROWS given, the
+//! median time of one decode step that advances that many sequences together
+//! (`decode_step_ms_rows_N`, continuous batching's step).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -49,7 +51,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut args = std::env::args().skip(1);
     let model = PathBuf::from(args.next().ok_or("usage: generate_timing MODEL [RUNS]")?);
-    let runs: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(5);
+    let runs: usize = args
+        .next()
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(5)
+        .max(1);
+    let row_counts: Vec<usize> = args.map(|r| r.parse()).collect::<Result<_, _>>()?;
     let folder = folder_of(&model)?;
     println!("folder {}", folder.display());
     let handler = TextGeneration::load(&FolderFiles::new(&folder), &LoadOptions::default())?;
@@ -88,5 +96,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("prefill_ms {prefill:.2}");
     println!("decode_ms_per_token {decode:.2}");
     println!("decode_tokens_per_s {:.2}", 1e3 / decode);
+    for rows in row_counts {
+        let mut sequences = (0..rows)
+            .map(|_| handler.begin_tokens(prompt.clone(), &parameters))
+            .collect::<Result<Vec<_>, _>>()?;
+        for sequence in &mut sequences {
+            handler.advance(&mut [sequence])?;
+        }
+        let mut steps = Vec::new();
+        while !sequences[0].finished() {
+            let mut batch: Vec<_> = sequences.iter_mut().collect();
+            let started = Instant::now();
+            handler.advance(&mut batch)?;
+            steps.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+        println!("decode_step_ms_rows_{rows} {:.2}", median(steps));
+    }
     Ok(())
 }

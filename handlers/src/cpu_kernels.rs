@@ -343,6 +343,31 @@ fn axpy_lanes(acc: &mut [f32; LANES], a: f32, x: &[f32; LANES]) {
     }
 }
 
+/// `out[v · rows + r] = x[r] · w[v]` for a few `rows` of `x` (`[rows, k]`) against a
+/// large `w` (`[n, k]`), `out` being `[n, rows]`: each row of `w` is read from memory
+/// once and used for every row of `x` while it is in cache. For a decode step's output
+/// head, where MKL's sgemm with a handful of rows first copies the whole weight into its
+/// panel layout (SmolLM2: 12 ms for 8 rows against 3 ms for one).
+pub fn few_rows_times_weight(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+    const WEIGHT_ROWS_PER_TASK: usize = 512;
+    let rows = x.len() / k.max(1);
+    for_each_chunk_mut(out, WEIGHT_ROWS_PER_TASK * rows.max(1), |index, out| {
+        let first = index * WEIGHT_ROWS_PER_TASK;
+        dot_weight_rows(x, &w[first * k..], k, out)
+    });
+}
+
+simd_kernel! {
+    fn dot_weight_rows(x: &[f32], w: &[f32], k: usize, out: &mut [f32]) {
+        let rows = x.len() / k;
+        for (wv, o) in w.chunks_exact(k).zip(out.chunks_exact_mut(rows)) {
+            for (o, xr) in o.iter_mut().zip(x.chunks_exact(k)) {
+                *o = dot(xr, wv);
+            }
+        }
+    }
+}
+
 /// Shape of a causal grouped-query attention step: `queries` new tokens of each of
 /// `batch` sequences attend to `keys` cached tokens (the new ones last), `heads` query
 /// heads sharing `kv_heads` key/value heads.
@@ -569,6 +594,27 @@ mod tests {
                             (f64::from(got[qi * hidden + h * shape.head_dim + d]) - want).abs();
                         assert!(diff < 1e-5, "b{b} h{h} i{i} d{d}: {diff}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn few_rows_times_weight_matches_a_naive_product() {
+        let mut next = rng(11);
+        let (k, n) = (37, 1100);
+        for rows in [1, 3, 8] {
+            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let mut out = vec![f32::NAN; n * rows];
+            few_rows_times_weight(&x, &w, k, &mut out);
+            for v in 0..n {
+                for r in 0..rows {
+                    let want: f64 = (0..k)
+                        .map(|i| f64::from(x[r * k + i]) * f64::from(w[v * k + i]))
+                        .sum();
+                    let got = f64::from(out[v * rows + r]);
+                    assert!((got - want).abs() < 1e-4, "v{v} r{r}: {got} vs {want}");
                 }
             }
         }

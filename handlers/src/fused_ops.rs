@@ -4,7 +4,8 @@
 //! the tensors are f32 on the CPU; anywhere else they fail rather than guess.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape,
+    Tensor,
 };
 use candle_nn::VarBuilder;
 
@@ -102,6 +103,18 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         &v.contiguous()?,
         &CausalAttention { shape },
     )
+}
+
+/// `x · wᵀ` for `x` `[rows, k]` with few rows and a large `w` `[n, k]` → `[rows, n]`
+/// (see [`cpu_kernels::few_rows_times_weight`]).
+pub fn few_rows_times_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    let (n, wk) = w.dims2()?;
+    if wk != k {
+        candle_core::bail!("{rows}×{k} rows against a {n}×{wk} weight");
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&w.contiguous()?, &FewRowsTimesWeight)
 }
 
 /// The contiguous f32 elements of a CPU tensor.
@@ -240,6 +253,35 @@ impl CustomOp3 for CausalAttention {
             CpuStorage::F32(out),
             Shape::from((batch, heads, queries, head_dim)),
         ))
+    }
+}
+
+struct FewRowsTimesWeight;
+
+impl CustomOp2 for FewRowsTimesWeight {
+    fn name(&self) -> &'static str {
+        "fused-few-rows-times-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (elements(s1, l1)?, elements(s2, l2)?);
+        let (rows, k) = l1.shape().dims2()?;
+        let n = l2.shape().dims2()?.0;
+        let mut by_weight_row = vec![0.0f32; n * rows];
+        cpu_kernels::few_rows_times_weight(x, w, k, &mut by_weight_row);
+        let mut out = vec![0.0f32; rows * n];
+        for (v, values) in by_weight_row.chunks_exact(rows).enumerate() {
+            for (r, value) in values.iter().enumerate() {
+                out[r * n + v] = *value;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
 }
 

@@ -368,52 +368,53 @@ simd_kernel! {
     }
 }
 
-/// Shape of a causal grouped-query attention step: `queries` new tokens of each of
-/// `batch` sequences attend to `keys` cached tokens (the new ones last), `heads` query
-/// heads sharing `kv_heads` key/value heads.
+/// Shape of a causal grouped-query attention step: `queries` new tokens of each
+/// sequence attend to its cached keys (the new ones last), `heads` query heads sharing
+/// `kv_heads` key/value heads of `head_dim`.
 #[derive(Debug, Clone, Copy)]
 pub struct CausalShape {
-    pub batch: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub queries: usize,
-    pub keys: usize,
     pub head_dim: usize,
 }
 
-/// Causal grouped-query attention: `q` `[batch, heads, queries, head_dim]`, `k` and `v`
-/// `[batch, kv_heads, keys, head_dim]` → `out` `[batch, heads, queries, head_dim]`. Query
-/// i sits at position `keys − queries + i` and attends to keys 0..=that position; query
-/// head h reads key/value head `h / (heads / kv_heads)` (no repeated copies).
-pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: CausalShape, out: &mut [f32]) {
+/// One sequence's cached keys and values: `kv_heads` blocks `stride` elements apart,
+/// each holding `keys` rows of `head_dim` first (the rest of a block is spare capacity).
+#[derive(Debug, Clone, Copy)]
+pub struct CachedKeys<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub keys: usize,
+    pub stride: usize,
+}
+
+/// Causal grouped-query attention of several sequences at once, each over its own
+/// cache: `q` `[rows.len(), heads, queries, head_dim]` → `out`, same shape. Query i of
+/// row b sits at position `rows[b].keys − queries + i` and attends to keys 0..=that
+/// position; query head h reads key/value head `h / (heads / kv_heads)` (no repeated
+/// copies). All rows' heads are one parallel loop.
+pub fn causal_attention(q: &[f32], rows: &[CachedKeys<'_>], shape: CausalShape, out: &mut [f32]) {
     let CausalShape {
         heads,
         kv_heads,
         queries,
-        keys,
         head_dim,
-        ..
     } = shape;
     let group = heads / kv_heads;
     for_each_chunk_mut(out, queries * head_dim, |bh, out| {
-        let (b, h) = (bh / heads, bh % heads);
-        let kv = (b * kv_heads + h / group) * keys * head_dim;
-        let (k, v) = (&k[kv..kv + keys * head_dim], &v[kv..kv + keys * head_dim]);
+        let (row, h) = (rows[bh / heads], bh % heads);
+        let (at, len) = ((h / group) * row.stride, row.keys * head_dim);
         let q = &q[bh * queries * head_dim..(bh + 1) * queries * head_dim];
-        attend_head(q, k, v, shape, out)
+        attend_head(q, &row.k[at..at + len], &row.v[at..at + len], head_dim, out)
     });
 }
 
 simd_kernel! {
     /// [`causal_attention`] of one query head: its `q` `[queries, head_dim]` over the
     /// `k`/`v` `[keys, head_dim]` of its key/value head.
-    fn attend_head(q: &[f32], k: &[f32], v: &[f32], shape: CausalShape, out: &mut [f32]) {
-        let CausalShape {
-            queries,
-            keys,
-            head_dim,
-            ..
-        } = shape;
+    fn attend_head(q: &[f32], k: &[f32], v: &[f32], head_dim: usize, out: &mut [f32]) {
+        let (queries, keys) = (q.len() / head_dim, k.len() / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let offset = keys - queries;
         let mut weights = vec![0.0f32; keys];
@@ -622,51 +623,57 @@ mod tests {
 
     #[test]
     fn causal_attention_matches_a_naive_grouped_softmax() {
+        // Two sequences with different numbers of cached keys, in caches with spare room.
+        let (heads, kv_heads, queries, head_dim, capacity) = (6, 2, 3, 18, 9);
+        let keys = [7usize, 4];
         let shape = CausalShape {
-            batch: 2,
-            heads: 6,
-            kv_heads: 2,
-            queries: 3,
-            keys: 7,
-            head_dim: 18,
-        };
-        let CausalShape {
-            batch,
             heads,
             kv_heads,
             queries,
-            keys,
             head_dim,
-        } = shape;
+        };
         let mut next = rng(11);
-        let q: Vec<f32> = (0..batch * heads * queries * head_dim)
+        let q: Vec<f32> = (0..keys.len() * heads * queries * head_dim)
             .map(|_| next())
             .collect();
-        let k: Vec<f32> = (0..batch * kv_heads * keys * head_dim)
-            .map(|_| next())
+        let caches: Vec<(Vec<f32>, Vec<f32>)> = keys
+            .iter()
+            .map(|_| {
+                let n = kv_heads * capacity * head_dim;
+                (
+                    (0..n).map(|_| next()).collect(),
+                    (0..n).map(|_| next()).collect(),
+                )
+            })
             .collect();
-        let v: Vec<f32> = (0..batch * kv_heads * keys * head_dim)
-            .map(|_| next())
+        let rows: Vec<CachedKeys<'_>> = caches
+            .iter()
+            .zip(keys)
+            .map(|((k, v), keys)| CachedKeys {
+                k,
+                v,
+                keys,
+                stride: capacity * head_dim,
+            })
             .collect();
         let mut got = vec![f32::NAN; q.len()];
-        causal_attention(&q, &k, &v, shape, &mut got);
+        causal_attention(&q, &rows, shape, &mut got);
         let scale = 1.0 / (head_dim as f64).sqrt();
-        for b in 0..batch {
+        for (b, (k, v)) in caches.iter().enumerate() {
             for h in 0..heads {
                 let kvh = h / (heads / kv_heads);
-                let at = |t: &[f32], heads: usize, head: usize, row: usize, d: usize| {
-                    f64::from(
-                        t[((b * heads + head) * (t.len() / batch / heads / head_dim) + row)
-                            * head_dim
-                            + d],
-                    )
+                let cached = |t: &[f32], j: usize, d: usize| {
+                    f64::from(t[(kvh * capacity + j) * head_dim + d])
+                };
+                let query = |i: usize, d: usize| {
+                    f64::from(q[((b * heads + h) * queries + i) * head_dim + d])
                 };
                 for i in 0..queries {
-                    let visible = keys - queries + i + 1;
+                    let visible = keys[b] - queries + i + 1;
                     let scores: Vec<f64> = (0..visible)
                         .map(|j| {
                             (0..head_dim)
-                                .map(|d| at(&q, heads, h, i, d) * at(&k, kv_heads, kvh, j, d))
+                                .map(|d| query(i, d) * cached(k, j, d))
                                 .sum::<f64>()
                                 * scale
                         })
@@ -677,7 +684,7 @@ mod tests {
                         let want: f64 = scores
                             .iter()
                             .enumerate()
-                            .map(|(j, s)| (s - max).exp() / total * at(&v, kv_heads, kvh, j, d))
+                            .map(|(j, s)| (s - max).exp() / total * cached(v, j, d))
                             .sum();
                         let got = f64::from(got[((b * heads + h) * queries + i) * head_dim + d]);
                         assert!(

@@ -4,12 +4,12 @@
 //! the tensors are f32 on the CPU; anywhere else they fail rather than guess.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape,
+    CpuStorage, CustomOp1, CustomOp2, InplaceOp1, InplaceOp2, Layout, Result, Shape, Storage,
     Tensor,
 };
 use candle_nn::VarBuilder;
 
-use crate::cpu_kernels::{self, AttentionShape, CausalShape, Norm};
+use crate::cpu_kernels::{self, AttentionShape, CachedKeys, CausalShape, Norm};
 
 /// LayerNorm parameters over the last dimension.
 pub struct NormParams {
@@ -70,39 +70,77 @@ pub fn add_norm_in_place(
     x.inplace_op2(residual, &AddNorm { bias, norm })
 }
 
-/// Causal grouped-query attention (see [`cpu_kernels::causal_attention`]): `q`
-/// `[batch, heads, queries, head_dim]`, `k`/`v` `[batch, kv_heads, keys, head_dim]` →
-/// `[batch, heads, queries, head_dim]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+/// One sequence's cache for [`causal_attention`]: `k`/`v` `[1, kv_heads, capacity,
+/// head_dim]`, f32 on the CPU, with the first `keys` positions filled.
+pub struct CachedKv<'a> {
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub keys: usize,
+}
+
+/// Causal grouped-query attention of `q` `[caches.len(), heads, queries, head_dim]`, row
+/// b over `caches[b]` (see [`cpu_kernels::causal_attention`]) →
+/// `[caches.len(), heads, queries, head_dim]`. One parallel loop over every row's heads,
+/// read straight out of the caches (no copy, no `[b, …]` stacking of different lengths).
+pub fn causal_attention(q: &Tensor, caches: &[CachedKv<'_>]) -> Result<Tensor> {
     let (batch, heads, queries, head_dim) = q.dims4()?;
-    let (kb, kv_heads, keys, kd) = k.dims4()?;
-    if kb != batch
-        || kd != head_dim
-        || v.dims() != k.dims()
-        || kv_heads == 0
-        || heads % kv_heads != 0
-        || keys < queries
-    {
-        candle_core::bail!(
-            "causal attention over q {:?}, k {:?}, v {:?}",
+    let mismatch = || {
+        candle_core::Error::Msg(format!(
+            "causal attention of q {:?} over {} caches",
             q.dims(),
-            k.dims(),
-            v.dims()
-        );
+            caches.len()
+        ))
+    };
+    let kv_heads = caches.first().ok_or_else(mismatch)?.k.dim(1)?;
+    if caches.len() != batch || kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(mismatch());
     }
+    for cache in caches {
+        let (one, h, capacity, d) = cache.k.dims4()?;
+        if (one, h, d) != (1, kv_heads, head_dim)
+            || cache.v.dims() != cache.k.dims()
+            || cache.keys > capacity
+            || cache.keys < queries
+        {
+            return Err(mismatch());
+        }
+    }
+    let q = q.contiguous()?;
+    let guards: Vec<_> = caches
+        .iter()
+        .map(|c| (c.k.storage_and_layout(), c.v.storage_and_layout()))
+        .collect();
+    let rows = guards
+        .iter()
+        .zip(caches)
+        .map(|(((k, kl), (v, vl)), cache)| {
+            Ok(CachedKeys {
+                k: cpu_elements(k, kl)?,
+                v: cpu_elements(v, vl)?,
+                keys: cache.keys,
+                stride: cache.k.dim(2)? * head_dim,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (storage, layout) = q.storage_and_layout();
+    let queries_in = cpu_elements(&storage, layout)?;
+    let mut out = vec![0.0f32; queries_in.len()];
     let shape = CausalShape {
-        batch,
         heads,
         kv_heads,
         queries,
-        keys,
         head_dim,
     };
-    q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &CausalAttention { shape },
-    )
+    cpu_kernels::causal_attention(queries_in, &rows, shape, &mut out);
+    Tensor::from_vec(out, (batch, heads, queries, head_dim), q.device())
+}
+
+/// The contiguous f32 elements of a tensor's CPU storage.
+fn cpu_elements<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => elements(cpu, layout),
+        _ => candle_core::bail!("fused kernels run on the CPU"),
+    }
 }
 
 /// `x · wᵀ` for `x` `[rows, k]` with few rows and a large `w` `[n, k]` → `[rows, n]`
@@ -218,41 +256,6 @@ impl InplaceOp2 for AddNorm<'_> {
         };
         cpu_kernels::bias_residual_layer_norm(x, self.bias, residual, &norm);
         Ok(())
-    }
-}
-
-struct CausalAttention {
-    shape: CausalShape,
-}
-
-impl CustomOp3 for CausalAttention {
-    fn name(&self) -> &'static str {
-        "fused-causal-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (elements(s1, l1)?, elements(s2, l2)?, elements(s3, l3)?);
-        let CausalShape {
-            batch,
-            heads,
-            queries,
-            head_dim,
-            ..
-        } = self.shape;
-        let mut out = vec![0.0f32; q.len()];
-        cpu_kernels::causal_attention(q, k, v, self.shape, &mut out);
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((batch, heads, queries, head_dim)),
-        ))
     }
 }
 

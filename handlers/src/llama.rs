@@ -186,18 +186,85 @@ impl LlamaConfig {
 }
 
 /// Per-sequence state: each block's keys and values so far, and the next position.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
     pub position: usize,
 }
 
 impl KvCache {
     pub fn new(blocks: usize) -> Self {
         Self {
-            layers: vec![None; blocks],
+            layers: (0..blocks).map(|_| None).collect(),
             position: 0,
         }
+    }
+}
+
+/// One block's keys and values of a sequence: `[1, kv_heads, capacity, head_dim]`
+/// buffers filled up to `len` and grown by doubling, so a decode step writes its new
+/// key and value in place. Concatenating instead copied the whole cache of every block
+/// on every step.
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+impl LayerCache {
+    /// Room for at least this many positions from the start.
+    const MIN_CAPACITY: usize = 64;
+
+    /// Appends `k`/`v` `[1, kv_heads, seq, head_dim]` to `cache` (starting one if
+    /// there is none), growing it up to `limit` positions.
+    fn append(
+        cache: &mut Option<Self>,
+        k: &Tensor,
+        v: &Tensor,
+        limit: usize,
+    ) -> candle_core::Result<()> {
+        let seq = k.dim(2)?;
+        let len = cache.as_ref().map_or(0, |c| c.len);
+        let capacity = cache.as_ref().map_or(0, |c| c.capacity());
+        if len + seq > capacity {
+            let grown = (len + seq)
+                .next_power_of_two()
+                .max(Self::MIN_CAPACITY)
+                .min(limit.max(len + seq));
+            let resized = |old: Option<&Tensor>, new: &Tensor| -> candle_core::Result<Tensor> {
+                let (b, heads, _, d) = new.dims4()?;
+                let buffer = Tensor::zeros((b, heads, grown, d), new.dtype(), new.device())?;
+                if let Some(old) = old {
+                    buffer.slice_set(&old.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok(buffer)
+            };
+            *cache = Some(Self {
+                k: resized(cache.as_ref().map(|c| &c.k), k)?,
+                v: resized(cache.as_ref().map(|c| &c.v), v)?,
+                len,
+            });
+        }
+        let Some(cache) = cache.as_mut() else {
+            candle_core::bail!("the KV cache was just made");
+        };
+        cache.k.slice_set(&k.contiguous()?, 2, len)?;
+        cache.v.slice_set(&v.contiguous()?, 2, len)?;
+        cache.len += seq;
+        Ok(())
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.dims().get(2).copied().unwrap_or(0)
+    }
+
+    fn keys(&self) -> candle_core::Result<Tensor> {
+        self.k.narrow(2, 0, self.len)
+    }
+
+    fn values(&self) -> candle_core::Result<Tensor> {
+        self.v.narrow(2, 0, self.len)
     }
 }
 
@@ -284,14 +351,16 @@ impl Attention {
     }
 
     /// `x` `[b, seq, hidden]`: row `r` continues the sequence whose keys and values are
-    /// `kvs[r]` at position `positions[r]`. The projections run over all rows at once;
-    /// RoPE, the cache and attention per sequence.
+    /// `kvs[r]` at position `positions[r]` (`rope` holds those rows' angles). The
+    /// projections, RoPE and (for short steps on the CPU) attention run over all rows at
+    /// once; appending to the caches per sequence.
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        kvs: &mut [&mut Option<(Tensor, Tensor)>],
+        rope: &RowRope,
+        kvs: &mut [&mut Option<LayerCache>],
         positions: &[usize],
+        limit: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, seq, _) = x.dims3()?;
         if kvs.len() != b || positions.len() != b {
@@ -299,26 +368,42 @@ impl Attention {
         }
         let shape =
             |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2);
-        let q = shape(self.q.forward(x)?, self.heads)?.contiguous()?;
-        let k = shape(self.k.forward(x)?, self.kv_heads)?.contiguous()?;
+        let q = rope.apply(&shape(self.q.forward(x)?, self.heads)?.contiguous()?)?;
+        let k = rope.apply(&shape(self.k.forward(x)?, self.kv_heads)?.contiguous()?)?;
         let v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
-        let mut rows = Vec::with_capacity(b);
-        for (r, (kv, &pos)) in kvs.iter_mut().zip(positions).enumerate() {
-            let q = rope.apply(&q.narrow(0, r, 1)?, pos)?;
-            let mut k = rope.apply(&k.narrow(0, r, 1)?, pos)?;
-            let mut v = v.narrow(0, r, 1)?;
-            if let Some((past_k, past_v)) = kv.as_ref() {
-                k = Tensor::cat(&[past_k, &k], 2)?.contiguous()?;
-                v = Tensor::cat(&[past_v, &v], 2)?.contiguous()?;
-            }
-            **kv = Some((k.clone(), v.clone()));
-            rows.push(self.attend(q, k, v, pos)?);
+        for (r, kv) in kvs.iter_mut().enumerate() {
+            LayerCache::append(kv, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, limit)?;
         }
-        let y = if b == 1 {
-            rows.remove(0)
-        } else {
-            Tensor::cat(&rows, 0)?
-        };
+        let caches = kvs
+            .iter()
+            .map(|kv| {
+                kv.as_ref()
+                    .ok_or_else(|| candle_core::Error::Msg("a KV cache is missing".into()))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // The fused kernel wins where queries are few (decode: 23 vs 25.6 ms/token on
+        // SmolLM2); a 128-token prefill is faster through MKL's batched matmuls
+        // (215–231 vs 239–290 ms), see docs/cpu-performance.md.
+        let y =
+            if q.device().is_cpu() && q.dtype() == DType::F32 && seq <= FUSED_ATTENTION_MAX_QUERIES
+            {
+                let cached: Vec<crate::fused_ops::CachedKv<'_>> = caches
+                    .iter()
+                    .map(|c| crate::fused_ops::CachedKv {
+                        k: &c.k,
+                        v: &c.v,
+                        keys: c.len,
+                    })
+                    .collect();
+                crate::fused_ops::causal_attention(&q, &cached)?
+            } else {
+                let mut rows = Vec::with_capacity(b);
+                for (r, (cache, &pos)) in caches.iter().zip(positions).enumerate() {
+                    let (k, v) = (cache.keys()?.contiguous()?, cache.values()?.contiguous()?);
+                    rows.push(self.attend(q.narrow(0, r, 1)?, k, v, pos)?);
+                }
+                Tensor::cat(&rows, 0)?
+            };
         let y = y
             .transpose(1, 2)?
             .reshape((b, seq, self.heads * self.head_dim))?;
@@ -329,12 +414,6 @@ impl Attention {
     /// `[b, kv_heads, keys, head_dim]` → `[b, heads, seq, head_dim]`.
     fn attend(&self, q: Tensor, k: Tensor, v: Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let seq = q.dim(2)?;
-        // The fused kernel wins where queries are few (decode: 23 vs 25.6 ms/token on
-        // SmolLM2); a 128-token prefill is faster through MKL's batched matmuls
-        // (215–231 vs 239–290 ms), see docs/cpu-performance.md.
-        if q.device().is_cpu() && q.dtype() == DType::F32 && seq <= FUSED_ATTENTION_MAX_QUERIES {
-            return crate::fused_ops::causal_attention(&q, &k, &v);
-        }
         let repeat = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, repeat)?;
         let v = candle_transformers::utils::repeat_kv(v, repeat)?;
@@ -424,14 +503,16 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &Rope,
-        kvs: &mut [&mut Option<(Tensor, Tensor)>],
+        rope: &RowRope,
+        kvs: &mut [&mut Option<LayerCache>],
         positions: &[usize],
+        limit: usize,
     ) -> candle_core::Result<Tensor> {
-        let h = (self
-            .attention
-            .forward(&self.input_norm.forward(x)?, rope, kvs, positions)?
-            + x)?;
+        let h =
+            (self
+                .attention
+                .forward(&self.input_norm.forward(x)?, rope, kvs, positions, limit)?
+                + x)?;
         self.mlp.forward(&self.post_norm.forward(&h)?)? + h
     }
 }
@@ -458,11 +539,44 @@ impl Rope {
         })
     }
 
-    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let seq = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        candle_nn::rotary_emb::rope(x, &cos, &sin)
+    /// The angles of `seq` positions from each of `positions`, for one forward pass.
+    fn rows(&self, positions: &[usize], seq: usize) -> candle_core::Result<RowRope> {
+        let half = self.cos.dim(1)?;
+        let (cos, sin) = if let [pos] = positions {
+            (
+                self.cos.narrow(0, *pos, seq)?,
+                self.sin.narrow(0, *pos, seq)?,
+            )
+        } else {
+            let index: Vec<u32> = positions
+                .iter()
+                .flat_map(|&p| (p..p + seq).map(|i| i as u32))
+                .collect();
+            let index = Tensor::new(index.as_slice(), self.cos.device())?;
+            let rows = (positions.len(), seq, half);
+            (
+                self.cos.index_select(&index, 0)?.reshape(rows)?,
+                self.sin.index_select(&index, 0)?.reshape(rows)?,
+            )
+        };
+        Ok(RowRope {
+            cos: cos.contiguous()?,
+            sin: sin.contiguous()?,
+        })
+    }
+}
+
+/// RoPE angles for the rows of one forward pass: `[seq, half]` for one sequence,
+/// `[rows, seq, half]` for rows at their own positions.
+struct RowRope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RowRope {
+    /// Rotates `x` `[rows, heads, seq, head_dim]` (contiguous).
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
     }
 }
 
@@ -646,15 +760,17 @@ impl MappedLlama {
             }
             positions.push(pos);
         }
+        let rope = self.rope.rows(&positions, seq)?;
+        let limit = self.config.positions();
         let mut block = 0;
         let hidden = self.stack.forward(None::<Tensor>, |_, unit, device, x| {
             Ok(Some(match unit {
                 LlamaUnit::Embeddings(e) => e.forward(&tokens.to_device(device)?)?,
                 LlamaUnit::Block(b) => {
                     let x = need(x)?.to_device(device)?;
-                    let mut kvs: Vec<&mut Option<(Tensor, Tensor)>> =
+                    let mut kvs: Vec<&mut Option<LayerCache>> =
                         caches.iter_mut().map(|c| &mut c.layers[block]).collect();
-                    let out = b.forward(&x, &self.rope, &mut kvs, &positions)?;
+                    let out = b.forward(&x, &rope, &mut kvs, &positions, limit)?;
                     block += 1;
                     out
                 }
@@ -1053,5 +1169,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_kv_cache_grows_past_its_first_capacity_without_changing_the_answer() {
+        // A 60-token prompt fills most of the first 64 slots; decoding then runs past
+        // them (the cache doubles, up to the model's 128 positions and no further).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyLlama::default();
+        spec.write(dir.path()).expect("write");
+        let prompt: Vec<u32> = (0..60).map(|i| (i * 7 % 61) as u32 + 1).collect();
+        let want = reference_steps(dir.path(), &prompt, 8);
+        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        let model = load_all(&source, &config, false);
+        let mut cache = KvCache::default();
+        let mut input = prompt.clone();
+        for (step, expected) in want.iter().enumerate() {
+            let t = Tensor::new(input.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens");
+            let logits = model
+                .forward(&t, &mut cache)
+                .and_then(|l| l.squeeze(0))
+                .expect("forward");
+            let diff = max_diff(&logits, expected);
+            assert!(diff <= 1e-5, "step {step}: logits differ by {diff}");
+            input = vec![argmax(&logits).expect("argmax")];
+        }
+        assert_eq!(cache.position, 60 + 7);
+        let layer = cache.layers[0].as_ref().expect("filled");
+        assert_eq!((layer.len, layer.capacity()), (67, 128));
+        let more: Vec<u32> = (0..70).map(|i| (i % 50) as u32 + 3).collect();
+        let t = Tensor::new(more.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        let err = model
+            .forward(&t, &mut cache)
+            .expect_err("past 128 positions");
+        assert!(err.to_string().contains("positions"), "{err}");
     }
 }

@@ -269,57 +269,90 @@ simd_kernel! {
                 .chunks_exact(ROWS * head_dim)
                 .zip(scores.chunks_exact_mut(ROWS * padded))
             {
-                for block in 0..padded / LANES {
-                    let mut acc = [[0.0f32; LANES]; ROWS];
-                    for (d, k) in kt.chunks_exact(padded).enumerate() {
-                        let k = lanes(&k[block * LANES..]);
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            axpy_lanes(acc, qs[r * head_dim + d], k);
-                        }
-                    }
-                    for (r, acc) in acc.iter().enumerate() {
-                        s[r * padded + block * LANES..][..LANES].copy_from_slice(acc);
-                    }
-                }
+                score_rows(qs, &kt, padded, padded / LANES, s);
             }
             for s in scores.chunks_exact_mut(padded).take(tokens) {
-                let s = &mut s[..n];
-                let max = max(s);
-                for w in s.iter_mut() {
-                    *w = exp(*w - max);
-                }
-                let norm = 1.0 / sum(s);
-                for w in s.iter_mut() {
-                    *w *= norm;
-                }
+                softmax_in_place(&mut s[..n]);
             }
             for (group, p) in scores.chunks_exact(ROWS * padded).enumerate() {
                 let rows_here = ROWS.min(tokens - group * ROWS);
-                let at = |r: usize, c: usize| (group * ROWS + r) * hidden + h * head_dim + c;
-                let mut columns = 0;
-                while columns + LANES <= head_dim {
-                    let mut acc = [[0.0f32; LANES]; ROWS];
-                    for (j, vj) in v.chunks_exact(head_dim).enumerate() {
-                        let vj = lanes(&vj[columns..]);
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            axpy_lanes(acc, p[r * padded + j], vj);
-                        }
-                    }
-                    for (r, acc) in acc.iter().enumerate().take(rows_here) {
-                        out[at(r, columns)..][..LANES].copy_from_slice(acc);
-                    }
-                    columns += LANES;
-                }
-                for c in columns..head_dim {
-                    for r in 0..rows_here {
-                        out[at(r, c)] = v
-                            .chunks_exact(head_dim)
-                            .enumerate()
-                            .map(|(j, vj)| p[r * padded + j] * vj[c])
-                            .sum();
-                    }
-                }
+                let first = group * ROWS * hidden + h * head_dim;
+                weighted_rows(p, padded, &v, head_dim, rows_here, out, first, hidden);
             }
+        }
+    }
+}
+
+/// Scores of `ROWS` queries (`qs` `[ROWS, head_dim]`, already scaled) against the first
+/// `blocks` lane blocks of keys in `kt` (`[head_dim, padded]`, keys transposed) into `s`
+/// (`[ROWS, padded]`): each 4 × 16 block of scores builds up in registers.
+#[inline(always)]
+fn score_rows(qs: &[f32], kt: &[f32], padded: usize, blocks: usize, s: &mut [f32]) {
+    let head_dim = kt.len() / padded;
+    for block in 0..blocks {
+        let mut acc = [[0.0f32; LANES]; ROWS];
+        for (d, k) in kt.chunks_exact(padded).enumerate() {
+            let k = lanes(&k[block * LANES..]);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                axpy_lanes(acc, qs[r * head_dim + d], k);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            s[r * padded + block * LANES..][..LANES].copy_from_slice(acc);
+        }
+    }
+}
+
+/// `s = softmax(s)`.
+#[inline(always)]
+fn softmax_in_place(s: &mut [f32]) {
+    let max = max(s);
+    for w in s.iter_mut() {
+        *w = exp(*w - max);
+    }
+    let norm = 1.0 / sum(s);
+    for w in s.iter_mut() {
+        *w *= norm;
+    }
+}
+
+/// `rows_here` (≤ `ROWS`) rows of `p · v`: `p` `[ROWS, padded]` weighs the rows of `v`
+/// (`[keys, head_dim]`); output row r goes to `out[first + r · row_stride..][..head_dim]`.
+/// Each 4 × 16 block of outputs builds up in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weighted_rows(
+    p: &[f32],
+    padded: usize,
+    v: &[f32],
+    head_dim: usize,
+    rows_here: usize,
+    out: &mut [f32],
+    first: usize,
+    row_stride: usize,
+) {
+    let at = |r: usize, c: usize| first + r * row_stride + c;
+    let mut columns = 0;
+    while columns + LANES <= head_dim {
+        let mut acc = [[0.0f32; LANES]; ROWS];
+        for (j, vj) in v.chunks_exact(head_dim).enumerate() {
+            let vj = lanes(&vj[columns..]);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                axpy_lanes(acc, p[r * padded + j], vj);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate().take(rows_here) {
+            out[at(r, columns)..][..LANES].copy_from_slice(acc);
+        }
+        columns += LANES;
+    }
+    for c in columns..head_dim {
+        for r in 0..rows_here {
+            out[at(r, c)] = v
+                .chunks_exact(head_dim)
+                .enumerate()
+                .map(|(j, vj)| p[r * padded + j] * vj[c])
+                .sum();
         }
     }
 }
@@ -328,6 +361,9 @@ simd_kernel! {
 const LANES: usize = 16;
 /// Queries whose sums build up side by side (independent registers hide add latency).
 const ROWS: usize = 4;
+/// Fewest queries of a causal head that go through the register-blocked path (a
+/// decode step's one query is faster one key at a time).
+const BLOCKED_MIN_QUERIES: usize = 2 * ROWS;
 
 /// The first `LANES` elements of `x` as an array (one bounds check, then none).
 #[inline(always)]
@@ -417,6 +453,35 @@ simd_kernel! {
         let (queries, keys) = (q.len() / head_dim, k.len() / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let offset = keys - queries;
+        if queries >= BLOCKED_MIN_QUERIES {
+            // A prompt: queries × keys in register blocks, as BERT's attention does.
+            let padded = keys.div_ceil(LANES) * LANES;
+            let mut kt = vec![0.0f32; head_dim * padded];
+            for (j, kj) in k.chunks_exact(head_dim).enumerate() {
+                for (ktd, x) in kt.chunks_exact_mut(padded).zip(kj) {
+                    ktd[j] = *x;
+                }
+            }
+            let mut qs = vec![0.0f32; queries.div_ceil(ROWS) * ROWS * head_dim];
+            for (s, x) in qs.iter_mut().zip(q) {
+                *s = x * scale;
+            }
+            let mut scores = vec![0.0f32; ROWS * padded];
+            for (group, qs) in qs.chunks_exact(ROWS * head_dim).enumerate() {
+                let rows_here = ROWS.min(queries - group * ROWS);
+                // The group's last query sees the most keys; earlier ones fewer.
+                let seen = offset + group * ROWS + rows_here;
+                score_rows(qs, &kt, padded, seen.div_ceil(LANES), &mut scores);
+                for (r, s) in scores.chunks_exact_mut(padded).enumerate() {
+                    let visible = if r < rows_here { offset + group * ROWS + r + 1 } else { 0 };
+                    softmax_in_place(&mut s[..visible]);
+                    s[visible..seen].fill(0.0);
+                }
+                let v = &v[..seen * head_dim];
+                weighted_rows(&scores, padded, v, head_dim, rows_here, out, group * ROWS * head_dim, head_dim);
+            }
+            return;
+        }
         let mut weights = vec![0.0f32; keys];
         for (i, (qi, o)) in q
             .chunks_exact(head_dim)
@@ -623,9 +688,15 @@ mod tests {
 
     #[test]
     fn causal_attention_matches_a_naive_grouped_softmax() {
-        // Two sequences with different numbers of cached keys, in caches with spare room.
-        let (heads, kv_heads, queries, head_dim, capacity) = (6, 2, 3, 18, 9);
-        let keys = [7usize, 4];
+        // Two sequences with different numbers of cached keys, in caches with spare room:
+        // a few queries (one key at a time) and a prompt (register blocks, more than one
+        // block of keys and a partial block of columns).
+        check_causal_attention(3, [7, 4], 9);
+        check_causal_attention(11, [20, 11], 24);
+    }
+
+    fn check_causal_attention(queries: usize, keys: [usize; 2], capacity: usize) {
+        let (heads, kv_heads, head_dim) = (6, 2, 18);
         let shape = CausalShape {
             heads,
             kv_heads,

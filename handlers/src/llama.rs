@@ -381,29 +381,27 @@ impl Attention {
                     .ok_or_else(|| candle_core::Error::Msg("a KV cache is missing".into()))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        // The fused kernel wins where queries are few (decode: 23 vs 25.6 ms/token on
-        // SmolLM2); a 128-token prefill is faster through MKL's batched matmuls
-        // (215–231 vs 239–290 ms), see docs/cpu-performance.md.
-        let y =
-            if q.device().is_cpu() && q.dtype() == DType::F32 && seq <= FUSED_ATTENTION_MAX_QUERIES
-            {
-                let cached: Vec<crate::fused_ops::CachedKv<'_>> = caches
-                    .iter()
-                    .map(|c| crate::fused_ops::CachedKv {
-                        k: &c.k,
-                        v: &c.v,
-                        keys: c.len,
-                    })
-                    .collect();
-                crate::fused_ops::causal_attention(&q, &cached)?
-            } else {
-                let mut rows = Vec::with_capacity(b);
-                for (r, (cache, &pos)) in caches.iter().zip(positions).enumerate() {
-                    let (k, v) = (cache.keys()?.contiguous()?, cache.values()?.contiguous()?);
-                    rows.push(self.attend(q.narrow(0, r, 1)?, k, v, pos)?);
-                }
-                Tensor::cat(&rows, 0)?
-            };
+        // f32 on the CPU: the fused kernel, for decode and prompts alike (SmolLM2's
+        // 128-token prefill 135 ms against 146 ms through MKL's batched matmuls, mask
+        // and softmax; docs/cpu-performance.md). Otherwise candle's ops per sequence.
+        let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
+            let cached: Vec<crate::fused_ops::CachedKv<'_>> = caches
+                .iter()
+                .map(|c| crate::fused_ops::CachedKv {
+                    k: &c.k,
+                    v: &c.v,
+                    keys: c.len,
+                })
+                .collect();
+            crate::fused_ops::causal_attention(&q, &cached)?
+        } else {
+            let mut rows = Vec::with_capacity(b);
+            for (r, (cache, &pos)) in caches.iter().zip(positions).enumerate() {
+                let (k, v) = (cache.keys()?.contiguous()?, cache.values()?.contiguous()?);
+                rows.push(self.attend(q.narrow(0, r, 1)?, k, v, pos)?);
+            }
+            Tensor::cat(&rows, 0)?
+        };
         let y = y
             .transpose(1, 2)?
             .reshape((b, seq, self.heads * self.head_dim))?;
@@ -437,9 +435,6 @@ impl Attention {
         att.matmul(&v.contiguous()?)?.to_dtype(in_dtype)
     }
 }
-
-/// Longest step (new tokens) that runs through the fused CPU attention kernel.
-const FUSED_ATTENTION_MAX_QUERIES: usize = 16;
 
 struct Mlp {
     gate: Projection,

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::bert::Config as BertConfig;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::{HandlerError, Input, ModelFiles, Output};
+use crate::{HandlerError, Input, InputSize, ModelFiles, Output};
 
 /// Texts per forward pass: bounds activation memory whatever the batch size.
 const MAX_TEXTS_PER_FORWARD: usize = 64;
@@ -94,6 +94,23 @@ impl BertText {
                 _ => Err(HandlerError::Input(format!("{handler} takes texts"))),
             })
             .collect()
+    }
+
+    /// How many texts `input` holds and how many tokens its longest has (truncated as
+    /// the forward pass truncates it); `None` for a text the tokenizer refuses (its
+    /// request fails alone when the batch runs).
+    pub fn input_size(&self, input: &Input) -> Option<InputSize> {
+        let Input::Texts(texts) = input else {
+            return None;
+        };
+        let mut tokens = 0;
+        for text in texts {
+            tokens = tokens.max(self.tokenizer.encode(text.as_str(), true).ok()?.len());
+        }
+        Some(InputSize {
+            rows: texts.len(),
+            tokens,
+        })
     }
 
     /// Runs a batch of text requests: tokenizes each on its own (a bad text fails only its

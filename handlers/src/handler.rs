@@ -29,6 +29,14 @@ pub enum Input {
     Generate(crate::text_generation::GenerateRequest),
 }
 
+/// How much of a padded batch one input takes: `rows` sequences of up to `tokens`
+/// tokens each (what a token budget counts; see [`Handler::input_size`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSize {
+    pub rows: usize,
+    pub tokens: usize,
+}
+
 /// One request's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
@@ -175,6 +183,12 @@ pub trait Handler: Send + Sync {
 
     /// What this handler is.
     fn info(&self) -> HandlerInfo;
+
+    /// The input's size in tokens, for handlers whose batches a token budget can bound
+    /// (`maxBatchTokens`); `None` where tokens are not what a batch's cost grows with.
+    fn input_size(&self, _input: &Input) -> Option<InputSize> {
+        None
+    }
 
     /// A fresh running batch for continuous batching, where the handler supports it
     /// (generation: requests join between steps and leave as they finish).

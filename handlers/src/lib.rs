@@ -67,7 +67,8 @@ pub mod testing;
 pub use error::HandlerError;
 pub use files::ModelFiles;
 pub use handler::{
-    Handler, HandlerInfo, HandlerKind, Input, LoadOptions, Output, RawBody, StepBatch, load,
+    Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, Output, RawBody, StepBatch,
+    load,
 };
 pub use weights::WeightSource;
 

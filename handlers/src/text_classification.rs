@@ -14,8 +14,8 @@ use crate::bert_text::BertText;
 use crate::error::CandleContext;
 use crate::handler::decode_texts;
 use crate::{
-    Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output,
-    RawBody,
+    Handler, HandlerError, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, ModelFiles,
+    Output, RawBody,
 };
 
 pub struct TextClassification {
@@ -150,6 +150,10 @@ impl Handler for TextClassification {
             |chunk| self.scores(chunk),
             |scores| Output::Json(scores.iter().map(|s| self.answer(s)).collect()),
         )
+    }
+
+    fn input_size(&self, input: &Input) -> Option<InputSize> {
+        self.text.input_size(input)
     }
 
     fn info(&self) -> HandlerInfo {

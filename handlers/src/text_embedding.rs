@@ -15,8 +15,8 @@ use crate::error::CandleContext;
 use crate::handler::decode_texts;
 use crate::sentence_transformers::{Pooling, SentenceTransformerConfig};
 use crate::{
-    Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output,
-    RawBody,
+    Handler, HandlerError, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, ModelFiles,
+    Output, RawBody,
 };
 
 /// A loaded BERT sentence-embedding model.
@@ -118,6 +118,10 @@ impl Handler for TextEmbedding {
             |chunk| self.embed(chunk),
             Output::Embeddings,
         )
+    }
+
+    fn input_size(&self, input: &Input) -> Option<InputSize> {
+        self.text.input_size(input)
     }
 
     fn info(&self) -> HandlerInfo {
@@ -280,6 +284,35 @@ mod tests {
         let want = reference(dir.path(), &spec, &long);
         assert!(max_abs_diff(&got[0], &want) <= 1e-5);
         assert_eq!(handler.info().max_input_tokens, Some(24));
+    }
+
+    #[test]
+    fn input_size_counts_texts_and_the_longest_truncated_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        TinyBert::default().write(dir.path()).expect("write"); // max_seq_length 24
+        let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .expect("load");
+        let size = |t: &[&str]| {
+            handler
+                .input_size(&Input::Texts(t.iter().map(|s| s.to_string()).collect()))
+                .expect("texts have a size")
+        };
+        // [CLS] + words + [SEP].
+        assert_eq!(
+            size(&["hello world", "hello"]),
+            InputSize { rows: 2, tokens: 4 }
+        );
+        let long = "the quick brown fox ".repeat(10);
+        assert_eq!(
+            size(&[long.as_str()]).tokens,
+            24,
+            "truncated like the forward pass"
+        );
+        let raw = Input::Raw(RawBody {
+            content_type: None,
+            bytes: vec![],
+        });
+        assert_eq!(handler.input_size(&raw), None);
     }
 
     #[test]

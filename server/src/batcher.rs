@@ -3,14 +3,16 @@
 //! A batch closes when it holds `batch_size` jobs or `max_batch_delay` after its first
 //! job arrived, whichever comes first — except that while a worker sits idle, a batch
 //! is dispatched at once with whatever is queued, so light load pays no batching delay
-//! (TorchServe always waits out the delay). Jobs whose client has gone (its reply
+//! (TorchServe always waits out the delay). With `maxBatchTokens` a batch also closes
+//! before its padded size (texts × longest text, in tokens) would pass the budget; the
+//! job that did not fit starts the next batch. Jobs whose client has gone (its reply
 //! receiver is closed: disconnect or timeout) are dropped before the batch runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use spillway_handlers::{Input, Output};
+use spillway_handlers::{Input, InputSize, Output};
 use tokio::sync::{Notify, oneshot};
 
 use crate::error::Result;
@@ -19,6 +21,8 @@ use crate::metrics::ModelLabels;
 /// One accepted request waiting for its answer.
 pub struct Job {
     pub input: Input,
+    /// The input's size in tokens, when the model's batches have a token budget.
+    pub size: Option<InputSize>,
     pub reply: oneshot::Sender<Result<Output>>,
     pub enqueued_at: Instant,
 }
@@ -28,6 +32,29 @@ pub struct Job {
 pub struct BatchPolicy {
     pub batch_size: usize,
     pub max_batch_delay: Duration,
+    /// `maxBatchTokens`: the most a batch may take padded (texts × longest, in tokens).
+    pub max_batch_tokens: Option<usize>,
+}
+
+impl BatchPolicy {
+    /// Whether `job` may join `batch`: within `batchSize`, and within the token budget
+    /// once padded to the longest input. A batch's first job always fits, however large.
+    pub fn fits(&self, batch: &[Job], job: &Job) -> bool {
+        if batch.is_empty() {
+            return true;
+        }
+        if batch.len() >= self.batch_size {
+            return false;
+        }
+        let (Some(budget), Some(size)) = (self.max_batch_tokens, job.size) else {
+            return true;
+        };
+        let sizes = batch.iter().filter_map(|j| j.size).chain([size]);
+        let (rows, longest) = sizes.fold((0, 0), |(rows, longest), s| {
+            (rows + s.rows, longest.max(s.tokens))
+        });
+        rows * longest <= budget
+    }
 }
 
 /// How many workers are waiting for a batch. Workers (OS threads) bump it around their
@@ -62,19 +89,37 @@ pub async fn run(
     idle: Arc<IdleWorkers>,
     labels: ModelLabels,
 ) {
-    while let Ok(first) = jobs.recv_async().await {
+    // A job that did not fit the last batch starts the next one.
+    let mut carried: Option<Job> = None;
+    loop {
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match jobs.recv_async().await {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+        };
         let deadline = tokio::time::Instant::from_std(first.enqueued_at + policy.max_batch_delay);
         let mut batch = vec![first];
-        while batch.len() < policy.batch_size {
+        let mut full = false;
+        while !full && batch.len() < policy.batch_size {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) if policy.fits(&batch, &job) => batch.push(job),
+                Ok(job) => {
+                    carried = Some(job);
+                    full = true;
+                }
                 Err(_) => break,
             }
         }
-        while batch.len() < policy.batch_size && !idle.any() {
+        while !full && batch.len() < policy.batch_size && !idle.any() {
             tokio::select! {
                 job = jobs.recv_async() => match job {
-                    Ok(job) => batch.push(job),
+                    Ok(job) if policy.fits(&batch, &job) => batch.push(job),
+                    Ok(job) => {
+                        carried = Some(job);
+                        full = true;
+                    }
                     Err(_) => break,
                 },
                 () = tokio::time::sleep_until(deadline) => break,
@@ -107,10 +152,86 @@ mod tests {
                 content_type: None,
                 bytes: vec![],
             }),
+            size: None,
             reply: tx,
             enqueued_at: Instant::now(),
         };
         (job, rx)
+    }
+
+    fn sized(rows: usize, tokens: usize) -> (Job, oneshot::Receiver<Result<Output>>) {
+        let (mut job, rx) = job();
+        job.size = Some(InputSize { rows, tokens });
+        (job, rx)
+    }
+
+    #[test]
+    fn a_token_budget_counts_the_batch_padded_to_its_longest_input() {
+        let policy = BatchPolicy {
+            batch_size: 8,
+            max_batch_delay: Duration::from_millis(5),
+            max_batch_tokens: Some(100),
+        };
+        let batch: Vec<Job> = [(1, 30), (1, 30)]
+            .iter()
+            .map(|&(r, t)| sized(r, t).0)
+            .collect();
+        assert!(policy.fits(&batch, &sized(1, 30).0), "3 × 30 = 90");
+        assert!(
+            !policy.fits(&batch, &sized(1, 40).0),
+            "3 × 40 = 120: pads the others"
+        );
+        assert!(!policy.fits(&batch, &sized(2, 30).0), "4 rows × 30 = 120");
+        assert!(
+            policy.fits(&[], &sized(4, 500).0),
+            "a first job always runs"
+        );
+        let unlimited = BatchPolicy {
+            max_batch_tokens: None,
+            ..policy
+        };
+        assert!(unlimited.fits(&batch, &sized(1, 4000).0));
+        let small = BatchPolicy {
+            batch_size: 2,
+            ..unlimited
+        };
+        assert!(!small.fits(&batch, &sized(1, 1).0), "batchSize still holds");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_past_the_token_budget_starts_the_next_batch() {
+        let (jobs_tx, jobs_rx) = flume::bounded(100);
+        let (batch_tx, batch_rx) = flume::bounded(0);
+        let policy = BatchPolicy {
+            batch_size: 8,
+            max_batch_delay: Duration::from_millis(5),
+            max_batch_tokens: Some(100),
+        };
+        tokio::spawn(run(
+            jobs_rx,
+            batch_tx,
+            policy,
+            Arc::new(IdleWorkers::default()),
+            ModelLabels::new("m", "1"),
+        ));
+        let mut keep = vec![];
+        for tokens in [30, 30, 30, 30, 60] {
+            let (j, r) = sized(1, tokens);
+            keep.push(r);
+            jobs_tx.send(j).expect("send");
+        }
+        let sizes = |batch: Vec<Job>| -> Vec<usize> {
+            batch
+                .iter()
+                .map(|j| j.size.expect("sized").tokens)
+                .collect()
+        };
+        assert_eq!(
+            sizes(batch_rx.recv_async().await.expect("batch")),
+            [30, 30, 30]
+        );
+        assert_eq!(sizes(batch_rx.recv_async().await.expect("batch")), [30]);
+        assert_eq!(sizes(batch_rx.recv_async().await.expect("batch")), [60]);
     }
 
     struct Harness {
@@ -126,6 +247,7 @@ mod tests {
         let policy = BatchPolicy {
             batch_size,
             max_batch_delay: Duration::from_millis(delay_ms),
+            max_batch_tokens: None,
         };
         tokio::spawn(run(
             jobs_rx,

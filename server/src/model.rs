@@ -128,6 +128,7 @@ impl ModelHandle {
         let policy = BatchPolicy {
             batch_size: self.spec.config.batch_size,
             max_batch_delay: self.spec.config.max_batch_delay,
+            max_batch_tokens: self.spec.config.max_batch_tokens,
         };
         let continuous = self
             .spec
@@ -214,9 +215,16 @@ impl ModelHandle {
             other => return Err(self.not_ready(other)),
         };
         let input: Input = serving.handler.decode(body)?;
+        // Sized only where a token budget will read it (it tokenizes the texts).
+        let size = self
+            .spec
+            .config
+            .max_batch_tokens
+            .and_then(|_| serving.handler.input_size(&input));
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
+            size,
             reply,
             enqueued_at: Instant::now(),
         };

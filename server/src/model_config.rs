@@ -27,6 +27,9 @@ pub struct ModelConfig {
     /// among `maxWorkers` (at least one each), so busy workers do not oversubscribe the
     /// machine (`crate::worker::WorkerPool`).
     pub threads_per_worker: Option<usize>,
+    /// `maxBatchTokens` (text-embeddings-inference's `max_batch_tokens`): a batch also
+    /// closes before its padded size (texts × longest text, in tokens) would pass this.
+    pub max_batch_tokens: Option<usize>,
 }
 
 /// The file as written: every key optional.
@@ -44,6 +47,7 @@ struct ModelConfigFile {
     job_queue_size: Option<usize>,
     continuous_batching: Option<bool>,
     threads_per_worker: Option<usize>,
+    max_batch_tokens: Option<usize>,
 }
 
 /// Registration-time overrides (`POST /models?batch_size=..&initial_workers=..`).
@@ -105,7 +109,14 @@ impl ModelConfig {
             job_queue_size: file.job_queue_size,
             continuous_batching: file.continuous_batching.unwrap_or(false),
             threads_per_worker: file.threads_per_worker,
+            max_batch_tokens: file.max_batch_tokens,
         };
+        if config.max_batch_tokens == Some(0) {
+            return Err(Error::bad_config(
+                "model-config.yaml",
+                "maxBatchTokens must be at least 1",
+            ));
+        }
         if config.threads_per_worker == Some(0) {
             return Err(Error::bad_config(
                 "model-config.yaml",
@@ -160,6 +171,14 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(c.threads_per_worker, Some(3));
+        assert_eq!(c.max_batch_tokens, None);
+        let c = ModelConfig::parse(
+            Some("maxBatchTokens: 4096\n"),
+            &ModelConfigOverrides::default(),
+            DEFAULTS,
+        )
+        .expect("parse");
+        assert_eq!(c.max_batch_tokens, Some(4096));
     }
 
     #[test]

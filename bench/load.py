@@ -17,7 +17,11 @@ per connection). Also reports the server's idle RSS with MiniLM loaded after war
 Prints a Markdown table and writes it, with the machine and the command, to
 BENCHMARKS.md (unless --no-write).
 
-Usage: bench/load.py [--seconds 10] [--concurrency 1 8 32] [--loadgen-threads 1] [--no-write]
+SmolLM2 rows run --generation-seconds (default 30): at ~5 requests/s a 10 s window
+counts only a few groups of 8, so its requests/s moves by a whole group between runs.
+
+Usage: bench/load.py [--seconds 10] [--generation-seconds 30] [--concurrency 1 8 32]
+                     [--loadgen-threads 1] [--no-write]
 """
 import argparse, json, os, platform, shutil, subprocess, sys, tempfile, time, urllib.request
 
@@ -86,6 +90,7 @@ def load(port, model, body_file, concurrency, seconds, threads):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--generation-seconds", type=float, default=30, help="seconds per SmolLM2 row")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--loadgen-threads", type=int, default=1)
     ap.add_argument("--only", nargs="+",
@@ -137,7 +142,8 @@ def main():
                     time.sleep(1)
                     idle_rss = rss_mib(server.proc.pid)
                 for c in a.concurrency:
-                    r = load(18080, name, request, c, a.seconds, a.loadgen_threads)
+                    seconds = a.generation_seconds if name.startswith("smollm2") else a.seconds
+                    r = load(18080, name, request, c, seconds, a.loadgen_threads)
                     rows.append((label, r))
                     print(f"{label:>31} c={c:<3} {r['requests_per_s']:>9.2f} req/s  p50 {r['p50_ms']:.3f}  "
                           f"p90 {r['p90_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  {r['statuses']} errors {r['errors']}",
@@ -151,9 +157,10 @@ def main():
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
         f"server and load generator on the same cores.",
-        f"Command: `bench/load.py --seconds {a.seconds:g} --concurrency {' '.join(map(str, a.concurrency))} "
+        f"Command: `bench/load.py --seconds {a.seconds:g} --generation-seconds {a.generation_seconds:g} "
+        f"--concurrency {' '.join(map(str, a.concurrency))} "
         f"--loadgen-threads {a.loadgen_threads}` ({time.strftime('%Y-%m-%d')}; release build with MKL, "
-        f"keep-alive connections, {a.seconds:g} s per row after a warm-up).",
+        f"keep-alive connections, {a.seconds:g} s per row ({a.generation_seconds:g} s for SmolLM2) after a warm-up).",
         "",
         f"SmolLM2 rows: {NEW_TOKENS} new tokens per request, so tokens/s = {NEW_TOKENS} × requests/s.",
         "",

@@ -928,6 +928,33 @@ mod tests {
         }
     }
 
+    /// Feeds `prompt`, then each greedy token, through `model` with `cache`, and checks
+    /// every step's logits against `want` (the reference's, step by step) to 1e-5.
+    fn decodes_greedily_like(
+        model: &MappedLlama,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        want: &[Tensor],
+        label: &str,
+    ) {
+        let mut input = prompt.to_vec();
+        for (step, expected) in want.iter().enumerate() {
+            let t = Tensor::new(input.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens");
+            let logits = model
+                .forward(&t, cache)
+                .and_then(|l| l.squeeze(0))
+                .expect("forward");
+            let diff = max_diff(&logits, expected);
+            assert!(
+                diff <= 1e-5,
+                "{label}, step {step}: logits differ by {diff}"
+            );
+            input = vec![argmax(&logits).expect("argmax")];
+        }
+    }
+
     /// Every unit in RAM, or every unit streamed from disk.
     fn load_all(source: &WeightSource, config: &LlamaConfig, streamed: bool) -> MappedLlama {
         MappedLlama::load(source, config, DType::F32, |_| {
@@ -1145,23 +1172,13 @@ mod tests {
                 })
                 .expect("load");
                 let mut cache = KvCache::default();
-                let mut input = prompt.to_vec();
-                for (step, expected) in want.iter().enumerate() {
-                    let t = Tensor::new(input.as_slice(), &Device::Cpu)
-                        .and_then(|t| t.unsqueeze(0))
-                        .expect("tokens");
-                    let logits = model
-                        .forward(&t, &mut cache)
-                        .expect("forward")
-                        .squeeze(0)
-                        .expect("squeeze");
-                    let diff = max_diff(&logits, expected);
-                    assert!(
-                        diff <= 1e-5,
-                        "tied={tied} {label}, step {step}: logits differ by {diff}"
-                    );
-                    input = vec![argmax(&logits).expect("argmax")];
-                }
+                decodes_greedily_like(
+                    &model,
+                    &mut cache,
+                    &prompt,
+                    &want,
+                    &format!("tied={tied} {label}"),
+                );
             }
         }
     }
@@ -1179,19 +1196,7 @@ mod tests {
         let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
         let model = load_all(&source, &config, false);
         let mut cache = KvCache::default();
-        let mut input = prompt.clone();
-        for (step, expected) in want.iter().enumerate() {
-            let t = Tensor::new(input.as_slice(), &Device::Cpu)
-                .and_then(|t| t.unsqueeze(0))
-                .expect("tokens");
-            let logits = model
-                .forward(&t, &mut cache)
-                .and_then(|l| l.squeeze(0))
-                .expect("forward");
-            let diff = max_diff(&logits, expected);
-            assert!(diff <= 1e-5, "step {step}: logits differ by {diff}");
-            input = vec![argmax(&logits).expect("argmax")];
-        }
+        decodes_greedily_like(&model, &mut cache, &prompt, &want, "growing cache");
         assert_eq!(cache.position, 60 + 7);
         let layer = cache.layers[0].as_ref().expect("filled");
         assert_eq!((layer.len, layer.capacity()), (67, 128));

@@ -142,42 +142,31 @@ mod tests {
         response_timeout: Duration::from_secs(120),
     };
 
+    /// `yaml` with no registration overrides and the test defaults.
+    fn parse(yaml: &str) -> Result<ModelConfig> {
+        ModelConfig::parse(Some(yaml), &ModelConfigOverrides::default(), DEFAULTS)
+    }
+
     #[test]
     fn reads_torchserve_keys_and_ignores_handler_sections() {
         let yaml = "minWorkers: 2\nmaxWorkers: 4\nbatchSize: 8\nmaxBatchDelay: 5\nresponseTimeout: 30\n\
                     deviceType: cpu\nparallelType: pp\nhandler:\n  max_length: 50\n";
-        let c = ModelConfig::parse(Some(yaml), &ModelConfigOverrides::default(), DEFAULTS)
-            .expect("parse");
+        let c = parse(yaml).expect("parse");
         assert_eq!((c.min_workers, c.max_workers, c.batch_size), (2, 4, 8));
         assert_eq!(c.max_batch_delay, Duration::from_millis(5));
         assert_eq!(c.response_timeout, Duration::from_secs(30));
         assert_eq!(c.device_type.as_deref(), Some("cpu"));
         assert!(!c.continuous_batching, "off unless asked for");
-        let c = ModelConfig::parse(
-            Some("continuousBatching: true\n"),
-            &ModelConfigOverrides::default(),
-            DEFAULTS,
-        )
-        .expect("parse");
+        let c = parse("continuousBatching: true\n").expect("parse");
         assert!(c.continuous_batching);
         assert_eq!(
             c.threads_per_worker, None,
             "unset: the pool divides the cores"
         );
-        let c = ModelConfig::parse(
-            Some("threadsPerWorker: 3\n"),
-            &ModelConfigOverrides::default(),
-            DEFAULTS,
-        )
-        .expect("parse");
+        let c = parse("threadsPerWorker: 3\n").expect("parse");
         assert_eq!(c.threads_per_worker, Some(3));
         assert_eq!(c.max_batch_tokens, None);
-        let c = ModelConfig::parse(
-            Some("maxBatchTokens: 4096\n"),
-            &ModelConfigOverrides::default(),
-            DEFAULTS,
-        )
-        .expect("parse");
+        let c = parse("maxBatchTokens: 4096\n").expect("parse");
         assert_eq!(c.max_batch_tokens, Some(4096));
     }
 
@@ -202,21 +191,14 @@ mod tests {
             ModelConfig::parse(None, &ModelConfigOverrides::default(), DEFAULTS).expect("parse");
         assert_eq!((c.min_workers, c.batch_size), (1, 1));
         assert_eq!(c.response_timeout, Duration::from_secs(120));
-        let err = ModelConfig::parse(
-            Some("batchSize: [oops"),
-            &ModelConfigOverrides::default(),
-            DEFAULTS,
-        )
-        .expect_err("bad yaml");
+        let err = parse("batchSize: [oops").expect_err("bad yaml");
         assert!(err.to_string().contains("model-config.yaml"), "{err}");
-        assert!(
-            ModelConfig::parse(
-                Some("batchSize: 0"),
-                &ModelConfigOverrides::default(),
-                DEFAULTS
-            )
-            .is_err()
-        );
+        assert!(parse("batchSize: 0").is_err());
+        for zero in ["threadsPerWorker: 0", "maxBatchTokens: 0"] {
+            let err = parse(zero).expect_err(zero);
+            let key = zero.split(':').next().unwrap_or_default();
+            assert!(err.to_string().contains(key), "{err}");
+        }
     }
 }
 

@@ -189,7 +189,7 @@ impl Drop for WorkerPool {
 /// Threads one worker computes with: `threadsPerWorker` when set, otherwise the cores
 /// divided among `maxWorkers`, so that all of them busy at once do not start more
 /// threads than there are cores (on 2 cores, 2 workers × 1 thread serve MiniLM batches
-/// ~25 % faster than 1 worker × 2 threads: BENCHMARKS.md).
+/// 632 req/s against 571 for 1 worker × 2 threads at 32 clients: BENCHMARKS.md).
 fn worker_threads(configured: Option<usize>, cores: usize, max_workers: usize) -> usize {
     configured.unwrap_or(cores / max_workers.max(1)).max(1)
 }

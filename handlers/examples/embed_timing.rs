@@ -3,14 +3,14 @@
 
 use std::time::Instant;
 
-use spillway_handlers::files::FolderFiles;
+use spillway_handlers::weights::files::FolderFiles;
 use spillway_handlers::{HandlerKind, Input, LoadOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: first thing in main; no other thread exists yet.
     #[allow(unsafe_code)]
     unsafe {
-        spillway_handlers::cpu_threads::run_elementwise_ops_on_the_calling_thread()
+        spillway_handlers::cpu::threads::run_elementwise_ops_on_the_calling_thread()
     };
     let mut args = std::env::args().skip(1);
     let dir = args

@@ -12,8 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use spillway_handlers::files::FolderFiles;
-use spillway_handlers::text_generation::{GenerateParameters, TextGeneration};
+use spillway_handlers::tasks::text_generation::{GenerateParameters, TextGeneration};
+use spillway_handlers::weights::files::FolderFiles;
 use spillway_handlers::{DType, LoadOptions};
 
 const PROMPT_TOKENS: usize = 128;
@@ -27,7 +27,7 @@ fn folder_of(model: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
             .and_then(|n| n.to_str())
             .ok_or("bad name")?;
         let offload = std::env::temp_dir().join("spillway-offload");
-        Ok(spillway_handlers::gguf::materialize(
+        Ok(spillway_handlers::models::gguf::materialize(
             &FolderFiles::new(dir),
             name,
             &offload,
@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: first thing in main; no other thread exists yet.
     #[allow(unsafe_code)]
     unsafe {
-        spillway_handlers::cpu_threads::run_elementwise_ops_on_the_calling_thread()
+        spillway_handlers::cpu::threads::run_elementwise_ops_on_the_calling_thread()
     };
     let mut args = std::env::args().skip(1);
     let model = PathBuf::from(args.next().ok_or("usage: generate_timing MODEL [RUNS]")?);

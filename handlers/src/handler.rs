@@ -4,12 +4,10 @@
 //! they are queued, so one bad request never fails the batch it would have joined.
 //! [`Handler::run`] then runs a whole batch on a worker thread and answers each item.
 
-use std::sync::Arc;
-
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-use crate::{HandlerError, ModelFiles, echo::Echo, text_embedding::TextEmbedding};
+use crate::HandlerError;
 
 /// A request body as it arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +24,7 @@ pub enum Input {
     /// The body as it came (the echo handler).
     Raw(RawBody),
     /// A prompt and generation parameters (text_generation).
-    Generate(crate::text_generation::GenerateRequest),
+    Generate(crate::tasks::text_generation::GenerateRequest),
 }
 
 /// How much of a padded batch one input takes: `rows` sequences of up to `tokens`
@@ -131,8 +129,11 @@ impl Default for LoadOptions {
 impl LoadOptions {
     /// Where the unit `name` lives at run time, from the plan. Disk units run on the
     /// plan's stream device. This build has no GPU backend, so GPU units are refused.
-    pub fn placement_of(&self, name: &str) -> Result<crate::bert::UnitPlacement, HandlerError> {
-        use crate::bert::UnitPlacement;
+    pub fn placement_of(
+        &self,
+        name: &str,
+    ) -> Result<crate::weights::layer_stack::UnitPlacement, HandlerError> {
+        use crate::weights::layer_stack::UnitPlacement;
         use spillway_placement::DeviceType;
         let Some(plan) = &self.plan else {
             return Ok(UnitPlacement::Resident(self.device.clone()));
@@ -219,148 +220,9 @@ pub trait StepBatch: Send {
     fn running(&self) -> usize;
 }
 
-/// Builds the handler `kind` from the model's files.
-pub fn load(
-    kind: HandlerKind,
-    files: &dyn ModelFiles,
-    options: &LoadOptions,
-) -> Result<Arc<dyn Handler>, HandlerError> {
-    Ok(match kind {
-        HandlerKind::TextEmbedding => Arc::new(TextEmbedding::load(files, options)?),
-        HandlerKind::TextClassification => Arc::new(
-            crate::text_classification::TextClassification::load(files, options)?,
-        ),
-        HandlerKind::TextGeneration => Arc::new(crate::text_generation::TextGeneration::load(
-            files, options,
-        )?),
-        HandlerKind::Echo => Arc::new(Echo),
-    })
-}
-
-/// Decodes the text inputs of a request body: `{"inputs": "text"}`, `{"inputs": ["a", "b"]}`,
-/// a bare JSON string or array of strings, or a text/plain body.
-pub fn decode_texts(body: &RawBody) -> Result<Vec<String>, HandlerError> {
-    let is_json = body
-        .content_type
-        .as_deref()
-        .map(|ct| ct.starts_with("application/json"))
-        .unwrap_or_else(|| {
-            body.bytes
-                .first()
-                .is_some_and(|b| matches!(b, b'{' | b'[' | b'"'))
-        });
-    let texts = if is_json {
-        let value: serde_json::Value = serde_json::from_slice(&body.bytes)
-            .map_err(|e| HandlerError::Input(format!("malformed JSON body: {e}")))?;
-        texts_from_json(value)?
-    } else {
-        let text = String::from_utf8(body.bytes.clone())
-            .map_err(|_| HandlerError::Input("the request body is not valid UTF-8 text".into()))?;
-        vec![text]
-    };
-    if texts.is_empty() || (texts.len() == 1 && texts[0].trim().is_empty()) {
-        return Err(HandlerError::Input("the request has no input text".into()));
-    }
-    Ok(texts)
-}
-
-fn texts_from_json(value: serde_json::Value) -> Result<Vec<String>, HandlerError> {
-    use serde_json::Value;
-    let inputs = match value {
-        Value::Object(mut map) => map
-            .remove("inputs")
-            .or_else(|| map.remove("data"))
-            .or_else(|| map.remove("body"))
-            .ok_or_else(|| {
-                HandlerError::Input("expected a JSON object with an \"inputs\" field".into())
-            })?,
-        other => other,
-    };
-    match inputs {
-        Value::String(s) => Ok(vec![s]),
-        Value::Array(items) => items
-            .into_iter()
-            .map(|item| match item {
-                Value::String(s) => Ok(s),
-                other => Err(HandlerError::Input(format!(
-                    "\"inputs\" must hold strings, found {}",
-                    json_kind(&other)
-                ))),
-            })
-            .collect(),
-        other => Err(HandlerError::Input(format!(
-            "\"inputs\" must be a string or an array of strings, found {}",
-            json_kind(&other)
-        ))),
-    }
-}
-
-fn json_kind(value: &serde_json::Value) -> &'static str {
-    use serde_json::Value;
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn json(s: &str) -> RawBody {
-        RawBody {
-            content_type: Some("application/json".into()),
-            bytes: s.as_bytes().to_vec(),
-        }
-    }
-
-    #[test]
-    fn decodes_the_accepted_text_shapes() {
-        assert_eq!(
-            decode_texts(&json(r#"{"inputs": "hi"}"#)).ok(),
-            Some(vec!["hi".to_string()])
-        );
-        assert_eq!(
-            decode_texts(&json(r#"{"inputs": ["a", "b"]}"#)).ok(),
-            Some(vec!["a".to_string(), "b".to_string()])
-        );
-        assert_eq!(
-            decode_texts(&json(r#"["x"]"#)).ok(),
-            Some(vec!["x".to_string()])
-        );
-        let plain = RawBody {
-            content_type: Some("text/plain".into()),
-            bytes: b"{not json".to_vec(),
-        };
-        assert_eq!(
-            decode_texts(&plain).ok(),
-            Some(vec!["{not json".to_string()])
-        );
-        let sniffed = RawBody {
-            content_type: None,
-            bytes: br#"{"inputs": "y"}"#.to_vec(),
-        };
-        assert_eq!(decode_texts(&sniffed).ok(), Some(vec!["y".to_string()]));
-    }
-
-    #[test]
-    fn refuses_malformed_or_empty_input_as_client_errors() {
-        for body in [
-            r#"{"inputs": "#,
-            r#"{"inputs": []}"#,
-            r#"{"inputs": ""}"#,
-            r#"{"inputs": [1, 2]}"#,
-            r#"{"text": "x"}"#,
-            r#"42"#,
-        ] {
-            let err = decode_texts(&json(body)).expect_err(body);
-            assert!(err.is_client_error(), "{body}: {err}");
-        }
-    }
 
     #[test]
     fn handler_names_round_trip_and_unknown_names_list_the_known_ones() {

@@ -21,7 +21,7 @@ use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use spillway_handlers::files::FolderFiles;
+use spillway_handlers::weights::files::FolderFiles;
 use spillway_handlers::{HandlerError, ModelFiles, WeightSource};
 
 use crate::error::{Error, Result};
@@ -119,7 +119,7 @@ pub fn open(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<Ope
 
 /// A name for an archive's unpacked copy that changes whenever the archive does.
 fn fingerprint(path: &Path) -> Result<String> {
-    spillway_handlers::offload::source_key(path).map_err(Error::io(path))
+    spillway_handlers::weights::offload::source_key(path).map_err(Error::io(path))
 }
 
 /// The archive-relative path of an entry, if it stays inside the archive.

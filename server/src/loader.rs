@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use spillway_handlers::{Handler, HandlerKind, ModelFiles, files};
+use spillway_handlers::weights::files;
+use spillway_handlers::{Handler, HandlerKind, ModelFiles};
 use spillway_placement::{Device, Plan};
 
 use crate::app::AppState;
@@ -101,14 +102,14 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
                     if plan.streamed_bytes_per_forward > 0 && converts(&inventory, dtype) =>
                 {
                     let source = model_files.model_weights()?;
-                    let converted = spillway_handlers::offload::convert(
+                    let converted = spillway_handlers::weights::offload::convert(
                         &source,
                         dtype,
                         std::path::Path::new(root),
                     )
                     .map_err(|e| Error::bad_archive(&archive.path, crate::error::chain(&e)))?;
                     tracing::info!(file = %converted.display(), "disk units converted into the offload folder");
-                    Arc::new(spillway_handlers::files::WithWeights::new(
+                    Arc::new(spillway_handlers::weights::files::WithWeights::new(
                         model_files,
                         converted,
                     )) as Arc<dyn ModelFiles>
@@ -173,10 +174,12 @@ fn model_files(
         .dtype
         .unwrap_or(spillway_handlers::DType::F32);
     let started = Instant::now();
-    let folder = spillway_handlers::gguf::materialize(&*archive.files, &gguf, &root, dtype)
+    let folder = spillway_handlers::models::gguf::materialize(&*archive.files, &gguf, &root, dtype)
         .map_err(|e| Error::bad_archive(&archive.path, crate::error::chain(&e)))?;
     tracing::info!(gguf = %gguf, folder = %folder.display(), "GGUF ready in {:.2} s", started.elapsed().as_secs_f64());
-    Ok(Arc::new(spillway_handlers::files::FolderFiles::new(folder)))
+    Ok(Arc::new(
+        spillway_handlers::weights::files::FolderFiles::new(folder),
+    ))
 }
 
 /// This build executes units on the CPU, resident or streamed from disk; a plan that

@@ -136,7 +136,7 @@ fn main() -> std::process::ExitCode {
     // SAFETY: first thing in main; no other thread exists yet.
     #[allow(unsafe_code)]
     unsafe {
-        spillway_handlers::cpu_threads::run_elementwise_ops_on_the_calling_thread()
+        spillway_handlers::cpu::threads::run_elementwise_ops_on_the_calling_thread()
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -228,7 +228,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
         let files: std::sync::Arc<dyn spillway_handlers::ModelFiles> = if model.is_dir()
             && !model.join(spillway::manifest::MANIFEST_PATH).is_file()
         {
-            std::sync::Arc::new(spillway_handlers::files::FolderFiles::new(model))
+            std::sync::Arc::new(spillway_handlers::weights::files::FolderFiles::new(model))
         } else {
             let cache = args
                 .cache_dir

@@ -237,7 +237,7 @@ pub fn refresh(queue_depths: &[(ModelLabels, usize)]) {
     if let Some(rss) = process_rss_bytes() {
         gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
     }
-    let streamed = spillway_handlers::layer_stack::stream_totals();
+    let streamed = spillway_handlers::weights::layer_stack::stream_totals();
     counter!(STREAMED_UNITS_TOTAL).absolute(streamed.units);
     counter!(STREAMED_BYTES_TOTAL).absolute(streamed.bytes);
     counter!(MATERIALIZE_US_TOTAL).absolute(streamed.nanos / 1000);

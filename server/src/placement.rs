@@ -3,7 +3,8 @@
 //! config), handing the pure half to `spillway-placement`. Used by the loader (the plan
 //! is shown by describe) and by `spillway plan`.
 
-use spillway_handlers::{HandlerError, ModelFiles, files::read_json};
+use spillway_handlers::weights::files::read_json;
+use spillway_handlers::{HandlerError, ModelFiles};
 use spillway_placement::{
     Budgets, DiskAccess, MaxMemory, ModelShape, Plan, PlanRequest, Strategy, TensorDType,
     TensorInfo, inventory,
@@ -219,7 +220,7 @@ pub fn hf_cache_snapshot(model_id: &str, revision: Option<&str>) -> Option<std::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spillway_handlers::files::FolderFiles;
+    use spillway_handlers::weights::files::FolderFiles;
 
     fn write_shard(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
         let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors

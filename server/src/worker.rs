@@ -134,7 +134,7 @@ impl WorkerPool {
             .name(name.clone())
             .spawn(move || {
                 let ran =
-                    spillway_handlers::cpu_threads::with_threads(threads, &name, || context.run());
+                    spillway_handlers::cpu::threads::with_threads(threads, &name, || context.run());
                 if let Err(e) = ran {
                     tracing::error!("worker {name} cannot start its compute threads: {e}");
                 }

@@ -5,8 +5,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-use spillway_handlers::files::FolderFiles;
-use spillway_handlers::text_generation::TextGeneration;
+use spillway_handlers::tasks::text_generation::TextGeneration;
+use spillway_handlers::weights::files::FolderFiles;
 use spillway_handlers::{DType, LoadOptions};
 
 use crate::support::{Fixture, TestServer, fetch_model, json, repo_root};
@@ -25,9 +25,9 @@ fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
     let fixture = Fixture::new();
 
     // Tokenization, through the handler that the server builds.
-    let files = spillway_handlers::files::FolderFiles::new(&model);
+    let files = spillway_handlers::weights::files::FolderFiles::new(&model);
     let gguf = "SmolLM2-135M-Instruct.Q4_1.gguf";
-    let folder = spillway_handlers::gguf::materialize(
+    let folder = spillway_handlers::models::gguf::materialize(
         &files,
         gguf,
         &fixture.cache().join("offload"),

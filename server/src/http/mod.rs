@@ -1,17 +1,16 @@
 //! The three HTTP APIs, each its own router on its own listener: inference
 //! (`/ping`, `/predictions/...`), management (`/models...`) and metrics (`/metrics`).
 //!
-//! - [`inference`]: health and predictions.
-//! - [`management`]: register, describe, scale, unregister, set-default.
+//! - [`torchserve`]: TorchServe's inference API (health and predictions) and management
+//!   API (register, describe, scale, unregister, set-default).
 //! - [`metrics`]: Prometheus text.
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //!
 //! Bearer tokens, when configured, guard a whole API ([`require_token`]).
 
 pub mod error;
-pub mod inference;
-pub mod management;
 pub mod metrics;
+pub mod torchserve;
 
 use std::sync::Arc;
 
@@ -28,14 +27,14 @@ use crate::error::Error;
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
     let limit = state.config().max_request_size;
-    guarded(inference::predictions(state.clone()), token)
-        .merge(inference::health(state))
+    guarded(torchserve::inference::predictions(state.clone()), token)
+        .merge(torchserve::inference::health(state))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
 }
 
 pub fn management_router(state: AppState) -> Router {
     let token = state.config().management_token.clone();
-    guarded(management::router(state), token)
+    guarded(torchserve::management::router(state), token)
 }
 
 pub fn metrics_router(state: AppState) -> Router {

@@ -1,4 +1,4 @@
-//! candle operations over [`crate::cpu_kernels`]: each takes and returns tensors, checks
+//! candle operations over [`crate::cpu::kernels`]: each takes and returns tensors, checks
 //! shapes, and runs the kernel on the tensors' f32 CPU storage (in place where the result
 //! has its input's shape, so no new buffer is allocated). Callers use them only where
 //! the tensors are f32 on the CPU; anywhere else they fail rather than guess.
@@ -9,7 +9,7 @@ use candle_core::{
 };
 use candle_nn::VarBuilder;
 
-use crate::cpu_kernels::{self, AttentionShape, CachedKeys, CausalShape, Norm};
+use crate::cpu::kernels::{self, AttentionShape, CachedKeys, CausalShape, Norm};
 
 /// LayerNorm parameters over the last dimension.
 pub struct NormParams {
@@ -37,7 +37,7 @@ impl NormParams {
 }
 
 /// BERT self-attention from the packed QKV projection (see
-/// [`cpu_kernels::self_attention`]) → `[batch · tokens, hidden]`.
+/// [`kernels::self_attention`]) → `[batch · tokens, hidden]`.
 pub fn self_attention(
     qkv: &Tensor,
     bias: &[f32],
@@ -79,7 +79,7 @@ pub struct CachedKv<'a> {
 }
 
 /// Causal grouped-query attention of `q` `[caches.len(), heads, queries, head_dim]`, row
-/// b over `caches[b]` (see [`cpu_kernels::causal_attention`]) →
+/// b over `caches[b]` (see [`kernels::causal_attention`]) →
 /// `[caches.len(), heads, queries, head_dim]`. One parallel loop over every row's heads,
 /// read straight out of the caches (no copy, no `[b, …]` stacking of different lengths).
 pub fn causal_attention(q: &Tensor, caches: &[CachedKv<'_>]) -> Result<Tensor> {
@@ -131,7 +131,7 @@ pub fn causal_attention(q: &Tensor, caches: &[CachedKv<'_>]) -> Result<Tensor> {
         queries,
         head_dim,
     };
-    cpu_kernels::causal_attention(queries_in, &rows, shape, &mut out);
+    kernels::causal_attention(queries_in, &rows, shape, &mut out);
     Tensor::from_vec(out, (batch, heads, queries, head_dim), q.device())
 }
 
@@ -144,7 +144,7 @@ fn cpu_elements<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> 
 }
 
 /// `x · wᵀ` for `x` `[rows, k]` with few rows and a large `w` `[n, k]` → `[rows, n]`
-/// (see [`cpu_kernels::few_rows_times_weight`]).
+/// (see [`kernels::few_rows_times_weight`]).
 pub fn few_rows_times_weight(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let (n, wk) = w.dims2()?;
@@ -203,7 +203,7 @@ impl CustomOp1 for SelfAttention<'_> {
             );
         }
         let mut out = vec![0.0f32; batch * tokens * hidden];
-        cpu_kernels::self_attention(qkv, self.bias, self.keep, self.shape, &mut out);
+        kernels::self_attention(qkv, self.bias, self.keep, self.shape, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((batch * tokens, hidden))))
     }
 }
@@ -222,7 +222,7 @@ impl InplaceOp1 for BiasGelu<'_> {
         if x.len() % self.bias.len() != 0 {
             candle_core::bail!("{} elements are not rows of {}", x.len(), self.bias.len());
         }
-        cpu_kernels::bias_gelu(x, self.bias);
+        kernels::bias_gelu(x, self.bias);
         Ok(())
     }
 }
@@ -254,7 +254,7 @@ impl InplaceOp2 for AddNorm<'_> {
             beta: &self.norm.beta,
             eps: self.norm.eps,
         };
-        cpu_kernels::bias_residual_layer_norm(x, self.bias, residual, &norm);
+        kernels::bias_residual_layer_norm(x, self.bias, residual, &norm);
         Ok(())
     }
 }
@@ -277,7 +277,7 @@ impl CustomOp2 for FewRowsTimesWeight {
         let (rows, k) = l1.shape().dims2()?;
         let n = l2.shape().dims2()?.0;
         let mut by_weight_row = vec![0.0f32; n * rows];
-        cpu_kernels::few_rows_times_weight(x, w, k, &mut by_weight_row);
+        kernels::few_rows_times_weight(x, w, k, &mut by_weight_row);
         let mut out = vec![0.0f32; rows * n];
         for (v, values) in by_weight_row.chunks_exact(rows).enumerate() {
             for (r, value) in values.iter().enumerate() {
@@ -307,7 +307,7 @@ impl InplaceOp2 for SiluMul {
         if gate.len() != up.len() {
             candle_core::bail!("silu·up over {} and {} elements", gate.len(), up.len());
         }
-        cpu_kernels::silu_mul(gate, up);
+        kernels::silu_mul(gate, up);
         Ok(())
     }
 }

@@ -5,7 +5,8 @@
 
 use serde::Deserialize;
 
-use crate::{HandlerError, ModelFiles, files::read_json};
+use crate::weights::files::read_json;
+use crate::{HandlerError, ModelFiles};
 
 /// How token embeddings become one sentence embedding. When several modes are on,
 /// their results are concatenated in sentence-transformers' order: cls, max, mean,
@@ -134,7 +135,7 @@ impl SentenceTransformerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FolderFiles;
+    use crate::weights::files::FolderFiles;
 
     fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -9,10 +9,10 @@ use candle_core::{D, DType, Device, Module};
 use candle_nn::Linear;
 use tokenizers::Encoding;
 
-use crate::bert::MappedBert;
-use crate::bert_text::BertText;
 use crate::error::CandleContext;
-use crate::handler::decode_texts;
+use crate::models::bert::MappedBert;
+use crate::tasks::bert_text::BertText;
+use crate::tasks::decode_texts;
 use crate::{
     Handler, HandlerError, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, ModelFiles,
     Output, RawBody,
@@ -172,9 +172,10 @@ impl Handler for TextClassification {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FolderFiles;
+    use crate::WeightSource;
     use crate::testing::TinyBert;
-    use crate::{WeightSource, bert::UnitPlacement};
+    use crate::weights::files::FolderFiles;
+    use crate::weights::layer_stack::UnitPlacement;
     use candle_core::Tensor;
     use candle_transformers::models::bert::{BertModel, Config};
 

@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::error::CandleContext;
-use crate::files::RangeReader;
-use crate::offload::{self, PlannedTensor};
+use crate::weights::files::RangeReader;
+use crate::weights::offload::{self, PlannedTensor};
 use crate::{HandlerError, ModelFiles};
 
 /// Where a GGUF model's HF-layout copy lives, writing it if needed; returns the folder.
@@ -98,7 +98,7 @@ fn hf_name(
 
 /// config.json's `rope_scaling` for a GGUF model. llama.cpp's converter turns Llama 3.1's
 /// banded `llama3` scaling into a `rope_freqs` tensor of per-frequency divisors, which
-/// becomes `frequency_factors` here (see [`crate::llama::LlamaConfig::inverse_frequencies`]);
+/// becomes `frequency_factors` here (see [`crate::models::llama::LlamaConfig::inverse_frequencies`]);
 /// `{arch}.rope.scaling.type` `linear` keeps its factor; other scalings (yarn, ...) are
 /// refused rather than served with plain RoPE.
 fn rope_scaling(
@@ -489,8 +489,8 @@ mod tests {
 
     /// Last-position logits of the model in folder `dir` (config.json + safetensors).
     fn logits(dir: &Path, prompt: &[u32]) -> Tensor {
-        use crate::layer_stack::UnitPlacement;
-        use crate::llama::{KvCache, LlamaConfig, MappedLlama};
+        use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
+        use crate::weights::layer_stack::UnitPlacement;
         let config: LlamaConfig =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))
                 .expect("parse");
@@ -546,7 +546,7 @@ mod tests {
             std::fs::create_dir_all(&gguf_dir).expect("dir");
             write_gguf(&hf, &spec, rope_freqs, &gguf_dir.join("tiny.gguf"));
             let folder = materialize(
-                &crate::files::FolderFiles::new(&gguf_dir),
+                &crate::weights::files::FolderFiles::new(&gguf_dir),
                 "tiny.gguf",
                 &work.path().join(format!("{name}-offload")),
                 DType::F32,

@@ -6,14 +6,14 @@
 //! sentence-transformers does. A batch's texts are tokenized one by one (a bad text
 //! fails alone), padded to the longest in each chunk, and run through the model.
 
-use crate::bert::MappedBert;
-use crate::bert_text::BertText;
+use crate::models::bert::MappedBert;
+use crate::tasks::bert_text::BertText;
 use candle_core::{D, DType, Device, Tensor};
 use tokenizers::Encoding;
 
 use crate::error::CandleContext;
-use crate::handler::decode_texts;
-use crate::sentence_transformers::{Pooling, SentenceTransformerConfig};
+use crate::models::sentence_transformers::{Pooling, SentenceTransformerConfig};
+use crate::tasks::decode_texts;
 use crate::{
     Handler, HandlerError, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, ModelFiles,
     Output, RawBody,
@@ -149,8 +149,8 @@ pub fn device_name(device: &Device) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FolderFiles;
     use crate::testing::TinyBert;
+    use crate::weights::files::FolderFiles;
     use candle_transformers::models::bert::{BertModel, Config as BertConfig};
     use tokenizers::Tokenizer;
 

@@ -12,10 +12,10 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
 
-use crate::cpu_linear::CpuLinear;
+use crate::cpu::linear::CpuLinear;
 use crate::error::CandleContext;
-use crate::layer_stack::LayerStack;
-use crate::layer_stack::UnitPlacement;
+use crate::weights::layer_stack::LayerStack;
+use crate::weights::layer_stack::UnitPlacement;
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -385,15 +385,15 @@ impl Attention {
         // 128-token prefill 135 ms against 146 ms through MKL's batched matmuls, mask
         // and softmax; docs/cpu-performance.md). Otherwise candle's ops per sequence.
         let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
-            let cached: Vec<crate::fused_ops::CachedKv<'_>> = caches
+            let cached: Vec<crate::cpu::fused_ops::CachedKv<'_>> = caches
                 .iter()
-                .map(|c| crate::fused_ops::CachedKv {
+                .map(|c| crate::cpu::fused_ops::CachedKv {
                     k: &c.k,
                     v: &c.v,
                     keys: c.len,
                 })
                 .collect();
-            crate::fused_ops::causal_attention(&q, &cached)?
+            crate::cpu::fused_ops::causal_attention(&q, &cached)?
         } else {
             let mut rows = Vec::with_capacity(b);
             for (r, (cache, &pos)) in caches.iter().zip(positions).enumerate() {
@@ -458,7 +458,7 @@ impl Mlp {
         // pay the packing copy on every pass: the two matmuls stay, their SiLU and
         // product fuse into one in-place pass.
         let x = if gate.device().is_cpu() && gate.dtype() == DType::F32 {
-            crate::fused_ops::silu_mul_in_place(&gate, &up)?;
+            crate::cpu::fused_ops::silu_mul_in_place(&gate, &up)?;
             gate
         } else {
             (candle_nn::ops::silu(&gate)? * up)?
@@ -804,7 +804,7 @@ impl MappedLlama {
 /// Logits `[b, seq, vocab]` of `hidden` `[b, seq, h]` under an output weight
 /// `[vocab, h]`. A decode step has one row per sequence; for f32 on the CPU those few
 /// rows go through a kernel that streams the large weight once
-/// ([`crate::fused_ops::few_rows_times_weight`]): MKL's sgemm with 8 rows first copied
+/// ([`crate::cpu::fused_ops::few_rows_times_weight`]): MKL's sgemm with 8 rows first copied
 /// SmolLM2's whole 113 MB head into its panel layout (12.4 ms of a 55 ms step).
 fn output_logits(weight: &Tensor, hidden: &Tensor) -> candle_core::Result<Tensor> {
     let (b, seq, h) = hidden.dims3()?;
@@ -812,7 +812,7 @@ fn output_logits(weight: &Tensor, hidden: &Tensor) -> candle_core::Result<Tensor
     let rows = hidden.reshape((b * seq, h))?;
     let few = (2..=FEW_ROWS).contains(&(b * seq));
     let logits = if few && weight.device().is_cpu() && weight.dtype() == DType::F32 {
-        crate::fused_ops::few_rows_times_weight(&rows.to_dtype(DType::F32)?, weight)?
+        crate::cpu::fused_ops::few_rows_times_weight(&rows.to_dtype(DType::F32)?, weight)?
     } else {
         rows.matmul(&weight.t()?)?
     };
@@ -835,8 +835,8 @@ pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::ModelFiles;
     use crate::testing::TinyLlama;
+    use crate::weights::files::ModelFiles;
     use candle_transformers::models::llama as reference;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -1121,7 +1121,7 @@ mod tests {
         let want = reference_steps(dir.path(), &prompt, 1).remove(0);
         crate::testing::shard_checkpoint(dir.path(), 3).expect("shard");
         assert!(!dir.path().join("model.safetensors").exists());
-        let source = crate::files::FolderFiles::new(dir.path())
+        let source = crate::weights::files::FolderFiles::new(dir.path())
             .model_weights()
             .expect("sharded source");
         assert_eq!(source.files().count(), 3);

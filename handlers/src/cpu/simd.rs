@@ -2,7 +2,7 @@
 //! run time.
 //!
 //! The release binary targets baseline x86-64 so that it runs anywhere, which left the
-//! fused kernels ([`crate::cpu_kernels`]) in 4-wide SSE while MKL's matmuls pick AVX-512
+//! fused kernels ([`crate::cpu::kernels`]) in 4-wide SSE while MKL's matmuls pick AVX-512
 //! for themselves. [`simd_kernel!`] defines a function whose body is compiled three
 //! times — baseline, AVX2+FMA and AVX-512 — and which calls the best one the CPU
 //! supports ([`widest`]).
@@ -54,12 +54,12 @@ macro_rules! simd_kernel {
                 fn avx2($($arg: $ty),*) {
                     body($($arg),*)
                 }
-                match $crate::cpu_simd::widest() {
+                match $crate::cpu::simd::widest() {
                     // SAFETY: `widest` found these features on this CPU.
-                    $crate::cpu_simd::Extension::Avx512 => unsafe { avx512($($arg),*) },
+                    $crate::cpu::simd::Extension::Avx512 => unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    $crate::cpu_simd::Extension::Avx2 => unsafe { avx2($($arg),*) },
-                    $crate::cpu_simd::Extension::Baseline => body($($arg),*),
+                    $crate::cpu::simd::Extension::Avx2 => unsafe { avx2($($arg),*) },
+                    $crate::cpu::simd::Extension::Baseline => body($($arg),*),
                 }
             }
             #[cfg(not(target_arch = "x86_64"))]

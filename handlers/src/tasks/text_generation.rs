@@ -1,5 +1,5 @@
 //! The `text_generation` handler: Llama-family decoders (HF safetensors, or GGUF converted
-//! by [`crate::gguf`]) laid out by the plan, generating with a KV cache.
+//! by [`crate::models::gguf`]) laid out by the plan, generating with a KV cache.
 //!
 //! Request: `{"inputs": "prompt", "parameters": {"max_new_tokens": 32, "do_sample": false,
 //! "temperature": .., "top_p": .., "top_k": .., "seed": .., "stop": [..], "details": true}}`
@@ -17,8 +17,9 @@ use serde::Deserialize;
 use tokenizers::Tokenizer;
 
 use crate::error::CandleContext;
-use crate::handler::{Finished, Input, Output, RawBody, StepBatch, decode_texts};
-use crate::llama::{KvCache, LlamaConfig, MappedLlama};
+use crate::handler::{Finished, Input, Output, RawBody, StepBatch};
+use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
+use crate::tasks::decode_texts;
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
 
 /// Generation parameters, with TGI's names.
@@ -502,7 +503,7 @@ mod tests {
         config["eos_token_id"] = serde_json::Value::Null;
         std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
         let handler = TextGeneration::load(
-            &crate::files::FolderFiles::new(dir.path()),
+            &crate::weights::files::FolderFiles::new(dir.path()),
             &LoadOptions::default(),
         )
         .expect("load");

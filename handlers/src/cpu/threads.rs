@@ -2,7 +2,7 @@
 //! one worker's compute may use ([`with_threads`]).
 //!
 //! With MKL three pools share the cores: MKL's OpenMP team (matmuls, and Spillway's fused
-//! kernels, see [`crate::cpu_team`]), rayon (candle-nn's softmax and norms) and candle's own barrier pool
+//! kernels, see [`crate::cpu::team`]), rayon (candle-nn's softmax and norms) and candle's own barrier pool
 //! (element-wise ops). Each spins after its work, so on a small machine every candle
 //! element-wise op after a matmul fights a spinning OpenMP thread for a core. Running
 //! candle's element-wise ops on the calling thread removes that fight: SmolLM2's
@@ -25,7 +25,7 @@ pub unsafe fn run_elementwise_ops_on_the_calling_thread() {
 }
 
 /// Runs `f` with at most `threads` threads for its model compute: MKL's OpenMP team
-/// (matmuls and [`crate::cpu_team`]'s fused kernels, with the `mkl` feature) and rayon
+/// (matmuls and [`crate::cpu::team`]'s fused kernels, with the `mkl` feature) and rayon
 /// (candle-nn's CPU ops, and the fused kernels without MKL) both get `threads`. Workers
 /// of a model call it so that `n` workers on `n × threads` cores compute side by side
 /// instead of each starting a team the size of the machine.
@@ -122,7 +122,7 @@ mod tests {
         // Tasks on a one-thread team all run on the thread that started them.
         let threads = with_threads(1, "worker-one", || {
             let seen = std::sync::Mutex::new(std::collections::HashSet::new());
-            crate::cpu_team::for_each_task(64, &|_| {
+            crate::cpu::team::for_each_task(64, &|_| {
                 seen.lock()
                     .expect("lock")
                     .insert(format!("{:?}", std::thread::current().id()));

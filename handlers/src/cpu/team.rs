@@ -13,7 +13,7 @@ pub fn for_each_task(tasks: usize, task: &(dyn Fn(usize) + Sync)) {
     match tasks {
         0 => {}
         1 => task(0),
-        _ => team::run(tasks, task),
+        _ => backend::run(tasks, task),
     }
 }
 
@@ -45,7 +45,7 @@ struct SharedMut<T>(*mut T);
 unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 #[cfg(feature = "mkl")]
-mod team {
+mod backend {
     //! The OpenMP team, through the GNU-compatible entry point libiomp5 exports.
     use std::ffi::{c_uint, c_void};
     use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -109,7 +109,7 @@ mod team {
 }
 
 #[cfg(not(feature = "mkl"))]
-mod team {
+mod backend {
     //! rayon's global pool.
     use rayon::prelude::*;
 

@@ -8,8 +8,8 @@
 //! memory, the transcendental functions are branch-free polynomials that the compiler
 //! vectorizes, and attention reads its heads straight out of the packed QKV matrix.
 
-use crate::cpu_simd::simd_kernel;
-use crate::cpu_team::for_each_chunk_mut;
+use crate::cpu::simd::simd_kernel;
+use crate::cpu::team::for_each_chunk_mut;
 
 /// erf(x), |error| < 5e-7 in f32 (1e-7 in exact arithmetic): the odd rational approximation on [-4, 4] that Eigen and
 /// XLA use (outside that range erf is ±1 to f32 precision). Branch-free, so it vectorizes.

@@ -9,9 +9,9 @@
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
-use crate::bert_block::FusedBertBlock;
-use crate::layer_stack::LayerStack;
-pub use crate::layer_stack::UnitPlacement;
+use crate::models::bert_block::FusedBertBlock;
+use crate::weights::layer_stack::LayerStack;
+pub use crate::weights::layer_stack::UnitPlacement;
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.

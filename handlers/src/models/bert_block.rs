@@ -1,6 +1,6 @@
 //! [`FusedBertBlock`]: one BERT encoder block for f32 on the CPU, computing what
 //! candle-transformers' `BertLayer` computes with four matmuls and three fused passes
-//! ([`crate::cpu_kernels`]) instead of some twenty tensor ops: the query, key and value
+//! ([`crate::cpu::kernels`]) instead of some twenty tensor ops: the query, key and value
 //! projections are one matmul over the packed `[3·hidden, hidden]` weight; attention
 //! reads its heads out of that result directly (no transposes or copies); the bias adds,
 //! GELU, residuals and LayerNorms are folded into in-place passes over matmul outputs.
@@ -11,9 +11,9 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, HiddenAct};
 
-use crate::cpu_kernels::AttentionShape;
-use crate::cpu_linear::CpuLinear;
-use crate::fused_ops::{self, NormParams};
+use crate::cpu::fused_ops::{self, NormParams};
+use crate::cpu::kernels::AttentionShape;
+use crate::cpu::linear::CpuLinear;
 
 /// A weight `[out, in]` and its bias, applied as `x · Wᵀ (+ b in the fused pass after)`.
 struct Dense {

@@ -1,0 +1,16 @@
+//! Where a model's bytes come from and where its units live.
+//!
+//! - [`files`]: [`ModelFiles`](files::ModelFiles), how a handler reads the files of its
+//!   model archive.
+//! - [`source`]: [`WeightSource`], safetensors mapped from disk (also from inside a
+//!   zip-store archive) and served to candle's `VarBuilder`.
+//! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
+//! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
+//!   streams disk units from their memory map with read-ahead.
+
+pub mod files;
+pub mod layer_stack;
+pub mod offload;
+pub mod source;
+
+pub use source::{WeightSource, WeightSpan};

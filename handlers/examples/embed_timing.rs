@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use spillway_handlers::weights::files::FolderFiles;
-use spillway_handlers::{HandlerKind, Input, LoadOptions};
+use spillway_handlers::{HandlerKind, LoadOptions, Request};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: first thing in main; no other thread exists yet.
@@ -29,7 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let sentence = "The quick brown fox jumps over the lazy dog near the river bank today.";
     for batch in batches {
-        let input = vec![Input::Texts(vec![sentence.to_string(); batch])];
+        // Tokenized once, as the server does before queueing: this times the worker's part.
+        let input = vec![handler.prepare(Request::Texts(vec![sentence.to_string(); batch]))?];
         for _ in 0..3 {
             handler.run(&input)?;
         }

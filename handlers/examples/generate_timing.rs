@@ -12,7 +12,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use spillway_handlers::tasks::text_generation::{GenerateParameters, TextGeneration};
+use spillway_handlers::GenerateParameters;
+use spillway_handlers::tasks::text_generation::TextGeneration;
 use spillway_handlers::weights::files::FolderFiles;
 use spillway_handlers::{DType, LoadOptions};
 

@@ -1,34 +1,92 @@
-//! The [`Handler`] trait and the types that cross it.
+//! The [`Handler`] trait and the types that cross it. Handlers speak types; each
+//! protocol's JSON lives in the server (`server/src/http/<protocol>`).
 //!
-//! Requests are decoded and validated by [`Handler::decode`] on the HTTP side, before
-//! they are queued, so one bad request never fails the batch it would have joined.
-//! [`Handler::run`] then runs a whole batch on a worker thread and answers each item.
+//! A protocol turns its body into a [`Request`]. [`Handler::prepare`] checks and
+//! tokenizes it, once, into an [`Input`] (CPU work: the server calls it off the async
+//! runtime), so one bad request never fails the batch it would have joined and a token
+//! budget can size it. [`Handler::run`] then runs a whole batch of inputs on a worker
+//! thread and answers each with an [`Output`]. A generation input may carry an
+//! [`EventSender`]: its tokens are then streamed as they are generated.
 
 use candle_core::{DType, Device};
 use serde::Serialize;
+use tokenizers::Encoding;
 
 use crate::HandlerError;
+use crate::generate::{EventSender, GenerateParameters, GenerateRequest, Generation};
 
-/// A request body as it arrived.
+/// A request body as it arrived (what the echo handler answers with).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawBody {
     pub content_type: Option<String>,
     pub bytes: Vec<u8>,
 }
 
-/// A decoded, validated request.
+/// A request in a handler's terms, whatever protocol it came by.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Input {
+pub enum Request {
     /// One or more texts (the text handlers).
     Texts(Vec<String>),
+    /// A prompt and generation parameters (text_generation).
+    Generate(GenerateRequest),
     /// The body as it came (the echo handler).
     Raw(RawBody),
-    /// A prompt and generation parameters (text_generation).
-    Generate(crate::tasks::text_generation::GenerateRequest),
+}
+
+impl Request {
+    /// Whether preparing it tokenizes (work to keep off the async runtime).
+    pub fn tokenizes(&self) -> bool {
+        !matches!(self, Request::Raw(_))
+    }
+}
+
+/// A request checked and tokenized by [`Handler::prepare`], ready to queue and batch.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Texts, each tokenized (truncated at the model's input limit).
+    Texts(Vec<Encoding>),
+    /// A tokenized prompt.
+    Prompt(PromptInput),
+    /// The body as it came.
+    Raw(RawBody),
+}
+
+/// A tokenized prompt, its parameters, and where to stream its tokens.
+#[derive(Debug, Clone)]
+pub struct PromptInput {
+    pub ids: Vec<u32>,
+    pub parameters: GenerateParameters,
+    pub events: Option<EventSender>,
+}
+
+impl Input {
+    /// How much of a padded batch it takes, where tokens are what a batch's cost grows
+    /// with (texts: `rows` texts of up to `tokens` tokens); `None` otherwise.
+    pub fn size(&self) -> Option<InputSize> {
+        match self {
+            Input::Texts(encodings) => Some(InputSize {
+                rows: encodings.len(),
+                tokens: encodings.iter().map(Encoding::len).max().unwrap_or(0),
+            }),
+            Input::Prompt(_) | Input::Raw(_) => None,
+        }
+    }
+
+    /// Streams a prompt's tokens to `events` as they are generated. False (and nothing
+    /// changes) for inputs that do not generate.
+    pub fn stream_to(&mut self, events: EventSender) -> bool {
+        match self {
+            Input::Prompt(prompt) => {
+                prompt.events = Some(events);
+                true
+            }
+            Input::Texts(_) | Input::Raw(_) => false,
+        }
+    }
 }
 
 /// How much of a padded batch one input takes: `rows` sequences of up to `tokens`
-/// tokens each (what a token budget counts; see [`Handler::input_size`]).
+/// tokens each (what a token budget counts; see [`Input::size`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputSize {
     pub rows: usize,
@@ -40,10 +98,19 @@ pub struct InputSize {
 pub enum Output {
     /// One embedding per input text.
     Embeddings(Vec<Vec<f32>>),
+    /// The best label per input text.
+    Classifications(Vec<Classification>),
+    /// A finished generation.
+    Generation(Generation),
     /// Bytes to send back as they are.
     Raw(RawBody),
-    /// A JSON document (generation results).
-    Json(serde_json::Value),
+}
+
+/// A text's most likely label and its probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    pub label: String,
+    pub score: f32,
 }
 
 /// The built-in handlers, by the name used in archives (`--handler text_embedding`).
@@ -175,8 +242,9 @@ pub struct HandlerInfo {
 
 /// A loaded model, shared by all of its workers.
 pub trait Handler: Send + Sync {
-    /// Decodes and validates one request body. Cheap; runs before queueing.
-    fn decode(&self, body: RawBody) -> Result<Input, HandlerError>;
+    /// Checks a request and tokenizes it, once. CPU work that runs before queueing, off
+    /// the async runtime; an error fails this request alone.
+    fn prepare(&self, request: Request) -> Result<Input, HandlerError>;
 
     /// Runs a batch. `Ok` holds exactly one result per input, in order (an input can
     /// fail alone); `Err` means the whole batch failed.
@@ -184,12 +252,6 @@ pub trait Handler: Send + Sync {
 
     /// What this handler is.
     fn info(&self) -> HandlerInfo;
-
-    /// The input's size in tokens, for handlers whose batches a token budget can bound
-    /// (`maxBatchTokens`); `None` where tokens are not what a batch's cost grows with.
-    fn input_size(&self, _input: &Input) -> Option<InputSize> {
-        None
-    }
 
     /// A fresh running batch for continuous batching, where the handler supports it
     /// (generation: requests join between steps and leave as they finish).

@@ -6,8 +6,9 @@
 //! No code is ever executed from an archive: handlers are named, built-in types.
 //!
 //! # Layout
-//! - [`handler`]: the [`Handler`] trait, request [`Input`] / [`Output`], [`HandlerKind`]
-//!   and [`LoadOptions`]; nothing below it imports a task.
+//! - [`handler`]: the [`Handler`] trait and the types that cross it ([`Request`],
+//!   [`Input`], [`Output`], [`HandlerKind`], [`LoadOptions`]); nothing below it imports a task.
+//! - [`generate`]: generation parameters, results and the events streamed on the way.
 //! - [`tasks`]: the built-in handlers, one per task, and [`load`], which builds one by kind.
 //! - [`models`]: model code, one family per file (BERT, Llama, GGUF conversion).
 //! - [`weights`]: where bytes come from (model files, mapped safetensors, the offload
@@ -18,6 +19,7 @@
 
 pub mod cpu;
 pub mod error;
+pub mod generate;
 pub mod handler;
 pub mod models;
 pub mod tasks;
@@ -27,8 +29,12 @@ pub mod weights;
 pub mod testing;
 
 pub use error::HandlerError;
+pub use generate::{
+    EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
+};
 pub use handler::{
-    Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, Output, RawBody, StepBatch,
+    Classification, Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, Output,
+    PromptInput, RawBody, Request, StepBatch,
 };
 pub use tasks::load;
 pub use weights::WeightSource;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use spillway_handlers::{Handler, HandlerInfo, HandlerKind, Input, Output, RawBody};
+use spillway_handlers::{EventSender, Handler, HandlerInfo, HandlerKind, Output, Request};
 use tokio::sync::oneshot;
 
 use crate::archive::ArchiveFormat;
@@ -207,26 +207,41 @@ impl ModelHandle {
         }
     }
 
-    /// Decodes the body, queues it, and returns where its answer will arrive.
-    pub fn submit(&self, body: RawBody) -> Result<oneshot::Receiver<Result<Output>>> {
-        let state = self.state();
-        let serving = match &*state {
-            State::Ready(serving) => serving,
+    /// Prepares `request` for its handler (tokenizing it once, off the async runtime),
+    /// queues it, and returns where its answer will arrive. With `events`, a generation
+    /// streams its tokens there as they are generated.
+    pub async fn submit(
+        &self,
+        request: Request,
+        events: Option<EventSender>,
+    ) -> Result<oneshot::Receiver<Result<Output>>> {
+        let handler = match &*self.state() {
+            State::Ready(serving) => serving.handler.clone(),
             other => return Err(self.not_ready(other)),
         };
-        let input: Input = serving.handler.decode(body)?;
-        // Sized only where a token budget will read it (it tokenizes the texts).
-        let size = self
-            .spec
-            .config
-            .max_batch_tokens
-            .and_then(|_| serving.handler.input_size(&input));
+        let mut input = if request.tokenizes() {
+            tokio::task::spawn_blocking(move || handler.prepare(request))
+                .await
+                .map_err(|e| Error::Internal(format!("the tokenizing task failed: {e}")))??
+        } else {
+            handler.prepare(request)?
+        };
+        if let Some(events) = events {
+            input.stream_to(events);
+        }
+        // Sized only where a token budget will read it.
+        let size = self.spec.config.max_batch_tokens.and_then(|_| input.size());
         let (reply, answer) = oneshot::channel();
         let job = Job {
             input,
             size,
             reply,
             enqueued_at: Instant::now(),
+        };
+        let state = self.state();
+        let serving = match &*state {
+            State::Ready(serving) => serving,
+            other => return Err(self.not_ready(other)),
         };
         match serving.jobs.try_send(job) {
             Ok(()) => Ok(answer),

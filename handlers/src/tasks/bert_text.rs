@@ -1,13 +1,14 @@
 //! What the BERT text handlers share: the checkpoint's config, a tokenizer set up for
 //! truncation at the model's input limit and per-batch padding (tokenizer.json often
 //! carries fixed padding, as MiniLM's pads everything to 128), per-request tokenization
-//! (a bad text fails only its request), and padding a batch of encodings into tensors.
+//! before queueing (a bad text fails only its request), and padding a batch of
+//! encodings into tensors.
 
 use candle_core::{Device, Tensor};
 use candle_transformers::models::bert::Config as BertConfig;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::{HandlerError, Input, InputSize, ModelFiles, Output};
+use crate::{HandlerError, Input, ModelFiles, Output, Request};
 
 /// Texts per forward pass: bounds activation memory whatever the batch size.
 const MAX_TEXTS_PER_FORWARD: usize = 64;
@@ -74,48 +75,31 @@ impl BertText {
         })
     }
 
-    /// Tokenizes each request's texts on their own.
-    pub fn encode_each(
-        &self,
-        batch: &[Input],
-        handler: &str,
-    ) -> Vec<Result<Vec<Encoding>, HandlerError>> {
-        batch
-            .iter()
-            .map(|input| match input {
-                Input::Texts(texts) => texts
-                    .iter()
-                    .map(|text| {
-                        self.tokenizer
-                            .encode(text.as_str(), true)
-                            .map_err(|e| HandlerError::Input(format!("cannot tokenize input: {e}")))
-                    })
-                    .collect(),
-                _ => Err(HandlerError::Input(format!("{handler} takes texts"))),
-            })
-            .collect()
-    }
-
-    /// How many texts `input` holds and how many tokens its longest has (truncated as
-    /// the forward pass truncates it); `None` for a text the tokenizer refuses (its
-    /// request fails alone when the batch runs).
-    pub fn input_size(&self, input: &Input) -> Option<InputSize> {
-        let Input::Texts(texts) = input else {
-            return None;
+    /// Tokenizes a request's texts (truncated at the input limit), once: the batch runs
+    /// from these encodings.
+    pub fn prepare(&self, request: Request, handler: &str) -> Result<Input, HandlerError> {
+        let Request::Texts(texts) = request else {
+            return Err(HandlerError::Input(format!("{handler} takes texts")));
         };
-        let mut tokens = 0;
-        for text in texts {
-            tokens = tokens.max(self.tokenizer.encode(text.as_str(), true).ok()?.len());
+        if texts.is_empty() {
+            return Err(HandlerError::Input("the request has no input text".into()));
         }
-        Some(InputSize {
-            rows: texts.len(),
-            tokens,
-        })
+        texts
+            .iter()
+            .map(|text| {
+                self.tokenizer
+                    .encode(text.as_str(), true)
+                    .map_err(|source| HandlerError::Tokenizer {
+                        context: "cannot tokenize an input text".into(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Input::Texts)
     }
 
-    /// Runs a batch of text requests: tokenizes each on its own (a bad text fails only its
-    /// request), runs `forward` over chunks of at most 64 texts, and answers each request
-    /// with `answer` of its texts' results, in order.
+    /// Runs a batch of tokenized text requests: `forward` over chunks of at most 64
+    /// texts, and each request answered with `answer` of its texts' results, in order.
     pub fn run_batch<T>(
         &self,
         batch: &[Input],
@@ -123,8 +107,14 @@ impl BertText {
         forward: impl Fn(&[&Encoding]) -> Result<Vec<T>, HandlerError>,
         answer: impl Fn(Vec<T>) -> Output,
     ) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
-        let encoded = self.encode_each(batch, handler);
-        let all: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
+        let encoded: Vec<Result<&[Encoding], HandlerError>> = batch
+            .iter()
+            .map(|input| match input {
+                Input::Texts(encodings) => Ok(encodings.as_slice()),
+                _ => Err(HandlerError::Input(format!("{handler} takes texts"))),
+            })
+            .collect();
+        let all: Vec<&Encoding> = encoded.iter().flatten().flat_map(|e| e.iter()).collect();
         let mut results = Vec::with_capacity(all.len());
         for chunk in all.chunks(MAX_TEXTS_PER_FORWARD) {
             results.extend(forward(chunk)?);

@@ -1,15 +1,18 @@
 //! The `echo` handler: answers each request with its own body. It has no model, so it
 //! measures the server itself (HTTP, queue, batcher, workers).
 
-use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, Input, Output, RawBody};
+use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, Input, Output, Request};
 
 /// Returns its input unchanged.
 #[derive(Debug, Default)]
 pub struct Echo;
 
 impl Handler for Echo {
-    fn decode(&self, body: RawBody) -> Result<Input, HandlerError> {
-        Ok(Input::Raw(body))
+    fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
+        match request {
+            Request::Raw(body) => Ok(Input::Raw(body)),
+            _ => Err(HandlerError::Input("echo takes raw bodies".into())),
+        }
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {

@@ -12,10 +12,9 @@ use tokenizers::Encoding;
 use crate::error::CandleContext;
 use crate::models::bert::MappedBert;
 use crate::tasks::bert_text::BertText;
-use crate::tasks::decode_texts;
 use crate::{
-    Handler, HandlerError, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, ModelFiles,
-    Output, RawBody,
+    Classification, Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions,
+    ModelFiles, Output, Request,
 };
 
 pub struct TextClassification {
@@ -127,20 +126,23 @@ impl TextClassification {
         })
     }
 
-    fn answer(&self, scores: &[f32]) -> serde_json::Value {
+    fn answer(&self, scores: &[f32]) -> Classification {
         let (best, score) = scores
             .iter()
             .enumerate()
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, s)| (i, *s))
             .unwrap_or((0, 0.0));
-        serde_json::json!({"label": self.labels.get(best).cloned().unwrap_or_default(), "score": score})
+        Classification {
+            label: self.labels.get(best).cloned().unwrap_or_default(),
+            score,
+        }
     }
 }
 
 impl Handler for TextClassification {
-    fn decode(&self, body: RawBody) -> Result<Input, HandlerError> {
-        decode_texts(&body).map(Input::Texts)
+    fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
+        self.text.prepare(request, "text_classification")
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
@@ -148,12 +150,8 @@ impl Handler for TextClassification {
             batch,
             "text_classification",
             |chunk| self.scores(chunk),
-            |scores| Output::Json(scores.iter().map(|s| self.answer(s)).collect()),
+            |scores| Output::Classifications(scores.iter().map(|s| self.answer(s)).collect()),
         )
-    }
-
-    fn input_size(&self, input: &Input) -> Option<InputSize> {
-        self.text.input_size(input)
     }
 
     fn info(&self) -> HandlerInfo {
@@ -223,9 +221,15 @@ mod tests {
                 handler
             };
             let texts = ["hello world", "the quick brown fox jumps"];
-            let input = vec![Input::Texts(texts.iter().map(|t| t.to_string()).collect())];
-            let encoded = handler.text.encode_each(&input, "test");
-            let encodings: Vec<&Encoding> = encoded.iter().flatten().flatten().collect();
+            let input = handler
+                .prepare(Request::Texts(
+                    texts.iter().map(|t| t.to_string()).collect(),
+                ))
+                .expect("prepare");
+            let Input::Texts(encoded) = &input else {
+                panic!("texts are tokenized");
+            };
+            let encodings: Vec<&Encoding> = encoded.iter().collect();
             let got = handler.scores(&encodings).expect("scores");
             for (i, encoding) in encodings.iter().enumerate() {
                 let ids = Tensor::new(encoding.get_ids(), &Device::Cpu)
@@ -260,7 +264,7 @@ mod tests {
                     .max_by(|a, b| a.1.total_cmp(b.1))
                     .map(|(j, _)| j)
                     .expect("best");
-                assert_eq!(handler.answer(&got[i])["label"], names[best]);
+                assert_eq!(handler.answer(&got[i]).label, names[best]);
             }
         }
     }

@@ -13,10 +13,9 @@ use tokenizers::Encoding;
 
 use crate::error::CandleContext;
 use crate::models::sentence_transformers::{Pooling, SentenceTransformerConfig};
-use crate::tasks::decode_texts;
 use crate::{
-    Handler, HandlerError, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, ModelFiles,
-    Output, RawBody,
+    Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output,
+    Request,
 };
 
 /// A loaded BERT sentence-embedding model.
@@ -107,8 +106,8 @@ pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Handler for TextEmbedding {
-    fn decode(&self, body: RawBody) -> Result<Input, HandlerError> {
-        decode_texts(&body).map(Input::Texts)
+    fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
+        self.text.prepare(request, "text_embedding")
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
@@ -118,10 +117,6 @@ impl Handler for TextEmbedding {
             |chunk| self.embed(chunk),
             Output::Embeddings,
         )
-    }
-
-    fn input_size(&self, input: &Input) -> Option<InputSize> {
-        self.text.input_size(input)
     }
 
     fn info(&self) -> HandlerInfo {
@@ -154,10 +149,16 @@ mod tests {
     use candle_transformers::models::bert::{BertModel, Config as BertConfig};
     use tokenizers::Tokenizer;
 
-    fn texts(batch: &[&[&str]]) -> Vec<Input> {
+    fn texts(handler: &TextEmbedding, batch: &[&[&str]]) -> Vec<Input> {
         batch
             .iter()
-            .map(|texts| Input::Texts(texts.iter().map(|t| t.to_string()).collect()))
+            .map(|texts| {
+                handler
+                    .prepare(Request::Texts(
+                        texts.iter().map(|t| t.to_string()).collect(),
+                    ))
+                    .expect("prepare")
+            })
             .collect()
     }
 
@@ -249,7 +250,7 @@ mod tests {
                 &["hello world", "the quick brown fox jumps over spillways"][..],
                 &["rust"][..],
             ];
-            let outputs = handler.run(&texts(&batch)).expect("run");
+            let outputs = handler.run(&texts(&handler, &batch)).expect("run");
             assert_eq!(outputs.len(), 2);
             let got: Vec<Vec<f32>> = outputs.iter().flat_map(embeddings).collect();
             let sentences: Vec<&str> = batch.iter().flat_map(|b| b.iter().copied()).collect();
@@ -270,10 +271,10 @@ mod tests {
             .expect("load");
         let long = "the quick brown fox ".repeat(10);
         let outputs = handler
-            .run(&texts(&[&[
-                long.as_str(),
-                &format!("{long} hello world model"),
-            ]]))
+            .run(&texts(
+                &handler,
+                &[&[long.as_str(), &format!("{long} hello world model")]],
+            ))
             .expect("run");
         let got = embeddings(&outputs[0]);
         let diff = max_abs_diff(&got[0], &got[1]);
@@ -287,20 +288,22 @@ mod tests {
     }
 
     #[test]
-    fn input_size_counts_texts_and_the_longest_truncated_text() {
+    fn a_prepared_input_counts_texts_and_the_longest_truncated_text() {
         let dir = tempfile::tempdir().expect("tempdir");
         TinyBert::default().write(dir.path()).expect("write"); // max_seq_length 24
         let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
             .expect("load");
         let size = |t: &[&str]| {
             handler
-                .input_size(&Input::Texts(t.iter().map(|s| s.to_string()).collect()))
+                .prepare(Request::Texts(t.iter().map(|s| s.to_string()).collect()))
+                .expect("prepare")
+                .size()
                 .expect("texts have a size")
         };
         // [CLS] + words + [SEP].
         assert_eq!(
             size(&["hello world", "hello"]),
-            InputSize { rows: 2, tokens: 4 }
+            crate::InputSize { rows: 2, tokens: 4 }
         );
         let long = "the quick brown fox ".repeat(10);
         assert_eq!(
@@ -308,11 +311,15 @@ mod tests {
             24,
             "truncated like the forward pass"
         );
-        let raw = Input::Raw(RawBody {
+        let raw = Input::Raw(crate::RawBody {
             content_type: None,
             bytes: vec![],
         });
-        assert_eq!(handler.input_size(&raw), None);
+        assert_eq!(raw.size(), None);
+        assert!(
+            handler.prepare(Request::Texts(vec![])).is_err(),
+            "a request without texts is refused"
+        );
     }
 
     #[test]
@@ -326,7 +333,10 @@ mod tests {
         let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &options).expect("load");
         assert_eq!(handler.info().max_input_tokens, Some(8));
         let outputs = handler
-            .run(&texts(&[&["a b c d e f g h i j", "a b c d e f x y z"]]))
+            .run(&texts(
+                &handler,
+                &[&["a b c d e f g h i j", "a b c d e f x y z"]],
+            ))
             .expect("run");
         let got = embeddings(&outputs[0]);
         assert_eq!(

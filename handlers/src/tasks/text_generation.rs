@@ -1,140 +1,22 @@
 //! The `text_generation` handler: Llama-family decoders (HF safetensors, or GGUF converted
 //! by [`crate::models::gguf`]) laid out by the plan, generating with a KV cache.
 //!
-//! Request: `{"inputs": "prompt", "parameters": {"max_new_tokens": 32, "do_sample": false,
-//! "temperature": .., "top_p": .., "top_k": .., "seed": .., "stop": [..], "details": true}}`
-//! (or a text/plain prompt). Answer: `{"generated_text": "..."}`, plus `"details":
-//! {"finish_reason": "length"|"eos_token"|"stop_sequence", "generated_tokens": n,
-//! "token_ids": [...]}` when asked. Greedy decoding is deterministic; sampling is seeded.
-//! A request is a [`Sequence`] that [`TextGeneration::advance`] moves on one token at a
+//! A request is a prompt and [`GenerateParameters`]; its answer a [`Generation`] (text,
+//! finish reason, token ids). Greedy decoding is deterministic; sampling is seeded. A
+//! request is a [`Sequence`] that [`TextGeneration::advance`] moves on one token at a
 //! time, alone or together with others: [`GenerationBatch`] is continuous batching
-//! (model-config.yaml `continuousBatching: true`), and streaming can build on the same
-//! step.
+//! (model-config.yaml `continuousBatching: true`). A request with an
+//! [`EventSender`](crate::EventSender) gets each token's text as it is generated.
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use serde::Deserialize;
+use candle_transformers::generation::LogitsProcessor;
 use tokenizers::Tokenizer;
 
 use crate::error::CandleContext;
-use crate::handler::{Finished, Input, Output, RawBody, StepBatch};
+use crate::generate::{EventSender, FinishReason, GenerateParameters, Generation, GenerationEvent};
+use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
 use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
-use crate::tasks::decode_texts;
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
-
-/// Generation parameters, with TGI's names.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GenerateParameters {
-    #[serde(default = "default_max_new_tokens")]
-    pub max_new_tokens: usize,
-    #[serde(default)]
-    pub do_sample: bool,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<usize>,
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Vec<String>,
-    #[serde(default)]
-    pub details: bool,
-    /// Run to `max_new_tokens` even past end-of-sequence tokens (as vLLM's `ignore_eos`;
-    /// for benchmarks that need a fixed number of tokens).
-    #[serde(default)]
-    pub ignore_eos: bool,
-}
-
-fn default_max_new_tokens() -> usize {
-    32
-}
-
-impl Default for GenerateParameters {
-    fn default() -> Self {
-        Self {
-            max_new_tokens: default_max_new_tokens(),
-            do_sample: false,
-            temperature: None,
-            top_p: None,
-            top_k: None,
-            seed: None,
-            stop: Vec::new(),
-            details: false,
-            ignore_eos: false,
-        }
-    }
-}
-
-/// A decoded generation request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateRequest {
-    pub prompt: String,
-    pub parameters: GenerateParameters,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Body {
-    inputs: String,
-    #[serde(default)]
-    parameters: Option<GenerateParameters>,
-}
-
-impl GenerateParameters {
-    fn check(&self) -> Result<(), HandlerError> {
-        let bad = |m: String| Err(HandlerError::Input(m));
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens must be at least 1".into());
-        }
-        if let Some(t) = self.temperature
-            && !(t > 0.0 && t.is_finite())
-        {
-            return bad(format!("temperature must be positive, got {t}"));
-        }
-        if let Some(p) = self.top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            return bad(format!("top_p must be in (0, 1], got {p}"));
-        }
-        if self.top_k == Some(0) {
-            return bad("top_k must be at least 1".into());
-        }
-        if self.stop.iter().any(String::is_empty) {
-            return bad("stop sequences must not be empty".into());
-        }
-        Ok(())
-    }
-
-    fn sampling(&self) -> Sampling {
-        if !self.do_sample {
-            return Sampling::ArgMax;
-        }
-        let temperature = self.temperature.unwrap_or(1.0);
-        match (self.top_k, self.top_p) {
-            (None, None) => Sampling::All { temperature },
-            (Some(k), None) => Sampling::TopK { k, temperature },
-            (None, Some(p)) => Sampling::TopP { p, temperature },
-            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
-        }
-    }
-}
-
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Length,
-    EosToken,
-    StopSequence,
-}
-
-impl FinishReason {
-    pub fn name(self) -> &'static str {
-        match self {
-            FinishReason::Length => "length",
-            FinishReason::EosToken => "eos_token",
-            FinishReason::StopSequence => "stop_sequence",
-        }
-    }
-}
 
 /// A loaded decoder and its tokenizer.
 pub struct TextGeneration {
@@ -190,23 +72,20 @@ impl TextGeneration {
         Ok(self
             .tokenizer
             .encode(prompt, true)
-            .map_err(|e| HandlerError::Input(format!("cannot tokenize the prompt: {e}")))?
+            .map_err(|source| HandlerError::Tokenizer {
+                context: "cannot tokenize the prompt".into(),
+                source,
+            })?
             .get_ids()
             .to_vec())
     }
 
-    /// A sequence for `request`, ready for its prefill (prompt tokenized and checked
-    /// against the model's positions; nothing computed yet).
-    pub fn begin(&self, request: &GenerateRequest) -> Result<Sequence, HandlerError> {
-        self.begin_tokens(self.encode(&request.prompt)?, &request.parameters)
-    }
-
-    /// [`TextGeneration::begin`] for an already tokenized prompt.
-    pub fn begin_tokens(
+    /// Checks a prompt's tokens and parameters against the model's positions.
+    fn check_length(
         &self,
-        prompt: Vec<u32>,
+        prompt: &[u32],
         parameters: &GenerateParameters,
-    ) -> Result<Sequence, HandlerError> {
+    ) -> Result<(), HandlerError> {
         let limit = self.model.config().positions();
         if prompt.is_empty() {
             return Err(HandlerError::Input("the prompt is empty".into()));
@@ -218,6 +97,23 @@ impl TextGeneration {
                 parameters.max_new_tokens
             )));
         }
+        Ok(())
+    }
+
+    /// A sequence for a prepared prompt, ready for its prefill (nothing computed yet).
+    pub fn begin(&self, prompt: &PromptInput) -> Result<Sequence, HandlerError> {
+        let mut sequence = self.begin_tokens(prompt.ids.clone(), &prompt.parameters)?;
+        sequence.events = prompt.events.clone();
+        Ok(sequence)
+    }
+
+    /// [`TextGeneration::begin`] for token ids and parameters (no events).
+    pub fn begin_tokens(
+        &self,
+        prompt: Vec<u32>,
+        parameters: &GenerateParameters,
+    ) -> Result<Sequence, HandlerError> {
+        self.check_length(&prompt, parameters)?;
         Ok(Sequence {
             prompt_tokens: prompt.len(),
             cache: KvCache::default(),
@@ -230,6 +126,8 @@ impl TextGeneration {
             text: String::new(),
             finish: None,
             parameters: parameters.clone(),
+            events: None,
+            streamed: 0,
         })
     }
 
@@ -269,7 +167,8 @@ impl TextGeneration {
     }
 
     /// Samples the next token from `logits` and decides whether `sequence` is done
-    /// (end-of-sequence token, a stop sequence in the text, or max_new_tokens).
+    /// (end-of-sequence token, a stop sequence in the text, or max_new_tokens); streams
+    /// the token when the sequence has events.
     fn accept(&self, sequence: &mut Sequence, logits: &Tensor) -> Result<(), HandlerError> {
         let id = sequence
             .sampler
@@ -277,11 +176,12 @@ impl TextGeneration {
             .context(|| "sampling failed".into())?;
         sequence.ids.push(id);
         sequence.next_input = vec![id];
+        // The text is decoded every step only when something reads it: stop sequences
+        // are looked for in it, and streaming sends it.
+        let needs_text = !sequence.parameters.stop.is_empty() || sequence.events.is_some();
         if self.eos.contains(&id) && !sequence.parameters.ignore_eos {
             sequence.finish = Some(FinishReason::EosToken);
-        } else if !sequence.parameters.stop.is_empty() {
-            // Stop sequences are looked for in the text, so it is decoded every step
-            // only when there are some.
+        } else if needs_text {
             sequence.text = self.decode(&sequence.ids)?;
             if let Some(at) = sequence
                 .parameters
@@ -292,34 +192,28 @@ impl TextGeneration {
             {
                 sequence.text.truncate(at);
                 sequence.finish = Some(FinishReason::StopSequence);
-                return Ok(());
             }
         }
         if sequence.finish.is_none() && sequence.ids.len() >= sequence.parameters.max_new_tokens {
             sequence.finish = Some(FinishReason::Length);
         }
-        if sequence.finish.is_some() {
+        if matches!(
+            sequence.finish,
+            Some(FinishReason::EosToken | FinishReason::Length)
+        ) {
             sequence.text = self.decode(&sequence.ids)?;
         }
+        sequence.stream(id);
         Ok(())
     }
 
     /// The answer of a finished sequence.
     fn answer(&self, sequence: Sequence) -> Output {
-        let mut answer = serde_json::json!({ "generated_text": sequence.text });
-        if sequence.parameters.details {
-            answer["details"] = serde_json::json!({
-                "finish_reason": sequence.finish.unwrap_or(FinishReason::Length).name(),
-                "prompt_tokens": sequence.prompt_tokens,
-                "generated_tokens": sequence.ids.len(),
-                "token_ids": sequence.ids,
-            });
-        }
-        Output::Json(answer)
+        Output::Generation(sequence.generation())
     }
 
-    fn respond(&self, request: &GenerateRequest) -> Result<Output, HandlerError> {
-        let mut sequence = self.begin(request)?;
+    fn respond(&self, prompt: &PromptInput) -> Result<Output, HandlerError> {
+        let mut sequence = self.begin(prompt)?;
         while !sequence.finished() {
             self.advance(&mut [&mut sequence])?;
         }
@@ -349,6 +243,10 @@ pub struct Sequence {
     text: String,
     finish: Option<FinishReason>,
     parameters: GenerateParameters,
+    /// Where its tokens are streamed, if anywhere.
+    events: Option<EventSender>,
+    /// Bytes of `text` already streamed.
+    streamed: usize,
 }
 
 impl Sequence {
@@ -360,6 +258,58 @@ impl Sequence {
     pub fn token_ids(&self) -> &[u32] {
         &self.ids
     }
+
+    fn generation(&self) -> Generation {
+        Generation {
+            text: self.text.clone(),
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            prompt_tokens: self.prompt_tokens,
+            token_ids: self.ids.clone(),
+            details: self.parameters.details,
+        }
+    }
+
+    /// Sends token `id` with the text that became final with it, and the finished
+    /// generation once it is.
+    fn stream(&mut self, id: u32) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        let upto = if self.finished() {
+            self.text.len()
+        } else {
+            settled_len(&self.text, &self.parameters.stop)
+        };
+        let delta = self
+            .text
+            .get(self.streamed..upto.max(self.streamed))
+            .unwrap_or_default()
+            .to_string();
+        self.streamed = upto.max(self.streamed);
+        // A receiver that has gone means the client left; the worker drops the request.
+        let _ = events.send(GenerationEvent::Token { id, text: delta });
+        if self.finished() {
+            let _ = events.send(GenerationEvent::Finished(self.generation()));
+        }
+    }
+}
+
+/// How much of an unfinished generation's `text` is final: all but an incomplete
+/// character at the end (the tokenizer decodes half a UTF-8 sequence as U+FFFD) and a
+/// tail that could still grow into a stop sequence.
+fn settled_len(text: &str, stop: &[String]) -> usize {
+    let mut end = text.trim_end_matches('\u{FFFD}').len();
+    let hold = stop
+        .iter()
+        .map(String::len)
+        .max()
+        .unwrap_or(1)
+        .saturating_sub(1);
+    end = end.saturating_sub(hold);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
 }
 
 /// Continuous batching over [`TextGeneration`]: sequences join with their prefill and
@@ -371,12 +321,12 @@ pub struct GenerationBatch<'a> {
 
 impl StepBatch for GenerationBatch<'_> {
     fn join(&mut self, ticket: u64, input: &Input) -> Option<Result<Output, HandlerError>> {
-        let Input::Generate(request) = input else {
+        let Input::Prompt(prompt) = input else {
             return Some(Err(HandlerError::Input(
                 "text_generation takes a prompt".into(),
             )));
         };
-        let mut sequence = match self.owner.begin(request) {
+        let mut sequence = match self.owner.begin(prompt) {
             Ok(sequence) => sequence,
             Err(e) => return Some(Err(e)),
         };
@@ -415,44 +365,29 @@ impl StepBatch for GenerationBatch<'_> {
     }
 }
 
-/// Decodes a generation request body.
-pub fn decode_request(body: &RawBody) -> Result<GenerateRequest, HandlerError> {
-    let is_json = body
-        .content_type
-        .as_deref()
-        .is_some_and(|c| c.starts_with("application/json"))
-        || body.bytes.first() == Some(&b'{');
-    let request = if is_json {
-        let parsed: Body = serde_json::from_slice(&body.bytes)
-            .map_err(|e| HandlerError::Input(format!("invalid generation request: {e}")))?;
-        GenerateRequest {
-            prompt: parsed.inputs,
-            parameters: parsed.parameters.unwrap_or_default(),
-        }
-    } else {
-        let mut texts = decode_texts(body)?;
-        GenerateRequest {
-            prompt: texts.remove(0),
-            parameters: GenerateParameters::default(),
-        }
-    };
-    if request.prompt.is_empty() {
-        return Err(HandlerError::Input("the request has no prompt".into()));
-    }
-    request.parameters.check()?;
-    Ok(request)
-}
-
 impl Handler for TextGeneration {
-    fn decode(&self, body: RawBody) -> Result<Input, HandlerError> {
-        decode_request(&body).map(Input::Generate)
+    fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
+        let Request::Generate(request) = request else {
+            return Err(HandlerError::Input("text_generation takes a prompt".into()));
+        };
+        if request.prompt.is_empty() {
+            return Err(HandlerError::Input("the request has no prompt".into()));
+        }
+        request.parameters.check()?;
+        let ids = self.encode(&request.prompt)?;
+        self.check_length(&ids, &request.parameters)?;
+        Ok(Input::Prompt(PromptInput {
+            ids,
+            parameters: request.parameters,
+            events: None,
+        }))
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
         Ok(batch
             .iter()
             .map(|input| match input {
-                Input::Generate(request) => self.respond(request),
+                Input::Prompt(prompt) => self.respond(prompt),
                 _ => Err(HandlerError::Input("text_generation takes a prompt".into())),
             })
             .collect())
@@ -482,13 +417,6 @@ impl Handler for TextGeneration {
 mod tests {
     use super::*;
 
-    fn json(s: &str) -> RawBody {
-        RawBody {
-            content_type: Some("application/json".into()),
-            bytes: s.as_bytes().to_vec(),
-        }
-    }
-
     fn tiny_generator() -> (tempfile::TempDir, TextGeneration) {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = crate::testing::TinyLlama {
@@ -510,15 +438,17 @@ mod tests {
         (dir, handler)
     }
 
-    fn request(prompt: &str, max_new_tokens: usize) -> Input {
-        Input::Generate(GenerateRequest {
-            prompt: prompt.into(),
-            parameters: GenerateParameters {
-                max_new_tokens,
-                details: true,
-                ..GenerateParameters::default()
-            },
-        })
+    fn request(handler: &TextGeneration, prompt: &str, max_new_tokens: usize) -> Input {
+        handler
+            .prepare(Request::Generate(crate::GenerateRequest {
+                prompt: prompt.into(),
+                parameters: GenerateParameters {
+                    max_new_tokens,
+                    details: true,
+                    ..GenerateParameters::default()
+                },
+            }))
+            .expect("prepare")
     }
 
     fn alone(handler: &TextGeneration, input: &Input) -> Output {
@@ -530,10 +460,10 @@ mod tests {
     fn a_running_batch_answers_each_request_as_if_it_ran_alone() {
         let (_dir, handler) = tiny_generator();
         let inputs = [
-            request("hello world", 5),
-            request("the quick brown fox jumps", 2),
-            request("a", 1),
-            request("rust", 7),
+            request(&handler, "hello world", 5),
+            request(&handler, "the quick brown fox jumps", 2),
+            request(&handler, "a", 1),
+            request(&handler, "rust", 7),
         ];
         let want: Vec<Output> = inputs.iter().map(|i| alone(&handler, i)).collect();
         let mut batch = handler.step_batch().expect("generation batches");
@@ -566,52 +496,141 @@ mod tests {
         }
         for (i, (got, want)) in got.into_iter().zip(want).enumerate() {
             let got = got.expect("every request answered");
-            let (Output::Json(got), Output::Json(want)) = (got, want) else {
-                panic!("json answers");
+            let (Output::Generation(got), Output::Generation(want)) = (got, want) else {
+                panic!("generations");
             };
             assert_eq!(got, want, "request {i}");
         }
         // A bad request fails alone, and one that is dropped is not answered.
         assert!(matches!(
-            batch.join(9, &Input::Texts(vec!["x".into()])),
+            batch.join(
+                9,
+                &Input::Raw(crate::RawBody {
+                    content_type: None,
+                    bytes: b"x".to_vec()
+                })
+            ),
             Some(Err(_))
         ));
-        assert!(batch.join(10, &request("hello", 4)).is_none());
+        assert!(batch.join(10, &request(&handler, "hello", 4)).is_none());
         batch.leave(10);
         assert_eq!(batch.running(), 0);
     }
 
     #[test]
-    fn decodes_tgi_style_requests_and_refuses_bad_parameters() {
-        let r = decode_request(&json(r#"{"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": true, "stop": ["."]}}"#))
-            .expect("valid");
-        assert_eq!(r.prompt, "hi");
+    fn a_streamed_generation_sends_each_token_and_text_that_adds_up_to_the_answer() {
+        let (_dir, handler) = tiny_generator();
+        let stops = [vec![], vec!["o".to_string()], vec!["zz".to_string()]];
+        for stop in stops {
+            let mut input = handler
+                .prepare(Request::Generate(crate::GenerateRequest {
+                    prompt: "hello world".into(),
+                    parameters: GenerateParameters {
+                        max_new_tokens: 12,
+                        stop: stop.clone(),
+                        ..GenerateParameters::default()
+                    },
+                }))
+                .expect("prepare");
+            let (events, received) = flume::unbounded();
+            assert!(input.stream_to(events));
+            let Output::Generation(answer) = alone(&handler, &input) else {
+                panic!("a generation");
+            };
+            let events: Vec<GenerationEvent> = received.drain().collect();
+            let (tokens, finished) = events.split_at(events.len() - 1);
+            assert_eq!(
+                finished,
+                [GenerationEvent::Finished(answer.clone())],
+                "stop {stop:?}: finished last, with the answer"
+            );
+            let mut ids = Vec::new();
+            let mut text = String::new();
+            for event in tokens {
+                let GenerationEvent::Token { id, text: delta } = event else {
+                    panic!("tokens before the end");
+                };
+                ids.push(*id);
+                text.push_str(delta);
+                for s in &stop {
+                    assert!(
+                        !text.contains(s.as_str()),
+                        "streamed past stop {s:?}: {text:?}"
+                    );
+                }
+            }
+            assert_eq!(ids, answer.token_ids, "stop {stop:?}: one event per token");
+            assert_eq!(
+                text, answer.text,
+                "stop {stop:?}: deltas add up to the text"
+            );
+        }
+    }
+
+    #[test]
+    fn prepare_refuses_bad_requests_as_client_errors() {
+        let (_dir, handler) = tiny_generator();
+        let generate = |prompt: &str, parameters: GenerateParameters| {
+            handler.prepare(Request::Generate(crate::GenerateRequest {
+                prompt: prompt.into(),
+                parameters,
+            }))
+        };
+        let bad = [
+            ("", GenerateParameters::default()),
+            (
+                "x",
+                GenerateParameters {
+                    max_new_tokens: 0,
+                    ..GenerateParameters::default()
+                },
+            ),
+            (
+                "x",
+                GenerateParameters {
+                    temperature: Some(-1.0),
+                    ..GenerateParameters::default()
+                },
+            ),
+            (
+                "x",
+                GenerateParameters {
+                    top_p: Some(1.5),
+                    ..GenerateParameters::default()
+                },
+            ),
+            (
+                "x",
+                GenerateParameters {
+                    stop: vec![String::new()],
+                    ..GenerateParameters::default()
+                },
+            ),
+            (
+                "x",
+                GenerateParameters {
+                    max_new_tokens: 100_000,
+                    ..GenerateParameters::default()
+                },
+            ),
+        ];
+        for (prompt, parameters) in bad {
+            let err = generate(prompt, parameters.clone()).expect_err("refused");
+            assert!(err.is_client_error(), "{prompt:?} {parameters:?}: {err}");
+        }
+        assert!(handler.prepare(Request::Texts(vec!["x".into()])).is_err());
+        let sampled = GenerateParameters {
+            do_sample: true,
+            top_k: Some(5),
+            temperature: Some(0.7),
+            ..GenerateParameters::default()
+        };
         assert_eq!(
-            (r.parameters.max_new_tokens, r.parameters.details),
-            (5, true)
-        );
-        assert_eq!(r.parameters.sampling(), Sampling::ArgMax);
-        let r = decode_request(&json(r#"{"inputs": "hi", "parameters": {"do_sample": true, "top_k": 5, "temperature": 0.7}}"#)).expect("valid");
-        assert_eq!(
-            r.parameters.sampling(),
-            Sampling::TopK {
+            sampled.sampling(),
+            candle_transformers::generation::Sampling::TopK {
                 k: 5,
                 temperature: 0.7
             }
         );
-        for bad in [
-            r#"{"inputs": ""}"#,
-            r#"{"inputs": "x", "parameters": {"max_new_tokens": 0}}"#,
-            r#"{"inputs": "x", "parameters": {"temperature": -1}}"#,
-            r#"{"inputs": "x", "parameters": {"top_p": 1.5}}"#,
-            r#"{"inputs": "x", "parameters": {"stop": [""]}}"#,
-            r#"{"inputs": "x", "parameters": {"max_tokens": 3}}"#,
-            r#"{"inputs": 3}"#,
-        ] {
-            assert!(
-                decode_request(&json(bad)).expect_err(bad).is_client_error(),
-                "{bad}"
-            );
-        }
     }
 }

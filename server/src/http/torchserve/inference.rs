@@ -1,7 +1,7 @@
 //! The inference API: `GET /ping` and `POST /predictions/{model}[/{version}]`.
 //!
-//! A prediction is decoded and validated here, queued on the model, and awaited within
-//! the model's response timeout. If the client goes away first, this future is dropped,
+//! A prediction's body becomes the handler's request ([`predictions`]), is queued on the
+//! model, and is awaited within the model's response timeout. If the client goes away first, this future is dropped,
 //! which closes the job's reply channel, and the batcher drops the job unrun.
 
 use std::time::Instant;
@@ -17,6 +17,7 @@ use spillway_handlers::Output;
 use crate::app::{AppState, Health};
 use crate::error::{Error, Result};
 use crate::http::Body;
+use crate::http::torchserve::predictions;
 
 /// The predictions routes (guarded by the inference token when one is set).
 pub fn predictions(state: AppState) -> Router {
@@ -63,7 +64,8 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
         Err(e) => return e.into_response(),
     };
     let answer = async {
-        let receiver = model.submit(body)?;
+        let request = predictions::request(model.spec.handler, body)?;
+        let receiver = model.submit(request, None).await?;
         let timeout = model.spec.config.response_timeout;
         match tokio::time::timeout(timeout, receiver).await {
             Ok(Ok(output)) => output,
@@ -93,23 +95,7 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
 
 /// Serializes a handler output, within `max_response_size`.
 fn render(output: Output, limit: usize) -> Result<Response> {
-    let (content_type, bytes) = match output {
-        Output::Embeddings(embeddings) => (
-            "application/json".to_string(),
-            serde_json::to_vec(&embeddings)
-                .map_err(|e| Error::Internal(format!("cannot encode embeddings: {e}")))?,
-        ),
-        Output::Json(value) => (
-            "application/json".to_string(),
-            serde_json::to_vec(&value)
-                .map_err(|e| Error::Internal(format!("cannot encode the answer: {e}")))?,
-        ),
-        Output::Raw(body) => (
-            body.content_type
-                .unwrap_or_else(|| "application/octet-stream".into()),
-            body.bytes,
-        ),
-    };
+    let (content_type, bytes) = predictions::answer(output)?;
     if bytes.len() > limit {
         return Err(Error::Internal(format!(
             "response of {} bytes is larger than max_response_size ({limit} bytes)",

@@ -1,0 +1,138 @@
+//! What a generation request asks for and what it yields, in a handler's terms: the
+//! parameters (TGI's names), why generation stopped, the finished [`Generation`], and
+//! the [`GenerationEvent`]s streamed on the way. No protocol's JSON lives here.
+
+use candle_transformers::generation::Sampling;
+
+use crate::HandlerError;
+
+/// Generation parameters, with TGI's names and defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParameters {
+    pub max_new_tokens: usize,
+    pub do_sample: bool,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    /// Whether the answer carries its details (finish reason, token ids).
+    pub details: bool,
+    /// Run to `max_new_tokens` even past end-of-sequence tokens (as vLLM's `ignore_eos`;
+    /// for benchmarks that need a fixed number of tokens).
+    pub ignore_eos: bool,
+}
+
+/// `max_new_tokens` when a request names none.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
+
+impl Default for GenerateParameters {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            do_sample: false,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            seed: None,
+            stop: Vec::new(),
+            details: false,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl GenerateParameters {
+    /// Refuses values no sampler can use (a client error).
+    pub fn check(&self) -> Result<(), HandlerError> {
+        let bad = |m: String| Err(HandlerError::Input(m));
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
+        if let Some(t) = self.temperature
+            && !(t > 0.0 && t.is_finite())
+        {
+            return bad(format!("temperature must be positive, got {t}"));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return bad(format!("top_p must be in (0, 1], got {p}"));
+        }
+        if self.top_k == Some(0) {
+            return bad("top_k must be at least 1".into());
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop sequences must not be empty".into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn sampling(&self) -> Sampling {
+        if !self.do_sample {
+            return Sampling::ArgMax;
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        match (self.top_k, self.top_p) {
+            (None, None) => Sampling::All { temperature },
+            (Some(k), None) => Sampling::TopK { k, temperature },
+            (None, Some(p)) => Sampling::TopP { p, temperature },
+            (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+        }
+    }
+}
+
+/// A prompt and how to continue it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub parameters: GenerateParameters,
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    EosToken,
+    StopSequence,
+}
+
+impl FinishReason {
+    /// TGI's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::EosToken => "eos_token",
+            FinishReason::StopSequence => "stop_sequence",
+        }
+    }
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// The generated text (cut before a stop sequence that ended it).
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// Every generated token, the end-of-sequence token included when one ended it.
+    pub token_ids: Vec<u32>,
+    /// The request's `details` parameter, for protocols that answer with details only
+    /// when asked.
+    pub details: bool,
+}
+
+/// What a streaming generation request receives while it runs: one `Token` per
+/// generated token, then `Finished`. Text deltas add up to the final text: text that
+/// could still turn out to begin a stop sequence, or an incomplete UTF-8 character, is
+/// held back until it cannot. A request that fails mid-way gets no `Finished` (its
+/// error arrives as its answer).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerationEvent {
+    Token { id: u32, text: String },
+    Finished(Generation),
+}
+
+/// Where a request's [`GenerationEvent`]s go. A send to a receiver that has gone is
+/// ignored: the worker notices the client left and drops the request.
+pub type EventSender = flume::Sender<GenerationEvent>;

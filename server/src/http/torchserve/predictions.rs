@@ -1,0 +1,328 @@
+//! TorchServe's prediction bodies: a request body becomes a handler [`Request`] by the
+//! model's handler kind, and an [`Output`] becomes the JSON (or bytes) TorchServe
+//! clients read. The only place that knows these shapes.
+//!
+//! - Text handlers: `{"inputs": "text"}`, `{"inputs": ["a", "b"]}` (also under `data`
+//!   or `body`, as TorchServe's default handlers read them), a bare JSON string or array
+//!   of strings, or a text/plain body.
+//! - `text_generation`: TGI's `{"inputs": "prompt", "parameters": {...}}`, or a
+//!   text/plain prompt; answered `{"generated_text": "..."}`, with `details` when asked.
+//! - `echo`: the body as it came.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use spillway_handlers::{
+    GenerateParameters, GenerateRequest, Generation, HandlerKind, Output, RawBody, Request,
+};
+
+use crate::error::{Error, Result};
+
+/// The body as `kind`'s handler takes it. Malformed bodies are the client's error.
+pub fn request(kind: HandlerKind, body: RawBody) -> Result<Request> {
+    match kind {
+        HandlerKind::TextEmbedding | HandlerKind::TextClassification => {
+            texts(&body).map(Request::Texts)
+        }
+        HandlerKind::TextGeneration => generate(&body).map(Request::Generate),
+        HandlerKind::Echo => Ok(Request::Raw(body)),
+    }
+}
+
+/// The answer's content type and bytes.
+pub fn answer(output: Output) -> Result<(String, Vec<u8>)> {
+    let json = |value: Value| {
+        serde_json::to_vec(&value)
+            .map(|bytes| ("application/json".to_string(), bytes))
+            .map_err(|e| Error::Internal(format!("cannot encode the answer: {e}")))
+    };
+    match output {
+        Output::Embeddings(embeddings) => json(json!(embeddings)),
+        Output::Classifications(classes) => json(Value::Array(
+            classes
+                .into_iter()
+                .map(|c| json!({"label": c.label, "score": c.score}))
+                .collect(),
+        )),
+        Output::Generation(generation) => json(generation_json(generation)),
+        Output::Raw(body) => Ok((
+            body.content_type
+                .unwrap_or_else(|| "application/octet-stream".into()),
+            body.bytes,
+        )),
+    }
+}
+
+fn generation_json(generation: Generation) -> Value {
+    let mut answer = json!({ "generated_text": generation.text });
+    if generation.details {
+        answer["details"] = json!({
+            "finish_reason": generation.finish_reason.name(),
+            "prompt_tokens": generation.prompt_tokens,
+            "generated_tokens": generation.token_ids.len(),
+            "token_ids": generation.token_ids,
+        });
+    }
+    answer
+}
+
+fn bad(message: impl Into<String>) -> Error {
+    Error::BadRequest(message.into())
+}
+
+/// The texts of a text handler's request body.
+fn texts(body: &RawBody) -> Result<Vec<String>> {
+    let is_json = body.content_type.as_deref().map_or_else(
+        || body.bytes.first().is_some_and(|b| b"{[\"".contains(b)),
+        |ct| ct.starts_with("application/json"),
+    );
+    let texts = if is_json {
+        let value: Value = serde_json::from_slice(&body.bytes)
+            .map_err(|e| bad(format!("malformed JSON body: {e}")))?;
+        texts_from_json(value)?
+    } else {
+        vec![
+            String::from_utf8(body.bytes.clone())
+                .map_err(|_| bad("the request body is not valid UTF-8 text"))?,
+        ]
+    };
+    if texts.is_empty() || (texts.len() == 1 && texts[0].trim().is_empty()) {
+        return Err(bad("the request has no input text"));
+    }
+    Ok(texts)
+}
+
+fn texts_from_json(value: Value) -> Result<Vec<String>> {
+    let inputs = match value {
+        Value::Object(mut map) => map
+            .remove("inputs")
+            .or_else(|| map.remove("data"))
+            .or_else(|| map.remove("body"))
+            .ok_or_else(|| bad("expected a JSON object with an \"inputs\" field"))?,
+        other => other,
+    };
+    match inputs {
+        Value::String(s) => Ok(vec![s]),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s),
+                other => Err(bad(format!(
+                    "\"inputs\" must hold strings, found {}",
+                    json_kind(&other)
+                ))),
+            })
+            .collect(),
+        other => Err(bad(format!(
+            "\"inputs\" must be a string or an array of strings, found {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// TGI's request body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateBody {
+    inputs: String,
+    #[serde(default)]
+    parameters: Option<WireParameters>,
+}
+
+/// TGI's parameter names, as clients send them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireParameters {
+    max_new_tokens: Option<usize>,
+    #[serde(default)]
+    do_sample: bool,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<usize>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    details: bool,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+impl From<WireParameters> for GenerateParameters {
+    fn from(p: WireParameters) -> Self {
+        let defaults = GenerateParameters::default();
+        GenerateParameters {
+            max_new_tokens: p.max_new_tokens.unwrap_or(defaults.max_new_tokens),
+            do_sample: p.do_sample,
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            seed: p.seed,
+            stop: p.stop,
+            details: p.details,
+            ignore_eos: p.ignore_eos,
+        }
+    }
+}
+
+/// A generation request body. The parameters' values are the handler's to check.
+fn generate(body: &RawBody) -> Result<GenerateRequest> {
+    let json = body
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/json"))
+        || body.bytes.first() == Some(&b'{');
+    let request = if json {
+        let parsed: GenerateBody = serde_json::from_slice(&body.bytes)
+            .map_err(|e| bad(format!("invalid generation request: {e}")))?;
+        GenerateRequest {
+            prompt: parsed.inputs,
+            parameters: parsed.parameters.map(Into::into).unwrap_or_default(),
+        }
+    } else {
+        let mut texts = texts(body)?;
+        GenerateRequest {
+            prompt: texts.remove(0),
+            parameters: GenerateParameters::default(),
+        }
+    };
+    if request.prompt.is_empty() {
+        return Err(bad("the request has no prompt"));
+    }
+    Ok(request)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn json_body(s: &str) -> RawBody {
+        RawBody {
+            content_type: Some("application/json".into()),
+            bytes: s.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn decodes_the_accepted_text_shapes() {
+        let one = |s: &str| texts(&json_body(s)).ok();
+        assert_eq!(one(r#"{"inputs": "hi"}"#), Some(vec!["hi".to_string()]));
+        assert_eq!(
+            one(r#"{"inputs": ["a", "b"]}"#),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        assert_eq!(one(r#"{"data": "d"}"#), Some(vec!["d".to_string()]));
+        assert_eq!(one(r#"["x"]"#), Some(vec!["x".to_string()]));
+        let plain = RawBody {
+            content_type: Some("text/plain".into()),
+            bytes: b"{not json".to_vec(),
+        };
+        assert_eq!(texts(&plain).ok(), Some(vec!["{not json".to_string()]));
+        let sniffed = RawBody {
+            content_type: None,
+            bytes: br#"{"inputs": "y"}"#.to_vec(),
+        };
+        assert_eq!(texts(&sniffed).ok(), Some(vec!["y".to_string()]));
+    }
+
+    #[test]
+    fn refuses_malformed_or_empty_input_as_client_errors() {
+        for body in [
+            r#"{"inputs": "#,
+            r#"{"inputs": []}"#,
+            r#"{"inputs": ""}"#,
+            r#"{"inputs": [1, 2]}"#,
+            r#"{"text": "x"}"#,
+            r#"42"#,
+        ] {
+            let err = request(HandlerKind::TextEmbedding, json_body(body)).expect_err(body);
+            assert_eq!(err.kind(), ErrorKind::BadRequest, "{body}: {err}");
+        }
+        for body in [
+            r#"{"inputs": ""}"#,
+            r#"{"inputs": 3}"#,
+            r#"{"inputs": "x", "parameters": {"max_tokens": 3}}"#,
+            r#"{"inputs": "x", "parameters": {"top_k": -1}}"#,
+        ] {
+            let err = request(HandlerKind::TextGeneration, json_body(body)).expect_err(body);
+            assert_eq!(err.kind(), ErrorKind::BadRequest, "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn decodes_tgi_parameters_with_their_defaults() {
+        let Ok(Request::Generate(r)) = request(
+            HandlerKind::TextGeneration,
+            json_body(
+                r#"{"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": true, "stop": ["."], "top_k": 4}}"#,
+            ),
+        ) else {
+            panic!("a generation request");
+        };
+        assert_eq!(r.prompt, "hi");
+        assert_eq!(
+            r.parameters,
+            GenerateParameters {
+                max_new_tokens: 5,
+                details: true,
+                stop: vec![".".into()],
+                top_k: Some(4),
+                ..GenerateParameters::default()
+            }
+        );
+        let Ok(Request::Generate(r)) = request(
+            HandlerKind::TextGeneration,
+            json_body(r#"{"inputs": "hi"}"#),
+        ) else {
+            panic!("a generation request");
+        };
+        assert_eq!(r.parameters, GenerateParameters::default());
+        let plain = RawBody {
+            content_type: Some("text/plain".into()),
+            bytes: b"Once upon".to_vec(),
+        };
+        let Ok(Request::Generate(r)) = request(HandlerKind::TextGeneration, plain) else {
+            panic!("a generation request");
+        };
+        assert_eq!(r.prompt, "Once upon");
+    }
+
+    #[test]
+    fn generations_carry_details_only_when_asked() {
+        let generation = Generation {
+            text: "Paris".into(),
+            finish_reason: spillway_handlers::FinishReason::EosToken,
+            prompt_tokens: 3,
+            token_ids: vec![7, 2],
+            details: false,
+        };
+        let render = |g: Generation| -> Value {
+            let (ct, bytes) = answer(Output::Generation(g)).expect("answer");
+            assert_eq!(ct, "application/json");
+            serde_json::from_slice(&bytes).expect("json")
+        };
+        assert_eq!(
+            render(generation.clone()),
+            json!({"generated_text": "Paris"})
+        );
+        assert_eq!(
+            render(Generation {
+                details: true,
+                ..generation
+            }),
+            json!({"generated_text": "Paris", "details": {"finish_reason": "eos_token",
+                "prompt_tokens": 3, "generated_tokens": 2, "token_ids": [7, 2]}})
+        );
+    }
+}

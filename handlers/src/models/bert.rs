@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
 use crate::models::bert_block::FusedBertBlock;
-use crate::weights::layer_stack::LayerStack;
 pub use crate::weights::layer_stack::UnitPlacement;
+use crate::weights::layer_stack::{Activations, LayerStack};
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.
@@ -140,35 +140,56 @@ impl MappedBert {
             .into_iter()
             .map(|m| m != 0.0)
             .collect();
-        let hidden = self
-            .stack
-            .forward(None::<Tensor>, |_, unit, device, hidden| match unit {
+        let flow = BertFlow {
+            ids: ids.clone(),
+            type_ids: type_ids.clone(),
+            mask: mask.clone(),
+            hidden: None,
+        };
+        let flow = self.stack.forward(flow, |_, unit, mut flow| {
+            flow.hidden = Some(match unit {
                 BertUnit::Embeddings(model) => {
-                    let ids = ids.to_device(device)?;
-                    model
-                        .forward(
-                            &ids,
-                            &type_ids.to_device(device)?,
-                            Some(&mask.to_device(device)?),
-                        )
-                        .map(Some)
+                    model.forward(&flow.ids, &flow.type_ids, Some(&flow.mask))?
                 }
                 BertUnit::Block(encoder) => {
-                    let hidden = hidden.ok_or_else(|| {
-                        candle_core::Error::Msg("a block ran before the embeddings".into())
-                    })?;
-                    let hidden = hidden.to_device(device)?;
-                    let mask = extended_attention_mask(&mask.to_device(device)?, hidden.dtype())?;
-                    encoder.forward(&hidden, &mask).map(Some)
+                    let hidden = flow.hidden()?;
+                    let mask = extended_attention_mask(&flow.mask, hidden.dtype())?;
+                    encoder.forward(hidden, &mask)?
                 }
-                BertUnit::FusedBlock(block) => {
-                    let hidden = hidden.ok_or_else(|| {
-                        candle_core::Error::Msg("a block ran before the embeddings".into())
-                    })?;
-                    block.forward(&hidden.to_device(device)?, &keep).map(Some)
-                }
-            })?;
-        hidden.ok_or_else(|| candle_core::Error::Msg("the model has no units".into()))
+                BertUnit::FusedBlock(block) => block.forward(flow.hidden()?, &keep)?,
+            });
+            Ok(flow)
+        })?;
+        flow.hidden
+            .ok_or_else(|| candle_core::Error::Msg("the model has no units".into()))
+    }
+}
+
+/// What BERT's units read as they run: the inputs, and the hidden states once the
+/// embeddings have made them. The layer stack moves it between devices.
+struct BertFlow {
+    ids: Tensor,
+    type_ids: Tensor,
+    mask: Tensor,
+    hidden: Option<Tensor>,
+}
+
+impl BertFlow {
+    fn hidden(&self) -> candle_core::Result<&Tensor> {
+        self.hidden
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("a block ran before the embeddings".into()))
+    }
+}
+
+impl Activations for BertFlow {
+    fn to_device(self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            ids: self.ids.to_device(device)?,
+            type_ids: self.type_ids.to_device(device)?,
+            mask: self.mask.to_device(device)?,
+            hidden: Activations::to_device(self.hidden, device)?,
+        })
     }
 }
 

@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use crate::cpu::linear::CpuLinear;
 use crate::error::CandleContext;
-use crate::weights::layer_stack::LayerStack;
 use crate::weights::layer_stack::UnitPlacement;
+use crate::weights::layer_stack::{Activations, LayerStack};
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -575,6 +575,36 @@ impl RowRope {
     }
 }
 
+/// What a Llama's units read as they run: the token ids, this pass's RoPE angles, and
+/// the hidden states once the embedding has made them. The layer stack moves it
+/// between devices.
+struct LlamaFlow {
+    tokens: Tensor,
+    rope: RowRope,
+    hidden: Option<Tensor>,
+}
+
+impl LlamaFlow {
+    fn hidden(&self) -> candle_core::Result<&Tensor> {
+        self.hidden
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("a unit ran before the embeddings".into()))
+    }
+}
+
+impl Activations for LlamaFlow {
+    fn to_device(self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            tokens: self.tokens.to_device(device)?,
+            rope: RowRope {
+                cos: self.rope.cos.to_device(device)?,
+                sin: self.rope.sin.to_device(device)?,
+            },
+            hidden: Activations::to_device(self.hidden, device)?,
+        })
+    }
+}
+
 /// One unit of a Llama stack.
 pub enum LlamaUnit {
     Embeddings(Embedding),
@@ -583,29 +613,18 @@ pub enum LlamaUnit {
     Head(Linear),
 }
 
-/// Where the output head's weight comes from.
-enum Head {
-    /// An `lm_head` unit of the stack.
-    Own,
-    /// Tied to a resident embedding: the same tensor.
-    Shared(Linear),
-    /// Tied to a streamed embedding: read from disk again for the head.
-    Streamed {
-        source: WeightSource,
-        name: String,
-        dtype: DType,
-        device: Device,
-    },
-}
-
 /// A Llama-family decoder laid out by a plan.
 pub struct MappedLlama {
     stack: LayerStack<LlamaUnit>,
     config: LlamaConfig,
-    head: Head,
-    /// RoPE tables, built on the device of each block (CPU in this build).
+    /// RoPE tables, built on the first block's device (the stack moves each pass's
+    /// angles to every block's).
     rope: Rope,
 }
+
+/// The stack unit that is the output head tied to the embedding (no placement unit of
+/// its own: it lives where the embedding does).
+const TIED_HEAD: &str = "lm_head (tied to model.embed_tokens)";
 
 impl MappedLlama {
     /// Placement unit names, in order (as the planner names them).
@@ -643,28 +662,23 @@ impl MappedLlama {
                     .map(LlamaUnit::Embeddings)
             }
         };
-        let head = match (&embed_place, cfg.tie_word_embeddings) {
-            (_, false) => Head::Own,
+        // A tied head is a unit of its own after the norm, where the embedding lives:
+        // resident, it shares the embedding's tensor (an Arc clone) instead of holding a
+        // second copy of the largest matrix; streamed, it is read from disk again.
+        let mut tied_head = None;
+        match (&embed_place, cfg.tie_word_embeddings) {
             (UnitPlacement::Resident(d), true) => {
-                // Build the resident embedding here, so the tied head shares its tensor
-                // (an Arc clone) instead of holding a second copy of the largest matrix.
                 let module = embed(d).context(|| "cannot load unit model.embed_tokens".into())?;
                 let LlamaUnit::Embeddings(embedding) = &module else {
                     unreachable!("the embedding builder builds embeddings")
                 };
-                let head = Head::Shared(Linear::new(embedding.embeddings().clone(), None));
+                tied_head = Some(LlamaUnit::Head(Linear::new(
+                    embedding.embeddings().clone(),
+                    None,
+                )));
                 stack.push_resident("model.embed_tokens", d.clone(), module);
-                head
             }
-            (UnitPlacement::Streamed(d), true) => Head::Streamed {
-                source: source.clone(),
-                name: "model.embed_tokens.weight".into(),
-                dtype,
-                device: d.clone(),
-            },
-        };
-        if stack.units().is_empty() {
-            stack.push_planned("model.embed_tokens", embed_place, source, embed)?;
+            _ => stack.push_planned("model.embed_tokens", embed_place.clone(), source, embed)?,
         }
         for i in 0..cfg.num_hidden_layers {
             let name = format!("model.layers.{i}");
@@ -687,7 +701,31 @@ impl MappedLlama {
             }
         };
         stack.push_planned("model.norm", place("model.norm")?, source, norm)?;
-        if !cfg.tie_word_embeddings {
+        if cfg.tie_word_embeddings {
+            match (tied_head, &embed_place) {
+                (Some(head), UnitPlacement::Resident(d)) => {
+                    stack.push_resident(TIED_HEAD, d.clone(), head)
+                }
+                (_, UnitPlacement::Streamed(d)) => {
+                    let source = source.clone();
+                    let exec = d.clone();
+                    stack.push_streamed(
+                        TIED_HEAD,
+                        d.clone(),
+                        source.clone(),
+                        ["model.embed_tokens.weight"],
+                        move || {
+                            source
+                                .load("model.embed_tokens.weight", dtype, &exec)
+                                .map(|w| LlamaUnit::Head(Linear::new(w, None)))
+                        },
+                    );
+                }
+                (None, UnitPlacement::Resident(_)) => {
+                    unreachable!("a resident tied embedding made its head above")
+                }
+            }
+        } else {
             let head = {
                 let source = source.clone();
                 move |d: &Device| {
@@ -698,26 +736,26 @@ impl MappedLlama {
             stack.push_planned("lm_head", place("lm_head")?, source, head)?;
         }
         let rope_device = stack
-            .units()
-            .get(1)
-            .map(|u| u.device.clone())
-            .unwrap_or(Device::Cpu);
+            .device_of("model.layers.0")
+            .or_else(|| stack.units().first().map(|u| &u.device))
+            .cloned()
+            .ok_or_else(|| HandlerError::Unsupported("the model has no units".into()))?;
         let rope =
             Rope::new(&cfg, dtype, &rope_device).context(|| "cannot build RoPE tables".into())?;
         Ok(Self {
             stack,
             config: cfg,
-            head,
             rope,
         })
     }
 
-    /// Units kept on disk and streamed each pass.
+    /// Placement units kept on disk and streamed each pass (a tied head streams with its
+    /// embedding and is not counted again).
     pub fn streamed_units(&self) -> usize {
         self.stack
             .units()
             .iter()
-            .filter(|u| u.is_streamed())
+            .filter(|u| u.is_streamed() && u.name != TIED_HEAD)
             .count()
     }
 
@@ -755,45 +793,35 @@ impl MappedLlama {
             }
             positions.push(pos);
         }
-        let rope = self.rope.rows(&positions, seq)?;
         let limit = self.config.positions();
+        let flow = LlamaFlow {
+            tokens: tokens.clone(),
+            rope: self.rope.rows(&positions, seq)?,
+            hidden: None,
+        };
         let mut block = 0;
-        let hidden = self.stack.forward(None::<Tensor>, |_, unit, device, x| {
-            Ok(Some(match unit {
-                LlamaUnit::Embeddings(e) => e.forward(&tokens.to_device(device)?)?,
+        let flow = self.stack.forward(flow, |_, unit, mut flow| {
+            flow.hidden = Some(match unit {
+                LlamaUnit::Embeddings(e) => e.forward(&flow.tokens)?,
                 LlamaUnit::Block(b) => {
-                    let x = need(x)?.to_device(device)?;
                     let mut kvs: Vec<&mut Option<LayerCache>> =
                         caches.iter_mut().map(|c| &mut c.layers[block]).collect();
-                    let out = b.forward(&x, &rope, &mut kvs, &positions, limit)?;
+                    let out = b.forward(flow.hidden()?, &flow.rope, &mut kvs, &positions, limit)?;
                     block += 1;
                     out
                 }
-                LlamaUnit::Norm(n) => {
-                    let x = need(x)?.to_device(device)?;
-                    n.forward(&x.i((.., seq - 1, ..))?.contiguous()?.unsqueeze(1)?)?
-                }
-                LlamaUnit::Head(head) => {
-                    output_logits(head.weight(), &need(x)?.to_device(device)?)?
-                }
-            }))
+                LlamaUnit::Norm(n) => n.forward(
+                    &flow
+                        .hidden()?
+                        .i((.., seq - 1, ..))?
+                        .contiguous()?
+                        .unsqueeze(1)?,
+                )?,
+                LlamaUnit::Head(head) => output_logits(head.weight(), flow.hidden()?)?,
+            });
+            Ok(flow)
         })?;
-        let hidden = need(hidden)?;
-        let logits = match &self.head {
-            Head::Own => hidden,
-            Head::Shared(head) => {
-                output_logits(head.weight(), &hidden.to_device(head.weight().device())?)?
-            }
-            Head::Streamed {
-                source,
-                name,
-                dtype,
-                device,
-            } => output_logits(
-                &source.load(name, *dtype, device)?,
-                &hidden.to_device(device)?,
-            )?,
-        };
+        let logits = need(flow.hidden)?;
         for cache in caches.iter_mut() {
             cache.position += seq;
         }

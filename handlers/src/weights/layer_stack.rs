@@ -1,5 +1,7 @@
 //! [`LayerStack`]: runs a model's units in plan order, each where the plan put it. The one
-//! place where activations hop devices and disk units stream.
+//! place where activations hop devices and disk units stream: before each unit runs, the
+//! stack moves the [`Activations`] it carries to that unit's device, so model code never
+//! names a device.
 //!
 //! A *resident* unit is built once at load and kept. A *streamed* unit (planned on disk)
 //! keeps only its memory map: before its turn it is built from the mapping (on the CPU
@@ -39,6 +41,25 @@ pub fn stream_totals() -> StreamTotals {
         units: STREAMED_UNITS.load(Ordering::Relaxed),
         bytes: STREAMED_BYTES.load(Ordering::Relaxed),
         nanos: STREAMED_NANOS.load(Ordering::Relaxed),
+    }
+}
+
+/// What a [`LayerStack`] carries from unit to unit (hidden states, and whatever the
+/// units read besides: masks, token ids, RoPE angles). The stack moves it to each unit's
+/// device before the unit runs; moving to the device it is on costs nothing.
+pub trait Activations: Sized {
+    fn to_device(self, device: &Device) -> Result<Self>;
+}
+
+impl Activations for candle_core::Tensor {
+    fn to_device(self, device: &Device) -> Result<Self> {
+        candle_core::Tensor::to_device(&self, device)
+    }
+}
+
+impl<A: Activations> Activations for Option<A> {
+    fn to_device(self, device: &Device) -> Result<Self> {
+        self.map(|a| a.to_device(device)).transpose()
     }
 }
 
@@ -157,6 +178,14 @@ impl<M: Send + Sync> LayerStack<M> {
         &self.units
     }
 
+    /// The device the unit `name` computes on.
+    pub fn device_of(&self, name: &str) -> Option<&Device> {
+        self.units
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| &u.device)
+    }
+
     fn next_streamed(&self, from: usize) -> Option<usize> {
         (from..self.units.len()).find(|&i| self.units[i].is_streamed())
     }
@@ -187,12 +216,12 @@ impl<M: Send + Sync> LayerStack<M> {
         }
     }
 
-    /// Runs `step(index, module, device, state)` for every unit in order and returns the
-    /// final state. `step` moves its inputs to `device` (the unit's device).
-    pub fn forward<S>(
+    /// Runs `step(index, module, state)` for every unit in order, `state` first moved to
+    /// the unit's device, and returns the final state.
+    pub fn forward<S: Activations>(
         &self,
         mut state: S,
-        mut step: impl FnMut(usize, &M, &Device, S) -> Result<S>,
+        mut step: impl FnMut(usize, &M, S) -> Result<S>,
     ) -> Result<S> {
         std::thread::scope(|scope| {
             let mut ahead: Option<(usize, std::thread::ScopedJoinHandle<'_, Result<M>>)> = None;
@@ -220,7 +249,7 @@ impl<M: Send + Sync> LayerStack<M> {
                         unreachable!("a streamed unit is built above")
                     }
                 };
-                state = step(i, module, &unit.device, state)?;
+                state = step(i, module, state.to_device(&unit.device)?)?;
                 drop(owned);
                 if let Weights::Streamed {
                     source,
@@ -239,6 +268,25 @@ impl<M: Send + Sync> LayerStack<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A count that records the devices it was moved to.
+    #[derive(Debug, Default)]
+    struct Sum {
+        total: u64,
+        moved_to: Vec<String>,
+    }
+
+    impl Activations for Sum {
+        fn to_device(mut self, device: &Device) -> Result<Self> {
+            self.moved_to.push(format!("{:?}", device.location()));
+            Ok(self)
+        }
+    }
+
+    fn add(_: usize, m: &u64, mut acc: Sum) -> Result<Sum> {
+        acc.total += m;
+        Ok(acc)
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -275,16 +323,19 @@ mod tests {
         stack.push_resident("z", Device::Cpu, 1000u64);
         let mut seen = Vec::new();
         let total = stack
-            .forward(0u64, |_, m, _, acc| {
+            .forward(Sum::default(), |i, m, acc| {
                 seen.push(*m);
-                Ok(acc + m)
+                add(i, m, acc)
             })
             .expect("forward");
-        assert_eq!(total, 1111);
+        assert_eq!(total.total, 1111);
         assert_eq!(seen, [1, 10, 100, 1000]);
-        stack
-            .forward(0u64, |_, m, _, acc| Ok(acc + m))
-            .expect("again");
+        assert_eq!(
+            total.moved_to.len(),
+            4,
+            "moved to each unit's device before it ran"
+        );
+        stack.forward(Sum::default(), add).expect("again");
         assert_eq!(
             builds.load(Ordering::SeqCst),
             4,
@@ -307,9 +358,7 @@ mod tests {
         stack.push_streamed("bad", Device::Cpu, source, ["w"], || {
             Err(candle_core::Error::Msg("broken".into()))
         });
-        let err = stack
-            .forward(0u64, |_, m, _, acc| Ok(acc + m))
-            .expect_err("must fail");
+        let err = stack.forward(Sum::default(), add).expect_err("must fail");
         assert!(err.to_string().contains("broken"));
     }
 }

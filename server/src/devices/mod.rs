@@ -1,0 +1,53 @@
+//! What this machine has, for the planner: free and total RAM (from /proc/meminfo) and
+//! GPUs (none in a CPU build). The only place the server reads device memory.
+//!
+//! - [`ledger`]: the bytes each model holds per device, as leases the loader takes and
+//!   a model gives back when its workers have been joined.
+
+pub mod ledger;
+
+use spillway_placement::Machine;
+
+/// Reads the machine's memory now.
+pub fn probe() -> Machine {
+    let memory = host_memory();
+    Machine {
+        gpus: Vec::new(),
+        cpu_available: memory.map_or(0, |m| m.available_bytes),
+        cpu_total: memory.map_or(0, |m| m.total_bytes),
+    }
+}
+
+/// The host's RAM from /proc/meminfo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// The host's RAM now (`None` where /proc/meminfo cannot be read).
+pub fn host_memory() -> Option<HostMemory> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    Some(HostMemory {
+        total_bytes: meminfo_kib(&text, "MemTotal:")? * 1024,
+        available_bytes: meminfo_kib(&text, "MemAvailable:")? * 1024,
+    })
+}
+
+fn meminfo_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|line| line.starts_with(key))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_meminfo_lines() {
+        let text = "MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(super::meminfo_kib(text, "MemTotal:"), Some(24_576_000));
+        assert_eq!(super::meminfo_kib(text, "MemAvailable:"), Some(20_000_000));
+        assert_eq!(super::meminfo_kib(text, "Nope:"), None);
+    }
+}

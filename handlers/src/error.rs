@@ -48,16 +48,52 @@ pub enum HandlerError {
     #[error("{0}")]
     Unsupported(String),
 
+    /// A device ran out of memory (resource exhaustion, not a fault).
+    #[error("{context}: out of memory")]
+    OutOfMemory {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
     /// The handler panicked while running a batch.
     #[error("handler panicked: {0}")]
     Panicked(String),
+}
+
+/// Whose problem an error is, which decides how it is reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The request is not valid for this model (the client's to fix).
+    Input,
+    /// The model's files or configuration cannot be served (the archive's to fix; the
+    /// message names the file).
+    Model,
+    /// A resource ran out (memory on a device).
+    Exhausted,
+    /// A fault in the server or model code.
+    Internal,
 }
 
 impl HandlerError {
     /// True when the error is the client's fault (bad input), false when it is the
     /// model's or the server's.
     pub fn is_client_error(&self) -> bool {
-        matches!(self, HandlerError::Input(_))
+        self.class() == ErrorClass::Input
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            HandlerError::Input(_) => ErrorClass::Input,
+            HandlerError::MissingFile(_)
+            | HandlerError::BadFile { .. }
+            | HandlerError::Unsupported(_) => ErrorClass::Model,
+            HandlerError::OutOfMemory { .. } => ErrorClass::Exhausted,
+            HandlerError::Io { .. }
+            | HandlerError::Candle { .. }
+            | HandlerError::Tokenizer { .. }
+            | HandlerError::Panicked(_) => ErrorClass::Internal,
+        }
     }
 
     pub(crate) fn bad_file(file: &str, reason: impl std::fmt::Display) -> Self {
@@ -75,9 +111,51 @@ pub(crate) trait CandleContext<T> {
 
 impl<T> CandleContext<T> for Result<T, candle_core::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T, HandlerError> {
-        self.map_err(|source| HandlerError::Candle {
-            context: context(),
-            source,
+        self.map_err(|source| {
+            if is_out_of_memory(&source) {
+                HandlerError::OutOfMemory {
+                    context: context(),
+                    source,
+                }
+            } else {
+                HandlerError::Candle {
+                    context: context(),
+                    source,
+                }
+            }
         })
+    }
+}
+
+/// Whether a candle error says a device ran out of memory. candle has no variant for
+/// it: CUDA reports `CUDA_ERROR_OUT_OF_MEMORY` through its driver error, the CPU an
+/// allocation failure (which aborts the process before it could be seen here).
+fn is_out_of_memory(error: &candle_core::Error) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("out_of_memory") || text.contains("out of memory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_keep_their_class() {
+        let oom: Result<(), _> = Err(candle_core::Error::Msg(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        ));
+        let err = oom
+            .context(|| "cannot load unit model.layers.3".into())
+            .expect_err("oom");
+        assert_eq!(err.class(), ErrorClass::Exhausted, "{err}");
+        assert!(err.to_string().contains("model.layers.3"));
+        let shape: Result<(), _> = Err(candle_core::Error::Msg("shape mismatch".into()));
+        let err = shape.context(|| "forward".into()).expect_err("fault");
+        assert_eq!(err.class(), ErrorClass::Internal);
+        assert_eq!(HandlerError::Input("x".into()).class(), ErrorClass::Input);
+        assert_eq!(
+            HandlerError::bad_file("config.json", "no").class(),
+            ErrorClass::Model
+        );
     }
 }

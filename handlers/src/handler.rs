@@ -221,6 +221,19 @@ impl LoadOptions {
     }
 }
 
+/// The candle dtype a model runs in for a floating-point checkpoint dtype (`None` for
+/// those handlers do not run in: integers, float8).
+pub fn candle_dtype(dtype: spillway_placement::TensorDType) -> Option<DType> {
+    use spillway_placement::TensorDType;
+    match dtype {
+        TensorDType::F32 => Some(DType::F32),
+        TensorDType::F16 => Some(DType::F16),
+        TensorDType::BF16 => Some(DType::BF16),
+        TensorDType::F64 => Some(DType::F64),
+        _ => None,
+    }
+}
+
 /// Describes a loaded handler (shown by the describe API).
 #[derive(Debug, Clone, Serialize)]
 pub struct HandlerInfo {

@@ -28,13 +28,13 @@ pub mod weights;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use error::HandlerError;
+pub use error::{ErrorClass, HandlerError};
 pub use generate::{
     EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
 };
 pub use handler::{
     Classification, Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, Output,
-    PromptInput, RawBody, Request, StepBatch,
+    PromptInput, RawBody, Request, StepBatch, candle_dtype,
 };
 pub use tasks::load;
 pub use weights::WeightSource;

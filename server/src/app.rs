@@ -1,5 +1,5 @@
 //! [`AppState`]: what every HTTP handler shares — settings, the model store, the
-//! registry, the metrics handle and start-up progress. One `Clone` struct around an `Arc`.
+//! registry, the device ledger, the metrics handle and start-up progress. One `Clone` struct around an `Arc`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::ServerConfig;
+use crate::devices::ledger::DeviceLedger;
 use crate::registry::ModelRegistry;
 use crate::store::ModelStore;
 
@@ -54,6 +55,7 @@ struct Inner {
     registry: ModelRegistry,
     metrics: PrometheusHandle,
     startup: StartupProgress,
+    devices: DeviceLedger,
 }
 
 /// Shared server state.
@@ -71,6 +73,7 @@ impl AppState {
                 registry: ModelRegistry::default(),
                 metrics,
                 startup: StartupProgress::default(),
+                devices: DeviceLedger::default(),
             }),
         }
     }
@@ -93,5 +96,10 @@ impl AppState {
 
     pub fn startup(&self) -> &StartupProgress {
         &self.inner.startup
+    }
+
+    /// Who holds which device bytes.
+    pub fn devices(&self) -> &DeviceLedger {
+        &self.inner.devices
     }
 }

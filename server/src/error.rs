@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spillway_handlers::HandlerError;
+use spillway_handlers::{ErrorClass, HandlerError};
 
 /// How an error is reported to a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub enum ErrorKind {
     QueueFull,
     /// Not answered within the model's response timeout (504).
     Timeout,
+    /// A device ran out of memory loading or running the model (507, saying what ran out).
+    InsufficientStorage,
     /// The model is loading, failed to load or is being removed (503).
     NotReady,
     /// The model or version already exists, or the change is not allowed now (409).
@@ -51,6 +53,15 @@ pub enum Error {
 
     #[error("invalid {file}: {reason}")]
     BadConfig { file: String, reason: String },
+
+    /// Building the model from its files failed; the cause keeps its class (the
+    /// archive's, a resource's, or an internal fault).
+    #[error("cannot load the model from {path}")]
+    Load {
+        path: PathBuf,
+        #[source]
+        source: Box<HandlerError>,
+    },
 
     #[error("cannot place the model: {0}")]
     Plan(spillway_placement::PlanError),
@@ -109,14 +120,8 @@ impl Error {
             Error::NotReady { .. } => ErrorKind::NotReady,
             Error::Conflict(_) => ErrorKind::Conflict,
             Error::Unauthorized => ErrorKind::Unauthorized,
-            Error::Handler(e) => match &**e {
-                HandlerError::Input(_) => ErrorKind::BadRequest,
-                // At load time these mean the archive is unusable: the client's to fix.
-                HandlerError::MissingFile(_)
-                | HandlerError::BadFile { .. }
-                | HandlerError::Unsupported(_) => ErrorKind::BadRequest,
-                _ => ErrorKind::Internal,
-            },
+            Error::Handler(e) => handler_kind(e),
+            Error::Load { source, .. } => handler_kind(source),
             Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -124,6 +129,15 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { path, source }
+    }
+
+    /// Wraps a failure to build the model from the archive at `path`, keeping its class.
+    pub(crate) fn load(path: impl Into<PathBuf>) -> impl FnOnce(HandlerError) -> Error {
+        let path = path.into();
+        move |source| Error::Load {
+            path,
+            source: Box::new(source),
+        }
     }
 
     pub(crate) fn bad_archive(path: impl Into<PathBuf>, reason: impl std::fmt::Display) -> Error {
@@ -138,6 +152,16 @@ impl Error {
             file: file.into(),
             reason: reason.to_string(),
         }
+    }
+}
+
+/// How a handler's error is reported, by its class.
+fn handler_kind(error: &HandlerError) -> ErrorKind {
+    match error.class() {
+        // Bad input, or an archive whose files cannot be served: the client's to fix.
+        ErrorClass::Input | ErrorClass::Model => ErrorKind::BadRequest,
+        ErrorClass::Exhausted => ErrorKind::InsufficientStorage,
+        ErrorClass::Internal => ErrorKind::Internal,
     }
 }
 

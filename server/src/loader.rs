@@ -1,21 +1,26 @@
-//! Loading a model, step by step: open the archive inside the store (checked), read the
-//! manifest and both configs, register the version as Loading, build the handler on a
-//! blocking thread, then start its workers. Registration errors in the first steps
-//! (unknown archive, bad manifest or config, duplicate version) are returned at once;
-//! a failed build leaves the model Failed (or, for synchronous loads, unregistered).
+//! Loading a model, step by step. [`register`] first opens the archive inside the store
+//! (checked), reads the manifest and both configs, and registers the version — so a
+//! bad archive or config is refused at once, and a good one is visible in describe
+//! (LOADING, with its stage) from then on. The slow part then runs on a blocking
+//! thread, in the background unless the registration is synchronous ([`build`]): a
+//! GGUF model is converted, the placement planned and its device bytes leased, disk
+//! units in another dtype written to the offload folder, the weights read and the
+//! handler built; then the workers start. A failure there leaves the model FAILED
+//! (a synchronous registration unregisters it again and answers with the error, whose
+//! class it keeps).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use spillway_handlers::weights::files;
-use spillway_handlers::{Handler, HandlerKind, ModelFiles};
+use spillway_handlers::{Handler, HandlerKind, LoadOptions, ModelFiles};
 use spillway_placement::{Device, Plan};
 
 use crate::app::AppState;
 use crate::archive::{self, ArchiveLimits, OpenedArchive};
-use crate::devices;
+use crate::devices::{self, ledger::Lease};
 use crate::error::{Error, Result};
-use crate::model::{ModelHandle, ModelSpec};
+use crate::model::{LoadStage, ModelHandle, ModelSpec};
 use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
 use crate::placement::{ModelInventory, PlanOptions, plan_model};
 use crate::setup_config::SetupConfig;
@@ -29,17 +34,38 @@ pub struct LoadRequest {
     pub loaded_at_startup: bool,
 }
 
-/// An archive that has been opened and understood, not yet built into a handler.
-pub struct Prepared {
+/// An archive that has been opened and understood, not yet converted, planned or built.
+pub struct Opened {
     pub spec: ModelSpec,
     archive: OpenedArchive,
-    /// The model's weights, config and tokenizer: the archive itself, or for a GGUF
-    /// model the HF-layout folder converted from it.
-    model_files: Arc<dyn ModelFiles>,
+    /// What the handler is told, from setup_config.json (the plan is added when made).
+    options: LoadOptions,
+    /// A GGUF file still to convert (its model is planned after conversion).
+    gguf: Option<String>,
+    /// The plan and its lease, made from tensor headers at registration where the
+    /// archive has them.
+    planned: Option<Planned>,
 }
 
-/// Steps 1–3: everything short of reading weights. Blocking (a `.tar.gz` is unpacked).
-pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
+/// A model's tensors, where they go, and its hold on those device bytes.
+struct Planned {
+    inventory: ModelInventory,
+    plan: Plan,
+    lease: Lease,
+}
+
+/// A built model, ready to serve.
+pub struct Loaded {
+    pub handler: Arc<dyn Handler>,
+    /// Where each unit lives (models with weights).
+    pub plan: Option<Plan>,
+    /// The device bytes the plan holds (models with weights).
+    pub lease: Option<Lease>,
+}
+
+/// Opens the archive and reads its manifest and configs: everything short of touching
+/// the weights. Blocking (a `.tar.gz` is unpacked).
+pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
     let config = state.config();
     let path = state.store().resolve(&request.url)?;
     let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
@@ -78,49 +104,19 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
     };
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
-    setup.load_options()?;
-    let model_files = model_files(&archive, &setup, &config.cache_dir)?;
-    let plan = if handler.needs_model_files() {
-        let inventory = ModelInventory::read(&*model_files)?;
-        let options = PlanOptions {
-            batch_size: model_config.batch_size,
-            max_length: None,
-        };
-        let plan = plan_model(&inventory, &setup, &options, &devices::probe())?;
-        check_executable(&plan)?;
-        Some((plan, inventory))
-    } else {
-        None
+    let options = setup.load_options()?;
+    // Planned now from the tensor headers (cheap: an unreadable checkpoint or an
+    // impossible plan is refused before registering), except a GGUF model, which is
+    // planned once converted.
+    let gguf = match handler.needs_model_files() {
+        true => gguf_to_convert(&archive)?,
+        false => None,
     };
-    // Disk units of weights served in another dtype than stored are written once, converted,
-    // into offload_folder (the planner has required it) and streamed from there.
-    let (plan, model_files) = match plan {
-        Some((plan, inventory)) => {
-            let target = setup.load_options()?.dtype;
-            let model_files = match (target, setup.offload_folder.as_ref()) {
-                (Some(dtype), Some(root))
-                    if plan.streamed_bytes_per_forward > 0 && converts(&inventory, dtype) =>
-                {
-                    let source = model_files.model_weights()?;
-                    let converted = spillway_handlers::weights::offload::convert(
-                        &source,
-                        dtype,
-                        std::path::Path::new(root),
-                    )
-                    .map_err(|e| Error::bad_archive(&archive.path, crate::error::chain(&e)))?;
-                    tracing::info!(file = %converted.display(), "disk units converted into the offload folder");
-                    Arc::new(spillway_handlers::weights::files::WithWeights::new(
-                        model_files,
-                        converted,
-                    )) as Arc<dyn ModelFiles>
-                }
-                _ => model_files,
-            };
-            (Some(plan), model_files)
-        }
-        None => (None, model_files),
+    let planned = match handler.needs_model_files() && gguf.is_none() {
+        true => Some(plan(state, &*archive.files, &setup, &model_config)?),
+        false => None,
     };
-    Ok(Prepared {
+    Ok(Opened {
         spec: ModelSpec {
             name,
             version: manifest.model_version.clone(),
@@ -130,23 +126,114 @@ pub fn prepare(state: &AppState, request: &LoadRequest) -> Result<Prepared> {
             job_queue_size: model_config.job_queue_size.unwrap_or(config.job_queue_size),
             config: model_config,
             setup,
-            plan,
             loaded_at_startup: request.loaded_at_startup,
         },
         archive,
-        model_files,
+        options,
+        gguf,
+        planned,
     })
 }
 
-/// The files a handler loads: the archive's, unless it holds a GGUF model and no
-/// safetensors, which is then converted once (dequantized to `torch_dtype`, float32 by
-/// default) into the offload folder — `offload_folder` from setup_config.json, else the
-/// server's cache — and served from there.
-fn model_files(
-    archive: &OpenedArchive,
+/// Reads the tensor headers of `files` and plans them, leasing the plan's device bytes.
+fn plan(
+    state: &AppState,
+    files: &dyn ModelFiles,
     setup: &SetupConfig,
-    cache_dir: &std::path::Path,
-) -> Result<Arc<dyn ModelFiles>> {
+    config: &ModelConfig,
+) -> Result<Planned> {
+    let inventory = ModelInventory::read(files)?;
+    let options = PlanOptions {
+        batch_size: config.batch_size,
+        max_length: None,
+    };
+    let (plan, lease) = state
+        .devices()
+        .plan_and_reserve(devices::probe(), |machine| {
+            let plan = plan_model(&inventory, setup, &options, machine)?;
+            check_executable(&plan)?;
+            Ok::<_, Error>(plan)
+        })?;
+    Ok(Planned {
+        inventory,
+        plan,
+        lease,
+    })
+}
+
+/// Converts, plans, leases and builds the model `opened` describes, telling `handle`
+/// each stage. Blocking.
+pub fn build(state: &AppState, handle: &ModelHandle, opened: Opened) -> Result<Loaded> {
+    let Opened {
+        spec,
+        archive,
+        mut options,
+        gguf,
+        planned,
+    } = opened;
+    if !spec.handler.needs_model_files() {
+        handle.set_stage(LoadStage::Building);
+        let handler = spillway_handlers::load(spec.handler, &*archive.files, &options)
+            .map_err(Error::load(&archive.path))?;
+        return Ok(Loaded {
+            handler,
+            plan: None,
+            lease: None,
+        });
+    }
+    let (model_files, planned) = match (gguf, planned) {
+        (_, Some(planned)) => (archive.files.clone(), planned),
+        (Some(gguf), None) => {
+            handle.set_stage(LoadStage::Converting);
+            let cache = &state.config().cache_dir;
+            let files = convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?;
+            handle.set_stage(LoadStage::Planning);
+            let planned = plan(state, &*files, &spec.setup, &spec.config)?;
+            (files, planned)
+        }
+        (None, None) => {
+            unreachable!("a model with weights is planned at registration or converted")
+        }
+    };
+    let Planned {
+        inventory,
+        plan,
+        lease,
+    } = planned;
+    // Disk units of weights served in another dtype than stored are written once,
+    // converted, into offload_folder (the planner has required it) and streamed from there.
+    let model_files = match (options.dtype, spec.setup.offload_folder.as_ref()) {
+        (Some(dtype), Some(root))
+            if plan.streamed_bytes_per_forward > 0 && converts(&inventory, dtype) =>
+        {
+            handle.set_stage(LoadStage::Offloading);
+            let source = model_files
+                .model_weights()
+                .map_err(Error::load(&archive.path))?;
+            let converted = spillway_handlers::weights::offload::convert(
+                &source,
+                dtype,
+                std::path::Path::new(root),
+            )
+            .map_err(Error::load(&archive.path))?;
+            tracing::info!(file = %converted.display(), "disk units converted into the offload folder");
+            Arc::new(files::WithWeights::new(model_files, converted)) as Arc<dyn ModelFiles>
+        }
+        _ => model_files,
+    };
+    handle.set_stage(LoadStage::Building);
+    options.plan = Some(plan.clone());
+    let handler = spillway_handlers::load(spec.handler, &*model_files, &options)
+        .map_err(Error::load(&archive.path))?;
+    Ok(Loaded {
+        handler,
+        plan: Some(plan),
+        lease: Some(lease),
+    })
+}
+
+/// The GGUF file to convert, when the archive holds a GGUF model and no safetensors.
+fn gguf_to_convert(archive: &OpenedArchive) -> Result<Option<String>> {
     let ggufs = archive.files.find(".gguf");
     let has_safetensors = [files::SINGLE_WEIGHTS, files::SHARD_INDEX]
         .into_iter()
@@ -155,31 +242,40 @@ fn model_files(
         .iter()
         .any(Option::is_some);
     if has_safetensors || ggufs.is_empty() {
-        return Ok(archive.files.clone());
+        return Ok(None);
     }
-    let gguf = archive
-        .manifest
-        .model
-        .serialized_file
-        .clone()
-        .filter(|f| f.ends_with(".gguf"))
-        .unwrap_or_else(|| ggufs[0].clone());
+    Ok(Some(
+        archive
+            .manifest
+            .model
+            .serialized_file
+            .clone()
+            .filter(|f| f.ends_with(".gguf"))
+            .unwrap_or_else(|| ggufs[0].clone()),
+    ))
+}
+
+/// A GGUF model converted once (dequantized to `torch_dtype`, float32 by default) into
+/// the offload folder — `offload_folder` from setup_config.json, else the server's
+/// cache — and served from there.
+fn convert_gguf(
+    archive: &OpenedArchive,
+    gguf: &str,
+    options: &LoadOptions,
+    setup: &SetupConfig,
+    cache_dir: &std::path::Path,
+) -> Result<Arc<dyn ModelFiles>> {
     let root = setup
         .offload_folder
         .as_ref()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| cache_dir.join("offload"));
-    let dtype = setup
-        .load_options()?
-        .dtype
-        .unwrap_or(spillway_handlers::DType::F32);
+    let dtype = options.dtype.unwrap_or(spillway_handlers::DType::F32);
     let started = Instant::now();
-    let folder = spillway_handlers::models::gguf::materialize(&*archive.files, &gguf, &root, dtype)
-        .map_err(|e| Error::bad_archive(&archive.path, crate::error::chain(&e)))?;
+    let folder = spillway_handlers::models::gguf::materialize(&*archive.files, gguf, &root, dtype)
+        .map_err(Error::load(&archive.path))?;
     tracing::info!(gguf = %gguf, folder = %folder.display(), "GGUF ready in {:.2} s", started.elapsed().as_secs_f64());
-    Ok(Arc::new(
-        spillway_handlers::weights::files::FolderFiles::new(folder),
-    ))
+    Ok(Arc::new(files::FolderFiles::new(folder)))
 }
 
 /// This build executes units on the CPU, resident or streamed from disk; a plan that
@@ -213,16 +309,10 @@ fn check_executable(plan: &Plan) -> Result<()> {
 
 /// Whether serving in `dtype` converts the checkpoint's floating-point weights.
 fn converts(inventory: &ModelInventory, dtype: spillway_handlers::DType) -> bool {
-    use spillway_handlers::DType;
-    use spillway_placement::TensorDType;
-    let stored = match inventory.stored_dtype() {
-        Some(TensorDType::F32) => DType::F32,
-        Some(TensorDType::F16) => DType::F16,
-        Some(TensorDType::BF16) => DType::BF16,
-        Some(TensorDType::F64) => DType::F64,
-        _ => return false,
-    };
-    stored != dtype
+    inventory
+        .stored_dtype()
+        .and_then(spillway_handlers::candle_dtype)
+        .is_some_and(|stored| stored != dtype)
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -240,16 +330,6 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
-/// Step 4: reads the weights and builds the handler where the plan says. Blocking. A
-/// failure here is the archive's (weights that disagree with config.json, a broken
-/// tokenizer), so it is reported with its whole cause.
-pub fn build(prepared: &Prepared) -> Result<Arc<dyn Handler>> {
-    let mut options = prepared.spec.setup.load_options()?;
-    options.plan = prepared.spec.plan.clone();
-    spillway_handlers::load(prepared.spec.handler, &*prepared.model_files, &options)
-        .map_err(|e| Error::bad_archive(&prepared.archive.path, crate::error::chain(&e)))
-}
-
 /// Registers and loads a model. With `synchronous`, returns once it serves (or failed,
 /// in which case it is unregistered again); otherwise returns once it is registered and
 /// loads it in the background.
@@ -258,36 +338,15 @@ pub async fn register(
     request: LoadRequest,
     synchronous: bool,
 ) -> Result<Arc<ModelHandle>> {
-    let prepared = {
+    let opened = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || prepare(&state, &request))
+        tokio::task::spawn_blocking(move || open(&state, &request))
             .await
             .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
     };
-    let handle = ModelHandle::new(prepared.spec.clone());
+    let handle = ModelHandle::new(opened.spec.clone());
     state.registry().insert(handle.clone())?;
-    let load = {
-        let handle = handle.clone();
-        async move {
-            let started = Instant::now();
-            let built = tokio::task::spawn_blocking(move || build(&prepared))
-                .await
-                .map_err(|e| Error::Internal(format!("load task failed: {e}")))
-                .and_then(|r| r);
-            let result = built.and_then(|handler| handle.set_ready(handler, started.elapsed()));
-            match &result {
-                Ok(()) => tracing::info!(
-                    model = %handle.spec.name, version = %handle.spec.version,
-                    "loaded in {:.3} s", started.elapsed().as_secs_f64()
-                ),
-                Err(e) => {
-                    tracing::error!(model = %handle.spec.name, error = %e.chain(), "load failed");
-                    handle.set_failed(e.chain());
-                }
-            }
-            result
-        }
-    };
+    let load = load(state.clone(), handle.clone(), opened);
     if synchronous {
         if let Err(e) = load.await {
             let _ = state
@@ -299,4 +358,29 @@ pub async fn register(
         tokio::spawn(load);
     }
     Ok(handle)
+}
+
+/// Builds the registered `handle` on a blocking thread and starts its workers; on
+/// failure leaves it FAILED with the whole cause.
+async fn load(state: AppState, handle: Arc<ModelHandle>, opened: Opened) -> Result<()> {
+    let started = Instant::now();
+    let built = {
+        let handle = handle.clone();
+        tokio::task::spawn_blocking(move || build(&state, &handle, opened))
+            .await
+            .map_err(|e| Error::Internal(format!("load task failed: {e}")))
+            .and_then(|r| r)
+    };
+    let result = built.and_then(|loaded| handle.set_ready(loaded, started.elapsed()));
+    match &result {
+        Ok(()) => tracing::info!(
+            model = %handle.spec.name, version = %handle.spec.version,
+            "loaded in {:.3} s", started.elapsed().as_secs_f64()
+        ),
+        Err(e) => {
+            tracing::error!(model = %handle.spec.name, error = %e.chain(), "load failed");
+            handle.set_failed(e.chain());
+        }
+    }
+    result
 }

@@ -230,9 +230,12 @@ pub fn refresh(queue_depths: &[(ModelLabels, usize)]) {
     if let Some(busy) = cpu_utilization() {
         gauge!(CPU_UTILIZATION, &host).set(busy);
     }
-    if let Some((total, available)) = memory_kib() {
-        gauge!(MEMORY_USED_MB, &host).set(total.saturating_sub(available) as f64 / 1024.0);
-        gauge!(MEMORY_AVAILABLE_MB, &host).set(available as f64 / 1024.0);
+    if let Some(memory) = crate::devices::host_memory() {
+        let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        gauge!(MEMORY_USED_MB, &host).set(mb(
+            memory.total_bytes - memory.available_bytes.min(memory.total_bytes)
+        ));
+        gauge!(MEMORY_AVAILABLE_MB, &host).set(mb(memory.available_bytes));
     }
     if let Some(rss) = process_rss_bytes() {
         gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
@@ -281,17 +284,6 @@ fn cpu_utilization() -> Option<f64> {
     }
     *last = Some(now);
     Some(busy as f64 * 100.0 / total as f64)
-}
-
-fn memory_kib() -> Option<(u64, u64)> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let field = |key: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    Some((field("MemTotal:")?, field("MemAvailable:")?))
 }
 
 fn process_rss_bytes() -> Option<u64> {

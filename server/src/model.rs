@@ -1,7 +1,12 @@
 //! [`ModelHandle`]: one registered model version — what it is (name, version, archive,
-//! configs), where it is in its life (loading, ready, failed), and when ready, its job
-//! queue, batcher and workers. Requests reach the model only through
+//! configs), where it is in its life (loading and at which stage, ready, failed, or
+//! registered but unloaded), and when ready, its plan, its lease on device bytes, its
+//! job queue, batcher and workers. Requests reach the model only through
 //! [`ModelHandle::submit`].
+//!
+//! A model stops serving by being *retired*: its job queue closes, the queued jobs are
+//! still run, its worker threads are joined, and only then are its handler (the
+//! weights) and its lease dropped — so a released lease means the memory is free.
 
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -12,7 +17,9 @@ use tokio::sync::oneshot;
 
 use crate::archive::ArchiveFormat;
 use crate::batcher::{self, BatchPolicy, IdleWorkers, Job};
+use crate::devices::ledger::Lease;
 use crate::error::{Error, Result};
+use crate::loader::Loaded;
 use crate::metrics::ModelLabels;
 use crate::model_config::ModelConfig;
 use crate::setup_config::SetupConfig;
@@ -29,17 +36,45 @@ pub struct ModelSpec {
     pub format: ArchiveFormat,
     pub config: ModelConfig,
     pub setup: SetupConfig,
-    /// Where each unit lives (models with weights).
-    pub plan: Option<spillway_placement::Plan>,
     pub job_queue_size: usize,
     pub loaded_at_startup: bool,
 }
 
 /// Where a model is in its life.
 enum State {
-    Loading,
-    Ready(Serving),
+    /// Registered, its weights not loaded (unloaded, or evicted to make room).
+    Unloaded,
+    Loading(LoadStage),
+    Ready(Box<Serving>),
     Failed(String),
+}
+
+/// What a loading model is doing now (shown by describe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadStage {
+    /// Registered; the slow part has not started yet.
+    Queued,
+    /// Converting a GGUF checkpoint into the offload folder.
+    Converting,
+    /// Planning where each unit lives and leasing its device bytes.
+    Planning,
+    /// Writing disk units in the serving dtype to the offload folder.
+    Offloading,
+    /// Reading the weights and building the handler.
+    Building,
+}
+
+impl LoadStage {
+    fn describe(self) -> &'static str {
+        match self {
+            LoadStage::Queued => "about to start",
+            LoadStage::Converting => "converting its GGUF weights",
+            LoadStage::Planning => "planning its placement",
+            LoadStage::Offloading => "writing its disk units to the offload folder",
+            LoadStage::Building => "reading its weights",
+        }
+    }
 }
 
 /// A loaded model's serving machinery.
@@ -47,8 +82,39 @@ struct Serving {
     handler: Arc<dyn Handler>,
     jobs: flume::Sender<Job>,
     pool: Mutex<WorkerPool>,
+    plan: Option<spillway_placement::Plan>,
+    lease: Option<Lease>,
     loaded_at: SystemTime,
     load_time: Duration,
+}
+
+impl Serving {
+    /// Starts retiring: the job queue closes (when `self` drops, right after), queued
+    /// jobs still run, and a thread joins the workers, then drops the handler and the
+    /// lease. The returned handle finishes when all that is done.
+    fn retire(&mut self) -> std::thread::JoinHandle<()> {
+        let workers = self
+            .pool
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .retire();
+        let handler = self.handler.clone();
+        let lease = self.lease.take();
+        std::thread::spawn(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+            drop(handler);
+            drop(lease);
+        })
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        // Retired in the background; `ModelHandle::unload` waits for it instead.
+        let _detached = self.retire();
+    }
 }
 
 /// One registered model version. Shared as `Arc<ModelHandle>`; when the registry and
@@ -69,6 +135,9 @@ pub struct ModelDescription {
     pub runtime: &'static str,
     pub handler: HandlerKind,
     pub status: String,
+    /// What a LOADING model is doing now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loading_stage: Option<LoadStage>,
     pub min_workers: usize,
     pub max_workers: usize,
     pub batch_size: usize,
@@ -99,7 +168,7 @@ impl ModelHandle {
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
             spec,
-            state: RwLock::new(State::Loading),
+            state: RwLock::new(State::Loading(LoadStage::Queued)),
         })
     }
 
@@ -117,9 +186,22 @@ impl ModelHandle {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the batcher and workers around a loaded handler. Must run inside the
-    /// tokio runtime (the batcher is a task).
-    pub fn set_ready(&self, handler: Arc<dyn Handler>, load_time: Duration) -> Result<()> {
+    /// Tells describe what the load is doing now (ignored unless loading).
+    pub fn set_stage(&self, stage: LoadStage) {
+        let mut state = self.state_mut();
+        if let State::Loading(_) = *state {
+            *state = State::Loading(stage);
+        }
+    }
+
+    /// Starts the batcher and workers around a loaded model. Must run inside the tokio
+    /// runtime (the batcher is a task).
+    pub fn set_ready(&self, loaded: Loaded, load_time: Duration) -> Result<()> {
+        let Loaded {
+            handler,
+            plan,
+            lease,
+        } = loaded;
         let (jobs_tx, jobs_rx) = flume::bounded(self.spec.job_queue_size);
         // A rendezvous channel: a batch is handed over only when a worker takes it, so
         // jobs keep gathering in the queue (and join the next batch) while all are busy.
@@ -158,17 +240,37 @@ impl ModelHandle {
             self.labels.clone(),
         ));
         self.labels.loaded(load_time);
-        if let Some(plan) = &self.spec.plan {
+        if let Some(plan) = &plan {
             self.labels.placed(plan);
         }
-        *self.state_mut() = State::Ready(Serving {
+        if let Some(lease) = &lease {
+            lease.settle();
+        }
+        *self.state_mut() = State::Ready(Box::new(Serving {
             handler,
             jobs: jobs_tx,
             pool: Mutex::new(pool),
+            plan,
+            lease,
             loaded_at: SystemTime::now(),
             load_time,
-        });
+        }));
         Ok(())
+    }
+
+    /// Stops serving and frees the model's memory, keeping it registered (UNLOADED):
+    /// jobs already queued are answered, then the workers are joined and the weights
+    /// and lease dropped. Returns when all that is done.
+    pub async fn unload(&self) {
+        let previous = std::mem::replace(&mut *self.state_mut(), State::Unloaded);
+        let State::Ready(mut serving) = previous else {
+            // Not serving: put back what it was doing.
+            *self.state_mut() = previous;
+            return;
+        };
+        let retired = serving.retire();
+        drop(serving);
+        let _ = tokio::task::spawn_blocking(move || retired.join()).await;
     }
 
     pub fn set_failed(&self, reason: String) {
@@ -198,7 +300,8 @@ impl ModelHandle {
         Error::NotReady {
             model: self.spec.name.clone(),
             state: match state {
-                State::Loading => "it is loading".into(),
+                State::Unloaded => "it is not loaded (unloaded, or evicted to make room)".into(),
+                State::Loading(stage) => format!("it is loading ({})", stage.describe()),
                 State::Failed(reason) => format!("it failed to load: {reason}"),
                 State::Ready(_) => {
                     "it has no workers (scale it up with PUT /models/{name}?min_worker=1)".into()
@@ -272,7 +375,8 @@ impl ModelHandle {
         let spec = &self.spec;
         let state = self.state();
         let (status, error) = match &*state {
-            State::Loading => ("LOADING".to_string(), None),
+            State::Unloaded => ("UNLOADED".to_string(), None),
+            State::Loading(_) => ("LOADING".to_string(), None),
             State::Ready(_) => ("READY".to_string(), None),
             State::Failed(reason) => ("FAILED".to_string(), Some(reason.clone())),
         };
@@ -298,7 +402,11 @@ impl ModelHandle {
             error,
             model: None,
             setup_config: spec.setup.clone(),
-            placement: spec.plan.clone(),
+            loading_stage: match &*state {
+                State::Loading(stage) => Some(*stage),
+                _ => None,
+            },
+            placement: None,
             workers: Vec::new(),
         };
         if let State::Ready(serving) = &*state {
@@ -311,6 +419,7 @@ impl ModelHandle {
             description.load_time_seconds = Some(serving.load_time.as_secs_f64());
             description.loaded_at = Some(crate::timestamp::rfc3339(serving.loaded_at));
             description.model = Some(serving.handler.info());
+            description.placement = serving.plan.clone();
         }
         description
     }

@@ -124,19 +124,7 @@ pub fn plan_model(
     machine: &spillway_placement::Machine,
 ) -> Result<Plan> {
     let plan_error = Error::Plan;
-    let target = match setup.torch_dtype.as_deref() {
-        None | Some("auto") => None,
-        Some(name) => Some(
-            TensorDType::parse(name)
-                .filter(|d| d.is_float())
-                .ok_or_else(|| {
-                    Error::bad_config(
-                        "setup_config.json",
-                        format!("torch_dtype `{name}` is not a float type"),
-                    )
-                })?,
-        ),
-    };
+    let target = setup.dtype()?;
     let stored = inventory.stored_dtype();
     let run_dtype = target.or(stored).unwrap_or(TensorDType::F32);
     let tie = inventory

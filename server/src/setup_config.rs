@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use spillway_handlers::LoadOptions;
+use spillway_placement::TensorDType;
 
 use crate::error::{Error, Result};
 
@@ -42,29 +43,35 @@ impl SetupConfig {
         }
     }
 
+    /// The dtype to serve in: `torch_dtype` (torch's spellings, "torch.float16" too),
+    /// or `None` for "auto" or none given (the checkpoint's own). The one place that
+    /// reads it.
+    pub fn dtype(&self) -> Result<Option<TensorDType>> {
+        match self.torch_dtype.as_deref() {
+            None | Some("auto") => Ok(None),
+            Some(name) => TensorDType::parse(name)
+                .filter(|d| matches!(d, TensorDType::F32 | TensorDType::F16 | TensorDType::BF16))
+                .map(Some)
+                .ok_or_else(|| {
+                    Error::bad_config(
+                        FILE,
+                        format!(
+                            "torch_dtype `{name}` is not one of float32, float16, bfloat16, auto"
+                        ),
+                    )
+                }),
+        }
+    }
+
     /// What the handler is told at load time. (Where units go is the planner's job:
-    /// `crate::placement`.)
+    /// `crate::placement`; the loader adds the plan.)
     pub fn load_options(&self) -> Result<LoadOptions> {
-        let dtype = match self.torch_dtype.as_deref() {
-            None | Some("auto") => None,
-            Some("float32" | "torch.float32" | "fp32") => Some(spillway_handlers::DType::F32),
-            Some("float16" | "torch.float16" | "fp16" | "half") => {
-                Some(spillway_handlers::DType::F16)
-            }
-            Some("bfloat16" | "torch.bfloat16" | "bf16") => Some(spillway_handlers::DType::BF16),
-            Some(other) => {
-                return Err(Error::bad_config(
-                    FILE,
-                    format!("torch_dtype `{other}` is not one of float32, float16, bfloat16, auto"),
-                ));
-            }
-        };
         if self.max_length == Some(0) {
             return Err(Error::bad_config(FILE, "max_length must be at least 1"));
         }
         Ok(LoadOptions {
             device: spillway_handlers::Device::Cpu,
-            dtype,
+            dtype: self.dtype()?.and_then(spillway_handlers::candle_dtype),
             max_length: self.max_length,
             plan: None,
         })
@@ -99,6 +106,21 @@ mod tests {
             .expect_err("dtype");
         assert!(err.to_string().contains("int3"), "{err}");
         assert!(SetupConfig::parse(Some(b"{oops")).is_err());
+        // One reading of torch_dtype for the planner and the handler alike.
+        let dtype = |name: &str| {
+            SetupConfig {
+                torch_dtype: Some(name.into()),
+                ..SetupConfig::default()
+            }
+            .dtype()
+            .ok()
+        };
+        assert_eq!(dtype("torch.float16"), Some(Some(TensorDType::F16)));
+        assert_eq!(dtype("bf16"), Some(Some(TensorDType::BF16)));
+        assert_eq!(dtype("float"), Some(Some(TensorDType::F32)));
+        assert_eq!(dtype("auto"), Some(None));
+        assert_eq!(dtype("float64"), None, "not a dtype the handlers serve in");
+        assert_eq!(dtype("int8"), None);
     }
 }
 

@@ -51,7 +51,7 @@ struct Worker {
     threads: usize,
     stats: Arc<WorkerStats>,
     stop: Arc<AtomicBool>,
-    _thread: JoinHandle<()>,
+    thread: JoinHandle<()>,
 }
 
 /// The workers of one model.
@@ -65,6 +65,8 @@ pub struct WorkerPool {
     /// `threadsPerWorker`, if the model config sets it.
     threads_per_worker: Option<usize>,
     workers: Vec<Worker>,
+    /// Threads of workers asked to stop (scaled down), finishing their batch.
+    stopping: Vec<JoinHandle<()>>,
     next_id: usize,
     pub min_workers: usize,
     pub max_workers: usize,
@@ -87,6 +89,7 @@ impl WorkerPool {
             continuous,
             threads_per_worker,
             workers: Vec::new(),
+            stopping: Vec::new(),
             next_id: 9000,
             min_workers: 0,
             max_workers: 0,
@@ -101,6 +104,7 @@ impl WorkerPool {
             if let Some(worker) = self.workers.pop() {
                 // The thread finishes its current batch, then exits on its own.
                 worker.stop.store(true, Ordering::SeqCst);
+                self.stopping.push(worker.thread);
             }
         }
         while self.workers.len() < min {
@@ -145,7 +149,7 @@ impl WorkerPool {
             threads,
             stats,
             stop,
-            _thread: thread,
+            thread,
         });
         Ok(())
     }
@@ -175,6 +179,17 @@ impl WorkerPool {
                 threads: w.threads,
             })
             .collect()
+    }
+}
+
+impl WorkerPool {
+    /// Every worker thread, for the caller to join. The workers are not told to stop:
+    /// each runs until the batch channel closes (the model's queue closed and drained),
+    /// so jobs already queued are still answered.
+    pub fn retire(&mut self) -> Vec<JoinHandle<()>> {
+        let mut threads = std::mem::take(&mut self.stopping);
+        threads.extend(self.workers.drain(..).map(|w| w.thread));
+        threads
     }
 }
 
@@ -258,12 +273,12 @@ impl WorkerContext {
                 .map(|r| r.map_err(Error::from))
                 .collect(),
             Ok(Ok(outputs)) => {
-                let e = Error::Internal(format!(
-                    "handler answered {} of {count} requests",
-                    outputs.len()
-                ));
-                tracing::error!("{e}");
-                shared_error(Arc::new(HandlerError::Unsupported(e.to_string())), count)
+                // A fault in the handler: every request of the batch gets a 500.
+                let message = format!("handler answered {} of {count} requests", outputs.len());
+                tracing::error!("{message}");
+                (0..count)
+                    .map(|_| Err(Error::Internal(message.clone())))
+                    .collect()
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %crate::error::chain(&e), "batch of {count} failed");

@@ -16,6 +16,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::QueueFull | ErrorKind::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -31,6 +32,7 @@ impl ErrorKind {
             ErrorKind::QueueFull => "ServiceUnavailableException",
             ErrorKind::NotReady => "ServiceUnavailableException",
             ErrorKind::Timeout => "RequestTimeoutException",
+            ErrorKind::InsufficientStorage => "InsufficientMemoryException",
             ErrorKind::Conflict => "ConflictStatusException",
             ErrorKind::Unauthorized => "InvalidKeyException",
             ErrorKind::Internal => "InternalServerException",
@@ -53,7 +55,8 @@ impl IntoResponse for Error {
             tracing::error!(error = %self.chain(), "internal error");
             "Internal server error; the server log has the details".to_string()
         } else {
-            self.to_string()
+            // The whole cause: a client can act on it (which file, what ran out).
+            self.chain()
         };
         let body = json!({"code": status.as_u16(), "type": kind.type_name(), "message": message});
         let mut response = (status, axum::Json(body)).into_response();

@@ -2,6 +2,9 @@
 //! `GET /models` (paged), `GET /models/{name}[/{version}|/all]`, `POST /models?url=...`,
 //! `PUT /models/{name}[/{version}]?min_worker=&max_worker=`,
 //! `DELETE /models/{name}[/{version}]`, `PUT /models/{name}/{version}/set-default`.
+//!
+//! An unregistration answers once the model's queued jobs are answered, its workers
+//! joined and its memory freed.
 
 use std::collections::BTreeMap;
 
@@ -188,7 +191,9 @@ async fn unregister_all(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    state.registry().remove(&name, None)?;
+    for model in state.registry().remove(&name, None)? {
+        model.unload().await;
+    }
     Ok(status(
         StatusCode::OK,
         format!("Model \"{name}\" unregistered"),
@@ -199,7 +204,9 @@ async fn unregister_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Response> {
-    state.registry().remove(&name, Some(&version))?;
+    for model in state.registry().remove(&name, Some(&version))? {
+        model.unload().await;
+    }
     Ok(status(
         StatusCode::OK,
         format!("Model \"{name}\" version {version} unregistered"),

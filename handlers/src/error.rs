@@ -28,7 +28,16 @@ pub enum HandlerError {
     #[error("{0}")]
     Input(String),
 
-    /// A tensor operation failed while loading or running the model.
+    /// The weights cannot be built into the model (a tensor missing, or of another shape
+    /// than config.json says): the archive's to fix.
+    #[error("{context}")]
+    BadWeights {
+        context: String,
+        #[source]
+        source: candle_core::Error,
+    },
+
+    /// A tensor operation failed while running the model.
     #[error("{context}")]
     Candle {
         context: String,
@@ -87,6 +96,7 @@ impl HandlerError {
             HandlerError::Input(_) => ErrorClass::Input,
             HandlerError::MissingFile(_)
             | HandlerError::BadFile { .. }
+            | HandlerError::BadWeights { .. }
             | HandlerError::Unsupported(_) => ErrorClass::Model,
             HandlerError::OutOfMemory { .. } => ErrorClass::Exhausted,
             HandlerError::Io { .. }
@@ -106,7 +116,12 @@ impl HandlerError {
 
 /// Adds context to candle results, keeping the candle error as the source.
 pub(crate) trait CandleContext<T> {
+    /// A failure while computing (an internal fault, or a device out of memory).
     fn context(self, context: impl FnOnce() -> String) -> Result<T, HandlerError>;
+
+    /// A failure while building the model from its weights (the archive's, or a device
+    /// out of memory).
+    fn weights_context(self, context: impl FnOnce() -> String) -> Result<T, HandlerError>;
 }
 
 impl<T> CandleContext<T> for Result<T, candle_core::Error> {
@@ -119,6 +134,22 @@ impl<T> CandleContext<T> for Result<T, candle_core::Error> {
                 }
             } else {
                 HandlerError::Candle {
+                    context: context(),
+                    source,
+                }
+            }
+        })
+    }
+
+    fn weights_context(self, context: impl FnOnce() -> String) -> Result<T, HandlerError> {
+        self.map_err(|source| {
+            if is_out_of_memory(&source) {
+                HandlerError::OutOfMemory {
+                    context: context(),
+                    source,
+                }
+            } else {
+                HandlerError::BadWeights {
                     context: context(),
                     source,
                 }
@@ -149,9 +180,13 @@ mod tests {
             .expect_err("oom");
         assert_eq!(err.class(), ErrorClass::Exhausted, "{err}");
         assert!(err.to_string().contains("model.layers.3"));
-        let shape: Result<(), _> = Err(candle_core::Error::Msg("shape mismatch".into()));
-        let err = shape.context(|| "forward".into()).expect_err("fault");
-        assert_eq!(err.class(), ErrorClass::Internal);
+        let shape = || -> Result<(), _> { Err(candle_core::Error::Msg("shape mismatch".into())) };
+        let err = shape().context(|| "forward".into()).expect_err("fault");
+        assert_eq!(err.class(), ErrorClass::Internal, "running: a fault");
+        let err = shape()
+            .weights_context(|| "cannot load unit encoder.layer.0".into())
+            .expect_err("bad weights");
+        assert_eq!(err.class(), ErrorClass::Model, "loading: the archive's");
         assert_eq!(HandlerError::Input("x".into()).class(), ErrorClass::Input);
         assert_eq!(
             HandlerError::bad_file("config.json", "no").class(),

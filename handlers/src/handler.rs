@@ -14,6 +14,7 @@ use tokenizers::Encoding;
 
 use crate::HandlerError;
 use crate::generate::{EventSender, GenerateParameters, GenerateRequest, Generation};
+use crate::weights::layer_stack::StreamTotals;
 
 /// A request body as it arrived (what the echo handler answers with).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -265,6 +266,11 @@ pub trait Handler: Send + Sync {
 
     /// What this handler is.
     fn info(&self) -> HandlerInfo;
+
+    /// What its disk units have streamed so far (zero for models with none).
+    fn stream_totals(&self) -> StreamTotals {
+        StreamTotals::default()
+    }
 
     /// A fresh running batch for continuous batching, where the handler supports it
     /// (generation: requests join between steps and leave as they finish).

@@ -41,4 +41,4 @@ pub use weights::WeightSource;
 pub use weights::files::ModelFiles;
 
 // The tensor vocabulary handlers are configured with, so the server needs no candle dependency.
-pub use candle_core::{DType, Device};
+pub use candle_core::{DType, Device, Error as CandleError};

@@ -62,23 +62,52 @@ impl std::str::FromStr for StartupModels {
     }
 }
 
-/// Settings given on the command line or in `SPILLWAY_*` variables. `None` means "not
-/// given", so config.properties or the default applies.
-#[derive(Debug, Clone, Default)]
+/// Settings given on the command line or in `SPILLWAY_*` variables: `spillway serve`'s
+/// flags are derived from this one definition. `None` means "not given", so
+/// config.properties or the default applies.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Overrides {
+    /// TorchServe config.properties to read.
+    #[arg(long, env = "SPILLWAY_TS_CONFIG")]
     pub ts_config: Option<PathBuf>,
+    /// Folder of model archives [default: ./model-store].
+    #[arg(long, env = "SPILLWAY_MODEL_STORE")]
     pub model_store: Option<PathBuf>,
+    /// Models to load at start-up: `all`, or `NAME=ARCHIVE,...` / `ARCHIVE,...` [default: all].
+    #[arg(long, env = "SPILLWAY_MODELS")]
     pub models: Option<String>,
+    /// [default: 127.0.0.1:8080]
+    #[arg(long, env = "SPILLWAY_INFERENCE_ADDRESS")]
     pub inference_address: Option<String>,
+    /// [default: 127.0.0.1:8081]
+    #[arg(long, env = "SPILLWAY_MANAGEMENT_ADDRESS")]
     pub management_address: Option<String>,
+    /// [default: 127.0.0.1:8082]
+    #[arg(long, env = "SPILLWAY_METRICS_ADDRESS")]
     pub metrics_address: Option<String>,
+    /// Workers per model when its model-config.yaml names none [default: 1].
+    #[arg(long, env = "SPILLWAY_DEFAULT_WORKERS_PER_MODEL")]
     pub default_workers_per_model: Option<usize>,
+    /// Queued requests per model before 503 [default: 100].
+    #[arg(long, env = "SPILLWAY_JOB_QUEUE_SIZE")]
     pub job_queue_size: Option<usize>,
+    /// Largest request body in bytes [default: 6553500].
+    #[arg(long, env = "SPILLWAY_MAX_REQUEST_SIZE")]
     pub max_request_size: Option<usize>,
+    /// Largest response body in bytes [default: 6553500].
+    #[arg(long, env = "SPILLWAY_MAX_RESPONSE_SIZE")]
     pub max_response_size: Option<usize>,
+    /// Bearer token for the management API (required when it is off loopback).
+    #[arg(long, env = "SPILLWAY_MANAGEMENT_TOKEN", hide_env_values = true)]
     pub management_token: Option<String>,
+    /// Bearer token for the inference API.
+    #[arg(long, env = "SPILLWAY_INFERENCE_TOKEN", hide_env_values = true)]
     pub inference_token: Option<String>,
+    /// Where archives that cannot be mapped in place are unpacked [default: ~/.cache/spillway].
+    #[arg(long, env = "SPILLWAY_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Threads for HTTP and queues; model compute runs on its own threads [default: cores/2, at least 2].
+    #[arg(long, env = "SPILLWAY_IO_THREADS")]
     pub io_threads: Option<usize>,
 }
 

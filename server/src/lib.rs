@@ -57,7 +57,25 @@ pub struct Listeners {
     pub metrics: TcpListener,
 }
 
+/// Where the three listeners are bound (the ports the OS chose, for port 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub inference: std::net::SocketAddr,
+    pub management: std::net::SocketAddr,
+    pub metrics: std::net::SocketAddr,
+}
+
 impl Listeners {
+    /// The bound addresses.
+    pub fn addresses(&self) -> Result<Addresses> {
+        let addr = |l: &TcpListener| l.local_addr().map_err(|e| Error::Internal(e.to_string()));
+        Ok(Addresses {
+            inference: addr(&self.inference)?,
+            management: addr(&self.management)?,
+            metrics: addr(&self.metrics)?,
+        })
+    }
+
     /// Binds the configured addresses.
     pub async fn bind(config: &ServerConfig) -> Result<Self> {
         let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
@@ -85,6 +103,12 @@ pub async fn run(
             "the model store {} is not a folder (create it, or pass --model-store)",
             config.model_store.display()
         )));
+    }
+    if !spillway_handlers::cpu::threads::elementwise_ops_run_on_the_calling_thread() {
+        tracing::warn!(
+            "CANDLE_NUM_THREADS is not 1: candle's element-wise ops get a pool of their own, \
+             which fights MKL's threads for the cores (the spillway binary sets it)"
+        );
     }
     let state = AppState::new(config, metrics::install());
     for (name, listener) in [

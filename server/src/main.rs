@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models of a model store.
-    Serve(ServeArgs),
+    Serve(Overrides),
     /// Pack a model folder into an archive (what torch-model-archiver writes).
     Archive(ArchiveArgs),
     /// Show where every layer of a model would live, before reading any weight.
@@ -56,52 +56,6 @@ struct PlanArgs {
     /// Where archives that cannot be mapped in place are unpacked.
     #[arg(long, env = "SPILLWAY_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Folder of model archives [default: ./model-store].
-    #[arg(long, env = "SPILLWAY_MODEL_STORE")]
-    model_store: Option<PathBuf>,
-    /// Models to load at start-up: `all`, or `NAME=ARCHIVE,...` / `ARCHIVE,...` [default: all].
-    #[arg(long, env = "SPILLWAY_MODELS")]
-    models: Option<String>,
-    /// TorchServe config.properties to read.
-    #[arg(long, env = "SPILLWAY_TS_CONFIG")]
-    ts_config: Option<PathBuf>,
-    /// [default: 127.0.0.1:8080]
-    #[arg(long, env = "SPILLWAY_INFERENCE_ADDRESS")]
-    inference_address: Option<String>,
-    /// [default: 127.0.0.1:8081]
-    #[arg(long, env = "SPILLWAY_MANAGEMENT_ADDRESS")]
-    management_address: Option<String>,
-    /// [default: 127.0.0.1:8082]
-    #[arg(long, env = "SPILLWAY_METRICS_ADDRESS")]
-    metrics_address: Option<String>,
-    /// Workers per model when its model-config.yaml names none [default: 1].
-    #[arg(long, env = "SPILLWAY_DEFAULT_WORKERS_PER_MODEL")]
-    default_workers_per_model: Option<usize>,
-    /// Queued requests per model before 503 [default: 100].
-    #[arg(long, env = "SPILLWAY_JOB_QUEUE_SIZE")]
-    job_queue_size: Option<usize>,
-    /// Largest request body in bytes [default: 6553500].
-    #[arg(long, env = "SPILLWAY_MAX_REQUEST_SIZE")]
-    max_request_size: Option<usize>,
-    /// Largest response body in bytes [default: 6553500].
-    #[arg(long, env = "SPILLWAY_MAX_RESPONSE_SIZE")]
-    max_response_size: Option<usize>,
-    /// Bearer token for the management API (required when it is off loopback).
-    #[arg(long, env = "SPILLWAY_MANAGEMENT_TOKEN", hide_env_values = true)]
-    management_token: Option<String>,
-    /// Bearer token for the inference API.
-    #[arg(long, env = "SPILLWAY_INFERENCE_TOKEN", hide_env_values = true)]
-    inference_token: Option<String>,
-    /// Where archives that cannot be mapped in place are unpacked [default: ~/.cache/spillway].
-    #[arg(long, env = "SPILLWAY_CACHE_DIR")]
-    cache_dir: Option<PathBuf>,
-    /// Threads for HTTP and queues; model compute runs on its own threads [default: cores/2, at least 2].
-    #[arg(long, env = "SPILLWAY_IO_THREADS")]
-    io_threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -159,23 +113,8 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = ServerConfig::resolve(Overrides {
-        ts_config: args.ts_config,
-        model_store: args.model_store,
-        models: args.models,
-        inference_address: args.inference_address,
-        management_address: args.management_address,
-        metrics_address: args.metrics_address,
-        default_workers_per_model: args.default_workers_per_model,
-        job_queue_size: args.job_queue_size,
-        max_request_size: args.max_request_size,
-        max_response_size: args.max_response_size,
-        management_token: args.management_token,
-        inference_token: args.inference_token,
-        cache_dir: args.cache_dir,
-        io_threads: args.io_threads,
-    })?;
+fn serve(overrides: Overrides) -> anyhow::Result<()> {
+    let config = ServerConfig::resolve(overrides)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.io_threads)
         .enable_all()

@@ -2,12 +2,16 @@
 //! otherwise), their help texts, the Prometheus recorder, and small recording helpers so
 //! call sites never spell a metric name.
 
+use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use spillway_handlers::weights::layer_stack::StreamTotals;
 use spillway_placement::Plan;
+
+use crate::devices::ledger::DeviceBytes;
 
 /// Requests answered by the predictions API, by model (TorchServe's name).
 pub const INFERENCE_REQUESTS_TOTAL: &str = "ts_inference_requests_total";
@@ -64,6 +68,7 @@ pub const TIMED_OUT_TOTAL: &str = "spillway_timed_out_requests_total";
 pub const PLACED_BYTES: &str = "spillway_placed_bytes";
 /// The budget (`max_memory` or detected) of each device the plan used.
 pub const DEVICE_BUDGET_BYTES: &str = "spillway_device_budget_bytes";
+pub const LEASED_BYTES: &str = "spillway_leased_bytes";
 /// Disk units materialized for a forward pass (process-wide).
 pub const STREAMED_UNITS_TOTAL: &str = "spillway_streamed_units_total";
 /// Bytes read from disk units for forward passes (process-wide).
@@ -207,6 +212,10 @@ fn describe() {
             DEVICE_BUDGET_BYTES,
             "Each device's budget in the model's plan.",
         ),
+        (
+            LEASED_BYTES,
+            "Bytes loaded and loading models hold on each device (released when a model's workers are joined).",
+        ),
     ] {
         describe_gauge!(name, Unit::Bytes, help);
     }
@@ -223,9 +232,16 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Requests per batch.");
 }
 
+/// What a scrape samples of one serving model.
+pub struct ModelSample {
+    pub labels: ModelLabels,
+    pub queue_depth: usize,
+    pub streamed: StreamTotals,
+}
+
 /// Brings the values sampled at scrape time up to date: host CPU and memory, this
-/// process's RSS, disk-unit streaming totals, and each model's queue depth.
-pub fn refresh(queue_depths: &[(ModelLabels, usize)]) {
+/// process's RSS, and each serving model's queue depth and disk-unit streaming totals.
+pub fn refresh(models: &[ModelSample], leased: &DeviceBytes) {
     let host = [("Level", "Host".to_string())];
     if let Some(busy) = cpu_utilization() {
         gauge!(CPU_UTILIZATION, &host).set(busy);
@@ -240,12 +256,24 @@ pub fn refresh(queue_depths: &[(ModelLabels, usize)]) {
     if let Some(rss) = process_rss_bytes() {
         gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
     }
-    let streamed = spillway_handlers::weights::layer_stack::stream_totals();
-    counter!(STREAMED_UNITS_TOTAL).absolute(streamed.units);
-    counter!(STREAMED_BYTES_TOTAL).absolute(streamed.bytes);
-    counter!(MATERIALIZE_US_TOTAL).absolute(streamed.nanos / 1000);
-    for (labels, depth) in queue_depths {
-        gauge!(QUEUE_DEPTH, &labels.pairs()).set(*depth as f64);
+    // Devices that held bytes once are reported at zero once freed.
+    static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    seen.insert(spillway_placement::Device::CPU.to_string());
+    seen.extend(leased.keys().map(ToString::to_string));
+    for device in seen.iter() {
+        let bytes = leased
+            .iter()
+            .find(|(d, _)| d.to_string() == *device)
+            .map_or(0, |(_, n)| *n);
+        gauge!(LEASED_BYTES, "device" => device.clone()).set(bytes as f64);
+    }
+    for model in models {
+        let labels = model.labels.pairs();
+        gauge!(QUEUE_DEPTH, &labels).set(model.queue_depth as f64);
+        counter!(STREAMED_UNITS_TOTAL, &labels).absolute(model.streamed.units);
+        counter!(STREAMED_BYTES_TOTAL, &labels).absolute(model.streamed.bytes);
+        counter!(MATERIALIZE_US_TOTAL, &labels).absolute(model.streamed.nanos / 1000);
     }
 }
 

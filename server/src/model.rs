@@ -20,7 +20,7 @@ use crate::batcher::{self, BatchPolicy, IdleWorkers, Job};
 use crate::devices::ledger::Lease;
 use crate::error::{Error, Result};
 use crate::loader::Loaded;
-use crate::metrics::ModelLabels;
+use crate::metrics::{ModelLabels, ModelSample};
 use crate::model_config::ModelConfig;
 use crate::setup_config::SetupConfig;
 use crate::worker::{WorkerInfo, WorkerPool};
@@ -285,6 +285,18 @@ impl ModelHandle {
         }
     }
 
+    /// What a metrics scrape reads of a serving model (None unless serving).
+    pub fn sample(&self) -> Option<ModelSample> {
+        match &*self.state() {
+            State::Ready(serving) => Some(ModelSample {
+                labels: self.labels.clone(),
+                queue_depth: serving.jobs.len(),
+                streamed: serving.handler.stream_totals(),
+            }),
+            _ => None,
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(*self.state(), State::Ready(_))
     }
@@ -422,5 +434,90 @@ impl ModelHandle {
             description.placement = serving.plan.clone();
         }
         description
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model_config::{ModelConfigOverrides, ModelDefaults};
+
+    fn handle() -> Arc<ModelHandle> {
+        let defaults = ModelDefaults {
+            workers: 1,
+            response_timeout: Duration::from_secs(5),
+        };
+        ModelHandle::new(ModelSpec {
+            name: "m".into(),
+            version: "1".into(),
+            url: "m.mar".into(),
+            handler: HandlerKind::Echo,
+            format: ArchiveFormat::ZipStore,
+            config: ModelConfig::parse(None, &ModelConfigOverrides::default(), defaults)
+                .expect("defaults"),
+            setup: SetupConfig::default(),
+            job_queue_size: 4,
+            loaded_at_startup: false,
+        })
+    }
+
+    #[test]
+    fn a_registered_model_shows_its_load_stage_until_it_serves_or_fails() {
+        let model = handle();
+        let stage = |m: &ModelHandle| {
+            let d = m.describe();
+            (d.status, d.loading_stage)
+        };
+        assert_eq!(stage(&model), ("LOADING".into(), Some(LoadStage::Queued)));
+        model.set_stage(LoadStage::Converting);
+        assert_eq!(
+            stage(&model),
+            ("LOADING".into(), Some(LoadStage::Converting))
+        );
+        let refused = model.not_ready(&model.state());
+        assert!(refused.to_string().contains("converting"), "{refused}");
+        model.set_failed("broken".into());
+        model.set_stage(LoadStage::Building);
+        assert_eq!(
+            stage(&model),
+            ("FAILED".into(), None),
+            "a stage after failing is ignored"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unloaded_model_stays_registered_and_says_so() {
+        let model = handle();
+        let loaded = Loaded {
+            handler: Arc::new(spillway_handlers::tasks::echo::Echo),
+            plan: None,
+            lease: None,
+        };
+        model.set_ready(loaded, Duration::ZERO).expect("ready");
+        let answer = model
+            .submit(
+                Request::Raw(spillway_handlers::RawBody {
+                    content_type: None,
+                    bytes: b"hi".to_vec(),
+                }),
+                None,
+            )
+            .await
+            .expect("queued");
+        assert!(matches!(answer.await, Ok(Ok(Output::Raw(_)))));
+        model.unload().await;
+        assert_eq!(model.describe().status, "UNLOADED");
+        let refused = model
+            .submit(
+                Request::Raw(spillway_handlers::RawBody {
+                    content_type: None,
+                    bytes: b"hi".to_vec(),
+                }),
+                None,
+            )
+            .await
+            .expect_err("not serving");
+        assert_eq!(refused.kind(), crate::error::ErrorKind::NotReady);
+        assert!(refused.to_string().contains("not loaded"), "{refused}");
     }
 }

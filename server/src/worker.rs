@@ -439,6 +439,155 @@ fn shared_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
+    use spillway_handlers::{HandlerInfo, HandlerKind, Input, Output, RawBody, Request};
+    use tokio::sync::oneshot;
+
+    /// A handler that misbehaves as its input's first byte says: `n` answers nothing
+    /// (too few answers), `p` panics, `e` fails the whole batch, `o` fails it with a
+    /// device out of memory, `i` fails alone as bad input; anything else is echoed.
+    struct Misbehaving;
+
+    impl spillway_handlers::Handler for Misbehaving {
+        fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
+            match request {
+                Request::Raw(body) => Ok(Input::Raw(body)),
+                _ => Err(HandlerError::Input("raw only".into())),
+            }
+        }
+
+        fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
+            let first = |input: &Input| match input {
+                Input::Raw(body) => body.bytes.first().copied(),
+                _ => None,
+            };
+            let marks: Vec<Option<u8>> = batch.iter().map(first).collect();
+            if marks.contains(&Some(b'p')) {
+                panic!("a test panic");
+            }
+            if marks.contains(&Some(b'e')) {
+                return Err(HandlerError::Unsupported("a failed batch".into()));
+            }
+            if marks.contains(&Some(b'o')) {
+                return Err(HandlerError::OutOfMemory {
+                    context: "a test".into(),
+                    source: candle_core_error(),
+                });
+            }
+            Ok(batch
+                .iter()
+                .zip(&marks)
+                .filter(|(_, mark)| **mark != Some(b'n'))
+                .map(|(input, mark)| match (input, mark) {
+                    (_, Some(b'i')) => Err(HandlerError::Input("bad input".into())),
+                    (Input::Raw(body), _) => Ok(Output::Raw(body.clone())),
+                    _ => Err(HandlerError::Input("raw only".into())),
+                })
+                .collect())
+        }
+
+        fn info(&self) -> HandlerInfo {
+            HandlerInfo {
+                handler: HandlerKind::Echo,
+                architecture: None,
+                dtype: None,
+                device: "cpu".into(),
+                max_input_tokens: None,
+                streamed_units: None,
+                parameters: None,
+            }
+        }
+    }
+
+    fn candle_core_error() -> spillway_handlers::CandleError {
+        spillway_handlers::CandleError::Msg("CUDA_ERROR_OUT_OF_MEMORY".into())
+    }
+
+    type Answer = oneshot::Receiver<crate::error::Result<Output>>;
+
+    fn job(body: &str) -> (Job, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let input = Input::Raw(RawBody {
+            content_type: None,
+            bytes: body.as_bytes().to_vec(),
+        });
+        let job = Job {
+            input,
+            size: None,
+            reply,
+            enqueued_at: std::time::Instant::now(),
+        };
+        (job, answer)
+    }
+
+    /// Runs `batches` through one worker of a [`Misbehaving`] model; each job's answer
+    /// (`Ok(body)` or `Err(kind)`), then the worker's restarts.
+    fn run_batches(batches: &[&[&str]]) -> (Vec<Vec<Result<String, ErrorKind>>>, u64) {
+        let (batch_tx, batch_rx) = flume::bounded(0);
+        let mut pool = WorkerPool::new(
+            Arc::new(Misbehaving),
+            batch_rx,
+            Arc::new(IdleWorkers::default()),
+            ModelLabels::new("misbehaving", "1"),
+            None,
+            Some(1),
+        );
+        pool.scale(1, 1).expect("a worker");
+        let mut answers = Vec::new();
+        for bodies in batches {
+            let (jobs, receivers): (Vec<Job>, Vec<Answer>) = bodies.iter().map(|b| job(b)).unzip();
+            batch_tx.send(jobs).expect("the worker takes the batch");
+            answers.push(
+                receivers
+                    .into_iter()
+                    .map(
+                        |answer| match answer.blocking_recv().expect("exactly one answer") {
+                            Ok(Output::Raw(body)) => {
+                                Ok(String::from_utf8(body.bytes).expect("utf-8"))
+                            }
+                            Ok(other) => panic!("unexpected {other:?}"),
+                            Err(e) => Err(e.kind()),
+                        },
+                    )
+                    .collect(),
+            );
+        }
+        let restarts = pool.describe()[0].restarts;
+        drop(batch_tx);
+        for thread in pool.retire() {
+            thread
+                .join()
+                .expect("the worker exits once its channel closes");
+        }
+        (answers, restarts)
+    }
+
+    #[test]
+    fn every_job_gets_one_answer_of_the_right_class_whatever_the_handler_does() {
+        let (answers, restarts) = run_batches(&[
+            &["a", "n", "b"],
+            &["x", "p"],
+            &["e", "y"],
+            &["o"],
+            &["i", "z"],
+            &["after"],
+        ]);
+        use ErrorKind::*;
+        assert_eq!(
+            answers,
+            [
+                vec![Err(Internal), Err(Internal), Err(Internal)],
+                vec![Err(Internal), Err(Internal)],
+                vec![Err(BadRequest), Err(BadRequest)],
+                vec![Err(InsufficientStorage)],
+                vec![Err(BadRequest), Ok("z".to_string())],
+                vec![Ok("after".to_string())],
+            ],
+            "too few answers and panics are internal errors for the whole batch; a batch's \
+             error keeps its class; bad input fails alone; the worker carries on"
+        );
+        assert_eq!(restarts, 1, "the panic is counted");
+    }
 
     #[test]
     fn workers_divide_the_cores_unless_told() {

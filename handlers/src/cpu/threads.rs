@@ -9,8 +9,18 @@
 //! 128-token prefill 168 ms instead of 213 ms, MiniLM batch 32 66.8–69.9 ms instead of
 //! 71.0–72.0 ms, the rest unchanged (interleaved runs, docs/cpu-performance.md).
 
+/// Candle's only knob for its element-wise pool, and the value Spillway runs with.
+pub const ELEMENTWISE_THREADS: (&str, &str) = ("CANDLE_NUM_THREADS", "1");
+
+/// Whether this process runs candle's element-wise ops on the calling thread (the
+/// binary sets it in `main`; `.cargo/config.toml` sets it for tests and examples).
+pub fn elementwise_ops_run_on_the_calling_thread() -> bool {
+    std::env::var(ELEMENTWISE_THREADS.0).is_ok_and(|v| v == ELEMENTWISE_THREADS.1)
+}
+
 /// Sets `CANDLE_NUM_THREADS=1` (candle's element-wise pool = the calling thread) unless
-/// the environment already sets it.
+/// the environment already sets it. The one environment write Spillway makes: candle
+/// reads nothing else.
 ///
 /// # Safety
 ///
@@ -18,9 +28,10 @@
 /// thread exists (the contract of [`std::env::set_var`]).
 #[allow(unsafe_code)]
 pub unsafe fn run_elementwise_ops_on_the_calling_thread() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    let (name, value) = ELEMENTWISE_THREADS;
+    if std::env::var_os(name).is_none() {
         // SAFETY: the caller guarantees no other thread exists yet.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+        unsafe { std::env::set_var(name, value) };
     }
 }
 

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
 use crate::models::bert_block::FusedBertBlock;
 pub use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, LayerStack};
+use crate::weights::layer_stack::{Activations, LayerStack, StreamTotals};
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.
@@ -115,6 +115,11 @@ impl MappedBert {
             stack.push_planned(&name, place(&name)?, source, build)?;
         }
         Ok(Self { stack })
+    }
+
+    /// What this model's disk units have streamed so far.
+    pub fn stream_totals(&self) -> StreamTotals {
+        self.stack.stream_totals()
     }
 
     /// Units kept on disk and streamed each pass.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::cpu::linear::CpuLinear;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, LayerStack};
+use crate::weights::layer_stack::{Activations, LayerStack, StreamTotals};
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -668,7 +668,8 @@ impl MappedLlama {
         let mut tied_head = None;
         match (&embed_place, cfg.tie_word_embeddings) {
             (UnitPlacement::Resident(d), true) => {
-                let module = embed(d).context(|| "cannot load unit model.embed_tokens".into())?;
+                let module =
+                    embed(d).weights_context(|| "cannot load unit model.embed_tokens".into())?;
                 let LlamaUnit::Embeddings(embedding) = &module else {
                     unreachable!("the embedding builder builds embeddings")
                 };
@@ -747,6 +748,11 @@ impl MappedLlama {
             config: cfg,
             rope,
         })
+    }
+
+    /// What this model's disk units have streamed so far.
+    pub fn stream_totals(&self) -> StreamTotals {
+        self.stack.stream_totals()
     }
 
     /// Placement units kept on disk and streamed each pass (a tied head streams with its

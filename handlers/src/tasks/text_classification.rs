@@ -154,6 +154,10 @@ impl Handler for TextClassification {
         )
     }
 
+    fn stream_totals(&self) -> crate::weights::layer_stack::StreamTotals {
+        self.model.stream_totals()
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextClassification,

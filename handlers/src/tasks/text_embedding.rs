@@ -119,6 +119,10 @@ impl Handler for TextEmbedding {
         )
     }
 
+    fn stream_totals(&self) -> crate::weights::layer_stack::StreamTotals {
+        self.model.stream_totals()
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextEmbedding,

@@ -400,6 +400,10 @@ impl Handler for TextGeneration {
         }))
     }
 
+    fn stream_totals(&self) -> crate::weights::layer_stack::StreamTotals {
+        self.model.stream_totals()
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextGeneration,

@@ -20,7 +20,7 @@ use crate::error::CandleContext;
 use crate::weights::WeightSpan;
 use crate::{HandlerError, WeightSource};
 
-/// Process-wide totals of disk-unit streaming, for the server's metrics.
+/// Totals of one stack's disk-unit streaming (the server exports them per model).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StreamTotals {
     /// Streamed units built (materialized from their mapping).
@@ -31,16 +31,40 @@ pub struct StreamTotals {
     pub nanos: u64,
 }
 
-static STREAMED_UNITS: AtomicU64 = AtomicU64::new(0);
-static STREAMED_BYTES: AtomicU64 = AtomicU64::new(0);
-static STREAMED_NANOS: AtomicU64 = AtomicU64::new(0);
+impl std::ops::Add for StreamTotals {
+    type Output = StreamTotals;
 
-/// What every [`LayerStack`] in this process has streamed so far.
-pub fn stream_totals() -> StreamTotals {
-    StreamTotals {
-        units: STREAMED_UNITS.load(Ordering::Relaxed),
-        bytes: STREAMED_BYTES.load(Ordering::Relaxed),
-        nanos: STREAMED_NANOS.load(Ordering::Relaxed),
+    fn add(self, other: StreamTotals) -> StreamTotals {
+        StreamTotals {
+            units: self.units + other.units,
+            bytes: self.bytes + other.bytes,
+            nanos: self.nanos + other.nanos,
+        }
+    }
+}
+
+/// A stack's running [`StreamTotals`].
+#[derive(Debug, Default)]
+struct StreamCounters {
+    units: AtomicU64,
+    bytes: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl StreamCounters {
+    fn count(&self, bytes: u64, took: std::time::Duration) {
+        self.units.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn totals(&self) -> StreamTotals {
+        StreamTotals {
+            units: self.units.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            nanos: self.nanos.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -100,11 +124,15 @@ impl<M> StackUnit<M> {
 /// Units in execution order.
 pub struct LayerStack<M> {
     units: Vec<StackUnit<M>>,
+    streamed: StreamCounters,
 }
 
 impl<M> Default for LayerStack<M> {
     fn default() -> Self {
-        Self { units: Vec::new() }
+        Self {
+            units: Vec::new(),
+            streamed: StreamCounters::default(),
+        }
     }
 }
 
@@ -156,7 +184,7 @@ impl<M: Send + Sync> LayerStack<M> {
     ) -> std::result::Result<(), HandlerError> {
         let (UnitPlacement::Resident(device) | UnitPlacement::Streamed(device)) = &placement;
         let device = device.clone();
-        let module = build(&device).context(|| format!("cannot load unit {name}"))?;
+        let module = build(&device).weights_context(|| format!("cannot load unit {name}"))?;
         match placement {
             UnitPlacement::Resident(_) => self.push_resident(name, device, module),
             UnitPlacement::Streamed(_) => {
@@ -186,11 +214,16 @@ impl<M: Send + Sync> LayerStack<M> {
             .map(|u| &u.device)
     }
 
+    /// What this stack has streamed so far.
+    pub fn stream_totals(&self) -> StreamTotals {
+        self.streamed.totals()
+    }
+
     fn next_streamed(&self, from: usize) -> Option<usize> {
         (from..self.units.len()).find(|&i| self.units[i].is_streamed())
     }
 
-    fn build(unit: &StackUnit<M>) -> Result<M> {
+    fn build(unit: &StackUnit<M>, counters: &StreamCounters) -> Result<M> {
         match &unit.weights {
             Weights::Streamed {
                 build,
@@ -203,10 +236,7 @@ impl<M: Send + Sync> LayerStack<M> {
                 }
                 let module = build()?;
                 let bytes = span.as_ref().map_or(0, |s| s.len() as u64);
-                STREAMED_UNITS.fetch_add(1, Ordering::Relaxed);
-                STREAMED_BYTES.fetch_add(bytes, Ordering::Relaxed);
-                let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                STREAMED_NANOS.fetch_add(nanos, Ordering::Relaxed);
+                counters.count(bytes, started.elapsed());
                 Ok(module)
             }
             Weights::Resident(_) => Err(candle_core::Error::Msg(format!(
@@ -232,7 +262,7 @@ impl<M: Send + Sync> LayerStack<M> {
                         Some((j, handle)) if j == i => handle.join().map_err(|_| {
                             candle_core::Error::Msg(format!("reading {} ahead panicked", unit.name))
                         })??,
-                        _ => Self::build(unit)?,
+                        _ => Self::build(unit, &self.streamed)?,
                     }),
                 };
                 // Read the next streamed unit while this one computes.
@@ -240,7 +270,8 @@ impl<M: Send + Sync> LayerStack<M> {
                     && let Some(j) = self.next_streamed(i + 1)
                 {
                     let next = &self.units[j];
-                    ahead = Some((j, scope.spawn(move || Self::build(next))));
+                    let counters = &self.streamed;
+                    ahead = Some((j, scope.spawn(move || Self::build(next, counters))));
                 }
                 let module = match (&unit.weights, &owned) {
                     (Weights::Resident(module), _) => module,
@@ -303,7 +334,6 @@ mod tests {
     #[test]
     fn units_run_in_order_and_streamed_ones_are_built_each_pass() {
         let (_dir, source) = source();
-        let before = stream_totals();
         let builds = Arc::new(AtomicUsize::new(0));
         let mut stack = LayerStack::default();
         stack.push_resident("a", Device::Cpu, 1u64);
@@ -341,13 +371,12 @@ mod tests {
             4,
             "two streamed units, built on each of two passes"
         );
-        // Other tests stream too (the totals are process-wide): at least ours are counted.
-        let after = stream_totals();
-        assert!(after.units - before.units >= 4);
-        assert!(
-            after.bytes - before.bytes >= 4 * 8,
-            "4 builds of one 8-byte tensor"
+        let totals = stack.stream_totals();
+        assert_eq!(
+            totals.units, 4,
+            "the stack's own count, whatever else streams"
         );
+        assert_eq!(totals.bytes, 4 * 8, "4 builds of one 8-byte tensor");
     }
 
     #[test]

@@ -15,13 +15,13 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn render(State(state): State<AppState>) -> impl IntoResponse {
-    let depths: Vec<_> = state
+    let models: Vec<_> = state
         .registry()
         .all()
         .iter()
-        .filter_map(|m| m.queue_depth().map(|d| (m.labels().clone(), d)))
+        .filter_map(|m| m.sample())
         .collect();
-    crate::metrics::refresh(&depths);
+    crate::metrics::refresh(&models, &state.devices().held());
     state.metrics().run_upkeep();
     (
         [(

@@ -127,34 +127,32 @@ pub(crate) trait CandleContext<T> {
 impl<T> CandleContext<T> for Result<T, candle_core::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T, HandlerError> {
         self.map_err(|source| {
-            if is_out_of_memory(&source) {
-                HandlerError::OutOfMemory {
-                    context: context(),
-                    source,
-                }
-            } else {
-                HandlerError::Candle {
-                    context: context(),
-                    source,
-                }
-            }
+            classify(source, context(), |context, source| HandlerError::Candle {
+                context,
+                source,
+            })
         })
     }
 
     fn weights_context(self, context: impl FnOnce() -> String) -> Result<T, HandlerError> {
         self.map_err(|source| {
-            if is_out_of_memory(&source) {
-                HandlerError::OutOfMemory {
-                    context: context(),
-                    source,
-                }
-            } else {
-                HandlerError::BadWeights {
-                    context: context(),
-                    source,
-                }
-            }
+            classify(source, context(), |context, source| {
+                HandlerError::BadWeights { context, source }
+            })
         })
+    }
+}
+
+/// `source` as `OutOfMemory` when it says a device ran out, else as `otherwise` says.
+fn classify(
+    source: candle_core::Error,
+    context: String,
+    otherwise: impl FnOnce(String, candle_core::Error) -> HandlerError,
+) -> HandlerError {
+    if is_out_of_memory(&source) {
+        HandlerError::OutOfMemory { context, source }
+    } else {
+        otherwise(context, source)
     }
 }
 

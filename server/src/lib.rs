@@ -3,17 +3,23 @@
 //! Model code lives in `spillway-handlers`.
 //!
 //! # Layout
-//! A request, top to bottom: [`http`] (the three APIs) → [`registry`] (name and version
-//! → [`model::ModelHandle`]) → the model's job queue → [`batcher`] → [`worker`] (OS
-//! threads) → the handler → the answer over a oneshot channel.
+//! A request, top to bottom: [`http`] (one module per protocol; TorchServe's body becomes
+//! a handler `Request` in `http::torchserve::predictions`) → [`registry`] (name and
+//! version → [`model::ModelHandle`]) → `ModelHandle::submit` (tokenized once by the
+//! handler's `prepare`, on the blocking pool) → the model's job queue → [`batcher`] →
+//! [`worker`] (OS threads) → the handler → the typed answer over a oneshot channel (and
+//! a generation's tokens over an event channel) → back to the protocol's JSON.
 //!
 //! A model load, top to bottom ([`loader`]): [`store`] (the url stays inside the store)
 //! → [`archive`] (checked; weights mapped) → [`manifest`], [`model_config`],
-//! [`setup_config`] → the handler is built → workers start.
+//! [`setup_config`] → for safetensors, planned and leased → registered (LOADING) → in
+//! the background: a GGUF converted and then planned, offload copies written, the
+//! handler built → workers start (READY). Retiring a model joins its workers, then
+//! drops its weights and lease.
 //!
 //! Planning: [`placement`] reads tensor headers and hands them, with [`devices`]'
-//! probe of this machine, to `spillway-placement`; the plan is shown by describe and by
-//! `spillway plan`.
+//! probe of this machine less what loads in progress hold (`devices::ledger`), to
+//! `spillway-placement`; the plan is shown by describe and by `spillway plan`.
 //!
 //! Also: [`config`] and [`properties`] (server settings), [`archiver`] (`spillway
 //! archive`), [`metrics`] (every metric name), [`error`] (the crate's error type),

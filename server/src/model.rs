@@ -494,29 +494,17 @@ mod tests {
             lease: None,
         };
         model.set_ready(loaded, Duration::ZERO).expect("ready");
-        let answer = model
-            .submit(
-                Request::Raw(spillway_handlers::RawBody {
-                    content_type: None,
-                    bytes: b"hi".to_vec(),
-                }),
-                None,
-            )
-            .await
-            .expect("queued");
+        let hi = || {
+            Request::Raw(spillway_handlers::RawBody {
+                content_type: None,
+                bytes: b"hi".to_vec(),
+            })
+        };
+        let answer = model.submit(hi(), None).await.expect("queued");
         assert!(matches!(answer.await, Ok(Ok(Output::Raw(_)))));
         model.unload().await;
         assert_eq!(model.describe().status, "UNLOADED");
-        let refused = model
-            .submit(
-                Request::Raw(spillway_handlers::RawBody {
-                    content_type: None,
-                    bytes: b"hi".to_vec(),
-                }),
-                None,
-            )
-            .await
-            .expect_err("not serving");
+        let refused = model.submit(hi(), None).await.expect_err("not serving");
         assert_eq!(refused.kind(), crate::error::ErrorKind::NotReady);
         assert!(refused.to_string().contains("not loaded"), "{refused}");
     }

@@ -440,7 +440,7 @@ fn shared_error(
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
-    use spillway_handlers::{HandlerInfo, HandlerKind, Input, Output, RawBody, Request};
+    use spillway_handlers::{HandlerInfo, Input, Output, RawBody, Request};
     use tokio::sync::oneshot;
 
     /// A handler that misbehaves as its input's first byte says: `n` answers nothing
@@ -487,15 +487,7 @@ mod tests {
         }
 
         fn info(&self) -> HandlerInfo {
-            HandlerInfo {
-                handler: HandlerKind::Echo,
-                architecture: None,
-                dtype: None,
-                device: "cpu".into(),
-                max_input_tokens: None,
-                streamed_units: None,
-                parameters: None,
-            }
+            spillway_handlers::tasks::echo::Echo.info()
         }
     }
 

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
 use crate::models::bert_block::FusedBertBlock;
 pub use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, LayerStack, StreamTotals};
+use crate::weights::layer_stack::{Flow, LayerStack, StreamTotals};
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.
@@ -124,11 +124,7 @@ impl MappedBert {
 
     /// Units kept on disk and streamed each pass.
     pub fn streamed_units(&self) -> usize {
-        self.stack
-            .units()
-            .iter()
-            .filter(|u| u.is_streamed())
-            .count()
+        self.stack.streamed_units()
     }
 
     /// The last hidden states `[batch, tokens, hidden]`.
@@ -145,20 +141,14 @@ impl MappedBert {
             .into_iter()
             .map(|m| m != 0.0)
             .collect();
-        let flow = BertFlow {
-            ids: ids.clone(),
-            type_ids: type_ids.clone(),
-            mask: mask.clone(),
-            hidden: None,
-        };
+        let flow = Flow::new((ids.clone(), type_ids.clone(), mask.clone()));
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
+            let (ids, type_ids, mask) = &flow.inputs;
             flow.hidden = Some(match unit {
-                BertUnit::Embeddings(model) => {
-                    model.forward(&flow.ids, &flow.type_ids, Some(&flow.mask))?
-                }
+                BertUnit::Embeddings(model) => model.forward(ids, type_ids, Some(mask))?,
                 BertUnit::Block(encoder) => {
                     let hidden = flow.hidden()?;
-                    let mask = extended_attention_mask(&flow.mask, hidden.dtype())?;
+                    let mask = extended_attention_mask(mask, hidden.dtype())?;
                     encoder.forward(hidden, &mask)?
                 }
                 BertUnit::FusedBlock(block) => block.forward(flow.hidden()?, &keep)?,
@@ -167,34 +157,6 @@ impl MappedBert {
         })?;
         flow.hidden
             .ok_or_else(|| candle_core::Error::Msg("the model has no units".into()))
-    }
-}
-
-/// What BERT's units read as they run: the inputs, and the hidden states once the
-/// embeddings have made them. The layer stack moves it between devices.
-struct BertFlow {
-    ids: Tensor,
-    type_ids: Tensor,
-    mask: Tensor,
-    hidden: Option<Tensor>,
-}
-
-impl BertFlow {
-    fn hidden(&self) -> candle_core::Result<&Tensor> {
-        self.hidden
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("a block ran before the embeddings".into()))
-    }
-}
-
-impl Activations for BertFlow {
-    fn to_device(self, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self {
-            ids: self.ids.to_device(device)?,
-            type_ids: self.type_ids.to_device(device)?,
-            mask: self.mask.to_device(device)?,
-            hidden: Activations::to_device(self.hidden, device)?,
-        })
     }
 }
 

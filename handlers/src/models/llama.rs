@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::cpu::linear::CpuLinear;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, LayerStack, StreamTotals};
+use crate::weights::layer_stack::{Activations, Flow, LayerStack, StreamTotals};
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -575,32 +575,11 @@ impl RowRope {
     }
 }
 
-/// What a Llama's units read as they run: the token ids, this pass's RoPE angles, and
-/// the hidden states once the embedding has made them. The layer stack moves it
-/// between devices.
-struct LlamaFlow {
-    tokens: Tensor,
-    rope: RowRope,
-    hidden: Option<Tensor>,
-}
-
-impl LlamaFlow {
-    fn hidden(&self) -> candle_core::Result<&Tensor> {
-        self.hidden
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("a unit ran before the embeddings".into()))
-    }
-}
-
-impl Activations for LlamaFlow {
+impl Activations for RowRope {
     fn to_device(self, device: &Device) -> candle_core::Result<Self> {
         Ok(Self {
-            tokens: self.tokens.to_device(device)?,
-            rope: RowRope {
-                cos: self.rope.cos.to_device(device)?,
-                sin: self.rope.sin.to_device(device)?,
-            },
-            hidden: Activations::to_device(self.hidden, device)?,
+            cos: self.cos.to_device(device)?,
+            sin: self.sin.to_device(device)?,
         })
     }
 }
@@ -758,11 +737,12 @@ impl MappedLlama {
     /// Placement units kept on disk and streamed each pass (a tied head streams with its
     /// embedding and is not counted again).
     pub fn streamed_units(&self) -> usize {
-        self.stack
+        let tied_head_streamed = self
+            .stack
             .units()
             .iter()
-            .filter(|u| u.is_streamed() && u.name != TIED_HEAD)
-            .count()
+            .any(|u| u.name == TIED_HEAD && u.is_streamed());
+        self.stack.streamed_units() - usize::from(tied_head_streamed)
     }
 
     /// Runs `tokens` (`[1, seq]`) after what `cache` holds; returns the last position's
@@ -800,19 +780,17 @@ impl MappedLlama {
             positions.push(pos);
         }
         let limit = self.config.positions();
-        let flow = LlamaFlow {
-            tokens: tokens.clone(),
-            rope: self.rope.rows(&positions, seq)?,
-            hidden: None,
-        };
+        // The units read the token ids and this pass's RoPE angles.
+        let flow = Flow::new((tokens.clone(), self.rope.rows(&positions, seq)?));
         let mut block = 0;
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
             flow.hidden = Some(match unit {
-                LlamaUnit::Embeddings(e) => e.forward(&flow.tokens)?,
+                LlamaUnit::Embeddings(e) => e.forward(&flow.inputs.0)?,
                 LlamaUnit::Block(b) => {
                     let mut kvs: Vec<&mut Option<LayerCache>> =
                         caches.iter_mut().map(|c| &mut c.layers[block]).collect();
-                    let out = b.forward(flow.hidden()?, &flow.rope, &mut kvs, &positions, limit)?;
+                    let out =
+                        b.forward(flow.hidden()?, &flow.inputs.1, &mut kvs, &positions, limit)?;
                     block += 1;
                     out
                 }

@@ -87,6 +87,54 @@ impl<A: Activations> Activations for Option<A> {
     }
 }
 
+impl<A: Activations, B: Activations> Activations for (A, B) {
+    fn to_device(self, device: &Device) -> Result<Self> {
+        Ok((self.0.to_device(device)?, self.1.to_device(device)?))
+    }
+}
+
+impl<A: Activations, B: Activations, C: Activations> Activations for (A, B, C) {
+    fn to_device(self, device: &Device) -> Result<Self> {
+        Ok((
+            self.0.to_device(device)?,
+            self.1.to_device(device)?,
+            self.2.to_device(device)?,
+        ))
+    }
+}
+
+/// What a model's stack usually carries: the inputs its units read (token ids, masks,
+/// RoPE angles) and the hidden states, once the first unit has made them.
+pub struct Flow<I> {
+    pub inputs: I,
+    pub hidden: Option<candle_core::Tensor>,
+}
+
+impl<I> Flow<I> {
+    pub fn new(inputs: I) -> Self {
+        Self {
+            inputs,
+            hidden: None,
+        }
+    }
+
+    /// The hidden states (an error before the first unit has run).
+    pub fn hidden(&self) -> Result<&candle_core::Tensor> {
+        self.hidden.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("a unit ran before the embeddings made hidden states".into())
+        })
+    }
+}
+
+impl<I: Activations> Activations for Flow<I> {
+    fn to_device(self, device: &Device) -> Result<Self> {
+        Ok(Self {
+            inputs: self.inputs.to_device(device)?,
+            hidden: self.hidden.to_device(device)?,
+        })
+    }
+}
+
 /// Where one unit lives at run time.
 #[derive(Debug, Clone)]
 pub enum UnitPlacement {
@@ -212,6 +260,11 @@ impl<M: Send + Sync> LayerStack<M> {
             .iter()
             .find(|u| u.name == name)
             .map(|u| &u.device)
+    }
+
+    /// Units kept on disk and streamed each pass.
+    pub fn streamed_units(&self) -> usize {
+        self.units.iter().filter(|u| u.is_streamed()).count()
     }
 
     /// What this stack has streamed so far.

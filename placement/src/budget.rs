@@ -24,6 +24,10 @@ pub struct Machine {
     pub gpus: Vec<GpuMemory>,
     pub cpu_available: u64,
     pub cpu_total: u64,
+    /// Bytes kept free on the CPU when `max_memory` gives it no budget; `None`: the
+    /// default reserve ([`default_reserve`]). A device manager that hands over a budget
+    /// of its own already kept its margin, so it passes `Some(0)`.
+    pub cpu_reserve: Option<u64>,
 }
 
 /// `max_memory` as parsed: device → bytes.
@@ -143,8 +147,8 @@ impl Budgets {
                 "max_memory {bits} ends in a lowercase b and was read as bits, as accelerate does"
             ));
         }
-        let mut budget = |device: Device, free: u64, total: u64| -> u64 {
-            let default = free.saturating_sub(default_reserve(total));
+        let mut budget = |device: Device, free: u64, total: u64, reserve: Option<u64>| -> u64 {
+            let default = free.saturating_sub(reserve.unwrap_or_else(|| default_reserve(total)));
             match max_memory.limits.get(&device) {
                 None => default,
                 Some(given) if given.0 > free => {
@@ -164,7 +168,7 @@ impl Budgets {
                 let device = Device::cuda(g.ordinal);
                 DeviceBudget {
                     device,
-                    bytes: Some(budget(device, g.free, g.total)),
+                    bytes: Some(budget(device, g.free, g.total, None)),
                 }
             })
             .collect();
@@ -174,6 +178,7 @@ impl Budgets {
                 Device::CPU,
                 machine.cpu_available,
                 machine.cpu_total,
+                machine.cpu_reserve,
             )),
         });
         devices.push(DeviceBudget {
@@ -206,6 +211,7 @@ mod tests {
             ],
             cpu_available: 20 * GIB,
             cpu_total: 24 * GIB,
+            cpu_reserve: None,
         }
     }
 

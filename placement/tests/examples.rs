@@ -40,6 +40,7 @@ fn machine(gpus: &[u64], cpu: u64) -> Machine {
             .collect(),
         cpu_available: cpu * GIB,
         cpu_total: cpu * GIB,
+        cpu_reserve: None,
     }
 }
 

@@ -1,5 +1,5 @@
 //! [`AppState`]: what every HTTP handler shares — settings, the model store, the
-//! registry, the device ledger, the metrics handle and start-up progress. One `Clone` struct around an `Arc`.
+//! registry, the device manager, the metrics handle and start-up progress. One `Clone` struct around an `Arc`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::ServerConfig;
-use crate::devices::ledger::DeviceLedger;
+use crate::devices::manager::DeviceManager;
 use crate::registry::ModelRegistry;
 use crate::store::ModelStore;
 
@@ -55,7 +55,7 @@ struct Inner {
     registry: ModelRegistry,
     metrics: PrometheusHandle,
     startup: StartupProgress,
-    devices: DeviceLedger,
+    devices: DeviceManager,
 }
 
 /// Shared server state.
@@ -66,6 +66,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: ServerConfig, metrics: PrometheusHandle) -> Self {
+        let devices = DeviceManager::new(config.devices.manager_config(&crate::devices::probe()));
         Self {
             inner: Arc::new(Inner {
                 store: ModelStore::new(&config.model_store),
@@ -73,7 +74,7 @@ impl AppState {
                 registry: ModelRegistry::default(),
                 metrics,
                 startup: StartupProgress::default(),
-                devices: DeviceLedger::default(),
+                devices,
             }),
         }
     }
@@ -98,8 +99,8 @@ impl AppState {
         &self.inner.startup
     }
 
-    /// Who holds which device bytes.
-    pub fn devices(&self) -> &DeviceLedger {
+    /// The device manager: who holds which device bytes.
+    pub fn devices(&self) -> &DeviceManager {
         &self.inner.devices
     }
 }

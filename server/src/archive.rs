@@ -61,6 +61,7 @@ impl Default for ArchiveLimits {
 }
 
 /// An archive whose manifest has been read and whose entries have been checked.
+#[derive(Clone)]
 pub struct OpenedArchive {
     pub path: PathBuf,
     pub format: ArchiveFormat,

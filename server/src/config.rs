@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::devices::manager::ManagerConfig;
 use crate::error::{Error, Result};
 
 /// Which models to load at start-up.
@@ -109,6 +110,116 @@ pub struct Overrides {
     /// Threads for HTTP and queues; model compute runs on its own threads [default: cores/2, at least 2].
     #[arg(long, env = "SPILLWAY_IO_THREADS")]
     pub io_threads: Option<usize>,
+    /// Host RAM the device manager lets models hold, e.g. "8GiB" [default: what is free at start].
+    #[arg(long, env = "SPILLWAY_MAX_HOST_MEMORY")]
+    pub max_host_memory: Option<String>,
+    /// GPUs the device manager uses, e.g. "cuda:0,cuda:1" [default: every visible GPU].
+    #[arg(long, env = "SPILLWAY_MANAGED_DEVICES")]
+    pub managed_devices: Option<String>,
+    /// What evicting a model does: restart (unload; reload on its next request) [default: restart].
+    #[arg(long, env = "SPILLWAY_OFFLOAD_STRATEGY")]
+    pub offload_strategy: Option<String>,
+    /// Whether models may share a GPU (true/false) [default: false].
+    #[arg(long, env = "SPILLWAY_ALLOW_MULTI_DEVICE")]
+    pub allow_multiple_per_device: Option<bool>,
+}
+
+/// What evicting a model does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OffloadStrategy {
+    /// Unload it; it stays registered and reloads on its next request.
+    Restart,
+}
+
+/// The device manager's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSettings {
+    /// `max_host_memory`; `None`: the RAM free at start.
+    pub max_host_memory: Option<u64>,
+    /// `managed_devices` (GPU ordinals); `None`: every visible GPU.
+    pub managed_gpus: Option<Vec<usize>>,
+    pub offload_strategy: OffloadStrategy,
+    pub allow_multiple_per_device: bool,
+}
+
+impl DeviceSettings {
+    fn parse(
+        max_host_memory: Option<String>,
+        managed_devices: Option<String>,
+        offload_strategy: Option<String>,
+        allow_multiple_per_device: Option<bool>,
+    ) -> Result<Self> {
+        let max_host_memory = max_host_memory
+            .map(|text| {
+                spillway_placement::ByteSize::parse(&text)
+                    .map(|size| size.bytes.0)
+                    .map_err(|e| Error::bad_config("max_host_memory", e))
+            })
+            .transpose()?;
+        let managed_gpus = managed_devices
+            .map(|text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(|d| match d.parse::<spillway_placement::Device>() {
+                        Ok(device) if device.kind == spillway_placement::DeviceType::Cuda => {
+                            Ok(device.ordinal)
+                        }
+                        _ => Err(Error::bad_config(
+                            "managed_devices",
+                            format!(
+                                "`{d}` is not a GPU such as cuda:0 (host RAM is always managed)"
+                            ),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        let offload_strategy = match offload_strategy.as_deref().map(str::trim) {
+            None | Some("restart") => OffloadStrategy::Restart,
+            Some(other @ ("cpu" | "disk")) => {
+                return Err(Error::bad_config(
+                    "offload_strategy",
+                    format!(
+                        "`{other}` is not built yet; restart is the one strategy this build has"
+                    ),
+                ));
+            }
+            Some(other) => {
+                return Err(Error::bad_config(
+                    "offload_strategy",
+                    format!("`{other}` is not one of restart, cpu, disk"),
+                ));
+            }
+        };
+        Ok(Self {
+            max_host_memory,
+            managed_gpus,
+            offload_strategy,
+            allow_multiple_per_device: allow_multiple_per_device.unwrap_or(false),
+        })
+    }
+
+    /// The manager's pools on a machine whose memory `probed` says.
+    pub fn manager_config(&self, probed: &spillway_placement::Machine) -> ManagerConfig {
+        let gpus = probed
+            .gpus
+            .iter()
+            .filter(|g| {
+                self.managed_gpus
+                    .as_ref()
+                    .is_none_or(|managed| managed.contains(&g.ordinal))
+            })
+            .cloned()
+            .collect();
+        ManagerConfig {
+            host_budget: self.max_host_memory.unwrap_or(probed.cpu_available),
+            host_budget_given: self.max_host_memory.is_some(),
+            gpus,
+            pack_gpus: self.allow_multiple_per_device,
+        }
+    }
 }
 
 /// The merged server settings.
@@ -133,6 +244,8 @@ pub struct ServerConfig {
     pub default_response_timeout: Duration,
     /// Threads of the async runtime (HTTP and queues; model compute has its own).
     pub io_threads: usize,
+    /// The device manager's settings.
+    pub devices: DeviceSettings,
 }
 
 /// TorchServe's default body limit (6,553,500 bytes).
@@ -221,6 +334,30 @@ impl ServerConfig {
             cache_dir,
             default_response_timeout: Duration::from_secs(120),
             io_threads: number(o.io_threads, "io_threads", default_io_threads())?.max(1),
+            devices: DeviceSettings::parse(
+                o.max_host_memory
+                    .clone()
+                    .or_else(|| prop("max_host_memory")),
+                o.managed_devices
+                    .clone()
+                    .or_else(|| prop("managed_devices")),
+                o.offload_strategy
+                    .clone()
+                    .or_else(|| prop("offload_strategy")),
+                match o.allow_multiple_per_device {
+                    Some(given) => Some(given),
+                    None => prop("allow_multiple_per_device")
+                        .map(|v| match v.trim().to_ascii_lowercase().as_str() {
+                            "true" => Ok(true),
+                            "false" => Ok(false),
+                            _ => Err(Error::bad_config(
+                                "allow_multiple_per_device",
+                                format!("`{v}` is not true or false"),
+                            )),
+                        })
+                        .transpose()?,
+                },
+            )?,
         };
         config.check()?;
         Ok(config)
@@ -296,6 +433,59 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn device_manager_settings_come_from_the_file_or_the_flags() {
+        let merged = |o: Overrides, p: &[(&str, &str)]| ServerConfig::merge(o, &props(p));
+        let config = merged(
+            Overrides::default(),
+            &[
+                ("max_host_memory", "2GiB"),
+                ("managed_devices", "cuda:1, cuda:0"),
+                ("allow_multiple_per_device", "true"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(config.devices.max_host_memory, Some(2 << 30));
+        assert_eq!(config.devices.managed_gpus, Some(vec![1, 0]));
+        assert!(config.devices.allow_multiple_per_device);
+        assert_eq!(config.devices.offload_strategy, OffloadStrategy::Restart);
+        let flag = Overrides {
+            max_host_memory: Some("512MiB".into()),
+            ..Overrides::default()
+        };
+        let config = merged(flag, &[("max_host_memory", "2GiB")]).expect("valid");
+        assert_eq!(
+            config.devices.max_host_memory,
+            Some(512 << 20),
+            "the flag wins"
+        );
+        // Unmanaged by default: the budget is what the probe says is free.
+        let probed = spillway_placement::Machine {
+            gpus: vec![spillway_placement::GpuMemory {
+                ordinal: 0,
+                free: 10,
+                total: 20,
+            }],
+            cpu_available: 1000,
+            cpu_total: 2000,
+            cpu_reserve: None,
+        };
+        let defaults = merged(Overrides::default(), &[]).expect("valid").devices;
+        let pools = defaults.manager_config(&probed);
+        assert_eq!((pools.host_budget, pools.host_budget_given), (1000, false));
+        assert_eq!(pools.gpus.len(), 1, "every visible GPU");
+        for (key, value) in [
+            ("max_host_memory", "lots"),
+            ("managed_devices", "cpu"),
+            ("offload_strategy", "disk"),
+            ("offload_strategy", "swap"),
+            ("allow_multiple_per_device", "maybe"),
+        ] {
+            let err = merged(Overrides::default(), &[(key, value)]).expect_err(value);
+            assert!(err.to_string().contains(key), "{key}={value}: {err}");
+        }
     }
 
     #[test]

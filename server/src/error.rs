@@ -66,6 +66,14 @@ pub enum Error {
     #[error("cannot place the model: {0}")]
     Plan(spillway_placement::PlanError),
 
+    /// The device manager has no room for the model, even after evicting every model
+    /// it may evict.
+    #[error("no room for model {model}: {refusal}")]
+    NoRoom {
+        model: String,
+        refusal: crate::devices::policy::Refusal,
+    },
+
     #[error("request body is larger than max_request_size ({limit} bytes)")]
     PayloadTooLarge { limit: usize },
 
@@ -115,6 +123,11 @@ impl Error {
             | Error::BadConfig { .. }
             | Error::Plan(_) => ErrorKind::BadRequest,
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
+            Error::NoRoom {
+                refusal: crate::devices::policy::Refusal::NoSuchGpus(_),
+                ..
+            } => ErrorKind::BadRequest,
+            Error::NoRoom { .. } => ErrorKind::InsufficientStorage,
             Error::QueueFull { .. } => ErrorKind::QueueFull,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::NotReady { .. } => ErrorKind::NotReady,

@@ -18,7 +18,7 @@
 //! drops its weights and lease.
 //!
 //! Planning: [`placement`] reads tensor headers and hands them, with [`devices`]'
-//! probe of this machine less what loads in progress hold (`devices::ledger`), to
+//! device manager (`devices::manager`: pools, leases, least-recently-used eviction), to
 //! `spillway-placement`; the plan is shown by describe and by `spillway plan`.
 //!
 //! Also: [`config`] and [`properties`] (server settings), [`archiver`] (`spillway

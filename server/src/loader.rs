@@ -14,11 +14,13 @@ use std::time::Instant;
 
 use spillway_handlers::weights::files;
 use spillway_handlers::{Handler, HandlerKind, LoadOptions, ModelFiles};
-use spillway_placement::{Device, Plan};
+use spillway_placement::{Device, DeviceRequest, Plan};
 
 use crate::app::AppState;
 use crate::archive::{self, ArchiveLimits, OpenedArchive};
-use crate::devices::{self, ledger::Lease};
+use crate::devices::effects;
+use crate::devices::manager::{AdmitError, Lease};
+use crate::devices::policy::ModelKey;
 use crate::error::{Error, Result};
 use crate::model::{LoadStage, ModelHandle, ModelSpec};
 use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
@@ -37,21 +39,32 @@ pub struct LoadRequest {
 /// An archive that has been opened and understood, not yet converted, planned or built.
 pub struct Opened {
     pub spec: ModelSpec,
-    archive: OpenedArchive,
-    /// What the handler is told, from setup_config.json (the plan is added when made).
-    options: LoadOptions,
-    /// A GGUF file still to convert (its model is planned after conversion).
-    gguf: Option<String>,
+    source: Source,
     /// The plan and its lease, made from tensor headers at registration where the
     /// archive has them.
     planned: Option<Planned>,
 }
 
-/// A model's tensors, where they go, and its hold on those device bytes.
-struct Planned {
+/// What a model is built from; kept by its handle, so an evicted model can be built
+/// again on its next request.
+#[derive(Clone)]
+pub struct Source {
+    archive: OpenedArchive,
+    /// What the handler is told, from setup_config.json (the plan is added when made).
+    options: LoadOptions,
+    /// A GGUF file to convert (its model is planned after conversion).
+    gguf: Option<String>,
+    /// What the model asks of the device manager (setup_config.json `device`).
+    request: Option<DeviceRequest>,
+}
+
+/// A model's tensors, where they go, its hold on those device bytes, and the models
+/// that must leave for it.
+pub struct Planned {
     inventory: ModelInventory,
     plan: Plan,
     lease: Lease,
+    evict: Vec<ModelKey>,
 }
 
 /// A built model, ready to serve.
@@ -105,6 +118,11 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     let options = setup.load_options()?;
+    let device_request = setup.device_request()?;
+    let key = ModelKey {
+        name: name.clone(),
+        version: manifest.model_version.clone(),
+    };
     // Planned now from the tensor headers (cheap: an unreadable checkpoint or an
     // impossible plan is refused before registering), except a GGUF model, which is
     // planned once converted.
@@ -113,7 +131,14 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
         false => None,
     };
     let planned = match handler.needs_model_files() && gguf.is_none() {
-        true => Some(plan(state, &*archive.files, &setup, &model_config)?),
+        true => Some(plan(
+            state,
+            &key,
+            &device_request,
+            &*archive.files,
+            &setup,
+            &model_config,
+        )?),
         false => None,
     };
     Ok(Opened {
@@ -128,16 +153,22 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
             setup,
             loaded_at_startup: request.loaded_at_startup,
         },
-        archive,
-        options,
-        gguf,
+        source: Source {
+            archive,
+            options,
+            gguf,
+            request: device_request,
+        },
         planned,
     })
 }
 
-/// Reads the tensor headers of `files` and plans them, leasing the plan's device bytes.
+/// Reads the tensor headers of `files` and has the device manager admit them: the plan
+/// within the pools, its bytes leased, and the models to evict for it.
 fn plan(
     state: &AppState,
+    key: &ModelKey,
+    request: &Option<DeviceRequest>,
     files: &dyn ModelFiles,
     setup: &SetupConfig,
     config: &ModelConfig,
@@ -147,30 +178,49 @@ fn plan(
         batch_size: config.batch_size,
         max_length: None,
     };
-    let (plan, lease) = state
+    let registry = state.registry();
+    let busy = |model: &ModelKey| {
+        registry
+            .get(&model.name, Some(&model.version))
+            .is_ok_and(|m| m.in_flight() > 0)
+    };
+    let admission = state
         .devices()
-        .plan_and_reserve(devices::probe(), |machine| {
+        .admit(key, request, &busy, |machine| {
             let plan = plan_model(&inventory, setup, &options, machine)?;
             check_executable(&plan)?;
             Ok::<_, Error>(plan)
+        })
+        .map_err(|e| match e {
+            AdmitError::Plan(e) => e,
+            AdmitError::Refused(refusal) => Error::NoRoom {
+                model: key.to_string(),
+                refusal,
+            },
         })?;
     Ok(Planned {
         inventory,
-        plan,
-        lease,
+        plan: admission.plan,
+        lease: admission.lease,
+        evict: admission.evict,
     })
 }
 
 /// Converts, plans, leases and builds the model `opened` describes, telling `handle`
 /// each stage. Blocking.
-pub fn build(state: &AppState, handle: &ModelHandle, opened: Opened) -> Result<Loaded> {
-    let Opened {
-        spec,
+pub fn build(
+    state: &AppState,
+    handle: &ModelHandle,
+    source: Source,
+    planned: Option<Planned>,
+) -> Result<Loaded> {
+    let spec = &handle.spec;
+    let Source {
         archive,
         mut options,
         gguf,
-        planned,
-    } = opened;
+        request,
+    } = source;
     if !spec.handler.needs_model_files() {
         handle.set_stage(LoadStage::Building);
         let handler = spillway_handlers::load(spec.handler, &*archive.files, &options)
@@ -181,6 +231,7 @@ pub fn build(state: &AppState, handle: &ModelHandle, opened: Opened) -> Result<L
             lease: None,
         });
     }
+    let key = handle.key();
     let (model_files, planned) = match (gguf, planned) {
         (_, Some(planned)) => (archive.files.clone(), planned),
         (Some(gguf), None) => {
@@ -188,17 +239,25 @@ pub fn build(state: &AppState, handle: &ModelHandle, opened: Opened) -> Result<L
             let cache = &state.config().cache_dir;
             let files = convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?;
             handle.set_stage(LoadStage::Planning);
-            let planned = plan(state, &*files, &spec.setup, &spec.config)?;
+            let planned = plan(state, &key, &request, &*files, &spec.setup, &spec.config)?;
             (files, planned)
         }
         (None, None) => {
-            unreachable!("a model with weights is planned at registration or converted")
+            handle.set_stage(LoadStage::Planning);
+            let files = archive.files.clone();
+            let planned = plan(state, &key, &request, &*files, &spec.setup, &spec.config)?;
+            (files, planned)
         }
     };
+    if !planned.evict.is_empty() {
+        handle.set_stage(LoadStage::Evicting);
+        effects::evict(state, &planned.evict);
+    }
     let Planned {
         inventory,
         plan,
         lease,
+        evict: _,
     } = planned;
     // Disk units of weights served in another dtype than stored are written once,
     // converted, into offload_folder (the planner has required it) and streamed from there.
@@ -338,15 +397,30 @@ pub async fn register(
     request: LoadRequest,
     synchronous: bool,
 ) -> Result<Arc<ModelHandle>> {
+    let loaded_at_startup = request.loaded_at_startup;
     let opened = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || open(&state, &request))
             .await
             .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
     };
-    let handle = ModelHandle::new(opened.spec.clone());
+    let Opened {
+        spec,
+        source,
+        planned,
+    } = opened;
+    let handle = ModelHandle::new(spec, Some(source.clone()));
+    // A start-up model that would evict another waits for its first request instead,
+    // so a store with more models than memory still starts.
+    if loaded_at_startup && planned.as_ref().is_some_and(|p| !p.evict.is_empty()) {
+        drop(planned);
+        handle.set_unloaded();
+        state.registry().insert(handle.clone())?;
+        tracing::info!(model = %handle.spec.name, "registered; it loads on its first request (the device pools are full)");
+        return Ok(handle);
+    }
     state.registry().insert(handle.clone())?;
-    let load = load(state.clone(), handle.clone(), opened);
+    let load = load(state.clone(), handle.clone(), source, planned);
     if synchronous {
         if let Err(e) = load.await {
             let _ = state
@@ -361,12 +435,18 @@ pub async fn register(
 }
 
 /// Builds the registered `handle` on a blocking thread and starts its workers; on
-/// failure leaves it FAILED with the whole cause.
-async fn load(state: AppState, handle: Arc<ModelHandle>, opened: Opened) -> Result<()> {
+/// failure leaves it FAILED with the whole cause. `planned` is `None` where the model is
+/// planned as it loads (a GGUF model, or an evicted one coming back).
+pub async fn load(
+    state: AppState,
+    handle: Arc<ModelHandle>,
+    source: Source,
+    planned: Option<Planned>,
+) -> Result<()> {
     let started = Instant::now();
     let built = {
         let handle = handle.clone();
-        tokio::task::spawn_blocking(move || build(&state, &handle, opened))
+        tokio::task::spawn_blocking(move || build(&state, &handle, source, planned))
             .await
             .map_err(|e| Error::Internal(format!("load task failed: {e}")))
             .and_then(|r| r)

@@ -2,7 +2,6 @@
 //! otherwise), their help texts, the Prometheus recorder, and small recording helpers so
 //! call sites never spell a metric name.
 
-use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use spillway_handlers::weights::layer_stack::StreamTotals;
 use spillway_placement::Plan;
 
-use crate::devices::ledger::DeviceBytes;
+use crate::devices::manager::PoolView;
 
 /// Requests answered by the predictions API, by model (TorchServe's name).
 pub const INFERENCE_REQUESTS_TOTAL: &str = "ts_inference_requests_total";
@@ -68,7 +67,10 @@ pub const TIMED_OUT_TOTAL: &str = "spillway_timed_out_requests_total";
 pub const PLACED_BYTES: &str = "spillway_placed_bytes";
 /// The budget (`max_memory` or detected) of each device the plan used.
 pub const DEVICE_BUDGET_BYTES: &str = "spillway_device_budget_bytes";
-pub const LEASED_BYTES: &str = "spillway_leased_bytes";
+pub const DEVICE_USED_BYTES: &str = "spillway_device_used_bytes";
+pub const DEVICE_FREE_BYTES: &str = "spillway_device_free_bytes";
+pub const EVICTIONS_TOTAL: &str = "spillway_evictions_total";
+pub const RELOADS_TOTAL: &str = "spillway_reloads_total";
 /// Disk units materialized for a forward pass (process-wide).
 pub const STREAMED_UNITS_TOTAL: &str = "spillway_streamed_units_total";
 /// Bytes read from disk units for forward passes (process-wide).
@@ -169,6 +171,14 @@ fn describe() {
             STREAMED_UNITS_TOTAL,
             "Disk units materialized for forward passes.",
         ),
+        (
+            EVICTIONS_TOTAL,
+            "Times the model was evicted to make room for another (strategy label).",
+        ),
+        (
+            RELOADS_TOTAL,
+            "Times an evicted model was loaded again for a request.",
+        ),
     ] {
         describe_counter!(name, help);
     }
@@ -213,8 +223,12 @@ fn describe() {
             "Each device's budget in the model's plan.",
         ),
         (
-            LEASED_BYTES,
-            "Bytes loaded and loading models hold on each device (released when a model's workers are joined).",
+            DEVICE_USED_BYTES,
+            "Bytes the device manager's models hold on each managed device (given back when a model's workers are joined).",
+        ),
+        (
+            DEVICE_FREE_BYTES,
+            "Bytes left in each managed device's budget.",
         ),
     ] {
         describe_gauge!(name, Unit::Bytes, help);
@@ -241,7 +255,7 @@ pub struct ModelSample {
 
 /// Brings the values sampled at scrape time up to date: host CPU and memory, this
 /// process's RSS, and each serving model's queue depth and disk-unit streaming totals.
-pub fn refresh(models: &[ModelSample], leased: &DeviceBytes) {
+pub fn refresh(models: &[ModelSample], pools: &[PoolView]) {
     let host = [("Level", "Host".to_string())];
     if let Some(busy) = cpu_utilization() {
         gauge!(CPU_UTILIZATION, &host).set(busy);
@@ -256,17 +270,9 @@ pub fn refresh(models: &[ModelSample], leased: &DeviceBytes) {
     if let Some(rss) = process_rss_bytes() {
         gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);
     }
-    // Devices that held bytes once are reported at zero once freed.
-    static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
-    seen.insert(spillway_placement::Device::CPU.to_string());
-    seen.extend(leased.keys().map(ToString::to_string));
-    for device in seen.iter() {
-        let bytes = leased
-            .iter()
-            .find(|(d, _)| d.to_string() == *device)
-            .map_or(0, |(_, n)| *n);
-        gauge!(LEASED_BYTES, "device" => device.clone()).set(bytes as f64);
+    for pool in pools {
+        gauge!(DEVICE_USED_BYTES, "device" => pool.device.clone()).set(pool.used as f64);
+        gauge!(DEVICE_FREE_BYTES, "device" => pool.device.clone()).set(pool.free as f64);
     }
     for model in models {
         let labels = model.labels.pairs();
@@ -408,6 +414,19 @@ impl ModelLabels {
 
     pub fn dropped(&self, jobs: usize) {
         counter!(DROPPED_REQUESTS_TOTAL, &self.pairs()).increment(jobs as u64);
+    }
+
+    pub fn evicted(&self, strategy: &'static str) {
+        let [name, version] = self.pairs();
+        counter!(
+            EVICTIONS_TOTAL,
+            &[name, version, ("strategy", strategy.to_string())]
+        )
+        .increment(1);
+    }
+
+    pub fn reloaded(&self) {
+        counter!(RELOADS_TOTAL, &self.pairs()).increment(1);
     }
 
     pub fn worker_restart(&self) {

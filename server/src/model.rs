@@ -8,6 +8,7 @@
 //! still run, its worker threads are joined, and only then are its handler (the
 //! weights) and its lease dropped — so a released lease means the memory is free.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -17,9 +18,10 @@ use tokio::sync::oneshot;
 
 use crate::archive::ArchiveFormat;
 use crate::batcher::{self, BatchPolicy, IdleWorkers, Job};
-use crate::devices::ledger::Lease;
+use crate::devices::manager::Lease;
+use crate::devices::policy::ModelKey;
 use crate::error::{Error, Result};
-use crate::loader::Loaded;
+use crate::loader::{Loaded, Source};
 use crate::metrics::{ModelLabels, ModelSample};
 use crate::model_config::ModelConfig;
 use crate::setup_config::SetupConfig;
@@ -59,6 +61,8 @@ pub enum LoadStage {
     Converting,
     /// Planning where each unit lives and leasing its device bytes.
     Planning,
+    /// Waiting for the models evicted to make room to give their memory back.
+    Evicting,
     /// Writing disk units in the serving dtype to the offload folder.
     Offloading,
     /// Reading the weights and building the handler.
@@ -71,6 +75,7 @@ impl LoadStage {
             LoadStage::Queued => "about to start",
             LoadStage::Converting => "converting its GGUF weights",
             LoadStage::Planning => "planning its placement",
+            LoadStage::Evicting => "waiting for the models it evicts to leave",
             LoadStage::Offloading => "writing its disk units to the offload folder",
             LoadStage::Building => "reading its weights",
         }
@@ -121,8 +126,24 @@ impl Drop for Serving {
 /// every in-flight request have let go, the job queue closes and the workers stop.
 pub struct ModelHandle {
     pub spec: ModelSpec,
+    /// What it is built from, to build it again after an eviction (`None` for a model
+    /// made in a test).
+    source: Option<Source>,
     labels: ModelLabels,
     state: RwLock<State>,
+    /// Bumped at every change of state, for requests waiting for an evicted model.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Requests between arriving and being answered.
+    in_flight: AtomicUsize,
+}
+
+/// A request in flight on a model (see [`ModelHandle::begin_request`]).
+pub struct InFlight<'a>(&'a ModelHandle);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The describe API's view of a model.
@@ -148,6 +169,9 @@ pub struct ModelDescription {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_depth: Option<usize>,
     pub loaded_at_startup: bool,
+    /// When a request last asked for it (while it holds device memory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<String>,
     pub archive_format: ArchiveFormat,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_time_seconds: Option<f64>,
@@ -164,12 +188,74 @@ pub struct ModelDescription {
 }
 
 impl ModelHandle {
-    pub fn new(spec: ModelSpec) -> Arc<Self> {
+    pub fn new(spec: ModelSpec, source: Option<Source>) -> Arc<Self> {
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
             spec,
+            source,
             state: RwLock::new(State::Loading(LoadStage::Queued)),
+            changes: tokio::sync::watch::Sender::new(0),
+            in_flight: AtomicUsize::new(0),
         })
+    }
+
+    /// The device manager's name for it.
+    pub fn key(&self) -> ModelKey {
+        ModelKey {
+            name: self.spec.name.clone(),
+            version: self.spec.version.clone(),
+        }
+    }
+
+    /// What it is built from.
+    pub fn source(&self) -> Option<&Source> {
+        self.source.as_ref()
+    }
+
+    /// Counts a request as in flight until the guard drops: a model with requests in
+    /// flight is never evicted.
+    pub fn begin_request(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Notified at every change of state.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Whether it is registered but not loaded (evicted, or waiting for its first
+    /// request).
+    pub fn is_unloaded(&self) -> bool {
+        matches!(*self.state(), State::Unloaded)
+    }
+
+    /// Registered without loading: it loads on its first request.
+    pub fn set_unloaded(&self) {
+        *self.state_mut() = State::Unloaded;
+        self.changed();
+    }
+
+    /// UNLOADED → LOADING, for the one caller that then reloads it; false for everyone
+    /// else (already loading, serving, or failed).
+    pub fn begin_reload(&self) -> bool {
+        let mut state = self.state_mut();
+        if matches!(*state, State::Unloaded) {
+            *state = State::Loading(LoadStage::Queued);
+            drop(state);
+            self.changed();
+            true
+        } else {
+            false
+        }
     }
 
     pub fn labels(&self) -> &ModelLabels {
@@ -192,6 +278,8 @@ impl ModelHandle {
         if let State::Loading(_) = *state {
             *state = State::Loading(stage);
         }
+        drop(state);
+        self.changed();
     }
 
     /// Starts the batcher and workers around a loaded model. Must run inside the tokio
@@ -255,6 +343,7 @@ impl ModelHandle {
             loaded_at: SystemTime::now(),
             load_time,
         }));
+        self.changed();
         Ok(())
     }
 
@@ -262,19 +351,31 @@ impl ModelHandle {
     /// jobs already queued are answered, then the workers are joined and the weights
     /// and lease dropped. Returns when all that is done.
     pub async fn unload(&self) {
-        let previous = std::mem::replace(&mut *self.state_mut(), State::Unloaded);
-        let State::Ready(mut serving) = previous else {
-            // Not serving: put back what it was doing.
-            *self.state_mut() = previous;
-            return;
+        if let Some(retired) = self.evict() {
+            let _ = tokio::task::spawn_blocking(move || retired.join()).await;
+        }
+    }
+
+    /// [`ModelHandle::unload`] without waiting: the returned thread finishes once the
+    /// memory is free. `None` when it was not serving.
+    pub fn evict(&self) -> Option<std::thread::JoinHandle<()>> {
+        let mut state = self.state_mut();
+        let State::Ready(_) = *state else {
+            return None;
         };
+        let State::Ready(mut serving) = std::mem::replace(&mut *state, State::Unloaded) else {
+            unreachable!("checked above");
+        };
+        drop(state);
         let retired = serving.retire();
         drop(serving);
-        let _ = tokio::task::spawn_blocking(move || retired.join()).await;
+        self.changed();
+        Some(retired)
     }
 
     pub fn set_failed(&self, reason: String) {
         *self.state_mut() = State::Failed(reason);
+        self.changed();
     }
 
     /// Jobs waiting in the queue (None unless the model is serving).
@@ -408,6 +509,7 @@ impl ModelHandle {
             job_queue_size: spec.job_queue_size,
             queue_depth: None,
             loaded_at_startup: spec.loaded_at_startup,
+            last_used: None,
             archive_format: spec.format,
             load_time_seconds: None,
             loaded_at: None,
@@ -447,18 +549,21 @@ mod tests {
             workers: 1,
             response_timeout: Duration::from_secs(5),
         };
-        ModelHandle::new(ModelSpec {
-            name: "m".into(),
-            version: "1".into(),
-            url: "m.mar".into(),
-            handler: HandlerKind::Echo,
-            format: ArchiveFormat::ZipStore,
-            config: ModelConfig::parse(None, &ModelConfigOverrides::default(), defaults)
-                .expect("defaults"),
-            setup: SetupConfig::default(),
-            job_queue_size: 4,
-            loaded_at_startup: false,
-        })
+        ModelHandle::new(
+            ModelSpec {
+                name: "m".into(),
+                version: "1".into(),
+                url: "m.mar".into(),
+                handler: HandlerKind::Echo,
+                format: ArchiveFormat::ZipStore,
+                config: ModelConfig::parse(None, &ModelConfigOverrides::default(), defaults)
+                    .expect("defaults"),
+                setup: SetupConfig::default(),
+                job_queue_size: 4,
+                loaded_at_startup: false,
+            },
+            None,
+        )
     }
 
     #[test]

@@ -296,6 +296,7 @@ mod tests {
             gpus: vec![],
             cpu_available: 1 << 40,
             cpu_total: 1 << 40,
+            cpu_reserve: None,
         };
         let setup = |json: &str| SetupConfig::parse(Some(json.as_bytes())).expect("setup");
         let options = PlanOptions {

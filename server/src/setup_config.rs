@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 use spillway_handlers::LoadOptions;
-use spillway_placement::TensorDType;
+use spillway_placement::{DeviceRequest, TensorDType};
 
 use crate::error::{Error, Result};
 
@@ -60,6 +60,22 @@ impl SetupConfig {
                         ),
                     )
                 }),
+        }
+    }
+
+    /// What the model asks of the device manager: `device` ("cpu", "cuda", "cudax2",
+    /// "cuda:0", "cuda:0,1"); `None` when not given (the managed GPUs, shared).
+    pub fn device_request(&self) -> Result<Option<DeviceRequest>> {
+        match self.other.get("device") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(text)) => text
+                .parse()
+                .map(Some)
+                .map_err(|e| Error::bad_config(FILE, e)),
+            Some(other) => Err(Error::bad_config(
+                FILE,
+                format!("device must be a string such as \"cuda:0\", found {other}"),
+            )),
         }
     }
 

@@ -25,10 +25,15 @@ struct InProcess {
 
 impl InProcess {
     async fn start(fixture: &Fixture) -> InProcess {
+        Self::start_with(fixture, Overrides::default()).await
+    }
+
+    async fn start_with(fixture: &Fixture, given: Overrides) -> InProcess {
         let overrides = Overrides {
             model_store: Some(fixture.store()),
             cache_dir: Some(fixture.cache()),
-            models: Some(String::new()),
+            models: Some(given.models.unwrap_or_default()),
+            max_host_memory: given.max_host_memory,
             inference_address: Some("127.0.0.1:0".into()),
             management_address: Some("127.0.0.1:0".into()),
             metrics_address: Some("127.0.0.1:0".into()),
@@ -41,9 +46,21 @@ impl InProcess {
         let served = tokio::spawn(spillway::run(config, listeners, async move {
             let _ = stopped.await;
         }));
+        let http = Client::new();
+        // Ready once /ping says so (start-up models loaded).
+        for _ in 0..500 {
+            let ping = http
+                .get(format!("http://{}/ping", addresses.inference))
+                .send()
+                .await;
+            if ping.is_ok_and(|r| r.status() == 200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         InProcess {
             addresses,
-            http: Client::new(),
+            http,
             stop: Some(stop),
             served,
         }
@@ -68,7 +85,7 @@ impl InProcess {
         (response.status(), response.json().await.unwrap())
     }
 
-    /// `spillway_leased_bytes{device="cpu"}`.
+    /// `spillway_device_used_bytes{device="cpu"}`.
     async fn leased_cpu_bytes(&self) -> f64 {
         let url = format!("http://{}/metrics", self.addresses.metrics);
         let text = self
@@ -81,10 +98,28 @@ impl InProcess {
             .await
             .unwrap();
         text.lines()
-            .find(|l| l.starts_with("spillway_leased_bytes{device=\"cpu\"}"))
+            .find(|l| l.starts_with("spillway_device_used_bytes{device=\"cpu\"}"))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no leased bytes in:\n{text}"))
+    }
+
+    /// The host RAM pool of `GET /devices`.
+    async fn host_pool(&self) -> Value {
+        let (status, devices) = self.manage(Method::GET, "/devices").await;
+        assert_eq!(status, 200);
+        devices["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["device"] == "cpu")
+            .cloned()
+            .unwrap()
+    }
+
+    async fn status_of(&self, model: &str) -> String {
+        let (_, described) = self.manage(Method::GET, &format!("/models/{model}")).await;
+        described[0]["status"].as_str().unwrap().to_string()
     }
 
     async fn stop(mut self) {
@@ -166,4 +201,180 @@ async fn in_process_runs_compute_as_the_binary_does() {
     // The binary sets candle's element-wise pool to the calling thread first thing in
     // main; .cargo/config.toml does the same for test processes.
     assert!(spillway_handlers::cpu::threads::elementwise_ops_run_on_the_calling_thread());
+}
+
+/// Registers `archive` synchronously and embeds one text with it.
+async fn register_and_embed(server: &InProcess, archive: &str, model: &str) -> Value {
+    let (status, answer) = server
+        .manage(
+            Method::POST,
+            &format!("/models?url={archive}&synchronous=true"),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    embed(server, model).await
+}
+
+async fn embed(server: &InProcess, model: &str) -> Value {
+    let (status, answer) = server
+        .predict(model, r#"{"inputs": "the quick brown fox"}"#)
+        .await;
+    assert_eq!(status, 200, "{model}: {answer}");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_budget_for_two_of_three_models_evicts_the_least_recently_used_and_reloads_on_demand()
+ {
+    let fixture = Fixture::new();
+    let archives: Vec<String> = ["ra", "rb", "rc"]
+        .iter()
+        .map(|name| fixture.tiny_archive(name, "1.0", &[]))
+        .collect();
+    // What one model holds (the three are the same size).
+    let server = InProcess::start(&fixture).await;
+    register_and_embed(&server, &archives[0], "ra").await;
+    let one = server.host_pool().await["used"].as_u64().unwrap();
+    assert!(one > 0);
+    server.stop().await;
+
+    let budget = one * 5 / 2;
+    let server = InProcess::start_with(
+        &fixture,
+        Overrides {
+            max_host_memory: Some(budget.to_string()),
+            ..Overrides::default()
+        },
+    )
+    .await;
+    let pool = server.host_pool().await;
+    assert_eq!(pool["budget"], budget);
+    let mut want = BTreeMap::new();
+    for (archive, name) in archives.iter().zip(["ra", "rb"]) {
+        want.insert(name, register_and_embed(&server, archive, name).await);
+    }
+    // c needs the room a (least recently used) holds.
+    want.insert("rc", register_and_embed(&server, &archives[2], "rc").await);
+    assert_eq!(server.status_of("ra").await, "UNLOADED");
+    assert_eq!(
+        (server.status_of("rb").await, server.status_of("rc").await),
+        ("READY".to_string(), "READY".to_string())
+    );
+    // b used after c: a's request evicts c, and a answers as it did before.
+    assert_eq!(embed(&server, "rb").await, want["rb"]);
+    assert_eq!(
+        embed(&server, "ra").await,
+        want["ra"],
+        "reloaded on its request"
+    );
+    assert_eq!(server.status_of("rc").await, "UNLOADED");
+    assert_eq!(server.status_of("rb").await, "READY");
+
+    // A round robin over the three answers every request the same, within the budget.
+    for name in ["rc", "ra", "rb", "rc", "rb", "ra"] {
+        assert_eq!(embed(&server, name).await, want[name], "{name}");
+        let pool = server.host_pool().await;
+        let used = pool["used"].as_u64().unwrap();
+        assert!(used <= budget, "{used} bytes used, budget {budget}");
+        let holders: Vec<&str> = pool["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["modelName"].as_str().unwrap())
+            .collect();
+        assert_eq!(holders.len(), 2, "two of three fit: {holders:?}");
+        assert!(holders.contains(&name));
+    }
+    let url = format!("http://{}/metrics", server.addresses.metrics);
+    let metrics = server
+        .http
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let evictions: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("spillway_evictions_total{"))
+        // Other tests in this process evict models of their own.
+        .filter(|l| {
+            ["ra", "rb", "rc"]
+                .iter()
+                .any(|m| l.contains(&format!("model_name=\"{m}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    // c, then c, a, b, c, (b stays), a: one eviction per reload.
+    assert_eq!(evictions, 6.0, "{metrics}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_models_that_do_not_fit_load_on_their_first_request() {
+    let fixture = Fixture::new();
+    let archives: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|name| fixture.tiny_archive(name, "1.0", &[]))
+        .collect();
+    let server = InProcess::start(&fixture).await;
+    let want = register_and_embed(&server, &archives[2], "c").await;
+    let one = server.host_pool().await["used"].as_u64().unwrap();
+    server.stop().await;
+
+    let server = InProcess::start_with(
+        &fixture,
+        Overrides {
+            models: Some(archives.join(",")),
+            max_host_memory: Some((one * 5 / 2).to_string()),
+            ..Overrides::default()
+        },
+    )
+    .await;
+    assert_eq!(server.status_of("a").await, "READY");
+    assert_eq!(server.status_of("b").await, "READY");
+    assert_eq!(
+        server.status_of("c").await,
+        "UNLOADED",
+        "registered all the same"
+    );
+    assert_eq!(embed(&server, "c").await, want);
+    assert_eq!(
+        server.status_of("a").await,
+        "UNLOADED",
+        "the least recently used made room"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_larger_than_the_host_budget_is_refused_with_507_saying_what_ran_out() {
+    let fixture = Fixture::new();
+    let tiny = fixture.tiny_archive("tiny", "1.0", &[]);
+    // A plan that must keep everything in RAM (device_map cpu) cannot spill to disk.
+    let server = InProcess::start_with(
+        &fixture,
+        Overrides {
+            max_host_memory: Some("1000".into()),
+            ..Overrides::default()
+        },
+    )
+    .await;
+    let (status, error) = server
+        .manage(
+            Method::POST,
+            &format!("/models?url={tiny}&synchronous=true"),
+        )
+        .await;
+    assert!(
+        status == 507 || status == 400,
+        "refused as resource exhaustion or an impossible plan: {status} {error}"
+    );
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("cpu") || message.contains("memory"),
+        "{message}"
+    );
+    server.stop().await;
 }

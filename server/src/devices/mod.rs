@@ -1,10 +1,16 @@
 //! What this machine has, for the planner: free and total RAM (from /proc/meminfo) and
 //! GPUs (none in a CPU build). The only place the server reads device memory.
 //!
-//! - [`ledger`]: the bytes each model holds per device, as leases the loader takes and
-//!   a model gives back when its workers have been joined.
+//! - [`manager`]: the device manager — the pools' budgets and the allocation map (who
+//!   holds which bytes, loading or not, last used), admission through the policy.
+//! - [`policy`]: the manager's decisions, pure: which GPUs a model gets, which least
+//!   recently used models leave for it to fit.
+//! - [`effects`]: carrying decisions out — evicting models, reloading an evicted one on
+//!   its next request.
 
-pub mod ledger;
+pub mod effects;
+pub mod manager;
+pub mod policy;
 
 use spillway_placement::Machine;
 
@@ -15,6 +21,7 @@ pub fn probe() -> Machine {
         gpus: Vec::new(),
         cpu_available: memory.map_or(0, |m| m.available_bytes),
         cpu_total: memory.map_or(0, |m| m.total_bytes),
+        cpu_reserve: None,
     }
 }
 

@@ -21,7 +21,7 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
         .iter()
         .filter_map(|m| m.sample())
         .collect();
-    crate::metrics::refresh(&models, &state.devices().held());
+    crate::metrics::refresh(&models, &state.devices().pools());
     state.metrics().run_upkeep();
     (
         [(

@@ -4,10 +4,12 @@
 //! - [`torchserve`]: TorchServe's inference API (health and predictions) and management
 //!   API (register, describe, scale, unregister, set-default).
 //! - [`metrics`]: Prometheus text.
+//! - [`devices`]: `GET /devices`, the device manager's pools (management API).
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //!
 //! Bearer tokens, when configured, guard a whole API ([`require_token`]).
 
+pub mod devices;
 pub mod error;
 pub mod metrics;
 pub mod torchserve;
@@ -34,7 +36,10 @@ pub fn inference_router(state: AppState) -> Router {
 
 pub fn management_router(state: AppState) -> Router {
     let token = state.config().management_token.clone();
-    guarded(torchserve::management::router(state), token)
+    guarded(
+        torchserve::management::router(state.clone()).merge(devices::router(state)),
+        token,
+    )
 }
 
 pub fn metrics_router(state: AppState) -> Router {

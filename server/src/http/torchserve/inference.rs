@@ -15,6 +15,7 @@ use serde_json::json;
 use spillway_handlers::Output;
 
 use crate::app::{AppState, Health};
+use crate::devices::effects;
 use crate::error::{Error, Result};
 use crate::http::Body;
 use crate::http::torchserve::predictions;
@@ -63,10 +64,13 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
         Ok(model) => model,
         Err(e) => return e.into_response(),
     };
+    let _in_flight = model.begin_request();
+    state.devices().touch(&model.key());
     let answer = async {
         let request = predictions::request(model.spec.handler, body)?;
-        let receiver = model.submit(request, None).await?;
         let timeout = model.spec.config.response_timeout;
+        effects::ensure_serving(&state, &model, timeout).await?;
+        let receiver = model.submit(request, None).await?;
         match tokio::time::timeout(timeout, receiver).await {
             Ok(Ok(output)) => output,
             // The job was dropped unanswered: its model was unloaded under it.

@@ -89,7 +89,7 @@ async fn describe_default(
     Path(name): Path<String>,
 ) -> Result<Response> {
     let model = state.registry().get(&name, None)?;
-    Ok(axum::Json(vec![model.describe()]).into_response())
+    Ok(axum::Json(vec![describe(&state, &model)]).into_response())
 }
 
 async fn describe_version(
@@ -101,8 +101,18 @@ async fn describe_version(
     } else {
         vec![state.registry().get(&name, Some(&version))?]
     };
-    let described: Vec<_> = models.iter().map(|m| m.describe()).collect();
+    let described: Vec<_> = models.iter().map(|m| describe(&state, m)).collect();
     Ok(axum::Json(described).into_response())
+}
+
+/// A model's description with what the device manager knows of it.
+fn describe(state: &AppState, model: &crate::model::ModelHandle) -> crate::model::ModelDescription {
+    let mut description = model.describe();
+    description.last_used = state
+        .devices()
+        .last_used(&model.key())
+        .map(crate::timestamp::rfc3339);
+    description
 }
 
 async fn register(State(state): State<AppState>, Query(params): Params) -> Result<Response> {

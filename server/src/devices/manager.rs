@@ -1,0 +1,453 @@
+//! [`DeviceManager`]: the one owner of the managed devices' memory. It keeps the
+//! allocation map — which model version holds how many bytes on which device (a
+//! [`Lease`], the plan's weights and reserve), whether it is still loading, and when it
+//! was last used — and admits a model by planning it within the pools' budgets and
+//! asking the pure policy (`devices::policy`) which least recently used models must
+//! leave for it to fit. Carrying out an eviction is `devices::effects`' job.
+//!
+//! Planning, deciding and leasing happen under one lock, so two loads never both count
+//! the same free bytes. A lease is dropped when its model's workers have been joined and
+//! its weights freed, so the map always says what is really in use.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use spillway_placement::{Device, DeviceRequest, DeviceType, GpuMemory, Machine, Plan};
+
+use super::policy::{self, AllocationMap, Holding, ModelKey, Refusal};
+
+/// Bytes per device.
+pub type DeviceBytes = BTreeMap<Device, u64>;
+
+/// How the manager is set up (config.properties / `SPILLWAY_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagerConfig {
+    /// The host RAM pool's budget.
+    pub host_budget: u64,
+    /// Whether the operator gave that budget (`max_host_memory`): then all of it is the
+    /// models', and the planner keeps no reserve of its own out of it.
+    pub host_budget_given: bool,
+    /// The managed GPUs and their budgets.
+    pub gpus: Vec<GpuMemory>,
+    /// Whether models may share a GPU (host RAM always packs).
+    pub pack_gpus: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    model: ModelKey,
+    bytes: DeviceBytes,
+    /// Still loading: not yet where the probe sees it, and never evicted.
+    loading: Arc<AtomicBool>,
+    last_used: Arc<AtomicU64>,
+    last_used_at: Arc<Mutex<SystemTime>>,
+}
+
+#[derive(Debug, Default)]
+struct Entries {
+    next_id: u64,
+    leases: BTreeMap<u64, Entry>,
+}
+
+/// The managed devices' pools and who holds what in them.
+#[derive(Debug, Clone)]
+pub struct DeviceManager {
+    config: Arc<ManagerConfig>,
+    entries: Arc<Mutex<Entries>>,
+    /// The manager's clock: every use takes the next tick.
+    clock: Arc<AtomicU64>,
+}
+
+/// A model's hold on its bytes. Dropping it gives them back.
+#[derive(Debug)]
+pub struct Lease {
+    id: u64,
+    bytes: DeviceBytes,
+    loading: Arc<AtomicBool>,
+    manager: DeviceManager,
+}
+
+/// What admitting a model decided.
+pub struct Admission {
+    pub plan: Plan,
+    pub lease: Lease,
+    /// Models that must be evicted, least recently used first, before this one loads.
+    pub evict: Vec<ModelKey>,
+}
+
+/// A model that cannot be admitted, or whose plan failed.
+pub enum AdmitError<E> {
+    Plan(E),
+    Refused(Refusal),
+}
+
+/// One pool as `GET /devices` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolView {
+    pub device: String,
+    pub budget: u64,
+    pub used: u64,
+    pub free: u64,
+    pub models: Vec<HoldingView>,
+}
+
+/// One model's hold on a pool.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldingView {
+    pub model_name: String,
+    pub model_version: String,
+    pub bytes: u64,
+    pub loading: bool,
+    pub last_used: String,
+}
+
+impl DeviceManager {
+    pub fn new(config: ManagerConfig) -> Self {
+        Self {
+            config: Arc::new(config),
+            entries: Arc::default(),
+            clock: Arc::default(),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Each managed device's budget.
+    pub fn budgets(&self) -> BTreeMap<Device, u64> {
+        std::iter::once((Device::CPU, self.config.host_budget))
+            .chain(
+                self.config
+                    .gpus
+                    .iter()
+                    .map(|g| (Device::cuda(g.ordinal), g.total)),
+            )
+            .collect()
+    }
+
+    /// The allocation map now; `busy` says which models have requests in flight.
+    fn map(&self, entries: &Entries, busy: &dyn Fn(&ModelKey) -> bool) -> AllocationMap {
+        AllocationMap {
+            budgets: self.budgets(),
+            holdings: entries
+                .leases
+                .values()
+                .map(|e| Holding {
+                    model: e.model.clone(),
+                    bytes: e.bytes.clone(),
+                    last_used: e.last_used.load(Ordering::SeqCst),
+                    busy: e.loading.load(Ordering::SeqCst) || busy(&e.model),
+                })
+                .collect(),
+        }
+    }
+
+    /// Admits `model`: the GPUs `request` gets (`None`: every managed GPU, shared), a
+    /// plan made by `plan` on those devices' budgets less what cannot be evicted, and the
+    /// least recently used models to evict for it to fit. The lease is taken at once (loading), so the bytes are promised
+    /// while the evicted models leave and this one loads.
+    pub fn admit<E>(
+        &self,
+        model: &ModelKey,
+        request: &Option<DeviceRequest>,
+        busy: &dyn Fn(&ModelKey) -> bool,
+        plan: impl Fn(&Machine) -> Result<Plan, E>,
+    ) -> Result<Admission, AdmitError<E>> {
+        let mut entries = self.entries();
+        let map = self.map(&entries, busy);
+        let grant = match request {
+            Some(request) => {
+                policy::grant(&map, request, self.config.pack_gpus).map_err(AdmitError::Refused)?
+            }
+            None => policy::Grant {
+                gpus: self
+                    .config
+                    .gpus
+                    .iter()
+                    .map(|g| Device::cuda(g.ordinal))
+                    .collect(),
+                evict: Vec::new(),
+            },
+        };
+        // The model is planned on what it could have if every idle model left: it
+        // evicts rather than spilling to disk when the pools could hold it.
+        let kept = |device: Device| -> u64 {
+            map.holdings
+                .iter()
+                .filter(|h| h.busy && h.model != *model)
+                .filter_map(|h| h.bytes.get(&device))
+                .sum()
+        };
+        let machine = |kept: &dyn Fn(Device) -> u64| Machine {
+            gpus: grant
+                .gpus
+                .iter()
+                .filter_map(|gpu| {
+                    let budget = map.budgets.get(gpu)?;
+                    Some(GpuMemory {
+                        ordinal: gpu.ordinal,
+                        free: budget.saturating_sub(kept(*gpu)),
+                        total: *budget,
+                    })
+                })
+                .collect(),
+            cpu_available: self.config.host_budget.saturating_sub(kept(Device::CPU)),
+            cpu_total: self.config.host_budget,
+            cpu_reserve: self.config.host_budget_given.then_some(0),
+        };
+        let plan = match plan(&machine(&kept)) {
+            Ok(plan) => plan,
+            Err(e) => {
+                // Would it fit the pools alone? Then busy models hold the room: a
+                // resource runs short, and the refusal says who holds it.
+                return Err(match plan(&machine(&|_| 0)) {
+                    Ok(alone) => {
+                        match policy::make_room(&map, model, &held_by(&alone), &grant.evict) {
+                            Err(refusal) => AdmitError::Refused(refusal),
+                            Ok(_) => AdmitError::Plan(e),
+                        }
+                    }
+                    // It does not fit the pools at all: the planner says why.
+                    Err(alone) => AdmitError::Plan(alone),
+                });
+            }
+        };
+        let bytes = held_by(&plan);
+        let evict =
+            policy::make_room(&map, model, &bytes, &grant.evict).map_err(AdmitError::Refused)?;
+        let mut evict_all = grant.evict;
+        evict_all.extend(evict);
+        let id = entries.next_id;
+        entries.next_id += 1;
+        let loading = Arc::new(AtomicBool::new(true));
+        entries.leases.insert(
+            id,
+            Entry {
+                model: model.clone(),
+                bytes: bytes.clone(),
+                loading: loading.clone(),
+                last_used: Arc::new(AtomicU64::new(self.tick())),
+                last_used_at: Arc::new(Mutex::new(SystemTime::now())),
+            },
+        );
+        Ok(Admission {
+            plan,
+            lease: Lease {
+                id,
+                bytes,
+                loading,
+                manager: self.clone(),
+            },
+            evict: evict_all,
+        })
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// `model` was just used.
+    pub fn touch(&self, model: &ModelKey) {
+        let tick = self.tick();
+        for entry in self.entries().leases.values() {
+            if entry.model == *model {
+                entry.last_used.store(tick, Ordering::SeqCst);
+                *entry.last_used_at.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
+            }
+        }
+    }
+
+    /// What every lease holds now, per device.
+    pub fn held(&self) -> DeviceBytes {
+        let mut total = DeviceBytes::new();
+        for entry in self.entries().leases.values() {
+            for (device, n) in &entry.bytes {
+                *total.entry(*device).or_default() += n;
+            }
+        }
+        total
+    }
+
+    /// When `model` was last used (admitted or asked for), if it holds a lease.
+    pub fn last_used(&self, model: &ModelKey) -> Option<SystemTime> {
+        self.entries()
+            .leases
+            .values()
+            .find(|e| e.model == *model)
+            .map(|e| *e.last_used_at.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Every pool: budget, use, and who holds it.
+    pub fn pools(&self) -> Vec<PoolView> {
+        let entries = self.entries();
+        self.budgets()
+            .into_iter()
+            .map(|(device, budget)| {
+                let models: Vec<HoldingView> = entries
+                    .leases
+                    .values()
+                    .filter_map(|e| {
+                        let bytes = *e.bytes.get(&device)?;
+                        let at = *e.last_used_at.lock().unwrap_or_else(|p| p.into_inner());
+                        Some(HoldingView {
+                            model_name: e.model.name.clone(),
+                            model_version: e.model.version.clone(),
+                            bytes,
+                            loading: e.loading.load(Ordering::SeqCst),
+                            last_used: crate::timestamp::rfc3339(at),
+                        })
+                    })
+                    .collect();
+                let used: u64 = models.iter().map(|m| m.bytes).sum();
+                PoolView {
+                    device: device.to_string(),
+                    budget,
+                    used,
+                    free: budget.saturating_sub(used),
+                    models,
+                }
+            })
+            .collect()
+    }
+}
+
+impl Lease {
+    /// The model has loaded: it may be evicted from now on.
+    pub fn settle(&self) {
+        self.loading.store(false, Ordering::SeqCst);
+    }
+
+    pub fn bytes(&self) -> &DeviceBytes {
+        &self.bytes
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.manager.entries().leases.remove(&self.id);
+    }
+}
+
+/// The bytes a plan holds in memory: weights and reserve on the CPU and each GPU (disk
+/// units hold only their mapping).
+pub fn held_by(plan: &Plan) -> DeviceBytes {
+    plan.devices
+        .iter()
+        .filter(|usage| usage.device.kind != DeviceType::Disk)
+        .map(|usage| (usage.device, usage.weights + usage.reserve))
+        .filter(|(_, bytes)| *bytes > 0)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manager(host: u64) -> DeviceManager {
+        DeviceManager::new(ManagerConfig {
+            host_budget: host,
+            host_budget_given: true,
+            gpus: Vec::new(),
+            pack_gpus: false,
+        })
+    }
+
+    fn key(name: &str) -> ModelKey {
+        ModelKey {
+            name: name.into(),
+            version: "1".into(),
+        }
+    }
+
+    /// A plan that puts `bytes` of weights on the CPU, or fails when they do not fit.
+    fn plan_of(bytes: u64) -> impl Fn(&Machine) -> Result<Plan, String> {
+        move |machine: &Machine| {
+            if bytes > machine.cpu_available {
+                return Err(format!("{bytes} > {}", machine.cpu_available));
+            }
+            Ok(Plan {
+                strategy: "cpu".into(),
+                units: Vec::new(),
+                devices: vec![spillway_placement::DeviceUsage {
+                    device: Device::CPU,
+                    budget: None,
+                    reserve: 0,
+                    weights: bytes,
+                }],
+                stream_device: Device::CPU,
+                streamed_bytes_per_forward: 0,
+                notes: Vec::new(),
+            })
+        }
+    }
+
+    fn admit(
+        manager: &DeviceManager,
+        name: &str,
+        bytes: u64,
+        busy: &dyn Fn(&ModelKey) -> bool,
+    ) -> Result<Admission, String> {
+        manager
+            .admit(&key(name), &Some(DeviceRequest::Cpu), busy, plan_of(bytes))
+            .map_err(|e| match e {
+                AdmitError::Plan(e) => e,
+                AdmitError::Refused(r) => r.to_string(),
+            })
+    }
+
+    const IDLE: &dyn Fn(&ModelKey) -> bool = &|_| false;
+
+    #[test]
+    fn two_loads_never_count_the_same_bytes_and_a_loading_model_is_not_evicted() {
+        let manager = manager(100);
+        let first = admit(&manager, "a", 60, IDLE).expect("fits");
+        assert!(first.evict.is_empty());
+        assert_eq!(manager.held()[&Device::CPU], 60);
+        // a is still loading: it cannot leave, so b finds 40 bytes, and the refusal
+        // says who holds the rest.
+        let refused = admit(&manager, "b", 60, IDLE).err().expect("no room");
+        assert!(refused.contains("cpu is 20 B short"), "{refused}");
+        assert!(refused.contains("a version 1 (60 B, busy)"), "{refused}");
+        // Larger than the pool itself: the plan's own error.
+        let too_big = admit(&manager, "huge", 200, IDLE)
+            .err()
+            .expect("never fits");
+        assert!(too_big.contains("200 > 100"), "{too_big}");
+        first.lease.settle();
+        // Loaded and idle, a is evicted for b.
+        let second = admit(&manager, "b", 60, IDLE).expect("a leaves");
+        assert_eq!(second.evict, [key("a")]);
+        // A model with requests in flight stays.
+        second.lease.settle();
+        drop(first);
+        let busy_b = |m: &ModelKey| m.name == "b";
+        assert!(admit(&manager, "c", 60, &busy_b).is_err());
+        assert_eq!(manager.held()[&Device::CPU], 60, "only b's lease is left");
+        drop(second);
+        assert!(manager.held().is_empty());
+    }
+
+    #[test]
+    fn the_least_recently_used_model_is_the_one_evicted() {
+        let manager = manager(100);
+        let a = admit(&manager, "a", 40, IDLE).expect("a");
+        a.lease.settle();
+        let b = admit(&manager, "b", 40, IDLE).expect("b");
+        b.lease.settle();
+        manager.touch(&key("a"));
+        let c = admit(&manager, "c", 40, IDLE).expect("c");
+        assert_eq!(c.evict, [key("b")], "a was used after b was loaded");
+        let pools = manager.pools();
+        assert_eq!(pools[0].device, "cpu");
+        assert_eq!(
+            (pools[0].used, pools[0].free),
+            (120, 0),
+            "promised before b has left"
+        );
+        assert_eq!(pools[0].models.len(), 3);
+    }
+}

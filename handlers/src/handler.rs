@@ -272,6 +272,18 @@ pub trait Handler: Send + Sync {
         StreamTotals::default()
     }
 
+    /// Gives memory back while staying loaded: the units the plan made resident are
+    /// streamed from their mapping from now on (the device manager's `disk` eviction).
+    /// The names of the units moved; `None` when this handler cannot do it.
+    fn demote(&self) -> Option<Vec<String>> {
+        None
+    }
+
+    /// Makes the units [`Handler::demote`] moved resident again; their names.
+    fn promote(&self) -> Result<Vec<String>, HandlerError> {
+        Ok(Vec::new())
+    }
+
     /// A fresh running batch for continuous batching, where the handler supports it
     /// (generation: requests join between steps and leave as they finish).
     fn step_batch(&self) -> Option<Box<dyn StepBatch + '_>> {

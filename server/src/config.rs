@@ -116,7 +116,7 @@ pub struct Overrides {
     /// GPUs the device manager uses, e.g. "cuda:0,cuda:1" [default: every visible GPU].
     #[arg(long, env = "SPILLWAY_MANAGED_DEVICES")]
     pub managed_devices: Option<String>,
-    /// What evicting a model does: restart (unload; reload on its next request) [default: restart].
+    /// What evicting a model does: restart (unload; reload on its next request), disk (stream its units from disk; promote them on its next request), cpu (GPU units to host RAM, else disk) [default: restart].
     #[arg(long, env = "SPILLWAY_OFFLOAD_STRATEGY")]
     pub offload_strategy: Option<String>,
     /// Whether models may share a GPU (true/false) [default: false].
@@ -124,12 +124,19 @@ pub struct Overrides {
     pub allow_multiple_per_device: Option<bool>,
 }
 
-/// What evicting a model does.
+/// What evicting a model does. A strategy a model cannot follow falls back to the next:
+/// `cpu` → `disk` → `restart`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OffloadStrategy {
     /// Unload it; it stays registered and reloads on its next request.
     Restart,
+    /// Keep it loaded with its resident units streamed from their mapping (pages
+    /// dropped); promoted back on its next request.
+    Disk,
+    /// Move its GPU units to host RAM, promoted back on its next request (this build
+    /// has no GPU units, so it falls back to `disk`).
+    Cpu,
 }
 
 /// The device manager's settings.
@@ -178,14 +185,8 @@ impl DeviceSettings {
             .transpose()?;
         let offload_strategy = match offload_strategy.as_deref().map(str::trim) {
             None | Some("restart") => OffloadStrategy::Restart,
-            Some(other @ ("cpu" | "disk")) => {
-                return Err(Error::bad_config(
-                    "offload_strategy",
-                    format!(
-                        "`{other}` is not built yet; restart is the one strategy this build has"
-                    ),
-                ));
-            }
+            Some("disk") => OffloadStrategy::Disk,
+            Some("cpu") => OffloadStrategy::Cpu,
             Some(other) => {
                 return Err(Error::bad_config(
                     "offload_strategy",
@@ -218,6 +219,7 @@ impl DeviceSettings {
             host_budget_given: self.max_host_memory.is_some(),
             gpus,
             pack_gpus: self.allow_multiple_per_device,
+            evicts_to_disk: self.offload_strategy != OffloadStrategy::Restart,
         }
     }
 }
@@ -479,7 +481,6 @@ mod tests {
         for (key, value) in [
             ("max_host_memory", "lots"),
             ("managed_devices", "cpu"),
-            ("offload_strategy", "disk"),
             ("offload_strategy", "swap"),
             ("allow_multiple_per_device", "maybe"),
         ] {

@@ -20,7 +20,7 @@ use crate::app::AppState;
 use crate::archive::{self, ArchiveLimits, OpenedArchive};
 use crate::devices::effects;
 use crate::devices::manager::{AdmitError, Lease};
-use crate::devices::policy::ModelKey;
+use crate::devices::policy::{Eviction, ModelKey};
 use crate::error::{Error, Result};
 use crate::model::{LoadStage, ModelHandle, ModelSpec};
 use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
@@ -64,7 +64,7 @@ pub struct Planned {
     inventory: ModelInventory,
     plan: Plan,
     lease: Lease,
-    evict: Vec<ModelKey>,
+    evict: Vec<Eviction>,
 }
 
 /// A built model, ready to serve.

@@ -71,6 +71,7 @@ pub const DEVICE_USED_BYTES: &str = "spillway_device_used_bytes";
 pub const DEVICE_FREE_BYTES: &str = "spillway_device_free_bytes";
 pub const EVICTIONS_TOTAL: &str = "spillway_evictions_total";
 pub const RELOADS_TOTAL: &str = "spillway_reloads_total";
+pub const PROMOTIONS_TOTAL: &str = "spillway_promotions_total";
 /// Disk units materialized for a forward pass (process-wide).
 pub const STREAMED_UNITS_TOTAL: &str = "spillway_streamed_units_total";
 /// Bytes read from disk units for forward passes (process-wide).
@@ -178,6 +179,10 @@ fn describe() {
         (
             RELOADS_TOTAL,
             "Times an evicted model was loaded again for a request.",
+        ),
+        (
+            PROMOTIONS_TOTAL,
+            "Times a model evicted to disk had its units made resident again for a request.",
         ),
     ] {
         describe_counter!(name, help);
@@ -423,6 +428,10 @@ impl ModelLabels {
             &[name, version, ("strategy", strategy.to_string())]
         )
         .increment(1);
+    }
+
+    pub fn promoted(&self) {
+        counter!(PROMOTIONS_TOTAL, &self.pairs()).increment(1);
     }
 
     pub fn reloaded(&self) {

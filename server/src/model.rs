@@ -8,7 +8,7 @@
 //! still run, its worker threads are joined, and only then are its handler (the
 //! weights) and its lease dropped — so a released lease means the memory is free.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,9 +16,10 @@ use serde::Serialize;
 use spillway_handlers::{EventSender, Handler, HandlerInfo, HandlerKind, Output, Request};
 use tokio::sync::oneshot;
 
+use crate::app::AppState;
 use crate::archive::ArchiveFormat;
 use crate::batcher::{self, BatchPolicy, IdleWorkers, Job};
-use crate::devices::manager::Lease;
+use crate::devices::manager::{DeviceBytes, DeviceManager, Lease, demoted_bytes, held_by};
 use crate::devices::policy::ModelKey;
 use crate::error::{Error, Result};
 use crate::loader::{Loaded, Source};
@@ -82,6 +83,11 @@ impl LoadStage {
     }
 }
 
+/// Bytes over every device.
+fn total(bytes: &DeviceBytes) -> u64 {
+    bytes.values().sum()
+}
+
 /// A loaded model's serving machinery.
 struct Serving {
     handler: Arc<dyn Handler>,
@@ -89,6 +95,10 @@ struct Serving {
     pool: Mutex<WorkerPool>,
     plan: Option<spillway_placement::Plan>,
     lease: Option<Lease>,
+    /// Its resident units are streamed from disk (the `disk` eviction) until promoted.
+    demoted: AtomicBool,
+    /// A request is bringing the demoted units back.
+    promoting: AtomicBool,
     loaded_at: SystemTime,
     load_time: Duration,
 }
@@ -340,6 +350,8 @@ impl ModelHandle {
             pool: Mutex::new(pool),
             plan,
             lease,
+            demoted: AtomicBool::new(false),
+            promoting: AtomicBool::new(false),
             loaded_at: SystemTime::now(),
             load_time,
         }));
@@ -353,6 +365,104 @@ impl ModelHandle {
     pub async fn unload(&self) {
         if let Some(retired) = self.evict() {
             let _ = tokio::task::spawn_blocking(move || retired.join()).await;
+        }
+    }
+
+    /// The `disk` eviction: its resident units are streamed from their mapping from now
+    /// on and its lease shrinks to what streaming needs. The bytes given back; `None`
+    /// when it is not serving or its handler cannot demote (then it is evicted by
+    /// restarting instead).
+    pub fn demote(&self, devices: &DeviceManager) -> Option<u64> {
+        let state = self.state();
+        let State::Ready(serving) = &*state else {
+            return None;
+        };
+        let (Some(plan), Some(lease)) = (&serving.plan, &serving.lease) else {
+            return None;
+        };
+        if serving.demoted.load(Ordering::SeqCst) {
+            return None; // already on disk: evicting it again means restarting it
+        }
+        let units = serving.handler.demote()?;
+        let before = total(&lease.bytes());
+        devices.resize(lease, demoted_bytes(plan, &units));
+        lease.set_demoted(true);
+        let after = total(&lease.bytes());
+        serving.demoted.store(true, Ordering::SeqCst);
+        drop(state);
+        self.changed();
+        Some(before.saturating_sub(after))
+    }
+
+    /// Whether it serves with its units demoted to disk.
+    pub fn is_demoted(&self) -> bool {
+        matches!(&*self.state(), State::Ready(s) if s.demoted.load(Ordering::SeqCst))
+    }
+
+    /// Brings a demoted model's units back, evicting what must leave for them first.
+    /// Only one caller promotes; the others return at once (and wait for `changes`).
+    /// Blocking.
+    pub fn promote(&self, state: &AppState) -> Result<()> {
+        let (handler, held_before, evictions) = {
+            let guard = self.state();
+            let State::Ready(serving) = &*guard else {
+                return Ok(());
+            };
+            let (Some(plan), Some(lease)) = (&serving.plan, &serving.lease) else {
+                return Ok(());
+            };
+            if !serving.demoted.load(Ordering::SeqCst)
+                || serving.promoting.swap(true, Ordering::SeqCst)
+            {
+                return Ok(());
+            }
+            let registry = state.registry();
+            let busy = |m: &ModelKey| {
+                registry
+                    .get(&m.name, Some(&m.version))
+                    .is_ok_and(|h| h.in_flight() > 0)
+            };
+            let before = lease.bytes();
+            let grown = state.devices().grow(lease, held_by(plan), &busy);
+            (serving.handler.clone(), before, grown)
+        };
+        // Done either way: promoted, or left demoted with its lease as it was.
+        let finish = |promoted: bool| {
+            if let State::Ready(serving) = &*self.state() {
+                if promoted {
+                    serving.demoted.store(false, Ordering::SeqCst);
+                    if let Some(lease) = &serving.lease {
+                        lease.set_demoted(false);
+                    }
+                } else if let Some(lease) = &serving.lease {
+                    state.devices().resize(lease, held_before.clone());
+                }
+                serving.promoting.store(false, Ordering::SeqCst);
+            }
+            self.changed();
+        };
+        let evict = match evictions {
+            Ok(evict) => evict,
+            Err(refusal) => {
+                finish(false);
+                return Err(Error::NoRoom {
+                    model: self.key().to_string(),
+                    refusal,
+                });
+            }
+        };
+        crate::devices::effects::evict(state, &evict);
+        let promoted = handler.promote();
+        finish(promoted.is_ok());
+        match promoted {
+            Ok(_) => {
+                self.labels.promoted();
+                Ok(())
+            }
+            Err(source) => Err(Error::Load {
+                path: self.spec.url.clone().into(),
+                source: Box::new(source),
+            }),
         }
     }
 

@@ -34,6 +34,7 @@ impl InProcess {
             cache_dir: Some(fixture.cache()),
             models: Some(given.models.unwrap_or_default()),
             max_host_memory: given.max_host_memory,
+            offload_strategy: given.offload_strategy,
             inference_address: Some("127.0.0.1:0".into()),
             management_address: Some("127.0.0.1:0".into()),
             metrics_address: Some("127.0.0.1:0".into()),
@@ -376,5 +377,118 @@ async fn a_model_larger_than_the_host_budget_is_refused_with_507_saying_what_ran
         message.contains("cpu") || message.contains("memory"),
         "{message}"
     );
+    server.stop().await;
+}
+
+/// The `model` entry of the host pool, if it holds any bytes there.
+fn holding<'a>(pool: &'a Value, model: &str) -> Option<&'a Value> {
+    pool["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["modelName"] == model)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_strategy_keeps_evicted_models_loaded_with_their_units_streamed_then_promotes_them()
+ {
+    let fixture = Fixture::new();
+    // Twelve blocks: most of what a model holds is its units (a tiny model's would be
+    // its activation reserve), so moving them to disk makes room.
+    let spec = spillway_handlers::testing::TinyBert {
+        hidden_size: 64,
+        layers: 12,
+        ..Default::default()
+    };
+    let archives: Vec<String> = ["da", "db", "dc"]
+        .iter()
+        .map(|name| {
+            let dir = fixture.tiny_bert(&format!("src-{name}"), &spec);
+            fixture.archive(name, "1.0", "text_embedding", Some(&dir), &[])
+        })
+        .collect();
+    let server = InProcess::start(&fixture).await;
+    register_and_embed(&server, &archives[0], "da").await;
+    let one = server.host_pool().await["used"].as_u64().unwrap();
+    server.stop().await;
+
+    let budget = one * 5 / 2;
+    let server = InProcess::start_with(
+        &fixture,
+        Overrides {
+            max_host_memory: Some(budget.to_string()),
+            offload_strategy: Some("disk".into()),
+            ..Overrides::default()
+        },
+    )
+    .await;
+    let mut want = BTreeMap::new();
+    for (archive, name) in archives.iter().zip(["da", "db", "dc"]) {
+        want.insert(name, register_and_embed(&server, archive, name).await);
+    }
+    // dc's admission moved da's units to disk: still loaded, holding only its
+    // streaming room; nothing is over budget.
+    let pool = server.host_pool().await;
+    let used = pool["used"].as_u64().unwrap();
+    assert!(used <= budget, "{used} > {budget}");
+    assert_eq!(server.status_of("da").await, "READY");
+    let held = holding(&pool, "da").expect("still holds its streaming room")["bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(held < one / 2, "da gave bytes back: {held} of {one}");
+    let (_, described) = server.manage(Method::GET, "/models/da").await;
+    assert_eq!(
+        described[0]["model"]["streamed_units"], 13,
+        "the embeddings and every block stream: {described}"
+    );
+    // Round robin: every answer as before, within the budget.
+    for name in ["da", "db", "dc", "da", "dc", "db"] {
+        assert_eq!(embed(&server, name).await, want[name], "{name}");
+        let used = server.host_pool().await["used"].as_u64().unwrap();
+        assert!(used <= budget, "after {name}: {used} > {budget}");
+        let (_, described) = server.manage(Method::GET, &format!("/models/{name}")).await;
+        assert_eq!(
+            described[0]["model"]["streamed_units"], 0,
+            "{name} was promoted for its request: {described}"
+        );
+    }
+    let url = format!("http://{}/metrics", server.addresses.metrics);
+    let metrics = server
+        .http
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ours = |metric: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(metric))
+            .filter(|l| {
+                ["da", "db", "dc"]
+                    .iter()
+                    .any(|m| l.contains(&format!("model_name=\"{m}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let disk_evictions: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("spillway_evictions_total{") && l.contains("strategy=\"disk\""))
+        .filter(|l| {
+            ["da", "db", "dc"]
+                .iter()
+                .any(|m| l.contains(&format!("model_name=\"{m}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(disk_evictions >= 4.0, "{metrics}");
+    assert!(
+        ours("spillway_promotions_total{") >= 4.0,
+        "promoted, not reloaded: {metrics}"
+    );
+    assert_eq!(ours("spillway_reloads_total{"), 0.0, "{metrics}");
     server.stop().await;
 }

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
 use crate::models::bert_block::FusedBertBlock;
 pub use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Flow, LayerStack, StreamTotals};
+use crate::weights::layer_stack::{Flow, LayerStack, Residence, StreamTotals};
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.
@@ -69,7 +69,7 @@ impl MappedBert {
                 embeddings_config,
                 prefix.trim_end_matches('.').to_string(),
             );
-            move |device: &Device| {
+            move |device: &Device, _: Residence| {
                 let vb = source.var_builder(dtype, device);
                 let vb = if root.is_empty() { vb } else { vb.pp(&root) };
                 BertModel::load(vb, &config).map(|m| BertUnit::Embeddings(Box::new(m)))
@@ -93,7 +93,7 @@ impl MappedBert {
                 let from = format!("{prefix}encoder.layer.0.");
                 let to = format!("{name}.");
                 let encoder = format!("{prefix}encoder");
-                move |device: &Device| {
+                move |device: &Device, _: Residence| {
                     if FusedBertBlock::applies(&config, device, dtype) {
                         let vb = source
                             .var_builder(dtype, device)
@@ -115,6 +115,17 @@ impl MappedBert {
             stack.push_planned(&name, place(&name)?, source, build)?;
         }
         Ok(Self { stack })
+    }
+
+    /// Streams the units the plan made resident from now on (see
+    /// [`LayerStack::demote`]); their names.
+    pub fn demote(&self) -> Vec<String> {
+        self.stack.demote()
+    }
+
+    /// Keeps them resident again.
+    pub fn promote(&self) -> Result<Vec<String>, HandlerError> {
+        self.stack.promote()
     }
 
     /// What this model's disk units have streamed so far.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::cpu::linear::CpuLinear;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, Flow, LayerStack, StreamTotals};
+use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StreamTotals};
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -636,7 +636,7 @@ impl MappedLlama {
         let embed_place = place("model.embed_tokens")?;
         let embed = {
             let source = source.clone();
-            move |d: &Device| {
+            move |d: &Device, _: Residence| {
                 candle_nn::embedding(v, h, source.var_builder(dtype, d).pp("model.embed_tokens"))
                     .map(LlamaUnit::Embeddings)
             }
@@ -647,8 +647,8 @@ impl MappedLlama {
         let mut tied_head = None;
         match (&embed_place, cfg.tie_word_embeddings) {
             (UnitPlacement::Resident(d), true) => {
-                let module =
-                    embed(d).weights_context(|| "cannot load unit model.embed_tokens".into())?;
+                let module = embed(d, Residence::Resident)
+                    .weights_context(|| "cannot load unit model.embed_tokens".into())?;
                 let LlamaUnit::Embeddings(embedding) = &module else {
                     unreachable!("the embedding builder builds embeddings")
                 };
@@ -663,10 +663,10 @@ impl MappedLlama {
         for i in 0..cfg.num_hidden_layers {
             let name = format!("model.layers.{i}");
             let placement = place(&name)?;
-            let resident = matches!(placement, UnitPlacement::Resident(_));
             let build = {
                 let (source, cfg, name) = (source.clone(), cfg.clone(), name.clone());
-                move |d: &Device| {
+                move |d: &Device, residence: Residence| {
+                    let resident = residence == Residence::Resident;
                     Block::load(source.var_builder(dtype, d).pp(&name), &cfg, resident)
                         .map(|b| LlamaUnit::Block(Box::new(b)))
                 }
@@ -675,7 +675,7 @@ impl MappedLlama {
         }
         let norm = {
             let (source, eps) = (source.clone(), cfg.rms_norm_eps);
-            move |d: &Device| {
+            move |d: &Device, _: Residence| {
                 candle_nn::rms_norm(h, eps, source.var_builder(dtype, d).pp("model.norm"))
                     .map(LlamaUnit::Norm)
             }
@@ -708,7 +708,7 @@ impl MappedLlama {
         } else {
             let head = {
                 let source = source.clone();
-                move |d: &Device| {
+                move |d: &Device, _: Residence| {
                     candle_nn::linear_no_bias(h, v, source.var_builder(dtype, d).pp("lm_head"))
                         .map(LlamaUnit::Head)
                 }
@@ -727,6 +727,17 @@ impl MappedLlama {
             config: cfg,
             rope,
         })
+    }
+
+    /// Streams the units the plan made resident from now on (see
+    /// [`LayerStack::demote`]); their names.
+    pub fn demote(&self) -> Vec<String> {
+        self.stack.demote()
+    }
+
+    /// Keeps them resident again.
+    pub fn promote(&self) -> Result<Vec<String>, HandlerError> {
+        self.stack.promote()
     }
 
     /// What this model's disk units have streamed so far.

@@ -158,6 +158,14 @@ impl Handler for TextClassification {
         self.model.stream_totals()
     }
 
+    fn demote(&self) -> Option<Vec<String>> {
+        Some(self.model.demote())
+    }
+
+    fn promote(&self) -> Result<Vec<String>, HandlerError> {
+        self.model.promote()
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextClassification,

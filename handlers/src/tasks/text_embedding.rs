@@ -123,6 +123,14 @@ impl Handler for TextEmbedding {
         self.model.stream_totals()
     }
 
+    fn demote(&self) -> Option<Vec<String>> {
+        Some(self.model.demote())
+    }
+
+    fn promote(&self) -> Result<Vec<String>, HandlerError> {
+        self.model.promote()
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextEmbedding,
@@ -263,6 +271,49 @@ mod tests {
                 let diff = max_abs_diff(embedding, &want);
                 assert!(diff <= 1e-5, "{pooling}: {text:?} differs by {diff}");
             }
+        }
+    }
+
+    #[test]
+    fn a_demoted_model_streams_its_units_answers_the_same_and_promotes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        TinyBert::default().write(dir.path()).expect("write");
+        let handler = TextEmbedding::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .expect("load");
+        let batch = texts(&handler, &[&["hello world", "rust"]]);
+        let before: Vec<Vec<f32>> = handler
+            .run(&batch)
+            .expect("run")
+            .iter()
+            .flat_map(embeddings)
+            .collect();
+        assert_eq!(handler.info().streamed_units, Some(0));
+        let units = handler.demote().expect("BERT demotes");
+        assert_eq!(units.len(), 3, "embeddings and both blocks: {units:?}");
+        assert_eq!(handler.info().streamed_units, Some(3));
+        let streamed_before = handler.stream_totals().units;
+        let demoted: Vec<Vec<f32>> = handler
+            .run(&batch)
+            .expect("run")
+            .iter()
+            .flat_map(embeddings)
+            .collect();
+        assert_eq!(
+            handler.stream_totals().units - streamed_before,
+            3,
+            "read from disk"
+        );
+        assert_eq!(handler.promote().expect("promote").len(), 3);
+        assert_eq!(handler.info().streamed_units, Some(0));
+        let promoted: Vec<Vec<f32>> = handler
+            .run(&batch)
+            .expect("run")
+            .iter()
+            .flat_map(embeddings)
+            .collect();
+        for ((b, d), p) in before.iter().zip(&demoted).zip(&promoted) {
+            assert!(max_abs_diff(b, d) <= 1e-5, "demoted differs");
+            assert_eq!(b, p, "promoted computes as before");
         }
     }
 

@@ -11,6 +11,7 @@
 //! built on a helper thread, so disk reads overlap compute; at most two streamed units
 //! exist at once, which is what the planner reserves room for.
 
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -144,15 +145,22 @@ pub enum UnitPlacement {
     Streamed(Device),
 }
 
-type Build<M> = Box<dyn Fn() -> Result<M> + Send + Sync>;
+/// Whether a unit being built will be kept (resident) or used for one pass (streamed):
+/// a resident unit may prepare its weights once (pack them for MKL), a streamed one
+/// would pay that on every pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residence {
+    Resident,
+    Streamed,
+}
 
-enum Weights<M> {
-    Resident(M),
-    Streamed {
-        build: Build<M>,
-        source: WeightSource,
-        span: Option<WeightSpan>,
-    },
+type Build<M> = Box<dyn Fn(Residence) -> Result<M> + Send + Sync>;
+
+/// Where a unit's weights are mapped, and how to build it from them.
+struct Mapping<M> {
+    build: Build<M>,
+    source: WeightSource,
+    span: Option<WeightSpan>,
 }
 
 /// One unit of the stack.
@@ -160,12 +168,25 @@ pub struct StackUnit<M> {
     pub name: String,
     /// Where the unit computes.
     pub device: Device,
-    weights: Weights<M>,
+    /// The built module while the unit is resident; `None` while it is streamed.
+    module: RwLock<Option<M>>,
+    /// How to build it from its mapping (a unit pushed resident without one stays so).
+    mapping: Option<Mapping<M>>,
+    /// Whether the plan made it resident (what [`LayerStack::promote`] brings back).
+    planned_resident: bool,
 }
 
 impl<M> StackUnit<M> {
+    fn module(&self) -> std::sync::RwLockReadGuard<'_, Option<M>> {
+        self.module.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn module_mut(&self) -> std::sync::RwLockWriteGuard<'_, Option<M>> {
+        self.module.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn is_streamed(&self) -> bool {
-        matches!(self.weights, Weights::Streamed { .. })
+        self.module().is_none()
     }
 }
 
@@ -185,12 +206,43 @@ impl<M> Default for LayerStack<M> {
 }
 
 impl<M: Send + Sync> LayerStack<M> {
-    /// Adds a unit built now and kept.
+    /// Adds a unit built now and kept for good (it cannot be demoted: nothing says how
+    /// to build it again).
     pub fn push_resident(&mut self, name: impl Into<String>, device: Device, module: M) {
         self.units.push(StackUnit {
             name: name.into(),
             device,
-            weights: Weights::Resident(module),
+            module: RwLock::new(Some(module)),
+            mapping: None,
+            planned_resident: true,
+        });
+    }
+
+    fn push_mapped<'n>(
+        &mut self,
+        name: impl Into<String>,
+        device: Device,
+        source: WeightSource,
+        tensors: impl IntoIterator<Item = &'n str>,
+        build: Build<M>,
+        module: Option<M>,
+    ) {
+        let span = source.span_of(tensors);
+        let planned_resident = module.is_some();
+        // Loading may have built a streamed unit once to check it; its pages leave RSS now.
+        if let (None, Some(span)) = (&module, &span) {
+            source.release(span);
+        }
+        self.units.push(StackUnit {
+            name: name.into(),
+            device,
+            module: RwLock::new(module),
+            mapping: Some(Mapping {
+                build,
+                source,
+                span,
+            }),
+            planned_resident,
         });
     }
 
@@ -204,49 +256,37 @@ impl<M: Send + Sync> LayerStack<M> {
         tensors: impl IntoIterator<Item = &'n str>,
         build: impl Fn() -> Result<M> + Send + Sync + 'static,
     ) {
-        let span = source.span_of(tensors);
-        // Loading may have built the unit once to check it; its pages leave RSS now.
-        if let Some(span) = &span {
-            source.release(span);
-        }
-        self.units.push(StackUnit {
-            name: name.into(),
-            device,
-            weights: Weights::Streamed {
-                build: Box::new(build),
-                source,
-                span,
-            },
-        });
+        let build: Build<M> = Box::new(move |_| build());
+        self.push_mapped(name, device, source, tensors, build, None);
     }
 
     /// Adds the unit `name` (whose tensors are those under `name.`) as `placement` says.
     /// It is built once now either way, so a broken checkpoint fails at load, not
-    /// mid-request; a streamed unit is then dropped and rebuilt for each pass.
+    /// mid-request; a streamed unit is then dropped and rebuilt for each pass. Either can
+    /// later be demoted to streamed or promoted back ([`LayerStack::demote`]).
     pub fn push_planned(
         &mut self,
         name: &str,
         placement: UnitPlacement,
         source: &WeightSource,
-        build: impl Fn(&Device) -> Result<M> + Send + Sync + 'static,
+        build: impl Fn(&Device, Residence) -> Result<M> + Send + Sync + 'static,
     ) -> std::result::Result<(), HandlerError> {
-        let (UnitPlacement::Resident(device) | UnitPlacement::Streamed(device)) = &placement;
-        let device = device.clone();
-        let module = build(&device).weights_context(|| format!("cannot load unit {name}"))?;
-        match placement {
-            UnitPlacement::Resident(_) => self.push_resident(name, device, module),
-            UnitPlacement::Streamed(_) => {
-                drop(module);
-                let dotted = format!("{name}.");
-                let names = source.tensor_names();
-                let tensors = names
-                    .iter()
-                    .filter(|t| t.starts_with(&dotted))
-                    .map(String::as_str);
-                let exec = device.clone();
-                self.push_streamed(name, device, source.clone(), tensors, move || build(&exec));
-            }
-        }
+        let (residence, device) = match &placement {
+            UnitPlacement::Resident(device) => (Residence::Resident, device.clone()),
+            UnitPlacement::Streamed(device) => (Residence::Streamed, device.clone()),
+        };
+        let module =
+            build(&device, residence).weights_context(|| format!("cannot load unit {name}"))?;
+        let module = (residence == Residence::Resident).then_some(module);
+        let dotted = format!("{name}.");
+        let names = source.tensor_names();
+        let tensors = names
+            .iter()
+            .filter(|t| t.starts_with(&dotted))
+            .map(String::as_str);
+        let exec = device.clone();
+        let build: Build<M> = Box::new(move |residence| build(&exec, residence));
+        self.push_mapped(name, device, source.clone(), tensors, build, module);
         Ok(())
     }
 
@@ -260,6 +300,44 @@ impl<M: Send + Sync> LayerStack<M> {
             .iter()
             .find(|u| u.name == name)
             .map(|u| &u.device)
+    }
+
+    /// Turns every resident unit that has a mapping into a streamed one: its module is
+    /// dropped and its pages released, so its memory goes back while the model still
+    /// answers (reading those units from disk for each pass). The names of the units
+    /// demoted. Waits for a pass using a unit to finish with it.
+    pub fn demote(&self) -> Vec<String> {
+        let mut demoted = Vec::new();
+        for unit in &self.units {
+            let Some(mapping) = &unit.mapping else {
+                continue;
+            };
+            let module = unit.module_mut().take();
+            if module.is_some() {
+                drop(module);
+                if let Some(span) = &mapping.span {
+                    mapping.source.release(span);
+                }
+                demoted.push(unit.name.clone());
+            }
+        }
+        demoted
+    }
+
+    /// Builds every unit the plan made resident and [`LayerStack::demote`] streamed,
+    /// and keeps it again; the names of the units promoted.
+    pub fn promote(&self) -> std::result::Result<Vec<String>, HandlerError> {
+        let mut promoted = Vec::new();
+        for unit in self.units.iter().filter(|u| u.planned_resident) {
+            let (Some(mapping), true) = (&unit.mapping, unit.is_streamed()) else {
+                continue;
+            };
+            let module = (mapping.build)(Residence::Resident)
+                .weights_context(|| format!("cannot load unit {} again", unit.name))?;
+            *unit.module_mut() = Some(module);
+            promoted.push(unit.name.clone());
+        }
+        Ok(promoted)
     }
 
     /// Units kept on disk and streamed each pass.
@@ -277,26 +355,20 @@ impl<M: Send + Sync> LayerStack<M> {
     }
 
     fn build(unit: &StackUnit<M>, counters: &StreamCounters) -> Result<M> {
-        match &unit.weights {
-            Weights::Streamed {
-                build,
-                source,
-                span,
-            } => {
-                let started = Instant::now();
-                if let Some(span) = span {
-                    source.prefetch(span);
-                }
-                let module = build()?;
-                let bytes = span.as_ref().map_or(0, |s| s.len() as u64);
-                counters.count(bytes, started.elapsed());
-                Ok(module)
-            }
-            Weights::Resident(_) => Err(candle_core::Error::Msg(format!(
-                "{} is resident",
+        let Some(mapping) = &unit.mapping else {
+            return Err(candle_core::Error::Msg(format!(
+                "{} is resident and has no mapping",
                 unit.name
-            ))),
+            )));
+        };
+        let started = Instant::now();
+        if let Some(span) = &mapping.span {
+            mapping.source.prefetch(span);
         }
+        let module = (mapping.build)(Residence::Streamed)?;
+        let bytes = mapping.span.as_ref().map_or(0, |s| s.len() as u64);
+        counters.count(bytes, started.elapsed());
+        Ok(module)
     }
 
     /// Runs `step(index, module, state)` for every unit in order, `state` first moved to
@@ -309,9 +381,10 @@ impl<M: Send + Sync> LayerStack<M> {
         std::thread::scope(|scope| {
             let mut ahead: Option<(usize, std::thread::ScopedJoinHandle<'_, Result<M>>)> = None;
             for (i, unit) in self.units.iter().enumerate() {
-                let owned = match &unit.weights {
-                    Weights::Resident(_) => None,
-                    Weights::Streamed { .. } => Some(match ahead.take() {
+                let resident = unit.module();
+                let owned = match &*resident {
+                    Some(_) => None,
+                    None => Some(match ahead.take() {
                         Some((j, handle)) if j == i => handle.join().map_err(|_| {
                             candle_core::Error::Msg(format!("reading {} ahead panicked", unit.name))
                         })??,
@@ -326,22 +399,21 @@ impl<M: Send + Sync> LayerStack<M> {
                     let counters = &self.streamed;
                     ahead = Some((j, scope.spawn(move || Self::build(next, counters))));
                 }
-                let module = match (&unit.weights, &owned) {
-                    (Weights::Resident(module), _) => module,
-                    (_, Some(module)) => module,
-                    (Weights::Streamed { .. }, None) => {
-                        unreachable!("a streamed unit is built above")
-                    }
+                let module = match (&*resident, &owned) {
+                    (Some(module), _) | (None, Some(module)) => module,
+                    (None, None) => unreachable!("a streamed unit is built above"),
                 };
                 state = step(i, module, state.to_device(&unit.device)?)?;
-                drop(owned);
-                if let Weights::Streamed {
-                    source,
-                    span: Some(span),
-                    ..
-                } = &unit.weights
-                {
-                    source.release(span);
+                if owned.is_some() {
+                    drop(owned);
+                    if let Some(Mapping {
+                        source,
+                        span: Some(span),
+                        ..
+                    }) = &unit.mapping
+                    {
+                        source.release(span);
+                    }
                 }
             }
             Ok(state)

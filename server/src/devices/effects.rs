@@ -1,24 +1,37 @@
-//! Carrying out the device manager's decisions: evicting models (the `restart`
-//! strategy: unload, keeping them registered) and bringing an evicted model back when a
-//! request arrives for it. The loader calls [`evict`] before building a model that
-//! needs the room; the inference path calls [`ensure_serving`].
+//! Carrying out the device manager's decisions: evicting models — `restart` (unload,
+//! keep them registered) or `disk` (keep them loaded with their units streamed from
+//! disk; `cpu` has no GPU units to move in this build and falls back to `disk`) — and
+//! bringing an evicted model back when a request arrives for it: reloading it, or
+//! promoting its units. The loader calls [`evict`] before building a model that needs
+//! the room; the inference path calls [`ensure_serving`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::AppState;
+use crate::config::OffloadStrategy;
 use crate::error::{Error, Result};
 use crate::model::ModelHandle;
 
-use super::policy::ModelKey;
+use super::policy::Eviction;
 
-/// Evicts `models` and waits until their memory is free (their queued requests are
-/// answered and their workers joined first). Blocking.
-pub fn evict(state: &AppState, models: &[ModelKey]) {
-    for key in models {
+/// Evicts `models` by the configured strategy and waits until their memory is free (a
+/// restarted model's queued requests are answered and its workers joined first).
+/// Blocking.
+pub fn evict(state: &AppState, evictions: &[Eviction]) {
+    let strategy = state.config().devices.offload_strategy;
+    for Eviction { model: key, unload } in evictions {
         let Ok(model) = state.registry().get(&key.name, Some(&key.version)) else {
             continue; // unregistered meanwhile: its memory is going anyway
         };
+        if !unload
+            && matches!(strategy, OffloadStrategy::Disk | OffloadStrategy::Cpu)
+            && let Some(freed) = model.demote(state.devices())
+        {
+            tracing::info!(model = %key, freed, "evicted to disk: its units stream until its next request");
+            model.labels().evicted("disk");
+            continue;
+        }
         if let Some(retired) = model.evict() {
             tracing::info!(model = %key, "evicted to make room (restart: it reloads on its next request)");
             model.labels().evicted("restart");
@@ -36,6 +49,22 @@ pub async fn ensure_serving(
     within: Duration,
 ) -> Result<()> {
     let mut changes = model.changes();
+    if model.is_demoted() {
+        // One request promotes it; the others find it promoting and wait.
+        let (state, promoting) = (state.clone(), model.clone());
+        let promoted = tokio::task::spawn_blocking(move || promoting.promote(&state));
+        return match tokio::time::timeout(within, promoted).await {
+            Ok(Ok(result)) => {
+                result?;
+                wait_until(model, &mut changes, |m| !m.is_demoted(), within).await
+            }
+            Ok(Err(e)) => Err(Error::Internal(format!("the promoting task failed: {e}"))),
+            Err(_) => Err(Error::Timeout {
+                model: model.spec.name.clone(),
+                timeout: within,
+            }),
+        };
+    }
     if !model.is_unloaded() {
         return Ok(());
     }
@@ -52,20 +81,33 @@ pub async fn ensure_serving(
             None,
         ));
     }
+    // Until it serves or fails (whoever reloads it says which).
+    wait_until(
+        model,
+        &mut changes,
+        |m| m.is_ready() || m.failure().is_some(),
+        within,
+    )
+    .await
+}
+
+/// Waits, within `within`, until `done` holds for `model`, waking at its changes.
+async fn wait_until(
+    model: &ModelHandle,
+    changes: &mut tokio::sync::watch::Receiver<u64>,
+    done: impl Fn(&ModelHandle) -> bool,
+    within: Duration,
+) -> Result<()> {
     let waited = tokio::time::timeout(within, async {
-        // Until it serves or fails (whoever reloads it says which).
-        while !(model.is_ready() || model.failure().is_some()) {
+        while !done(model) {
             if changes.changed().await.is_err() {
                 break;
             }
         }
     })
     .await;
-    match waited {
-        Ok(()) => Ok(()),
-        Err(_) => Err(Error::Timeout {
-            model: model.spec.name.clone(),
-            timeout: within,
-        }),
-    }
+    waited.map_err(|_| Error::Timeout {
+        model: model.spec.name.clone(),
+        timeout: within,
+    })
 }

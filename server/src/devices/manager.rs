@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use spillway_placement::{Device, DeviceRequest, DeviceType, GpuMemory, Machine, Plan};
 
-use super::policy::{self, AllocationMap, Holding, ModelKey, Refusal};
+use super::policy::{self, AllocationMap, Eviction, Holding, ModelKey, Refusal};
 
 /// Bytes per device.
 pub type DeviceBytes = BTreeMap<Device, u64>;
@@ -33,6 +33,9 @@ pub struct ManagerConfig {
     pub gpus: Vec<GpuMemory>,
     /// Whether models may share a GPU (host RAM always packs).
     pub pack_gpus: bool,
+    /// Whether an eviction moves a model's units to disk (`disk`, `cpu`) rather than
+    /// unloading it (`restart`): then it frees only what its resident units held.
+    pub evicts_to_disk: bool,
 }
 
 #[derive(Debug)]
@@ -43,6 +46,29 @@ struct Entry {
     loading: Arc<AtomicBool>,
     last_used: Arc<AtomicU64>,
     last_used_at: Arc<Mutex<SystemTime>>,
+    /// What it would hold with its units moved to disk (evictions to disk only).
+    after_demotion: Option<DeviceBytes>,
+    /// Its units are on disk already: evicting it again unloads it.
+    demoted: Arc<AtomicBool>,
+}
+
+impl Entry {
+    /// What evicting it frees now.
+    fn frees(&self) -> DeviceBytes {
+        match (&self.after_demotion, self.demoted.load(Ordering::SeqCst)) {
+            (Some(kept), false) => self
+                .bytes
+                .iter()
+                .map(|(device, n)| {
+                    (
+                        *device,
+                        n.saturating_sub(kept.get(device).copied().unwrap_or(0)),
+                    )
+                })
+                .collect(),
+            _ => self.bytes.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -64,8 +90,8 @@ pub struct DeviceManager {
 #[derive(Debug)]
 pub struct Lease {
     id: u64,
-    bytes: DeviceBytes,
     loading: Arc<AtomicBool>,
+    demoted: Arc<AtomicBool>,
     manager: DeviceManager,
 }
 
@@ -74,7 +100,7 @@ pub struct Admission {
     pub plan: Plan,
     pub lease: Lease,
     /// Models that must be evicted, least recently used first, before this one loads.
-    pub evict: Vec<ModelKey>,
+    pub evict: Vec<Eviction>,
 }
 
 /// A model that cannot be admitted, or whose plan failed.
@@ -139,6 +165,7 @@ impl DeviceManager {
                 .map(|e| Holding {
                     model: e.model.clone(),
                     bytes: e.bytes.clone(),
+                    frees: e.frees(),
                     last_used: e.last_used.load(Ordering::SeqCst),
                     busy: e.loading.load(Ordering::SeqCst) || busy(&e.model),
                 })
@@ -175,11 +202,22 @@ impl DeviceManager {
         };
         // The model is planned on what it could have if every idle model left: it
         // evicts rather than spilling to disk when the pools could hold it.
-        let kept = |device: Device| -> u64 {
+        // What stays held on `device` when every idle model is evicted: all of a busy
+        // model's bytes, and what moving an idle model's units to disk keeps (`unload`:
+        // nothing of an idle model).
+        let kept = |device: Device, unload: bool| -> u64 {
             map.holdings
                 .iter()
-                .filter(|h| h.busy && h.model != *model)
-                .filter_map(|h| h.bytes.get(&device))
+                .filter(|h| h.model != *model)
+                .map(|h| {
+                    let held = h.bytes.get(&device).copied().unwrap_or(0);
+                    let freed = match (h.busy, unload) {
+                        (true, _) => 0,
+                        (false, true) => held,
+                        (false, false) => h.frees.get(&device).copied().unwrap_or(0),
+                    };
+                    held - freed.min(held)
+                })
                 .sum()
         };
         let machine = |kept: &dyn Fn(Device) -> u64| Machine {
@@ -199,7 +237,12 @@ impl DeviceManager {
             cpu_total: self.config.host_budget,
             cpu_reserve: self.config.host_budget_given.then_some(0),
         };
-        let plan = match plan(&machine(&kept)) {
+        // The model is planned on what it could have if idle models moved to disk, else
+        // if they were unloaded: it evicts rather than spilling to disk itself when the
+        // pools could hold it.
+        let planned =
+            plan(&machine(&|d| kept(d, false))).or_else(|_| plan(&machine(&|d| kept(d, true))));
+        let plan = match planned {
             Ok(plan) => plan,
             Err(e) => {
                 // Would it fit the pools alone? Then busy models hold the room: a
@@ -219,11 +262,25 @@ impl DeviceManager {
         let bytes = held_by(&plan);
         let evict =
             policy::make_room(&map, model, &bytes, &grant.evict).map_err(AdmitError::Refused)?;
-        let mut evict_all = grant.evict;
+        let mut evict_all: Vec<Eviction> = grant
+            .evict
+            .into_iter()
+            .map(|model| Eviction {
+                model,
+                unload: true,
+            })
+            .collect();
         evict_all.extend(evict);
         let id = entries.next_id;
         entries.next_id += 1;
         let loading = Arc::new(AtomicBool::new(true));
+        let demoted = Arc::new(AtomicBool::new(false));
+        let resident: Vec<String> = plan
+            .units
+            .iter()
+            .filter(|u| u.device != Device::DISK)
+            .map(|u| u.name.clone())
+            .collect();
         entries.leases.insert(
             id,
             Entry {
@@ -232,14 +289,19 @@ impl DeviceManager {
                 loading: loading.clone(),
                 last_used: Arc::new(AtomicU64::new(self.tick())),
                 last_used_at: Arc::new(Mutex::new(SystemTime::now())),
+                after_demotion: self
+                    .config
+                    .evicts_to_disk
+                    .then(|| demoted_bytes(&plan, &resident)),
+                demoted: demoted.clone(),
             },
         );
         Ok(Admission {
             plan,
             lease: Lease {
                 id,
-                bytes,
                 loading,
+                demoted,
                 manager: self.clone(),
             },
             evict: evict_all,
@@ -270,6 +332,43 @@ impl DeviceManager {
             }
         }
         total
+    }
+
+    /// Lets `lease` hold `bytes` instead, after its model gave memory back (a demoted
+    /// model) — or, with [`DeviceManager::grow`], before it takes more.
+    pub fn resize(&self, lease: &Lease, bytes: DeviceBytes) {
+        if let Some(entry) = self.entries().leases.get_mut(&lease.id) {
+            entry.bytes = bytes;
+        }
+    }
+
+    /// Lets `lease`'s model grow to `bytes` (a demoted model promoted back): the bytes
+    /// are promised at once, and the models to evict first, least recently used first,
+    /// are returned. The model is busy meanwhile: nobody evicts it.
+    pub fn grow(
+        &self,
+        lease: &Lease,
+        bytes: DeviceBytes,
+        busy: &dyn Fn(&ModelKey) -> bool,
+    ) -> Result<Vec<Eviction>, Refusal> {
+        let mut entries = self.entries();
+        let map = self.map(&entries, busy);
+        let Some(entry) = entries.leases.get_mut(&lease.id) else {
+            return Ok(Vec::new());
+        };
+        let more: DeviceBytes = bytes
+            .iter()
+            .map(|(device, n)| {
+                (
+                    *device,
+                    n.saturating_sub(entry.bytes.get(device).copied().unwrap_or(0)),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        let evict = policy::make_room(&map, &entry.model, &more, &[])?;
+        entry.bytes = bytes;
+        Ok(evict)
     }
 
     /// When `model` was last used (admitted or asked for), if it holds a lease.
@@ -321,8 +420,19 @@ impl Lease {
         self.loading.store(false, Ordering::SeqCst);
     }
 
-    pub fn bytes(&self) -> &DeviceBytes {
-        &self.bytes
+    /// Its model's units were moved to disk (or brought back).
+    pub fn set_demoted(&self, demoted: bool) {
+        self.demoted.store(demoted, Ordering::SeqCst);
+    }
+
+    /// What the lease holds now.
+    pub fn bytes(&self) -> DeviceBytes {
+        self.manager
+            .entries()
+            .leases
+            .get(&self.id)
+            .map(|e| e.bytes.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -343,6 +453,27 @@ pub fn held_by(plan: &Plan) -> DeviceBytes {
         .collect()
 }
 
+/// What a plan holds once `demoted` units are streamed instead of resident: their bytes
+/// leave, and room to build two of them at a time (one computing, the next read ahead)
+/// stays on the stream device.
+pub fn demoted_bytes(plan: &Plan, demoted: &[String]) -> DeviceBytes {
+    let mut bytes = held_by(plan);
+    let units: Vec<_> = plan
+        .units
+        .iter()
+        .filter(|u| demoted.contains(&u.name))
+        .collect();
+    for unit in &units {
+        if let Some(held) = bytes.get_mut(&unit.device) {
+            *held = held.saturating_sub(unit.bytes);
+        }
+    }
+    let largest = units.iter().map(|u| u.bytes).max().unwrap_or(0);
+    *bytes.entry(plan.stream_device).or_default() += 2 * largest;
+    bytes.retain(|_, n| *n > 0);
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,6 +484,7 @@ mod tests {
             host_budget_given: true,
             gpus: Vec::new(),
             pack_gpus: false,
+            evicts_to_disk: false,
         })
     }
 
@@ -406,6 +538,8 @@ mod tests {
         let manager = manager(100);
         let first = admit(&manager, "a", 60, IDLE).expect("fits");
         assert!(first.evict.is_empty());
+        let names =
+            |a: &Admission| -> Vec<ModelKey> { a.evict.iter().map(|e| e.model.clone()).collect() };
         assert_eq!(manager.held()[&Device::CPU], 60);
         // a is still loading: it cannot leave, so b finds 40 bytes, and the refusal
         // says who holds the rest.
@@ -420,7 +554,7 @@ mod tests {
         first.lease.settle();
         // Loaded and idle, a is evicted for b.
         let second = admit(&manager, "b", 60, IDLE).expect("a leaves");
-        assert_eq!(second.evict, [key("a")]);
+        assert_eq!(names(&second), [key("a")]);
         // A model with requests in flight stays.
         second.lease.settle();
         drop(first);
@@ -440,7 +574,8 @@ mod tests {
         b.lease.settle();
         manager.touch(&key("a"));
         let c = admit(&manager, "c", 40, IDLE).expect("c");
-        assert_eq!(c.evict, [key("b")], "a was used after b was loaded");
+        let evicted: Vec<ModelKey> = c.evict.iter().map(|e| e.model.clone()).collect();
+        assert_eq!(evicted, [key("b")], "a was used after b was loaded");
         let pools = manager.pools();
         assert_eq!(pools[0].device, "cpu");
         assert_eq!(

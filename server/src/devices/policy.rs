@@ -31,6 +31,9 @@ impl fmt::Display for ModelKey {
 pub struct Holding {
     pub model: ModelKey,
     pub bytes: DeviceBytes,
+    /// What evicting it frees (all of `bytes` when it is unloaded; less when its units
+    /// are only moved to disk).
+    pub frees: DeviceBytes,
     /// When it was last used (any increasing count: the manager's tick).
     pub last_used: u64,
     /// Requests in flight or still loading: never evicted.
@@ -197,52 +200,83 @@ pub fn grant(map: &AllocationMap, request: &DeviceRequest, pack: bool) -> Result
     }
 }
 
+/// A model to evict, and whether it must be unloaded (all of its bytes) or may only
+/// move its units to disk (what its holding `frees`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    pub model: ModelKey,
+    pub unload: bool,
+}
+
 /// The models to evict, least recently used first, so that `needed` fits every managed
-/// device's free bytes. `already` are leaving anyway (a grant's evictions); `model`
-/// itself is never evicted.
+/// device's free bytes. Moving units to disk is tried first; where that cannot make
+/// room, models are unloaded. `already` are being unloaded anyway (a grant's
+/// evictions); `model` itself is never evicted.
 pub fn make_room(
     map: &AllocationMap,
     model: &ModelKey,
     needed: &DeviceBytes,
     already: &[ModelKey],
-) -> Result<Vec<ModelKey>, Refusal> {
-    let freed_by = |keys: &[ModelKey], device: Device| -> u64 {
-        map.holdings
-            .iter()
-            .filter(|h| keys.contains(&h.model))
-            .filter_map(|h| h.bytes.get(&device))
-            .sum()
-    };
-    let short = |evicted: &[ModelKey]| -> Vec<(Device, u64)> {
-        needed
-            .iter()
-            .filter_map(|(&device, &bytes)| {
-                let free = map.free(device)? + freed_by(evicted, device);
-                (bytes > free).then(|| (device, bytes - free))
-            })
-            .collect()
-    };
-    let mut evicted: Vec<ModelKey> = already.to_vec();
+) -> Result<Vec<Eviction>, Refusal> {
     let mut candidates: Vec<&Holding> = map
         .holdings
         .iter()
-        .filter(|h| !h.busy && h.model != *model && !evicted.contains(&h.model))
+        .filter(|h| !h.busy && h.model != *model && !already.contains(&h.model))
         .collect();
     candidates.sort_by_key(|h| (h.last_used, h.model.clone()));
-    for candidate in candidates {
-        let shortages = short(&evicted);
-        if shortages.is_empty() {
-            break;
+    // One pass over the candidates, oldest first, each freeing `frees` (or everything
+    // when `unload`); what is still short after it.
+    let pass = |unload: bool| -> (Vec<Eviction>, Vec<(Device, u64)>) {
+        let frees = |h: &Holding, device: &Device| -> u64 {
+            let kept = if unload { &h.bytes } else { &h.frees };
+            kept.get(device).copied().unwrap_or(0)
+        };
+        let mut evicted: Vec<&Holding> = Vec::new();
+        let short = |evicted: &[&Holding]| -> Vec<(Device, u64)> {
+            needed
+                .iter()
+                .filter_map(|(&device, &bytes)| {
+                    let freed: u64 = map
+                        .holdings
+                        .iter()
+                        .filter(|h| already.contains(&h.model))
+                        .map(|h| h.bytes.get(&device).copied().unwrap_or(0))
+                        .chain(evicted.iter().map(|h| frees(h, &device)))
+                        .sum();
+                    let free = map.free(device)? + freed;
+                    (bytes > free).then(|| (device, bytes - free))
+                })
+                .collect()
+        };
+        for &candidate in &candidates {
+            let shortages = short(&evicted);
+            if shortages.is_empty() {
+                break;
+            }
+            if shortages
+                .iter()
+                .any(|(device, _)| frees(candidate, device) > 0)
+            {
+                evicted.push(candidate);
+            }
         }
-        let helps = shortages
+        let still_short = short(&evicted);
+        let evictions = evicted
             .iter()
-            .any(|(device, _)| candidate.bytes.get(device).is_some_and(|b| *b > 0));
-        if helps {
-            evicted.push(candidate.model.clone());
-        }
+            .map(|h| Eviction {
+                model: h.model.clone(),
+                unload: unload || h.frees == h.bytes,
+            })
+            .collect();
+        (evictions, still_short)
+    };
+    let (to_disk, short) = pass(false);
+    if short.is_empty() {
+        return Ok(to_disk);
     }
-    match short(&evicted).first() {
-        None => Ok(evicted.split_off(already.len())),
+    let (unloaded, short) = pass(true);
+    match short.first() {
+        None => Ok(unloaded),
         Some(&(device, missing)) => Err(no_room(map, device, missing)),
     }
 }
@@ -287,6 +321,7 @@ mod tests {
         Holding {
             model: key(name),
             bytes: bytes.iter().copied().collect(),
+            frees: bytes.iter().copied().collect(),
             last_used,
             busy,
         }
@@ -310,6 +345,14 @@ mod tests {
         bytes.iter().copied().collect()
     }
 
+    /// The models `make_room` evicts, by name (every holding here frees all it holds).
+    fn evicted(result: Result<Vec<Eviction>, Refusal>) -> Result<Vec<ModelKey>, Refusal> {
+        result.map(|e| {
+            assert!(e.iter().all(|e| e.unload));
+            e.into_iter().map(|e| e.model).collect()
+        })
+    }
+
     #[test]
     fn the_least_recently_used_models_leave_first_across_devices() {
         let map = two_gpus(vec![
@@ -319,37 +362,64 @@ mod tests {
             holding("d", &[(Device::CPU, 30 * GIB)], 2, false),
         ]);
         // 12 GiB on cuda:0 (4 free): b is older than a; c and d hold nothing there.
-        let evict = make_room(
+        let evict = evicted(make_room(
             &map,
             &key("new"),
             &needs(&[(Device::cuda(0), 12 * GIB)]),
             &[],
-        );
+        ));
         assert_eq!(evict, Ok(vec![key("b")]));
         // 20 GiB: both.
-        let evict = make_room(
+        let evict = evicted(make_room(
             &map,
             &key("new"),
             &needs(&[(Device::cuda(0), 20 * GIB)]),
             &[],
-        );
+        ));
         assert_eq!(evict, Ok(vec![key("b"), key("a")]));
         // Room on two devices at once: c (oldest) for cuda:1, then d for the CPU.
-        let evict = make_room(
+        let evict = evicted(make_room(
             &map,
             &key("new"),
             &needs(&[(Device::cuda(1), 10 * GIB), (Device::CPU, 40 * GIB)]),
             &[],
-        );
+        ));
         assert_eq!(evict, Ok(vec![key("c"), key("d")]));
         // What fits evicts nothing; unmanaged devices (disk) never need room.
-        let evict = make_room(
+        let evict = evicted(make_room(
             &map,
             &key("new"),
             &needs(&[(Device::cuda(0), 4 * GIB), (Device::DISK, 500 * GIB)]),
             &[],
-        );
+        ));
         assert_eq!(evict, Ok(vec![]));
+    }
+
+    #[test]
+    fn units_move_to_disk_first_and_models_unload_only_where_that_cannot_make_room() {
+        let on_disk_keeps_30 = |name: &str, last_used| Holding {
+            frees: needs(&[(Device::CPU, 10)]),
+            ..holding(name, &[(Device::CPU, 40)], last_used, false)
+        };
+        let map = AllocationMap {
+            budgets: [(Device::CPU, 100)].into_iter().collect(),
+            holdings: vec![on_disk_keeps_30("a", 1), on_disk_keeps_30("b", 2)],
+        };
+        let make = |bytes| make_room(&map, &key("new"), &needs(&[(Device::CPU, bytes)]), &[]);
+        let to_disk = |name: &str| Eviction {
+            model: key(name),
+            unload: false,
+        };
+        let unload = |name: &str| Eviction {
+            model: key(name),
+            unload: true,
+        };
+        assert_eq!(make(20), Ok(vec![]), "20 are free");
+        assert_eq!(make(30), Ok(vec![to_disk("a")]));
+        assert_eq!(make(40), Ok(vec![to_disk("a"), to_disk("b")]));
+        assert_eq!(make(60), Ok(vec![unload("a")]), "disk frees 20 at most");
+        assert_eq!(make(100), Ok(vec![unload("a"), unload("b")]));
+        assert!(make(101).is_err());
     }
 
     #[test]
@@ -475,12 +545,12 @@ mod tests {
             holding("pinned-out", &[(Device::cuda(0), 20 * GIB)], 9, false),
             holding("old", &[(Device::CPU, 60 * GIB)], 0, false),
         ]);
-        let evict = make_room(
+        let evict = evicted(make_room(
             &map,
             &key("new"),
             &needs(&[(Device::cuda(0), 22 * GIB)]),
             &[key("pinned-out")],
-        );
+        ));
         assert_eq!(evict, Ok(vec![]), "cuda:0 is free once the occupant leaves");
     }
 
@@ -490,6 +560,8 @@ mod tests {
             proptest::collection::vec(0u64..40, 3),
             0u64..20,
             proptest::bool::weighted(0.25),
+            // The share of its bytes an eviction frees (disk evictions keep some).
+            proptest::sample::select(vec![1u64, 2, 4]),
         );
         (
             proptest::collection::vec(20u64..100, 3),
@@ -503,8 +575,9 @@ mod tests {
                     budgets,
                     holdings: Vec::new(),
                 };
-                for (i, (bytes, last_used, busy)) in holdings.into_iter().enumerate() {
+                for (i, (bytes, last_used, busy, share)) in holdings.into_iter().enumerate() {
                     let bytes: DeviceBytes = devices.iter().copied().zip(bytes).collect();
+                    let frees = bytes.iter().map(|(d, b)| (*d, b / share)).collect();
                     if bytes
                         .iter()
                         .all(|(d, b)| map.free(*d).is_some_and(|f| *b <= f))
@@ -512,6 +585,7 @@ mod tests {
                         map.holdings.push(Holding {
                             model: key(&format!("m{i}")),
                             bytes,
+                            frees,
                             last_used,
                             busy,
                         });
@@ -522,16 +596,32 @@ mod tests {
             })
     }
 
+    /// `map` once `evictions` have freed what they free (all, when unloaded).
+    fn evicting(map: &AllocationMap, evictions: &[Eviction]) -> AllocationMap {
+        let mut after = map.clone();
+        for e in evictions {
+            if let Some(h) = after.holdings.iter_mut().find(|h| h.model == e.model) {
+                h.bytes = h
+                    .bytes
+                    .iter()
+                    .map(|(d, b)| (*d, if e.unload { 0 } else { b - h.frees[d] }))
+                    .collect();
+            }
+        }
+        after
+    }
+
     proptest! {
         #[test]
         fn no_pool_is_ever_over_budget_and_only_idle_models_leave_oldest_first(
             (map, needed) in arbitrary_map()
         ) {
             match make_room(&map, &key("new"), &needed, &[]) {
-                Ok(evicted) => {
-                    let mut after = map.clone();
-                    after.holdings.retain(|h| !evicted.contains(&h.model));
-                    after.holdings.push(Holding { model: key("new"), bytes: needed.clone(), last_used: 99, busy: true });
+                Ok(evictions) => {
+                    let evicted: Vec<ModelKey> = evictions.iter().map(|e| e.model.clone()).collect();
+                    // An evicted model keeps what its eviction does not free.
+                    let mut after = evicting(&map, &evictions);
+                    after.holdings.push(Holding { model: key("new"), bytes: needed.clone(), frees: needed.clone(), last_used: 99, busy: true });
                     for (&device, &budget) in &after.budgets {
                         prop_assert!(after.used(device) <= budget, "{device} over budget");
                     }
@@ -541,17 +631,16 @@ mod tests {
                     }
                     // Each eviction was needed: the ones before it did not make room.
                     for (n, _) in evicted.iter().enumerate() {
-                        let mut partial = map.clone();
-                        partial.holdings.retain(|h| !evicted[..n].contains(&h.model));
+                        let partial = evicting(&map, &evictions[..n]);
                         prop_assert!(needed.iter().any(|(d, b)| partial.free(*d).is_some_and(|f| *b > f)));
                     }
                     let ages: Vec<u64> = evicted.iter().map(|m| map.holdings.iter().find(|h| h.model == *m).map_or(0, |h| h.last_used)).collect();
                     prop_assert!(ages.windows(2).all(|w| w[0] <= w[1]), "oldest first: {ages:?}");
                 }
                 Err(Refusal::NoRoom { device, missing, .. }) => {
-                    // Even with every idle model gone it does not fit.
-                    let mut emptied = map.clone();
-                    emptied.holdings.retain(|h| h.busy);
+                    // Even with every idle model evicted it does not fit.
+                    let idle: Vec<Eviction> = map.holdings.iter().filter(|h| !h.busy).map(|h| Eviction { model: h.model.clone(), unload: true }).collect();
+                    let emptied = evicting(&map, &idle);
                     let free = emptied.free(device).expect("managed");
                     prop_assert_eq!(needed[&device] - free, missing);
                 }

@@ -118,7 +118,11 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     let options = setup.load_options()?;
-    let device_request = setup.device_request()?;
+    // setup_config.json's `device`, else model-config.yaml's deviceType/deviceIds.
+    let device_request = match setup.device_request()? {
+        Some(request) => Some(request),
+        None => model_config.device_request()?,
+    };
     let key = ModelKey {
         name: name.clone(),
         version: manifest.model_version.clone(),

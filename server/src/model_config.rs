@@ -17,8 +17,11 @@ pub struct ModelConfig {
     pub batch_size: usize,
     pub max_batch_delay: Duration,
     pub response_timeout: Duration,
-    /// `deviceType` as written ("cpu", "gpu"); placement reads it.
+    /// `deviceType` as written ("cpu", "gpu"); with `deviceIds`, what the model asks of
+    /// the device manager ([`ModelConfig::device_request`]).
     pub device_type: Option<String>,
+    /// `deviceIds`: the GPUs the model is pinned to.
+    pub device_ids: Option<Vec<usize>>,
     pub job_queue_size: Option<usize>,
     /// `continuousBatching` (TorchServe's name): generation requests join and leave a
     /// running batch between decode steps instead of running batch by batch.
@@ -44,6 +47,7 @@ struct ModelConfigFile {
     /// Seconds.
     response_timeout: Option<u64>,
     device_type: Option<String>,
+    device_ids: Option<Vec<usize>>,
     job_queue_size: Option<usize>,
     continuous_batching: Option<bool>,
     threads_per_worker: Option<usize>,
@@ -106,6 +110,7 @@ impl ModelConfig {
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.response_timeout),
             device_type: file.device_type,
+            device_ids: file.device_ids,
             job_queue_size: file.job_queue_size,
             continuous_batching: file.continuous_batching.unwrap_or(false),
             threads_per_worker: file.threads_per_worker,
@@ -133,6 +138,30 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// What `deviceType` and `deviceIds` ask of the device manager: "cpu"; "gpu" (any
+    /// one GPU); `deviceIds` pins GPUs. `None` when neither is given.
+    pub fn device_request(&self) -> Result<Option<spillway_placement::DeviceRequest>> {
+        use spillway_placement::DeviceRequest;
+        let kind = self.device_type.as_deref().map(str::to_ascii_lowercase);
+        Ok(match (kind.as_deref(), &self.device_ids) {
+            (None, None) => None,
+            (Some("cpu"), _) => Some(DeviceRequest::Cpu),
+            (Some("gpu" | "cuda") | None, Some(ids)) if !ids.is_empty() => {
+                Some(DeviceRequest::Gpus(ids.clone()))
+            }
+            (Some("gpu" | "cuda"), _) => Some(DeviceRequest::AnyGpus(1)),
+            (None, Some(_)) => None,
+            (Some(other), _) => {
+                return Err(Error::bad_config(
+                    "model-config.yaml",
+                    format!("deviceType `{other}` is not one of cpu, gpu"),
+                ));
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +170,22 @@ mod tests {
         workers: 1,
         response_timeout: Duration::from_secs(120),
     };
+
+    #[test]
+    fn device_type_and_ids_are_what_the_model_asks_of_the_device_manager() {
+        use spillway_placement::DeviceRequest;
+        let request = |yaml: &str| parse(yaml).expect("parses").device_request();
+        assert_eq!(request("minWorkers: 1").ok(), Some(None));
+        assert_eq!(
+            request("deviceType: gpu").ok(),
+            Some(Some(DeviceRequest::AnyGpus(1)))
+        );
+        assert_eq!(
+            request("deviceType: gpu\ndeviceIds: [0, 1]").ok(),
+            Some(Some(DeviceRequest::Gpus(vec![0, 1])))
+        );
+        assert!(request("deviceType: tpu").is_err());
+    }
 
     /// `yaml` with no registration overrides and the test defaults.
     fn parse(yaml: &str) -> Result<ModelConfig> {
@@ -156,6 +201,10 @@ mod tests {
         assert_eq!(c.max_batch_delay, Duration::from_millis(5));
         assert_eq!(c.response_timeout, Duration::from_secs(30));
         assert_eq!(c.device_type.as_deref(), Some("cpu"));
+        assert_eq!(
+            c.device_request().expect("valid"),
+            Some(spillway_placement::DeviceRequest::Cpu)
+        );
         assert!(!c.continuous_batching, "off unless asked for");
         let c = parse("continuousBatching: true\n").expect("parse");
         assert!(c.continuous_batching);

@@ -40,9 +40,11 @@ pub fn evict(state: &AppState, evictions: &[Eviction]) {
     }
 }
 
-/// Returns once `model` serves, loading it again first if it was evicted (the request
-/// waits, within `within`, as it would in the queue). A model loading for the first
-/// time or failed is left as it is: submitting to it answers why.
+/// Returns once `model` serves: a model evicted by unloading is loaded again first (the
+/// request waits, within `within`, as it would in the queue); one evicted to disk
+/// serves at once from its streamed units while they are promoted back beside it. A
+/// model loading for the first time or failed is left as it is: submitting to it
+/// answers why.
 pub async fn ensure_serving(
     state: &AppState,
     model: &Arc<ModelHandle>,
@@ -50,20 +52,15 @@ pub async fn ensure_serving(
 ) -> Result<()> {
     let mut changes = model.changes();
     if model.is_demoted() {
-        // One request promotes it; the others find it promoting and wait.
+        // The request is served at once from the streamed units; their promotion back
+        // runs beside it (one request starts it; the others find it running).
         let (state, promoting) = (state.clone(), model.clone());
-        let promoted = tokio::task::spawn_blocking(move || promoting.promote(&state));
-        return match tokio::time::timeout(within, promoted).await {
-            Ok(Ok(result)) => {
-                result?;
-                wait_until(model, &mut changes, |m| !m.is_demoted(), within).await
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = promoting.promote(&state) {
+                tracing::warn!(model = %promoting.spec.name, error = %e.chain(), "its units stay on disk");
             }
-            Ok(Err(e)) => Err(Error::Internal(format!("the promoting task failed: {e}"))),
-            Err(_) => Err(Error::Timeout {
-                model: model.spec.name.clone(),
-                timeout: within,
-            }),
-        };
+        });
+        return Ok(());
     }
     if !model.is_unloaded() {
         return Ok(());

@@ -3,16 +3,20 @@
 
 For each real model (all-MiniLM-L6-v2; SmolLM2-135M-Instruct served in float32 from its
 GGUF), three copies are registered under a host budget that holds two of them
-(max_host_memory = 2.5 x what one copy holds, as GET /devices reports it). A round robin
-over the three then makes every request go to the model evicted last, so each request's
-time is the time to the first answer of an evicted model. Each strategy runs in its own
-server: restart (the evicted model is unloaded and loaded again) and disk (its units
-are streamed from disk, and promoted back beside the request); an unconstrained server
-(all three resident) runs the same round robin in the same invocation as the peer.
+(max_host_memory = 2.5 x what one copy holds, as GET /devices reports it). Each strategy
+runs in its own server: restart (the evicted model is unloaded and loaded again) and disk
+(its units are streamed from disk, and promoted back beside its next request); an
+unconstrained server (all three resident) is the peer, in the same invocation.
 
-Reported per model: the median request time of each (ms), disk / restart, and peak
-RssAnon of the budgeted servers against the budget. Target: a disk-evicted model answers
-its first request in <= 10 % of its restart time.
+- first answer: with the server settled (nothing loading or promoting), one request to
+  the model that is evicted; repeated --rounds times (each request evicts the next).
+- round robin: requests cycle over the three with no pause, so every request goes to
+  the model evicted last while the previous one's reload or promotion may still run:
+  the steady-state cost of serving three models in room for two.
+
+Reported per model: medians (ms), disk / restart for the first answer, and peak RssAnon
+of the budgeted servers against the budget. Target: a disk-evicted model answers its
+first request in <= 10 % of its restart time.
 
 Usage: bench/devices.py [--rounds 12] [--models minilm smollm2] [--no-build]
 """
@@ -47,7 +51,7 @@ class Server:
             [BIN, "serve", "--model-store", store, "--cache-dir", cache, "--models", "",
              "--inference-address", f"127.0.0.1:{port}", "--management-address", f"127.0.0.1:{port + 1}",
              "--metrics-address", f"127.0.0.1:{port + 2}", *extra],
-            env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL)
+            env=dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn")), stdout=subprocess.DEVNULL)
         for _ in range(600):
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1).status == 200:
@@ -104,6 +108,37 @@ def round_robin(server, names, body, rounds):
     return statistics.median(times)
 
 
+def settle(server, names):
+    """Waits until no model is loading or promoting."""
+    for _ in range(2000):
+        pools = server.manage("GET", "/devices")["pools"]
+        busy = any(m["loading"] for p in pools for m in p["models"])
+        states = [server.manage("GET", f"/models/{n}")[0]["status"] for n in names]
+        if not busy and "LOADING" not in states:
+            return
+        time.sleep(0.01)
+    raise RuntimeError("the server never settled")
+
+
+def first_answers(server, names, body, rounds, state):
+    """Median seconds of the first request to a model evicted to `state` ("unloaded" or
+    "disk"), the server settled before each; None when no model was ever in that state."""
+    times = []
+    for _ in range(rounds * 3):
+        settle(server, names)
+        evicted = [n for n in names if server.manage("GET", f"/models/{n}")[0].get("deviceState") == state]
+        if not evicted:
+            # Bring every model in turn so that the next eviction happens.
+            for name in names:
+                server.predict(name, body)
+            continue
+        took, _ = server.predict(evicted[0], body)
+        times.append(took)
+        if len(times) == rounds:
+            break
+    return statistics.median(times) if times else None
+
+
 def bench(model, rounds, work, port):
     handler, body = MODELS[model]
     model_dir = run([os.path.join(ROOT, "scripts/fetch-model.sh"), model])
@@ -131,10 +166,12 @@ def bench(model, rounds, work, port):
                         ["--max-host-memory", str(budget), "--offload-strategy", strategy])
         for name in names:
             register(server, name)
-        row[f"{strategy}_ms"] = round_robin(server, names, body, rounds) * 1e3
+        first = first_answers(server, names, body, rounds, "unloaded" if strategy == "restart" else "disk")
+        row[f"{strategy}_first_ms"] = first * 1e3 if first else float("nan")
+        row[f"{strategy}_rr_ms"] = round_robin(server, names, body, rounds) * 1e3
         row[f"{strategy}_peak_mib"] = server.peak_kib / 1024
         server.stop()
-    row["disk_over_restart"] = row["disk_ms"] / row["restart_ms"]
+    row["disk_over_restart"] = row["disk_first_ms"] / row["restart_first_ms"]
     return row
 
 
@@ -148,15 +185,15 @@ def main():
         subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
     work = tempfile.mkdtemp(prefix="spillway-devices-")
     rows = [bench(model, args.rounds, work, 29080 + 100 * i) for i, model in enumerate(args.models)]
-    print("| model | one copy MiB | budget MiB | all resident ms | restart ms | disk ms | disk / restart "
-          "| peak RssAnon restart / disk MiB |")
+    print("| model | one copy MiB | budget MiB | all resident ms | first answer restart / disk ms "
+          "| disk / restart | round robin restart / disk ms | peak RssAnon restart / disk MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['one_mib']:.1f} | {r['budget_mib']:.1f} | {r['resident_ms']:.1f} "
-              f"| {r['restart_ms']:.1f} | {r['disk_ms']:.1f} | {r['disk_over_restart']:.3f} "
+              f"| {r['restart_first_ms']:.1f} / {r['disk_first_ms']:.1f} | {r['disk_over_restart']:.3f} "
+              f"| {r['restart_rr_ms']:.1f} / {r['disk_rr_ms']:.1f} "
               f"| {r['restart_peak_mib']:.0f} / {r['disk_peak_mib']:.0f} |")
-    print(f"\n{args.rounds} round-robin passes over three copies, each request to the copy evicted last; "
-          "medians. Target: disk / restart <= 0.10.")
+    print(f"\nMedians of {args.rounds} requests each. Target: disk / restart <= 0.10 (first answer).")
 
 
 if __name__ == "__main__":

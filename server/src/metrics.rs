@@ -72,6 +72,7 @@ pub const DEVICE_FREE_BYTES: &str = "spillway_device_free_bytes";
 pub const EVICTIONS_TOTAL: &str = "spillway_evictions_total";
 pub const RELOADS_TOTAL: &str = "spillway_reloads_total";
 pub const PROMOTIONS_TOTAL: &str = "spillway_promotions_total";
+pub const PROMOTION_SECONDS: &str = "spillway_promotion_seconds";
 /// Disk units materialized for a forward pass (process-wide).
 pub const STREAMED_UNITS_TOTAL: &str = "spillway_streamed_units_total";
 /// Bytes read from disk units for forward passes (process-wide).
@@ -136,6 +137,11 @@ fn describe() {
         QUEUE_LATENCY_US,
         Unit::Microseconds,
         "Cumulative queue duration in microseconds."
+    );
+    describe_gauge!(
+        PROMOTION_SECONDS,
+        Unit::Seconds,
+        "Time the last promotion of the model's units from disk took, in seconds (an evicted model's reload time is its load time)."
     );
     describe_gauge!(
         MODEL_LOAD_SECONDS,
@@ -430,8 +436,9 @@ impl ModelLabels {
         .increment(1);
     }
 
-    pub fn promoted(&self) {
+    pub fn promoted(&self, took: Duration) {
         counter!(PROMOTIONS_TOTAL, &self.pairs()).increment(1);
+        gauge!(PROMOTION_SECONDS, &self.pairs()).set(took.as_secs_f64());
     }
 
     pub fn reloaded(&self) {

@@ -120,6 +120,7 @@ impl Serving {
                 let _ = worker.join();
             }
             drop(handler);
+            crate::devices::release_freed_memory();
             drop(lease);
         })
     }
@@ -169,6 +170,10 @@ pub struct ModelDescription {
     /// What a LOADING model is doing now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loading_stage: Option<LoadStage>,
+    /// Where its weights are: "resident", "disk" (evicted to disk: its units stream
+    /// until promoted) or "unloaded".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_state: Option<&'static str>,
     pub min_workers: usize,
     pub max_workers: usize,
     pub batch_size: usize,
@@ -384,6 +389,7 @@ impl ModelHandle {
             return None; // already on disk: evicting it again means restarting it
         }
         let units = serving.handler.demote()?;
+        crate::devices::release_freed_memory();
         let before = total(&lease.bytes());
         devices.resize(lease, demoted_bytes(plan, &units));
         lease.set_demoted(true);
@@ -429,6 +435,9 @@ impl ModelHandle {
         // Done either way: promoted, or left demoted with its lease as it was.
         let finish = |promoted: bool| {
             if let State::Ready(serving) = &*self.state() {
+                if let Some(lease) = &serving.lease {
+                    lease.settle();
+                }
                 if promoted {
                     serving.demoted.store(false, Ordering::SeqCst);
                     if let Some(lease) = &serving.lease {
@@ -452,11 +461,12 @@ impl ModelHandle {
             }
         };
         crate::devices::effects::evict(state, &evict);
+        let started = std::time::Instant::now();
         let promoted = handler.promote();
         finish(promoted.is_ok());
         match promoted {
             Ok(_) => {
-                self.labels.promoted();
+                self.labels.promoted(started.elapsed());
                 Ok(())
             }
             Err(source) => Err(Error::Load {
@@ -629,6 +639,12 @@ impl ModelHandle {
             loading_stage: match &*state {
                 State::Loading(stage) => Some(*stage),
                 _ => None,
+            },
+            device_state: match &*state {
+                State::Ready(serving) if serving.demoted.load(Ordering::SeqCst) => Some("disk"),
+                State::Ready(_) => Some("resident"),
+                State::Unloaded => Some("unloaded"),
+                State::Loading(_) | State::Failed(_) => None,
             },
             placement: None,
             workers: Vec::new(),

@@ -257,6 +257,8 @@ async fn a_host_budget_for_two_of_three_models_evicts_the_least_recently_used_an
     // c needs the room a (least recently used) holds.
     want.insert("rc", register_and_embed(&server, &archives[2], "rc").await);
     assert_eq!(server.status_of("ra").await, "UNLOADED");
+    let (_, described) = server.manage(Method::GET, "/models/ra").await;
+    assert_eq!(described[0]["deviceState"], "unloaded");
     assert_eq!(
         (server.status_of("rb").await, server.status_of("rc").await),
         ("READY".to_string(), "READY".to_string())
@@ -441,6 +443,7 @@ async fn the_disk_strategy_keeps_evicted_models_loaded_with_their_units_streamed
         described[0]["model"]["streamed_units"], 13,
         "the embeddings and every block stream: {described}"
     );
+    assert_eq!(described[0]["deviceState"], "disk");
     // Round robin: every answer as before, within the budget.
     for name in ["da", "db", "dc", "da", "dc", "db"] {
         assert_eq!(embed(&server, name).await, want[name], "{name}");

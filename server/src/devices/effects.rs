@@ -15,6 +15,9 @@ use crate::model::ModelHandle;
 
 use super::policy::Eviction;
 
+/// The longest a disk-evicted model's promotion waits for its requests in flight.
+const PROMOTE_AFTER: Duration = Duration::from_secs(1);
+
 /// Evicts `models` by the configured strategy and waits until their memory is free (a
 /// restarted model's queued requests are answered and its workers joined first).
 /// Blocking.
@@ -52,11 +55,19 @@ pub async fn ensure_serving(
 ) -> Result<()> {
     let mut changes = model.changes();
     if model.is_demoted() {
-        // The request is served at once from the streamed units; their promotion back
-        // runs beside it (one request starts it; the others find it running).
+        // The request is served at once from the streamed units. Their promotion back
+        // starts once the requests in flight are answered (or after PROMOTE_AFTER under
+        // steady load), so it does not compete with them for the cores; one request
+        // starts it, the others find it running.
         let (state, promoting) = (state.clone(), model.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = promoting.promote(&state) {
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + PROMOTE_AFTER;
+            while promoting.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let model = promoting.clone();
+            let promoted = tokio::task::spawn_blocking(move || model.promote(&state)).await;
+            if let Ok(Err(e)) = promoted {
                 tracing::warn!(model = %promoting.spec.name, error = %e.chain(), "its units stay on disk");
             }
         });

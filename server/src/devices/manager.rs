@@ -368,6 +368,8 @@ impl DeviceManager {
             .collect();
         let evict = policy::make_room(&map, &entry.model, &more, &[])?;
         entry.bytes = bytes;
+        // Loading again until `settle`: nobody evicts it halfway through.
+        entry.loading.store(true, Ordering::SeqCst);
         Ok(evict)
     }
 
@@ -454,8 +456,8 @@ pub fn held_by(plan: &Plan) -> DeviceBytes {
 }
 
 /// What a plan holds once `demoted` units are streamed instead of resident: their bytes
-/// leave, and room to build two of them at a time (one computing, the next read ahead)
-/// stays on the stream device.
+/// leave, and room to build two of them at a time (one computing, the next read ahead:
+/// at most the two largest) stays on the stream device.
 pub fn demoted_bytes(plan: &Plan, demoted: &[String]) -> DeviceBytes {
     let mut bytes = held_by(plan);
     let units: Vec<_> = plan
@@ -468,8 +470,9 @@ pub fn demoted_bytes(plan: &Plan, demoted: &[String]) -> DeviceBytes {
             *held = held.saturating_sub(unit.bytes);
         }
     }
-    let largest = units.iter().map(|u| u.bytes).max().unwrap_or(0);
-    *bytes.entry(plan.stream_device).or_default() += 2 * largest;
+    let mut sizes: Vec<u64> = units.iter().map(|u| u.bytes).collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    *bytes.entry(plan.stream_device).or_default() += sizes.iter().take(2).sum::<u64>();
     bytes.retain(|_, n| *n > 0);
     bytes
 }
@@ -563,6 +566,25 @@ mod tests {
         assert_eq!(manager.held()[&Device::CPU], 60, "only b's lease is left");
         drop(second);
         assert!(manager.held().is_empty());
+    }
+
+    #[test]
+    fn a_model_growing_back_is_not_evicted_until_it_settles() {
+        let manager = manager(100);
+        let a = admit(&manager, "a", 30, IDLE).expect("a");
+        a.lease.settle();
+        // a's units went to disk (it holds 10), then come back (it grows to 30 again).
+        manager.resize(&a.lease, [(Device::CPU, 10)].into_iter().collect());
+        let evict = manager.grow(&a.lease, [(Device::CPU, 30)].into_iter().collect(), IDLE);
+        assert_eq!(evict, Ok(vec![]));
+        assert_eq!(manager.held()[&Device::CPU], 30);
+        let refused = admit(&manager, "b", 80, IDLE)
+            .err()
+            .expect("a is busy growing");
+        assert!(refused.contains("busy"), "{refused}");
+        a.lease.settle();
+        let b = admit(&manager, "b", 80, IDLE).expect("a may leave now");
+        assert_eq!(b.evict.len(), 1);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokenizers::Encoding;
 
 use crate::HandlerError;
 use crate::generate::{EventSender, GenerateParameters, GenerateRequest, Generation};
-use crate::weights::layer_stack::StreamTotals;
+use crate::weights::layer_stack::Units;
 
 /// A request body as it arrived (what the echo handler answers with).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,21 +267,10 @@ pub trait Handler: Send + Sync {
     /// What this handler is.
     fn info(&self) -> HandlerInfo;
 
-    /// What its disk units have streamed so far (zero for models with none).
-    fn stream_totals(&self) -> StreamTotals {
-        StreamTotals::default()
-    }
-
-    /// Gives memory back while staying loaded: the units the plan made resident are
-    /// streamed from their mapping from now on (the device manager's `disk` eviction).
-    /// The names of the units moved; `None` when this handler cannot do it.
-    fn demote(&self) -> Option<Vec<String>> {
+    /// Its model's units, for metrics and the device manager (`None` for a handler
+    /// without a model: it cannot move anything to disk).
+    fn units(&self) -> Option<&dyn Units> {
         None
-    }
-
-    /// Makes the units [`Handler::demote`] moved resident again; their names.
-    fn promote(&self) -> Result<Vec<String>, HandlerError> {
-        Ok(Vec::new())
     }
 
     /// A fresh running batch for continuous batching, where the handler supports it

@@ -388,7 +388,7 @@ impl ModelHandle {
         if serving.demoted.load(Ordering::SeqCst) {
             return None; // already on disk: evicting it again means restarting it
         }
-        let units = serving.handler.demote()?;
+        let units = serving.handler.units()?.demote();
         crate::devices::release_freed_memory();
         let before = total(&lease.bytes());
         devices.resize(lease, demoted_bytes(plan, &units));
@@ -462,7 +462,9 @@ impl ModelHandle {
         };
         crate::devices::effects::evict(state, &evict);
         let started = std::time::Instant::now();
-        let promoted = handler.promote();
+        let promoted = handler
+            .units()
+            .map_or_else(|| Ok(Vec::new()), |units| units.promote());
         finish(promoted.is_ok());
         match promoted {
             Ok(_) => {
@@ -512,7 +514,11 @@ impl ModelHandle {
             State::Ready(serving) => Some(ModelSample {
                 labels: self.labels.clone(),
                 queue_depth: serving.jobs.len(),
-                streamed: serving.handler.stream_totals(),
+                streamed: serving
+                    .handler
+                    .units()
+                    .map(|u| u.stream_totals())
+                    .unwrap_or_default(),
             }),
             _ => None,
         }

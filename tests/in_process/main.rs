@@ -86,23 +86,36 @@ impl InProcess {
         (response.status(), response.json().await.unwrap())
     }
 
+    /// The Prometheus text of `/metrics`.
+    async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.addresses.metrics);
+        let response = self.http.get(url).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
+    /// The sum of the samples whose line starts with `prefix`, holds `with`, and belongs
+    /// to one of `models` (other tests in this process have models of their own).
+    async fn metric_sum(&self, prefix: &str, with: &str, models: &[&str]) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(with))
+            .filter(|l| {
+                models
+                    .iter()
+                    .any(|m| l.contains(&format!("model_name=\"{m}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// `spillway_device_used_bytes{device="cpu"}`.
     async fn leased_cpu_bytes(&self) -> f64 {
-        let url = format!("http://{}/metrics", self.addresses.metrics);
-        let text = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.metrics().await;
         text.lines()
             .find(|l| l.starts_with("spillway_device_used_bytes{device=\"cpu\"}"))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no leased bytes in:\n{text}"))
+            .unwrap_or_else(|| panic!("no device bytes in:\n{text}"))
     }
 
     /// The host RAM pool of `GET /devices`.
@@ -288,29 +301,11 @@ async fn a_host_budget_for_two_of_three_models_evicts_the_least_recently_used_an
         assert_eq!(holders.len(), 2, "two of three fit: {holders:?}");
         assert!(holders.contains(&name));
     }
-    let url = format!("http://{}/metrics", server.addresses.metrics);
-    let metrics = server
-        .http
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let evictions: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("spillway_evictions_total{"))
-        // Other tests in this process evict models of their own.
-        .filter(|l| {
-            ["ra", "rb", "rc"]
-                .iter()
-                .any(|m| l.contains(&format!("model_name=\"{m}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let evictions = server
+        .metric_sum("spillway_evictions_total{", "", &["ra", "rb", "rc"])
+        .await;
     // c, then c, a, b, c, (b stays), a: one eviction per reload.
-    assert_eq!(evictions, 6.0, "{metrics}");
+    assert_eq!(evictions, 6.0);
     server.stop().await;
 }
 
@@ -461,43 +456,23 @@ async fn the_disk_strategy_keeps_evicted_models_loaded_with_their_units_streamed
         }
         assert_eq!(streamed, 0, "{name} was promoted after its request");
     }
-    let url = format!("http://{}/metrics", server.addresses.metrics);
-    let metrics = server
-        .http
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let ours = |metric: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(metric))
-            .filter(|l| {
-                ["da", "db", "dc"]
-                    .iter()
-                    .any(|m| l.contains(&format!("model_name=\"{m}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let disk_evictions: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("spillway_evictions_total{") && l.contains("strategy=\"disk\""))
-        .filter(|l| {
-            ["da", "db", "dc"]
-                .iter()
-                .any(|m| l.contains(&format!("model_name=\"{m}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(disk_evictions >= 4.0, "{metrics}");
+    let ours = ["da", "db", "dc"];
+    let disk_evictions = server
+        .metric_sum("spillway_evictions_total{", "strategy=\"disk\"", &ours)
+        .await;
+    assert!(disk_evictions >= 4.0, "{disk_evictions}");
     assert!(
-        ours("spillway_promotions_total{") >= 4.0,
-        "promoted, not reloaded: {metrics}"
+        server
+            .metric_sum("spillway_promotions_total{", "", &ours)
+            .await
+            >= 4.0,
+        "promoted, not reloaded"
     );
-    assert_eq!(ours("spillway_reloads_total{"), 0.0, "{metrics}");
+    assert_eq!(
+        server
+            .metric_sum("spillway_reloads_total{", "", &ours)
+            .await,
+        0.0
+    );
     server.stop().await;
 }

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
 use crate::models::bert_block::FusedBertBlock;
 pub use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Flow, LayerStack, Residence, StreamTotals};
+use crate::weights::layer_stack::{Flow, LayerStack, Residence, Units};
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.
@@ -117,20 +117,9 @@ impl MappedBert {
         Ok(Self { stack })
     }
 
-    /// Streams the units the plan made resident from now on (see
-    /// [`LayerStack::demote`]); their names.
-    pub fn demote(&self) -> Vec<String> {
-        self.stack.demote()
-    }
-
-    /// Keeps them resident again.
-    pub fn promote(&self) -> Result<Vec<String>, HandlerError> {
-        self.stack.promote()
-    }
-
-    /// What this model's disk units have streamed so far.
-    pub fn stream_totals(&self) -> StreamTotals {
-        self.stack.stream_totals()
+    /// Its units, for metrics and the device manager.
+    pub fn units(&self) -> &dyn Units {
+        &self.stack
     }
 
     /// Units kept on disk and streamed each pass.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::cpu::linear::CpuLinear;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StreamTotals};
+use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, Units};
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -729,20 +729,9 @@ impl MappedLlama {
         })
     }
 
-    /// Streams the units the plan made resident from now on (see
-    /// [`LayerStack::demote`]); their names.
-    pub fn demote(&self) -> Vec<String> {
-        self.stack.demote()
-    }
-
-    /// Keeps them resident again.
-    pub fn promote(&self) -> Result<Vec<String>, HandlerError> {
-        self.stack.promote()
-    }
-
-    /// What this model's disk units have streamed so far.
-    pub fn stream_totals(&self) -> StreamTotals {
-        self.stack.stream_totals()
+    /// Its units, for metrics and the device manager.
+    pub fn units(&self) -> &dyn Units {
+        &self.stack
     }
 
     /// Placement units kept on disk and streamed each pass (a tied head streams with its

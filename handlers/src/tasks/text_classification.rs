@@ -154,16 +154,8 @@ impl Handler for TextClassification {
         )
     }
 
-    fn stream_totals(&self) -> crate::weights::layer_stack::StreamTotals {
-        self.model.stream_totals()
-    }
-
-    fn demote(&self) -> Option<Vec<String>> {
-        Some(self.model.demote())
-    }
-
-    fn promote(&self) -> Result<Vec<String>, HandlerError> {
-        self.model.promote()
+    fn units(&self) -> Option<&dyn crate::weights::layer_stack::Units> {
+        Some(self.model.units())
     }
 
     fn info(&self) -> HandlerInfo {

@@ -119,16 +119,8 @@ impl Handler for TextEmbedding {
         )
     }
 
-    fn stream_totals(&self) -> crate::weights::layer_stack::StreamTotals {
-        self.model.stream_totals()
-    }
-
-    fn demote(&self) -> Option<Vec<String>> {
-        Some(self.model.demote())
-    }
-
-    fn promote(&self) -> Result<Vec<String>, HandlerError> {
-        self.model.promote()
+    fn units(&self) -> Option<&dyn crate::weights::layer_stack::Units> {
+        Some(self.model.units())
     }
 
     fn info(&self) -> HandlerInfo {
@@ -288,10 +280,11 @@ mod tests {
             .flat_map(embeddings)
             .collect();
         assert_eq!(handler.info().streamed_units, Some(0));
-        let units = handler.demote().expect("BERT demotes");
+        let model = handler.units().expect("BERT has units");
+        let units = model.demote();
         assert_eq!(units.len(), 3, "embeddings and both blocks: {units:?}");
         assert_eq!(handler.info().streamed_units, Some(3));
-        let streamed_before = handler.stream_totals().units;
+        let streamed_before = model.stream_totals().units;
         let demoted: Vec<Vec<f32>> = handler
             .run(&batch)
             .expect("run")
@@ -299,11 +292,11 @@ mod tests {
             .flat_map(embeddings)
             .collect();
         assert_eq!(
-            handler.stream_totals().units - streamed_before,
+            model.stream_totals().units - streamed_before,
             3,
             "read from disk"
         );
-        assert_eq!(handler.promote().expect("promote").len(), 3);
+        assert_eq!(model.promote().expect("promote").len(), 3);
         assert_eq!(handler.info().streamed_units, Some(0));
         let promoted: Vec<Vec<f32>> = handler
             .run(&batch)

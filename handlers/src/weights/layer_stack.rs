@@ -69,6 +69,35 @@ impl StreamCounters {
     }
 }
 
+/// What the server reaches of a loaded model's units, whatever the model: what they
+/// streamed (metrics), and moving them to disk and back (the device manager's `disk`
+/// eviction). Every [`LayerStack`] is one.
+pub trait Units: Send + Sync {
+    /// What the units streamed from disk so far.
+    fn stream_totals(&self) -> StreamTotals;
+
+    /// Streams the units the plan made resident from now on (see [`LayerStack::demote`]);
+    /// their names.
+    fn demote(&self) -> Vec<String>;
+
+    /// Keeps them resident again; their names.
+    fn promote(&self) -> std::result::Result<Vec<String>, HandlerError>;
+}
+
+impl<M: Send + Sync> Units for LayerStack<M> {
+    fn stream_totals(&self) -> StreamTotals {
+        LayerStack::stream_totals(self)
+    }
+
+    fn demote(&self) -> Vec<String> {
+        LayerStack::demote(self)
+    }
+
+    fn promote(&self) -> std::result::Result<Vec<String>, HandlerError> {
+        LayerStack::promote(self)
+    }
+}
+
 /// What a [`LayerStack`] carries from unit to unit (hidden states, and whatever the
 /// units read besides: masks, token ids, RoPE angles). The stack moves it to each unit's
 /// device before the unit runs; moving to the device it is on costs nothing.

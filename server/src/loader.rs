@@ -43,6 +43,8 @@ pub struct Opened {
     /// The plan and its lease, made from tensor headers at registration where the
     /// archive has them.
     planned: Option<Planned>,
+    /// A start-up model that fits only by evicting another: registered unloaded.
+    deferred: bool,
 }
 
 /// What a model is built from; kept by its handle, so an evicted model can be built
@@ -134,16 +136,22 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
         true => gguf_to_convert(&archive)?,
         false => None,
     };
-    let planned = match handler.needs_model_files() && gguf.is_none() {
-        true => Some(plan(
-            state,
-            &key,
-            &device_request,
-            &*archive.files,
-            &setup,
-            &model_config,
-        )?),
-        false => None,
+    // A start-up model may not evict another: it then waits for its first request.
+    let (planned, deferred) = match handler.needs_model_files() && gguf.is_none() {
+        true => {
+            let planned = plan(
+                state,
+                &key,
+                &device_request,
+                !request.loaded_at_startup,
+                &*archive.files,
+                &setup,
+                &model_config,
+            )?;
+            let deferred = planned.is_none();
+            (planned, deferred)
+        }
+        false => (None, false),
     };
     Ok(Opened {
         spec: ModelSpec {
@@ -164,19 +172,22 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
             request: device_request,
         },
         planned,
+        deferred,
     })
 }
 
 /// Reads the tensor headers of `files` and has the device manager admit them: the plan
-/// within the pools, its bytes leased, and the models to evict for it.
+/// within the pools, its bytes leased, and the models to evict for it. `None` when it
+/// fits only by evicting others and `may_evict` is false.
 fn plan(
     state: &AppState,
     key: &ModelKey,
     request: &Option<DeviceRequest>,
+    may_evict: bool,
     files: &dyn ModelFiles,
     setup: &SetupConfig,
     config: &ModelConfig,
-) -> Result<Planned> {
+) -> Result<Option<Planned>> {
     let inventory = ModelInventory::read(files)?;
     let options = PlanOptions {
         batch_size: config.batch_size,
@@ -190,24 +201,28 @@ fn plan(
     };
     let admission = state
         .devices()
-        .admit(key, request, &busy, |machine| {
+        .admit(key, request, may_evict, &busy, |machine| {
             let plan = plan_model(&inventory, setup, &options, machine)?;
             check_executable(&plan)?;
             Ok::<_, Error>(plan)
-        })
-        .map_err(|e| match e {
-            AdmitError::Plan(e) => e,
-            AdmitError::Refused(refusal) => Error::NoRoom {
+        });
+    let admission = match admission {
+        Ok(admission) => admission,
+        Err(AdmitError::WouldEvict) => return Ok(None),
+        Err(AdmitError::Plan(e)) => return Err(e),
+        Err(AdmitError::Refused(refusal)) => {
+            return Err(Error::NoRoom {
                 model: key.to_string(),
                 refusal,
-            },
-        })?;
-    Ok(Planned {
+            });
+        }
+    };
+    Ok(Some(Planned {
         inventory,
         plan: admission.plan,
         lease: admission.lease,
         evict: admission.evict,
-    })
+    }))
 }
 
 /// Converts, plans, leases and builds the model `opened` describes, telling `handle`
@@ -243,13 +258,31 @@ pub fn build(
             let cache = &state.config().cache_dir;
             let files = convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?;
             handle.set_stage(LoadStage::Planning);
-            let planned = plan(state, &key, &request, &*files, &spec.setup, &spec.config)?;
+            let planned = plan(
+                state,
+                &key,
+                &request,
+                true,
+                &*files,
+                &spec.setup,
+                &spec.config,
+            )?
+            .ok_or_else(|| Error::Internal("admitted without evicting".into()))?;
             (files, planned)
         }
         (None, None) => {
             handle.set_stage(LoadStage::Planning);
             let files = archive.files.clone();
-            let planned = plan(state, &key, &request, &*files, &spec.setup, &spec.config)?;
+            let planned = plan(
+                state,
+                &key,
+                &request,
+                true,
+                &*files,
+                &spec.setup,
+                &spec.config,
+            )?
+            .ok_or_else(|| Error::Internal("admitted without evicting".into()))?;
             (files, planned)
         }
     };
@@ -401,7 +434,6 @@ pub async fn register(
     request: LoadRequest,
     synchronous: bool,
 ) -> Result<Arc<ModelHandle>> {
-    let loaded_at_startup = request.loaded_at_startup;
     let opened = {
         let state = state.clone();
         tokio::task::spawn_blocking(move || open(&state, &request))
@@ -412,12 +444,12 @@ pub async fn register(
         spec,
         source,
         planned,
+        deferred,
     } = opened;
     let handle = ModelHandle::new(spec, Some(source.clone()));
     // A start-up model that would evict another waits for its first request instead,
     // so a store with more models than memory still starts.
-    if loaded_at_startup && planned.as_ref().is_some_and(|p| !p.evict.is_empty()) {
-        drop(planned);
+    if deferred {
         handle.set_unloaded();
         state.registry().insert(handle.clone())?;
         tracing::info!(model = %handle.spec.name, "registered; it loads on its first request (the device pools are full)");

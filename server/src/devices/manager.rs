@@ -53,6 +53,18 @@ struct Entry {
 }
 
 impl Entry {
+    /// Counts the eviction decided for it at once: what it will still hold afterwards
+    /// (nothing when unloaded; its streaming room when its units go to disk). The bytes
+    /// leave the map the moment they are promised to another model, so no pool's `used`
+    /// ever passes its budget, while memory itself is taken only after they have left
+    /// (the loader evicts, waiting, before it builds).
+    fn evicting(&mut self, unload: bool) {
+        self.bytes = match (&self.after_demotion, unload) {
+            (Some(kept), false) => kept.clone(),
+            _ => DeviceBytes::new(),
+        };
+    }
+
     /// What evicting it frees now.
     fn frees(&self) -> DeviceBytes {
         match (&self.after_demotion, self.demoted.load(Ordering::SeqCst)) {
@@ -107,6 +119,8 @@ pub struct Admission {
 pub enum AdmitError<E> {
     Plan(E),
     Refused(Refusal),
+    /// It fits only by evicting others, which the caller did not allow.
+    WouldEvict,
 }
 
 /// One pool as `GET /devices` shows it.
@@ -181,6 +195,7 @@ impl DeviceManager {
         &self,
         model: &ModelKey,
         request: &Option<DeviceRequest>,
+        may_evict: bool,
         busy: &dyn Fn(&ModelKey) -> bool,
         plan: impl Fn(&Machine) -> Result<Plan, E>,
     ) -> Result<Admission, AdmitError<E>> {
@@ -271,6 +286,10 @@ impl DeviceManager {
             })
             .collect();
         evict_all.extend(evict);
+        if !evict_all.is_empty() && !may_evict {
+            return Err(AdmitError::WouldEvict);
+        }
+        count_evictions(&mut entries, &evict_all);
         let id = entries.next_id;
         entries.next_id += 1;
         let loading = Arc::new(AtomicBool::new(true));
@@ -368,6 +387,10 @@ impl DeviceManager {
             .collect();
         let evict = policy::make_room(&map, &entry.model, &more, &[])?;
         entry.bytes = bytes;
+        count_evictions(&mut entries, &evict);
+        let Some(entry) = entries.leases.get_mut(&lease.id) else {
+            return Ok(evict);
+        };
         // Loading again until `settle`: nobody evicts it halfway through.
         entry.loading.store(true, Ordering::SeqCst);
         Ok(evict)
@@ -441,6 +464,17 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.manager.entries().leases.remove(&self.id);
+    }
+}
+
+/// Marks the entries of the models `evictions` name as leaving ([`Entry::evicting`]).
+fn count_evictions(entries: &mut Entries, evictions: &[Eviction]) {
+    for eviction in evictions {
+        for entry in entries.leases.values_mut() {
+            if entry.model == eviction.model {
+                entry.evicting(eviction.unload);
+            }
+        }
     }
 }
 
@@ -527,10 +561,17 @@ mod tests {
         busy: &dyn Fn(&ModelKey) -> bool,
     ) -> Result<Admission, String> {
         manager
-            .admit(&key(name), &Some(DeviceRequest::Cpu), busy, plan_of(bytes))
+            .admit(
+                &key(name),
+                &Some(DeviceRequest::Cpu),
+                true,
+                busy,
+                plan_of(bytes),
+            )
             .map_err(|e| match e {
                 AdmitError::Plan(e) => e,
                 AdmitError::Refused(r) => r.to_string(),
+                AdmitError::WouldEvict => "would evict".into(),
             })
     }
 
@@ -569,6 +610,22 @@ mod tests {
     }
 
     #[test]
+    fn a_model_that_may_not_evict_takes_nothing_from_the_others() {
+        let manager = manager(100);
+        let a = admit(&manager, "a", 60, IDLE).expect("a");
+        a.lease.settle();
+        let deferred = manager.admit(
+            &key("b"),
+            &Some(DeviceRequest::Cpu),
+            false,
+            IDLE,
+            plan_of(60),
+        );
+        assert!(matches!(deferred, Err(AdmitError::WouldEvict)));
+        assert_eq!(manager.held()[&Device::CPU], 60, "a still counts in full");
+    }
+
+    #[test]
     fn a_model_growing_back_is_not_evicted_until_it_settles() {
         let manager = manager(100);
         let a = admit(&manager, "a", 30, IDLE).expect("a");
@@ -602,9 +659,9 @@ mod tests {
         assert_eq!(pools[0].device, "cpu");
         assert_eq!(
             (pools[0].used, pools[0].free),
-            (120, 0),
-            "promised before b has left"
+            (80, 20),
+            "b's bytes left the map when they were promised to c: never over budget"
         );
-        assert_eq!(pools[0].models.len(), 3);
+        assert_eq!(pools[0].models.len(), 2);
     }
 }

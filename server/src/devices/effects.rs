@@ -10,13 +10,16 @@ use std::time::Duration;
 
 use crate::app::AppState;
 use crate::config::OffloadStrategy;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::model::ModelHandle;
 
 use super::policy::Eviction;
 
 /// The longest a disk-evicted model's promotion waits for its requests in flight.
 const PROMOTE_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a reload that found no room (the models holding it busy) waits to try again.
+const RETRY_ROOM: Duration = Duration::from_millis(50);
 
 /// Evicts `models` by the configured strategy and waits until their memory is free (a
 /// restarted model's queued requests are answered and its workers joined first).
@@ -76,24 +79,46 @@ pub async fn ensure_serving(
     if !model.is_unloaded() {
         return Ok(());
     }
-    if model.begin_reload() {
+    let deadline = tokio::time::Instant::now() + within;
+    while model.begin_reload() {
         let Some(source) = model.source().cloned() else {
             model.set_failed("it cannot be loaded again (no archive to build it from)".into());
             return Ok(());
         };
         model.labels().reloaded();
-        tokio::spawn(crate::loader::load(
+        // A task of its own: a request that stops waiting does not stop the load.
+        let reload = tokio::spawn(crate::loader::load(
             state.clone(),
             model.clone(),
             source,
             None,
         ));
+        match tokio::time::timeout_at(deadline, reload).await {
+            Ok(Ok(Ok(()))) => return Ok(()),
+            // No room while the models holding it are busy: it stays evicted, and the
+            // request waits for room (up to its response timeout) as it would in a queue.
+            Ok(Ok(Err(e))) if e.kind() == ErrorKind::InsufficientStorage => {
+                model.set_unloaded();
+                if tokio::time::Instant::now() + RETRY_ROOM >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(RETRY_ROOM).await;
+            }
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(e)) => return Err(Error::Internal(format!("the reload task failed: {e}"))),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    model: model.spec.name.clone(),
+                    timeout: within,
+                });
+            }
+        }
     }
-    // Until it serves or fails (whoever reloads it says which).
+    // Another request is reloading it: until it serves, fails, or stays evicted.
     wait_until(
         model,
         &mut changes,
-        |m| m.is_ready() || m.failure().is_some(),
+        |m| m.is_ready() || m.failure().is_some() || m.is_unloaded(),
         within,
     )
     .await

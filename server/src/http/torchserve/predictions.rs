@@ -69,21 +69,45 @@ fn bad(message: impl Into<String>) -> Error {
     Error::BadRequest(message.into())
 }
 
+/// The body as JSON, or None where it is text. A body declared `application/json` must
+/// parse; one declared `text/plain` is text whatever it holds. Any other (curl's `-d`
+/// sends `application/x-www-form-urlencoded`; some clients send none) is JSON when it
+/// parses as a JSON object, array or string, as TorchServe's handlers decode it, and
+/// text otherwise.
+fn json_of(body: &RawBody) -> Result<Option<Value>> {
+    let content_type = body.content_type.as_deref().unwrap_or_default();
+    let declared = |mime: &str| {
+        content_type
+            .split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case(mime))
+    };
+    if declared("application/json") {
+        let value = serde_json::from_slice(&body.bytes)
+            .map_err(|e| bad(format!("malformed JSON body: {e}")))?;
+        return Ok(Some(value));
+    }
+    if declared("text/plain") {
+        return Ok(None);
+    }
+    let looks_like_json = body
+        .bytes
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| b"{[\"".contains(b));
+    Ok(looks_like_json
+        .then(|| serde_json::from_slice(&body.bytes).ok())
+        .flatten())
+}
+
 /// The texts of a text handler's request body.
 fn texts(body: &RawBody) -> Result<Vec<String>> {
-    let is_json = body.content_type.as_deref().map_or_else(
-        || body.bytes.first().is_some_and(|b| b"{[\"".contains(b)),
-        |ct| ct.starts_with("application/json"),
-    );
-    let texts = if is_json {
-        let value: Value = serde_json::from_slice(&body.bytes)
-            .map_err(|e| bad(format!("malformed JSON body: {e}")))?;
-        texts_from_json(value)?
-    } else {
-        vec![
+    let texts = match json_of(body)? {
+        Some(value) => texts_from_json(value)?,
+        None => vec![
             String::from_utf8(body.bytes.clone())
                 .map_err(|_| bad("the request body is not valid UTF-8 text"))?,
-        ]
+        ],
     };
     if texts.is_empty() || (texts.len() == 1 && texts[0].trim().is_empty()) {
         return Err(bad("the request has no input text"));
@@ -177,13 +201,8 @@ impl From<WireParameters> for GenerateParameters {
 
 /// A generation request body. The parameters' values are the handler's to check.
 fn generate(body: &RawBody) -> Result<GenerateRequest> {
-    let json = body
-        .content_type
-        .as_deref()
-        .is_some_and(|c| c.starts_with("application/json"))
-        || body.bytes.first() == Some(&b'{');
-    let request = if json {
-        let parsed: GenerateBody = serde_json::from_slice(&body.bytes)
+    let request = if let Some(value) = json_of(body)?.filter(Value::is_object) {
+        let parsed: GenerateBody = serde_json::from_value(value)
             .map_err(|e| bad(format!("invalid generation request: {e}")))?;
         GenerateRequest {
             prompt: parsed.inputs,
@@ -229,11 +248,30 @@ mod tests {
             bytes: b"{not json".to_vec(),
         };
         assert_eq!(texts(&plain).ok(), Some(vec!["{not json".to_string()]));
-        let sniffed = RawBody {
-            content_type: None,
-            bytes: br#"{"inputs": "y"}"#.to_vec(),
-        };
-        assert_eq!(texts(&sniffed).ok(), Some(vec!["y".to_string()]));
+        // Undeclared, or curl's -d default: JSON when it parses as JSON, else text.
+        for content_type in [None, Some("application/x-www-form-urlencoded".to_string())] {
+            let body = |bytes: &str| RawBody {
+                content_type: content_type.clone(),
+                bytes: bytes.as_bytes().to_vec(),
+            };
+            let got = |bytes: &str| texts(&body(bytes)).map_err(|e| e.kind());
+            assert_eq!(
+                got(r#"{"inputs": ["hello world"]}"#),
+                Ok(vec!["hello world".to_string()])
+            );
+            assert_eq!(got(r#" {"inputs": "y"}"#), Ok(vec!["y".to_string()]));
+            assert_eq!(got(r#"{"inputs": 5}"#), Err(ErrorKind::BadRequest));
+            assert_eq!(got("hello world"), Ok(vec!["hello world".to_string()]));
+            assert_eq!(got("{half json"), Ok(vec!["{half json".to_string()]));
+            let prompt = generate(&body(
+                r#"{"inputs": "p", "parameters": {"max_new_tokens": 3}}"#,
+            ))
+            .unwrap();
+            assert_eq!(
+                (prompt.prompt.as_str(), prompt.parameters.max_new_tokens),
+                ("p", 3)
+            );
+        }
     }
 
     #[test]

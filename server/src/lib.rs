@@ -137,7 +137,11 @@ pub async fn run(
     let serve = |listener: TcpListener, router: axum::Router| {
         let mut stop = stop_rx.clone();
         async move {
-            axum::serve(listener, router)
+            let app = tower::Layer::layer(
+                &tower::util::MapRequestLayer::new(http::trim_trailing_slash),
+                router,
+            );
+            axum::serve(listener, axum::ServiceExt::into_make_service(app))
                 .with_graceful_shutdown(async move {
                     let _ = stop.wait_for(|stopped| *stopped).await;
                 })

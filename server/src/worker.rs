@@ -97,10 +97,18 @@ impl WorkerPool {
     }
 
     /// Sets the worker range and starts or stops workers to run `min` of them.
+    /// Workers whose thread count the new range changes are replaced, so that the
+    /// workers together never compute with more threads than the cores.
     pub fn scale(&mut self, min: usize, max: usize) -> Result<(), Error> {
         self.min_workers = min;
         self.max_workers = max.max(min);
-        while self.workers.len() > min {
+        let threads = worker_threads(self.threads_per_worker, cores(), self.max_workers);
+        let keep = if self.workers.iter().all(|w| w.threads == threads) {
+            min
+        } else {
+            0
+        };
+        while self.workers.len() > keep {
             if let Some(worker) = self.workers.pop() {
                 // The thread finishes its current batch, then exits on its own.
                 worker.stop.store(true, Ordering::SeqCst);
@@ -579,6 +587,34 @@ mod tests {
              error keeps its class; bad input fails alone; the worker carries on"
         );
         assert_eq!(restarts, 1, "the panic is counted");
+    }
+
+    #[test]
+    fn scaling_up_replaces_workers_so_their_threads_never_exceed_the_cores() {
+        let (batch_tx, batch_rx) = flume::bounded::<Vec<Job>>(0);
+        let mut pool = WorkerPool::new(
+            Arc::new(Misbehaving),
+            batch_rx,
+            Arc::new(IdleWorkers::default()),
+            ModelLabels::new("scaled", "1"),
+            None,
+            None,
+        );
+        let cores = cores();
+        for (min, max) in [(1, 1), (2, 2), (1, 4), (1, 1)] {
+            pool.scale(min, max).expect("workers");
+            let threads: Vec<usize> = pool.describe().iter().map(|w| w.threads).collect();
+            assert_eq!(threads.len(), min);
+            let each = (cores / max).max(1);
+            assert!(
+                threads.iter().all(|&t| t == each),
+                "range {min}..={max} on {cores} cores: {threads:?}"
+            );
+        }
+        drop(batch_tx);
+        for thread in pool.retire() {
+            thread.join().expect("the worker exits once its channel closes");
+        }
     }
 
     #[test]

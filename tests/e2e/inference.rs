@@ -143,7 +143,10 @@ fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
     error(server.predict("broken", r#"{"inputs": "x"}"#), 404);
 
     // Registered in the background, the failure stays visible.
-    let response = server.manage(Method::POST, "/models?url=broken.mar&model_name=later");
+    let response = server.manage(
+        Method::POST,
+        "/models?url=broken.mar&model_name=later&synchronous=false",
+    );
     assert_eq!(response.status(), 202);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -216,7 +219,7 @@ fn a_full_queue_answers_503_with_retry_after_and_slow_answers_time_out_with_504(
     }
     // With a worker, the same model answers once the timed-out jobs still holding queue
     // slots have been drained (each is dropped unrun).
-    json(server.manage(Method::PUT, "/models/echo?min_worker=1"), 200);
+    json(server.manage(Method::PUT, "/models/echo?min_worker=1"), 202);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let echoed = server

@@ -93,27 +93,54 @@ fn register_describe_scale_and_unregister() {
         409,
     );
     error(server.manage(Method::POST, "/models"), 400);
+    error(server.manage(Method::POST, "/models?url="), 404);
     error(server.manage(Method::POST, "/models?url=missing.mar"), 404);
-    error(
-        server.manage(Method::POST, "/models?url=tiny.mar&batch_size=lots"),
+    // Handlers and runtimes are built in: naming another is refused.
+    let message = error(
+        server.manage(Method::POST, "/models?url=tiny.mar&handler=my_handler.py"),
         400,
     );
+    assert!(message.contains("text_embedding"), "{message}");
+    error(
+        server.manage(Method::POST, "/models?url=tiny.mar&runtime=LSP"),
+        400,
+    );
+    // Unparsable or negative numbers fall back to their defaults, as in TorchServe:
+    // this registration goes ahead (and conflicts, being the same version).
+    error(
+        server.manage(
+            Method::POST,
+            "/models?url=tiny.mar&batch_size=lots&initial_workers=-1&max_batch_delay=x",
+        ),
+        409,
+    );
 
-    // Scale at run time.
-    json(
-        server.manage(Method::PUT, "/models/tiny?min_worker=3&max_worker=4"),
+    // Scale at run time: in the background (202) unless synchronous=true; TorchServe's
+    // words for a backwards range.
+    let message = error(
+        server.manage(Method::PUT, "/models/tiny?min_worker=3&max_worker=2"),
+        400,
+    );
+    assert_eq!(message, "max_worker cannot be less than min_worker.");
+    let scaled = json(
+        server.manage(
+            Method::PUT,
+            "/models/tiny/?min_worker=3&max_worker=4&synchronous=true",
+        ),
         200,
     );
+    assert_eq!(scaled["status"], "Workers scaled to 3 for model: tiny");
     let d = &json(server.manage(Method::GET, "/models/tiny"), 200)[0];
     assert_eq!(d["workers"].as_array().unwrap().len(), 3);
     assert_eq!(
         (d["minWorkers"].as_u64(), d["maxWorkers"].as_u64()),
         (Some(3), Some(4))
     );
-    json(
-        server.manage(Method::PUT, "/models/tiny/1.0?min_worker=1"),
-        200,
+    let accepted = json(
+        server.manage(Method::PUT, "/models/tiny/1.0/?min_worker=1"),
+        202,
     );
+    assert_eq!(accepted["status"], "Processing worker updates...");
     assert_eq!(
         json(server.manage(Method::GET, "/models/tiny"), 200)[0]["workers"]
             .as_array()
@@ -181,9 +208,15 @@ fn versions_defaults_and_paging() {
         .collect();
     assert_eq!(names, ["a", "b", "c", "tiny"]);
     assert!(second.get("nextPageToken").is_none());
+    // As TorchServe: a negative or unparsable limit is 100, a bad page token 0.
+    let lenient = json(
+        server.manage(Method::GET, "/models/?limit=-3&next_page_token=soon"),
+        200,
+    );
+    assert_eq!(lenient["models"].as_array().unwrap().len(), 4);
 
     // A second version, registered in the background.
-    let accepted = server.manage(Method::POST, "/models?url=tiny-v2");
+    let accepted = server.manage(Method::POST, "/models?url=tiny-v2&synchronous=FALSE");
     assert_eq!(accepted.status(), 202);
     wait_ready(&server, "/models/tiny/2.0");
     let all = json(server.manage(Method::GET, "/models/tiny/all"), 200);

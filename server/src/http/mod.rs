@@ -46,6 +46,27 @@ pub fn metrics_router(state: AppState) -> Router {
     metrics::router(state)
 }
 
+/// `/models/m/` routes as `/models/m`, as in TorchServe (applied before routing).
+pub fn trim_trailing_slash(mut request: Request) -> Request {
+    let path = request.uri().path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = path.trim_end_matches('/');
+        let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+        let path_and_query = match request.uri().query() {
+            Some(query) => format!("{trimmed}?{query}"),
+            None => trimmed.to_string(),
+        };
+        let mut parts = request.uri().clone().into_parts();
+        if let Ok(pq) = path_and_query.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    request
+}
+
 fn guarded(router: Router, token: Option<String>) -> Router {
     let router = router.fallback(error::unknown_endpoint);
     match token {

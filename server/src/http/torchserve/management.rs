@@ -41,26 +41,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn number<T: std::str::FromStr>(params: &BTreeMap<String, String>, key: &str) -> Result<Option<T>> {
-    params
-        .get(key)
-        .map(|v| {
-            v.parse().map_err(|_| {
-                Error::BadRequest(format!("parameter {key}=`{v}` is not a valid number"))
-            })
-        })
-        .transpose()
+/// A whole-number parameter, read leniently as TorchServe's request classes read them
+/// (`NettyUtils.getIntParameter`): absent, empty or unparsable is None (the default);
+/// so is a negative value, which TorchServe takes as "not set".
+fn number<T: std::str::FromStr>(params: &BTreeMap<String, String>, key: &str) -> Option<T> {
+    params.get(key).and_then(|v| v.trim().parse().ok())
 }
 
-fn flag(params: &BTreeMap<String, String>, key: &str, default: bool) -> Result<bool> {
-    match params.get(key).map(|v| v.to_ascii_lowercase()) {
-        None => Ok(default),
-        Some(v) if v == "true" => Ok(true),
-        Some(v) if v == "false" => Ok(false),
-        Some(v) => Err(Error::BadRequest(format!(
-            "parameter {key}=`{v}` must be true or false"
-        ))),
-    }
+/// A boolean parameter as Java's `Boolean.parseBoolean` reads it: "true" in any case is
+/// true, anything else given is false.
+fn flag(params: &BTreeMap<String, String>, key: &str, default: bool) -> bool {
+    params
+        .get(key)
+        .map_or(default, |v| v.eq_ignore_ascii_case("true"))
 }
 
 fn status(code: StatusCode, message: String) -> Response {
@@ -68,8 +61,14 @@ fn status(code: StatusCode, message: String) -> Response {
 }
 
 async fn list(State(state): State<AppState>, Query(params): Params) -> Result<Response> {
-    let limit = number::<usize>(&params, "limit")?.unwrap_or(100).max(1);
-    let start = number::<usize>(&params, "next_page_token")?.unwrap_or(0);
+    // As TorchServe's ListModels: a limit above 100 or negative is 100; a negative
+    // page token is 0.
+    let limit = number::<i64>(&params, "limit")
+        .filter(|l| (0..=100).contains(l))
+        .unwrap_or(100) as usize;
+    let start = number::<i64>(&params, "next_page_token")
+        .unwrap_or(0)
+        .max(0) as usize;
     let models = state.registry().defaults();
     let page: Vec<_> = models
         .iter()
@@ -118,25 +117,31 @@ fn describe(state: &AppState, model: &crate::model::ModelHandle) -> crate::model
 async fn register(State(state): State<AppState>, Query(params): Params) -> Result<Response> {
     let url = params
         .get("url")
-        .filter(|u| !u.is_empty())
         .ok_or_else(|| {
             Error::BadRequest(
-                "parameter url is required: the archive's name in the model store".into(),
+                "Parameter url is required: the archive's name in the model store".into(),
             )
         })?
         .clone();
+    if url.is_empty() {
+        // TorchServe looks the empty name up in the store, and finds nothing.
+        return Err(Error::ModelNotFound(
+            "Model not found in model store: ".into(),
+        ));
+    }
+    check_builtin(params.get("handler"), params.get("runtime"))?;
     let request = LoadRequest {
         url,
         name: params.get("model_name").filter(|n| !n.is_empty()).cloned(),
         overrides: ModelConfigOverrides {
-            initial_workers: number(&params, "initial_workers")?,
-            batch_size: number(&params, "batch_size")?,
-            max_batch_delay_ms: number(&params, "max_batch_delay")?,
-            response_timeout_s: number(&params, "response_timeout")?,
+            initial_workers: number(&params, "initial_workers"),
+            batch_size: number(&params, "batch_size").filter(|&b| b > 0),
+            max_batch_delay_ms: number(&params, "max_batch_delay"),
+            response_timeout_s: number(&params, "response_timeout").filter(|&t| t > 0),
         },
         loaded_at_startup: false,
     };
-    let synchronous = flag(&params, "synchronous", false)?;
+    let synchronous = flag(&params, "synchronous", true);
     let model = loader::register(&state, request, synchronous).await?;
     let spec = &model.spec;
     let workers = spec.config.min_workers;
@@ -176,6 +181,9 @@ async fn scale_version(
     scale(state, &name, Some(&version), params)
 }
 
+/// As TorchServe's `updateModelWorkers`: `min_worker` defaults to 1, `max_worker` to
+/// `min_worker`; answered 202 unless `synchronous=true` (the workers start in the
+/// background either way; a synchronous answer waits for them).
 fn scale(
     state: AppState,
     name: &str,
@@ -183,18 +191,46 @@ fn scale(
     Query(params): Params,
 ) -> Result<Response> {
     let model = state.registry().get(name, version)?;
-    let min = number::<usize>(&params, "min_worker")?.unwrap_or(model.spec.config.min_workers);
-    let max = number::<usize>(&params, "max_worker")?
-        .unwrap_or(min)
-        .max(min);
+    let min = number::<usize>(&params, "min_worker").unwrap_or(1);
+    let max = number::<usize>(&params, "max_worker").unwrap_or(min);
+    if max < min {
+        return Err(Error::BadRequest(
+            "max_worker cannot be less than min_worker.".into(),
+        ));
+    }
     model.scale(min, max)?;
-    Ok(status(
-        StatusCode::OK,
-        format!(
-            "Workers scaled to {min} (max {max}) for model: {}",
-            model.spec.name
-        ),
-    ))
+    Ok(if flag(&params, "synchronous", false) {
+        let mut message = format!("Workers scaled to {min} for model: {}", model.spec.name);
+        if let Some(version) = version {
+            message.push_str(&format!(", version: {version}"));
+        }
+        status(StatusCode::OK, message)
+    } else {
+        status(StatusCode::ACCEPTED, "Processing worker updates...".into())
+    })
+}
+
+/// The runtimes a registration may name: TorchServe's archives say `python`, and
+/// Spillway runs them with its own built-in handlers.
+const RUNTIMES: [&str; 3] = ["python", "python3", "spillway"];
+
+/// Spillway's handlers and runtime are built in: a registration naming another is
+/// refused, rather than served by something the client did not ask for.
+fn check_builtin(handler: Option<&String>, runtime: Option<&String>) -> Result<()> {
+    if let Some(handler) = handler.filter(|h| !h.is_empty()) {
+        handler
+            .parse::<spillway_handlers::HandlerKind>()
+            .map_err(|e| Error::BadRequest(format!("{e} (an archive's code is never run)")))?;
+    }
+    match runtime {
+        Some(runtime) if !runtime.is_empty() && !RUNTIMES.contains(&runtime.as_str()) => {
+            Err(Error::BadRequest(format!(
+                "unknown runtime `{runtime}`; Spillway runs: {}",
+                RUNTIMES.join(", ")
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 async fn unregister_all(

@@ -613,7 +613,9 @@ mod tests {
         }
         drop(batch_tx);
         for thread in pool.retire() {
-            thread.join().expect("the worker exits once its channel closes");
+            thread
+                .join()
+                .expect("the worker exits once its channel closes");
         }
     }
 

@@ -266,7 +266,7 @@ mod tests {
             let prompt = generate(&body(
                 r#"{"inputs": "p", "parameters": {"max_new_tokens": 3}}"#,
             ))
-            .unwrap();
+            .expect("a generation request");
             assert_eq!(
                 (prompt.prompt.as_str(), prompt.parameters.max_new_tokens),
                 ("p", 3)

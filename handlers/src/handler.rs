@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokenizers::Encoding;
 
 use crate::HandlerError;
+use crate::chat::ChatRequest;
 use crate::generate::{EventSender, GenerateParameters, GenerateRequest, Generation};
 use crate::weights::layer_stack::Units;
 
@@ -30,6 +31,8 @@ pub enum Request {
     Texts(Vec<String>),
     /// A prompt and generation parameters (text_generation).
     Generate(GenerateRequest),
+    /// A conversation, rendered by the model's chat template (text_generation).
+    Chat(ChatRequest),
     /// The body as it came (the echo handler).
     Raw(RawBody),
 }
@@ -70,6 +73,15 @@ impl Input {
                 tokens: encodings.iter().map(Encoding::len).max().unwrap_or(0),
             }),
             Input::Prompt(_) | Input::Raw(_) => None,
+        }
+    }
+
+    /// How many tokens it holds (every text's, or the prompt's), for usage reports.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Input::Texts(encodings) => encodings.iter().map(Encoding::len).sum(),
+            Input::Prompt(prompt) => prompt.ids.len(),
+            Input::Raw(_) => 0,
         }
     }
 

@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`handler`]: the [`Handler`] trait and the types that cross it ([`Request`],
 //!   [`Input`], [`Output`], [`HandlerKind`], [`LoadOptions`]); nothing below it imports a task.
+//! - [`chat`]: chat messages and the model's own chat template (minijinja).
 //! - [`generate`]: generation parameters, results and the events streamed on the way.
 //! - [`tasks`]: the built-in handlers, one per task, and [`load`], which builds one by kind.
 //! - [`models`]: model code, one family per file (BERT, Llama, GGUF conversion).
@@ -17,6 +18,7 @@
 //! - [`error`]: [`HandlerError`], the crate's one error type.
 //! - `testing` (feature `testing`): tiny random-weight models for tests.
 
+pub mod chat;
 pub mod cpu;
 pub mod error;
 pub mod generate;
@@ -28,6 +30,7 @@ pub mod weights;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use chat::{ChatMessage, ChatRequest, ChatTemplate};
 pub use error::{ErrorClass, HandlerError};
 pub use generate::{
     EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,

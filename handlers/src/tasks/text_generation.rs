@@ -12,8 +12,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::LogitsProcessor;
 use tokenizers::Tokenizer;
 
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::CandleContext;
-use crate::generate::{EventSender, FinishReason, GenerateParameters, Generation, GenerationEvent};
+use crate::generate::{
+    EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
+};
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
 use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
@@ -22,6 +25,8 @@ use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelF
 pub struct TextGeneration {
     model: MappedLlama,
     tokenizer: Tokenizer,
+    /// The model's own chat template, when it has one (for chat requests).
+    chat_template: Option<ChatTemplate>,
     eos: Vec<u32>,
     dtype: DType,
     parameters: usize,
@@ -58,13 +63,40 @@ impl TextGeneration {
         {
             eos.push(id);
         }
+        let chat_template = match files.read("tokenizer_config.json")? {
+            Some(bytes) => {
+                let config: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| HandlerError::bad_file("tokenizer_config.json", e))?;
+                ChatTemplate::from_tokenizer_config(&config)?
+            }
+            None => None,
+        };
         Ok(Self {
             model,
             tokenizer,
+            chat_template,
             eos,
             dtype,
             parameters,
         })
+    }
+
+    /// The prompt that the model's chat template makes of `messages`, the assistant's
+    /// turn begun.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, HandlerError> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            HandlerError::Input(
+                "this model has no chat template (tokenizer_config.json's chat_template): \
+                 send a prompt instead"
+                    .into(),
+            )
+        })?;
+        if messages.is_empty() {
+            return Err(HandlerError::Input(
+                "the conversation has no messages".into(),
+            ));
+        }
+        template.render(messages, true)
     }
 
     /// Tokenizes a prompt as the model's tokenizer does (special tokens it adds included).
@@ -367,8 +399,13 @@ impl StepBatch for GenerationBatch<'_> {
 
 impl Handler for TextGeneration {
     fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
-        let Request::Generate(request) = request else {
-            return Err(HandlerError::Input("text_generation takes a prompt".into()));
+        let request = match request {
+            Request::Generate(request) => request,
+            Request::Chat(chat) => GenerateRequest {
+                prompt: self.chat_prompt(&chat.messages)?,
+                parameters: chat.parameters,
+            },
+            _ => return Err(HandlerError::Input("text_generation takes a prompt".into())),
         };
         if request.prompt.is_empty() {
             return Err(HandlerError::Input("the request has no prompt".into()));

@@ -28,6 +28,14 @@ use crate::model_config::ModelConfig;
 use crate::setup_config::SetupConfig;
 use crate::worker::{WorkerInfo, WorkerPool};
 
+/// A queued request: where its answer will arrive, and how many tokens its input
+/// holds (for usage reports).
+#[derive(Debug)]
+pub struct Submitted {
+    pub answer: oneshot::Receiver<Result<Output>>,
+    pub input_tokens: usize,
+}
+
 /// What a model is, fixed at registration.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -148,10 +156,11 @@ pub struct ModelHandle {
     in_flight: AtomicUsize,
 }
 
-/// A request in flight on a model (see [`ModelHandle::begin_request`]).
-pub struct InFlight<'a>(&'a ModelHandle);
+/// A request in flight on a model (see [`ModelHandle::begin_request`]); it may outlive
+/// the handler that began it (a streamed answer).
+pub struct InFlight(Arc<ModelHandle>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
@@ -229,9 +238,9 @@ impl ModelHandle {
 
     /// Counts a request as in flight until the guard drops: a model with requests in
     /// flight is never evicted.
-    pub fn begin_request(&self) -> InFlight<'_> {
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self)
+        InFlight(self.clone())
     }
 
     pub fn in_flight(&self) -> usize {
@@ -552,11 +561,7 @@ impl ModelHandle {
     /// Prepares `request` for its handler (tokenizing it once, off the async runtime),
     /// queues it, and returns where its answer will arrive. With `events`, a generation
     /// streams its tokens there as they are generated.
-    pub async fn submit(
-        &self,
-        request: Request,
-        events: Option<EventSender>,
-    ) -> Result<oneshot::Receiver<Result<Output>>> {
+    pub async fn submit(&self, request: Request, events: Option<EventSender>) -> Result<Submitted> {
         let handler = match &*self.state() {
             State::Ready(serving) => serving.handler.clone(),
             other => return Err(self.not_ready(other)),
@@ -571,6 +576,7 @@ impl ModelHandle {
         if let Some(events) = events {
             input.stream_to(events);
         }
+        let input_tokens = input.tokens();
         // Sized only where a token budget will read it.
         let size = self.spec.config.max_batch_tokens.and_then(|_| input.size());
         let (reply, answer) = oneshot::channel();
@@ -586,7 +592,10 @@ impl ModelHandle {
             other => return Err(self.not_ready(other)),
         };
         match serving.jobs.try_send(job) {
-            Ok(()) => Ok(answer),
+            Ok(()) => Ok(Submitted {
+                answer,
+                input_tokens,
+            }),
             Err(flume::TrySendError::Full(_)) => {
                 self.labels.rejected();
                 Err(Error::QueueFull {
@@ -737,7 +746,7 @@ mod tests {
                 bytes: b"hi".to_vec(),
             })
         };
-        let answer = model.submit(hi(), None).await.expect("queued");
+        let answer = model.submit(hi(), None).await.expect("queued").answer;
         assert!(matches!(answer.await, Ok(Ok(Output::Raw(_)))));
         model.unload().await;
         assert_eq!(model.describe().status, "UNLOADED");

@@ -3,6 +3,7 @@
 //! in `minilm`, which serves the real all-MiniLM-L6-v2 fetched from PyPI by package name.
 
 mod archives;
+mod clients;
 mod devices;
 mod generation;
 mod inference;

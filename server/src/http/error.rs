@@ -40,6 +40,20 @@ impl ErrorKind {
     }
 }
 
+impl Error {
+    /// What a client is told: the whole cause, which it can act on (which file, what
+    /// ran out) — except for internal errors, which are logged with their chain and
+    /// answered with a generic message.
+    pub fn public_message(&self) -> String {
+        if self.kind() == ErrorKind::Internal {
+            tracing::error!(error = %self.chain(), "internal error");
+            "Internal server error; the server log has the details".to_string()
+        } else {
+            self.chain()
+        }
+    }
+}
+
 /// The answer for paths no route matches.
 pub async fn unknown_endpoint(uri: axum::http::Uri) -> Response {
     let message = format!("no such endpoint: {}", uri.path());
@@ -51,13 +65,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let kind = self.kind();
         let status = kind.status();
-        let message = if kind == ErrorKind::Internal {
-            tracing::error!(error = %self.chain(), "internal error");
-            "Internal server error; the server log has the details".to_string()
-        } else {
-            // The whole cause: a client can act on it (which file, what ran out).
-            self.chain()
-        };
+        let message = self.public_message();
         let body = json!({"code": status.as_u16(), "type": kind.type_name(), "message": message});
         let mut response = (status, axum::Json(body)).into_response();
         if kind == ErrorKind::QueueFull {

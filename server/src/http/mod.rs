@@ -10,8 +10,10 @@
 //! Bearer tokens, when configured, guard a whole API ([`require_token`]).
 
 pub mod devices;
+pub mod dispatch;
 pub mod error;
 pub mod metrics;
+pub mod openai;
 pub mod torchserve;
 
 use std::sync::Arc;
@@ -29,9 +31,12 @@ use crate::error::Error;
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
     let limit = state.config().max_request_size;
-    guarded(torchserve::inference::predictions(state.clone()), token)
-        .merge(torchserve::inference::health(state))
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
+    guarded(
+        torchserve::inference::predictions(state.clone()).merge(openai::router(state.clone())),
+        token,
+    )
+    .merge(torchserve::inference::health(state))
+    .layer(axum::extract::DefaultBodyLimit::max(limit))
 }
 
 pub fn management_router(state: AppState) -> Router {

@@ -4,8 +4,6 @@
 //! model, and is awaited within the model's response timeout. If the client goes away first, this future is dropped,
 //! which closes the job's reply channel, and the batcher drops the job unrun.
 
-use std::time::Instant;
-
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -15,9 +13,9 @@ use serde_json::json;
 use spillway_handlers::Output;
 
 use crate::app::{AppState, Health};
-use crate::devices::effects;
 use crate::error::{Error, Result};
 use crate::http::Body;
+use crate::http::dispatch::Dispatch;
 use crate::http::torchserve::predictions;
 
 /// The predictions routes (guarded by the inference token when one is set).
@@ -59,41 +57,19 @@ async fn predict_version(
 }
 
 async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body): Body) -> Response {
-    let started = Instant::now();
-    let model = match state.registry().get(name, version) {
-        Ok(model) => model,
+    let dispatch = match Dispatch::to(&state, name, version) {
+        Ok(dispatch) => dispatch,
         Err(e) => return e.into_response(),
     };
-    let _in_flight = model.begin_request();
-    state.devices().touch(&model.key());
     let answer = async {
-        let request = predictions::request(model.spec.handler, body)?;
-        let timeout = model.spec.config.response_timeout;
-        effects::ensure_serving(&state, &model, timeout).await?;
-        let receiver = model.submit(request, None).await?;
-        match tokio::time::timeout(timeout, receiver).await {
-            Ok(Ok(output)) => output,
-            // The job was dropped unanswered: its model was unloaded under it.
-            Ok(Err(_)) => Err(Error::NotReady {
-                model: model.spec.name.clone(),
-                state: "it was unloaded before answering".into(),
-            }),
-            Err(_) => {
-                model.labels().timed_out();
-                Err(Error::Timeout {
-                    model: model.spec.name.clone(),
-                    timeout,
-                })
-            }
-        }
+        let request = predictions::request(dispatch.model.spec.handler, body)?;
+        dispatch.run(&state, request).await
     }
     .await;
     let response = answer
-        .and_then(|output| render(output, state.config().max_response_size))
+        .and_then(|answered| render(answered.output, state.config().max_response_size))
         .unwrap_or_else(IntoResponse::into_response);
-    model
-        .labels()
-        .prediction(response.status().as_u16(), started.elapsed());
+    dispatch.record(response.status().as_u16());
     response
 }
 

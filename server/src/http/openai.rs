@@ -1,0 +1,727 @@
+//! The OpenAI-compatible API, on the inference address: `GET /v1/models`,
+//! `POST /v1/embeddings` (text_embedding models), `POST /v1/completions` and
+//! `POST /v1/chat/completions` (text_generation models; `stream: true` answers with
+//! server-sent events ending in `data: [DONE]`). Model names are the registered names;
+//! requests join the same queue and batch as `/predictions`. Errors have OpenAI's shape.
+//!
+//! Refused clearly rather than answered differently: `n` > 1, `logprobs`, `echo`,
+//! token-array inputs, and `dimensions` other than the model's own.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use spillway_handlers::{
+    ChatMessage, ChatRequest, FinishReason, GenerateParameters, GenerateRequest, Generation,
+    GenerationEvent, HandlerKind, Output, Request,
+};
+
+use crate::app::AppState;
+use crate::error::{Error, Result};
+use crate::http::dispatch::Dispatch;
+
+pub fn router(state: AppState) -> Router {
+    started_at();
+    Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(state)
+}
+
+/// `max_tokens` when a completion names none (OpenAI's default for /v1/completions).
+const DEFAULT_COMPLETION_TOKENS: usize = 16;
+/// `max_tokens` when a chat completion names none (OpenAI's is the context's rest; a
+/// server default keeps one request from holding a batch slot that long).
+const DEFAULT_CHAT_TOKENS: usize = 512;
+
+fn bad(message: impl Into<String>) -> Error {
+    Error::BadRequest(message.into())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// When the API started (the `created` of every model: the server's registrations
+/// are younger than the process).
+fn started_at() -> u64 {
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(unix_now)
+}
+
+/// A fresh id for a completion (`prefix-<n>`).
+fn completion_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("{prefix}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A JSON body, or OpenAI's error for a malformed one.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+async fn models(State(state): State<AppState>) -> Response {
+    let data: Vec<Value> = state
+        .registry()
+        .defaults()
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.spec.name,
+                "object": "model",
+                "created": started_at(),
+                "owned_by": "spillway",
+            })
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+// ---- embeddings ----
+
+#[derive(Deserialize)]
+struct EmbeddingsBody {
+    model: String,
+    input: Value,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+}
+
+async fn embeddings(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    respond(async {
+        let body: EmbeddingsBody = parse(&body)?;
+        let base64 = match body.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(bad(format!(
+                    "encoding_format must be \"float\" or \"base64\", got {other:?}"
+                )));
+            }
+        };
+        let texts = embedding_inputs(body.input)?;
+        let dispatch = Dispatch::to(&state, &body.model, None)?;
+        expect_handler(&dispatch, HandlerKind::TextEmbedding, "/v1/embeddings")?;
+        let answered = recorded(&dispatch, dispatch.run(&state, Request::Texts(texts)).await)?;
+        let Output::Embeddings(vectors) = answered.output else {
+            return Err(Error::Internal("an embedding model answered something else".into()));
+        };
+        if let Some(dimensions) = body.dimensions {
+            let own = vectors.first().map_or(0, Vec::len);
+            if dimensions != own {
+                return Err(bad(format!(
+                    "model {} makes {own}-dimensional embeddings and cannot shorten them; \
+                     leave dimensions out or set it to {own}",
+                    body.model
+                )));
+            }
+        }
+        let data: Vec<Value> = vectors
+            .iter()
+            .enumerate()
+            .map(|(index, vector)| {
+                let embedding = if base64 {
+                    json!(base64_f32(vector))
+                } else {
+                    json!(vector)
+                };
+                json!({"object": "embedding", "index": index, "embedding": embedding})
+            })
+            .collect();
+        Ok(axum::Json(json!({
+            "object": "list",
+            "data": data,
+            "model": body.model,
+            "usage": {"prompt_tokens": answered.input_tokens, "total_tokens": answered.input_tokens},
+        }))
+        .into_response())
+    })
+    .await
+}
+
+/// The texts of an embeddings `input`: a string or an array of strings.
+fn embedding_inputs(input: Value) -> Result<Vec<String>> {
+    let token_arrays = || {
+        bad(
+            "token-array inputs are not supported: send the text (the server tokenizes it \
+             with the model's own tokenizer)",
+        )
+    };
+    let texts = match input {
+        Value::String(text) => vec![text],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text),
+                Value::Number(_) | Value::Array(_) => Err(token_arrays()),
+                _ => Err(bad("input must be a string or an array of strings")),
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => return Err(bad("input must be a string or an array of strings")),
+    };
+    if texts.is_empty() || texts.iter().any(String::is_empty) {
+        return Err(bad("input must not be empty, nor hold an empty string"));
+    }
+    Ok(texts)
+}
+
+/// Little-endian float32 bytes in standard base64, as OpenAI's `encoding_format: base64`.
+fn base64_f32(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+// ---- completions ----
+
+/// `stop`: a string or an array of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// What completions and chat completions share.
+#[derive(Deserialize)]
+struct Sampling {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Stop>,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<usize>,
+    #[serde(default)]
+    echo: bool,
+}
+
+impl Sampling {
+    /// The handler's parameters; what this server cannot honour is refused.
+    fn parameters(&self, default_tokens: usize) -> Result<GenerateParameters> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(bad(
+                "n must be 1: this server generates one choice per request",
+            ));
+        }
+        if self
+            .logprobs
+            .as_ref()
+            .is_some_and(|l| !matches!(l, Value::Null | Value::Bool(false)))
+            || self.top_logprobs.is_some_and(|n| n > 0)
+        {
+            return Err(bad("logprobs are not supported by this server yet"));
+        }
+        if self.echo {
+            return Err(bad("echo is not supported by this server"));
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err(bad(format!(
+                "temperature must be between 0 and 2, got {temperature}"
+            )));
+        }
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(list)) => list.clone(),
+        };
+        // temperature 0 is greedy decoding; so is top_p with it.
+        let greedy = temperature == 0.0;
+        Ok(GenerateParameters {
+            max_new_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(default_tokens),
+            do_sample: !greedy,
+            temperature: (!greedy).then_some(temperature),
+            top_p: if greedy {
+                None
+            } else {
+                self.top_p.filter(|&p| p < 1.0)
+            },
+            top_k: None,
+            seed: self.seed,
+            stop,
+            details: true,
+            ignore_eos: false,
+        })
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: Value,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<WireMessage>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Deserialize)]
+struct WireMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+impl WireMessage {
+    /// A message's text: a string, or the text parts of a content array.
+    fn into_message(self) -> Result<ChatMessage> {
+        let content = match self.content {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(text)) => text,
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .map(
+                    |part| match (part["type"].as_str(), part["text"].as_str()) {
+                        (Some("text"), Some(text)) => Ok(text),
+                        _ => Err(bad("only text content parts are supported")),
+                    },
+                )
+                .collect::<Result<Vec<_>>>()?
+                .concat(),
+            Some(_) => return Err(bad("message content must be a string or an array of parts")),
+        };
+        Ok(ChatMessage {
+            role: self.role,
+            content,
+        })
+    }
+}
+
+/// Which of the two endpoints a generation answers, and how its JSON differs.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Completions,
+    Chat,
+}
+
+impl Endpoint {
+    fn object(self, streamed: bool) -> &'static str {
+        match (self, streamed) {
+            (Endpoint::Completions, _) => "text_completion",
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn id(self) -> String {
+        completion_id(match self {
+            Endpoint::Completions => "cmpl",
+            Endpoint::Chat => "chatcmpl",
+        })
+    }
+
+    /// One choice: the whole text, or (streamed) a piece of it.
+    fn choice(self, text: &str, finish: Option<FinishReason>, streamed: bool) -> Value {
+        let finish_reason = finish.map(finish_reason);
+        match (self, streamed) {
+            (Endpoint::Completions, _) => json!({
+                "index": 0, "text": text, "finish_reason": finish_reason, "logprobs": null,
+            }),
+            (Endpoint::Chat, false) => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish_reason,
+                "logprobs": null,
+            }),
+            (Endpoint::Chat, true) => {
+                let delta = if finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null})
+            }
+        }
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::EosToken | FinishReason::StopSequence => "stop",
+    }
+}
+
+fn usage(prompt_tokens: usize, generation: &Generation) -> Value {
+    let completion = generation.token_ids.len();
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+    })
+}
+
+async fn completions(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    respond(async {
+        let body: CompletionBody = parse(&body)?;
+        let prompt = match body.prompt {
+            Value::String(prompt) => prompt,
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_string()
+            }
+            Value::Array(_) => {
+                return Err(bad(
+                    "prompt must be one string (batches of prompts are not supported)",
+                ));
+            }
+            _ => return Err(bad("prompt must be a string")),
+        };
+        let parameters = body.sampling.parameters(DEFAULT_COMPLETION_TOKENS)?;
+        let request = Request::Generate(GenerateRequest { prompt, parameters });
+        generate(state, body.sampling, request, Endpoint::Completions).await
+    })
+    .await
+}
+
+async fn chat_completions(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    respond(async {
+        let body: ChatBody = parse(&body)?;
+        let messages = body
+            .messages
+            .into_iter()
+            .map(WireMessage::into_message)
+            .collect::<Result<Vec<_>>>()?;
+        let parameters = body.sampling.parameters(DEFAULT_CHAT_TOKENS)?;
+        let request = Request::Chat(ChatRequest {
+            messages,
+            parameters,
+        });
+        generate(state, body.sampling, request, Endpoint::Chat).await
+    })
+    .await
+}
+
+/// Runs a generation and answers it whole, or streams it as server-sent events.
+async fn generate(
+    state: AppState,
+    sampling: Sampling,
+    request: Request,
+    endpoint: Endpoint,
+) -> Result<Response> {
+    let dispatch = Dispatch::to(&state, &sampling.model, None)?;
+    expect_handler(&dispatch, HandlerKind::TextGeneration, "this endpoint")?;
+    let (id, created, model) = (endpoint.id(), unix_now(), sampling.model.clone());
+    if !sampling.stream {
+        let answered = recorded(&dispatch, dispatch.run(&state, request).await)?;
+        let Output::Generation(generation) = answered.output else {
+            return Err(Error::Internal(
+                "a generation model answered something else".into(),
+            ));
+        };
+        return Ok(axum::Json(json!({
+            "id": id,
+            "object": endpoint.object(false),
+            "created": created,
+            "model": model,
+            "choices": [endpoint.choice(&generation.text, Some(generation.finish_reason), false)],
+            "usage": usage(answered.input_tokens, &generation),
+        }))
+        .into_response());
+    }
+    let (events, received) = flume::unbounded();
+    let submitted = recorded(
+        &dispatch,
+        dispatch.queue(&state, request, Some(events)).await,
+    )?;
+    let chunk = move |choices: Value, usage: Option<Value>| -> Event {
+        let mut chunk = json!({
+            "id": id,
+            "object": endpoint.object(true),
+            "created": created,
+            "model": model,
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        Event::default().data(chunk.to_string())
+    };
+    let include_usage = sampling.include_usage();
+    let prompt_tokens = submitted.input_tokens;
+    let stream = event_stream(move |out| async move {
+        let yield_ = |event: Event| {
+            let out = out.clone();
+            async move {
+                let _ = out.send_async(event).await;
+            }
+        };
+        // The request stays in flight (never evicted under it) until the stream ends.
+        let _dispatch = dispatch;
+        if let Endpoint::Chat = endpoint {
+            yield_(chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null, "logprobs": null}]), None)).await;
+        }
+        let mut finished = None;
+        while let Ok(event) = received.recv_async().await {
+            match event {
+                GenerationEvent::Token { text, .. } if !text.is_empty() => {
+                    yield_(chunk(json!([endpoint.choice(&text, None, true)]), None)).await;
+                }
+                GenerationEvent::Token { .. } => {}
+                GenerationEvent::Finished(generation) => {
+                    finished = Some(generation);
+                    break;
+                }
+            }
+        }
+        match finished {
+            Some(generation) => {
+                let choice = endpoint.choice("", Some(generation.finish_reason), true);
+                yield_(chunk(json!([choice]), None)).await;
+                if include_usage {
+                    yield_(chunk(json!([]), Some(usage(prompt_tokens, &generation)))).await;
+                }
+            }
+            None => {
+                // It failed mid-way: its answer says why.
+                let error = match submitted.answer.await {
+                    Ok(Err(e)) => e,
+                    _ => Error::Internal("the generation ended without finishing".into()),
+                };
+                yield_(Event::default().data(openai_error_body(&error).to_string())).await;
+            }
+        }
+        yield_(Event::default().data("[DONE]")).await;
+    });
+    Ok(Sse::new(stream).into_response())
+}
+
+/// A stream of server-sent events that `produce` sends. It runs as a task of its own,
+/// aborted when the client goes away (the response stream is dropped): what it holds —
+/// the request's event receiver — is dropped with it, so the worker drops the request
+/// at its next step.
+fn event_stream<F, Fut>(
+    produce: F,
+) -> impl futures_util::Stream<Item = std::result::Result<Event, std::convert::Infallible>>
+where
+    F: FnOnce(flume::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = flume::bounded::<Event>(16);
+    let task = AbortOnDrop(tokio::spawn(produce(tx)));
+    futures_util::stream::unfold((rx, task), |(rx, task)| async move {
+        let event = rx.recv_async().await.ok()?;
+        Some((Ok(event), (rx, task)))
+    })
+}
+
+/// Stops the producing task when the response stream is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn expect_handler(dispatch: &Dispatch, kind: HandlerKind, endpoint: &str) -> Result<()> {
+    let handler = dispatch.model.spec.handler;
+    if handler == kind {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "model {} is a {handler} model; {endpoint} serves {kind} models",
+            dispatch.model.spec.name
+        )))
+    }
+}
+
+/// Counts the request in its model's metrics when it fails here.
+fn recorded<T>(dispatch: &Dispatch, result: Result<T>) -> Result<T> {
+    match &result {
+        Ok(_) => dispatch.record(200),
+        Err(e) => dispatch.record(e.kind().status().as_u16()),
+    }
+    result
+}
+
+/// An endpoint's answer, with errors in OpenAI's shape.
+async fn respond(answer: impl std::future::Future<Output = Result<Response>>) -> Response {
+    answer.await.unwrap_or_else(|error| {
+        let status = error.kind().status();
+        (status, axum::Json(openai_error_body(&error))).into_response()
+    })
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`.
+fn openai_error_body(error: &Error) -> Value {
+    let kind = error.kind();
+    let status = kind.status();
+    let error_type = if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    let code = (status == axum::http::StatusCode::NOT_FOUND).then_some("model_not_found");
+    json!({"error": {
+        "message": error.public_message(),
+        "type": error_type,
+        "param": null,
+        "code": code,
+    }})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_standard_padded_base64_of_little_endian_floats() {
+        // 1.0f32 = 00 00 80 3f; 2.0 = 00 00 00 40; -0.5 = 00 00 00 bf.
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 2.0]), "AACAPwAAAEA=");
+        assert_eq!(base64_f32(&[1.0, 2.0, -0.5]), "AACAPwAAAEAAAAC/");
+        assert_eq!(base64_f32(&[]), "");
+    }
+
+    fn sampling(body: Value) -> Sampling {
+        serde_json::from_value(
+            json!({"model": "m"})
+                .as_object()
+                .cloned()
+                .map(|mut m| {
+                    m.extend(body.as_object().cloned().unwrap_or_default());
+                    Value::Object(m)
+                })
+                .unwrap_or_default(),
+        )
+        .expect("parses")
+    }
+
+    #[test]
+    fn sampling_maps_openai_names_and_refuses_what_it_cannot_honour() {
+        let greedy = sampling(json!({"temperature": 0, "max_tokens": 5, "stop": "x"}))
+            .parameters(16)
+            .expect("fine");
+        assert!(!greedy.do_sample);
+        assert_eq!(
+            (greedy.max_new_tokens, greedy.stop),
+            (5, vec!["x".to_string()])
+        );
+        let sampled =
+            sampling(json!({"top_p": 0.9, "seed": 3, "max_completion_tokens": 7, "max_tokens": 2}))
+                .parameters(16)
+                .expect("fine");
+        assert!(sampled.do_sample);
+        assert_eq!(
+            (
+                sampled.temperature,
+                sampled.top_p,
+                sampled.seed,
+                sampled.max_new_tokens
+            ),
+            (Some(1.0), Some(0.9), Some(3), 7)
+        );
+        assert_eq!(
+            sampling(json!({}))
+                .parameters(16)
+                .expect("fine")
+                .max_new_tokens,
+            16
+        );
+        for refused in [
+            json!({"n": 2}),
+            json!({"logprobs": true}),
+            json!({"logprobs": 3}),
+            json!({"top_logprobs": 2}),
+            json!({"echo": true}),
+            json!({"temperature": 2.5}),
+        ] {
+            assert!(
+                sampling(refused.clone()).parameters(16).is_err(),
+                "{refused}"
+            );
+        }
+        assert!(
+            sampling(json!({"n": 1, "logprobs": false}))
+                .parameters(16)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn embedding_inputs_take_strings_and_refuse_token_arrays_clearly() {
+        assert_eq!(
+            embedding_inputs(json!("a")).ok(),
+            Some(vec!["a".to_string()])
+        );
+        assert_eq!(
+            embedding_inputs(json!(["a", "b"])).ok(),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+        for refused in [
+            json!([1, 2]),
+            json!([[1, 2]]),
+            json!([]),
+            json!(""),
+            json!(5),
+        ] {
+            assert!(embedding_inputs(refused.clone()).is_err(), "{refused}");
+        }
+        let message = embedding_inputs(json!([[1]])).err().map(|e| e.to_string());
+        assert!(message.is_some_and(|m| m.contains("token-array")));
+    }
+}

@@ -1,0 +1,61 @@
+//! The protocols' own clients against the real binary: the official `openai` Python
+//! package (tests/clients/openai_client.py) with MiniLM and SmolLM2 registered.
+//!
+//! Without the package installed the test reports itself skipped, by name — unless
+//! `SPILLWAY_REQUIRE_CLIENTS` is set (CI sets it, after installing the packages).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+
+use crate::support::{Fixture, TestServer, fetch_model, repo_root};
+
+/// Whether `python3` can import `module`; a skip notice (or, where the clients are
+/// required, a failure) when it cannot.
+fn python_has(module: &str, test: &str) -> bool {
+    let found = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("SPILLWAY_REQUIRE_CLIENTS").is_none(),
+            "{test}: the Python package {module} is required (SPILLWAY_REQUIRE_CLIENTS is set)"
+        );
+        eprintln!(
+            "SKIPPED {test}: the Python package `{module}` is not installed (pip install {module})"
+        );
+    }
+    found
+}
+
+#[test]
+fn the_openai_python_client_embeds_chats_and_streams_as_the_references_say() {
+    let test = "the_openai_python_client_embeds_chats_and_streams_as_the_references_say";
+    if !python_has("openai", test) {
+        return;
+    }
+    let fixture = Fixture::new();
+    let minilm = fetch_model("minilm");
+    let smollm2 = fetch_model("smollm2");
+    fixture.archive("minilm", "1.0", "text_embedding", Some(&minilm), &[]);
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let output = Command::new("python3")
+        .arg(repo_root().join("tests/clients/openai_client.py"))
+        .arg(&server.inference)
+        .arg(repo_root().join("../shared/refs/smollm2_dev_refs.json"))
+        .args(["minilm", "smollm2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log()
+    );
+    assert!(stdout.contains("all OpenAI client checks passed"));
+}

@@ -90,3 +90,32 @@ impl Dispatch {
             .prediction(status, self.started.elapsed());
     }
 }
+
+/// A response stream of what `produce` sends (server-sent events, JSON chunks). It runs
+/// as a task of its own, aborted when the client goes away (the response stream is dropped): what it holds —
+/// the request's event receiver — is dropped with it, so the worker drops the request
+/// at its next step.
+pub fn event_stream<T, F, Fut>(
+    produce: F,
+) -> impl futures_util::Stream<Item = std::result::Result<T, std::convert::Infallible>>
+where
+    T: Send + 'static,
+    F: FnOnce(flume::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = flume::bounded::<T>(16);
+    let task = AbortOnDrop(tokio::spawn(produce(tx)));
+    futures_util::stream::unfold((rx, task), |(rx, task)| async move {
+        let event = rx.recv_async().await.ok()?;
+        Some((Ok(event), (rx, task)))
+    })
+}
+
+/// Stops the producing task when the response stream is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -41,6 +41,16 @@ impl ErrorKind {
 }
 
 impl Error {
+    /// TorchServe's error body.
+    pub fn body(&self) -> serde_json::Value {
+        let kind = self.kind();
+        json!({
+            "code": kind.status().as_u16(),
+            "type": kind.type_name(),
+            "message": self.public_message(),
+        })
+    }
+
     /// What a client is told: the whole cause, which it can act on (which file, what
     /// ran out) — except for internal errors, which are logged with their chain and
     /// answered with a generic message.
@@ -65,8 +75,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let kind = self.kind();
         let status = kind.status();
-        let message = self.public_message();
-        let body = json!({"code": status.as_u16(), "type": kind.type_name(), "message": message});
+        let body = self.body();
         let mut response = (status, axum::Json(body)).into_response();
         if kind == ErrorKind::QueueFull {
             response

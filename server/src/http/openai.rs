@@ -24,7 +24,7 @@ use spillway_handlers::{
 
 use crate::app::AppState;
 use crate::error::{Error, Result};
-use crate::http::dispatch::Dispatch;
+use crate::http::dispatch::{Dispatch, event_stream};
 
 pub fn router(state: AppState) -> Router {
     started_at();
@@ -547,34 +547,6 @@ async fn generate(
         yield_(Event::default().data("[DONE]")).await;
     });
     Ok(Sse::new(stream).into_response())
-}
-
-/// A stream of server-sent events that `produce` sends. It runs as a task of its own,
-/// aborted when the client goes away (the response stream is dropped): what it holds —
-/// the request's event receiver — is dropped with it, so the worker drops the request
-/// at its next step.
-fn event_stream<F, Fut>(
-    produce: F,
-) -> impl futures_util::Stream<Item = std::result::Result<Event, std::convert::Infallible>>
-where
-    F: FnOnce(flume::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = flume::bounded::<Event>(16);
-    let task = AbortOnDrop(tokio::spawn(produce(tx)));
-    futures_util::stream::unfold((rx, task), |(rx, task)| async move {
-        let event = rx.recv_async().await.ok()?;
-        Some((Ok(event), (rx, task)))
-    })
-}
-
-/// Stops the producing task when the response stream is dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 fn expect_handler(dispatch: &Dispatch, kind: HandlerKind, endpoint: &str) -> Result<()> {

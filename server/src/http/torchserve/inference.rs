@@ -15,7 +15,7 @@ use spillway_handlers::Output;
 use crate::app::{AppState, Health};
 use crate::error::{Error, Result};
 use crate::http::Body;
-use crate::http::dispatch::Dispatch;
+use crate::http::dispatch::{Dispatch, event_stream};
 use crate::http::torchserve::predictions;
 
 /// The predictions routes (guarded by the inference token when one is set).
@@ -62,15 +62,81 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
         Err(e) => return e.into_response(),
     };
     let answer = async {
-        let request = predictions::request(dispatch.model.spec.handler, body)?;
-        dispatch.run(&state, request).await
+        let prediction = predictions::request(dispatch.model.spec.handler, body)?;
+        if prediction.stream {
+            return Err(Streamed::Start(prediction.request));
+        }
+        Ok(dispatch.run(&state, prediction.request).await?)
     }
     .await;
+    let answer = match answer {
+        Err(Streamed::Start(request)) => return stream(state, dispatch, request).await,
+        Err(Streamed::Failed(e)) => Err(e),
+        Ok(answered) => Ok(answered),
+    };
     let response = answer
         .and_then(|answered| render(answered.output, state.config().max_response_size))
         .unwrap_or_else(IntoResponse::into_response);
     dispatch.record(response.status().as_u16());
     response
+}
+
+/// Whether a prediction is to be streamed (or failed before it could be).
+enum Streamed {
+    Start(spillway_handlers::Request),
+    Failed(Error),
+}
+
+impl From<Error> for Streamed {
+    fn from(e: Error) -> Self {
+        Streamed::Failed(e)
+    }
+}
+
+/// A generation streamed as TorchServe streams intermediate responses: chunked
+/// transfer encoding, one line of JSON per token, the last one with the whole text
+/// and its details. A failure before the first token is an ordinary error answer; one
+/// after it is a last line `{"code", "type", "message"}`.
+async fn stream(
+    state: AppState,
+    dispatch: Dispatch,
+    request: spillway_handlers::Request,
+) -> Response {
+    let (events, received) = flume::unbounded();
+    let submitted = match dispatch.queue(&state, request, Some(events)).await {
+        Ok(submitted) => submitted,
+        Err(e) => {
+            dispatch.record(e.kind().status().as_u16());
+            return e.into_response();
+        }
+    };
+    dispatch.record(200);
+    let chunks = event_stream(move |out| async move {
+        // In flight (never evicted under it) until the stream ends.
+        let _dispatch = dispatch;
+        let mut finished = false;
+        while let Ok(event) = received.recv_async().await {
+            finished = matches!(event, spillway_handlers::GenerationEvent::Finished(_));
+            let _ = out.send_async(predictions::stream_chunk(&event)).await;
+            if finished {
+                break;
+            }
+        }
+        if !finished {
+            let error = match submitted.answer.await {
+                Ok(Err(e)) => e,
+                _ => Error::Internal("the generation ended without finishing".into()),
+            };
+            let mut line = serde_json::to_vec(&error.body()).unwrap_or_default();
+            line.push(b'\n');
+            let _ = out.send_async(line).await;
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 /// Serializes a handler output, within `max_response_size`.

@@ -17,15 +17,48 @@ use spillway_handlers::{
 
 use crate::error::{Error, Result};
 
+/// A prediction request: what the handler takes, and whether the answer streams.
+pub struct Prediction {
+    pub request: Request,
+    /// `"stream": true` in a generation's parameters: one JSON object per token.
+    pub stream: bool,
+}
+
 /// The body as `kind`'s handler takes it. Malformed bodies are the client's error.
-pub fn request(kind: HandlerKind, body: RawBody) -> Result<Request> {
+pub fn request(kind: HandlerKind, body: RawBody) -> Result<Prediction> {
+    let whole = |request| Prediction {
+        request,
+        stream: false,
+    };
     match kind {
         HandlerKind::TextEmbedding | HandlerKind::TextClassification => {
-            texts(&body).map(Request::Texts)
+            texts(&body).map(|texts| whole(Request::Texts(texts)))
         }
-        HandlerKind::TextGeneration => generate(&body).map(Request::Generate),
-        HandlerKind::Echo => Ok(Request::Raw(body)),
+        HandlerKind::TextGeneration => generate(&body).map(|(request, stream)| Prediction {
+            request: Request::Generate(request),
+            stream,
+        }),
+        HandlerKind::Echo => Ok(whole(Request::Raw(body))),
     }
+}
+
+/// One chunk of a streamed generation, a line of JSON: `{"token_id", "text"}` per
+/// token (the text deltas add up to the generated text), and last
+/// `{"generated_text", "details"}`.
+pub fn stream_chunk(event: &spillway_handlers::GenerationEvent) -> Vec<u8> {
+    let value = match event {
+        spillway_handlers::GenerationEvent::Token { id, text } => {
+            json!({"token_id": id, "text": text})
+        }
+        spillway_handlers::GenerationEvent::Finished(generation) => {
+            let mut generation = generation.clone();
+            generation.details = true;
+            generation_json(generation)
+        }
+    };
+    let mut line = value.to_string().into_bytes();
+    line.push(b'\n');
+    line
 }
 
 /// The answer's content type and bytes.
@@ -180,6 +213,8 @@ struct WireParameters {
     details: bool,
     #[serde(default)]
     ignore_eos: bool,
+    #[serde(default)]
+    stream: bool,
 }
 
 impl From<WireParameters> for GenerateParameters {
@@ -199,11 +234,14 @@ impl From<WireParameters> for GenerateParameters {
     }
 }
 
-/// A generation request body. The parameters' values are the handler's to check.
-fn generate(body: &RawBody) -> Result<GenerateRequest> {
+/// A generation request body, and whether it asks to stream. The parameters' values
+/// are the handler's to check.
+fn generate(body: &RawBody) -> Result<(GenerateRequest, bool)> {
+    let mut stream = false;
     let request = if let Some(value) = json_of(body)?.filter(Value::is_object) {
         let parsed: GenerateBody = serde_json::from_value(value)
             .map_err(|e| bad(format!("invalid generation request: {e}")))?;
+        stream = parsed.parameters.as_ref().is_some_and(|p| p.stream);
         GenerateRequest {
             prompt: parsed.inputs,
             parameters: parsed.parameters.map(Into::into).unwrap_or_default(),
@@ -218,7 +256,7 @@ fn generate(body: &RawBody) -> Result<GenerateRequest> {
     if request.prompt.is_empty() {
         return Err(bad("the request has no prompt"));
     }
-    Ok(request)
+    Ok((request, stream))
 }
 
 #[cfg(test)]
@@ -263,13 +301,17 @@ mod tests {
             assert_eq!(got(r#"{"inputs": 5}"#), Err(ErrorKind::BadRequest));
             assert_eq!(got("hello world"), Ok(vec!["hello world".to_string()]));
             assert_eq!(got("{half json"), Ok(vec!["{half json".to_string()]));
-            let prompt = generate(&body(
-                r#"{"inputs": "p", "parameters": {"max_new_tokens": 3}}"#,
+            let (prompt, stream) = generate(&body(
+                r#"{"inputs": "p", "parameters": {"max_new_tokens": 3, "stream": true}}"#,
             ))
             .expect("a generation request");
             assert_eq!(
-                (prompt.prompt.as_str(), prompt.parameters.max_new_tokens),
-                ("p", 3)
+                (
+                    prompt.prompt.as_str(),
+                    prompt.parameters.max_new_tokens,
+                    stream
+                ),
+                ("p", 3, true)
             );
         }
     }

@@ -18,6 +18,7 @@ use spillway_handlers::{
 use crate::error::{Error, Result};
 
 /// A prediction request: what the handler takes, and whether the answer streams.
+#[derive(Debug)]
 pub struct Prediction {
     pub request: Request,
     /// `"stream": true` in a generation's parameters: one JSON object per token.
@@ -342,12 +343,16 @@ mod tests {
 
     #[test]
     fn decodes_tgi_parameters_with_their_defaults() {
-        let Ok(Request::Generate(r)) = request(
+        let Ok(Prediction {
+            request: Request::Generate(r),
+            stream: false,
+        }) = request(
             HandlerKind::TextGeneration,
             json_body(
                 r#"{"inputs": "hi", "parameters": {"max_new_tokens": 5, "details": true, "stop": ["."], "top_k": 4}}"#,
             ),
-        ) else {
+        )
+        else {
             panic!("a generation request");
         };
         assert_eq!(r.prompt, "hi");
@@ -361,10 +366,14 @@ mod tests {
                 ..GenerateParameters::default()
             }
         );
-        let Ok(Request::Generate(r)) = request(
+        let Ok(Prediction {
+            request: Request::Generate(r),
+            ..
+        }) = request(
             HandlerKind::TextGeneration,
             json_body(r#"{"inputs": "hi"}"#),
-        ) else {
+        )
+        else {
             panic!("a generation request");
         };
         assert_eq!(r.parameters, GenerateParameters::default());
@@ -372,7 +381,11 @@ mod tests {
             content_type: Some("text/plain".into()),
             bytes: b"Once upon".to_vec(),
         };
-        let Ok(Request::Generate(r)) = request(HandlerKind::TextGeneration, plain) else {
+        let Ok(Prediction {
+            request: Request::Generate(r),
+            ..
+        }) = request(HandlerKind::TextGeneration, plain)
+        else {
             panic!("a generation request");
         };
         assert_eq!(r.prompt, "Once upon");

@@ -3,6 +3,9 @@
 //!
 //! - [`torchserve`]: TorchServe's inference API (health and predictions) and management
 //!   API (register, describe, scale, unregister, set-default).
+//! - [`openai`]: the OpenAI-compatible API (inference address).
+//! - [`kserve`]: KServe's Open Inference Protocol v2 (inference address).
+//! - [`dispatch`]: one request's way to its model, shared by every protocol.
 //! - [`metrics`]: Prometheus text.
 //! - [`devices`]: `GET /devices`, the device manager's pools (management API).
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
@@ -12,6 +15,7 @@
 pub mod devices;
 pub mod dispatch;
 pub mod error;
+pub mod kserve;
 pub mod metrics;
 pub mod openai;
 pub mod torchserve;
@@ -32,10 +36,13 @@ pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
     let limit = state.config().max_request_size;
     guarded(
-        torchserve::inference::predictions(state.clone()).merge(openai::router(state.clone())),
+        torchserve::inference::predictions(state.clone())
+            .merge(openai::router(state.clone()))
+            .merge(kserve::router(state.clone())),
         token,
     )
-    .merge(torchserve::inference::health(state))
+    .merge(torchserve::inference::health(state.clone()))
+    .merge(kserve::health(state))
     .layer(axum::extract::DefaultBodyLimit::max(limit))
 }
 

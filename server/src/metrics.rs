@@ -264,10 +264,37 @@ pub struct ModelSample {
     pub streamed: StreamTotals,
 }
 
+/// TorchServe's labels for host-level metrics: `Level="Host"` and the `Hostname`.
+pub fn host_labels() -> [(&'static str, String); 2] {
+    static HOSTNAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let hostname = HOSTNAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    });
+    [("Level", "Host".into()), ("Hostname", hostname.clone())]
+}
+
+/// One API response, counted by status class as TorchServe's `Requests2XX`,
+/// `Requests4XX` and `Requests5XX` count every response of its inference and
+/// management APIs (unknown models and refused bodies included).
+pub fn response(status: u16) {
+    let name = match status {
+        200..=299 => REQUESTS_2XX,
+        400..=499 => REQUESTS_4XX,
+        500..=599 => REQUESTS_5XX,
+        _ => return,
+    };
+    counter!(name, &host_labels()).increment(1);
+}
+
 /// Brings the values sampled at scrape time up to date: host CPU and memory, this
 /// process's RSS, and each serving model's queue depth and disk-unit streaming totals.
 pub fn refresh(models: &[ModelSample], pools: &[PoolView]) {
-    let host = [("Level", "Host".to_string())];
+    let host = host_labels();
     if let Some(busy) = cpu_utilization() {
         gauge!(CPU_UTILIZATION, &host).set(busy);
     }
@@ -368,15 +395,6 @@ impl ModelLabels {
         counter!(INFERENCE_REQUESTS_TOTAL, &self.pairs()).increment(1);
         counter!(INFERENCE_LATENCY_US, &self.pairs()).increment(micros(latency));
         histogram!(REQUEST_SECONDS, &self.pairs()).record(latency.as_secs_f64());
-        let by_class = match status {
-            200..=299 => Some(REQUESTS_2XX),
-            400..=499 => Some(REQUESTS_4XX),
-            500..=599 => Some(REQUESTS_5XX),
-            _ => None,
-        };
-        if let Some(name) = by_class {
-            counter!(name, &[("Level", "Host".to_string())]).increment(1);
-        }
         let class = format!("{}XX", status / 100);
         let [name, version] = self.pairs();
         counter!(PREDICTIONS_BY_STATUS, &[name, version, ("status", class)]).increment(1);

@@ -44,6 +44,7 @@ pub fn inference_router(state: AppState) -> Router {
     .merge(torchserve::inference::health(state.clone()))
     .merge(kserve::health(state))
     .layer(axum::extract::DefaultBodyLimit::max(limit))
+    .layer(middleware::from_fn(count_response))
 }
 
 pub fn management_router(state: AppState) -> Router {
@@ -52,6 +53,7 @@ pub fn management_router(state: AppState) -> Router {
         torchserve::management::router(state.clone()).merge(devices::router(state)),
         token,
     )
+    .layer(middleware::from_fn(count_response))
 }
 
 pub fn metrics_router(state: AppState) -> Router {
@@ -77,6 +79,20 @@ pub fn trim_trailing_slash(mut request: Request) -> Request {
         }
     }
     request
+}
+
+/// Counts every response in TorchServe's host-level status metrics. Health probes are
+/// left out: a probe every second would drown the requests.
+async fn count_response(request: Request, next: Next) -> Response {
+    let probe = matches!(
+        request.uri().path(),
+        "/ping" | "/v2/health/live" | "/v2/health/ready"
+    );
+    let response = next.run(request).await;
+    if !probe {
+        crate::metrics::response(response.status().as_u16());
+    }
+    response
 }
 
 fn guarded(router: Router, token: Option<String>) -> Router {

@@ -153,6 +153,23 @@ fn register_describe_scale_and_unregister() {
         404,
     );
 
+    // Each API describes itself, as TorchServe's do.
+    for (address, path) in [
+        (&server.inference, "/predictions/{model_name}"),
+        (&server.management, "/models/{model_name}"),
+    ] {
+        let described = json(
+            server
+                .http
+                .request(Method::OPTIONS, format!("{address}/"))
+                .send()
+                .unwrap(),
+            200,
+        );
+        assert_eq!(described["openapi"], "3.0.1");
+        assert!(described["paths"][path].is_object(), "{described}");
+    }
+
     // Unregister: gone from the list and from predictions.
     json(server.manage(Method::DELETE, "/models/tiny"), 200);
     error(server.manage(Method::GET, "/models/tiny"), 404);

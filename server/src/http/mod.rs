@@ -5,6 +5,7 @@
 //!   API (register, describe, scale, unregister, set-default).
 //! - [`openai`]: the OpenAI-compatible API (inference address).
 //! - [`kserve`]: KServe's Open Inference Protocol v2 (inference address).
+//! - [`openapi`]: each API's description (`OPTIONS /`), as TorchServe answers it.
 //! - [`dispatch`]: one request's way to its model, shared by every protocol.
 //! - [`metrics`]: Prometheus text.
 //! - [`devices`]: `GET /devices`, the device manager's pools (management API).
@@ -18,6 +19,7 @@ pub mod error;
 pub mod kserve;
 pub mod metrics;
 pub mod openai;
+pub mod openapi;
 pub mod torchserve;
 
 use std::sync::Arc;
@@ -38,7 +40,8 @@ pub fn inference_router(state: AppState) -> Router {
     guarded(
         torchserve::inference::predictions(state.clone())
             .merge(openai::router(state.clone()))
-            .merge(kserve::router(state.clone())),
+            .merge(kserve::router(state.clone()))
+            .merge(openapi::router(openapi::Api::Inference)),
         token,
     )
     .merge(torchserve::inference::health(state.clone()))
@@ -50,7 +53,9 @@ pub fn inference_router(state: AppState) -> Router {
 pub fn management_router(state: AppState) -> Router {
     let token = state.config().management_token.clone();
     guarded(
-        torchserve::management::router(state.clone()).merge(devices::router(state)),
+        torchserve::management::router(state.clone())
+            .merge(devices::router(state))
+            .merge(openapi::router(openapi::Api::Management)),
         token,
     )
     .layer(middleware::from_fn(count_response))

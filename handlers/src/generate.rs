@@ -21,7 +21,13 @@ pub struct GenerateParameters {
     /// Run to `max_new_tokens` even past end-of-sequence tokens (as vLLM's `ignore_eos`;
     /// for benchmarks that need a fixed number of tokens).
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many most likely
+    /// alternatives (at most [`MAX_TOP_LOGPROBS`]); `None` reports none.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives a request may ask log-probabilities for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// `max_new_tokens` when a request names none.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 32;
@@ -38,6 +44,7 @@ impl Default for GenerateParameters {
             stop: Vec::new(),
             details: false,
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -61,6 +68,11 @@ impl GenerateParameters {
         }
         if self.top_k == Some(0) {
             return bad("top_k must be at least 1".into());
+        }
+        if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return bad(format!(
+                "at most {MAX_TOP_LOGPROBS} alternatives' log-probabilities per token"
+            ));
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop sequences must not be empty".into());
@@ -120,6 +132,25 @@ pub struct Generation {
     /// The request's `details` parameter, for protocols that answer with details only
     /// when asked.
     pub details: bool,
+    /// Each generated token's log-probability, when the request asked (else empty).
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// A generated token's log-probability under the model (its raw distribution, before
+/// temperature or top-p), and the most likely alternatives at that step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: TokenLogprob,
+    /// Most likely first.
+    pub top: Vec<TokenLogprob>,
+}
+
+/// One token: its id, its text on its own, and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub text: String,
+    pub logprob: f32,
 }
 
 /// What a streaming generation request receives while it runs: one `Token` per
@@ -129,7 +160,12 @@ pub struct Generation {
 /// error arrives as its answer).
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerationEvent {
-    Token { id: u32, text: String },
+    Token {
+        id: u32,
+        text: String,
+        /// Its log-probabilities, when the request asked.
+        logprobs: Option<TokenLogprobs>,
+    },
     Finished(Generation),
 }
 

@@ -34,6 +34,7 @@ pub use chat::{ChatMessage, ChatRequest, ChatTemplate};
 pub use error::{ErrorClass, HandlerError};
 pub use generate::{
     EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
+    MAX_TOP_LOGPROBS, TokenLogprob, TokenLogprobs,
 };
 pub use handler::{
     Classification, Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, Output,

@@ -105,7 +105,48 @@ try:
     check("an unknown model is an error", False)
 except openai.NotFoundError as e:
     check("an unknown model is the client's NotFoundError", "no-such-model" in str(e), e)
-for name, extra in [("n > 1", {"n": 2}), ("logprobs", {"logprobs": True})]:
+# Log-probabilities: one entry per generated token (the end-of-sequence token too);
+# greedy picks each step's most likely token; streamed, the same entries arrive.
+chat = [{"role": "user", "content": "What is 2 + 2?"}]
+scored = client.chat.completions.create(
+    model=generator, messages=chat, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3
+)
+content = scored.choices[0].logprobs.content
+check("a log-probability per generated token", len(content) == scored.usage.completion_tokens, len(content))
+check(
+    "greedy tokens are each step's most likely",
+    all(e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob for e in content),
+)
+check(
+    "alternatives come most likely first, three of them, as probabilities",
+    all(len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.top_logprobs[2].logprob <= 0 for e in content),
+)
+check(
+    "the tokens spell the answer",
+    "".join(e.token for e in content).startswith(scored.choices[0].message.content),
+    [e.token for e in content],
+)
+check("bytes are the token's UTF-8", all(bytes(e.bytes).decode() == e.token for e in content))
+streamed_entries = []
+for chunk in client.chat.completions.create(
+    model=generator, messages=chat, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3, stream=True
+):
+    for choice in chunk.choices:
+        if choice.logprobs and choice.logprobs.content:
+            streamed_entries.extend(choice.logprobs.content)
+check(
+    "streamed log-probabilities equal the whole answer's",
+    [(e.token, e.logprob) for e in streamed_entries] == [(e.token, e.logprob) for e in content],
+)
+scored_completion = client.completions.create(model=generator, prompt=raw["prompt"], temperature=0, max_tokens=4, logprobs=2)
+lp = scored_completion.choices[0].logprobs
+check(
+    "completions' logprobs: tokens, their log-probabilities, two alternatives each",
+    len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs),
+    lp,
+)
+
+for name, extra in [("n > 1", {"n": 2}), ("top_logprobs > 20", {"logprobs": True, "top_logprobs": 21})]:
     try:
         client.chat.completions.create(
             model=generator, messages=[{"role": "user", "content": "hi"}], max_tokens=1, **extra

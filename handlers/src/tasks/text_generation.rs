@@ -16,6 +16,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::error::CandleContext;
 use crate::generate::{
     EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
+    TokenLogprob, TokenLogprobs,
 };
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
 use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
@@ -155,6 +156,7 @@ impl TextGeneration {
                 parameters.sampling(),
             ),
             ids: Vec::new(),
+            logprobs: Vec::new(),
             text: String::new(),
             finish: None,
             parameters: parameters.clone(),
@@ -206,6 +208,9 @@ impl TextGeneration {
             .sampler
             .sample(logits)
             .context(|| "sampling failed".into())?;
+        if let Some(top) = sequence.parameters.logprobs {
+            sequence.logprobs.push(self.logprobs(logits, id, top)?);
+        }
         sequence.ids.push(id);
         sequence.next_input = vec![id];
         // The text is decoded every step only when something reads it: stop sequences
@@ -237,6 +242,54 @@ impl TextGeneration {
         }
         sequence.stream(id);
         Ok(())
+    }
+
+    /// Token `id`'s log-probability under `logits` (log-softmax), and the `top` most
+    /// likely tokens'.
+    fn logprobs(
+        &self,
+        logits: &Tensor,
+        id: u32,
+        top: usize,
+    ) -> Result<TokenLogprobs, HandlerError> {
+        let logits: Vec<f32> = logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.flatten_all())
+            .and_then(|l| l.to_vec1())
+            .context(|| "log-probabilities".into())?;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum: f32 = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+        let token = |id: u32| -> Result<TokenLogprob, HandlerError> {
+            Ok(TokenLogprob {
+                id,
+                text: self.token_text(id)?,
+                logprob: logits
+                    .get(id as usize)
+                    .map_or(f32::NEG_INFINITY, |l| l - log_sum),
+            })
+        };
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        let top = top.min(order.len());
+        if top > 0 && top < order.len() {
+            order.select_nth_unstable_by(top - 1, by_logit);
+        }
+        order.truncate(top);
+        order.sort_by(by_logit);
+        Ok(TokenLogprobs {
+            token: token(id)?,
+            top: order.into_iter().map(token).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// One token's text on its own (special tokens spelled out).
+    fn token_text(&self, id: u32) -> Result<String, HandlerError> {
+        self.tokenizer
+            .decode(&[id], false)
+            .map_err(|source| HandlerError::Tokenizer {
+                context: "cannot decode a token".into(),
+                source,
+            })
     }
 
     /// The answer of a finished sequence.
@@ -272,6 +325,8 @@ pub struct Sequence {
     next_input: Vec<u32>,
     sampler: LogitsProcessor,
     ids: Vec<u32>,
+    /// Each generated token's log-probabilities, when the request asked.
+    logprobs: Vec<TokenLogprobs>,
     text: String,
     finish: Option<FinishReason>,
     parameters: GenerateParameters,
@@ -298,6 +353,7 @@ impl Sequence {
             prompt_tokens: self.prompt_tokens,
             token_ids: self.ids.clone(),
             details: self.parameters.details,
+            logprobs: self.logprobs.clone(),
         }
     }
 
@@ -319,7 +375,16 @@ impl Sequence {
             .to_string();
         self.streamed = upto.max(self.streamed);
         // A receiver that has gone means the client left; the worker drops the request.
-        let _ = events.send(GenerationEvent::Token { id, text: delta });
+        let logprobs = self
+            .logprobs
+            .last()
+            .filter(|_| self.parameters.logprobs.is_some())
+            .cloned();
+        let _ = events.send(GenerationEvent::Token {
+            id,
+            text: delta,
+            logprobs,
+        });
         if self.finished() {
             let _ = events.send(GenerationEvent::Finished(self.generation()));
         }
@@ -479,6 +544,67 @@ mod tests {
         (dir, handler)
     }
 
+    #[test]
+    fn logprobs_are_the_log_softmax_of_each_step_and_its_most_likely_tokens() {
+        let (_dir, handler) = tiny_generator();
+        let prompt = handler.encode("hello world").expect("tokens");
+        let generate = |logprobs: Option<usize>, do_sample: bool| {
+            let parameters = GenerateParameters {
+                max_new_tokens: 6,
+                logprobs,
+                do_sample,
+                temperature: do_sample.then_some(1.5),
+                seed: Some(7),
+                ..GenerateParameters::default()
+            };
+            let mut sequence = handler
+                .begin_tokens(prompt.clone(), &parameters)
+                .expect("begin");
+            while !sequence.finished() {
+                handler.advance(&mut [&mut sequence]).expect("step");
+            }
+            sequence.generation()
+        };
+        let plain = generate(None, false);
+        assert!(plain.logprobs.is_empty(), "none unless asked");
+        let greedy = generate(Some(3), false);
+        assert_eq!(
+            greedy.token_ids, plain.token_ids,
+            "asking changes nothing else"
+        );
+        assert_eq!(greedy.logprobs.len(), greedy.token_ids.len());
+        let wide = generate(Some(20), false);
+        for (step, (lp, wide)) in greedy.logprobs.iter().zip(&wide.logprobs).enumerate() {
+            assert_eq!(lp.token.id, greedy.token_ids[step]);
+            assert_eq!(lp.top.len(), 3);
+            // Greedy picks the most likely token; the alternatives come most likely first,
+            // and are the first of a wider list.
+            assert_eq!(lp.top[0].id, lp.token.id, "step {step}");
+            assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+            assert_eq!(lp.top[..], wide.top[..3]);
+            let mass: f32 = wide.top.iter().map(|t| t.logprob.exp()).sum();
+            assert!(lp.token.logprob <= 0.0 && mass <= 1.0 + 1e-5, "{mass}");
+            assert_eq!(
+                lp.token.text,
+                handler.token_text(lp.token.id).expect("text")
+            );
+        }
+        // Sampling reports the sampled token's own log-probability, under the raw
+        // distribution (not the one temperature reshaped).
+        let sampled = generate(Some(20), true);
+        for (step, lp) in sampled.logprobs.iter().enumerate() {
+            assert_eq!(lp.token.id, sampled.token_ids[step]);
+            if let Some(listed) = lp.top.iter().find(|t| t.id == lp.token.id) {
+                assert_eq!(listed.logprob, lp.token.logprob);
+            }
+        }
+        let too_many = GenerateParameters {
+            logprobs: Some(21),
+            ..GenerateParameters::default()
+        };
+        assert!(too_many.check().is_err());
+    }
+
     fn request(handler: &TextGeneration, prompt: &str, max_new_tokens: usize) -> Input {
         handler
             .prepare(Request::Generate(crate::GenerateRequest {
@@ -588,7 +714,10 @@ mod tests {
             let mut ids = Vec::new();
             let mut text = String::new();
             for event in tokens {
-                let GenerationEvent::Token { id, text: delta } = event else {
+                let GenerationEvent::Token {
+                    id, text: delta, ..
+                } = event
+                else {
                     panic!("tokens before the end");
                 };
                 ids.push(*id);

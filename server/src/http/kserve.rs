@@ -434,6 +434,7 @@ fn generation_parameters(parameters: &Map<String, Value>) -> Result<GeneratePara
         },
         details: false,
         ignore_eos: false,
+        logprobs: None,
     })
 }
 

@@ -4,8 +4,9 @@
 //! server-sent events ending in `data: [DONE]`). Model names are the registered names;
 //! requests join the same queue and batch as `/predictions`. Errors have OpenAI's shape.
 //!
-//! Refused clearly rather than answered differently: `n` > 1, `logprobs`, `echo`,
-//! token-array inputs, and `dimensions` other than the model's own.
+//! Refused clearly rather than answered differently: `n` > 1, `echo`, token-array
+//! inputs, and `dimensions` other than the model's own. Log-probabilities are those
+//! of the model's raw distribution (before temperature and top-p), as vLLM reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +20,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use spillway_handlers::{
     ChatMessage, ChatRequest, FinishReason, GenerateParameters, GenerateRequest, Generation,
-    GenerationEvent, HandlerKind, Output, Request,
+    GenerationEvent, HandlerKind, MAX_TOP_LOGPROBS, Output, Request, TokenLogprobs,
 };
 
 use crate::app::AppState;
@@ -247,20 +248,39 @@ struct Sampling {
 }
 
 impl Sampling {
+    /// How many alternatives' log-probabilities each token reports, if any: chat's
+    /// `logprobs: true` with `top_logprobs`, or completions' `logprobs: N`.
+    fn logprobs(&self, endpoint: Endpoint) -> Result<Option<usize>> {
+        match (endpoint, &self.logprobs) {
+            (Endpoint::Chat, None | Some(Value::Null | Value::Bool(false))) => {
+                if self.top_logprobs.is_some() {
+                    return Err(bad("top_logprobs needs logprobs: true"));
+                }
+                Ok(None)
+            }
+            (Endpoint::Chat, Some(Value::Bool(true))) => Ok(Some(self.top_logprobs.unwrap_or(0))),
+            (Endpoint::Completions, None | Some(Value::Null)) => Ok(None),
+            (Endpoint::Completions, Some(Value::Number(n))) => n
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| bad("logprobs must be a whole number")),
+            (Endpoint::Chat, Some(_)) => Err(bad("logprobs must be true or false")),
+            (Endpoint::Completions, Some(_)) => Err(bad("logprobs must be a whole number")),
+        }
+    }
+
     /// The handler's parameters; what this server cannot honour is refused.
-    fn parameters(&self, default_tokens: usize) -> Result<GenerateParameters> {
+    fn parameters(&self, default_tokens: usize, endpoint: Endpoint) -> Result<GenerateParameters> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(bad(
                 "n must be 1: this server generates one choice per request",
             ));
         }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|l| !matches!(l, Value::Null | Value::Bool(false)))
-            || self.top_logprobs.is_some_and(|n| n > 0)
-        {
-            return Err(bad("logprobs are not supported by this server yet"));
+        let logprobs = self.logprobs(endpoint)?;
+        if logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(bad(format!(
+                "at most {MAX_TOP_LOGPROBS} alternatives' log-probabilities per token"
+            )));
         }
         if self.echo {
             return Err(bad("echo is not supported by this server"));
@@ -295,6 +315,7 @@ impl Sampling {
             stop,
             details: true,
             ignore_eos: false,
+            logprobs,
         })
     }
 
@@ -374,18 +395,30 @@ impl Endpoint {
         })
     }
 
-    /// One choice: the whole text, or (streamed) a piece of it.
-    fn choice(self, text: &str, finish: Option<FinishReason>, streamed: bool) -> Value {
+    /// One choice: the whole text, or (streamed) a piece of it, with the
+    /// log-probabilities of its tokens when asked (`logprobs` empty otherwise).
+    fn choice(
+        self,
+        text: &str,
+        finish: Option<FinishReason>,
+        streamed: bool,
+        logprobs: &[TokenLogprobs],
+    ) -> Value {
         let finish_reason = finish.map(finish_reason);
+        let logprobs = if logprobs.is_empty() {
+            Value::Null
+        } else {
+            self.logprobs_json(logprobs)
+        };
         match (self, streamed) {
             (Endpoint::Completions, _) => json!({
-                "index": 0, "text": text, "finish_reason": finish_reason, "logprobs": null,
+                "index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs,
             }),
             (Endpoint::Chat, false) => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish_reason,
-                "logprobs": null,
+                "logprobs": logprobs,
             }),
             (Endpoint::Chat, true) => {
                 let delta = if finish.is_some() {
@@ -393,7 +426,51 @@ impl Endpoint {
                 } else {
                     json!({"content": text})
                 };
-                json!({"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null})
+                json!({"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs})
+            }
+        }
+    }
+
+    /// Tokens' log-probabilities as each endpoint spells them: chat's `content` list
+    /// (token, logprob, UTF-8 bytes, top_logprobs), completions' parallel lists.
+    fn logprobs_json(self, tokens: &[TokenLogprobs]) -> Value {
+        match self {
+            Endpoint::Chat => {
+                let entry = |t: &spillway_handlers::TokenLogprob| json!({"token": t.text, "logprob": t.logprob, "bytes": t.text.as_bytes()});
+                let content: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        let mut e = entry(&t.token);
+                        e["top_logprobs"] = t.top.iter().map(entry).collect();
+                        e
+                    })
+                    .collect();
+                json!({"content": content})
+            }
+            Endpoint::Completions => {
+                let mut offset = 0;
+                let mut offsets = Vec::new();
+                for t in tokens {
+                    offsets.push(offset);
+                    offset += t.token.text.len();
+                }
+                let top: Vec<Value> = tokens
+                    .iter()
+                    .map(|t| {
+                        Value::Object(
+                            t.top
+                                .iter()
+                                .map(|a| (a.text.clone(), json!(a.logprob)))
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                json!({
+                    "tokens": tokens.iter().map(|t| t.token.text.clone()).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": top,
+                    "text_offset": offsets,
+                })
             }
         }
     }
@@ -430,7 +507,9 @@ async fn completions(State(state): State<AppState>, body: axum::body::Bytes) -> 
             }
             _ => return Err(bad("prompt must be a string")),
         };
-        let parameters = body.sampling.parameters(DEFAULT_COMPLETION_TOKENS)?;
+        let parameters = body
+            .sampling
+            .parameters(DEFAULT_COMPLETION_TOKENS, Endpoint::Completions)?;
         let request = Request::Generate(GenerateRequest { prompt, parameters });
         generate(state, body.sampling, request, Endpoint::Completions).await
     })
@@ -445,7 +524,9 @@ async fn chat_completions(State(state): State<AppState>, body: axum::body::Bytes
             .into_iter()
             .map(WireMessage::into_message)
             .collect::<Result<Vec<_>>>()?;
-        let parameters = body.sampling.parameters(DEFAULT_CHAT_TOKENS)?;
+        let parameters = body
+            .sampling
+            .parameters(DEFAULT_CHAT_TOKENS, Endpoint::Chat)?;
         let request = Request::Chat(ChatRequest {
             messages,
             parameters,
@@ -477,7 +558,12 @@ async fn generate(
             "object": endpoint.object(false),
             "created": created,
             "model": model,
-            "choices": [endpoint.choice(&generation.text, Some(generation.finish_reason), false)],
+            "choices": [endpoint.choice(
+                &generation.text,
+                Some(generation.finish_reason),
+                false,
+                &generation.logprobs,
+            )],
             "usage": usage(answered.input_tokens, &generation),
         }))
         .into_response());
@@ -517,8 +603,14 @@ async fn generate(
         let mut finished = None;
         while let Ok(event) = received.recv_async().await {
             match event {
-                GenerationEvent::Token { text, .. } if !text.is_empty() => {
-                    yield_(chunk(json!([endpoint.choice(&text, None, true)]), None)).await;
+                // A token whose text is held back (it may begin a stop sequence) still
+                // sends its log-probabilities when they were asked for.
+                GenerationEvent::Token { text, logprobs, .. }
+                    if !text.is_empty() || logprobs.is_some() =>
+                {
+                    let logprobs: Vec<TokenLogprobs> = logprobs.into_iter().collect();
+                    let choice = endpoint.choice(&text, None, true, &logprobs);
+                    yield_(chunk(json!([choice]), None)).await;
                 }
                 GenerationEvent::Token { .. } => {}
                 GenerationEvent::Finished(generation) => {
@@ -529,7 +621,7 @@ async fn generate(
         }
         match finished {
             Some(generation) => {
-                let choice = endpoint.choice("", Some(generation.finish_reason), true);
+                let choice = endpoint.choice("", Some(generation.finish_reason), true, &[]);
                 yield_(chunk(json!([choice]), None)).await;
                 if include_usage {
                     yield_(chunk(json!([]), Some(usage(prompt_tokens, &generation)))).await;
@@ -626,7 +718,7 @@ mod tests {
     #[test]
     fn sampling_maps_openai_names_and_refuses_what_it_cannot_honour() {
         let greedy = sampling(json!({"temperature": 0, "max_tokens": 5, "stop": "x"}))
-            .parameters(16)
+            .parameters(16, Endpoint::Chat)
             .expect("fine");
         assert!(!greedy.do_sample);
         assert_eq!(
@@ -635,7 +727,7 @@ mod tests {
         );
         let sampled =
             sampling(json!({"top_p": 0.9, "seed": 3, "max_completion_tokens": 7, "max_tokens": 2}))
-                .parameters(16)
+                .parameters(16, Endpoint::Chat)
                 .expect("fine");
         assert!(sampled.do_sample);
         assert_eq!(
@@ -649,28 +741,52 @@ mod tests {
         );
         assert_eq!(
             sampling(json!({}))
-                .parameters(16)
+                .parameters(16, Endpoint::Chat)
                 .expect("fine")
                 .max_new_tokens,
             16
         );
         for refused in [
             json!({"n": 2}),
-            json!({"logprobs": true}),
-            json!({"logprobs": 3}),
             json!({"top_logprobs": 2}),
+            json!({"logprobs": true, "top_logprobs": 21}),
+            json!({"logprobs": 3}),
             json!({"echo": true}),
             json!({"temperature": 2.5}),
         ] {
             assert!(
-                sampling(refused.clone()).parameters(16).is_err(),
+                sampling(refused.clone())
+                    .parameters(16, Endpoint::Chat)
+                    .is_err(),
                 "{refused}"
             );
         }
         assert!(
             sampling(json!({"n": 1, "logprobs": false}))
-                .parameters(16)
+                .parameters(16, Endpoint::Chat)
                 .is_ok()
+        );
+        // Chat asks with a flag and a count; completions with a count.
+        let asked = |body: Value, endpoint| {
+            sampling(body)
+                .parameters(16, endpoint)
+                .ok()
+                .and_then(|p| p.logprobs)
+        };
+        assert_eq!(
+            asked(json!({"logprobs": true, "top_logprobs": 4}), Endpoint::Chat),
+            Some(4)
+        );
+        assert_eq!(asked(json!({"logprobs": true}), Endpoint::Chat), Some(0));
+        assert_eq!(
+            asked(json!({"logprobs": 3}), Endpoint::Completions),
+            Some(3)
+        );
+        assert_eq!(asked(json!({}), Endpoint::Completions), None);
+        assert!(
+            sampling(json!({"logprobs": true}))
+                .parameters(16, Endpoint::Completions)
+                .is_err()
         );
     }
 

@@ -48,7 +48,7 @@ pub fn request(kind: HandlerKind, body: RawBody) -> Result<Prediction> {
 /// `{"generated_text", "details"}`.
 pub fn stream_chunk(event: &spillway_handlers::GenerationEvent) -> Vec<u8> {
     let value = match event {
-        spillway_handlers::GenerationEvent::Token { id, text } => {
+        spillway_handlers::GenerationEvent::Token { id, text, .. } => {
             json!({"token_id": id, "text": text})
         }
         spillway_handlers::GenerationEvent::Finished(generation) => {
@@ -231,6 +231,7 @@ impl From<WireParameters> for GenerateParameters {
             stop: p.stop,
             details: p.details,
             ignore_eos: p.ignore_eos,
+            logprobs: None,
         }
     }
 }
@@ -399,6 +400,7 @@ mod tests {
             prompt_tokens: 3,
             token_ids: vec![7, 2],
             details: false,
+            logprobs: Vec::new(),
         };
         let render = |g: Generation| -> Value {
             let (ct, bytes) = answer(Output::Generation(g)).expect("answer");

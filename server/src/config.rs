@@ -122,6 +122,10 @@ pub struct Overrides {
     /// Whether models may share a GPU (true/false) [default: false].
     #[arg(long, env = "SPILLWAY_ALLOW_MULTI_DEVICE")]
     pub allow_multiple_per_device: Option<bool>,
+    /// TorchServe's `service_envelope`: `kserve` also serves KServe v1's
+    /// `POST /v1/models/{model}:predict` [default: json].
+    #[arg(long, env = "SPILLWAY_SERVICE_ENVELOPE")]
+    pub service_envelope: Option<String>,
 }
 
 /// What evicting a model does. A strategy a model cannot follow falls back to the next:
@@ -248,6 +252,9 @@ pub struct ServerConfig {
     pub io_threads: usize,
     /// The device manager's settings.
     pub devices: DeviceSettings,
+    /// Whether KServe v1's `POST /v1/models/{model}:predict` is served
+    /// (`service_envelope=kserve`, as TorchServe).
+    pub kserve_v1: bool,
 }
 
 /// TorchServe's default body limit (6,553,500 bytes).
@@ -295,7 +302,24 @@ impl ServerConfig {
             .clone()
             .or_else(|| prop("cache_dir").map(PathBuf::from))
             .unwrap_or_else(default_cache_dir);
+        let kserve_v1 = match o
+            .service_envelope
+            .clone()
+            .or_else(|| prop("service_envelope"))
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("" | "json" | "body" | "kservev2") => false,
+            Some("kserve") => true,
+            Some(other) => {
+                return Err(Error::bad_config(
+                    "service_envelope",
+                    format!("`{other}` is not one of json, body, kserve, kservev2"),
+                ));
+            }
+        };
         let config = ServerConfig {
+            kserve_v1,
             inference_address: address(o.inference_address, "inference_address", "127.0.0.1:8080")?,
             management_address: address(
                 o.management_address,

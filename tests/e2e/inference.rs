@@ -282,3 +282,46 @@ fn text_classification_answers_a_label_and_score_per_text() {
     assert_eq!(units.first().map(String::as_str), Some("bert.embeddings"));
     assert!(units.contains(&"classifier".to_string()), "{units:?}");
 }
+
+#[test]
+fn kserve_v1_predicts_instances_when_the_kserve_envelope_is_set() {
+    let fixture = Fixture::new();
+    fixture.tiny_archive("tiny", "1.0", &[]);
+    let post = |server: &TestServer, path: &str, body: &str| {
+        server
+            .http
+            .post(format!("{}{path}", server.inference))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap()
+    };
+    let body = r#"{"instances": ["hello", {"data": "world"}]}"#;
+    {
+        // Without the envelope the path is not served, as in TorchServe.
+        let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+        server.wait_healthy();
+        assert_eq!(post(&server, "/v1/models/tiny:predict", body).status(), 404);
+    }
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--service-envelope", "kserve"],
+    );
+    server.wait_healthy();
+    let want = embeddings(&json(
+        server.predict("tiny", r#"{"inputs": ["hello", "world"]}"#),
+        200,
+    ));
+    let answer = json(post(&server, "/v1/models/tiny:predict", body), 200);
+    assert_eq!(embeddings(&answer["predictions"]), want);
+    for (path, body, status) in [
+        ("/v1/models/ghost:predict", body, 404),
+        ("/v1/models/tiny:predict", r#"{"instances": [5]}"#, 400),
+        ("/v1/models/tiny:predict", r#"{"inputs": ["x"]}"#, 400),
+        ("/v1/models/tiny:explain", body, 404),
+    ] {
+        let error = json(post(&server, path, body), status);
+        assert!(error["error"].is_string(), "{path}: {error}");
+    }
+}

@@ -56,6 +56,111 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// KServe v1, as TorchServe serves it with `service_envelope=kserve`:
+/// `POST /v1/models/{model}:predict` with `{"instances": [...]}` (each a text, or an
+/// object holding it under `data`, `text` or `inputs`), answered
+/// `{"predictions": [...]}` — one embedding, `{label, score}`, generated text or echo
+/// per instance.
+pub fn v1_router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/models/{target}", post(v1_predict))
+        .with_state(state)
+}
+
+#[derive(Deserialize)]
+struct V1Request {
+    instances: Vec<Value>,
+}
+
+async fn v1_predict(
+    State(state): State<AppState>,
+    Path(target): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(name) = target.strip_suffix(":predict") else {
+        let message = format!(
+            "no such endpoint: /v1/models/{target} (KServe v1 predicts at /v1/models/{{model}}:predict)"
+        );
+        return (StatusCode::NOT_FOUND, axum::Json(json!({"error": message}))).into_response();
+    };
+    let dispatch = match Dispatch::to(&state, name, None) {
+        Ok(dispatch) => dispatch,
+        Err(e) => return error_response(e),
+    };
+    let answer = async {
+        let request: V1Request = serde_json::from_slice(&body)
+            .map_err(|e| bad(format!("expected {{\"instances\": [...]}}: {e}")))?;
+        let texts = request
+            .instances
+            .iter()
+            .map(instance_text)
+            .collect::<Result<Vec<String>>>()?;
+        if texts.is_empty() {
+            return Err(bad("instances is empty"));
+        }
+        let predictions: Vec<Value> = match dispatch.model.spec.handler {
+            HandlerKind::TextEmbedding | HandlerKind::TextClassification => {
+                match dispatch.run(&state, Request::Texts(texts)).await?.output {
+                    Output::Embeddings(vectors) => vectors.into_iter().map(|v| json!(v)).collect(),
+                    Output::Classifications(classes) => classes
+                        .into_iter()
+                        .map(|c| json!({"label": c.label, "score": c.score}))
+                        .collect(),
+                    _ => {
+                        return Err(Error::Internal(
+                            "a text model answered something else".into(),
+                        ));
+                    }
+                }
+            }
+            kind => {
+                // One request per instance, queued together so they can share a batch.
+                let requests = texts.into_iter().map(|text| match kind {
+                    HandlerKind::TextGeneration => Request::Generate(GenerateRequest {
+                        prompt: text,
+                        parameters: GenerateParameters::default(),
+                    }),
+                    _ => Request::Raw(RawBody {
+                        content_type: Some("text/plain".into()),
+                        bytes: text.into_bytes(),
+                    }),
+                });
+                let answers = futures_util::future::join_all(
+                    requests.map(|request| dispatch.run(&state, request)),
+                )
+                .await;
+                answers
+                    .into_iter()
+                    .map(|answered| match answered?.output {
+                        Output::Generation(generation) => Ok(json!(generation.text)),
+                        Output::Raw(body) => Ok(json!(String::from_utf8_lossy(&body.bytes))),
+                        _ => Err(Error::Internal("unexpected answer".into())),
+                    })
+                    .collect::<Result<_>>()?
+            }
+        };
+        Ok::<_, Error>(axum::Json(json!({"predictions": predictions})).into_response())
+    }
+    .await;
+    let response = answer.unwrap_or_else(error_response);
+    dispatch.record(response.status().as_u16());
+    response
+}
+
+/// An instance's text: a string, or an object with it under `data`, `text` or `inputs`.
+fn instance_text(instance: &Value) -> Result<String> {
+    let text = match instance {
+        Value::String(text) => Some(text.as_str()),
+        Value::Object(fields) => ["data", "text", "inputs"]
+            .iter()
+            .find_map(|key| fields.get(*key)?.as_str()),
+        _ => None,
+    };
+    text.map(str::to_string).ok_or_else(|| {
+        bad("each instance must be a text, or an object with a text under data, text or inputs")
+    })
+}
+
 /// The health routes, never guarded: probes carry no credentials.
 pub fn health(state: AppState) -> Router {
     Router::new()

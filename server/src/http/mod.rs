@@ -37,17 +37,18 @@ use crate::error::Error;
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
     let limit = state.config().max_request_size;
-    guarded(
-        torchserve::inference::predictions(state.clone())
-            .merge(openai::router(state.clone()))
-            .merge(kserve::router(state.clone()))
-            .merge(openapi::router(openapi::Api::Inference)),
-        token,
-    )
-    .merge(torchserve::inference::health(state.clone()))
-    .merge(kserve::health(state))
-    .layer(axum::extract::DefaultBodyLimit::max(limit))
-    .layer(middleware::from_fn(count_response))
+    let mut routes = torchserve::inference::predictions(state.clone())
+        .merge(openai::router(state.clone()))
+        .merge(kserve::router(state.clone()))
+        .merge(openapi::router(openapi::Api::Inference));
+    if state.config().kserve_v1 {
+        routes = routes.merge(kserve::v1_router(state.clone()));
+    }
+    guarded(routes, token)
+        .merge(torchserve::inference::health(state.clone()))
+        .merge(kserve::health(state))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(count_response))
 }
 
 pub fn management_router(state: AppState) -> Router {

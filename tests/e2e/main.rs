@@ -12,6 +12,7 @@ mod metrics;
 mod minilm;
 mod overload;
 mod placement;
+mod readme;
 mod security;
 mod shutdown;
 mod smollm2;

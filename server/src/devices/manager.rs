@@ -294,12 +294,7 @@ impl DeviceManager {
         entries.next_id += 1;
         let loading = Arc::new(AtomicBool::new(true));
         let demoted = Arc::new(AtomicBool::new(false));
-        let resident: Vec<String> = plan
-            .units
-            .iter()
-            .filter(|u| u.device != Device::DISK)
-            .map(|u| u.name.clone())
-            .collect();
+        let resident = demotable_units(&plan);
         entries.leases.insert(
             id,
             Entry {
@@ -492,6 +487,18 @@ pub fn held_by(plan: &Plan) -> DeviceBytes {
 /// What a plan holds once `demoted` units are streamed instead of resident: their bytes
 /// leave, and room to build two of them at a time (one computing, the next read ahead:
 /// at most the two largest) stays on the stream device.
+/// The units that moving a model to disk streams: every resident unit except one that
+/// shares its weights with another (an embedding tied to the output head), which the
+/// handler keeps resident — counting it as freed would let the policy promise bytes
+/// that never come back.
+pub fn demotable_units(plan: &Plan) -> Vec<String> {
+    plan.units
+        .iter()
+        .filter(|u| u.device != Device::DISK && u.tied.is_empty())
+        .map(|u| u.name.clone())
+        .collect()
+}
+
 pub fn demoted_bytes(plan: &Plan, demoted: &[String]) -> DeviceBytes {
     let mut bytes = held_by(plan);
     let units: Vec<_> = plan
@@ -576,6 +583,53 @@ mod tests {
     }
 
     const IDLE: &dyn Fn(&ModelKey) -> bool = &|_| false;
+
+    #[test]
+    fn a_tied_embedding_stays_resident_when_the_rest_moves_to_disk() {
+        let unit = |name: &str, bytes: u64, device: Device, kind, tied: &[&str]| {
+            spillway_placement::PlacedUnit {
+                name: name.into(),
+                bytes,
+                device,
+                kind,
+                tied: tied.iter().map(|t| t.to_string()).collect(),
+            }
+        };
+        use spillway_placement::UnitKind;
+        let plan = Plan {
+            strategy: "cpu".into(),
+            units: vec![
+                unit(
+                    "model.embed_tokens",
+                    100,
+                    Device::CPU,
+                    UnitKind::Pre,
+                    &["lm_head"],
+                ),
+                unit("model.layers.0", 30, Device::CPU, UnitKind::Block(0), &[]),
+                unit("model.layers.1", 20, Device::CPU, UnitKind::Block(1), &[]),
+                unit("model.layers.2", 20, Device::DISK, UnitKind::Block(2), &[]),
+                unit("model.norm", 1, Device::CPU, UnitKind::Post, &[]),
+            ],
+            devices: vec![spillway_placement::DeviceUsage {
+                device: Device::CPU,
+                budget: None,
+                reserve: 10,
+                weights: 151,
+            }],
+            stream_device: Device::CPU,
+            streamed_bytes_per_forward: 20,
+            notes: Vec::new(),
+        };
+        let demotable = demotable_units(&plan);
+        assert_eq!(
+            demotable,
+            ["model.layers.0", "model.layers.1", "model.norm"]
+        );
+        // Kept: the embedding (100), the reserve (10) and room for the two largest
+        // demoted units (30 + 20).
+        assert_eq!(demoted_bytes(&plan, &demotable)[&Device::CPU], 160);
+    }
 
     #[test]
     fn two_loads_never_count_the_same_bytes_and_a_loading_model_is_not_evicted() {

@@ -310,8 +310,10 @@ pub fn build(
     };
     handle.set_stage(LoadStage::Building);
     options.plan = Some(plan.clone());
-    let handler = spillway_handlers::load(spec.handler, &*model_files, &options)
-        .map_err(Error::load(&archive.path))?;
+    let handler = crate::devices::building_weights(|| {
+        spillway_handlers::load(spec.handler, &*model_files, &options)
+    })
+    .map_err(Error::load(&archive.path))?;
     Ok(Loaded {
         handler,
         plan: Some(plan),

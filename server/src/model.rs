@@ -471,9 +471,10 @@ impl ModelHandle {
         };
         crate::devices::effects::evict(state, &evict);
         let started = std::time::Instant::now();
-        let promoted = handler
-            .units()
-            .map_or_else(|| Ok(Vec::new()), |units| units.promote());
+        let promoted = handler.units().map_or_else(
+            || Ok(Vec::new()),
+            |units| crate::devices::building_weights(|| units.promote()),
+        );
         finish(promoted.is_ok());
         match promoted {
             Ok(_) => {

@@ -44,6 +44,9 @@ pub fn evict(state: &AppState, evictions: &[Eviction]) {
             let _ = retired.join();
         }
     }
+    // Whichever thread let go of an evicted model's last reference, its memory goes
+    // back to the OS before the model that needed the room is built.
+    crate::devices::release_freed_memory();
 }
 
 /// Returns once `model` serves: a model evicted by unloading is loaded again first (the

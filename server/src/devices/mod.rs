@@ -61,12 +61,17 @@ pub fn building_weights<T>(build: impl FnOnce() -> T) -> T {
     build()
 }
 
+/// Sets glibc's mmap threshold, and its trim threshold to twice that: where glibc's
+/// own dynamic adjustment would put it (setting one by hand turns the adjustment off,
+/// and a heap trimmed at the default 128 KiB would hand activations back to the OS
+/// and fault them in again at every step).
 #[allow(unsafe_code)]
 fn set_mmap_threshold(bytes: i32) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt takes no pointers; it changes a malloc tuning parameter.
+    // SAFETY: mallopt takes no pointers; it changes malloc tuning parameters.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes.saturating_mul(2));
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = bytes;

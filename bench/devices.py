@@ -183,8 +183,9 @@ def main():
     args = ap.parse_args()
     if not args.no_build:
         subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
-    work = tempfile.mkdtemp(prefix="spillway-devices-")
-    rows = [bench(model, args.rounds, work, 29080 + 100 * i) for i, model in enumerate(args.models)]
+    # Its store and cache (2 GB with SmolLM2's converted weights) go when it ends.
+    with tempfile.TemporaryDirectory(prefix="spillway-devices-") as work:
+        rows = [bench(model, args.rounds, work, 29080 + 100 * i) for i, model in enumerate(args.models)]
     print("| model | one copy MiB | budget MiB | all resident ms | first answer restart / disk ms "
           "| disk / restart | round robin restart / disk ms | peak RssAnon restart / disk MiB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -29,6 +29,9 @@ pub struct RawBody {
 pub enum Request {
     /// One or more texts (the text handlers).
     Texts(Vec<String>),
+    /// One or more texts already tokenized by the model's own tokenizer (the text
+    /// handlers take the ids as they are: no special tokens are added).
+    Tokens(Vec<Vec<u32>>),
     /// A prompt and generation parameters (text_generation).
     Generate(GenerateRequest),
     /// A conversation, rendered by the model's chat template (text_generation).

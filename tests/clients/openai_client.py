@@ -52,6 +52,10 @@ for encoding in ["default", "float", "base64"]:
     worst = max(abs(a - b) for v, w in zip(vectors, want) for a, b in zip(v, w))
     check(f"embeddings ({encoding}) equal /predictions' to 1e-6", worst <= 1e-6, worst)
     check(f"embeddings ({encoding}) usage counts the tokens", got.usage.prompt_tokens >= 4, got.usage)
+# Token ids from the model's own tokenizer: [CLS] hello world [SEP] is "hello world".
+ids = client.embeddings.create(model=embedder, input=[[101, 7592, 2088, 102]], encoding_format="float")
+worst = max(abs(a - b) for a, b in zip(ids.data[0].embedding, want[0]))
+check("token-id input embeds as its text does", worst <= 1e-6 and ids.usage.prompt_tokens == 4, worst)
 single = client.embeddings.create(model=embedder, input="hello world", encoding_format="float")
 check("a single string input", len(single.data) == 1 and len(single.data[0].embedding) == 384)
 

@@ -78,8 +78,10 @@ impl BertText {
     /// Tokenizes a request's texts (truncated at the input limit), once: the batch runs
     /// from these encodings.
     pub fn prepare(&self, request: Request, handler: &str) -> Result<Input, HandlerError> {
-        let Request::Texts(texts) = request else {
-            return Err(HandlerError::Input(format!("{handler} takes texts")));
+        let texts = match request {
+            Request::Texts(texts) => texts,
+            Request::Tokens(token_lists) => return self.prepare_tokens(token_lists),
+            _ => return Err(HandlerError::Input(format!("{handler} takes texts"))),
         };
         if texts.is_empty() {
             return Err(HandlerError::Input("the request has no input text".into()));
@@ -93,6 +95,45 @@ impl BertText {
                         context: "cannot tokenize an input text".into(),
                         source,
                     })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Input::Texts)
+    }
+
+    /// Encodings of texts the client tokenized: the ids as given (truncated at the
+    /// input limit), each checked against the vocabulary.
+    fn prepare_tokens(&self, token_lists: Vec<Vec<u32>>) -> Result<Input, HandlerError> {
+        if token_lists.is_empty() || token_lists.iter().any(Vec::is_empty) {
+            return Err(HandlerError::Input(
+                "the request has an empty token list".into(),
+            ));
+        }
+        let vocabulary = self.tokenizer.get_vocab_size(true);
+        token_lists
+            .into_iter()
+            .map(|mut ids| {
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocabulary) {
+                    return Err(HandlerError::Input(format!(
+                        "token id {bad} is outside the model's vocabulary of {vocabulary}"
+                    )));
+                }
+                ids.truncate(self.max_tokens);
+                let n = ids.len();
+                let tokens = ids
+                    .iter()
+                    .map(|&id| self.tokenizer.id_to_token(id).unwrap_or_default())
+                    .collect();
+                Ok(Encoding::new(
+                    ids,
+                    vec![0; n],
+                    tokens,
+                    vec![None; n],
+                    vec![(0, 0); n],
+                    vec![0; n],
+                    vec![1; n],
+                    Vec::new(),
+                    Default::default(),
+                ))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Input::Texts)

@@ -4,8 +4,8 @@
 //! server-sent events ending in `data: [DONE]`). Model names are the registered names;
 //! requests join the same queue and batch as `/predictions`. Errors have OpenAI's shape.
 //!
-//! Refused clearly rather than answered differently: `n` > 1, `echo`, token-array
-//! inputs, and `dimensions` other than the model's own. Log-probabilities are those
+//! Refused clearly rather than answered differently: `n` > 1, `echo`, and
+//! `dimensions` other than the model's own. Log-probabilities are those
 //! of the model's raw distribution (before temperature and top-p), as vLLM reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,10 +112,10 @@ async fn embeddings(State(state): State<AppState>, body: axum::body::Bytes) -> R
                 )));
             }
         };
-        let texts = embedding_inputs(body.input)?;
+        let request = embedding_request(body.input)?;
         let dispatch = Dispatch::to(&state, &body.model, None)?;
         expect_handler(&dispatch, HandlerKind::TextEmbedding, "/v1/embeddings")?;
-        let answered = recorded(&dispatch, dispatch.run(&state, Request::Texts(texts)).await)?;
+        let answered = recorded(&dispatch, dispatch.run(&state, request).await)?;
         let Output::Embeddings(vectors) = answered.output else {
             return Err(Error::Internal("an embedding model answered something else".into()));
         };
@@ -152,30 +152,58 @@ async fn embeddings(State(state): State<AppState>, body: axum::body::Bytes) -> R
     .await
 }
 
-/// The texts of an embeddings `input`: a string or an array of strings.
-fn embedding_inputs(input: Value) -> Result<Vec<String>> {
-    let token_arrays = || {
+/// An embeddings `input` as the handler takes it: a string or an array of strings
+/// (texts), or an array of token ids or of such arrays (texts the client tokenized with
+/// the model's own tokenizer).
+fn embedding_request(input: Value) -> Result<Request> {
+    let shape = || {
         bad(
-            "token-array inputs are not supported: send the text (the server tokenizes it \
-             with the model's own tokenizer)",
+            "input must be a string, an array of strings, an array of token ids, or an \
+             array of arrays of token ids",
         )
     };
-    let texts = match input {
-        Value::String(text) => vec![text],
-        Value::Array(items) => items
-            .into_iter()
-            .map(|item| match item {
-                Value::String(text) => Ok(text),
-                Value::Number(_) | Value::Array(_) => Err(token_arrays()),
-                _ => Err(bad("input must be a string or an array of strings")),
-            })
-            .collect::<Result<Vec<_>>>()?,
-        _ => return Err(bad("input must be a string or an array of strings")),
+    let token = |v: &Value| -> Result<u32> {
+        v.as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .ok_or_else(|| bad("token ids must be whole numbers"))
     };
-    if texts.is_empty() || texts.iter().any(String::is_empty) {
-        return Err(bad("input must not be empty, nor hold an empty string"));
+    let tokens = |items: &[Value]| -> Result<Vec<u32>> { items.iter().map(token).collect() };
+    let request = match input {
+        Value::String(text) => Request::Texts(vec![text]),
+        Value::Array(items) => match items.first() {
+            Some(Value::String(_)) => Request::Texts(
+                items
+                    .into_iter()
+                    .map(|item| match item {
+                        Value::String(text) => Ok(text),
+                        _ => Err(shape()),
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            Some(Value::Number(_)) => Request::Tokens(vec![tokens(&items)?]),
+            Some(Value::Array(_)) => Request::Tokens(
+                items
+                    .iter()
+                    .map(|item| {
+                        item.as_array()
+                            .ok_or_else(shape)
+                            .and_then(|ids| tokens(ids))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            _ => return Err(shape()),
+        },
+        _ => return Err(shape()),
+    };
+    let empty = match &request {
+        Request::Texts(texts) => texts.iter().any(String::is_empty),
+        Request::Tokens(lists) => lists.iter().any(Vec::is_empty),
+        _ => false,
+    };
+    if empty {
+        return Err(bad("input must not hold an empty string or token list"));
     }
-    Ok(texts)
+    Ok(request)
 }
 
 /// Little-endian float32 bytes in standard base64, as OpenAI's `encoding_format: base64`.
@@ -791,25 +819,33 @@ mod tests {
     }
 
     #[test]
-    fn embedding_inputs_take_strings_and_refuse_token_arrays_clearly() {
+    fn embedding_inputs_take_strings_or_token_ids() {
+        let parsed = |v: Value| embedding_request(v).ok();
+        assert_eq!(parsed(json!("a")), Some(Request::Texts(vec!["a".into()])));
         assert_eq!(
-            embedding_inputs(json!("a")).ok(),
-            Some(vec!["a".to_string()])
+            parsed(json!(["a", "b"])),
+            Some(Request::Texts(vec!["a".into(), "b".into()]))
         );
         assert_eq!(
-            embedding_inputs(json!(["a", "b"])).ok(),
-            Some(vec!["a".to_string(), "b".to_string()])
+            parsed(json!([1, 2])),
+            Some(Request::Tokens(vec![vec![1, 2]]))
+        );
+        assert_eq!(
+            parsed(json!([[1, 2], [3]])),
+            Some(Request::Tokens(vec![vec![1, 2], vec![3]]))
         );
         for refused in [
-            json!([1, 2]),
-            json!([[1, 2]]),
             json!([]),
             json!(""),
             json!(5),
+            json!(["a", 1]),
+            json!([1, "a"]),
+            json!([-1]),
+            json!([1.5]),
+            json!([[1], []]),
+            json!([[1], 2]),
         ] {
-            assert!(embedding_inputs(refused.clone()).is_err(), "{refused}");
+            assert!(embedding_request(refused.clone()).is_err(), "{refused}");
         }
-        let message = embedding_inputs(json!([[1]])).err().map(|e| e.to_string());
-        assert!(message.is_some_and(|m| m.contains("token-array")));
     }
 }

@@ -473,12 +473,27 @@ pub async fn load(
     planned: Option<Planned>,
 ) -> Result<()> {
     let started = Instant::now();
+    let startup_timeout = handle.spec.config.startup_timeout;
     let built = {
-        let handle = handle.clone();
-        tokio::task::spawn_blocking(move || build(&state, &handle, source, planned))
-            .await
-            .map_err(|e| Error::Internal(format!("load task failed: {e}")))
-            .and_then(|r| r)
+        let building = {
+            let handle = handle.clone();
+            tokio::task::spawn_blocking(move || build(&state, &handle, source, planned))
+        };
+        // Past startupTimeout the model fails; the build still running is left to
+        // finish, and what it built (and leased) is dropped with it.
+        match tokio::time::timeout(startup_timeout, building).await {
+            Ok(built) => built
+                .map_err(|e| Error::Internal(format!("load task failed: {e}")))
+                .and_then(|r| r),
+            Err(_) => Err(Error::NotReady {
+                model: handle.spec.name.clone(),
+                state: format!(
+                    "it did not load within its startup timeout ({} s; startupTimeout in \
+                     model-config.yaml, or startup_timeout when registering)",
+                    startup_timeout.as_secs()
+                ),
+            }),
+        }
     };
     let result = built.and_then(|loaded| handle.set_ready(loaded, started.elapsed()));
     match &result {

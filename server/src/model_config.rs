@@ -17,6 +17,9 @@ pub struct ModelConfig {
     pub batch_size: usize,
     pub max_batch_delay: Duration,
     pub response_timeout: Duration,
+    /// `startupTimeout` (TorchServe's, default 120 s): a load that takes longer leaves
+    /// the model FAILED.
+    pub startup_timeout: Duration,
     /// `deviceType` as written ("cpu", "gpu"); with `deviceIds`, what the model asks of
     /// the device manager ([`ModelConfig::device_request`]).
     pub device_type: Option<String>,
@@ -46,6 +49,8 @@ struct ModelConfigFile {
     max_batch_delay: Option<u64>,
     /// Seconds.
     response_timeout: Option<u64>,
+    /// Seconds.
+    startup_timeout: Option<u64>,
     device_type: Option<String>,
     device_ids: Option<Vec<usize>>,
     job_queue_size: Option<usize>,
@@ -61,7 +66,11 @@ pub struct ModelConfigOverrides {
     pub batch_size: Option<usize>,
     pub max_batch_delay_ms: Option<u64>,
     pub response_timeout_s: Option<u64>,
+    pub startup_timeout_s: Option<u64>,
 }
+
+/// TorchServe's `startupTimeout` default.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Server-wide defaults a model config falls back to.
 #[derive(Debug, Clone, Copy)]
@@ -109,6 +118,10 @@ impl ModelConfig {
                 .or(file.response_timeout)
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.response_timeout),
+            startup_timeout: overrides
+                .startup_timeout_s
+                .or(file.startup_timeout)
+                .map_or(DEFAULT_STARTUP_TIMEOUT, Duration::from_secs),
             device_type: file.device_type,
             device_ids: file.device_ids,
             job_queue_size: file.job_queue_size,
@@ -126,6 +139,12 @@ impl ModelConfig {
             return Err(Error::bad_config(
                 "model-config.yaml",
                 "threadsPerWorker must be at least 1",
+            ));
+        }
+        if config.startup_timeout.is_zero() {
+            return Err(Error::bad_config(
+                "model-config.yaml",
+                "startupTimeout must be at least 1 second",
             ));
         }
         if config.response_timeout.is_zero() {
@@ -217,6 +236,13 @@ mod tests {
         assert_eq!(c.max_batch_tokens, None);
         let c = parse("maxBatchTokens: 4096\n").expect("parse");
         assert_eq!(c.max_batch_tokens, Some(4096));
+        assert_eq!(
+            c.startup_timeout, DEFAULT_STARTUP_TIMEOUT,
+            "TorchServe's 120 s"
+        );
+        let c = parse("startupTimeout: 30\n").expect("parse");
+        assert_eq!(c.startup_timeout, Duration::from_secs(30));
+        assert!(parse("startupTimeout: 0\n").is_err());
     }
 
     #[test]
@@ -226,9 +252,15 @@ mod tests {
             batch_size: Some(4),
             max_batch_delay_ms: Some(50),
             response_timeout_s: Some(9),
+            startup_timeout_s: Some(7),
         };
-        let c = ModelConfig::parse(Some("minWorkers: 1\nbatchSize: 2\n"), &overrides, DEFAULTS)
-            .expect("parse");
+        let c = ModelConfig::parse(
+            Some("minWorkers: 1\nbatchSize: 2\nstartupTimeout: 30\n"),
+            &overrides,
+            DEFAULTS,
+        )
+        .expect("parse");
+        assert_eq!(c.startup_timeout, Duration::from_secs(7));
         assert_eq!((c.min_workers, c.max_workers, c.batch_size), (3, 3, 4));
         assert_eq!(c.max_batch_delay, Duration::from_millis(50));
         assert_eq!(c.response_timeout, Duration::from_secs(9));

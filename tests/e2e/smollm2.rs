@@ -97,3 +97,28 @@ fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
     assert_eq!(answer["details"]["finish_reason"], "stop_sequence");
     assert_eq!(answer["generated_text"], " Paris.\n\nThe ");
 }
+
+#[test]
+fn a_model_that_does_not_load_within_its_startup_timeout_is_refused_saying_so() {
+    // Converting the GGUF (a fresh cache) takes this debug build several seconds.
+    let model = fetch_model("smollm2");
+    let fixture = Fixture::new();
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &["--models", ""]);
+    server.wait_healthy();
+    let started = std::time::Instant::now();
+    let message = crate::support::error(
+        server.manage(
+            reqwest::Method::POST,
+            "/models?url=smollm2.mar&startup_timeout=1",
+        ),
+        503,
+    );
+    assert!(message.contains("startup timeout (1 s"), "{message}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "answered at the timeout, not when the load ended"
+    );
+    // A synchronous registration that failed is not left registered, as in TorchServe.
+    crate::support::error(server.manage(reqwest::Method::GET, "/models/smollm2"), 404);
+}

@@ -138,6 +138,7 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
             batch_size: number(&params, "batch_size").filter(|&b| b > 0),
             max_batch_delay_ms: number(&params, "max_batch_delay"),
             response_timeout_s: number(&params, "response_timeout").filter(|&t| t > 0),
+            startup_timeout_s: number(&params, "startup_timeout").filter(|&t| t > 0),
         },
         loaded_at_startup: false,
     };

@@ -8,31 +8,21 @@ with JSON tensors: embeddings equal /predictions', generated text equal to
 /predictions' greedy answer, and errors raised as the client's exception.
 """
 
-import json
 import sys
-import urllib.request
 
 import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
+
+import common  # tests/clients/common.py
+from common import check
 
 base, embedder, generator = sys.argv[1:4]
 client = httpclient.InferenceServerClient(url=base.removeprefix("http://"))
 
 
 def predictions(model, body):
-    request = urllib.request.Request(
-        f"{base}/predictions/{model}",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    return json.load(urllib.request.urlopen(request))
-
-
-def check(name, condition, detail=""):
-    if not condition:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"ok {name}")
+    return common.predictions(base, model, body)
 
 
 check("the server is live", client.is_server_live())

@@ -12,9 +12,11 @@ import base64
 import json
 import struct
 import sys
-import urllib.request
 
 import openai
+
+import common  # tests/clients/common.py
+from common import check
 
 base, refs_path, embedder, generator = sys.argv[1:5]
 client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
@@ -22,18 +24,7 @@ refs = json.load(open(refs_path))
 
 
 def predictions(model, body):
-    request = urllib.request.Request(
-        f"{base}/predictions/{model}",
-        data=json.dumps(body).encode(),
-        headers={"content-type": "application/json"},
-    )
-    return json.load(urllib.request.urlopen(request))
-
-
-def check(name, condition, detail=""):
-    if not condition:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"ok {name}")
+    return common.predictions(base, model, body)
 
 
 ids = sorted(m.id for m in client.models.list())

@@ -7,28 +7,25 @@ use spillway_handlers::testing::{TinyLlama, vocabulary};
 
 use crate::support::{Fixture, TestServer, json};
 
-#[test]
-fn continuous_batching_answers_each_request_as_whole_batches_do() {
-    let fixture = Fixture::new();
+/// A tiny random-weight Llama, its config.json changed by `configure`, archived once
+/// per `(name, model-config.yaml)`.
+fn archive_tiny_generators(
+    fixture: &Fixture,
+    configure: impl Fn(&mut serde_json::Value),
+    archives: &[(&str, &str)],
+) {
     let model = fixture.dir.path().join("tiny-llama");
     let spec = TinyLlama {
         vocab_size: vocabulary().len(),
         ..TinyLlama::default()
     };
     spec.write_generator(&model).unwrap();
-    // No end-of-sequence token: every request runs to its own max_new_tokens.
     let config_path = model.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["eos_token_id"] = serde_json::Value::Null;
+    configure(&mut config);
     std::fs::write(&config_path, config.to_string()).unwrap();
-    for (name, yaml) in [
-        ("whole", "batchSize: 4\nmaxBatchDelay: 50\n"),
-        (
-            "continuous",
-            "batchSize: 4\nmaxBatchDelay: 50\ncontinuousBatching: true\n",
-        ),
-    ] {
+    for (name, yaml) in archives {
         let path = fixture.file(&format!("{name}.yaml"), yaml);
         fixture.archive(
             name,
@@ -38,6 +35,23 @@ fn continuous_batching_answers_each_request_as_whole_batches_do() {
             &["--config-file", path.to_str().unwrap()],
         );
     }
+}
+
+#[test]
+fn continuous_batching_answers_each_request_as_whole_batches_do() {
+    let fixture = Fixture::new();
+    // No end-of-sequence token: every request runs to its own max_new_tokens.
+    archive_tiny_generators(
+        &fixture,
+        |config| config["eos_token_id"] = serde_json::Value::Null,
+        &[
+            ("whole", "batchSize: 4\nmaxBatchDelay: 50\n"),
+            (
+                "continuous",
+                "batchSize: 4\nmaxBatchDelay: 50\ncontinuousBatching: true\n",
+            ),
+        ],
+    );
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
     let prompts = [
@@ -89,31 +103,15 @@ fn continuous_batching_answers_each_request_as_whole_batches_do() {
 #[test]
 fn a_streamed_prediction_sends_a_json_line_per_token_and_ends_with_the_whole_answer() {
     let fixture = Fixture::new();
-    let model = fixture.dir.path().join("tiny-llama");
-    let spec = TinyLlama {
-        vocab_size: vocabulary().len(),
-        ..TinyLlama::default()
-    };
-    spec.write_generator(&model).unwrap();
     // Room for a long generation (for the abandoned stream below).
-    let config_path = model.join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    config["max_position_embeddings"] = 2048.into();
-    std::fs::write(&config_path, config.to_string()).unwrap();
-    for (name, yaml) in [
-        ("whole", "batchSize: 1\n"),
-        ("continuous", "batchSize: 4\ncontinuousBatching: true\n"),
-    ] {
-        let path = fixture.file(&format!("{name}.yaml"), yaml);
-        fixture.archive(
-            name,
-            "1.0",
-            "text_generation",
-            Some(&model),
-            &["--config-file", path.to_str().unwrap()],
-        );
-    }
+    archive_tiny_generators(
+        &fixture,
+        |config| config["max_position_embeddings"] = 2048.into(),
+        &[
+            ("whole", "batchSize: 1\n"),
+            ("continuous", "batchSize: 4\ncontinuousBatching: true\n"),
+        ],
+    );
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
     for name in ["whole", "continuous"] {

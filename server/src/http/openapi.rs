@@ -36,7 +36,8 @@ const fn endpoint(
     }
 }
 
-const INFERENCE: &[Endpoint] = &[
+/// Both APIs describe themselves.
+const SELF_DESCRIPTION: &[Endpoint] = &[
     endpoint("options", "/", "This API's description (OpenAPI).", &[]),
     endpoint(
         "get",
@@ -44,6 +45,9 @@ const INFERENCE: &[Endpoint] = &[
         "This API's description (OpenAPI).",
         &[],
     ),
+];
+
+const INFERENCE: &[Endpoint] = &[
     endpoint(
         "get",
         "/ping",
@@ -118,13 +122,6 @@ const INFERENCE: &[Endpoint] = &[
 ];
 
 const MANAGEMENT: &[Endpoint] = &[
-    endpoint("options", "/", "This API's description (OpenAPI).", &[]),
-    endpoint(
-        "get",
-        "/api-description",
-        "This API's description (OpenAPI).",
-        &[],
-    ),
     endpoint(
         "get",
         "/models",
@@ -205,7 +202,7 @@ pub fn description(api: Api) -> Value {
         Api::Management => ("Spillway management API", MANAGEMENT),
     };
     let mut paths = Map::new();
-    for e in endpoints {
+    for e in SELF_DESCRIPTION.iter().chain(endpoints) {
         let parameters: Vec<Value> = e
             .parameters
             .iter()

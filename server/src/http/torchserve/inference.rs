@@ -61,36 +61,23 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
         Ok(dispatch) => dispatch,
         Err(e) => return e.into_response(),
     };
-    let answer = async {
-        let prediction = predictions::request(dispatch.model.spec.handler, body)?;
-        if prediction.stream {
-            return Err(Streamed::Start(prediction.request));
+    let prediction = match predictions::request(dispatch.model.spec.handler, body) {
+        Ok(prediction) => prediction,
+        Err(e) => {
+            dispatch.record(e.kind().status().as_u16());
+            return e.into_response();
         }
-        Ok(dispatch.run(&state, prediction.request).await?)
-    }
-    .await;
-    let answer = match answer {
-        Err(Streamed::Start(request)) => return stream(state, dispatch, request).await,
-        Err(Streamed::Failed(e)) => Err(e),
-        Ok(answered) => Ok(answered),
     };
-    let response = answer
+    if prediction.stream {
+        return stream(state, dispatch, prediction.request).await;
+    }
+    let response = dispatch
+        .run(&state, prediction.request)
+        .await
         .and_then(|answered| render(answered.output, state.config().max_response_size))
         .unwrap_or_else(IntoResponse::into_response);
     dispatch.record(response.status().as_u16());
     response
-}
-
-/// Whether a prediction is to be streamed (or failed before it could be).
-enum Streamed {
-    Start(spillway_handlers::Request),
-    Failed(Error),
-}
-
-impl From<Error> for Streamed {
-    fn from(e: Error) -> Self {
-        Streamed::Failed(e)
-    }
 }
 
 /// A generation streamed as TorchServe streams intermediate responses: chunked

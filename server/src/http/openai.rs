@@ -681,7 +681,8 @@ fn expect_handler(dispatch: &Dispatch, kind: HandlerKind, endpoint: &str) -> Res
     }
 }
 
-/// Counts the request in its model's metrics when it fails here.
+/// Counts the request in its model's metrics with the status it is answered (200, or
+/// its error's), and passes the result on.
 fn recorded<T>(dispatch: &Dispatch, result: Result<T>) -> Result<T> {
     match &result {
         Ok(_) => dispatch.record(200),

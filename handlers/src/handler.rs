@@ -211,7 +211,8 @@ impl Default for LoadOptions {
 
 impl LoadOptions {
     /// Where the unit `name` lives at run time, from the plan. Disk units run on the
-    /// plan's stream device. This build has no GPU backend, so GPU units are refused.
+    /// plan's stream device. A unit on `cuda:N` runs on [`crate::gpu::device`] (an error
+    /// that says why in a build or on a host without GPUs).
     pub fn placement_of(
         &self,
         name: &str,
@@ -226,8 +227,11 @@ impl LoadOptions {
         })?;
         let candle_device = |d: spillway_placement::Device| match d.kind {
             DeviceType::Cpu | DeviceType::Disk => Ok(Device::Cpu),
-            DeviceType::Cuda | DeviceType::Metal => Err(HandlerError::Unsupported(format!(
-                "`{name}` is planned on {d}, but this build runs on the CPU only"
+            DeviceType::Cuda => crate::gpu::device(d.ordinal).map_err(|e| {
+                HandlerError::Unsupported(format!("`{name}` is planned on {d}, but {e}"))
+            }),
+            DeviceType::Metal => Err(HandlerError::Unsupported(format!(
+                "`{name}` is planned on {d}, but Spillway has no Metal backend"
             ))),
         };
         Ok(match device.kind {
@@ -328,5 +332,66 @@ mod tests {
         }
         let err = "python_code".parse::<HandlerKind>().expect_err("unknown");
         assert!(err.to_string().contains("text_embedding"), "{err}");
+    }
+
+    /// A plan over GPU, CPU and disk maps unit by unit onto where each runs: CPU units
+    /// resident on the CPU, disk units streamed to the plan's stream device (the GPU), GPU
+    /// units on that GPU, which a build or host without one refuses, naming the unit.
+    #[test]
+    fn a_gpu_plan_maps_each_unit_to_where_it_runs() {
+        use crate::weights::layer_stack::UnitPlacement;
+        use spillway_placement::{Device as Placed, PlacedUnit, Plan, UnitKind};
+        let unit = |name: &str, device: Placed| PlacedUnit {
+            name: name.into(),
+            bytes: 1,
+            device,
+            kind: UnitKind::Post,
+            tied: vec![],
+        };
+        let plan = Plan {
+            strategy: "auto".into(),
+            units: vec![
+                unit("gpu_unit", Placed::cuda(0)),
+                unit("cpu_unit", Placed::CPU),
+                unit("disk_unit", Placed::DISK),
+            ],
+            devices: vec![],
+            stream_device: Placed::cuda(0),
+            streamed_bytes_per_forward: 1,
+            notes: vec![],
+        };
+        let options = LoadOptions {
+            plan: Some(plan),
+            ..LoadOptions::default()
+        };
+        assert!(matches!(
+            options.placement_of("cpu_unit"),
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        ));
+        assert!(options.placement_of("no_such_unit").is_err());
+        match crate::gpu::device(0) {
+            Ok(gpu) => {
+                for name in ["gpu_unit", "disk_unit"] {
+                    let placed = options.placement_of(name).expect("a GPU is here");
+                    let (UnitPlacement::Resident(d) | UnitPlacement::Streamed(d)) = &placed;
+                    assert!(d.same_device(&gpu), "{name} runs on cuda:0");
+                    assert_eq!(
+                        matches!(placed, UnitPlacement::Streamed(_)),
+                        name == "disk_unit"
+                    );
+                }
+            }
+            Err(why) => {
+                for name in ["gpu_unit", "disk_unit"] {
+                    let err = options.placement_of(name).expect_err("no GPU here");
+                    let message = err.to_string();
+                    assert!(
+                        message.contains(name) && message.contains("cuda:0"),
+                        "{message}"
+                    );
+                    assert!(message.contains(&why.to_string()), "{message}");
+                }
+            }
+        }
     }
 }

@@ -15,6 +15,8 @@
 //! - [`weights`]: where bytes come from (model files, mapped safetensors, the offload
 //!   folder) and where units live ([`weights::layer_stack::LayerStack`]).
 //! - [`cpu`]: Spillway's fused f32 CPU kernels and the threads they run on.
+//! - [`gpu`]: the GPUs the driver shows, the device each `cuda:N` unit runs on, and
+//!   staging weights onto them (the `cuda` feature; without it, why there are none).
 //! - [`error`]: [`HandlerError`], the crate's one error type.
 //! - `testing` (feature `testing`): tiny random-weight models for tests.
 
@@ -22,6 +24,7 @@ pub mod chat;
 pub mod cpu;
 pub mod error;
 pub mod generate;
+pub mod gpu;
 pub mod handler;
 pub mod models;
 pub mod tasks;

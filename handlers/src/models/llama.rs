@@ -1195,6 +1195,188 @@ mod tests {
         }
     }
 
+    /// Every layout a plan can make with GPUs, decoded against candle's single-device Llama
+    /// on the CPU. Needs the `cuda` feature and a GPU: ignored (named as such) in a CPU
+    /// build, failing with the driver's reason in a CUDA build on a host without one.
+    mod gpu_layouts {
+        use super::*;
+
+        const NEEDS_GPU: &str = "needs a CUDA build and a GPU (bench/gpu.sh runs these on one)";
+
+        fn gpu(ordinal: usize) -> Device {
+            crate::gpu::device(ordinal).unwrap_or_else(|e| panic!("{NEEDS_GPU}: {e}"))
+        }
+
+        /// A second GPU: cuda:1 when the driver shows one, else cuda:0 on a second stream,
+        /// a device of its own to candle, so activations still hop GPU to GPU.
+        fn second_gpu() -> Device {
+            if crate::gpu::probe().found().len() > 1 {
+                gpu(1)
+            } else {
+                Device::new_cuda_with_stream(0).unwrap_or_else(|e| panic!("{NEEDS_GPU}: {e}"))
+            }
+        }
+
+        /// Where unit `i` of `n` goes.
+        type Layout = Box<dyn Fn(usize, usize) -> UnitPlacement>;
+
+        /// The layouts, by name.
+        fn layouts() -> Vec<(&'static str, Layout)> {
+            let (g0, g1) = (gpu(0), second_gpu());
+            let cpu = || Device::Cpu;
+            vec![
+                ("all on one GPU", {
+                    let g0 = g0.clone();
+                    Box::new(move |_, _| UnitPlacement::Resident(g0.clone()))
+                }),
+                ("layers over two GPUs", {
+                    let (g0, g1) = (g0.clone(), g1.clone());
+                    Box::new(move |i, n| {
+                        UnitPlacement::Resident(if i < n / 2 { g0.clone() } else { g1.clone() })
+                    })
+                }),
+                ("GPU + CPU", {
+                    let g0 = g0.clone();
+                    Box::new(move |i, n| {
+                        UnitPlacement::Resident(if i < n / 2 { g0.clone() } else { cpu() })
+                    })
+                }),
+                ("GPU + CPU + disk streamed to the GPU", {
+                    let g0 = g0.clone();
+                    Box::new(move |i, n| match i * 3 / n {
+                        0 => UnitPlacement::Resident(g0.clone()),
+                        1 => UnitPlacement::Resident(cpu()),
+                        _ => UnitPlacement::Streamed(g0.clone()),
+                    })
+                }),
+                ("all on disk, streamed to the GPU", {
+                    Box::new(move |_, _| UnitPlacement::Streamed(g0.clone()))
+                }),
+            ]
+        }
+
+        fn load(
+            source: &WeightSource,
+            config: &LlamaConfig,
+            dtype: DType,
+            place: &dyn Fn(usize, usize) -> UnitPlacement,
+        ) -> MappedLlama {
+            let names = MappedLlama::unit_names(config);
+            MappedLlama::load(source, config, dtype, |name| {
+                let i = names.iter().position(|n| n == name).expect("known unit");
+                Ok(place(i, names.len()))
+            })
+            .expect("load")
+        }
+
+        #[test]
+        #[cfg_attr(not(feature = "cuda"), ignore = "needs a CUDA build and a GPU")]
+        fn gpu_layouts_decode_greedily_like_candles_cpu_llama_in_f32() {
+            for tied in [true, false] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let spec = TinyLlama {
+                    tie_word_embeddings: tied,
+                    ..TinyLlama::default()
+                };
+                spec.write(dir.path()).expect("write");
+                let prompt = [1u32, 5, 9, 14, 3, 7];
+                let want = reference_steps(dir.path(), &prompt, 6);
+                let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+                let source =
+                    WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+                for (label, place) in layouts() {
+                    let model = load(&source, &config, DType::F32, &*place);
+                    let mut cache = KvCache::default();
+                    let mut input = prompt.to_vec();
+                    for (step, expected) in want.iter().enumerate() {
+                        let t = Tensor::new(input.as_slice(), &Device::Cpu)
+                            .and_then(|t| t.unsqueeze(0))
+                            .expect("tokens");
+                        let logits = model
+                            .forward(&t, &mut cache)
+                            .and_then(|l| l.squeeze(0))
+                            .and_then(|l| l.to_device(&Device::Cpu))
+                            .expect("forward");
+                        // cuBLAS sums in another order than the CPU's gemm.
+                        let diff = max_diff(&logits, expected);
+                        assert!(diff <= 1e-4, "tied={tied} {label}, step {step}: {diff}");
+                        let next = argmax(&logits).expect("argmax");
+                        assert_eq!(
+                            next,
+                            argmax(expected).expect("argmax"),
+                            "tied={tied} {label}, step {step}: greedy token"
+                        );
+                        input = vec![next];
+                    }
+                }
+            }
+        }
+
+        #[test]
+        #[cfg_attr(not(feature = "cuda"), ignore = "needs a CUDA build and a GPU")]
+        fn gpu_layouts_in_bf16_and_f16_stay_within_2e_2_of_the_f32_reference() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let spec = TinyLlama::default();
+            spec.write(dir.path()).expect("write");
+            let prompt = [1u32, 5, 9, 14, 3, 7];
+            let want = reference_steps(dir.path(), &prompt, 1).remove(0);
+            let scale = want
+                .abs()
+                .and_then(|t| t.max(0))
+                .and_then(|t| t.to_scalar::<f32>())
+                .expect("max");
+            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+            let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+            for dtype in [DType::BF16, DType::F16] {
+                for (label, place) in layouts() {
+                    let model = load(&source, &config, dtype, &*place);
+                    let t = Tensor::new(&prompt[..], &Device::Cpu)
+                        .and_then(|t| t.unsqueeze(0))
+                        .expect("tokens");
+                    let got = model
+                        .forward(&t, &mut KvCache::default())
+                        .and_then(|l| l.squeeze(0))
+                        .and_then(|l| l.to_device(&Device::Cpu))
+                        .and_then(|l| l.to_dtype(DType::F32))
+                        .expect("forward");
+                    let relative = max_diff(&got, &want) / scale;
+                    assert!(relative <= 2e-2, "{dtype:?} {label}: {relative}");
+                }
+            }
+        }
+
+        #[test]
+        #[cfg_attr(not(feature = "cuda"), ignore = "needs a CUDA build and a GPU")]
+        fn kv_caches_live_on_the_device_of_their_block() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let spec = TinyLlama::default();
+            spec.write(dir.path()).expect("write");
+            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+            let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+            let (label, place) = layouts().swap_remove(2);
+            assert_eq!(label, "GPU + CPU");
+            let model = load(&source, &config, DType::F32, &*place);
+            let mut cache = KvCache::default();
+            let t = Tensor::new(&[1u32, 2, 3][..], &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens");
+            model.forward(&t, &mut cache).expect("forward");
+            let names = MappedLlama::unit_names(&config);
+            for (block, layer) in cache.layers.iter().enumerate() {
+                let layer = layer.as_ref().expect("every block cached the prompt");
+                let unit = names
+                    .iter()
+                    .position(|n| *n == format!("model.layers.{block}"))
+                    .expect("block unit");
+                let want = match place(unit, names.len()) {
+                    UnitPlacement::Resident(d) | UnitPlacement::Streamed(d) => d,
+                };
+                assert!(layer.k.device().same_device(&want), "block {block} keys");
+                assert!(layer.v.device().same_device(&want), "block {block} values");
+            }
+        }
+    }
+
     #[test]
     fn the_kv_cache_grows_past_its_first_capacity_without_changing_the_answer() {
         // A 60-token prompt fills most of the first 64 slots; decoding then runs past

@@ -217,7 +217,22 @@ impl WeightSource {
 
     /// Reads one tensor onto `device` in `dtype`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        self.view(name)?.load(device)?.to_dtype(dtype)
+        self.tensor_on(name, device)?.to_dtype(dtype)
+    }
+
+    /// One tensor in its stored dtype on `device`: onto a GPU through the pinned staging
+    /// buffers ([`crate::gpu::staging`]), elsewhere by candle's copy out of the mapping.
+    fn tensor_on(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        let view = self.view(name)?;
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let stored = DType::try_from(view.dtype())?;
+            let shape = Shape::from(view.shape());
+            if let Some(tensor) = crate::gpu::staging::upload(view.data(), stored, shape, device)? {
+                return Ok(tensor);
+            }
+        }
+        view.load(device)
     }
 
     /// The bytes that hold the tensors named `names`: per file, one range spanning its
@@ -275,8 +290,8 @@ impl WeightSource {
         self.tensor_names()
             .into_iter()
             .map(|name| {
-                let view = self.view(&name)?;
-                Ok((name, view.load(device)?))
+                let tensor = self.tensor_on(&name, device)?;
+                Ok((name, tensor))
             })
             .collect()
     }

@@ -63,7 +63,7 @@ pub enum Error {
         source: Box<HandlerError>,
     },
 
-    #[error("cannot place the model: {0}")]
+    #[error("cannot place the model: {0}{hint}", hint = gpu_hint(.0))]
     Plan(spillway_placement::PlanError),
 
     /// The device manager has no room for the model, even after evicting every model
@@ -175,6 +175,19 @@ fn handler_kind(error: &HandlerError) -> ErrorKind {
         ErrorClass::Input | ErrorClass::Model => ErrorKind::BadRequest,
         ErrorClass::Exhausted => ErrorKind::InsufficientStorage,
         ErrorClass::Internal => ErrorKind::Internal,
+    }
+}
+
+/// Why no GPU is there, when a plan asks for one that is not.
+fn gpu_hint(error: &spillway_placement::PlanError) -> String {
+    match error {
+        spillway_placement::PlanError::Unavailable { device, .. } if device.starts_with("cuda") => {
+            crate::devices::gpus()
+                .unavailable()
+                .map(|why| format!("; {why}"))
+                .unwrap_or_default()
+        }
+        _ => String::new(),
     }
 }
 

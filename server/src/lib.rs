@@ -127,6 +127,7 @@ pub async fn run(
             .map_err(|e| Error::Internal(e.to_string()))?;
         tracing::info!("{name} API listening on http://{addr}");
     }
+    crate::devices::log_gpus();
     load_startup_models(&state)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -367,31 +367,45 @@ fn convert_gguf(
     Ok(Arc::new(files::FolderFiles::new(folder)))
 }
 
-/// This build executes units on the CPU, resident or streamed from disk; a plan that
-/// puts units on a GPU is refused with what it would need.
+/// Every unit of `plan` must be on a device this process can run: the CPU, disk (streamed
+/// through the plan's stream device) or a GPU the driver shows. A plan naming a GPU that is
+/// not there (a CPU build, no driver, `CUDA_VISIBLE_DEVICES`) is refused with the reason.
 fn check_executable(plan: &Plan) -> Result<()> {
-    let elsewhere: Vec<String> = plan
+    let gpus = crate::devices::gpus();
+    let usable = |device: &Device| {
+        device.kind != spillway_placement::DeviceType::Cuda
+            || gpus.found().iter().any(|g| g.ordinal == device.ordinal)
+    };
+    let missing: Vec<String> = plan
         .units
         .iter()
-        .filter(|u| u.device != Device::CPU && u.device != Device::DISK)
+        .filter(|u| !usable(&u.device))
         .map(|u| format!("{} on {}", u.name, u.device))
         .collect();
-    if elsewhere.is_empty() {
+    if missing.is_empty() && usable(&plan.stream_device) {
         return Ok(());
     }
+    let why = gpus.unavailable().map(str::to_string).unwrap_or_else(|| {
+        let shown: Vec<String> = gpus
+            .found()
+            .iter()
+            .map(|g| format!("cuda:{}", g.ordinal))
+            .collect();
+        format!("the driver shows only {}", shown.join(", "))
+    });
     Err(Error::bad_config(
         "setup_config.json",
         format!(
-            "this build runs models on the CPU (and streams disk units through it), but the plan \
-             places {} units on a GPU ({}{}); use device_map \"cpu\" or \"auto\"",
-            elsewhere.len(),
-            elsewhere
+            "the plan places {} units on a GPU this process cannot use ({}{}): {why}; use \
+             device_map \"cpu\" or \"auto\"",
+            missing.len(),
+            missing
                 .iter()
                 .take(3)
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", "),
-            if elsewhere.len() > 3 { ", ..." } else { "" }
+            if missing.len() > 3 { ", ..." } else { "" }
         ),
     ))
 }

@@ -47,6 +47,10 @@ pub const CPU_UTILIZATION: &str = "CPUUtilization";
 pub const MEMORY_USED_MB: &str = "MemoryUsed";
 /// Host memory available, megabytes (TorchServe's name).
 pub const MEMORY_AVAILABLE_MB: &str = "MemoryAvailable";
+/// GPU memory in use on each GPU, megabytes (TorchServe's name; CUDA builds).
+pub const GPU_MEMORY_USED_MB: &str = "GPUMemoryUsed";
+/// GPU memory in use on each GPU, percent of its total (TorchServe's name; CUDA builds).
+pub const GPU_MEMORY_UTILIZATION: &str = "GPUMemoryUtilization";
 /// This process's resident memory, bytes.
 pub const PROCESS_RESIDENT_BYTES: &str = "spillway_process_resident_bytes";
 /// Request to answer, seconds (histogram; buckets from 50 µs).
@@ -219,6 +223,11 @@ fn describe() {
         ),
         (MEMORY_USED_MB, "Host memory in use, megabytes."),
         (MEMORY_AVAILABLE_MB, "Host memory available, megabytes."),
+        (GPU_MEMORY_USED_MB, "GPU memory in use, megabytes."),
+        (
+            GPU_MEMORY_UTILIZATION,
+            "GPU memory in use, percent of the GPU's total.",
+        ),
         (QUEUE_DEPTH, "Jobs waiting in the model's queue."),
     ] {
         describe_gauge!(name, help);
@@ -304,6 +313,18 @@ pub fn refresh(models: &[ModelSample], pools: &[PoolView]) {
             memory.total_bytes - memory.available_bytes.min(memory.total_bytes)
         ));
         gauge!(MEMORY_AVAILABLE_MB, &host).set(mb(memory.available_bytes));
+    }
+    for gpu in crate::devices::gpus().found() {
+        let labels = [
+            host[0].clone(),
+            ("device_id", gpu.ordinal.to_string()),
+            host[1].clone(),
+        ];
+        let used = gpu.total.saturating_sub(gpu.free);
+        gauge!(GPU_MEMORY_USED_MB, &labels).set(used as f64 / (1024.0 * 1024.0));
+        if gpu.total > 0 {
+            gauge!(GPU_MEMORY_UTILIZATION, &labels).set(100.0 * used as f64 / gpu.total as f64);
+        }
     }
     if let Some(rss) = process_rss_bytes() {
         gauge!(PROCESS_RESIDENT_BYTES).set(rss as f64);

@@ -185,6 +185,10 @@ fn describe_shows_the_plan_and_gpu_plans_are_refused_on_this_build() {
         message.contains("cuda:0") && message.contains("not available"),
         "{message}"
     );
+    assert!(
+        message.contains("this build has no CUDA support") || message.contains("CUDA driver said"),
+        "says why there is no GPU: {message}"
+    );
 }
 
 #[test]

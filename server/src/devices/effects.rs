@@ -1,6 +1,7 @@
 //! Carrying out the device manager's decisions: evicting models — `restart` (unload,
 //! keep them registered) or `disk` (keep them loaded with their units streamed from
-//! disk; `cpu` has no GPU units to move in this build and falls back to `disk`) — and
+//! disk, a GPU unit then streamed to its GPU for each pass; `cpu`, keeping GPU units in
+//! host RAM, is not built and falls back to `disk`) — and
 //! bringing an evicted model back when a request arrives for it: reloading it, or
 //! promoting its units. The loader calls [`evict`] before building a model that needs
 //! the room; the inference path calls [`ensure_serving`].

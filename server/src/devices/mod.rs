@@ -1,5 +1,6 @@
 //! What this machine has, for the planner: free and total RAM (from /proc/meminfo) and
-//! GPUs (none in a CPU build). The only place the server reads device memory.
+//! the GPUs the CUDA driver shows (none in a CPU build; [`gpus`] says why). The only place
+//! the server reads device memory.
 //!
 //! - [`manager`]: the device manager — the pools' budgets and the allocation map (who
 //!   holds which bytes, loading or not, last used), admission through the policy.
@@ -18,10 +19,49 @@ use spillway_placement::Machine;
 pub fn probe() -> Machine {
     let memory = host_memory();
     Machine {
-        gpus: Vec::new(),
+        gpus: gpu_memory(&gpus()),
         cpu_available: memory.map_or(0, |m| m.available_bytes),
         cpu_total: memory.map_or(0, |m| m.total_bytes),
         cpu_reserve: None,
+    }
+}
+
+/// The GPUs this process can use now, or why none.
+pub fn gpus() -> spillway_handlers::gpu::Gpus {
+    spillway_handlers::gpu::probe()
+}
+
+/// What the planner needs of each GPU: its memory.
+fn gpu_memory(gpus: &spillway_handlers::gpu::Gpus) -> Vec<spillway_placement::GpuMemory> {
+    gpus.found()
+        .iter()
+        .map(|g| spillway_placement::GpuMemory {
+            ordinal: g.ordinal,
+            free: g.free,
+            total: g.total,
+        })
+        .collect()
+}
+
+/// Says once, at start, which GPUs serve, or why plans that put units on a GPU are refused.
+pub fn log_gpus() {
+    match gpus() {
+        spillway_handlers::gpu::Gpus::Found(found) => {
+            for g in found {
+                tracing::info!(
+                    "GPU cuda:{}: {}, compute capability {}.{}, {:.1} GiB of {:.1} GiB free",
+                    g.ordinal,
+                    g.name,
+                    g.compute_capability.0,
+                    g.compute_capability.1,
+                    g.free as f64 / (1u64 << 30) as f64,
+                    g.total as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        spillway_handlers::gpu::Gpus::Unavailable(why) => tracing::info!(
+            "models run on the CPU and disk only; plans that put units on a GPU are refused: {why}"
+        ),
     }
 }
 

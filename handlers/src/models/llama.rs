@@ -949,6 +949,19 @@ mod tests {
         want: &[Tensor],
         label: &str,
     ) {
+        decodes_greedily_within(model, cache, prompt, want, 1e-5, label)
+    }
+
+    /// [`decodes_greedily_like`] to `tolerance`, with the reference's greedy token at every
+    /// step (logits come back from whichever device the head is on).
+    fn decodes_greedily_within(
+        model: &MappedLlama,
+        cache: &mut KvCache,
+        prompt: &[u32],
+        want: &[Tensor],
+        tolerance: f32,
+        label: &str,
+    ) {
         let mut input = prompt.to_vec();
         for (step, expected) in want.iter().enumerate() {
             let t = Tensor::new(input.as_slice(), &Device::Cpu)
@@ -957,13 +970,50 @@ mod tests {
             let logits = model
                 .forward(&t, cache)
                 .and_then(|l| l.squeeze(0))
+                .and_then(|l| l.to_device(&Device::Cpu))
                 .expect("forward");
             let diff = max_diff(&logits, expected);
             assert!(
-                diff <= 1e-5,
+                diff <= tolerance,
                 "{label}, step {step}: logits differ by {diff}"
             );
-            input = vec![argmax(&logits).expect("argmax")];
+            let next = argmax(&logits).expect("argmax");
+            assert_eq!(
+                next,
+                argmax(expected).expect("argmax"),
+                "{label}, step {step}"
+            );
+            input = vec![next];
+        }
+    }
+
+    /// A tiny random Llama written to a temporary folder, its unit source, and
+    /// candle-transformers' logits for 6 greedy steps from a fixed prompt.
+    struct Referenced {
+        _dir: tempfile::TempDir,
+        config: LlamaConfig,
+        source: WeightSource,
+        prompt: [u32; 6],
+        want: Vec<Tensor>,
+    }
+
+    fn referenced(tied: bool) -> Referenced {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyLlama {
+            tie_word_embeddings: tied,
+            ..TinyLlama::default()
+        };
+        spec.write(dir.path()).expect("write");
+        let prompt = [1u32, 5, 9, 14, 3, 7];
+        let want = reference_steps(dir.path(), &prompt, 6);
+        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        Referenced {
+            _dir: dir,
+            config,
+            source,
+            prompt,
+            want,
         }
     }
 
@@ -1155,16 +1205,13 @@ mod tests {
     #[test]
     fn every_placement_decodes_like_candles_single_device_llama() {
         for tied in [true, false] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let spec = TinyLlama {
-                tie_word_embeddings: tied,
-                ..TinyLlama::default()
-            };
-            spec.write(dir.path()).expect("write");
-            let prompt = [1u32, 5, 9, 14, 3, 7];
-            let want = reference_steps(dir.path(), &prompt, 6);
-            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
-            let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+            let Referenced {
+                config,
+                source,
+                prompt,
+                want,
+                ..
+            } = referenced(tied);
             let names = MappedLlama::unit_names(&config);
             type OnDisk = fn(usize, usize) -> bool;
             let layouts: [(&str, OnDisk); 4] = [
@@ -1273,41 +1320,18 @@ mod tests {
         #[cfg_attr(not(feature = "cuda"), ignore = "needs a CUDA build and a GPU")]
         fn gpu_layouts_decode_greedily_like_candles_cpu_llama_in_f32() {
             for tied in [true, false] {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let spec = TinyLlama {
-                    tie_word_embeddings: tied,
-                    ..TinyLlama::default()
-                };
-                spec.write(dir.path()).expect("write");
-                let prompt = [1u32, 5, 9, 14, 3, 7];
-                let want = reference_steps(dir.path(), &prompt, 6);
-                let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
-                let source =
-                    WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+                let fixture = referenced(tied);
                 for (label, place) in layouts() {
-                    let model = load(&source, &config, DType::F32, &*place);
-                    let mut cache = KvCache::default();
-                    let mut input = prompt.to_vec();
-                    for (step, expected) in want.iter().enumerate() {
-                        let t = Tensor::new(input.as_slice(), &Device::Cpu)
-                            .and_then(|t| t.unsqueeze(0))
-                            .expect("tokens");
-                        let logits = model
-                            .forward(&t, &mut cache)
-                            .and_then(|l| l.squeeze(0))
-                            .and_then(|l| l.to_device(&Device::Cpu))
-                            .expect("forward");
-                        // cuBLAS sums in another order than the CPU's gemm.
-                        let diff = max_diff(&logits, expected);
-                        assert!(diff <= 1e-4, "tied={tied} {label}, step {step}: {diff}");
-                        let next = argmax(&logits).expect("argmax");
-                        assert_eq!(
-                            next,
-                            argmax(expected).expect("argmax"),
-                            "tied={tied} {label}, step {step}: greedy token"
-                        );
-                        input = vec![next];
-                    }
+                    let model = load(&fixture.source, &fixture.config, DType::F32, &*place);
+                    // cuBLAS sums in another order than the CPU's gemm.
+                    decodes_greedily_within(
+                        &model,
+                        &mut KvCache::default(),
+                        &fixture.prompt,
+                        &fixture.want,
+                        1e-4,
+                        &format!("tied={tied} {label}"),
+                    );
                 }
             }
         }

@@ -20,9 +20,11 @@ half layouts) unless --no-peer.
 Usage: bench/gpu.py --bin .gpu/spillway --configs .gpu [--runs 5] [--no-peer] [--device cpu]
 (--device cpu: a dry run of the Spillway side on a machine without a GPU, every unit on CPU.)
 """
-import argparse, json, os, re, shutil, statistics, struct, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, re, shutil, statistics, struct, subprocess, sys, tempfile, time
 
 import numpy as np
+
+from common import Server
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 64
@@ -127,47 +129,12 @@ def prompt(words, seed=1):
 
 # ---- Spillway --------------------------------------------------------------------------
 
-class Server:
-    def __init__(self, binary, store, cache, port):
-        self.port = port
-        env = dict(os.environ, RUST_LOG="warn")
-        self.proc = subprocess.Popen([binary, "serve", "--model-store", store, "--cache-dir", cache,
-                                      "--inference-address", f"127.0.0.1:{port}",
-                                      "--management-address", f"127.0.0.1:{port + 1}",
-                                      "--metrics-address", f"127.0.0.1:{port + 2}"], env=env)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"spillway exited with {self.proc.returncode}")
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping").status == 200:
-                    return
-            except Exception:
-                time.sleep(0.05)
-        raise RuntimeError("server never became healthy")
+def register(server, url):
+    server.manage("POST", f"/models?url={url}&synchronous=true")
 
-    def post(self, path, body):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        t = time.perf_counter()
-        answer = json.load(urllib.request.urlopen(req, timeout=600))
-        return time.perf_counter() - t, answer
 
-    def register(self, url):
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port + 1}/models?url={url}&synchronous=true",
-                                     method="POST")
-        try:
-            urllib.request.urlopen(req, timeout=600)
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"registering {url}: {e.code} {e.read().decode()}") from None
-
-    def metric(self, name):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port + 2}/metrics").read().decode()
-        return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait()
+def metric(server, name):
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", server.metrics(), re.M))
 
 
 def archive(binary, name, handler, folder, setup, store, work):
@@ -231,8 +198,6 @@ def torch_decode(folder, dtype, device_map, runs, text, offload):
     for _ in range(runs):
         t1, tn = generate(1), generate(NEW_TOKENS + 1)
         per_token.append((tn - t1) / NEW_TOKENS)
-    del model
-    torch.cuda.empty_cache()
     return 1 / statistics.median(per_token)
 
 
@@ -300,18 +265,17 @@ def main():
         try:
             for n, (label, weights, setup) in enumerate(layouts):
                 name = f"smol{n}"
-                server.register(archive(args.bin, name, "text_generation", models[weights], setup, store, work))
-                bytes0, us0 = server.metric("spillway_streamed_bytes_total"), \
-                    server.metric("spillway_materialize_microseconds_total")
+                register(server, archive(args.bin, name, "text_generation", models[weights], setup, store, work))
+                bytes0, us0 = metric(server, "spillway_streamed_bytes_total"), \
+                    metric(server, "spillway_materialize_microseconds_total")
                 prefill, tok_s = spillway_decode(server, name, args.runs, text)
-                streamed = server.metric("spillway_streamed_bytes_total") - bytes0
-                us = server.metric("spillway_materialize_microseconds_total") - us0
+                streamed = metric(server, "spillway_streamed_bytes_total") - bytes0
+                us = metric(server, "spillway_materialize_microseconds_total") - us0
                 staging = streamed / (us * 1e-6) / 1e9 if us > 0 else None
                 rows.append((label, prefill, tok_s, staging))
-                urllib.request.urlopen(urllib.request.Request(
-                    f"http://127.0.0.1:{server.port + 1}/models/{name}", method="DELETE"))
+                server.manage("DELETE", f"/models/{name}")
             name = "minilm"
-            server.register(archive(args.bin, name, "text_embedding", minilm, {"device_map": gpu}, store, work))
+            register(server, archive(args.bin, name, "text_embedding", minilm, {"device_map": gpu}, store, work))
             sentences = [prompt(24, seed=s) for s in range(64)]
             sentences_s = spillway_embed(server, name, args.runs, sentences)
         finally:

@@ -15,6 +15,8 @@ Usage: bench/offload.py [--runs 5] [--no-cold]
 """
 import argparse, json, os, re, shutil, statistics, subprocess, sys, tempfile, threading, time, urllib.request
 
+from common import drop_caches, status
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/spillway")
 PROMPT = ("The history of the river valley is long and full of change. " * 10).strip()  # 130 tokens
@@ -24,27 +26,10 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout.strip()
 
 
-def drop_caches():
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def dd_gbps(path):
     out = subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=16M"], capture_output=True, text=True).stderr
     m = re.search(r"copied, ([\d.]+) s", out)
     return os.path.getsize(path) / float(m.group(1)) / 1e9
-
-
-def status(pid, key):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 class Server:
@@ -119,7 +104,6 @@ def main():
     for name, setup in layouts.items():
         store = os.path.join(work, name)
         os.makedirs(store)
-        setup_path = os.path.join(work, f"{name}-setup_config.json")
         with open(os.path.join(work, "setup_config.json"), "w") as f:
             json.dump(setup, f)
         run([BIN, "archive", "--model-name", "smollm2", "--handler", "text_generation", "--model-dir", model_dir,
@@ -127,7 +111,6 @@ def main():
         server = Server(store, os.path.join(work, "cache"), port)
         d = server.describe("smollm2")
         streamed = d["placement"]["streamed_bytes_per_forward"]
-        weights = d["placement"]["units"]
         server.generate("smollm2", 2)  # warm-up
         results = {}
         for cache in (["warm", "cold"] if cold_ok else ["warm"]):

@@ -1,0 +1,71 @@
+"""What the benchmarks share: `spillway serve` as a child process on its three ports, the
+kernel's page cache, and a process's memory figures."""
+import json, os, subprocess, time, urllib.error, urllib.request
+
+
+def drop_caches():
+    """Empties the page cache (needs root); whether it could."""
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def status(pid, key):
+    """A /proc/PID/status figure in bytes (VmHWM:, RssAnon:, ...); 0 when absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Server:
+    """`binary serve` on PORT (inference), PORT+1 (management), PORT+2 (metrics); `args` are
+    added to its command line. Returns once /ping answers."""
+
+    def __init__(self, binary, store, cache, port, args=(), timeout=300):
+        self.port = port
+        self.proc = subprocess.Popen([binary, "serve", "--model-store", store, "--cache-dir", cache,
+                                      "--inference-address", f"127.0.0.1:{port}",
+                                      "--management-address", f"127.0.0.1:{port + 1}",
+                                      "--metrics-address", f"127.0.0.1:{port + 2}", *args],
+                                     env=dict(os.environ, RUST_LOG="warn"))
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"spillway exited with {self.proc.returncode}")
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping").status == 200:
+                    return
+            except Exception:
+                time.sleep(0.05)
+        raise RuntimeError("the server never became healthy")
+
+    def post(self, path, body):
+        """(seconds, answer) of a JSON POST to the inference API."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t = time.perf_counter()
+        answer = json.load(urllib.request.urlopen(req, timeout=600))
+        return time.perf_counter() - t, answer
+
+    def manage(self, method, path):
+        """The management API's JSON answer; an HTTP error raises with its body."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port + 1}{path}", method=method)
+        try:
+            return json.load(urllib.request.urlopen(req, timeout=600))
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{method} {path}: {e.code} {e.read().decode()}") from None
+
+    def metrics(self):
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.port + 2}/metrics").read().decode()
+
+    def stop(self):
+        """Stops the server; its peak RSS (VmHWM) in bytes."""
+        hwm = status(self.proc.pid, "VmHWM:")
+        self.proc.terminate()
+        self.proc.wait()
+        return hwm

@@ -91,6 +91,15 @@ impl Plan {
     pub fn usage(&self, device: Device) -> Option<&DeviceUsage> {
         self.devices.iter().find(|d| d.device == device)
     }
+
+    /// Whether any unit computes on a GPU: one placed there, or a disk unit streamed to a
+    /// GPU stream device.
+    pub fn computes_on_gpu(&self) -> bool {
+        let gpu = |d: Device| d.kind == DeviceType::Cuda;
+        self.units
+            .iter()
+            .any(|u| gpu(u.device) || (u.device == Device::DISK && gpu(self.stream_device)))
+    }
 }
 
 /// Plans the placement. Disk units run on the first GPU that can hold their working

@@ -154,6 +154,7 @@ fn a_model_that_fits_maps_nothing_off_its_device() {
         );
         assert_eq!(p.streamed_bytes_per_forward, 0);
         assert_eq!(p.usage(Device::CPU).expect("cpu").weights, 22_713_216 * 4);
+        assert!(!p.computes_on_gpu(), "{strategy}");
     }
 }
 
@@ -179,6 +180,17 @@ fn a_70b_model_spills_to_disk_after_the_gpu_and_cpu() {
         Device::cuda(0),
         "disk units run on the GPU"
     );
+    assert!(p.computes_on_gpu());
+    // Disk units alone compute on the GPU when it streams them.
+    let mut streamed_only = p.clone();
+    for unit in &mut streamed_only.units {
+        if unit.device != Device::DISK {
+            unit.device = Device::CPU;
+        }
+    }
+    assert!(streamed_only.computes_on_gpu());
+    streamed_only.stream_device = Device::CPU;
+    assert!(!streamed_only.computes_on_gpu());
     // The GPU keeps room for two disk blocks (bf16: 2 * (2*8192^2 + 2*1024*8192 + 3*8192*28672 + 2*8192) = 1,711,308,800 bytes each) and their KV caches.
     let block = 1_711_308_800u64;
     assert_eq!(c.units[1].bytes, block);

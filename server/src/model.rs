@@ -676,6 +676,11 @@ impl ModelHandle {
             description.loaded_at = Some(crate::timestamp::rfc3339(serving.loaded_at));
             description.model = Some(serving.handler.info());
             description.placement = serving.plan.clone();
+            // TorchServe's `gpu` flag: whether the worker computes on a GPU.
+            let on_gpu = serving.plan.as_ref().is_some_and(|p| p.computes_on_gpu());
+            for worker in &mut description.workers {
+                worker.gpu = on_gpu;
+            }
         }
         description
     }

@@ -183,7 +183,7 @@ impl WorkerPool {
                 },
                 requests_served: w.stats.requests.load(Ordering::Relaxed),
                 restarts: w.stats.restarts.load(Ordering::Relaxed),
-                gpu: false,
+                gpu: false, // set from the model's plan by its describe()
                 threads: w.threads,
             })
             .collect()

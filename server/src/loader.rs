@@ -376,13 +376,21 @@ fn check_executable(plan: &Plan) -> Result<()> {
         device.kind != spillway_placement::DeviceType::Cuda
             || gpus.found().iter().any(|g| g.ordinal == device.ordinal)
     };
+    let streams_to_missing_gpu = !usable(&plan.stream_device);
     let missing: Vec<String> = plan
         .units
         .iter()
-        .filter(|u| !usable(&u.device))
-        .map(|u| format!("{} on {}", u.name, u.device))
+        .filter_map(|u| {
+            if !usable(&u.device) {
+                Some(format!("{} on {}", u.name, u.device))
+            } else if u.device == Device::DISK && streams_to_missing_gpu {
+                Some(format!("{} streamed to {}", u.name, plan.stream_device))
+            } else {
+                None
+            }
+        })
         .collect();
-    if missing.is_empty() && usable(&plan.stream_device) {
+    if missing.is_empty() {
         return Ok(());
     }
     let why = gpus.unavailable().map(str::to_string).unwrap_or_else(|| {
@@ -521,4 +529,64 @@ pub async fn load(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spillway_placement::{PlacedUnit, UnitKind};
+
+    fn plan(units: &[(&str, Device)], stream_device: Device) -> Plan {
+        Plan {
+            strategy: "auto".into(),
+            units: units
+                .iter()
+                .map(|(name, device)| PlacedUnit {
+                    name: name.to_string(),
+                    bytes: 1,
+                    device: *device,
+                    kind: UnitKind::Post,
+                    tied: vec![],
+                })
+                .collect(),
+            devices: vec![],
+            stream_device,
+            streamed_bytes_per_forward: 0,
+            notes: vec![],
+        }
+    }
+
+    /// CPU and disk plans run; any unit that would compute on a GPU the driver does not
+    /// show (here `cuda:N`, N the number it shows: none on a machine without GPUs) is
+    /// named in the refusal, with the reason.
+    #[test]
+    fn plans_that_compute_on_a_missing_gpu_are_refused_naming_the_units_and_why() {
+        let gpus = crate::devices::gpus();
+        let absent = Device::cuda(gpus.found().len());
+        let why = gpus.unavailable().unwrap_or("the driver shows only");
+        let cpu_disk = plan(&[("a", Device::CPU), ("b", Device::DISK)], Device::CPU);
+        assert!(check_executable(&cpu_disk).is_ok());
+        let idle_stream = plan(&[("a", Device::CPU)], absent);
+        assert!(
+            check_executable(&idle_stream).is_ok(),
+            "no disk unit streams to the GPU"
+        );
+        for (units, named) in [
+            (
+                vec![("a", absent), ("b", Device::CPU)],
+                format!("a on {absent}"),
+            ),
+            (
+                vec![("a", Device::CPU), ("b", Device::DISK)],
+                format!("b streamed to {absent}"),
+            ),
+        ] {
+            let err = check_executable(&plan(&units, absent)).expect_err("refused");
+            let message = err.to_string();
+            assert!(
+                message.contains(&named) && message.contains(why),
+                "{message}"
+            );
+        }
+    }
 }

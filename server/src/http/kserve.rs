@@ -403,7 +403,20 @@ fn input_strings(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<String>
             tensor.name, tensor.datatype
         )));
     }
-    let expected: i64 = tensor.shape.iter().product();
+    // A request's shape is concrete: -1 ("any size") belongs to metadata, not to inputs.
+    let expected = tensor
+        .shape
+        .iter()
+        .try_fold(1u64, |n, &d| {
+            u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
+        })
+        .ok_or_else(|| {
+            bad(format!(
+                "input {} has shape {:?}: dimensions must be non-negative and their product \
+                 must fit 64 bits",
+                tensor.name, tensor.shape
+            ))
+        })?;
     let strings = if let Some(size) = tensor.parameters.get("binary_data_size") {
         let size = size
             .as_u64()
@@ -456,7 +469,7 @@ fn input_strings(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<String>
             })
             .collect::<Result<Vec<_>>>()?
     };
-    if expected >= 0 && strings.len() as i64 != expected {
+    if strings.len() as u64 != expected {
         return Err(bad(format!(
             "input {} has shape {:?} ({expected} elements) but {} elements of data",
             tensor.name,
@@ -729,6 +742,8 @@ mod tests {
             (vec![1], None, None, vec![]),
             (vec![1], None, Some(9), binary_strings(&["a"])),
             (vec![1], None, Some(5), vec![9, 0, 0, 0, b'a']),
+            (vec![-1], Some(json!(["a"])), None, vec![]),
+            (vec![i64::MAX, 4], Some(json!(["a"])), None, vec![]),
         ] {
             let mut rest: &[u8] = &bytes;
             assert!(input_strings(&tensor(shape, data, size), &mut rest).is_err());

@@ -29,6 +29,12 @@ pub enum ErrorKind {
     Conflict,
     /// Missing or wrong bearer token (401).
     Unauthorized,
+    /// The path exists but does not take this method (405).
+    MethodNotAllowed,
+    /// A body in a format the endpoint does not read (415).
+    UnsupportedMediaType,
+    /// Request headers larger than the server reads (431).
+    HeadersTooLarge,
     /// The server's or the model's fault (500).
     Internal,
 }
@@ -104,6 +110,15 @@ pub enum Error {
     },
 
     #[error("{0}")]
+    MethodNotAllowed(String),
+
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+
+    #[error("the request's headers hold {size} bytes, more than the {limit} this server reads")]
+    HeadersTooLarge { size: usize, limit: usize },
+
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -133,6 +148,9 @@ impl Error {
             Error::NotReady { .. } => ErrorKind::NotReady,
             Error::Conflict(_) => ErrorKind::Conflict,
             Error::Unauthorized => ErrorKind::Unauthorized,
+            Error::MethodNotAllowed(_) => ErrorKind::MethodNotAllowed,
+            Error::UnsupportedMediaType(_) => ErrorKind::UnsupportedMediaType,
+            Error::HeadersTooLarge { .. } => ErrorKind::HeadersTooLarge,
             Error::Handler(e) => handler_kind(e),
             Error::Load { source, .. } => handler_kind(source),
             Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,

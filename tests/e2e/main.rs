@@ -6,6 +6,7 @@ mod archives;
 mod clients;
 mod devices;
 mod generation;
+mod hostile;
 mod inference;
 mod management;
 mod metrics;

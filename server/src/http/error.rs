@@ -2,7 +2,9 @@
 //! shape `{"code": N, "type": "...", "message": "..."}`. Internal errors are logged
 //! with their whole source chain and answered with a generic message.
 
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -19,6 +21,9 @@ impl ErrorKind {
             ErrorKind::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -35,6 +40,9 @@ impl ErrorKind {
             ErrorKind::InsufficientStorage => "InsufficientMemoryException",
             ErrorKind::Conflict => "ConflictStatusException",
             ErrorKind::Unauthorized => "InvalidKeyException",
+            ErrorKind::MethodNotAllowed => "MethodNotAllowedException",
+            ErrorKind::UnsupportedMediaType => "UnsupportedMediaTypeException",
+            ErrorKind::HeadersTooLarge => "RequestHeaderFieldsTooLargeException",
             ErrorKind::Internal => "InternalServerException",
         }
     }
@@ -84,4 +92,121 @@ impl IntoResponse for Error {
         }
         response
     }
+}
+
+/// Gives every error answer a JSON body in its API's shape: OpenAI's under `/v1/`, KServe's
+/// under `/v2/`, TorchServe's elsewhere. Handlers' own errors already have one; this
+/// catches what axum answers before a handler runs, as plain text or an empty body: an
+/// extractor's rejection (a body past `max_request_size` (the state), a path segment that
+/// is not UTF-8) and 405 for a method a path does not take.
+///
+/// A 413 also says `Connection: close`: the body it refused was not read, so the connection
+/// cannot carry another request, and a client that reused it would lose its next one.
+pub async fn json_errors(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let mut response = as_json(limit, &method, &path, next.run(request).await).await;
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// `response` with a JSON body in its API's shape, if it is an error without one.
+async fn as_json(
+    limit: usize,
+    method: &axum::http::Method,
+    path: &str,
+    response: Response,
+) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    if status == StatusCode::NOT_FOUND {
+        return unknown_endpoint(path.parse().unwrap_or_default()).await;
+    }
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge { limit },
+        StatusCode::METHOD_NOT_ALLOWED => {
+            Error::MethodNotAllowed(format!("{method} is not allowed on {path}"))
+        }
+        s if s.is_server_error() => Error::Internal(text),
+        _ if text.is_empty() => Error::BadRequest(format!("{method} {path}: {status}")),
+        _ => Error::BadRequest(text),
+    };
+    let body = if path.starts_with("/v1/") {
+        crate::http::openai::error_body(&error)
+    } else if path.starts_with("/v2/") {
+        json!({"error": error.public_message()})
+    } else {
+        error.body()
+    };
+    (error.kind().status(), axum::Json(body)).into_response()
+}
+
+/// Refuses, with 415, a body whose declared type is not one the JSON protocols read:
+/// JSON (`application/json`, `*/*+json`), or what clients send for it when not told
+/// otherwise (`application/x-www-form-urlencoded` from `curl -d`, `text/plain`), or
+/// KServe's binary extension (`application/octet-stream`). XML, multipart and the like are
+/// refused rather than parsed as JSON. No content type is taken as JSON.
+pub async fn json_bodies_only(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("?").to_ascii_lowercase());
+    if let Some(declared) = declared {
+        let essence = declared.split(';').next().unwrap_or("").trim();
+        let readable = essence == "application/json"
+            || essence.ends_with("+json")
+            || matches!(
+                essence,
+                "application/x-www-form-urlencoded" | "text/plain" | "application/octet-stream"
+            );
+        if !readable {
+            let error = Error::UnsupportedMediaType(format!(
+                "the body is declared {essence:?}; this endpoint reads JSON (application/json)"
+            ));
+            let path = request.uri().path();
+            let body = if path.starts_with("/v1/") {
+                crate::http::openai::error_body(&error)
+            } else {
+                json!({"error": error.public_message()})
+            };
+            return (error.kind().status(), axum::Json(body)).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Bytes of request headers (names and values) a request may carry. Netty, under
+/// TorchServe, stops at 8 KiB per header line; 64 KiB in all leaves room for long bearer
+/// tokens and cookies. (hyper itself buffers at most about 400 KiB before this runs.)
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+
+/// Refuses, with 431, a request whose headers pass [`MAX_HEADER_BYTES`].
+pub async fn bounded_headers(request: Request, next: Next) -> Response {
+    let size: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if size > MAX_HEADER_BYTES {
+        return Error::HeadersTooLarge {
+            size,
+            limit: MAX_HEADER_BYTES,
+        }
+        .into_response();
+    }
+    next.run(request).await
 }

@@ -37,9 +37,11 @@ use crate::error::Error;
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
     let limit = state.config().max_request_size;
-    let mut routes = torchserve::inference::predictions(state.clone())
-        .merge(openai::router(state.clone()))
+    let json_protocols = openai::router(state.clone())
         .merge(kserve::router(state.clone()))
+        .route_layer(middleware::from_fn(error::json_bodies_only));
+    let mut routes = torchserve::inference::predictions(state.clone())
+        .merge(json_protocols)
         .merge(openapi::router(openapi::Api::Inference));
     if state.config().kserve_v1 {
         routes = routes.merge(kserve::v1_router(state.clone()));
@@ -48,17 +50,22 @@ pub fn inference_router(state: AppState) -> Router {
         .merge(torchserve::inference::health(state.clone()))
         .merge(kserve::health(state))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(limit, error::json_errors))
+        .layer(middleware::from_fn(error::bounded_headers))
         .layer(middleware::from_fn(count_response))
 }
 
 pub fn management_router(state: AppState) -> Router {
     let token = state.config().management_token.clone();
+    let limit = state.config().max_request_size;
     guarded(
         torchserve::management::router(state.clone())
             .merge(devices::router(state))
             .merge(openapi::router(openapi::Api::Management)),
         token,
     )
+    .layer(middleware::from_fn_with_state(limit, error::json_errors))
+    .layer(middleware::from_fn(error::bounded_headers))
     .layer(middleware::from_fn(count_response))
 }
 

@@ -661,7 +661,7 @@ async fn generate(
                     Ok(Err(e)) => e,
                     _ => Error::Internal("the generation ended without finishing".into()),
                 };
-                yield_(Event::default().data(openai_error_body(&error).to_string())).await;
+                yield_(Event::default().data(error_body(&error).to_string())).await;
             }
         }
         yield_(Event::default().data("[DONE]")).await;
@@ -695,12 +695,12 @@ fn recorded<T>(dispatch: &Dispatch, result: Result<T>) -> Result<T> {
 async fn respond(answer: impl std::future::Future<Output = Result<Response>>) -> Response {
     answer.await.unwrap_or_else(|error| {
         let status = error.kind().status();
-        (status, axum::Json(openai_error_body(&error))).into_response()
+        (status, axum::Json(error_body(&error))).into_response()
     })
 }
 
 /// `{"error": {"message", "type", "param", "code"}}`.
-fn openai_error_body(error: &Error) -> Value {
+pub(crate) fn error_body(error: &Error) -> Value {
     let kind = error.kind();
     let status = kind.status();
     let error_type = if status.is_server_error() {

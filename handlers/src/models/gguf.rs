@@ -35,7 +35,7 @@ pub fn materialize(
         offload::fingerprint(&path, &range, dtype)?
     );
     offload::folder(offload_root, &key, "model.safetensors", |staging| {
-        convert(&path, range.clone(), staging, dtype)
+        convert(&path, range.clone(), gguf, staging, dtype)
     })
 }
 
@@ -111,7 +111,7 @@ fn rope_scaling(
             .tensor(reader, "rope_freqs.weight", &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
             .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .context(|| "cannot read rope_freqs.weight".into())?;
+            .weights_context(|| "cannot read rope_freqs.weight of the GGUF file".into())?;
         return Ok(Some(
             json!({"rope_type": "frequency_factors", "factors": factors}),
         ));
@@ -148,12 +148,14 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 fn convert(
     path: &Path,
     range: std::ops::Range<u64>,
+    name: &str,
     out: &Path,
     dtype: DType,
 ) -> Result<(), HandlerError> {
     let mut reader = RangeReader::open(path, range)?;
-    let content =
-        Content::read(&mut reader).context(|| format!("{} is not a GGUF file", path.display()))?;
+    // What the file holds is the archive's fault: a 4xx naming the file, not a 500.
+    let content = Content::read(&mut reader)
+        .weights_context(|| format!("{name} is not a readable GGUF file"))?;
     let arch = content
         .metadata
         .get("general.architecture")
@@ -216,7 +218,7 @@ fn convert(
                 None => Ok(t),
             })
             .and_then(|t| t.to_dtype(dtype))
-            .context(|| format!("cannot dequantize {gguf} ({hf})"))
+            .weights_context(|| format!("cannot read tensor {gguf} ({hf}) of the GGUF file"))
     })?;
     reader.rewind().map_err(|source| HandlerError::Io {
         path: path.to_path_buf(),

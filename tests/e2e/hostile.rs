@@ -364,3 +364,196 @@ fn a_corpus_of_bad_requests_gets_json_4xx_and_good_ones_interleaved_keep_their_a
     }
     server.wait_healthy();
 }
+
+/// A safetensors file from a raw header and data.
+fn safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    bytes
+}
+
+/// A GGUF v3 file: header counts as given, then `rest`.
+fn gguf(tensors: u64, kvs: u64, rest: &[u8]) -> Vec<u8> {
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend_from_slice(&3u32.to_le_bytes());
+    bytes.extend_from_slice(&tensors.to_le_bytes());
+    bytes.extend_from_slice(&kvs.to_le_bytes());
+    bytes.extend_from_slice(rest);
+    bytes
+}
+
+/// One GGUF tensor info: name, dims, ggml type, offset.
+fn tensor_info(name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> Vec<u8> {
+    let mut bytes = (name.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(name.as_bytes());
+    bytes.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+    for d in dims {
+        bytes.extend_from_slice(&d.to_le_bytes());
+    }
+    bytes.extend_from_slice(&ggml_type.to_le_bytes());
+    bytes.extend_from_slice(&offset.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn malicious_and_broken_model_files_are_refused_at_registration_naming_the_file() {
+    let fixture = Fixture::new();
+    let bert = fixture.tiny_bert("bert", &spillway_handlers::testing::TinyBert::default());
+    let f32s = |n: usize| vec![0u8; n * 4];
+    // (archive name, the file replaced or added, its bytes, handler)
+    let mut cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
+        (
+            "st-header-past-file",
+            "model.safetensors",
+            {
+                let mut b = (1u64 << 40).to_le_bytes().to_vec();
+                b.extend_from_slice(b"{}");
+                b
+            },
+            "text_embedding",
+        ),
+        (
+            "st-header-not-json",
+            "model.safetensors",
+            safetensors("{not json", &[]),
+            "text_embedding",
+        ),
+        (
+            "st-offsets-past-file",
+            "model.safetensors",
+            safetensors(
+                r#"{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 1600000]}}"#,
+                &f32s(4),
+            ),
+            "text_embedding",
+        ),
+        (
+            "st-overlapping",
+            "model.safetensors",
+            safetensors(
+                r#"{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}"#,
+                &f32s(6),
+            ),
+            "text_embedding",
+        ),
+        (
+            "st-shape-overflow",
+            "model.safetensors",
+            safetensors(
+                r#"{"w": {"dtype": "F32", "shape": [18446744073709551615, 18446744073709551615], "data_offsets": [0, 16]}}"#,
+                &f32s(4),
+            ),
+            "text_embedding",
+        ),
+        (
+            "st-dtype-mismatch",
+            "model.safetensors",
+            safetensors(
+                r#"{"w": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}}"#,
+                &f32s(4),
+            ),
+            "text_embedding",
+        ),
+        (
+            "st-truncated",
+            "model.safetensors",
+            {
+                let good = std::fs::read(bert.join("model.safetensors")).unwrap();
+                good[..good.len() / 2].to_vec()
+            },
+            "text_embedding",
+        ),
+        (
+            "tokenizer-not-json",
+            "tokenizer.json",
+            b"{\"model\": [unterminated".to_vec(),
+            "text_embedding",
+        ),
+    ];
+    let ggufs: Vec<(&str, Vec<u8>)> = vec![
+        ("gguf-huge-counts", gguf(u64::MAX, u64::MAX, &[])),
+        (
+            "gguf-string-past-file",
+            gguf(0, 1, &(1u64 << 40).to_le_bytes()),
+        ),
+        (
+            "gguf-unknown-quant",
+            gguf(1, 0, &tensor_info("token_embd.weight", &[32, 4], 9999, 0)),
+        ),
+        (
+            "gguf-dims-overflow",
+            gguf(
+                1,
+                0,
+                &tensor_info("token_embd.weight", &[u64::MAX, u64::MAX], 0, 0),
+            ),
+        ),
+        (
+            "gguf-data-past-end",
+            gguf(1, 0, &tensor_info("token_embd.weight", &[4096, 4096], 0, 0)),
+        ),
+        (
+            "gguf-truncated",
+            gguf(2, 0, &tensor_info("token_embd.weight", &[32], 0, 0)[..9]),
+        ),
+    ];
+    for (name, bytes) in &ggufs {
+        cases.push((name, "model.gguf", bytes.clone(), "text_generation"));
+    }
+    for (name, file, bytes, handler) in &cases {
+        let dir = fixture.dir.path().join(format!("src-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        if *handler == "text_embedding" {
+            copy_tree(&bert, &dir);
+        }
+        std::fs::write(dir.join(file), bytes).unwrap();
+        fixture.archive(name, "1.0", handler, Some(&dir), &[]);
+    }
+    // None at start: each is registered below, and each must be refused.
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "standalone"],
+    );
+    server.wait_healthy();
+    let mut failures = Vec::new();
+    for (name, file, _, _) in &cases {
+        let response = server.manage(
+            Method::POST,
+            &format!("/models?url={name}.mar&synchronous=true"),
+        );
+        let status = response.status().as_u16();
+        let body = response.text().unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|b| b["message"].as_str().map(str::to_string));
+        let named = message.as_deref().is_some_and(|m| {
+            let stem = file.split('.').next().unwrap_or(file);
+            m.contains(file) || m.contains(stem) || m.contains("gguf") || m.contains("safetensors")
+        });
+        if !(400..500).contains(&status) || !named {
+            failures.push(format!("{name}: {status} {body}"));
+        }
+        server.wait_healthy();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} broken files were not refused with a 4xx naming the file:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}

@@ -898,24 +898,13 @@ mod tests {
     #[test]
     fn bf16_and_f16_logits_stay_within_2e_2_of_the_f32_reference() {
         for seed in 1..=3 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let spec = TinyLlama {
+            let fixture = referenced_spec(TinyLlama {
                 seed,
                 ..TinyLlama::default()
-            };
-            spec.write(dir.path()).expect("write");
-            let prompt = [1u32, 5, 9, 14, 3, 7];
-            let want = reference_steps(dir.path(), &prompt, 1).remove(0);
-            let scale = want
-                .abs()
-                .and_then(|t| t.max(0))
-                .and_then(|t| t.to_scalar::<f32>())
-                .expect("max");
-            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
-            let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+            });
             for dtype in [DType::BF16, DType::F16] {
                 for streamed in [false, true] {
-                    let model = MappedLlama::load(&source, &config, dtype, |_| {
+                    let model = MappedLlama::load(&fixture.source, &fixture.config, dtype, |_| {
                         Ok(if streamed {
                             UnitPlacement::Streamed(Device::Cpu)
                         } else {
@@ -923,14 +912,7 @@ mod tests {
                         })
                     })
                     .expect("load");
-                    let t = Tensor::new(&prompt[..], &Device::Cpu)
-                        .and_then(|t| t.unsqueeze(0))
-                        .expect("tokens");
-                    let got = model
-                        .forward(&t, &mut KvCache::default())
-                        .and_then(|l| l.squeeze(0))
-                        .expect("forward");
-                    let relative = max_diff(&got, &want) / scale;
+                    let relative = first_step_relative_error(&model, &fixture);
                     assert!(
                         relative <= 2e-2,
                         "seed {seed} {dtype:?} streamed={streamed}: relative difference {relative}"
@@ -998,11 +980,14 @@ mod tests {
     }
 
     fn referenced(tied: bool) -> Referenced {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let spec = TinyLlama {
+        referenced_spec(TinyLlama {
             tie_word_embeddings: tied,
             ..TinyLlama::default()
-        };
+        })
+    }
+
+    fn referenced_spec(spec: TinyLlama) -> Referenced {
+        let dir = tempfile::tempdir().expect("tempdir");
         spec.write(dir.path()).expect("write");
         let prompt = [1u32, 5, 9, 14, 3, 7];
         let want = reference_steps(dir.path(), &prompt, 6);
@@ -1015,6 +1000,27 @@ mod tests {
             prompt,
             want,
         }
+    }
+
+    /// The largest difference of `model`'s logits for the fixture's prompt from the
+    /// reference's, relative to the reference's largest logit (compared in f32 on the CPU).
+    fn first_step_relative_error(model: &MappedLlama, fixture: &Referenced) -> f32 {
+        let want = &fixture.want[0];
+        let scale = want
+            .abs()
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_scalar::<f32>())
+            .expect("max");
+        let t = Tensor::new(&fixture.prompt[..], &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        let got = model
+            .forward(&t, &mut KvCache::default())
+            .and_then(|l| l.squeeze(0))
+            .and_then(|l| l.to_device(&Device::Cpu))
+            .and_then(|l| l.to_dtype(DType::F32))
+            .expect("forward");
+        max_diff(&got, want) / scale
     }
 
     /// Every unit in RAM, or every unit streamed from disk.
@@ -1339,31 +1345,11 @@ mod tests {
         #[test]
         #[cfg_attr(not(feature = "cuda"), ignore = "needs a CUDA build and a GPU")]
         fn gpu_layouts_in_bf16_and_f16_stay_within_2e_2_of_the_f32_reference() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let spec = TinyLlama::default();
-            spec.write(dir.path()).expect("write");
-            let prompt = [1u32, 5, 9, 14, 3, 7];
-            let want = reference_steps(dir.path(), &prompt, 1).remove(0);
-            let scale = want
-                .abs()
-                .and_then(|t| t.max(0))
-                .and_then(|t| t.to_scalar::<f32>())
-                .expect("max");
-            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
-            let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+            let fixture = referenced(false);
             for dtype in [DType::BF16, DType::F16] {
                 for (label, place) in layouts() {
-                    let model = load(&source, &config, dtype, &*place);
-                    let t = Tensor::new(&prompt[..], &Device::Cpu)
-                        .and_then(|t| t.unsqueeze(0))
-                        .expect("tokens");
-                    let got = model
-                        .forward(&t, &mut KvCache::default())
-                        .and_then(|l| l.squeeze(0))
-                        .and_then(|l| l.to_device(&Device::Cpu))
-                        .and_then(|l| l.to_dtype(DType::F32))
-                        .expect("forward");
-                    let relative = max_diff(&got, &want) / scale;
+                    let model = load(&fixture.source, &fixture.config, dtype, &*place);
+                    let relative = first_step_relative_error(&model, &fixture);
                     assert!(relative <= 2e-2, "{dtype:?} {label}: {relative}");
                 }
             }

@@ -145,8 +145,14 @@ async fn as_json(
         _ if text.is_empty() => Error::BadRequest(format!("{method} {path}: {status}")),
         _ => Error::BadRequest(text),
     };
+    in_shape_of(path, &error)
+}
+
+/// `error` answered in the shape of the API that `path` belongs to: OpenAI's under `/v1/`,
+/// KServe's under `/v2/`, TorchServe's elsewhere.
+fn in_shape_of(path: &str, error: &Error) -> Response {
     let body = if path.starts_with("/v1/") {
-        crate::http::openai::error_body(&error)
+        crate::http::openai::error_body(error)
     } else if path.starts_with("/v2/") {
         json!({"error": error.public_message()})
     } else {
@@ -177,13 +183,7 @@ pub async fn json_bodies_only(request: Request, next: Next) -> Response {
             let error = Error::UnsupportedMediaType(format!(
                 "the body is declared {essence:?}; this endpoint reads JSON (application/json)"
             ));
-            let path = request.uri().path();
-            let body = if path.starts_with("/v1/") {
-                crate::http::openai::error_body(&error)
-            } else {
-                json!({"error": error.public_message()})
-            };
-            return (error.kind().status(), axum::Json(body)).into_response();
+            return in_shape_of(request.uri().path(), &error);
         }
     }
     next.run(request).await

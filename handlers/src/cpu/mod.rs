@@ -3,6 +3,8 @@
 //! - [`kernels`]: the fused kernels on slices; [`fused_ops`] the same as candle
 //!   operations on tensors.
 //! - [`linear`]: `x · Wᵀ` for f32 on the CPU (weights packed once for MKL).
+//! - [`quantized`]: products on GGML-quantized weights (Q4_0, Q4_1, Q8_0 kernels of
+//!   its own; candle's for the k-quants).
 //! - [`simd`]: runs a kernel's loop compiled for the CPU's widest vector extension.
 //! - [`team`]: the thread team the fused kernels run their loops on (MKL's OpenMP team
 //!   with `mkl`, rayon without).
@@ -12,6 +14,7 @@ pub mod fused_ops;
 pub mod kernels;
 #[allow(unsafe_code)] // FFI into MKL's packed GEMM (feature `mkl`).
 pub mod linear;
+pub mod quantized;
 #[allow(unsafe_code)] // Calls code compiled for CPU features it has checked for.
 pub mod simd;
 #[allow(unsafe_code)] // FFI into the OpenMP runtime and disjoint chunks handed to threads.

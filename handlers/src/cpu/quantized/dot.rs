@@ -1,0 +1,364 @@
+//! Dot products of expanded weight rows ([`ExpandedRow`]) with quantized activation rows
+//! ([`QuantizedRows`]), in integers per block and f32 across blocks, as llama.cpp's
+//! `vec_dot_q4_1_q8_1` and friends compute them:
+//!
+//! `Σ_blocks (Σ_i u_i·q_i − z·Σ_i q_i) · d_w·d_a  (+ m_w · d_a·Σ_i q_i)`
+//!
+//! Three kernels compute the same sums (they differ only in the order f32 partial sums
+//! are added), chosen at run time by [`Kernel::best`]:
+//! - [`Kernel::Avx512Vnni`]: two blocks per 512-bit vector, `vpdpbusd` multiplying the
+//!   unsigned weights by the signed activations and adding four products per lane;
+//! - [`Kernel::Avx2`]: one block per 256-bit vector, widened to 16 bits and `vpmaddwd`;
+//! - [`Kernel::Portable`]: plain Rust, for other CPUs and as the tests' baseline.
+//!
+//! Each block's eight lanes are scaled together: the activation bias (`−z·Σq`) and the
+//! minimum term sit in lane 0, so the lanes of a block still add up to its total.
+
+use super::activations::{QuantizedRows, RowView};
+use super::weights::{BLOCK, ExpandedRow, Format, LANES};
+
+/// An implementation of the dot products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    /// AVX2 and FMA.
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Self {
+        *Self::available().last().unwrap_or(&Self::Portable)
+    }
+
+    /// Every kernel this CPU runs, slowest first.
+    pub fn available() -> Vec<Self> {
+        let mut kernels = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                kernels.push(Self::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+                {
+                    kernels.push(Self::Avx512Vnni);
+                }
+            }
+        }
+        kernels
+    }
+}
+
+/// For each weight row `r` in `rows` (whole rows of `format` blocks, as wide as the
+/// activation rows) and each activation row `a`: `out[r · acts.rows + a]` = their dot
+/// product. `scratch` holds one expanded row (reused across calls).
+///
+/// # Panics
+/// If `kernel` is not one of [`Kernel::available`], or the sizes disagree.
+pub fn rows_times_activations(
+    kernel: Kernel,
+    format: Format,
+    rows: &[u8],
+    acts: &QuantizedRows,
+    out: &mut [f32],
+    scratch: &mut ExpandedRow,
+) {
+    let row_bytes = acts.blocks * format.block_bytes();
+    assert!(
+        row_bytes > 0 && rows.len() % row_bytes == 0,
+        "weight rows of {row_bytes} bytes"
+    );
+    assert_eq!(out.len(), rows.len() / row_bytes * acts.rows);
+    if scratch.values.len() != acts.blocks * BLOCK {
+        *scratch = ExpandedRow::with_blocks(acts.blocks);
+    }
+    assert!(
+        Kernel::available().contains(&kernel),
+        "{kernel:?} does not run on this CPU"
+    );
+    match kernel {
+        Kernel::Portable => portable::rows(format, rows, acts, out, scratch),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` found AVX2 and FMA on this CPU.
+        Kernel::Avx2 => unsafe { avx2::rows(format, rows, acts, out, scratch) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` found AVX-512 F/BW/VL and VNNI on this CPU.
+        Kernel::Avx512Vnni => unsafe { avx512::rows(format, rows, acts, out, scratch) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only the portable kernel is available off x86-64"),
+    }
+}
+
+/// The loop every kernel runs: expand a weight row once, then meet every activation row.
+/// A macro, so that the loop and the expansion are compiled inside each kernel's
+/// `target_feature` function.
+macro_rules! each_row {
+    ($format:expr, $rows:expr, $acts:expr, $out:expr, $scratch:expr, $dot:ident) => {{
+        let row_bytes = $acts.blocks * $format.block_bytes();
+        let has_min = $format.has_min();
+        for (r, row) in $rows.chunks_exact(row_bytes).enumerate() {
+            $scratch.expand($format, row);
+            for a in 0..$acts.rows {
+                $out[r * $acts.rows + a] = $dot($scratch, $acts.row(a), has_min);
+            }
+        }
+    }};
+}
+
+/// Checks the lengths the vector kernels read without bounds checks.
+#[inline(always)]
+fn check(w: &ExpandedRow, a: &RowView<'_>, has_min: bool) -> usize {
+    let blocks = a.values.len() / BLOCK;
+    assert!(w.values.len() == blocks * BLOCK && a.values.len() == blocks * BLOCK);
+    assert!(w.scales.len() == blocks * LANES && a.scales.len() == blocks * LANES);
+    assert!(w.mins.len() == blocks * LANES && a.biases.len() == blocks * LANES);
+    assert!(!has_min || a.sums.len() == blocks * LANES);
+    blocks
+}
+
+mod portable {
+    use super::*;
+
+    pub(super) fn rows(
+        format: Format,
+        rows: &[u8],
+        acts: &QuantizedRows,
+        out: &mut [f32],
+        scratch: &mut ExpandedRow,
+    ) {
+        each_row!(format, rows, acts, out, scratch, dot)
+    }
+
+    pub(super) fn dot(w: &ExpandedRow, a: RowView<'_>, has_min: bool) -> f32 {
+        let blocks = check(w, &a, has_min);
+        let mut total = 0f32;
+        for b in 0..blocks {
+            let (values, lane) = (b * BLOCK..(b + 1) * BLOCK, b * LANES);
+            let products: i32 = w.values[values.clone()]
+                .iter()
+                .zip(&a.values[values])
+                .map(|(&u, &q)| i32::from(u) * i32::from(q))
+                .sum();
+            let integer = products + a.biases[lane];
+            total += integer as f32 * (w.scales[lane] * a.scales[lane]);
+            if has_min {
+                total += w.mins[lane] * a.sums[lane];
+            }
+        }
+        total
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn rows(
+        format: Format,
+        rows: &[u8],
+        acts: &QuantizedRows,
+        out: &mut [f32],
+        scratch: &mut ExpandedRow,
+    ) {
+        each_row!(format, rows, acts, out, scratch, dot)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn dot(w: &ExpandedRow, a: RowView<'_>, has_min: bool) -> f32 {
+        let blocks = check(w, &a, has_min);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..blocks {
+            let (v, l) = (b * BLOCK, b * LANES);
+            // SAFETY: `check` proved every row holds `blocks` whole blocks, so each
+            // unaligned load below reads inside its slice.
+            unsafe {
+                let wv = w.values.as_ptr().add(v);
+                let av = a.values.as_ptr().add(v);
+                let w_low = _mm256_cvtepu8_epi16(_mm_loadu_si128(wv.cast()));
+                let w_high = _mm256_cvtepu8_epi16(_mm_loadu_si128(wv.add(16).cast()));
+                let a_low = _mm256_cvtepi8_epi16(_mm_loadu_si128(av.cast()));
+                let a_high = _mm256_cvtepi8_epi16(_mm_loadu_si128(av.add(16).cast()));
+                let products = _mm256_add_epi32(
+                    _mm256_madd_epi16(w_low, a_low),
+                    _mm256_madd_epi16(w_high, a_high),
+                );
+                let bias = _mm256_loadu_si256(a.biases.as_ptr().add(l).cast());
+                let integer = _mm256_add_epi32(products, bias);
+                let scale = _mm256_mul_ps(
+                    _mm256_loadu_ps(w.scales.as_ptr().add(l)),
+                    _mm256_loadu_ps(a.scales.as_ptr().add(l)),
+                );
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integer), scale, acc);
+                if has_min {
+                    let mins = _mm256_loadu_ps(w.mins.as_ptr().add(l));
+                    acc = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.sums.as_ptr().add(l)), acc);
+                }
+            }
+        }
+        sum8(acc)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn sum8(v: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    pub(super) fn rows(
+        format: Format,
+        rows: &[u8],
+        acts: &QuantizedRows,
+        out: &mut [f32],
+        scratch: &mut ExpandedRow,
+    ) {
+        each_row!(format, rows, acts, out, scratch, dot)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    fn dot(w: &ExpandedRow, a: RowView<'_>, has_min: bool) -> f32 {
+        let blocks = check(w, &a, has_min);
+        let mut acc = _mm512_setzero_ps();
+        // Two blocks per vector: lanes 0-7 the first block's, 8-15 the second's.
+        for p in 0..blocks / 2 {
+            let (v, l) = (p * 2 * BLOCK, p * 2 * LANES);
+            // SAFETY: `check` proved every row holds `blocks` whole blocks; blocks 2p
+            // and 2p+1 exist, so each 64-byte load reads inside its slice.
+            unsafe {
+                let wv = _mm512_loadu_si512(w.values.as_ptr().add(v).cast());
+                let av = _mm512_loadu_si512(a.values.as_ptr().add(v).cast());
+                let bias = _mm512_loadu_si512(a.biases.as_ptr().add(l).cast());
+                let integer = _mm512_dpbusd_epi32(bias, wv, av);
+                let scale = _mm512_mul_ps(
+                    _mm512_loadu_ps(w.scales.as_ptr().add(l)),
+                    _mm512_loadu_ps(a.scales.as_ptr().add(l)),
+                );
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(integer), scale, acc);
+                if has_min {
+                    let mins = _mm512_loadu_ps(w.mins.as_ptr().add(l));
+                    acc = _mm512_fmadd_ps(mins, _mm512_loadu_ps(a.sums.as_ptr().add(l)), acc);
+                }
+            }
+        }
+        let mut tail = _mm256_setzero_ps();
+        if blocks % 2 == 1 {
+            let (v, l) = ((blocks - 1) * BLOCK, (blocks - 1) * LANES);
+            // SAFETY: the last block exists (as above); 32-byte loads inside it.
+            unsafe {
+                let wv = _mm256_loadu_si256(w.values.as_ptr().add(v).cast());
+                let av = _mm256_loadu_si256(a.values.as_ptr().add(v).cast());
+                let bias = _mm256_loadu_si256(a.biases.as_ptr().add(l).cast());
+                let integer = _mm256_dpbusd_epi32(bias, wv, av);
+                let scale = _mm256_mul_ps(
+                    _mm256_loadu_ps(w.scales.as_ptr().add(l)),
+                    _mm256_loadu_ps(a.scales.as_ptr().add(l)),
+                );
+                tail = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integer), scale, tail);
+                if has_min {
+                    let mins = _mm256_loadu_ps(w.mins.as_ptr().add(l));
+                    tail = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a.sums.as_ptr().add(l)), tail);
+                }
+            }
+        }
+        _mm512_reduce_add_ps(acc) + super::avx2::sum8(tail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::quantized::activations::quantize_rows;
+
+    /// Random bytes for `rows` rows of `blocks` blocks, with sane f16 scales.
+    fn random_rows(format: Format, rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut bytes = Vec::new();
+        for _ in 0..rows * blocks {
+            let d = half::f16::from_f32((next() % 1000) as f32 * 1e-5 + 1e-4);
+            bytes.extend(d.to_le_bytes());
+            if format.has_min() {
+                let m = half::f16::from_f32(((next() % 2001) as f32 - 1000.0) * 1e-4);
+                bytes.extend(m.to_le_bytes());
+            }
+            let rest = format.block_bytes() - bytes.len() % format.block_bytes();
+            bytes.extend((0..rest).map(|_| next() as u8));
+        }
+        bytes
+    }
+
+    #[test]
+    fn every_kernel_computes_the_same_sums() {
+        let kernels = Kernel::available();
+        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+            // Odd and even block counts (the AVX-512 kernel pairs blocks).
+            for blocks in [1, 2, 3, 18] {
+                let (rows, acts_rows) = (5, 3);
+                let weights = random_rows(format, rows, blocks, blocks as u64);
+                let x: Vec<f32> = (0..acts_rows * blocks * BLOCK)
+                    .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.01)
+                    .collect();
+                let acts = quantize_rows(
+                    &x,
+                    acts_rows,
+                    blocks * BLOCK,
+                    format.zero_point(),
+                    format.has_min(),
+                );
+                let mut baseline = vec![0.0; rows * acts_rows];
+                let mut scratch = ExpandedRow::default();
+                rows_times_activations(
+                    Kernel::Portable,
+                    format,
+                    &weights,
+                    &acts,
+                    &mut baseline,
+                    &mut scratch,
+                );
+                for &kernel in &kernels[1..] {
+                    let mut out = vec![0.0; rows * acts_rows];
+                    rows_times_activations(kernel, format, &weights, &acts, &mut out, &mut scratch);
+                    for (o, b) in out.iter().zip(&baseline) {
+                        assert!(
+                            (o - b).abs() <= 1e-5 * b.abs().max(1.0),
+                            "{kernel:?} {format:?} {blocks} blocks: {o} against {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "weight rows of")]
+    fn rows_of_the_wrong_width_are_refused() {
+        let acts = quantize_rows(&[0.5; 64], 1, 64, 8, false);
+        let mut out = vec![0.0; 1];
+        let mut scratch = ExpandedRow::default();
+        rows_times_activations(
+            Kernel::Portable,
+            Format::Q4_0,
+            &[0; 18],
+            &acts,
+            &mut out,
+            &mut scratch,
+        );
+    }
+}

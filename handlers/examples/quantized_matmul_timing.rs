@@ -1,6 +1,9 @@
-//! Times candle's quantized CPU matmul (`QMatMul`: activations quantized per row to the
+//! Times Spillway's quantized matmul (`cpu::quantized::QuantizedMatrix`: its own kernels for
+//! Q4_0/Q4_1/Q8_0, candle's for the k-quants) and candle's (`QMatMul`: activations quantized
+//! per row to the format's Q8 type, then integer dot products), the starting point issue 17
+//! names, against (`QMatMul`: activations quantized per row to the
 //! format's Q8 type, then integer dot products), the starting point issue 17 names, against
-//! the f32 matmul Spillway runs today, on SmolLM2-135M's projection shapes. It also checks the
+//! the f32 matmul Spillway runs on dequantized weights, on SmolLM2-135M's projection shapes. It also checks the
 //! quantized product against dequantize-then-f32.
 //!
 //! `cargo run --release -p spillway-handlers --example quantized_matmul_timing [--features mkl] [-- RUNS]`
@@ -8,14 +11,17 @@
 //! Threads: candle's quantized matmul runs on candle's own pool, sized by `CANDLE_NUM_THREADS`.
 //! This repository's `.cargo/config.toml` sets it to 1 (the binary does too); run with
 //! `CANDLE_NUM_THREADS=2` to see two threads. Prints one line per format and shape: median ms
-//! for 1 row (a decode step) and for 128 rows (a prompt), the f32 times, the weight bytes each
+//! for 1 row (a decode step) and for 128 rows (a prompt), Spillway's, candle's and f32, the weight bytes each
 //! reads, and the largest difference from the dequantized product relative to its largest
 //! value.
 
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::sync::Arc;
+
 use candle_core::{Device, Module, Tensor};
+use spillway_handlers::cpu::quantized::QuantizedMatrix;
 
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
     f();
@@ -42,12 +48,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "unset".into())
     );
     println!(
-        "{:<6} {:>11} {:>10} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9}",
+        "{:<6} {:>11} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9}",
         "format",
         "out x in",
-        "q 1 row",
+        "ours 1 row",
+        "candle 1",
         "f32 1 row",
-        "q 128 rows",
+        "ours 128",
+        "candle 128",
         "f32 128",
         "q MiB",
         "f32 MiB",
@@ -55,7 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     // SmolLM2-135M: hidden 576, intermediate 1536 (up: 576 -> 1536, down: 1536 -> 576); the
     // k-quants need inputs in multiples of 256, so they are timed on the down projection only.
-    let shapes = [(1536usize, 576usize), (576, 1536)];
+    // The output head (49152 x 576) is SmolLM2's largest matrix (Q8_0 in its Q4_1 GGUF).
+    let shapes = [(1536usize, 576usize), (576, 1536), (49152, 576)];
     let formats = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
@@ -73,36 +82,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let quantized = QTensor::quantize(&weight, format)?;
             let dequantized = quantized.dequantize(&cpu)?;
             let q_bytes = quantized.storage_size_in_bytes();
+            let ours =
+                QuantizedMatrix::new(format, out, inp, Arc::new(quantized.data()?.into_owned()))?;
             let qmatmul = QMatMul::from_qtensor(quantized)?;
             let f32_t = dequantized.t()?;
-            let mut row = [0.0; 5];
-            for (slot, rows) in [(0usize, 1usize), (2, 128)] {
+            let mut row = [0.0; 7];
+            for (slot, rows) in [(0usize, 1usize), (3, 128)] {
                 let x = Tensor::randn(0f32, 1., (rows, inp), &cpu)?;
                 row[slot] = median_ms(runs, || {
-                    let _ = qmatmul.forward(&x).expect("quantized matmul");
+                    let _ = ours.forward(&x).expect("Spillway's quantized matmul");
                 });
                 row[slot + 1] = median_ms(runs, || {
+                    let _ = qmatmul.forward(&x).expect("candle's quantized matmul");
+                });
+                row[slot + 2] = median_ms(runs, || {
                     let _ = x.matmul(&f32_t).expect("f32 matmul");
                 });
                 if rows == 128 {
-                    let got = qmatmul.forward(&x)?;
+                    let got = ours.forward(&x)?;
                     let want = x.matmul(&f32_t)?;
                     let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
                     let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                    row[4] = f64::from(diff / scale);
+                    row[6] = f64::from(diff / scale);
                 }
             }
             println!(
-                "{:<6} {:>11} {:>10.4} {:>10.4} {:>11.3} {:>11.3} {:>9.2} {:>9.2} {:>9.2e}",
+                "{:<6} {:>11} {:>10.4} {:>10.4} {:>10.4} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>9.2} {:>9.2e}",
                 format!("{format:?}"),
                 format!("{out}x{inp}"),
                 row[0],
                 row[1],
                 row[2],
                 row[3],
+                row[4],
+                row[5],
                 q_bytes as f64 / (1 << 20) as f64,
                 (out * inp * 4) as f64 / (1 << 20) as f64,
-                row[4]
+                row[6]
             );
         }
     }

@@ -52,6 +52,10 @@ mod backend {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    // Named here too (intel-mkl-src links it for MKL's own use), so that a binary whose
+    // only OpenMP caller is this module still finds the symbol, wherever the linker
+    // puts the archive.
+    #[link(name = "iomp5", kind = "static", modifiers = "-bundle")]
     unsafe extern "C" {
         /// Runs `f(data)` on every thread of a new parallel region (0 = the default
         /// team size) and returns when all have finished.

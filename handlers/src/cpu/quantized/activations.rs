@@ -109,7 +109,9 @@ mod tests {
 
     #[test]
     fn values_scales_and_sums_reconstruct_the_row() {
-        let x: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173).collect();
+        let x: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173)
+            .collect();
         let q = quantize_rows(&x, 1, 64, 8, true);
         assert_eq!((q.rows, q.blocks), (1, 2));
         for b in 0..2 {

@@ -41,8 +41,7 @@ impl Kernel {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
                 kernels.push(Self::Avx2);
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
-                {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
                     kernels.push(Self::Avx512Vnni);
                 }
             }
@@ -83,13 +82,24 @@ pub fn rows_times_activations(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` found AVX2 and FMA on this CPU.
         Kernel::Avx2 => unsafe { avx2::rows(format, rows, acts, out, scratch) },
+        // A few activation rows (decode): blocks decoded straight from the bytes; more
+        // (a prompt): each weight row expanded once and met by every activation row.
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` found AVX-512 F/BW/VL and VNNI on this CPU.
+        Kernel::Avx512Vnni if acts.rows < FEW_ROWS => unsafe {
+            avx512::rows_direct(format, rows, acts, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Kernel::Avx512Vnni => unsafe { avx512::rows(format, rows, acts, out, scratch) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => unreachable!("only the portable kernel is available off x86-64"),
     }
 }
+
+/// Activation rows from which expanding each weight row first pays (measured with
+/// `examples/quantized_matmul_timing`).
+const FEW_ROWS: usize = 4;
 
 /// The loop every kernel runs: expand a weight row once, then meet every activation row.
 /// A macro, so that the loop and the expansion are compiled inside each kernel's
@@ -276,6 +286,66 @@ mod avx512 {
         }
         _mm512_reduce_add_ps(acc) + super::avx2::sum8(tail)
     }
+
+    /// As [`rows`], decoding each block from the bytes as it goes (no expanded row).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(super) fn rows_direct(format: Format, rows: &[u8], acts: &QuantizedRows, out: &mut [f32]) {
+        let row_bytes = acts.blocks * format.block_bytes();
+        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+            for a in 0..acts.rows {
+                out[r * acts.rows + a] = dot_direct(format, row, acts.row(a));
+            }
+        }
+    }
+
+    /// One block's f16 scale at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn half_at(block: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([block[at], block[at + 1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn dot_direct(format: Format, row: &[u8], a: RowView<'_>) -> f32 {
+        let size = format.block_bytes();
+        let blocks = a.values.len() / BLOCK;
+        assert!(row.len() == blocks * size && a.scales.len() == blocks * LANES);
+        assert!(a.biases.len() == blocks * LANES);
+        assert!(!format.has_min() || a.sums.len() == blocks * LANES);
+        let low_nibbles = _mm256_set1_epi8(0x0f);
+        let flip = _mm256_set1_epi8(-128);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (b, block) in row.chunks_exact(size).enumerate() {
+            let (v, l) = (b * BLOCK, b * LANES);
+            // SAFETY: the asserts above bound every read: a block has `size` bytes (its
+            // nibbles are its last 16, Q8_0's values its last 32), an activation block
+            // 32 values and 8 lanes.
+            unsafe {
+                let values = match format {
+                    Format::Q4_0 | Format::Q4_1 => {
+                        let nibbles = _mm_loadu_si128(block.as_ptr().add(size - 16).cast());
+                        let both = _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles);
+                        _mm256_and_si256(both, low_nibbles)
+                    }
+                    Format::Q8_0 => {
+                        _mm256_xor_si256(_mm256_loadu_si256(block.as_ptr().add(2).cast()), flip)
+                    }
+                };
+                let av = _mm256_loadu_si256(a.values.as_ptr().add(v).cast());
+                let bias = _mm256_loadu_si256(a.biases.as_ptr().add(l).cast());
+                let integer = _mm256_dpbusd_epi32(bias, values, av);
+                let scale = _mm256_set1_ps(half_at(block, 0) * *a.scales.get_unchecked(l));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integer), scale, acc);
+                if format.has_min() {
+                    mins += half_at(block, 2) * *a.sums.get_unchecked(l);
+                }
+            }
+        }
+        super::avx2::sum8(acc) + mins
+    }
 }
 
 #[cfg(test)]
@@ -287,7 +357,9 @@ mod tests {
     fn random_rows(format: Format, rows: usize, blocks: usize, seed: u64) -> Vec<u8> {
         let mut state = seed;
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut bytes = Vec::new();

@@ -30,7 +30,11 @@ pub struct QuantizedMatrix {
 
 impl std::fmt::Debug for QuantizedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QuantizedMatrix({:?}, [{}, {}])", self.dtype, self.out, self.inp)
+        write!(
+            f,
+            "QuantizedMatrix({:?}, [{}, {}])",
+            self.dtype, self.out, self.inp
+        )
     }
 }
 
@@ -50,7 +54,9 @@ impl QuantizedMatrix {
         let expected = out * inp / block * dtype.type_size();
         let len = (*bytes).as_ref().len();
         if len != expected {
-            candle_core::bail!("a {dtype:?} [{out}, {inp}] weight needs {expected} bytes, not {len}");
+            candle_core::bail!(
+                "a {dtype:?} [{out}, {inp}] weight needs {expected} bytes, not {len}"
+            );
         }
         let candle = match Format::of(dtype) {
             Some(_) => None,
@@ -87,9 +93,14 @@ impl QuantizedMatrix {
 
     /// The weight dequantized to f32 `[out, in]` (for devices without these kernels).
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        qtensor_from_ggml(self.dtype, self.data(), vec![self.out, self.inp], &Device::Cpu)?
-            .dequantize(&Device::Cpu)?
-            .to_device(device)
+        qtensor_from_ggml(
+            self.dtype,
+            self.data(),
+            vec![self.out, self.inp],
+            &Device::Cpu,
+        )?
+        .dequantize(&Device::Cpu)?
+        .to_device(device)
     }
 
     /// Rows `ids` dequantized to f32 `[ids.len(), in]` (an embedding lookup).
@@ -119,7 +130,11 @@ impl QuantizedMatrix {
         let mut dims = x.dims().to_vec();
         let inp = dims.pop().unwrap_or(0);
         if inp != self.inp {
-            candle_core::bail!("{inp} input features for a [{}, {}] weight", self.out, self.inp);
+            candle_core::bail!(
+                "{inp} input features for a [{}, {}] weight",
+                self.out,
+                self.inp
+            );
         }
         dims.push(self.out);
         let rows = x.elem_count() / inp.max(1);
@@ -182,7 +197,10 @@ mod tests {
     }
 
     fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-        let scale = want.abs().and_then(|a| a.max_all()).and_then(|m| m.to_scalar::<f32>());
+        let scale = want
+            .abs()
+            .and_then(|a| a.max_all())
+            .and_then(|m| m.to_scalar::<f32>());
         let diff = (got - want)
             .and_then(|d| d.abs())
             .and_then(|d| d.max_all())
@@ -209,7 +227,10 @@ mod tests {
                 let got = matrix.forward(&x).expect("forward");
                 assert_eq!(got.dims(), &[rows, out]);
                 let error = relative_error(&got, &want);
-                assert!(error < 2e-2, "{dtype:?} [{out}, {inp}] × {rows} rows: {error}");
+                assert!(
+                    error < 2e-2,
+                    "{dtype:?} [{out}, {inp}] × {rows} rows: {error}"
+                );
                 assert_eq!(matrix.in_place(), Format::of(dtype).is_some());
             }
         }
@@ -218,12 +239,17 @@ mod tests {
     #[test]
     fn every_kernel_gives_the_same_product_and_leading_dims_are_kept() {
         let (_, matrix) = quantized(GgmlDType::Q4_1, 70, 192, 3);
-        let x: Vec<f32> = (0..5 * 192).map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.02).collect();
+        let x: Vec<f32> = (0..5 * 192)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.02)
+            .collect();
         let baseline = matrix.product(Format::Q4_1, Kernel::Portable, &x, 5);
         for kernel in Kernel::available() {
             let got = matrix.product(Format::Q4_1, kernel, &x, 5);
             for (g, b) in got.iter().zip(&baseline) {
-                assert!((g - b).abs() <= 1e-4 * b.abs().max(1.0), "{kernel:?}: {g} against {b}");
+                assert!(
+                    (g - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{kernel:?}: {g} against {b}"
+                );
             }
         }
         let x3 = Tensor::from_vec(x, (1, 5, 192), &Device::Cpu).expect("x");
@@ -238,7 +264,10 @@ mod tests {
             .index_select(&Tensor::new(&[3u32, 49, 3], &Device::Cpu).expect("ids"), 0)
             .expect("select");
         assert_eq!(relative_error(&rows, &want), 0.0);
-        assert!(matrix.rows(&[50]).is_err(), "a row past the table is refused");
+        assert!(
+            matrix.rows(&[50]).is_err(),
+            "a row past the table is refused"
+        );
     }
 
     #[test]

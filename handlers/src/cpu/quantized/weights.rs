@@ -153,7 +153,11 @@ mod tests {
         block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
         let mut row = ExpandedRow::with_blocks(1);
         row.expand(Format::Q4_1, &block);
-        let weights: Vec<f32> = row.values.iter().map(|&u| 0.5 * f32::from(u) - 1.0).collect();
+        let weights: Vec<f32> = row
+            .values
+            .iter()
+            .map(|&u| 0.5 * f32::from(u) - 1.0)
+            .collect();
         let expected: Vec<f32> = (0..32)
             .map(|j| if j < 16 { j } else { 31 - j })
             .map(|u| 0.5 * u as f32 - 1.0)

@@ -2,8 +2,9 @@
 //! prompt (prefill) and greedy decoding of 32 tokens after it.
 //!
 //! `cargo run --release -p spillway-handlers --example generate_timing -- MODEL [RUNS] [ROWS...]`,
-//! where MODEL is a HuggingFace-layout folder or a `.gguf` file (converted to float32 in
-//! `$TMPDIR/spillway-offload` once, as the server does). Prints the converted folder (so a
+//! where MODEL is a HuggingFace-layout folder or a `.gguf` file (converted once in
+//! `$TMPDIR/spillway-offload`: dequantized to float32, or with `GGUF_WEIGHTS=quantized`
+//! kept in its blocks as the server does by default). Prints the converted folder (so a
 //! reference implementation can load the same weights), then medians:
 //! `prefill_ms`, `decode_ms_per_token`, `decode_tokens_per_s`; for each ROWS given, the
 //! median time of one decode step that advances that many sequences together
@@ -32,7 +33,10 @@ fn folder_of(model: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
             &FolderFiles::new(dir),
             name,
             &offload,
-            DType::F32,
+            match std::env::var("GGUF_WEIGHTS").as_deref() {
+                Ok("quantized") => None,
+                _ => Some(DType::F32),
+            },
         )?)
     } else {
         Ok(model.to_path_buf())

@@ -344,9 +344,10 @@ fn gguf_to_convert(archive: &OpenedArchive) -> Result<Option<String>> {
     ))
 }
 
-/// A GGUF model converted once (dequantized to `torch_dtype`, float32 by default) into
-/// the offload folder — `offload_folder` from setup_config.json, else the server's
-/// cache — and served from there.
+/// A GGUF model converted once into the offload folder — `offload_folder` from
+/// setup_config.json, else the server's cache — and served from there: its quantized
+/// tensors kept in their blocks (`torch_dtype` unset or `"auto"`), or dequantized to
+/// the `torch_dtype` given.
 fn convert_gguf(
     archive: &OpenedArchive,
     gguf: &str,
@@ -359,7 +360,7 @@ fn convert_gguf(
         .as_ref()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| cache_dir.join("offload"));
-    let dtype = options.dtype.unwrap_or(spillway_handlers::DType::F32);
+    let dtype = options.dtype;
     let started = Instant::now();
     let folder = spillway_handlers::models::gguf::materialize(&*archive.files, gguf, &root, dtype)
         .map_err(Error::load(&archive.path))?;

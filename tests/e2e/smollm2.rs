@@ -31,7 +31,7 @@ fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
         &files,
         gguf,
         &fixture.cache().join("offload"),
-        DType::F32,
+        Some(DType::F32),
     )
     .unwrap();
     let handler =

@@ -1,7 +1,8 @@
 //! GGUF models (llama.cpp's format) made servable by the same device-mapped code as
 //! safetensors checkpoints: [`materialize`] writes, once, a HuggingFace-layout folder —
-//! `model.safetensors` (dequantized to the target dtype, tensor names mapped to HF's,
-//! the Q/K row permutation of llama.cpp's converter undone), `config.json`,
+//! `model.safetensors` (tensor names mapped to HF's, the Q/K row permutation of
+//! llama.cpp's converter undone; quantized tensors kept in their GGML blocks as `U8`
+//! rows, or dequantized when a dtype is asked for), `config.json`,
 //! `tokenizer.json` (built from the `tokenizer.ggml.*` metadata) and
 //! `tokenizer_config.json` (the chat template). The folder is keyed by a fingerprint of
 //! the source, so a restart reuses it; tensors are written one at a time, so the peak
@@ -11,7 +12,8 @@ use std::collections::HashMap;
 use std::io::Seek;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
@@ -21,19 +23,22 @@ use crate::weights::offload::{self, PlannedTensor};
 use crate::{HandlerError, ModelFiles};
 
 /// Where a GGUF model's HF-layout copy lives, writing it if needed; returns the folder.
+/// `dtype`: what to dequantize the weights to; `None` keeps quantized tensors in their
+/// blocks (and other tensors in their stored types) for the quantized kernels.
 pub fn materialize(
     files: &dyn ModelFiles,
     gguf: &str,
     offload_root: &Path,
-    dtype: DType,
+    dtype: Option<DType>,
 ) -> Result<PathBuf, HandlerError> {
     let (path, range) = files
         .locate(gguf)?
         .ok_or_else(|| HandlerError::MissingFile(gguf.to_string()))?;
-    let key = format!(
-        "{}-v{CONVERSION}",
-        offload::fingerprint(&path, &range, dtype)?
-    );
+    let fingerprint = match dtype {
+        Some(dtype) => offload::fingerprint(&path, &range, dtype)?,
+        None => offload::fingerprint_as(&path, &range, "ggml")?,
+    };
+    let key = format!("{fingerprint}-v{CONVERSION}");
     offload::folder(offload_root, &key, "model.safetensors", |staging| {
         convert(&path, range.clone(), gguf, staging, dtype)
     })
@@ -41,8 +46,8 @@ pub fn materialize(
 
 /// Version of the converted folder's layout, part of its key: a change to what
 /// [`materialize`] writes must not reuse folders written before it (2: `rope_scaling`
-/// from `rope_freqs` and the GGUF rope metadata).
-const CONVERSION: u32 = 2;
+/// from `rope_freqs` and the GGUF rope metadata; 3: quantized tensors kept in blocks).
+const CONVERSION: u32 = 3;
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
     HandlerError::bad_file("gguf", reason)
@@ -145,12 +150,53 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// The tensor a GGUF tensor becomes: dequantized to `dtype` when one is asked for; else a
+/// quantized matrix stays in its blocks (`U8` rows) and the rest in its stored type.
+fn planned_tensor(name: String, info: &TensorInfo, dtype: Option<DType>) -> PlannedTensor {
+    let dims = info.shape.dims().to_vec();
+    let stored = match info.ggml_dtype {
+        GgmlDType::F32 => Some(DType::F32),
+        GgmlDType::F16 => Some(DType::F16),
+        GgmlDType::BF16 => Some(DType::BF16),
+        _ => None,
+    };
+    match (dtype, stored, dims.as_slice()) {
+        (Some(dtype), _, _) => PlannedTensor {
+            name,
+            dtype,
+            shape: dims,
+            ggml: None,
+        },
+        (None, Some(stored), _) => PlannedTensor {
+            name,
+            dtype: stored,
+            shape: dims,
+            ggml: None,
+        },
+        (None, None, &[rows, cols]) => {
+            let ggml = info.ggml_dtype;
+            PlannedTensor {
+                name,
+                dtype: DType::U8,
+                shape: vec![rows, cols / ggml.block_size() * ggml.type_size()],
+                ggml: Some(ggml),
+            }
+        }
+        (None, None, _) => PlannedTensor {
+            name,
+            dtype: DType::F32,
+            shape: dims,
+            ggml: None,
+        },
+    }
+}
+
 fn convert(
     path: &Path,
     range: std::ops::Range<u64>,
     name: &str,
     out: &Path,
-    dtype: DType,
+    dtype: Option<DType>,
 ) -> Result<(), HandlerError> {
     let mut reader = RangeReader::open(path, range)?;
     // What the file holds is the archive's fault: a 4xx naming the file, not a 500.
@@ -191,33 +237,39 @@ fn convert(
         .filter_map(|g| hf_name(g, heads, kv_heads, permuted).map(|(hf, p)| (g.clone(), hf, p)))
         .collect();
     names.sort_by(|a, b| a.1.cmp(&b.1));
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+    if let Some(dtype) = dtype
+        && !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+    {
         return Err(HandlerError::Unsupported(format!(
             "GGUF weights cannot be dequantized to {dtype:?}"
         )));
     }
     let planned: Vec<PlannedTensor> = names
         .iter()
-        .map(|(gguf, hf, _)| PlannedTensor {
-            name: hf.clone(),
-            dtype,
-            shape: content.tensor_infos[gguf].shape.dims().to_vec(),
-        })
+        .map(|(gguf, hf, _)| planned_tensor(hf.clone(), &content.tensor_infos[gguf], dtype))
         .collect();
     let rope_scaling = rope_scaling(&content, &mut reader, &arch)?;
     let mut next = names.iter();
-    offload::write_streaming(&out.join("model.safetensors"), &planned, |_| {
+    offload::write_streaming(&out.join("model.safetensors"), &planned, |planned| {
         let (gguf, hf, heads) = next
             .next()
             .ok_or_else(|| bad("more tensors planned than named"))?;
         content
             .tensor(&mut reader, gguf, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|q| match planned.ggml {
+                // The blocks as they are, one row of blocks per weight row (so the Q/K
+                // un-permutation below moves whole rows).
+                Some(_) => Tensor::from_vec(
+                    q.data()?.into_owned(),
+                    planned.shape.as_slice(),
+                    &Device::Cpu,
+                ),
+                None => q.dequantize(&Device::Cpu)?.to_dtype(planned.dtype),
+            })
             .and_then(|t| match heads {
                 Some(h) => unpermute(&t, *h),
                 None => Ok(t),
             })
-            .and_then(|t| t.to_dtype(dtype))
             .weights_context(|| format!("cannot read tensor {gguf} ({hf}) of the GGUF file"))
     })?;
     reader.rewind().map_err(|source| HandlerError::Io {
@@ -249,7 +301,8 @@ fn convert(
         "tie_word_embeddings": tied,
         "bos_token_id": bos,
         "eos_token_id": eos,
-        "torch_dtype": format!("{dtype:?}").to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
+        // Quantized weights compute in float32.
+        "torch_dtype": format!("{:?}", dtype.unwrap_or(DType::F32)).to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
     });
     if let Some(scaling) = rope_scaling {
         config["rope_scaling"] = scaling;
@@ -551,7 +604,7 @@ mod tests {
                 &crate::weights::files::FolderFiles::new(&gguf_dir),
                 "tiny.gguf",
                 &work.path().join(format!("{name}-offload")),
-                DType::F32,
+                Some(DType::F32),
             )
             .expect("materialize");
             (&logits(&folder, &prompt) - &want)

@@ -12,7 +12,10 @@ use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 use serde::Deserialize;
 
+use std::sync::Arc;
+
 use crate::cpu::linear::CpuLinear;
+use crate::cpu::quantized::QuantizedMatrix;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
 use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, Units};
@@ -289,17 +292,43 @@ enum Projection {
         bias: Option<Tensor>,
         out: usize,
     },
+    /// GGML blocks on the CPU, multiplied as they are (in place in the mapping).
+    Quantized {
+        weight: QuantizedMatrix,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Projection {
     /// Loads `vb`'s `weight` `[out_dim, in_dim]` and, if `vb` has one, its `bias` (Qwen2
     /// puts biases on q/k/v; Llama has none). `pack`: whether the unit stays resident.
+    /// A weight `source` stores quantized stays quantized on the CPU and is dequantized
+    /// for other devices.
     fn load(
         in_dim: usize,
         out_dim: usize,
         vb: VarBuilder,
+        source: &WeightSource,
         pack: bool,
     ) -> candle_core::Result<Self> {
+        if let Some(weight) = source.quantized(&format!("{}.weight", vb.prefix()))? {
+            if weight.dims() != (out_dim, in_dim) {
+                candle_core::bail!(
+                    "{} is {:?}, not [{out_dim}, {in_dim}]",
+                    vb.prefix(),
+                    weight.dims()
+                );
+            }
+            let bias = match vb.contains_tensor("bias") {
+                true => Some(vb.get(out_dim, "bias")?),
+                false => None,
+            };
+            if vb.device().is_cpu() {
+                return Ok(Self::Quantized { weight, bias });
+            }
+            let dense = weight.dequantize(vb.device())?.to_dtype(vb.dtype())?;
+            return Ok(Self::Candle(Linear::new(dense, bias)));
+        }
         let packs = pack && CpuLinear::PACKS && vb.device().is_cpu() && vb.dtype() == DType::F32;
         let linear = if vb.contains_tensor("bias") {
             candle_nn::linear(in_dim, out_dim, vb)?
@@ -331,19 +360,31 @@ impl Projection {
                     None => Ok(y),
                 }
             }
+            Self::Quantized { weight, bias } => {
+                let y = weight.forward(x)?.to_dtype(x.dtype())?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig, pack: bool) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        source: &WeightSource,
+        cfg: &LlamaConfig,
+        pack: bool,
+    ) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
         Ok(Self {
-            q: Projection::load(h, q, vb.pp("q_proj"), pack)?,
-            k: Projection::load(h, kv, vb.pp("k_proj"), pack)?,
-            v: Projection::load(h, kv, vb.pp("v_proj"), pack)?,
-            o: Projection::load(q, h, vb.pp("o_proj"), pack)?,
+            q: Projection::load(h, q, vb.pp("q_proj"), source, pack)?,
+            k: Projection::load(h, kv, vb.pp("k_proj"), source, pack)?,
+            v: Projection::load(h, kv, vb.pp("v_proj"), source, pack)?,
+            o: Projection::load(q, h, vb.pp("o_proj"), source, pack)?,
             heads: cfg.num_attention_heads,
             kv_heads: cfg.kv_heads(),
             head_dim: hd,
@@ -443,12 +484,17 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &LlamaConfig, pack: bool) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        source: &WeightSource,
+        cfg: &LlamaConfig,
+        pack: bool,
+    ) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate: Projection::load(h, i, vb.pp("gate_proj"), pack)?,
-            up: Projection::load(h, i, vb.pp("up_proj"), pack)?,
-            down: Projection::load(i, h, vb.pp("down_proj"), pack)?,
+            gate: Projection::load(h, i, vb.pp("gate_proj"), source, pack)?,
+            up: Projection::load(h, i, vb.pp("up_proj"), source, pack)?,
+            down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
         })
     }
 
@@ -477,20 +523,25 @@ pub struct Block {
 
 impl Block {
     /// `pack`: the block stays resident (see [`Projection::Packed`]).
-    fn load(vb: VarBuilder, cfg: &LlamaConfig, pack: bool) -> candle_core::Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        source: &WeightSource,
+        cfg: &LlamaConfig,
+        pack: bool,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             input_norm: candle_nn::rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("input_layernorm"),
             )?,
-            attention: Attention::load(vb.pp("self_attn"), cfg, pack)?,
+            attention: Attention::load(vb.pp("self_attn"), source, cfg, pack)?,
             post_norm: candle_nn::rms_norm(
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
                 vb.pp("post_attention_layernorm"),
             )?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg, pack)?,
+            mlp: Mlp::load(vb.pp("mlp"), source, cfg, pack)?,
         })
     }
 
@@ -586,10 +637,107 @@ impl Activations for RowRope {
 
 /// One unit of a Llama stack.
 pub enum LlamaUnit {
-    Embeddings(Embedding),
+    Embeddings(TokenTable),
     Block(Box<Block>),
     Norm(RmsNorm),
-    Head(Linear),
+    Head(OutputHead),
+}
+
+/// The token embedding table: candle's, or GGML rows dequantized as they are looked up
+/// (on the CPU; other devices get it dequantized).
+pub enum TokenTable {
+    Dense(Embedding),
+    Quantized(Arc<QuantizedMatrix>),
+}
+
+/// The weight `[vocab, hidden]` at `name` of `source`, quantized if stored so and
+/// `device` is the CPU (the quantized kernels' device), else dense in `dtype`.
+fn vocab_matrix(
+    source: &WeightSource,
+    name: &str,
+    (vocab, hidden): (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Result<Arc<QuantizedMatrix>, Tensor>> {
+    match source.quantized(name)? {
+        Some(m) if m.dims() != (vocab, hidden) => {
+            candle_core::bail!("{name} is {:?}, not [{vocab}, {hidden}]", m.dims())
+        }
+        Some(m) if device.is_cpu() => Ok(Ok(Arc::new(m))),
+        Some(m) => Ok(Err(m.dequantize(device)?.to_dtype(dtype)?)),
+        None => {
+            let w = source.load(name, dtype, device)?;
+            if w.dims() != [vocab, hidden] {
+                candle_core::bail!("{name} is {:?}, not [{vocab}, {hidden}]", w.dims());
+            }
+            Ok(Err(w))
+        }
+    }
+}
+
+impl TokenTable {
+    fn load(
+        source: &WeightSource,
+        dims: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Ok(
+            match vocab_matrix(source, "model.embed_tokens.weight", dims, dtype, device)? {
+                Ok(quantized) => Self::Quantized(quantized),
+                Err(dense) => Self::Dense(Embedding::new(dense, dims.1)),
+            },
+        )
+    }
+
+    /// `ids` `[b, seq]` → `[b, seq, hidden]`.
+    fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Quantized(table) => {
+                let (b, seq) = ids.dims2()?;
+                let rows = table.rows(&ids.flatten_all()?.to_vec1::<u32>()?)?;
+                rows.reshape((b, seq, table.dims().1))
+            }
+        }
+    }
+
+    /// The output head tied to this table (sharing its weight).
+    fn tied_head(&self) -> OutputHead {
+        match self {
+            Self::Dense(e) => OutputHead::Dense(e.embeddings().clone()),
+            Self::Quantized(table) => OutputHead::Quantized(table.clone()),
+        }
+    }
+}
+
+/// The output head: a weight `[vocab, hidden]`, dense or in GGML blocks.
+pub enum OutputHead {
+    Dense(Tensor),
+    Quantized(Arc<QuantizedMatrix>),
+}
+
+impl OutputHead {
+    fn load(
+        source: &WeightSource,
+        name: &str,
+        dims: (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        Ok(match vocab_matrix(source, name, dims, dtype, device)? {
+            Ok(quantized) => Self::Quantized(quantized),
+            Err(dense) => Self::Dense(dense),
+        })
+    }
+
+    /// Logits `[b, seq, vocab]` of `hidden` `[b, seq, h]`.
+    fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(weight) => output_logits(weight, hidden),
+            Self::Quantized(weight) => weight.forward(hidden),
+        }
+    }
 }
 
 /// A Llama-family decoder laid out by a plan.
@@ -637,8 +785,7 @@ impl MappedLlama {
         let embed = {
             let source = source.clone();
             move |d: &Device, _: Residence| {
-                candle_nn::embedding(v, h, source.var_builder(dtype, d).pp("model.embed_tokens"))
-                    .map(LlamaUnit::Embeddings)
+                TokenTable::load(&source, (v, h), dtype, d).map(LlamaUnit::Embeddings)
             }
         };
         // A tied head is a unit of its own after the norm, where the embedding lives:
@@ -649,13 +796,10 @@ impl MappedLlama {
             (UnitPlacement::Resident(d), true) => {
                 let module = embed(d, Residence::Resident)
                     .weights_context(|| "cannot load unit model.embed_tokens".into())?;
-                let LlamaUnit::Embeddings(embedding) = &module else {
+                let LlamaUnit::Embeddings(table) = &module else {
                     unreachable!("the embedding builder builds embeddings")
                 };
-                tied_head = Some(LlamaUnit::Head(Linear::new(
-                    embedding.embeddings().clone(),
-                    None,
-                )));
+                tied_head = Some(LlamaUnit::Head(table.tied_head()));
                 stack.push_resident("model.embed_tokens", d.clone(), module);
             }
             _ => stack.push_planned("model.embed_tokens", embed_place.clone(), source, embed)?,
@@ -667,8 +811,8 @@ impl MappedLlama {
                 let (source, cfg, name) = (source.clone(), cfg.clone(), name.clone());
                 move |d: &Device, residence: Residence| {
                     let resident = residence == Residence::Resident;
-                    Block::load(source.var_builder(dtype, d).pp(&name), &cfg, resident)
-                        .map(|b| LlamaUnit::Block(Box::new(b)))
+                    let vb = source.var_builder(dtype, d).pp(&name);
+                    Block::load(vb, &source, &cfg, resident).map(|b| LlamaUnit::Block(Box::new(b)))
                 }
             };
             stack.push_planned(&name, placement, source, build)?;
@@ -695,9 +839,14 @@ impl MappedLlama {
                         source.clone(),
                         ["model.embed_tokens.weight"],
                         move || {
-                            source
-                                .load("model.embed_tokens.weight", dtype, &exec)
-                                .map(|w| LlamaUnit::Head(Linear::new(w, None)))
+                            OutputHead::load(
+                                &source,
+                                "model.embed_tokens.weight",
+                                (v, h),
+                                dtype,
+                                &exec,
+                            )
+                            .map(LlamaUnit::Head)
                         },
                     );
                 }
@@ -709,7 +858,7 @@ impl MappedLlama {
             let head = {
                 let source = source.clone();
                 move |d: &Device, _: Residence| {
-                    candle_nn::linear_no_bias(h, v, source.var_builder(dtype, d).pp("lm_head"))
+                    OutputHead::load(&source, "lm_head.weight", (v, h), dtype, d)
                         .map(LlamaUnit::Head)
                 }
             };
@@ -801,7 +950,7 @@ impl MappedLlama {
                         .contiguous()?
                         .unsqueeze(1)?,
                 )?,
-                LlamaUnit::Head(head) => output_logits(head.weight(), flow.hidden()?)?,
+                LlamaUnit::Head(head) => head.logits(flow.hidden()?)?,
             });
             Ok(flow)
         })?;

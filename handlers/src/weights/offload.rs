@@ -9,6 +9,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
@@ -21,6 +22,15 @@ pub struct PlannedTensor {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<usize>,
+    /// For GGML blocks kept as they are: their type. The tensor is then `U8`
+    /// `[rows, bytes per row]`, and the file's metadata says `ggml.<name>: <type>`
+    /// (read back by [`crate::WeightSource::quantized`]).
+    pub ggml: Option<GgmlDType>,
+}
+
+/// The `__metadata__` key holding the GGML type of the quantized tensor `name`.
+pub fn ggml_key(name: &str) -> String {
+    format!("ggml.{name}")
 }
 
 fn st_dtype(dtype: DType) -> Result<&'static str, HandlerError> {
@@ -68,15 +78,23 @@ pub fn source_key(path: &Path) -> std::io::Result<String> {
 
 /// A folder name for `path[range]` converted to `dtype` that changes whenever the source does.
 pub fn fingerprint(path: &Path, range: &Range<u64>, dtype: DType) -> Result<String, HandlerError> {
+    fingerprint_as(path, range, &format!("{dtype:?}").to_lowercase())
+}
+
+/// [`fingerprint`] for a copy named `target` (`"ggml"`: GGML blocks kept as they are).
+pub fn fingerprint_as(
+    path: &Path,
+    range: &Range<u64>,
+    target: &str,
+) -> Result<String, HandlerError> {
     let source = source_key(path).map_err(|source| HandlerError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     Ok(format!(
-        "{source}-{:x}-{:x}-{}",
+        "{source}-{:x}-{:x}-{target}",
         range.start,
         range.end - range.start,
-        format!("{dtype:?}").to_lowercase()
     ))
 }
 
@@ -123,10 +141,13 @@ pub fn write_streaming(
         header.insert(t.name.clone(), json!({"dtype": st_dtype(t.dtype)?, "shape": t.shape, "data_offsets": [offset, offset + bytes]}));
         offset += bytes;
     }
-    header.insert(
-        "__metadata__".into(),
-        json!({"format": "pt", "written_by": "spillway"}),
-    );
+    let mut metadata = json!({"format": "pt", "written_by": "spillway"});
+    for t in tensors {
+        if let Some(ggml) = t.ggml {
+            metadata[ggml_key(&t.name)] = json!(format!("{ggml:?}"));
+        }
+    }
+    header.insert("__metadata__".into(), metadata);
     let mut header = serde_json::Value::Object(header).to_string().into_bytes();
     while !header.len().is_multiple_of(8) {
         header.push(b' ');
@@ -236,6 +257,7 @@ pub fn convert(source: &WeightSource, dtype: DType, root: &Path) -> Result<PathB
                 let stored = DType::try_from(info.dtype).ok()?;
                 let out = if stored.is_float() { dtype } else { stored };
                 Some(PlannedTensor {
+                    ggml: source.ggml_type(&name),
                     name,
                     dtype: out,
                     shape: info.shape.clone(),

@@ -7,6 +7,11 @@
 //! Headers are parsed once at open; tensors are read from the mappings on demand
 //! (on the CPU candle copies each tensor it loads into owned memory, so the mapping's
 //! pages are only touched while a tensor is being materialised).
+//!
+//! GGML-quantized tensors (`U8` `[rows, bytes per row]`, their type in the file's
+//! metadata; see [`crate::weights::offload::PlannedTensor::ggml`]) are not copied:
+//! [`WeightSource::quantized`] hands out a [`QuantizedMatrix`] reading the mapping in
+//! place.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,12 +19,14 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors, TensorInfo, TensorView};
 
 use crate::HandlerError;
+use crate::cpu::quantized::QuantizedMatrix;
 
 /// Memory-mapped safetensors: one file, a byte range inside a larger file, or several
 /// shards read as one. Cheap to clone: clones share the mappings.
@@ -49,6 +56,34 @@ impl Mapped {
         base + info.data_offsets.0..base + info.data_offsets.1
     }
 }
+
+/// Bytes of one mapping, kept alive by this handle: a quantized weight used in place.
+struct MappedBytes {
+    file: Arc<Mapped>,
+    range: Range<usize>,
+}
+
+impl AsRef<[u8]> for MappedBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.file.map[self.range.clone()]
+    }
+}
+
+/// The GGML type names [`WeightSource::ggml_type`] reads (as `{:?}` writes them).
+const GGML_TYPES: [GgmlDType; 12] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q8_1,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+    GgmlDType::Q8K,
+];
 
 /// The bytes a set of tensors occupies: per mapped file, one range spanning those of its
 /// tensors (see [`WeightSource::span_of`]).
@@ -186,13 +221,57 @@ impl WeightSource {
         names
     }
 
-    /// Number of elements over all tensors (the model's parameter count, buffers included).
+    /// Number of elements over all tensors (the model's parameter count, buffers
+    /// included; a quantized tensor counts its weights, not its bytes).
     pub fn parameters(&self) -> usize {
-        self.files
+        self.tensor_names()
             .iter()
-            .flat_map(|m| m.metadata.tensors().into_values())
-            .map(|info| info.shape.iter().product::<usize>())
+            .map(|name| match (self.info(name), self.ggml_type(name)) {
+                (Some(info), Some(ggml)) => {
+                    info.shape.iter().product::<usize>() / ggml.type_size() * ggml.block_size()
+                }
+                (Some(info), None) => info.shape.iter().product::<usize>(),
+                (None, _) => 0,
+            })
             .sum()
+    }
+
+    /// The GGML type of tensor `name` when it is stored quantized (its bytes as they
+    /// were in the GGUF file).
+    pub fn ggml_type(&self, name: &str) -> Option<GgmlDType> {
+        let &file = self.owner.get(name)?;
+        let metadata = self.files[file].metadata.metadata().as_ref()?;
+        let written = metadata.get(&crate::weights::offload::ggml_key(name))?;
+        GGML_TYPES
+            .into_iter()
+            .find(|t| format!("{t:?}") == *written)
+    }
+
+    /// Tensor `name` as a quantized matrix reading the mapping in place, when it is
+    /// stored quantized (`None` otherwise). Its logical shape is `[rows, in]`, `in` from
+    /// the bytes per row.
+    pub fn quantized(&self, name: &str) -> candle_core::Result<Option<QuantizedMatrix>> {
+        let Some(ggml) = self.ggml_type(name) else {
+            return Ok(None);
+        };
+        let (file, info) =
+            self.locate(name)
+                .ok_or_else(|| candle_core::Error::CannotFindTensor {
+                    path: name.to_string(),
+                })?;
+        let &[rows, row_bytes] = info.shape.as_slice() else {
+            candle_core::bail!("quantized tensor {name} is not [rows, bytes per row]");
+        };
+        if info.dtype != safetensors::Dtype::U8 || row_bytes % ggml.type_size() != 0 {
+            candle_core::bail!("quantized tensor {name} is not whole {ggml:?} blocks of bytes");
+        }
+        let inp = row_bytes / ggml.type_size() * ggml.block_size();
+        let mapped = &self.files[file];
+        let bytes = MappedBytes {
+            file: mapped.clone(),
+            range: mapped.bytes_of(info),
+        };
+        QuantizedMatrix::new(ggml, rows, inp, Arc::new(bytes)).map(Some)
     }
 
     fn locate(&self, name: &str) -> Option<(usize, &TensorInfo)> {
@@ -265,10 +344,10 @@ impl WeightSource {
     pub fn release(&self, span: &WeightSpan) {
         for (file, range) in &span.parts {
             let (offset, len) = page_aligned(range);
-            // SAFETY: the mapping is read-only and file-backed, and no tensor borrows these
-            // bytes any more (every tensor loaded from it on the CPU is an owned copy).
-            // MADV_DONTNEED on such a mapping only discards pages; a later read faults them
-            // back in from the file with the same contents. Advice failure is harmless.
+            // SAFETY: the mapping is read-only, private and file-backed: MADV_DONTNEED
+            // only discards this process's pages, and a later read (a quantized weight
+            // used in place reads these bytes on every pass) faults them back in from
+            // the file with the same contents. Advice failure is harmless.
             #[allow(unsafe_code)]
             let _ = unsafe {
                 self.files[*file].map.unchecked_advise_range(

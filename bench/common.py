@@ -69,3 +69,20 @@ class Server:
         self.proc.terminate()
         self.proc.wait()
         return hwm
+
+
+def write_section(title, body):
+    """Replaces section `## title` of BENCHMARKS.md with `body` (appended when absent);
+    the other sections, each written by its own benchmark, are kept."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    heading = f"## {title}\n"
+    start = text.find(heading)
+    section = heading + "\n" + body.rstrip("\n") + "\n"
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("" if end < 0 else text[end:])
+    with open(path, "w") as f:
+        f.write(text)

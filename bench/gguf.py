@@ -15,14 +15,20 @@ Measured, medians of --runs, each engine in a process of its own:
     between the engines; where they part, llama.cpp's top-2 logit gap at that step says
     whether it is noise (< 1e-3).
 
-Spillway serves a GGUF as its `torch_dtype` says: float32 today (dequantized once into the
-offload folder); the rows say which.
+Spillway serves a GGUF as its `torch_dtype` says: unset, quantized (the Q4_1 blocks multiplied
+as they are); "float32", dequantized once into the offload folder. Both are measured, all in
+RAM and with every block on disk.
 
-Usage: bench/gguf.py [--runs 5] [--no-cold] [--skip-build]
+llama.cpp's greedy tokens are taken with a float32 KV cache (its default is f16), so that the
+comparison is of the quantized matmuls, not of the cache's rounding.
+
+Writes the table to BENCHMARKS.md's "GGUF against llama.cpp" section (unless --no-write).
+
+Usage: bench/gguf.py [--runs 5] [--no-cold] [--skip-build] [--no-write]
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 
-from common import Server, drop_caches
+from common import Server, drop_caches, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/spillway")
@@ -67,6 +73,9 @@ for _ in range(job["runs"] + 1):  # the first is a warm-up
     dec.append(time.perf_counter() - t)
 out["pp_tok_s"] = job["prompt_tokens"] / sorted(pp[1:])[len(pp[1:]) // 2]
 out["decode_tok_s"] = job["new_tokens"] / sorted(dec[1:])[len(dec[1:]) // 2]
+# Greedy tokens with a float32 KV cache (GGML_TYPE_F32 = 0).
+llm = Llama(model_path=sys.argv[1], n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
+            verbose=False, type_k=0, type_v=0)
 greedy = []
 for ids in job["greedy_prompts"]:
     llm.reset()
@@ -156,6 +165,7 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     model_dir = run([os.path.join(ROOT, "scripts/fetch-model.sh"), "smollm2"])
     gguf = [os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".gguf")][0]
@@ -174,29 +184,46 @@ def main():
     try:
         blocks_on_disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu"}
         rows = [("llama.cpp (Q4_1)", "-", llama)]
-        ram = spillway(work, gguf, {"device_map": "cpu", "torch_dtype": "float32"}, "ram", text, args.runs, False)
+        runs = args.runs
+        quantized = spillway(work, gguf, {"device_map": "cpu"}, "q-ram", text, runs, False)
+        rows.append(("Spillway Q4_1, in RAM", "warm", quantized))
+        q_disk = {"device_map": blocks_on_disk}
+        rows.append(("Spillway Q4_1, blocks on disk", "warm", spillway(work, gguf, q_disk, "q-disk", text, runs,
+                                                                         False)))
+        cold = not args.no_cold and drop_caches()
+        if cold:
+            rows.append(("Spillway Q4_1, blocks on disk", "cold", spillway(work, gguf, q_disk, "q-cold", text,
+                                                                             runs, True)))
+        ram = spillway(work, gguf, {"device_map": "cpu", "torch_dtype": "float32"}, "ram", text, runs, False)
         rows.append(("Spillway f32, in RAM", "warm", ram))
         disk = {"device_map": blocks_on_disk, "torch_dtype": "float32"}
-        rows.append(("Spillway f32, blocks on disk", "warm", spillway(work, gguf, disk, "disk", text, args.runs,
-                                                                        False)))
-        if not args.no_cold and drop_caches():
-            rows.append(("Spillway f32, blocks on disk", "cold", spillway(work, gguf, disk, "cold", text,
-                                                                            args.runs, True)))
+        rows.append(("Spillway f32, blocks on disk", "warm", spillway(work, gguf, disk, "disk", text, runs, False)))
+        if cold:
+            rows.append(("Spillway f32, blocks on disk", "cold", spillway(work, gguf, disk, "cold", text, runs,
+                                                                            True)))
     finally:
         subprocess.run(["rm", "-rf", work])
-    print(f"SmolLM2-135M-Instruct Q4_1 GGUF; {os.cpu_count()} cores, 2 threads each; prompt {PROMPT_TOKENS} tokens, "
-          f"decode {NEW_TOKENS}; median of {args.runs}")
-    print(f"{'engine':<30} {'cache':>5} {'prompt tok/s':>12} {'decode tok/s':>12} {'peak RSS MiB':>12} "
-          f"{'decode vs llama.cpp':>19}")
+    lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF; {os.cpu_count()} cores, 2 threads each; prompt {PROMPT_TOKENS} "
+             f"tokens, decode {NEW_TOKENS}; median of {args.runs}.",
+             f"Command: `bench/gguf.py --runs {args.runs}{' --no-cold' if args.no_cold else ''}` "
+             f"({time.strftime('%Y-%m-%d')}; release build with MKL, each engine in a process of its own).", "",
+             "| engine | cache | prompt tok/s | decode tok/s | peak RSS MiB | prompt vs llama.cpp "
+             "| decode vs llama.cpp |", "|---|---|---|---|---|---|---|"]
     for label, cache, r in rows:
-        print(f"{label:<30} {cache:>5} {r['pp_tok_s']:>12.1f} {r['decode_tok_s']:>12.1f} "
-              f"{r['vmhwm'] / 2**20:>12.1f} {r['decode_tok_s'] / llama['decode_tok_s']:>19.2f}")
-    print("greedy tokens on the dev prompts (refs: transformers on the GGUF dequantized to float32):")
-    for i, (case, ours, theirs) in enumerate(zip(refs, ram["greedy"], llama["greedy"])):
+        lines.append(f"| {label} | {cache} | {r['pp_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['vmhwm'] / 2**20:.1f} | {r['pp_tok_s'] / llama['pp_tok_s']:.2f} | "
+                     f"{r['decode_tok_s'] / llama['decode_tok_s']:.2f} |")
+    lines += ["", "Greedy tokens on the dev prompts of `../shared/refs/` (refs: transformers on the GGUF "
+              "dequantized to float32; llama.cpp with a float32 KV cache):", ""]
+    for i, (case, q, f, theirs) in enumerate(zip(refs, quantized["greedy"], ram["greedy"], llama["greedy"])):
         want = case["greedy_new_token_ids"][:GREEDY]
-        print(f"  {i} ({case['kind']}): Spillway f32 vs refs: {parting(ours, want)}; llama.cpp Q4_1 vs refs: "
-              f"{parting(theirs['ids'], want, theirs['gaps'])}; Spillway vs llama.cpp: "
-              f"{parting(ours, theirs['ids'], theirs['gaps'])}")
+        lines.append(f"- prompt {i} ({case['kind']}): Spillway Q4_1 vs llama.cpp: "
+                     f"{parting(q, theirs['ids'], theirs['gaps'])}; Spillway f32 vs refs: {parting(f, want)}; "
+                     f"llama.cpp vs refs: {parting(theirs['ids'], want, theirs['gaps'])}")
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        write_section("GGUF against llama.cpp", table)
 
 
 def parting(a, b, gaps=None):

@@ -15,7 +15,7 @@ Scenarios, each in its own server process so they do not share cores or queues:
 Load comes from server/examples/loadgen.rs (keep-alive HTTP/1.1, one request in flight
 per connection). Also reports the server's idle RSS with MiniLM loaded after warm-up.
 Prints a Markdown table and writes it, with the machine and the command, to
-BENCHMARKS.md (unless --no-write).
+BENCHMARKS.md's Load section (unless --no-write).
 
 SmolLM2 rows run --generation-seconds (default 30): at ~5 requests/s a 10 s window
 counts only a few groups of 8, so its requests/s moves by a whole group between runs.
@@ -24,6 +24,8 @@ Usage: bench/load.py [--seconds 10] [--generation-seconds 30] [--concurrency 1 8
                      [--loadgen-threads 1] [--no-write]
 """
 import argparse, json, os, platform, shutil, subprocess, sys, tempfile, time, urllib.request
+
+from common import write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/spillway")
@@ -180,9 +182,7 @@ def main():
     table = "\n".join(lines)
     print(table)
     if not a.no_write:
-        with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-            f.write("# Benchmarks\n\nWritten by `bench/load.py`; the figures of the other benchmarks are in "
-                    "docs/cpu-performance.md and the issue notes.\n\n## Load\n\n" + table + "\n")
+        write_section("Load", table)
 
 
 if __name__ == "__main__":

@@ -456,8 +456,16 @@ mod tests {
     /// Writes the tiny Llama in `hf` (safetensors + config.json) as a llama.cpp-style
     /// GGUF: llama names, q/k rows permuted, a byte-level BPE vocabulary, and
     /// `rope_freqs.weight` when `rope_freqs` is given.
-    fn write_gguf(hf: &Path, spec: &TinyLlama, rope_freqs: Option<&[f32]>, out: &Path) {
-        use candle_core::quantized::{GgmlDType, QTensor};
+    /// The GGUF llama.cpp's converter would make of the HF model in `hf`, its matrices
+    /// in `weights` blocks (norms and rope_freqs in f32).
+    fn write_gguf(
+        hf: &Path,
+        spec: &TinyLlama,
+        rope_freqs: Option<&[f32]>,
+        weights: GgmlDType,
+        out: &Path,
+    ) {
+        use candle_core::quantized::QTensor;
         let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
             .expect("weights");
         let permute = |w: &Tensor, heads: usize| {
@@ -470,7 +478,12 @@ mod tests {
         };
         let mut quantized: Vec<(String, QTensor)> = Vec::new();
         let mut add = |name: String, t: &Tensor| {
-            quantized.push((name, QTensor::quantize(t, GgmlDType::F32).expect("f32")));
+            let dtype = if t.rank() == 2 {
+                weights
+            } else {
+                GgmlDType::F32
+            };
+            quantized.push((name, QTensor::quantize(t, dtype).expect("quantize")));
         };
         for (name, t) in &tensors {
             let gguf = match name.as_str() {
@@ -544,14 +557,22 @@ mod tests {
 
     /// Last-position logits of the model in folder `dir` (config.json + safetensors).
     fn logits(dir: &Path, prompt: &[u32]) -> Tensor {
+        logits_placed(dir, prompt, false)
+    }
+
+    /// [`logits`] with every block resident or (`streamed`) read from disk each pass.
+    fn logits_placed(dir: &Path, prompt: &[u32], streamed: bool) -> Tensor {
         use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
         use crate::weights::layer_stack::UnitPlacement;
         let config: LlamaConfig =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))
                 .expect("parse");
         let source = crate::WeightSource::open(&dir.join("model.safetensors")).expect("source");
-        let model = MappedLlama::load(&source, &config, DType::F32, |_| {
-            Ok(UnitPlacement::Resident(Device::Cpu))
+        let model = MappedLlama::load(&source, &config, DType::F32, |unit| {
+            Ok(match streamed && unit.starts_with("model.layers.") {
+                true => UnitPlacement::Streamed(Device::Cpu),
+                false => UnitPlacement::Resident(Device::Cpu),
+            })
         })
         .expect("load");
         let tokens = Tensor::new(prompt, &Device::Cpu)
@@ -599,7 +620,13 @@ mod tests {
         let diff_of = |rope_freqs: Option<&[f32]>, name: &str| {
             let gguf_dir = work.path().join(name);
             std::fs::create_dir_all(&gguf_dir).expect("dir");
-            write_gguf(&hf, &spec, rope_freqs, &gguf_dir.join("tiny.gguf"));
+            write_gguf(
+                &hf,
+                &spec,
+                rope_freqs,
+                GgmlDType::F32,
+                &gguf_dir.join("tiny.gguf"),
+            );
             let folder = materialize(
                 &crate::weights::files::FolderFiles::new(&gguf_dir),
                 "tiny.gguf",
@@ -615,5 +642,79 @@ mod tests {
         assert!(with <= 1e-5, "GGUF with rope_freqs differs by {with}");
         let without = diff_of(None, "without-freqs");
         assert!(without > 1e-4, "the factors must matter here ({without})");
+    }
+
+    /// A GGUF whose matrices are quantized serves from its blocks (no dequantized copy)
+    /// and decodes like its dequantized twin, within the activations' 8-bit rounding;
+    /// blocks streamed from disk give the same logits as resident ones.
+    #[test]
+    fn quantized_ggufs_decode_like_their_dequantized_twins() {
+        let prompt = [1u32, 5, 9, 14, 3, 7, 11, 20, 30, 2, 8, 4];
+        let work = tempfile::tempdir().expect("tempdir");
+        for (weights, hidden, intermediate) in [
+            (GgmlDType::Q4_0, 64, 96),
+            (GgmlDType::Q4_1, 64, 96),
+            (GgmlDType::Q8_0, 64, 96),
+            (GgmlDType::Q4K, 256, 256),
+            (GgmlDType::Q6K, 256, 256),
+        ] {
+            let spec = TinyLlama {
+                hidden_size: hidden,
+                intermediate_size: intermediate,
+                ..TinyLlama::default()
+            };
+            let dir = work.path().join(format!("{weights:?}"));
+            spec.write(&dir.join("hf")).expect("write");
+            std::fs::create_dir_all(dir.join("gguf")).expect("dir");
+            write_gguf(
+                &dir.join("hf"),
+                &spec,
+                None,
+                weights,
+                &dir.join("gguf/tiny.gguf"),
+            );
+            let files = crate::weights::files::FolderFiles::new(dir.join("gguf"));
+            let folder = |dtype| materialize(&files, "tiny.gguf", &dir.join("offload"), dtype);
+            let quantized = folder(None).expect("quantized copy");
+            let dense = folder(Some(DType::F32)).expect("dequantized copy");
+            assert_ne!(quantized, dense);
+
+            let source =
+                crate::WeightSource::open(&quantized.join("model.safetensors")).expect("open");
+            let up = "model.layers.0.mlp.up_proj.weight";
+            assert_eq!(source.ggml_type(up), Some(weights));
+            assert_eq!(source.ggml_type("model.norm.weight"), None);
+            let matrix = source.quantized(up).expect("read").expect("quantized");
+            assert_eq!(matrix.dims(), (intermediate, hidden));
+            let own_kernels = crate::cpu::quantized::weights::Format::of(weights).is_some();
+            assert_eq!(matrix.in_place(), own_kernels);
+            let dense_source =
+                crate::WeightSource::open(&dense.join("model.safetensors")).expect("open");
+            assert_eq!(source.parameters(), dense_source.parameters());
+            let bytes =
+                |dir: &Path| std::fs::metadata(dir.join("model.safetensors")).map(|m| m.len());
+            assert!(bytes(&quantized).expect("size") * 3 < bytes(&dense).expect("size"));
+
+            let (got, want) = (logits(&quantized, &prompt), logits(&dense, &prompt));
+            let scale = want
+                .abs()
+                .and_then(|a| a.max_all()?.to_scalar::<f32>())
+                .expect("max");
+            let diff = (&got - &want)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            assert!(
+                diff <= 0.05 * scale,
+                "{weights:?}: logits differ by {diff} (largest {scale})"
+            );
+            let streamed = logits_placed(&quantized, &prompt, true);
+            let same = (&streamed - &got)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .expect("diff");
+            assert_eq!(
+                same, 0.0,
+                "{weights:?}: streamed blocks differ from resident ones"
+            );
+        }
     }
 }

@@ -496,4 +496,38 @@ mod tests {
             "garbage header is refused"
         );
     }
+
+    /// A tensor whose metadata says GGML blocks but whose bytes are not whole rows of
+    /// them is refused with an error naming it, never read past its end.
+    #[test]
+    fn quantized_tensors_that_are_not_whole_blocks_are_refused() {
+        use crate::weights::offload::{PlannedTensor, write_streaming};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("q.safetensors");
+        let planned = |name: &str, shape: Vec<usize>, ggml| PlannedTensor {
+            name: name.into(),
+            dtype: DType::U8,
+            shape,
+            ggml: Some(ggml),
+        };
+        let tensors = [
+            planned("ragged", vec![2, 19], GgmlDType::Q4_0),
+            planned("flat", vec![36], GgmlDType::Q4_0),
+            planned("good", vec![2, 36], GgmlDType::Q4_0),
+        ];
+        write_streaming(&path, &tensors, |t| {
+            let bytes = vec![0u8; t.shape.iter().product()];
+            Tensor::from_vec(bytes, t.shape.as_slice(), &Device::Cpu)
+                .map_err(|e| HandlerError::Unsupported(e.to_string()))
+        })
+        .expect("write");
+        let source = WeightSource::open(&path).expect("open");
+        for name in ["ragged", "flat"] {
+            let error = source.quantized(name).expect_err(name).to_string();
+            assert!(error.contains(name), "{error}");
+        }
+        let good = source.quantized("good").expect("good").expect("quantized");
+        assert_eq!(good.dims(), (2, 64));
+        assert!(source.quantized("missing").expect("no error").is_none());
+    }
 }

@@ -73,7 +73,11 @@ for _ in range(job["runs"] + 1):  # the first is a warm-up
     dec.append(time.perf_counter() - t)
 out["pp_tok_s"] = job["prompt_tokens"] / sorted(pp[1:])[len(pp[1:]) // 2]
 out["decode_tok_s"] = job["new_tokens"] / sorted(dec[1:])[len(dec[1:]) // 2]
+# Peak RSS of the timed context alone, before the second one below.
+with open("/proc/self/status") as f:
+    out["vmhwm"] = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
 # Greedy tokens with a float32 KV cache (GGML_TYPE_F32 = 0).
+del llm
 llm = Llama(model_path=sys.argv[1], n_threads=2, n_threads_batch=2, n_ctx=512, n_batch=512,
             verbose=False, type_k=0, type_v=0)
 greedy = []
@@ -92,8 +96,6 @@ for ids in job["greedy_prompts"]:
         llm.eval([tok])
     greedy.append({"ids": got, "gaps": gaps})
 out["greedy"] = greedy
-with open("/proc/self/status") as f:
-    out["vmhwm"] = [int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:")][0]
 print(json.dumps(out))
 """
 

@@ -36,7 +36,10 @@ fn serve_minilm_and_smollm2() -> (Fixture, TestServer) {
     let minilm = fetch_model("minilm");
     let smollm2 = fetch_model("smollm2");
     fixture.archive("minilm", "1.0", "text_embedding", Some(&minilm), &[]);
-    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &[]);
+    // float32, as the references the clients compare with were computed.
+    let float32 = fixture.file("setup_config.json", r#"{"torch_dtype": "float32"}"#);
+    let extra = ["--extra-files", float32.to_str().unwrap()];
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &extra);
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
     (fixture, server)

@@ -123,7 +123,10 @@ fn archive_the_three(fixture: &Fixture) {
     for name in &MODELS[..2] {
         fixture.archive(name, "1.0", "text_embedding", Some(&minilm), &[]);
     }
-    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &[]);
+    // float32, as the references it is checked against (and the budget is sized for).
+    let float32 = fixture.file("setup_config.json", r#"{"torch_dtype": "float32"}"#);
+    let extra = ["--extra-files", float32.to_str().unwrap()];
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &extra);
 }
 
 fn host_pool(server: &TestServer) -> Value {

@@ -43,11 +43,14 @@ fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
     }
     drop(handler);
 
-    // Generation, through the server: resident, and with most blocks streamed from disk.
-    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &[]);
+    // Generation, through the server: resident, and with most blocks streamed from disk,
+    // in float32 as the references were computed (a GGUF is served quantized by default).
+    let float32 = fixture.file("setup_config.json", r#"{"torch_dtype": "float32"}"#);
+    let extra = ["--extra-files", float32.to_str().unwrap()];
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &extra);
     let setup = fixture.file(
         "setup_config.json",
-        r#"{"device_map": {"model.embed_tokens": "cpu", "model.layers": "disk", "model.layers.0": "cpu", "model.norm": "cpu"}}"#,
+        r#"{"torch_dtype": "float32", "device_map": {"model.embed_tokens": "cpu", "model.layers": "disk", "model.layers.0": "cpu", "model.norm": "cpu"}}"#,
     );
     let extra = ["--extra-files", setup.to_str().unwrap()];
     fixture.archive(
@@ -100,10 +103,13 @@ fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
 
 #[test]
 fn a_model_that_does_not_load_within_its_startup_timeout_is_refused_saying_so() {
-    // Converting the GGUF (a fresh cache) takes this debug build several seconds.
+    // Converting the GGUF to float32 (a fresh cache) takes this debug build several
+    // seconds (keeping its blocks is faster than the 1 s timeout).
     let model = fetch_model("smollm2");
     let fixture = Fixture::new();
-    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &[]);
+    let float32 = fixture.file("setup_config.json", r#"{"torch_dtype": "float32"}"#);
+    let extra = ["--extra-files", float32.to_str().unwrap()];
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &extra);
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &["--models", ""]);
     server.wait_healthy();
     let started = std::time::Instant::now();

@@ -67,7 +67,10 @@ pub fn quantize_rows(
     zero_point: i32,
     with_sums: bool,
 ) -> QuantizedRows {
-    assert!(cols % BLOCK == 0, "{cols} is not a multiple of {BLOCK}");
+    assert!(
+        cols.is_multiple_of(BLOCK),
+        "{cols} is not a multiple of {BLOCK}"
+    );
     assert_eq!(x.len(), rows * cols, "{rows} × {cols} values expected");
     let blocks = cols / BLOCK;
     let mut out = QuantizedRows {

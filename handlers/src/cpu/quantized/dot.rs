@@ -66,7 +66,7 @@ pub fn rows_times_activations(
 ) {
     let row_bytes = acts.blocks * format.block_bytes();
     assert!(
-        row_bytes > 0 && rows.len() % row_bytes == 0,
+        row_bytes > 0 && rows.len().is_multiple_of(row_bytes),
         "weight rows of {row_bytes} bytes"
     );
     assert_eq!(out.len(), rows.len() / row_bytes * acts.rows);

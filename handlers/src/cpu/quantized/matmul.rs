@@ -48,7 +48,7 @@ impl QuantizedMatrix {
     /// layout). Formats without Spillway kernels are copied into candle's `QMatMul`.
     pub fn new(dtype: GgmlDType, out: usize, inp: usize, bytes: WeightBytes) -> Result<Self> {
         let block = dtype.block_size();
-        if inp % block != 0 {
+        if !inp.is_multiple_of(block) {
             candle_core::bail!("{dtype:?} rows of {inp} values are not whole {block}-value blocks");
         }
         let expected = out * inp / block * dtype.type_size();

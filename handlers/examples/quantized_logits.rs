@@ -1,0 +1,81 @@
+//! How far a quantized model's logits are from its float32 twin's, step by step, fed the
+//! reference tokens (teacher forcing, so both see the same inputs at every step).
+//!
+//! `cargo run --release -p spillway-handlers --example quantized_logits -- QUANTIZED F32 REFS [CASES]`
+//!
+//! QUANTIZED and F32 are the folders `models::gguf::materialize` wrote for the same GGUF
+//! (`generate_timing` prints them; `GGUF_WEIGHTS=quantized` for the first); REFS is
+//! `../shared/refs/smollm2_dev_refs.json`. Per step it prints the reference token, each
+//! model's greedy token and top-2 logit gap, and the largest logit difference. Where the
+//! difference is larger than a step's top-2 gap, greedy decoding may part there: that is
+//! what the activations' 8-bit rounding does, not a fault of one engine (docs/gguf.md).
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use spillway_handlers::models::llama::{KvCache, LlamaConfig, MappedLlama};
+use spillway_handlers::weights::layer_stack::UnitPlacement;
+use spillway_handlers::{DType, Device, WeightSource};
+
+const STEPS: usize = 8;
+
+fn load(dir: &Path) -> Result<MappedLlama, Box<dyn std::error::Error>> {
+    let config: LlamaConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    let source = WeightSource::open(&dir.join("model.safetensors"))?;
+    Ok(MappedLlama::load(&source, &config, DType::F32, |_| {
+        Ok(UnitPlacement::Resident(Device::Cpu))
+    })?)
+}
+
+/// (index of the largest logit, its lead over the second).
+fn top2(logits: &[f32]) -> (usize, f32) {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    (order[0], logits[order[0]] - logits[order[1]])
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, quantized, dense, refs, rest @ ..] = args.as_slice() else {
+        return Err("usage: quantized_logits QUANTIZED F32 REFS [CASES]".into());
+    };
+    let cases: usize = rest.first().map(|c| c.parse()).transpose()?.unwrap_or(4);
+    let refs: serde_json::Value = serde_json::from_slice(&std::fs::read(refs)?)?;
+    let models = [load(Path::new(quantized))?, load(Path::new(dense))?];
+    for (i, case) in refs["cases"]
+        .as_array()
+        .ok_or("no cases")?
+        .iter()
+        .take(cases)
+        .enumerate()
+    {
+        let prompt: Vec<u32> = serde_json::from_value(case["prompt_token_ids"].clone())?;
+        let want: Vec<u32> = serde_json::from_value(case["greedy_new_token_ids"].clone())?;
+        let mut caches = [KvCache::default(), KvCache::default()];
+        let mut input = prompt;
+        for (step, &next) in want.iter().enumerate().take(STEPS) {
+            let tokens = Tensor::new(input.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+            let mut logits = Vec::new();
+            for (model, cache) in models.iter().zip(caches.iter_mut()) {
+                logits.push(
+                    model
+                        .forward(&tokens, cache)?
+                        .squeeze(0)?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            let diff = logits[0]
+                .iter()
+                .zip(&logits[1])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let (q, f) = (top2(&logits[0]), top2(&logits[1]));
+            println!(
+                "prompt {i} step {step}: ref {next} | quantized {} (gap {:.3}) | f32 {} (gap {:.3}) | max |Δlogit| {diff:.3}",
+                q.0, q.1, f.0, f.1
+            );
+            input = vec![next];
+        }
+    }
+    Ok(())
+}

@@ -27,6 +27,9 @@ pub struct QuantizedRows {
     /// `rows × blocks × 8`: `scale × Σvalues` rounded to f16, in lane 0 (formats with a
     /// minimum only; empty otherwise).
     pub sums: Vec<f32>,
+    /// `rows × blocks × 2`: each block's scale and (formats with a minimum; else 0) its
+    /// `scale × Σvalues`, side by side (the decode kernel reads both with one load).
+    pub scale_sums: Vec<f32>,
 }
 
 impl QuantizedRows {
@@ -42,6 +45,7 @@ impl QuantizedRows {
             } else {
                 &self.sums[r * l..(r + 1) * l]
             },
+            scale_sums: &self.scale_sums[r * 2 * self.blocks..(r + 1) * 2 * self.blocks],
         }
     }
 }
@@ -53,6 +57,7 @@ pub struct RowView<'a> {
     pub scales: &'a [f32],
     pub biases: &'a [i32],
     pub sums: &'a [f32],
+    pub scale_sums: &'a [f32],
 }
 
 /// Quantizes `x` (`rows × cols`, row-major; `cols` a multiple of 32). The weights the
@@ -84,6 +89,7 @@ pub fn quantize_rows(
         } else {
             Vec::new()
         },
+        scale_sums: vec![0.0; rows * blocks * 2],
     };
     for (b, block) in x.chunks_exact(BLOCK).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -99,10 +105,14 @@ pub fn quantize_rows(
             total += i32::from(*q);
         }
         let lanes = b * LANES..(b + 1) * LANES;
-        out.scales[lanes.clone()].fill(half::f16::from_f32(d).to_f32());
+        let scale = half::f16::from_f32(d).to_f32();
+        out.scales[lanes.clone()].fill(scale);
+        out.scale_sums[2 * b] = scale;
         out.biases[lanes.start] = -zero_point * total;
         if with_sums {
-            out.sums[lanes.start] = half::f16::from_f32(d * total as f32).to_f32();
+            let sum = half::f16::from_f32(d * total as f32).to_f32();
+            out.sums[lanes.start] = sum;
+            out.scale_sums[2 * b + 1] = sum;
         }
     }
     out

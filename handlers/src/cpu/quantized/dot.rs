@@ -298,31 +298,24 @@ mod avx512 {
         }
     }
 
-    /// One block's f16 scale at `p`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn half_at(block: &[u8], at: usize) -> f32 {
-        let bits = u16::from_le_bytes([block[at], block[at + 1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-    }
-
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     fn dot_direct(format: Format, row: &[u8], a: RowView<'_>) -> f32 {
         let size = format.block_bytes();
         let blocks = a.values.len() / BLOCK;
-        assert!(row.len() == blocks * size && a.scales.len() == blocks * LANES);
+        assert!(row.len() == blocks * size && a.scale_sums.len() == blocks * 2);
         assert!(a.biases.len() == blocks * LANES);
-        assert!(!format.has_min() || a.sums.len() == blocks * LANES);
         let low_nibbles = _mm256_set1_epi8(0x0f);
         let flip = _mm256_set1_epi8(-128);
         let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
+        // Lane 1 gathers Q4_1's minimum terms (lane 0 holds scale products, unused).
+        let mut mins = _mm_setzero_ps();
         for (b, block) in row.chunks_exact(size).enumerate() {
             let (v, l) = (b * BLOCK, b * LANES);
-            // SAFETY: the asserts above bound every read: a block has `size` bytes (its
-            // nibbles are its last 16, Q8_0's values its last 32), an activation block
-            // 32 values and 8 lanes.
+            // SAFETY: the asserts above bound every read: a block has `size` ≥ 18 bytes
+            // (its first 4 hold d and, for Q4_1, m; its nibbles are its last 16, Q8_0's
+            // values its last 32), an activation block 32 values, 8 bias lanes and 2
+            // scale/sum floats.
             unsafe {
                 let values = match format {
                     Format::Q4_0 | Format::Q4_1 => {
@@ -335,16 +328,30 @@ mod avx512 {
                     }
                 };
                 let av = _mm256_loadu_si256(a.values.as_ptr().add(v).cast());
-                let bias = _mm256_loadu_si256(a.biases.as_ptr().add(l).cast());
-                let integer = _mm256_dpbusd_epi32(bias, values, av);
-                let scale = _mm256_set1_ps(half_at(block, 0) * *a.scales.get_unchecked(l));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(integer), scale, acc);
+                let integer = match format {
+                    Format::Q4_1 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), values, av),
+                    _ => {
+                        let bias = _mm256_loadu_si256(a.biases.as_ptr().add(l).cast());
+                        _mm256_dpbusd_epi32(bias, values, av)
+                    }
+                };
+                // [d, m] of the weights (m: Q4_1 only), times [d, s] of the activations.
+                let head = std::ptr::read_unaligned(block.as_ptr().cast::<i32>());
+                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
+                let ds = _mm_castpd_ps(_mm_load_sd(a.scale_sums.as_ptr().add(2 * b).cast()));
+                let products = _mm_mul_ps(dm, ds);
+                acc = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(integer),
+                    _mm256_broadcastss_ps(products),
+                    acc,
+                );
                 if format.has_min() {
-                    mins += half_at(block, 2) * *a.sums.get_unchecked(l);
+                    mins = _mm_add_ps(mins, products);
                 }
             }
         }
-        super::avx2::sum8(acc) + mins
+        let min_terms = _mm_cvtss_f32(_mm_movehdup_ps(mins));
+        super::avx2::sum8(acc) + min_terms
     }
 }
 
@@ -381,7 +388,7 @@ mod tests {
         let kernels = Kernel::available();
         for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
             // Odd and even block counts (the AVX-512 kernel pairs blocks).
-            for blocks in [1, 2, 3, 18] {
+            for blocks in [1, 2, 3, 17, 18, 48] {
                 let (rows, acts_rows) = (5, 3);
                 let weights = random_rows(format, rows, blocks, blocks as u64);
                 let x: Vec<f32> = (0..acts_rows * blocks * BLOCK)

@@ -371,6 +371,46 @@ impl Projection {
     }
 }
 
+impl Projection {
+    /// `forward` of each of `projections`, all reading `x`: quantized ones share one
+    /// quantization of `x` and one parallel region
+    /// ([`QuantizedMatrix::forward_shared`]).
+    fn forward_shared<const N: usize>(
+        projections: [&Self; N],
+        x: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]> {
+        let quantized: Vec<(&QuantizedMatrix, &Option<Tensor>)> = projections
+            .iter()
+            .filter_map(|p| match p {
+                Self::Quantized { weight, bias } => Some((weight, bias)),
+                _ => None,
+            })
+            .collect();
+        let outputs: Vec<Tensor> = if quantized.len() == N {
+            let weights: Vec<&QuantizedMatrix> = quantized.iter().map(|(w, _)| *w).collect();
+            QuantizedMatrix::forward_shared(&weights, x)?
+                .into_iter()
+                .zip(&quantized)
+                .map(|(y, (_, bias))| {
+                    let y = y.to_dtype(x.dtype())?;
+                    match bias {
+                        Some(b) => y.broadcast_add(b),
+                        None => Ok(y),
+                    }
+                })
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            projections
+                .iter()
+                .map(|p| p.forward(x))
+                .collect::<candle_core::Result<_>>()?
+        };
+        outputs
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("a projection went missing".into()))
+    }
+}
+
 impl Attention {
     fn load(
         vb: VarBuilder,
@@ -409,9 +449,10 @@ impl Attention {
         }
         let shape =
             |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2);
-        let q = rope.apply(&shape(self.q.forward(x)?, self.heads)?.contiguous()?)?;
-        let k = rope.apply(&shape(self.k.forward(x)?, self.kv_heads)?.contiguous()?)?;
-        let v = shape(self.v.forward(x)?, self.kv_heads)?.contiguous()?;
+        let [q, k, v] = Projection::forward_shared([&self.q, &self.k, &self.v], x)?;
+        let q = rope.apply(&shape(q, self.heads)?.contiguous()?)?;
+        let k = rope.apply(&shape(k, self.kv_heads)?.contiguous()?)?;
+        let v = shape(v, self.kv_heads)?.contiguous()?;
         for (r, kv) in kvs.iter_mut().enumerate() {
             LayerCache::append(kv, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, limit)?;
         }
@@ -499,7 +540,7 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let [gate, up] = Projection::forward_shared([&self.gate, &self.up], x)?;
         // Packing gate and up into one matmul was no faster here, and a disk unit would
         // pay the packing copy on every pass: the two matmuls stay, their SiLU and
         // product fuse into one in-place pass.

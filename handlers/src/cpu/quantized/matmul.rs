@@ -127,56 +127,125 @@ impl QuantizedMatrix {
 
     /// `x · Wᵀ` for `x` `[..., in]` (any float dtype, on the CPU) → `[..., out]` in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(Self::forward_shared(&[self], x)?.remove(0))
+    }
+
+    /// `x · Wᵢᵀ` for every matrix of `matrices`, all reading the same `x` (a block's q, k
+    /// and v; its gate and up). When they share a format with Spillway's kernels, `x` is
+    /// quantized once and one parallel region computes them all; otherwise each runs on
+    /// its own.
+    pub fn forward_shared(matrices: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
+        let Some(first) = matrices.first() else {
+            return Ok(Vec::new());
+        };
         let mut dims = x.dims().to_vec();
         let inp = dims.pop().unwrap_or(0);
-        if inp != self.inp {
-            candle_core::bail!(
-                "{inp} input features for a [{}, {}] weight",
-                self.out,
-                self.inp
-            );
+        for m in matrices {
+            if inp != m.inp {
+                candle_core::bail!("{inp} input features for a [{}, {}] weight", m.out, m.inp);
+            }
         }
-        dims.push(self.out);
         let rows = x.elem_count() / inp.max(1);
         let x = x.to_dtype(DType::F32)?.reshape((rows, inp))?;
-        let y = match (&self.candle, Format::of(self.dtype)) {
-            (Some(candle), _) => candle.forward(&x)?,
-            (None, Some(format)) => {
-                let values = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = self.product(format, Kernel::best(), &values, rows);
-                Tensor::from_vec(y, (rows, self.out), &Device::Cpu)?
-            }
-            (None, None) => unreachable!("formats without kernels have candle's"),
+        let shaped = |y: Tensor, out: usize| {
+            let mut dims = dims.clone();
+            dims.push(out);
+            y.reshape(dims)
         };
-        y.reshape(dims)
+        let format = Format::of(first.dtype);
+        let shared = matrices
+            .iter()
+            .all(|m| m.candle.is_none() && m.dtype == first.dtype);
+        match format {
+            Some(format) if shared => {
+                let values = x.flatten_all()?.to_vec1::<f32>()?;
+                Self::products(matrices, format, Kernel::best(), &values, rows)
+                    .into_iter()
+                    .zip(matrices)
+                    .map(|(y, m)| shaped(Tensor::from_vec(y, (rows, m.out), &Device::Cpu)?, m.out))
+                    .collect()
+            }
+            _ => matrices
+                .iter()
+                .map(|m| {
+                    let y = match (&m.candle, Format::of(m.dtype)) {
+                        (Some(candle), _) => candle.forward(&x)?,
+                        (None, Some(format)) => {
+                            let values = x.flatten_all()?.to_vec1::<f32>()?;
+                            let y = Self::products(&[m], format, Kernel::best(), &values, rows);
+                            Tensor::from_vec(y.concat(), (rows, m.out), &Device::Cpu)?
+                        }
+                        (None, None) => unreachable!("formats without kernels have candle's"),
+                    };
+                    shaped(y, m.out)
+                })
+                .collect(),
+        }
     }
 
     /// `x · Wᵀ` for `x` `rows × in` with `kernel`, returned `rows × out`.
+    #[cfg(test)]
     fn product(&self, format: Format, kernel: Kernel, x: &[f32], rows: usize) -> Vec<f32> {
-        let acts = quantize_rows(x, rows, self.inp, format.zero_point(), format.has_min());
-        let row_bytes = self.inp / BLOCK * format.block_bytes();
-        // Enough chunks for the team to balance; each one a run of whole weight rows.
-        let chunk = self.out.div_ceil(64).clamp(4, 256);
-        let mut by_weight_row = vec![0f32; self.out * rows];
-        let data = self.data();
+        Self::products(&[self], format, kernel, x, rows).concat()
+    }
+
+    /// `x · Wᵢᵀ` for each of `matrices` (all of `format`, as wide as `x`'s `rows` rows),
+    /// each returned `rows × out`: `x` quantized once, the weight rows of all matrices
+    /// shared out to the team in chunks that never straddle two matrices.
+    fn products(
+        matrices: &[&Self],
+        format: Format,
+        kernel: Kernel,
+        x: &[f32],
+        rows: usize,
+    ) -> Vec<Vec<f32>> {
+        let inp = matrices[0].inp;
+        let acts = quantize_rows(x, rows, inp, format.zero_point(), format.has_min());
+        let row_bytes = inp / BLOCK * format.block_bytes();
+        let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
+        let total: usize = outs.iter().sum();
+        // The largest chunk that divides every matrix's rows and leaves the team enough
+        // chunks to balance.
+        let chunk = [256usize, 128, 64, 32, 16, 8, 4, 2, 1]
+            .into_iter()
+            .find(|&c| outs.iter().all(|o| o % c == 0) && total / c >= 32)
+            .unwrap_or(1);
+        let starts: Vec<usize> = outs
+            .iter()
+            .scan(0, |start, &o| {
+                let s = *start;
+                *start += o;
+                Some(s)
+            })
+            .collect();
+        let mut by_weight_row = vec![0f32; total * rows];
         crate::cpu::team::for_each_chunk_mut(&mut by_weight_row, chunk * rows, |index, out| {
-            let first = index * chunk;
+            let global = index * chunk;
+            let which = starts.partition_point(|&s| s <= global) - 1;
+            let first = global - starts[which];
             let count = out.len() / rows;
-            let bytes = &data[first * row_bytes..(first + count) * row_bytes];
+            let bytes = &matrices[which].data()[first * row_bytes..(first + count) * row_bytes];
             SCRATCH.with_borrow_mut(|scratch| {
                 rows_times_activations(kernel, format, bytes, &acts, out, scratch)
             });
         });
-        if rows == 1 {
-            return by_weight_row;
-        }
-        let mut y = vec![0f32; rows * self.out];
-        for (r, column) in by_weight_row.chunks_exact(rows).enumerate() {
-            for (a, &v) in column.iter().enumerate() {
-                y[a * self.out + r] = v;
-            }
-        }
-        y
+        starts
+            .iter()
+            .zip(&outs)
+            .map(|(&start, &out)| {
+                let part = &by_weight_row[start * rows..(start + out) * rows];
+                if rows == 1 {
+                    return part.to_vec();
+                }
+                let mut y = vec![0f32; rows * out];
+                for (r, column) in part.chunks_exact(rows).enumerate() {
+                    for (a, &v) in column.iter().enumerate() {
+                        y[a * out + r] = v;
+                    }
+                }
+                y
+            })
+            .collect()
     }
 }
 
@@ -254,6 +323,25 @@ mod tests {
         }
         let x3 = Tensor::from_vec(x, (1, 5, 192), &Device::Cpu).expect("x");
         assert_eq!(matrix.forward(&x3).expect("forward").dims(), &[1, 5, 70]);
+    }
+
+    /// Matrices sharing an input give, computed together, what each gives alone.
+    #[test]
+    fn shared_products_equal_separate_ones() {
+        let (_, q) = quantized(GgmlDType::Q4_1, 96, 128, 1);
+        let (_, k) = quantized(GgmlDType::Q4_1, 32, 128, 2);
+        let (_, other) = quantized(GgmlDType::Q8_0, 40, 128, 3);
+        for rows in [1, 6] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 128), &Device::Cpu).expect("x");
+            for group in [vec![&q, &k], vec![&q, &k, &other]] {
+                let together = QuantizedMatrix::forward_shared(&group, &x).expect("shared");
+                for (m, y) in group.iter().zip(&together) {
+                    let alone = m.forward(&x).expect("alone");
+                    assert_eq!(y.dims(), alone.dims());
+                    assert_eq!(relative_error(y, &alone), 0.0);
+                }
+            }
+        }
     }
 
     #[test]

@@ -271,6 +271,10 @@ pub struct HandlerInfo {
     pub streamed_units: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameters: Option<usize>,
+    /// How the weights are held: GGML blocks used in place from the mapping or copied,
+    /// float tensors copied (see [`crate::WeightSource::holding`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 /// A loaded model, shared by all of its workers.

@@ -93,6 +93,18 @@ fn smollm2_gguf_tokenizes_and_decodes_greedily_like_the_reference() {
         200,
     );
     assert_eq!(described[0]["model"]["streamed_units"], 29);
+    let holding = described[0]["model"]["weights"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        holding.starts_with("0 float") || holding.contains("float tensors copied"),
+        "{holding}"
+    );
+    assert!(
+        !holding.contains("quantized"),
+        "float32 was asked for: {holding}"
+    );
 
     // A stop sequence ends generation early and is cut from the text.
     let body = r#"{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 32, "stop": ["answer"], "details": true}}"#;
@@ -127,4 +139,35 @@ fn a_model_that_does_not_load_within_its_startup_timeout_is_refused_saying_so() 
     );
     // A synchronous registration that failed is not left registered, as in TorchServe.
     crate::support::error(server.manage(reqwest::Method::GET, "/models/smollm2"), 404);
+}
+
+/// Without a `torch_dtype`, the GGUF is served from its quantized blocks: describe says so,
+/// the plan counts the quantized bytes, and it answers the prompt float32 answers.
+#[test]
+fn smollm2_gguf_serves_from_its_quantized_blocks_by_default() {
+    let model = fetch_model("smollm2");
+    let fixture = Fixture::new();
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let body = r#"{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}}"#;
+    let answer = json(server.predict("smollm2", body), 200);
+    assert_eq!(answer["generated_text"], " Paris.\n\n");
+    let described = json(server.manage(reqwest::Method::GET, "/models/smollm2"), 200);
+    let holding = described[0]["model"]["weights"].as_str().unwrap();
+    // SmolLM2-135M: 30 blocks of 7 Q4_1 projections, and its Q8_0 token table (tied head).
+    assert!(
+        holding.starts_with("quantized, used in place: 210 Q4_1, 1 Q8_0;"),
+        "{holding}"
+    );
+    let planned: u64 = described[0]["placement"]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        planned < 120 << 20,
+        "the plan counts {planned} bytes, not the quantized ~96 MB"
+    );
 }

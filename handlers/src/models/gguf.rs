@@ -688,6 +688,14 @@ mod tests {
             assert_eq!(matrix.dims(), (intermediate, hidden));
             let own_kernels = crate::cpu::quantized::weights::Format::of(weights).is_some();
             assert_eq!(matrix.in_place(), own_kernels);
+            let holding = source.holding();
+            // Seven projections a block and the (tied) token table; the norms are f32.
+            let matrices = spec.layers * 7 + 1;
+            let expected = match own_kernels {
+                true => format!("quantized, used in place: {matrices} {weights:?}"),
+                false => format!("quantized, copied into candle's blocks: {matrices} {weights:?}"),
+            };
+            assert!(holding.starts_with(&expected), "{holding}");
             let dense_source =
                 crate::WeightSource::open(&dense.join("model.safetensors")).expect("open");
             assert_eq!(source.parameters(), dense_source.parameters());

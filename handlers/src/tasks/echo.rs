@@ -34,6 +34,7 @@ impl Handler for Echo {
             max_input_tokens: None,
             streamed_units: None,
             parameters: None,
+            weights: None,
         }
     }
 }

@@ -167,6 +167,7 @@ impl Handler for TextClassification {
             max_input_tokens: Some(self.text.max_tokens),
             streamed_units: Some(self.model.streamed_units()),
             parameters: Some(self.parameters),
+            weights: None,
         }
     }
 }

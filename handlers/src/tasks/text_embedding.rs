@@ -132,6 +132,7 @@ impl Handler for TextEmbedding {
             max_input_tokens: Some(self.text.max_tokens),
             streamed_units: Some(self.model.streamed_units()),
             parameters: Some(self.parameters),
+            weights: None,
         }
     }
 }

@@ -31,6 +31,8 @@ pub struct TextGeneration {
     eos: Vec<u32>,
     dtype: DType,
     parameters: usize,
+    /// [`crate::WeightSource::holding`] of its weights.
+    holding: String,
 }
 
 impl TextGeneration {
@@ -54,6 +56,7 @@ impl TextGeneration {
         let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let parameters = weights.parameters();
+        let holding = weights.holding();
         let model = MappedLlama::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
         let mut eos = config.eos_ids();
         if let Some(id) = tokenizer
@@ -79,6 +82,7 @@ impl TextGeneration {
             eos,
             dtype,
             parameters,
+            holding,
         })
     }
 
@@ -515,6 +519,7 @@ impl Handler for TextGeneration {
             max_input_tokens: Some(self.model.config().positions()),
             streamed_units: Some(self.model.streamed_units()),
             parameters: Some(self.parameters),
+            weights: Some(self.holding.clone()),
         }
     }
 }

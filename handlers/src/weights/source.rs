@@ -236,6 +236,44 @@ impl WeightSource {
             .sum()
     }
 
+    /// How the tensors are held once loaded, for describe: GGML blocks multiplied in
+    /// place from the mapping (Spillway's kernels) or copied into candle's blocks (the
+    /// k-quants), and float tensors copied out of the mapping.
+    pub fn holding(&self) -> String {
+        use std::collections::BTreeMap;
+        let mut in_place = BTreeMap::<String, usize>::new();
+        let mut copied = BTreeMap::<String, usize>::new();
+        let mut dense = 0;
+        for name in self.tensor_names() {
+            match self.ggml_type(&name) {
+                Some(t) if crate::cpu::quantized::weights::Format::of(t).is_some() => {
+                    *in_place.entry(format!("{t:?}")).or_default() += 1
+                }
+                Some(t) => *copied.entry(format!("{t:?}")).or_default() += 1,
+                None => dense += 1,
+            }
+        }
+        let list = |counts: &BTreeMap<String, usize>| {
+            counts
+                .iter()
+                .map(|(t, n)| format!("{n} {t}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut parts = Vec::new();
+        if !in_place.is_empty() {
+            parts.push(format!("quantized, used in place: {}", list(&in_place)));
+        }
+        if !copied.is_empty() {
+            parts.push(format!(
+                "quantized, copied into candle's blocks: {}",
+                list(&copied)
+            ));
+        }
+        parts.push(format!("{dense} float tensors copied from the mapping"));
+        parts.join("; ")
+    }
+
     /// The GGML type of tensor `name` when it is stored quantized (its bytes as they
     /// were in the GGUF file).
     pub fn ggml_type(&self, name: &str) -> Option<GgmlDType> {

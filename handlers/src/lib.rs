@@ -14,7 +14,8 @@
 //! - [`models`]: model code, one family per file (BERT, Llama, GGUF conversion).
 //! - [`weights`]: where bytes come from (model files, mapped safetensors, the offload
 //!   folder) and where units live ([`weights::layer_stack::LayerStack`]).
-//! - [`cpu`]: Spillway's fused f32 CPU kernels and the threads they run on.
+//! - [`cpu`]: Spillway's fused f32 CPU kernels, its products on GGML-quantized weights,
+//!   and the threads they run on.
 //! - [`gpu`]: the GPUs the driver shows, the device each `cuda:N` unit runs on, and
 //!   staging weights onto them (the `cuda` feature; without it, why there are none).
 //! - [`error`]: [`HandlerError`], the crate's one error type.

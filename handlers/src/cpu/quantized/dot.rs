@@ -33,8 +33,14 @@ impl Kernel {
         *Self::available().last().unwrap_or(&Self::Portable)
     }
 
-    /// Every kernel this CPU runs, slowest first.
-    pub fn available() -> Vec<Self> {
+    /// Every kernel this CPU runs, slowest first (detected once: every chunk of every
+    /// product checks its kernel against this).
+    pub fn available() -> &'static [Self] {
+        static AVAILABLE: std::sync::OnceLock<Vec<Kernel>> = std::sync::OnceLock::new();
+        AVAILABLE.get_or_init(Self::detect)
+    }
+
+    fn detect() -> Vec<Self> {
         let mut kernels = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
         {

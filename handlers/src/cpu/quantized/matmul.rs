@@ -312,7 +312,7 @@ mod tests {
             .map(|i| ((i * 31 % 97) as f32 - 48.0) * 0.02)
             .collect();
         let baseline = matrix.product(Format::Q4_1, Kernel::Portable, &x, 5);
-        for kernel in Kernel::available() {
+        for &kernel in Kernel::available() {
             let got = matrix.product(Format::Q4_1, kernel, &x, 5);
             for (g, b) in got.iter().zip(&baseline) {
                 assert!(

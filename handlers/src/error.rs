@@ -65,6 +65,12 @@ pub enum HandlerError {
         source: candle_core::Error,
     },
 
+    /// A weight file was truncated or rewritten while mapped: what was read from it
+    /// since cannot be trusted, and the model must be loaded again from the file as it
+    /// is now.
+    #[error("model file {} changed while the model served from it ({why}); the model is loaded again from the file as it is now", path.display())]
+    WeightsChanged { path: PathBuf, why: String },
+
     /// The handler panicked while running a batch.
     #[error("handler panicked: {0}")]
     Panicked(String),
@@ -80,6 +86,8 @@ pub enum ErrorClass {
     Model,
     /// A resource ran out (memory on a device).
     Exhausted,
+    /// The model cannot answer now, but will once loaded again (its files changed).
+    Unavailable,
     /// A fault in the server or model code.
     Internal,
 }
@@ -99,6 +107,7 @@ impl HandlerError {
             | HandlerError::BadWeights { .. }
             | HandlerError::Unsupported(_) => ErrorClass::Model,
             HandlerError::OutOfMemory { .. } => ErrorClass::Exhausted,
+            HandlerError::WeightsChanged { .. } => ErrorClass::Unavailable,
             HandlerError::Io { .. }
             | HandlerError::Candle { .. }
             | HandlerError::Tokenizer { .. }

@@ -296,6 +296,14 @@ pub trait Handler: Send + Sync {
         None
     }
 
+    /// Why the weights it serves from can no longer be trusted, if a file it still maps
+    /// was truncated or rewritten underneath (see [`crate::WeightsWatch`]). The server
+    /// asks after every batch and step, and before queueing: answers computed since the
+    /// change are failed, and the model is loaded again from the file as it is now.
+    fn weights_changed(&self) -> Option<HandlerError> {
+        None
+    }
+
     /// A fresh running batch for continuous batching, where the handler supports it
     /// (generation: requests join between steps and leave as they finish).
     fn step_batch(&self) -> Option<Box<dyn StepBatch + '_>> {

@@ -45,8 +45,8 @@ pub use handler::{
     PromptInput, RawBody, Request, StepBatch, candle_dtype,
 };
 pub use tasks::load;
-pub use weights::WeightSource;
 pub use weights::files::ModelFiles;
+pub use weights::{WeightSource, WeightsWatch};
 
 // The tensor vocabulary handlers are configured with, so the server needs no candle dependency.
 pub use candle_core::{DType, Device, Error as CandleError};

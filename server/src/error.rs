@@ -192,6 +192,8 @@ fn handler_kind(error: &HandlerError) -> ErrorKind {
         // Bad input, or an archive whose files cannot be served: the client's to fix.
         ErrorClass::Input | ErrorClass::Model => ErrorKind::BadRequest,
         ErrorClass::Exhausted => ErrorKind::InsufficientStorage,
+        // Its files changed under it: it is loaded again from them.
+        ErrorClass::Unavailable => ErrorKind::NotReady,
         ErrorClass::Internal => ErrorKind::Internal,
     }
 }

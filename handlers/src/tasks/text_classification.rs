@@ -12,6 +12,7 @@ use tokenizers::Encoding;
 use crate::error::CandleContext;
 use crate::models::bert::MappedBert;
 use crate::tasks::bert_text::BertText;
+use crate::weights::WeightsWatch;
 use crate::{
     Classification, Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions,
     ModelFiles, Output, Request,
@@ -27,6 +28,8 @@ pub struct TextClassification {
     device: Device,
     dtype: DType,
     parameters: usize,
+    /// Whether the files it still maps changed underneath.
+    watch: WeightsWatch,
 }
 
 /// Label names in index order, from `id2label` (else `num_labels` as LABEL_i).
@@ -86,6 +89,9 @@ impl TextClassification {
         let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
             options.placement_of(unit)
         })?;
+        if let Some(changed) = weights.changed() {
+            return Err(changed);
+        }
         Ok(Self {
             model,
             text,
@@ -96,6 +102,7 @@ impl TextClassification {
             device,
             dtype,
             parameters,
+            watch: weights.watch(),
         })
     }
 
@@ -141,6 +148,10 @@ impl TextClassification {
 }
 
 impl Handler for TextClassification {
+    fn weights_changed(&self) -> Option<HandlerError> {
+        self.watch.changed()
+    }
+
     fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
         self.text.prepare(request, "text_classification")
     }

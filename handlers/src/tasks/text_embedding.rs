@@ -13,6 +13,7 @@ use tokenizers::Encoding;
 
 use crate::error::CandleContext;
 use crate::models::sentence_transformers::{Pooling, SentenceTransformerConfig};
+use crate::weights::WeightsWatch;
 use crate::{
     Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions, ModelFiles, Output,
     Request,
@@ -27,6 +28,8 @@ pub struct TextEmbedding {
     device: Device,
     dtype: DType,
     parameters: usize,
+    /// Whether the files it still maps changed underneath.
+    watch: WeightsWatch,
 }
 
 impl TextEmbedding {
@@ -43,6 +46,9 @@ impl TextEmbedding {
         let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
             options.placement_of(unit)
         })?;
+        if let Some(changed) = weights.changed() {
+            return Err(changed);
+        }
         Ok(Self {
             model,
             text,
@@ -51,6 +57,7 @@ impl TextEmbedding {
             device: options.device.clone(),
             dtype,
             parameters,
+            watch: weights.watch(),
         })
     }
 
@@ -106,6 +113,10 @@ pub fn l2_normalize(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl Handler for TextEmbedding {
+    fn weights_changed(&self) -> Option<HandlerError> {
+        self.watch.changed()
+    }
+
     fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
         self.text.prepare(request, "text_embedding")
     }

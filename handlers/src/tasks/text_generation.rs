@@ -20,6 +20,7 @@ use crate::generate::{
 };
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
 use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
+use crate::weights::WeightsWatch;
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
 
 /// A loaded decoder and its tokenizer.
@@ -33,6 +34,8 @@ pub struct TextGeneration {
     parameters: usize,
     /// [`crate::WeightSource::holding`] of its weights.
     holding: String,
+    /// Whether the files it still maps changed underneath.
+    watch: WeightsWatch,
 }
 
 impl TextGeneration {
@@ -58,6 +61,9 @@ impl TextGeneration {
         let parameters = weights.parameters();
         let holding = weights.holding();
         let model = MappedLlama::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
+        if let Some(changed) = weights.changed() {
+            return Err(changed);
+        }
         let mut eos = config.eos_ids();
         if let Some(id) = tokenizer
             .token_to_id("<|im_end|>")
@@ -83,6 +89,7 @@ impl TextGeneration {
             dtype,
             parameters,
             holding,
+            watch: weights.watch(),
         })
     }
 
@@ -467,6 +474,10 @@ impl StepBatch for GenerationBatch<'_> {
 }
 
 impl Handler for TextGeneration {
+    fn weights_changed(&self) -> Option<HandlerError> {
+        self.watch.changed()
+    }
+
     fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
         let request = match request {
             Request::Generate(request) => request,

@@ -4,13 +4,16 @@
 //!   model archive.
 //! - [`source`]: [`WeightSource`], safetensors mapped from disk (also from inside a
 //!   zip-store archive) and served to candle's `VarBuilder`.
+//! - [`guarded_map`]: [`guarded_map::GuardedMap`], a read-only file mapping that
+//!   survives its file being truncated or rewritten underneath, and says so.
 //! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 
 pub mod files;
+pub mod guarded_map;
 pub mod layer_stack;
 pub mod offload;
 pub mod source;
 
-pub use source::{WeightSource, WeightSpan};
+pub use source::{WeightSource, WeightSpan, WeightsWatch};

@@ -107,24 +107,83 @@ pub fn folder(
     fill: impl FnOnce(&Path) -> Result<(), HandlerError>,
 ) -> Result<PathBuf, HandlerError> {
     let target = root.join(key);
-    if target.join(done).is_file() {
-        return Ok(target);
-    }
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| HandlerError::Io { path: p, source }
     };
+    if target.join(done).is_file() {
+        if lengths_intact(&target) {
+            return Ok(target);
+        }
+        // A file in it was truncated or rewritten since it was written: written again.
+        tracing::warn!(folder = %target.display(), "a file in this folder changed since it was written: writing it again");
+        std::fs::remove_dir_all(&target).map_err(io(&target))?;
+    }
     let staging = root.join(format!(".partial-{}-{key}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-    let result = fill(&staging).and_then(|()| match std::fs::rename(&staging, &target) {
-        Ok(()) => Ok(()),
-        // Another process finished first: its copy is as good as ours.
-        Err(_) if target.join(done).is_file() => Ok(()),
-        Err(e) => Err(io(&target)(e)),
-    });
+    let result = fill(&staging)
+        .and_then(|()| record_lengths(&staging).map_err(io(&staging)))
+        .and_then(|()| match std::fs::rename(&staging, &target) {
+            Ok(()) => Ok(()),
+            // Another process finished first: its copy is as good as ours.
+            Err(_) if target.join(done).is_file() => Ok(()),
+            Err(e) => Err(io(&target)(e)),
+        });
     let _ = std::fs::remove_dir_all(&staging);
     result.map(|()| target)
+}
+
+/// The file in a written folder (offload, conversion, unpacked archive) that lists every
+/// file's length as written.
+pub const LENGTHS_FILE: &str = ".spillway-lengths.json";
+
+/// Writes [`LENGTHS_FILE`] into `dir`: the length of every file under it.
+pub fn record_lengths(dir: &Path) -> std::io::Result<()> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<String, u64>,
+    ) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(root, &entry.path(), out)?;
+            } else if kind.is_file() {
+                let relative = entry
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap_or(&entry.path())
+                    .to_path_buf();
+                out.insert(
+                    relative.to_string_lossy().into_owned(),
+                    entry.metadata()?.len(),
+                );
+            }
+        }
+        Ok(())
+    }
+    let mut lengths = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut lengths)?;
+    lengths.remove(LENGTHS_FILE);
+    std::fs::write(dir.join(LENGTHS_FILE), serde_json::to_vec(&lengths)?)
+}
+
+/// Whether every file [`LENGTHS_FILE`] lists in `dir` still has the length it was
+/// written with (false without the list: a folder from before it, or never finished).
+/// What a truncation or a rewrite to another length since breaks.
+pub fn lengths_intact(dir: &Path) -> bool {
+    let Ok(list) = std::fs::read(dir.join(LENGTHS_FILE)) else {
+        return false;
+    };
+    let Ok(lengths) = serde_json::from_slice::<std::collections::BTreeMap<String, u64>>(&list)
+    else {
+        return false;
+    };
+    lengths.iter().all(|(relative, &len)| {
+        std::fs::metadata(dir.join(relative)).is_ok_and(|m| m.is_file() && m.len() == len)
+    })
 }
 
 /// Writes `tensors` to `path` as safetensors: the header first, then each tensor from
@@ -325,5 +384,38 @@ mod tests {
             modified,
             "not rewritten"
         );
+    }
+
+    #[test]
+    fn a_folder_whose_files_changed_length_since_written_is_written_again() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let fills = std::cell::Cell::new(0);
+        let fill = |staging: &Path| {
+            fills.set(fills.get() + 1);
+            std::fs::create_dir_all(staging.join("sub")).expect("mkdir");
+            std::fs::write(staging.join("model.safetensors"), [1u8; 100]).expect("write");
+            std::fs::write(staging.join("sub/tokenizer.json"), b"{}").expect("write");
+            Ok(())
+        };
+        let dir = folder(root.path(), "k", "model.safetensors", fill).expect("first");
+        assert!(lengths_intact(&dir));
+        folder(root.path(), "k", "model.safetensors", fill).expect("reused");
+        assert_eq!(fills.get(), 1, "an intact folder is reused");
+        // Truncated under us (a nested file too), or its list gone: written again.
+        for break_it in [
+            |d: &Path| std::fs::write(d.join("model.safetensors"), [0u8; 10]).expect("truncate"),
+            |d: &Path| std::fs::write(d.join("sub/tokenizer.json"), b"").expect("truncate"),
+            |d: &Path| std::fs::remove_file(d.join(LENGTHS_FILE)).expect("remove"),
+        ] {
+            break_it(&dir);
+            assert!(!lengths_intact(&dir));
+            folder(root.path(), "k", "model.safetensors", fill).expect("again");
+            assert!(lengths_intact(&dir));
+            assert_eq!(
+                std::fs::read(dir.join("model.safetensors")).expect("read"),
+                [1u8; 100]
+            );
+        }
+        assert_eq!(fills.get(), 4);
     }
 }

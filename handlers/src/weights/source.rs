@@ -14,7 +14,6 @@
 //! place.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,11 +21,11 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor};
-use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensors, TensorInfo, TensorView};
 
 use crate::HandlerError;
 use crate::cpu::quantized::QuantizedMatrix;
+use crate::weights::guarded_map::GuardedMap;
 
 /// Memory-mapped safetensors: one file, a byte range inside a larger file, or several
 /// shards read as one. Cheap to clone: clones share the mappings.
@@ -40,7 +39,7 @@ pub struct WeightSource {
 
 struct Mapped {
     path: PathBuf,
-    map: Mmap,
+    map: GuardedMap,
     /// Where the safetensors bytes sit inside `map`.
     range: Range<usize>,
     /// Offset of the tensor data (after the 8-byte length and the JSON header), relative
@@ -54,6 +53,29 @@ impl Mapped {
     fn bytes_of(&self, info: &TensorInfo) -> Range<usize> {
         let base = self.range.start + self.data_start;
         base + info.data_offsets.0..base + info.data_offsets.1
+    }
+}
+
+/// Watches the files of a [`WeightSource`] for changes while any user of them still
+/// maps them (see [`WeightSource::watch`]).
+#[derive(Clone, Default)]
+pub struct WeightsWatch {
+    files: Vec<std::sync::Weak<Mapped>>,
+}
+
+impl WeightsWatch {
+    /// Why the weights read so far can no longer be trusted, if a file still mapped was
+    /// truncated or rewritten.
+    pub fn changed(&self) -> Option<HandlerError> {
+        self.files
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find_map(|m| {
+                m.map.changed().map(|why| HandlerError::WeightsChanged {
+                    path: m.path.clone(),
+                    why,
+                })
+            })
     }
 }
 
@@ -126,17 +148,9 @@ impl WeightSource {
     /// Maps the safetensors bytes at `range` of the file at `path` (e.g. an uncompressed
     /// entry of a zip archive).
     pub fn open_range(path: &Path, range: Range<u64>) -> Result<Self, HandlerError> {
-        let io = |source| HandlerError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let file = File::open(path).map_err(io)?;
-        // SAFETY: the mapping is read-only and private to this process. Model files in the
-        // store are treated as immutable while served (as every mmap-based loader does);
-        // a file truncated underneath us would fault, which is the documented contract of
-        // the model store (replace archives by writing a new file and renaming it).
-        #[allow(unsafe_code)]
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        // Guarded: a file truncated or rewritten underneath is reported by
+        // [`WeightSource::changed`] instead of ending the process.
+        let map = GuardedMap::open(path)?;
         let bad_range = || {
             HandlerError::bad_file(
                 &path.display().to_string(),
@@ -370,10 +384,7 @@ impl WeightSource {
     pub fn prefetch(&self, span: &WeightSpan) {
         for (file, range) in &span.parts {
             let (offset, len) = page_aligned(range);
-            // Advice only: failure costs speed, never correctness.
-            let _ = self.files[*file]
-                .map
-                .advise_range(memmap2::Advice::WillNeed, offset, len);
+            self.files[*file].map.will_need(offset, len);
         }
     }
 
@@ -382,18 +393,29 @@ impl WeightSource {
     pub fn release(&self, span: &WeightSpan) {
         for (file, range) in &span.parts {
             let (offset, len) = page_aligned(range);
-            // SAFETY: the mapping is read-only, private and file-backed: MADV_DONTNEED
-            // only discards this process's pages, and a later read (a quantized weight
-            // used in place reads these bytes on every pass) faults them back in from
-            // the file with the same contents. Advice failure is harmless.
-            #[allow(unsafe_code)]
-            let _ = unsafe {
-                self.files[*file].map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    offset,
-                    len,
-                )
-            };
+            self.files[*file].map.dont_need(offset, len);
+        }
+    }
+
+    /// Why the bytes read from this source can no longer be trusted, if one of its files
+    /// was truncated or rewritten while mapped (see [`GuardedMap::changed`]); `None`
+    /// while every file is as it was mapped.
+    pub fn changed(&self) -> Option<HandlerError> {
+        self.files.iter().find_map(|m| {
+            m.map.changed().map(|why| HandlerError::WeightsChanged {
+                path: m.path.clone(),
+                why,
+            })
+        })
+    }
+
+    /// A handle that answers [`WeightSource::changed`] for as long as the source's
+    /// mappings live, without keeping them alive (a handler whose weights were all
+    /// copied out lets its mappings go, and a change to the files then no longer
+    /// matters).
+    pub fn watch(&self) -> WeightsWatch {
+        WeightsWatch {
+            files: self.files.iter().map(Arc::downgrade).collect(),
         }
     }
 
@@ -503,7 +525,7 @@ mod tests {
         let (path, expected) = sample_file(dir.path());
         let inner = std::fs::read(&path).expect("read");
         let wrapped = dir.path().join("wrapped.bin");
-        let mut f = File::create(&wrapped).expect("create");
+        let mut f = std::fs::File::create(&wrapped).expect("create");
         f.write_all(b"some leading bytes").expect("write");
         f.write_all(&inner).expect("write");
         f.write_all(b"trailing").expect("write");

@@ -165,13 +165,13 @@ fn fill_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
 fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<PathBuf> {
     let key = fingerprint(path)?;
     let in_cache = cache_dir.join("unpacked").join(&key);
-    if in_cache.is_dir() {
+    if unpacked_intact(&in_cache) {
         return Ok(in_cache);
     }
     let note = cache_dir.join("unpacked").join(format!("{key}.location"));
     if let Ok(location) = std::fs::read_to_string(&note) {
         let target = PathBuf::from(location);
-        if target.is_dir() {
+        if unpacked_intact(&target) {
             return Ok(target);
         }
     }
@@ -179,7 +179,11 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
         Some(folder) => folder.join("unpacked").join(&key),
         None => in_cache.clone(),
     };
-    if !target.is_dir() {
+    if !unpacked_intact(&target) {
+        if target.is_dir() {
+            tracing::warn!(folder = %target.display(), "an unpacked archive was changed since it was unpacked: unpacking it again");
+            std::fs::remove_dir_all(&target).map_err(Error::io(&target))?;
+        }
         fill_atomically(&target, |staging| {
             for_each_tgz_file(path, limits, |relative, entry| {
                 let out = staging.join(relative);
@@ -189,7 +193,8 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
                 let mut file = File::create(&out).map_err(Error::io(&out))?;
                 std::io::copy(entry, &mut file).map_err(Error::io(&out))?;
                 Ok(true)
-            })
+            })?;
+            spillway_handlers::weights::offload::record_lengths(staging).map_err(Error::io(staging))
         })?;
     }
     if target != in_cache {
@@ -198,6 +203,13 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
         std::fs::write(&note, written).map_err(Error::io(&note))?;
     }
     Ok(target)
+}
+
+/// Whether `dir` is a complete unpacked archive whose files all still have the lengths
+/// they were unpacked with (a file truncated or rewritten since fails this, and the
+/// archive is unpacked again).
+fn unpacked_intact(dir: &Path) -> bool {
+    spillway_handlers::weights::offload::lengths_intact(dir)
 }
 
 /// The `offload_folder` of the `setup_config.json` inside a `.tar.gz`, if it names one.
@@ -441,7 +453,9 @@ impl ModelFiles for ZipFiles {
             .join("inflated")
             .join(fingerprint(&self.path).map_err(|e| self.handler_error(e))?);
         let target = dir.join(path);
-        if !target.is_file() {
+        // A copy of another length was truncated or rewritten since: inflated again.
+        let intact = std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == entry.size);
+        if !intact {
             // Written under a temporary name and renamed, so a crash never leaves a
             // truncated file that a restart would trust.
             let parent = target.parent().unwrap_or(&dir).to_path_buf();

@@ -58,6 +58,47 @@ pub struct Source {
     gguf: Option<String>,
     /// What the model asks of the device manager (setup_config.json `device`).
     request: Option<DeviceRequest>,
+    /// The archive file as it was opened (see [`archive_key`]).
+    opened_as: Option<String>,
+}
+
+/// What says an archive file is still the one opened: its name, length and modification
+/// time (`None` when it cannot be read). An archive rewritten in place, or replaced by
+/// renaming another over it, gets another key.
+pub fn archive_key(path: &std::path::Path) -> Option<String> {
+    spillway_handlers::weights::offload::source_key(path).ok()
+}
+
+impl Source {
+    /// The archive it was opened from.
+    pub fn path(&self) -> &std::path::Path {
+        &self.archive.path
+    }
+
+    /// Whether the archive file is no longer the one it was opened from.
+    pub fn archive_changed(&self) -> bool {
+        archive_key(&self.archive.path) != self.opened_as
+    }
+
+    /// The archive opened again as it is now (its entries and weights may have moved),
+    /// keeping what the model was registered with: its setup options and device
+    /// request. Blocking (a `.tar.gz` is unpacked).
+    pub fn reopen(&self, state: &AppState, handler: HandlerKind) -> Result<Source> {
+        let path = &self.archive.path;
+        let opened_as = archive_key(path);
+        let archive = archive::open(path, &state.config().cache_dir, &ArchiveLimits::default())?;
+        let gguf = match handler.needs_model_files() {
+            true => gguf_to_convert(&archive)?,
+            false => None,
+        };
+        Ok(Source {
+            archive,
+            options: self.options.clone(),
+            gguf,
+            request: self.request.clone(),
+            opened_as,
+        })
+    }
 }
 
 /// A model's tensors, where they go, its hold on those device bytes, and the models
@@ -83,6 +124,7 @@ pub struct Loaded {
 pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
     let config = state.config();
     let path = state.store().resolve(&request.url)?;
+    let opened_as = archive_key(&path);
     let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
     let manifest = &archive.manifest.model;
     let handler: HandlerKind =
@@ -170,6 +212,7 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
             options,
             gguf,
             request: device_request,
+            opened_as,
         },
         planned,
         deferred,
@@ -239,6 +282,7 @@ pub fn build(
         mut options,
         gguf,
         request,
+        opened_as: _,
     } = source;
     if !spec.handler.needs_model_files() {
         handle.set_stage(LoadStage::Building);

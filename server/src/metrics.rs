@@ -75,6 +75,8 @@ pub const DEVICE_USED_BYTES: &str = "spillway_device_used_bytes";
 pub const DEVICE_FREE_BYTES: &str = "spillway_device_free_bytes";
 pub const EVICTIONS_TOTAL: &str = "spillway_evictions_total";
 pub const RELOADS_TOTAL: &str = "spillway_reloads_total";
+/// Times a model stopped serving because a weight file changed under it.
+pub const WEIGHTS_CHANGED_TOTAL: &str = "spillway_weights_changed_total";
 pub const PROMOTIONS_TOTAL: &str = "spillway_promotions_total";
 pub const PROMOTION_SECONDS: &str = "spillway_promotion_seconds";
 /// Disk units materialized for a forward pass (process-wide).
@@ -189,6 +191,10 @@ fn describe() {
         (
             RELOADS_TOTAL,
             "Times an evicted model was loaded again for a request.",
+        ),
+        (
+            WEIGHTS_CHANGED_TOTAL,
+            "Times the model was unloaded because a file its weights are mapped from was truncated or rewritten under it.",
         ),
         (
             PROMOTIONS_TOTAL,
@@ -482,6 +488,10 @@ impl ModelLabels {
 
     pub fn reloaded(&self) {
         counter!(RELOADS_TOTAL, &self.pairs()).increment(1);
+    }
+
+    pub fn weights_changed(&self) {
+        counter!(WEIGHTS_CHANGED_TOTAL, &self.pairs()).increment(1);
     }
 
     pub fn worker_restart(&self) {

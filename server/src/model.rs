@@ -146,8 +146,11 @@ impl Drop for Serving {
 pub struct ModelHandle {
     pub spec: ModelSpec,
     /// What it is built from, to build it again after an eviction (`None` for a model
-    /// made in a test).
-    source: Option<Source>,
+    /// made in a test); replaced when its archive changed and was opened again.
+    source: Mutex<Option<Source>>,
+    /// The archive key ([`crate::loader::archive_key`]) its last load started from: a
+    /// model that failed is tried again only once its archive changed since.
+    attempted: Mutex<Option<String>>,
     labels: ModelLabels,
     state: RwLock<State>,
     /// Bumped at every change of state, for requests waiting for an evicted model.
@@ -213,10 +216,14 @@ pub struct ModelDescription {
 
 impl ModelHandle {
     pub fn new(spec: ModelSpec, source: Option<Source>) -> Arc<Self> {
+        let attempted = source
+            .as_ref()
+            .and_then(|s| crate::loader::archive_key(s.path()));
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
             spec,
-            source,
+            source: Mutex::new(source),
+            attempted: Mutex::new(attempted),
             state: RwLock::new(State::Loading(LoadStage::Queued)),
             changes: tokio::sync::watch::Sender::new(0),
             in_flight: AtomicUsize::new(0),
@@ -232,8 +239,68 @@ impl ModelHandle {
     }
 
     /// What it is built from.
-    pub fn source(&self) -> Option<&Source> {
-        self.source.as_ref()
+    pub fn source(&self) -> Option<Source> {
+        self.source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Builds it from `source` from now on (its archive, opened again).
+    pub fn set_source(&self, source: Source) {
+        *self.source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+    }
+
+    /// Notes that a load starts from the archive as it is now.
+    pub fn attempt(&self) {
+        let now = self
+            .source()
+            .and_then(|s| crate::loader::archive_key(s.path()));
+        *self.attempted.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
+    /// A serving model whose mapped weight files were truncated or rewritten underneath
+    /// ([`Handler::weights_changed`]) stops serving: it is unloaded, to be loaded again
+    /// from its archive as it is now by the next request. Its requests in flight are
+    /// answered 503 by their workers. True when it was unloaded here.
+    pub fn unload_if_weights_changed(&self) -> bool {
+        let changed = match &*self.state() {
+            State::Ready(serving) => serving.handler.weights_changed(),
+            _ => None,
+        };
+        let Some(why) = changed else {
+            return false;
+        };
+        tracing::warn!(model = %self.key(), error = %why, "unloaded: its weights changed under it; the next request loads it again");
+        self.labels.weights_changed();
+        self.evict().is_some()
+    }
+
+    /// A model that failed to load is made loadable again (unloaded) once its archive
+    /// changed since the load that failed: the file being copied in when it was read
+    /// is complete now, or was fixed. True when it was.
+    pub fn retry_if_archive_changed(&self) -> bool {
+        if self.failure().is_none() {
+            return false;
+        }
+        let Some(source) = self.source() else {
+            return false;
+        };
+        let now = crate::loader::archive_key(source.path());
+        let attempted = self.attempted.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_none() || now == *attempted {
+            return false;
+        }
+        drop(attempted);
+        let mut state = self.state_mut();
+        if !matches!(*state, State::Failed(_)) {
+            return false;
+        }
+        *state = State::Unloaded;
+        drop(state);
+        tracing::info!(model = %self.key(), "its archive changed since its load failed: it is loaded again on this request");
+        self.changed();
+        true
     }
 
     /// Counts a request as in flight until the guard drops: a model with requests in

@@ -294,6 +294,11 @@ impl WorkerContext {
             }
             Err(panic) => shared_error(self.panicked(panic, count), count),
         };
+        // Answers computed from weight files changed underneath are not answers.
+        let answers = match self.weights_changed() {
+            Some(error) => shared_error(error, count),
+            None => answers,
+        };
         for (reply, answer) in replies.into_iter().zip(answers) {
             // A closed receiver means the client gave up (timeout or disconnect).
             let _ = reply.send(answer);
@@ -357,7 +362,11 @@ impl WorkerContext {
                     }
                     Ok(Some(answer)) => {
                         self.labels.handled(started.elapsed());
-                        self.answer(job.reply, answer.map_err(Error::from));
+                        let answer = match self.weights_changed() {
+                            Some(error) => Err(Error::Handler(error)),
+                            None => answer.map_err(Error::from),
+                        };
+                        self.answer(job.reply, answer);
                     }
                     Err(panic) => {
                         let error = self.panicked(panic, 1);
@@ -380,6 +389,29 @@ impl WorkerContext {
             let started = Instant::now();
             let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| batch.step()));
             self.labels.handled(started.elapsed());
+            if let Some(error) = self.weights_changed() {
+                // Every running request read the changed weights: all fail, and the
+                // batch (its KV caches computed from them) starts afresh.
+                let finished = match &stepped {
+                    Ok(Ok(finished)) => finished.iter().map(|(t, _)| *t).collect(),
+                    _ => Vec::new(),
+                };
+                for ticket in finished {
+                    if let Some(reply) = waiting.remove(&ticket) {
+                        self.answer(reply, Err(Error::Handler(error.clone())));
+                    }
+                }
+                for (_, reply) in waiting.drain() {
+                    self.answer(reply, Err(Error::Handler(error.clone())));
+                }
+                drop(stepped);
+                drop(batch);
+                match handler.step_batch() {
+                    Some(fresh) => batch = fresh,
+                    None => return true,
+                }
+                continue;
+            }
             match stepped {
                 Ok(Ok(finished)) => {
                     for (ticket, answer) in finished {
@@ -417,6 +449,14 @@ impl WorkerContext {
         // A closed receiver means the client gave up (timeout or disconnect).
         let _ = reply.send(answer);
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Why the handler's weights can no longer be trusted, if a file it maps changed
+    /// underneath since it was loaded (see `Handler::weights_changed`).
+    fn weights_changed(&self) -> Option<Arc<HandlerError>> {
+        let error = self.handler.weights_changed()?;
+        tracing::warn!(error = %error, "answers computed since are failed");
+        Some(Arc::new(error))
     }
 
     /// Logs and counts a handler panic that failed `count` requests.

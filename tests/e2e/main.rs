@@ -5,6 +5,7 @@
 mod archives;
 mod clients;
 mod devices;
+mod faults;
 mod generation;
 mod hostile;
 mod inference;

@@ -50,6 +50,39 @@ pub fn evict(state: &AppState, evictions: &[Eviction]) {
     crate::devices::release_freed_memory();
 }
 
+/// `source`'s archive opened again as it is now (rewritten in place, or replaced by a
+/// rename), which `model` is built from from now on. A failure fails the model until
+/// its archive changes again.
+async fn reopen(
+    state: &AppState,
+    model: &Arc<ModelHandle>,
+    source: crate::loader::Source,
+) -> Result<crate::loader::Source> {
+    let (state, handler) = (state.clone(), model.spec.handler);
+    let reopened = tokio::task::spawn_blocking(move || source.reopen(&state, handler))
+        .await
+        .map_err(|e| Error::Internal(format!("the reopening task failed: {e}")))
+        .and_then(|r| r);
+    match reopened {
+        Ok(source) => {
+            tracing::info!(model = %model.key(), "its archive changed: opened again");
+            model.set_source(source.clone());
+            Ok(source)
+        }
+        Err(e) => {
+            // The request was fine; the model is what cannot serve (a 503, as for any
+            // model that failed to load), until its archive changes again.
+            let reason = format!("its archive changed and cannot be opened: {}", e.chain());
+            tracing::error!(model = %model.key(), "{reason}");
+            model.set_failed(reason.clone());
+            Err(Error::NotReady {
+                model: model.spec.name.clone(),
+                state: reason,
+            })
+        }
+    }
+}
+
 /// Returns once `model` serves: a model evicted by unloading is loaded again first (the
 /// request waits, within `within`, as it would in the queue); one evicted to disk
 /// serves at once from its streamed units while they are promoted back beside it. A
@@ -61,6 +94,10 @@ pub async fn ensure_serving(
     within: Duration,
 ) -> Result<()> {
     let mut changes = model.changes();
+    // A model whose weight files changed under it is loaded again from them as they are
+    // now; one that failed to load is tried again once its archive changed.
+    model.unload_if_weights_changed();
+    model.retry_if_archive_changed();
     if model.is_demoted() {
         // The request is served at once from the streamed units. Their promotion back
         // starts once the requests in flight are answered (or after PROMOTE_AFTER under
@@ -108,9 +145,14 @@ pub async fn ensure_serving(
             tokio::time::sleep(RETRY_ROOM.min(left)).await;
             continue;
         }
-        let Some(source) = model.source().cloned() else {
+        let Some(source) = model.source() else {
             model.set_failed("it cannot be loaded again (no archive to build it from)".into());
             return Ok(());
+        };
+        model.attempt();
+        let source = match source.archive_changed() {
+            true => reopen(state, model, source).await?,
+            false => source,
         };
         model.labels().reloaded();
         // A task of its own: a request that stops waiting does not stop the load.

@@ -1,0 +1,252 @@
+//! Files that change under a running server: an archive rewritten in place while its
+//! weights stream from it (what `cp new.mar model-store/x.mar` does), and one replaced by
+//! renaming another over it. The server must stay up, answer every request, and serve
+//! the new weights once the file is complete; other models must not notice.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use reqwest::Method;
+use spillway_handlers::testing::TinyBert;
+
+use crate::support::{Fixture, TestServer, json};
+
+const BODY: &str = r#"{"inputs": ["hello world", "the quick brown fox"]}"#;
+
+/// A tiny BERT archived as `name.mar` with every unit on disk (its weights are read from
+/// the archive's mapping on every request); `seed` picks its weights. Returns the path.
+fn streamed_archive(fixture: &Fixture, name: &str, seed: u64) -> std::path::PathBuf {
+    let spec = TinyBert {
+        hidden_size: 64,
+        layers: 4,
+        seed: Some(seed),
+        ..TinyBert::default()
+    };
+    let dir = fixture.tiny_bert(&format!("src-{name}-{seed}"), &spec);
+    std::fs::write(dir.join("setup_config.json"), r#"{"device_map": "disk"}"#).unwrap();
+    let setup = dir.join("setup_config.json");
+    let file = fixture.archive(
+        name,
+        "1.0",
+        "text_embedding",
+        Some(&dir),
+        &["--extra-files", setup.to_str().unwrap()],
+    );
+    fixture.store().join(file)
+}
+
+/// What one client saw: each response's status and body.
+type Seen = Vec<(u16, String)>;
+
+/// Posts `BODY` to `model` until `stop`, recording every answer.
+fn hammer(url: String, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Seen> {
+    std::thread::spawn(move || {
+        let http = reqwest::blocking::Client::new();
+        let mut seen = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let response = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(BODY)
+                .send()
+                .unwrap();
+            let status = response.status().as_u16();
+            seen.push((status, response.text().unwrap()));
+        }
+        seen
+    })
+}
+
+#[test]
+fn an_archive_rewritten_in_place_under_load_is_loaded_again_and_the_server_stays_up() {
+    let fixture = Fixture::new();
+    // The replacement, made first and moved out of the store.
+    let next = fixture.dir.path().join("next.mar");
+    std::fs::rename(streamed_archive(&fixture, "moving", 2), &next).unwrap();
+    let archive = streamed_archive(&fixture, "moving", 1);
+    fixture.tiny_archive("bystander", "1.0", &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let before = json(server.predict("moving", BODY), 200);
+    let bystander = json(server.predict("bystander", BODY), 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let moving: Vec<_> = (0..3)
+        .map(|_| {
+            hammer(
+                format!("{}/predictions/moving", server.inference),
+                stop.clone(),
+            )
+        })
+        .collect();
+    let other = hammer(
+        format!("{}/predictions/bystander", server.inference),
+        stop.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    // `cp next.mar moving.mar`, slowed down: the file is truncated in place (the
+    // server's mapping loses its pages), stays empty a while, then is written.
+    let bytes = std::fs::read(&next).unwrap();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&archive)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let (head, tail) = bytes.split_at(bytes.len() / 2);
+    file.write_all(head).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    file.write_all(tail).unwrap();
+    drop(file);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let seen: Vec<(u16, String)> = moving.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let other = other.join().unwrap();
+
+    // The server is up, and answers from the new file.
+    let after = json(server.predict("moving", BODY), 200);
+    assert_ne!(after, before, "the new weights answer");
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        log.contains("changed while the model served from it"),
+        "{log}"
+    );
+    // Every answer was the old model's, the new model's, or a JSON 503 saying why.
+    let mut unavailable = 0;
+    for (status, body) in &seen {
+        let value: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {status} {body}"));
+        match status {
+            200 => assert!(value == before || value == after, "{body}"),
+            503 => {
+                unavailable += 1;
+                assert_eq!(value["code"], 503, "{body}");
+            }
+            _ => panic!("unexpected answer {status}: {body}"),
+        }
+    }
+    assert!(
+        seen.iter().filter(|(s, _)| *s == 200).count() > 10,
+        "served before and after: {seen:?}"
+    );
+    assert!(
+        unavailable > 0,
+        "the requests that read the truncated file failed: {seen:?}"
+    );
+    // The other model never noticed.
+    assert!(other.len() > 10);
+    for (status, body) in &other {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(body).unwrap(),
+            bystander
+        );
+    }
+    let metrics = server.metrics_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("spillway_weights_changed_total{") && l.contains("moving")),
+        "{metrics}"
+    );
+    // The new file is the one served: the same answer as a copy of it registered apart.
+    std::fs::copy(&next, fixture.store().join("witness.mar")).unwrap();
+    let registered = server.manage(
+        Method::POST,
+        "/models?url=witness.mar&model_name=witness&synchronous=true",
+    );
+    assert_eq!(
+        registered.status().as_u16(),
+        200,
+        "{}",
+        registered.text().unwrap()
+    );
+    assert_eq!(json(server.predict("witness", BODY), 200), after);
+}
+
+#[test]
+fn an_archive_replaced_by_rename_keeps_serving_the_old_weights_until_reloaded() {
+    let fixture = Fixture::new();
+    let next = fixture.dir.path().join("next.mar");
+    std::fs::rename(streamed_archive(&fixture, "renamed", 4), &next).unwrap();
+    let archive = streamed_archive(&fixture, "renamed", 3);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let before = json(server.predict("renamed", BODY), 200);
+    // The safe way to update an archive: write it beside, then rename it in.
+    std::fs::rename(&next, &archive).unwrap();
+    for _ in 0..3 {
+        assert_eq!(json(server.predict("renamed", BODY), 200), before);
+    }
+    // Registered again, it reads the new file.
+    let gone = server.manage(Method::DELETE, "/models/renamed");
+    assert_eq!(gone.status().as_u16(), 200, "{}", gone.text().unwrap());
+    let registered = server.manage(Method::POST, "/models?url=renamed.mar&synchronous=true");
+    assert_eq!(
+        registered.status().as_u16(),
+        200,
+        "{}",
+        registered.text().unwrap()
+    );
+    assert_ne!(json(server.predict("renamed", BODY), 200), before);
+}
+
+#[test]
+fn an_offload_folder_file_truncated_under_the_server_is_written_again() {
+    let fixture = Fixture::new();
+    let offload = fixture.dir.path().join("offload");
+    let dir = fixture.tiny_bert("src", &TinyBert::default());
+    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
+                                   "torch_dtype": "bfloat16", "offload_folder": offload});
+    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
+    let setup = dir.join("setup_config.json");
+    fixture.archive(
+        "offloaded",
+        "1.0",
+        "text_embedding",
+        Some(&dir),
+        &["--extra-files", setup.to_str().unwrap()],
+    );
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let before = json(server.predict("offloaded", BODY), 200);
+    let converted: Vec<_> = std::fs::read_dir(&offload)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("model.safetensors"))
+        .collect();
+    assert_eq!(converted.len(), 1, "{converted:?}");
+    // Truncated to its header: the streamed units' bytes are gone.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&converted[0])
+        .unwrap();
+    file.set_len(64).unwrap();
+    drop(file);
+    // A request may meet the truncation (503) while the model is loaded again; then
+    // the folder is written again and the answers are as before.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = server.predict("offloaded", BODY);
+        let status = response.status().as_u16();
+        let value: serde_json::Value = response.json().unwrap();
+        statuses.push(status);
+        match status {
+            200 => assert_eq!(value, before),
+            503 => assert_eq!(value["code"], 503, "{value}"),
+            _ => panic!("unexpected {status}: {value}"),
+        }
+    }
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    assert!(
+        std::fs::metadata(&converted[0]).unwrap().len() > 64,
+        "the converted file was written again"
+    );
+    let log = server.log();
+    assert!(log.contains("writing it again"), "{log}");
+}

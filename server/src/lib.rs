@@ -32,6 +32,7 @@ pub mod batcher;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod fuzz_targets;
 pub mod http;
 pub mod loader;
 pub mod manifest;

@@ -299,7 +299,7 @@ async fn ready_version(
 // ---- infer ----
 
 #[derive(Deserialize)]
-struct InferRequest {
+pub struct InferRequest {
     #[serde(default)]
     id: Option<String>,
     #[serde(default)]
@@ -357,9 +357,7 @@ async fn infer(
         Err(e) => return error_response(e),
     };
     let answer = async {
-        let (request, binary) = parse_request(headers, body)?;
-        let kind = dispatch.model.spec.handler;
-        let handler_request = handler_request(kind, &request, binary)?;
+        let (request, handler_request) = decode(dispatch.model.spec.handler, headers, body)?;
         let answered = dispatch.run(&state, handler_request).await?;
         let outputs = output_tensors(answered.output)?;
         Ok::<_, Error>(encode_response(&dispatch.model, &request, outputs))
@@ -368,6 +366,19 @@ async fn infer(
     let response = answer.unwrap_or_else(error_response);
     dispatch.record(response.status().as_u16());
     response
+}
+
+/// What an inference request (JSON, or JSON and binary tensor data) makes for a model
+/// served by `kind`, before the model is involved: the parsed request and the handler's,
+/// or why the body is refused. What the fuzz targets and the corpus replay call.
+pub fn decode(
+    kind: HandlerKind,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(InferRequest, Request)> {
+    let (request, binary) = parse_request(headers, body)?;
+    let handler_request = handler_request(kind, &request, binary)?;
+    Ok((request, handler_request))
 }
 
 /// The JSON part of the body, and the binary part after it (empty without one).

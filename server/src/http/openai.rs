@@ -100,19 +100,37 @@ struct EmbeddingsBody {
     dimensions: Option<usize>,
 }
 
+/// An embeddings body, whether it wants base64, and its request for the handler.
+fn decode_embeddings(body: &[u8]) -> Result<(EmbeddingsBody, bool, Request)> {
+    let mut body: EmbeddingsBody = parse(body)?;
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(bad(format!(
+                "encoding_format must be \"float\" or \"base64\", got {other:?}"
+            )));
+        }
+    };
+    let request = embedding_request(body.input.take())?;
+    Ok((body, base64, request))
+}
+
+/// What an OpenAI endpoint (`/v1/completions`, `/v1/chat/completions`,
+/// `/v1/embeddings`) makes of a body, before any model is involved: the handler request,
+/// or why the body is refused. What the fuzz targets and the corpus replay call.
+pub fn decode(path: &str, body: &[u8]) -> Result<Request> {
+    match path {
+        "/v1/completions" => decode_completion(body).map(|(_, r)| r),
+        "/v1/chat/completions" => decode_chat(body).map(|(_, r)| r),
+        "/v1/embeddings" => decode_embeddings(body).map(|(_, _, r)| r),
+        other => Err(Error::BadRequest(format!("no OpenAI endpoint {other}"))),
+    }
+}
+
 async fn embeddings(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     respond(async {
-        let body: EmbeddingsBody = parse(&body)?;
-        let base64 = match body.encoding_format.as_deref() {
-            None | Some("float") => false,
-            Some("base64") => true,
-            Some(other) => {
-                return Err(bad(format!(
-                    "encoding_format must be \"float\" or \"base64\", got {other:?}"
-                )));
-            }
-        };
-        let request = embedding_request(body.input)?;
+        let (body, base64, request) = decode_embeddings(&body)?;
         let dispatch = Dispatch::to(&state, &body.model, None)?;
         expect_handler(&dispatch, HandlerKind::TextEmbedding, "/v1/embeddings")?;
         let answered = recorded(&dispatch, dispatch.run(&state, request).await)?;
@@ -520,46 +538,56 @@ fn usage(prompt_tokens: usize, generation: &Generation) -> Value {
     })
 }
 
+fn decode_completion(body: &[u8]) -> Result<(Sampling, Request)> {
+    let body: CompletionBody = parse(body)?;
+    let prompt = match body.prompt {
+        Value::String(prompt) => prompt,
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+            items[0].as_str().unwrap_or_default().to_string()
+        }
+        Value::Array(_) => {
+            return Err(bad(
+                "prompt must be one string (batches of prompts are not supported)",
+            ));
+        }
+        _ => return Err(bad("prompt must be a string")),
+    };
+    let parameters = body
+        .sampling
+        .parameters(DEFAULT_COMPLETION_TOKENS, Endpoint::Completions)?;
+    let request = Request::Generate(GenerateRequest { prompt, parameters });
+    Ok((body.sampling, request))
+}
+
+fn decode_chat(body: &[u8]) -> Result<(Sampling, Request)> {
+    let body: ChatBody = parse(body)?;
+    let messages = body
+        .messages
+        .into_iter()
+        .map(WireMessage::into_message)
+        .collect::<Result<Vec<_>>>()?;
+    let parameters = body
+        .sampling
+        .parameters(DEFAULT_CHAT_TOKENS, Endpoint::Chat)?;
+    let request = Request::Chat(ChatRequest {
+        messages,
+        parameters,
+    });
+    Ok((body.sampling, request))
+}
+
 async fn completions(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     respond(async {
-        let body: CompletionBody = parse(&body)?;
-        let prompt = match body.prompt {
-            Value::String(prompt) => prompt,
-            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-                items[0].as_str().unwrap_or_default().to_string()
-            }
-            Value::Array(_) => {
-                return Err(bad(
-                    "prompt must be one string (batches of prompts are not supported)",
-                ));
-            }
-            _ => return Err(bad("prompt must be a string")),
-        };
-        let parameters = body
-            .sampling
-            .parameters(DEFAULT_COMPLETION_TOKENS, Endpoint::Completions)?;
-        let request = Request::Generate(GenerateRequest { prompt, parameters });
-        generate(state, body.sampling, request, Endpoint::Completions).await
+        let (sampling, request) = decode_completion(&body)?;
+        generate(state, sampling, request, Endpoint::Completions).await
     })
     .await
 }
 
 async fn chat_completions(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
     respond(async {
-        let body: ChatBody = parse(&body)?;
-        let messages = body
-            .messages
-            .into_iter()
-            .map(WireMessage::into_message)
-            .collect::<Result<Vec<_>>>()?;
-        let parameters = body
-            .sampling
-            .parameters(DEFAULT_CHAT_TOKENS, Endpoint::Chat)?;
-        let request = Request::Chat(ChatRequest {
-            messages,
-            parameters,
-        });
-        generate(state, body.sampling, request, Endpoint::Chat).await
+        let (sampling, request) = decode_chat(&body)?;
+        generate(state, sampling, request, Endpoint::Chat).await
     })
     .await
 }

@@ -98,6 +98,14 @@ pub struct Overrides {
     /// Largest response body in bytes [default: 6553500].
     #[arg(long, env = "SPILLWAY_MAX_RESPONSE_SIZE")]
     pub max_response_size: Option<usize>,
+    /// Open connections each listener holds at once; past it, new ones wait in the
+    /// kernel's backlog [default: 1024].
+    #[arg(long, env = "SPILLWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has to send a request's headers, and again its body, before the
+    /// connection is closed (408 for a body) [default: 30].
+    #[arg(long, env = "SPILLWAY_REQUEST_READ_TIMEOUT")]
+    pub request_read_timeout: Option<usize>,
     /// Bearer token for the management API (required when it is off loopback).
     #[arg(long, env = "SPILLWAY_MANAGEMENT_TOKEN", hide_env_values = true)]
     pub management_token: Option<String>,
@@ -240,6 +248,10 @@ pub struct ServerConfig {
     pub job_queue_size: usize,
     pub max_request_size: usize,
     pub max_response_size: usize,
+    /// Connections each listener holds at once.
+    pub max_connections: usize,
+    /// How long a request's headers, and then its body, may take to arrive.
+    pub request_read_timeout: Duration,
     /// Required on the management API when set (and whenever it is off loopback).
     pub management_token: Option<String>,
     /// Required on the inference API when set.
@@ -349,6 +361,20 @@ impl ServerConfig {
                 "max_response_size",
                 DEFAULT_MAX_MESSAGE_SIZE,
             )?,
+            max_connections: match number(o.max_connections, "max_connections", 1024)? {
+                0 => return Err(Error::bad_config("max_connections", "must be at least 1")),
+                n => n,
+            },
+            request_read_timeout: match number(o.request_read_timeout, "request_read_timeout", 30)?
+            {
+                0 => {
+                    return Err(Error::bad_config(
+                        "request_read_timeout",
+                        "must be at least 1 second",
+                    ));
+                }
+                n => Duration::from_secs(n as u64),
+            },
             management_token: o
                 .management_token
                 .clone()

@@ -35,6 +35,8 @@ pub enum ErrorKind {
     UnsupportedMediaType,
     /// Request headers larger than the server reads (431).
     HeadersTooLarge,
+    /// The request's body did not arrive within `request_read_timeout` (408).
+    RequestTimeout,
     /// The server's or the model's fault (500).
     Internal,
 }
@@ -88,6 +90,9 @@ pub enum Error {
 
     #[error("Model \"{model}\" did not answer within its response timeout of {timeout:?}")]
     Timeout { model: String, timeout: Duration },
+
+    #[error("the request body did not arrive within {within:?} (request_read_timeout)")]
+    BodyTimeout { within: Duration },
 
     #[error("Model \"{model}\" is not ready: {state}")]
     NotReady { model: String, state: String },
@@ -151,6 +156,7 @@ impl Error {
             Error::MethodNotAllowed(_) => ErrorKind::MethodNotAllowed,
             Error::UnsupportedMediaType(_) => ErrorKind::UnsupportedMediaType,
             Error::HeadersTooLarge { .. } => ErrorKind::HeadersTooLarge,
+            Error::BodyTimeout { .. } => ErrorKind::RequestTimeout,
             Error::Handler(e) => handler_kind(e),
             Error::Load { source, .. } => handler_kind(source),
             Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,

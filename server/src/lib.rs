@@ -136,26 +136,18 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let serve = |listener: TcpListener, router: axum::Router| {
-        let mut stop = stop_rx.clone();
-        async move {
-            let app = tower::Layer::layer(
-                &tower::util::MapRequestLayer::new(http::trim_trailing_slash),
-                router,
-            );
-            axum::serve(listener, axum::ServiceExt::into_make_service(app))
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|stopped| *stopped).await;
-                })
-                .await
-                .map_err(|e| Error::Internal(format!("server error: {e}")))
-        }
+    let limits = http::connections::ConnectionLimits {
+        max_connections: state.config().max_connections,
+        read_timeout: state.config().request_read_timeout,
     };
-    tokio::try_join!(
+    let serve = |listener: TcpListener, router: axum::Router| {
+        http::connections::serve(listener, router, limits, stop_rx.clone())
+    };
+    tokio::join!(
         serve(listeners.inference, http::inference_router(state.clone())),
         serve(listeners.management, http::management_router(state.clone())),
         serve(listeners.metrics, http::metrics_router(state.clone())),
-    )?;
+    );
     tracing::info!("all requests answered; stopped");
     Ok(())
 }

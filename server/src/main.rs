@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models of a model store.
-    Serve(Overrides),
+    Serve(Box<Overrides>),
     /// Pack a model folder into an archive (what torch-model-archiver writes).
     Archive(ArchiveArgs),
     /// Show where every layer of a model would live, before reading any weight.
@@ -100,7 +100,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Archive(args) => archive(args),
         Command::Plan(args) => plan(args),
     };

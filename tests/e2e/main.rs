@@ -4,6 +4,7 @@
 
 mod archives;
 mod clients;
+mod connections;
 mod devices;
 mod faults;
 mod generation;

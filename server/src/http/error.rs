@@ -24,6 +24,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -43,6 +44,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed => "MethodNotAllowedException",
             ErrorKind::UnsupportedMediaType => "UnsupportedMediaTypeException",
             ErrorKind::HeadersTooLarge => "RequestHeaderFieldsTooLargeException",
+            ErrorKind::RequestTimeout => "RequestTimeoutException",
             ErrorKind::Internal => "InternalServerException",
         }
     }
@@ -111,6 +113,43 @@ pub async fn json_errors(State(limit): State<usize>, request: Request, next: Nex
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// Reads the request's body whole within `within` (a client trickling its body holds a
+/// task and a connection slot no longer) and at most `limit` bytes (413 past it,
+/// before more is read), then passes the request on with the body in memory (every
+/// handler reads it whole anyway). A body too slow is answered 408 and its connection
+/// closed (it is half read).
+pub async fn read_body_within(
+    State((limit, within)): State<(usize, std::time::Duration)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        // Refused before a byte of it is read.
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        // Past the limit (or the connection failed): json_errors gives it its body.
+        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        Err(_) => {
+            let error = Error::BodyTimeout { within };
+            let mut response = in_shape_of(parts.uri.path(), &error);
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// `response` with a JSON body in its API's shape, if it is an error without one.

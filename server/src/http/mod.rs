@@ -8,11 +8,13 @@
 //! - [`openapi`]: each API's description (`OPTIONS /`), as TorchServe answers it.
 //! - [`dispatch`]: one request's way to its model, shared by every protocol.
 //! - [`metrics`]: Prometheus text.
+//! - [`connections`]: accepting connections within limits (count, header time).
 //! - [`devices`]: `GET /devices`, the device manager's pools (management API).
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //!
 //! Bearer tokens, when configured, guard a whole API ([`require_token`]).
 
+pub mod connections;
 pub mod devices;
 pub mod dispatch;
 pub mod error;
@@ -48,8 +50,12 @@ pub fn inference_router(state: AppState) -> Router {
     }
     guarded(routes, token)
         .merge(torchserve::inference::health(state.clone()))
-        .merge(kserve::health(state))
+        .merge(kserve::health(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            (limit, state.config().request_read_timeout),
+            error::read_body_within,
+        ))
         .layer(middleware::from_fn_with_state(limit, error::json_errors))
         .layer(middleware::from_fn(error::bounded_headers))
         .layer(middleware::from_fn(count_response))
@@ -58,12 +64,17 @@ pub fn inference_router(state: AppState) -> Router {
 pub fn management_router(state: AppState) -> Router {
     let token = state.config().management_token.clone();
     let limit = state.config().max_request_size;
+    let read_timeout = state.config().request_read_timeout;
     guarded(
         torchserve::management::router(state.clone())
             .merge(devices::router(state))
             .merge(openapi::router(openapi::Api::Management)),
         token,
     )
+    .layer(middleware::from_fn_with_state(
+        (limit, read_timeout),
+        error::read_body_within,
+    ))
     .layer(middleware::from_fn_with_state(limit, error::json_errors))
     .layer(middleware::from_fn(error::bounded_headers))
     .layer(middleware::from_fn(count_response))

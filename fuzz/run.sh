@@ -19,12 +19,15 @@ scratch=${FUZZ_SCRATCH:-/tmp/spillway-fuzz-corpus}/$target
 mkdir -p "$scratch" "artifacts/$target"
 log=${FUZZ_LOG:-/tmp/spillway-fuzz-$target.log}
 set +e
-cargo +nightly fuzz run "$target" "$scratch" "corpus/$target" -- \
-    -max_total_time=$((minutes * 60)) -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 \
-    -print_final_stats=1 2>&1 | tee "$log" | grep -E "^#[0-9]+ +(DONE|pulse|NEW)|ERROR|SUMMARY|stat::" | tail -n 12
-status=${PIPESTATUS[0]}
+# CPU time the fuzzer got (user + sys), not just the wall time it was given.
+TIMEFORMAT="target $target: %U s user + %S s sys CPU in %R s"
+time cargo +nightly fuzz run "$target" "$scratch" "corpus/$target" -- \
+    -max_total_time=$(python3 -c "print(int(float($minutes) * 60))") -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 \
+    -print_final_stats=1 > "$log" 2>&1
+status=$?
+grep -aE "^#[0-9]+ +DONE|ERROR|SUMMARY" "$log" | tail -n 6
 set -e
 echo "target $target: $(grep -c . <(ls "$scratch")) inputs in the scratch corpus; log $log"
-grep -E "stat::number_of_executed_units|stat::peak_rss_mb" "$log" || true
+grep -aE "stat::number_of_executed_units|stat::peak_rss_mb" "$log" || true
 ls "artifacts/$target" | sed 's/^/crash: /' || true
 exit "$status"

@@ -428,7 +428,8 @@ impl ModelFiles for ZipFiles {
         let Some(&entry) = self.entries.get(path) else {
             return Ok(None);
         };
-        let mut bytes = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0).min(1 << 30));
+        // The size is the archive's claim: the buffer grows with what really comes.
+        let mut bytes = Vec::with_capacity(usize::try_from(entry.size).unwrap_or(0).min(1 << 20));
         self.copy_entry(entry, &mut bytes)?;
         Ok(Some(bytes))
     }

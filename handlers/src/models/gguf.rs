@@ -139,6 +139,41 @@ fn rope_scaling(
     }
 }
 
+/// Checks every tensor the file describes against the file: its element count (the
+/// product of its dimensions) fits, is whole blocks of its type, and its bytes lie
+/// inside the file. Whatever the header claims, nothing later is sized past the file.
+fn check_tensors_within(content: &Content, file_len: u64) -> Result<(), HandlerError> {
+    for (name, info) in &content.tensor_infos {
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        let (block, size) = (
+            info.ggml_dtype.block_size() as u64,
+            info.ggml_dtype.type_size() as u64,
+        );
+        let bytes = elements
+            .filter(|n| n % block == 0)
+            .and_then(|n| (n / block).checked_mul(size));
+        let end = bytes
+            .and_then(|b| b.checked_add(info.offset))
+            .and_then(|e| e.checked_add(content.tensor_data_offset));
+        match end {
+            Some(end) if end <= file_len => {}
+            Some(_) => return Err(bad(format!("tensor {name} lies past the end of the file"))),
+            None => {
+                return Err(bad(format!(
+                    "tensor {name} has shape {:?}, which is not whole {:?} blocks or overflows",
+                    info.shape.dims(),
+                    info.ggml_dtype
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Undoes llama.cpp's `permute(w, n_head)`, which interleaves each head's two rotary halves.
 fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
@@ -198,10 +233,12 @@ fn convert(
     out: &Path,
     dtype: Option<DType>,
 ) -> Result<(), HandlerError> {
+    let file_len = range.end.saturating_sub(range.start);
     let mut reader = RangeReader::open(path, range)?;
     // What the file holds is the archive's fault: a 4xx naming the file, not a 500.
     let content = Content::read(&mut reader)
         .weights_context(|| format!("{name} is not a readable GGUF file"))?;
+    check_tensors_within(&content, file_len)?;
     let arch = content
         .metadata
         .get("general.architecture")
@@ -221,6 +258,11 @@ fn convert(
         .and_then(|v| v.to_u32().ok())
         .map_or(heads, |v| v as usize);
     let hidden = meta_u32(&content, &key("embedding_length"))? as usize;
+    if heads == 0 || kv_heads == 0 || hidden == 0 {
+        return Err(bad(
+            "attention.head_count, head_count_kv and embedding_length must be at least 1",
+        ));
+    }
     let embed = content
         .tensor_infos
         .get("token_embd.weight")

@@ -196,9 +196,22 @@ pub fn write_streaming(
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for t in tensors {
-        let bytes = t.shape.iter().product::<usize>() * t.dtype.size_in_bytes();
-        header.insert(t.name.clone(), json!({"dtype": st_dtype(t.dtype)?, "shape": t.shape, "data_offsets": [offset, offset + bytes]}));
-        offset += bytes;
+        let end = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .and_then(|bytes| offset.checked_add(bytes))
+            .ok_or_else(|| {
+                HandlerError::Unsupported(format!(
+                    "tensor {} of shape {:?} is too large to write",
+                    t.name, t.shape
+                ))
+            })?;
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": st_dtype(t.dtype)?, "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
     }
     let mut metadata = json!({"format": "pt", "written_by": "spillway"});
     for t in tensors {

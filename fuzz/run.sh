@@ -23,7 +23,7 @@ set +e
 TIMEFORMAT="target $target: %U s user + %S s sys CPU in %R s"
 time cargo +nightly fuzz run "$target" "$scratch" "corpus/$target" -- \
     -max_total_time=$(python3 -c "print(int(float($minutes) * 60))") -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 \
-    -print_final_stats=1 > "$log" 2>&1
+    -print_final_stats=1 -fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1 > "$log" 2>&1
 status=$?
 grep -aE "^#[0-9]+ +DONE|ERROR|SUMMARY" "$log" | tail -n 6
 set -e

@@ -142,6 +142,7 @@ fn safe_relative(name: &str) -> Option<PathBuf> {
 fn fill_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = final_dir.parent().unwrap_or(final_dir);
     std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    spillway_handlers::weights::offload::remove_abandoned_partials(parent);
     let staging = parent.join(format!(
         ".{}.partial-{}",
         final_dir
@@ -165,12 +166,16 @@ fn fill_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
 fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<PathBuf> {
     let key = fingerprint(path)?;
     let in_cache = cache_dir.join("unpacked").join(&key);
+    spillway_handlers::weights::offload::remove_abandoned_partials(&cache_dir.join("unpacked"));
     if unpacked_intact(&in_cache) {
         return Ok(in_cache);
     }
     let note = cache_dir.join("unpacked").join(format!("{key}.location"));
     if let Ok(location) = std::fs::read_to_string(&note) {
         let target = PathBuf::from(location);
+        if let Some(parent) = target.parent() {
+            spillway_handlers::weights::offload::remove_abandoned_partials(parent);
+        }
         if unpacked_intact(&target) {
             return Ok(target);
         }
@@ -191,7 +196,7 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
                     std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
                 }
                 let mut file = File::create(&out).map_err(Error::io(&out))?;
-                std::io::copy(entry, &mut file).map_err(Error::io(&out))?;
+                std::io::copy(entry, &mut file).map_err(unpacking(path, &out))?;
                 Ok(true)
             })?;
             spillway_handlers::weights::offload::record_lengths(staging).map_err(Error::io(staging))
@@ -212,6 +217,22 @@ fn unpacked_intact(dir: &Path) -> bool {
     spillway_handlers::weights::offload::lengths_intact(dir)
 }
 
+/// An error while copying out of the archive at `archive` into `out`: the archive's
+/// fault (a 400 naming it) when its bytes cannot be decoded — a corrupt deflate stream,
+/// a truncated tar — else an I/O error on `out` (a full disk, say).
+fn unpacking(archive: &Path, out: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let (archive, out) = (archive.to_path_buf(), out.to_path_buf());
+    move |e| match e.kind() {
+        std::io::ErrorKind::InvalidData
+        | std::io::ErrorKind::InvalidInput
+        | std::io::ErrorKind::UnexpectedEof => Error::bad_archive(archive, e),
+        _ => Error::Io {
+            path: out,
+            source: e,
+        },
+    }
+}
+
 /// The `offload_folder` of the `setup_config.json` inside a `.tar.gz`, if it names one.
 /// Reads entries only until that file (`spillway archive` writes small files first, so
 /// this stops before the weights).
@@ -226,7 +247,7 @@ fn tgz_offload_folder(path: &Path, limits: &ArchiveLimits) -> Result<Option<Path
         entry
             .take(SETUP_LIMIT)
             .read_to_end(&mut bytes)
-            .map_err(Error::io(path))?;
+            .map_err(unpacking(path, path))?;
         let setup: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::bad_archive(path, format!("setup_config.json: {e}")))?;
         folder = setup
@@ -461,6 +482,7 @@ impl ModelFiles for ZipFiles {
             // truncated file that a restart would trust.
             let parent = target.parent().unwrap_or(&dir).to_path_buf();
             std::fs::create_dir_all(&parent).map_err(|e| self.handler_error(e))?;
+            spillway_handlers::weights::offload::remove_abandoned_partials(&parent);
             let partial = parent.join(format!(".{}.partial-{}", entry.index, std::process::id()));
             let written = File::create(&partial)
                 .map_err(|e| self.handler_error(e))

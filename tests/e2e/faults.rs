@@ -250,3 +250,87 @@ fn an_offload_folder_file_truncated_under_the_server_is_written_again() {
     let log = server.log();
     assert!(log.contains("writing it again"), "{log}");
 }
+
+#[test]
+fn a_server_killed_while_unpacking_and_converting_leaves_nothing_the_next_start_trusts() {
+    let fixture = Fixture::new();
+    let offload = fixture.dir.path().join("offload");
+    // Big enough that unpacking and converting take a while to be killed in.
+    let spec = TinyBert {
+        hidden_size: 256,
+        layers: 6,
+        seed: Some(5),
+        ..TinyBert::default()
+    };
+    let dir = fixture.tiny_bert("src", &spec);
+    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
+                                   "torch_dtype": "bfloat16", "offload_folder": offload});
+    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
+    let setup = dir.join("setup_config.json");
+    fixture.archive(
+        "packed",
+        "1.0",
+        "text_embedding",
+        Some(&dir),
+        &[
+            "--extra-files",
+            setup.to_str().unwrap(),
+            "--archive-format",
+            "tgz",
+        ],
+    );
+    // Killed at points spread over the start-up: before, during and after the unpack
+    // and the conversion into the offload folder.
+    for delay_ms in [0u64, 20, 40, 60, 90, 120, 160, 220, 300, 400] {
+        let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        std::process::Command::new("kill")
+            .args(["-9", &server.pid().to_string()])
+            .status()
+            .unwrap();
+        drop(server);
+    }
+    // A reference from a clean cache and folder.
+    let clean = Fixture::new();
+    std::fs::copy(
+        fixture.store().join("packed.tar.gz"),
+        clean.store().join("packed.tar.gz"),
+    )
+    .unwrap();
+    let reference = {
+        let server = TestServer::start(&clean.store(), &clean.cache(), &[]);
+        server.wait_healthy();
+        json(server.predict("packed", BODY), 200)
+    };
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    assert_eq!(json(server.predict("packed", BODY), 200), reference);
+    // What the killed starts left half done is gone or ignored: every folder in use is whole.
+    let partials_now = [offload.join("unpacked"), offload.clone()]
+        .iter()
+        .flat_map(|root| std::fs::read_dir(root).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .count();
+    assert_eq!(
+        partials_now, 0,
+        "what the killed starts left half written is removed"
+    );
+    let mut checked = 0;
+    for root in [offload.join("unpacked"), offload.clone()] {
+        for entry in std::fs::read_dir(&root).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.contains("partial") || name == "unpacked" || !entry.path().is_dir() {
+                continue;
+            }
+            checked += 1;
+            assert!(
+                spillway_handlers::weights::offload::lengths_intact(&entry.path()),
+                "{} is in use but not whole",
+                entry.path().display()
+            );
+        }
+    }
+    // The unpacked archive and the converted weights, of this store's archive and of
+    // the clean copy's (the setup names the same offload folder).
+    assert_eq!(checked, 4);
+}

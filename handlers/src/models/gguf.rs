@@ -159,6 +159,9 @@ fn check_tensors_within(content: &Content, file_len: u64) -> Result<(), HandlerE
         let end = bytes
             .and_then(|b| b.checked_add(info.offset))
             .and_then(|e| e.checked_add(content.tensor_data_offset));
+        if elements == Some(0) {
+            return Err(bad(format!("tensor {name} has no elements")));
+        }
         match end {
             Some(end) if end <= file_len => {}
             Some(_) => return Err(bad(format!("tensor {name} lies past the end of the file"))),

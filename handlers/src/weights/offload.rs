@@ -106,6 +106,7 @@ pub fn folder(
     done: &str,
     fill: impl FnOnce(&Path) -> Result<(), HandlerError>,
 ) -> Result<PathBuf, HandlerError> {
+    remove_abandoned_partials(root);
     let target = root.join(key);
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -132,6 +133,46 @@ pub fn folder(
         });
     let _ = std::fs::remove_dir_all(&staging);
     result.map(|()| target)
+}
+
+/// Removes what processes that are no longer running left half written in `dir`: the
+/// files and folders named `...partial-PID...` (where writers stage their work before
+/// renaming it into place) of a PID that is not alive. A process killed mid-write
+/// leaves these; nothing ever reads them, and this keeps them from piling up.
+pub fn remove_abandoned_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((_, after)) = name
+            .split_once(".partial-")
+            .or_else(|| name.split_once("partial-"))
+        else {
+            continue;
+        };
+        let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+        let Ok(pid) = digits.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed what a stopped process left half written")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove what a stopped process left half written")
+            }
+        }
+    }
 }
 
 /// The file in a written folder (offload, conversion, unpacked archive) that lists every
@@ -430,5 +471,36 @@ mod tests {
             );
         }
         assert_eq!(fills.get(), 4);
+    }
+
+    #[test]
+    fn only_what_dead_processes_left_half_written_is_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A PID above the kernel's largest is never alive.
+        let dead = 4_194_305;
+        let ours = std::process::id();
+        let names = [
+            format!(".partial-{dead}-key"),
+            format!(".model.partial-{dead}"),
+            format!(".partial-{ours}-key"),
+            "key".to_string(),
+            ".partial-notapid".to_string(),
+        ];
+        for name in &names[..3] {
+            std::fs::create_dir_all(dir.path().join(name)).expect("mkdir");
+        }
+        std::fs::write(dir.path().join(format!(".3.partial-{dead}")), b"half").expect("file");
+        std::fs::create_dir_all(dir.path().join(&names[3])).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join(&names[4])).expect("mkdir");
+        remove_abandoned_partials(dir.path());
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![names[2].clone(), names[3].clone(), names[4].clone()];
+        want.sort();
+        assert_eq!(left, want);
     }
 }

@@ -107,6 +107,15 @@ impl HandlerError {
             | HandlerError::BadWeights { .. }
             | HandlerError::Unsupported(_) => ErrorClass::Model,
             HandlerError::OutOfMemory { .. } => ErrorClass::Exhausted,
+            // A full disk (or quota) while writing converted or offloaded weights.
+            HandlerError::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                ErrorClass::Exhausted
+            }
             HandlerError::WeightsChanged { .. } => ErrorClass::Unavailable,
             HandlerError::Io { .. }
             | HandlerError::Candle { .. }

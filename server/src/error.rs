@@ -159,6 +159,15 @@ impl Error {
             Error::BodyTimeout { .. } => ErrorKind::RequestTimeout,
             Error::Handler(e) => handler_kind(e),
             Error::Load { source, .. } => handler_kind(source),
+            // A full disk while unpacking or converting: storage ran out (507).
+            Error::Io { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                ) =>
+            {
+                ErrorKind::InsufficientStorage
+            }
             Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,
         }
     }

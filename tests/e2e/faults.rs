@@ -334,3 +334,80 @@ fn a_server_killed_while_unpacking_and_converting_leaves_nothing_the_next_start_
     // the clean copy's (the setup names the same offload folder).
     assert_eq!(checked, 4);
 }
+
+/// A tmpfs of `bytes` mounted at `path` while it lives (None where mounting is not
+/// allowed: the caller reports itself skipped).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, bytes: usize) -> Option<SmallDisk> {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| SmallDisk(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .args(["-l"])
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_disk_that_fills_while_converting_is_a_507_and_leaves_nothing_in_use() {
+    let fixture = Fixture::new();
+    let offload = fixture.dir.path().join("small-disk");
+    let Some(disk) = SmallDisk::mount(&offload, 1 << 20) else {
+        eprintln!(
+            "SKIPPED faults::a_disk_that_fills_while_converting_is_a_507_and_leaves_nothing_in_use: \
+             mounting a small tmpfs is not allowed here"
+        );
+        return;
+    };
+    // Its converted disk units (bfloat16) need several MB; the disk holds one.
+    let spec = TinyBert {
+        hidden_size: 256,
+        layers: 6,
+        ..TinyBert::default()
+    };
+    let dir = fixture.tiny_bert("src", &spec);
+    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
+                                   "torch_dtype": "bfloat16", "offload_folder": offload});
+    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
+    let setup = dir.join("setup_config.json");
+    // Started on an empty store; the archive is registered below.
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    fixture.archive(
+        "big",
+        "1.0",
+        "text_embedding",
+        Some(&dir),
+        &["--extra-files", setup.to_str().unwrap()],
+    );
+    let message = crate::support::error(
+        server.manage(Method::POST, "/models?url=big.mar&synchronous=true"),
+        507,
+    );
+    assert!(message.contains("big"), "{message}");
+    // Nothing half written is left on the disk, and the server serves on.
+    let left: Vec<_> = std::fs::read_dir(&offload)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    fixture.tiny_archive("small", "1.0", &[]);
+    let registered = server.manage(Method::POST, "/models?url=small.mar&synchronous=true");
+    assert_eq!(registered.status().as_u16(), 200);
+    json(server.predict("small", BODY), 200);
+    drop(disk);
+}

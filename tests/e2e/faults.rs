@@ -39,6 +39,32 @@ fn streamed_archive(fixture: &Fixture, name: &str, seed: u64) -> std::path::Path
     fixture.store().join(file)
 }
 
+/// Registers `url` (with `&`-joined extra query parameters) synchronously; asserts 200.
+fn register(server: &TestServer, query: &str) {
+    let registered = server.manage(Method::POST, &format!("/models?{query}&synchronous=true"));
+    let status = registered.status().as_u16();
+    assert_eq!(status, 200, "{}", registered.text().unwrap());
+}
+
+/// A tiny BERT archived as `name` whose encoder blocks stream from disk in bfloat16,
+/// converted into `offload` (each load writes or reuses a folder there).
+fn offloaded_archive(
+    fixture: &Fixture,
+    name: &str,
+    spec: &TinyBert,
+    offload: &std::path::Path,
+    extra: &[&str],
+) {
+    let dir = fixture.tiny_bert(&format!("src-{name}"), spec);
+    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
+                                   "torch_dtype": "bfloat16", "offload_folder": offload});
+    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
+    let setup = dir.join("setup_config.json");
+    let mut args = vec!["--extra-files", setup.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    fixture.archive(name, "1.0", "text_embedding", Some(&dir), &args);
+}
+
 /// What one client saw: each response's status and body.
 type Seen = Vec<(u16, String)>;
 
@@ -156,16 +182,7 @@ fn an_archive_rewritten_in_place_under_load_is_loaded_again_and_the_server_stays
     );
     // The new file is the one served: the same answer as a copy of it registered apart.
     std::fs::copy(&next, fixture.store().join("witness.mar")).unwrap();
-    let registered = server.manage(
-        Method::POST,
-        "/models?url=witness.mar&model_name=witness&synchronous=true",
-    );
-    assert_eq!(
-        registered.status().as_u16(),
-        200,
-        "{}",
-        registered.text().unwrap()
-    );
+    register(&server, "url=witness.mar&model_name=witness");
     assert_eq!(json(server.predict("witness", BODY), 200), after);
 }
 
@@ -186,13 +203,7 @@ fn an_archive_replaced_by_rename_keeps_serving_the_old_weights_until_reloaded() 
     // Registered again, it reads the new file.
     let gone = server.manage(Method::DELETE, "/models/renamed");
     assert_eq!(gone.status().as_u16(), 200, "{}", gone.text().unwrap());
-    let registered = server.manage(Method::POST, "/models?url=renamed.mar&synchronous=true");
-    assert_eq!(
-        registered.status().as_u16(),
-        200,
-        "{}",
-        registered.text().unwrap()
-    );
+    register(&server, "url=renamed.mar");
     assert_ne!(json(server.predict("renamed", BODY), 200), before);
 }
 
@@ -200,18 +211,7 @@ fn an_archive_replaced_by_rename_keeps_serving_the_old_weights_until_reloaded() 
 fn an_offload_folder_file_truncated_under_the_server_is_written_again() {
     let fixture = Fixture::new();
     let offload = fixture.dir.path().join("offload");
-    let dir = fixture.tiny_bert("src", &TinyBert::default());
-    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
-                                   "torch_dtype": "bfloat16", "offload_folder": offload});
-    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
-    let setup = dir.join("setup_config.json");
-    fixture.archive(
-        "offloaded",
-        "1.0",
-        "text_embedding",
-        Some(&dir),
-        &["--extra-files", setup.to_str().unwrap()],
-    );
+    offloaded_archive(&fixture, "offloaded", &TinyBert::default(), &offload, &[]);
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
     let before = json(server.predict("offloaded", BODY), 200);
@@ -262,22 +262,12 @@ fn a_server_killed_while_unpacking_and_converting_leaves_nothing_the_next_start_
         seed: Some(5),
         ..TinyBert::default()
     };
-    let dir = fixture.tiny_bert("src", &spec);
-    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
-                                   "torch_dtype": "bfloat16", "offload_folder": offload});
-    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
-    let setup = dir.join("setup_config.json");
-    fixture.archive(
+    offloaded_archive(
+        &fixture,
         "packed",
-        "1.0",
-        "text_embedding",
-        Some(&dir),
-        &[
-            "--extra-files",
-            setup.to_str().unwrap(),
-            "--archive-format",
-            "tgz",
-        ],
+        &spec,
+        &offload,
+        &["--archive-format", "tgz"],
     );
     // Killed at points spread over the start-up: before, during and after the unpack
     // and the conversion into the offload folder.
@@ -378,21 +368,10 @@ fn a_disk_that_fills_while_converting_is_a_507_and_leaves_nothing_in_use() {
         layers: 6,
         ..TinyBert::default()
     };
-    let dir = fixture.tiny_bert("src", &spec);
-    let setup = serde_json::json!({"device_map": {"embeddings": "cpu", "encoder": "disk"},
-                                   "torch_dtype": "bfloat16", "offload_folder": offload});
-    std::fs::write(dir.join("setup_config.json"), setup.to_string()).unwrap();
-    let setup = dir.join("setup_config.json");
     // Started on an empty store; the archive is registered below.
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
-    fixture.archive(
-        "big",
-        "1.0",
-        "text_embedding",
-        Some(&dir),
-        &["--extra-files", setup.to_str().unwrap()],
-    );
+    offloaded_archive(&fixture, "big", &spec, &offload, &[]);
     let message = crate::support::error(
         server.manage(Method::POST, "/models?url=big.mar&synchronous=true"),
         507,
@@ -406,8 +385,7 @@ fn a_disk_that_fills_while_converting_is_a_507_and_leaves_nothing_in_use() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
     fixture.tiny_archive("small", "1.0", &[]);
-    let registered = server.manage(Method::POST, "/models?url=small.mar&synchronous=true");
-    assert_eq!(registered.status().as_u16(), 200);
+    register(&server, "url=small.mar");
     json(server.predict("small", BODY), 200);
     drop(disk);
 }

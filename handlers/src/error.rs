@@ -108,14 +108,7 @@ impl HandlerError {
             | HandlerError::Unsupported(_) => ErrorClass::Model,
             HandlerError::OutOfMemory { .. } => ErrorClass::Exhausted,
             // A full disk (or quota) while writing converted or offloaded weights.
-            HandlerError::Io { source, .. }
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                ) =>
-            {
-                ErrorClass::Exhausted
-            }
+            HandlerError::Io { source, .. } if storage_ran_out(source) => ErrorClass::Exhausted,
             HandlerError::WeightsChanged { .. } => ErrorClass::Unavailable,
             HandlerError::Io { .. }
             | HandlerError::Candle { .. }
@@ -130,6 +123,14 @@ impl HandlerError {
             reason: reason.to_string(),
         }
     }
+}
+
+/// Whether an I/O error says the disk (or the user's quota on it) is full.
+pub fn storage_ran_out(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// Adds context to candle results, keeping the candle error as the source.

@@ -160,12 +160,7 @@ impl Error {
             Error::Handler(e) => handler_kind(e),
             Error::Load { source, .. } => handler_kind(source),
             // A full disk while unpacking or converting: storage ran out (507).
-            Error::Io { source, .. }
-                if matches!(
-                    source.kind(),
-                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
-                ) =>
-            {
+            Error::Io { source, .. } if spillway_handlers::error::storage_ran_out(source) => {
                 ErrorKind::InsufficientStorage
             }
             Error::Io { .. } | Error::Internal(_) => ErrorKind::Internal,

@@ -116,8 +116,9 @@ pub async fn json_errors(State(limit): State<usize>, request: Request, next: Nex
 }
 
 /// Reads the request's body whole within `within` (a client trickling its body holds a
-/// task and a connection slot no longer) and at most `limit` bytes (413 past it,
-/// before more is read), then passes the request on with the body in memory (every
+/// task and a connection slot no longer) and at most `limit` bytes (413 as soon as more
+/// arrive: a body declared far larger is never read whole; refusing it before reading
+/// any would cut off clients still writing it, which then never see the 413), then passes the request on with the body in memory (every
 /// handler reads it whole anyway). A body too slow is answered 408 and its connection
 /// closed (it is half read).
 pub async fn read_body_within(
@@ -125,14 +126,6 @@ pub async fn read_body_within(
     request: Request,
     next: Next,
 ) -> Response {
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        // Refused before a byte of it is read.
-        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
-    }
     let (parts, body) = request.into_parts();
     let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await;
     let bytes = match read {

@@ -22,6 +22,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use spillway_handlers::weights::files::FolderFiles;
+use spillway_handlers::weights::offload::lengths_intact;
 use spillway_handlers::{HandlerError, ModelFiles, WeightSource};
 
 use crate::error::{Error, Result};
@@ -163,11 +164,13 @@ fn fill_atomically(final_dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
     result
 }
 
+/// Unpacks the `.tar.gz` at `path` once; an unpacked folder is reused while its files
+/// all keep the lengths they were unpacked with ([`lengths_intact`]), else unpacked again.
 fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<PathBuf> {
     let key = fingerprint(path)?;
     let in_cache = cache_dir.join("unpacked").join(&key);
     spillway_handlers::weights::offload::remove_abandoned_partials(&cache_dir.join("unpacked"));
-    if unpacked_intact(&in_cache) {
+    if lengths_intact(&in_cache) {
         return Ok(in_cache);
     }
     let note = cache_dir.join("unpacked").join(format!("{key}.location"));
@@ -176,7 +179,7 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
         if let Some(parent) = target.parent() {
             spillway_handlers::weights::offload::remove_abandoned_partials(parent);
         }
-        if unpacked_intact(&target) {
+        if lengths_intact(&target) {
             return Ok(target);
         }
     }
@@ -184,7 +187,7 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
         Some(folder) => folder.join("unpacked").join(&key),
         None => in_cache.clone(),
     };
-    if !unpacked_intact(&target) {
+    if !lengths_intact(&target) {
         if target.is_dir() {
             tracing::warn!(folder = %target.display(), "an unpacked archive was changed since it was unpacked: unpacking it again");
             std::fs::remove_dir_all(&target).map_err(Error::io(&target))?;
@@ -208,13 +211,6 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
         std::fs::write(&note, written).map_err(Error::io(&note))?;
     }
     Ok(target)
-}
-
-/// Whether `dir` is a complete unpacked archive whose files all still have the lengths
-/// they were unpacked with (a file truncated or rewritten since fails this, and the
-/// archive is unpacked again).
-fn unpacked_intact(dir: &Path) -> bool {
-    spillway_handlers::weights::offload::lengths_intact(dir)
 }
 
 /// An error while copying out of the archive at `archive` into `out`: the archive's

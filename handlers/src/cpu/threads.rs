@@ -41,25 +41,96 @@ pub unsafe fn run_elementwise_ops_on_the_calling_thread() {
 /// of a model call it so that `n` workers on `n × threads` cores compute side by side
 /// instead of each starting a team the size of the machine.
 ///
-/// `f` runs on a thread of a fresh rayon pool of `threads` threads named `name`; the
-/// calling thread waits for it. Without MKL, candle's own matmul threads (its `gemm`
-/// backend reads `RAYON_NUM_THREADS` once for the process) are not limited.
+/// `f` runs on a thread of a rayon pool of `threads` threads, named `name.0`, `name.1`,
+/// ... while it runs (the name the OS shows, as in `top -H`); the calling thread waits
+/// for it. Without MKL, candle's own matmul threads (its `gemm` backend reads
+/// `RAYON_NUM_THREADS` once for the process) are not limited.
+///
+/// Pools outlive the workers that use them: when `f` returns, its pool is kept for the
+/// next worker that asks for as many threads (at most as many pools as workers ever ran
+/// at once). A new pool per worker leaked with MKL: every thread that starts an OpenMP
+/// region is an OpenMP root with its own team, and libiomp5 kept each exited root's team
+/// thread and memory, so scaling a model between one and two workers every few seconds
+/// left one more `openmp_worker` thread and ~2 MiB more RSS per new worker, without end
+/// (`bench/soak.py --clients minilm:4`).
 pub fn with_threads<R: Send>(
     threads: usize,
     name: &str,
     f: impl FnOnce() -> R + Send,
 ) -> std::io::Result<R> {
     let threads = threads.max(1);
-    let prefix = name.to_string();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(move |i| format!("{prefix}.{i}"))
-        .build()
-        .map_err(std::io::Error::other)?;
-    Ok(pool.install(|| {
-        team_size::limit_calling_thread(threads);
-        f()
-    }))
+    let pool = idle_pools::take(threads)?;
+    pool.broadcast(|context| os_thread_name::set(&format!("{name}.{}", context.index())));
+    // A panic in `f` still hands the pool back (its threads are unharmed).
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.install(|| {
+            team_size::limit_calling_thread(threads);
+            f()
+        })
+    }));
+    pool.broadcast(|context| os_thread_name::set(&format!("idle-compute.{}", context.index())));
+    idle_pools::give_back(pool);
+    Ok(result.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+}
+
+mod idle_pools {
+    //! Compute pools no worker uses at present, for the next one.
+    use std::sync::Mutex;
+
+    static IDLE: Mutex<Vec<rayon::ThreadPool>> = Mutex::new(Vec::new());
+
+    /// An idle pool of `threads` threads, or a new one.
+    pub(super) fn take(threads: usize) -> std::io::Result<rayon::ThreadPool> {
+        let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = idle.iter().position(|p| p.current_num_threads() == threads) {
+            return Ok(idle.swap_remove(at));
+        }
+        drop(idle);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("idle-compute.{i}"))
+            .build()
+            .map_err(std::io::Error::other)
+    }
+
+    pub(super) fn give_back(pool: rayon::ThreadPool) {
+        IDLE.lock().unwrap_or_else(|e| e.into_inner()).push(pool);
+    }
+
+    #[cfg(test)]
+    pub(super) fn count(threads: usize) -> usize {
+        let idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter()
+            .filter(|p| p.current_num_threads() == threads)
+            .count()
+    }
+}
+
+#[allow(unsafe_code)] // FFI: the kernel's name for the calling thread.
+mod os_thread_name {
+    /// Sets the calling thread's name as the OS shows it (15 bytes at most on Linux;
+    /// longer names are cut).
+    pub(super) fn set(name: &str) {
+        #[cfg(target_os = "linux")]
+        {
+            let mut bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+            bytes.push(0);
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes,
+            // which `bytes` is, and keeps no pointer to it.
+            unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) };
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = name;
+    }
+
+    /// The calling thread's name as the OS shows it.
+    #[cfg(all(test, target_os = "linux"))]
+    pub(super) fn get() -> String {
+        std::fs::read_to_string("/proc/thread-self/comm")
+            .unwrap_or_default()
+            .trim_end()
+            .to_string()
+    }
 }
 
 /// The most threads a parallel region started on the calling thread uses (rayon's in a
@@ -115,17 +186,44 @@ mod tests {
     fn work_inside_is_limited_and_the_caller_is_not() {
         let outside = calling_thread_limit();
         let (inside, name) = with_threads(1, "worker-test", || {
-            (
-                calling_thread_limit(),
-                std::thread::current().name().map(str::to_string),
-            )
+            (calling_thread_limit(), os_thread_name::get())
         })
         .expect("pool");
         assert_eq!(inside, 1);
-        assert_eq!(name.as_deref(), Some("worker-test.0"));
+        assert_eq!(name, "worker-test.0");
         assert_eq!(calling_thread_limit(), outside, "the caller keeps its team");
         let two = with_threads(2, "worker-test", calling_thread_limit).expect("pool");
         assert_eq!(two, 2);
+    }
+
+    #[test]
+    fn a_later_worker_runs_on_the_threads_of_one_that_ended() {
+        /// The pool's threads, seen from inside it.
+        fn pool_threads() -> Vec<std::thread::ThreadId> {
+            let mut ids = rayon::broadcast(|_| std::thread::current().id());
+            ids.sort_by_key(|id| format!("{id:?}"));
+            ids
+        }
+        // Five threads: no other test asks for as many, so the idle pool is this test's.
+        let first = with_threads(5, "worker-a", pool_threads).expect("pool");
+        assert_eq!(first.len(), 5);
+        assert_eq!(idle_pools::count(5), 1, "kept when the worker ended");
+        let (second, name) =
+            with_threads(5, "worker-b", || (pool_threads(), os_thread_name::get())).expect("pool");
+        assert_eq!(second, first, "the same threads, not new OpenMP roots");
+        assert!(
+            name.starts_with("worker-b."),
+            "named for the worker using it now: {name}"
+        );
+        let inner = with_threads(5, "worker-c", || {
+            with_threads(5, "worker-d", pool_threads).expect("pool")
+        })
+        .expect("pool");
+        assert!(
+            inner.iter().all(|id| !first.contains(id)),
+            "workers running at once have a pool each"
+        );
+        assert_eq!(idle_pools::count(5), 2);
     }
 
     #[test]

@@ -359,12 +359,20 @@ fn fill_strategy(
     let sum: u64 = gpus.iter().map(|(_, b)| *b).sum();
     if gpus.len() > 1 && total <= sum {
         // Each capped GPU may overshoot its share by one block, so that granularity never
-        // pushes the tail of a model that fits off the GPUs.
+        // pushes the tail of a model that fits off the GPUs; and a share is never less
+        // than the largest unit and a pass of activations (a share smaller than the
+        // embeddings sent them to disk while another GPU had room).
         let largest = request
             .units
             .iter()
             .filter(|u| u.is_block())
             .map(|u| u.bytes + reserve.kv_per_block)
+            .max()
+            .unwrap_or(0);
+        let largest_unit = request
+            .units
+            .iter()
+            .map(|u| unit_cost(u, Device::CPU, reserve))
             .max()
             .unwrap_or(0);
         let pre: u64 = request
@@ -373,8 +381,10 @@ fn fill_strategy(
             .filter(|u| u.kind == UnitKind::Pre)
             .map(|u| u.bytes)
             .sum();
+        // What GPU 0 holds with low_zero: the units before the blocks, as far as its
+        // budget allows; the rest is shared by the others.
         let first_share = if low_zero {
-            pre + reserve.activations
+            (pre + reserve.activations).min(gpus[0].1)
         } else {
             0
         };
@@ -397,7 +407,7 @@ fn fill_strategy(
                 budget
             } else {
                 let share = (shared_total as u128 * budget as u128 / shared_budget as u128) as u64;
-                budget.min(share + largest)
+                budget.min((share + largest).max(largest_unit + reserve.activations))
             };
         }
     }

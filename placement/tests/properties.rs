@@ -182,3 +182,58 @@ proptest! {
         }
     }
 }
+
+/// The two cases the property found (balanced_low_0 on three GPUs, one large embedding,
+/// no CPU): GPU 1's share was smaller than the embedding (with GPU 0's budget at 0, and
+/// then with a pass of activations), so it went to disk and could not be streamed.
+#[test]
+fn a_gpu_share_never_falls_below_the_largest_unit() {
+    let embed = |bytes| {
+        vec![PlacementUnit {
+            name: "model.embed_tokens".into(),
+            bytes,
+            kind: UnitKind::Pre,
+            tied: vec![],
+        }]
+    };
+    let budgets = |gpus: [u64; 3]| Budgets {
+        devices: gpus
+            .iter()
+            .enumerate()
+            .map(|(i, b)| DeviceBudget {
+                device: Device::cuda(i),
+                bytes: Some(*b),
+            })
+            .chain([
+                DeviceBudget {
+                    device: Device::CPU,
+                    bytes: Some(0),
+                },
+                DeviceBudget {
+                    device: Device::DISK,
+                    bytes: None,
+                },
+            ])
+            .collect(),
+        notes: vec![],
+    };
+    for (gpus, activations) in [
+        ([0, 910_163_968, 242_221_056], 0),
+        ([273_678_336, 910_163_968, 435_159_040], 120_586_240),
+    ] {
+        let units = embed(315_621_376);
+        let budgets = budgets(gpus);
+        let request = PlanRequest {
+            units: &units,
+            budgets: &budgets,
+            strategy: &DeviceMapStrategy::BalancedLow0,
+            reserve: Reserve {
+                activations,
+                kv_per_block: 0,
+            },
+            disk: DiskAccess::Mapped,
+        };
+        let placed = plan(&request).expect("GPU 1 holds it");
+        assert_eq!(placed.units[0].device, Device::cuda(1), "{gpus:?}");
+    }
+}

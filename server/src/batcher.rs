@@ -25,6 +25,8 @@ pub struct Job {
     pub size: Option<InputSize>,
     pub reply: oneshot::Sender<Result<Output>>,
     pub enqueued_at: Instant,
+    /// The request's id, for the worker's log lines about it.
+    pub request_id: Option<crate::request_id::RequestId>,
 }
 
 /// When a batch closes.
@@ -155,6 +157,7 @@ mod tests {
             size: None,
             reply: tx,
             enqueued_at: Instant::now(),
+            request_id: None,
         };
         (job, rx)
     }

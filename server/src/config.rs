@@ -134,6 +134,36 @@ pub struct Overrides {
     /// `POST /v1/models/{model}:predict` [default: json].
     #[arg(long, env = "SPILLWAY_SERVICE_ENVELOPE")]
     pub service_envelope: Option<String>,
+    /// Log lines as `text` (for people) or `json` (one object a line, for collectors)
+    /// [default: text].
+    #[arg(long, env = "SPILLWAY_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// How log lines are written (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// tracing's human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `target`, the event's fields
+    /// (`message`, ...) and `span`/`spans` (a request's `id` among them).
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(Error::bad_config(
+                "log_format",
+                format!("`{other}` is not text or json"),
+            )),
+        }
+    }
 }
 
 /// What evicting a model does. A strategy a model cannot follow falls back to the next:
@@ -267,6 +297,8 @@ pub struct ServerConfig {
     /// Whether KServe v1's `POST /v1/models/{model}:predict` is served
     /// (`service_envelope=kserve`, as TorchServe).
     pub kserve_v1: bool,
+    /// How log lines are written.
+    pub log_format: LogFormat,
 }
 
 /// TorchServe's default body limit (6,553,500 bytes).
@@ -332,6 +364,11 @@ impl ServerConfig {
         };
         let config = ServerConfig {
             kserve_v1,
+            log_format: o
+                .log_format
+                .clone()
+                .or_else(|| prop("log_format"))
+                .map_or(Ok(LogFormat::default()), |v| v.parse())?,
             inference_address: address(o.inference_address, "inference_address", "127.0.0.1:8080")?,
             management_address: address(
                 o.management_address,

@@ -23,7 +23,8 @@
 //!
 //! Also: [`config`] and [`properties`] (server settings), [`archiver`] (`spillway
 //! archive`), [`metrics`] (every metric name), [`error`] (the crate's error type),
-//! [`app`] (shared state), [`shutdown`], [`timestamp`].
+//! [`app`] (shared state), [`shutdown`], [`timestamp`], [`logging`] (log lines, text or
+//! JSON) and [`request_id`] (each request's id, in its logs and its answer).
 
 pub mod app;
 pub mod archive;
@@ -35,6 +36,7 @@ pub mod error;
 pub mod fuzz_targets;
 pub mod http;
 pub mod loader;
+pub mod logging;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
@@ -42,6 +44,7 @@ pub mod model_config;
 pub mod placement;
 pub mod properties;
 pub mod registry;
+pub mod request_id;
 pub mod setup_config;
 pub mod shutdown;
 pub mod store;

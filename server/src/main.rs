@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use spillway::archiver::{self, ArchiveSpec, OutputFormat};
-use spillway::config::{Overrides, ServerConfig};
+use spillway::config::{LogFormat, Overrides, ServerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -92,17 +92,16 @@ fn main() -> std::process::ExitCode {
     unsafe {
         spillway_handlers::cpu::threads::run_elementwise_ops_on_the_calling_thread()
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(*args),
-        Command::Archive(args) => archive(args),
-        Command::Plan(args) => plan(args),
+        Command::Archive(args) => {
+            spillway::logging::init(LogFormat::Text);
+            archive(args)
+        }
+        Command::Plan(args) => {
+            spillway::logging::init(LogFormat::Text);
+            plan(args)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -115,6 +114,7 @@ fn main() -> std::process::ExitCode {
 
 fn serve(overrides: Overrides) -> anyhow::Result<()> {
     let config = ServerConfig::resolve(overrides)?;
+    spillway::logging::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.io_threads)
         .enable_all()

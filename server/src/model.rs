@@ -653,6 +653,7 @@ impl ModelHandle {
             size,
             reply,
             enqueued_at: Instant::now(),
+            request_id: crate::request_id::RequestId::current(),
         };
         let state = self.state();
         let serving = match &*state {

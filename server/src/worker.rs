@@ -21,6 +21,7 @@ use spillway_handlers::{Handler, HandlerError};
 use crate::batcher::{IdleWorkers, Job};
 use crate::error::Error;
 use crate::metrics::ModelLabels;
+use crate::request_id::RequestId;
 
 /// How often an idle worker checks whether it was asked to stop.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -262,6 +263,12 @@ impl WorkerContext {
             return;
         }
         self.stats.busy.store(true, Ordering::Relaxed);
+        // Every line logged while the batch runs names its requests.
+        let _batch = tracing::error_span!(
+            "batch",
+            requests = %crate::request_id::joined(batch.iter().map(|job| job.request_id.as_ref()))
+        )
+        .entered();
         let started = Instant::now();
         let mut inputs = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());
@@ -321,7 +328,8 @@ impl WorkerContext {
         let Some(mut batch) = handler.step_batch() else {
             return false;
         };
-        let mut waiting: HashMap<u64, Reply> = HashMap::new();
+        // Each running request's reply and id.
+        let mut waiting: HashMap<u64, (Reply, Option<RequestId>)> = HashMap::new();
         let mut next_ticket = 0u64;
         loop {
             let stopping = self.stop.load(Ordering::SeqCst);
@@ -358,7 +366,7 @@ impl WorkerContext {
                     std::panic::catch_unwind(AssertUnwindSafe(|| batch.join(ticket, &job.input)));
                 match joined {
                     Ok(None) => {
-                        waiting.insert(ticket, job.reply);
+                        waiting.insert(ticket, (job.reply, job.request_id));
                     }
                     Ok(Some(answer)) => {
                         self.labels.handled(started.elapsed());
@@ -374,7 +382,7 @@ impl WorkerContext {
                     }
                 }
             }
-            waiting.retain(|ticket, reply| {
+            waiting.retain(|ticket, (reply, _)| {
                 let gone = reply.is_closed();
                 if gone {
                     batch.leave(*ticket);
@@ -397,11 +405,11 @@ impl WorkerContext {
                     _ => Vec::new(),
                 };
                 for ticket in finished {
-                    if let Some(reply) = waiting.remove(&ticket) {
+                    if let Some((reply, _)) = waiting.remove(&ticket) {
                         self.answer(reply, Err(Error::Handler(error.clone())));
                     }
                 }
-                for (_, reply) in waiting.drain() {
+                for (_, (reply, _)) in waiting.drain() {
                     self.answer(reply, Err(Error::Handler(error.clone())));
                 }
                 drop(stepped);
@@ -415,21 +423,27 @@ impl WorkerContext {
             match stepped {
                 Ok(Ok(finished)) => {
                     for (ticket, answer) in finished {
-                        if let Some(reply) = waiting.remove(&ticket) {
+                        if let Some((reply, _)) = waiting.remove(&ticket) {
                             self.answer(reply, answer.map_err(Error::from));
                         }
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %crate::error::chain(&e), "a step of {} running requests failed", waiting.len());
+                    tracing::error!(
+                        error = %crate::error::chain(&e),
+                        requests = %running(&waiting),
+                        "a step of {} running requests failed",
+                        waiting.len()
+                    );
                     let error = Arc::new(e);
-                    for (_, reply) in waiting.drain() {
+                    for (_, (reply, _)) in waiting.drain() {
                         self.answer(reply, Err(Error::Handler(error.clone())));
                     }
                 }
                 Err(panic) => {
-                    let error = self.panicked(panic, waiting.len());
-                    for (_, reply) in waiting.drain() {
+                    let error = tracing::error_span!("batch", requests = %running(&waiting))
+                        .in_scope(|| self.panicked(panic, waiting.len()));
+                    for (_, (reply, _)) in waiting.drain() {
                         self.answer(reply, Err(Error::Handler(error.clone())));
                     }
                     // The batch may be half-updated: start afresh.
@@ -474,6 +488,11 @@ impl WorkerContext {
 }
 
 type Reply = tokio::sync::oneshot::Sender<crate::error::Result<spillway_handlers::Output>>;
+
+/// The ids of a continuous batch's running requests, for a log line.
+fn running(waiting: &HashMap<u64, (Reply, Option<RequestId>)>) -> String {
+    crate::request_id::joined(waiting.values().map(|(_, id)| id.as_ref()))
+}
 
 fn shared_error(
     error: Arc<HandlerError>,
@@ -556,6 +575,7 @@ mod tests {
             size: None,
             reply,
             enqueued_at: std::time::Instant::now(),
+            request_id: None,
         };
         (job, answer)
     }

@@ -10,6 +10,7 @@ mod faults;
 mod generation;
 mod hostile;
 mod inference;
+mod logs;
 mod management;
 mod metrics;
 mod minilm;

@@ -65,13 +65,18 @@ impl TestServer {
             let log = log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Some(at) = line.find(" API listening on http://") {
-                        let api = line[..at]
+                    // A JSON log line (`--log-format json`) says it in its message.
+                    let text = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v["message"].as_str().map(str::to_string))
+                        .unwrap_or_else(|| line.clone());
+                    if let Some(at) = text.find(" API listening on http://") {
+                        let api = text[..at]
                             .rsplit(' ')
                             .next()
                             .unwrap_or_default()
                             .to_string();
-                        let addr = line[at + " API listening on ".len()..].trim().to_string();
+                        let addr = text[at + " API listening on ".len()..].trim().to_string();
                         let _ = tx.send((api, addr));
                     }
                     log.lock().unwrap().push(line);

@@ -12,7 +12,8 @@
 //! - [`devices`]: `GET /devices`, the device manager's pools (management API).
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //!
-//! Bearer tokens, when configured, guard a whole API ([`require_token`]).
+//! Bearer tokens, when configured, guard a whole API ([`require_token`]). Every request to
+//! the inference and management APIs has an id ([`tag_request`]).
 
 pub mod connections;
 pub mod devices;
@@ -35,6 +36,7 @@ use spillway_handlers::RawBody;
 
 use crate::app::AppState;
 use crate::error::Error;
+use crate::request_id::{self, RequestId};
 
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
@@ -59,6 +61,7 @@ pub fn inference_router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(limit, error::json_errors))
         .layer(middleware::from_fn(error::bounded_headers))
         .layer(middleware::from_fn(count_response))
+        .layer(middleware::from_fn(tag_request))
 }
 
 pub fn management_router(state: AppState) -> Router {
@@ -78,6 +81,7 @@ pub fn management_router(state: AppState) -> Router {
     .layer(middleware::from_fn_with_state(limit, error::json_errors))
     .layer(middleware::from_fn(error::bounded_headers))
     .layer(middleware::from_fn(count_response))
+    .layer(middleware::from_fn(tag_request))
 }
 
 pub fn metrics_router(state: AppState) -> Router {
@@ -105,13 +109,53 @@ pub fn trim_trailing_slash(mut request: Request) -> Request {
     request
 }
 
-/// Counts every response in TorchServe's host-level status metrics. Health probes are
-/// left out: a probe every second would drown the requests.
-async fn count_response(request: Request, next: Next) -> Response {
-    let probe = matches!(
-        request.uri().path(),
-        "/ping" | "/v2/health/live" | "/v2/health/ready"
+/// Health probes: left out of the status counts and the access log (a probe every
+/// second would drown the requests).
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/ping" | "/v2/health/live" | "/v2/health/ready")
+}
+
+/// Gives the request its id (the client's `X-Request-Id` when it is a sane one, else a
+/// new one), runs it inside a `request{id=...}` span and as that request
+/// ([`RequestId::scope`], which the model's queue reads), echoes the id in the answer's
+/// `X-Request-Id`, and writes the request's access line.
+async fn tag_request(request: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = RequestId::from_client(
+        request
+            .headers()
+            .get(request_id::HEADER)
+            .map(|v| v.as_bytes()),
     );
+    let span = tracing::info_span!("request", id = %id);
+    let (method, path) = (request.method().clone(), request.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let mut response = id
+        .clone()
+        .scope(next.run(request))
+        .instrument(span.clone())
+        .await;
+    if !is_probe(&path) {
+        span.in_scope(|| {
+            tracing::info!(
+                target: crate::logging::ACCESS,
+                %method,
+                %path,
+                status = response.status().as_u16(),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "answered"
+            );
+        });
+    }
+    if let Ok(value) = header::HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
+    response
+}
+
+/// Counts every response in TorchServe's host-level status metrics, probes left out.
+async fn count_response(request: Request, next: Next) -> Response {
+    let probe = is_probe(request.uri().path());
     let response = next.run(request).await;
     if !probe {
         crate::metrics::response(response.status().as_u16());

@@ -43,6 +43,7 @@ pub mod model;
 pub mod model_config;
 pub mod placement;
 pub mod properties;
+pub mod recent;
 pub mod registry;
 pub mod request_id;
 pub mod setup_config;

@@ -152,6 +152,8 @@ pub struct ModelHandle {
     /// model that failed is tried again only once its archive changed since.
     attempted: Mutex<Option<String>>,
     labels: ModelLabels,
+    /// The last minute of its answers (describe's `recent`, the status page).
+    recent: crate::recent::RecentAnswers,
     state: RwLock<State>,
     /// Bumped at every change of state, for requests waiting for an evicted model.
     changes: tokio::sync::watch::Sender<u64>,
@@ -212,6 +214,9 @@ pub struct ModelDescription {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub placement: Option<spillway_placement::Plan>,
     pub workers: Vec<WorkerInfo>,
+    /// Its answers over the last minute: rate and latency percentiles.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recent: Option<crate::recent::RecentSummary>,
 }
 
 impl ModelHandle {
@@ -221,6 +226,7 @@ impl ModelHandle {
             .and_then(|s| crate::loader::archive_key(s.path()));
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
+            recent: crate::recent::RecentAnswers::default(),
             spec,
             source: Mutex::new(source),
             attempted: Mutex::new(attempted),
@@ -351,6 +357,10 @@ impl ModelHandle {
 
     pub fn labels(&self) -> &ModelLabels {
         &self.labels
+    }
+
+    pub fn recent(&self) -> &crate::recent::RecentAnswers {
+        &self.recent
     }
 
     fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -732,6 +742,7 @@ impl ModelHandle {
             },
             placement: None,
             workers: Vec::new(),
+            recent: self.recent.summary(Instant::now()),
         };
         if let State::Ready(serving) = &*state {
             let pool = serving.pool.lock().unwrap_or_else(|e| e.into_inner());

@@ -21,4 +21,5 @@ mod readme;
 mod security;
 mod shutdown;
 mod smollm2;
+mod status_page;
 mod support;

@@ -85,9 +85,11 @@ impl Dispatch {
 
     /// Counts the request in the model's metrics with the status it was answered.
     pub fn record(&self, status: u16) {
+        let took = self.started.elapsed();
+        self.model.labels().prediction(status, took);
         self.model
-            .labels()
-            .prediction(status, self.started.elapsed());
+            .recent()
+            .record(std::time::Instant::now(), took, status);
     }
 }
 

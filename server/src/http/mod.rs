@@ -10,6 +10,7 @@
 //! - [`metrics`]: Prometheus text.
 //! - [`connections`]: accepting connections within limits (count, header time).
 //! - [`devices`]: `GET /devices`, the device manager's pools (management API).
+//! - [`status_page`]: `GET /`, the status page (management API).
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //!
 //! Bearer tokens, when configured, guard a whole API ([`require_token`]). Every request to
@@ -23,6 +24,7 @@ pub mod kserve;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod status_page;
 pub mod torchserve;
 
 use std::sync::Arc;
@@ -46,7 +48,10 @@ pub fn inference_router(state: AppState) -> Router {
         .route_layer(middleware::from_fn(error::json_bodies_only));
     let mut routes = torchserve::inference::predictions(state.clone())
         .merge(json_protocols)
-        .merge(openapi::router(openapi::Api::Inference));
+        .merge(openapi::router(
+            openapi::Api::Inference,
+            axum::routing::MethodRouter::new(),
+        ));
     if state.config().kserve_v1 {
         routes = routes.merge(kserve::v1_router(state.clone()));
     }
@@ -70,8 +75,11 @@ pub fn management_router(state: AppState) -> Router {
     let read_timeout = state.config().request_read_timeout;
     guarded(
         torchserve::management::router(state.clone())
-            .merge(devices::router(state))
-            .merge(openapi::router(openapi::Api::Management)),
+            .merge(devices::router(state.clone()))
+            .merge(openapi::router(
+                openapi::Api::Management,
+                status_page::get(state),
+            )),
         token,
     )
     .layer(middleware::from_fn_with_state(

@@ -4,7 +4,7 @@
 
 use axum::Router;
 use axum::response::IntoResponse;
-use axum::routing::{get, options};
+use axum::routing::get;
 use serde_json::{Map, Value, json};
 
 /// Which API a listener serves.
@@ -124,6 +124,12 @@ const INFERENCE: &[Endpoint] = &[
 const MANAGEMENT: &[Endpoint] = &[
     endpoint(
         "get",
+        "/",
+        "The status page (HTML): models, placements, devices.",
+        &[],
+    ),
+    endpoint(
+        "get",
         "/models",
         "The registered models, paged.",
         &["limit", "next_page_token"],
@@ -236,11 +242,12 @@ pub fn description(api: Api) -> Value {
     })
 }
 
-/// `OPTIONS /` and `GET /api-description` for `api`.
-pub fn router(api: Api) -> Router {
+/// `OPTIONS /` and `GET /api-description` for `api`; `root` serves the other methods of
+/// `/` (the management API's status page).
+pub fn router(api: Api, root: axum::routing::MethodRouter) -> Router {
     let answer = move || async move { axum::Json(description(api)).into_response() };
     Router::new()
-        .route("/", options(answer))
+        .route("/", root.options(answer))
         .route("/api-description", get(answer))
 }
 

@@ -56,6 +56,7 @@ struct Inner {
     metrics: PrometheusHandle,
     startup: StartupProgress,
     devices: DeviceManager,
+    store_watch: crate::store_watch::WatchReport,
 }
 
 /// Shared server state.
@@ -75,6 +76,7 @@ impl AppState {
                 metrics,
                 startup: StartupProgress::default(),
                 devices,
+                store_watch: Default::default(),
             }),
         }
     }
@@ -100,6 +102,11 @@ impl AppState {
     }
 
     /// The device manager: who holds which device bytes.
+    /// What the model store's watcher reports (`watch_model_store`).
+    pub fn store_watch(&self) -> &crate::store_watch::WatchReport {
+        &self.inner.store_watch
+    }
+
     pub fn devices(&self) -> &DeviceManager {
         &self.inner.devices
     }

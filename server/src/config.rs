@@ -138,6 +138,13 @@ pub struct Overrides {
     /// [default: text].
     #[arg(long, env = "SPILLWAY_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Watch the model store: register archives that appear, replace those that change,
+    /// unregister those that go (true/false) [default: false].
+    #[arg(long, env = "SPILLWAY_WATCH_MODEL_STORE")]
+    pub watch_model_store: Option<bool>,
+    /// Seconds an archive must stay unchanged before the watcher takes it [default: 2].
+    #[arg(long, env = "SPILLWAY_MODEL_STORE_SETTLE_SECONDS")]
+    pub model_store_settle_seconds: Option<usize>,
 }
 
 /// How log lines are written (`log_format`).
@@ -299,6 +306,22 @@ pub struct ServerConfig {
     pub kserve_v1: bool,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Whether the model store is watched (`watch_model_store`).
+    pub watch_model_store: bool,
+    /// How long an archive must stay unchanged before the watcher takes it.
+    pub model_store_settle: Duration,
+}
+
+/// A properties file's `true` / `false`.
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(Error::bad_config(
+            key,
+            format!("`{value}` is not true or false"),
+        )),
+    }
 }
 
 /// TorchServe's default body limit (6,553,500 bytes).
@@ -369,6 +392,18 @@ impl ServerConfig {
                 .clone()
                 .or_else(|| prop("log_format"))
                 .map_or(Ok(LogFormat::default()), |v| v.parse())?,
+            watch_model_store: match o.watch_model_store {
+                Some(given) => given,
+                None => prop("watch_model_store")
+                    .map(|v| parse_bool("watch_model_store", &v))
+                    .transpose()?
+                    .unwrap_or(false),
+            },
+            model_store_settle: Duration::from_secs(number(
+                o.model_store_settle_seconds,
+                "model_store_settle_seconds",
+                2,
+            )? as u64),
             inference_address: address(o.inference_address, "inference_address", "127.0.0.1:8080")?,
             management_address: address(
                 o.management_address,
@@ -436,14 +471,7 @@ impl ServerConfig {
                 match o.allow_multiple_per_device {
                     Some(given) => Some(given),
                     None => prop("allow_multiple_per_device")
-                        .map(|v| match v.trim().to_ascii_lowercase().as_str() {
-                            "true" => Ok(true),
-                            "false" => Ok(false),
-                            _ => Err(Error::bad_config(
-                                "allow_multiple_per_device",
-                                format!("`{v}` is not true or false"),
-                            )),
-                        })
+                        .map(|v| parse_bool("allow_multiple_per_device", &v))
                         .transpose()?,
                 },
             )?,

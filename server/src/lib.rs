@@ -49,6 +49,7 @@ pub mod request_id;
 pub mod setup_config;
 pub mod shutdown;
 pub mod store;
+pub mod store_watch;
 pub mod timestamp;
 pub mod worker;
 
@@ -134,6 +135,9 @@ pub async fn run(
     }
     crate::devices::log_gpus();
     load_startup_models(&state)?;
+    if state.config().watch_model_store {
+        store_watch::spawn(state.clone())?;
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

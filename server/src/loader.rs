@@ -530,6 +530,20 @@ pub async fn register(
     Ok(handle)
 }
 
+/// Opens and loads a model without registering it (the store watcher's replacement,
+/// registered once it serves).
+pub async fn load_apart(state: &AppState, request: LoadRequest) -> Result<Arc<ModelHandle>> {
+    let opened = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || open(&state, &request))
+            .await
+            .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
+    };
+    let handle = ModelHandle::new(opened.spec, Some(opened.source.clone()));
+    load(state.clone(), handle.clone(), opened.source, opened.planned).await?;
+    Ok(handle)
+}
+
 /// Builds the registered `handle` on a blocking thread and starts its workers; on
 /// failure leaves it FAILED with the whole cause. `planned` is `None` where the model is
 /// planned as it loads (a GGUF model, or an evicted one coming back).

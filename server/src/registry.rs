@@ -44,6 +44,18 @@ impl ModelRegistry {
         Ok(())
     }
 
+    /// Puts `handle` in place of the registered model of the same name and version, and
+    /// returns that one; or adds it (then `None`; a new name's only version is its default).
+    pub fn replace(&self, handle: Arc<ModelHandle>) -> Option<Arc<ModelHandle>> {
+        let mut models = self.write();
+        let (name, version) = (handle.spec.name.clone(), handle.spec.version.clone());
+        let entry = models.entry(name).or_insert_with(|| Versions {
+            default: version.clone(),
+            versions: BTreeMap::new(),
+        });
+        entry.versions.insert(version, handle)
+    }
+
     /// The named version, or the default one.
     pub fn get(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelHandle>> {
         let models = self.read();

@@ -22,4 +22,5 @@ mod security;
 mod shutdown;
 mod smollm2;
 mod status_page;
+mod store_watch;
 mod support;

@@ -32,6 +32,8 @@ pub struct StatusPage {
     pub models: Vec<ModelDescription>,
     pub pools: Vec<PoolView>,
     pub offload_strategy: String,
+    /// What the model store's watcher reports, when it runs.
+    pub store: Option<crate::store_watch::ReportInner>,
 }
 
 async fn page(state: AppState) -> impl IntoResponse {
@@ -48,6 +50,10 @@ async fn page(state: AppState) -> impl IntoResponse {
         models,
         pools: state.devices().pools(),
         offload_strategy: format!("{:?}", state.config().devices.offload_strategy).to_lowercase(),
+        store: state
+            .config()
+            .watch_model_store
+            .then(|| state.store_watch().snapshot()),
     };
     (
         [
@@ -140,6 +146,9 @@ pub fn render(view: &StatusPage) -> String {
     }
     for model in &view.models {
         render_model(&mut html, model);
+    }
+    if let Some(store) = &view.store {
+        render_store(&mut html, store);
     }
     html.push_str("<h2>Devices</h2>");
     for pool in &view.pools {
@@ -247,6 +256,31 @@ fn render_model(html: &mut String, m: &ModelDescription) {
     html.push_str("</section>");
 }
 
+fn render_store(html: &mut String, store: &crate::store_watch::ReportInner) {
+    html.push_str("<h2>Model store (watched)</h2><section class=\"pool\" data-store=\"watched\">");
+    if store.pending.is_empty() && store.problems.is_empty() {
+        html.push_str("<div class=\"devices\">every archive is taken</div>");
+    }
+    for name in &store.pending {
+        let _ = write!(
+            html,
+            "<div data-pending=\"{}\">{}: waiting for it to stop changing</div>",
+            escape(name),
+            escape(name)
+        );
+    }
+    for (name, why) in &store.problems {
+        let _ = write!(
+            html,
+            "<div class=\"error\" data-problem=\"{}\">{}: {}</div>",
+            escape(name),
+            escape(name),
+            escape(why)
+        );
+    }
+    html.push_str("</section>");
+}
+
 fn render_pool(html: &mut String, pool: &PoolView) {
     let class = pool_class(&pool.device);
     let percent = if pool.budget == 0 {
@@ -309,6 +343,7 @@ mod tests {
                 models: vec![],
             }],
             offload_strategy: "restart".into(),
+            store: None,
         });
         assert!(page.contains("No model is registered."));
         assert!(page.contains("data-pool=\"cpu\""));

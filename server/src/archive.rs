@@ -193,6 +193,11 @@ fn unpack_tgz(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<P
             std::fs::remove_dir_all(&target).map_err(Error::io(&target))?;
         }
         fill_atomically(&target, |staging| {
+            let compressed = std::fs::metadata(path).map_or(0, |m| m.len());
+            spillway_handlers::weights::progress::begin(
+                format!("unpacking {}", path.display()),
+                compressed,
+            );
             for_each_tgz_file(path, limits, |relative, entry| {
                 let out = staging.join(relative);
                 if let Some(dir) = out.parent() {
@@ -264,7 +269,8 @@ fn for_each_tgz_file(
     mut visit: impl FnMut(&Path, &mut dyn Read) -> Result<bool>,
 ) -> Result<()> {
     let file = File::open(path).map_err(Error::io(path))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let counted = spillway_handlers::weights::progress::Counted(file);
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(counted));
     let mut total = 0u64;
     let entries = tar.entries().map_err(|e| Error::bad_archive(path, e))?;
     for (index, entry) in entries.enumerate() {

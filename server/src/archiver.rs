@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use spillway_handlers::HandlerKind;
+use spillway_handlers::weights::progress::{self, Counted};
 
 use crate::error::{Error, Result};
 use crate::manifest::{MANIFEST_PATH, Manifest, ManifestModel};
@@ -126,6 +127,12 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
     let staging = spec
         .export_path
         .join(format!(".{file_name}.partial-{}", std::process::id()));
+    let total: u64 = files
+        .iter()
+        .filter_map(|(_, source)| std::fs::metadata(source).ok())
+        .map(|m| m.len())
+        .sum();
+    progress::begin(format!("writing {file_name}"), total);
     let written = match spec.format {
         OutputFormat::ZipStore => write_zip(
             &staging,
@@ -239,7 +246,7 @@ fn write_zip(
             options = options.with_alignment(64);
         }
         zip.start_file(name.as_str(), options).map_err(zip_err)?;
-        let mut input = File::open(source).map_err(Error::io(source))?;
+        let mut input = Counted(File::open(source).map_err(Error::io(source))?);
         std::io::copy(&mut input, &mut zip).map_err(Error::io(source))?;
     }
     let mut writer = zip.finish().map_err(zip_err)?;
@@ -269,8 +276,12 @@ fn write_tgz(target: &Path, manifest: &[u8], files: &[(String, PathBuf)]) -> Res
         })
         .collect::<Result<_>>()?;
     ordered.sort_by_key(|(len, _, _)| *len);
-    for (_, name, source) in ordered {
-        tar.append_path_with_name(source, name)
+    for (len, name, source) in ordered {
+        let file = File::open(source).map_err(Error::io(source))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata(&file.metadata().map_err(Error::io(source))?);
+        header.set_size(len);
+        tar.append_data(&mut header, name, Counted(file))
             .map_err(Error::io(source))?;
     }
     let gz = tar.into_inner().map_err(Error::io(target))?;
@@ -292,7 +303,7 @@ fn write_folder(target: &Path, manifest: &[u8], files: &[(String, PathBuf)]) -> 
         match source {
             None => std::fs::write(&out, manifest).map_err(Error::io(&out))?,
             Some(source) => std::fs::copy(source, &out)
-                .map(drop)
+                .map(progress::advance)
                 .map_err(Error::io(source))?,
         }
     }

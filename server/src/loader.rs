@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use spillway_handlers::weights::files;
+use spillway_handlers::weights::progress::{self, Progress};
 use spillway_handlers::{Handler, HandlerKind, LoadOptions, ModelFiles};
 use spillway_placement::{Device, DeviceRequest, Plan};
 
@@ -496,9 +497,12 @@ pub async fn register(
 ) -> Result<Arc<ModelHandle>> {
     let opened = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || open(&state, &request))
-            .await
-            .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            let progress = Progress::logged(request.url.clone());
+            progress::with(&progress, || open(&state, &request))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
     };
     let Opened {
         spec,
@@ -535,9 +539,12 @@ pub async fn register(
 pub async fn load_apart(state: &AppState, request: LoadRequest) -> Result<Arc<ModelHandle>> {
     let opened = {
         let state = state.clone();
-        tokio::task::spawn_blocking(move || open(&state, &request))
-            .await
-            .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
+        tokio::task::spawn_blocking(move || {
+            let progress = Progress::logged(request.url.clone());
+            progress::with(&progress, || open(&state, &request))
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
     };
     let handle = ModelHandle::new(opened.spec, Some(opened.source.clone()));
     load(state.clone(), handle.clone(), opened.source, opened.planned).await?;
@@ -558,7 +565,11 @@ pub async fn load(
     let built = {
         let building = {
             let handle = handle.clone();
-            tokio::task::spawn_blocking(move || build(&state, &handle, source, planned))
+            tokio::task::spawn_blocking(move || {
+                progress::with(handle.progress(), || {
+                    build(&state, &handle, source, planned)
+                })
+            })
         };
         // Past startupTimeout the model fails; the build still running is left to
         // finish, and what it built (and leased) is dropped with it.

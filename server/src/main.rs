@@ -96,11 +96,11 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Archive(args) => {
             spillway::logging::init(LogFormat::Text);
-            archive(args)
+            with_progress("spillway archive", || archive(args))
         }
         Command::Plan(args) => {
             spillway::logging::init(LogFormat::Text);
-            plan(args)
+            with_progress("spillway plan", || plan(args))
         }
     };
     match result {
@@ -110,6 +110,12 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a command's work with a progress bar on a terminal (for work over a second).
+fn with_progress<R>(label: &str, work: impl FnOnce() -> R) -> R {
+    use spillway_handlers::weights::progress::{self, Progress};
+    progress::with(&Progress::for_terminal(label), work)
 }
 
 fn serve(overrides: Overrides) -> anyhow::Result<()> {

@@ -154,6 +154,8 @@ pub struct ModelHandle {
     labels: ModelLabels,
     /// The last minute of its answers (describe's `recent`, the status page).
     recent: crate::recent::RecentAnswers,
+    /// Its load's long work (conversions, offload copies) while it goes on.
+    progress: Arc<spillway_handlers::weights::progress::Progress>,
     state: RwLock<State>,
     /// Bumped at every change of state, for requests waiting for an evicted model.
     changes: tokio::sync::watch::Sender<u64>,
@@ -184,6 +186,9 @@ pub struct ModelDescription {
     /// What a LOADING model is doing now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loading_stage: Option<LoadStage>,
+    /// Bytes done of the long step under way while LOADING (a conversion, an offload copy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loading_progress: Option<spillway_handlers::weights::progress::Snapshot>,
     /// Where its weights are: "resident", "disk" (evicted to disk: its units stream
     /// until promoted) or "unloaded".
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -227,6 +232,10 @@ impl ModelHandle {
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
             recent: crate::recent::RecentAnswers::default(),
+            progress: spillway_handlers::weights::progress::Progress::logged(format!(
+                "{}/{}",
+                spec.name, spec.version
+            )),
             spec,
             source: Mutex::new(source),
             attempted: Mutex::new(attempted),
@@ -361,6 +370,10 @@ impl ModelHandle {
 
     pub fn recent(&self) -> &crate::recent::RecentAnswers {
         &self.recent
+    }
+
+    pub fn progress(&self) -> &Arc<spillway_handlers::weights::progress::Progress> {
+        &self.progress
     }
 
     fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -732,6 +745,10 @@ impl ModelHandle {
             setup_config: spec.setup.clone(),
             loading_stage: match &*state {
                 State::Loading(stage) => Some(*stage),
+                _ => None,
+            },
+            loading_progress: match &*state {
+                State::Loading(_) => self.progress.snapshot(),
                 _ => None,
             },
             device_state: match &*state {

@@ -16,6 +16,7 @@ mod metrics;
 mod minilm;
 mod overload;
 mod placement;
+mod progress;
 mod prometheus;
 mod readme;
 mod security;

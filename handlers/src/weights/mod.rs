@@ -14,6 +14,7 @@ pub mod files;
 pub mod guarded_map;
 pub mod layer_stack;
 pub mod offload;
+pub mod progress;
 pub mod source;
 
 pub use source::{WeightSource, WeightSpan, WeightsWatch};

@@ -270,6 +270,11 @@ pub fn write_streaming(
         source,
     };
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    let name = path.parent().and_then(|p| p.file_name()).map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    super::progress::begin(format!("writing weights to {name}"), offset as u64);
     file.write_all(&(header.len() as u64).to_le_bytes())
         .map_err(io)?;
     file.write_all(&header).map_err(io)?;
@@ -283,8 +288,9 @@ pub fn write_streaming(
                 tensor.dims()
             )));
         }
-        file.write_all(&tensor_bytes(&tensor).context(|| format!("cannot read {}", t.name))?)
-            .map_err(io)?;
+        let bytes = tensor_bytes(&tensor).context(|| format!("cannot read {}", t.name))?;
+        file.write_all(&bytes).map_err(io)?;
+        super::progress::advance(bytes.len() as u64);
     }
     file.flush().map_err(io)
 }

@@ -202,6 +202,22 @@ fn render_model(html: &mut String, m: &ModelDescription) {
         None => html.push_str("<span>no answer in the last minute</span>"),
     }
     html.push_str("</div>");
+    if let Some(p) = &m.loading_progress {
+        let share = if p.total_bytes == 0 {
+            0.0
+        } else {
+            (100.0 * p.done_bytes as f64 / p.total_bytes as f64).min(100.0)
+        };
+        let _ = write!(
+            html,
+            "<div class=\"devices\" data-progress=\"{share:.0}\">{}: {} of {} ({share:.0} %), {:.1} MB/s</div>\
+             <div class=\"bar\"><div class=\"cpu\" style=\"width:{share:.1}%\"></div></div>",
+            escape(&p.stage),
+            ByteSize(p.done_bytes),
+            ByteSize(p.total_bytes),
+            p.bytes_per_second / 1e6,
+        );
+    }
     if let Some(error) = &m.error {
         let _ = write!(html, "<div class=\"error\">{}</div>", escape(error));
     }

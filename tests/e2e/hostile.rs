@@ -203,13 +203,17 @@ fn corpus() -> Vec<Bad> {
         "%ff%fe",
     ] {
         corpus.push(post(&format!("/predictions/{name}"), GENERATE));
-        corpus.push(Bad {
-            method: Method::GET,
-            management: true,
-            path: format!("/models/{name}"),
-            content_type: "application/json",
-            body: Vec::new(),
-        });
+        // The client resolves `/models/%2e%2e` to `/` before sending it: a GET there is
+        // the status page, rightly a 200 (POST and DELETE there are still refused).
+        if name != "%2e%2e" {
+            corpus.push(Bad {
+                method: Method::GET,
+                management: true,
+                path: format!("/models/{name}"),
+                content_type: "application/json",
+                body: Vec::new(),
+            });
+        }
         corpus.push(Bad {
             method: Method::DELETE,
             management: true,

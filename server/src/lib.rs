@@ -35,6 +35,7 @@ pub mod devices;
 pub mod error;
 pub mod fuzz_targets;
 pub mod http;
+pub mod hub;
 pub mod loader;
 pub mod logging;
 pub mod manifest;

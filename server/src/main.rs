@@ -25,6 +25,12 @@ enum Command {
     Archive(ArchiveArgs),
     /// Show where every layer of a model would live, before reading any weight.
     Plan(PlanArgs),
+    /// Fetch a model from the Hugging Face Hub into the local HF cache (HF_HOME,
+    /// HF_ENDPOINT honoured): `org/name` or `org/name@revision`.
+    Pull {
+        /// `org/name[@revision]`.
+        model: String,
+    },
 }
 
 #[derive(Args)]
@@ -67,7 +73,8 @@ struct ArchiveArgs {
     /// A built-in handler: text_embedding, echo.
     #[arg(long)]
     handler: String,
-    /// The model folder (weights, config.json, tokenizer.json, ...).
+    /// The model folder (weights, config.json, tokenizer.json, ...), or a model id
+    /// (`org/name[@revision]`) in the HF cache (`spillway pull`).
     #[arg(long)]
     model_dir: Option<PathBuf>,
     /// model-config.yaml to include.
@@ -102,6 +109,10 @@ fn main() -> std::process::ExitCode {
             spillway::logging::init(LogFormat::Text);
             with_progress("spillway plan", || plan(args))
         }
+        Command::Pull { model } => {
+            spillway::logging::init(LogFormat::Text);
+            pull(&model)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -132,12 +143,26 @@ fn serve(overrides: Overrides) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn pull(model: &str) -> anyhow::Result<()> {
+    let model: spillway::hub::ModelRef = model.parse()?;
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let snapshot = spillway::hub::pull(&model, terminal)?;
+    println!("{}", snapshot.display());
+    Ok(())
+}
+
 fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
     let spec = ArchiveSpec {
         model_name: args.model_name,
         version: args.version,
         handler: args.handler.parse()?,
-        model_dir: args.model_dir,
+        // A model id (`org/name[@revision]`) pulled into the HF cache stands for its folder.
+        model_dir: args.model_dir.map(|dir| {
+            let id = dir.to_str().filter(|_| !dir.exists());
+            id.and_then(|id| id.parse::<spillway::hub::ModelRef>().ok())
+                .and_then(|m| spillway::placement::hf_cache_snapshot(&m.id, Some(&m.revision)))
+                .unwrap_or(dir)
+        }),
         config_file: args.config_file,
         extra_files: args.extra_files,
         format: args.archive_format.parse::<OutputFormat>()?,

@@ -18,6 +18,7 @@ mod overload;
 mod placement;
 mod progress;
 mod prometheus;
+mod pull;
 mod readme;
 mod security;
 mod shutdown;

@@ -487,6 +487,17 @@ fn check_name(name: &str) -> Result<()> {
     }
 }
 
+/// [`open`] on the blocking pool, its long work (unpacking) logged as it goes.
+async fn open_blocking(state: &AppState, request: LoadRequest) -> Result<Opened> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let progress = Progress::logged(request.url.clone());
+        progress::with(&progress, || open(&state, &request))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("archive task failed: {e}")))?
+}
+
 /// Registers and loads a model. With `synchronous`, returns once it serves (or failed,
 /// in which case it is unregistered again); otherwise returns once it is registered and
 /// loads it in the background.
@@ -495,15 +506,7 @@ pub async fn register(
     request: LoadRequest,
     synchronous: bool,
 ) -> Result<Arc<ModelHandle>> {
-    let opened = {
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            let progress = Progress::logged(request.url.clone());
-            progress::with(&progress, || open(&state, &request))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
-    };
+    let opened = open_blocking(state, request).await?;
     let Opened {
         spec,
         source,
@@ -537,15 +540,7 @@ pub async fn register(
 /// Opens and loads a model without registering it (the store watcher's replacement,
 /// registered once it serves).
 pub async fn load_apart(state: &AppState, request: LoadRequest) -> Result<Arc<ModelHandle>> {
-    let opened = {
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || {
-            let progress = Progress::logged(request.url.clone());
-            progress::with(&progress, || open(&state, &request))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??
-    };
+    let opened = open_blocking(state, request).await?;
     let handle = ModelHandle::new(opened.spec, Some(opened.source.clone()));
     load(state.clone(), handle.clone(), opened.source, opened.planned).await?;
     Ok(handle)

@@ -541,25 +541,38 @@ mod tests {
         (dir, source)
     }
 
-    #[test]
-    fn units_run_in_order_and_streamed_ones_are_built_each_pass() {
-        let (_dir, source) = source();
-        let builds = Arc::new(AtomicUsize::new(0));
+    /// Units `a` (resident, 1), `s10` and `s100` (streamed, 10 and 100); `on_build` runs
+    /// at every build of a streamed one.
+    fn resident_then_two_streamed(
+        source: &WeightSource,
+        on_build: impl Fn() + Clone + Send + Sync + 'static,
+    ) -> LayerStack<u64> {
         let mut stack = LayerStack::default();
         stack.push_resident("a", Device::Cpu, 1u64);
         for value in [10u64, 100] {
-            let builds = builds.clone();
+            let on_build = on_build.clone();
             stack.push_streamed(
                 format!("s{value}"),
                 Device::Cpu,
                 source.clone(),
                 ["w"],
                 move || {
-                    builds.fetch_add(1, Ordering::SeqCst);
+                    on_build();
                     Ok(value)
                 },
             );
         }
+        stack
+    }
+
+    #[test]
+    fn units_run_in_order_and_streamed_ones_are_built_each_pass() {
+        let (_dir, source) = source();
+        let builds = Arc::new(AtomicUsize::new(0));
+        let counted = builds.clone();
+        let mut stack = resident_then_two_streamed(&source, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
         stack.push_resident("z", Device::Cpu, 1000u64);
         let mut seen = Vec::new();
         let total = stack
@@ -593,24 +606,10 @@ mod tests {
     fn every_pass_reads_ahead_on_the_stacks_one_thread() {
         let (_dir, source) = source();
         let threads = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut stack = LayerStack::default();
-        stack.push_resident("a", Device::Cpu, 1u64);
-        for value in [10u64, 100] {
-            let threads = threads.clone();
-            stack.push_streamed(
-                format!("s{value}"),
-                Device::Cpu,
-                source.clone(),
-                ["w"],
-                move || {
-                    threads
-                        .lock()
-                        .expect("lock")
-                        .push(std::thread::current().id());
-                    Ok(value)
-                },
-            );
-        }
+        let seen = threads.clone();
+        let stack = resident_then_two_streamed(&source, move || {
+            seen.lock().expect("lock").push(std::thread::current().id());
+        });
         for _ in 0..3 {
             let total = stack.forward(Sum::default(), add).expect("forward");
             assert_eq!(total.total, 111);

@@ -119,6 +119,17 @@ pub fn open(path: &Path, cache_dir: &Path, limits: &ArchiveLimits) -> Result<Ope
     })
 }
 
+/// A model folder without a manifest (a Hugging Face cache snapshot), read as an archive
+/// whose manifest is `manifest`.
+pub fn open_folder_as(path: &Path, manifest: Manifest) -> OpenedArchive {
+    OpenedArchive {
+        path: path.to_path_buf(),
+        format: ArchiveFormat::Folder,
+        manifest,
+        files: Arc::new(FolderFiles::new(path)),
+    }
+}
+
 /// A name for an archive's unpacked copy that changes whenever the archive does.
 fn fingerprint(path: &Path) -> Result<String> {
     spillway_handlers::weights::offload::source_key(path).map_err(Error::io(path))

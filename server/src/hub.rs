@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Repo, RepoType};
 
+use spillway_handlers::HandlerKind;
+
 use crate::error::{Error, Result};
 
 /// A model on the Hub: `org/name`, and a revision (branch, tag or commit).
@@ -114,6 +116,89 @@ pub fn pull(model: &ModelRef, progress: bool) -> Result<PathBuf> {
         snapshot = path.ancestors().nth(depth).map(PathBuf::from);
     }
     snapshot.ok_or_else(|| Error::Internal("no file was fetched".into()))
+}
+
+/// A registration url that names a model pulled into the HF cache (`org/name[@rev]`,
+/// not an entry of the store): it and its snapshot folder.
+pub fn cached_snapshot(
+    state: &crate::app::AppState,
+    url: &str,
+) -> Result<Option<(ModelRef, PathBuf)>> {
+    if state.config().model_store.join(url).exists() {
+        return Ok(None);
+    }
+    let Ok(model) = url.parse::<ModelRef>() else {
+        return Ok(None);
+    };
+    match crate::placement::hf_cache_snapshot(&model.id, Some(&model.revision)) {
+        Some(snapshot) => Ok(Some((model, snapshot))),
+        None => Err(Error::ArchiveNotFound(format!(
+            "{url} (neither in the model store nor pulled into the HF cache: spillway pull {url})"
+        ))),
+    }
+}
+
+/// The manifest a cached model is registered with: its name, the snapshot's commit
+/// (first 12 digits) as its version, and `handler`, or the one its config.json's
+/// `architectures` imply.
+pub fn manifest_for(
+    model: &ModelRef,
+    snapshot: &std::path::Path,
+    handler: Option<HandlerKind>,
+) -> Result<crate::manifest::Manifest> {
+    let handler = match handler {
+        Some(handler) => handler,
+        None => implied_handler(snapshot).ok_or_else(|| {
+            Error::BadRequest(format!(
+                "cannot tell which handler {} needs from its config.json: register it with \
+                 handler=text_embedding, text_classification or text_generation",
+                model.id
+            ))
+        })?,
+    };
+    let commit = snapshot
+        .file_name()
+        .map(|n| n.to_string_lossy().chars().take(12).collect::<String>())
+        .unwrap_or_else(|| model.revision.clone());
+    Ok(crate::manifest::Manifest {
+        created_on: String::new(),
+        runtime: "spillway".into(),
+        model: crate::manifest::ManifestModel {
+            model_name: model.id.rsplit('/').next().unwrap_or(&model.id).to_string(),
+            model_version: commit,
+            handler: handler.name().to_string(),
+            serialized_file: None,
+            config_file: None,
+        },
+        archiver_version: String::new(),
+    })
+}
+
+/// The handler a model's `architectures` imply: causal LMs generate, sequence
+/// classifiers classify, sentence-transformers folders (and plain BERT encoders) embed.
+fn implied_handler(folder: &std::path::Path) -> Option<HandlerKind> {
+    if folder.join("modules.json").is_file() {
+        return Some(HandlerKind::TextEmbedding);
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("config.json")).ok()?).ok()?;
+    let architectures: Vec<&str> = config["architectures"]
+        .as_array()?
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    if architectures.iter().any(|a| a.ends_with("ForCausalLM")) {
+        Some(HandlerKind::TextGeneration)
+    } else if architectures
+        .iter()
+        .any(|a| a.ends_with("ForSequenceClassification"))
+    {
+        Some(HandlerKind::TextClassification)
+    } else if architectures.iter().any(|a| *a == "BertModel") {
+        Some(HandlerKind::TextEmbedding)
+    } else {
+        None
+    }
 }
 
 fn endpoint() -> String {

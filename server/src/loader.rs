@@ -33,6 +33,8 @@ use crate::setup_config::SetupConfig;
 pub struct LoadRequest {
     pub url: String,
     pub name: Option<String>,
+    /// The handler a model from the HF cache runs (an archive names its own).
+    pub handler: Option<HandlerKind>,
     pub overrides: ModelConfigOverrides,
     pub loaded_at_startup: bool,
 }
@@ -124,9 +126,19 @@ pub struct Loaded {
 /// the weights. Blocking (a `.tar.gz` is unpacked).
 pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
     let config = state.config();
-    let path = state.store().resolve(&request.url)?;
+    let (path, archive) = match crate::hub::cached_snapshot(state, &request.url)? {
+        Some((model, snapshot)) => {
+            let manifest = crate::hub::manifest_for(&model, &snapshot, request.handler)?;
+            let archive = archive::open_folder_as(&snapshot, manifest);
+            (snapshot, archive)
+        }
+        None => {
+            let path = state.store().resolve(&request.url)?;
+            let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
+            (path, archive)
+        }
+    };
     let opened_as = archive_key(&path);
-    let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
     let manifest = &archive.manifest.model;
     let handler: HandlerKind =
         manifest

@@ -2,8 +2,8 @@
 //! URL layout (`/api/models/{id}/revision/{rev}`, `/{id}/resolve/{rev}/{file}` with the
 //! Hub's `ETag`, `X-Repo-Commit` and `Content-Range` headers): HF_ENDPOINT and HF_HOME
 //! honoured, only the files Spillway reads fetched, a download cut off half-way resumed
-//! with a `Range` request, nothing fetched twice, and `plan` and `archive` then take the
-//! cached `org/name`.
+//! with a `Range` request, nothing fetched twice, and `plan`, `archive` and the server's
+//! registration then take the cached `org/name`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -131,14 +131,23 @@ fn spillway(args: &[&str], endpoint: &str, home: &std::path::Path) -> Output {
 fn pull_fetches_what_spillway_reads_resumes_and_feeds_plan_and_archive() {
     let fixture = Fixture::new();
     let model = fixture.tiny_bert("tiny", &Default::default());
+    // Every file of the folder, by its path in the repository (1_Pooling/config.json...).
     let mut files = BTreeMap::new();
-    for entry in std::fs::read_dir(&model).unwrap() {
-        let entry = entry.unwrap();
-        if !entry.file_type().unwrap().is_file() {
-            continue;
+    let mut folders = vec![model.clone()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                folders.push(path);
+            } else {
+                let name = path
+                    .strip_prefix(&model)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        files.insert(name, std::fs::read(entry.path()).unwrap());
     }
     assert!(
         files.contains_key("model.safetensors"),
@@ -226,6 +235,31 @@ fn pull_fetches_what_spillway_reads_resumes_and_feeds_plan_and_archive() {
         String::from_utf8_lossy(&archived.stderr)
     );
     assert!(export.path().join("tiny.mar").is_file());
+
+    // The server registers the cached org/name (handler from its config.json), and
+    // serves it; a model neither in the store nor cached is a 404 that says what to do.
+    let store = tempfile::tempdir().unwrap();
+    let server = crate::support::TestServer::start_with_env(
+        store.path(),
+        &store.path().join(".cache"),
+        &[],
+        &[("HF_HOME", home.path().to_str().unwrap())],
+    );
+    let registered = server.manage(
+        reqwest::Method::POST,
+        "/models?url=org/tiny&synchronous=true",
+    );
+    assert_eq!(registered.status(), 200, "{}", registered.text().unwrap());
+    let described = crate::support::json(server.manage(reqwest::Method::GET, "/models/tiny"), 200);
+    assert_eq!(described[0]["modelVersion"], &COMMIT[..12]);
+    assert_eq!(described[0]["handler"], "text_embedding");
+    assert_eq!(
+        server.predict("tiny", r#"{"inputs": ["hello"]}"#).status(),
+        200
+    );
+    let missing = server.manage(reqwest::Method::POST, "/models?url=org/absent");
+    assert_eq!(missing.status(), 404);
+    assert!(missing.text().unwrap().contains("spillway pull org/absent"));
 
     // Not a Hub model id: refused before any request.
     let bad = spillway(&["pull", "../etc"], &endpoint, home.path());

@@ -133,6 +133,10 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
     let request = LoadRequest {
         url,
         name: params.get("model_name").filter(|n| !n.is_empty()).cloned(),
+        handler: params
+            .get("handler")
+            .filter(|h| !h.is_empty())
+            .and_then(|h| h.parse().ok()),
         overrides: ModelConfigOverrides {
             initial_workers: number(&params, "initial_workers"),
             batch_size: number(&params, "batch_size").filter(|&b| b > 0),

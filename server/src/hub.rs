@@ -194,7 +194,7 @@ fn implied_handler(folder: &std::path::Path) -> Option<HandlerKind> {
         .any(|a| a.ends_with("ForSequenceClassification"))
     {
         Some(HandlerKind::TextClassification)
-    } else if architectures.iter().any(|a| *a == "BertModel") {
+    } else if architectures.contains(&"BertModel") {
         Some(HandlerKind::TextEmbedding)
     } else {
         None

@@ -810,6 +810,38 @@ mod tests {
     }
 
     #[test]
+    fn a_loading_model_shows_the_progress_of_its_long_work() {
+        use spillway_handlers::weights::progress;
+        let model = handle();
+        model.set_stage(LoadStage::Converting);
+        let (described, page) = progress::with(model.progress(), || {
+            progress::begin("converting m.gguf", 1000);
+            progress::advance(400);
+            let described = model.describe();
+            let page = crate::http::status_page::render(&crate::http::status_page::StatusPage {
+                version: "0",
+                models: vec![model.describe()],
+                pools: vec![],
+                offload_strategy: "restart".into(),
+                store: None,
+            });
+            (described, page)
+        });
+        let json = serde_json::to_value(&described).expect("json");
+        let progress = described.loading_progress.expect("progress while loading");
+        assert_eq!(progress.stage, "converting m.gguf");
+        assert_eq!((progress.done_bytes, progress.total_bytes), (400, 1000));
+        assert!(page.contains("data-progress=\"40\""), "{page}");
+        assert!(page.contains("converting m.gguf"));
+        assert_eq!(
+            model.describe().loading_progress,
+            None,
+            "the work is over once the load step returns"
+        );
+        assert_eq!(json["loadingProgress"]["doneBytes"], 400);
+    }
+
+    #[test]
     fn a_registered_model_shows_its_load_stage_until_it_serves_or_fails() {
         let model = handle();
         let stage = |m: &ModelHandle| {

@@ -22,7 +22,7 @@ those expected. Writes the figures to BENCHMARKS.md ("Soak").
     python3 bench/soak.py [--minutes 10] [--port 18400]
 Needs target/release/spillway (scripts/build-release.sh) and the models
 (scripts/fetch-model.sh minilm, scripts/fetch-model.sh smollm2)."""
-import argparse, http.client, json, os, random, re, socket, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, random, re, shutil, socket, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import status, write_section  # noqa: E402
@@ -251,7 +251,9 @@ def main():
     # The server counts answers per model: those to an unknown model have none.
     answered = sum(v for k, v in tally.counts.items() if k.startswith(("good", "bad")))
     mib = lambda b: f"{b / 2**20:.0f} MiB"
-    rows = [("duration", f"{args.minutes:g} min ({len(threads) - 1} clients + churn)"),
+    churned = "" if args.no_churn else " + churn"
+    clients = len(threads) - (0 if args.no_churn else 1)
+    rows = [("duration", f"{args.minutes:g} min ({clients} clients{churned})"),
             *[(k, str(v)) for k, v in sorted(tally.counts.items())],
             ("prediction answers counted by the server", f"{served:.0f}"),
             ("RSS start / max / end", f"{mib(start_rss)} / {mib(max_rss)} / {mib(end_rss)}"),
@@ -280,7 +282,9 @@ def main():
                       "unregistered and MiniLM rescaled every 3 s.\n\n" + table + "\n\n"
                       + ("All checks passed." if not problems else "FAILED: " + "; ".join(problems)))
     if problems:
-        sys.exit("; ".join(problems))
+        sys.exit(f"{'; '.join(problems)} (the store, cache and server log are kept in {work})")
+    # The store and cache hold copies of the models (~360 MB): gone after a clean run.
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

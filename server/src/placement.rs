@@ -172,13 +172,24 @@ pub fn plan_model(
         disk,
     })
     .map_err(plan_error)?;
+    // A GGUF kept quantized (torch_dtype auto) is converted with its quantized tensors
+    // as raw GGML blocks (U8), counted at their real size.
+    let quantized =
+        target.is_none() && inventory.tensors.iter().any(|t| t.dtype == TensorDType::U8);
+    let weights = if quantized {
+        format!(
+            "GGML quantized blocks ({} for the rest)",
+            run_dtype.torch_name()
+        )
+    } else {
+        run_dtype.torch_name().to_string()
+    };
     plan.notes.push(format!(
-        "sizes from {}; weights in {}; reserves for batch {} x {seq} tokens",
+        "sizes from {}; weights in {weights}; reserves for batch {} x {seq} tokens",
         match inventory.source {
             SizeSource::SafetensorsHeaders => "safetensors headers",
             SizeSource::ConfigJson => "config.json (no weights read)",
         },
-        run_dtype.torch_name(),
         options.batch_size.max(1)
     ));
     Ok(plan)
@@ -211,12 +222,20 @@ mod tests {
     use spillway_handlers::weights::files::FolderFiles;
 
     fn write_shard(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
+        write_shard_as(path, tensors, safetensors::Dtype::BF16);
+    }
+
+    fn write_shard_as(
+        path: &std::path::Path,
+        tensors: &[(&str, Vec<usize>)],
+        dtype: safetensors::Dtype,
+    ) {
         let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
             .iter()
             .map(|(name, shape)| {
                 (
                     name.to_string(),
-                    vec![0u8; shape.iter().product::<usize>() * 2],
+                    vec![0u8; shape.iter().product::<usize>() * dtype.bitsize() / 8],
                     shape.clone(),
                 )
             })
@@ -224,12 +243,8 @@ mod tests {
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
             .iter()
             .map(|(name, bytes, shape)| {
-                let view = safetensors::tensor::TensorView::new(
-                    safetensors::Dtype::BF16,
-                    shape.clone(),
-                    bytes,
-                )
-                .expect("view");
+                let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)
+                    .expect("view");
                 (name.clone(), view)
             })
             .collect();
@@ -333,6 +348,56 @@ mod tests {
             Some(spillway_placement::Device::CPU)
         );
         assert_eq!(plan.streamed_bytes_per_forward, 6 * 8_192);
+    }
+
+    #[test]
+    fn a_plan_of_quantized_blocks_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The converted GGUF's layout: quantized blocks as U8, norms in float32.
+        write_shard_as(
+            &dir.path().join("blocks.safetensors"),
+            &[("model.layers.0.w", vec![4096])],
+            safetensors::Dtype::U8,
+        );
+        write_shard_as(
+            &dir.path().join("norms.safetensors"),
+            &[("model.norm.weight", vec![64])],
+            safetensors::Dtype::F32,
+        );
+        let index = serde_json::json!({"weight_map": {
+            "model.layers.0.w": "blocks.safetensors", "model.norm.weight": "norms.safetensors"}});
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            index.to_string(),
+        )
+        .expect("index");
+        let inventory = ModelInventory::read(&FolderFiles::new(dir.path())).expect("inventory");
+        let machine = spillway_placement::Machine {
+            gpus: vec![],
+            cpu_available: 1 << 40,
+            cpu_total: 1 << 40,
+            cpu_reserve: None,
+        };
+        let options = PlanOptions {
+            batch_size: 1,
+            max_length: Some(16),
+        };
+        let auto = SetupConfig::parse(None).expect("setup");
+        let plan = plan_model(&inventory, &auto, &options, &machine).expect("plan");
+        let note = plan.notes.last().expect("note");
+        assert!(
+            note.contains("weights in GGML quantized blocks (float32 for the rest)"),
+            "{note}"
+        );
+        assert_eq!(plan.units.iter().map(|u| u.bytes).sum::<u64>(), 4096 + 256);
+        let float32 = SetupConfig::parse(Some(br#"{"torch_dtype": "float32"}"#)).expect("setup");
+        let plan = plan_model(&inventory, &float32, &options, &machine).expect("plan");
+        assert!(
+            plan.notes
+                .last()
+                .expect("note")
+                .contains("weights in float32;")
+        );
     }
 
     #[test]

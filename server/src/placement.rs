@@ -221,6 +221,16 @@ mod tests {
     use super::*;
     use spillway_handlers::weights::files::FolderFiles;
 
+    /// A machine with no GPU and 1 TiB of RAM: budgets come from max_memory alone.
+    fn cpu_only_machine() -> spillway_placement::Machine {
+        spillway_placement::Machine {
+            gpus: vec![],
+            cpu_available: 1 << 40,
+            cpu_total: 1 << 40,
+            cpu_reserve: None,
+        }
+    }
+
     fn write_shard(path: &std::path::Path, tensors: &[(&str, Vec<usize>)]) {
         write_shard_as(path, tensors, safetensors::Dtype::BF16);
     }
@@ -307,12 +317,7 @@ mod tests {
         tensors.extend(names.iter().map(|n| (n.as_str(), vec![64, 64])));
         write_shard(&dir.path().join("model.safetensors"), &tensors);
         let inventory = ModelInventory::read(&FolderFiles::new(dir.path())).expect("inventory");
-        let machine = spillway_placement::Machine {
-            gpus: vec![],
-            cpu_available: 1 << 40,
-            cpu_total: 1 << 40,
-            cpu_reserve: None,
-        };
+        let machine = cpu_only_machine();
         let setup = |json: &str| SetupConfig::parse(Some(json.as_bytes())).expect("setup");
         let options = PlanOptions {
             batch_size: 1,
@@ -372,12 +377,7 @@ mod tests {
         )
         .expect("index");
         let inventory = ModelInventory::read(&FolderFiles::new(dir.path())).expect("inventory");
-        let machine = spillway_placement::Machine {
-            gpus: vec![],
-            cpu_available: 1 << 40,
-            cpu_total: 1 << 40,
-            cpu_reserve: None,
-        };
+        let machine = cpu_only_machine();
         let options = PlanOptions {
             batch_size: 1,
             max_length: Some(16),

@@ -28,7 +28,7 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use memmap2::Mmap;
+use super::huge_map::HugeMap;
 
 use crate::HandlerError;
 
@@ -80,7 +80,7 @@ impl Identity {
 /// A whole file mapped read-only, its range guarded against the file shrinking.
 pub struct GuardedMap {
     path: PathBuf,
-    map: Mmap,
+    map: HugeMap,
     /// Kept open to see the mapped inode's length and time, whatever its name is now.
     file: File,
     identity: Identity,
@@ -103,7 +103,7 @@ impl GuardedMap {
         // handler map zeros there instead and mark the mapping faulted, which
         // `changed` reports to whoever reads it.
         #[allow(unsafe_code)]
-        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let map = unsafe { HugeMap::map(&file) }.map_err(io)?;
         let slot = (!map.is_empty())
             .then(|| claim(map.as_ptr() as usize, map.len()))
             .flatten();
@@ -126,24 +126,14 @@ impl GuardedMap {
     /// Asks the kernel to start reading `len` bytes at `offset` (advice only: failure
     /// costs speed, never correctness).
     pub fn will_need(&self, offset: usize, len: usize) {
-        let _ = self
-            .map
-            .advise_range(memmap2::Advice::WillNeed, offset, len);
+        self.map.will_need(offset, len);
     }
 
     /// Drops this process' pages of `len` bytes at `offset` (they stay in the page
-    /// cache).
+    /// cache; a later read, such as a quantized weight used in place on the next pass,
+    /// maps the same bytes again, or past a truncation the guard's zeros).
     pub fn dont_need(&self, offset: usize, len: usize) {
-        // SAFETY: the mapping is read-only and file-backed: MADV_DONTNEED only discards
-        // this process's pages, and a later read (a quantized weight used in place reads
-        // these bytes on every pass) faults them back in from the file with the same
-        // contents (or, past a truncation, the guard's zeros). Advice failure is
-        // harmless.
-        #[allow(unsafe_code)]
-        let _ = unsafe {
-            self.map
-                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
-        };
+        self.map.dont_need(offset, len);
     }
 
     /// Why the bytes read from this mapping can no longer be trusted, if they cannot:
@@ -383,7 +373,7 @@ mod tests {
             let file = File::open(&path).expect("open");
             #[allow(unsafe_code)]
             // SAFETY: this child exists to fault on the truncated mapping.
-            let map = unsafe { Mmap::map(&file) }.expect("map");
+            let map = unsafe { memmap2::Mmap::map(&file) }.expect("map");
             File::create(&path).expect("truncate");
             let sum: u64 = map.iter().map(|&b| u64::from(b)).sum();
             println!("survived with {sum}");

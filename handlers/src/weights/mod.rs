@@ -6,12 +6,15 @@
 //!   zip-store archive) and served to candle's `VarBuilder`.
 //! - [`guarded_map`]: [`guarded_map::GuardedMap`], a read-only file mapping that
 //!   survives its file being truncated or rewritten underneath, and says so.
+//! - [`huge_map`]: [`huge_map::HugeMap`], the file mapping under it, laid out so the
+//!   kernel can map the page cache 2 MiB at a time.
 //! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 
 pub mod files;
 pub mod guarded_map;
+pub mod huge_map;
 pub mod layer_stack;
 pub mod offload;
 pub mod progress;

@@ -13,6 +13,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
+use super::huge_map;
 use crate::error::CandleContext;
 use crate::{HandlerError, WeightSource};
 
@@ -125,6 +126,7 @@ pub fn folder(
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let result = fill(&staging)
         .and_then(|()| record_lengths(&staging).map_err(io(&staging)))
+        .map(|()| drop_pages_of_files_in(&staging))
         .and_then(|()| match std::fs::rename(&staging, &target) {
             Ok(()) => Ok(()),
             // Another process finished first: its copy is as good as ours.
@@ -133,6 +135,16 @@ pub fn folder(
         });
     let _ = std::fs::remove_dir_all(&staging);
     result.map(|()| target)
+}
+
+/// Drops the page cache of the files just written into `dir`, so that reading them
+/// through their mapping fills it again in huge pages (see [`huge_map`]).
+fn drop_pages_of_files_in(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            huge_map::drop_written_pages(&entry.path());
+        }
+    }
 }
 
 /// Removes what processes that are no longer running left half written in `dir`: the

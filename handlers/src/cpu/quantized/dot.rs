@@ -296,68 +296,146 @@ mod avx512 {
     /// As [`rows`], decoding each block from the bytes as it goes (no expanded row).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) fn rows_direct(format: Format, rows: &[u8], acts: &QuantizedRows, out: &mut [f32]) {
-        let row_bytes = acts.blocks * format.block_bytes();
-        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
-            for a in 0..acts.rows {
-                out[r * acts.rows + a] = dot_direct(format, row, acts.row(a));
-            }
+        // One loop per format, so the block loop has no format test in it.
+        match format {
+            Format::Q4_0 => rows_direct_of::<Q4_0>(rows, acts, out),
+            Format::Q4_1 => rows_direct_of::<Q4_1>(rows, acts, out),
+            Format::Q8_0 => rows_direct_of::<Q8_0>(rows, acts, out),
+        }
+    }
+
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+
+    const fn format_of(f: u8) -> Format {
+        match f {
+            Q4_0 => Format::Q4_0,
+            Q4_1 => Format::Q4_1,
+            _ => Format::Q8_0,
         }
     }
 
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn dot_direct(format: Format, row: &[u8], a: RowView<'_>) -> f32 {
-        let size = format.block_bytes();
+    fn rows_direct_of<const F: u8>(rows: &[u8], acts: &QuantizedRows, out: &mut [f32]) {
+        let row_bytes = acts.blocks * format_of(F).block_bytes();
+        for (r, row) in rows.chunks_exact(row_bytes).enumerate() {
+            for a in 0..acts.rows {
+                out[r * acts.rows + a] = dot_direct::<F>(row, acts.row(a));
+            }
+        }
+    }
+
+    /// One block's contribution: the integer dot product in 8 lanes times the block's
+    /// scale product, added to `acc`; the product of `[d, m]` with `[d, s]` is returned
+    /// for Q4_1's minimum term.
+    ///
+    /// # Safety
+    /// `block` has the format's bytes (≥ 18: d and, for Q4_1, m in its first 4; nibbles
+    /// in its last 16, Q8_0's values in its last 32); `values` 32 activation values,
+    /// `biases` 8 lanes and `scale_sum` 2 floats readable.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn block_direct<const F: u8>(
+        block: *const u8,
+        values: *const i8,
+        biases: *const i32,
+        scale_sum: *const f32,
+        acc: __m256,
+    ) -> (__m256, __m128) {
+        let size = format_of(F).block_bytes();
+        // SAFETY: the caller's contract bounds every read.
+        unsafe {
+            let weights = if F == Q8_0 {
+                _mm256_xor_si256(
+                    _mm256_loadu_si256(block.add(2).cast()),
+                    _mm256_set1_epi8(-128),
+                )
+            } else {
+                let nibbles = _mm_loadu_si128(block.add(size - 16).cast());
+                let both = _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles);
+                _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+            };
+            let av = _mm256_loadu_si256(values.cast());
+            let integer = if F == Q4_1 {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), weights, av)
+            } else {
+                _mm256_dpbusd_epi32(_mm256_loadu_si256(biases.cast()), weights, av)
+            };
+            // [d, m] of the weights (m: Q4_1 only), times [d, s] of the activations.
+            let head = std::ptr::read_unaligned(block.cast::<i32>());
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
+            let ds = _mm_castpd_ps(_mm_load_sd(scale_sum.cast()));
+            let products = _mm_mul_ps(dm, ds);
+            let acc = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(integer),
+                _mm256_broadcastss_ps(products),
+                acc,
+            );
+            (acc, products)
+        }
+    }
+
+    /// Two blocks at a time into two accumulators, so that consecutive blocks' adds do
+    /// not wait on each other.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn dot_direct<const F: u8>(row: &[u8], a: RowView<'_>) -> f32 {
+        let size = format_of(F).block_bytes();
         let blocks = a.values.len() / BLOCK;
         assert!(row.len() == blocks * size && a.scale_sums.len() == blocks * 2);
         assert!(a.biases.len() == blocks * LANES);
-        let low_nibbles = _mm256_set1_epi8(0x0f);
-        let flip = _mm256_set1_epi8(-128);
-        let mut acc = _mm256_setzero_ps();
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         // Lane 1 gathers Q4_1's minimum terms (lane 0 holds scale products, unused).
-        let mut mins = _mm_setzero_ps();
-        for (b, block) in row.chunks_exact(size).enumerate() {
-            let (v, l) = (b * BLOCK, b * LANES);
-            // SAFETY: the asserts above bound every read: a block has `size` ≥ 18 bytes
-            // (its first 4 hold d and, for Q4_1, m; its nibbles are its last 16, Q8_0's
-            // values its last 32), an activation block 32 values, 8 bias lanes and 2
-            // scale/sum floats.
-            unsafe {
-                let values = match format {
-                    Format::Q4_0 | Format::Q4_1 => {
-                        let nibbles = _mm_loadu_si128(block.as_ptr().add(size - 16).cast());
-                        let both = _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles);
-                        _mm256_and_si256(both, low_nibbles)
-                    }
-                    Format::Q8_0 => {
-                        _mm256_xor_si256(_mm256_loadu_si256(block.as_ptr().add(2).cast()), flip)
-                    }
-                };
-                let av = _mm256_loadu_si256(a.values.as_ptr().add(v).cast());
-                let integer = match format {
-                    Format::Q4_1 => _mm256_dpbusd_epi32(_mm256_setzero_si256(), values, av),
-                    _ => {
-                        let bias = _mm256_loadu_si256(a.biases.as_ptr().add(l).cast());
-                        _mm256_dpbusd_epi32(bias, values, av)
-                    }
-                };
-                // [d, m] of the weights (m: Q4_1 only), times [d, s] of the activations.
-                let head = std::ptr::read_unaligned(block.as_ptr().cast::<i32>());
-                let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
-                let ds = _mm_castpd_ps(_mm_load_sd(a.scale_sums.as_ptr().add(2 * b).cast()));
-                let products = _mm_mul_ps(dm, ds);
-                acc = _mm256_fmadd_ps(
-                    _mm256_cvtepi32_ps(integer),
-                    _mm256_broadcastss_ps(products),
-                    acc,
+        let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let (w, v, l, s) = (
+            row.as_ptr(),
+            a.values.as_ptr(),
+            a.biases.as_ptr(),
+            a.scale_sums.as_ptr(),
+        );
+        let mut b = 0;
+        // SAFETY: the asserts above bound every block `b < blocks` read.
+        unsafe {
+            while b + 1 < blocks {
+                let (next0, p0) = block_direct::<F>(
+                    w.add(b * size),
+                    v.add(b * BLOCK),
+                    l.add(b * LANES),
+                    s.add(2 * b),
+                    acc0,
                 );
-                if format.has_min() {
-                    mins = _mm_add_ps(mins, products);
+                let (next1, p1) = block_direct::<F>(
+                    w.add((b + 1) * size),
+                    v.add((b + 1) * BLOCK),
+                    l.add((b + 1) * LANES),
+                    s.add(2 * (b + 1)),
+                    acc1,
+                );
+                (acc0, acc1) = (next0, next1);
+                if F == Q4_1 {
+                    mins0 = _mm_add_ps(mins0, p0);
+                    mins1 = _mm_add_ps(mins1, p1);
+                }
+                b += 2;
+            }
+            if b < blocks {
+                let (next, p) = block_direct::<F>(
+                    w.add(b * size),
+                    v.add(b * BLOCK),
+                    l.add(b * LANES),
+                    s.add(2 * b),
+                    acc0,
+                );
+                acc0 = next;
+                if F == Q4_1 {
+                    mins0 = _mm_add_ps(mins0, p);
                 }
             }
         }
-        let min_terms = _mm_cvtss_f32(_mm_movehdup_ps(mins));
-        super::avx2::sum8(acc) + min_terms
+        let min_terms = _mm_cvtss_f32(_mm_movehdup_ps(_mm_add_ps(mins0, mins1)));
+        super::avx2::sum8(_mm256_add_ps(acc0, acc1)) + min_terms
     }
 }
 

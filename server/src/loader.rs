@@ -380,10 +380,19 @@ pub fn build(
 
 /// The GGUF file to convert, when the archive holds a GGUF model and no safetensors.
 fn gguf_to_convert(archive: &OpenedArchive) -> Result<Option<String>> {
-    let ggufs = archive.files.find(".gguf");
+    gguf_in(
+        &*archive.files,
+        archive.manifest.model.serialized_file.as_deref(),
+    )
+}
+
+/// The GGUF file of `files` to serve, when they hold a GGUF model and no safetensors:
+/// `serialized_file` when it names one, else the first `.gguf` found.
+pub fn gguf_in(files: &dyn ModelFiles, serialized_file: Option<&str>) -> Result<Option<String>> {
+    let ggufs = files.find(".gguf");
     let has_safetensors = [files::SINGLE_WEIGHTS, files::SHARD_INDEX]
         .into_iter()
-        .map(|name| archive.files.locate(name))
+        .map(|name| files.locate(name))
         .collect::<std::result::Result<Vec<_>, _>>()?
         .iter()
         .any(Option::is_some);
@@ -391,12 +400,9 @@ fn gguf_to_convert(archive: &OpenedArchive) -> Result<Option<String>> {
         return Ok(None);
     }
     Ok(Some(
-        archive
-            .manifest
-            .model
-            .serialized_file
-            .clone()
+        serialized_file
             .filter(|f| f.ends_with(".gguf"))
+            .map(str::to_string)
             .unwrap_or_else(|| ggufs[0].clone()),
     ))
 }
@@ -412,15 +418,25 @@ fn convert_gguf(
     setup: &SetupConfig,
     cache_dir: &std::path::Path,
 ) -> Result<Arc<dyn ModelFiles>> {
+    converted_gguf(&*archive.files, gguf, options.dtype, setup, cache_dir)
+        .map_err(Error::load(&archive.path))
+}
+
+/// [`convert_gguf`] for any model files (`spillway plan` plans a GGUF from its copy).
+pub fn converted_gguf(
+    files: &dyn ModelFiles,
+    gguf: &str,
+    dtype: Option<spillway_handlers::DType>,
+    setup: &SetupConfig,
+    cache_dir: &std::path::Path,
+) -> std::result::Result<Arc<dyn ModelFiles>, spillway_handlers::HandlerError> {
     let root = setup
         .offload_folder
         .as_ref()
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| cache_dir.join("offload"));
-    let dtype = options.dtype;
     let started = Instant::now();
-    let folder = spillway_handlers::models::gguf::materialize(&*archive.files, gguf, &root, dtype)
-        .map_err(Error::load(&archive.path))?;
+    let folder = spillway_handlers::models::gguf::materialize(files, gguf, &root, dtype)?;
     tracing::info!(gguf = %gguf, folder = %folder.display(), "GGUF ready in {:.2} s", started.elapsed().as_secs_f64());
     Ok(Arc::new(files::FolderFiles::new(folder)))
 }

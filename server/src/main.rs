@@ -35,8 +35,9 @@ enum Command {
 
 #[derive(Args)]
 struct PlanArgs {
-    /// An archive (.mar, .tar.gz), a model folder, a config.json, or a model id
-    /// (`org/name`) in the HuggingFace cache.
+    /// An archive (.mar, .tar.gz), a model folder, a .gguf file, a config.json, or a
+    /// model id (`org/name`) in the HuggingFace cache. A GGUF is planned from the copy
+    /// the server would serve (written once under --cache-dir or `offload_folder`).
     model: PathBuf,
     /// Revision of a HuggingFace-cache model id [default: main].
     #[arg(long)]
@@ -186,30 +187,34 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     } else {
         args.model.clone()
     };
-    let (inventory, mut setup) = if model.is_file()
-        && model.extension().is_some_and(|e| e == "json")
-    {
-        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model)?)?;
-        (
-            ModelInventory::from_config(&config)?,
-            SetupConfig::default(),
-        )
-    } else {
-        let files: std::sync::Arc<dyn spillway_handlers::ModelFiles> = if model.is_dir()
-            && !model.join(spillway::manifest::MANIFEST_PATH).is_file()
-        {
-            std::sync::Arc::new(spillway_handlers::weights::files::FolderFiles::new(model))
+    let cache = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("spillway-plan"));
+    let is = |extension: &str| model.is_file() && model.extension().is_some_and(|e| e == extension);
+    let (files, mut setup): (Option<std::sync::Arc<dyn spillway_handlers::ModelFiles>>, _) =
+        if is("json") {
+            (None, SetupConfig::default())
         } else {
-            let cache = args
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join("spillway-plan"));
-            spillway::archive::open(model, &cache, &spillway::archive::ArchiveLimits::default())?
+            let folder =
+                |dir: &std::path::Path| -> std::sync::Arc<dyn spillway_handlers::ModelFiles> {
+                    std::sync::Arc::new(spillway_handlers::weights::files::FolderFiles::new(dir))
+                };
+            let files = if is("gguf") {
+                folder(model.parent().unwrap_or(std::path::Path::new(".")))
+            } else if model.is_dir() && !model.join(spillway::manifest::MANIFEST_PATH).is_file() {
+                folder(model)
+            } else {
+                spillway::archive::open(
+                    model,
+                    &cache,
+                    &spillway::archive::ArchiveLimits::default(),
+                )?
                 .files
+            };
+            let setup = SetupConfig::parse(files.read("setup_config.json")?.as_deref())?;
+            (Some(files), setup)
         };
-        let setup = SetupConfig::parse(files.read("setup_config.json")?.as_deref())?;
-        (ModelInventory::read(&*files)?, setup)
-    };
     if let Some(map) = &args.device_map {
         setup.device_map = Some(
             serde_json::from_str(map).unwrap_or_else(|_| serde_json::Value::String(map.clone())),
@@ -226,6 +231,29 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     if let Some(dtype) = &args.dtype {
         setup.torch_dtype = Some(dtype.clone());
     }
+    let inventory = match files {
+        None => {
+            let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model)?)?;
+            ModelInventory::from_config(&config)?
+        }
+        Some(files) => {
+            // A GGUF is planned from the copy the server would serve (written once into
+            // the offload folder, or the cache): quantized blocks unless a dtype is asked.
+            let named = is("gguf")
+                .then(|| model.file_name())
+                .flatten()
+                .and_then(|n| n.to_str());
+            match spillway::loader::gguf_in(&*files, named)? {
+                Some(gguf) => {
+                    let dtype = setup.load_options()?.dtype;
+                    let copy =
+                        spillway::loader::converted_gguf(&*files, &gguf, dtype, &setup, &cache)?;
+                    ModelInventory::read(&*copy)?
+                }
+                None => ModelInventory::read(&*files)?,
+            }
+        }
+    };
     let options = PlanOptions {
         batch_size: args.batch_size,
         max_length: args.max_length,

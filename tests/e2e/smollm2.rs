@@ -171,3 +171,57 @@ fn smollm2_gguf_serves_from_its_quantized_blocks_by_default() {
         "the plan counts {planned} bytes, not the quantized ~96 MB"
     );
 }
+
+#[test]
+fn plan_takes_a_gguf_only_folder_or_file_and_counts_its_quantized_bytes() {
+    let model = fetch_model("smollm2");
+    let gguf = std::fs::read_dir(&model)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .expect("the SmolLM2 package ships a GGUF");
+    let cache = tempfile::tempdir().unwrap();
+    let plan = |model: &std::path::Path, extra: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(crate::support::BIN)
+            .arg("plan")
+            .arg(model)
+            .args(["--json", "--cache-dir", cache.path().to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let bytes_on = |plan: &serde_json::Value, device: &str| -> u64 {
+        plan["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["device"] == device)
+            .map(|u| u["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    // The folder holds only the GGUF: planned from its quantized copy, all on the CPU.
+    let whole = plan(&model, &[]);
+    let units = whole["units"].as_array().unwrap();
+    assert!(units.iter().any(|u| u["name"] == "model.layers.29"), "{whole}");
+    let total = bytes_on(&whole, "cpu");
+    assert!(
+        (80 << 20..120 << 20).contains(&total),
+        "{total} bytes: the quantized ~96 MB, not 513 MiB of float32"
+    );
+    // The file itself, under a budget that fits part of it: the rest streams from disk.
+    let split = plan(
+        &gguf,
+        &["--device-map", "auto", "--max-memory", r#"{"cpu": "350MB"}"#],
+    );
+    let (cpu, disk) = (bytes_on(&split, "cpu"), bytes_on(&split, "disk"));
+    assert!(cpu > 0 && disk > 0, "{split}");
+    assert_eq!(cpu + disk, total);
+    assert_eq!(split["streamed_bytes_per_forward"].as_u64(), Some(disk));
+}

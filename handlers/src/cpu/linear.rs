@@ -7,6 +7,10 @@
 //! `mkl_blas_avx512_sgemm_scopy_right48_ea`, was 15 % of the forward pass, since the
 //! weight is large next to so few rows. Without MKL the weight stays a candle tensor and
 //! the product is candle's matmul.
+//!
+//! [`InPlaceLinear`] (the `mkl` build) multiplies by an f32 weight that stays where it
+//! is, in a file mapping: a unit streamed from disk each pass then reads the pages it
+//! needs instead of copying the whole weight into a tensor first.
 
 use candle_core::{Result, Tensor};
 
@@ -46,6 +50,100 @@ impl CpuLinear {
     }
 }
 
+/// `x · Wᵀ` for an f32 weight `[out, in]` read in place from `bytes` (little-endian
+/// f32, row-major, 4-byte aligned), with MKL's `sgemm`.
+pub struct InPlaceLinear {
+    bytes: crate::cpu::quantized::matmul::WeightBytes,
+    out: usize,
+    inp: usize,
+}
+
+impl InPlaceLinear {
+    /// Whether this build multiplies in place (the `mkl` build); elsewhere callers copy.
+    pub const AVAILABLE: bool = cfg!(feature = "mkl");
+
+    /// Takes `bytes` as an `[out, in]` f32 weight, or says why it cannot: a length that
+    /// is not `out · in` floats, or bytes not aligned for f32 (a mapping's tensor can sit
+    /// at any offset of its file).
+    pub fn new(
+        bytes: crate::cpu::quantized::matmul::WeightBytes,
+        out: usize,
+        inp: usize,
+    ) -> Result<Self> {
+        let slice = (*bytes).as_ref();
+        if slice.len() != out * inp * 4 {
+            candle_core::bail!(
+                "an f32 [{out}, {inp}] weight needs {} bytes, not {}",
+                out * inp * 4,
+                slice.len()
+            );
+        }
+        if !(slice.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
+            candle_core::bail!("the weight's bytes are not aligned for f32");
+        }
+        if c_dim(out).is_err() || c_dim(inp).is_err() {
+            candle_core::bail!("an f32 [{out}, {inp}] weight is too large for sgemm");
+        }
+        Ok(Self { bytes, out, inp })
+    }
+
+    /// `x · Wᵀ` for `x` `[rows, in]` → `[rows, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, inp) = x.dims2()?;
+        if inp != self.inp {
+            candle_core::bail!(
+                "{inp} input features for a [{}, {}] weight",
+                self.out,
+                self.inp
+            );
+        }
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    fn weight(&self) -> &[f32] {
+        let bytes = (*self.bytes).as_ref();
+        // SAFETY: `new` checked the length (out · in floats) and the f32 alignment; every
+        // bit pattern is an f32; the bytes live as long as `self.bytes`.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4)
+        }
+    }
+}
+
+fn c_dim(v: usize) -> Result<std::ffi::c_int> {
+    std::ffi::c_int::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{v} overflows")))
+}
+
+impl candle_core::CustomOp1 for InPlaceLinear {
+    fn name(&self) -> &'static str {
+        "in-place-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("in-place linear needs contiguous input".into())
+        })?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let (rows, inp) = layout.shape().dims2()?;
+        if inp != self.inp || x.len() != rows * inp {
+            candle_core::bail!("in-place linear: input {:?}", layout.shape());
+        }
+        let mut y = vec![0.0f32; rows * self.out];
+        if rows > 0 {
+            imp::sgemm_xwt(x, rows, self.weight(), self.out, self.inp, &mut y)?;
+        }
+        Ok((
+            candle_core::CpuStorage::F32(y),
+            candle_core::Shape::from((rows, self.out)),
+        ))
+    }
+}
+
 #[cfg(not(feature = "mkl"))]
 mod imp {
     //! candle's matmul.
@@ -61,6 +159,25 @@ mod imp {
         pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
             x.matmul(&self.0.t()?)
         }
+    }
+
+    /// `y = x · Wᵀ` with candle's matmul over a copy of `w` (this build has no BLAS to
+    /// hand a borrowed weight to; callers check `InPlaceLinear::AVAILABLE` and copy
+    /// the weight into a tensor once instead).
+    pub(super) fn sgemm_xwt(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let device = candle_core::Device::Cpu;
+        let x = Tensor::from_slice(x, (rows, inp), &device)?;
+        let w = Tensor::from_slice(w, (out, inp), &device)?;
+        let product = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        y.copy_from_slice(&product);
+        Ok(())
     }
 }
 
@@ -95,6 +212,22 @@ mod imp {
             ld: c_int,
             dest: *mut f32,
         );
+        fn cblas_sgemm(
+            layout: c_int,
+            transa: c_int,
+            transb: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
         fn cblas_sgemm_compute(
             layout: c_int,
             transa: c_int,
@@ -110,6 +243,43 @@ mod imp {
             c: *mut f32,
             ldc: c_int,
         );
+    }
+
+    /// `y = x · Wᵀ`: `x` `[rows, inp]`, `w` `[out, inp]`, `y` `[rows, out]`, all
+    /// row-major, with a plain `sgemm` reading `w` where it is.
+    pub(super) fn sgemm_xwt(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let (m, n, k) = (super::c_dim(rows)?, super::c_dim(out)?, super::c_dim(inp)?);
+        if x.len() != rows * inp || w.len() != out * inp || y.len() != rows * out {
+            candle_core::bail!("sgemm: [{rows}, {inp}] x [{out}, {inp}]ᵀ with mismatched buffers");
+        }
+        // SAFETY: the lengths were checked against the dimensions just above; beta = 0
+        // overwrites y.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                m,
+                n,
+                k,
+                1.0,
+                x.as_ptr(),
+                k,
+                w.as_ptr(),
+                k,
+                0.0,
+                y.as_mut_ptr(),
+                n,
+            )
+        };
+        Ok(())
     }
 
     /// The packed weight: a heap buffer that never moves (MKL's packed format depends on
@@ -225,6 +395,68 @@ mod imp {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn in_place_products_match_candles_matmul_and_bad_bytes_are_refused() {
+        use std::sync::Arc;
+        let (out, inp) = (24, 40);
+        let weight = Tensor::randn(0f32, 1., (out, inp), &Device::Cpu).expect("weight");
+        let values = weight
+            .flatten_all()
+            .and_then(|w| w.to_vec1::<f32>())
+            .expect("values");
+        // Shifted by one byte inside the buffer to test the alignment check below.
+        let mut raw: Vec<u8> = vec![0];
+        raw.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let raw = Arc::new(raw);
+        struct Part(Arc<Vec<u8>>, std::ops::Range<usize>);
+        impl AsRef<[u8]> for Part {
+            fn as_ref(&self) -> &[u8] {
+                &self.0[self.1.clone()]
+            }
+        }
+        let aligned: Vec<f32> = values.clone();
+        let bytes: Arc<Vec<u8>> = Arc::new(aligned.iter().flat_map(|v| v.to_le_bytes()).collect());
+        // A Vec<u8> is only byte-aligned in principle: copy into f32 storage to be sure.
+        struct Floats(Vec<f32>);
+        impl AsRef<[u8]> for Floats {
+            fn as_ref(&self) -> &[u8] {
+                // SAFETY: any f32 slice is a valid byte slice of 4x the length.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 4)
+                }
+            }
+        }
+        let linear = InPlaceLinear::new(Arc::new(Floats(aligned)), out, inp).expect("in place");
+        for rows in [1, 3, 128] {
+            let x = Tensor::randn(0f32, 1., (rows, inp), &Device::Cpu).expect("x");
+            let want = x.matmul(&weight.t().expect("t")).expect("matmul");
+            let got = linear.forward(&x).expect("forward");
+            assert_eq!(got.dims(), [rows, out]);
+            let diff: f32 = (got - want)
+                .and_then(|d| d.abs()?.flatten_all()?.max(0))
+                .and_then(|d| d.to_scalar())
+                .expect("diff");
+            assert!(diff < 1e-4, "{rows} rows: {diff}");
+        }
+        let short = Arc::new(Part(Arc::clone(&bytes), 0..bytes.len() - 4));
+        let err = InPlaceLinear::new(short, out, inp)
+            .err()
+            .expect("short refused");
+        assert!(err.to_string().contains("needs"), "{err}");
+        // One of these two windows starts off a 4-byte boundary.
+        let misaligned = (0..2)
+            .map(|shift| Part(Arc::clone(&raw), shift..shift + out * inp * 4))
+            .find(|p| !(p.as_ref().as_ptr() as usize).is_multiple_of(4))
+            .expect("a misaligned window");
+        let err = InPlaceLinear::new(Arc::new(misaligned), out, inp)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("aligned"), "{err}");
+        let x = Tensor::zeros((2, inp + 1), candle_core::DType::F32, &Device::Cpu).expect("x");
+        assert!(linear.forward(&x).is_err(), "a wrong width is an error");
+    }
 
     #[test]
     fn products_match_candles_matmul_for_any_number_of_rows() {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use std::sync::Arc;
 
-use crate::cpu::linear::CpuLinear;
+use crate::cpu::linear::{CpuLinear, InPlaceLinear};
 use crate::cpu::quantized::QuantizedMatrix;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
@@ -292,6 +292,13 @@ enum Projection {
         bias: Option<Tensor>,
         out: usize,
     },
+    /// f32 on the CPU read in place from the mapping (a streamed unit of the `mkl`
+    /// build: neither copied nor packed each pass).
+    InPlace {
+        weight: InPlaceLinear,
+        bias: Option<Tensor>,
+        out: usize,
+    },
     /// GGML blocks on the CPU, multiplied as they are (in place in the mapping).
     Quantized {
         weight: QuantizedMatrix,
@@ -329,7 +336,27 @@ impl Projection {
             let dense = weight.dequantize(vb.device())?.to_dtype(vb.dtype())?;
             return Ok(Self::Candle(Linear::new(dense, bias)));
         }
-        let packs = pack && CpuLinear::PACKS && vb.device().is_cpu() && vb.dtype() == DType::F32;
+        let f32_on_cpu = vb.device().is_cpu() && vb.dtype() == DType::F32;
+        if !pack && f32_on_cpu && InPlaceLinear::AVAILABLE {
+            let name = format!("{}.weight", vb.prefix());
+            // Not in place where the stored dtype or the mapping's alignment does not
+            // allow it: copied, as below.
+            if let Some((bytes, shape)) = source.f32_bytes(&name)
+                && shape == [out_dim, in_dim]
+                && let Ok(weight) = InPlaceLinear::new(bytes, out_dim, in_dim)
+            {
+                let bias = match vb.contains_tensor("bias") {
+                    true => Some(vb.get(out_dim, "bias")?),
+                    false => None,
+                };
+                return Ok(Self::InPlace {
+                    weight,
+                    bias,
+                    out: out_dim,
+                });
+            }
+        }
+        let packs = pack && CpuLinear::PACKS && f32_on_cpu;
         let linear = if vb.contains_tensor("bias") {
             candle_nn::linear(in_dim, out_dim, vb)?
         } else {
@@ -349,16 +376,10 @@ impl Projection {
         match self {
             Self::Candle(linear) => linear.forward(x),
             Self::Packed { weight, bias, out } => {
-                let mut dims = x.dims().to_vec();
-                let inner = dims.pop().unwrap_or(1);
-                let rows = x.elem_count() / inner.max(1);
-                let y = weight.forward(&x.reshape((rows, inner))?)?;
-                dims.push(*out);
-                let y = y.reshape(dims)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+                over_rows(x, *out, bias.as_ref(), |rows| weight.forward(rows))
+            }
+            Self::InPlace { weight, bias, out } => {
+                over_rows(x, *out, bias.as_ref(), |rows| weight.forward(rows))
             }
             Self::Quantized { weight, bias } => {
                 let y = weight.forward(x)?.to_dtype(x.dtype())?;
@@ -368,6 +389,26 @@ impl Projection {
                 }
             }
         }
+    }
+}
+
+/// `product` of `x` seen as `[rows, in]` (every dimension but the last folded into
+/// rows), reshaped back to `x`'s leading dimensions and `out`, plus `bias`.
+fn over_rows(
+    x: &Tensor,
+    out: usize,
+    bias: Option<&Tensor>,
+    product: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let inner = dims.pop().unwrap_or(1);
+    let rows = x.elem_count() / inner.max(1);
+    let y = product(&x.reshape((rows, inner))?)?;
+    dims.push(out);
+    let y = y.reshape(dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 
@@ -1395,6 +1436,42 @@ mod tests {
                 .expect("forward");
             let diff = max_diff(&logits, &want);
             assert!(diff <= 1e-5, "streamed={streamed}: logits differ by {diff}");
+        }
+    }
+
+    #[test]
+    fn streamed_f32_projections_multiply_in_place_and_match_resident_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = TinyLlama::default();
+        spec.write(dir.path()).expect("write");
+        let source =
+            crate::WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        let (h, i) = (spec.hidden_size, spec.intermediate_size);
+        let load = |name: &str, inp: usize, out: usize, resident: bool| {
+            let vb = source.var_builder(DType::F32, &Device::Cpu).pp(name);
+            Projection::load(inp, out, vb, &source, resident).expect("load")
+        };
+        for (name, inp, out) in [
+            ("model.layers.0.self_attn.q_proj", h, h),
+            ("model.layers.1.mlp.up_proj", h, i),
+            ("model.layers.2.mlp.down_proj", i, h),
+        ] {
+            let streamed = load(name, inp, out, false);
+            assert_eq!(
+                matches!(streamed, Projection::InPlace { .. }),
+                InPlaceLinear::AVAILABLE,
+                "{name}: a streamed f32 weight is read in place exactly where the build can"
+            );
+            let resident = load(name, inp, out, true);
+            assert!(!matches!(resident, Projection::InPlace { .. }), "{name}");
+            for rows in [1, 5] {
+                let x = Tensor::randn(0f32, 1., (1, rows, inp), &Device::Cpu).expect("x");
+                let got = streamed.forward(&x).expect("streamed");
+                let want = resident.forward(&x).expect("resident");
+                assert_eq!(got.dims(), [1, rows, out]);
+                let diff = max_diff(&got, &want);
+                assert!(diff <= 1e-5, "{name}, {rows} rows: {diff}");
+            }
         }
     }
 

@@ -326,6 +326,24 @@ impl WeightSource {
         QuantizedMatrix::new(ggml, rows, inp, Arc::new(bytes)).map(Some)
     }
 
+    /// Tensor `name`'s bytes in the mapping, with its shape, when it is stored as f32
+    /// (`None` otherwise): an f32 weight multiplied in place.
+    pub fn f32_bytes(
+        &self,
+        name: &str,
+    ) -> Option<(crate::cpu::quantized::matmul::WeightBytes, Vec<usize>)> {
+        let (file, info) = self.locate(name)?;
+        if info.dtype != safetensors::Dtype::F32 {
+            return None;
+        }
+        let mapped = &self.files[file];
+        let bytes = MappedBytes {
+            file: mapped.clone(),
+            range: mapped.bytes_of(info),
+        };
+        Some((Arc::new(bytes), info.shape.clone()))
+    }
+
     fn locate(&self, name: &str) -> Option<(usize, &TensorInfo)> {
         let &file = self.owner.get(name)?;
         Some((file, self.files[file].metadata.info(name)?))

@@ -120,7 +120,15 @@ impl HugeMap {
 
     /// Drops this process' pages of `len` bytes at `offset`: they stay in the page cache,
     /// and a later read maps them again with the same contents.
+    ///
+    /// A range of at least 2 MiB is released from the 2 MiB boundary at or below its
+    /// start to the one at or below its end: releasing part of a 2 MiB mapping would
+    /// split it into 4 KiB entries for good (a streamed unit of SmolLM2 is about 2 MiB,
+    /// so nearly every huge page straddles two units), while units released in file order
+    /// each release the huge page they share with the one before. What this keeps mapped
+    /// is under 2 MiB past the range. Smaller ranges are released page by page.
     pub fn dont_need(&self, offset: usize, len: usize) {
+        let (offset, len) = huge_page_release(offset, len);
         let _ = self.advise(offset, len, libc::MADV_DONTNEED);
     }
 
@@ -169,6 +177,16 @@ impl Drop for HugeMap {
             }
         }
     }
+}
+
+/// The range [`HugeMap::dont_need`] releases for `len` bytes at `offset`.
+fn huge_page_release(offset: usize, len: usize) -> (usize, usize) {
+    if len < HUGE_PAGE {
+        return (offset, len);
+    }
+    let start = offset - offset % HUGE_PAGE;
+    let end = offset.saturating_add(len);
+    (start, end - end % HUGE_PAGE - start)
 }
 
 fn page_size() -> usize {
@@ -232,6 +250,26 @@ mod tests {
             map.dont_need(len / 2, usize::MAX);
             assert_eq!(&map[..], &bytes[..], "len {len} after clamped release");
         }
+    }
+
+    #[test]
+    fn large_releases_end_on_huge_page_boundaries_and_cover_every_page_once_in_order() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(huge_page_release(5, 100), (5, 100), "small: as asked");
+        assert_eq!(huge_page_release(3 * MIB, 2 * MIB), (2 * MIB, 2 * MIB));
+        assert_eq!(huge_page_release(4 * MIB, 4 * MIB), (4 * MIB, 4 * MIB));
+        // Consecutive units of 2.1 MiB released in order: every whole huge page before
+        // the last unit's end is released by exactly one of them, and none is split.
+        let unit = 2 * MIB + MIB / 10;
+        let mut released = Vec::new();
+        for i in 0..30 {
+            let (start, len) = huge_page_release(i * unit, unit);
+            assert_eq!((start % HUGE_PAGE, len % HUGE_PAGE), (0, 0), "unit {i}");
+            released.extend((start..start + len).step_by(HUGE_PAGE));
+        }
+        let end = 30 * unit;
+        let whole: Vec<usize> = (0..end - end % HUGE_PAGE).step_by(HUGE_PAGE).collect();
+        assert_eq!(released, whole);
     }
 
     #[test]

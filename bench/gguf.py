@@ -19,6 +19,13 @@ Spillway serves a GGUF as its `torch_dtype` says: unset, quantized (the Q4_1 blo
 as they are); "float32", dequantized once into the offload folder. Both are measured, all in
 RAM and with every block on disk.
 
+Greedy tokens part between any two engines that round activations differently (docs/gguf.md
+measures why), so the bar they are held to is a distance: along the refs' own tokens
+(teacher forcing, 8 steps a prompt), the largest |logit difference| to Spillway's float32
+copy of the same GGUF (whose greedy tokens equal the refs), averaged over the steps, for
+Spillway Q4_1 (`examples/quantized_logits`) and for llama.cpp Q4_1 (its logits saved by this
+script). Spillway's should be no larger than llama.cpp's.
+
 llama.cpp's greedy tokens are taken with a float32 KV cache (its default is f16), so that the
 comparison is of the quantized matmuls, not of the cache's rounding.
 
@@ -32,6 +39,8 @@ from common import Server, drop_caches, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/spillway")
+LOGITS = os.path.join(ROOT, "target/release/examples/quantized_logits")
+FORCED_STEPS = 8  # as examples/quantized_logits
 LLAMA_CPP_PYTHON = "0.3.36"
 VENV = os.path.expanduser(f"~/.cache/spillway/llama-cpp-python-{LLAMA_CPP_PYTHON}")
 REFS = os.path.join(ROOT, "..", "shared", "refs", "smollm2_dev_refs.json")
@@ -96,6 +105,15 @@ for ids in job["greedy_prompts"]:
         llm.eval([tok])
     greedy.append({"ids": got, "gaps": gaps})
 out["greedy"] = greedy
+# Teacher-forced logits along the refs' tokens, for the distance to float32.
+forced = []
+for ids, want in zip(job["greedy_prompts"], job["forced_tokens"]):
+    llm.reset()
+    llm.eval(ids)
+    for tok in want:
+        forced.append(np.array(last_logits(), dtype="<f4"))
+        llm.eval([tok])
+np.concatenate(forced).tofile(job["forced_out"])
 print(json.dumps(out))
 """
 
@@ -173,16 +191,22 @@ def main():
     gguf = [os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".gguf")][0]
     if not args.skip_build:
         subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
+        mkl = run([os.path.join(ROOT, "scripts/fetch-mkl.sh")])
+        subprocess.run(["cargo", "build", "--release", "-p", "spillway-handlers", "--features", "mkl",
+                        "--example", "quantized_logits"], cwd=ROOT, check=True, env=dict(os.environ, MKLROOT=mkl))
     python = llama_cpp_python()
     refs = json.load(open(REFS))["cases"]
     text = SENTENCE * 12
+    work = tempfile.mkdtemp(prefix="spillway-gguf-")
+    assert all(len(c["greedy_new_token_ids"]) >= FORCED_STEPS for c in refs)
     job = {"text": text, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "runs": args.runs,
-           "greedy_prompts": [c["prompt_token_ids"] for c in refs], "greedy": GREEDY, "eos": 2}
+           "greedy_prompts": [c["prompt_token_ids"] for c in refs], "greedy": GREEDY, "eos": 2,
+           "forced_tokens": [c["greedy_new_token_ids"][:FORCED_STEPS] for c in refs],
+           "forced_out": os.path.join(work, "llama-logits.f32")}
     llama = json.loads(run([python, "-c", LLAMA_CPP, gguf, json.dumps(job)]))
     # The same 128 tokens for Spillway: the text of llama.cpp's first 128 tokens of `text`
     # (Spillway's requests check that it tokenizes to 128 again).
     text = llama["prompt_text"]
-    work = tempfile.mkdtemp(prefix="spillway-gguf-")
     try:
         blocks_on_disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu"}
         rows = [("llama.cpp (Q4_1)", "-", llama)]
@@ -203,6 +227,7 @@ def main():
         if cold:
             rows.append(("Spillway f32, blocks on disk", "cold", spillway(work, gguf, disk, "cold", text, runs,
                                                                             True)))
+        distances = logit_distances(work, job["forced_out"], len(refs))
     finally:
         subprocess.run(["rm", "-rf", work])
     lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF; {os.cpu_count()} cores, 2 threads each; prompt {PROMPT_TOKENS} "
@@ -222,10 +247,28 @@ def main():
         lines.append(f"- prompt {i} ({case['kind']}): Spillway Q4_1 vs llama.cpp: "
                      f"{parting(q, theirs['ids'], theirs['gaps'])}; Spillway f32 vs refs: {parting(f, want)}; "
                      f"llama.cpp vs refs: {parting(theirs['ids'], want, theirs['gaps'])}")
+    lines += ["", f"Logit distance to float32 along the refs' tokens (teacher forced, {FORCED_STEPS} steps a "
+              "prompt; mean over the steps of the largest |Δlogit| to Spillway f32 of the same GGUF; "
+              "`examples/quantized_logits --other`):", "",
+              "| prompt | Spillway Q4_1 | llama.cpp Q4_1 | Spillway / llama.cpp |", "|---|---|---|---|"]
+    for d in distances:
+        lines.append(f"| {d['case']} | {d['quantized_to_f32']:.3f} | {d['other_to_f32']:.3f} | "
+                     f"{d['quantized_to_f32'] / d['other_to_f32']:.2f} |")
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
         write_section("GGUF against llama.cpp", table)
+
+
+def logit_distances(work, llama_logits, cases):
+    """examples/quantized_logits on the quantized and float32 copies the servers wrote (in
+    the shared cache's offload folder), with llama.cpp's logits as the other engine."""
+    offload = os.path.join(work, "cache", "offload")
+    folder = lambda suffix: next(os.path.join(offload, d) for d in os.listdir(offload)
+                                 if d.endswith(suffix) and not d.startswith("."))
+    out = run([LOGITS, folder("-ggml-v3"), folder("-f32-v3"), REFS, str(cases), "--other", llama_logits],
+              env=dict(os.environ, CANDLE_NUM_THREADS="2"))
+    return json.loads(out.splitlines()[-1])
 
 
 def parting(a, b, gaps=None):

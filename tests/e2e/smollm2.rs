@@ -209,7 +209,10 @@ fn plan_takes_a_gguf_only_folder_or_file_and_counts_its_quantized_bytes() {
     // The folder holds only the GGUF: planned from its quantized copy, all on the CPU.
     let whole = plan(&model, &[]);
     let units = whole["units"].as_array().unwrap();
-    assert!(units.iter().any(|u| u["name"] == "model.layers.29"), "{whole}");
+    assert!(
+        units.iter().any(|u| u["name"] == "model.layers.29"),
+        "{whole}"
+    );
     let total = bytes_on(&whole, "cpu");
     assert!(
         (80 << 20..120 << 20).contains(&total),
@@ -218,7 +221,12 @@ fn plan_takes_a_gguf_only_folder_or_file_and_counts_its_quantized_bytes() {
     // The file itself, under a budget that fits part of it: the rest streams from disk.
     let split = plan(
         &gguf,
-        &["--device-map", "auto", "--max-memory", r#"{"cpu": "350MB"}"#],
+        &[
+            "--device-map",
+            "auto",
+            "--max-memory",
+            r#"{"cpu": "350MB"}"#,
+        ],
     );
     let (cpu, disk) = (bytes_on(&split, "cpu"), bytes_on(&split, "disk"));
     assert!(cpu > 0 && disk > 0, "{split}");

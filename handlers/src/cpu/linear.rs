@@ -396,6 +396,26 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// Checks `forward` against candle's `x · weightᵀ` for each number of rows.
+    fn matches_candles_matmul(
+        weight: &Tensor,
+        rows: &[usize],
+        forward: impl Fn(&Tensor) -> Tensor,
+    ) {
+        let (out, inp) = weight.dims2().expect("2d");
+        for &rows in rows {
+            let x = Tensor::randn(0f32, 1., (rows, inp), &Device::Cpu).expect("x");
+            let want = x.matmul(&weight.t().expect("t")).expect("matmul");
+            let got = forward(&x);
+            assert_eq!(got.dims(), [rows, out]);
+            let diff: f32 = (got - want)
+                .and_then(|d| d.abs()?.flatten_all()?.max(0))
+                .and_then(|d| d.to_scalar())
+                .expect("diff");
+            assert!(diff < 1e-4, "{rows} rows: differs by {diff}");
+        }
+    }
+
     #[test]
     fn in_place_products_match_candles_matmul_and_bad_bytes_are_refused() {
         use std::sync::Arc;
@@ -405,19 +425,7 @@ mod tests {
             .flatten_all()
             .and_then(|w| w.to_vec1::<f32>())
             .expect("values");
-        // Shifted by one byte inside the buffer to test the alignment check below.
-        let mut raw: Vec<u8> = vec![0];
-        raw.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        let raw = Arc::new(raw);
-        struct Part(Arc<Vec<u8>>, std::ops::Range<usize>);
-        impl AsRef<[u8]> for Part {
-            fn as_ref(&self) -> &[u8] {
-                &self.0[self.1.clone()]
-            }
-        }
-        let aligned: Vec<f32> = values.clone();
-        let bytes: Arc<Vec<u8>> = Arc::new(aligned.iter().flat_map(|v| v.to_le_bytes()).collect());
-        // A Vec<u8> is only byte-aligned in principle: copy into f32 storage to be sure.
+        /// The weight's floats, seen as bytes (f32-aligned, as a Vec<f32> is).
         struct Floats(Vec<f32>);
         impl AsRef<[u8]> for Floats {
             fn as_ref(&self) -> &[u8] {
@@ -428,20 +436,31 @@ mod tests {
                 }
             }
         }
-        let linear = InPlaceLinear::new(Arc::new(Floats(aligned)), out, inp).expect("in place");
-        for rows in [1, 3, 128] {
-            let x = Tensor::randn(0f32, 1., (rows, inp), &Device::Cpu).expect("x");
-            let want = x.matmul(&weight.t().expect("t")).expect("matmul");
-            let got = linear.forward(&x).expect("forward");
-            assert_eq!(got.dims(), [rows, out]);
-            let diff: f32 = (got - want)
-                .and_then(|d| d.abs()?.flatten_all()?.max(0))
-                .and_then(|d| d.to_scalar())
-                .expect("diff");
-            assert!(diff < 1e-4, "{rows} rows: {diff}");
+        let linear =
+            InPlaceLinear::new(Arc::new(Floats(values.clone())), out, inp).expect("in place");
+        matches_candles_matmul(&weight, &[1, 3, 128], |x| {
+            linear.forward(x).expect("forward")
+        });
+        let x = Tensor::zeros((2, inp + 1), candle_core::DType::F32, &Device::Cpu).expect("x");
+        assert!(linear.forward(&x).is_err(), "a wrong width is an error");
+
+        /// A window of a byte buffer.
+        struct Part(Arc<Vec<u8>>, std::ops::Range<usize>);
+        impl AsRef<[u8]> for Part {
+            fn as_ref(&self) -> &[u8] {
+                &self.0[self.1.clone()]
+            }
         }
-        let short = Arc::new(Part(Arc::clone(&bytes), 0..bytes.len() - 4));
-        let err = InPlaceLinear::new(short, out, inp)
+        let raw: Arc<Vec<u8>> = Arc::new(
+            std::iter::once(0u8)
+                .chain(values.iter().flat_map(|v| v.to_le_bytes()))
+                .collect(),
+        );
+        let short = (0..2)
+            .map(|shift| Part(Arc::clone(&raw), shift..shift + out * inp * 4 - 4))
+            .find(|p| (p.as_ref().as_ptr() as usize).is_multiple_of(4))
+            .expect("an aligned window");
+        let err = InPlaceLinear::new(Arc::new(short), out, inp)
             .err()
             .expect("short refused");
         assert!(err.to_string().contains("needs"), "{err}");
@@ -454,8 +473,6 @@ mod tests {
             .err()
             .expect("refused");
         assert!(err.to_string().contains("aligned"), "{err}");
-        let x = Tensor::zeros((2, inp + 1), candle_core::DType::F32, &Device::Cpu).expect("x");
-        assert!(linear.forward(&x).is_err(), "a wrong width is an error");
     }
 
     #[test]
@@ -463,17 +480,9 @@ mod tests {
         let (out, inp) = (96, 40);
         let weight = Tensor::randn(0f32, 1., (out, inp), &Device::Cpu).expect("weight");
         let linear = CpuLinear::new(&weight).expect("linear");
-        for rows in [1, 3, 16, 128, 129, 700] {
-            let x = Tensor::randn(0f32, 1., (rows, inp), &Device::Cpu).expect("x");
-            let want = x.matmul(&weight.t().expect("t")).expect("matmul");
-            let got = linear.forward(&x).expect("forward");
-            assert_eq!(got.dims(), [rows, out]);
-            let diff: f32 = (got - want)
-                .and_then(|d| d.abs()?.flatten_all()?.max(0))
-                .and_then(|d| d.to_scalar())
-                .expect("diff");
-            assert!(diff < 1e-4, "{rows} rows: differs by {diff}");
-        }
+        matches_candles_matmul(&weight, &[1, 3, 16, 128, 129, 700], |x| {
+            linear.forward(x).expect("forward")
+        });
         let wrong = Tensor::zeros((2, inp + 1), candle_core::DType::F32, &Device::Cpu);
         assert!(linear.forward(&wrong.expect("x")).is_err());
     }

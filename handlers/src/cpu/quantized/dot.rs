@@ -395,43 +395,32 @@ mod avx512 {
             a.biases.as_ptr(),
             a.scale_sums.as_ptr(),
         );
+        // SAFETY (of every call): the asserts above bound the reads of every block
+        // `b < blocks`, and only such blocks are passed.
+        let block = |b: usize, acc| unsafe {
+            block_direct::<F>(
+                w.add(b * size),
+                v.add(b * BLOCK),
+                l.add(b * LANES),
+                s.add(2 * b),
+                acc,
+            )
+        };
         let mut b = 0;
-        // SAFETY: the asserts above bound every block `b < blocks` read.
-        unsafe {
-            while b + 1 < blocks {
-                let (next0, p0) = block_direct::<F>(
-                    w.add(b * size),
-                    v.add(b * BLOCK),
-                    l.add(b * LANES),
-                    s.add(2 * b),
-                    acc0,
-                );
-                let (next1, p1) = block_direct::<F>(
-                    w.add((b + 1) * size),
-                    v.add((b + 1) * BLOCK),
-                    l.add((b + 1) * LANES),
-                    s.add(2 * (b + 1)),
-                    acc1,
-                );
-                (acc0, acc1) = (next0, next1);
-                if F == Q4_1 {
-                    mins0 = _mm_add_ps(mins0, p0);
-                    mins1 = _mm_add_ps(mins1, p1);
-                }
-                b += 2;
+        while b + 1 < blocks {
+            let ((next0, p0), (next1, p1)) = (block(b, acc0), block(b + 1, acc1));
+            (acc0, acc1) = (next0, next1);
+            if F == Q4_1 {
+                mins0 = _mm_add_ps(mins0, p0);
+                mins1 = _mm_add_ps(mins1, p1);
             }
-            if b < blocks {
-                let (next, p) = block_direct::<F>(
-                    w.add(b * size),
-                    v.add(b * BLOCK),
-                    l.add(b * LANES),
-                    s.add(2 * b),
-                    acc0,
-                );
-                acc0 = next;
-                if F == Q4_1 {
-                    mins0 = _mm_add_ps(mins0, p);
-                }
+            b += 2;
+        }
+        if b < blocks {
+            let (next, p) = block(b, acc0);
+            acc0 = next;
+            if F == Q4_1 {
+                mins0 = _mm_add_ps(mins0, p);
             }
         }
         let min_terms = _mm_cvtss_f32(_mm_movehdup_ps(_mm_add_ps(mins0, mins1)));

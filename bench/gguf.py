@@ -32,6 +32,8 @@ comparison is of the quantized matmuls, not of the cache's rounding.
 Writes the table to BENCHMARKS.md's "GGUF against llama.cpp" section (unless --no-write).
 
 Usage: bench/gguf.py [--runs 5] [--no-cold] [--skip-build] [--no-write]
+(--skip-build uses target/release/spillway and target/release/examples/quantized_logits as
+they are; without it both are built with MKL.)
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 

@@ -295,8 +295,11 @@ impl<M: Send + Sync + 'static> LayerStack<M> {
     ) {
         let span = source.span_of(tensors);
         let planned_resident = module.is_some();
-        // Loading may have built a streamed unit once to check it; its pages leave RSS now.
-        if let (None, Some(span)) = (&module, &span) {
+        // The pages the build read leave RSS now. A streamed unit (built once at load to
+        // check it) is rebuilt for each pass; a resident one either holds its own copy
+        // (f32 packed for MKL, or copied by candle), which the mapped pages would double,
+        // or reads its weights in place, which maps back the pages it uses as it uses them.
+        if let Some(span) = &span {
             source.release(span);
         }
         self.units.push(Arc::new(StackUnit {
@@ -563,6 +566,65 @@ mod tests {
             );
         }
         stack
+    }
+
+    /// KiB of `path`'s pages mapped into this process (its mappings' `Rss` in smaps).
+    fn mapped_kib(path: &std::path::Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps");
+        let path = path.to_str().expect("utf-8 path");
+        let mut ours = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                ours = line.ends_with(path);
+            } else if ours && let Some(rss) = line.strip_prefix("Rss:") {
+                kib += rss
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+        }
+        kib
+    }
+
+    #[test]
+    fn a_resident_unit_built_from_a_copy_leaves_its_pages_unmapped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.safetensors");
+        let values: Vec<f32> = (0..256 * 1024).map(|i| (i % 7) as f32).collect();
+        let t = candle_core::Tensor::new(values.as_slice(), &Device::Cpu).expect("tensor");
+        candle_core::safetensors::save(&[("u.w".to_string(), t)].into_iter().collect(), &path)
+            .expect("save");
+        let source = WeightSource::open(&path).expect("open");
+        let mut stack: LayerStack<u64> = LayerStack::default();
+        let reader = source.clone();
+        stack
+            .push_planned(
+                "u",
+                UnitPlacement::Resident(Device::Cpu),
+                &source,
+                move |d, _| {
+                    // A copy of the 1 MiB tensor, as candle's loads make.
+                    reader
+                        .load("u.w", candle_core::DType::F32, d)?
+                        .sum_all()?
+                        .to_scalar::<f32>()
+                        .map(|sum| sum as u64)
+                },
+            )
+            .expect("push");
+        let total: f32 = values.iter().sum();
+        let sum = stack.forward(Sum::default(), add).expect("forward");
+        assert_eq!(sum.total, total as u64);
+        // The build read all 256 pages; once built, the copy is what the unit holds.
+        let mapped = mapped_kib(&path);
+        assert!(
+            mapped < 64,
+            "{mapped} KiB of the file still mapped after the build"
+        );
     }
 
     #[test]

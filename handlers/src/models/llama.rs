@@ -1446,6 +1446,12 @@ mod tests {
         spec.write(dir.path()).expect("write");
         let source =
             crate::WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
+        assert_eq!(
+            source.holding().contains("streamed units excepted: read in place"),
+            InPlaceLinear::AVAILABLE,
+            "describe says so: {}",
+            source.holding()
+        );
         let (h, i) = (spec.hidden_size, spec.intermediate_size);
         let load = |name: &str, inp: usize, out: usize, resident: bool| {
             let vb = source.var_builder(DType::F32, &Device::Cpu).pp(name);

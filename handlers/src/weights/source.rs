@@ -252,7 +252,8 @@ impl WeightSource {
 
     /// How the tensors are held once loaded, for describe: GGML blocks multiplied in
     /// place from the mapping (Spillway's kernels) or copied into candle's blocks (the
-    /// k-quants), and float tensors copied out of the mapping.
+    /// k-quants), and float tensors copied out of the mapping (but for the f32 projection
+    /// weights of streamed units in the MKL build, multiplied in place).
     pub fn holding(&self) -> String {
         use std::collections::BTreeMap;
         let mut in_place = BTreeMap::<String, usize>::new();
@@ -285,6 +286,10 @@ impl WeightSource {
             ));
         }
         parts.push(format!("{dense} float tensors copied from the mapping"));
+        if dense > 0 && crate::cpu::linear::InPlaceLinear::AVAILABLE {
+            // Llama's `Projection::InPlace`: f32 matrices of units streamed from disk.
+            parts.push("f32 projection weights of streamed units excepted: read in place".into());
+        }
         parts.join("; ")
     }
 

@@ -1447,7 +1447,9 @@ mod tests {
         let source =
             crate::WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
         assert_eq!(
-            source.holding().contains("streamed units excepted: read in place"),
+            source
+                .holding()
+                .contains("streamed units excepted: read in place"),
             InPlaceLinear::AVAILABLE,
             "describe says so: {}",
             source.holding()

@@ -11,7 +11,7 @@ use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
 use crate::models::bert_block::FusedBertBlock;
 pub use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Flow, LayerStack, Residence, Units};
+use crate::weights::layer_stack::{Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
 
 /// One unit of a BERT stack.
@@ -20,6 +20,13 @@ pub enum BertUnit {
     Embeddings(Box<BertModel>),
     Block(BertEncoder),
     FusedBlock(Box<FusedBertBlock>),
+}
+
+impl StackModule for BertUnit {
+    /// BERT's units hold candle's (or the fused kernels' packed) copies of their weights.
+    fn reads_in_place(&self) -> bool {
+        false
+    }
 }
 
 /// A BERT encoder laid out by a plan.

@@ -18,7 +18,7 @@ use crate::cpu::linear::{CpuLinear, InPlaceLinear};
 use crate::cpu::quantized::QuantizedMatrix;
 use crate::error::CandleContext;
 use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, Units};
+use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
 
 /// config.json of a Llama-family model (the keys the math needs).
@@ -372,6 +372,15 @@ impl Projection {
         })
     }
 
+    /// Whether the weight is multiplied where it is mapped (no copy of it is held).
+    fn reads_in_place(&self) -> bool {
+        match self {
+            Self::Quantized { weight, .. } => weight.in_place(),
+            Self::InPlace { .. } => true,
+            Self::Candle(_) | Self::Packed { .. } => false,
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Candle(linear) => linear.forward(x),
@@ -627,6 +636,11 @@ impl Block {
         })
     }
 
+    fn projections(&self) -> [&Projection; 7] {
+        let (a, m) = (&self.attention, &self.mlp);
+        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+    }
+
     /// See [`Attention::forward`] for how rows map to sequences.
     fn forward(
         &self,
@@ -723,6 +737,21 @@ pub enum LlamaUnit {
     Block(Box<Block>),
     Norm(RmsNorm),
     Head(OutputHead),
+}
+
+impl StackModule for LlamaUnit {
+    /// GGML tables and blocks whose projections are all multiplied where they are
+    /// mapped; norms (and biases) are small copies.
+    fn reads_in_place(&self) -> bool {
+        match self {
+            Self::Embeddings(TokenTable::Quantized(m)) | Self::Head(OutputHead::Quantized(m)) => {
+                m.in_place()
+            }
+            Self::Block(block) => block.projections().iter().all(|p| p.reads_in_place()),
+            Self::Norm(_) => true,
+            Self::Embeddings(TokenTable::Dense(_)) | Self::Head(OutputHead::Dense(_)) => false,
+        }
+    }
 }
 
 /// The token embedding table: candle's, or GGML rows dequantized as they are looked up
@@ -1470,8 +1499,17 @@ mod tests {
                 InPlaceLinear::AVAILABLE,
                 "{name}: a streamed f32 weight is read in place exactly where the build can"
             );
+            assert_eq!(
+                streamed.reads_in_place(),
+                InPlaceLinear::AVAILABLE,
+                "{name}"
+            );
             let resident = load(name, inp, out, true);
             assert!(!matches!(resident, Projection::InPlace { .. }), "{name}");
+            assert!(
+                !resident.reads_in_place(),
+                "{name}: a resident copy is not in place"
+            );
             for rows in [1, 5] {
                 let x = Tensor::randn(0f32, 1., (1, rows, inp), &Device::Cpu).expect("x");
                 let got = streamed.forward(&x).expect("streamed");

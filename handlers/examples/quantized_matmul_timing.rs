@@ -1,10 +1,10 @@
 //! Times Spillway's quantized matmul (`cpu::quantized::QuantizedMatrix`: its own kernels for
-//! Q4_0/Q4_1/Q8_0, candle's for the k-quants) and candle's (`QMatMul`: activations quantized
-//! per row to the format's Q8 type, then integer dot products), the starting point issue 17
-//! names, against (`QMatMul`: activations quantized per row to the
-//! format's Q8 type, then integer dot products), the starting point issue 17 names, against
-//! the f32 matmul Spillway runs on dequantized weights, on SmolLM2-135M's projection shapes. It also checks the
-//! quantized product against dequantize-then-f32.
+//! Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, candle's block dot products for the k-quants, all on the bytes
+//! where they are and on Spillway's thread team) against candle's (`QMatMul`: activations
+//! quantized per row to the format's Q8 type, then integer dot products; for Q4_K and Q6_K
+//! on AVX-512 VNNI a repacked copy of the weights), the starting point issue 17 names, and
+//! against the f32 matmul Spillway runs on dequantized weights, on SmolLM2-135M's projection
+//! shapes. It also checks the quantized product against dequantize-then-f32.
 //!
 //! `cargo run --release -p spillway-handlers --example quantized_matmul_timing [--features mkl] [-- RUNS]`
 //!
@@ -68,6 +68,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let formats = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
         GgmlDType::Q8_0,
         GgmlDType::Q4K,
         GgmlDType::Q5K,

@@ -3,8 +3,8 @@
 //! - [`kernels`]: the fused kernels on slices; [`fused_ops`] the same as candle
 //!   operations on tensors.
 //! - [`linear`]: `x · Wᵀ` for f32 on the CPU (weights packed once for MKL).
-//! - [`quantized`]: products on GGML-quantized weights (Q4_0, Q4_1, Q8_0 kernels of
-//!   its own; candle's for the k-quants).
+//! - [`quantized`]: products on GGML-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
+//!   kernels of its own; candle's block dot products for the k-quants).
 //! - [`simd`]: runs a kernel's loop compiled for the CPU's widest vector extension.
 //! - [`team`]: the thread team the fused kernels run their loops on (MKL's OpenMP team
 //!   with `mkl`, rayon without).

@@ -251,8 +251,9 @@ impl WeightSource {
     }
 
     /// How the tensors are held once loaded, for describe: GGML blocks multiplied in
-    /// place from the mapping (Spillway's kernels) or copied into candle's blocks (the
-    /// k-quants), and float tensors copied out of the mapping (but for the f32 projection
+    /// place from the mapping (Spillway's kernels, or candle's dot products for the
+    /// k-quants) or copied into candle's blocks (other GGML types), and
+    /// float tensors copied out of the mapping (but for the f32 projection
     /// weights of streamed units in the MKL build, multiplied in place).
     pub fn holding(&self) -> String {
         use std::collections::BTreeMap;
@@ -261,7 +262,7 @@ impl WeightSource {
         let mut dense = 0;
         for name in self.tensor_names() {
             match self.ggml_type(&name) {
-                Some(t) if crate::cpu::quantized::weights::Format::of(t).is_some() => {
+                Some(t) if crate::cpu::quantized::QuantizedMatrix::multiplies_in_place(t) => {
                     *in_place.entry(format!("{t:?}")).or_default() += 1
                 }
                 Some(t) => *copied.entry(format!("{t:?}")).or_default() += 1,

@@ -300,18 +300,24 @@ mod avx512 {
         match format {
             Format::Q4_0 => rows_direct_of::<Q4_0>(rows, acts, out),
             Format::Q4_1 => rows_direct_of::<Q4_1>(rows, acts, out),
+            Format::Q5_0 => rows_direct_of::<Q5_0>(rows, acts, out),
+            Format::Q5_1 => rows_direct_of::<Q5_1>(rows, acts, out),
             Format::Q8_0 => rows_direct_of::<Q8_0>(rows, acts, out),
         }
     }
 
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
-    const Q8_0: u8 = 2;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
 
     const fn format_of(f: u8) -> Format {
         match f {
             Q4_0 => Format::Q4_0,
             Q4_1 => Format::Q4_1,
+            Q5_0 => Format::Q5_0,
+            Q5_1 => Format::Q5_1,
             _ => Format::Q8_0,
         }
     }
@@ -332,11 +338,12 @@ mod avx512 {
 
     /// One block's contribution: the integer dot product in 8 lanes times the block's
     /// scale product, added to `acc`; the product of `[d, m]` with `[d, s]` is returned
-    /// for Q4_1's minimum term.
+    /// for the minimum term of Q4_1 and Q5_1.
     ///
     /// # Safety
-    /// `block` has the format's bytes (≥ 18: d and, for Q4_1, m in its first 4; nibbles
-    /// in its last 16, Q8_0's values in its last 32); `values` 32 activation values,
+    /// `block` has the format's bytes (≥ 18: d and, for Q4_1 and Q5_1, m in its first 4;
+    /// nibbles in its last 16 and the 5-bit formats' high bits in the 4 before them,
+    /// Q8_0's values in its last 32); `values` 32 activation values,
     /// `biases` 8 lanes and `scale_sum` 2 floats readable.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -358,15 +365,23 @@ mod avx512 {
             } else {
                 let nibbles = _mm_loadu_si128(block.add(size - 16).cast());
                 let both = _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles);
-                _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+                let low = _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+                if F == Q5_0 || F == Q5_1 {
+                    // Bit i of qh is weight i's fifth bit: 16 in byte i where it is set.
+                    let qh = std::ptr::read_unaligned(block.add(size - 20).cast::<u32>());
+                    _mm256_or_si256(low, _mm256_maskz_set1_epi8(qh, 0x10))
+                } else {
+                    low
+                }
             };
             let av = _mm256_loadu_si256(values.cast());
-            let integer = if F == Q4_1 {
+            let integer = if F == Q4_1 || F == Q5_1 {
                 _mm256_dpbusd_epi32(_mm256_setzero_si256(), weights, av)
             } else {
                 _mm256_dpbusd_epi32(_mm256_loadu_si256(biases.cast()), weights, av)
             };
-            // [d, m] of the weights (m: Q4_1 only), times [d, s] of the activations.
+            // [d, m] of the weights (m: Q4_1 and Q5_1 only), times [d, s] of the
+            // activations.
             let head = std::ptr::read_unaligned(block.cast::<i32>());
             let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(head));
             let ds = _mm_castpd_ps(_mm_load_sd(scale_sum.cast()));
@@ -390,7 +405,7 @@ mod avx512 {
         assert!(row.len() == blocks * size && a.scale_sums.len() == blocks * 2);
         assert!(a.biases.len() == blocks * LANES);
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        // Lane 1 gathers Q4_1's minimum terms (lane 0 holds scale products, unused).
+        // Lane 1 gathers the minimum terms (lane 0 holds scale products, unused).
         let (mut mins0, mut mins1) = (_mm_setzero_ps(), _mm_setzero_ps());
         let (w, v, l, s) = (
             row.as_ptr(),
@@ -413,7 +428,7 @@ mod avx512 {
         while b + 1 < blocks {
             let ((next0, p0), (next1, p1)) = (block(b, acc0), block(b + 1, acc1));
             (acc0, acc1) = (next0, next1);
-            if F == Q4_1 {
+            if F == Q4_1 || F == Q5_1 {
                 mins0 = _mm_add_ps(mins0, p0);
                 mins1 = _mm_add_ps(mins1, p1);
             }
@@ -422,7 +437,7 @@ mod avx512 {
         if b < blocks {
             let (next, p) = block(b, acc0);
             acc0 = next;
-            if F == Q4_1 {
+            if F == Q4_1 || F == Q5_1 {
                 mins0 = _mm_add_ps(mins0, p);
             }
         }
@@ -462,7 +477,13 @@ mod tests {
     #[test]
     fn every_kernel_computes_the_same_sums() {
         let kernels = Kernel::available();
-        for format in [Format::Q4_0, Format::Q4_1, Format::Q8_0] {
+        for format in [
+            Format::Q4_0,
+            Format::Q4_1,
+            Format::Q5_0,
+            Format::Q5_1,
+            Format::Q8_0,
+        ] {
             // Odd and even block counts (the AVX-512 kernel pairs blocks).
             for blocks in [1, 2, 3, 17, 18, 48] {
                 let (rows, acts_rows) = (5, 3);

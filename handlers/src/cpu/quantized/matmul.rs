@@ -1,15 +1,20 @@
 //! [`QuantizedMatrix`]: `x · Wᵀ` with `W` kept in its GGML blocks.
 //!
-//! Q4_0, Q4_1 and Q8_0 run Spillway's kernels ([`super::dot`]) on the bytes where they
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 run Spillway's kernels ([`super::dot`]) on the bytes where they
 //! are (a memory map of the model file, with no copy): the activations are quantized
-//! per row, and the weight rows are shared out to the thread team in chunks. Other
-//! formats (the k-quants) run candle's `QMatMul`, whose kernels for them were measured
-//! fast (docs/gguf.md), on a copy of the bytes.
+//! per row, and the weight rows are shared out to the thread team in chunks. The
+//! k-quants (Q2_K to Q6_K) run candle's dot products for their blocks
+//! (`GgmlType::vec_dot`, AVX2 where the CPU has it), also on the bytes where they are
+//! and shared out to the same team. Bytes that are not aligned for candle's block type
+//! are copied once into candle's `QMatMul`.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, ggml_file::qtensor_from_ggml};
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::activations::quantize_rows;
@@ -45,7 +50,8 @@ thread_local! {
 
 impl QuantizedMatrix {
     /// `bytes` hold `out` rows of `inp / block` blocks of `dtype` (GGML's row-major
-    /// layout). Formats without Spillway kernels are copied into candle's `QMatMul`.
+    /// layout). Bytes neither Spillway's kernels nor candle's block types can read where
+    /// they are are copied into candle's `QMatMul`.
     pub fn new(dtype: GgmlDType, out: usize, inp: usize, bytes: WeightBytes) -> Result<Self> {
         let block = dtype.block_size();
         if !inp.is_multiple_of(block) {
@@ -58,9 +64,13 @@ impl QuantizedMatrix {
                 "a {dtype:?} [{out}, {inp}] weight needs {expected} bytes, not {len}"
             );
         }
-        let candle = match Format::of(dtype) {
-            Some(_) => None,
-            None => Some(QMatMul::from_qtensor(qtensor_from_ggml(
+        let in_place = match Format::of(dtype) {
+            Some(_) => true,
+            None => candle_blocks::fit(dtype, (*bytes).as_ref()),
+        };
+        let candle = match in_place {
+            true => None,
+            false => Some(QMatMul::from_qtensor(candle_blocks::tensor(
                 dtype,
                 (*bytes).as_ref(),
                 vec![out, inp],
@@ -91,9 +101,15 @@ impl QuantizedMatrix {
         self.candle.is_none()
     }
 
+    /// Whether matrices of `dtype` are multiplied where their bytes are (when aligned
+    /// for candle's block type, which a GGUF's or Spillway's converted file is).
+    pub fn multiplies_in_place(dtype: GgmlDType) -> bool {
+        Format::of(dtype).is_some() || candle_blocks::handles(dtype)
+    }
+
     /// The weight dequantized to f32 `[out, in]` (for devices without these kernels).
     pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
-        qtensor_from_ggml(
+        candle_blocks::tensor(
             self.dtype,
             self.data(),
             vec![self.out, self.inp],
@@ -114,7 +130,7 @@ impl QuantizedMatrix {
             }
             let bytes = &self.data()[id * row_bytes..(id + 1) * row_bytes];
             rows.push(
-                qtensor_from_ggml(self.dtype, bytes, vec![1, self.inp], &Device::Cpu)?
+                candle_blocks::tensor(self.dtype, bytes, vec![1, self.inp], &Device::Cpu)?
                     .dequantize(&Device::Cpu)?,
             );
         }
@@ -152,35 +168,32 @@ impl QuantizedMatrix {
             dims.push(out);
             y.reshape(dims)
         };
-        let format = Format::of(first.dtype);
         let shared = matrices
             .iter()
             .all(|m| m.candle.is_none() && m.dtype == first.dtype);
-        match format {
-            Some(format) if shared => {
-                let values = x.flatten_all()?.to_vec1::<f32>()?;
-                Self::products(matrices, format, Kernel::best(), &values, rows)
-                    .into_iter()
-                    .zip(matrices)
-                    .map(|(y, m)| shaped(Tensor::from_vec(y, (rows, m.out), &Device::Cpu)?, m.out))
-                    .collect()
+        let groups: Vec<&[&Self]> = match shared {
+            true => vec![matrices],
+            false => matrices.iter().map(std::slice::from_ref).collect(),
+        };
+        let mut outputs = Vec::with_capacity(matrices.len());
+        for group in groups {
+            if let Some(candle) = &group[0].candle {
+                outputs.push(shaped(candle.forward(&x)?, group[0].out)?);
+                continue;
             }
-            _ => matrices
-                .iter()
-                .map(|m| {
-                    let y = match (&m.candle, Format::of(m.dtype)) {
-                        (Some(candle), _) => candle.forward(&x)?,
-                        (None, Some(format)) => {
-                            let values = x.flatten_all()?.to_vec1::<f32>()?;
-                            let y = Self::products(&[m], format, Kernel::best(), &values, rows);
-                            Tensor::from_vec(y.concat(), (rows, m.out), &Device::Cpu)?
-                        }
-                        (None, None) => unreachable!("formats without kernels have candle's"),
-                    };
-                    shaped(y, m.out)
-                })
-                .collect(),
+            let values = x.flatten_all()?.to_vec1::<f32>()?;
+            let ys = match Format::of(group[0].dtype) {
+                Some(format) => Self::products(group, format, Kernel::best(), &values, rows),
+                None => candle_blocks::products(group, &values, rows)?,
+            };
+            for (y, m) in ys.into_iter().zip(group) {
+                outputs.push(shaped(
+                    Tensor::from_vec(y, (rows, m.out), &Device::Cpu)?,
+                    m.out,
+                )?);
+            }
         }
+        Ok(outputs)
     }
 
     /// `x · Wᵀ` for `x` `rows × in` with `kernel`, returned `rows × out`.
@@ -202,62 +215,202 @@ impl QuantizedMatrix {
         let inp = matrices[0].inp;
         let acts = quantize_rows(x, rows, inp, format.zero_point(), format.has_min());
         let row_bytes = inp / BLOCK * format.block_bytes();
-        let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
-        let total: usize = outs.iter().sum();
-        // The largest chunk that divides every matrix's rows and leaves the team enough
-        // chunks to balance. A decode step's products are memory-bound and short: 4
-        // chunks a thread let each thread read long runs of weight bytes (the hardware
-        // prefetcher starts over at every jump) and claim chunks less often. SmolLM2
-        // Q4_1's decode step (`examples/generate_timing`) took 6.9 ms with 16 chunks a
-        // thread, 4.6 with 4, about the same with 2, 5.3 with 8. Prompts are
-        // compute-bound and keep 16 (4 was no faster).
-        let per_thread = if rows < FEW_ROWS { 4 } else { 16 };
-        let enough = crate::cpu::threads::calling_thread_limit() * per_thread;
-        let chunk = [256usize, 128, 64, 32, 16, 8, 4, 2, 1]
-            .into_iter()
-            .find(|&c| outs.iter().all(|o| o % c == 0) && total / c >= enough)
-            .unwrap_or(1);
-        let starts: Vec<usize> = outs
-            .iter()
-            .scan(0, |start, &o| {
-                let s = *start;
-                *start += o;
-                Some(s)
-            })
-            .collect();
-        let mut by_weight_row = vec![0f32; total * rows];
-        crate::cpu::team::for_each_chunk_mut(&mut by_weight_row, chunk * rows, |index, out| {
-            let global = index * chunk;
-            let which = starts.partition_point(|&s| s <= global) - 1;
-            let first = global - starts[which];
+        shared_out(matrices, rows, |which, first, out| {
             let count = out.len() / rows;
             let bytes = &matrices[which].data()[first * row_bytes..(first + count) * row_bytes];
             SCRATCH.with_borrow_mut(|scratch| {
                 rows_times_activations(kernel, format, bytes, &acts, out, scratch)
             });
-        });
-        starts
-            .iter()
-            .zip(&outs)
-            .map(|(&start, &out)| {
-                let part = &by_weight_row[start * rows..(start + out) * rows];
-                if rows == 1 {
-                    return part.to_vec();
-                }
-                // Transposed 16 weight rows at a time, so each write fills a cache line
-                // (writing one column of y at a time was 10 % of a 128-token prefill).
-                let mut y = vec![0f32; rows * out];
-                for first in (0..out).step_by(16) {
-                    let last = (first + 16).min(out);
-                    for a in 0..rows {
-                        for r in first..last {
-                            y[a * out + r] = part[r * rows + a];
-                        }
+        })
+    }
+}
+
+/// The products of `rows` activation rows with the weight rows of `matrices`, each
+/// returned `rows × out`: the weight rows of all matrices are shared out to the team in
+/// chunks that never straddle two matrices, and `chunk(which, first, out)` fills `out`
+/// with the products of matrix `which`'s rows from `first` on (`out.len() / rows` of
+/// them), `rows` values per weight row.
+fn shared_out(
+    matrices: &[&QuantizedMatrix],
+    rows: usize,
+    chunk: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
+    let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
+    let total: usize = outs.iter().sum();
+    // The largest chunk that divides every matrix's rows and leaves the team enough
+    // chunks to balance. A decode step's products are memory-bound and short: 4
+    // chunks a thread let each thread read long runs of weight bytes (the hardware
+    // prefetcher starts over at every jump) and claim chunks less often. SmolLM2
+    // Q4_1's decode step (`examples/generate_timing`) took 6.9 ms with 16 chunks a
+    // thread, 4.6 with 4, about the same with 2, 5.3 with 8. Prompts are
+    // compute-bound and keep 16 (4 was no faster).
+    let per_thread = if rows < FEW_ROWS { 4 } else { 16 };
+    let enough = crate::cpu::threads::calling_thread_limit() * per_thread;
+    let size = [256usize, 128, 64, 32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|&c| outs.iter().all(|o| o % c == 0) && total / c >= enough)
+        .unwrap_or(1);
+    let starts: Vec<usize> = outs
+        .iter()
+        .scan(0, |start, &o| {
+            let s = *start;
+            *start += o;
+            Some(s)
+        })
+        .collect();
+    let mut by_weight_row = vec![0f32; total * rows];
+    crate::cpu::team::for_each_chunk_mut(&mut by_weight_row, size * rows, |index, out| {
+        let global = index * size;
+        let which = starts.partition_point(|&s| s <= global) - 1;
+        chunk(which, global - starts[which], out)
+    });
+    starts
+        .iter()
+        .zip(&outs)
+        .map(|(&start, &out)| {
+            let part = &by_weight_row[start * rows..(start + out) * rows];
+            if rows == 1 {
+                return part.to_vec();
+            }
+            // Transposed 16 weight rows at a time, so each write fills a cache line
+            // (writing one column of y at a time was 10 % of a 128-token prefill).
+            let mut y = vec![0f32; rows * out];
+            for first in (0..out).step_by(16) {
+                let last = (first + 16).min(out);
+                for a in 0..rows {
+                    for r in first..last {
+                        y[a * out + r] = part[r * rows + a];
                     }
                 }
-                y
-            })
-            .collect()
+            }
+            y
+        })
+        .collect()
+}
+
+/// Products with candle's block types, on the bytes where they are.
+mod candle_blocks {
+    use super::*;
+
+    /// Calls `$f::<T>($args)` with `T` candle's block type for `$dtype`, or evaluates
+    /// `$otherwise` for dtypes not handled here.
+    macro_rules! with_block {
+        ($dtype:expr, $otherwise:expr, $f:ident($($args:expr),*)) => {
+            match $dtype {
+                GgmlDType::Q2K => $f::<BlockQ2K>($($args),*),
+                GgmlDType::Q3K => $f::<BlockQ3K>($($args),*),
+                GgmlDType::Q4K => $f::<BlockQ4K>($($args),*),
+                GgmlDType::Q5K => $f::<BlockQ5K>($($args),*),
+                GgmlDType::Q6K => $f::<BlockQ6K>($($args),*),
+                _ => $otherwise,
+            }
+        };
+    }
+
+    /// candle's tensor of `bytes` as `dtype` blocks `dims` (a copy). candle reads its
+    /// input as blocks where it lies, so misaligned bytes are first copied to an
+    /// aligned buffer.
+    pub(super) fn tensor(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        dims: Vec<usize>,
+        device: &Device,
+    ) -> Result<QTensor> {
+        if (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<u64>()) {
+            return candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype, bytes, dims, device,
+            );
+        }
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        let copy = words_as_bytes(&mut words, bytes.len());
+        copy.copy_from_slice(bytes);
+        candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, copy, dims, device)
+    }
+
+    /// The first `len` bytes of `words`.
+    #[allow(unsafe_code)]
+    fn words_as_bytes(words: &mut [u64], len: usize) -> &mut [u8] {
+        assert!(len <= words.len() * 8);
+        // SAFETY: `len` bytes lie inside `words` (checked), u8 has no alignment, and
+        // the mutable borrow of `words` covers the returned slice's life.
+        unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
+    }
+
+    /// Whether `dtype` is handled here.
+    pub(super) fn handles(dtype: GgmlDType) -> bool {
+        with_block!(dtype, None, block_size()).is_some()
+    }
+
+    fn block_size<T: GgmlType>() -> Option<usize> {
+        Some(std::mem::size_of::<T>())
+    }
+
+    /// Whether `bytes` can be read as `dtype`'s blocks where they are (a dtype handled
+    /// here, its blocks' alignment, whole blocks).
+    pub(super) fn fit(dtype: GgmlDType, bytes: &[u8]) -> bool {
+        with_block!(dtype, false, blocks_fit(bytes, dtype))
+    }
+
+    fn blocks_fit<T: GgmlType>(bytes: &[u8], dtype: GgmlDType) -> bool {
+        std::mem::size_of::<T>() == dtype.type_size() && as_blocks::<T>(bytes).is_some()
+    }
+
+    /// `bytes` as blocks of `T`, if aligned for it and a whole number of them.
+    #[allow(unsafe_code)]
+    fn as_blocks<T: GgmlType>(bytes: &[u8]) -> Option<&[T]> {
+        let size = std::mem::size_of::<T>();
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>());
+        if !aligned || size == 0 || !bytes.len().is_multiple_of(size) {
+            return None;
+        }
+        // SAFETY: the pointer is aligned for `T` and the length a whole number of `T`s
+        // inside `bytes`; candle's block types are `repr(C)` structs of integers and
+        // f16s, for which any bytes are a valid value.
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
+    }
+
+    /// [`QuantizedMatrix::products`] for matrices of one dtype handled here, all
+    /// fitting ([`fit`]).
+    pub(super) fn products(
+        matrices: &[&QuantizedMatrix],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let dtype = matrices[0].dtype;
+        with_block!(
+            dtype,
+            candle_core::bail!("no in-place products for {dtype:?}"),
+            products_of(matrices, x, rows)
+        )
+    }
+
+    fn products_of<T: GgmlType>(
+        matrices: &[&QuantizedMatrix],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let inp = matrices[0].inp;
+        let blocks = inp / T::BLCK_SIZE;
+        let weights = matrices
+            .iter()
+            .map(|m| as_blocks::<T>(m.data()))
+            .collect::<Option<Vec<&[T]>>>()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("weights not aligned for their blocks".into())
+            })?;
+        // The activations quantized once, to the blocks `T` multiplies with.
+        let mut acts = vec![T::VecDotType::zeros(); rows * blocks];
+        for (x, a) in x.chunks_exact(inp).zip(acts.chunks_exact_mut(blocks)) {
+            T::VecDotType::from_float(x, a);
+        }
+        Ok(shared_out(matrices, rows, |which, first, out| {
+            for (i, products) in out.chunks_exact_mut(rows).enumerate() {
+                let row = &weights[which][(first + i) * blocks..][..blocks];
+                for (product, a) in products.iter_mut().zip(acts.chunks_exact(blocks)) {
+                    *product = T::vec_dot(inp, row, a);
+                }
+            }
+        }))
     }
 }
 
@@ -296,6 +449,8 @@ mod tests {
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
             GgmlDType::Q5K,
@@ -312,7 +467,7 @@ mod tests {
                     error < 2e-2,
                     "{dtype:?} [{out}, {inp}] × {rows} rows: {error}"
                 );
-                assert_eq!(matrix.in_place(), Format::of(dtype).is_some());
+                assert!(matrix.in_place(), "{dtype:?}");
             }
         }
     }
@@ -343,15 +498,59 @@ mod tests {
         let (_, q) = quantized(GgmlDType::Q4_1, 96, 128, 1);
         let (_, k) = quantized(GgmlDType::Q4_1, 32, 128, 2);
         let (_, other) = quantized(GgmlDType::Q8_0, 40, 128, 3);
+        let (_, gate) = quantized(GgmlDType::Q4K, 64, 256, 4);
+        let (_, up) = quantized(GgmlDType::Q4K, 32, 256, 5);
+        let (_, down) = quantized(GgmlDType::Q6K, 16, 256, 6);
         for rows in [1, 6] {
-            let x = Tensor::randn(0f32, 1.0, (1, rows, 128), &Device::Cpu).expect("x");
-            for group in [vec![&q, &k], vec![&q, &k, &other]] {
+            for (width, group) in [
+                (128, vec![&q, &k]),
+                (128, vec![&q, &k, &other]),
+                (256, vec![&gate, &up]),
+                (256, vec![&gate, &up, &down]),
+            ] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, width), &Device::Cpu).expect("x");
                 let together = QuantizedMatrix::forward_shared(&group, &x).expect("shared");
                 for (m, y) in group.iter().zip(&together) {
                     let alone = m.forward(&x).expect("alone");
                     assert_eq!(y.dims(), alone.dims());
                     assert_eq!(relative_error(y, &alone), 0.0);
                 }
+            }
+        }
+    }
+
+    /// Bytes seen one byte into their buffer: misaligned for candle's block types.
+    struct OneIn(Vec<u8>);
+
+    impl AsRef<[u8]> for OneIn {
+        fn as_ref(&self) -> &[u8] {
+            &self.0[1..]
+        }
+    }
+
+    #[test]
+    fn k_quants_in_place_equal_candles_copy_and_misaligned_bytes_are_copied() {
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q3K,
+        ] {
+            let (_, matrix) = quantized(dtype, 48, 512, 5);
+            assert!(matrix.in_place());
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(matrix.data());
+            let copied =
+                QuantizedMatrix::new(dtype, 48, 512, Arc::new(OneIn(shifted))).expect("copied");
+            assert!(!copied.in_place(), "{dtype:?}: misaligned bytes are copied");
+            for rows in [1, 6] {
+                let x = Tensor::randn(0f32, 1.0, (rows, 512), &Device::Cpu).expect("x");
+                let got = matrix.forward(&x).expect("in place");
+                let want = copied.forward(&x).expect("candle's QMatMul");
+                // The same quantized activations and block dot products; candle's
+                // repacked kernels may add in another order.
+                let error = relative_error(&got, &want);
+                assert!(error < 1e-4, "{dtype:?}, {rows} rows: {error}");
             }
         }
     }

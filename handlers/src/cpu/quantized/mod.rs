@@ -1,11 +1,11 @@
 //! Matrix products on GGML-quantized weights, computed on the quantized bytes.
 //!
-//! - [`weights`]: the block formats with Spillway's own kernels (Q4_0, Q4_1, Q8_0) and a
-//!   weight row expanded for them.
+//! - [`weights`]: the block formats with Spillway's own kernels (Q4_0, Q4_1, Q5_0, Q5_1,
+//!   Q8_0) and a weight row expanded for them.
 //! - [`activations`]: activation rows quantized to 8 bits per block, as llama.cpp does.
 //! - [`dot`]: the integer dot products (AVX-512 VNNI, AVX2, portable), chosen at run time.
 //! - [`matmul`]: [`QuantizedMatrix`], a linear layer's weight in blocks, its products
-//!   shared out to the thread team (candle's `QMatMul` for the k-quants).
+//!   shared out to the thread team (candle's block dot products for the k-quants).
 
 pub mod activations;
 #[allow(unsafe_code)] // Vector intrinsics on slices whose lengths are checked first.

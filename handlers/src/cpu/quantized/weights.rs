@@ -4,11 +4,15 @@
 //! A block holds 32 weights:
 //! - Q4_0 (18 bytes): f16 scale `d`, 16 bytes of nibbles; `w = d·(u − 8)`.
 //! - Q4_1 (20 bytes): f16 `d`, f16 minimum `m`, 16 bytes of nibbles; `w = d·u + m`.
+//! - Q5_0 (22 bytes): f16 `d`, 32 high bits `qh`, 16 bytes of nibbles;
+//!   `w = d·(u − 16)`, `u` the nibble plus 16 × its high bit.
+//! - Q5_1 (24 bytes): f16 `d`, f16 `m`, `qh`, 16 bytes of nibbles; `w = d·u + m`.
 //! - Q8_0 (34 bytes): f16 `d`, 32 signed bytes `q`; `w = d·q = d·(u − 128)` with
 //!   `u = q + 128`.
 //!
-//! Nibble `j` of a 4-bit block holds weight `j` in its low half and weight `16 + j` in
-//! its high half (llama.cpp's layout).
+//! Nibble `j` of a 4- or 5-bit block holds weight `j` in its low half and weight
+//! `16 + j` in its high half; bit `i` of `qh` (little-endian) is weight `i`'s fifth bit
+//! (llama.cpp's layout).
 
 use candle_core::quantized::GgmlDType;
 
@@ -22,6 +26,8 @@ pub const LANES: usize = 8;
 pub enum Format {
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
 }
 
@@ -31,6 +37,8 @@ impl Format {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
@@ -41,6 +49,8 @@ impl Format {
         match self {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
         }
     }
@@ -49,14 +59,20 @@ impl Format {
     pub fn zero_point(self) -> i32 {
         match self {
             Self::Q4_0 => 8,
-            Self::Q4_1 => 0,
+            Self::Q4_1 | Self::Q5_1 => 0,
+            Self::Q5_0 => 16,
             Self::Q8_0 => 128,
         }
     }
 
     /// Whether blocks carry a minimum `m` (`w = d·u + m`).
     pub fn has_min(self) -> bool {
-        self == Self::Q4_1
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
+    /// Whether blocks carry a fifth bit per weight in the 4 bytes before the nibbles.
+    pub fn has_high_bits(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1)
     }
 }
 
@@ -89,12 +105,19 @@ impl ExpandedRow {
             self.scales[b * LANES..(b + 1) * LANES].fill(d);
             let values = &mut self.values[b * BLOCK..(b + 1) * BLOCK];
             match format {
-                Format::Q4_0 | Format::Q4_1 => {
+                Format::Q4_0 | Format::Q4_1 | Format::Q5_0 | Format::Q5_1 => {
                     let nibbles = &block[size - 16..];
                     let (low, high) = values.split_at_mut(16);
                     for ((l, h), &n) in low.iter_mut().zip(high.iter_mut()).zip(nibbles) {
                         *l = n & 0x0f;
                         *h = n >> 4;
+                    }
+                    if format.has_high_bits() {
+                        let qh = &block[size - 20..size - 16];
+                        let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                        for (i, u) in values.iter_mut().enumerate() {
+                            *u |= (((qh >> i) & 1) as u8) << 4;
+                        }
                     }
                 }
                 Format::Q8_0 => {

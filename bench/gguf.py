@@ -29,9 +29,15 @@ script). Spillway's should be no larger than llama.cpp's.
 llama.cpp's greedy tokens are taken with a float32 KV cache (its default is f16), so that the
 comparison is of the quantized matmuls, not of the cache's rounding.
 
-Writes the table to BENCHMARKS.md's "GGUF against llama.cpp" section (unless --no-write).
+Then the same for a Q4_K_M file (unless --no-k-quants): llama.cpp's own quantizer
+(`llama_model_quantize`, in the venv) requantizes the Q4_1 GGUF to Q4_K_M once, cached in a
+folder next to the model's. SmolLM2's rows of 576 are not multiples of 256, so most of its matrices fall back to Q5_0
+(and Q8_0), with Q4_K/Q6_K where rows are 1536 wide: the mix a Hub Q4_K_M of this model has.
+Both engines, in RAM: prompt and decode tok/s and peak RSS.
 
-Usage: bench/gguf.py [--runs 5] [--no-cold] [--skip-build] [--no-write]
+Writes the tables to BENCHMARKS.md's "GGUF against llama.cpp" section (unless --no-write).
+
+Usage: bench/gguf.py [--runs 5] [--no-cold] [--no-k-quants] [--skip-build] [--no-write]
 (--skip-build uses target/release/spillway and target/release/examples/quantized_logits as
 they are; without it both are built with MKL.)
 """
@@ -48,6 +54,17 @@ VENV = os.path.expanduser(f"~/.cache/spillway/llama-cpp-python-{LLAMA_CPP_PYTHON
 REFS = os.path.join(ROOT, "..", "shared", "refs", "smollm2_dev_refs.json")
 PROMPT_TOKENS, NEW_TOKENS, GREEDY = 128, 64, 32
 SENTENCE = "The history of the river valley is long and full of change, and its people remember it. "
+
+# Runs in the llama.cpp venv: argv[1] the Q4_1 GGUF, argv[2] where to write its Q4_K_M.
+QUANTIZE = r"""
+import ctypes, sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.allow_requantize = True
+params.nthread = 2
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
 
 # Runs in the llama.cpp venv: argv[1] model, argv[2] JSON job; prints one JSON line.
 LLAMA_CPP = r"""
@@ -115,7 +132,8 @@ for ids, want in zip(job["greedy_prompts"], job["forced_tokens"]):
     for tok in want:
         forced.append(np.array(last_logits(), dtype="<f4"))
         llm.eval([tok])
-np.concatenate(forced).tofile(job["forced_out"])
+if forced:
+    np.concatenate(forced).tofile(job["forced_out"])
 print(json.dumps(out))
 """
 
@@ -186,6 +204,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-cold", action="store_true")
+    ap.add_argument("--no-k-quants", action="store_true")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -230,6 +249,7 @@ def main():
             rows.append(("Spillway f32, blocks on disk", "cold", spillway(work, gguf, disk, "cold", text, runs,
                                                                             True)))
         distances = logit_distances(work, job["forced_out"], len(refs))
+        k_rows = [] if args.no_k_quants else k_quants(python, gguf, work, text, runs)
     finally:
         subprocess.run(["rm", "-rf", work])
     lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF; {os.cpu_count()} cores, 2 threads each; prompt {PROMPT_TOKENS} "
@@ -256,10 +276,36 @@ def main():
     for d in distances:
         lines.append(f"| {d['case']} | {d['quantized_to_f32']:.3f} | {d['other_to_f32']:.3f} | "
                      f"{d['quantized_to_f32'] / d['other_to_f32']:.2f} |")
+    if k_rows:
+        lines += ["", "The same GGUF requantized to Q4_K_M by llama.cpp's quantizer (mostly Q5_0: SmolLM2's "
+                  "576-wide rows are not multiples of 256; Q4_K/Q6_K for the 1536-wide ones), in RAM:", "",
+                  "| engine | prompt tok/s | decode tok/s | peak RSS MiB | prompt vs llama.cpp "
+                  "| decode vs llama.cpp |", "|---|---|---|---|---|---|"]
+        base = k_rows[0][1]
+        for label, r in k_rows:
+            lines.append(f"| {label} | {r['pp_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                         f"{r['vmhwm'] / 2**20:.1f} | {r['pp_tok_s'] / base['pp_tok_s']:.2f} | "
+                         f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} |")
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
         write_section("GGUF against llama.cpp", table)
+
+
+def k_quants(python, gguf, work, text, runs):
+    """[(label, figures)] of llama.cpp and Spillway on a Q4_K_M requantization of `gguf`."""
+    # A folder of its own: the server archives the GGUF's whole folder.
+    folder = os.path.dirname(gguf).rstrip("/") + "-Q4_K_M"
+    k_gguf = os.path.join(folder, os.path.basename(gguf).replace("Q4_1", "Q4_K_M"))
+    if not os.path.exists(k_gguf):
+        os.makedirs(folder, exist_ok=True)
+        run([python, "-c", QUANTIZE, gguf, k_gguf + ".part"])
+        os.rename(k_gguf + ".part", k_gguf)
+    job = {"text": text, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "runs": runs,
+           "greedy_prompts": [], "greedy": GREEDY, "eos": 2, "forced_tokens": [], "forced_out": ""}
+    llama = json.loads(run([python, "-c", LLAMA_CPP, k_gguf, json.dumps(job)]))
+    ours = spillway(work, k_gguf, {"device_map": "cpu"}, "k-ram", text, runs, False)
+    return [("llama.cpp (Q4_K_M)", llama), ("Spillway Q4_K_M, in RAM", ours)]
 
 
 def logit_distances(work, llama_logits, cases):

@@ -37,7 +37,13 @@ Both engines, in RAM: prompt and decode tok/s and peak RSS.
 
 Writes the tables to BENCHMARKS.md's "GGUF against llama.cpp" section (unless --no-write).
 
+`--alternate ROUNDS` measures only Spillway's decode, Q4_1 and f32, in RAM and with the blocks on
+disk: the four servers run side by side and take turns ROUNDS times, so that this shared
+machine's drift reaches all four alike (one pass of the main table runs them one after the
+other); it prints the medians and the on-disk / in-RAM ratios, and writes nothing.
+
 Usage: bench/gguf.py [--runs 5] [--no-cold] [--no-k-quants] [--skip-build] [--no-write]
+       bench/gguf.py --alternate 8 [--skip-build]
 (--skip-build uses target/release/spillway and target/release/examples/quantized_logits as
 they are; without it both are built with MKL.)
 """
@@ -162,7 +168,8 @@ def generate(server, text, new_tokens):
     return seconds, answer["details"]
 
 
-def spillway(work, gguf, setup, label, text, runs, cold):
+def start(work, gguf, setup, label):
+    """A server for `gguf` archived with `setup`, once its model is READY."""
     store = os.path.join(work, label)
     os.makedirs(store)
     setup_path = os.path.join(work, "setup_config.json")
@@ -175,6 +182,51 @@ def spillway(work, gguf, setup, label, text, runs, cold):
                     ["--models", "smollm2.mar"])
     while not any(w["status"] == "READY" for w in server.manage("GET", "/models/smollm2")[0]["workers"]):
         time.sleep(0.1)  # the start-up model loads (converts the GGUF, the first time)
+    return server
+
+
+def decode_seconds(server, text):
+    """Seconds a decoded token, from two generations: (t(65) - t(1)) / 64."""
+    t1, _ = generate(server, text, 1)
+    tn, dn = generate(server, text, NEW_TOKENS + 1)
+    assert dn["generated_tokens"] == NEW_TOKENS + 1, dn
+    return (tn - t1) / NEW_TOKENS
+
+
+def alternate(gguf, text, rounds):
+    """Decode tok/s of Q4_1 and f32, all in RAM and with the blocks on disk: the four servers
+    run side by side and take turns, `rounds` times, so that the machine's drift reaches
+    all four alike. Prints the medians and the on-disk / in-RAM ratios. The prompt is the
+    whole of `text` (no llama.cpp here to cut it to 128 tokens), so decode starts later than
+    in the main table; the ratios are what this is for."""
+    work = tempfile.mkdtemp(prefix="spillway-gguf-")
+    disk = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu"}
+    setups = [("Q4_1 in RAM", {"device_map": "cpu"}), ("Q4_1 on disk", {"device_map": disk}),
+              ("f32 in RAM", {"device_map": "cpu", "torch_dtype": "float32"}),
+              ("f32 on disk", {"device_map": disk, "torch_dtype": "float32"})]
+    servers = []
+    try:
+        for i, (label, setup) in enumerate(setups):
+            servers.append((label, start(work, gguf, setup, f"alt{i}")))
+            generate(servers[-1][1], text, 2)  # warm-up
+        tok_s = {label: [] for label, _ in servers}
+        for _ in range(rounds):
+            for label, server in servers:
+                tok_s[label].append(1 / decode_seconds(server, text))
+    finally:
+        for _, server in servers:
+            server.stop()
+        subprocess.run(["rm", "-rf", work])
+    median = {label: statistics.median(v) for label, v in tok_s.items()}
+    print(f"decode tok/s, median of {rounds} alternating rounds (bench/gguf.py --alternate {rounds}):")
+    for label, v in tok_s.items():
+        print(f"  {label}: {median[label]:.1f} ({', '.join(f'{x:.0f}' for x in v)})")
+    for kind in ("Q4_1", "f32"):
+        print(f"  {kind} on disk / in RAM: {median[kind + ' on disk'] / median[kind + ' in RAM']:.2f}")
+
+
+def spillway(work, gguf, setup, label, text, runs, cold):
+    server = start(work, gguf, setup, label)
     try:
         generate(server, text, 2)  # warm-up
         pp, dec = [], []
@@ -205,11 +257,17 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-cold", action="store_true")
     ap.add_argument("--no-k-quants", action="store_true")
+    ap.add_argument("--alternate", type=int, metavar="ROUNDS",
+                    help="only Spillway's decode, in RAM against on disk, the servers taking turns")
     ap.add_argument("--skip-build", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     model_dir = run([os.path.join(ROOT, "scripts/fetch-model.sh"), "smollm2"])
     gguf = [os.path.join(model_dir, f) for f in os.listdir(model_dir) if f.endswith(".gguf")][0]
+    if args.alternate:
+        if not args.skip_build:
+            subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
+        return alternate(gguf, SENTENCE * 12, args.alternate)
     if not args.skip_build:
         subprocess.run(["scripts/build-release.sh"], cwd=ROOT, check=True)
         mkl = run([os.path.join(ROOT, "scripts/fetch-mkl.sh")])

@@ -15,15 +15,17 @@
 //! ([`StackModule::reads_in_place`]: GGML blocks, f32 read by MKL) holds nothing the
 //! pages do not, so it is built once and kept: each pass only brings its pages in ahead
 //! of its turn and releases them after. Rebuilding it took 13 µs a block on the
-//! read-ahead thread, in the compute threads' time on 2 cores: SmolLM2 Q4_1 with its
-//! blocks on disk decoded at 0.78× its in-RAM speed in one `bench/gguf.py` run, and at
-//! 0.84× with kept modules (median of 8 runs alternating with the in-RAM server).
+//! read-ahead thread, in the compute threads' time on 2 cores.
 //!
 //! A streamed unit's pages are released by the next read-ahead job, on the read-ahead
 //! thread, before it brings the next unit in (so still at most two streamed units are
-//! mapped); the last of a pass is released in line. The release (`madvise` and the TLB
-//! shootdown it waits for) on the computing thread cost the rest: the same probe went
-//! from 0.83× to 0.94× when it moved.
+//! mapped); the last of a pass is released in line. What streaming still costs, timed
+//! inside a SmolLM2 Q4_1 decode step on 2 vCPUs: a block's step itself is as fast as a
+//! resident block's (157 against 153–163 µs), and the computing thread waits 19–34 µs
+//! for the read-ahead job, which is the release (16–18 µs: `madvise(DONTNEED)` and the
+//! TLB shootdown it waits for, an inter-processor interrupt in a VM) and the populate
+//! (5 µs). With both vCPUs computing, the job runs mostly while the computing thread
+//! waits for it, so moving the release onto it did not measurably change the total.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, mpsc};

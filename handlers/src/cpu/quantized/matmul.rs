@@ -1,7 +1,7 @@
 //! [`QuantizedMatrix`]: `x · Wᵀ` with `W` kept in its GGML blocks.
 //!
-//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 run Spillway's kernels ([`super::dot`]) on the bytes where they
-//! are (a memory map of the model file, with no copy): the activations are quantized
+//! Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 run Spillway's kernels ([`super::dot`]) on the bytes
+//! where they are (a memory map of the model file, with no copy): the activations are quantized
 //! per row, and the weight rows are shared out to the thread team in chunks. The
 //! k-quants (Q2_K to Q6_K) run candle's dot products for their blocks
 //! (`GgmlType::vec_dot`, AVX2 where the CPU has it), also on the bytes where they are
@@ -147,13 +147,13 @@ impl QuantizedMatrix {
     }
 
     /// `x · Wᵢᵀ` for every matrix of `matrices`, all reading the same `x` (a block's q, k
-    /// and v; its gate and up). When they share a format with Spillway's kernels, `x` is
-    /// quantized once and one parallel region computes them all; otherwise each runs on
-    /// its own.
+    /// and v; its gate and up). Neighbours multiplied in place in one dtype share one
+    /// quantization of `x` and one parallel region; copies in candle's `QMatMul` run on
+    /// their own.
     pub fn forward_shared(matrices: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
-        let Some(first) = matrices.first() else {
+        if matrices.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         let mut dims = x.dims().to_vec();
         let inp = dims.pop().unwrap_or(0);
         for m in matrices {
@@ -168,23 +168,24 @@ impl QuantizedMatrix {
             dims.push(out);
             y.reshape(dims)
         };
-        let shared = matrices
-            .iter()
-            .all(|m| m.candle.is_none() && m.dtype == first.dtype);
-        let groups: Vec<&[&Self]> = match shared {
-            true => vec![matrices],
-            false => matrices.iter().map(std::slice::from_ref).collect(),
-        };
+        // Neighbours multiplied in place in one dtype share a quantization of x and a
+        // parallel region (a Q4_K_M block's q and k are Q5_0, its v Q8_0).
+        let groups = matrices
+            .chunk_by(|a, b| a.candle.is_none() && b.candle.is_none() && a.dtype == b.dtype);
+        let mut values: Option<Vec<f32>> = None;
         let mut outputs = Vec::with_capacity(matrices.len());
         for group in groups {
             if let Some(candle) = &group[0].candle {
                 outputs.push(shaped(candle.forward(&x)?, group[0].out)?);
                 continue;
             }
-            let values = x.flatten_all()?.to_vec1::<f32>()?;
+            if values.is_none() {
+                values = Some(x.flatten_all()?.to_vec1::<f32>()?);
+            }
+            let values = values.as_deref().unwrap_or_default();
             let ys = match Format::of(group[0].dtype) {
-                Some(format) => Self::products(group, format, Kernel::best(), &values, rows),
-                None => candle_blocks::products(group, &values, rows)?,
+                Some(format) => Self::products(group, format, Kernel::best(), values, rows),
+                None => candle_blocks::products(group, values, rows)?,
             };
             for (y, m) in ys.into_iter().zip(group) {
                 outputs.push(shaped(

@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::ServerConfig;
 use crate::devices::manager::DeviceManager;
-use crate::registry::ModelRegistry;
+use crate::lifecycle::registry::ModelRegistry;
 use crate::store::ModelStore;
 
 /// Progress of the models named at start-up (for `/ping`).
@@ -56,7 +56,7 @@ struct Inner {
     metrics: PrometheusHandle,
     startup: StartupProgress,
     devices: DeviceManager,
-    store_watch: crate::store_watch::WatchReport,
+    store_watch: crate::store::watch::WatchReport,
 }
 
 /// Shared server state.
@@ -103,7 +103,7 @@ impl AppState {
 
     /// The device manager: who holds which device bytes.
     /// What the model store's watcher reports (`watch_model_store`).
-    pub fn store_watch(&self) -> &crate::store_watch::WatchReport {
+    pub fn store_watch(&self) -> &crate::store::watch::WatchReport {
         &self.inner.store_watch
     }
 

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 use axum::http::{HeaderMap, HeaderValue};
 use spillway_handlers::{DType, HandlerKind, ModelFiles, RawBody, WeightSource};
 
-use crate::archive::{self, ArchiveLimits};
+use crate::config::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
+use crate::config::setup_config::SetupConfig;
 use crate::config::{Overrides, ServerConfig};
 use crate::error::{Error, ErrorKind};
-use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
-use crate::setup_config::SetupConfig;
+use crate::store::archive::{self, ArchiveLimits};
 
 /// A target's body: it takes one input.
 pub type Target = fn(&[u8]);
@@ -149,7 +149,7 @@ pub fn gguf(data: &[u8]) {
 /// config.properties, as `serve --ts-config` reads it.
 pub fn config_properties(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let properties = crate::properties::parse(&text);
+    let properties = crate::config::properties::parse(&text);
     if let Err(e) = ServerConfig::merge(Overrides::default(), &properties) {
         refused("config.properties", &e);
     }
@@ -187,7 +187,7 @@ pub fn setup_config(data: &[u8]) {
     if let Err(e) = setup.device_request() {
         refused("setup_config.json device", &e);
     }
-    let inventory = crate::placement::ModelInventory {
+    let inventory = crate::devices::placement::ModelInventory {
         tensors: (0..4)
             .map(|i| spillway_placement::TensorInfo {
                 name: format!("model.layers.{i}.mlp.up_proj.weight"),
@@ -203,9 +203,9 @@ pub fn setup_config(data: &[u8]) {
             }))
             .collect(),
         shape: None,
-        source: crate::placement::SizeSource::SafetensorsHeaders,
+        source: crate::devices::placement::SizeSource::SafetensorsHeaders,
     };
-    let options = crate::placement::PlanOptions {
+    let options = crate::devices::placement::PlanOptions {
         batch_size: 1,
         max_length: None,
     };
@@ -220,7 +220,7 @@ pub fn setup_config(data: &[u8]) {
         cpu_total: 1 << 30,
         cpu_reserve: None,
     };
-    if let Err(e) = crate::placement::plan_model(&inventory, &setup, &options, &machine) {
+    if let Err(e) = crate::devices::placement::plan_model(&inventory, &setup, &options, &machine) {
         refused("setup_config.json plan", &e);
     }
 }

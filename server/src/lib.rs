@@ -3,56 +3,54 @@
 //! Model code lives in `spillway-handlers`.
 //!
 //! # Layout
-//! A request, top to bottom: [`http`] (one module per protocol; TorchServe's body becomes
-//! a handler `Request` in `http::torchserve::predictions`) → [`registry`] (name and
-//! version → [`model::ModelHandle`]) → `ModelHandle::submit` (tokenized once by the
-//! handler's `prepare`, on the blocking pool) → the model's job queue → [`batcher`] →
-//! [`worker`] (OS threads) → the handler → the typed answer over a oneshot channel (and
-//! a generation's tokens over an event channel) → back to the protocol's JSON.
+//! One folder a concern; dependencies point one way, `http` → `lifecycle` → `serving`,
+//! `devices`, `store`, `config` (`telemetry`, `error` and `timestamp` are used by all):
+//! - [`config`]: the server's settings (`config.properties`, flags, `SPILLWAY_*`) and a
+//!   model's `model-config.yaml` and `setup_config.json`.
+//! - [`store`]: the model store, archives and their manifests, models in the HF cache, and
+//!   the store's watcher (`store::watch`).
+//! - [`lifecycle`]: a model version's life — registration, loading, eviction, reloading,
+//!   retiring — and the registry of versions.
+//! - [`serving`]: a loaded model's job queue, batcher, worker threads and recent answers.
+//! - [`devices`]: what the machine has, the device manager (pools, leases, the pure
+//!   least-recently-used policy) and placement planning from tensor headers.
+//! - [`http`]: the three listeners, one module per protocol, the one error → status map.
+//! - [`telemetry`]: metrics (every name), log lines and request ids.
+//! - [`cli`]: `spillway archive` and `spillway pull`.
+//! - [`app`] (what HTTP handlers share), [`error`], [`shutdown`], [`timestamp`].
 //!
-//! A model load, top to bottom ([`loader`]): [`store`] (the url stays inside the store)
-//! → [`archive`] (checked; weights mapped) → [`manifest`], [`model_config`],
-//! [`setup_config`] → for safetensors, planned and leased → registered (LOADING) → in
-//! the background: a GGUF converted and then planned, offload copies written, the
-//! handler built → workers start (READY). Retiring a model joins its workers, then
-//! drops its weights and lease.
+//! A request, top to bottom: [`http`] (TorchServe's body becomes a handler `Request` in
+//! `http::torchserve::predictions`) → `lifecycle::registry` (name and version →
+//! `lifecycle::model::ModelHandle`) → `ModelHandle::submit` (tokenized once by the
+//! handler's `prepare`, on the blocking pool) → the model's job queue →
+//! `serving::batcher` → `serving::worker` (OS threads) → the handler → the typed answer
+//! over a oneshot channel (and a generation's tokens over an event channel) → back to the
+//! protocol's JSON.
 //!
-//! Planning: [`placement`] reads tensor headers and hands them, with [`devices`]'
-//! device manager (`devices::manager`: pools, leases, least-recently-used eviction), to
+//! A model load, top to bottom (`lifecycle::loader`): [`store`] (the url stays inside the
+//! store) → `store::archive` (checked; weights mapped) → `store::manifest`,
+//! `config::model_config`, `config::setup_config` → for safetensors, planned and leased →
+//! registered (LOADING) → in the background: a GGUF converted and then planned, offload
+//! copies written, the handler built → workers start (READY). Retiring a model joins its
+//! workers, then drops its weights and lease.
+//!
+//! Planning: `devices::placement` reads tensor headers and hands them, with the device
+//! manager (`devices::manager`: pools, leases, least-recently-used eviction), to
 //! `spillway-placement`; the plan is shown by describe and by `spillway plan`.
-//!
-//! Also: [`config`] and [`properties`] (server settings), [`archiver`] (`spillway
-//! archive`), [`metrics`] (every metric name), [`error`] (the crate's error type),
-//! [`app`] (shared state), [`shutdown`], [`timestamp`], [`logging`] (log lines, text or
-//! JSON) and [`request_id`] (each request's id, in its logs and its answer).
 
 pub mod app;
-pub mod archive;
-pub mod archiver;
-pub mod batcher;
+pub mod cli;
 pub mod config;
 pub mod devices;
 pub mod error;
 pub mod fuzz_targets;
 pub mod http;
-pub mod hub;
-pub mod loader;
-pub mod logging;
-pub mod manifest;
-pub mod metrics;
-pub mod model;
-pub mod model_config;
-pub mod placement;
-pub mod properties;
-pub mod recent;
-pub mod registry;
-pub mod request_id;
-pub mod setup_config;
+pub mod lifecycle;
+pub mod serving;
 pub mod shutdown;
 pub mod store;
-pub mod store_watch;
+pub mod telemetry;
 pub mod timestamp;
-pub mod worker;
 
 use std::future::Future;
 
@@ -61,7 +59,7 @@ use tokio::net::TcpListener;
 use crate::app::AppState;
 use crate::config::{ServerConfig, StartupModels};
 use crate::error::{Error, Result};
-use crate::loader::LoadRequest;
+use crate::lifecycle::loader::LoadRequest;
 
 /// The three bound listeners. Binding is the caller's job, so tests can bind port 0.
 pub struct Listeners {
@@ -123,7 +121,7 @@ pub async fn run(
              which fights MKL's threads for the cores (the spillway binary sets it)"
         );
     }
-    let state = AppState::new(config, metrics::install());
+    let state = AppState::new(config, telemetry::metrics::install());
     for (name, listener) in [
         ("Inference", &listeners.inference),
         ("Management", &listeners.management),
@@ -137,7 +135,7 @@ pub async fn run(
     crate::devices::log_gpus();
     load_startup_models(&state)?;
     if state.config().watch_model_store {
-        store_watch::spawn(state.clone())?;
+        store::watch::spawn(state.clone())?;
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -190,7 +188,7 @@ fn load_startup_models(state: &AppState) -> Result<()> {
     tokio::spawn(async move {
         for request in requests {
             let url = request.url.clone();
-            let result = loader::register(&state, request, true).await;
+            let result = lifecycle::loader::register(&state, request, true).await;
             if let Err(e) = &result {
                 tracing::error!(archive = %url, "cannot load start-up model: {e}");
             }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use spillway::archiver::{self, ArchiveSpec, OutputFormat};
+use spillway::cli::archiver::{self, ArchiveSpec, OutputFormat};
 use spillway::config::{LogFormat, Overrides, ServerConfig};
 
 #[derive(Parser)]
@@ -103,15 +103,15 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(*args),
         Command::Archive(args) => {
-            spillway::logging::init(LogFormat::Text);
+            spillway::telemetry::logging::init(LogFormat::Text);
             with_progress("spillway archive", || archive(args))
         }
         Command::Plan(args) => {
-            spillway::logging::init(LogFormat::Text);
+            spillway::telemetry::logging::init(LogFormat::Text);
             with_progress("spillway plan", || plan(args))
         }
         Command::Pull { model } => {
-            spillway::logging::init(LogFormat::Text);
+            spillway::telemetry::logging::init(LogFormat::Text);
             pull(&model)
         }
     };
@@ -132,7 +132,7 @@ fn with_progress<R>(label: &str, work: impl FnOnce() -> R) -> R {
 
 fn serve(overrides: Overrides) -> anyhow::Result<()> {
     let config = ServerConfig::resolve(overrides)?;
-    spillway::logging::init(config.log_format);
+    spillway::telemetry::logging::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.io_threads)
         .enable_all()
@@ -145,9 +145,9 @@ fn serve(overrides: Overrides) -> anyhow::Result<()> {
 }
 
 fn pull(model: &str) -> anyhow::Result<()> {
-    let model: spillway::hub::ModelRef = model.parse()?;
+    let model: spillway::store::hub::ModelRef = model.parse()?;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let snapshot = spillway::hub::pull(&model, terminal)?;
+    let snapshot = spillway::cli::pull::pull(&model, terminal)?;
     println!("{}", snapshot.display());
     Ok(())
 }
@@ -160,8 +160,10 @@ fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
         // A model id (`org/name[@revision]`) pulled into the HF cache stands for its folder.
         model_dir: args.model_dir.map(|dir| {
             let id = dir.to_str().filter(|_| !dir.exists());
-            id.and_then(|id| id.parse::<spillway::hub::ModelRef>().ok())
-                .and_then(|m| spillway::placement::hf_cache_snapshot(&m.id, Some(&m.revision)))
+            id.and_then(|id| id.parse::<spillway::store::hub::ModelRef>().ok())
+                .and_then(|m| {
+                    spillway::devices::placement::hf_cache_snapshot(&m.id, Some(&m.revision))
+                })
                 .unwrap_or(dir)
         }),
         config_file: args.config_file,
@@ -176,12 +178,13 @@ fn archive(args: ArchiveArgs) -> anyhow::Result<()> {
 }
 
 fn plan(args: PlanArgs) -> anyhow::Result<()> {
-    use spillway::placement::{ModelInventory, PlanOptions, plan_model};
-    use spillway::setup_config::SetupConfig;
+    use spillway::config::setup_config::SetupConfig;
+    use spillway::devices::placement::{ModelInventory, PlanOptions, plan_model};
 
     let model = &if !args.model.exists()
         && let Some(id) = args.model.to_str()
-        && let Some(snapshot) = spillway::placement::hf_cache_snapshot(id, args.revision.as_deref())
+        && let Some(snapshot) =
+            spillway::devices::placement::hf_cache_snapshot(id, args.revision.as_deref())
     {
         snapshot
     } else {
@@ -202,13 +205,17 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
                 };
             let files = if is("gguf") {
                 folder(model.parent().unwrap_or(std::path::Path::new(".")))
-            } else if model.is_dir() && !model.join(spillway::manifest::MANIFEST_PATH).is_file() {
+            } else if model.is_dir()
+                && !model
+                    .join(spillway::store::manifest::MANIFEST_PATH)
+                    .is_file()
+            {
                 folder(model)
             } else {
-                spillway::archive::open(
+                spillway::store::archive::open(
                     model,
                     &cache,
-                    &spillway::archive::ArchiveLimits::default(),
+                    &spillway::store::archive::ArchiveLimits::default(),
                 )?
                 .files
             };
@@ -243,11 +250,12 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
                 .then(|| model.file_name())
                 .flatten()
                 .and_then(|n| n.to_str());
-            match spillway::loader::gguf_in(&*files, named)? {
+            match spillway::lifecycle::loader::gguf_in(&*files, named)? {
                 Some(gguf) => {
                     let dtype = setup.load_options()?.dtype;
-                    let copy =
-                        spillway::loader::converted_gguf(&*files, &gguf, dtype, &setup, &cache)?;
+                    let copy = spillway::lifecycle::loader::converted_gguf(
+                        &*files, &gguf, dtype, &setup, &cache,
+                    )?;
                     ModelInventory::read(&*copy)?
                 }
                 None => ModelInventory::read(&*files)?,

@@ -18,10 +18,10 @@ use serde_json::Value;
 
 use crate::support::{Fixture, TestServer, repo_root};
 
-/// Every metric name the server defines (server/src/metrics.rs, `pub const NAME: &str
+/// Every metric name the server defines (server/src/telemetry/metrics.rs, `pub const NAME: &str
 /// = "..."`): what it can export.
 fn defined_metrics() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(repo_root().join("server/src/metrics.rs")).unwrap();
+    let source = std::fs::read_to_string(repo_root().join("server/src/telemetry/metrics.rs")).unwrap();
     source
         .lines()
         .filter_map(|line| {

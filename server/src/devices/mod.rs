@@ -6,11 +6,10 @@
 //!   holds which bytes, loading or not, last used), admission through the policy.
 //! - [`policy`]: the manager's decisions, pure: which GPUs a model gets, which least
 //!   recently used models leave for it to fit.
-//! - [`effects`]: carrying decisions out — evicting models, reloading an evicted one on
-//!   its next request.
+//! - [`placement`]: a model's tensor inventory from its headers, planned on the pools.
 
-pub mod effects;
 pub mod manager;
+pub mod placement;
 pub mod policy;
 
 use spillway_placement::Machine;

@@ -10,9 +10,9 @@ use std::time::Instant;
 use spillway_handlers::{EventSender, Output, Request};
 
 use crate::app::AppState;
-use crate::devices::effects;
 use crate::error::{Error, Result};
-use crate::model::{InFlight, ModelHandle};
+use crate::lifecycle::effects;
+use crate::lifecycle::model::{InFlight, ModelHandle};
 
 /// A request on its way to `model`, in flight until dropped.
 pub struct Dispatch {
@@ -47,14 +47,14 @@ impl Dispatch {
         state: &AppState,
         request: Request,
         events: Option<EventSender>,
-    ) -> Result<crate::model::Submitted> {
+    ) -> Result<crate::lifecycle::model::Submitted> {
         let timeout = self.model.spec.config.response_timeout;
         effects::ensure_serving(state, &self.model, timeout).await?;
         self.model.submit(request, events).await
     }
 
     /// Awaits a queued request's answer within the model's response timeout.
-    pub async fn answer(&self, submitted: crate::model::Submitted) -> Result<Answered> {
+    pub async fn answer(&self, submitted: crate::lifecycle::model::Submitted) -> Result<Answered> {
         let timeout = self.model.spec.config.response_timeout;
         let input_tokens = submitted.input_tokens;
         match tokio::time::timeout(timeout, submitted.answer).await {

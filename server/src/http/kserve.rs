@@ -30,7 +30,7 @@ use spillway_handlers::{
 use crate::app::{AppState, Health};
 use crate::error::{Error, Result};
 use crate::http::dispatch::Dispatch;
-use crate::model::ModelHandle;
+use crate::lifecycle::model::ModelHandle;
 
 const BINARY_HEADER_LENGTH: &str = "inference-header-content-length";
 

@@ -1,4 +1,4 @@
-//! `GET /metrics`: Prometheus text exposition of everything in `crate::metrics`.
+//! `GET /metrics`: Prometheus text exposition of everything in `crate::telemetry::metrics`.
 
 use axum::Router;
 use axum::extract::State;
@@ -21,7 +21,7 @@ async fn render(State(state): State<AppState>) -> impl IntoResponse {
         .iter()
         .filter_map(|m| m.sample())
         .collect();
-    crate::metrics::refresh(&models, &state.devices().pools());
+    crate::telemetry::metrics::refresh(&models, &state.devices().pools());
     state.metrics().run_upkeep();
     (
         [(

@@ -38,7 +38,7 @@ use spillway_handlers::RawBody;
 
 use crate::app::AppState;
 use crate::error::Error;
-use crate::request_id::{self, RequestId};
+use crate::telemetry::request_id::{self, RequestId};
 
 pub fn inference_router(state: AppState) -> Router {
     let token = state.config().inference_token.clone();
@@ -146,7 +146,7 @@ async fn tag_request(request: Request, next: Next) -> Response {
     if !is_probe(&path) {
         span.in_scope(|| {
             tracing::info!(
-                target: crate::logging::ACCESS,
+                target: crate::telemetry::logging::ACCESS,
                 %method,
                 %path,
                 status = response.status().as_u16(),
@@ -166,7 +166,7 @@ async fn count_response(request: Request, next: Next) -> Response {
     let probe = is_probe(request.uri().path());
     let response = next.run(request).await;
     if !probe {
-        crate::metrics::response(response.status().as_u16());
+        crate::telemetry::metrics::response(response.status().as_u16());
     }
     response
 }

@@ -16,7 +16,7 @@ use spillway_placement::{ByteSize, Device, DeviceType};
 
 use crate::app::AppState;
 use crate::devices::manager::PoolView;
-use crate::model::ModelDescription;
+use crate::lifecycle::model::ModelDescription;
 
 /// Seconds between the page's reloads.
 pub const REFRESH_SECONDS: u32 = 5;
@@ -33,7 +33,7 @@ pub struct StatusPage {
     pub pools: Vec<PoolView>,
     pub offload_strategy: String,
     /// What the model store's watcher reports, when it runs.
-    pub store: Option<crate::store_watch::ReportInner>,
+    pub store: Option<crate::store::watch::ReportInner>,
 }
 
 async fn page(state: AppState) -> impl IntoResponse {
@@ -272,7 +272,7 @@ fn render_model(html: &mut String, m: &ModelDescription) {
     html.push_str("</section>");
 }
 
-fn render_store(html: &mut String, store: &crate::store_watch::ReportInner) {
+fn render_store(html: &mut String, store: &crate::store::watch::ReportInner) {
     html.push_str("<h2>Model store (watched)</h2><section class=\"pool\" data-store=\"watched\">");
     if store.pending.is_empty() && store.problems.is_empty() {
         html.push_str("<div class=\"devices\">every archive is taken</div>");

@@ -16,9 +16,9 @@ use axum::routing::{get, put};
 use serde_json::json;
 
 use crate::app::AppState;
+use crate::config::model_config::ModelConfigOverrides;
 use crate::error::{Error, Result};
-use crate::loader::{self, LoadRequest};
-use crate::model_config::ModelConfigOverrides;
+use crate::lifecycle::loader::{self, LoadRequest};
 
 type Params = Query<BTreeMap<String, String>>;
 
@@ -105,7 +105,10 @@ async fn describe_version(
 }
 
 /// A model's description with what the device manager knows of it.
-fn describe(state: &AppState, model: &crate::model::ModelHandle) -> crate::model::ModelDescription {
+fn describe(
+    state: &AppState,
+    model: &crate::lifecycle::model::ModelHandle,
+) -> crate::lifecycle::model::ModelDescription {
     let mut description = model.describe();
     description.last_used = state
         .devices()

@@ -26,7 +26,7 @@ use spillway_handlers::weights::offload::lengths_intact;
 use spillway_handlers::{HandlerError, ModelFiles, WeightSource};
 
 use crate::error::{Error, Result};
-use crate::manifest::{MANIFEST_PATH, Manifest};
+use crate::store::manifest::{MANIFEST_PATH, Manifest};
 
 /// How an archive is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -10,8 +10,8 @@ use spillway_placement::{
     TensorInfo, inventory,
 };
 
+use crate::config::setup_config::SetupConfig;
 use crate::error::{Error, Result};
-use crate::setup_config::SetupConfig;
 
 /// Where a model's sizes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -31,7 +31,7 @@ pub struct ModelConfig {
     pub continuous_batching: bool,
     /// `threadsPerWorker`: threads one worker's compute may use. Unset: the cores divided
     /// among `maxWorkers` (at least one each), so busy workers do not oversubscribe the
-    /// machine (`crate::worker::WorkerPool`).
+    /// machine (`crate::serving::worker::WorkerPool`).
     pub threads_per_worker: Option<usize>,
     /// `maxBatchTokens` (text-embeddings-inference's `max_batch_tokens`): a batch also
     /// closes before its padded size (texts × longest text, in tokens) would pass this.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
-use crate::model::ModelHandle;
+use crate::lifecycle::model::ModelHandle;
 
 struct Versions {
     default: String,

@@ -15,7 +15,7 @@ use spillway_handlers::HandlerKind;
 use spillway_handlers::weights::progress::{self, Counted};
 
 use crate::error::{Error, Result};
-use crate::manifest::{MANIFEST_PATH, Manifest, ManifestModel};
+use crate::store::manifest::{MANIFEST_PATH, Manifest, ManifestModel};
 
 /// The archive formats `spillway archive` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 //! users know (`device_map`, `max_memory`, `torch_dtype`, `max_length`, ...).
 //!
 //! `device_map`, `max_memory` and `offload_folder` are read by the planner
-//! (`crate::placement`); this module reads the rest and what the handler is told.
+//! (`crate::devices::placement`); this module reads the rest and what the handler is told.
 
 use serde::{Deserialize, Serialize};
 use spillway_handlers::LoadOptions;
@@ -80,7 +80,7 @@ impl SetupConfig {
     }
 
     /// What the handler is told at load time. (Where units go is the planner's job:
-    /// `crate::placement`; the loader adds the plan.)
+    /// `crate::devices::placement`; the loader adds the plan.)
     pub fn load_options(&self) -> Result<LoadOptions> {
         if self.max_length == Some(0) {
             return Err(Error::bad_config(FILE, "max_length must be at least 1"));

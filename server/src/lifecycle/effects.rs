@@ -12,9 +12,9 @@ use std::time::Duration;
 use crate::app::AppState;
 use crate::config::OffloadStrategy;
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::ModelHandle;
+use crate::lifecycle::model::ModelHandle;
 
-use super::policy::Eviction;
+use crate::devices::policy::Eviction;
 
 /// The longest a disk-evicted model's promotion waits for its requests in flight.
 const PROMOTE_AFTER: Duration = Duration::from_secs(1);
@@ -56,8 +56,8 @@ pub fn evict(state: &AppState, evictions: &[Eviction]) {
 async fn reopen(
     state: &AppState,
     model: &Arc<ModelHandle>,
-    source: crate::loader::Source,
-) -> Result<crate::loader::Source> {
+    source: crate::lifecycle::loader::Source,
+) -> Result<crate::lifecycle::loader::Source> {
     let (state, handler) = (state.clone(), model.spec.handler);
     let reopened = tokio::task::spawn_blocking(move || source.reopen(&state, handler))
         .await
@@ -156,7 +156,7 @@ pub async fn ensure_serving(
         };
         model.labels().reloaded();
         // A task of its own: a request that stops waiting does not stop the load.
-        let reload = tokio::spawn(crate::loader::load(
+        let reload = tokio::spawn(crate::lifecycle::loader::load(
             state.clone(),
             model.clone(),
             source,

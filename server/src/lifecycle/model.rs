@@ -17,16 +17,16 @@ use spillway_handlers::{EventSender, Handler, HandlerInfo, HandlerKind, Output, 
 use tokio::sync::oneshot;
 
 use crate::app::AppState;
-use crate::archive::ArchiveFormat;
-use crate::batcher::{self, BatchPolicy, IdleWorkers, Job};
+use crate::config::model_config::ModelConfig;
+use crate::config::setup_config::SetupConfig;
 use crate::devices::manager::{DeviceBytes, DeviceManager, Lease, demoted_bytes, held_by};
 use crate::devices::policy::ModelKey;
 use crate::error::{Error, Result};
-use crate::loader::{Loaded, Source};
-use crate::metrics::{ModelLabels, ModelSample};
-use crate::model_config::ModelConfig;
-use crate::setup_config::SetupConfig;
-use crate::worker::{WorkerInfo, WorkerPool};
+use crate::lifecycle::loader::{Loaded, Source};
+use crate::serving::batcher::{self, BatchPolicy, IdleWorkers, Job};
+use crate::serving::worker::{WorkerInfo, WorkerPool};
+use crate::store::archive::ArchiveFormat;
+use crate::telemetry::metrics::{ModelLabels, ModelSample};
 
 /// A queued request: where its answer will arrive, and how many tokens its input
 /// holds (for usage reports).
@@ -148,12 +148,12 @@ pub struct ModelHandle {
     /// What it is built from, to build it again after an eviction (`None` for a model
     /// made in a test); replaced when its archive changed and was opened again.
     source: Mutex<Option<Source>>,
-    /// The archive key ([`crate::loader::archive_key`]) its last load started from: a
+    /// The archive key ([`crate::lifecycle::loader::archive_key`]) its last load started from: a
     /// model that failed is tried again only once its archive changed since.
     attempted: Mutex<Option<String>>,
     labels: ModelLabels,
     /// The last minute of its answers (describe's `recent`, the status page).
-    recent: crate::recent::RecentAnswers,
+    recent: crate::serving::recent::RecentAnswers,
     /// Its load's long work (conversions, offload copies) while it goes on.
     progress: Arc<spillway_handlers::weights::progress::Progress>,
     state: RwLock<State>,
@@ -221,17 +221,17 @@ pub struct ModelDescription {
     pub workers: Vec<WorkerInfo>,
     /// Its answers over the last minute: rate and latency percentiles.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub recent: Option<crate::recent::RecentSummary>,
+    pub recent: Option<crate::serving::recent::RecentSummary>,
 }
 
 impl ModelHandle {
     pub fn new(spec: ModelSpec, source: Option<Source>) -> Arc<Self> {
         let attempted = source
             .as_ref()
-            .and_then(|s| crate::loader::archive_key(s.path()));
+            .and_then(|s| crate::lifecycle::loader::archive_key(s.path()));
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
-            recent: crate::recent::RecentAnswers::default(),
+            recent: crate::serving::recent::RecentAnswers::default(),
             progress: spillway_handlers::weights::progress::Progress::logged(format!(
                 "{}/{}",
                 spec.name, spec.version
@@ -270,7 +270,7 @@ impl ModelHandle {
     pub fn attempt(&self) {
         let now = self
             .source()
-            .and_then(|s| crate::loader::archive_key(s.path()));
+            .and_then(|s| crate::lifecycle::loader::archive_key(s.path()));
         *self.attempted.lock().unwrap_or_else(|e| e.into_inner()) = now;
     }
 
@@ -301,7 +301,7 @@ impl ModelHandle {
         let Some(source) = self.source() else {
             return false;
         };
-        let now = crate::loader::archive_key(source.path());
+        let now = crate::lifecycle::loader::archive_key(source.path());
         let attempted = self.attempted.lock().unwrap_or_else(|e| e.into_inner());
         if now.is_none() || now == *attempted {
             return false;
@@ -368,7 +368,7 @@ impl ModelHandle {
         &self.labels
     }
 
-    pub fn recent(&self) -> &crate::recent::RecentAnswers {
+    pub fn recent(&self) -> &crate::serving::recent::RecentAnswers {
         &self.recent
     }
 
@@ -559,7 +559,7 @@ impl ModelHandle {
                 });
             }
         };
-        crate::devices::effects::evict(state, &evict);
+        crate::lifecycle::effects::evict(state, &evict);
         let started = std::time::Instant::now();
         let promoted = handler.units().map_or_else(
             || Ok(Vec::new()),
@@ -676,7 +676,7 @@ impl ModelHandle {
             size,
             reply,
             enqueued_at: Instant::now(),
-            request_id: crate::request_id::RequestId::current(),
+            request_id: crate::telemetry::request_id::RequestId::current(),
         };
         let state = self.state();
         let serving = match &*state {
@@ -785,7 +785,7 @@ impl ModelHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model_config::{ModelConfigOverrides, ModelDefaults};
+    use crate::config::model_config::{ModelConfigOverrides, ModelDefaults};
 
     fn handle() -> Arc<ModelHandle> {
         let defaults = ModelDefaults {

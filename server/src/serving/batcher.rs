@@ -16,7 +16,7 @@ use spillway_handlers::{Input, InputSize, Output};
 use tokio::sync::{Notify, oneshot};
 
 use crate::error::Result;
-use crate::metrics::ModelLabels;
+use crate::telemetry::metrics::ModelLabels;
 
 /// One accepted request waiting for its answer.
 pub struct Job {
@@ -26,7 +26,7 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Output>>,
     pub enqueued_at: Instant,
     /// The request's id, for the worker's log lines about it.
-    pub request_id: Option<crate::request_id::RequestId>,
+    pub request_id: Option<crate::telemetry::request_id::RequestId>,
 }
 
 /// When a batch closes.

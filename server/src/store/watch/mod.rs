@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use crate::app::AppState;
 use crate::error::Result;
-use crate::loader::{self, LoadRequest};
-use crate::model::ModelHandle;
+use crate::lifecycle::loader::{self, LoadRequest};
+use crate::lifecycle::model::ModelHandle;
 use policy::{Change, FileKey, StoreWatch};
 
 /// How often the store is listed.
@@ -59,7 +59,7 @@ pub fn listing(state: &AppState) -> Result<BTreeMap<String, FileKey>> {
         let path = state.config().model_store.join(&name);
         // A model folder changes with its manifest.
         let file = if path.is_dir() {
-            path.join(crate::manifest::MANIFEST_PATH)
+            path.join(crate::store::manifest::MANIFEST_PATH)
         } else {
             path
         };

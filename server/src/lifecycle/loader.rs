@@ -18,15 +18,15 @@ use spillway_handlers::{Handler, HandlerKind, LoadOptions, ModelFiles};
 use spillway_placement::{Device, DeviceRequest, Plan};
 
 use crate::app::AppState;
-use crate::archive::{self, ArchiveLimits, OpenedArchive};
-use crate::devices::effects;
+use crate::config::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
+use crate::config::setup_config::SetupConfig;
 use crate::devices::manager::{AdmitError, Lease};
+use crate::devices::placement::{ModelInventory, PlanOptions, plan_model};
 use crate::devices::policy::{Eviction, ModelKey};
 use crate::error::{Error, Result};
-use crate::model::{LoadStage, ModelHandle, ModelSpec};
-use crate::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
-use crate::placement::{ModelInventory, PlanOptions, plan_model};
-use crate::setup_config::SetupConfig;
+use crate::lifecycle::effects;
+use crate::lifecycle::model::{LoadStage, ModelHandle, ModelSpec};
+use crate::store::archive::{self, ArchiveLimits, OpenedArchive};
 
 /// A registration request (from the management API or the start-up list).
 #[derive(Debug, Clone, Default)]
@@ -126,9 +126,9 @@ pub struct Loaded {
 /// the weights. Blocking (a `.tar.gz` is unpacked).
 pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
     let config = state.config();
-    let (path, archive) = match crate::hub::cached_snapshot(state, &request.url)? {
+    let (path, archive) = match crate::store::hub::cached_snapshot(state, &request.url)? {
         Some((model, snapshot)) => {
-            let manifest = crate::hub::manifest_for(&model, &snapshot, request.handler)?;
+            let manifest = crate::store::hub::manifest_for(&model, &snapshot, request.handler)?;
             let archive = archive::open_folder_as(&snapshot, manifest);
             (snapshot, archive)
         }

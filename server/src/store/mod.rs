@@ -3,6 +3,11 @@
 //! remote URLs, absolute paths and paths that climb out of the store (TorchServe's
 //! ShellTorch chain started with registration from any URL).
 
+pub mod archive;
+pub mod hub;
+pub mod manifest;
+pub mod watch;
+
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -73,7 +78,7 @@ impl ModelStore {
                 .iter()
                 .any(|ext| name.ends_with(ext))
                 && path.is_file();
-            let is_model_folder = path.join(crate::manifest::MANIFEST_PATH).is_file();
+            let is_model_folder = path.join(crate::store::manifest::MANIFEST_PATH).is_file();
             if is_archive || is_model_folder {
                 names.push(name);
             }

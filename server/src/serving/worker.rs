@@ -18,10 +18,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use spillway_handlers::{Handler, HandlerError};
 
-use crate::batcher::{IdleWorkers, Job};
 use crate::error::Error;
-use crate::metrics::ModelLabels;
-use crate::request_id::RequestId;
+use crate::serving::batcher::{IdleWorkers, Job};
+use crate::telemetry::metrics::ModelLabels;
+use crate::telemetry::request_id::RequestId;
 
 /// How often an idle worker checks whether it was asked to stop.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -266,7 +266,7 @@ impl WorkerContext {
         // Every line logged while the batch runs names its requests.
         let _batch = tracing::error_span!(
             "batch",
-            requests = %crate::request_id::joined(batch.iter().map(|job| job.request_id.as_ref()))
+            requests = %crate::telemetry::request_id::joined(batch.iter().map(|job| job.request_id.as_ref()))
         )
         .entered();
         let started = Instant::now();
@@ -491,7 +491,7 @@ type Reply = tokio::sync::oneshot::Sender<crate::error::Result<spillway_handlers
 
 /// The ids of a continuous batch's running requests, for a log line.
 fn running(waiting: &HashMap<u64, (Reply, Option<RequestId>)>) -> String {
-    crate::request_id::joined(waiting.values().map(|(_, id)| id.as_ref()))
+    crate::telemetry::request_id::joined(waiting.values().map(|(_, id)| id.as_ref()))
 }
 
 fn shared_error(

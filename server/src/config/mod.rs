@@ -2,6 +2,10 @@
 //! command-line flags, `SPILLWAY_*` environment variables (both arrive as [`Overrides`]),
 //! TorchServe's `config.properties`, and defaults.
 
+pub mod model_config;
+pub mod properties;
+pub mod setup_config;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -333,7 +337,7 @@ impl ServerConfig {
         let properties = match &overrides.ts_config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
-                crate::properties::parse(&text)
+                crate::config::properties::parse(&text)
             }
             None => BTreeMap::new(),
         };
@@ -700,7 +704,7 @@ mod example_tests {
         let full = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("..")
             .join(path);
-        crate::properties::parse(&std::fs::read_to_string(full).expect("example file"))
+        crate::config::properties::parse(&std::fs::read_to_string(full).expect("example file"))
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //! - [`strategy`]: [`Strategy`], the user's unresolved `device_map`.
 //! - [`plan`](mod@plan): [`plan()`] → [`Plan`].
 //! - [`explain`]: a [`Plan`] as the table `spillway plan` prints.
+//! - [`ledger`]: who must leave a device pool for a model to fit (least recently used
+//!   first), and which GPUs a model gets.
 //! - [`error`]: [`PlanError`], the crate's one error type.
 
 pub mod budget;
@@ -23,6 +25,7 @@ pub mod device;
 pub mod error;
 pub mod explain;
 pub mod inventory;
+pub mod ledger;
 pub mod plan;
 pub mod request;
 pub mod shape;

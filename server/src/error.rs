@@ -79,7 +79,7 @@ pub enum Error {
     #[error("no room for model {model}: {refusal}")]
     NoRoom {
         model: String,
-        refusal: crate::devices::policy::Refusal,
+        refusal: spillway_placement::ledger::Refusal,
     },
 
     #[error("request body is larger than max_request_size ({limit} bytes)")]
@@ -144,7 +144,7 @@ impl Error {
             | Error::Plan(_) => ErrorKind::BadRequest,
             Error::PayloadTooLarge { .. } => ErrorKind::PayloadTooLarge,
             Error::NoRoom {
-                refusal: crate::devices::policy::Refusal::NoSuchGpus(_),
+                refusal: spillway_placement::ledger::Refusal::NoSuchGpus(_),
                 ..
             } => ErrorKind::BadRequest,
             Error::NoRoom { .. } => ErrorKind::InsufficientStorage,

@@ -21,7 +21,8 @@ use crate::support::{Fixture, TestServer, repo_root};
 /// Every metric name the server defines (server/src/telemetry/metrics.rs, `pub const NAME: &str
 /// = "..."`): what it can export.
 fn defined_metrics() -> BTreeSet<String> {
-    let source = std::fs::read_to_string(repo_root().join("server/src/telemetry/metrics.rs")).unwrap();
+    let source =
+        std::fs::read_to_string(repo_root().join("server/src/telemetry/metrics.rs")).unwrap();
     source
         .lines()
         .filter_map(|line| {

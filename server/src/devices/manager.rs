@@ -2,7 +2,7 @@
 //! allocation map — which model version holds how many bytes on which device (a
 //! [`Lease`], the plan's weights and reserve), whether it is still loading, and when it
 //! was last used — and admits a model by planning it within the pools' budgets and
-//! asking the pure policy (`devices::policy`) which least recently used models must
+//! asking the pure policy (`spillway_placement::ledger`) which least recently used models must
 //! leave for it to fit. Carrying out an eviction is `devices::effects`' job.
 //!
 //! Planning, deciding and leasing happen under one lock, so two loads never both count
@@ -16,10 +16,10 @@ use std::time::SystemTime;
 
 use spillway_placement::{Device, DeviceRequest, DeviceType, GpuMemory, Machine, Plan};
 
-use super::policy::{self, AllocationMap, Eviction, Holding, ModelKey, Refusal};
-
-/// Bytes per device.
-pub type DeviceBytes = BTreeMap<Device, u64>;
+pub use spillway_placement::ledger::DeviceBytes;
+use spillway_placement::ledger::{
+    self as policy, AllocationMap, Eviction, Holding, ModelKey, Refusal,
+};
 
 /// How the manager is set up (config.properties / `SPILLWAY_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]

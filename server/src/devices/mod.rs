@@ -4,13 +4,12 @@
 //!
 //! - [`manager`]: the device manager — the pools' budgets and the allocation map (who
 //!   holds which bytes, loading or not, last used), admission through the policy.
-//! - [`policy`]: the manager's decisions, pure: which GPUs a model gets, which least
-//!   recently used models leave for it to fit.
+//! - the pure least-recently-used policy the manager applies is
+//!   `spillway_placement::ledger`.
 //! - [`placement`]: a model's tensor inventory from its headers, planned on the pools.
 
 pub mod manager;
 pub mod placement;
-pub mod policy;
 
 use spillway_placement::Machine;
 

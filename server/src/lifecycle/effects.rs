@@ -14,7 +14,7 @@ use crate::config::OffloadStrategy;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lifecycle::model::ModelHandle;
 
-use crate::devices::policy::Eviction;
+use spillway_placement::ledger::Eviction;
 
 /// The longest a disk-evicted model's promotion waits for its requests in flight.
 const PROMOTE_AFTER: Duration = Duration::from_secs(1);

@@ -22,11 +22,11 @@ use crate::config::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaul
 use crate::config::setup_config::SetupConfig;
 use crate::devices::manager::{AdmitError, Lease};
 use crate::devices::placement::{ModelInventory, PlanOptions, plan_model};
-use crate::devices::policy::{Eviction, ModelKey};
 use crate::error::{Error, Result};
 use crate::lifecycle::effects;
 use crate::lifecycle::model::{LoadStage, ModelHandle, ModelSpec};
 use crate::store::archive::{self, ArchiveLimits, OpenedArchive};
+use spillway_placement::ledger::{Eviction, ModelKey};
 
 /// A registration request (from the management API or the start-up list).
 #[derive(Debug, Clone, Default)]

@@ -20,13 +20,13 @@ use crate::app::AppState;
 use crate::config::model_config::ModelConfig;
 use crate::config::setup_config::SetupConfig;
 use crate::devices::manager::{DeviceBytes, DeviceManager, Lease, demoted_bytes, held_by};
-use crate::devices::policy::ModelKey;
 use crate::error::{Error, Result};
 use crate::lifecycle::loader::{Loaded, Source};
 use crate::serving::batcher::{self, BatchPolicy, IdleWorkers, Job};
 use crate::serving::worker::{WorkerInfo, WorkerPool};
 use crate::store::archive::ArchiveFormat;
 use crate::telemetry::metrics::{ModelLabels, ModelSample};
+use spillway_placement::ledger::ModelKey;
 
 /// A queued request: where its answer will arrive, and how many tokens its input
 /// holds (for usage reports).

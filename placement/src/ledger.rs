@@ -1,7 +1,8 @@
-//! The device manager's policy, pure: from the pools' budgets and who holds what (an
+//! The device ledger's policy, pure: from the pools' budgets and who holds what (an
 //! [`AllocationMap`]), decide which GPUs a model gets ([`grant`]) and which models must
-//! give their bytes back for it to fit ([`make_room`]). No I/O and no clock: the manager
-//! (`devices::manager`) gathers the map and carries out the decision.
+//! give their bytes back for it to fit ([`make_room`]). No I/O and no clock: the server's
+//! device manager (`spillway::devices::manager`) gathers the map and carries out the
+//! decision.
 //!
 //! Eviction takes the least recently used models first, across every device, and never
 //! one that is busy (requests in flight, or still loading).
@@ -9,9 +10,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use spillway_placement::{ByteSize, Device, DeviceRequest, DeviceType};
+use crate::{ByteSize, Device, DeviceRequest, DeviceType};
 
-use super::manager::DeviceBytes;
+/// Bytes per device.
+pub type DeviceBytes = BTreeMap<Device, u64>;
 
 /// A registered model version.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

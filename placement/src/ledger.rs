@@ -28,9 +28,12 @@ impl fmt::Display for ModelKey {
     }
 }
 
-/// What one model holds.
+/// What one loaded instance of a model holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holding {
+    /// Its lease: one per loaded instance, never reused (two instances of one model
+    /// version — a replacement loading beside the old one — are two holdings).
+    pub lease: u64,
     pub model: ModelKey,
     pub bytes: DeviceBytes,
     /// What evicting it frees (all of `bytes` when it is unloaded; less when its units
@@ -125,7 +128,8 @@ impl fmt::Display for Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub gpus: Vec<Device>,
-    pub evict: Vec<ModelKey>,
+    /// The leases that must leave first.
+    pub evict: Vec<u64>,
 }
 
 /// Which GPUs `request` gets. With `pack`, models share GPUs (the fit is checked later,
@@ -133,15 +137,15 @@ pub struct Grant {
 pub fn grant(map: &AllocationMap, request: &DeviceRequest, pack: bool) -> Result<Grant, Refusal> {
     let managed: Vec<Device> = map.gpus().collect();
     let occupants = |gpu: Device| -> Vec<&Holding> { map.holders(gpu).collect() };
-    let evict_all = |gpus: &[Device]| -> Result<Vec<ModelKey>, Refusal> {
+    let evict_all = |gpus: &[Device]| -> Result<Vec<u64>, Refusal> {
         let mut evict = Vec::new();
         for &gpu in gpus {
             for holding in occupants(gpu) {
                 if holding.busy {
                     return Err(no_room(map, gpu, map.used(gpu)));
                 }
-                if !evict.contains(&holding.model) {
-                    evict.push(holding.model.clone());
+                if !evict.contains(&holding.lease) {
+                    evict.push(holding.lease);
                 }
             }
         }
@@ -206,26 +210,28 @@ pub fn grant(map: &AllocationMap, request: &DeviceRequest, pack: bool) -> Result
 /// move its units to disk (what its holding `frees`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Eviction {
+    /// The lease of the instance that leaves.
+    pub lease: u64,
     pub model: ModelKey,
     pub unload: bool,
 }
 
 /// The models to evict, least recently used first, so that `needed` fits every managed
 /// device's free bytes. Moving units to disk is tried first; where that cannot make
-/// room, models are unloaded. `already` are being unloaded anyway (a grant's
-/// evictions); `model` itself is never evicted.
+/// room, models are unloaded. `already` are leases being unloaded anyway (a grant's
+/// evictions); `own` (the lease of a model growing back) is never evicted.
 pub fn make_room(
     map: &AllocationMap,
-    model: &ModelKey,
+    own: Option<u64>,
     needed: &DeviceBytes,
-    already: &[ModelKey],
+    already: &[u64],
 ) -> Result<Vec<Eviction>, Refusal> {
     let mut candidates: Vec<&Holding> = map
         .holdings
         .iter()
-        .filter(|h| !h.busy && h.model != *model && !already.contains(&h.model))
+        .filter(|h| !h.busy && Some(h.lease) != own && !already.contains(&h.lease))
         .collect();
-    candidates.sort_by_key(|h| (h.last_used, h.model.clone()));
+    candidates.sort_by_key(|h| (h.last_used, h.model.clone(), h.lease));
     // One pass over the candidates, oldest first, each freeing `frees` (or everything
     // when `unload`); what is still short after it.
     let pass = |unload: bool| -> (Vec<Eviction>, Vec<(Device, u64)>) {
@@ -241,7 +247,7 @@ pub fn make_room(
                     let freed: u64 = map
                         .holdings
                         .iter()
-                        .filter(|h| already.contains(&h.model))
+                        .filter(|h| already.contains(&h.lease))
                         .map(|h| h.bytes.get(&device).copied().unwrap_or(0))
                         .chain(evicted.iter().map(|h| frees(h, &device)))
                         .sum();
@@ -266,6 +272,7 @@ pub fn make_room(
         let evictions = evicted
             .iter()
             .map(|h| Eviction {
+                lease: h.lease,
                 model: h.model.clone(),
                 unload: unload || h.frees == h.bytes,
             })
@@ -319,8 +326,14 @@ mod tests {
         }
     }
 
+    /// A lease id for a model named in a test.
+    fn id(name: &str) -> u64 {
+        name.bytes().fold(7, |h, b| h * 31 + u64::from(b))
+    }
+
     fn holding(name: &str, bytes: &[(Device, u64)], last_used: u64, busy: bool) -> Holding {
         Holding {
+            lease: id(name),
             model: key(name),
             bytes: bytes.iter().copied().collect(),
             frees: bytes.iter().copied().collect(),
@@ -366,7 +379,7 @@ mod tests {
         // 12 GiB on cuda:0 (4 free): b is older than a; c and d hold nothing there.
         let evict = evicted(make_room(
             &map,
-            &key("new"),
+            None,
             &needs(&[(Device::cuda(0), 12 * GIB)]),
             &[],
         ));
@@ -374,7 +387,7 @@ mod tests {
         // 20 GiB: both.
         let evict = evicted(make_room(
             &map,
-            &key("new"),
+            None,
             &needs(&[(Device::cuda(0), 20 * GIB)]),
             &[],
         ));
@@ -382,7 +395,7 @@ mod tests {
         // Room on two devices at once: c (oldest) for cuda:1, then d for the CPU.
         let evict = evicted(make_room(
             &map,
-            &key("new"),
+            None,
             &needs(&[(Device::cuda(1), 10 * GIB), (Device::CPU, 40 * GIB)]),
             &[],
         ));
@@ -390,7 +403,7 @@ mod tests {
         // What fits evicts nothing; unmanaged devices (disk) never need room.
         let evict = evicted(make_room(
             &map,
-            &key("new"),
+            None,
             &needs(&[(Device::cuda(0), 4 * GIB), (Device::DISK, 500 * GIB)]),
             &[],
         ));
@@ -407,12 +420,14 @@ mod tests {
             budgets: [(Device::CPU, 100)].into_iter().collect(),
             holdings: vec![on_disk_keeps_30("a", 1), on_disk_keeps_30("b", 2)],
         };
-        let make = |bytes| make_room(&map, &key("new"), &needs(&[(Device::CPU, bytes)]), &[]);
+        let make = |bytes| make_room(&map, None, &needs(&[(Device::CPU, bytes)]), &[]);
         let to_disk = |name: &str| Eviction {
+            lease: id(name),
             model: key(name),
             unload: false,
         };
         let unload = |name: &str| Eviction {
+            lease: id(name),
             model: key(name),
             unload: true,
         };
@@ -430,13 +445,8 @@ mod tests {
             holding("old-but-busy", &[(Device::cuda(0), 16 * GIB)], 0, true),
             holding("idle", &[(Device::cuda(0), 4 * GIB)], 9, false),
         ]);
-        let refused = make_room(
-            &map,
-            &key("new"),
-            &needs(&[(Device::cuda(0), 10 * GIB)]),
-            &[],
-        )
-        .expect_err("16 GiB stay held");
+        let refused = make_room(&map, None, &needs(&[(Device::cuda(0), 10 * GIB)]), &[])
+            .expect_err("16 GiB stay held");
         let Refusal::NoRoom {
             device,
             missing,
@@ -469,7 +479,7 @@ mod tests {
             grant_of("cuda:1", false),
             Ok(Grant {
                 gpus: vec![Device::cuda(1)],
-                evict: vec![key("a")],
+                evict: vec![id("a")],
             }),
             "without packing, a GPU holds one model"
         );
@@ -480,7 +490,7 @@ mod tests {
         );
         assert_eq!(
             grant_of("cuda:0,1", false).map(|g| g.evict),
-            Ok(vec![key("b"), key("a")])
+            Ok(vec![id("b"), id("a")])
         );
         assert!(matches!(
             grant_of("cuda:2", false),
@@ -503,7 +513,7 @@ mod tests {
         );
         assert_eq!(
             grant_of(&one_busy, "cudax2", false).map(|g| (g.gpus.len(), g.evict)),
-            Ok((2, vec![key("a")]))
+            Ok((2, vec![id("a")]))
         );
         let full = two_gpus(vec![
             holding("new", &[(Device::cuda(0), GIB)], 7, false),
@@ -513,7 +523,7 @@ mod tests {
             grant_of(&full, "cuda", false),
             Ok(Grant {
                 gpus: vec![Device::cuda(1)],
-                evict: vec![key("old")],
+                evict: vec![id("old")],
             })
         );
         // Packing: the emptiest GPU, nobody evicted.
@@ -549,9 +559,9 @@ mod tests {
         ]);
         let evict = evicted(make_room(
             &map,
-            &key("new"),
+            None,
             &needs(&[(Device::cuda(0), 22 * GIB)]),
-            &[key("pinned-out")],
+            &[id("pinned-out")],
         ));
         assert_eq!(evict, Ok(vec![]), "cuda:0 is free once the occupant leaves");
     }
@@ -585,6 +595,7 @@ mod tests {
                         .all(|(d, b)| map.free(*d).is_some_and(|f| *b <= f))
                     {
                         map.holdings.push(Holding {
+                            lease: i as u64,
                             model: key(&format!("m{i}")),
                             bytes,
                             frees,
@@ -602,7 +613,7 @@ mod tests {
     fn evicting(map: &AllocationMap, evictions: &[Eviction]) -> AllocationMap {
         let mut after = map.clone();
         for e in evictions {
-            if let Some(h) = after.holdings.iter_mut().find(|h| h.model == e.model) {
+            if let Some(h) = after.holdings.iter_mut().find(|h| h.lease == e.lease) {
                 h.bytes = h
                     .bytes
                     .iter()
@@ -618,12 +629,12 @@ mod tests {
         fn no_pool_is_ever_over_budget_and_only_idle_models_leave_oldest_first(
             (map, needed) in arbitrary_map()
         ) {
-            match make_room(&map, &key("new"), &needed, &[]) {
+            match make_room(&map, None, &needed, &[]) {
                 Ok(evictions) => {
                     let evicted: Vec<ModelKey> = evictions.iter().map(|e| e.model.clone()).collect();
                     // An evicted model keeps what its eviction does not free.
                     let mut after = evicting(&map, &evictions);
-                    after.holdings.push(Holding { model: key("new"), bytes: needed.clone(), frees: needed.clone(), last_used: 99, busy: true });
+                    after.holdings.push(Holding { lease: 99, model: key("new"), bytes: needed.clone(), frees: needed.clone(), last_used: 99, busy: true });
                     for (&device, &budget) in &after.budgets {
                         prop_assert!(after.used(device) <= budget, "{device} over budget");
                     }
@@ -641,7 +652,7 @@ mod tests {
                 }
                 Err(Refusal::NoRoom { device, missing, .. }) => {
                     // Even with every idle model evicted it does not fit.
-                    let idle: Vec<Eviction> = map.holdings.iter().filter(|h| !h.busy).map(|h| Eviction { model: h.model.clone(), unload: true }).collect();
+                    let idle: Vec<Eviction> = map.holdings.iter().filter(|h| !h.busy).map(|h| Eviction { lease: h.lease, model: h.model.clone(), unload: true }).collect();
                     let emptied = evicting(&map, &idle);
                     let free = emptied.free(device).expect("managed");
                     prop_assert_eq!(needed[&device] - free, missing);

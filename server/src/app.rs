@@ -1,5 +1,7 @@
-//! [`AppState`]: what every HTTP handler shares — settings, the model store, the
-//! registry, the device manager, the metrics handle and start-up progress. One `Clone` struct around an `Arc`.
+//! [`AppState`]: what every HTTP handler shares — the lifecycle (and through it the
+//! settings, the model store, the registry and the device manager), the metrics handle
+//! and start-up progress. One `Clone` struct around an `Arc`; only `http` (and `lib`'s
+//! `run`) use it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -7,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::ServerConfig;
-use crate::devices::manager::DeviceManager;
+use crate::devices::manager::{DeviceManager, ManagerConfig};
+use crate::lifecycle::Lifecycle;
 use crate::lifecycle::registry::ModelRegistry;
 use crate::store::ModelStore;
 
@@ -50,13 +53,9 @@ impl StartupProgress {
 }
 
 struct Inner {
-    config: ServerConfig,
-    store: ModelStore,
-    registry: ModelRegistry,
+    lifecycle: Lifecycle,
     metrics: PrometheusHandle,
     startup: StartupProgress,
-    devices: DeviceManager,
-    store_watch: crate::store::watch::WatchReport,
 }
 
 /// Shared server state.
@@ -67,30 +66,34 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: ServerConfig, metrics: PrometheusHandle) -> Self {
-        let devices = DeviceManager::new(config.devices.manager_config(&crate::devices::probe()));
+        let devices = DeviceManager::new(ManagerConfig::from_settings(
+            &config.devices,
+            &crate::devices::probe(),
+        ));
         Self {
             inner: Arc::new(Inner {
-                store: ModelStore::new(&config.model_store),
-                config,
-                registry: ModelRegistry::default(),
+                lifecycle: Lifecycle::new(config, devices),
                 metrics,
                 startup: StartupProgress::default(),
-                devices,
-                store_watch: Default::default(),
             }),
         }
     }
 
+    /// The owner of every model's life: registering, loading, evicting, unregistering.
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.inner.lifecycle
+    }
+
     pub fn config(&self) -> &ServerConfig {
-        &self.inner.config
+        self.lifecycle().config()
     }
 
     pub fn store(&self) -> &ModelStore {
-        &self.inner.store
+        self.lifecycle().store()
     }
 
     pub fn registry(&self) -> &ModelRegistry {
-        &self.inner.registry
+        self.lifecycle().registry()
     }
 
     pub fn metrics(&self) -> &PrometheusHandle {
@@ -101,13 +104,13 @@ impl AppState {
         &self.inner.startup
     }
 
-    /// The device manager: who holds which device bytes.
     /// What the model store's watcher reports (`watch_model_store`).
     pub fn store_watch(&self) -> &crate::store::watch::WatchReport {
-        &self.inner.store_watch
+        self.lifecycle().watch_report()
     }
 
+    /// The device manager: who holds which device bytes.
     pub fn devices(&self) -> &DeviceManager {
-        &self.inner.devices
+        self.lifecycle().devices()
     }
 }

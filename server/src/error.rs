@@ -97,6 +97,15 @@ pub enum Error {
     #[error("Model \"{model}\" is not ready: {state}")]
     NotReady { model: String, state: String },
 
+    /// A request on a model whose load failed: answered with the failure's class (a
+    /// bad archive 400, no memory 507, a fault 500; past its startup timeout 503).
+    #[error("Model \"{model}\" failed to load: {reason}")]
+    LoadFailed {
+        model: String,
+        reason: String,
+        kind: ErrorKind,
+    },
+
     #[error("{0}")]
     Conflict(String),
 
@@ -151,6 +160,7 @@ impl Error {
             Error::QueueFull { .. } => ErrorKind::QueueFull,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::NotReady { .. } => ErrorKind::NotReady,
+            Error::LoadFailed { kind, .. } => *kind,
             Error::Conflict(_) => ErrorKind::Conflict,
             Error::Unauthorized => ErrorKind::Unauthorized,
             Error::MethodNotAllowed(_) => ErrorKind::MethodNotAllowed,
@@ -212,7 +222,7 @@ fn handler_kind(error: &HandlerError) -> ErrorKind {
 fn gpu_hint(error: &spillway_placement::PlanError) -> String {
     match error {
         spillway_placement::PlanError::Unavailable { device, .. } if device.starts_with("cuda") => {
-            crate::devices::gpus()
+            spillway_handlers::gpu::probe()
                 .unavailable()
                 .map(|why| format!("; {why}"))
                 .unwrap_or_default()

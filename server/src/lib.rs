@@ -45,6 +45,8 @@ pub mod devices;
 pub mod error;
 pub mod fuzz_targets;
 pub mod http;
+#[cfg(test)]
+mod layering_tests;
 pub mod lifecycle;
 pub mod serving;
 pub mod shutdown;
@@ -135,7 +137,7 @@ pub async fn run(
     crate::devices::log_gpus();
     load_startup_models(&state)?;
     if state.config().watch_model_store {
-        store::watch::spawn(state.clone())?;
+        lifecycle::watch::spawn(state.lifecycle().clone())?;
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -188,7 +190,10 @@ fn load_startup_models(state: &AppState) -> Result<()> {
     tokio::spawn(async move {
         for request in requests {
             let url = request.url.clone();
-            let result = lifecycle::loader::register(&state, request, true).await;
+            let result = state
+                .lifecycle()
+                .register(request, lifecycle::Origin::Startup)
+                .await;
             if let Err(e) = &result {
                 tracing::error!(archive = %url, "cannot load start-up model: {e}");
             }

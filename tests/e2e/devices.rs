@@ -289,3 +289,123 @@ fn three_real_models_under_a_budget_for_two_take_turns_under_restart_and_disk() 
         round_robin_within_the_budget(&fixture, &oracle, budget, overhead, strategy);
     }
 }
+
+/// The device ledger under the order of events the issue found it drifting in: with room
+/// for two MiniLM copies, register `a` and `b`, register `a` again (refused, 409), then
+/// `c`. The refused duplicate's admission once counted `b`'s bytes as freed and never gave
+/// them back, so all three ended up resident. Now: at most two are resident, the ledger
+/// lists exactly them with their bytes, and the process's memory stays within the budget
+/// plus its own overhead.
+#[test]
+fn a_refused_duplicate_leaves_the_ledger_as_it_was() {
+    let fixture = Fixture::new();
+    let minilm = fetch_model("minilm");
+    for name in ["a", "b", "c"] {
+        fixture.archive(name, "1.0", "text_embedding", Some(&minilm), &[]);
+    }
+    let oracle = Oracle::load();
+    let budget: u64 = 250 << 20;
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &["--models", "", "--max-host-memory", &budget.to_string()],
+    );
+    server.wait_healthy();
+    let held = |server: &TestServer| -> BTreeMap<String, u64> {
+        host_pool(server)["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["modelName"].as_str().unwrap().to_string(),
+                    m["bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    register(&server, "a");
+    oracle.ask_and_check(&server, "a");
+    let one = held(&server)["a"];
+    assert!(
+        2 * one <= budget && 3 * one > budget,
+        "the budget must hold two copies and not three: one holds {one}"
+    );
+    let overhead = rss_anon(server.pid()).unwrap().saturating_sub(one);
+    register(&server, "b");
+    oracle.ask_and_check(&server, "b");
+    let duplicate = server.manage(Method::POST, "/models?url=a.mar&synchronous=true");
+    assert_eq!(duplicate.status().as_u16(), 409);
+    assert_eq!(
+        held(&server),
+        BTreeMap::from([("a".to_string(), one), ("b".to_string(), one)]),
+        "the refused duplicate took nothing and gave nothing"
+    );
+    register(&server, "c");
+    oracle.ask_and_check(&server, "c");
+    let resident: Vec<&str> = ["a", "b", "c"]
+        .into_iter()
+        .filter(|m| device_state(&server, m) == "resident")
+        .collect();
+    let ledger = held(&server);
+    assert_eq!(resident.len(), 2, "{resident:?} ledger {ledger:?}");
+    assert_eq!(
+        ledger.keys().map(String::as_str).collect::<Vec<_>>(),
+        resident,
+        "the ledger lists what is resident"
+    );
+    assert_eq!(host_pool(&server)["used"].as_u64().unwrap(), 2 * one);
+    // Every model still answers (the evicted one is loaded again, evicting another).
+    for model in ["a", "b", "c"] {
+        oracle.ask_and_check(&server, model);
+        let used = host_pool(&server)["used"].as_u64().unwrap();
+        assert!(used <= budget, "after {model}: {used} > {budget}");
+    }
+    let rss = rss_anon(server.pid()).unwrap();
+    assert!(
+        rss <= budget + overhead + SLACK,
+        "RssAnon {} MiB over budget {} MiB + overhead {} MiB + {} MiB",
+        rss >> 20,
+        budget >> 20,
+        overhead >> 20,
+        SLACK >> 20
+    );
+}
+
+/// Start-up with more models than the budget holds: every model named is registered and
+/// answers. The one that does not fit next to the others is registered UNLOADED (it may
+/// not evict at start-up) and its first request makes room for it, least recently used
+/// first; before, its plan failed against what happened to be free, it was dropped, and
+/// every request to it was a 404.
+#[test]
+fn start_up_registers_every_model_even_when_they_do_not_fit_together() {
+    let fixture = Fixture::new();
+    archive_the_three(&fixture);
+    let oracle = Oracle::load();
+    let budget: u64 = 700 << 20;
+    let models = MODELS
+        .iter()
+        .map(|m| format!("{m}={m}.mar"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let server = TestServer::start(
+        &fixture.store(),
+        &fixture.cache(),
+        &[
+            "--models",
+            &models,
+            "--max-host-memory",
+            &budget.to_string(),
+            "--offload-strategy",
+            "restart",
+        ],
+    );
+    server.wait_healthy();
+    let states: Vec<String> = MODELS.iter().map(|m| device_state(&server, m)).collect();
+    assert_eq!(states, ["resident", "resident", "unloaded"]);
+    for model in ["smollm2", "minilm-a", "smollm2", "minilm-b"] {
+        oracle.ask_and_check(&server, model);
+        let used = host_pool(&server)["used"].as_u64().unwrap();
+        assert!(used <= budget, "after {model}: {used} > {budget}");
+    }
+}

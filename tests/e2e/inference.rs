@@ -104,7 +104,7 @@ fn client_errors_get_json_bodies_with_the_right_status() {
 }
 
 #[test]
-fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
+fn a_model_that_failed_to_load_answers_with_its_failures_class_and_ping_says_unhealthy() {
     let fixture = Fixture::new();
     // Valid safetensors whose shapes disagree with config.json: planning (headers only)
     // succeeds, building the model fails.
@@ -139,8 +139,15 @@ fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Start-up loads are synchronous: a failed one is not left registered.
-    error(server.predict("broken", r#"{"inputs": "x"}"#), 404);
+    // A start-up model that failed stays registered, FAILED, and its requests are
+    // answered with the failure's class: an archive that cannot be served is a 400.
+    let message = error(server.predict("broken", r#"{"inputs": "x"}"#), 400);
+    assert!(
+        message.contains("failed to load") && message.contains("shape mismatch"),
+        "{message}"
+    );
+    let described = json(server.manage(Method::GET, "/models/broken"), 200);
+    assert_eq!(described[0]["status"], "FAILED");
 
     // Registered in the background, the failure stays visible.
     let response = server.manage(
@@ -164,7 +171,7 @@ fn a_model_that_failed_to_load_answers_503_and_ping_says_unhealthy() {
         assert!(std::time::Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let message = error(server.predict("later", r#"{"inputs": "x"}"#), 503);
+    let message = error(server.predict("later", r#"{"inputs": "x"}"#), 400);
     assert!(message.contains("failed to load"), "{message}");
 
     let message = error(server.manage(Method::POST, "/models?url=garbage.mar"), 400);

@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::devices::manager::ManagerConfig;
 use crate::error::{Error, Result};
 
 /// Which models to load at start-up.
@@ -253,27 +252,6 @@ impl DeviceSettings {
             offload_strategy,
             allow_multiple_per_device: allow_multiple_per_device.unwrap_or(false),
         })
-    }
-
-    /// The manager's pools on a machine whose memory `probed` says.
-    pub fn manager_config(&self, probed: &spillway_placement::Machine) -> ManagerConfig {
-        let gpus = probed
-            .gpus
-            .iter()
-            .filter(|g| {
-                self.managed_gpus
-                    .as_ref()
-                    .is_none_or(|managed| managed.contains(&g.ordinal))
-            })
-            .cloned()
-            .collect();
-        ManagerConfig {
-            host_budget: self.max_host_memory.unwrap_or(probed.cpu_available),
-            host_budget_given: self.max_host_memory.is_some(),
-            gpus,
-            pack_gpus: self.allow_multiple_per_device,
-            evicts_to_disk: self.offload_strategy != OffloadStrategy::Restart,
-        }
     }
 }
 
@@ -594,7 +572,7 @@ mod tests {
             cpu_reserve: None,
         };
         let defaults = merged(Overrides::default(), &[]).expect("valid").devices;
-        let pools = defaults.manager_config(&probed);
+        let pools = crate::devices::manager::ManagerConfig::from_settings(&defaults, &probed);
         assert_eq!((pools.host_budget, pools.host_budget_given), (1000, false));
         assert_eq!(pools.gpus.len(), 1, "every visible GPU");
         for (key, value) in [

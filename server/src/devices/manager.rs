@@ -6,14 +6,20 @@
 //! leave for it to fit. Carrying out an eviction is `devices::effects`' job.
 //!
 //! Planning, deciding and leasing happen under one lock, so two loads never both count
-//! the same free bytes. A lease is dropped when its model's workers have been joined and
-//! its weights freed, so the map always says what is really in use.
+//! the same free bytes. An [`Admission`] is a transaction: the bytes it promises (its own
+//! lease, and the victims' bytes counted as leaving) stand from the moment it is made;
+//! dropped before its evictions are carried out, it gives every victim its bytes back. A
+//! lease is dropped when its model's workers have been joined and its weights freed, so
+//! the map always says what is really in use. Leases have ids unique per loaded
+//! instance: two instances of one model version (a replacement loading beside the old
+//! one) never share or zero each other's entry.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::config::{DeviceSettings, OffloadStrategy};
 use spillway_placement::{Device, DeviceRequest, DeviceType, GpuMemory, Machine, Plan};
 
 pub use spillway_placement::ledger::DeviceBytes;
@@ -36,6 +42,30 @@ pub struct ManagerConfig {
     /// Whether an eviction moves a model's units to disk (`disk`, `cpu`) rather than
     /// unloading it (`restart`): then it frees only what its resident units held.
     pub evicts_to_disk: bool,
+}
+
+impl ManagerConfig {
+    /// The pools the operator's settings give on a machine whose memory `probed` says.
+    pub fn from_settings(settings: &DeviceSettings, probed: &Machine) -> Self {
+        let gpus = probed
+            .gpus
+            .iter()
+            .filter(|g| {
+                settings
+                    .managed_gpus
+                    .as_ref()
+                    .is_none_or(|managed| managed.contains(&g.ordinal))
+            })
+            .cloned()
+            .collect();
+        ManagerConfig {
+            host_budget: settings.max_host_memory.unwrap_or(probed.cpu_available),
+            host_budget_given: settings.max_host_memory.is_some(),
+            gpus,
+            pack_gpus: settings.allow_multiple_per_device,
+            evicts_to_disk: settings.offload_strategy != OffloadStrategy::Restart,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -107,12 +137,83 @@ pub struct Lease {
     manager: DeviceManager,
 }
 
-/// What admitting a model decided.
+/// What admitting a model decided: its plan, its lease, and the models that must leave
+/// for it. A transaction: dropped before [`Admission::evict_now`], it rolls back — the
+/// lease goes and each victim holds again what it held.
 pub struct Admission {
-    pub plan: Plan,
-    pub lease: Lease,
+    plan: Plan,
+    lease: Option<Lease>,
     /// Models that must be evicted, least recently used first, before this one loads.
-    pub evict: Vec<Eviction>,
+    evict: Vec<Eviction>,
+    /// Each victim's lease and what it held before this admission counted it as leaving
+    /// (and what it counted it down to): what a rollback puts back.
+    victims: Vec<Victim>,
+    manager: DeviceManager,
+}
+
+#[derive(Debug)]
+struct Victim {
+    lease: u64,
+    held: DeviceBytes,
+    promised: DeviceBytes,
+}
+
+impl Admission {
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The models that must leave first.
+    pub fn evictions(&self) -> &[Eviction] {
+        &self.evict
+    }
+
+    /// The lease's id.
+    pub fn lease_id(&self) -> u64 {
+        self.lease.as_ref().map_or(u64::MAX, |l| l.id)
+    }
+
+    /// The lease it holds until it commits.
+    pub fn lease(&self) -> &Lease {
+        self.lease
+            .as_ref()
+            .expect("an admission holds its lease until it commits")
+    }
+
+    /// The evictions, to be carried out now: from here on the victims' bytes stay
+    /// counted as gone (their evictions free them), whatever becomes of this model.
+    pub fn evict_now(&mut self) -> Vec<Eviction> {
+        self.victims.clear();
+        std::mem::take(&mut self.evict)
+    }
+
+    /// The model was built: its plan and lease are its own from now on.
+    pub fn commit(mut self) -> (Plan, Lease) {
+        self.victims.clear();
+        let lease = self
+            .lease
+            .take()
+            .expect("an admission holds its lease until it commits");
+        (self.plan.clone(), lease)
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.victims.is_empty() {
+            return;
+        }
+        let mut entries = self.manager.entries();
+        for victim in self.victims.drain(..) {
+            // Only an entry still as this admission left it: one that left meanwhile
+            // (unloaded, unregistered) or changed (evicted by another) stays as it is.
+            if let Some(entry) = entries.leases.get_mut(&victim.lease)
+                && entry.bytes == victim.promised
+            {
+                entry.bytes = victim.held;
+            }
+        }
+    }
 }
 
 /// A model that cannot be admitted, or whose plan failed.
@@ -175,8 +276,9 @@ impl DeviceManager {
             budgets: self.budgets(),
             holdings: entries
                 .leases
-                .values()
-                .map(|e| Holding {
+                .iter()
+                .map(|(&lease, e)| Holding {
+                    lease,
                     model: e.model.clone(),
                     bytes: e.bytes.clone(),
                     frees: e.frees(),
@@ -223,7 +325,6 @@ impl DeviceManager {
         let kept = |device: Device, unload: bool| -> u64 {
             map.holdings
                 .iter()
-                .filter(|h| h.model != *model)
                 .map(|h| {
                     let held = h.bytes.get(&device).copied().unwrap_or(0);
                     let freed = match (h.busy, unload) {
@@ -263,8 +364,11 @@ impl DeviceManager {
                 // Would it fit the pools alone? Then busy models hold the room: a
                 // resource runs short, and the refusal says who holds it.
                 return Err(match plan(&machine(&|_| 0)) {
+                    // It fits the pools once others leave, which the caller did not
+                    // allow (a start-up model): it is planned again when it loads.
+                    Ok(_) if !may_evict => AdmitError::WouldEvict,
                     Ok(alone) => {
-                        match policy::make_room(&map, model, &held_by(&alone), &grant.evict) {
+                        match policy::make_room(&map, None, &held_by(&alone), &grant.evict) {
                             Err(refusal) => AdmitError::Refused(refusal),
                             Ok(_) => AdmitError::Plan(e),
                         }
@@ -276,12 +380,14 @@ impl DeviceManager {
         };
         let bytes = held_by(&plan);
         let evict =
-            policy::make_room(&map, model, &bytes, &grant.evict).map_err(AdmitError::Refused)?;
-        let mut evict_all: Vec<Eviction> = grant
-            .evict
-            .into_iter()
-            .map(|model| Eviction {
-                model,
+            policy::make_room(&map, None, &bytes, &grant.evict).map_err(AdmitError::Refused)?;
+        let mut evict_all: Vec<Eviction> = map
+            .holdings
+            .iter()
+            .filter(|h| grant.evict.contains(&h.lease))
+            .map(|h| Eviction {
+                lease: h.lease,
+                model: h.model.clone(),
                 unload: true,
             })
             .collect();
@@ -289,7 +395,7 @@ impl DeviceManager {
         if !evict_all.is_empty() && !may_evict {
             return Err(AdmitError::WouldEvict);
         }
-        count_evictions(&mut entries, &evict_all);
+        let victims = count_evictions(&mut entries, &evict_all);
         let id = entries.next_id;
         entries.next_id += 1;
         let loading = Arc::new(AtomicBool::new(true));
@@ -312,13 +418,15 @@ impl DeviceManager {
         );
         Ok(Admission {
             plan,
-            lease: Lease {
+            lease: Some(Lease {
                 id,
                 loading,
                 demoted,
                 manager: self.clone(),
-            },
+            }),
             evict: evict_all,
+            victims,
+            manager: self.clone(),
         })
     }
 
@@ -380,7 +488,7 @@ impl DeviceManager {
             })
             .filter(|(_, n)| *n > 0)
             .collect();
-        let evict = policy::make_room(&map, &entry.model, &more, &[])?;
+        let evict = policy::make_room(&map, Some(lease.id), &more, &[])?;
         entry.bytes = bytes;
         count_evictions(&mut entries, &evict);
         let Some(entry) = entries.leases.get_mut(&lease.id) else {
@@ -435,6 +543,11 @@ impl DeviceManager {
 }
 
 impl Lease {
+    /// Unique to the loaded instance that holds it.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// The model has loaded: it may be evicted from now on.
     pub fn settle(&self) {
         self.loading.store(false, Ordering::SeqCst);
@@ -462,15 +575,22 @@ impl Drop for Lease {
     }
 }
 
-/// Marks the entries of the models `evictions` name as leaving ([`Entry::evicting`]).
-fn count_evictions(entries: &mut Entries, evictions: &[Eviction]) {
+/// Marks the leases `evictions` name as leaving ([`Entry::evicting`]); what each held
+/// before, for a rollback.
+fn count_evictions(entries: &mut Entries, evictions: &[Eviction]) -> Vec<Victim> {
+    let mut victims = Vec::new();
     for eviction in evictions {
-        for entry in entries.leases.values_mut() {
-            if entry.model == eviction.model {
-                entry.evicting(eviction.unload);
-            }
+        if let Some(entry) = entries.leases.get_mut(&eviction.lease) {
+            let held = entry.bytes.clone();
+            entry.evicting(eviction.unload);
+            victims.push(Victim {
+                lease: eviction.lease,
+                held,
+                promised: entry.bytes.clone(),
+            });
         }
     }
+    victims
 }
 
 /// The bytes a plan holds in memory: weights and reserve on the CPU and each GPU (disk
@@ -649,12 +769,12 @@ mod tests {
             .err()
             .expect("never fits");
         assert!(too_big.contains("200 > 100"), "{too_big}");
-        first.lease.settle();
+        first.lease().settle();
         // Loaded and idle, a is evicted for b.
         let second = admit(&manager, "b", 60, IDLE).expect("a leaves");
         assert_eq!(names(&second), [key("a")]);
         // A model with requests in flight stays.
-        second.lease.settle();
+        second.lease().settle();
         drop(first);
         let busy_b = |m: &ModelKey| m.name == "b";
         assert!(admit(&manager, "c", 60, &busy_b).is_err());
@@ -667,7 +787,7 @@ mod tests {
     fn a_model_that_may_not_evict_takes_nothing_from_the_others() {
         let manager = manager(100);
         let a = admit(&manager, "a", 60, IDLE).expect("a");
-        a.lease.settle();
+        a.lease().settle();
         let deferred = manager.admit(
             &key("b"),
             &Some(DeviceRequest::Cpu),
@@ -683,17 +803,17 @@ mod tests {
     fn a_model_growing_back_is_not_evicted_until_it_settles() {
         let manager = manager(100);
         let a = admit(&manager, "a", 30, IDLE).expect("a");
-        a.lease.settle();
+        a.lease().settle();
         // a's units went to disk (it holds 10), then come back (it grows to 30 again).
-        manager.resize(&a.lease, [(Device::CPU, 10)].into_iter().collect());
-        let evict = manager.grow(&a.lease, [(Device::CPU, 30)].into_iter().collect(), IDLE);
+        manager.resize(a.lease(), [(Device::CPU, 10)].into_iter().collect());
+        let evict = manager.grow(a.lease(), [(Device::CPU, 30)].into_iter().collect(), IDLE);
         assert_eq!(evict, Ok(vec![]));
         assert_eq!(manager.held()[&Device::CPU], 30);
         let refused = admit(&manager, "b", 80, IDLE)
             .err()
             .expect("a is busy growing");
         assert!(refused.contains("busy"), "{refused}");
-        a.lease.settle();
+        a.lease().settle();
         let b = admit(&manager, "b", 80, IDLE).expect("a may leave now");
         assert_eq!(b.evict.len(), 1);
     }
@@ -702,9 +822,9 @@ mod tests {
     fn the_least_recently_used_model_is_the_one_evicted() {
         let manager = manager(100);
         let a = admit(&manager, "a", 40, IDLE).expect("a");
-        a.lease.settle();
+        a.lease().settle();
         let b = admit(&manager, "b", 40, IDLE).expect("b");
-        b.lease.settle();
+        b.lease().settle();
         manager.touch(&key("a"));
         let c = admit(&manager, "c", 40, IDLE).expect("c");
         let evicted: Vec<ModelKey> = c.evict.iter().map(|e| e.model.clone()).collect();
@@ -717,5 +837,110 @@ mod tests {
             "b's bytes left the map when they were promised to c: never over budget"
         );
         assert_eq!(pools[0].models.len(), 2);
+    }
+
+    #[test]
+    fn a_refused_admission_gives_its_victims_their_bytes_back() {
+        // The scenario: room for two; a and b loaded; a second `a` is admitted
+        // (evicting b on paper) and then refused as a duplicate; then c.
+        let manager = manager(250);
+        let a = admit(&manager, "a", 107, IDLE).expect("a");
+        a.lease().settle();
+        let b = admit(&manager, "b", 107, IDLE).expect("b");
+        b.lease().settle();
+        let duplicate = admit(&manager, "a", 107, IDLE).expect("fits by evicting");
+        assert_eq!(duplicate.evictions().len(), 1);
+        assert_eq!(manager.held()[&Device::CPU], 214, "b counted as leaving");
+        drop(duplicate);
+        assert_eq!(manager.held()[&Device::CPU], 214, "a and b, as before");
+        let c = admit(&manager, "c", 107, IDLE).expect("c evicts one");
+        assert_eq!(c.evictions().len(), 1, "b's bytes were given back");
+        // Two instances of one version are two leases: evicting one leaves the other.
+        let victim = c.evictions()[0].lease;
+        assert!(victim == a.lease().id() || victim == b.lease().id());
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Admit {
+            model: u8,
+            bytes: u64,
+        },
+        /// Carry out the evictions of a pending admission and build it (committed).
+        Commit(usize),
+        /// Its build failed, or it was refused or cancelled: dropped.
+        Abandon(usize),
+        /// Carry out its evictions, then fail the build.
+        EvictThenFail(usize),
+        /// A loaded model is unloaded (unregistered, or evicted by restart).
+        Unload(usize),
+        Touch(u8),
+        /// A request starts or ends on a loaded model.
+        Busy(usize, bool),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u8..4, 10u64..70).prop_map(|(model, bytes)| Op::Admit { model, bytes }),
+            (0usize..4).prop_map(Op::Commit),
+            (0usize..4).prop_map(Op::Abandon),
+            (0usize..4).prop_map(Op::EvictThenFail),
+            (0usize..4).prop_map(Op::Unload),
+            (0u8..4).prop_map(Op::Touch),
+            (0usize..4, proptest::bool::ANY).prop_map(|(i, b)| Op::Busy(i, b)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of admissions, commits, refusals, failed builds and
+        /// unloads: no pool is ever over its budget, and once no admission is pending
+        /// the ledger holds exactly the bytes of the loaded instances.
+        #[test]
+        fn the_ledger_equals_what_is_loaded_whatever_the_order_of_events(
+            ops in proptest::collection::vec(op(), 0..60)
+        ) {
+            const BUDGET: u64 = 150;
+            let manager = manager(BUDGET);
+            let mut pending: Vec<(ModelKey, Admission)> = Vec::new();
+            // Loaded instances: their lease, bytes, and whether busy.
+            let mut loaded: Vec<(ModelKey, Lease, u64, bool)> = Vec::new();
+            for op in ops {
+                let busy_names: Vec<ModelKey> =
+                    loaded.iter().filter(|l| l.3).map(|l| l.0.clone()).collect();
+                let busy = |m: &ModelKey| busy_names.contains(m);
+                match op {
+                    Op::Admit { model, bytes } => {
+                        let name = format!("m{model}");
+                        if let Ok(admission) = admit(&manager, &name, bytes, &busy) {
+                            pending.push((key(&name), admission));
+                        }
+                    }
+                    Op::Commit(i) | Op::EvictThenFail(i) if i < pending.len() => {
+                        let (model, mut admission) = pending.remove(i);
+                        for eviction in admission.evict_now() {
+                            loaded.retain(|l| l.1.id() != eviction.lease);
+                        }
+                        if matches!(op, Op::Commit(_)) {
+                            let bytes = held_by(admission.plan())[&Device::CPU];
+                            let (_, lease) = admission.commit();
+                            lease.settle();
+                            loaded.push((model, lease, bytes, false));
+                        }
+                    }
+                    Op::Abandon(i) if i < pending.len() => drop(pending.remove(i)),
+                    Op::Unload(i) if i < loaded.len() => drop(loaded.remove(i)),
+                    Op::Busy(i, busy) if i < loaded.len() => loaded[i].3 = busy,
+                    Op::Touch(model) => manager.touch(&key(&format!("m{model}"))),
+                    _ => {}
+                }
+                let held = manager.held().get(&Device::CPU).copied().unwrap_or(0);
+                proptest::prop_assert!(held <= BUDGET, "over budget: {held}");
+                if pending.is_empty() {
+                    let loaded_bytes: u64 = loaded.iter().map(|l| l.2).sum();
+                    proptest::prop_assert_eq!(held, loaded_bytes);
+                }
+            }
+        }
     }
 }

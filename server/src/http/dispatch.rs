@@ -11,7 +11,6 @@ use spillway_handlers::{EventSender, Output, Request};
 
 use crate::app::AppState;
 use crate::error::{Error, Result};
-use crate::lifecycle::effects;
 use crate::lifecycle::model::{InFlight, ModelHandle};
 
 /// A request on its way to `model`, in flight until dropped.
@@ -49,7 +48,10 @@ impl Dispatch {
         events: Option<EventSender>,
     ) -> Result<crate::lifecycle::model::Submitted> {
         let timeout = self.model.spec.config.response_timeout;
-        effects::ensure_serving(state, &self.model, timeout).await?;
+        state
+            .lifecycle()
+            .ensure_serving(&self.model, timeout)
+            .await?;
         self.model.submit(request, events).await
     }
 

@@ -1,32 +1,32 @@
-//! Loading a model, step by step. [`register`] first opens the archive inside the store
-//! (checked), reads the manifest and both configs, and registers the version — so a
-//! bad archive or config is refused at once, and a good one is visible in describe
-//! (LOADING, with its stage) from then on. The slow part then runs on a blocking
-//! thread, in the background unless the registration is synchronous ([`build`]): a
-//! GGUF model is converted, the placement planned and its device bytes leased, disk
-//! units in another dtype written to the offload folder, the weights read and the
-//! handler built; then the workers start. A failure there leaves the model FAILED
-//! (a synchronous registration unregisters it again and answers with the error, whose
-//! class it keeps).
+//! How a model is built, step by step; the supervisor (`lifecycle::supervisor`) decides
+//! when. [`open`] opens the archive inside the store (checked), reads the manifest and
+//! both configs — so a bad archive or config is refused at once. [`admit`] reads the
+//! tensor headers and has the device manager admit the model: its plan within the
+//! pools, its bytes leased, the models to evict for it (an [`Admission`], which rolls
+//! back when dropped). [`build`], on a blocking thread: a GGUF model converted (and then
+//! admitted), the evictions carried out, disk units in another dtype written to the
+//! offload folder, the weights read and the handler built.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use spillway_handlers::weights::files;
-use spillway_handlers::weights::progress::{self, Progress};
 use spillway_handlers::{Handler, HandlerKind, LoadOptions, ModelFiles};
 use spillway_placement::{Device, DeviceRequest, Plan};
 
-use crate::app::AppState;
+use super::Lifecycle;
+use super::model::{ModelHandle, ModelSpec};
+use super::phase::LoadStage;
+use crate::config::ServerConfig;
 use crate::config::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
 use crate::config::setup_config::SetupConfig;
-use crate::devices::manager::{AdmitError, Lease};
+use crate::devices::manager::{Admission, AdmitError};
 use crate::devices::placement::{ModelInventory, PlanOptions, plan_model};
 use crate::error::{Error, Result};
-use crate::lifecycle::effects;
-use crate::lifecycle::model::{LoadStage, ModelHandle, ModelSpec};
 use crate::store::archive::{self, ArchiveLimits, OpenedArchive};
-use spillway_placement::ledger::{Eviction, ModelKey};
+use crate::store::hub::ModelRef;
+use crate::store::{FileKey, ModelStore};
+use spillway_placement::ledger::ModelKey;
 
 /// A registration request (from the management API or the start-up list).
 #[derive(Debug, Clone, Default)]
@@ -42,12 +42,7 @@ pub struct LoadRequest {
 /// An archive that has been opened and understood, not yet converted, planned or built.
 pub struct Opened {
     pub spec: ModelSpec,
-    source: Source,
-    /// The plan and its lease, made from tensor headers at registration where the
-    /// archive has them.
-    planned: Option<Planned>,
-    /// A start-up model that fits only by evicting another: registered unloaded.
-    deferred: bool,
+    pub source: Source,
 }
 
 /// What a model is built from; kept by its handle, so an evicted model can be built
@@ -61,15 +56,11 @@ pub struct Source {
     gguf: Option<String>,
     /// What the model asks of the device manager (setup_config.json `device`).
     request: Option<DeviceRequest>,
-    /// The archive file as it was opened (see [`archive_key`]).
-    opened_as: Option<String>,
-}
-
-/// What says an archive file is still the one opened: its name, length and modification
-/// time (`None` when it cannot be read). An archive rewritten in place, or replaced by
-/// renaming another over it, gets another key.
-pub fn archive_key(path: &std::path::Path) -> Option<String> {
-    spillway_handlers::weights::offload::source_key(path).ok()
+    /// The archive as it was opened (`store::archive_key`).
+    opened_as: Option<FileKey>,
+    /// The model in the HF cache it was registered as (`org/name`), if not an archive
+    /// of the store.
+    hub: Option<ModelRef>,
 }
 
 impl Source {
@@ -80,16 +71,20 @@ impl Source {
 
     /// Whether the archive file is no longer the one it was opened from.
     pub fn archive_changed(&self) -> bool {
-        archive_key(&self.archive.path) != self.opened_as
+        crate::store::archive_key(&self.archive.path) != self.opened_as
     }
 
     /// The archive opened again as it is now (its entries and weights may have moved),
     /// keeping what the model was registered with: its setup options and device
-    /// request. Blocking (a `.tar.gz` is unpacked).
-    pub fn reopen(&self, state: &AppState, handler: HandlerKind) -> Result<Source> {
+    /// request. A model from the HF cache is opened as a cached snapshot again, never
+    /// looked for in the store. Blocking (a `.tar.gz` is unpacked).
+    pub fn reopen(&self, config: &ServerConfig, handler: HandlerKind) -> Result<Source> {
         let path = &self.archive.path;
-        let opened_as = archive_key(path);
-        let archive = archive::open(path, &state.config().cache_dir, &ArchiveLimits::default())?;
+        let opened_as = crate::store::archive_key(path);
+        let archive = match &self.hub {
+            Some(_) => archive::open_folder_as(path, self.archive.manifest.clone()),
+            None => archive::open(path, &config.cache_dir, &ArchiveLimits::default())?,
+        };
         let gguf = match handler.needs_model_files() {
             true => gguf_to_convert(&archive)?,
             false => None,
@@ -100,45 +95,35 @@ impl Source {
             gguf,
             request: self.request.clone(),
             opened_as,
+            hub: self.hub.clone(),
         })
     }
-}
-
-/// A model's tensors, where they go, its hold on those device bytes, and the models
-/// that must leave for it.
-pub struct Planned {
-    inventory: ModelInventory,
-    plan: Plan,
-    lease: Lease,
-    evict: Vec<Eviction>,
 }
 
 /// A built model, ready to serve.
 pub struct Loaded {
     pub handler: Arc<dyn Handler>,
-    /// Where each unit lives (models with weights).
-    pub plan: Option<Plan>,
-    /// The device bytes the plan holds (models with weights).
-    pub lease: Option<Lease>,
+    /// Its plan and the device bytes it holds (models with weights), committed when it
+    /// serves.
+    pub admission: Option<Admission>,
 }
 
 /// Opens the archive and reads its manifest and configs: everything short of touching
 /// the weights. Blocking (a `.tar.gz` is unpacked).
-pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
-    let config = state.config();
-    let (path, archive) = match crate::store::hub::cached_snapshot(state, &request.url)? {
+pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) -> Result<Opened> {
+    let (path, archive, hub) = match crate::store::hub::cached_snapshot(store, &request.url)? {
         Some((model, snapshot)) => {
             let manifest = crate::store::hub::manifest_for(&model, &snapshot, request.handler)?;
             let archive = archive::open_folder_as(&snapshot, manifest);
-            (snapshot, archive)
+            (snapshot, archive, Some(model))
         }
         None => {
-            let path = state.store().resolve(&request.url)?;
+            let path = store.resolve(&request.url)?;
             let archive = archive::open(&path, &config.cache_dir, &ArchiveLimits::default())?;
-            (path, archive)
+            (path, archive, None)
         }
     };
-    let opened_as = archive_key(&path);
+    let opened_as = crate::store::archive_key(&path);
     let manifest = &archive.manifest.model;
     let handler: HandlerKind =
         manifest
@@ -180,33 +165,10 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
         Some(request) => Some(request),
         None => model_config.device_request()?,
     };
-    let key = ModelKey {
-        name: name.clone(),
-        version: manifest.model_version.clone(),
-    };
-    // Planned now from the tensor headers (cheap: an unreadable checkpoint or an
-    // impossible plan is refused before registering), except a GGUF model, which is
-    // planned once converted.
+    // Planned later from the tensor headers ([`admit`]), a GGUF model once converted.
     let gguf = match handler.needs_model_files() {
         true => gguf_to_convert(&archive)?,
         false => None,
-    };
-    // A start-up model may not evict another: it then waits for its first request.
-    let (planned, deferred) = match handler.needs_model_files() && gguf.is_none() {
-        true => {
-            let planned = plan(
-                state,
-                &key,
-                &device_request,
-                !request.loaded_at_startup,
-                &*archive.files,
-                &setup,
-                &model_config,
-            )?;
-            let deferred = planned.is_none();
-            (planned, deferred)
-        }
-        false => (None, false),
     };
     Ok(Opened {
         spec: ModelSpec {
@@ -226,68 +188,76 @@ pub fn open(state: &AppState, request: &LoadRequest) -> Result<Opened> {
             gguf,
             request: device_request,
             opened_as,
+            hub,
         },
-        planned,
-        deferred,
     })
+}
+
+impl Opened {
+    /// Whether its tensors can be planned now, from the headers (safetensors; a GGUF
+    /// model is planned once converted, a model without weights never).
+    pub fn plans_at_registration(&self) -> bool {
+        self.spec.handler.needs_model_files() && self.source.gguf.is_none()
+    }
+
+    /// The model files to plan from.
+    pub fn files(&self) -> &dyn ModelFiles {
+        &*self.source.archive.files
+    }
+
+    /// What it asks of the device manager.
+    pub fn device_request(&self) -> &Option<DeviceRequest> {
+        &self.source.request
+    }
 }
 
 /// Reads the tensor headers of `files` and has the device manager admit them: the plan
 /// within the pools, its bytes leased, and the models to evict for it. `None` when it
-/// fits only by evicting others and `may_evict` is false.
-fn plan(
-    state: &AppState,
+/// fits only by evicting others (or once busy models leave) and `may_evict` is false:
+/// a start-up model is then registered unloaded, planned against the whole budget when
+/// its first request loads it.
+pub fn admit(
+    lifecycle: &Lifecycle,
     key: &ModelKey,
     request: &Option<DeviceRequest>,
     may_evict: bool,
     files: &dyn ModelFiles,
     setup: &SetupConfig,
     config: &ModelConfig,
-) -> Result<Option<Planned>> {
+) -> Result<Option<Admission>> {
     let inventory = ModelInventory::read(files)?;
     let options = PlanOptions {
         batch_size: config.batch_size,
         max_length: None,
     };
-    let registry = state.registry();
-    let busy = |model: &ModelKey| {
-        registry
-            .get(&model.name, Some(&model.version))
-            .is_ok_and(|m| m.in_flight() > 0)
-    };
-    let admission = state
+    let busy = |model: &ModelKey| lifecycle.busy(model);
+    let admission = lifecycle
         .devices()
         .admit(key, request, may_evict, &busy, |machine| {
             let plan = plan_model(&inventory, setup, &options, machine)?;
             check_executable(&plan)?;
             Ok::<_, Error>(plan)
         });
-    let admission = match admission {
-        Ok(admission) => admission,
-        Err(AdmitError::WouldEvict) => return Ok(None),
-        Err(AdmitError::Plan(e)) => return Err(e),
-        Err(AdmitError::Refused(refusal)) => {
-            return Err(Error::NoRoom {
-                model: key.to_string(),
-                refusal,
-            });
-        }
-    };
-    Ok(Some(Planned {
-        inventory,
-        plan: admission.plan,
-        lease: admission.lease,
-        evict: admission.evict,
-    }))
+    match admission {
+        Ok(admission) => Ok(Some(admission)),
+        Err(AdmitError::WouldEvict) => Ok(None),
+        Err(AdmitError::Plan(e)) => Err(e),
+        Err(AdmitError::Refused(refusal)) => Err(Error::NoRoom {
+            model: key.to_string(),
+            refusal,
+        }),
+    }
 }
 
-/// Converts, plans, leases and builds the model `opened` describes, telling `handle`
-/// each stage. Blocking.
+/// Converts, admits and builds the model from `source`, telling `handle` each stage;
+/// `admission` is `None` where the model is admitted as it loads (a GGUF model, or an
+/// evicted one coming back). The evictions are carried out before the weights are read.
+/// Blocking.
 pub fn build(
-    state: &AppState,
+    lifecycle: &Lifecycle,
     handle: &ModelHandle,
     source: Source,
-    planned: Option<Planned>,
+    admission: Option<Admission>,
 ) -> Result<Loaded> {
     let spec = &handle.spec;
     let Source {
@@ -295,7 +265,7 @@ pub fn build(
         mut options,
         gguf,
         request,
-        opened_as: _,
+        ..
     } = source;
     if !spec.handler.needs_model_files() {
         handle.set_stage(LoadStage::Building);
@@ -303,26 +273,25 @@ pub fn build(
             .map_err(Error::load(&archive.path))?;
         return Ok(Loaded {
             handler,
-            plan: None,
-            lease: None,
+            admission: None,
         });
     }
     let key = handle.key();
-    let (model_files, planned) = match planned {
-        Some(planned) => (archive.files.clone(), planned),
+    let (model_files, mut admission) = match admission {
+        Some(admission) => (archive.files.clone(), admission),
         // A GGUF model is converted first; an evicted model coming back is planned anew.
         None => {
             let files = match gguf {
                 Some(gguf) => {
                     handle.set_stage(LoadStage::Converting);
-                    let cache = &state.config().cache_dir;
+                    let cache = &lifecycle.config().cache_dir;
                     convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?
                 }
                 None => archive.files.clone(),
             };
             handle.set_stage(LoadStage::Planning);
-            let planned = plan(
-                state,
+            let admission = admit(
+                lifecycle,
                 &key,
                 &request,
                 true,
@@ -331,24 +300,22 @@ pub fn build(
                 &spec.config,
             )?
             .ok_or_else(|| Error::Internal("admitted without evicting".into()))?;
-            (files, planned)
+            (files, admission)
         }
     };
-    if !planned.evict.is_empty() {
+    if !admission.evictions().is_empty() {
         handle.set_stage(LoadStage::Evicting);
-        effects::evict(state, &planned.evict);
+        lifecycle.evict(&admission.evict_now());
     }
-    let Planned {
-        inventory,
-        plan,
-        lease,
-        evict: _,
-    } = planned;
+    let plan = admission.plan().clone();
     // Disk units of weights served in another dtype than stored are written once,
     // converted, into offload_folder (the planner has required it) and streamed from there.
+    let converts_weights = |dtype| {
+        ModelInventory::read(&*model_files).is_ok_and(|inventory| converts(&inventory, dtype))
+    };
     let model_files = match (options.dtype, spec.setup.offload_folder.as_ref()) {
         (Some(dtype), Some(root))
-            if plan.streamed_bytes_per_forward > 0 && converts(&inventory, dtype) =>
+            if plan.streamed_bytes_per_forward > 0 && converts_weights(dtype) =>
         {
             handle.set_stage(LoadStage::Offloading);
             let source = model_files
@@ -366,15 +333,14 @@ pub fn build(
         _ => model_files,
     };
     handle.set_stage(LoadStage::Building);
-    options.plan = Some(plan.clone());
+    options.plan = Some(plan);
     let handler = crate::devices::building_weights(|| {
         spillway_handlers::load(spec.handler, &*model_files, &options)
     })
     .map_err(Error::load(&archive.path))?;
     Ok(Loaded {
         handler,
-        plan: Some(plan),
-        lease: Some(lease),
+        admission: Some(admission),
     })
 }
 
@@ -513,115 +479,6 @@ fn check_name(name: &str) -> Result<()> {
             "model name `{name}` may hold only letters, digits, '-', '_' and '.'"
         )))
     }
-}
-
-/// [`open`] on the blocking pool, its long work (unpacking) logged as it goes.
-async fn open_blocking(state: &AppState, request: LoadRequest) -> Result<Opened> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let progress = Progress::logged(request.url.clone());
-        progress::with(&progress, || open(&state, &request))
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("archive task failed: {e}")))?
-}
-
-/// Registers and loads a model. With `synchronous`, returns once it serves (or failed,
-/// in which case it is unregistered again); otherwise returns once it is registered and
-/// loads it in the background.
-pub async fn register(
-    state: &AppState,
-    request: LoadRequest,
-    synchronous: bool,
-) -> Result<Arc<ModelHandle>> {
-    let opened = open_blocking(state, request).await?;
-    let Opened {
-        spec,
-        source,
-        planned,
-        deferred,
-    } = opened;
-    let handle = ModelHandle::new(spec, Some(source.clone()));
-    // A start-up model that would evict another waits for its first request instead,
-    // so a store with more models than memory still starts.
-    if deferred {
-        handle.set_unloaded();
-        state.registry().insert(handle.clone())?;
-        tracing::info!(model = %handle.spec.name, "registered; it loads on its first request (the device pools are full)");
-        return Ok(handle);
-    }
-    state.registry().insert(handle.clone())?;
-    let load = load(state.clone(), handle.clone(), source, planned);
-    if synchronous {
-        if let Err(e) = load.await {
-            let _ = state
-                .registry()
-                .remove(&handle.spec.name, Some(&handle.spec.version));
-            return Err(e);
-        }
-    } else {
-        tokio::spawn(load);
-    }
-    Ok(handle)
-}
-
-/// Opens and loads a model without registering it (the store watcher's replacement,
-/// registered once it serves).
-pub async fn load_apart(state: &AppState, request: LoadRequest) -> Result<Arc<ModelHandle>> {
-    let opened = open_blocking(state, request).await?;
-    let handle = ModelHandle::new(opened.spec, Some(opened.source.clone()));
-    load(state.clone(), handle.clone(), opened.source, opened.planned).await?;
-    Ok(handle)
-}
-
-/// Builds the registered `handle` on a blocking thread and starts its workers; on
-/// failure leaves it FAILED with the whole cause. `planned` is `None` where the model is
-/// planned as it loads (a GGUF model, or an evicted one coming back).
-pub async fn load(
-    state: AppState,
-    handle: Arc<ModelHandle>,
-    source: Source,
-    planned: Option<Planned>,
-) -> Result<()> {
-    let started = Instant::now();
-    let startup_timeout = handle.spec.config.startup_timeout;
-    let built = {
-        let building = {
-            let handle = handle.clone();
-            tokio::task::spawn_blocking(move || {
-                progress::with(handle.progress(), || {
-                    build(&state, &handle, source, planned)
-                })
-            })
-        };
-        // Past startupTimeout the model fails; the build still running is left to
-        // finish, and what it built (and leased) is dropped with it.
-        match tokio::time::timeout(startup_timeout, building).await {
-            Ok(built) => built
-                .map_err(|e| Error::Internal(format!("load task failed: {e}")))
-                .and_then(|r| r),
-            Err(_) => Err(Error::NotReady {
-                model: handle.spec.name.clone(),
-                state: format!(
-                    "it did not load within its startup timeout ({} s; startupTimeout in \
-                     model-config.yaml, or startup_timeout when registering)",
-                    startup_timeout.as_secs()
-                ),
-            }),
-        }
-    };
-    let result = built.and_then(|loaded| handle.set_ready(loaded, started.elapsed()));
-    match &result {
-        Ok(()) => tracing::info!(
-            model = %handle.spec.name, version = %handle.spec.version,
-            "loaded in {:.3} s", started.elapsed().as_secs_f64()
-        ),
-        Err(e) => {
-            tracing::error!(model = %handle.spec.name, error = %e.chain(), "load failed");
-            handle.set_failed(e.chain());
-        }
-    }
-    result
 }
 
 #[cfg(test)]

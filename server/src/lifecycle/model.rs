@@ -1,29 +1,28 @@
 //! [`ModelHandle`]: one registered model version — what it is (name, version, archive,
-//! configs), where it is in its life (loading and at which stage, ready, failed, or
-//! registered but unloaded), and when ready, its plan, its lease on device bytes, its
-//! job queue, batcher and workers. Requests reach the model only through
-//! [`ModelHandle::submit`].
-//!
-//! A model stops serving by being *retired*: its job queue closes, the queued jobs are
-//! still run, its worker threads are joined, and only then are its handler (the
-//! weights) and its lease dropped — so a released lease means the memory is free.
+//! configs) and where it is in its life: its [`Phase`] (changed only through
+//! [`phase::step`](super::phase::step)) and, while it serves, its [`Serving`] machinery.
+//! Requests reach the model only through [`ModelHandle::submit`]. The supervisor
+//! ([`super::Lifecycle`]) is what moves it from phase to phase; the transitions here
+//! each take the handle's one lock, ask `step`, and do what it says that touches the
+//! handle itself (start serving, discard a build, retire, demote).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use spillway_handlers::{EventSender, Handler, HandlerInfo, HandlerKind, Output, Request};
 use tokio::sync::oneshot;
 
-use crate::app::AppState;
+use super::loader::{Loaded, Source};
+use super::phase::{self, Command, Event, LoadStage, Phase, Residency};
 use crate::config::model_config::ModelConfig;
 use crate::config::setup_config::SetupConfig;
-use crate::devices::manager::{DeviceBytes, DeviceManager, Lease, demoted_bytes, held_by};
-use crate::error::{Error, Result};
-use crate::lifecycle::loader::{Loaded, Source};
-use crate::serving::batcher::{self, BatchPolicy, IdleWorkers, Job};
-use crate::serving::worker::{WorkerInfo, WorkerPool};
+use crate::devices::manager::{DeviceBytes, DeviceManager, demoted_bytes};
+use crate::error::{Error, ErrorKind, Result};
+use crate::serving::batcher::Job;
+use crate::serving::worker::WorkerInfo;
+use crate::serving::{Serving, Setup, Workers};
 use crate::store::archive::ArchiveFormat;
 use crate::telemetry::metrics::{ModelLabels, ModelSample};
 use spillway_placement::ledger::ModelKey;
@@ -41,7 +40,8 @@ pub struct Submitted {
 pub struct ModelSpec {
     pub name: String,
     pub version: String,
-    /// The store-relative archive name it was registered from.
+    /// The store-relative archive name (or `org/name` of the HF cache) it was
+    /// registered from.
     pub url: String,
     pub handler: HandlerKind,
     pub format: ArchiveFormat,
@@ -51,94 +51,25 @@ pub struct ModelSpec {
     pub loaded_at_startup: bool,
 }
 
-/// Where a model is in its life.
-enum State {
-    /// Registered, its weights not loaded (unloaded, or evicted to make room).
-    Unloaded,
-    Loading(LoadStage),
-    Ready(Box<Serving>),
-    Failed(String),
+/// Why its load failed, and the class of that failure (what a request is answered).
+#[derive(Debug, Clone)]
+struct Failure {
+    reason: String,
+    kind: ErrorKind,
 }
 
-/// What a loading model is doing now (shown by describe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoadStage {
-    /// Registered; the slow part has not started yet.
-    Queued,
-    /// Converting a GGUF checkpoint into the offload folder.
-    Converting,
-    /// Planning where each unit lives and leasing its device bytes.
-    Planning,
-    /// Waiting for the models evicted to make room to give their memory back.
-    Evicting,
-    /// Writing disk units in the serving dtype to the offload folder.
-    Offloading,
-    /// Reading the weights and building the handler.
-    Building,
-}
-
-impl LoadStage {
-    fn describe(self) -> &'static str {
-        match self {
-            LoadStage::Queued => "about to start",
-            LoadStage::Converting => "converting its GGUF weights",
-            LoadStage::Planning => "planning its placement",
-            LoadStage::Evicting => "waiting for the models it evicts to leave",
-            LoadStage::Offloading => "writing its disk units to the offload folder",
-            LoadStage::Building => "reading its weights",
-        }
-    }
+/// Its phase and what the phase holds.
+struct Life {
+    phase: Phase,
+    /// While READY.
+    serving: Option<Box<Serving>>,
+    /// While FAILED.
+    failure: Option<Failure>,
 }
 
 /// Bytes over every device.
 fn total(bytes: &DeviceBytes) -> u64 {
     bytes.values().sum()
-}
-
-/// A loaded model's serving machinery.
-struct Serving {
-    handler: Arc<dyn Handler>,
-    jobs: flume::Sender<Job>,
-    pool: Mutex<WorkerPool>,
-    plan: Option<spillway_placement::Plan>,
-    lease: Option<Lease>,
-    /// Its resident units are streamed from disk (the `disk` eviction) until promoted.
-    demoted: AtomicBool,
-    /// A request is bringing the demoted units back.
-    promoting: AtomicBool,
-    loaded_at: SystemTime,
-    load_time: Duration,
-}
-
-impl Serving {
-    /// Starts retiring: the job queue closes (when `self` drops, right after), queued
-    /// jobs still run, and a thread joins the workers, then drops the handler and the
-    /// lease. The returned handle finishes when all that is done.
-    fn retire(&mut self) -> std::thread::JoinHandle<()> {
-        let workers = self
-            .pool
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .retire();
-        let handler = self.handler.clone();
-        let lease = self.lease.take();
-        std::thread::spawn(move || {
-            for worker in workers {
-                let _ = worker.join();
-            }
-            drop(handler);
-            crate::devices::release_freed_memory();
-            drop(lease);
-        })
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        // Retired in the background; `ModelHandle::unload` waits for it instead.
-        let _detached = self.retire();
-    }
 }
 
 /// One registered model version. Shared as `Arc<ModelHandle>`; when the registry and
@@ -148,19 +79,23 @@ pub struct ModelHandle {
     /// What it is built from, to build it again after an eviction (`None` for a model
     /// made in a test); replaced when its archive changed and was opened again.
     source: Mutex<Option<Source>>,
-    /// The archive key ([`crate::lifecycle::loader::archive_key`]) its last load started from: a
-    /// model that failed is tried again only once its archive changed since.
-    attempted: Mutex<Option<String>>,
+    /// The archive key (`store::archive_key`) its last load started from: a model that
+    /// failed is tried again only once its archive changed since.
+    attempted: Mutex<Option<crate::store::FileKey>>,
+    /// Its workers: from model-config.yaml, then as scaled (kept across reloads).
+    workers: Mutex<Workers>,
     labels: ModelLabels,
     /// The last minute of its answers (describe's `recent`, the status page).
     recent: crate::serving::recent::RecentAnswers,
     /// Its load's long work (conversions, offload copies) while it goes on.
     progress: Arc<spillway_handlers::weights::progress::Progress>,
-    state: RwLock<State>,
-    /// Bumped at every change of state, for requests waiting for an evicted model.
+    life: RwLock<Life>,
+    /// Bumped at every change of phase, for requests waiting for a model to serve.
     changes: tokio::sync::watch::Sender<u64>,
     /// Requests between arriving and being answered.
     in_flight: AtomicUsize,
+    /// Woken when the last request in flight is answered.
+    idle: tokio::sync::Notify,
 }
 
 /// A request in flight on a model (see [`ModelHandle::begin_request`]); it may outlive
@@ -169,7 +104,9 @@ pub struct InFlight(Arc<ModelHandle>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -228,7 +165,7 @@ impl ModelHandle {
     pub fn new(spec: ModelSpec, source: Option<Source>) -> Arc<Self> {
         let attempted = source
             .as_ref()
-            .and_then(|s| crate::lifecycle::loader::archive_key(s.path()));
+            .and_then(|s| crate::store::archive_key(s.path()));
         Arc::new(Self {
             labels: ModelLabels::new(&spec.name, &spec.version),
             recent: crate::serving::recent::RecentAnswers::default(),
@@ -236,12 +173,21 @@ impl ModelHandle {
                 "{}/{}",
                 spec.name, spec.version
             )),
+            workers: Mutex::new(Workers {
+                min: spec.config.min_workers,
+                max: spec.config.max_workers,
+            }),
             spec,
             source: Mutex::new(source),
             attempted: Mutex::new(attempted),
-            state: RwLock::new(State::Loading(LoadStage::Queued)),
+            life: RwLock::new(Life {
+                phase: Phase::Loading(LoadStage::Queued),
+                serving: None,
+                failure: None,
+            }),
             changes: tokio::sync::watch::Sender::new(0),
             in_flight: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -270,8 +216,66 @@ impl ModelHandle {
     pub fn attempt(&self) {
         let now = self
             .source()
-            .and_then(|s| crate::lifecycle::loader::archive_key(s.path()));
+            .and_then(|s| crate::store::archive_key(s.path()));
         *self.attempted.lock().unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
+    /// Whether its archive changed since the load it last attempted.
+    fn archive_changed_since_attempt(&self) -> bool {
+        let Some(source) = self.source() else {
+            return false;
+        };
+        let now = crate::store::archive_key(source.path());
+        let attempted = self.attempted.lock().unwrap_or_else(|e| e.into_inner());
+        now.is_some() && now != *attempted
+    }
+
+    fn life(&self) -> std::sync::RwLockReadGuard<'_, Life> {
+        // A poisoned lock only means a panic elsewhere while holding it; the life
+        // itself is always a complete value.
+        self.life.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn life_mut(&self) -> std::sync::RwLockWriteGuard<'_, Life> {
+        self.life.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Its phase now.
+    pub fn phase(&self) -> Phase {
+        self.life().phase
+    }
+
+    /// `event` through the transition function, under the lock: the new phase is set
+    /// and the commands that concern the handle's own state are left to the caller,
+    /// which still holds `life`. `None` when the event does not apply.
+    fn apply(&self, life: &mut Life, event: Event) -> Option<Vec<Command>> {
+        let (next, commands) = phase::step(life.phase, event)?;
+        if next != life.phase {
+            tracing::debug!(model = %self.key(), from = ?life.phase, to = ?next, ?event, "phase");
+        }
+        life.phase = next;
+        if !matches!(next, Phase::Failed) {
+            life.failure = None;
+        }
+        Some(commands)
+    }
+
+    /// Applies `event` and retires the serving machinery when the transition says so;
+    /// the returned thread finishes once its memory is free. `None`: nothing to wait
+    /// for (ignored, or nothing was serving).
+    fn transition(&self, event: Event) -> (bool, Option<std::thread::JoinHandle<()>>) {
+        let mut life = self.life_mut();
+        let Some(commands) = self.apply(&mut life, event) else {
+            return (false, None);
+        };
+        let retired = commands
+            .contains(&Command::Retire)
+            .then(|| life.serving.take())
+            .flatten()
+            .map(|mut serving| serving.retire());
+        drop(life);
+        self.changed();
+        (true, retired)
     }
 
     /// A serving model whose mapped weight files were truncated or rewritten underneath
@@ -279,47 +283,34 @@ impl ModelHandle {
     /// from its archive as it is now by the next request. Its requests in flight are
     /// answered 503 by their workers. True when it was unloaded here.
     pub fn unload_if_weights_changed(&self) -> bool {
-        let changed = match &*self.state() {
-            State::Ready(serving) => serving.handler.weights_changed(),
-            _ => None,
+        let changed = match &self.life().serving {
+            Some(serving) => serving.handler.weights_changed(),
+            None => None,
         };
         let Some(why) = changed else {
             return false;
         };
         tracing::warn!(model = %self.key(), error = %why, "unloaded: its weights changed under it; the next request loads it again");
         self.labels.weights_changed();
-        self.evict().is_some()
+        self.transition(Event::WeightsChanged).0
     }
 
     /// A model that failed to load is made loadable again (unloaded) once its archive
     /// changed since the load that failed: the file being copied in when it was read
     /// is complete now, or was fixed. True when it was.
     pub fn retry_if_archive_changed(&self) -> bool {
-        if self.failure().is_none() {
+        if self.phase() != Phase::Failed || !self.archive_changed_since_attempt() {
             return false;
         }
-        let Some(source) = self.source() else {
-            return false;
-        };
-        let now = crate::lifecycle::loader::archive_key(source.path());
-        let attempted = self.attempted.lock().unwrap_or_else(|e| e.into_inner());
-        if now.is_none() || now == *attempted {
-            return false;
+        let retried = self.transition(Event::Retry).0;
+        if retried {
+            tracing::info!(model = %self.key(), "its archive changed since its load failed: it is loaded again on this request");
         }
-        drop(attempted);
-        let mut state = self.state_mut();
-        if !matches!(*state, State::Failed(_)) {
-            return false;
-        }
-        *state = State::Unloaded;
-        drop(state);
-        tracing::info!(model = %self.key(), "its archive changed since its load failed: it is loaded again on this request");
-        self.changed();
-        true
+        retried
     }
 
     /// Counts a request as in flight until the guard drops: a model with requests in
-    /// flight is never evicted.
+    /// flight is never chosen for eviction.
     pub fn begin_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
@@ -329,7 +320,21 @@ impl ModelHandle {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Notified at every change of state.
+    /// Returns once no request is in flight, or `within` has passed (false then).
+    pub async fn idle_within(&self, within: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.in_flight() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.is_ok()
+    }
+
+    /// Notified at every change of phase.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -338,30 +343,10 @@ impl ModelHandle {
         self.changes.send_modify(|n| *n += 1);
     }
 
-    /// Whether it is registered but not loaded (evicted, or waiting for its first
-    /// request).
-    pub fn is_unloaded(&self) -> bool {
-        matches!(*self.state(), State::Unloaded)
-    }
-
-    /// Registered without loading: it loads on its first request.
-    pub fn set_unloaded(&self) {
-        *self.state_mut() = State::Unloaded;
-        self.changed();
-    }
-
     /// UNLOADED → LOADING, for the one caller that then reloads it; false for everyone
-    /// else (already loading, serving, or failed).
+    /// else (already loading, serving, failed or gone).
     pub fn begin_reload(&self) -> bool {
-        let mut state = self.state_mut();
-        if matches!(*state, State::Unloaded) {
-            *state = State::Loading(LoadStage::Queued);
-            drop(state);
-            self.changed();
-            true
-        } else {
-            false
-        }
+        self.transition(Event::Reload).0
     }
 
     pub fn labels(&self) -> &ModelLabels {
@@ -376,273 +361,255 @@ impl ModelHandle {
         &self.progress
     }
 
-    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
-        // A poisoned lock only means a panic elsewhere while holding it; the state
-        // itself is always a complete value.
-        self.state.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// Tells describe what the load is doing now (ignored unless loading).
     pub fn set_stage(&self, stage: LoadStage) {
-        let mut state = self.state_mut();
-        if let State::Loading(_) = *state {
-            *state = State::Loading(stage);
-        }
-        drop(state);
-        self.changed();
+        self.transition(Event::Stage(stage));
     }
 
-    /// Starts the batcher and workers around a loaded model. Must run inside the tokio
-    /// runtime (the batcher is a task).
-    pub fn set_ready(&self, loaded: Loaded, load_time: Duration) -> Result<()> {
-        let Loaded {
-            handler,
-            plan,
-            lease,
-        } = loaded;
-        let (jobs_tx, jobs_rx) = flume::bounded(self.spec.job_queue_size);
-        // A rendezvous channel: a batch is handed over only when a worker takes it, so
-        // jobs keep gathering in the queue (and join the next batch) while all are busy.
-        let (batch_tx, batch_rx) = flume::bounded(0);
-        let idle = Arc::new(IdleWorkers::default());
-        let policy = BatchPolicy {
-            batch_size: self.spec.config.batch_size,
-            max_batch_delay: self.spec.config.max_batch_delay,
-            max_batch_tokens: self.spec.config.max_batch_tokens,
+    /// The load finished: with a build, the model serves it (its admission commits) —
+    /// unless the model left meanwhile (unregistered, failed past its startup timeout,
+    /// or serving another build), when the build is dropped and its admission rolls
+    /// back. Must run inside the tokio runtime (the batcher is a task). Whether it
+    /// serves now.
+    pub fn loaded(&self, loaded: Loaded, load_time: Duration) -> Result<bool> {
+        let mut life = self.life_mut();
+        let serves = phase::step(life.phase, Event::Loaded)
+            .is_some_and(|(_, commands)| commands.contains(&Command::StartServing));
+        if !serves {
+            let _discard = self.apply(&mut life, Event::Loaded);
+            let phase = life.phase;
+            drop(life);
+            tracing::info!(model = %self.key(), ?phase, "a load finished after its model left it: what it built is dropped");
+            drop(loaded);
+            return Ok(false);
+        }
+        let Loaded { handler, admission } = loaded;
+        let (plan, lease) = match admission {
+            Some(admission) => {
+                let (plan, lease) = admission.commit();
+                (Some(plan), Some(lease))
+            }
+            None => (None, None),
         };
-        let continuous = self
-            .spec
-            .config
-            .continuous_batching
-            .then_some(policy.batch_size);
-        if continuous.is_some() && handler.step_batch().is_none() {
-            tracing::warn!(
-                model = %self.spec.name,
-                "continuousBatching is set but this handler runs whole batches; ignored"
-            );
-        }
-        let mut pool = WorkerPool::new(
-            handler.clone(),
-            batch_rx,
-            idle.clone(),
-            self.labels.clone(),
-            continuous,
-            self.spec.config.threads_per_worker,
-        );
-        pool.scale(self.spec.config.min_workers, self.spec.config.max_workers)?;
-        tokio::spawn(batcher::run(
-            jobs_rx,
-            batch_tx,
-            policy,
-            idle,
-            self.labels.clone(),
-        ));
-        self.labels.loaded(load_time);
-        if let Some(plan) = &plan {
-            self.labels.placed(plan);
-        }
-        if let Some(lease) = &lease {
-            lease.settle();
-        }
-        *self.state_mut() = State::Ready(Box::new(Serving {
-            handler,
-            jobs: jobs_tx,
-            pool: Mutex::new(pool),
-            plan,
-            lease,
-            demoted: AtomicBool::new(false),
-            promoting: AtomicBool::new(false),
-            loaded_at: SystemTime::now(),
-            load_time,
-        }));
+        let workers = *self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let setup = Setup {
+            name: &self.spec.name,
+            config: &self.spec.config,
+            job_queue_size: self.spec.job_queue_size,
+            workers,
+            labels: &self.labels,
+        };
+        let started = Serving::start(handler, plan, lease, &setup, load_time);
+        let result = match started {
+            Ok(serving) => {
+                let _serve = self.apply(&mut life, Event::Loaded);
+                life.serving = Some(Box::new(serving));
+                Ok(true)
+            }
+            Err(e) => {
+                let _fail = self.apply(&mut life, Event::LoadFailed);
+                life.failure = Some(Failure {
+                    reason: e.chain(),
+                    kind: e.kind(),
+                });
+                Err(e)
+            }
+        };
+        drop(life);
         self.changed();
-        Ok(())
+        result
     }
 
-    /// Stops serving and frees the model's memory, keeping it registered (UNLOADED):
-    /// jobs already queued are answered, then the workers are joined and the weights
-    /// and lease dropped. Returns when all that is done.
-    pub async fn unload(&self) {
-        if let Some(retired) = self.evict() {
+    /// The load failed with `error` (or ran past its startup timeout).
+    pub fn load_failed(&self, error: &Error) {
+        let mut life = self.life_mut();
+        if self.apply(&mut life, Event::LoadFailed).is_some() {
+            life.failure = Some(Failure {
+                reason: error.chain(),
+                kind: error.kind(),
+            });
+        }
+        drop(life);
+        self.changed();
+    }
+
+    /// No room for it now: it waits, unloaded, for a request to load it (a start-up
+    /// model that would evict another, or a reload that found the room held by busy
+    /// models — the request that tried waits and tries again).
+    pub fn defer(&self) {
+        self.transition(Event::Deferred);
+    }
+
+    /// Taken out of the registry: it never serves again. Its queued jobs are answered,
+    /// then its workers are joined and its memory freed; returns when all that is done.
+    pub async fn unregister(&self) {
+        let (_, retired) = self.transition(Event::Unregister);
+        if let Some(retired) = retired {
             let _ = tokio::task::spawn_blocking(move || retired.join()).await;
         }
     }
 
-    /// The `disk` eviction: its resident units are streamed from their mapping from now
-    /// on and its lease shrinks to what streaming needs. The bytes given back; `None`
-    /// when it is not serving or its handler cannot demote (then it is evicted by
-    /// restarting instead).
-    pub fn demote(&self, devices: &DeviceManager) -> Option<u64> {
-        let state = self.state();
-        let State::Ready(serving) = &*state else {
-            return None;
-        };
-        let (Some(plan), Some(lease)) = (&serving.plan, &serving.lease) else {
-            return None;
-        };
-        if serving.demoted.load(Ordering::SeqCst) {
-            return None; // already on disk: evicting it again means restarting it
+    /// The id of the lease it serves under (while it serves a model with weights).
+    pub fn lease_id(&self) -> Option<u64> {
+        self.life()
+            .serving
+            .as_ref()
+            .and_then(|s| s.lease())
+            .map(|l| l.id())
+    }
+
+    /// Gives its bytes to another model: with `to_disk` (the `disk` strategy) its
+    /// resident units are streamed from their mapping from now on and its lease shrinks
+    /// to what streaming needs; otherwise — or when its units are on disk already, or
+    /// its handler cannot stream them — it is unloaded (it stays registered, and its
+    /// next request loads it again). Returns the thread that finishes once an unloaded
+    /// model's memory is free, and whether its units went to disk.
+    pub fn evict(
+        &self,
+        to_disk: bool,
+        devices: &DeviceManager,
+    ) -> (Option<std::thread::JoinHandle<()>>, bool) {
+        if to_disk && self.demote(devices) {
+            return (None, true);
         }
-        let units = serving.handler.units()?.demote();
-        crate::devices::release_freed_memory();
+        let mut life = self.life_mut();
+        // A model whose units are on disk, or cannot stream them, is unloaded.
+        let demoted_already = life.phase == Phase::Ready(Residency::Demoted);
+        let event = Event::Evict {
+            to_disk: to_disk && demoted_already,
+        };
+        let Some(commands) = self.apply(&mut life, event) else {
+            return (None, false);
+        };
+        let retired = commands
+            .contains(&Command::Retire)
+            .then(|| life.serving.take())
+            .flatten()
+            .map(|mut serving| serving.retire());
+        drop(life);
+        self.changed();
+        (retired, false)
+    }
+
+    /// The `disk` eviction, when its handler can stream its units: true when they went.
+    fn demote(&self, devices: &DeviceManager) -> bool {
+        let mut life = self.life_mut();
+        if life.phase != Phase::Ready(Residency::Resident) {
+            return false;
+        }
+        let Some(serving) = life.serving.as_ref() else {
+            return false;
+        };
+        let (Some(plan), Some(lease)) = (serving.plan.clone(), serving.lease()) else {
+            return false;
+        };
+        let Some(units) = serving.handler.units() else {
+            return false;
+        };
         let before = total(&lease.bytes());
-        devices.resize(lease, demoted_bytes(plan, &units));
+        let demoted = units.demote();
+        crate::devices::release_freed_memory();
+        devices.resize(lease, demoted_bytes(&plan, &demoted));
         lease.set_demoted(true);
         let after = total(&lease.bytes());
-        serving.demoted.store(true, Ordering::SeqCst);
-        drop(state);
+        let commands = self.apply(&mut life, Event::Evict { to_disk: true });
+        debug_assert_eq!(commands, Some(vec![Command::Demote]));
+        drop(life);
+        tracing::info!(model = %self.key(), freed = before.saturating_sub(after), "evicted to disk: its units stream until its next request");
         self.changed();
-        Some(before.saturating_sub(after))
+        true
     }
 
     /// Whether it serves with its units demoted to disk.
     pub fn is_demoted(&self) -> bool {
-        matches!(&*self.state(), State::Ready(s) if s.demoted.load(Ordering::SeqCst))
+        self.phase() == Phase::Ready(Residency::Demoted)
     }
 
-    /// Brings a demoted model's units back, evicting what must leave for them first.
-    /// Only one caller promotes; the others return at once (and wait for `changes`).
-    /// Blocking.
-    pub fn promote(&self, state: &AppState) -> Result<()> {
-        let (handler, held_before, evictions) = {
-            let guard = self.state();
-            let State::Ready(serving) = &*guard else {
-                return Ok(());
-            };
-            let (Some(plan), Some(lease)) = (&serving.plan, &serving.lease) else {
-                return Ok(());
-            };
-            if !serving.demoted.load(Ordering::SeqCst)
-                || serving.promoting.swap(true, Ordering::SeqCst)
-            {
-                return Ok(());
-            }
-            let registry = state.registry();
-            let busy = |m: &ModelKey| {
-                registry
-                    .get(&m.name, Some(&m.version))
-                    .is_ok_and(|h| h.in_flight() > 0)
-            };
-            let before = lease.bytes();
-            let grown = state.devices().grow(lease, held_by(plan), &busy);
-            (serving.handler.clone(), before, grown)
-        };
-        // Done either way: promoted, or left demoted with its lease as it was.
-        let finish = |promoted: bool| {
-            if let State::Ready(serving) = &*self.state() {
-                if let Some(lease) = &serving.lease {
-                    lease.settle();
-                }
-                if promoted {
-                    serving.demoted.store(false, Ordering::SeqCst);
-                    if let Some(lease) = &serving.lease {
-                        lease.set_demoted(false);
-                    }
-                } else if let Some(lease) = &serving.lease {
-                    state.devices().resize(lease, held_before.clone());
-                }
-                serving.promoting.store(false, Ordering::SeqCst);
-            }
-            self.changed();
-        };
-        let evict = match evictions {
-            Ok(evict) => evict,
-            Err(refusal) => {
-                finish(false);
-                return Err(Error::NoRoom {
-                    model: self.key().to_string(),
-                    refusal,
-                });
-            }
-        };
-        crate::lifecycle::effects::evict(state, &evict);
-        let started = std::time::Instant::now();
-        let promoted = handler.units().map_or_else(
-            || Ok(Vec::new()),
-            |units| crate::devices::building_weights(|| units.promote()),
-        );
-        finish(promoted.is_ok());
-        match promoted {
-            Ok(_) => {
-                self.labels.promoted(started.elapsed());
-                Ok(())
-            }
-            Err(source) => Err(Error::Load {
-                path: self.spec.url.clone().into(),
-                source: Box::new(source),
-            }),
-        }
-    }
-
-    /// [`ModelHandle::unload`] without waiting: the returned thread finishes once the
-    /// memory is free. `None` when it was not serving.
-    pub fn evict(&self) -> Option<std::thread::JoinHandle<()>> {
-        let mut state = self.state_mut();
-        let State::Ready(_) = *state else {
+    /// Starts bringing a demoted model's units back: the one caller that gets the
+    /// handler and its lease's bytes before and after goes on ([`Self::promoted`]);
+    /// everyone else gets `None` (not demoted, or promoting already).
+    pub fn begin_promotion(&self) -> Option<Promotion> {
+        let mut life = self.life_mut();
+        let serving = life.serving.as_ref()?;
+        let (Some(plan), Some(_)) = (serving.plan.as_ref(), serving.lease()) else {
             return None;
         };
-        let State::Ready(mut serving) = std::mem::replace(&mut *state, State::Unloaded) else {
-            unreachable!("checked above");
-        };
-        drop(state);
-        let retired = serving.retire();
-        drop(serving);
+        let target = crate::devices::manager::held_by(plan);
+        let handler = serving.handler.clone();
+        self.apply(&mut life, Event::PromoteStarted)?;
+        drop(life);
         self.changed();
-        Some(retired)
+        Some(Promotion { handler, target })
     }
 
-    pub fn set_failed(&self, reason: String) {
-        *self.state_mut() = State::Failed(reason);
+    /// Runs `f` with its lease (while it serves with one).
+    pub fn with_lease<T>(&self, f: impl FnOnce(&crate::devices::manager::Lease) -> T) -> Option<T> {
+        self.life().serving.as_ref().and_then(|s| s.lease()).map(f)
+    }
+
+    /// The promotion is over: its units came back (`ok`) or stay on disk.
+    pub fn promoted(&self, ok: bool) {
+        let mut life = self.life_mut();
+        if self.apply(&mut life, Event::Promoted { ok }).is_some()
+            && let Some(lease) = life.serving.as_ref().and_then(|s| s.lease())
+        {
+            lease.settle();
+            if ok {
+                lease.set_demoted(false);
+            }
+        }
+        drop(life);
         self.changed();
     }
 
     /// Jobs waiting in the queue (None unless the model is serving).
     pub fn queue_depth(&self) -> Option<usize> {
-        match &*self.state() {
-            State::Ready(serving) => Some(serving.jobs.len()),
-            _ => None,
-        }
+        self.life().serving.as_ref().map(|s| s.jobs.len())
     }
 
     /// What a metrics scrape reads of a serving model (None unless serving).
     pub fn sample(&self) -> Option<ModelSample> {
-        match &*self.state() {
-            State::Ready(serving) => Some(ModelSample {
-                labels: self.labels.clone(),
-                queue_depth: serving.jobs.len(),
-                streamed: serving
-                    .handler
-                    .units()
-                    .map(|u| u.stream_totals())
-                    .unwrap_or_default(),
-            }),
-            _ => None,
-        }
+        self.life().serving.as_ref().map(|serving| ModelSample {
+            labels: self.labels.clone(),
+            queue_depth: serving.jobs.len(),
+            streamed: serving
+                .handler
+                .units()
+                .map(|u| u.stream_totals())
+                .unwrap_or_default(),
+        })
     }
 
     pub fn is_ready(&self) -> bool {
-        matches!(*self.state(), State::Ready(_))
+        matches!(self.phase(), Phase::Ready(_))
+    }
+
+    pub fn is_unloaded(&self) -> bool {
+        self.phase() == Phase::Unloaded
     }
 
     pub fn failure(&self) -> Option<String> {
-        match &*self.state() {
-            State::Failed(reason) => Some(reason.clone()),
-            _ => None,
-        }
+        self.life().failure.as_ref().map(|f| f.reason.clone())
     }
 
-    fn not_ready(&self, state: &State) -> Error {
+    /// Why it does not take a request now.
+    fn not_ready(&self, life: &Life) -> Error {
+        let model = self.spec.name.clone();
+        if let Some(failure) = &life.failure {
+            return Error::LoadFailed {
+                model,
+                reason: failure.reason.clone(),
+                kind: failure.kind,
+            };
+        }
         Error::NotReady {
-            model: self.spec.name.clone(),
-            state: match state {
-                State::Unloaded => "it is not loaded (unloaded, or evicted to make room)".into(),
-                State::Loading(stage) => format!("it is loading ({})", stage.describe()),
-                State::Failed(reason) => format!("it failed to load: {reason}"),
-                State::Ready(_) => {
+            model,
+            state: match life.phase {
+                Phase::Unloaded => "it is not loaded (unloaded, or evicted to make room)".into(),
+                Phase::Loading(stage) => format!("it is loading ({})", stage.describe()),
+                Phase::Failed => "it failed to load".into(),
+                Phase::Gone => "it was unregistered".into(),
+                Phase::Ready(_) => {
                     "it has no workers (scale it up with PUT /models/{name}?min_worker=1)".into()
                 }
             },
@@ -653,9 +620,12 @@ impl ModelHandle {
     /// queues it, and returns where its answer will arrive. With `events`, a generation
     /// streams its tokens there as they are generated.
     pub async fn submit(&self, request: Request, events: Option<EventSender>) -> Result<Submitted> {
-        let handler = match &*self.state() {
-            State::Ready(serving) => serving.handler.clone(),
-            other => return Err(self.not_ready(other)),
+        let handler = {
+            let life = self.life();
+            match &life.serving {
+                Some(serving) => serving.handler.clone(),
+                None => return Err(self.not_ready(&life)),
+            }
         };
         let mut input = if request.tokenizes() {
             tokio::task::spawn_blocking(move || handler.prepare(request))
@@ -678,10 +648,9 @@ impl ModelHandle {
             enqueued_at: Instant::now(),
             request_id: crate::telemetry::request_id::RequestId::current(),
         };
-        let state = self.state();
-        let serving = match &*state {
-            State::Ready(serving) => serving,
-            other => return Err(self.not_ready(other)),
+        let life = self.life();
+        let Some(serving) = &life.serving else {
+            return Err(self.not_ready(&life));
         };
         match serving.jobs.try_send(job) {
             Ok(()) => Ok(Submitted {
@@ -695,41 +664,41 @@ impl ModelHandle {
                     capacity: self.spec.job_queue_size,
                 })
             }
-            Err(flume::TrySendError::Disconnected(_)) => Err(self.not_ready(&state)),
+            Err(flume::TrySendError::Disconnected(_)) => Err(self.not_ready(&life)),
         }
     }
 
-    /// Changes the number of workers.
+    /// Changes the number of workers, now and for every later load of the model.
     pub fn scale(&self, min: usize, max: usize) -> Result<()> {
-        match &*self.state() {
-            State::Ready(serving) => serving
-                .pool
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .scale(min, max),
-            other => Err(self.not_ready(other)),
-        }
+        let life = self.life();
+        let Some(serving) = &life.serving else {
+            return Err(self.not_ready(&life));
+        };
+        serving
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .scale(min, max)?;
+        *self.workers.lock().unwrap_or_else(|e| e.into_inner()) = Workers {
+            min,
+            max: max.max(min),
+        };
+        Ok(())
     }
 
     pub fn describe(&self) -> ModelDescription {
         let spec = &self.spec;
-        let state = self.state();
-        let (status, error) = match &*state {
-            State::Unloaded => ("UNLOADED".to_string(), None),
-            State::Loading(_) => ("LOADING".to_string(), None),
-            State::Ready(_) => ("READY".to_string(), None),
-            State::Failed(reason) => ("FAILED".to_string(), Some(reason.clone())),
-        };
-        let (mut min_workers, mut max_workers) = (spec.config.min_workers, spec.config.max_workers);
+        let life = self.life();
+        let workers = *self.workers.lock().unwrap_or_else(|e| e.into_inner());
         let mut description = ModelDescription {
             model_name: spec.name.clone(),
             model_version: spec.version.clone(),
             model_url: spec.url.clone(),
             runtime: "spillway",
             handler: spec.handler,
-            status,
-            min_workers,
-            max_workers,
+            status: life.phase.status().to_string(),
+            min_workers: workers.min,
+            max_workers: workers.max,
             batch_size: spec.config.batch_size,
             max_batch_delay: spec.config.max_batch_delay.as_millis(),
             response_timeout: spec.config.response_timeout.as_secs(),
@@ -740,34 +709,28 @@ impl ModelHandle {
             archive_format: spec.format,
             load_time_seconds: None,
             loaded_at: None,
-            error,
+            error: life.failure.as_ref().map(|f| f.reason.clone()),
             model: None,
             setup_config: spec.setup.clone(),
-            loading_stage: match &*state {
-                State::Loading(stage) => Some(*stage),
+            loading_stage: match life.phase {
+                Phase::Loading(stage) => Some(stage),
                 _ => None,
             },
-            loading_progress: match &*state {
-                State::Loading(_) => self.progress.snapshot(),
+            loading_progress: match life.phase {
+                Phase::Loading(_) => self.progress.snapshot(),
                 _ => None,
             },
-            device_state: match &*state {
-                State::Ready(serving) if serving.demoted.load(Ordering::SeqCst) => Some("disk"),
-                State::Ready(_) => Some("resident"),
-                State::Unloaded => Some("unloaded"),
-                State::Loading(_) | State::Failed(_) => None,
-            },
+            device_state: life.phase.device_state(),
             placement: None,
             workers: Vec::new(),
             recent: self.recent.summary(Instant::now()),
         };
-        if let State::Ready(serving) = &*state {
+        if let Some(serving) = &life.serving {
             let pool = serving.pool.lock().unwrap_or_else(|e| e.into_inner());
-            (min_workers, max_workers) = (pool.min_workers, pool.max_workers);
             description.workers = pool.describe();
             description.queue_depth = Some(serving.jobs.len());
-            description.min_workers = min_workers;
-            description.max_workers = max_workers;
+            description.min_workers = pool.min_workers;
+            description.max_workers = pool.max_workers;
             description.load_time_seconds = Some(serving.load_time.as_secs_f64());
             description.loaded_at = Some(crate::timestamp::rfc3339(serving.loaded_at));
             description.model = Some(serving.handler.info());
@@ -780,6 +743,13 @@ impl ModelHandle {
         }
         description
     }
+}
+
+/// A promotion under way: the handler whose units come back, and what its lease grows
+/// back to.
+pub struct Promotion {
+    pub handler: Arc<dyn Handler>,
+    pub target: DeviceBytes,
 }
 
 #[cfg(test)]
@@ -854,9 +824,9 @@ mod tests {
             stage(&model),
             ("LOADING".into(), Some(LoadStage::Converting))
         );
-        let refused = model.not_ready(&model.state());
+        let refused = model.not_ready(&model.life());
         assert!(refused.to_string().contains("converting"), "{refused}");
-        model.set_failed("broken".into());
+        model.load_failed(&Error::bad_config("setup_config.json", "broken"));
         model.set_stage(LoadStage::Building);
         assert_eq!(
             stage(&model),
@@ -865,27 +835,85 @@ mod tests {
         );
     }
 
+    fn echo() -> Loaded {
+        Loaded {
+            handler: Arc::new(spillway_handlers::tasks::echo::Echo),
+            admission: None,
+        }
+    }
+
+    fn hi() -> Request {
+        Request::Raw(spillway_handlers::RawBody {
+            content_type: None,
+            bytes: b"hi".to_vec(),
+        })
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unloaded_model_stays_registered_and_says_so() {
         let model = handle();
-        let loaded = Loaded {
-            handler: Arc::new(spillway_handlers::tasks::echo::Echo),
-            plan: None,
-            lease: None,
-        };
-        model.set_ready(loaded, Duration::ZERO).expect("ready");
-        let hi = || {
-            Request::Raw(spillway_handlers::RawBody {
-                content_type: None,
-                bytes: b"hi".to_vec(),
-            })
-        };
+        assert!(model.loaded(echo(), Duration::ZERO).expect("ready"));
         let answer = model.submit(hi(), None).await.expect("queued").answer;
         assert!(matches!(answer.await, Ok(Ok(Output::Raw(_)))));
-        model.unload().await;
+        let (retired, to_disk) = model.evict(false, &DeviceManager::new(test_pools()));
+        assert!(!to_disk);
+        retired.expect("it was serving").join().expect("retired");
         assert_eq!(model.describe().status, "UNLOADED");
         let refused = model.submit(hi(), None).await.expect_err("not serving");
         assert_eq!(refused.kind(), crate::error::ErrorKind::NotReady);
         assert!(refused.to_string().contains("not loaded"), "{refused}");
+    }
+
+    fn test_pools() -> crate::devices::manager::ManagerConfig {
+        crate::devices::manager::ManagerConfig {
+            host_budget: 1 << 30,
+            host_budget_given: true,
+            gpus: Vec::new(),
+            pack_gpus: false,
+            evicts_to_disk: false,
+        }
+    }
+
+    /// Today's bug this guards: a load that finished after its model was unregistered
+    /// made it READY again (and kept its memory).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_that_finishes_after_unregister_is_dropped_not_served() {
+        let model = handle();
+        model.set_stage(LoadStage::Building);
+        model.unregister().await;
+        assert!(!model.loaded(echo(), Duration::ZERO).expect("no error"));
+        assert_eq!(model.phase(), Phase::Gone);
+        assert!(model.submit(hi(), None).await.is_err());
+        assert_eq!(model.describe().status, "UNREGISTERED");
+    }
+
+    /// Today's bug this guards: `PUT /models/m?min_worker=2` was forgotten when the
+    /// model was evicted and loaded again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scale_outlives_an_eviction_and_a_reload() {
+        let model = handle();
+        assert!(model.loaded(echo(), Duration::ZERO).expect("ready"));
+        model.scale(2, 3).expect("scaled");
+        let (retired, _) = model.evict(false, &DeviceManager::new(test_pools()));
+        retired.expect("serving").join().expect("retired");
+        assert!(model.begin_reload());
+        assert!(model.loaded(echo(), Duration::ZERO).expect("ready again"));
+        let described = model.describe();
+        assert_eq!((described.min_workers, described.max_workers), (2, 3));
+        assert_eq!(described.workers.len(), 2);
+    }
+
+    /// A failed model answers its requests with the class of its failure (a bad
+    /// archive 400, no room 507), not a blanket 503.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_model_answers_with_its_failures_class() {
+        let model = handle();
+        model.load_failed(&Error::bad_archive(
+            std::path::Path::new("m.mar"),
+            "no manifest",
+        ));
+        let refused = model.submit(hi(), None).await.expect_err("failed");
+        assert_eq!(refused.kind(), ErrorKind::BadRequest);
+        assert!(refused.to_string().contains("no manifest"), "{refused}");
     }
 }

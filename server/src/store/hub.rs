@@ -51,10 +51,10 @@ impl std::str::FromStr for ModelRef {
 /// A registration url that names a model pulled into the HF cache (`org/name[@rev]`,
 /// not an entry of the store): it and its snapshot folder.
 pub fn cached_snapshot(
-    state: &crate::app::AppState,
+    store: &crate::store::ModelStore,
     url: &str,
 ) -> Result<Option<(ModelRef, PathBuf)>> {
-    if state.config().model_store.join(url).exists() {
+    if store.root().join(url).exists() {
         return Ok(None);
     }
     let Ok(model) = url.parse::<ModelRef>() else {

@@ -12,6 +12,35 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// What identifies one form of an archive in the store: its length, modification time
+/// and inode — of the file, or of a model folder's manifest. An archive rewritten in
+/// place, or replaced by renaming another over it, gets another key. The watcher and
+/// the lifecycle (a failed model is tried again once its archive's key changed) read
+/// the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileKey {
+    pub len: u64,
+    pub modified: Option<std::time::SystemTime>,
+    pub inode: u64,
+}
+
+/// An archive's key now (`None` where it cannot be read).
+pub fn archive_key(path: &Path) -> Option<FileKey> {
+    use std::os::unix::fs::MetadataExt;
+    // A model folder changes with its manifest.
+    let file = if path.is_dir() {
+        path.join(manifest::MANIFEST_PATH)
+    } else {
+        path.to_path_buf()
+    };
+    let meta = std::fs::metadata(file).ok()?;
+    Some(FileKey {
+        len: meta.len(),
+        modified: meta.modified().ok(),
+        inode: meta.ino(),
+    })
+}
+
 /// The model store folder.
 #[derive(Debug, Clone)]
 pub struct ModelStore {

@@ -18,7 +18,8 @@ use serde_json::json;
 use crate::app::AppState;
 use crate::config::model_config::ModelConfigOverrides;
 use crate::error::{Error, Result};
-use crate::lifecycle::loader::{self, LoadRequest};
+use crate::lifecycle::Origin;
+use crate::lifecycle::loader::LoadRequest;
 
 type Params = Query<BTreeMap<String, String>>;
 
@@ -150,7 +151,10 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
         loaded_at_startup: false,
     };
     let synchronous = flag(&params, "synchronous", true);
-    let model = loader::register(&state, request, synchronous).await?;
+    let model = state
+        .lifecycle()
+        .register(request, Origin::Http { synchronous })
+        .await?;
     let spec = &model.spec;
     let workers = spec.config.min_workers;
     Ok(if synchronous {
@@ -245,9 +249,7 @@ async fn unregister_all(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    for model in state.registry().remove(&name, None)? {
-        model.unload().await;
-    }
+    state.lifecycle().unregister(&name, None).await?;
     Ok(status(
         StatusCode::OK,
         format!("Model \"{name}\" unregistered"),
@@ -258,9 +260,7 @@ async fn unregister_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Response> {
-    for model in state.registry().remove(&name, Some(&version))? {
-        model.unload().await;
-    }
+    state.lifecycle().unregister(&name, Some(&version)).await?;
     Ok(status(
         StatusCode::OK,
         format!("Model \"{name}\" version {version} unregistered"),

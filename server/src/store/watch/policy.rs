@@ -9,15 +9,9 @@
 //! once settled).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-/// What identifies one version of a file in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileKey {
-    pub len: u64,
-    pub modified: Option<SystemTime>,
-    pub inode: u64,
-}
+use crate::store::FileKey;
 
 /// What to do about an archive of the store (by its name there).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -251,14 +251,16 @@ pub fn admit(
 
 /// Converts, admits and builds the model from `source`, telling `handle` each stage;
 /// `admission` is `None` where the model is admitted as it loads (a GGUF model, or an
-/// evicted one coming back). The evictions are carried out before the weights are read.
-/// Blocking.
+/// evicted one coming back); then `may_evict` says whether it may make room by evicting
+/// others (a start-up model may not: `None` is returned, and it waits for its first
+/// request). The evictions are carried out before the weights are read. Blocking.
 pub fn build(
     lifecycle: &Lifecycle,
     handle: &ModelHandle,
     source: Source,
     admission: Option<Admission>,
-) -> Result<Loaded> {
+    may_evict: bool,
+) -> Result<Option<Loaded>> {
     let spec = &handle.spec;
     let Source {
         archive,
@@ -271,10 +273,10 @@ pub fn build(
         handle.set_stage(LoadStage::Building);
         let handler = spillway_handlers::load(spec.handler, &*archive.files, &options)
             .map_err(Error::load(&archive.path))?;
-        return Ok(Loaded {
+        return Ok(Some(Loaded {
             handler,
             admission: None,
-        });
+        }));
     }
     let key = handle.key();
     let (model_files, mut admission) = match admission {
@@ -290,16 +292,18 @@ pub fn build(
                 None => archive.files.clone(),
             };
             handle.set_stage(LoadStage::Planning);
-            let admission = admit(
+            let admitted = admit(
                 lifecycle,
                 &key,
                 &request,
-                true,
+                may_evict,
                 &*files,
                 &spec.setup,
                 &spec.config,
-            )?
-            .ok_or_else(|| Error::Internal("admitted without evicting".into()))?;
+            )?;
+            let Some(admission) = admitted else {
+                return Ok(None);
+            };
             (files, admission)
         }
     };
@@ -338,10 +342,10 @@ pub fn build(
         spillway_handlers::load(spec.handler, &*model_files, &options)
     })
     .map_err(Error::load(&archive.path))?;
-    Ok(Loaded {
+    Ok(Some(Loaded {
         handler,
         admission: Some(admission),
-    })
+    }))
 }
 
 /// The GGUF file to convert, when the archive holds a GGUF model and no safetensors.

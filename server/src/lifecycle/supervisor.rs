@@ -75,7 +75,9 @@ impl Lifecycle {
         };
         // A refused duplicate drops its admission here, and the ledger is as before.
         self.registry().insert(handle.clone())?;
-        let load = self.clone().load(handle.clone(), source, admission);
+        let load = self
+            .clone()
+            .load(handle.clone(), source, admission, may_evict);
         match origin {
             Origin::Http { synchronous: false } => {
                 tokio::spawn(load);
@@ -156,19 +158,21 @@ impl Lifecycle {
         .map_err(|e| Error::Internal(format!("archive task failed: {e}")))??;
         let handle = ModelHandle::new(opened.spec, Some(opened.source.clone()));
         self.clone()
-            .load(handle.clone(), opened.source, None)
+            .load(handle.clone(), opened.source, None, true)
             .await?;
         Ok(handle)
     }
 
     /// Builds `handle` on a blocking thread and starts its workers; on failure leaves it
     /// FAILED with the whole cause. `admission` is `None` where the model is admitted
-    /// as it loads (a GGUF model, an evicted one coming back, a replacement).
+    /// as it loads (a GGUF model, an evicted one coming back, a replacement), evicting
+    /// others only if `may_evict` (else, finding no room, it waits UNLOADED).
     async fn load(
         self,
         handle: Arc<ModelHandle>,
         source: Source,
         admission: Option<Admission>,
+        may_evict: bool,
     ) -> Result<()> {
         let started = Instant::now();
         let startup_timeout = handle.spec.config.startup_timeout;
@@ -176,7 +180,7 @@ impl Lifecycle {
             let (lifecycle, handle) = (self.clone(), handle.clone());
             tokio::task::spawn_blocking(move || {
                 progress::with(handle.progress(), || {
-                    loader::build(&lifecycle, &handle, source, admission)
+                    loader::build(&lifecycle, &handle, source, admission, may_evict)
                 })
             })
         };
@@ -196,7 +200,12 @@ impl Lifecycle {
             }),
         };
         let served = match built {
-            Ok(loaded) => handle.loaded(loaded, started.elapsed()),
+            Ok(None) => {
+                handle.defer();
+                tracing::info!(model = %handle.spec.name, "converted; it loads on its first request (the device pools are full)");
+                return Ok(());
+            }
+            Ok(Some(loaded)) => handle.loaded(loaded, started.elapsed()),
             Err(e) => {
                 handle.load_failed(&e);
                 Err(e)
@@ -416,7 +425,7 @@ impl Lifecycle {
             };
             model.labels().reloaded();
             // A task of its own: a request that stops waiting does not stop the load.
-            let reload = tokio::spawn(self.clone().load(model.clone(), source, None));
+            let reload = tokio::spawn(self.clone().load(model.clone(), source, None, true));
             match tokio::time::timeout_at(deadline, reload).await {
                 Ok(Ok(Ok(()))) => return Ok(()),
                 // No room while the models holding it are busy: it stays evicted, and the

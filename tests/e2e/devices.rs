@@ -264,10 +264,15 @@ fn round_robin_within_the_budget(
         overhead >> 20,
         peak >> 20
     );
+    within_budget(strategy, peak, budget, overhead);
+}
+
+/// RssAnon `rss` is within the budget plus the process's fixed overhead and the slack.
+fn within_budget(what: &str, rss: u64, budget: u64, overhead: u64) {
     assert!(
-        peak <= budget + overhead + SLACK,
-        "{strategy}: peak RssAnon {} MiB over budget {} MiB + fixed overhead {} MiB + {} MiB",
-        peak >> 20,
+        rss <= budget + overhead + SLACK,
+        "{what}: RssAnon {} MiB over budget {} MiB + fixed overhead {} MiB + {} MiB",
+        rss >> 20,
         budget >> 20,
         overhead >> 20,
         SLACK >> 20
@@ -361,15 +366,7 @@ fn a_refused_duplicate_leaves_the_ledger_as_it_was() {
         let used = host_pool(&server)["used"].as_u64().unwrap();
         assert!(used <= budget, "after {model}: {used} > {budget}");
     }
-    let rss = rss_anon(server.pid()).unwrap();
-    assert!(
-        rss <= budget + overhead + SLACK,
-        "RssAnon {} MiB over budget {} MiB + overhead {} MiB + {} MiB",
-        rss >> 20,
-        budget >> 20,
-        overhead >> 20,
-        SLACK >> 20
-    );
+    within_budget("a, b, c", rss_anon(server.pid()).unwrap(), budget, overhead);
 }
 
 /// Start-up with more models than the budget holds: every model named is registered and

@@ -472,22 +472,11 @@ impl ModelHandle {
         if to_disk && self.demote(devices) {
             return (None, true);
         }
-        let mut life = self.life_mut();
         // A model whose units are on disk, or cannot stream them, is unloaded.
-        let demoted_already = life.phase == Phase::Ready(Residency::Demoted);
-        let event = Event::Evict {
+        let demoted_already = self.phase() == Phase::Ready(Residency::Demoted);
+        let (_, retired) = self.transition(Event::Evict {
             to_disk: to_disk && demoted_already,
-        };
-        let Some(commands) = self.apply(&mut life, event) else {
-            return (None, false);
-        };
-        let retired = commands
-            .contains(&Command::Retire)
-            .then(|| life.serving.take())
-            .flatten()
-            .map(|mut serving| serving.retire());
-        drop(life);
-        self.changed();
+        });
         (retired, false)
     }
 

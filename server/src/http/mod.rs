@@ -93,7 +93,7 @@ pub fn management_router(state: AppState) -> Router {
 }
 
 pub fn metrics_router(state: AppState) -> Router {
-    metrics::router(state)
+    metrics::router(state).layer(middleware::from_fn(count_response))
 }
 
 /// `/models/m/` routes as `/models/m`, as in TorchServe (applied before routing).
@@ -117,8 +117,8 @@ pub fn trim_trailing_slash(mut request: Request) -> Request {
     request
 }
 
-/// Health probes: left out of the status counts and the access log (a probe every
-/// second would drown the requests).
+/// Health probes: left out of the access log (a probe every second would drown the
+/// requests); counted in `Requests2XX`, as TorchServe counts them.
 fn is_probe(path: &str) -> bool {
     matches!(path, "/ping" | "/v2/health/live" | "/v2/health/ready")
 }
@@ -161,13 +161,12 @@ async fn tag_request(request: Request, next: Next) -> Response {
     response
 }
 
-/// Counts every response in TorchServe's host-level status metrics, probes left out.
+/// Counts every response of the three APIs in TorchServe's host-level status metrics,
+/// probes and scrapes included, as TorchServe's `NettyUtils.sendHttpResponse` counts them.
+/// A scrape is counted once its text is made, so it shows the scrapes before it.
 async fn count_response(request: Request, next: Next) -> Response {
-    let probe = is_probe(request.uri().path());
     let response = next.run(request).await;
-    if !probe {
-        crate::telemetry::metrics::response(response.status().as_u16());
-    }
+    crate::telemetry::metrics::response(response.status().as_u16());
     response
 }
 

@@ -1,7 +1,16 @@
 //! Every metric the server records: the names (TorchServe's where it has one, `spillway_*`
 //! otherwise), their help texts, the Prometheus recorder, and small recording helpers so
 //! call sites never spell a metric name.
+//!
+//! Two stores, one text: Spillway's own `spillway_*` series live in the
+//! `metrics-exporter-prometheus` recorder and print as it prints them; TorchServe's families
+//! ([`TS_FAMILIES`], its `ts/configs/metrics.yaml` in `prometheus` mode) live here and print
+//! as TorchServe's Java Prometheus client (simpleclient 0.9) prints them — a trailing comma
+//! after the last label, values in Java's `Double.toString` form (`3.0`, `1.2345678E7`), and
+//! `# HELP` saying "Torchserve prometheus counter metric with unit: Count" — so what parses
+//! TorchServe's `/metrics` parses Spillway's ([`render`]).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -29,17 +38,18 @@ pub const DROPPED_REQUESTS_TOTAL: &str = "spillway_dropped_requests_total";
 /// Worker panics (each restarts the worker's loop).
 pub const WORKER_RESTARTS_TOTAL: &str = "spillway_worker_restarts_total";
 
-/// Successful prediction answers, per host (TorchServe's name; it counts in the frontend).
+/// Every response of the three APIs with a 2XX status, per host (TorchServe's name; it
+/// counts in the frontend).
 pub const REQUESTS_2XX: &str = "Requests2XX";
-/// Prediction answers with a client error (TorchServe's name).
+/// Every response with a 4XX status (TorchServe's name).
 pub const REQUESTS_4XX: &str = "Requests4XX";
-/// Prediction answers with a server error, 503 and 504 included (TorchServe's name).
+/// Every other response: 5XX, and 1XX and 3XX as TorchServe counts them (TorchServe's name).
 pub const REQUESTS_5XX: &str = "Requests5XX";
-/// Milliseconds the most recent job waited in its queue (TorchServe's name).
+/// Whole milliseconds the most recent job waited in its queue, per host (TorchServe's name).
 pub const QUEUE_TIME_MS: &str = "QueueTime";
-/// Milliseconds the most recent batch spent in the handler (TorchServe's name).
+/// Whole milliseconds the most recent batch spent in the handler, per host (TorchServe's name).
 pub const WORKER_THREAD_TIME_MS: &str = "WorkerThreadTime";
-/// Milliseconds the model took to load (TorchServe's name).
+/// Whole milliseconds each model took to load, by `WorkerName` (TorchServe's name).
 pub const WORKER_LOAD_TIME_MS: &str = "WorkerLoadTime";
 /// Host CPU utilization between two scrapes, percent (TorchServe's name).
 pub const CPU_UTILIZATION: &str = "CPUUtilization";
@@ -47,6 +57,8 @@ pub const CPU_UTILIZATION: &str = "CPUUtilization";
 pub const MEMORY_USED_MB: &str = "MemoryUsed";
 /// Host memory available, megabytes (TorchServe's name).
 pub const MEMORY_AVAILABLE_MB: &str = "MemoryAvailable";
+/// Host memory in use, percent of the total (TorchServe's name).
+pub const MEMORY_UTILIZATION: &str = "MemoryUtilization";
 /// GPU memory in use on each GPU, megabytes (TorchServe's name; CUDA builds).
 pub const GPU_MEMORY_USED_MB: &str = "GPUMemoryUsed";
 /// GPU memory in use on each GPU, percent of its total (TorchServe's name; CUDA builds).
@@ -129,21 +141,7 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge};
-    describe_counter!(
-        INFERENCE_REQUESTS_TOTAL,
-        "Total number of inference requests."
-    );
-    describe_counter!(
-        INFERENCE_LATENCY_US,
-        Unit::Microseconds,
-        "Cumulative inference duration in microseconds."
-    );
-    describe_counter!(
-        QUEUE_LATENCY_US,
-        Unit::Microseconds,
-        "Cumulative queue duration in microseconds."
-    );
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         PROMOTION_SECONDS,
         Unit::Seconds,
@@ -167,11 +165,7 @@ fn describe() {
         WORKER_RESTARTS_TOTAL,
         "Worker restarts after a handler panic."
     );
-    use metrics::describe_histogram;
     for (name, help) in [
-        (REQUESTS_2XX, "Prediction answers with a 2XX status."),
-        (REQUESTS_4XX, "Prediction answers with a 4XX status."),
-        (REQUESTS_5XX, "Prediction answers with a 5XX status."),
         (
             REJECTED_TOTAL,
             "Requests refused with 503: the queue was full.",
@@ -213,31 +207,7 @@ fn describe() {
         Unit::Microseconds,
         "Time spent materializing disk units."
     );
-    for (name, help) in [
-        (
-            QUEUE_TIME_MS,
-            "Milliseconds the last job waited in the queue.",
-        ),
-        (
-            WORKER_THREAD_TIME_MS,
-            "Milliseconds the last batch spent in the handler.",
-        ),
-        (WORKER_LOAD_TIME_MS, "Milliseconds the model took to load."),
-        (
-            CPU_UTILIZATION,
-            "Host CPU utilization since the last scrape, percent.",
-        ),
-        (MEMORY_USED_MB, "Host memory in use, megabytes."),
-        (MEMORY_AVAILABLE_MB, "Host memory available, megabytes."),
-        (GPU_MEMORY_USED_MB, "GPU memory in use, megabytes."),
-        (
-            GPU_MEMORY_UTILIZATION,
-            "GPU memory in use, percent of the GPU's total.",
-        ),
-        (QUEUE_DEPTH, "Jobs waiting in the model's queue."),
-    ] {
-        describe_gauge!(name, help);
-    }
+    describe_gauge!(QUEUE_DEPTH, "Jobs waiting in the model's queue.");
     for (name, help) in [
         (PROCESS_RESIDENT_BYTES, "Resident memory of this process."),
         (
@@ -272,6 +242,213 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Requests per batch.");
 }
 
+/// A TorchServe metric family: its name, Prometheus type, the `unit` its `metrics.yaml`
+/// gives it (printed in `# HELP`), and its label names in TorchServe's order.
+pub struct TsFamily {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub unit: &'static str,
+    pub labels: &'static [&'static str],
+}
+
+/// TorchServe's frontend and system labels: `Level` (always `Host`) and `Hostname`.
+const HOST: &[&str] = &["Level", "Hostname"];
+/// TorchServe's per-model counters' labels, lower case as its `metrics.yaml` spells them.
+const MODEL: &[&str] = &["model_name", "model_version", "hostname"];
+const GPU: &[&str] = &["Level", "DeviceId", "Hostname"];
+
+const fn family(
+    name: &'static str,
+    kind: &'static str,
+    unit: &'static str,
+    labels: &'static [&'static str],
+) -> TsFamily {
+    TsFamily {
+        name,
+        kind,
+        unit,
+        labels,
+    }
+}
+
+/// The TorchServe families Spillway exports, as TorchServe 0.8–0.12 registers them from
+/// `ts/configs/metrics.yaml` in `prometheus` mode. Each prints its `# HELP` and `# TYPE`
+/// from start-up, samples or not, as TorchServe's do. Left out, because Spillway measures
+/// nothing they would hold: `DiskUsage`, `DiskUtilization`, `DiskAvailable`,
+/// `GPUUtilization`, and the handler-reported `HandlerTime` and `PredictionTime`.
+pub const TS_FAMILIES: &[TsFamily] = &[
+    family(REQUESTS_2XX, "counter", "Count", HOST),
+    family(REQUESTS_4XX, "counter", "Count", HOST),
+    family(REQUESTS_5XX, "counter", "Count", HOST),
+    family(INFERENCE_REQUESTS_TOTAL, "counter", "Count", MODEL),
+    family(INFERENCE_LATENCY_US, "counter", "Microseconds", MODEL),
+    family(QUEUE_LATENCY_US, "counter", "Microseconds", MODEL),
+    family(QUEUE_TIME_MS, "gauge", "Milliseconds", HOST),
+    family(WORKER_THREAD_TIME_MS, "gauge", "Milliseconds", HOST),
+    family(
+        WORKER_LOAD_TIME_MS,
+        "gauge",
+        "Milliseconds",
+        &["WorkerName", "Level", "Hostname"],
+    ),
+    family(CPU_UTILIZATION, "gauge", "Percent", HOST),
+    family(MEMORY_USED_MB, "gauge", "Megabytes", HOST),
+    family(MEMORY_AVAILABLE_MB, "gauge", "Megabytes", HOST),
+    family(MEMORY_UTILIZATION, "gauge", "Percent", HOST),
+    family(GPU_MEMORY_UTILIZATION, "gauge", "Percent", GPU),
+    family(GPU_MEMORY_USED_MB, "gauge", "Megabytes", GPU),
+];
+
+/// TorchServe's families' samples: family name → label values (in the family's label
+/// order) → value.
+type TsSamples = BTreeMap<&'static str, BTreeMap<Vec<String>, f64>>;
+
+fn ts_samples() -> std::sync::MutexGuard<'static, TsSamples> {
+    static SAMPLES: Mutex<TsSamples> = Mutex::new(BTreeMap::new());
+    SAMPLES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Adds `delta` to a TorchServe counter.
+fn ts_add(name: &'static str, values: Vec<String>, delta: f64) {
+    *ts_samples()
+        .entry(name)
+        .or_default()
+        .entry(values)
+        .or_insert(0.0) += delta;
+}
+
+/// Sets a TorchServe gauge.
+fn ts_set(name: &'static str, values: Vec<String>, value: f64) {
+    ts_samples().entry(name).or_default().insert(values, value);
+}
+
+/// `d` as Java's `Double.toString` writes it, which TorchServe's Prometheus client prints
+/// (`Collector.doubleToGoString`): `3.0`, `290371.129`; from 10⁷ up and below 10⁻³ in
+/// Java's scientific form, `1.2345678E7`, `5.0E-4`; `+Inf`, `-Inf`, `NaN`.
+pub fn java_double(d: f64) -> String {
+    if d.is_nan() {
+        return "NaN".into();
+    }
+    if d.is_infinite() {
+        return if d > 0.0 { "+Inf" } else { "-Inf" }.into();
+    }
+    let magnitude = d.abs();
+    if magnitude == 0.0 || (1e-3..1e7).contains(&magnitude) {
+        // Rust's shortest round-trip digits, as Java's; Java always shows a fraction.
+        let text = format!("{d}");
+        return if text.contains('.') {
+            text
+        } else {
+            format!("{text}.0")
+        };
+    }
+    let text = format!("{d:e}");
+    let (mantissa, exponent) = text.split_once('e').unwrap_or((&text, "0"));
+    let mantissa = if mantissa.contains('.') {
+        mantissa.to_string()
+    } else {
+        format!("{mantissa}.0")
+    };
+    format!("{mantissa}E{exponent}")
+}
+
+/// A label value escaped as in the text format: `\`, `\"` and `\n`.
+fn escape_label(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Whether a sample named `sample` of family `family` is wanted: all of them, or those
+/// named in `GET /metrics?name[]=...` (a sample's name, as TorchServe filters; or its
+/// family's, for a Spillway histogram's `_bucket`, `_sum` and `_count`).
+fn wanted(names: Option<&BTreeSet<String>>, family: &str, sample: &str) -> bool {
+    names.is_none_or(|names| names.contains(sample) || names.contains(family))
+}
+
+/// TorchServe's families as its Java client prints them (`TextFormat.write004`): per
+/// family `# HELP` and `# TYPE`, then one line per label set, each label followed by
+/// `",`. Unfiltered, a family with no samples yet still prints its two header lines;
+/// filtered, it is left out (as `filteredMetricFamilySamples` leaves it).
+fn render_torchserve(names: Option<&BTreeSet<String>>, out: &mut String) {
+    use std::fmt::Write;
+    let samples = ts_samples();
+    for family in TS_FAMILIES {
+        let children = samples.get(family.name);
+        let count = children.map_or(0, |c| c.len());
+        if names.is_some() && (count == 0 || !wanted(names, family.name, family.name)) {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP {0} Torchserve prometheus {1} metric with unit: {2}\n# TYPE {0} {1}",
+            family.name, family.kind, family.unit
+        );
+        for (values, value) in children.into_iter().flatten() {
+            out.push_str(family.name);
+            out.push('{');
+            for (label, value) in family.labels.iter().zip(values) {
+                out.push_str(label);
+                out.push_str("=\"");
+                escape_label(value, out);
+                out.push_str("\",");
+            }
+            out.push_str("} ");
+            out.push_str(&java_double(*value));
+            out.push('\n');
+        }
+    }
+}
+
+/// Keeps the samples of `text` (the exporter's output) that `names` asks for, and the
+/// `# HELP`/`# TYPE` lines of each family that keeps one.
+fn filter_exposition(text: &str, names: &BTreeSet<String>, out: &mut String) {
+    let mut header: Vec<&str> = Vec::new();
+    let mut family = "";
+    for line in text.lines() {
+        if let Some(rest) = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+        {
+            let name = rest.split(' ').next().unwrap_or("");
+            if name != family {
+                header.clear();
+                family = name;
+            }
+            header.push(line);
+            continue;
+        }
+        let sample = line.split(['{', ' ']).next().unwrap_or("");
+        if line.is_empty() || line.starts_with('#') || !wanted(Some(names), family, sample) {
+            continue;
+        }
+        for h in header.drain(..) {
+            out.push_str(h);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+/// The whole `/metrics` text: TorchServe's families as TorchServe prints them, then
+/// Spillway's own from the exporter. With `names` (`?name[]=...`), only those samples.
+pub fn render(handle: &PrometheusHandle, names: Option<&BTreeSet<String>>) -> String {
+    let mut out = String::new();
+    render_torchserve(names, &mut out);
+    let exported = handle.render();
+    match names {
+        None => out.push_str(&exported),
+        Some(names) => filter_exposition(&exported, names, &mut out),
+    }
+    out
+}
+
 /// What a scrape samples of one serving model.
 pub struct ModelSample {
     pub labels: ModelLabels,
@@ -279,57 +456,69 @@ pub struct ModelSample {
     pub streamed: StreamTotals,
 }
 
-/// TorchServe's labels for host-level metrics: `Level="Host"` and the `Hostname`.
-pub fn host_labels() -> [(&'static str, String); 2] {
-    static HOSTNAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let hostname = HOSTNAME.get_or_init(|| {
+/// The host's name, as TorchServe's `Hostname` label gives it.
+fn hostname() -> &'static str {
+    static HOSTNAME: OnceLock<String> = OnceLock::new();
+    HOSTNAME.get_or_init(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .or_else(|| std::env::var("HOSTNAME").ok())
             .map(|h| h.trim().to_string())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".into())
-    });
-    [("Level", "Host".into()), ("Hostname", hostname.clone())]
+    })
 }
 
-/// One API response, counted by status class as TorchServe's `Requests2XX`,
-/// `Requests4XX` and `Requests5XX` count every response of its inference and
-/// management APIs (unknown models and refused bodies included).
+/// TorchServe's host-level label values: `Level="Host"`, `Hostname`.
+fn host() -> Vec<String> {
+    vec!["Host".into(), hostname().into()]
+}
+
+/// One response of any of the three APIs, counted by status as TorchServe's
+/// `NettyUtils.sendHttpResponse` counts it: 2XX, 4XX, and everything else (5XX, and the
+/// 1XX and 3XX that TorchServe also counts there) in `Requests5XX`.
 pub fn response(status: u16) {
     let name = match status {
         200..=299 => REQUESTS_2XX,
         400..=499 => REQUESTS_4XX,
-        500..=599 => REQUESTS_5XX,
-        _ => return,
+        _ => REQUESTS_5XX,
     };
-    counter!(name, &host_labels()).increment(1);
+    ts_add(name, host(), 1.0);
 }
 
 /// Brings the values sampled at scrape time up to date: host CPU and memory, this
 /// process's RSS, and each serving model's queue depth and disk-unit streaming totals.
 pub fn refresh(models: &[ModelSample], pools: &[PoolView]) {
-    let host = host_labels();
     if let Some(busy) = cpu_utilization() {
-        gauge!(CPU_UTILIZATION, &host).set(busy);
+        ts_set(CPU_UTILIZATION, host(), busy);
     }
     if let Some(memory) = crate::devices::host_memory() {
         let mb = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
-        gauge!(MEMORY_USED_MB, &host).set(mb(
-            memory.total_bytes - memory.available_bytes.min(memory.total_bytes)
-        ));
-        gauge!(MEMORY_AVAILABLE_MB, &host).set(mb(memory.available_bytes));
+        let used = memory.total_bytes - memory.available_bytes.min(memory.total_bytes);
+        ts_set(MEMORY_USED_MB, host(), mb(used));
+        ts_set(MEMORY_AVAILABLE_MB, host(), mb(memory.available_bytes));
+        if memory.total_bytes > 0 {
+            ts_set(
+                MEMORY_UTILIZATION,
+                host(),
+                100.0 * used as f64 / memory.total_bytes as f64,
+            );
+        }
     }
     for gpu in crate::devices::gpus().found() {
-        let labels = [
-            host[0].clone(),
-            ("device_id", gpu.ordinal.to_string()),
-            host[1].clone(),
-        ];
+        let labels = vec!["Host".into(), gpu.ordinal.to_string(), hostname().into()];
         let used = gpu.total.saturating_sub(gpu.free);
-        gauge!(GPU_MEMORY_USED_MB, &labels).set(used as f64 / (1024.0 * 1024.0));
+        ts_set(
+            GPU_MEMORY_USED_MB,
+            labels.clone(),
+            used as f64 / (1024.0 * 1024.0),
+        );
         if gpu.total > 0 {
-            gauge!(GPU_MEMORY_UTILIZATION, &labels).set(100.0 * used as f64 / gpu.total as f64);
+            ts_set(
+                GPU_MEMORY_UTILIZATION,
+                labels,
+                100.0 * used as f64 / gpu.total as f64,
+            );
         }
     }
     if let Some(rss) = process_rss_bytes() {
@@ -417,10 +606,15 @@ impl ModelLabels {
         ]
     }
 
+    /// TorchServe's per-model label values: `model_name`, `model_version`, `hostname`.
+    fn ts_values(&self) -> Vec<String> {
+        vec![self.name.clone(), self.version.clone(), hostname().into()]
+    }
+
     /// One prediction answered with `status` after `latency`.
     pub fn prediction(&self, status: u16, latency: Duration) {
-        counter!(INFERENCE_REQUESTS_TOTAL, &self.pairs()).increment(1);
-        counter!(INFERENCE_LATENCY_US, &self.pairs()).increment(micros(latency));
+        ts_add(INFERENCE_REQUESTS_TOTAL, self.ts_values(), 1.0);
+        ts_add(INFERENCE_LATENCY_US, self.ts_values(), micros(latency));
         histogram!(REQUEST_SECONDS, &self.pairs()).record(latency.as_secs_f64());
         let class = format!("{}XX", status / 100);
         let [name, version] = self.pairs();
@@ -429,9 +623,9 @@ impl ModelLabels {
 
     /// A job waited `waited` in the queue before its batch started.
     pub fn queued(&self, waited: Duration) {
-        counter!(QUEUE_LATENCY_US, &self.pairs()).increment(micros(waited));
+        ts_add(QUEUE_LATENCY_US, self.ts_values(), micros(waited));
         histogram!(QUEUE_WAIT_SECONDS, &self.pairs()).record(waited.as_secs_f64());
-        gauge!(QUEUE_TIME_MS, &self.pairs()).set(waited.as_secs_f64() * 1e3);
+        ts_set(QUEUE_TIME_MS, host(), whole_ms(waited));
     }
 
     /// A batch of `size` requests goes to the handler.
@@ -443,7 +637,7 @@ impl ModelLabels {
     /// The handler took `took` over a batch.
     pub fn handled(&self, took: Duration) {
         histogram!(HANDLER_SECONDS, &self.pairs()).record(took.as_secs_f64());
-        gauge!(WORKER_THREAD_TIME_MS, &self.pairs()).set(took.as_secs_f64() * 1e3);
+        ts_set(WORKER_THREAD_TIME_MS, host(), whole_ms(took));
     }
 
     /// A request refused because the queue was full (503).
@@ -500,10 +694,113 @@ impl ModelLabels {
 
     pub fn loaded(&self, took: Duration) {
         gauge!(MODEL_LOAD_SECONDS, &self.pairs()).set(took.as_secs_f64());
-        gauge!(WORKER_LOAD_TIME_MS, &self.pairs()).set(took.as_secs_f64() * 1e3);
+        // TorchServe names each worker `W-<port>-<model>_<version>`; one load here serves
+        // all of a model's workers, named after its first (worker ids start at 9000).
+        let worker = format!("W-9000-{}_{}", self.name, self.version);
+        let mut values = vec![worker];
+        values.extend(host());
+        ts_set(WORKER_LOAD_TIME_MS, values, whole_ms(took));
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+/// Microseconds with their fraction, as TorchServe adds `nanoTime` differences / 1000.0.
+fn micros(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1000.0
+}
+
+/// Whole milliseconds, as TorchServe's `TimeUnit.MILLISECONDS.convert` gives them.
+fn whole_ms(d: Duration) -> f64 {
+    d.as_millis() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Java's `Double.toString` for the same values (JDK 17 and 21 agree on these).
+    #[test]
+    fn values_print_as_javas_double_to_string() {
+        for (value, java) in [
+            (0.0, "0.0"),
+            (3.0, "3.0"),
+            (-1.0, "-1.0"),
+            (290371.129, "290371.129"),
+            (365.21, "365.21"),
+            (0.001, "0.001"),
+            (9_999_999.0, "9999999.0"),
+            (1e7, "1.0E7"),
+            (12_345_678.0, "1.2345678E7"),
+            (1.5e10, "1.5E10"),
+            (5e-4, "5.0E-4"),
+            (1.25e-7, "1.25E-7"),
+            (20.054508209228516, "20.054508209228516"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NEG_INFINITY, "-Inf"),
+            (f64::NAN, "NaN"),
+        ] {
+            assert_eq!(java_double(value), java, "{value}");
+        }
+    }
+
+    /// TorchServe's lines, from its docs/metrics_api.md and test_metrics.py: header-only
+    /// families until something is counted, a comma after every label, `.0` values.
+    #[test]
+    fn torchserve_families_print_as_torchserve_prints_them() {
+        let labels = ModelLabels::new("m\"x", "1.0");
+        labels.prediction(200, Duration::from_micros(1500));
+        labels.prediction(200, Duration::from_nanos(2_500_500));
+        let mut text = String::new();
+        render_torchserve(None, &mut text);
+        let host = hostname();
+        for line in [
+            "# HELP Requests2XX Torchserve prometheus counter metric with unit: Count",
+            "# TYPE Requests2XX counter",
+            "# HELP ts_inference_latency_microseconds Torchserve prometheus counter metric with unit: Microseconds",
+            "# TYPE QueueTime gauge",
+            "# HELP MemoryUsed Torchserve prometheus gauge metric with unit: Megabytes",
+            &format!(
+                r#"ts_inference_requests_total{{model_name="m\"x",model_version="1.0",hostname="{host}",}} 2.0"#
+            ),
+            &format!(
+                r#"ts_inference_latency_microseconds{{model_name="m\"x",model_version="1.0",hostname="{host}",}} 4000.5"#
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
+        // Filtered, only what was asked for, and no family without a sample.
+        let names = BTreeSet::from([
+            "ts_inference_requests_total".to_string(),
+            "GPUMemoryUsed".into(),
+        ]);
+        let mut filtered = String::new();
+        render_torchserve(Some(&names), &mut filtered);
+        assert!(
+            filtered.starts_with("# HELP ts_inference_requests_total "),
+            "{filtered}"
+        );
+        assert!(!filtered.contains("GPUMemoryUsed") || !crate::devices::gpus().found().is_empty());
+        assert!(!filtered.contains("latency"), "{filtered}");
+    }
+
+    #[test]
+    fn filtering_the_exporters_text_keeps_the_headers_of_kept_samples() {
+        let text = "# HELP a_seconds A.\n# TYPE a_seconds histogram\na_seconds_bucket{le=\"1\"} 1\na_seconds_sum 0.5\na_seconds_count 1\n\n# TYPE b gauge\nb 2\n";
+        let mut out = String::new();
+        filter_exposition(
+            text,
+            &BTreeSet::from(["a_seconds_count".to_string()]),
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            "# HELP a_seconds A.\n# TYPE a_seconds histogram\na_seconds_count 1\n"
+        );
+        out.clear();
+        filter_exposition(
+            text,
+            &BTreeSet::from(["a_seconds".to_string(), "b".into()]),
+            &mut out,
+        );
+        assert_eq!(out.lines().count(), 7, "{out}");
+    }
 }

@@ -251,8 +251,9 @@ fn versions_defaults_and_paging() {
     assert_ne!(v1, v2);
     assert_eq!(embeddings(&json(server.predict("tiny", body), 200)), v1);
 
-    // The default cannot be removed alone; switch it, then it can.
-    error(server.manage(Method::DELETE, "/models/tiny/1.0"), 409);
+    // The default cannot be removed alone (TorchServe's 403); switch it, then it can.
+    let message = error(server.manage(Method::DELETE, "/models/tiny/1.0"), 403);
+    assert_eq!(message, "Cannot remove default version for model tiny");
     error(
         server.manage(Method::PUT, "/models/tiny/3.0/set-default"),
         404,
@@ -265,4 +266,110 @@ fn versions_defaults_and_paging() {
     json(server.manage(Method::DELETE, "/models/tiny/1.0"), 200);
     error(server.predict("tiny/1.0", body), 404);
     assert_eq!(embeddings(&json(server.predict("tiny", body), 200)), v2);
+}
+
+/// The status and words of each register and scale answer, as TorchServe's
+/// `ApiUtils.handleRegister` and `updateModelWorkers` give them (and its postman suite
+/// expects them).
+#[test]
+fn register_and_scale_answer_in_torchserves_words() {
+    let fixture = Fixture::new();
+    fixture.archive("e", "1.0", "echo", None, &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &["--models", ""]);
+    server.wait_healthy();
+    let status = |method: Method, path: &str, code: u16| {
+        json(server.manage(method, path), code)["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let unregister = || {
+        assert_eq!(
+            status(Method::DELETE, "/models/e", 200),
+            "Model \"e\" unregistered"
+        );
+    };
+
+    // No initial workers: 200, synchronous or not.
+    let zero = "Model \"e\" Version: 1.0 registered with 0 initial workers. Use scale workers \
+                API to add workers for the model.";
+    for sync in ["true", "false", "-1"] {
+        let path = format!("/models?url=e.mar&initial_workers=0&synchronous={sync}");
+        assert_eq!(status(Method::POST, &path, 200), zero);
+        unregister();
+    }
+    // With workers: 200 once they serve, or 202 at once; a non-boolean is false.
+    assert_eq!(
+        status(Method::POST, "/models?url=e.mar&initial_workers=2", 200),
+        "Model \"e\" Version: 1.0 registered with 2 initial workers"
+    );
+    unregister();
+    for sync in ["false", "Nan"] {
+        let path = format!("/models?url=e.mar&synchronous={sync}");
+        assert_eq!(
+            status(Method::POST, &path, 202),
+            "Processing worker updates..."
+        );
+        unregister();
+    }
+    // `startup_timeout=0`: no worker starts in time, so a synchronous registration with
+    // workers fails and leaves nothing registered; with none, the timeout never matters.
+    let message = error(
+        server.manage(
+            Method::POST,
+            "/models?url=e.mar&initial_workers=3&startup_timeout=0",
+        ),
+        500,
+    );
+    assert_eq!(message, "Failed to start workers for model e version: 1.0");
+    error(server.manage(Method::GET, "/models/e"), 404);
+    assert_eq!(
+        status(
+            Method::POST,
+            "/models?url=e.mar&initial_workers=0&startup_timeout=0",
+            200
+        ),
+        zero
+    );
+
+    // Scale: signed numbers. A negative max_worker alone is below min_worker's default
+    // of 1 (400); a negative min_worker makes max_worker negative too (TorchServe's 500).
+    let message = error(server.manage(Method::PUT, "/models/e?max_worker=-1"), 400);
+    assert_eq!(message, "max_worker cannot be less than min_worker.");
+    error(server.manage(Method::PUT, "/models/e?min_worker=-1"), 500);
+    assert_eq!(
+        status(Method::PUT, "/models/e?min_worker=nan&synchronous=nan", 202),
+        "Processing worker updates..."
+    );
+    assert_eq!(
+        status(
+            Method::PUT,
+            "/models/e/1.0?min_worker=0&synchronous=true",
+            200
+        ),
+        "Workers scaled to 0 for model: e, version: 1.0"
+    );
+    // The range is checked before the model is looked up, as in TorchServe.
+    error(
+        server.manage(Method::PUT, "/models/ghost?min_worker=2&max_worker=1"),
+        400,
+    );
+    unregister();
+
+    // URLs TorchServe refuses in its own words: empty, and a remote archive whose file
+    // name is already in the model store (found before any download).
+    assert_eq!(
+        error(server.manage(Method::POST, "/models?url="), 404),
+        "empty url"
+    );
+    let message = error(
+        server.manage(
+            Method::POST,
+            "/models?url=https://example.com/mar_files/e.mar&model_name=e",
+        ),
+        500,
+    );
+    assert_eq!(message, "Model file already exists e.mar");
+    let message = error(server.manage(Method::POST, "/models"), 400);
+    assert_eq!(message, "Parameter url is required.");
 }

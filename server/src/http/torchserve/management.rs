@@ -42,11 +42,19 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A whole-number parameter, read leniently as TorchServe's request classes read them
-/// (`NettyUtils.getIntParameter`): absent, empty or unparsable is None (the default);
-/// so is a negative value, which TorchServe takes as "not set".
-fn number<T: std::str::FromStr>(params: &BTreeMap<String, String>, key: &str) -> Option<T> {
-    params.get(key).and_then(|v| v.trim().parse().ok())
+/// A whole-number parameter as TorchServe's `NettyUtils.getIntParameter` reads it: a Java
+/// `int`, signed; absent, empty or unparsable (`nan`, `1.5`, ` 1`, past 2³¹) is None,
+/// the default.
+fn int(params: &BTreeMap<String, String>, key: &str) -> Option<i32> {
+    params.get(key).and_then(|v| v.parse().ok())
+}
+
+/// A parameter that only a positive (or, with `zero`, non-negative) value sets: a
+/// negative one is TorchServe's "not set", the default.
+fn count<T: TryFrom<i32>>(params: &BTreeMap<String, String>, key: &str, zero: bool) -> Option<T> {
+    int(params, key)
+        .filter(|&v| v > 0 || (zero && v == 0))
+        .and_then(|v| T::try_from(v).ok())
 }
 
 /// A boolean parameter as Java's `Boolean.parseBoolean` reads it: "true" in any case is
@@ -61,15 +69,20 @@ fn status(code: StatusCode, message: String) -> Response {
     (code, axum::Json(json!({ "status": message }))).into_response()
 }
 
+/// An error answered in TorchServe's words, where its status or wording is not one of
+/// [`Error`]'s: TorchServe's exception class as the type.
+fn torchserve_error(code: StatusCode, kind: &str, message: String) -> Response {
+    let body = json!({ "code": code.as_u16(), "type": kind, "message": message });
+    (code, axum::Json(body)).into_response()
+}
+
 async fn list(State(state): State<AppState>, Query(params): Params) -> Result<Response> {
     // As TorchServe's ListModels: a limit above 100 or negative is 100; a negative
     // page token is 0.
-    let limit = number::<i64>(&params, "limit")
+    let limit = int(&params, "limit")
         .filter(|l| (0..=100).contains(l))
         .unwrap_or(100) as usize;
-    let start = number::<i64>(&params, "next_page_token")
-        .unwrap_or(0)
-        .max(0) as usize;
+    let start = int(&params, "next_page_token").unwrap_or(0).max(0) as usize;
     let models = state.registry().defaults();
     let page: Vec<_> = models
         .iter()
@@ -119,19 +132,11 @@ fn describe(
 }
 
 async fn register(State(state): State<AppState>, Query(params): Params) -> Result<Response> {
-    let url = params
-        .get("url")
-        .ok_or_else(|| {
-            Error::BadRequest(
-                "Parameter url is required: the archive's name in the model store".into(),
-            )
-        })?
-        .clone();
-    if url.is_empty() {
-        // TorchServe looks the empty name up in the store, and finds nothing.
-        return Err(Error::ModelNotFound(
-            "Model not found in model store: ".into(),
-        ));
+    let Some(url) = params.get("url").cloned() else {
+        return Err(Error::BadRequest("Parameter url is required.".into()));
+    };
+    if let Some(refused) = check_url(&state, &url) {
+        return Ok(refused);
     }
     check_builtin(params.get("handler"), params.get("runtime"))?;
     let request = LoadRequest {
@@ -142,39 +147,77 @@ async fn register(State(state): State<AppState>, Query(params): Params) -> Resul
             .filter(|h| !h.is_empty())
             .and_then(|h| h.parse().ok()),
         overrides: ModelConfigOverrides {
-            initial_workers: number(&params, "initial_workers"),
-            batch_size: number(&params, "batch_size").filter(|&b| b > 0),
-            max_batch_delay_ms: number(&params, "max_batch_delay"),
-            response_timeout_s: number(&params, "response_timeout").filter(|&t| t > 0),
-            startup_timeout_s: number(&params, "startup_timeout").filter(|&t| t > 0),
+            initial_workers: count(&params, "initial_workers", true),
+            batch_size: count(&params, "batch_size", false),
+            max_batch_delay_ms: count(&params, "max_batch_delay", true),
+            response_timeout_s: count(&params, "response_timeout", false),
+            startup_timeout_s: count(&params, "startup_timeout", false),
         },
         loaded_at_startup: false,
     };
     let synchronous = flag(&params, "synchronous", true);
+    // `startup_timeout=0`: in TorchServe no worker answers within it.
+    let no_time_to_start = int(&params, "startup_timeout") == Some(0);
     let model = state
         .lifecycle()
         .register(request, Origin::Http { synchronous })
         .await?;
-    let spec = &model.spec;
-    let workers = spec.config.min_workers;
-    Ok(if synchronous {
+    let (name, version) = (model.spec.name.clone(), model.spec.version.clone());
+    let workers = model.spec.config.min_workers;
+    Ok(if workers == 0 {
+        // Sync or not, as TorchServe's `handleRegister` answers it.
         status(
             StatusCode::OK,
             format!(
-                "Model \"{}\" Version: {} registered with {workers} initial workers",
-                spec.name, spec.version
+                "Model \"{name}\" Version: {version} registered with 0 initial workers. Use scale \
+                 workers API to add workers for the model."
             ),
+        )
+    } else if !synchronous {
+        status(StatusCode::ACCEPTED, "Processing worker updates...".into())
+    } else if no_time_to_start {
+        // TorchServe's workers fail, and its `onError` unregisters the model.
+        state.lifecycle().unregister(&name, Some(&version)).await?;
+        torchserve_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerException",
+            format!("Failed to start workers for model {name} version: {version}"),
         )
     } else {
         status(
-            StatusCode::ACCEPTED,
+            StatusCode::OK,
             format!(
-                "Model \"{}\" Version: {} registered with {workers} initial workers; loading in the \
-                 background (GET /models/{} shows its status)",
-                spec.name, spec.version, spec.name
+                "Model \"{name}\" Version: {version} registered with {workers} initial workers"
             ),
         )
     })
+}
+
+/// TorchServe's answers to a `url` it does not register (`ModelArchive.downloadModel`),
+/// where they are not Spillway's: an empty one (404), and a remote one whose file name is
+/// already in the model store (500, before any download). Other remote URLs are refused
+/// later (400), as Spillway downloads nothing.
+fn check_url(state: &AppState, url: &str) -> Option<Response> {
+    if url.is_empty() {
+        return Some(torchserve_error(
+            StatusCode::NOT_FOUND,
+            "ModelNotFoundException",
+            "empty url".into(),
+        ));
+    }
+    let lower = url.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        let file = path.rsplit('/').next().unwrap_or("");
+        if !file.is_empty() && state.config().model_store.join(file).exists() {
+            return Some(torchserve_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerException",
+                format!("Model file already exists {file}"),
+            ));
+        }
+    }
+    None
 }
 
 async fn scale_default(
@@ -194,23 +237,32 @@ async fn scale_version(
 }
 
 /// As TorchServe's `updateModelWorkers`: `min_worker` defaults to 1, `max_worker` to
-/// `min_worker`; answered 202 unless `synchronous=true` (the workers start in the
-/// background either way; a synchronous answer waits for them).
+/// `min_worker`, both signed; answered 202 unless `synchronous=true` (the workers start in
+/// the background either way; a synchronous answer waits for them).
 fn scale(
     state: AppState,
     name: &str,
     version: Option<&str>,
     Query(params): Params,
 ) -> Result<Response> {
-    let model = state.registry().get(name, version)?;
-    let min = number::<usize>(&params, "min_worker").unwrap_or(1);
-    let max = number::<usize>(&params, "max_worker").unwrap_or(min);
+    let min = int(&params, "min_worker").unwrap_or(1);
+    let max = int(&params, "max_worker").unwrap_or(min);
     if max < min {
         return Err(Error::BadRequest(
             "max_worker cannot be less than min_worker.".into(),
         ));
     }
-    model.scale(min, max)?;
+    let model = state.registry().get(name, version)?;
+    let Ok(max) = usize::try_from(max) else {
+        // TorchServe fails here too (500), removing workers down to index -1; this
+        // changes nothing.
+        return Ok(torchserve_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerException",
+            format!("Failed to scale workers for model {name}: max_worker {max} is negative"),
+        ));
+    };
+    model.scale(usize::try_from(min).unwrap_or(0), max)?;
     Ok(if flag(&params, "synchronous", false) {
         let mut message = format!("Workers scaled to {min} for model: {}", model.spec.name);
         if let Some(version) = version {
@@ -260,10 +312,19 @@ async fn unregister_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Response> {
+    // The default version cannot go while others stay: TorchServe's 403.
+    let default = state.registry().get(&name, None)?;
+    if default.spec.version == version && state.registry().versions(&name)?.len() > 1 {
+        return Ok(torchserve_error(
+            StatusCode::FORBIDDEN,
+            "InvalidModelVersionException",
+            format!("Cannot remove default version for model {name}"),
+        ));
+    }
     state.lifecycle().unregister(&name, Some(&version)).await?;
     Ok(status(
         StatusCode::OK,
-        format!("Model \"{name}\" version {version} unregistered"),
+        format!("Model \"{name}\" unregistered"),
     ))
 }
 

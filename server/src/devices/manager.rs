@@ -117,6 +117,17 @@ impl Entry {
 struct Entries {
     next_id: u64,
     leases: BTreeMap<u64, Entry>,
+    /// By admission: the bytes its victims were counted down by, while the admission may
+    /// still roll back. No other admission may plan on them — a rollback gives them back
+    /// to their victims, and the pool would then hold more than its budget.
+    limbo: BTreeMap<u64, DeviceBytes>,
+}
+
+impl Entries {
+    fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
 }
 
 /// The managed devices' pools and who holds what in them.
@@ -148,6 +159,8 @@ pub struct Admission {
     /// Each victim's lease and what it held before this admission counted it as leaving
     /// (and what it counted it down to): what a rollback puts back.
     victims: Vec<Victim>,
+    /// Its lease's id, which keys its victims' bytes in limbo.
+    id: u64,
     manager: DeviceManager,
 }
 
@@ -183,18 +196,26 @@ impl Admission {
     /// The evictions, to be carried out now: from here on the victims' bytes stay
     /// counted as gone (their evictions free them), whatever becomes of this model.
     pub fn evict_now(&mut self) -> Vec<Eviction> {
-        self.victims.clear();
+        self.settle_victims();
         std::mem::take(&mut self.evict)
     }
 
     /// The model was built: its plan and lease are its own from now on.
     pub fn commit(mut self) -> (Plan, Lease) {
-        self.victims.clear();
+        self.settle_victims();
         let lease = self
             .lease
             .take()
             .expect("an admission holds its lease until it commits");
         (self.plan.clone(), lease)
+    }
+}
+
+impl Admission {
+    /// The victims' bytes leave for good: no rollback from here.
+    fn settle_victims(&mut self) {
+        self.victims.clear();
+        self.manager.entries().limbo.remove(&self.id);
     }
 }
 
@@ -204,6 +225,7 @@ impl Drop for Admission {
             return;
         }
         let mut entries = self.manager.entries();
+        entries.limbo.remove(&self.id);
         for victim in self.victims.drain(..) {
             // Only an entry still as this admission left it: one that left meanwhile
             // (unloaded, unregistered) or changed (evicted by another) stays as it is.
@@ -272,8 +294,14 @@ impl DeviceManager {
 
     /// The allocation map now; `busy` says which models have requests in flight.
     fn map(&self, entries: &Entries, busy: &dyn Fn(&ModelKey) -> bool) -> AllocationMap {
+        let mut budgets = self.budgets();
+        for (device, bytes) in entries.limbo.values().flatten() {
+            if let Some(budget) = budgets.get_mut(device) {
+                *budget = budget.saturating_sub(*bytes);
+            }
+        }
         AllocationMap {
-            budgets: self.budgets(),
+            budgets,
             holdings: entries
                 .leases
                 .iter()
@@ -349,7 +377,12 @@ impl DeviceManager {
                     })
                 })
                 .collect(),
-            cpu_available: self.config.host_budget.saturating_sub(kept(Device::CPU)),
+            cpu_available: map
+                .budgets
+                .get(&Device::CPU)
+                .copied()
+                .unwrap_or(self.config.host_budget)
+                .saturating_sub(kept(Device::CPU)),
             cpu_total: self.config.host_budget,
             cpu_reserve: self.config.host_budget_given.then_some(0),
         };
@@ -396,8 +429,17 @@ impl DeviceManager {
             return Err(AdmitError::WouldEvict);
         }
         let victims = count_evictions(&mut entries, &evict_all);
-        let id = entries.next_id;
-        entries.next_id += 1;
+        let mut freed = DeviceBytes::new();
+        for victim in &victims {
+            for (device, held) in &victim.held {
+                let kept = victim.promised.get(device).copied().unwrap_or(0);
+                *freed.entry(*device).or_default() += held.saturating_sub(kept);
+            }
+        }
+        let id = entries.next_id();
+        if !freed.is_empty() {
+            entries.limbo.insert(id, freed);
+        }
         let loading = Arc::new(AtomicBool::new(true));
         let demoted = Arc::new(AtomicBool::new(false));
         let resident = demotable_units(&plan);
@@ -426,6 +468,7 @@ impl DeviceManager {
             }),
             evict: evict_all,
             victims,
+            id,
             manager: self.clone(),
         })
     }
@@ -434,11 +477,11 @@ impl DeviceManager {
         self.clock.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// `model` was just used.
-    pub fn touch(&self, model: &ModelKey) {
+    /// Model `name` `version` was just used (every request: no key is built for it).
+    pub fn touch(&self, name: &str, version: &str) {
         let tick = self.tick();
         for entry in self.entries().leases.values() {
-            if entry.model == *model {
+            if entry.model.name == name && entry.model.version == version {
                 entry.last_used.store(tick, Ordering::SeqCst);
                 *entry.last_used_at.lock().unwrap_or_else(|e| e.into_inner()) = SystemTime::now();
             }
@@ -825,7 +868,7 @@ mod tests {
         a.lease().settle();
         let b = admit(&manager, "b", 40, IDLE).expect("b");
         b.lease().settle();
-        manager.touch(&key("a"));
+        manager.touch("a", "1");
         let c = admit(&manager, "c", 40, IDLE).expect("c");
         let evicted: Vec<ModelKey> = c.evict.iter().map(|e| e.model.clone()).collect();
         assert_eq!(evicted, [key("b")], "a was used after b was loaded");
@@ -858,6 +901,25 @@ mod tests {
         // Two instances of one version are two leases: evicting one leaves the other.
         let victim = c.evictions()[0].lease;
         assert!(victim == a.lease().id() || victim == b.lease().id());
+    }
+
+    /// Found by the property test below: a pending admission's victims' bytes were lent
+    /// to a later admission, and rolling the first back then put the pool over budget.
+    #[test]
+    fn a_pending_admissions_victims_bytes_are_not_lent_to_another() {
+        let manager = manager(100);
+        let a = admit(&manager, "a", 60, IDLE).expect("a");
+        a.lease().settle();
+        let b = admit(&manager, "b", 60, IDLE).expect("evicts a on paper");
+        assert_eq!(b.evictions().len(), 1);
+        // a's 60 are promised to b until b carries its eviction out or rolls back.
+        let c = admit(&manager, "c", 30, IDLE);
+        assert!(c.is_err(), "c would have used a's bytes");
+        drop(b);
+        assert_eq!(manager.held()[&Device::CPU], 60, "a holds its bytes again");
+        let c = admit(&manager, "c", 30, IDLE).expect("room for c beside a");
+        assert!(c.evictions().is_empty());
+        assert!(manager.held()[&Device::CPU] <= 100);
     }
 
     #[derive(Debug, Clone)]
@@ -931,7 +993,7 @@ mod tests {
                     Op::Abandon(i) if i < pending.len() => drop(pending.remove(i)),
                     Op::Unload(i) if i < loaded.len() => drop(loaded.remove(i)),
                     Op::Busy(i, busy) if i < loaded.len() => loaded[i].3 = busy,
-                    Op::Touch(model) => manager.touch(&key(&format!("m{model}"))),
+                    Op::Touch(model) => manager.touch(&format!("m{model}"), "1"),
                     _ => {}
                 }
                 let held = manager.held().get(&Device::CPU).copied().unwrap_or(0);

@@ -31,7 +31,7 @@ impl Dispatch {
     pub fn to(state: &AppState, name: &str, version: Option<&str>) -> Result<Dispatch> {
         let model = state.registry().get(name, version)?;
         let in_flight = model.begin_request();
-        state.devices().touch(&model.key());
+        state.devices().touch(&model.spec.name, &model.spec.version);
         Ok(Dispatch {
             model,
             started: Instant::now(),

@@ -3,7 +3,7 @@
 //! kernel's backlog until one closes), a request's headers within
 //! `request_read_timeout` (hyper closes a connection that sends them slower: a
 //! slowloris holds a slot for that long at most; the body gets its own deadline in
-//! [`super::error::read_body_within`]), and a graceful stop: no new connection once
+//! `super::error::read_body_within`), and a graceful stop: no new connection once
 //! `stop` is set, every request in flight answered before [`serve`] returns.
 //!
 //! `axum::serve` does the same minus the limits (it gives hyper no timer, so hyper's

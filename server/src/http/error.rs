@@ -2,7 +2,7 @@
 //! shape `{"code": N, "type": "...", "message": "..."}`. Internal errors are logged
 //! with their whole source chain and answered with a generic message.
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -104,9 +104,13 @@ impl IntoResponse for Error {
 ///
 /// A 413 also says `Connection: close`: the body it refused was not read, so the connection
 /// cannot carry another request, and a client that reused it would lose its next one.
-pub async fn json_errors(State(limit): State<usize>, request: Request, next: Next) -> Response {
-    let (method, path) = (request.method().clone(), request.uri().path().to_string());
-    let mut response = as_json(limit, &method, &path, next.run(request).await).await;
+pub async fn json_errors(
+    limit: usize,
+    method: &axum::http::Method,
+    path: &str,
+    response: Response,
+) -> Response {
+    let mut response = as_json(limit, method, path, response).await;
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
         response
             .headers_mut()
@@ -122,27 +126,25 @@ pub async fn json_errors(State(limit): State<usize>, request: Request, next: Nex
 /// handler reads it whole anyway). A body too slow is answered 408 and its connection
 /// closed (it is half read).
 pub async fn read_body_within(
-    State((limit, within)): State<(usize, std::time::Duration)>,
+    limit: usize,
+    within: std::time::Duration,
     request: Request,
-    next: Next,
-) -> Response {
+) -> Result<Request, Response> {
     let (parts, body) = request.into_parts();
     let read = tokio::time::timeout(within, axum::body::to_bytes(body, limit)).await;
-    let bytes = match read {
-        Ok(Ok(bytes)) => bytes,
+    match read {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
         // Past the limit (or the connection failed): json_errors gives it its body.
-        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        Ok(Err(_)) => Err(StatusCode::PAYLOAD_TOO_LARGE.into_response()),
         Err(_) => {
             let error = Error::BodyTimeout { within };
             let mut response = in_shape_of(parts.uri.path(), &error);
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
+            Err(response)
         }
-    };
-    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
-        .await
+    }
 }
 
 /// `response` with a JSON body in its API's shape, if it is an error without one.
@@ -226,19 +228,18 @@ pub async fn json_bodies_only(request: Request, next: Next) -> Response {
 /// tokens and cookies. (hyper itself buffers at most about 400 KiB before this runs.)
 pub const MAX_HEADER_BYTES: usize = 64 << 10;
 
-/// Refuses, with 431, a request whose headers pass [`MAX_HEADER_BYTES`].
-pub async fn bounded_headers(request: Request, next: Next) -> Response {
+/// The 431 for a request whose headers pass [`MAX_HEADER_BYTES`], if they do.
+pub fn headers_too_large(request: &Request) -> Option<Response> {
     let size: usize = request
         .headers()
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
-    if size > MAX_HEADER_BYTES {
-        return Error::HeadersTooLarge {
+    (size > MAX_HEADER_BYTES).then(|| {
+        Error::HeadersTooLarge {
             size,
             limit: MAX_HEADER_BYTES,
         }
-        .into_response();
-    }
-    next.run(request).await
+        .into_response()
+    })
 }

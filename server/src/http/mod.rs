@@ -14,7 +14,8 @@
 //! - [`error`]: the one place where errors become statuses and JSON bodies.
 //!
 //! Bearer tokens, when configured, guard a whole API ([`require_token`]). Every request to
-//! the inference and management APIs has an id ([`tag_request`]).
+//! the inference and management APIs passes one edge layer ([`edge`]: its id and access
+//! line, TorchServe's response counters, header and body limits, JSON error bodies).
 
 pub mod connections;
 pub mod devices;
@@ -60,13 +61,12 @@ pub fn inference_router(state: AppState) -> Router {
         .merge(kserve::health(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(
-            (limit, state.config().request_read_timeout),
-            error::read_body_within,
+            Edge {
+                limit,
+                read_timeout: state.config().request_read_timeout,
+            },
+            edge,
         ))
-        .layer(middleware::from_fn_with_state(limit, error::json_errors))
-        .layer(middleware::from_fn(error::bounded_headers))
-        .layer(middleware::from_fn(count_response))
-        .layer(middleware::from_fn(tag_request))
 }
 
 pub fn management_router(state: AppState) -> Router {
@@ -83,13 +83,12 @@ pub fn management_router(state: AppState) -> Router {
         token,
     )
     .layer(middleware::from_fn_with_state(
-        (limit, read_timeout),
-        error::read_body_within,
+        Edge {
+            limit,
+            read_timeout,
+        },
+        edge,
     ))
-    .layer(middleware::from_fn_with_state(limit, error::json_errors))
-    .layer(middleware::from_fn(error::bounded_headers))
-    .layer(middleware::from_fn(count_response))
-    .layer(middleware::from_fn(tag_request))
 }
 
 pub fn metrics_router(state: AppState) -> Router {
@@ -123,11 +122,26 @@ fn is_probe(path: &str) -> bool {
     matches!(path, "/ping" | "/v2/health/live" | "/v2/health/ready")
 }
 
-/// Gives the request its id (the client's `X-Request-Id` when it is a sane one, else a
-/// new one), runs it inside a `request{id=...}` span and as that request
-/// ([`RequestId::scope`], which the model's queue reads), echoes the id in the answer's
-/// `X-Request-Id`, and writes the request's access line.
-async fn tag_request(request: Request, next: Next) -> Response {
+/// The limits [`edge`] applies: `max_request_size` and `request_read_timeout`.
+#[derive(Debug, Clone, Copy)]
+struct Edge {
+    limit: usize,
+    read_timeout: std::time::Duration,
+}
+
+/// What every request to the inference and management APIs goes through, outermost
+/// first — one layer, since each `from_fn` layer clones the router behind it and boxes a
+/// future for every request (five of them were a fifth of the echo path's CPU):
+/// 1. its id (the client's `X-Request-Id` when it is a sane one, else a new one): the
+///    request runs inside a `request{id=...}` span and as that request
+///    ([`RequestId::scope`], which the model's queue reads), the answer carries the id in
+///    `X-Request-Id`, and one access line is written per request;
+/// 2. counted in TorchServe's `Requests2XX`/`4XX`/`5XX` ([`count`]);
+/// 3. headers past `error::MAX_HEADER_BYTES`: 431;
+/// 4. every error answer gets a JSON body in its API's shape (`error::json_errors`);
+/// 5. the body read whole within `request_read_timeout` and `max_request_size`
+///    (`error::read_body_within`).
+async fn edge(State(edge): State<Edge>, request: Request, next: Next) -> Response {
     use tracing::Instrument;
     let id = RequestId::from_client(
         request
@@ -138,11 +152,22 @@ async fn tag_request(request: Request, next: Next) -> Response {
     let span = tracing::info_span!("request", id = %id);
     let (method, path) = (request.method().clone(), request.uri().path().to_string());
     let started = std::time::Instant::now();
-    let mut response = id
-        .clone()
-        .scope(next.run(request))
-        .instrument(span.clone())
-        .await;
+    let answer = async {
+        let response = match error::headers_too_large(&request) {
+            Some(refused) => refused,
+            None => {
+                let response =
+                    match error::read_body_within(edge.limit, edge.read_timeout, request).await {
+                        Ok(request) => next.run(request).await,
+                        Err(refused) => refused,
+                    };
+                error::json_errors(edge.limit, &method, &path, response).await
+            }
+        };
+        count(&response);
+        response
+    };
+    let mut response = id.clone().scope(answer).instrument(span.clone()).await;
     if !is_probe(&path) {
         span.in_scope(|| {
             tracing::info!(
@@ -161,12 +186,18 @@ async fn tag_request(request: Request, next: Next) -> Response {
     response
 }
 
-/// Counts every response of the three APIs in TorchServe's host-level status metrics,
-/// probes and scrapes included, as TorchServe's `NettyUtils.sendHttpResponse` counts them.
-/// A scrape is counted once its text is made, so it shows the scrapes before it.
+/// Counts `response` in TorchServe's host-level status metrics, as TorchServe's
+/// `NettyUtils.sendHttpResponse` counts every response of the three APIs, probes and
+/// scrapes included.
+fn count(response: &Response) {
+    crate::telemetry::metrics::response(response.status().as_u16());
+}
+
+/// [`count`] for the metrics API: a scrape is counted once its text is made, so it shows
+/// the scrapes before it.
 async fn count_response(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
-    crate::telemetry::metrics::response(response.status().as_u16());
+    count(&response);
     response
 }
 

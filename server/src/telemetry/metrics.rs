@@ -11,7 +11,8 @@
 //! TorchServe's `/metrics` parses Spillway's ([`render`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -299,27 +300,71 @@ pub const TS_FAMILIES: &[TsFamily] = &[
     family(GPU_MEMORY_USED_MB, "gauge", "Megabytes", GPU),
 ];
 
+/// One TorchServe sample: an `f64` kept as its bits, so a request updates it without a
+/// lock (the store's lock is taken once, when a label set is first seen).
+#[derive(Debug, Default)]
+struct TsCell(AtomicU64);
+
+impl TsCell {
+    fn add(&self, delta: f64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + delta).to_bits())
+            });
+    }
+
+    fn set(&self, value: f64) {
+        self.0.store(value.to_bits(), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// TorchServe's families' samples: family name → label values (in the family's label
 /// order) → value.
-type TsSamples = BTreeMap<&'static str, BTreeMap<Vec<String>, f64>>;
+type TsSamples = BTreeMap<&'static str, BTreeMap<Vec<String>, Arc<TsCell>>>;
 
 fn ts_samples() -> std::sync::MutexGuard<'static, TsSamples> {
     static SAMPLES: Mutex<TsSamples> = Mutex::new(BTreeMap::new());
     SAMPLES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Adds `delta` to a TorchServe counter.
-fn ts_add(name: &'static str, values: Vec<String>, delta: f64) {
-    *ts_samples()
+/// The sample of TorchServe family `name` with label `values`, made at its first use.
+fn ts_cell(name: &'static str, values: Vec<String>) -> Arc<TsCell> {
+    ts_samples()
         .entry(name)
         .or_default()
         .entry(values)
-        .or_insert(0.0) += delta;
+        .or_default()
+        .clone()
 }
 
 /// Sets a TorchServe gauge.
 fn ts_set(name: &'static str, values: Vec<String>, value: f64) {
-    ts_samples().entry(name).or_default().insert(values, value);
+    ts_cell(name, values).set(value);
+}
+
+/// The host-level samples every request updates, each looked up once, at its first use.
+#[derive(Default)]
+struct HostCells {
+    requests_2xx: OnceLock<Arc<TsCell>>,
+    requests_4xx: OnceLock<Arc<TsCell>>,
+    requests_5xx: OnceLock<Arc<TsCell>>,
+    queue_time: OnceLock<Arc<TsCell>>,
+    worker_thread_time: OnceLock<Arc<TsCell>>,
+}
+
+fn host_cells() -> &'static HostCells {
+    static CELLS: OnceLock<HostCells> = OnceLock::new();
+    CELLS.get_or_init(HostCells::default)
+}
+
+/// The host-level sample of `family` held in `cell`.
+fn host_cell<'a>(cell: &'a OnceLock<Arc<TsCell>>, family: &'static str) -> &'a TsCell {
+    cell.get_or_init(|| ts_cell(family, host()))
 }
 
 /// `d` as Java's `Double.toString` writes it, which TorchServe's Prometheus client prints
@@ -399,7 +444,7 @@ fn render_torchserve(names: Option<&BTreeSet<String>>, out: &mut String) {
                 out.push_str("\",");
             }
             out.push_str("} ");
-            out.push_str(&java_double(*value));
+            out.push_str(&java_double(value.get()));
             out.push('\n');
         }
     }
@@ -478,12 +523,13 @@ fn host() -> Vec<String> {
 /// `NettyUtils.sendHttpResponse` counts it: 2XX, 4XX, and everything else (5XX, and the
 /// 1XX and 3XX that TorchServe also counts there) in `Requests5XX`.
 pub fn response(status: u16) {
-    let name = match status {
-        200..=299 => REQUESTS_2XX,
-        400..=499 => REQUESTS_4XX,
-        _ => REQUESTS_5XX,
+    let cells = host_cells();
+    let (cell, family) = match status {
+        200..=299 => (&cells.requests_2xx, REQUESTS_2XX),
+        400..=499 => (&cells.requests_4xx, REQUESTS_4XX),
+        _ => (&cells.requests_5xx, REQUESTS_5XX),
     };
-    ts_add(name, host(), 1.0);
+    host_cell(cell, family).add(1.0);
 }
 
 /// Brings the values sampled at scrape time up to date: host CPU and memory, this
@@ -584,11 +630,39 @@ fn process_rss_bytes() -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-/// The `model_name` / `model_version` labels of one model.
-#[derive(Debug, Clone)]
+/// The `model_name` / `model_version` labels of one model, and the handles of the series
+/// every request updates: made once, when the model is registered, so a request records
+/// its metrics without building keys or taking the registry's locks.
+#[derive(Clone)]
 pub struct ModelLabels {
     name: String,
     version: String,
+    per_request: Arc<PerRequest>,
+}
+
+impl std::fmt::Debug for ModelLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelLabels")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// The series a request or a batch updates, each made at its first use (so a series
+/// appears in `/metrics` once something was counted in it, as before).
+#[derive(Default)]
+struct PerRequest {
+    inference_requests: OnceLock<Arc<TsCell>>,
+    inference_latency: OnceLock<Arc<TsCell>>,
+    queue_latency: OnceLock<Arc<TsCell>>,
+    request_seconds: OnceLock<metrics::Histogram>,
+    /// `spillway_prediction_responses_total` by status class, 1XX to 5XX.
+    by_status: [OnceLock<metrics::Counter>; 5],
+    queue_wait_seconds: OnceLock<metrics::Histogram>,
+    batches: OnceLock<metrics::Counter>,
+    batch_size: OnceLock<metrics::Histogram>,
+    handler_seconds: OnceLock<metrics::Histogram>,
 }
 
 impl ModelLabels {
@@ -596,6 +670,7 @@ impl ModelLabels {
         Self {
             name: name.to_string(),
             version: version.to_string(),
+            per_request: Arc::default(),
         }
     }
 
@@ -606,38 +681,75 @@ impl ModelLabels {
         ]
     }
 
-    /// TorchServe's per-model label values: `model_name`, `model_version`, `hostname`.
-    fn ts_values(&self) -> Vec<String> {
-        vec![self.name.clone(), self.version.clone(), hostname().into()]
+    /// TorchServe's per-model sample of `family`: `model_name`, `model_version`,
+    /// `hostname`.
+    fn ts(&self, cell: &OnceLock<Arc<TsCell>>, family: &'static str) -> Arc<TsCell> {
+        cell.get_or_init(|| {
+            let values = vec![self.name.clone(), self.version.clone(), hostname().into()];
+            ts_cell(family, values)
+        })
+        .clone()
+    }
+
+    fn histogram(
+        &self,
+        handle: &OnceLock<metrics::Histogram>,
+        name: &'static str,
+    ) -> metrics::Histogram {
+        handle
+            .get_or_init(|| histogram!(name, &self.pairs()))
+            .clone()
+    }
+
+    fn counter(&self, handle: &OnceLock<metrics::Counter>, name: &'static str) -> metrics::Counter {
+        handle.get_or_init(|| counter!(name, &self.pairs())).clone()
     }
 
     /// One prediction answered with `status` after `latency`.
     pub fn prediction(&self, status: u16, latency: Duration) {
-        ts_add(INFERENCE_REQUESTS_TOTAL, self.ts_values(), 1.0);
-        ts_add(INFERENCE_LATENCY_US, self.ts_values(), micros(latency));
-        histogram!(REQUEST_SECONDS, &self.pairs()).record(latency.as_secs_f64());
-        let class = format!("{}XX", status / 100);
-        let [name, version] = self.pairs();
-        counter!(PREDICTIONS_BY_STATUS, &[name, version, ("status", class)]).increment(1);
+        let series = &self.per_request;
+        self.ts(&series.inference_requests, INFERENCE_REQUESTS_TOTAL)
+            .add(1.0);
+        self.ts(&series.inference_latency, INFERENCE_LATENCY_US)
+            .add(micros(latency));
+        self.histogram(&series.request_seconds, REQUEST_SECONDS)
+            .record(latency.as_secs_f64());
+        let class = status / 100;
+        let slot = usize::from(class.clamp(1, 5)) - 1;
+        series.by_status[slot]
+            .get_or_init(|| {
+                let [name, version] = self.pairs();
+                counter!(
+                    PREDICTIONS_BY_STATUS,
+                    &[name, version, ("status", format!("{class}XX"))]
+                )
+            })
+            .increment(1);
     }
 
     /// A job waited `waited` in the queue before its batch started.
     pub fn queued(&self, waited: Duration) {
-        ts_add(QUEUE_LATENCY_US, self.ts_values(), micros(waited));
-        histogram!(QUEUE_WAIT_SECONDS, &self.pairs()).record(waited.as_secs_f64());
-        ts_set(QUEUE_TIME_MS, host(), whole_ms(waited));
+        let series = &self.per_request;
+        self.ts(&series.queue_latency, QUEUE_LATENCY_US)
+            .add(micros(waited));
+        self.histogram(&series.queue_wait_seconds, QUEUE_WAIT_SECONDS)
+            .record(waited.as_secs_f64());
+        host_cell(&host_cells().queue_time, QUEUE_TIME_MS).set(whole_ms(waited));
     }
 
     /// A batch of `size` requests goes to the handler.
     pub fn batch(&self, size: usize) {
-        counter!(BATCHES_TOTAL, &self.pairs()).increment(1);
-        histogram!(BATCH_SIZE, &self.pairs()).record(size as f64);
+        let series = &self.per_request;
+        self.counter(&series.batches, BATCHES_TOTAL).increment(1);
+        self.histogram(&series.batch_size, BATCH_SIZE)
+            .record(size as f64);
     }
 
     /// The handler took `took` over a batch.
     pub fn handled(&self, took: Duration) {
-        histogram!(HANDLER_SECONDS, &self.pairs()).record(took.as_secs_f64());
-        ts_set(WORKER_THREAD_TIME_MS, host(), whole_ms(took));
+        self.histogram(&self.per_request.handler_seconds, HANDLER_SECONDS)
+            .record(took.as_secs_f64());
+        host_cell(&host_cells().worker_thread_time, WORKER_THREAD_TIME_MS).set(whole_ms(took));
     }
 
     /// A request refused because the queue was full (503).

@@ -5,7 +5,7 @@
 //! of the batch it ran).
 //!
 //! Pure: what an acceptable id is and how new ones are made. The middleware that applies
-//! it is `http::tag_request`.
+//! it is `http::edge`.
 
 use std::fmt;
 use std::sync::Arc;

@@ -140,6 +140,21 @@ fn host_pool(server: &TestServer) -> Value {
         .clone()
 }
 
+/// What each model holds in the host pool, by name.
+fn held(server: &TestServer) -> BTreeMap<String, u64> {
+    host_pool(server)["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["modelName"].as_str().unwrap().to_string(),
+                m["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 fn register(server: &TestServer, model: &str) {
     let path = format!("/models?url={model}.mar&synchronous=true&initial_workers=1");
     json(server.manage(Method::POST, &path), 200);
@@ -163,17 +178,7 @@ fn bytes_each(fixture: &Fixture, oracle: &Oracle) -> (BTreeMap<String, u64>, u64
         register(&server, model);
         oracle.ask_and_check(&server, model);
     }
-    let bytes: BTreeMap<String, u64> = host_pool(&server)["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            (
-                m["modelName"].as_str().unwrap().to_string(),
-                m["bytes"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let bytes = held(&server);
     let overhead = rss_anon(server.pid())
         .unwrap()
         .saturating_sub(bytes.values().sum());
@@ -316,19 +321,6 @@ fn a_refused_duplicate_leaves_the_ledger_as_it_was() {
         &["--models", "", "--max-host-memory", &budget.to_string()],
     );
     server.wait_healthy();
-    let held = |server: &TestServer| -> BTreeMap<String, u64> {
-        host_pool(server)["models"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| {
-                (
-                    m["modelName"].as_str().unwrap().to_string(),
-                    m["bytes"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    };
     register(&server, "a");
     oracle.ask_and_check(&server, "a");
     let one = held(&server)["a"];

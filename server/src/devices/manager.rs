@@ -2,8 +2,9 @@
 //! allocation map — which model version holds how many bytes on which device (a
 //! [`Lease`], the plan's weights and reserve), whether it is still loading, and when it
 //! was last used — and admits a model by planning it within the pools' budgets and
-//! asking the pure policy (`spillway_placement::ledger`) which least recently used models must
-//! leave for it to fit. Carrying out an eviction is `devices::effects`' job.
+//! asking the pure policy (`spillway_placement::ledger`) which least recently used
+//! models must leave for it to fit. Carrying out an eviction is the lifecycle's job
+//! (`lifecycle::supervisor`).
 //!
 //! Planning, deciding and leasing happen under one lock, so two loads never both count
 //! the same free bytes. An [`Admission`] is a transaction: the bytes it promises (its own

@@ -123,6 +123,7 @@ fn the_readme_curl_examples_run_verbatim_and_answer_as_their_samples_show() {
             .command
             .replace("localhost:8080", &host(&server.inference))
             .replace("localhost:8081", &host(&server.management));
+        let started = std::time::Instant::now();
         let output = Command::new("bash")
             .args([
                 "-c",
@@ -131,6 +132,11 @@ fn the_readme_curl_examples_run_verbatim_and_answer_as_their_samples_show() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
+        eprintln!(
+            "{:>7.1?}  {}",
+            started.elapsed(),
+            example.command.lines().next().unwrap_or("")
+        );
         assert!(
             output.status.success() && !stdout.is_empty(),
             "{command}\n{}",

@@ -19,7 +19,7 @@
 use std::path::Path;
 
 use candle_core::Tensor;
-use spillway_handlers::models::llama::{KvCache, LlamaConfig, MappedLlama};
+use spillway_handlers::models::decoder::{KvCache, LlamaConfig, MappedLlama};
 use spillway_handlers::weights::layer_stack::UnitPlacement;
 use spillway_handlers::{DType, Device, WeightSource};
 

@@ -103,7 +103,7 @@ fn hf_name(
 
 /// config.json's `rope_scaling` for a GGUF model. llama.cpp's converter turns Llama 3.1's
 /// banded `llama3` scaling into a `rope_freqs` tensor of per-frequency divisors, which
-/// becomes `frequency_factors` here (see [`crate::models::llama::LlamaConfig::inverse_frequencies`]);
+/// becomes `frequency_factors` here (see [`crate::models::decoder::LlamaConfig::inverse_frequencies`]);
 /// `{arch}.rope.scaling.type` `linear` keeps its factor; other scalings (yarn, ...) are
 /// refused rather than served with plain RoPE.
 fn rope_scaling(
@@ -607,7 +607,7 @@ mod tests {
 
     /// [`logits`] with every block resident or (`streamed`) read from disk each pass.
     fn logits_placed(dir: &Path, prompt: &[u32], streamed: bool) -> Tensor {
-        use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
+        use crate::models::decoder::{KvCache, LlamaConfig, MappedLlama};
         use crate::weights::layer_stack::UnitPlacement;
         let config: LlamaConfig =
             serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))

@@ -2,13 +2,13 @@
 //!
 //! - [`bert`]: BERT built as a layer stack (embeddings, each block) from a plan.
 //! - [`bert_block`]: a BERT block fused for f32 on the CPU.
-//! - [`llama`]: Llama-family decoders built as a layer stack, with a KV cache.
+//! - [`decoder`]: decoders built as a layer stack, with a KV cache.
 //! - [`gguf`]: GGUF models converted once to a HuggingFace-layout folder (weights,
 //!   config, tokenizer) in the offload folder.
 //! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
 
 pub mod bert;
 pub mod bert_block;
+pub mod decoder;
 pub mod gguf;
-pub mod llama;
 pub mod sentence_transformers;

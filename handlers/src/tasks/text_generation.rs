@@ -19,7 +19,7 @@ use crate::generate::{
     TokenLogprob, TokenLogprobs,
 };
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
-use crate::models::llama::{KvCache, LlamaConfig, MappedLlama};
+use crate::models::decoder::{KvCache, LlamaConfig, MappedLlama};
 use crate::weights::WeightsWatch;
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
 

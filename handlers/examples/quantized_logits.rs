@@ -19,16 +19,18 @@
 use std::path::Path;
 
 use candle_core::Tensor;
-use spillway_handlers::models::decoder::{KvCache, LlamaConfig, MappedLlama};
+use spillway_handlers::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
 use spillway_handlers::weights::layer_stack::UnitPlacement;
 use spillway_handlers::{DType, Device, WeightSource};
 
 const STEPS: usize = 8;
 
-fn load(dir: &Path) -> Result<MappedLlama, Box<dyn std::error::Error>> {
-    let config: LlamaConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+fn load(dir: &Path) -> Result<MappedDecoder, Box<dyn std::error::Error>> {
+    let config = DecoderSpec::from_config(&serde_json::from_slice(&std::fs::read(
+        dir.join("config.json"),
+    )?)?)?;
     let source = WeightSource::open(&dir.join("model.safetensors"))?;
-    Ok(MappedLlama::load(&source, &config, DType::F32, |_| {
+    Ok(MappedDecoder::load(&source, &config, DType::F32, |_| {
         Ok(UnitPlacement::Resident(Device::Cpu))
     })?)
 }

@@ -12,7 +12,7 @@ use crate::inventory::{TensorDType, TensorInfo};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
-    /// Llama, Mistral, Qwen2, SmolLM2: decoder with a KV cache.
+    /// The decoders (Llama, Mistral, Qwen 2/3, Granite, OLMo 2, Phi-3, SmolLM2): a KV cache.
     Llama,
     /// BERT-style encoders: no KV cache.
     Bert,
@@ -58,11 +58,13 @@ impl ModelShape {
             .unwrap_or("")
             .to_string();
         let family = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" => Family::Llama,
+            // The decoder families of spillway-handlers' models::decoder::families.
+            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
+            | "olmo2" | "phi3" => Family::Llama,
             "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
             other => {
                 return Err(format!(
-                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, bert)"
+                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, bert)"
                 ));
             }
         };
@@ -86,8 +88,10 @@ impl ModelShape {
                     .get("tie_word_embeddings")
                     .and_then(|v| v.as_bool())
                     .unwrap_or(false),
+            // transformers 4 writes `torch_dtype`, 5 `dtype`.
             dtype: config
-                .get("torch_dtype")
+                .get("dtype")
+                .or_else(|| config.get("torch_dtype"))
                 .and_then(|v| v.as_str())
                 .and_then(TensorDType::parse),
             qkv_bias: model_type == "qwen2",

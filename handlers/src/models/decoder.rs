@@ -1,5 +1,7 @@
-//! Llama-family decoders (Llama, SmolLM2, Mistral and Qwen2 shapes: RoPE, RMSNorm, SwiGLU,
-//! grouped-query attention, tied embeddings) as a [`LayerStack`] with a KV cache.
+//! The decoder: one graph for every family in [`families`] (RoPE, RMSNorm, SwiGLU,
+//! grouped-query attention, tied or untied head), shaped by a [`DecoderSpec`] read from
+//! config.json — where the norms sit, qk-norm, fused projections, partial rotary, sliding
+//! windows per layer, Granite's multipliers — as a [`LayerStack`] with a KV cache.
 //!
 //! candle-transformers' `llama` keeps its blocks, cache and weights private and on one
 //! device, so the blocks are written here — with the same math (attention in f32, the same
@@ -10,7 +12,6 @@
 
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
-use serde::Deserialize;
 
 use std::sync::Arc;
 
@@ -21,172 +22,13 @@ use crate::weights::layer_stack::UnitPlacement;
 use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
 
-/// config.json of a Llama-family model (the keys the math needs).
-#[derive(Debug, Clone, Deserialize)]
-pub struct LlamaConfig {
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub vocab_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
-    pub head_dim: Option<usize>,
-    #[serde(default = "default_eps")]
-    pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f64,
-    #[serde(default = "default_max_positions")]
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    pub bos_token_id: Option<u32>,
-    /// One id or a list.
-    pub eos_token_id: Option<serde_json::Value>,
-    /// HF's `rope_scaling` (`{"rope_type": "llama3" | "linear", "factor": …}`); see
-    /// [`LlamaConfig::inverse_frequencies`].
-    #[serde(default)]
-    pub rope_scaling: Option<serde_json::Value>,
-    /// Mistral's and Qwen2's attention window (Qwen2 only with `use_sliding_window`).
-    #[serde(default)]
-    pub sliding_window: Option<usize>,
-    #[serde(default)]
-    pub use_sliding_window: Option<bool>,
-}
+pub mod families;
+#[cfg(test)]
+mod fixture_tests;
+pub mod spec;
 
-fn default_eps() -> f64 {
-    1e-6
-}
-
-fn default_rope_theta() -> f64 {
-    10_000.0
-}
-
-fn default_max_positions() -> usize {
-    4096
-}
-
-impl LlamaConfig {
-    pub fn kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
-    }
-
-    /// Positions a sequence may use: `max_position_embeddings`, or the sliding attention
-    /// window where the model has one. Attention here is never windowed, so within the
-    /// window it is exact and past it would not match the model; sequences stop there.
-    pub fn positions(&self) -> usize {
-        let window = self
-            .sliding_window
-            .filter(|_| self.use_sliding_window != Some(false));
-        window.map_or(self.max_position_embeddings, |w| {
-            w.min(self.max_position_embeddings)
-        })
-    }
-
-    /// RoPE's inverse frequencies, `theta^(-2i/head_dim)`, with `rope_scaling` applied:
-    /// none or `default`; `linear` (positions divided by `factor`); `llama3` (Llama 3.1's
-    /// banded rescaling: long wavelengths divided by `factor`, short ones kept, a smooth
-    /// blend between); `frequency_factors` (what a GGUF's `rope_freqs` tensor holds: each
-    /// frequency divided by its own entry of `factors`, as llama.cpp does). Other types
-    /// are refused rather than silently ignored.
-    pub fn inverse_frequencies(&self) -> Result<Vec<f32>, HandlerError> {
-        let hd = self.head_dim();
-        let theta = self.rope_theta as f32;
-        let base = (0..hd)
-            .step_by(2)
-            .map(|i| 1f32 / theta.powf(i as f32 / hd as f32));
-        let Some(scaling) = &self.rope_scaling else {
-            return Ok(base.collect());
-        };
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(|t| t.as_str())
-            .unwrap_or("default");
-        let number = |key: &str| -> Result<f32, HandlerError> {
-            scaling
-                .get(key)
-                .and_then(|v| v.as_f64())
-                .map(|v| v as f32)
-                .ok_or_else(|| {
-                    HandlerError::bad_file(
-                        "config.json",
-                        format!("rope_scaling of type {kind} needs a number `{key}`"),
-                    )
-                })
-        };
-        match kind {
-            "default" => Ok(base.collect()),
-            "linear" => {
-                let factor = number("factor")?;
-                Ok(base.map(|f| f / factor).collect())
-            }
-            "llama3" => {
-                let factor = number("factor")?;
-                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
-                let original = number("original_max_position_embeddings")?;
-                let (low_wavelen, high_wavelen) = (original / low, original / high);
-                Ok(base
-                    .map(|f| {
-                        let wavelen = 2.0 * std::f32::consts::PI / f;
-                        if wavelen < high_wavelen {
-                            f
-                        } else if wavelen > low_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (original / wavelen - low) / (high - low);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect())
-            }
-            "frequency_factors" => {
-                let factors: Vec<f32> = scaling
-                    .get("factors")
-                    .and_then(|f| f.as_array())
-                    .map(|f| {
-                        f.iter()
-                            .filter_map(|v| v.as_f64())
-                            .map(|v| v as f32)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if factors.len() != hd / 2 || factors.iter().any(|f| f.is_nan() || *f <= 0.0) {
-                    return Err(HandlerError::bad_file(
-                        "config.json",
-                        format!(
-                            "rope_scaling frequency_factors needs {} positive `factors`",
-                            hd / 2
-                        ),
-                    ));
-                }
-                Ok(base.zip(factors).map(|(f, factor)| f / factor).collect())
-            }
-            other => Err(HandlerError::Unsupported(format!(
-                "rope_scaling of type `{other}` (supported: linear, llama3, frequency_factors)"
-            ))),
-        }
-    }
-
-    /// End-of-sequence ids.
-    pub fn eos_ids(&self) -> Vec<u32> {
-        match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => {
-                n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
-            }
-            Some(serde_json::Value::Array(ids)) => ids
-                .iter()
-                .filter_map(|v| v.as_u64())
-                .map(|n| n as u32)
-                .collect(),
-            _ => Vec::new(),
-        }
-    }
-}
+use families::{NormPlacement, Projections, QkNorm};
+pub use spec::DecoderSpec;
 
 /// Per-sequence state: each block's keys and values so far, and the next position.
 #[derive(Debug, Default)]
@@ -272,10 +114,16 @@ impl LayerCache {
 }
 
 struct Attention {
-    q: Projection,
-    k: Projection,
-    v: Projection,
+    qkv: Qkv,
     o: Projection,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    /// Whether the qk-norms are over each head (else over the whole projection).
+    per_head_norm: bool,
+    /// Multiplies the queries where the family's score scale is not 1/sqrt(head_dim).
+    query_scale: Option<f64>,
+    /// The layer's sliding window, if it has one.
+    window: Option<usize>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -461,24 +309,88 @@ impl Projection {
     }
 }
 
+/// The query, key and value projections, as the checkpoint stores them.
+enum Qkv {
+    Separate {
+        q: Projection,
+        k: Projection,
+        v: Projection,
+    },
+    /// One `qkv_proj`: q's rows, then k's, then v's (Phi-3).
+    Fused(Projection),
+}
+
 impl Attention {
     fn load(
         vb: VarBuilder,
         source: &WeightSource,
-        cfg: &LlamaConfig,
+        spec: &DecoderSpec,
+        layer: usize,
         pack: bool,
     ) -> candle_core::Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (q, kv) = (cfg.num_attention_heads * hd, cfg.kv_heads() * hd);
+        let (h, hd) = (spec.hidden_size, spec.head_dim);
+        let (q, kv) = (spec.num_attention_heads * hd, spec.kv_heads * hd);
+        let qkv = match spec.family.projections {
+            Projections::Separate => Qkv::Separate {
+                q: Projection::load(h, q, vb.pp("q_proj"), source, pack)?,
+                k: Projection::load(h, kv, vb.pp("k_proj"), source, pack)?,
+                v: Projection::load(h, kv, vb.pp("v_proj"), source, pack)?,
+            },
+            Projections::Fused => Qkv::Fused(Projection::load(
+                h,
+                q + 2 * kv,
+                vb.pp("qkv_proj"),
+                source,
+                pack,
+            )?),
+        };
+        let norm =
+            |name: &str, width: usize| candle_nn::rms_norm(width, spec.rms_norm_eps, vb.pp(name));
+        let (q_norm, k_norm) = match spec.family.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (Some(norm("q_norm", hd)?), Some(norm("k_norm", hd)?)),
+            QkNorm::Whole => (Some(norm("q_norm", q)?), Some(norm("k_norm", kv)?)),
+        };
+        // The fused kernel scales scores by 1/sqrt(head_dim): another scale is folded
+        // into the queries.
+        let default_scale = 1.0 / (hd as f64).sqrt();
+        let query_scale = ((spec.attention_scale - default_scale).abs() > 1e-12)
+            .then_some(spec.attention_scale / default_scale);
         Ok(Self {
-            q: Projection::load(h, q, vb.pp("q_proj"), source, pack)?,
-            k: Projection::load(h, kv, vb.pp("k_proj"), source, pack)?,
-            v: Projection::load(h, kv, vb.pp("v_proj"), source, pack)?,
+            qkv,
             o: Projection::load(q, h, vb.pp("o_proj"), source, pack)?,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.kv_heads(),
+            q_norm,
+            k_norm,
+            per_head_norm: spec.family.qk_norm == QkNorm::PerHead,
+            query_scale,
+            window: spec.windows.get(layer).copied().flatten(),
+            heads: spec.num_attention_heads,
+            kv_heads: spec.kv_heads,
             head_dim: hd,
         })
+    }
+
+    fn projections(&self) -> Vec<&Projection> {
+        match &self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v, &self.o],
+            Qkv::Fused(qkv) => vec![qkv, &self.o],
+        }
+    }
+
+    /// q, k and v `[b, seq, heads × head_dim]` of `x`.
+    fn project(&self, x: &Tensor) -> candle_core::Result<[Tensor; 3]> {
+        match &self.qkv {
+            Qkv::Separate { q, k, v } => Projection::forward_shared([q, k, v], x),
+            Qkv::Fused(qkv) => {
+                let y = qkv.forward(x)?;
+                let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+                Ok([
+                    y.narrow(2, 0, q)?,
+                    y.narrow(2, q, kv)?,
+                    y.narrow(2, q + kv, kv)?,
+                ])
+            }
+        }
     }
 
     /// `x` `[b, seq, hidden]`: row `r` continues the sequence whose keys and values are
@@ -497,12 +409,28 @@ impl Attention {
         if kvs.len() != b || positions.len() != b {
             candle_core::bail!("{b} rows for {} caches", kvs.len());
         }
-        let shape =
-            |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim))?.transpose(1, 2);
-        let [q, k, v] = Projection::forward_shared([&self.q, &self.k, &self.v], x)?;
-        let q = rope.apply(&shape(q, self.heads)?.contiguous()?)?;
-        let k = rope.apply(&shape(k, self.kv_heads)?.contiguous()?)?;
-        let v = shape(v, self.kv_heads)?.contiguous()?;
+        let [q, k, v] = self.project(x)?;
+        let (q, k) = match (&self.q_norm, &self.k_norm, self.per_head_norm) {
+            (Some(qn), Some(kn), false) => {
+                (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?)
+            }
+            _ => (q, k),
+        };
+        let split = |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim));
+        let (q, k) = (split(q, self.heads)?, split(k, self.kv_heads)?);
+        let (q, k) = match (&self.q_norm, &self.k_norm, self.per_head_norm) {
+            (Some(qn), Some(kn), true) => {
+                (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?)
+            }
+            _ => (q, k),
+        };
+        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
+        let q = match self.query_scale {
+            Some(scale) => (q * scale)?,
+            None => q,
+        };
+        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?)?;
+        let v = split(v, self.kv_heads)?.transpose(1, 2)?.contiguous()?;
         for (r, kv) in kvs.iter_mut().enumerate() {
             LayerCache::append(kv, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, limit)?;
         }
@@ -513,10 +441,15 @@ impl Attention {
                     .ok_or_else(|| candle_core::Error::Msg("a KV cache is missing".into()))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        // A window only matters once a sequence holds more keys than it spans.
+        let windowed = self
+            .window
+            .is_some_and(|w| caches.iter().any(|c| c.len > w));
         // f32 on the CPU: the fused kernel, for decode and prompts alike (SmolLM2's
         // 128-token prefill 135 ms against 146 ms through MKL's batched matmuls, mask
-        // and softmax; docs/cpu-performance.md). Otherwise candle's ops per sequence.
-        let y = if q.device().is_cpu() && q.dtype() == DType::F32 {
+        // and softmax; docs/cpu-performance.md). Otherwise, and past a sliding window,
+        // candle's ops per sequence.
+        let y = if q.device().is_cpu() && q.dtype() == DType::F32 && !windowed {
             let cached: Vec<crate::cpu::fused_ops::CachedKv<'_>> = caches
                 .iter()
                 .map(|c| crate::cpu::fused_ops::CachedKv {
@@ -540,10 +473,12 @@ impl Attention {
         self.o.forward(&y)
     }
 
-    /// Causal attention of `q` `[b, heads, seq, head_dim]` over the cached `k`/`v`
-    /// `[b, kv_heads, keys, head_dim]` → `[b, heads, seq, head_dim]`.
+    /// Causal attention of `q` `[1, heads, seq, head_dim]` (at positions `pos`..) over the
+    /// cached `k`/`v` `[1, kv_heads, keys, head_dim]` → `[1, heads, seq, head_dim]`; keys
+    /// outside the layer's window are masked too.
     fn attend(&self, q: Tensor, k: Tensor, v: Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let seq = q.dim(2)?;
+        let keys = k.dim(2)?;
         let repeat = self.heads / self.kv_heads;
         let k = candle_transformers::utils::repeat_kv(k, repeat)?;
         let v = candle_transformers::utils::repeat_kv(v, repeat)?;
@@ -554,23 +489,40 @@ impl Attention {
             v.to_dtype(DType::F32)?,
         );
         let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = if seq == 1 {
-            att
-        } else {
-            let mask = candle_transformers::utils::build_causal_mask(seq, pos, att.device())?
-                .broadcast_as(att.shape())?;
+        let hidden = |query: usize, key: usize| {
+            let at = pos + query;
+            key > at || self.window.is_some_and(|w| key + w <= at)
+        };
+        let att = if (0..seq).any(|i| (0..keys).any(|j| hidden(i, j))) {
+            let mask: Vec<u8> = (0..seq)
+                .flat_map(|i| (0..keys).map(move |j| (i, j)))
+                .map(|(i, j)| u8::from(hidden(i, j)))
+                .collect();
+            let mask =
+                Tensor::from_vec(mask, (seq, keys), att.device())?.broadcast_as(att.shape())?;
             let neg_inf =
                 Tensor::new(f32::NEG_INFINITY, att.device())?.broadcast_as(att.shape())?;
             mask.where_cond(&neg_inf, &att)?
+        } else {
+            att
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         att.matmul(&v.contiguous()?)?.to_dtype(in_dtype)
     }
 }
 
+/// The SiLU-gated MLP's gate and up projections, as the checkpoint stores them.
+enum GateUp {
+    Separate {
+        gate: Projection,
+        up: Projection,
+    },
+    /// One `gate_up_proj`: the gate's rows, then up's (Phi-3).
+    Fused(Projection),
+}
+
 struct Mlp {
-    gate: Projection,
-    up: Projection,
+    gate_up: GateUp,
     down: Projection,
 }
 
@@ -578,19 +530,52 @@ impl Mlp {
     fn load(
         vb: VarBuilder,
         source: &WeightSource,
-        cfg: &LlamaConfig,
+        spec: &DecoderSpec,
         pack: bool,
     ) -> candle_core::Result<Self> {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (h, i) = (spec.hidden_size, spec.intermediate_size);
+        let gate_up = match spec.family.projections {
+            Projections::Separate => GateUp::Separate {
+                gate: Projection::load(h, i, vb.pp("gate_proj"), source, pack)?,
+                up: Projection::load(h, i, vb.pp("up_proj"), source, pack)?,
+            },
+            Projections::Fused => GateUp::Fused(Projection::load(
+                h,
+                2 * i,
+                vb.pp("gate_up_proj"),
+                source,
+                pack,
+            )?),
+        };
         Ok(Self {
-            gate: Projection::load(h, i, vb.pp("gate_proj"), source, pack)?,
-            up: Projection::load(h, i, vb.pp("up_proj"), source, pack)?,
+            gate_up,
             down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
         })
     }
 
+    fn projections(&self) -> Vec<&Projection> {
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => vec![gate, up, &self.down],
+            GateUp::Fused(gate_up) => vec![gate_up, &self.down],
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let [gate, up] = Projection::forward_shared([&self.gate, &self.up], x)?;
+        let [gate, up] = match &self.gate_up {
+            GateUp::Separate { gate, up } => Projection::forward_shared([gate, up], x)?,
+            GateUp::Fused(gate_up) => {
+                let y = gate_up.forward(x)?;
+                let half = y.dim(D::Minus1)? / 2;
+                // The gate is written in place below: a storage of its own (a narrow of
+                // one row is already contiguous and would share `up`'s).
+                let gate = y.narrow(D::Minus1, 0, half)?;
+                let gate = match gate.is_contiguous() {
+                    true => gate.copy()?,
+                    false => gate.contiguous()?,
+                };
+                [gate, y.narrow(D::Minus1, half, half)?.contiguous()?]
+            }
+        };
         // Packing gate and up into one matmul was no faster here, and a disk unit would
         // pay the packing copy on every pass: the two matmuls stay, their SiLU and
         // product fuse into one in-place pass.
@@ -606,10 +591,15 @@ impl Mlp {
 
 /// One transformer block.
 pub struct Block {
-    input_norm: RmsNorm,
+    /// Before attention ([`NormPlacement::Pre`]) or after it (`Post`).
+    attention_norm: RmsNorm,
     attention: Attention,
-    post_norm: RmsNorm,
+    /// Before the MLP (`Pre`) or after it (`Post`).
+    mlp_norm: RmsNorm,
     mlp: Mlp,
+    placement: NormPlacement,
+    /// Scales both branches before their residual adds (Granite; else 1).
+    residual_multiplier: f64,
 }
 
 impl Block {
@@ -617,28 +607,34 @@ impl Block {
     fn load(
         vb: VarBuilder,
         source: &WeightSource,
-        cfg: &LlamaConfig,
+        spec: &DecoderSpec,
+        layer: usize,
         pack: bool,
     ) -> candle_core::Result<Self> {
+        let norm =
+            |name: &str| candle_nn::rms_norm(spec.hidden_size, spec.rms_norm_eps, vb.pp(name));
+        let placement = spec.family.norms;
+        let (attention_norm, mlp_norm) = match placement {
+            NormPlacement::Pre => (norm("input_layernorm")?, norm("post_attention_layernorm")?),
+            NormPlacement::Post => (
+                norm("post_attention_layernorm")?,
+                norm("post_feedforward_layernorm")?,
+            ),
+        };
         Ok(Self {
-            input_norm: candle_nn::rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("input_layernorm"),
-            )?,
-            attention: Attention::load(vb.pp("self_attn"), source, cfg, pack)?,
-            post_norm: candle_nn::rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
-            mlp: Mlp::load(vb.pp("mlp"), source, cfg, pack)?,
+            attention_norm,
+            attention: Attention::load(vb.pp("self_attn"), source, spec, layer, pack)?,
+            mlp_norm,
+            mlp: Mlp::load(vb.pp("mlp"), source, spec, pack)?,
+            placement,
+            residual_multiplier: spec.residual_multiplier,
         })
     }
 
-    fn projections(&self) -> [&Projection; 7] {
-        let (a, m) = (&self.attention, &self.mlp);
-        [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+    fn projections(&self) -> Vec<&Projection> {
+        let mut all = self.attention.projections();
+        all.extend(self.mlp.projections());
+        all
     }
 
     /// See [`Attention::forward`] for how rows map to sequences.
@@ -650,30 +646,50 @@ impl Block {
         positions: &[usize],
         limit: usize,
     ) -> candle_core::Result<Tensor> {
-        let h =
-            (self
-                .attention
-                .forward(&self.input_norm.forward(x)?, rope, kvs, positions, limit)?
-                + x)?;
-        self.mlp.forward(&self.post_norm.forward(&h)?)? + h
+        let scaled = |t: Tensor| match self.residual_multiplier {
+            1.0 => Ok(t),
+            m => t * m,
+        };
+        match self.placement {
+            NormPlacement::Pre => {
+                let a = self.attention.forward(
+                    &self.attention_norm.forward(x)?,
+                    rope,
+                    kvs,
+                    positions,
+                    limit,
+                )?;
+                let h = (scaled(a)? + x)?;
+                let m = self.mlp.forward(&self.mlp_norm.forward(&h)?)?;
+                scaled(m)? + h
+            }
+            NormPlacement::Post => {
+                let a = self.attention.forward(x, rope, kvs, positions, limit)?;
+                let h = (scaled(self.attention_norm.forward(&a)?)? + x)?;
+                let m = self.mlp_norm.forward(&self.mlp.forward(&h)?)?;
+                scaled(m)? + h
+            }
+        }
     }
 }
 
-/// RoPE tables (non-interleaved halves, as HF checkpoints expect).
+/// RoPE tables (non-interleaved halves, as HF checkpoints expect) for the first
+/// `rotary_dim` dimensions of each head.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        let inv = cfg
+    fn new(spec: &DecoderSpec, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let inv = spec
+            .rope
             .inverse_frequencies()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let inv = Tensor::new(inv.as_slice(), device)?;
-        let positions = Tensor::arange(0, cfg.max_position_embeddings as u32, device)?
+        let positions = Tensor::arange(0, spec.max_position_embeddings as u32, device)?
             .to_dtype(DType::F32)?
-            .reshape((cfg.max_position_embeddings, 1))?;
+            .reshape((spec.max_position_embeddings, 1))?;
         let angles = positions.matmul(&inv.reshape((1, inv.elem_count()))?)?;
         Ok(Self {
             cos: angles.cos()?.to_dtype(dtype)?,
@@ -716,9 +732,24 @@ struct RowRope {
 }
 
 impl RowRope {
-    /// Rotates `x` `[rows, heads, seq, head_dim]` (contiguous).
+    /// Rotates the first `2 × half` dimensions of `x` `[rows, heads, seq, head_dim]`
+    /// (contiguous); the rest pass through (partial rotary).
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::rotary_emb::rope(x, &self.cos, &self.sin)
+        let rotary = 2 * self.cos.dim(D::Minus1)?;
+        let head_dim = x.dim(D::Minus1)?;
+        if rotary == head_dim {
+            return candle_nn::rotary_emb::rope(x, &self.cos, &self.sin);
+        }
+        let rotated = candle_nn::rotary_emb::rope(
+            &x.narrow(D::Minus1, 0, rotary)?.contiguous()?,
+            &self.cos,
+            &self.sin,
+        )?;
+        Tensor::cat(
+            &[rotated, x.narrow(D::Minus1, rotary, head_dim - rotary)?],
+            D::Minus1,
+        )?
+        .contiguous()
     }
 }
 
@@ -732,14 +763,14 @@ impl Activations for RowRope {
 }
 
 /// One unit of a Llama stack.
-pub enum LlamaUnit {
+pub enum DecoderUnit {
     Embeddings(TokenTable),
     Block(Box<Block>),
     Norm(RmsNorm),
     Head(OutputHead),
 }
 
-impl StackModule for LlamaUnit {
+impl StackModule for DecoderUnit {
     /// GGML tables and blocks whose projections are all multiplied where they are
     /// mapped; norms (and biases) are small copies.
     fn reads_in_place(&self) -> bool {
@@ -852,9 +883,9 @@ impl OutputHead {
 }
 
 /// A Llama-family decoder laid out by a plan.
-pub struct MappedLlama {
-    stack: LayerStack<LlamaUnit>,
-    config: LlamaConfig,
+pub struct MappedDecoder {
+    stack: LayerStack<DecoderUnit>,
+    config: DecoderSpec,
     /// RoPE tables, built on the first block's device (the stack moves each pass's
     /// angles to every block's).
     rope: Rope,
@@ -864,9 +895,9 @@ pub struct MappedLlama {
 /// its own: it lives where the embedding does).
 const TIED_HEAD: &str = "lm_head (tied to model.embed_tokens)";
 
-impl MappedLlama {
+impl MappedDecoder {
     /// Placement unit names, in order (as the planner names them).
-    pub fn unit_names(config: &LlamaConfig) -> Vec<String> {
+    pub fn unit_names(config: &DecoderSpec) -> Vec<String> {
         let mut names = vec!["model.embed_tokens".to_string()];
         names.extend((0..config.num_hidden_layers).map(|i| format!("model.layers.{i}")));
         names.push("model.norm".into());
@@ -876,18 +907,18 @@ impl MappedLlama {
         names
     }
 
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &DecoderSpec {
         &self.config
     }
 
     pub fn load(
         source: &WeightSource,
-        config: &LlamaConfig,
+        config: &DecoderSpec,
         dtype: DType,
         place: impl Fn(&str) -> Result<UnitPlacement, HandlerError>,
     ) -> Result<Self, HandlerError> {
-        // An unsupported rope_scaling is a load error, before any weight is read.
-        config.inverse_frequencies()?;
+        // An unsupported rope scaling is a load error, before any weight is read.
+        config.rope.inverse_frequencies()?;
         let mut stack = LayerStack::default();
         let cfg = config.clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -896,7 +927,7 @@ impl MappedLlama {
         let embed = {
             let source = source.clone();
             move |d: &Device, _: Residence| {
-                TokenTable::load(&source, (v, h), dtype, d).map(LlamaUnit::Embeddings)
+                TokenTable::load(&source, (v, h), dtype, d).map(DecoderUnit::Embeddings)
             }
         };
         // A tied head is a unit of its own after the norm, where the embedding lives:
@@ -907,10 +938,10 @@ impl MappedLlama {
             (UnitPlacement::Resident(d), true) => {
                 let module = embed(d, Residence::Resident)
                     .weights_context(|| "cannot load unit model.embed_tokens".into())?;
-                let LlamaUnit::Embeddings(table) = &module else {
+                let DecoderUnit::Embeddings(table) = &module else {
                     unreachable!("the embedding builder builds embeddings")
                 };
-                tied_head = Some(LlamaUnit::Head(table.tied_head()));
+                tied_head = Some(DecoderUnit::Head(table.tied_head()));
                 stack.push_resident("model.embed_tokens", d.clone(), module);
             }
             _ => stack.push_planned("model.embed_tokens", embed_place.clone(), source, embed)?,
@@ -923,7 +954,8 @@ impl MappedLlama {
                 move |d: &Device, residence: Residence| {
                     let resident = residence == Residence::Resident;
                     let vb = source.var_builder(dtype, d).pp(&name);
-                    Block::load(vb, &source, &cfg, resident).map(|b| LlamaUnit::Block(Box::new(b)))
+                    Block::load(vb, &source, &cfg, i, resident)
+                        .map(|b| DecoderUnit::Block(Box::new(b)))
                 }
             };
             stack.push_planned(&name, placement, source, build)?;
@@ -932,7 +964,7 @@ impl MappedLlama {
             let (source, eps) = (source.clone(), cfg.rms_norm_eps);
             move |d: &Device, _: Residence| {
                 candle_nn::rms_norm(h, eps, source.var_builder(dtype, d).pp("model.norm"))
-                    .map(LlamaUnit::Norm)
+                    .map(DecoderUnit::Norm)
             }
         };
         stack.push_planned("model.norm", place("model.norm")?, source, norm)?;
@@ -957,7 +989,7 @@ impl MappedLlama {
                                 dtype,
                                 &exec,
                             )
-                            .map(LlamaUnit::Head)
+                            .map(DecoderUnit::Head)
                         },
                     );
                 }
@@ -970,7 +1002,7 @@ impl MappedLlama {
                 let source = source.clone();
                 move |d: &Device, _: Residence| {
                     OutputHead::load(&source, "lm_head.weight", (v, h), dtype, d)
-                        .map(LlamaUnit::Head)
+                        .map(DecoderUnit::Head)
                 }
             };
             stack.push_planned("lm_head", place("lm_head")?, source, head)?;
@@ -1045,8 +1077,11 @@ impl MappedLlama {
         let mut block = 0;
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
             flow.hidden = Some(match unit {
-                LlamaUnit::Embeddings(e) => e.forward(&flow.inputs.0)?,
-                LlamaUnit::Block(b) => {
+                DecoderUnit::Embeddings(e) => match self.config.embedding_multiplier {
+                    1.0 => e.forward(&flow.inputs.0)?,
+                    m => (e.forward(&flow.inputs.0)? * m)?,
+                },
+                DecoderUnit::Block(b) => {
                     let mut kvs: Vec<&mut Option<LayerCache>> =
                         caches.iter_mut().map(|c| &mut c.layers[block]).collect();
                     let out =
@@ -1054,14 +1089,17 @@ impl MappedLlama {
                     block += 1;
                     out
                 }
-                LlamaUnit::Norm(n) => n.forward(
+                DecoderUnit::Norm(n) => n.forward(
                     &flow
                         .hidden()?
                         .i((.., seq - 1, ..))?
                         .contiguous()?
                         .unsqueeze(1)?,
                 )?,
-                LlamaUnit::Head(head) => head.logits(flow.hidden()?)?,
+                DecoderUnit::Head(head) => match self.config.logits_divisor {
+                    1.0 => head.logits(flow.hidden()?)?,
+                    d => (head.logits(flow.hidden()?)? / d)?,
+                },
             });
             Ok(flow)
         })?;
@@ -1164,14 +1202,15 @@ mod tests {
             });
             for dtype in [DType::BF16, DType::F16] {
                 for streamed in [false, true] {
-                    let model = MappedLlama::load(&fixture.source, &fixture.config, dtype, |_| {
-                        Ok(if streamed {
-                            UnitPlacement::Streamed(Device::Cpu)
-                        } else {
-                            UnitPlacement::Resident(Device::Cpu)
+                    let model =
+                        MappedDecoder::load(&fixture.source, &fixture.config, dtype, |_| {
+                            Ok(if streamed {
+                                UnitPlacement::Streamed(Device::Cpu)
+                            } else {
+                                UnitPlacement::Resident(Device::Cpu)
+                            })
                         })
-                    })
-                    .expect("load");
+                        .expect("load");
                     let relative = first_step_relative_error(&model, &fixture);
                     assert!(
                         relative <= 2e-2,
@@ -1185,7 +1224,7 @@ mod tests {
     /// Feeds `prompt`, then each greedy token, through `model` with `cache`, and checks
     /// every step's logits against `want` (the reference's, step by step) to 1e-5.
     fn decodes_greedily_like(
-        model: &MappedLlama,
+        model: &MappedDecoder,
         cache: &mut KvCache,
         prompt: &[u32],
         want: &[Tensor],
@@ -1197,7 +1236,7 @@ mod tests {
     /// [`decodes_greedily_like`] to `tolerance`, with the reference's greedy token at every
     /// step (logits come back from whichever device the head is on).
     fn decodes_greedily_within(
-        model: &MappedLlama,
+        model: &MappedDecoder,
         cache: &mut KvCache,
         prompt: &[u32],
         want: &[Tensor],
@@ -1233,7 +1272,7 @@ mod tests {
     /// candle-transformers' logits for 6 greedy steps from a fixed prompt.
     struct Referenced {
         _dir: tempfile::TempDir,
-        config: LlamaConfig,
+        config: DecoderSpec,
         source: WeightSource,
         prompt: [u32; 6],
         want: Vec<Tensor>,
@@ -1251,7 +1290,7 @@ mod tests {
         spec.write(dir.path()).expect("write");
         let prompt = [1u32, 5, 9, 14, 3, 7];
         let want = reference_steps(dir.path(), &prompt, 6);
-        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let config = DecoderSpec::from_config(&spec.config()).expect("config");
         let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
         Referenced {
             _dir: dir,
@@ -1264,7 +1303,7 @@ mod tests {
 
     /// The largest difference of `model`'s logits for the fixture's prompt from the
     /// reference's, relative to the reference's largest logit (compared in f32 on the CPU).
-    fn first_step_relative_error(model: &MappedLlama, fixture: &Referenced) -> f32 {
+    fn first_step_relative_error(model: &MappedDecoder, fixture: &Referenced) -> f32 {
         let want = &fixture.want[0];
         let scale = want
             .abs()
@@ -1284,8 +1323,8 @@ mod tests {
     }
 
     /// Every unit in RAM, or every unit streamed from disk.
-    fn load_all(source: &WeightSource, config: &LlamaConfig, streamed: bool) -> MappedLlama {
-        MappedLlama::load(source, config, DType::F32, |_| {
+    fn load_all(source: &WeightSource, config: &DecoderSpec, streamed: bool) -> MappedDecoder {
+        MappedDecoder::load(source, config, DType::F32, |_| {
             Ok(if streamed {
                 UnitPlacement::Streamed(Device::Cpu)
             } else {
@@ -1296,7 +1335,7 @@ mod tests {
     }
 
     /// Our logits for `prompt` under `config` (resident, f32) from the weights in `dir`.
-    fn our_logits(dir: &std::path::Path, config: &LlamaConfig, prompt: &[u32]) -> Tensor {
+    fn our_logits(dir: &std::path::Path, config: &DecoderSpec, prompt: &[u32]) -> Tensor {
         let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
         let model = load_all(&source, config, false);
         let t = Tensor::new(prompt, &Device::Cpu)
@@ -1313,7 +1352,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let spec = TinyLlama::default();
         spec.write(dir.path()).expect("write");
-        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let config = DecoderSpec::from_config(&spec.config()).expect("config");
         let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
         let prompts: [&[u32]; 3] = [&[1, 5, 9], &[1, 7, 3, 12, 30, 4, 8], &[2]];
         let tokens = |ids: &[u32]| {
@@ -1383,61 +1422,41 @@ mod tests {
         spec.write(dir.path()).expect("write");
         let prompt = [1u32, 5, 9, 14, 3, 7, 11, 20, 30, 2, 8, 4];
         let want = reference_steps(dir.path(), &prompt, 1).remove(0);
-        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let config = DecoderSpec::from_config(&spec.config()).expect("config");
         let diff = max_diff(&our_logits(dir.path(), &config, &prompt), &want);
         assert!(diff <= 1e-5, "scaled RoPE: logits differ by {diff}");
-        let unscaled = LlamaConfig {
-            rope_scaling: None,
-            ..config
-        };
+        let mut unscaled = config.clone();
+        unscaled.rope.scaling = None;
         let diff = max_diff(&our_logits(dir.path(), &unscaled, &prompt), &want);
         assert!(diff > 1e-4, "the scaling must matter here ({diff})");
     }
 
     #[test]
-    fn other_rope_scalings_are_refused_and_linear_divides_every_frequency() {
+    fn linear_and_frequency_factor_scalings_divide_the_frequencies() {
         let spec = TinyLlama::default();
-        let config = |scaling: serde_json::Value| -> LlamaConfig {
+        let config = |scaling: serde_json::Value| {
             let mut json = spec.config();
             json["rope_scaling"] = scaling;
-            serde_json::from_value(json).expect("config")
+            DecoderSpec::from_config(&json)
         };
-        let plain: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
-        let base = plain.inverse_frequencies().expect("plain");
-        let linear = config(serde_json::json!({"type": "linear", "factor": 2.0}));
+        let plain = DecoderSpec::from_config(&spec.config()).expect("config");
+        let base = plain.rope.inverse_frequencies().expect("plain");
+        let linear = config(serde_json::json!({"type": "linear", "factor": 2.0})).expect("linear");
         let halved: Vec<f32> = base.iter().map(|f| f / 2.0).collect();
-        assert_eq!(linear.inverse_frequencies().expect("linear"), halved);
-        let yarn = config(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
-        let message = yarn.inverse_frequencies().expect_err("yarn").to_string();
-        assert!(message.contains("yarn"), "{message}");
+        assert_eq!(linear.rope.inverse_frequencies().expect("linear"), halved);
         let half = base.len();
         let factors = config(serde_json::json!({"rope_type": "frequency_factors",
-            "factors": (0..half).map(|i| (i + 1) as f32).collect::<Vec<_>>()}));
+            "factors": (0..half).map(|i| (i + 1) as f32).collect::<Vec<_>>()}))
+        .expect("factors");
         let divided: Vec<f32> = base.iter().zip(1..).map(|(f, i)| f / i as f32).collect();
-        assert_eq!(factors.inverse_frequencies().expect("factors"), divided);
-        let short = config(serde_json::json!({"rope_type": "frequency_factors", "factors": [1.0]}));
-        assert!(
-            short.inverse_frequencies().is_err(),
-            "one factor per frequency"
+        assert_eq!(
+            factors.rope.inverse_frequencies().expect("factors"),
+            divided
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        spec.write(dir.path()).expect("write");
-        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
-        let refused = MappedLlama::load(&source, &yarn, DType::F32, |_| {
-            Ok(UnitPlacement::Resident(Device::Cpu))
-        });
-        assert!(matches!(refused, Err(HandlerError::Unsupported(_))));
-    }
-
-    #[test]
-    fn a_sliding_window_bounds_the_positions_unless_switched_off() {
-        let mut json = TinyLlama::default().config();
-        json["sliding_window"] = 16.into();
-        let mistral: LlamaConfig = serde_json::from_value(json.clone()).expect("config");
-        assert_eq!(mistral.positions(), 16);
-        json["use_sliding_window"] = false.into();
-        let qwen2: LlamaConfig = serde_json::from_value(json).expect("config");
-        assert_eq!(qwen2.positions(), 128);
+        let short = config(serde_json::json!({"rope_type": "frequency_factors", "factors": [1.0]}));
+        assert!(short.is_err(), "one factor per frequency");
+        let yarn = config(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
+        assert!(matches!(yarn, Err(HandlerError::Unsupported(m)) if m.contains("yarn")));
     }
 
     #[test]
@@ -1453,7 +1472,7 @@ mod tests {
             .model_weights()
             .expect("sharded source");
         assert_eq!(source.files().count(), 3);
-        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let config = DecoderSpec::from_config(&spec.config()).expect("config");
         let t = Tensor::new(prompt.as_slice(), &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("tokens");
@@ -1531,7 +1550,7 @@ mod tests {
                 want,
                 ..
             } = referenced(tied);
-            let names = MappedLlama::unit_names(&config);
+            let names = MappedDecoder::unit_names(&config);
             type OnDisk = fn(usize, usize) -> bool;
             let layouts: [(&str, OnDisk); 4] = [
                 ("resident", |_, _| false),
@@ -1540,7 +1559,7 @@ mod tests {
                 ("alternating", |i, _| i % 2 == 1),
             ];
             for (label, on_disk) in layouts {
-                let model = MappedLlama::load(&source, &config, DType::F32, |name| {
+                let model = MappedDecoder::load(&source, &config, DType::F32, |name| {
                     let i = names.iter().position(|n| n == name).expect("known unit");
                     Ok(if on_disk(i, names.len()) {
                         UnitPlacement::Streamed(Device::Cpu)
@@ -1623,12 +1642,12 @@ mod tests {
 
         fn load(
             source: &WeightSource,
-            config: &LlamaConfig,
+            config: &DecoderSpec,
             dtype: DType,
             place: &dyn Fn(usize, usize) -> UnitPlacement,
-        ) -> MappedLlama {
-            let names = MappedLlama::unit_names(config);
-            MappedLlama::load(source, config, dtype, |name| {
+        ) -> MappedDecoder {
+            let names = MappedDecoder::unit_names(config);
+            MappedDecoder::load(source, config, dtype, |name| {
                 let i = names.iter().position(|n| n == name).expect("known unit");
                 Ok(place(i, names.len()))
             })
@@ -1674,7 +1693,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let spec = TinyLlama::default();
             spec.write(dir.path()).expect("write");
-            let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+            let config = DecoderSpec::from_config(&spec.config()).expect("config");
             let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
             let (label, place) = layouts().swap_remove(2);
             assert_eq!(label, "GPU + CPU");
@@ -1684,7 +1703,7 @@ mod tests {
                 .and_then(|t| t.unsqueeze(0))
                 .expect("tokens");
             model.forward(&t, &mut cache).expect("forward");
-            let names = MappedLlama::unit_names(&config);
+            let names = MappedDecoder::unit_names(&config);
             for (block, layer) in cache.layers.iter().enumerate() {
                 let layer = layer.as_ref().expect("every block cached the prompt");
                 let unit = names
@@ -1709,7 +1728,7 @@ mod tests {
         spec.write(dir.path()).expect("write");
         let prompt: Vec<u32> = (0..60).map(|i| (i * 7 % 61) as u32 + 1).collect();
         let want = reference_steps(dir.path(), &prompt, 8);
-        let config: LlamaConfig = serde_json::from_value(spec.config()).expect("config");
+        let config = DecoderSpec::from_config(&spec.config()).expect("config");
         let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
         let model = load_all(&source, &config, false);
         let mut cache = KvCache::default();

@@ -103,7 +103,7 @@ fn hf_name(
 
 /// config.json's `rope_scaling` for a GGUF model. llama.cpp's converter turns Llama 3.1's
 /// banded `llama3` scaling into a `rope_freqs` tensor of per-frequency divisors, which
-/// becomes `frequency_factors` here (see [`crate::models::decoder::LlamaConfig::inverse_frequencies`]);
+/// becomes `frequency_factors` here (see [`crate::models::decoder::spec::RopeSpec::inverse_frequencies`]);
 /// `{arch}.rope.scaling.type` `linear` keeps its factor; other scalings (yarn, ...) are
 /// refused rather than served with plain RoPE.
 fn rope_scaling(
@@ -607,13 +607,15 @@ mod tests {
 
     /// [`logits`] with every block resident or (`streamed`) read from disk each pass.
     fn logits_placed(dir: &Path, prompt: &[u32], streamed: bool) -> Tensor {
-        use crate::models::decoder::{KvCache, LlamaConfig, MappedLlama};
+        use crate::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
         use crate::weights::layer_stack::UnitPlacement;
-        let config: LlamaConfig =
-            serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))
-                .expect("parse");
+        let config = DecoderSpec::from_config(
+            &serde_json::from_slice(&std::fs::read(dir.join("config.json")).expect("config"))
+                .expect("parse"),
+        )
+        .expect("spec");
         let source = crate::WeightSource::open(&dir.join("model.safetensors")).expect("source");
-        let model = MappedLlama::load(&source, &config, DType::F32, |unit| {
+        let model = MappedDecoder::load(&source, &config, DType::F32, |unit| {
             Ok(match streamed && unit.starts_with("model.layers.") {
                 true => UnitPlacement::Streamed(Device::Cpu),
                 false => UnitPlacement::Resident(Device::Cpu),

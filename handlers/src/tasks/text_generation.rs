@@ -1,5 +1,6 @@
-//! The `text_generation` handler: Llama-family decoders (HF safetensors, or GGUF converted
-//! by [`crate::models::gguf`]) laid out by the plan, generating with a KV cache.
+//! The `text_generation` handler: the decoder families of
+//! [`crate::models::decoder::families`] (HF safetensors, or GGUF converted by
+//! [`crate::models::gguf`]) laid out by the plan, generating with a KV cache.
 //!
 //! A request is a prompt and [`GenerateParameters`]; its answer a [`Generation`] (text,
 //! finish reason, token ids). Greedy decoding is deterministic; sampling is seeded. A
@@ -19,13 +20,13 @@ use crate::generate::{
     TokenLogprob, TokenLogprobs,
 };
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
-use crate::models::decoder::{KvCache, LlamaConfig, MappedLlama};
+use crate::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
 use crate::weights::WeightsWatch;
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
 
 /// A loaded decoder and its tokenizer.
 pub struct TextGeneration {
-    model: MappedLlama,
+    model: MappedDecoder,
     tokenizer: Tokenizer,
     /// The model's own chat template, when it has one (for chat requests).
     chat_template: Option<ChatTemplate>,
@@ -41,26 +42,17 @@ pub struct TextGeneration {
 impl TextGeneration {
     pub fn load(files: &dyn ModelFiles, options: &LoadOptions) -> Result<Self, HandlerError> {
         let bytes = files.read_required("config.json")?;
-        let family: serde_json::Value =
+        let config: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| HandlerError::bad_file("config.json", e))?;
-        let model_type = family
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
-            return Err(HandlerError::Unsupported(format!(
-                "text_generation serves Llama-family decoders (model_type llama, mistral, qwen2); this model's is {model_type:?}"
-            )));
-        }
-        let config: LlamaConfig =
-            serde_json::from_slice(&bytes).map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let config = DecoderSpec::from_config(&config)?;
         let tokenizer = Tokenizer::from_bytes(files.read_required("tokenizer.json")?)
             .map_err(|e| HandlerError::bad_file("tokenizer.json", e))?;
         let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let parameters = weights.parameters();
         let holding = weights.holding();
-        let model = MappedLlama::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
+        let model =
+            MappedDecoder::load(&weights, &config, dtype, |unit| options.placement_of(unit))?;
         if let Some(changed) = weights.changed() {
             return Err(changed);
         }

@@ -1,0 +1,173 @@
+//! Every family against transformers' own answers (scripts/make-decoder-fixtures.py):
+//! the greedy tokens and each step's logits, from both spellings of config.json, with
+//! every unit resident, the blocks after the first streamed from disk, and all on disk.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::families::FAMILIES;
+use super::{DecoderSpec, KvCache, MappedDecoder, argmax};
+use crate::WeightSource;
+use crate::weights::layer_stack::UnitPlacement;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders")
+}
+
+struct Reference {
+    prompt: Vec<u32>,
+    /// Per step: the logits and the token transformers picked.
+    steps: Vec<(Vec<f32>, u32)>,
+}
+
+fn reference(dir: &Path) -> Reference {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).expect("reference"))
+            .expect("reference.json");
+    let prompt = serde_json::from_value(json["prompt"].clone()).expect("prompt");
+    let steps = json["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| {
+            (
+                serde_json::from_value(s["logits"].clone()).expect("logits"),
+                s["token"].as_u64().expect("token") as u32,
+            )
+        })
+        .collect();
+    Reference { prompt, steps }
+}
+
+fn spec(dir: &Path, file: &str) -> DecoderSpec {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(file)).expect("config")).expect("json");
+    DecoderSpec::from_config(&json).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    Resident,
+    LaterBlocksOnDisk,
+    AllOnDisk,
+}
+
+fn decode(dir: &Path, spec: &DecoderSpec, placement: Placement, want: &Reference, label: &str) {
+    let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
+    let model = MappedDecoder::load(&source, spec, DType::F32, |unit| {
+        let streamed = match placement {
+            Placement::Resident => false,
+            Placement::LaterBlocksOnDisk => {
+                unit.starts_with("model.layers.") && unit != "model.layers.0"
+            }
+            Placement::AllOnDisk => true,
+        };
+        Ok(match streamed {
+            true => UnitPlacement::Streamed(Device::Cpu),
+            false => UnitPlacement::Resident(Device::Cpu),
+        })
+    })
+    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let mut cache = KvCache::default();
+    let mut input = want.prompt.clone();
+    for (step, (logits, token)) in want.steps.iter().enumerate() {
+        let t = Tensor::new(input.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        let ours = model
+            .forward(&t, &mut cache)
+            .and_then(|l| l.squeeze(0))
+            .expect("forward");
+        let values = ours.to_vec1::<f32>().expect("logits");
+        assert_eq!(values.len(), logits.len(), "{label}: vocabulary");
+        let diff = values
+            .iter()
+            .zip(logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        // The fixture's logits are rounded to 6 decimals.
+        assert!(
+            diff <= 1e-4,
+            "{label}, step {step}: logits differ from transformers' by {diff}"
+        );
+        let next = argmax(&ours).expect("argmax");
+        assert_eq!(next, *token, "{label}, step {step}: greedy token");
+        input = vec![next];
+    }
+}
+
+#[test]
+fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_placement() {
+    let root = fixtures();
+    let mut seen = Vec::new();
+    for family in FAMILIES {
+        let dir = root.join(family.name);
+        assert!(
+            dir.is_dir(),
+            "no fixture for family {}: run scripts/make-decoder-fixtures.py",
+            family.name
+        );
+        let want = reference(&dir);
+        for file in ["config.json", "config.t4.json"] {
+            let spec = spec(&dir, file);
+            assert_eq!(spec.family.name, family.name, "{file}");
+            for placement in [
+                Placement::Resident,
+                Placement::LaterBlocksOnDisk,
+                Placement::AllOnDisk,
+            ] {
+                let label = format!("{} ({file}, {placement:?})", family.name);
+                decode(&dir, &spec, placement, &want, &label);
+            }
+        }
+        seen.push(family.name);
+    }
+    assert_eq!(seen.len(), FAMILIES.len());
+}
+
+/// What each fixture exercises really changes the answer: served without it, the
+/// logits leave the reference (else the fixture would not test it).
+#[test]
+fn each_family_feature_changes_the_fixtures_answer() {
+    let root = fixtures();
+    let first_logits = |dir: &Path, spec: &DecoderSpec| -> Vec<f32> {
+        let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
+        let model = MappedDecoder::load(&source, spec, DType::F32, |_| {
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        })
+        .expect("load");
+        let want = reference(dir);
+        let t = Tensor::new(want.prompt.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        model
+            .forward(&t, &mut KvCache::default())
+            .and_then(|l| l.squeeze(0))
+            .and_then(|l| l.to_vec1::<f32>())
+            .expect("forward")
+    };
+    let departs = |family: &str, change: &dyn Fn(&mut DecoderSpec)| {
+        let dir = root.join(family);
+        let mut spec = spec(&dir, "config.json");
+        change(&mut spec);
+        let want = &reference(&dir).steps[0].0;
+        let diff = first_logits(&dir, &spec)
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff > 1e-3,
+            "{family}: the change left the logits within {diff}"
+        );
+    };
+    departs("llama", &|s| s.rope.scaling = None);
+    departs("mistral", &|s| s.windows = vec![None; s.windows.len()]);
+    departs("qwen3", &|s| s.windows = vec![None; s.windows.len()]);
+    departs("phi3", &|s| s.rope.rotary_dim = s.head_dim);
+    departs("granite", &|s| s.residual_multiplier = 1.0);
+    departs("granite", &|s| {
+        s.attention_scale = 1.0 / (s.head_dim as f64).sqrt()
+    });
+}

@@ -1,0 +1,622 @@
+//! [`DecoderSpec`]: everything a decoder's graph depends on, read once from config.json —
+//! in transformers 4's spelling (`rope_theta` and `rope_scaling` at the top, `torch_dtype`)
+//! or 5's (`rope_parameters` holding both, `layer_types`) — and checked: a key that
+//! changes the computation and that the spec does not model is refused by name.
+
+use serde_json::Value;
+
+use super::families::{Family, family_of, served_model_types};
+use crate::HandlerError;
+
+/// RoPE: the base, the scaling, and how much of each head rotates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    /// `rope_type` and its parameters (`factor`, ...), `None` for the default.
+    pub scaling: Option<Value>,
+    /// Dimensions of each head that rotate (`partial_rotary_factor` × `head_dim`, even).
+    pub rotary_dim: usize,
+}
+
+/// A decoder, as its config.json describes it.
+#[derive(Debug, Clone)]
+pub struct DecoderSpec {
+    pub family: &'static Family,
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub rope: RopeSpec,
+    /// Each layer's attention window (`None`: the whole context). A key at distance
+    /// `window` or more behind a query is not attended to (transformers'
+    /// `kv_idx > q_idx - sliding_window`).
+    pub windows: Vec<Option<usize>>,
+    /// Multiplies the embeddings (Granite).
+    pub embedding_multiplier: f64,
+    /// Multiplies each block's attention and MLP outputs before the residual add (Granite).
+    pub residual_multiplier: f64,
+    /// The attention scores' scale; `1/sqrt(head_dim)` unless the family sets one (Granite's
+    /// `attention_multiplier`).
+    pub attention_scale: f64,
+    /// Divides the logits (Granite's `logits_scaling`).
+    pub logits_divisor: f64,
+    pub eos_token_id: Option<Value>,
+}
+
+fn bad(reason: impl std::fmt::Display) -> HandlerError {
+    HandlerError::bad_file("config.json", reason)
+}
+
+fn refuse(family: &Family, key: &str, value: &Value, why: &str) -> HandlerError {
+    HandlerError::Unsupported(format!(
+        "config.json `{key}` = {value} ({why}) is not implemented for {}; refused rather than served with different math",
+        family.name
+    ))
+}
+
+impl DecoderSpec {
+    /// Reads and checks config.json.
+    pub fn from_config(config: &Value) -> Result<Self, HandlerError> {
+        let model_type = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let architectures: Vec<&str> = config
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let family = family_of(&model_type, &architectures).ok_or_else(|| {
+            HandlerError::Unsupported(format!(
+                "text_generation serves the decoder families {}; this model's model_type is {model_type:?}{}",
+                served_model_types().join(", "),
+                architectures
+                    .first()
+                    .map(|a| format!(" ({a})"))
+                    .unwrap_or_default()
+            ))
+        })?;
+        let present = |key: &str| config.get(key).filter(|v| !v.is_null());
+        let count = |key: &str| -> Result<Option<usize>, HandlerError> {
+            match present(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .filter(|&n| n > 0)
+                    .map(|n| Some(n as usize))
+                    .ok_or_else(|| bad(format!("`{key}` is {v}, not a positive whole number"))),
+            }
+        };
+        let need = |key: &str| count(key)?.ok_or_else(|| bad(format!("`{key}` is missing")));
+        let number = |key: &str, default: f64| -> Result<f64, HandlerError> {
+            match present(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|n| n.is_finite())
+                    .ok_or_else(|| bad(format!("`{key}` is {v}, not a number"))),
+            }
+        };
+        let hidden_size = need("hidden_size")?;
+        let heads = need("num_attention_heads")?;
+        let kv_heads = count("num_key_value_heads")?.unwrap_or(heads);
+        let layers = need("num_hidden_layers")?;
+        if heads % kv_heads != 0 {
+            return Err(bad(format!(
+                "{heads} attention heads are not groups of {kv_heads} key/value heads"
+            )));
+        }
+        let head_dim = count("head_dim")?.unwrap_or(hidden_size / heads);
+
+        // What the spec does not model, by name.
+        for key in ["hidden_act", "hidden_activation"] {
+            if let Some(v) = present(key)
+                && v.as_str() != Some("silu")
+            {
+                return Err(refuse(family, key, v, "only SiLU-gated MLPs are"));
+            }
+        }
+        for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            if let Some(v) = present(key) {
+                return Err(refuse(family, key, v, "soft-capping"));
+            }
+        }
+        if !family.multipliers {
+            for key in [
+                "embedding_multiplier",
+                "residual_multiplier",
+                "attention_multiplier",
+                "logits_scaling",
+            ] {
+                if let Some(v) = present(key)
+                    && v.as_f64() != Some(1.0)
+                {
+                    return Err(refuse(family, key, v, "a Granite multiplier"));
+                }
+            }
+        }
+
+        let rope = rope_spec(config, family, head_dim)?;
+        let max_position_embeddings = count("max_position_embeddings")?.unwrap_or(4096);
+        let windows = windows(config, family, layers)?;
+        let multiplier = |key: &str, default: f64| match family.multipliers {
+            true => number(key, default),
+            false => Ok(default),
+        };
+        let attention_scale = match family.multipliers && present("attention_multiplier").is_some()
+        {
+            true => number("attention_multiplier", 1.0)?,
+            false => 1.0 / (head_dim as f64).sqrt(),
+        };
+        Ok(Self {
+            family,
+            model_type,
+            hidden_size,
+            intermediate_size: need("intermediate_size")?,
+            vocab_size: need("vocab_size")?,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            kv_heads,
+            head_dim,
+            rms_norm_eps: number("rms_norm_eps", family.default_eps)?,
+            max_position_embeddings,
+            tie_word_embeddings: present("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            rope,
+            windows,
+            embedding_multiplier: multiplier("embedding_multiplier", 1.0)?,
+            residual_multiplier: multiplier("residual_multiplier", 1.0)?,
+            attention_scale,
+            logits_divisor: multiplier("logits_scaling", 1.0)?,
+            eos_token_id: present("eos_token_id").cloned(),
+        })
+    }
+
+    /// Positions a sequence may use: `max_position_embeddings` (a sliding window bounds
+    /// what each position attends to, not how long a sequence may be).
+    pub fn positions(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    /// End-of-sequence ids (`eos_token_id`: one id or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(Value::Array(ids)) => ids
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|n| n as u32)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The spec as `plan` prints it: the family and what sets this model apart.
+    pub fn describe(&self) -> String {
+        let mut parts = vec![
+            format!("family {}", self.family.name),
+            format!(
+                "{} layers, {} heads ({} key/value) of {}",
+                self.num_hidden_layers, self.num_attention_heads, self.kv_heads, self.head_dim
+            ),
+            format!("rope theta {}", self.rope.theta),
+        ];
+        if let Some(kind) = self.rope.scaling.as_ref().and_then(|s| s.get("rope_type")) {
+            parts.push(format!("rope scaling {kind}"));
+        }
+        if self.rope.rotary_dim != self.head_dim {
+            parts.push(format!("rotary dims {}", self.rope.rotary_dim));
+        }
+        let windowed = self.windows.iter().filter(|w| w.is_some()).count();
+        if let Some(Some(w)) = self.windows.iter().find(|w| w.is_some()) {
+            parts.push(format!("window {w} on {windowed} layers"));
+        }
+        parts.push(format!("{} positions", self.max_position_embeddings));
+        parts.join(", ")
+    }
+}
+
+/// RoPE from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` /
+/// `partial_rotary_factor` (transformers 4).
+fn rope_spec(config: &Value, family: &Family, head_dim: usize) -> Result<RopeSpec, HandlerError> {
+    let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+    let parameters = present(config.get("rope_parameters"));
+    let (theta, scaling, partial) = match &parameters {
+        Some(p) => {
+            if !p.is_object() {
+                return Err(bad(format!("`rope_parameters` is {p}, not an object")));
+            }
+            let mut scaling = p.clone();
+            let object = scaling.as_object_mut().expect("checked an object");
+            let theta = object.remove("rope_theta");
+            let partial = object.remove("partial_rotary_factor");
+            (theta, Some(scaling), partial)
+        }
+        None => (
+            present(config.get("rope_theta")),
+            present(config.get("rope_scaling")),
+            present(config.get("partial_rotary_factor")),
+        ),
+    };
+    let theta = match theta {
+        None => 10_000.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|t| *t > 0.0)
+            .ok_or_else(|| bad(format!("`rope_theta` is {v}, not a positive number")))?,
+    };
+    let partial = match partial {
+        None => 1.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|p| *p > 0.0 && *p <= 1.0)
+            .ok_or_else(|| bad(format!("`partial_rotary_factor` is {v}, not in (0, 1]")))?,
+    };
+    let rotary_dim = ((head_dim as f64 * partial) as usize) & !1;
+    if rotary_dim == 0 {
+        return Err(bad("`partial_rotary_factor` leaves no dimension to rotate"));
+    }
+    // `type` is transformers' older spelling of `rope_type`; the default is no scaling.
+    let scaling = scaling.and_then(|mut s| {
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        if let Some(object) = s.as_object_mut() {
+            object.remove("type");
+            object.insert("rope_type".into(), Value::String(kind.clone()));
+        }
+        (kind != "default").then_some(s)
+    });
+    let rope = RopeSpec {
+        theta,
+        scaling,
+        rotary_dim,
+    };
+    // An unknown or unimplemented scaling is refused here, before any weight is read.
+    rope.inverse_frequencies().map_err(|e| match e {
+        HandlerError::Unsupported(why) => HandlerError::Unsupported(format!(
+            "config.json's {} for {}: {why}",
+            if parameters.is_some() {
+                "`rope_parameters`"
+            } else {
+                "`rope_scaling`"
+            },
+            family.name
+        )),
+        other => other,
+    })?;
+    Ok(rope)
+}
+
+/// Each layer's attention window: transformers 5's `layer_types` where given; else
+/// transformers 4's rule (Mistral and Phi-3: every layer; Qwen 2/3: with
+/// `use_sliding_window`, the layers from `max_window_layers` on).
+fn windows(
+    config: &Value,
+    family: &Family,
+    layers: usize,
+) -> Result<Vec<Option<usize>>, HandlerError> {
+    let window = config
+        .get("sliding_window")
+        .filter(|v| !v.is_null())
+        .map(|v| {
+            v.as_u64()
+                .filter(|&w| w > 0)
+                .map(|w| w as usize)
+                .ok_or_else(|| bad(format!("`sliding_window` is {v}, not a positive number")))
+        })
+        .transpose()?;
+    let use_sliding = config.get("use_sliding_window").and_then(Value::as_bool);
+    if let Some(types) = config.get("layer_types").filter(|v| !v.is_null()) {
+        let types = types
+            .as_array()
+            .filter(|t| t.len() == layers)
+            .ok_or_else(|| {
+                bad(format!(
+                    "`layer_types` does not name each of {layers} layers"
+                ))
+            })?;
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("full_attention") => Ok(None),
+                Some("sliding_attention") if family.sliding_window => match window {
+                    Some(w) => Ok(Some(w)),
+                    None => Err(bad(
+                        "`layer_types` has sliding layers but no `sliding_window`",
+                    )),
+                },
+                _ => Err(refuse(
+                    family,
+                    "layer_types",
+                    t,
+                    "a layer type other than full_attention and sliding_attention",
+                )),
+            })
+            .collect();
+    }
+    let Some(w) = window else {
+        return Ok(vec![None; layers]);
+    };
+    if !family.sliding_window {
+        if use_sliding == Some(false) {
+            return Ok(vec![None; layers]);
+        }
+        return Err(refuse(
+            family,
+            "sliding_window",
+            &Value::from(w),
+            "an attention window",
+        ));
+    }
+    match family.name {
+        "qwen2" | "qwen3" => {
+            if use_sliding != Some(true) {
+                return Ok(vec![None; layers]);
+            }
+            let from = config
+                .get("max_window_layers")
+                .and_then(Value::as_u64)
+                .map_or(layers, |n| n as usize);
+            Ok((0..layers).map(|i| (i >= from).then_some(w)).collect())
+        }
+        _ if use_sliding == Some(false) => Ok(vec![None; layers]),
+        _ => Ok(vec![Some(w); layers]),
+    }
+}
+
+impl RopeSpec {
+    /// RoPE's inverse frequencies, `theta^(-2i/rotary_dim)`, with the scaling applied:
+    /// none; `linear` (positions divided by `factor`); `llama3` (Llama 3.1's banded
+    /// rescaling: long wavelengths divided by `factor`, short ones kept, a smooth blend
+    /// between); `frequency_factors` (what a GGUF's `rope_freqs` tensor holds: each
+    /// frequency divided by its own entry of `factors`, as llama.cpp does). Other types
+    /// are refused rather than silently ignored.
+    pub fn inverse_frequencies(&self) -> Result<Vec<f32>, HandlerError> {
+        let hd = self.rotary_dim;
+        let theta = self.theta as f32;
+        let base = (0..hd)
+            .step_by(2)
+            .map(|i| 1f32 / theta.powf(i as f32 / hd as f32));
+        let Some(scaling) = &self.scaling else {
+            return Ok(base.collect());
+        };
+        let kind = scaling
+            .get("rope_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("default");
+        let number = |key: &str| -> Result<f32, HandlerError> {
+            scaling
+                .get(key)
+                .and_then(|v| v.as_f64())
+                .map(|v| v as f32)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "rope scaling of type {kind} needs a number `{key}`"
+                    ))
+                })
+        };
+        match kind {
+            "default" => Ok(base.collect()),
+            "linear" => {
+                let factor = number("factor")?;
+                Ok(base.map(|f| f / factor).collect())
+            }
+            "llama3" => {
+                let factor = number("factor")?;
+                let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
+                let original = number("original_max_position_embeddings")?;
+                let (low_wavelen, high_wavelen) = (original / low, original / high);
+                Ok(base
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (original / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect())
+            }
+            "frequency_factors" => {
+                let factors: Vec<f32> = scaling
+                    .get("factors")
+                    .and_then(|f| f.as_array())
+                    .map(|f| {
+                        f.iter()
+                            .filter_map(|v| v.as_f64())
+                            .map(|v| v as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if factors.len() != hd / 2 || factors.iter().any(|f| f.is_nan() || *f <= 0.0) {
+                    return Err(bad(format!(
+                        "rope_scaling frequency_factors needs {} positive `factors`",
+                        hd / 2
+                    )));
+                }
+                Ok(base.zip(factors).map(|(f, factor)| f / factor).collect())
+            }
+            other => Err(HandlerError::Unsupported(format!(
+                "rope_type `{other}` is not implemented (supported: default, linear, llama3, frequency_factors)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn base(model_type: &str) -> Value {
+        json!({
+            "model_type": model_type, "hidden_size": 32, "intermediate_size": 64,
+            "vocab_size": 100, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        })
+    }
+
+    fn with(model_type: &str, extra: Value) -> Value {
+        let mut config = base(model_type);
+        for (k, v) in extra.as_object().expect("object") {
+            config[k] = v.clone();
+        }
+        config
+    }
+
+    fn refusal(config: Value) -> String {
+        match DecoderSpec::from_config(&config) {
+            Err(HandlerError::Unsupported(why)) => why,
+            other => panic!("{config} was not refused as unsupported: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn both_spellings_of_rope_give_the_same_spec() {
+        let t4 = with(
+            "llama",
+            json!({"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}}),
+        );
+        let t5 = with(
+            "llama",
+            json!({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0,
+                "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}}),
+        );
+        let (a, b) = (
+            DecoderSpec::from_config(&t4).expect("t4"),
+            DecoderSpec::from_config(&t5).expect("t5"),
+        );
+        assert_eq!(a.rope, b.rope);
+        assert_eq!(a.rope.theta, 500000.0);
+        assert_eq!(
+            a.rope.inverse_frequencies().expect("t4"),
+            b.rope.inverse_frequencies().expect("t5")
+        );
+        // Not the unscaled table: the scaling is applied.
+        let plain = DecoderSpec::from_config(&base("llama")).expect("plain");
+        assert_ne!(
+            plain.rope.inverse_frequencies().expect("plain"),
+            a.rope.inverse_frequencies().expect("scaled")
+        );
+    }
+
+    #[test]
+    fn a_sliding_window_is_an_attention_window_not_the_context_length() {
+        let mistral = DecoderSpec::from_config(&with(
+            "mistral",
+            json!({"sliding_window": 4096, "max_position_embeddings": 32768}),
+        ))
+        .expect("mistral");
+        assert_eq!(mistral.positions(), 32768);
+        assert_eq!(mistral.windows, vec![Some(4096); 3]);
+        // Qwen's window applies only with use_sliding_window, from max_window_layers on.
+        let qwen = |extra| DecoderSpec::from_config(&with("qwen2", extra)).expect("qwen2");
+        assert_eq!(
+            qwen(json!({"sliding_window": 8, "use_sliding_window": false})).windows,
+            vec![None; 3]
+        );
+        assert_eq!(
+            qwen(json!({"sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1}))
+                .windows,
+            vec![None, Some(8), Some(8)]
+        );
+        // transformers 5's layer_types say it per layer.
+        assert_eq!(
+            qwen(json!({"sliding_window": 8, "layer_types":
+                ["sliding_attention", "full_attention", "sliding_attention"]}))
+            .windows,
+            vec![Some(8), None, Some(8)]
+        );
+    }
+
+    #[test]
+    fn keys_that_change_the_math_and_are_not_modelled_are_refused_by_name() {
+        for (model_type, extra, key) in [
+            ("llama", json!({"hidden_act": "gelu"}), "hidden_act"),
+            (
+                "llama",
+                json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
+                "yarn",
+            ),
+            (
+                "qwen2",
+                json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}),
+                "longrope",
+            ),
+            (
+                "llama",
+                json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+                "dynamic",
+            ),
+            ("llama", json!({"sliding_window": 16}), "sliding_window"),
+            (
+                "qwen3",
+                json!({"final_logit_softcapping": 30.0}),
+                "final_logit_softcapping",
+            ),
+            (
+                "llama",
+                json!({"residual_multiplier": 0.2}),
+                "residual_multiplier",
+            ),
+            (
+                "mistral",
+                json!({"sliding_window": 4, "layer_types":
+                ["chunked_attention", "full_attention", "full_attention"]}),
+                "layer_types",
+            ),
+        ] {
+            let why = refusal(with(model_type, extra));
+            assert!(why.contains(key), "{model_type}: {why} does not name {key}");
+        }
+        let why = refusal(base("gpt2"));
+        assert!(why.contains("\"gpt2\"") && why.contains("qwen3"), "{why}");
+    }
+
+    #[test]
+    fn partial_rotary_and_granite_multipliers_are_read() {
+        let phi = DecoderSpec::from_config(&with(
+            "phi3",
+            json!({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}),
+        ))
+        .expect("phi3");
+        assert_eq!((phi.head_dim, phi.rope.rotary_dim), (8, 4));
+        assert_eq!(phi.rope.inverse_frequencies().expect("rope").len(), 2);
+        let granite = DecoderSpec::from_config(&with(
+            "granite",
+            json!({"attention_multiplier": 0.125, "logits_scaling": 8.0,
+                "embedding_multiplier": 12.0, "residual_multiplier": 0.22}),
+        ))
+        .expect("granite");
+        assert_eq!(
+            (
+                granite.attention_scale,
+                granite.logits_divisor,
+                granite.embedding_multiplier,
+                granite.residual_multiplier
+            ),
+            (0.125, 8.0, 12.0, 0.22)
+        );
+        let llama = DecoderSpec::from_config(&base("llama")).expect("llama");
+        assert_eq!(llama.attention_scale, 1.0 / 8f64.sqrt());
+    }
+}

@@ -49,4 +49,4 @@ pub use weights::files::ModelFiles;
 pub use weights::{WeightSource, WeightsWatch};
 
 // The tensor vocabulary handlers are configured with, so the server needs no candle dependency.
-pub use candle_core::{DType, Device, Error as CandleError};
+pub use candle_core::{DType, Device, Error as CandleError, Tensor};

@@ -6,21 +6,27 @@ For each family below this writes handlers/tests/fixtures/decoders/<family>/:
   config.json      as transformers 5 saves it (rope_parameters, dtype, layer_types)
   config.t4.json   the same model in transformers 4's spelling (rope_theta and
                    rope_scaling at the top, torch_dtype, no layer_types)
-  model.safetensors the random weights (f32, ~100 KB)
+  tensors.json     the weights as a recipe, not as numbers: each tensor's name, shape,
+                   offset and scale. Its values are offset + scale * u, u uniform in
+                   [-1, 1) from splitmix64 counters seeded by FNV-1a of "<family>/<name>"
+                   (see weights() below), computed in f32; handlers' testing module
+                   rebuilds the same model.safetensors bit for bit, so no weights are
+                   committed
   reference.json   a prompt, then per greedy step transformers' logits (eager attention,
                    f32) and the token it picks
 
-Regenerate (needs torch and transformers >= 5; not needed by the tests):
-  python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch 'transformers>=5' safetensors
+Regenerate (needs torch, numpy and transformers >= 5; not needed by the tests):
+  python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch numpy 'transformers>=5' safetensors
   /tmp/tvenv/bin/python scripts/make-decoder-fixtures.py
 """
 
 import json
 import pathlib
 
+import numpy as np
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "handlers/tests/fixtures/decoders"
 PROMPT = [3, 17, 42, 99, 5, 64, 11, 120, 7, 30]
@@ -109,18 +115,54 @@ FAMILIES = {
 }
 
 
-def randomize(model, seed):
-    """transformers' init (std 0.02) makes every logit nearly equal; wider weights make
-    the comparison and the greedy tokens mean something. Norm weights away from 1."""
-    g = torch.Generator().manual_seed(seed)
+MASK64 = (1 << 64) - 1
+
+
+def fnv1a64(text: str) -> int:
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & MASK64
+    return h
+
+
+def uniform(seed: int, count: int) -> np.ndarray:
+    """count values in [-1, 1), exact in f32: splitmix64 of seed + (i + 1) * golden,
+    its top 24 bits as k, then (k - 2^23) / 2^23."""
+    with np.errstate(over="ignore"):
+        z = np.uint64(seed) + (np.arange(1, count + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    k = (z >> np.uint64(40)).astype(np.int64) - (1 << 23)
+    return (k.astype(np.float32) / np.float32(1 << 23)).astype(np.float32)
+
+
+def weights(family: str, name: str, shape, offset: float, scale: float) -> np.ndarray:
+    """offset + scale * u in f32, one rounding per operation (as Rust computes it)."""
+    u = uniform(fnv1a64(f"{family}/{name}"), int(np.prod(shape)))
+    return (np.float32(offset) + np.float32(scale) * u).astype(np.float32).reshape(shape)
+
+
+def recipe(name: str):
+    """(offset, scale) per tensor. transformers' init (std 0.02) makes every logit nearly
+    equal; wider weights make the comparison and the greedy tokens mean something. Norm
+    weights away from 1. Uniform on [-1, 1) has std 1/sqrt(3): scales are std * sqrt(3)."""
+    if "norm" in name:
+        return 1.0, 0.35
+    if name.endswith("bias"):
+        return 0.0, 0.35
+    return 0.0, 0.43
+
+
+def randomize(model, family):
+    """Fill every parameter from its recipe; return the manifest."""
+    manifest = []
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.25 * torch.randn(p.shape, generator=g))
+            offset, scale = recipe(name)
+            p.copy_(torch.from_numpy(weights(family, name, tuple(p.shape), offset, scale)))
+            manifest.append({"name": name, "shape": list(p.shape), "offset": offset, "scale": scale})
+    return manifest
 
 
 def t4_spelling(config: dict) -> dict:
@@ -142,18 +184,30 @@ def t4_spelling(config: dict) -> dict:
 
 
 def main():
-    for seed, (family, (config_class, model_class, keys)) in enumerate(FAMILIES.items(), 1):
-        torch.manual_seed(seed)
+    for family, (config_class, model_class, keys) in FAMILIES.items():
         config = getattr(transformers, config_class)(**{**COMMON, **keys})
         config._attn_implementation = "eager"
         model = getattr(transformers, model_class)(config).eval().to(torch.float32)
-        randomize(model, seed)
+        manifest = randomize(model, family)
         out = OUT / family
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, safe_serialization=True)
-        # save_pretrained drops tied tensors already; keep only the safetensors file.
         for extra in out.glob("generation_config.json"):
             extra.unlink()
+        # The checkpoint transformers wrote is exactly the manifest rebuilt: same names
+        # (tied heads are not saved), same values; then it goes, the manifest stays.
+        saved = load_file(out / "model.safetensors")
+        listed = {t["name"]: t for t in manifest if t["name"] in saved}
+        assert sorted(saved) == sorted(listed), (family, sorted(saved), sorted(listed))
+        for name, tensor in saved.items():
+            t = listed[name]
+            again = weights(family, name, tuple(t["shape"]), t["offset"], t["scale"])
+            assert np.array_equal(tensor.numpy(), again), (family, name)
+        (out / "model.safetensors").unlink()
+        (out / "tensors.json").write_text(
+            json.dumps({"generator": "splitmix64-fnv1a-v1", "dtype": "F32",
+                        "tensors": sorted(listed.values(), key=lambda t: t["name"])}, indent=1) + "\n"
+        )
         saved = json.loads((out / "config.json").read_text())
         (out / "config.t4.json").write_text(json.dumps(t4_spelling(saved), indent=2) + "\n")
 

@@ -5,6 +5,8 @@
 //! seed at kaiming scale and saved as safetensors, a `config.json`, a WordPiece `tokenizer.json` whose vocabulary covers
 //! any lowercase ASCII text (letters and `##letters`), and the pooling files.
 
+pub mod decoder_fixtures;
+
 use std::path::Path;
 
 use candle_core::{DType, Device};

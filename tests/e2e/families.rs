@@ -10,6 +10,7 @@ use std::path::Path;
 use spillway_handlers::models::decoder::families::FAMILIES;
 use spillway_handlers::models::decoder::{DecoderSpec, KvCache, MappedDecoder, argmax};
 use spillway_handlers::tasks::text_generation::TextGeneration;
+use spillway_handlers::testing::decoder_fixtures::write_weights;
 use spillway_handlers::testing::{TinyLlama, vocabulary};
 use spillway_handlers::weights::files::FolderFiles;
 use spillway_handlers::weights::layer_stack::UnitPlacement;
@@ -37,11 +38,7 @@ fn model_folder(family: &str, into: &Path) {
         serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
     config["eos_token_id"] = serde_json::Value::Null;
     std::fs::write(into.join("config.json"), config.to_string()).unwrap();
-    std::fs::copy(
-        fixture.join("model.safetensors"),
-        into.join("model.safetensors"),
-    )
-    .unwrap();
+    write_weights(&fixture, into).unwrap();
     let template = "{% for m in messages %}{{ m.content }} {% endfor %}";
     std::fs::write(
         into.join("tokenizer_config.json"),

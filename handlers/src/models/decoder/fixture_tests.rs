@@ -1,6 +1,7 @@
 //! Every family against transformers' own answers (scripts/make-decoder-fixtures.py):
 //! the greedy tokens and each step's logits, from both spellings of config.json, with
 //! every unit resident, the blocks after the first streamed from disk, and all on disk.
+//! Each fixture's weights are rebuilt from its `tensors.json` into a temporary folder.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::families::FAMILIES;
 use super::{DecoderSpec, KvCache, MappedDecoder, argmax};
 use crate::WeightSource;
+use crate::testing::decoder_fixtures::write_weights;
 use crate::weights::layer_stack::UnitPlacement;
 
 fn fixtures() -> PathBuf {
@@ -53,9 +55,20 @@ enum Placement {
     AllOnDisk,
 }
 
-fn decode(dir: &Path, spec: &DecoderSpec, placement: Placement, want: &Reference, label: &str) {
-    let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
-    let model = MappedDecoder::load(&source, spec, DType::F32, |unit| {
+/// The fixture's checkpoint, written into `work`.
+fn weights(dir: &Path, work: &Path) -> WeightSource {
+    let path = write_weights(dir, work).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    WeightSource::open(&path).expect("source")
+}
+
+fn decode(
+    source: &WeightSource,
+    spec: &DecoderSpec,
+    placement: Placement,
+    want: &Reference,
+    label: &str,
+) {
+    let model = MappedDecoder::load(source, spec, DType::F32, |unit| {
         let streamed = match placement {
             Placement::Resident => false,
             Placement::LaterBlocksOnDisk => {
@@ -109,6 +122,8 @@ fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_pl
             family.name
         );
         let want = reference(&dir);
+        let work = tempfile::tempdir().expect("tempdir");
+        let source = weights(&dir, work.path());
         for file in ["config.json", "config.t4.json"] {
             let spec = spec(&dir, file);
             assert_eq!(spec.family.name, family.name, "{file}");
@@ -118,7 +133,7 @@ fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_pl
                 Placement::AllOnDisk,
             ] {
                 let label = format!("{} ({file}, {placement:?})", family.name);
-                decode(&dir, &spec, placement, &want, &label);
+                decode(&source, &spec, placement, &want, &label);
             }
         }
         seen.push(family.name);
@@ -132,7 +147,8 @@ fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_pl
 fn each_family_feature_changes_the_fixtures_answer() {
     let root = fixtures();
     let first_logits = |dir: &Path, spec: &DecoderSpec| -> Vec<f32> {
-        let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
+        let work = tempfile::tempdir().expect("tempdir");
+        let source = weights(dir, work.path());
         let model = MappedDecoder::load(&source, spec, DType::F32, |_| {
             Ok(UnitPlacement::Resident(Device::Cpu))
         })

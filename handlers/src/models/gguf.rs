@@ -46,8 +46,9 @@ pub fn materialize(
 
 /// Version of the converted folder's layout, part of its key: a change to what
 /// [`materialize`] writes must not reuse folders written before it (2: `rope_scaling`
-/// from `rope_freqs` and the GGUF rope metadata; 3: quantized tensors kept in blocks).
-const CONVERSION: u32 = 3;
+/// from `rope_freqs` and the GGUF rope metadata; 3: quantized tensors kept in blocks; 4:
+/// `architectures` and `head_dim` from the key length).
+const CONVERSION: u32 = 4;
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
     HandlerError::bad_file("gguf", reason)
@@ -92,6 +93,9 @@ fn hf_name(
         "attn_k" => ("self_attn.k_proj", permuted.then_some(kv_heads)),
         "attn_v" => ("self_attn.v_proj", None),
         "attn_output" => ("self_attn.o_proj", None),
+        // Qwen 3's per-head qk-norm.
+        "attn_q_norm" => ("self_attn.q_norm", None),
+        "attn_k_norm" => ("self_attn.k_norm", None),
         "ffn_gate" => ("mlp.gate_proj", None),
         "ffn_up" => ("mlp.up_proj", None),
         "ffn_down" => ("mlp.down_proj", None),
@@ -248,11 +252,18 @@ fn convert(
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_else(|| "llama".into());
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
-        return Err(HandlerError::Unsupported(format!(
-            "GGUF architecture `{arch}`: this server serves llama, mistral and qwen2 GGUF models"
-        )));
-    }
+    // The GGUF architectures whose tensors and metadata map onto a decoder family.
+    let architectures = match arch.as_str() {
+        "llama" => "LlamaForCausalLM",
+        "mistral" => "MistralForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
+        _ => {
+            return Err(HandlerError::Unsupported(format!(
+                "GGUF architecture `{arch}`: this server serves llama, mistral, qwen2 and qwen3 GGUF models"
+            )));
+        }
+    };
     let key = |k: &str| format!("{arch}.{k}");
     let heads = meta_u32(&content, &key("attention.head_count"))? as usize;
     let kv_heads = content
@@ -330,15 +341,21 @@ fn convert(
         .metadata
         .get("tokenizer.ggml.eos_token_id")
         .and_then(|v| v.to_u32().ok());
+    // A head's width is the key length where the file states it (Qwen 3's is not
+    // hidden / heads); the rotary count only where it does not.
+    let head_dim = [key("attention.key_length"), key("rope.dimension_count")]
+        .iter()
+        .find_map(|k| content.metadata.get(k).and_then(|v| v.to_u32().ok()))
+        .unwrap_or((hidden / heads) as u32);
     let mut config = json!({
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [architectures],
         "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": meta_u32(&content, &key("feed_forward_length"))?,
         "num_hidden_layers": meta_u32(&content, &key("block_count"))?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "head_dim": content.metadata.get(&key("rope.dimension_count")).and_then(|v| v.to_u32().ok()).unwrap_or((hidden / heads) as u32),
+        "head_dim": head_dim,
         "vocab_size": vocab,
         "rms_norm_eps": meta_f32(&content, &key("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
         "rope_theta": meta_f32(&content, &key("rope.freq_base")).unwrap_or(10_000.0),
@@ -772,5 +789,124 @@ mod tests {
                 "{weights:?}: streamed blocks differ from resident ones"
             );
         }
+    }
+
+    /// A Qwen 3 GGUF (per-head qk-norm, a head_dim wider than hidden / heads, as
+    /// llama.cpp's converter writes it: qwen3 names, no q/k permutation) serves like the
+    /// safetensors checkpoint it came from — the fixture held to transformers. The GGUF
+    /// carries no sliding window, so the checkpoint is compared with its windows off.
+    #[test]
+    fn a_qwen3_gguf_decodes_like_its_safetensors_checkpoint() {
+        use crate::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
+        use crate::weights::layer_stack::UnitPlacement;
+        use candle_core::quantized::QTensor;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders/qwen3");
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config"))
+                .expect("json");
+        let work = tempfile::tempdir().expect("tempdir");
+        let hf = work.path().join("hf");
+        crate::testing::decoder_fixtures::write_weights(&fixture, &hf).expect("weights");
+        let mut spec = DecoderSpec::from_config(&config).expect("spec");
+        spec.windows = vec![None; spec.num_hidden_layers];
+        let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
+            .expect("weights");
+        let mut gguf_tensors: Vec<(String, QTensor)> = Vec::new();
+        for (name, t) in &tensors {
+            let gguf = match name.as_str() {
+                "model.embed_tokens.weight" => "token_embd.weight".to_string(),
+                "model.norm.weight" => "output_norm.weight".to_string(),
+                other => {
+                    let rest = other.strip_prefix("model.layers.").expect("a layer");
+                    let (layer, tail) = rest.split_once('.').expect("layer.tail");
+                    let module = match tail.trim_end_matches(".weight") {
+                        "input_layernorm" => "attn_norm",
+                        "post_attention_layernorm" => "ffn_norm",
+                        "self_attn.q_proj" => "attn_q",
+                        "self_attn.k_proj" => "attn_k",
+                        "self_attn.v_proj" => "attn_v",
+                        "self_attn.o_proj" => "attn_output",
+                        "self_attn.q_norm" => "attn_q_norm",
+                        "self_attn.k_norm" => "attn_k_norm",
+                        "mlp.gate_proj" => "ffn_gate",
+                        "mlp.up_proj" => "ffn_up",
+                        "mlp.down_proj" => "ffn_down",
+                        unknown => panic!("unexpected tensor {unknown}"),
+                    };
+                    format!("blk.{layer}.{module}.weight")
+                }
+            };
+            gguf_tensors.push((gguf, QTensor::quantize(t, GgmlDType::F32).expect("f32")));
+        }
+        let tokens: Vec<Value> = (0..spec.vocab_size)
+            .map(|i| Value::String(format!("t{i}")))
+            .collect();
+        let u32v = |v: usize| Value::U32(v as u32);
+        let metadata: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("qwen3".into())),
+            ("qwen3.attention.head_count", u32v(spec.num_attention_heads)),
+            ("qwen3.attention.head_count_kv", u32v(spec.kv_heads)),
+            ("qwen3.attention.key_length", u32v(spec.head_dim)),
+            ("qwen3.rope.dimension_count", u32v(spec.head_dim)),
+            ("qwen3.embedding_length", u32v(spec.hidden_size)),
+            ("qwen3.feed_forward_length", u32v(spec.intermediate_size)),
+            ("qwen3.block_count", u32v(spec.num_hidden_layers)),
+            ("qwen3.context_length", u32v(spec.max_position_embeddings)),
+            ("qwen3.rope.freq_base", Value::F32(spec.rope.theta as f32)),
+            (
+                "qwen3.attention.layer_norm_rms_epsilon",
+                Value::F32(spec.rms_norm_eps as f32),
+            ),
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens)),
+            ("tokenizer.ggml.merges", Value::Array(vec![])),
+        ];
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let refs: Vec<(&str, &QTensor)> =
+            gguf_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let gguf_dir = work.path().join("gguf");
+        std::fs::create_dir_all(&gguf_dir).expect("dir");
+        let mut file = std::fs::File::create(gguf_dir.join("qwen3.gguf")).expect("create");
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &refs).expect("write");
+        drop(file);
+        let folder = materialize(
+            &crate::weights::files::FolderFiles::new(&gguf_dir),
+            "qwen3.gguf",
+            &work.path().join("offload"),
+            Some(DType::F32),
+        )
+        .expect("materialize");
+
+        let prompt = [3u32, 17, 42, 99, 5, 64, 11, 120, 7, 30];
+        let run = |source: &crate::WeightSource, spec: &DecoderSpec| {
+            let model = MappedDecoder::load(source, spec, DType::F32, |_| {
+                Ok(UnitPlacement::Resident(Device::Cpu))
+            })
+            .expect("load");
+            let t = Tensor::new(&prompt[..], &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens");
+            model.forward(&t, &mut KvCache::default()).expect("forward")
+        };
+        let converted: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(folder.join("config.json")).expect("config"))
+                .expect("json");
+        let converted = DecoderSpec::from_config(&converted).expect("converted spec");
+        assert_eq!(
+            (converted.family.name, converted.head_dim),
+            ("qwen3", spec.head_dim)
+        );
+        let want = run(
+            &crate::WeightSource::open(&hf.join("model.safetensors")).expect("hf"),
+            &spec,
+        );
+        let got = run(
+            &crate::WeightSource::open(&folder.join("model.safetensors")).expect("gguf"),
+            &converted,
+        );
+        let diff = (&got - &want)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff <= 1e-5, "the Qwen 3 GGUF's logits differ by {diff}");
     }
 }

@@ -112,6 +112,40 @@ FAMILIES = {
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
         ),
     ),
+    # 1 + w norms, embeddings times sqrt(hidden), tanh-GELU, head_dim wider than
+    # hidden / heads, tied head.
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, tie_word_embeddings=True)),
+    # Four norms a block, score scale from query_pre_attn_scalar, scores and logits
+    # soft-capped (caps low enough to bite on these weights), even layers sliding.
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(
+            head_dim=16,
+            tie_word_embeddings=True,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=8.0,
+            sliding_window=4,
+        ),
+    ),
+    # Gemma 2's graph plus per-head qk-norm and a RoPE per layer type: full layers at
+    # theta 1e6 with linear scaling, sliding ones at the local base 10,000 unscaled.
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            head_dim=16,
+            tie_word_embeddings=True,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            sliding_window_pattern=2,
+            rope_parameters={
+                "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1e6),
+                "sliding_attention": dict(rope_type="default", rope_theta=10000.0),
+            },
+        ),
+    ),
 }
 
 
@@ -166,10 +200,21 @@ def randomize(model, family):
 
 
 def t4_spelling(config: dict) -> dict:
-    """transformers 4's config.json for the same model."""
+    """transformers 4's config.json for the same model (as the Hub's Gemma 2 and 3
+    checkpoints have it: no layer_types, Gemma 3's `sliding_window_pattern` and
+    `rope_local_base_freq`, Gemma 1's legacy `hidden_act: gelu`)."""
     old = dict(config)
     rope = old.pop("rope_parameters", None) or {}
-    old.pop("layer_types", None)
+    types = old.pop("layer_types", None)
+    if "full_attention" in rope:
+        local = rope.get("sliding_attention") or {}
+        old["rope_local_base_freq"] = local.get("rope_theta", 10000.0)
+        rope = rope["full_attention"]
+        # The pattern that gives these layer types: every p-th layer is full.
+        full = [i for i, t in enumerate(types) if t == "full_attention"]
+        old["sliding_window_pattern"] = full[0] + 1
+    if old.get("model_type") == "gemma":
+        old["hidden_act"] = "gelu"
     if "dtype" in old:
         old["torch_dtype"] = old.pop("dtype")
     rope = dict(rope)

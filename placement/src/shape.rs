@@ -12,7 +12,9 @@ use crate::inventory::{TensorDType, TensorInfo};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
-    /// The decoders (Llama, Mistral, Qwen 2/3, Granite, OLMo 2, Phi-3, SmolLM2): a KV cache.
+    /// The decoders (Llama, Mistral, Qwen 2/3, Granite, OLMo 2, Phi-3, Gemma 1/2/3,
+    /// SmolLM2): a KV cache. Their tensors are listed as Llama's (Gemma's extra norms
+    /// and Phi-3's fused projections are the same bytes under other names, or a few KB).
     Llama,
     /// BERT-style encoders: no KV cache.
     Bert,
@@ -60,11 +62,11 @@ impl ModelShape {
         let family = match model_type.as_str() {
             // The decoder families of spillway-handlers' models::decoder::families.
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
-            | "olmo2" | "phi3" => Family::Llama,
+            | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" => Family::Llama,
             "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
             other => {
                 return Err(format!(
-                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, bert)"
+                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, bert)"
                 ));
             }
         };
@@ -81,13 +83,14 @@ impl ModelShape {
             head_dim,
             vocab_size: need("vocab_size")?,
             max_position_embeddings: get("max_position_embeddings").unwrap_or(2048),
-            // Encoders have no LM head to tie; decoders tie only when config.json says so
-            // (transformers' LlamaConfig defaults to untied).
+            // Encoders have no LM head to tie; decoders tie when config.json says so, or
+            // by their family's default where it is silent (transformers' Gemma configs
+            // tie, the others do not).
             tie_word_embeddings: family == Family::Llama
                 && config
                     .get("tie_word_embeddings")
                     .and_then(|v| v.as_bool())
-                    .unwrap_or(false),
+                    .unwrap_or(model_type.starts_with("gemma")),
             // transformers 4 writes `torch_dtype`, 5 `dtype`.
             dtype: config
                 .get("dtype")

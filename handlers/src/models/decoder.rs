@@ -1,7 +1,9 @@
 //! The decoder: one graph for every family in [`families`] (RoPE, RMSNorm, SwiGLU,
 //! grouped-query attention, tied or untied head), shaped by a [`DecoderSpec`] read from
-//! config.json — where the norms sit, qk-norm, fused projections, partial rotary, sliding
-//! windows per layer, Granite's multipliers — as a [`LayerStack`] with a KV cache.
+//! config.json — where the norms sit and what they multiply by, qk-norm, fused
+//! projections, the MLP's activation, partial rotary, sliding windows per layer with
+//! their own RoPE, Granite's multipliers, Gemma's scaled embeddings, score scale and
+//! soft-capping — as a [`LayerStack`] with a KV cache.
 //!
 //! candle-transformers' `llama` keeps its blocks, cache and weights private and on one
 //! device, so the blocks are written here — with the same math (attention in f32, the same
@@ -27,7 +29,7 @@ pub mod families;
 mod fixture_tests;
 pub mod spec;
 
-use families::{NormPlacement, Projections, QkNorm};
+use families::{Activation, NormPlacement, NormWeight, Projections, QkNorm};
 pub use spec::DecoderSpec;
 
 /// Per-sequence state: each block's keys and values so far, and the next position.
@@ -122,8 +124,12 @@ struct Attention {
     per_head_norm: bool,
     /// Multiplies the queries where the family's score scale is not 1/sqrt(head_dim).
     query_scale: Option<f64>,
+    /// Scores become `cap × tanh(score / cap)` (Gemma 2).
+    softcap: Option<f64>,
     /// The layer's sliding window, if it has one.
     window: Option<usize>,
+    /// Whether the layer rotates by the sliding layers' own RoPE.
+    local_rope: bool,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -344,8 +350,7 @@ impl Attention {
                 pack,
             )?),
         };
-        let norm =
-            |name: &str, width: usize| candle_nn::rms_norm(width, spec.rms_norm_eps, vb.pp(name));
+        let norm = |name: &str, width: usize| rms_norm(width, spec, vb.pp(name));
         let (q_norm, k_norm) = match spec.family.qk_norm {
             QkNorm::None => (None, None),
             QkNorm::PerHead => (Some(norm("q_norm", hd)?), Some(norm("k_norm", hd)?)),
@@ -356,6 +361,7 @@ impl Attention {
         let default_scale = 1.0 / (hd as f64).sqrt();
         let query_scale = ((spec.attention_scale - default_scale).abs() > 1e-12)
             .then_some(spec.attention_scale / default_scale);
+        let window = spec.windows.get(layer).copied().flatten();
         Ok(Self {
             qkv,
             o: Projection::load(q, h, vb.pp("o_proj"), source, pack)?,
@@ -363,7 +369,9 @@ impl Attention {
             k_norm,
             per_head_norm: spec.family.qk_norm == QkNorm::PerHead,
             query_scale,
-            window: spec.windows.get(layer).copied().flatten(),
+            softcap: spec.attention_softcap,
+            window,
+            local_rope: window.is_some() && spec.local_rope.is_some(),
             heads: spec.num_attention_heads,
             kv_heads: spec.kv_heads,
             head_dim: hd,
@@ -400,11 +408,15 @@ impl Attention {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RowRope,
+        ropes: &PassRopes,
         kvs: &mut [&mut Option<LayerCache>],
         positions: &[usize],
         limit: usize,
     ) -> candle_core::Result<Tensor> {
+        let rope = match (&ropes.local, self.local_rope) {
+            (Some(local), true) => local,
+            _ => &ropes.global,
+        };
         let (b, seq, _) = x.dims3()?;
         if kvs.len() != b || positions.len() != b {
             candle_core::bail!("{b} rows for {} caches", kvs.len());
@@ -447,9 +459,13 @@ impl Attention {
             .is_some_and(|w| caches.iter().any(|c| c.len > w));
         // f32 on the CPU: the fused kernel, for decode and prompts alike (SmolLM2's
         // 128-token prefill 135 ms against 146 ms through MKL's batched matmuls, mask
-        // and softmax; docs/cpu-performance.md). Otherwise, and past a sliding window,
-        // candle's ops per sequence.
-        let y = if q.device().is_cpu() && q.dtype() == DType::F32 && !windowed {
+        // and softmax; docs/cpu-performance.md). Otherwise, past a sliding window and
+        // with soft-capped scores, candle's ops per sequence.
+        let y = if q.device().is_cpu()
+            && q.dtype() == DType::F32
+            && !windowed
+            && self.softcap.is_none()
+        {
             let cached: Vec<crate::cpu::fused_ops::CachedKv<'_>> = caches
                 .iter()
                 .map(|c| crate::cpu::fused_ops::CachedKv {
@@ -489,6 +505,10 @@ impl Attention {
             v.to_dtype(DType::F32)?,
         );
         let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
+        let att = match self.softcap {
+            Some(cap) => ((att / cap)?.tanh()? * cap)?,
+            None => att,
+        };
         let hidden = |query: usize, key: usize| {
             let at = pos + query;
             key > at || self.window.is_some_and(|w| key + w <= at)
@@ -524,6 +544,7 @@ enum GateUp {
 struct Mlp {
     gate_up: GateUp,
     down: Projection,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -550,6 +571,7 @@ impl Mlp {
         Ok(Self {
             gate_up,
             down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
+            activation: spec.activation,
         })
     }
 
@@ -579,25 +601,28 @@ impl Mlp {
         // Packing gate and up into one matmul was no faster here, and a disk unit would
         // pay the packing copy on every pass: the two matmuls stay, their SiLU and
         // product fuse into one in-place pass.
-        let x = if gate.device().is_cpu() && gate.dtype() == DType::F32 {
-            crate::cpu::fused_ops::silu_mul_in_place(&gate, &up)?;
-            gate
-        } else {
-            (candle_nn::ops::silu(&gate)? * up)?
+        let x = match self.activation {
+            Activation::Silu if gate.device().is_cpu() && gate.dtype() == DType::F32 => {
+                crate::cpu::fused_ops::silu_mul_in_place(&gate, &up)?;
+                gate
+            }
+            Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+            Activation::GeluTanh => (gate.gelu()? * up)?,
         };
         self.down.forward(&x)
     }
 }
 
-/// One transformer block.
+/// One transformer block: `h = x + r·post_attn(attn(pre_attn(x)))`, then
+/// `h + r·post_mlp(mlp(pre_mlp(h)))`, each norm present or not as the family places them
+/// ([`NormPlacement`]) and `r` the residual multiplier.
 pub struct Block {
-    /// Before attention ([`NormPlacement::Pre`]) or after it (`Post`).
-    attention_norm: RmsNorm,
+    pre_attention: Option<RmsNorm>,
     attention: Attention,
-    /// Before the MLP (`Pre`) or after it (`Post`).
-    mlp_norm: RmsNorm,
+    post_attention: Option<RmsNorm>,
+    pre_mlp: Option<RmsNorm>,
     mlp: Mlp,
-    placement: NormPlacement,
+    post_mlp: Option<RmsNorm>,
     /// Scales both branches before their residual adds (Granite; else 1).
     residual_multiplier: f64,
 }
@@ -611,22 +636,36 @@ impl Block {
         layer: usize,
         pack: bool,
     ) -> candle_core::Result<Self> {
-        let norm =
-            |name: &str| candle_nn::rms_norm(spec.hidden_size, spec.rms_norm_eps, vb.pp(name));
-        let placement = spec.family.norms;
-        let (attention_norm, mlp_norm) = match placement {
-            NormPlacement::Pre => (norm("input_layernorm")?, norm("post_attention_layernorm")?),
-            NormPlacement::Post => (
+        let norm = |name: &str| rms_norm(spec.hidden_size, spec, vb.pp(name)).map(Some);
+        // Checkpoint names: Llama's two norms sit before each branch; OLMo 2's two and
+        // Gemma's extra pair after.
+        let [pre_attention, post_attention, pre_mlp, post_mlp] = match spec.family.norms {
+            NormPlacement::Pre => [
+                norm("input_layernorm")?,
+                None,
                 norm("post_attention_layernorm")?,
+                None,
+            ],
+            NormPlacement::Post => [
+                None,
+                norm("post_attention_layernorm")?,
+                None,
                 norm("post_feedforward_layernorm")?,
-            ),
+            ],
+            NormPlacement::Sandwich => [
+                norm("input_layernorm")?,
+                norm("post_attention_layernorm")?,
+                norm("pre_feedforward_layernorm")?,
+                norm("post_feedforward_layernorm")?,
+            ],
         };
         Ok(Self {
-            attention_norm,
+            pre_attention,
             attention: Attention::load(vb.pp("self_attn"), source, spec, layer, pack)?,
-            mlp_norm,
+            post_attention,
+            pre_mlp,
             mlp: Mlp::load(vb.pp("mlp"), source, spec, pack)?,
-            placement,
+            post_mlp,
             residual_multiplier: spec.residual_multiplier,
         })
     }
@@ -641,35 +680,40 @@ impl Block {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RowRope,
+        ropes: &PassRopes,
         kvs: &mut [&mut Option<LayerCache>],
         positions: &[usize],
         limit: usize,
     ) -> candle_core::Result<Tensor> {
+        let normed = |norm: &Option<RmsNorm>, t: &Tensor| match norm {
+            Some(n) => n.forward(t),
+            None => Ok(t.clone()),
+        };
         let scaled = |t: Tensor| match self.residual_multiplier {
             1.0 => Ok(t),
             m => t * m,
         };
-        match self.placement {
-            NormPlacement::Pre => {
-                let a = self.attention.forward(
-                    &self.attention_norm.forward(x)?,
-                    rope,
-                    kvs,
-                    positions,
-                    limit,
-                )?;
-                let h = (scaled(a)? + x)?;
-                let m = self.mlp.forward(&self.mlp_norm.forward(&h)?)?;
-                scaled(m)? + h
-            }
-            NormPlacement::Post => {
-                let a = self.attention.forward(x, rope, kvs, positions, limit)?;
-                let h = (scaled(self.attention_norm.forward(&a)?)? + x)?;
-                let m = self.mlp_norm.forward(&self.mlp.forward(&h)?)?;
-                scaled(m)? + h
-            }
-        }
+        let a = self.attention.forward(
+            &normed(&self.pre_attention, x)?,
+            ropes,
+            kvs,
+            positions,
+            limit,
+        )?;
+        let h = (scaled(normed(&self.post_attention, &a)?)? + x)?;
+        let m = self.mlp.forward(&normed(&self.pre_mlp, &h)?)?;
+        scaled(normed(&self.post_mlp, &m)?)? + h
+    }
+}
+
+/// An RMSNorm of `width` at `vb`, multiplying by `w` or, for Gemma, by `1 + w`.
+fn rms_norm(width: usize, spec: &DecoderSpec, vb: VarBuilder) -> candle_core::Result<RmsNorm> {
+    match spec.family.norm_weight {
+        NormWeight::Plain => candle_nn::rms_norm(width, spec.rms_norm_eps, vb),
+        NormWeight::OffsetFromOne => Ok(RmsNorm::new(
+            (vb.get(width, "weight")? + 1.0)?,
+            spec.rms_norm_eps,
+        )),
     }
 }
 
@@ -681,15 +725,20 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(spec: &DecoderSpec, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        let inv = spec
-            .rope
+    /// Tables for `positions` positions of `rope`.
+    fn new(
+        rope: &spec::RopeSpec,
+        positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let inv = rope
             .inverse_frequencies()
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let inv = Tensor::new(inv.as_slice(), device)?;
-        let positions = Tensor::arange(0, spec.max_position_embeddings as u32, device)?
+        let positions = Tensor::arange(0, positions as u32, device)?
             .to_dtype(DType::F32)?
-            .reshape((spec.max_position_embeddings, 1))?;
+            .reshape((positions, 1))?;
         let angles = positions.matmul(&inv.reshape((1, inv.elem_count()))?)?;
         Ok(Self {
             cos: angles.cos()?.to_dtype(dtype)?,
@@ -753,11 +802,24 @@ impl RowRope {
     }
 }
 
-impl Activations for RowRope {
+/// One pass's angles: for full-attention layers, and for sliding ones where their RoPE
+/// differs.
+struct PassRopes {
+    global: RowRope,
+    local: Option<RowRope>,
+}
+
+impl Activations for PassRopes {
     fn to_device(self, device: &Device) -> candle_core::Result<Self> {
+        let moved = |r: RowRope| -> candle_core::Result<RowRope> {
+            Ok(RowRope {
+                cos: r.cos.to_device(device)?,
+                sin: r.sin.to_device(device)?,
+            })
+        };
         Ok(Self {
-            cos: self.cos.to_device(device)?,
-            sin: self.sin.to_device(device)?,
+            global: moved(self.global)?,
+            local: self.local.map(moved).transpose()?,
         })
     }
 }
@@ -889,6 +951,8 @@ pub struct MappedDecoder {
     /// RoPE tables, built on the first block's device (the stack moves each pass's
     /// angles to every block's).
     rope: Rope,
+    /// The sliding layers' own tables, where their RoPE differs.
+    local_rope: Option<Rope>,
 }
 
 /// The stack unit that is the output head tied to the embedding (no placement unit of
@@ -919,6 +983,9 @@ impl MappedDecoder {
     ) -> Result<Self, HandlerError> {
         // An unsupported rope scaling is a load error, before any weight is read.
         config.rope.inverse_frequencies()?;
+        if let Some(local) = &config.local_rope {
+            local.inverse_frequencies()?;
+        }
         let mut stack = LayerStack::default();
         let cfg = config.clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -961,9 +1028,9 @@ impl MappedDecoder {
             stack.push_planned(&name, placement, source, build)?;
         }
         let norm = {
-            let (source, eps) = (source.clone(), cfg.rms_norm_eps);
+            let (source, cfg) = (source.clone(), cfg.clone());
             move |d: &Device, _: Residence| {
-                candle_nn::rms_norm(h, eps, source.var_builder(dtype, d).pp("model.norm"))
+                rms_norm(h, &cfg, source.var_builder(dtype, d).pp("model.norm"))
                     .map(DecoderUnit::Norm)
             }
         };
@@ -1012,12 +1079,17 @@ impl MappedDecoder {
             .or_else(|| stack.units().first().map(|u| &u.device))
             .cloned()
             .ok_or_else(|| HandlerError::Unsupported("the model has no units".into()))?;
-        let rope =
-            Rope::new(&cfg, dtype, &rope_device).context(|| "cannot build RoPE tables".into())?;
+        let tables = |rope: &spec::RopeSpec| {
+            Rope::new(rope, cfg.max_position_embeddings, dtype, &rope_device)
+                .context(|| "cannot build RoPE tables".into())
+        };
+        let rope = tables(&cfg.rope)?;
+        let local_rope = cfg.local_rope.as_ref().map(tables).transpose()?;
         Ok(Self {
             stack,
             config: cfg,
             rope,
+            local_rope,
         })
     }
 
@@ -1073,7 +1145,15 @@ impl MappedDecoder {
         }
         let limit = self.config.positions();
         // The units read the token ids and this pass's RoPE angles.
-        let flow = Flow::new((tokens.clone(), self.rope.rows(&positions, seq)?));
+        let ropes = PassRopes {
+            global: self.rope.rows(&positions, seq)?,
+            local: self
+                .local_rope
+                .as_ref()
+                .map(|r| r.rows(&positions, seq))
+                .transpose()?,
+        };
+        let flow = Flow::new((tokens.clone(), ropes));
         let mut block = 0;
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
             flow.hidden = Some(match unit {
@@ -1096,10 +1176,16 @@ impl MappedDecoder {
                         .contiguous()?
                         .unsqueeze(1)?,
                 )?,
-                DecoderUnit::Head(head) => match self.config.logits_divisor {
-                    1.0 => head.logits(flow.hidden()?)?,
-                    d => (head.logits(flow.hidden()?)? / d)?,
-                },
+                DecoderUnit::Head(head) => {
+                    let logits = match self.config.logits_divisor {
+                        1.0 => head.logits(flow.hidden()?)?,
+                        d => (head.logits(flow.hidden()?)? / d)?,
+                    };
+                    match self.config.logit_softcap {
+                        Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+                        None => logits,
+                    }
+                }
             });
             Ok(flow)
         })?;

@@ -10,6 +10,43 @@ pub enum NormPlacement {
     Pre,
     /// `x + norm(attn(x))`, then `h + norm(mlp(h))` (OLMo 2: no norm on the way in).
     Post,
+    /// `x + norm(attn(norm(x)))`, then `h + norm(mlp(norm(h)))` (Gemma 2 and 3: four
+    /// norms a block).
+    Sandwich,
+}
+
+/// What an RMSNorm multiplies by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormWeight {
+    /// `w` (Llama and most).
+    Plain,
+    /// `1 + w`: the checkpoint stores the offset from one (Gemma).
+    OffsetFromOne,
+}
+
+/// The gated MLP's activation, `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`; Gemma's).
+    GeluTanh,
+}
+
+/// Which layers attend through a sliding window when config.json gives a
+/// `sliding_window` and no `layer_types` (transformers 4's rules, per family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowRule {
+    /// The family has no windows: a `sliding_window` is refused by name.
+    Never,
+    /// Every layer (Mistral, Phi-3), unless `use_sliding_window` is false.
+    Every,
+    /// With `use_sliding_window`, the layers from `max_window_layers` on (Qwen 2 and 3).
+    FromMaxWindowLayers,
+    /// Even layers slide, odd ones see everything (Gemma 2).
+    Alternating,
+    /// All but every `sliding_window_pattern`-th layer slide (Gemma 3; the default
+    /// pattern is given).
+    Pattern(usize),
 }
 
 /// RMSNorm on the queries and keys before RoPE.
@@ -41,14 +78,27 @@ pub struct Family {
     pub norms: NormPlacement,
     pub qk_norm: QkNorm,
     pub projections: Projections,
-    /// Whether `sliding_window` means an attention window in this family (else a
-    /// `sliding_window` in its config is refused by name).
-    pub sliding_window: bool,
+    pub norm_weight: NormWeight,
+    /// The activation where config.json names none.
+    pub activation: Activation,
+    /// Which layers a `sliding_window` applies to.
+    pub windows: WindowRule,
     /// Granite's `embedding_multiplier`, `residual_multiplier`, `attention_multiplier`
     /// and `logits_scaling`.
     pub multipliers: bool,
+    /// Embeddings times `sqrt(hidden_size)` (Gemma).
+    pub scaled_embeddings: bool,
+    /// Gemma 2 and 3: scores scaled by `query_pre_attn_scalar^-0.5`, and tanh
+    /// soft-capping of scores and logits (`attn_logit_softcapping`,
+    /// `final_logit_softcapping`) where config.json sets it.
+    pub gemma_attention: bool,
+    /// The RoPE base of sliding layers where config.json gives none (Gemma 3's
+    /// `rope_local_base_freq`); `None`: sliding layers share the global RoPE.
+    pub local_rope_theta: Option<f64>,
     /// transformers' `rms_norm_eps` default for the family.
     pub default_eps: f64,
+    /// transformers' `tie_word_embeddings` default for the family.
+    pub tied_by_default: bool,
 }
 
 const LLAMA: Family = Family {
@@ -58,9 +108,27 @@ const LLAMA: Family = Family {
     norms: NormPlacement::Pre,
     qk_norm: QkNorm::None,
     projections: Projections::Separate,
-    sliding_window: false,
+    norm_weight: NormWeight::Plain,
+    activation: Activation::Silu,
+    windows: WindowRule::Never,
     multipliers: false,
+    scaled_embeddings: false,
+    gemma_attention: false,
+    local_rope_theta: None,
     default_eps: 1e-6,
+    tied_by_default: false,
+};
+
+/// Gemma 1: Llama's graph with `1 + w` norms, scaled embeddings and GELU.
+const GEMMA: Family = Family {
+    name: "gemma",
+    model_types: &["gemma"],
+    architectures: &["GemmaForCausalLM"],
+    norm_weight: NormWeight::OffsetFromOne,
+    activation: Activation::GeluTanh,
+    scaled_embeddings: true,
+    tied_by_default: true,
+    ..LLAMA
 };
 
 /// Every family, in the order `plan` lists them.
@@ -70,14 +138,14 @@ pub const FAMILIES: &[Family] = &[
         name: "mistral",
         model_types: &["mistral"],
         architectures: &["MistralForCausalLM"],
-        sliding_window: true,
+        windows: WindowRule::Every,
         ..LLAMA
     },
     Family {
         name: "qwen2",
         model_types: &["qwen2"],
         architectures: &["Qwen2ForCausalLM"],
-        sliding_window: true,
+        windows: WindowRule::FromMaxWindowLayers,
         ..LLAMA
     },
     Family {
@@ -85,7 +153,7 @@ pub const FAMILIES: &[Family] = &[
         model_types: &["qwen3"],
         architectures: &["Qwen3ForCausalLM"],
         qk_norm: QkNorm::PerHead,
-        sliding_window: true,
+        windows: WindowRule::FromMaxWindowLayers,
         ..LLAMA
     },
     Family {
@@ -109,9 +177,32 @@ pub const FAMILIES: &[Family] = &[
         model_types: &["phi3"],
         architectures: &["Phi3ForCausalLM"],
         projections: Projections::Fused,
-        sliding_window: true,
+        windows: WindowRule::Every,
         default_eps: 1e-5,
         ..LLAMA
+    },
+    GEMMA,
+    Family {
+        name: "gemma2",
+        model_types: &["gemma2"],
+        architectures: &["Gemma2ForCausalLM"],
+        norms: NormPlacement::Sandwich,
+        windows: WindowRule::Alternating,
+        gemma_attention: true,
+        ..GEMMA
+    },
+    // The text model alone; Gemma3ForConditionalGeneration (model_type gemma3, with a
+    // vision tower and `language_model.` weights) is not this row.
+    Family {
+        name: "gemma3",
+        model_types: &["gemma3_text"],
+        architectures: &["Gemma3ForCausalLM"],
+        norms: NormPlacement::Sandwich,
+        qk_norm: QkNorm::PerHead,
+        windows: WindowRule::Pattern(6),
+        gemma_attention: true,
+        local_rope_theta: Some(10_000.0),
+        ..GEMMA
     },
 ];
 

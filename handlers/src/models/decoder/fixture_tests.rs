@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::families::FAMILIES;
+use super::families::{Activation, FAMILIES};
 use super::{DecoderSpec, KvCache, MappedDecoder, argmax};
 use crate::WeightSource;
 use crate::testing::decoder_fixtures::write_weights;
@@ -186,4 +186,14 @@ fn each_family_feature_changes_the_fixtures_answer() {
     departs("granite", &|s| {
         s.attention_scale = 1.0 / (s.head_dim as f64).sqrt()
     });
+    departs("gemma", &|s| s.embedding_multiplier = 1.0);
+    departs("gemma", &|s| s.activation = Activation::Silu);
+    departs("gemma2", &|s| s.attention_softcap = None);
+    departs("gemma2", &|s| s.logit_softcap = None);
+    departs("gemma2", &|s| {
+        s.attention_scale = 1.0 / (s.head_dim as f64).sqrt()
+    });
+    departs("gemma2", &|s| s.windows = vec![None; s.windows.len()]);
+    departs("gemma3", &|s| s.local_rope = None);
+    departs("gemma3", &|s| s.rope.scaling = None);
 }

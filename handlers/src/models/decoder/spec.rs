@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use super::families::{Family, family_of, served_model_types};
+use super::families::{Activation, Family, WindowRule, family_of, served_model_types};
 use crate::HandlerError;
 
 /// RoPE: the base, the scaling, and how much of each head rotates.
@@ -33,7 +33,12 @@ pub struct DecoderSpec {
     pub rms_norm_eps: f64,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
+    /// RoPE of full-attention layers (and of sliding ones where `local_rope` is `None`).
     pub rope: RopeSpec,
+    /// RoPE of sliding-window layers where it differs (Gemma 3's local base).
+    pub local_rope: Option<RopeSpec>,
+    /// The gated MLP's activation.
+    pub activation: Activation,
     /// Each layer's attention window (`None`: the whole context). A key at distance
     /// `window` or more behind a query is not attended to (transformers'
     /// `kv_idx > q_idx - sliding_window`).
@@ -47,6 +52,10 @@ pub struct DecoderSpec {
     pub attention_scale: f64,
     /// Divides the logits (Granite's `logits_scaling`).
     pub logits_divisor: f64,
+    /// Attention scores become `cap × tanh(score / cap)` (Gemma 2).
+    pub attention_softcap: Option<f64>,
+    /// Logits become `cap × tanh(logit / cap)` (Gemma 2).
+    pub logit_softcap: Option<f64>,
     pub eos_token_id: Option<Value>,
 }
 
@@ -117,17 +126,34 @@ impl DecoderSpec {
         let head_dim = count("head_dim")?.unwrap_or(hidden_size / heads);
 
         // What the spec does not model, by name.
-        for key in ["hidden_act", "hidden_activation"] {
-            if let Some(v) = present(key)
-                && v.as_str() != Some("silu")
-            {
-                return Err(refuse(family, key, v, "only SiLU-gated MLPs are"));
+        let activation = activation(config, family)?;
+        let softcap = |key: &str| -> Result<Option<f64>, HandlerError> {
+            match present(key) {
+                None => Ok(None),
+                Some(v) if !family.gemma_attention => Err(refuse(family, key, v, "soft-capping")),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|c| *c > 0.0)
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("`{key}` is {v}, not a positive number"))),
             }
+        };
+        let attention_softcap = softcap("attn_logit_softcapping")?;
+        let logit_softcap = softcap("final_logit_softcapping")?;
+        if let Some(v) = present("query_pre_attn_scalar")
+            && !family.gemma_attention
+        {
+            return Err(refuse(family, "query_pre_attn_scalar", v, "a score scale"));
         }
-        for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
-            if let Some(v) = present(key) {
-                return Err(refuse(family, key, v, "soft-capping"));
-            }
+        if let Some(v) = present("use_bidirectional_attention")
+            && v.as_bool() != Some(false)
+        {
+            return Err(refuse(
+                family,
+                "use_bidirectional_attention",
+                v,
+                "attention without a causal mask",
+            ));
         }
         if !family.multipliers {
             for key in [
@@ -144,17 +170,25 @@ impl DecoderSpec {
             }
         }
 
-        let rope = rope_spec(config, family, head_dim)?;
+        let (rope, local_rope) = rope_specs(config, family, head_dim)?;
         let max_position_embeddings = count("max_position_embeddings")?.unwrap_or(4096);
         let windows = windows(config, family, layers)?;
         let multiplier = |key: &str, default: f64| match family.multipliers {
             true => number(key, default),
             false => Ok(default),
         };
-        let attention_scale = match family.multipliers && present("attention_multiplier").is_some()
-        {
-            true => number("attention_multiplier", 1.0)?,
-            false => 1.0 / (head_dim as f64).sqrt(),
+        let attention_scale = if family.multipliers && present("attention_multiplier").is_some() {
+            number("attention_multiplier", 1.0)?
+        } else if family.gemma_attention {
+            // transformers' default where config.json leaves it out.
+            number("query_pre_attn_scalar", 256.0)?.powf(-0.5)
+        } else {
+            1.0 / (head_dim as f64).sqrt()
+        };
+        // Gemma multiplies by sqrt(hidden_size) as a float32 tensor.
+        let embedding_multiplier = match family.scaled_embeddings {
+            true => f64::from((hidden_size as f32).sqrt()),
+            false => multiplier("embedding_multiplier", 1.0)?,
         };
         Ok(Self {
             family,
@@ -170,13 +204,17 @@ impl DecoderSpec {
             max_position_embeddings,
             tie_word_embeddings: present("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(family.tied_by_default),
             rope,
+            local_rope,
+            activation,
             windows,
-            embedding_multiplier: multiplier("embedding_multiplier", 1.0)?,
+            embedding_multiplier,
             residual_multiplier: multiplier("residual_multiplier", 1.0)?,
             attention_scale,
             logits_divisor: multiplier("logits_scaling", 1.0)?,
+            attention_softcap,
+            logit_softcap,
             eos_token_id: present("eos_token_id").cloned(),
         })
     }
@@ -220,33 +258,133 @@ impl DecoderSpec {
         if let Some(Some(w)) = self.windows.iter().find(|w| w.is_some()) {
             parts.push(format!("window {w} on {windowed} layers"));
         }
+        if let Some(local) = &self.local_rope {
+            parts.push(format!("sliding layers' rope theta {}", local.theta));
+        }
+        if self.activation != Activation::Silu {
+            parts.push(format!("{:?}", self.activation));
+        }
+        if let Some(cap) = self.attention_softcap {
+            parts.push(format!("scores capped at {cap}"));
+        }
+        if let Some(cap) = self.logit_softcap {
+            parts.push(format!("logits capped at {cap}"));
+        }
         parts.push(format!("{} positions", self.max_position_embeddings));
         parts.join(", ")
     }
 }
 
-/// RoPE from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` /
-/// `partial_rotary_factor` (transformers 4).
-fn rope_spec(config: &Value, family: &Family, head_dim: usize) -> Result<RopeSpec, HandlerError> {
-    let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
-    let parameters = present(config.get("rope_parameters"));
-    let (theta, scaling, partial) = match &parameters {
-        Some(p) => {
-            if !p.is_object() {
-                return Err(bad(format!("`rope_parameters` is {p}, not an object")));
-            }
-            let mut scaling = p.clone();
-            let object = scaling.as_object_mut().expect("checked an object");
-            let theta = object.remove("rope_theta");
-            let partial = object.remove("partial_rotary_factor");
-            (theta, Some(scaling), partial)
-        }
-        None => (
-            present(config.get("rope_theta")),
-            present(config.get("rope_scaling")),
-            present(config.get("partial_rotary_factor")),
-        ),
+/// The gated MLP's activation: `hidden_activation` (Gemma 2 and 3 read it) or else
+/// `hidden_act`. Gemma 1's `gelu` means the tanh approximation (transformers rewrites it).
+fn activation(config: &Value, family: &Family) -> Result<Activation, HandlerError> {
+    let (key, value) = match ["hidden_activation", "hidden_act"]
+        .into_iter()
+        .find_map(|k| config.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
+    {
+        None => return Ok(family.activation),
+        Some(found) => found,
     };
+    match value.as_str() {
+        Some("silu" | "swish") => Ok(Activation::Silu),
+        Some("gelu_pytorch_tanh") => Ok(Activation::GeluTanh),
+        Some("gelu") if family.activation == Activation::GeluTanh => Ok(Activation::GeluTanh),
+        _ => Err(refuse(
+            family,
+            key,
+            value,
+            "only SiLU- and tanh-GELU-gated MLPs are",
+        )),
+    }
+}
+
+/// RoPE of full-attention layers and, where it differs, of sliding-window ones: from
+/// `rope_parameters` (transformers 5; Gemma 3's keyed by layer type) or from
+/// `rope_theta` / `rope_scaling` / `partial_rotary_factor` / `rope_local_base_freq`
+/// (transformers 4).
+fn rope_specs(
+    config: &Value,
+    family: &Family,
+    head_dim: usize,
+) -> Result<(RopeSpec, Option<RopeSpec>), HandlerError> {
+    let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+    let (global, local) = match present(config.get("rope_parameters")) {
+        Some(p) if !p.is_object() => {
+            return Err(bad(format!("`rope_parameters` is {p}, not an object")));
+        }
+        Some(p) if p.get("full_attention").is_some() || p.get("sliding_attention").is_some() => {
+            let of = |kind: &str| -> Result<Option<RopeSpec>, HandlerError> {
+                let label = format!("`rope_parameters.{kind}`");
+                match p.get(kind).filter(|v| !v.is_null()) {
+                    None => Ok(None),
+                    Some(v) if !v.is_object() => Err(bad(format!("{label} is {v}, not an object"))),
+                    Some(v) => rope_from_parameters(v, family, head_dim, &label).map(Some),
+                }
+            };
+            let global = of("full_attention")?
+                .ok_or_else(|| bad("`rope_parameters` has no `full_attention` entry"))?;
+            (global, of("sliding_attention")?)
+        }
+        Some(p) => (
+            rope_from_parameters(&p, family, head_dim, "`rope_parameters`")?,
+            None,
+        ),
+        None => {
+            let global = rope_spec(
+                present(config.get("rope_theta")),
+                present(config.get("rope_scaling")),
+                present(config.get("partial_rotary_factor")),
+                family,
+                head_dim,
+                "`rope_scaling`",
+            )?;
+            let local_theta = present(config.get("rope_local_base_freq"))
+                .or_else(|| family.local_rope_theta.map(Value::from));
+            let local = local_theta
+                .map(|theta| {
+                    rope_spec(
+                        Some(theta),
+                        None,
+                        present(config.get("partial_rotary_factor")),
+                        family,
+                        head_dim,
+                        "`rope_local_base_freq`",
+                    )
+                })
+                .transpose()?;
+            (global, local)
+        }
+    };
+    Ok((global.clone(), local.filter(|l| *l != global)))
+}
+
+/// transformers 5's RoPE parameters (`rope_theta`, `partial_rotary_factor` and the
+/// scaling in one object).
+fn rope_from_parameters(
+    parameters: &Value,
+    family: &Family,
+    head_dim: usize,
+    label: &str,
+) -> Result<RopeSpec, HandlerError> {
+    let mut scaling = parameters.clone();
+    let object = scaling
+        .as_object_mut()
+        .ok_or_else(|| bad(format!("{label} is {parameters}, not an object")))?;
+    let theta = object.remove("rope_theta");
+    let partial = object.remove("partial_rotary_factor");
+    rope_spec(theta, Some(scaling), partial, family, head_dim, label)
+}
+
+/// One RoPE from its base, scaling and partial-rotary factor (each as config.json has
+/// it, absent as `None`); `label` names where they came from in errors.
+fn rope_spec(
+    theta: Option<Value>,
+    scaling: Option<Value>,
+    partial: Option<Value>,
+    family: &Family,
+    head_dim: usize,
+    label: &str,
+) -> Result<RopeSpec, HandlerError> {
     let theta = match theta {
         None => 10_000.0,
         Some(v) => v
@@ -286,15 +424,9 @@ fn rope_spec(config: &Value, family: &Family, head_dim: usize) -> Result<RopeSpe
     };
     // An unknown or unimplemented scaling is refused here, before any weight is read.
     rope.inverse_frequencies().map_err(|e| match e {
-        HandlerError::Unsupported(why) => HandlerError::Unsupported(format!(
-            "config.json's {} for {}: {why}",
-            if parameters.is_some() {
-                "`rope_parameters`"
-            } else {
-                "`rope_scaling`"
-            },
-            family.name
-        )),
+        HandlerError::Unsupported(why) => {
+            HandlerError::Unsupported(format!("config.json's {label} for {}: {why}", family.name))
+        }
         other => other,
     })?;
     Ok(rope)
@@ -332,7 +464,7 @@ fn windows(
             .iter()
             .map(|t| match t.as_str() {
                 Some("full_attention") => Ok(None),
-                Some("sliding_attention") if family.sliding_window => match window {
+                Some("sliding_attention") if family.windows != WindowRule::Never => match window {
                     Some(w) => Ok(Some(w)),
                     None => Err(bad(
                         "`layer_types` has sliding layers but no `sliding_window`",
@@ -350,19 +482,37 @@ fn windows(
     let Some(w) = window else {
         return Ok(vec![None; layers]);
     };
-    if !family.sliding_window {
-        if use_sliding == Some(false) {
-            return Ok(vec![None; layers]);
+    let off = use_sliding == Some(false);
+    let pattern = |default: usize| -> Result<usize, HandlerError> {
+        match config
+            .get("sliding_window_pattern")
+            .filter(|v| !v.is_null())
+        {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|&p| p > 0)
+                .map(|p| p as usize)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`sliding_window_pattern` is {v}, not a positive number"
+                    ))
+                }),
         }
-        return Err(refuse(
-            family,
-            "sliding_window",
-            &Value::from(w),
-            "an attention window",
-        ));
-    }
-    match family.name {
-        "qwen2" | "qwen3" => {
+    };
+    Ok(match family.windows {
+        WindowRule::Never if off => vec![None; layers],
+        WindowRule::Never => {
+            return Err(refuse(
+                family,
+                "sliding_window",
+                &Value::from(w),
+                "an attention window",
+            ));
+        }
+        _ if off => vec![None; layers],
+        WindowRule::Every => vec![Some(w); layers],
+        WindowRule::FromMaxWindowLayers => {
             if use_sliding != Some(true) {
                 return Ok(vec![None; layers]);
             }
@@ -370,11 +520,16 @@ fn windows(
                 .get("max_window_layers")
                 .and_then(Value::as_u64)
                 .map_or(layers, |n| n as usize);
-            Ok((0..layers).map(|i| (i >= from).then_some(w)).collect())
+            (0..layers).map(|i| (i >= from).then_some(w)).collect()
         }
-        _ if use_sliding == Some(false) => Ok(vec![None; layers]),
-        _ => Ok(vec![Some(w); layers]),
-    }
+        WindowRule::Alternating => (0..layers).map(|i| (i % 2 == 0).then_some(w)).collect(),
+        WindowRule::Pattern(default) => {
+            let every = pattern(default)?;
+            (0..layers)
+                .map(|i| ((i + 1) % every != 0).then_some(w))
+                .collect()
+        }
+    })
 }
 
 impl RopeSpec {
@@ -584,6 +739,21 @@ mod tests {
                 ["chunked_attention", "full_attention", "full_attention"]}),
                 "layer_types",
             ),
+            (
+                "gemma2",
+                json!({"hidden_activation": "relu"}),
+                "hidden_activation",
+            ),
+            (
+                "llama",
+                json!({"query_pre_attn_scalar": 64}),
+                "query_pre_attn_scalar",
+            ),
+            (
+                "gemma3_text",
+                json!({"use_bidirectional_attention": true}),
+                "use_bidirectional_attention",
+            ),
         ] {
             let why = refusal(with(model_type, extra));
             assert!(why.contains(key), "{model_type}: {why} does not name {key}");
@@ -618,5 +788,48 @@ mod tests {
         );
         let llama = DecoderSpec::from_config(&base("llama")).expect("llama");
         assert_eq!(llama.attention_scale, 1.0 / 8f64.sqrt());
+    }
+
+    #[test]
+    fn gemma_configs_from_the_hub_and_from_transformers_5_read_alike() {
+        // Gemma 3 as the Hub has it (transformers 4): a window pattern, a local RoPE base,
+        // scaling on the global RoPE only, no tie_word_embeddings (Gemma ties by default).
+        let t4 = DecoderSpec::from_config(&with(
+            "gemma3_text",
+            json!({"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                "sliding_window_pattern": 3, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0}}),
+        ))
+        .expect("t4");
+        let t5 = DecoderSpec::from_config(&with(
+            "gemma3_text",
+            json!({"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4,
+                "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+        ))
+        .expect("t5");
+        for spec in [&t4, &t5] {
+            assert_eq!(spec.windows, vec![Some(4), Some(4), None]);
+            assert_eq!(spec.rope.theta, 1e6);
+            assert!(spec.rope.scaling.is_some());
+            let local = spec.local_rope.as_ref().expect("a local rope");
+            assert_eq!((local.theta, &local.scaling), (1e4, &None));
+            assert!(spec.tie_word_embeddings);
+            assert_eq!(spec.attention_scale, 0.25);
+            assert_eq!(spec.activation, Activation::GeluTanh);
+            assert_eq!(spec.embedding_multiplier, f64::from(32f32.sqrt()));
+        }
+        // Gemma 2 alternates from a sliding first layer; Gemma 1's legacy `gelu` is the
+        // tanh approximation, where Llama's would be refused.
+        let gemma2 = DecoderSpec::from_config(&with("gemma2", json!({"sliding_window": 4})))
+            .expect("gemma2");
+        assert_eq!(gemma2.windows, vec![Some(4), None, Some(4)]);
+        assert_eq!(gemma2.attention_scale, 1.0 / 16.0);
+        let gemma =
+            DecoderSpec::from_config(&with("gemma", json!({"hidden_act": "gelu"}))).expect("gemma");
+        assert_eq!(gemma.activation, Activation::GeluTanh);
+        assert!(gemma.local_rope.is_none());
     }
 }

@@ -9,7 +9,8 @@ For each family below this writes handlers/tests/fixtures/decoders/<family>/:
   tensors.json     the weights as a recipe, not as numbers: each tensor's name, shape,
                    offset and scale. Its values are offset + scale * u, u uniform in
                    [-1, 1) from splitmix64 counters seeded by FNV-1a of "<family>/<name>"
-                   (see weights() below), computed in f32; handlers' testing module
+                   (see weights() below), computed in f32; transformers answers from
+                   the checkpoint written from it, and handlers' testing module
                    rebuilds the same model.safetensors bit for bit, so no weights are
                    committed
   reference.json   a prompt, then per greedy step transformers' logits (eager attention,
@@ -26,7 +27,7 @@ import pathlib
 import numpy as np
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "handlers/tests/fixtures/decoders"
 PROMPT = [3, 17, 42, 99, 5, 64, 11, 120, 7, 30]
@@ -146,6 +147,28 @@ FAMILIES = {
             },
         ),
     ),
+    # Four experts, two per token, weights renormalised over the chosen two.
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    # Qwen 3's attention with experts of their own width; layer 1 keeps a dense MLP
+    # (mlp_only_layers), norm_topk_prob renormalises as the released checkpoints do.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            tie_word_embeddings=False,
+            head_dim=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+        ),
+    ),
 }
 
 
@@ -188,17 +211,6 @@ def recipe(name: str):
     return 0.0, 0.43
 
 
-def randomize(model, family):
-    """Fill every parameter from its recipe; return the manifest."""
-    manifest = []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            offset, scale = recipe(name)
-            p.copy_(torch.from_numpy(weights(family, name, tuple(p.shape), offset, scale)))
-            manifest.append({"name": name, "shape": list(p.shape), "offset": offset, "scale": scale})
-    return manifest
-
-
 def t4_spelling(config: dict) -> dict:
     """transformers 4's config.json for the same model (as the Hub's Gemma 2 and 3
     checkpoints have it: no layer_types, Gemma 3's `sliding_window_pattern` and
@@ -215,6 +227,8 @@ def t4_spelling(config: dict) -> dict:
         old["sliding_window_pattern"] = full[0] + 1
     if old.get("model_type") == "gemma":
         old["hidden_act"] = "gelu"
+    if old.get("model_type") == "qwen3_moe" and "num_local_experts" in old:
+        old["num_experts"] = old.pop("num_local_experts")
     if "dtype" in old:
         old["torch_dtype"] = old.pop("dtype")
     rope = dict(rope)
@@ -231,27 +245,32 @@ def t4_spelling(config: dict) -> dict:
 def main():
     for family, (config_class, model_class, keys) in FAMILIES.items():
         config = getattr(transformers, config_class)(**{**COMMON, **keys})
-        config._attn_implementation = "eager"
-        model = getattr(transformers, model_class)(config).eval().to(torch.float32)
-        manifest = randomize(model, family)
+        model_type = getattr(transformers, model_class)
         out = OUT / family
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
+        # Saved once to learn the tensors as checkpoints name them (MoE experts one by
+        # one, tied heads left out); then the file is written again from the recipe and
+        # the model transformers answers with is loaded from it, every tensor read.
+        model_type(config).save_pretrained(out, safe_serialization=True)
         for extra in out.glob("generation_config.json"):
             extra.unlink()
-        # The checkpoint transformers wrote is exactly the manifest rebuilt: same names
-        # (tied heads are not saved), same values; then it goes, the manifest stays.
         saved = load_file(out / "model.safetensors")
-        listed = {t["name"]: t for t in manifest if t["name"] in saved}
-        assert sorted(saved) == sorted(listed), (family, sorted(saved), sorted(listed))
-        for name, tensor in saved.items():
-            t = listed[name]
-            again = weights(family, name, tuple(t["shape"]), t["offset"], t["scale"])
-            assert np.array_equal(tensor.numpy(), again), (family, name)
+        manifest, tensors = [], {}
+        for name in sorted(saved):
+            shape = tuple(saved[name].shape)
+            offset, scale = recipe(name)
+            tensors[name] = torch.from_numpy(weights(family, name, shape, offset, scale))
+            manifest.append({"name": name, "shape": list(shape), "offset": offset, "scale": scale})
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        model, info = model_type.from_pretrained(
+            out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+        assert not any(info.values()), (family, info)
+        model = model.eval()
         (out / "model.safetensors").unlink()
         (out / "tensors.json").write_text(
-            json.dumps({"generator": "splitmix64-fnv1a-v1", "dtype": "F32",
-                        "tensors": sorted(listed.values(), key=lambda t: t["name"])}, indent=1) + "\n"
+            json.dumps({"generator": "splitmix64-fnv1a-v1", "dtype": "F32", "tensors": manifest},
+                       indent=1) + "\n"
         )
         saved = json.loads((out / "config.json").read_text())
         (out / "config.t4.json").write_text(json.dumps(t4_spelling(saved), indent=2) + "\n")

@@ -37,6 +37,9 @@ pub struct ModelShape {
     pub dtype: Option<TensorDType>,
     /// Qwen2 puts biases on q/k/v.
     pub qkv_bias: bool,
+    /// Routed experts per block (0: a dense MLP) and each one's intermediate width.
+    pub experts: usize,
+    pub expert_intermediate_size: usize,
     pub type_vocab_size: usize,
 }
 
@@ -62,21 +65,31 @@ impl ModelShape {
         let family = match model_type.as_str() {
             // The decoder families of spillway-handlers' models::decoder::families.
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
-            | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" => Family::Llama,
+            | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe" => {
+                Family::Llama
+            }
             "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
             other => {
                 return Err(format!(
-                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, bert)"
+                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, bert)"
                 ));
             }
         };
         let hidden_size = need("hidden_size")?;
         let heads = need("num_attention_heads")?;
         let head_dim = get("head_dim").unwrap_or(hidden_size / heads.max(1));
+        let intermediate_size = need("intermediate_size")?;
+        // transformers 5 writes `num_local_experts`; Qwen's configs `num_experts`.
+        let experts = match model_type.as_str() {
+            "mixtral" | "qwen3_moe" => get("num_local_experts").or(get("num_experts")).unwrap_or(0),
+            _ => 0,
+        };
         Ok(ModelShape {
             family,
             hidden_size,
-            intermediate_size: need("intermediate_size")?,
+            intermediate_size,
+            experts,
+            expert_intermediate_size: get("moe_intermediate_size").unwrap_or(intermediate_size),
             layers: need("num_hidden_layers")?,
             heads,
             kv_heads: get("num_key_value_heads").unwrap_or(heads),
@@ -153,9 +166,25 @@ impl ModelShape {
                         out.push(t(format!("{p}.self_attn.v_proj.bias"), &[kv]));
                     }
                     out.push(t(format!("{p}.self_attn.o_proj.weight"), &[h, q]));
-                    out.push(t(format!("{p}.mlp.gate_proj.weight"), &[i, h]));
-                    out.push(t(format!("{p}.mlp.up_proj.weight"), &[i, h]));
-                    out.push(t(format!("{p}.mlp.down_proj.weight"), &[h, i]));
+                    if self.experts > 0 {
+                        // Every block routed (Qwen 3 MoE's `mlp_only_layers` are rare).
+                        let (module, [gate, up, down]) = match self.model_type.as_str() {
+                            "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
+                            _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+                        };
+                        let e = self.expert_intermediate_size;
+                        out.push(t(format!("{p}.{module}.gate.weight"), &[self.experts, h]));
+                        for x in 0..self.experts {
+                            let p = format!("{p}.{module}.experts.{x}");
+                            out.push(t(format!("{p}.{gate}.weight"), &[e, h]));
+                            out.push(t(format!("{p}.{up}.weight"), &[e, h]));
+                            out.push(t(format!("{p}.{down}.weight"), &[h, e]));
+                        }
+                    } else {
+                        out.push(t(format!("{p}.mlp.gate_proj.weight"), &[i, h]));
+                        out.push(t(format!("{p}.mlp.up_proj.weight"), &[i, h]));
+                        out.push(t(format!("{p}.mlp.down_proj.weight"), &[h, i]));
+                    }
                     out.push(t(format!("{p}.input_layernorm.weight"), &[h]));
                     out.push(t(format!("{p}.post_attention_layernorm.weight"), &[h]));
                 }
@@ -264,6 +293,43 @@ mod tests {
             shape.reserve(1, 2048, TensorDType::BF16).kv_per_block,
             r.kv_per_block / 2
         );
+    }
+
+    /// From config.json alone, the tensors of the checkpoints transformers writes
+    /// (handlers' decoder fixtures list theirs): names and shapes, experts included.
+    #[test]
+    fn config_alone_lists_the_checkpoints_tensors_for_llama_like_and_mixtral() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../handlers/tests/fixtures/decoders");
+        let read = |path: std::path::PathBuf| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json")
+        };
+        for family in ["llama", "mistral", "qwen2", "granite", "mixtral"] {
+            for file in ["config.json", "config.t4.json"] {
+                let shape = ModelShape::from_config(&read(fixtures.join(family).join(file)))
+                    .expect("shape");
+                let mut ours: Vec<(String, Vec<usize>)> = shape
+                    .tensors()
+                    .into_iter()
+                    .map(|t| (t.name, t.shape))
+                    .collect();
+                ours.sort();
+                let manifest = read(fixtures.join(family).join("tensors.json"));
+                let mut theirs: Vec<(String, Vec<usize>)> = manifest["tensors"]
+                    .as_array()
+                    .expect("tensors")
+                    .iter()
+                    .map(|t| {
+                        (
+                            t["name"].as_str().expect("name").to_string(),
+                            serde_json::from_value(t["shape"].clone()).expect("shape"),
+                        )
+                    })
+                    .collect();
+                theirs.sort();
+                assert_eq!(ours, theirs, "{family} ({file})");
+            }
+        }
     }
 
     #[test]

@@ -548,6 +548,7 @@ struct Mlp {
 }
 
 impl Mlp {
+    /// The block's dense MLP, named as the family's checkpoints name it.
     fn load(
         vb: VarBuilder,
         source: &WeightSource,
@@ -555,22 +556,46 @@ impl Mlp {
         pack: bool,
     ) -> candle_core::Result<Self> {
         let (h, i) = (spec.hidden_size, spec.intermediate_size);
-        let gate_up = match spec.family.projections {
-            Projections::Separate => GateUp::Separate {
-                gate: Projection::load(h, i, vb.pp("gate_proj"), source, pack)?,
-                up: Projection::load(h, i, vb.pp("up_proj"), source, pack)?,
-            },
-            Projections::Fused => GateUp::Fused(Projection::load(
-                h,
-                2 * i,
-                vb.pp("gate_up_proj"),
+        match spec.family.projections {
+            Projections::Separate => Self::load_separate(
+                vb,
                 source,
+                spec,
+                i,
+                ["gate_proj", "up_proj", "down_proj"],
                 pack,
-            )?),
-        };
+            ),
+            Projections::Fused => Ok(Self {
+                gate_up: GateUp::Fused(Projection::load(
+                    h,
+                    2 * i,
+                    vb.pp("gate_up_proj"),
+                    source,
+                    pack,
+                )?),
+                down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
+                activation: spec.activation,
+            }),
+        }
+    }
+
+    /// An MLP of `width` whose gate, up and down projections are `names` under `vb`
+    /// (an expert's too).
+    fn load_separate(
+        vb: VarBuilder,
+        source: &WeightSource,
+        spec: &DecoderSpec,
+        width: usize,
+        [gate, up, down]: [&str; 3],
+        pack: bool,
+    ) -> candle_core::Result<Self> {
+        let h = spec.hidden_size;
         Ok(Self {
-            gate_up,
-            down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
+            gate_up: GateUp::Separate {
+                gate: Projection::load(h, width, vb.pp(gate), source, pack)?,
+                up: Projection::load(h, width, vb.pp(up), source, pack)?,
+            },
+            down: Projection::load(width, h, vb.pp(down), source, pack)?,
             activation: spec.activation,
         })
     }
@@ -613,6 +638,130 @@ impl Mlp {
     }
 }
 
+/// Routed experts: each row's MLP is the weighted sum of its `per_token` experts with
+/// the highest softmax of the router's logits (in f32), the weights renormalised to sum
+/// to one where the spec says; each expert runs once over the rows routed to it, and
+/// adds back in expert order (as transformers does).
+struct MixtureOfExperts {
+    router: Projection,
+    experts: Vec<Mlp>,
+    per_token: usize,
+    normalize: bool,
+}
+
+impl MixtureOfExperts {
+    fn load(
+        vb: VarBuilder,
+        source: &WeightSource,
+        spec: &DecoderSpec,
+        names: &families::Experts,
+        moe: &spec::MoeSpec,
+        pack: bool,
+    ) -> candle_core::Result<Self> {
+        let vb = vb.pp(names.module);
+        let experts = (0..moe.experts)
+            .map(|e| {
+                Mlp::load_separate(
+                    vb.pp(format!("experts.{e}")),
+                    source,
+                    spec,
+                    moe.intermediate_size,
+                    names.projections,
+                    pack,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            router: Projection::load(spec.hidden_size, moe.experts, vb.pp("gate"), source, pack)?,
+            experts,
+            per_token: moe.per_token,
+            normalize: moe.normalize,
+        })
+    }
+
+    fn projections(&self) -> Vec<&Projection> {
+        let mut all = vec![&self.router];
+        all.extend(self.experts.iter().flat_map(Mlp::projections));
+        all
+    }
+
+    /// Each expert's rows and their weights, from the router's logits `[rows, experts]`.
+    fn route(&self, logits: &Tensor) -> candle_core::Result<Vec<(Vec<u32>, Vec<f32>)>> {
+        let probabilities =
+            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
+        let mut routed = vec![(Vec::new(), Vec::new()); self.experts.len()];
+        for (row, p) in probabilities.iter().enumerate() {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_by(|a, b| p[*b].total_cmp(&p[*a]));
+            let chosen = &order[..self.per_token];
+            let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
+            for &e in chosen {
+                routed[e].0.push(row as u32);
+                routed[e]
+                    .1
+                    .push(if self.normalize { p[e] / sum } else { p[e] });
+            }
+        }
+        Ok(routed)
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, seq, h) = x.dims3()?;
+        let rows = x.reshape((1, b * seq, h))?;
+        let logits = self.router.forward(&rows)?.squeeze(0)?;
+        let rows = rows.squeeze(0)?;
+        let mut out = rows.zeros_like()?;
+        for ((index, weights), expert) in self.route(&logits)?.into_iter().zip(&self.experts) {
+            if index.is_empty() {
+                continue;
+            }
+            let count = index.len();
+            let index = Tensor::from_vec(index, count, x.device())?;
+            let y = expert.forward(&rows.index_select(&index, 0)?.unsqueeze(0)?)?;
+            let weights = Tensor::from_vec(weights, (count, 1), x.device())?.to_dtype(y.dtype())?;
+            out = out.index_add(&index, &y.squeeze(0)?.broadcast_mul(&weights)?, 0)?;
+        }
+        out.reshape((b, seq, h))
+    }
+}
+
+/// A block's MLP: one dense, or routed experts.
+enum FeedForward {
+    Dense(Mlp),
+    Experts(MixtureOfExperts),
+}
+
+impl FeedForward {
+    fn load(
+        vb: VarBuilder,
+        source: &WeightSource,
+        spec: &DecoderSpec,
+        layer: usize,
+        pack: bool,
+    ) -> candle_core::Result<Self> {
+        match (&spec.family.experts, &spec.moe) {
+            (Some(names), Some(moe)) if moe.sparse.get(layer) == Some(&true) => Ok(Self::Experts(
+                MixtureOfExperts::load(vb, source, spec, names, moe, pack)?,
+            )),
+            _ => Mlp::load(vb.pp("mlp"), source, spec, pack).map(Self::Dense),
+        }
+    }
+
+    fn projections(&self) -> Vec<&Projection> {
+        match self {
+            Self::Dense(mlp) => mlp.projections(),
+            Self::Experts(moe) => moe.projections(),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Experts(moe) => moe.forward(x),
+        }
+    }
+}
+
 /// One transformer block: `h = x + r·post_attn(attn(pre_attn(x)))`, then
 /// `h + r·post_mlp(mlp(pre_mlp(h)))`, each norm present or not as the family places them
 /// ([`NormPlacement`]) and `r` the residual multiplier.
@@ -621,7 +770,7 @@ pub struct Block {
     attention: Attention,
     post_attention: Option<RmsNorm>,
     pre_mlp: Option<RmsNorm>,
-    mlp: Mlp,
+    mlp: FeedForward,
     post_mlp: Option<RmsNorm>,
     /// Scales both branches before their residual adds (Granite; else 1).
     residual_multiplier: f64,
@@ -664,7 +813,7 @@ impl Block {
             attention: Attention::load(vb.pp("self_attn"), source, spec, layer, pack)?,
             post_attention,
             pre_mlp,
-            mlp: Mlp::load(vb.pp("mlp"), source, spec, pack)?,
+            mlp: FeedForward::load(vb.clone(), source, spec, layer, pack)?,
             post_mlp,
             residual_multiplier: spec.residual_multiplier,
         })

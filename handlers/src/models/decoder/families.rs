@@ -68,6 +68,19 @@ pub enum Projections {
     Fused,
 }
 
+/// A family's mixture of experts: where it sits in a block and how the checkpoint
+/// names it (`<module>.gate` the router, `<module>.experts.N.<projection>`).
+#[derive(Debug, PartialEq)]
+pub struct Experts {
+    /// `block_sparse_moe` (Mixtral) or `mlp` (Qwen 3 MoE).
+    pub module: &'static str,
+    /// Each expert's gate, up and down projections.
+    pub projections: [&'static str; 3],
+    /// The chosen experts' weights always sum to one (Mixtral); else config.json's
+    /// `norm_topk_prob` says.
+    pub always_normalized: bool,
+}
+
 /// One family: what its config.json's `model_type` or `architectures` say, and its graph.
 #[derive(Debug, PartialEq)]
 pub struct Family {
@@ -99,6 +112,8 @@ pub struct Family {
     pub default_eps: f64,
     /// transformers' `tie_word_embeddings` default for the family.
     pub tied_by_default: bool,
+    /// Sparse MLPs of routed experts (`None`: every MLP is dense).
+    pub experts: Option<Experts>,
 }
 
 const LLAMA: Family = Family {
@@ -117,6 +132,7 @@ const LLAMA: Family = Family {
     local_rope_theta: None,
     default_eps: 1e-6,
     tied_by_default: false,
+    experts: None,
 };
 
 /// Gemma 1: Llama's graph with `1 + w` norms, scaled embeddings and GELU.
@@ -203,6 +219,31 @@ pub const FAMILIES: &[Family] = &[
         gemma_attention: true,
         local_rope_theta: Some(10_000.0),
         ..GEMMA
+    },
+    Family {
+        name: "mixtral",
+        model_types: &["mixtral"],
+        architectures: &["MixtralForCausalLM"],
+        windows: WindowRule::Every,
+        experts: Some(Experts {
+            module: "block_sparse_moe",
+            projections: ["w1", "w3", "w2"],
+            always_normalized: true,
+        }),
+        ..LLAMA
+    },
+    Family {
+        name: "qwen3_moe",
+        model_types: &["qwen3_moe"],
+        architectures: &["Qwen3MoeForCausalLM"],
+        qk_norm: QkNorm::PerHead,
+        windows: WindowRule::FromMaxWindowLayers,
+        experts: Some(Experts {
+            module: "mlp",
+            projections: ["gate_proj", "up_proj", "down_proj"],
+            always_normalized: false,
+        }),
+        ..LLAMA
     },
 ];
 

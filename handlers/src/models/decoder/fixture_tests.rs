@@ -196,4 +196,14 @@ fn each_family_feature_changes_the_fixtures_answer() {
     departs("gemma2", &|s| s.windows = vec![None; s.windows.len()]);
     departs("gemma3", &|s| s.local_rope = None);
     departs("gemma3", &|s| s.rope.scaling = None);
+    departs("mixtral", &|s| {
+        if let Some(moe) = &mut s.moe {
+            moe.per_token = 1
+        }
+    });
+    departs("qwen3_moe", &|s| {
+        if let Some(moe) = &mut s.moe {
+            moe.normalize = false
+        }
+    });
 }

@@ -18,6 +18,20 @@ pub struct RopeSpec {
     pub rotary_dim: usize,
 }
 
+/// A mixture of experts: each token's MLP is the weighted sum of its `per_token`
+/// highest-scoring experts' (softmax over the router's logits).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSpec {
+    pub experts: usize,
+    pub per_token: usize,
+    /// The chosen experts' weights are divided by their sum.
+    pub normalize: bool,
+    /// Each expert's intermediate width.
+    pub intermediate_size: usize,
+    /// Per layer: routed experts (true) or the dense MLP of `intermediate_size`.
+    pub sparse: Vec<bool>,
+}
+
 /// A decoder, as its config.json describes it.
 #[derive(Debug, Clone)]
 pub struct DecoderSpec {
@@ -56,6 +70,8 @@ pub struct DecoderSpec {
     pub attention_softcap: Option<f64>,
     /// Logits become `cap × tanh(logit / cap)` (Gemma 2).
     pub logit_softcap: Option<f64>,
+    /// Routed experts (Mixtral, Qwen 3 MoE).
+    pub moe: Option<MoeSpec>,
     pub eos_token_id: Option<Value>,
 }
 
@@ -171,6 +187,44 @@ impl DecoderSpec {
         }
 
         let (rope, local_rope) = rope_specs(config, family, head_dim)?;
+        let intermediate_size = need("intermediate_size")?;
+        let moe = match &family.experts {
+            None => None,
+            Some(experts) => {
+                // transformers 5 writes `num_local_experts`, Qwen's own configs `num_experts`.
+                let total = count("num_local_experts")?
+                    .or(count("num_experts")?)
+                    .ok_or_else(|| bad("`num_local_experts` (or `num_experts`) is missing"))?;
+                let per_token = need("num_experts_per_tok")?;
+                if per_token > total {
+                    return Err(bad(format!(
+                        "{per_token} experts per token of {total} experts"
+                    )));
+                }
+                let dense: Vec<u64> = present("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .map(|l| l.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
+                let step = count("decoder_sparse_step")?.unwrap_or(1);
+                Some(MoeSpec {
+                    experts: total,
+                    per_token,
+                    normalize: experts.always_normalized
+                        || present("norm_topk_prob").and_then(Value::as_bool) == Some(true),
+                    intermediate_size: count("moe_intermediate_size")?.unwrap_or(intermediate_size),
+                    sparse: (0..layers)
+                        .map(|i| !dense.contains(&(i as u64)) && (i + 1) % step == 0)
+                        .collect(),
+                })
+            }
+        };
+        for key in ["shared_expert_intermediate_size", "n_shared_experts"] {
+            if let Some(v) = present(key)
+                && v.as_u64() != Some(0)
+            {
+                return Err(refuse(family, key, v, "a shared expert"));
+            }
+        }
         let max_position_embeddings = count("max_position_embeddings")?.unwrap_or(4096);
         let windows = windows(config, family, layers)?;
         let multiplier = |key: &str, default: f64| match family.multipliers {
@@ -194,7 +248,7 @@ impl DecoderSpec {
             family,
             model_type,
             hidden_size,
-            intermediate_size: need("intermediate_size")?,
+            intermediate_size,
             vocab_size: need("vocab_size")?,
             num_hidden_layers: layers,
             num_attention_heads: heads,
@@ -215,6 +269,7 @@ impl DecoderSpec {
             logits_divisor: multiplier("logits_scaling", 1.0)?,
             attention_softcap,
             logit_softcap,
+            moe,
             eos_token_id: present("eos_token_id").cloned(),
         })
     }
@@ -257,6 +312,14 @@ impl DecoderSpec {
         let windowed = self.windows.iter().filter(|w| w.is_some()).count();
         if let Some(Some(w)) = self.windows.iter().find(|w| w.is_some()) {
             parts.push(format!("window {w} on {windowed} layers"));
+        }
+        if let Some(moe) = &self.moe {
+            parts.push(format!(
+                "{} of {} experts a token on {} layers",
+                moe.per_token,
+                moe.experts,
+                moe.sparse.iter().filter(|s| **s).count()
+            ));
         }
         if let Some(local) = &self.local_rope {
             parts.push(format!("sliding layers' rope theta {}", local.theta));

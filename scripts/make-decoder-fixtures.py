@@ -33,6 +33,9 @@ OUT = pathlib.Path(__file__).resolve().parent.parent / "handlers/tests/fixtures/
 PROMPT = [3, 17, 42, 99, 5, 64, 11, 120, 7, 30]
 STEPS = 6
 
+# A key of COMMON the family's config does not have (BLOOM states no intermediate size).
+DROP = object()
+
 COMMON = dict(
     hidden_size=32,
     intermediate_size=64,
@@ -169,6 +172,30 @@ FAMILIES = {
             mlp_only_layers=[1],
         ),
     ),
+    # LayerNorm, per-head fused query_key_value, half the head rotated, parallel
+    # residual, an ungated erf-GELU MLP, untied embed_out.
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            num_key_value_heads=DROP,
+            tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+        ),
+    ),
+    # ALiBi over six heads (not a power of two: the extra slopes), LayerNorm after the
+    # embeddings, an ungated tanh-GELU MLP four times as wide, tied head.
+    "bloom": (
+        "BloomConfig",
+        "BloomForCausalLM",
+        dict(
+            hidden_size=48,
+            num_attention_heads=6,
+            num_key_value_heads=DROP,
+            intermediate_size=DROP,
+            max_position_embeddings=DROP,
+        ),
+    ),
 }
 
 
@@ -239,12 +266,18 @@ def t4_spelling(config: dict) -> dict:
     kind = rope.pop("rope_type", "default")
     old["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
     old["transformers_version"] = "4.57.1"
+    if old.get("model_type") == "gpt_neox":
+        old["rotary_emb_base"] = old.pop("rope_theta")
+        old["rotary_pct"] = old.pop("partial_rotary_factor")
+    if old.get("model_type") == "bloom":
+        old["n_embed"] = old.pop("hidden_size")
     return old
 
 
 def main():
     for family, (config_class, model_class, keys) in FAMILIES.items():
-        config = getattr(transformers, config_class)(**{**COMMON, **keys})
+        merged = {k: v for k, v in {**COMMON, **keys}.items() if v is not DROP}
+        config = getattr(transformers, config_class)(**merged)
         model_type = getattr(transformers, model_class)
         out = OUT / family
         out.mkdir(parents=True, exist_ok=True)

@@ -175,9 +175,11 @@ fn block_container(tensors: &[TensorInfo]) -> Option<String> {
 }
 
 fn is_embedding(name: &str) -> bool {
-    ["embed", "wte", "wpe", "word_embeddings"]
-        .iter()
-        .any(|k| name.contains(k))
+    // GPT-NeoX's head is `embed_out`: it runs last.
+    !name.ends_with("embed_out")
+        && ["embed", "wte", "wpe", "word_embeddings"]
+            .iter()
+            .any(|k| name.contains(k))
 }
 
 /// Order of post-block units: final norms, then poolers, then heads.
@@ -300,6 +302,37 @@ mod tests {
 
     fn names(units: &[PlacementUnit]) -> Vec<&str> {
         units.iter().map(|u| u.name.as_str()).collect()
+    }
+
+    /// GPT-NeoX's head `embed_out` runs after the final norm, not with the embeddings;
+    /// BLOOM's norm after the embeddings runs before the blocks.
+    #[test]
+    fn neox_and_bloom_units_run_in_order() {
+        let neox = [
+            t("embed_out.weight", &[10, 4]),
+            t("gpt_neox.embed_in.weight", &[10, 4]),
+            t("gpt_neox.final_layer_norm.weight", &[4]),
+            t("gpt_neox.layers.0.attention.dense.weight", &[4, 4]),
+        ];
+        assert_eq!(
+            names(&units(&neox, None, false)),
+            [
+                "gpt_neox.embed_in",
+                "gpt_neox.layers.0",
+                "gpt_neox.final_layer_norm",
+                "embed_out"
+            ]
+        );
+        let bloom = [
+            t("h.0.self_attention.dense.weight", &[4, 4]),
+            t("ln_f.weight", &[4]),
+            t("word_embeddings.weight", &[10, 4]),
+            t("word_embeddings_layernorm.weight", &[4]),
+        ];
+        assert_eq!(
+            names(&units(&bloom, None, true)),
+            ["word_embeddings", "word_embeddings_layernorm", "h.0", "ln_f"]
+        );
     }
 
     #[test]

@@ -55,7 +55,19 @@ pub struct Reserve {
 impl ModelShape {
     /// Reads config.json. Unknown families are an error naming the model_type.
     pub fn from_config(config: &serde_json::Value) -> Result<Self, String> {
-        let get = |key: &str| config.get(key).and_then(|v| v.as_u64()).map(|v| v as usize);
+        // BLOOM's and GPT-2's own spellings stand in for transformers' names.
+        let get = |key: &str| {
+            let aliases: &[&str] = match key {
+                "hidden_size" => &["hidden_size", "n_embed", "n_embd"],
+                "num_attention_heads" => &["num_attention_heads", "n_head"],
+                "num_hidden_layers" => &["num_hidden_layers", "n_layer"],
+                other => &[other][..],
+            };
+            aliases
+                .iter()
+                .find_map(|k| config.get(*k).and_then(|v| v.as_u64()))
+                .map(|v| v as usize)
+        };
         let need = |key: &str| get(key).ok_or_else(|| format!("config.json has no `{key}`"));
         let model_type = config
             .get("model_type")
@@ -65,20 +77,23 @@ impl ModelShape {
         let family = match model_type.as_str() {
             // The decoder families of spillway-handlers' models::decoder::families.
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
-            | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe" => {
-                Family::Llama
-            }
+            | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe"
+            | "gpt_neox" | "bloom" => Family::Llama,
             "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
             other => {
                 return Err(format!(
-                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, bert)"
+                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, gpt_neox, bloom, bert)"
                 ));
             }
         };
         let hidden_size = need("hidden_size")?;
         let heads = need("num_attention_heads")?;
         let head_dim = get("head_dim").unwrap_or(hidden_size / heads.max(1));
-        let intermediate_size = need("intermediate_size")?;
+        // BLOOM's MLP is four times as wide and says nothing.
+        let intermediate_size = match model_type.as_str() {
+            "bloom" => get("intermediate_size").unwrap_or(4 * hidden_size),
+            _ => need("intermediate_size")?,
+        };
         // transformers 5 writes `num_local_experts`; Qwen's configs `num_experts`.
         let experts = match model_type.as_str() {
             "mixtral" | "qwen3_moe" => get("num_local_experts").or(get("num_experts")).unwrap_or(0),
@@ -103,7 +118,7 @@ impl ModelShape {
                 && config
                     .get("tie_word_embeddings")
                     .and_then(|v| v.as_bool())
-                    .unwrap_or(model_type.starts_with("gemma")),
+                    .unwrap_or(model_type.starts_with("gemma") || model_type == "bloom"),
             // transformers 4 writes `torch_dtype`, 5 `dtype`.
             dtype: config
                 .get("dtype")
@@ -153,6 +168,57 @@ impl ModelShape {
         let kv = self.kv_heads * self.head_dim;
         let mut out = Vec::new();
         match self.family {
+            Family::Llama if matches!(self.model_type.as_str(), "gpt_neox" | "bloom") => {
+                // One query_key_value per block, an ungated MLP, LayerNorms with biases.
+                let neox = self.model_type == "gpt_neox";
+                let (prefix, embed, blocks, attention, last) = match neox {
+                    true => (
+                        "gpt_neox",
+                        "embed_in",
+                        "layers",
+                        "attention",
+                        "final_layer_norm",
+                    ),
+                    false => (
+                        "transformer",
+                        "word_embeddings",
+                        "h",
+                        "self_attention",
+                        "ln_f",
+                    ),
+                };
+                let layer_norm = |out: &mut Vec<TensorInfo>, name: String| {
+                    out.push(t(format!("{name}.weight"), &[h]));
+                    out.push(t(format!("{name}.bias"), &[h]));
+                };
+                let linear = |out: &mut Vec<TensorInfo>, name: String, rows: usize, cols: usize| {
+                    out.push(t(format!("{name}.weight"), &[rows, cols]));
+                    out.push(t(format!("{name}.bias"), &[rows]));
+                };
+                out.push(t(format!("{prefix}.{embed}.weight"), &[v, h]));
+                if !neox {
+                    layer_norm(&mut out, format!("{prefix}.word_embeddings_layernorm"));
+                }
+                for l in 0..self.layers {
+                    let p = format!("{prefix}.{blocks}.{l}");
+                    layer_norm(&mut out, format!("{p}.input_layernorm"));
+                    layer_norm(&mut out, format!("{p}.post_attention_layernorm"));
+                    linear(
+                        &mut out,
+                        format!("{p}.{attention}.query_key_value"),
+                        3 * q,
+                        h,
+                    );
+                    linear(&mut out, format!("{p}.{attention}.dense"), h, q);
+                    linear(&mut out, format!("{p}.mlp.dense_h_to_4h"), i, h);
+                    linear(&mut out, format!("{p}.mlp.dense_4h_to_h"), h, i);
+                }
+                layer_norm(&mut out, format!("{prefix}.{last}"));
+                if !self.tie_word_embeddings {
+                    let head = if neox { "embed_out" } else { "lm_head" };
+                    out.push(t(format!("{head}.weight"), &[v, h]));
+                }
+            }
             Family::Llama => {
                 out.push(t("model.embed_tokens.weight".into(), &[v, h]));
                 for l in 0..self.layers {
@@ -298,13 +364,15 @@ mod tests {
     /// From config.json alone, the tensors of the checkpoints transformers writes
     /// (handlers' decoder fixtures list theirs): names and shapes, experts included.
     #[test]
-    fn config_alone_lists_the_checkpoints_tensors_for_llama_like_and_mixtral() {
+    fn config_alone_lists_the_checkpoints_tensors_for_llama_like_mixtral_neox_and_bloom() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../handlers/tests/fixtures/decoders");
         let read = |path: std::path::PathBuf| -> serde_json::Value {
             serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json")
         };
-        for family in ["llama", "mistral", "qwen2", "granite", "mixtral"] {
+        for family in [
+            "llama", "mistral", "qwen2", "granite", "mixtral", "gpt_neox", "bloom",
+        ] {
             for file in ["config.json", "config.t4.json"] {
                 let shape = ModelShape::from_config(&read(fixtures.join(family).join(file)))
                     .expect("shape");
@@ -334,8 +402,8 @@ mod tests {
 
     #[test]
     fn unknown_families_are_named() {
-        let err = ModelShape::from_config(&serde_json::json!({"model_type": "gpt_neox"}))
+        let err = ModelShape::from_config(&serde_json::json!({"model_type": "gptj"}))
             .expect_err("unknown");
-        assert!(err.contains("gpt_neox"), "{err}");
+        assert!(err.contains("gptj"), "{err}");
     }
 }

@@ -8,7 +8,8 @@
 //! candle-transformers' `llama` keeps its blocks, cache and weights private and on one
 //! device, so the blocks are written here — with the same math (attention in f32, the same
 //! RoPE tables and causal mask), which the tests check against it on the same weights.
-//! Units follow the checkpoint: `model.embed_tokens`, `model.layers.N`, `model.norm`, and
+//! Units follow the checkpoint (named as its family names them, [`families::Names`]):
+//! `model.embed_tokens`, `model.layers.N`, `model.norm`, and
 //! `lm_head` unless it is tied to the embedding (then the head reuses the embedding's
 //! weight: shared when the embedding is resident, read again when it is streamed).
 
@@ -29,7 +30,7 @@ pub mod families;
 mod fixture_tests;
 pub mod spec;
 
-use families::{Activation, NormPlacement, NormWeight, Projections, QkNorm};
+use families::{Activation, NormKind, NormPlacement, NormWeight, Positions, Projections, QkNorm};
 pub use spec::DecoderSpec;
 
 /// Per-sequence state: each block's keys and values so far, and the next position.
@@ -130,6 +131,11 @@ struct Attention {
     window: Option<usize>,
     /// Whether the layer rotates by the sliding layers' own RoPE.
     local_rope: bool,
+    /// Whether queries and keys are rotated at all (not under ALiBi).
+    rope: bool,
+    /// ALiBi's slope per head `[1, heads, 1, 1]` in f32 (BLOOM): scores gain
+    /// `slope × key position`.
+    alibi: Option<Tensor>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -324,6 +330,8 @@ enum Qkv {
     },
     /// One `qkv_proj`: q's rows, then k's, then v's (Phi-3).
     Fused(Projection),
+    /// One `query_key_value`: per head, its q, k and v rows (GPT-NeoX, BLOOM).
+    PerHead(Projection),
 }
 
 impl Attention {
@@ -349,6 +357,16 @@ impl Attention {
                 source,
                 pack,
             )?),
+            Projections::PerHead if q != kv => {
+                candle_core::bail!("a per-head query_key_value needs as many kv heads as heads")
+            }
+            Projections::PerHead => Qkv::PerHead(Projection::load(
+                h,
+                3 * q,
+                vb.pp("query_key_value"),
+                source,
+                pack,
+            )?),
         };
         let norm = |name: &str, width: usize| rms_norm(width, spec, vb.pp(name));
         let (q_norm, k_norm) = match spec.family.qk_norm {
@@ -364,7 +382,13 @@ impl Attention {
         let window = spec.windows.get(layer).copied().flatten();
         Ok(Self {
             qkv,
-            o: Projection::load(q, h, vb.pp("o_proj"), source, pack)?,
+            o: Projection::load(
+                q,
+                h,
+                vb.pp(spec.family.names.attention_output),
+                source,
+                pack,
+            )?,
             q_norm,
             k_norm,
             per_head_norm: spec.family.qk_norm == QkNorm::PerHead,
@@ -372,6 +396,17 @@ impl Attention {
             softcap: spec.attention_softcap,
             window,
             local_rope: window.is_some() && spec.local_rope.is_some(),
+            rope: spec.family.positions == Positions::Rope,
+            alibi: match spec.family.positions {
+                Positions::Alibi => Some(
+                    Tensor::new(
+                        alibi_slopes(spec.num_attention_heads).as_slice(),
+                        vb.device(),
+                    )?
+                    .reshape((1, spec.num_attention_heads, 1, 1))?,
+                ),
+                Positions::Rope => None,
+            },
             heads: spec.num_attention_heads,
             kv_heads: spec.kv_heads,
             head_dim: hd,
@@ -381,7 +416,7 @@ impl Attention {
     fn projections(&self) -> Vec<&Projection> {
         match &self.qkv {
             Qkv::Separate { q, k, v } => vec![q, k, v, &self.o],
-            Qkv::Fused(qkv) => vec![qkv, &self.o],
+            Qkv::Fused(qkv) | Qkv::PerHead(qkv) => vec![qkv, &self.o],
         }
     }
 
@@ -397,6 +432,18 @@ impl Attention {
                     y.narrow(2, q, kv)?,
                     y.narrow(2, q + kv, kv)?,
                 ])
+            }
+            Qkv::PerHead(qkv) => {
+                let (b, seq, _) = x.dims3()?;
+                let y = qkv
+                    .forward(x)?
+                    .reshape((b, seq, self.heads, 3, self.head_dim))?;
+                let part = |i: usize| -> candle_core::Result<Tensor> {
+                    y.narrow(3, i, 1)?
+                        .contiguous()?
+                        .reshape((b, seq, self.heads * self.head_dim))
+                };
+                Ok([part(0)?, part(1)?, part(2)?])
             }
         }
     }
@@ -436,12 +483,18 @@ impl Attention {
             }
             _ => (q, k),
         };
-        let q = rope.apply(&q.transpose(1, 2)?.contiguous()?)?;
+        let (q, k) = (
+            q.transpose(1, 2)?.contiguous()?,
+            k.transpose(1, 2)?.contiguous()?,
+        );
+        let (q, k) = match self.rope {
+            true => (rope.apply(&q)?, rope.apply(&k)?),
+            false => (q, k),
+        };
         let q = match self.query_scale {
             Some(scale) => (q * scale)?,
             None => q,
         };
-        let k = rope.apply(&k.transpose(1, 2)?.contiguous()?)?;
         let v = split(v, self.kv_heads)?.transpose(1, 2)?.contiguous()?;
         for (r, kv) in kvs.iter_mut().enumerate() {
             LayerCache::append(kv, &k.narrow(0, r, 1)?, &v.narrow(0, r, 1)?, limit)?;
@@ -459,13 +512,10 @@ impl Attention {
             .is_some_and(|w| caches.iter().any(|c| c.len > w));
         // f32 on the CPU: the fused kernel, for decode and prompts alike (SmolLM2's
         // 128-token prefill 135 ms against 146 ms through MKL's batched matmuls, mask
-        // and softmax; docs/cpu-performance.md). Otherwise, past a sliding window and
-        // with soft-capped scores, candle's ops per sequence.
-        let y = if q.device().is_cpu()
-            && q.dtype() == DType::F32
-            && !windowed
-            && self.softcap.is_none()
-        {
+        // and softmax; docs/cpu-performance.md). Otherwise, past a sliding window, with
+        // soft-capped scores or ALiBi, candle's ops per sequence.
+        let plain = !windowed && self.softcap.is_none() && self.alibi.is_none();
+        let y = if q.device().is_cpu() && q.dtype() == DType::F32 && plain {
             let cached: Vec<crate::cpu::fused_ops::CachedKv<'_>> = caches
                 .iter()
                 .map(|c| crate::cpu::fused_ops::CachedKv {
@@ -509,6 +559,15 @@ impl Attention {
             Some(cap) => ((att / cap)?.tanh()? * cap)?,
             None => att,
         };
+        let att = match &self.alibi {
+            Some(slopes) => {
+                let keys = Tensor::arange(0u32, keys as u32, att.device())?
+                    .to_dtype(DType::F32)?
+                    .reshape((1, 1, 1, keys))?;
+                att.broadcast_add(&slopes.broadcast_mul(&keys)?)?
+            }
+            None => att,
+        };
         let hidden = |query: usize, key: usize| {
             let at = pos + query;
             key > at || self.window.is_some_and(|w| key + w <= at)
@@ -539,6 +598,8 @@ enum GateUp {
     },
     /// One `gate_up_proj`: the gate's rows, then up's (Phi-3).
     Fused(Projection),
+    /// No gate: `down(act(up(x)))` (GPT-NeoX, BLOOM).
+    Ungated(Projection),
 }
 
 struct Mlp {
@@ -576,6 +637,17 @@ impl Mlp {
                 down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
                 activation: spec.activation,
             }),
+            Projections::PerHead => Ok(Self {
+                gate_up: GateUp::Ungated(Projection::load(
+                    h,
+                    i,
+                    vb.pp("dense_h_to_4h"),
+                    source,
+                    pack,
+                )?),
+                down: Projection::load(i, h, vb.pp("dense_4h_to_h"), source, pack)?,
+                activation: spec.activation,
+            }),
         }
     }
 
@@ -603,12 +675,21 @@ impl Mlp {
     fn projections(&self) -> Vec<&Projection> {
         match &self.gate_up {
             GateUp::Separate { gate, up } => vec![gate, up, &self.down],
-            GateUp::Fused(gate_up) => vec![gate_up, &self.down],
+            GateUp::Fused(gate_up) | GateUp::Ungated(gate_up) => vec![gate_up, &self.down],
         }
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let [gate, up] = match &self.gate_up {
+            GateUp::Ungated(up) => {
+                let y = up.forward(x)?;
+                let y = match self.activation {
+                    Activation::Silu => candle_nn::ops::silu(&y)?,
+                    Activation::GeluTanh => y.gelu()?,
+                    Activation::Gelu => y.gelu_erf()?,
+                };
+                return self.down.forward(&y);
+            }
             GateUp::Separate { gate, up } => Projection::forward_shared([gate, up], x)?,
             GateUp::Fused(gate_up) => {
                 let y = gate_up.forward(x)?;
@@ -633,6 +714,7 @@ impl Mlp {
             }
             Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
             Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Gelu => (gate.gelu_erf()? * up)?,
         };
         self.down.forward(&x)
     }
@@ -766,12 +848,14 @@ impl FeedForward {
 /// `h + r·post_mlp(mlp(pre_mlp(h)))`, each norm present or not as the family places them
 /// ([`NormPlacement`]) and `r` the residual multiplier.
 pub struct Block {
-    pre_attention: Option<RmsNorm>,
+    pre_attention: Option<Norm>,
     attention: Attention,
-    post_attention: Option<RmsNorm>,
-    pre_mlp: Option<RmsNorm>,
+    post_attention: Option<Norm>,
+    pre_mlp: Option<Norm>,
     mlp: FeedForward,
-    post_mlp: Option<RmsNorm>,
+    post_mlp: Option<Norm>,
+    /// Both branches read the block's input (GPT-NeoX's parallel residual).
+    parallel: bool,
     /// Scales both branches before their residual adds (Granite; else 1).
     residual_multiplier: f64,
 }
@@ -785,11 +869,11 @@ impl Block {
         layer: usize,
         pack: bool,
     ) -> candle_core::Result<Self> {
-        let norm = |name: &str| rms_norm(spec.hidden_size, spec, vb.pp(name)).map(Some);
+        let norm = |name: &str| Norm::load(spec.hidden_size, spec, vb.pp(name)).map(Some);
         // Checkpoint names: Llama's two norms sit before each branch; OLMo 2's two and
         // Gemma's extra pair after.
-        let [pre_attention, post_attention, pre_mlp, post_mlp] = match spec.family.norms {
-            NormPlacement::Pre => [
+        let [pre_attention, post_attention, pre_mlp, post_mlp] = match spec.norms {
+            NormPlacement::Pre | NormPlacement::Parallel => [
                 norm("input_layernorm")?,
                 None,
                 norm("post_attention_layernorm")?,
@@ -810,11 +894,18 @@ impl Block {
         };
         Ok(Self {
             pre_attention,
-            attention: Attention::load(vb.pp("self_attn"), source, spec, layer, pack)?,
+            attention: Attention::load(
+                vb.pp(spec.family.names.attention),
+                source,
+                spec,
+                layer,
+                pack,
+            )?,
             post_attention,
             pre_mlp,
             mlp: FeedForward::load(vb.clone(), source, spec, layer, pack)?,
             post_mlp,
+            parallel: spec.norms == NormPlacement::Parallel,
             residual_multiplier: spec.residual_multiplier,
         })
     }
@@ -834,7 +925,7 @@ impl Block {
         positions: &[usize],
         limit: usize,
     ) -> candle_core::Result<Tensor> {
-        let normed = |norm: &Option<RmsNorm>, t: &Tensor| match norm {
+        let normed = |norm: &Option<Norm>, t: &Tensor| match norm {
             Some(n) => n.forward(t),
             None => Ok(t.clone()),
         };
@@ -849,10 +940,54 @@ impl Block {
             positions,
             limit,
         )?;
-        let h = (scaled(normed(&self.post_attention, &a)?)? + x)?;
+        let a = scaled(normed(&self.post_attention, &a)?)?;
+        if self.parallel {
+            let m = self.mlp.forward(&normed(&self.pre_mlp, x)?)?;
+            return (a + scaled(normed(&self.post_mlp, &m)?)?)? + x;
+        }
+        let h = (a + x)?;
         let m = self.mlp.forward(&normed(&self.pre_mlp, &h)?)?;
         scaled(normed(&self.post_mlp, &m)?)? + h
     }
+}
+
+/// A block's or the model's norm: RMS or LayerNorm, as the family has it.
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer(candle_nn::LayerNorm),
+}
+
+impl Norm {
+    fn load(width: usize, spec: &DecoderSpec, vb: VarBuilder) -> candle_core::Result<Self> {
+        match spec.family.norm_kind {
+            NormKind::Rms => rms_norm(width, spec, vb).map(Self::Rms),
+            NormKind::Layer => candle_nn::layer_norm(width, spec.rms_norm_eps, vb).map(Self::Layer),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Rms(n) => n.forward(x),
+            Self::Layer(n) => n.forward(x),
+        }
+    }
+}
+
+/// ALiBi's slopes for `heads` heads, as BLOOM computes them: powers of
+/// `2^(-8/n)` for the largest power of two `n ≤ heads`, then the odd powers of
+/// `2^(-4/n)` for the rest.
+fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let closest = 1usize << (usize::BITS - 1 - heads.leading_zeros());
+    let base = |n: usize| 2f32.powf(-(2f32.powf(-((n as f32).log2() - 3.0))));
+    let first = base(closest);
+    let mut slopes: Vec<f32> = (1..=closest).map(|p| first.powi(p as i32)).collect();
+    let extra = base(2 * closest);
+    slopes.extend(
+        (0..heads - closest)
+            .take(closest)
+            .map(|i| extra.powi(1 + 2 * i as i32)),
+    );
+    slopes
 }
 
 /// An RMSNorm of `width` at `vb`, multiplying by `w` or, for Gemma, by `1 + w`.
@@ -977,7 +1112,10 @@ impl Activations for PassRopes {
 pub enum DecoderUnit {
     Embeddings(TokenTable),
     Block(Box<Block>),
-    Norm(RmsNorm),
+    /// The norm right after the embeddings (BLOOM), over every position.
+    EmbeddingNorm(Norm),
+    /// The final norm, over the last position.
+    Norm(Norm),
     Head(OutputHead),
 }
 
@@ -990,7 +1128,7 @@ impl StackModule for DecoderUnit {
                 m.in_place()
             }
             Self::Block(block) => block.projections().iter().all(|p| p.reads_in_place()),
-            Self::Norm(_) => true,
+            Self::Norm(_) | Self::EmbeddingNorm(_) => true,
             Self::Embeddings(TokenTable::Dense(_)) | Self::Head(OutputHead::Dense(_)) => false,
         }
     }
@@ -1031,16 +1169,15 @@ fn vocab_matrix(
 impl TokenTable {
     fn load(
         source: &WeightSource,
+        name: &str,
         dims: (usize, usize),
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        Ok(
-            match vocab_matrix(source, "model.embed_tokens.weight", dims, dtype, device)? {
-                Ok(quantized) => Self::Quantized(quantized),
-                Err(dense) => Self::Dense(Embedding::new(dense, dims.1)),
-            },
-        )
+        Ok(match vocab_matrix(source, name, dims, dtype, device)? {
+            Ok(quantized) => Self::Quantized(quantized),
+            Err(dense) => Self::Dense(Embedding::new(dense, dims.1)),
+        })
     }
 
     /// `ids` `[b, seq]` → `[b, seq, hidden]`.
@@ -1106,18 +1243,69 @@ pub struct MappedDecoder {
 
 /// The stack unit that is the output head tied to the embedding (no placement unit of
 /// its own: it lives where the embedding does).
-const TIED_HEAD: &str = "lm_head (tied to model.embed_tokens)";
+const TIED_HEAD: &str = "lm_head (tied to the embeddings)";
 
-impl MappedDecoder {
-    /// Placement unit names, in order (as the planner names them).
-    pub fn unit_names(config: &DecoderSpec) -> Vec<String> {
-        let mut names = vec!["model.embed_tokens".to_string()];
-        names.extend((0..config.num_hidden_layers).map(|i| format!("model.layers.{i}")));
-        names.push("model.norm".into());
+/// One checkpoint's unit names: its family's ([`families::Names`]), under the family's
+/// prefix unless the checkpoint was saved from the bare model.
+#[derive(Debug, Clone)]
+struct UnitNames {
+    embeddings: String,
+    embedding_norm: Option<String>,
+    blocks: String,
+    final_norm: String,
+    head: String,
+}
+
+impl UnitNames {
+    fn new(names: &families::Names, prefixed: bool) -> Self {
+        let under = |n: &str| match prefixed {
+            true => format!("{}.{n}", names.prefix),
+            false => n.to_string(),
+        };
+        Self {
+            embeddings: under(names.embeddings),
+            embedding_norm: names.embedding_norm.map(under),
+            blocks: under(names.blocks),
+            final_norm: under(names.final_norm),
+            head: names.head.to_string(),
+        }
+    }
+
+    /// The names `source` uses: prefixed unless only the bare embedding is there.
+    fn of(names: &families::Names, source: &WeightSource) -> Self {
+        let stored = source.tensor_names();
+        let bare = format!("{}.weight", names.embeddings);
+        let prefixed =
+            !stored.contains(&bare) || stored.contains(&format!("{}.{bare}", names.prefix));
+        Self::new(names, prefixed)
+    }
+
+    fn block(&self, i: usize) -> String {
+        format!("{}.{i}", self.blocks)
+    }
+
+    fn weight(unit: &str) -> String {
+        format!("{unit}.weight")
+    }
+
+    /// In execution order, as the planner names them.
+    fn all(&self, config: &DecoderSpec) -> Vec<String> {
+        let mut names = vec![self.embeddings.clone()];
+        names.extend(self.embedding_norm.clone());
+        names.extend((0..config.num_hidden_layers).map(|i| self.block(i)));
+        names.push(self.final_norm.clone());
         if !config.tie_word_embeddings {
-            names.push("lm_head".into());
+            names.push(self.head.clone());
         }
         names
+    }
+}
+
+impl MappedDecoder {
+    /// Placement unit names, in order (as the planner names them), for a checkpoint
+    /// whose tensors carry the family's prefix.
+    pub fn unit_names(config: &DecoderSpec) -> Vec<String> {
+        UnitNames::new(config.family.names, true).all(config)
     }
 
     pub fn config(&self) -> &DecoderSpec {
@@ -1138,12 +1326,14 @@ impl MappedDecoder {
         let mut stack = LayerStack::default();
         let cfg = config.clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let names = UnitNames::of(cfg.family.names, source);
+        let embed_weight = UnitNames::weight(&names.embeddings);
 
-        let embed_place = place("model.embed_tokens")?;
+        let embed_place = place(&names.embeddings)?;
         let embed = {
-            let source = source.clone();
+            let (source, weight) = (source.clone(), embed_weight.clone());
             move |d: &Device, _: Residence| {
-                TokenTable::load(&source, (v, h), dtype, d).map(DecoderUnit::Embeddings)
+                TokenTable::load(&source, &weight, (v, h), dtype, d).map(DecoderUnit::Embeddings)
             }
         };
         // A tied head is a unit of its own after the norm, where the embedding lives:
@@ -1153,17 +1343,27 @@ impl MappedDecoder {
         match (&embed_place, cfg.tie_word_embeddings) {
             (UnitPlacement::Resident(d), true) => {
                 let module = embed(d, Residence::Resident)
-                    .weights_context(|| "cannot load unit model.embed_tokens".into())?;
+                    .weights_context(|| format!("cannot load unit {}", names.embeddings))?;
                 let DecoderUnit::Embeddings(table) = &module else {
                     unreachable!("the embedding builder builds embeddings")
                 };
                 tied_head = Some(DecoderUnit::Head(table.tied_head()));
-                stack.push_resident("model.embed_tokens", d.clone(), module);
+                stack.push_resident(&names.embeddings, d.clone(), module);
             }
-            _ => stack.push_planned("model.embed_tokens", embed_place.clone(), source, embed)?,
+            _ => stack.push_planned(&names.embeddings, embed_place.clone(), source, embed)?,
+        }
+        if let Some(unit) = &names.embedding_norm {
+            let build = {
+                let (source, cfg, unit) = (source.clone(), cfg.clone(), unit.clone());
+                move |d: &Device, _: Residence| {
+                    Norm::load(h, &cfg, source.var_builder(dtype, d).pp(&unit))
+                        .map(DecoderUnit::EmbeddingNorm)
+                }
+            };
+            stack.push_planned(unit, place(unit)?, source, build)?;
         }
         for i in 0..cfg.num_hidden_layers {
-            let name = format!("model.layers.{i}");
+            let name = names.block(i);
             let placement = place(&name)?;
             let build = {
                 let (source, cfg, name) = (source.clone(), cfg.clone(), name.clone());
@@ -1177,13 +1377,12 @@ impl MappedDecoder {
             stack.push_planned(&name, placement, source, build)?;
         }
         let norm = {
-            let (source, cfg) = (source.clone(), cfg.clone());
+            let (source, cfg, unit) = (source.clone(), cfg.clone(), names.final_norm.clone());
             move |d: &Device, _: Residence| {
-                rms_norm(h, &cfg, source.var_builder(dtype, d).pp("model.norm"))
-                    .map(DecoderUnit::Norm)
+                Norm::load(h, &cfg, source.var_builder(dtype, d).pp(&unit)).map(DecoderUnit::Norm)
             }
         };
-        stack.push_planned("model.norm", place("model.norm")?, source, norm)?;
+        stack.push_planned(&names.final_norm, place(&names.final_norm)?, source, norm)?;
         if cfg.tie_word_embeddings {
             match (tied_head, &embed_place) {
                 (Some(head), UnitPlacement::Resident(d)) => {
@@ -1192,20 +1391,15 @@ impl MappedDecoder {
                 (_, UnitPlacement::Streamed(d)) => {
                     let source = source.clone();
                     let exec = d.clone();
+                    let weight = embed_weight.clone();
                     stack.push_streamed(
                         TIED_HEAD,
                         d.clone(),
                         source.clone(),
-                        ["model.embed_tokens.weight"],
+                        [embed_weight.as_str()],
                         move || {
-                            OutputHead::load(
-                                &source,
-                                "model.embed_tokens.weight",
-                                (v, h),
-                                dtype,
-                                &exec,
-                            )
-                            .map(DecoderUnit::Head)
+                            OutputHead::load(&source, &weight, (v, h), dtype, &exec)
+                                .map(DecoderUnit::Head)
                         },
                     );
                 }
@@ -1215,16 +1409,15 @@ impl MappedDecoder {
             }
         } else {
             let head = {
-                let source = source.clone();
+                let (source, weight) = (source.clone(), UnitNames::weight(&names.head));
                 move |d: &Device, _: Residence| {
-                    OutputHead::load(&source, "lm_head.weight", (v, h), dtype, d)
-                        .map(DecoderUnit::Head)
+                    OutputHead::load(&source, &weight, (v, h), dtype, d).map(DecoderUnit::Head)
                 }
             };
-            stack.push_planned("lm_head", place("lm_head")?, source, head)?;
+            stack.push_planned(&names.head, place(&names.head)?, source, head)?;
         }
         let rope_device = stack
-            .device_of("model.layers.0")
+            .device_of(&names.block(0))
             .or_else(|| stack.units().first().map(|u| &u.device))
             .cloned()
             .ok_or_else(|| HandlerError::Unsupported("the model has no units".into()))?;
@@ -1318,6 +1511,7 @@ impl MappedDecoder {
                     block += 1;
                     out
                 }
+                DecoderUnit::EmbeddingNorm(n) => n.forward(flow.hidden()?)?,
                 DecoderUnit::Norm(n) => n.forward(
                     &flow
                         .hidden()?

@@ -13,6 +13,25 @@ pub enum NormPlacement {
     /// `x + norm(attn(norm(x)))`, then `h + norm(mlp(norm(h)))` (Gemma 2 and 3: four
     /// norms a block).
     Sandwich,
+    /// `x + attn(norm₁(x)) + mlp(norm₂(x))`: both branches read the block's input
+    /// (GPT-NeoX, unless `use_parallel_residual` is false: then [`Self::Pre`]).
+    Parallel,
+}
+
+/// The norms' kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    Rms,
+    /// LayerNorm with a bias (GPT-NeoX, BLOOM).
+    Layer,
+}
+
+/// How attention knows positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    Rope,
+    /// ALiBi: a per-head linear bias on the scores by key position (BLOOM).
+    Alibi,
 }
 
 /// What an RMSNorm multiplies by.
@@ -28,8 +47,10 @@ pub enum NormWeight {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     Silu,
-    /// GELU, tanh approximation (`gelu_pytorch_tanh`; Gemma's).
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`; Gemma's, BLOOM's).
     GeluTanh,
+    /// GELU with erf (GPT-NeoX's `gelu`).
+    Gelu,
 }
 
 /// Which layers attend through a sliding window when config.json gives a
@@ -66,7 +87,39 @@ pub enum Projections {
     Separate,
     /// `qkv_proj` (q, then k, then v rows) and `gate_up_proj` (gate rows, then up): Phi-3.
     Fused,
+    /// `query_key_value` with each head's q, k and v rows together, and an ungated MLP
+    /// `dense_h_to_4h`, `dense_4h_to_h` (GPT-NeoX, BLOOM).
+    PerHead,
 }
+
+/// Where a family's checkpoint keeps its modules. Checkpoints saved from the bare model
+/// (BLOOM's on the Hub) lack the `prefix`; both are read.
+#[derive(Debug, PartialEq)]
+pub struct Names {
+    /// `model`, `transformer`, `gpt_neox`.
+    pub prefix: &'static str,
+    pub embeddings: &'static str,
+    /// A norm right after the embeddings (BLOOM's `word_embeddings_layernorm`).
+    pub embedding_norm: Option<&'static str>,
+    pub blocks: &'static str,
+    pub final_norm: &'static str,
+    /// The untied head, outside the prefix.
+    pub head: &'static str,
+    /// Attention within a block, and its output projection.
+    pub attention: &'static str,
+    pub attention_output: &'static str,
+}
+
+const LLAMA_NAMES: Names = Names {
+    prefix: "model",
+    embeddings: "embed_tokens",
+    embedding_norm: None,
+    blocks: "layers",
+    final_norm: "norm",
+    head: "lm_head",
+    attention: "self_attn",
+    attention_output: "o_proj",
+};
 
 /// A family's mixture of experts: where it sits in a block and how the checkpoint
 /// names it (`<module>.gate` the router, `<module>.experts.N.<projection>`).
@@ -86,6 +139,9 @@ pub struct Experts {
 pub struct Family {
     /// The name `plan` and errors use.
     pub name: &'static str,
+    pub names: &'static Names,
+    pub norm_kind: NormKind,
+    pub positions: Positions,
     pub model_types: &'static [&'static str],
     pub architectures: &'static [&'static str],
     pub norms: NormPlacement,
@@ -118,6 +174,9 @@ pub struct Family {
 
 const LLAMA: Family = Family {
     name: "llama",
+    names: &LLAMA_NAMES,
+    norm_kind: NormKind::Rms,
+    positions: Positions::Rope,
     model_types: &["llama", "smollm", "smollm2"],
     architectures: &["LlamaForCausalLM"],
     norms: NormPlacement::Pre,
@@ -243,6 +302,53 @@ pub const FAMILIES: &[Family] = &[
             projections: ["gate_proj", "up_proj", "down_proj"],
             always_normalized: false,
         }),
+        ..LLAMA
+    },
+    // Pythia and GPT-NeoX-20B: partial rotary (`rotary_pct`), LayerNorm, parallel
+    // residual, an ungated erf-GELU MLP, biases everywhere.
+    Family {
+        name: "gpt_neox",
+        names: &Names {
+            prefix: "gpt_neox",
+            embeddings: "embed_in",
+            embedding_norm: None,
+            blocks: "layers",
+            final_norm: "final_layer_norm",
+            head: "embed_out",
+            attention: "attention",
+            attention_output: "dense",
+        },
+        model_types: &["gpt_neox"],
+        architectures: &["GPTNeoXForCausalLM"],
+        norms: NormPlacement::Parallel,
+        norm_kind: NormKind::Layer,
+        projections: Projections::PerHead,
+        activation: Activation::Gelu,
+        default_eps: 1e-5,
+        ..LLAMA
+    },
+    // TorchServe's accelerate example: ALiBi, LayerNorm after the embeddings too, an
+    // ungated tanh-GELU MLP, tied head.
+    Family {
+        name: "bloom",
+        names: &Names {
+            prefix: "transformer",
+            embeddings: "word_embeddings",
+            embedding_norm: Some("word_embeddings_layernorm"),
+            blocks: "h",
+            final_norm: "ln_f",
+            head: "lm_head",
+            attention: "self_attention",
+            attention_output: "dense",
+        },
+        model_types: &["bloom"],
+        architectures: &["BloomForCausalLM"],
+        norm_kind: NormKind::Layer,
+        positions: Positions::Alibi,
+        projections: Projections::PerHead,
+        activation: Activation::GeluTanh,
+        default_eps: 1e-5,
+        tied_by_default: true,
         ..LLAMA
     },
 ];

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::families::{Activation, FAMILIES};
+use super::families::{Activation, FAMILIES, NormPlacement};
 use super::{DecoderSpec, KvCache, MappedDecoder, argmax};
 use crate::WeightSource;
 use crate::testing::decoder_fixtures::write_weights;
@@ -68,12 +68,15 @@ fn decode(
     want: &Reference,
     label: &str,
 ) {
+    // Block units are `<blocks>.N`, with or without the family's prefix.
+    let blocks = format!("{}.", spec.family.names.blocks);
     let model = MappedDecoder::load(source, spec, DType::F32, |unit| {
+        let block = unit
+            .split_once(&blocks)
+            .and_then(|(_, n)| n.parse::<usize>().ok());
         let streamed = match placement {
             Placement::Resident => false,
-            Placement::LaterBlocksOnDisk => {
-                unit.starts_with("model.layers.") && unit != "model.layers.0"
-            }
+            Placement::LaterBlocksOnDisk => block.is_some_and(|n| n > 0),
             Placement::AllOnDisk => true,
         };
         Ok(match streamed {
@@ -141,6 +144,37 @@ fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_pl
     assert_eq!(seen.len(), FAMILIES.len());
 }
 
+/// BLOOM's checkpoints on the Hub were saved from the bare model: `h.N`,
+/// `word_embeddings`, `ln_f`, no `transformer.` prefix. They answer alike.
+#[test]
+fn a_bloom_checkpoint_without_the_transformer_prefix_answers_alike() {
+    let dir = fixtures().join("bloom");
+    let work = tempfile::tempdir().expect("tempdir");
+    let path = write_weights(&dir, work.path()).expect("weights");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("load");
+    let bare: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let name = name.strip_prefix("transformer.").map(str::to_string);
+            (name.expect("every tensor under transformer."), t)
+        })
+        .collect();
+    let bare_path = work.path().join("bare.safetensors");
+    candle_core::safetensors::save(&bare, &bare_path).expect("save");
+    let source = WeightSource::open(&bare_path).expect("source");
+    let want = reference(&dir);
+    let spec = spec(&dir, "config.json");
+    for placement in [Placement::Resident, Placement::LaterBlocksOnDisk] {
+        decode(
+            &source,
+            &spec,
+            placement,
+            &want,
+            &format!("bare bloom, {placement:?}"),
+        );
+    }
+}
+
 /// What each fixture exercises really changes the answer: served without it, the
 /// logits leave the reference (else the fixture would not test it).
 #[test]
@@ -201,6 +235,8 @@ fn each_family_feature_changes_the_fixtures_answer() {
             moe.per_token = 1
         }
     });
+    departs("gpt_neox", &|s| s.norms = NormPlacement::Pre);
+    departs("gpt_neox", &|s| s.rope.rotary_dim = s.head_dim);
     departs("qwen3_moe", &|s| {
         if let Some(moe) = &mut s.moe {
             moe.normalize = false

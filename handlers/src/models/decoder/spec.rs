@@ -5,7 +5,9 @@
 
 use serde_json::Value;
 
-use super::families::{Activation, Family, WindowRule, family_of, served_model_types};
+use super::families::{
+    Activation, Family, NormPlacement, Projections, WindowRule, family_of, served_model_types,
+};
 use crate::HandlerError;
 
 /// RoPE: the base, the scaling, and how much of each head rotates.
@@ -44,7 +46,11 @@ pub struct DecoderSpec {
     pub num_attention_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The norms' epsilon (`rms_norm_eps`, `layer_norm_eps` or `layer_norm_epsilon`).
     pub rms_norm_eps: f64,
+    /// Where the norms sit: the family's, unless config.json turns GPT-NeoX's parallel
+    /// residual off.
+    pub norms: NormPlacement,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// RoPE of full-attention layers (and of sliding ones where `local_rope` is `None`).
@@ -130,10 +136,19 @@ impl DecoderSpec {
                     .ok_or_else(|| bad(format!("`{key}` is {v}, not a number"))),
             }
         };
-        let hidden_size = need("hidden_size")?;
-        let heads = need("num_attention_heads")?;
+        // GPT-2's and BLOOM's own spellings where transformers' are absent.
+        let either = |keys: [&str; 3]| -> Result<usize, HandlerError> {
+            for key in keys {
+                if let Some(n) = count(key)? {
+                    return Ok(n);
+                }
+            }
+            Err(bad(format!("`{}` is missing", keys[0])))
+        };
+        let hidden_size = either(["hidden_size", "n_embed", "n_embd"])?;
+        let heads = either(["num_attention_heads", "n_head", "n_head"])?;
         let kv_heads = count("num_key_value_heads")?.unwrap_or(heads);
-        let layers = need("num_hidden_layers")?;
+        let layers = either(["num_hidden_layers", "n_layer", "n_layer"])?;
         if heads % kv_heads != 0 {
             return Err(bad(format!(
                 "{heads} attention heads are not groups of {kv_heads} key/value heads"
@@ -187,7 +202,41 @@ impl DecoderSpec {
         }
 
         let (rope, local_rope) = rope_specs(config, family, head_dim)?;
-        let intermediate_size = need("intermediate_size")?;
+        // Ungated MLPs default to four times the width (BLOOM states none).
+        let intermediate_size = match (count("intermediate_size")?, family.projections) {
+            (Some(i), _) => i,
+            (None, Projections::PerHead) => 4 * hidden_size,
+            (None, _) => need("intermediate_size")?,
+        };
+        let norms = match family.norms {
+            NormPlacement::Parallel
+                if present("use_parallel_residual").and_then(Value::as_bool) == Some(false) =>
+            {
+                NormPlacement::Pre
+            }
+            placement => placement,
+        };
+        if let Some(v) = present("apply_residual_connection_post_layernorm")
+            && v.as_bool() != Some(false)
+        {
+            return Err(refuse(
+                family,
+                "apply_residual_connection_post_layernorm",
+                v,
+                "a residual taken after the norm",
+            ));
+        }
+        if let Some(v) = present("slow_but_exact")
+            && v.as_bool() == Some(true)
+            && count("pretraining_tp")?.unwrap_or(1) > 1
+        {
+            return Err(refuse(
+                family,
+                "slow_but_exact",
+                v,
+                "BLOOM's sliced matmuls",
+            ));
+        }
         let moe = match &family.experts {
             None => None,
             Some(experts) => {
@@ -254,7 +303,14 @@ impl DecoderSpec {
             num_attention_heads: heads,
             kv_heads,
             head_dim,
-            rms_norm_eps: number("rms_norm_eps", family.default_eps)?,
+            rms_norm_eps: match ["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"]
+                .into_iter()
+                .find(|k| present(k).is_some())
+            {
+                Some(key) => number(key, family.default_eps)?,
+                None => family.default_eps,
+            },
+            norms,
             max_position_embeddings,
             tie_word_embeddings: present("tie_word_embeddings")
                 .and_then(Value::as_bool)
@@ -350,14 +406,10 @@ fn activation(config: &Value, family: &Family) -> Result<Activation, HandlerErro
     };
     match value.as_str() {
         Some("silu" | "swish") => Ok(Activation::Silu),
-        Some("gelu_pytorch_tanh") => Ok(Activation::GeluTanh),
+        Some("gelu_pytorch_tanh" | "gelu_new" | "gelu_fast") => Ok(Activation::GeluTanh),
         Some("gelu") if family.activation == Activation::GeluTanh => Ok(Activation::GeluTanh),
-        _ => Err(refuse(
-            family,
-            key,
-            value,
-            "only SiLU- and tanh-GELU-gated MLPs are",
-        )),
+        Some("gelu") => Ok(Activation::Gelu),
+        _ => Err(refuse(family, key, value, "only SiLU and GELU MLPs are")),
     }
 }
 
@@ -394,9 +446,11 @@ fn rope_specs(
         ),
         None => {
             let global = rope_spec(
-                present(config.get("rope_theta")),
+                present(config.get("rope_theta"))
+                    .or_else(|| present(config.get("rotary_emb_base"))),
                 present(config.get("rope_scaling")),
-                present(config.get("partial_rotary_factor")),
+                present(config.get("partial_rotary_factor"))
+                    .or_else(|| present(config.get("rotary_pct"))),
                 family,
                 head_dim,
                 "`rope_scaling`",
@@ -769,7 +823,7 @@ mod tests {
     #[test]
     fn keys_that_change_the_math_and_are_not_modelled_are_refused_by_name() {
         for (model_type, extra, key) in [
-            ("llama", json!({"hidden_act": "gelu"}), "hidden_act"),
+            ("llama", json!({"hidden_act": "relu"}), "hidden_act"),
             (
                 "llama",
                 json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),

@@ -196,6 +196,13 @@ FAMILIES = {
             max_position_embeddings=DROP,
         ),
     ),
+    # Learned positions, Conv1D weights stored [in, out], an ungated tanh-GELU MLP
+    # (n_inner unset: four times the width), tied head.
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(num_key_value_heads=DROP, intermediate_size=DROP),
+    ),
 }
 
 

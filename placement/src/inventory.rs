@@ -331,7 +331,12 @@ mod tests {
         ];
         assert_eq!(
             names(&units(&bloom, None, true)),
-            ["word_embeddings", "word_embeddings_layernorm", "h.0", "ln_f"]
+            [
+                "word_embeddings",
+                "word_embeddings_layernorm",
+                "h.0",
+                "ln_f"
+            ]
         );
     }
 

@@ -61,6 +61,8 @@ impl ModelShape {
                 "hidden_size" => &["hidden_size", "n_embed", "n_embd"],
                 "num_attention_heads" => &["num_attention_heads", "n_head"],
                 "num_hidden_layers" => &["num_hidden_layers", "n_layer"],
+                "max_position_embeddings" => &["max_position_embeddings", "n_positions"],
+                "intermediate_size" => &["intermediate_size", "n_inner"],
                 other => &[other][..],
             };
             aliases
@@ -78,11 +80,11 @@ impl ModelShape {
             // The decoder families of spillway-handlers' models::decoder::families.
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
             | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe"
-            | "gpt_neox" | "bloom" => Family::Llama,
+            | "gpt_neox" | "bloom" | "gpt2" => Family::Llama,
             "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
             other => {
                 return Err(format!(
-                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, gpt_neox, bloom, bert)"
+                    "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, gpt_neox, bloom, gpt2, bert)"
                 ));
             }
         };
@@ -91,7 +93,7 @@ impl ModelShape {
         let head_dim = get("head_dim").unwrap_or(hidden_size / heads.max(1));
         // BLOOM's MLP is four times as wide and says nothing.
         let intermediate_size = match model_type.as_str() {
-            "bloom" => get("intermediate_size").unwrap_or(4 * hidden_size),
+            "bloom" | "gpt2" => get("intermediate_size").unwrap_or(4 * hidden_size),
             _ => need("intermediate_size")?,
         };
         // transformers 5 writes `num_local_experts`; Qwen's configs `num_experts`.
@@ -118,7 +120,10 @@ impl ModelShape {
                 && config
                     .get("tie_word_embeddings")
                     .and_then(|v| v.as_bool())
-                    .unwrap_or(model_type.starts_with("gemma") || model_type == "bloom"),
+                    .unwrap_or(
+                        model_type.starts_with("gemma")
+                            || matches!(model_type.as_str(), "bloom" | "gpt2"),
+                    ),
             // transformers 4 writes `torch_dtype`, 5 `dtype`.
             dtype: config
                 .get("dtype")
@@ -218,6 +223,32 @@ impl ModelShape {
                     let head = if neox { "embed_out" } else { "lm_head" };
                     out.push(t(format!("{head}.weight"), &[v, h]));
                 }
+            }
+            Family::Llama if self.model_type == "gpt2" => {
+                // Conv1D weights are stored [in, out].
+                let linear = |out: &mut Vec<TensorInfo>, name: String, rows: usize, cols: usize| {
+                    out.push(t(format!("{name}.weight"), &[rows, cols]));
+                    out.push(t(format!("{name}.bias"), &[cols]));
+                };
+                let layer_norm = |out: &mut Vec<TensorInfo>, name: String| {
+                    out.push(t(format!("{name}.weight"), &[h]));
+                    out.push(t(format!("{name}.bias"), &[h]));
+                };
+                out.push(t("transformer.wte.weight".into(), &[v, h]));
+                out.push(t(
+                    "transformer.wpe.weight".into(),
+                    &[self.max_position_embeddings, h],
+                ));
+                for l in 0..self.layers {
+                    let p = format!("transformer.h.{l}");
+                    layer_norm(&mut out, format!("{p}.ln_1"));
+                    linear(&mut out, format!("{p}.attn.c_attn"), h, 3 * h);
+                    linear(&mut out, format!("{p}.attn.c_proj"), h, h);
+                    layer_norm(&mut out, format!("{p}.ln_2"));
+                    linear(&mut out, format!("{p}.mlp.c_fc"), h, i);
+                    linear(&mut out, format!("{p}.mlp.c_proj"), i, h);
+                }
+                layer_norm(&mut out, "transformer.ln_f".into());
             }
             Family::Llama => {
                 out.push(t("model.embed_tokens.weight".into(), &[v, h]));
@@ -364,14 +395,14 @@ mod tests {
     /// From config.json alone, the tensors of the checkpoints transformers writes
     /// (handlers' decoder fixtures list theirs): names and shapes, experts included.
     #[test]
-    fn config_alone_lists_the_checkpoints_tensors_for_llama_like_mixtral_neox_and_bloom() {
+    fn config_alone_lists_the_checkpoints_tensors_of_the_decoder_fixtures() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../handlers/tests/fixtures/decoders");
         let read = |path: std::path::PathBuf| -> serde_json::Value {
             serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json")
         };
         for family in [
-            "llama", "mistral", "qwen2", "granite", "mixtral", "gpt_neox", "bloom",
+            "llama", "mistral", "qwen2", "granite", "mixtral", "gpt_neox", "bloom", "gpt2",
         ] {
             for file in ["config.json", "config.t4.json"] {
                 let shape = ModelShape::from_config(&read(fixtures.join(family).join(file)))

@@ -1,9 +1,10 @@
-//! The decoder: one graph for every family in [`families`] (RoPE, RMSNorm, SwiGLU,
-//! grouped-query attention, tied or untied head), shaped by a [`DecoderSpec`] read from
-//! config.json — where the norms sit and what they multiply by, qk-norm, fused
-//! projections, the MLP's activation, partial rotary, sliding windows per layer with
-//! their own RoPE, Granite's multipliers, Gemma's scaled embeddings, score scale and
-//! soft-capping — as a [`LayerStack`] with a KV cache.
+//! The decoder: one graph for every family in [`families`] (grouped-query attention, a
+//! gated or plain MLP, tied or untied head), shaped by a [`DecoderSpec`] read from
+//! config.json — RMSNorm or LayerNorm, where the norms sit and what they multiply by,
+//! qk-norm, fused projections, the MLP's activation, RoPE (partial, per-layer-type),
+//! ALiBi or learned positions, sliding windows per layer, routed experts, Granite's
+//! multipliers, Gemma's scaled embeddings, score scale and soft-capping — as a
+//! [`LayerStack`] with a KV cache.
 //!
 //! candle-transformers' `llama` keeps its blocks, cache and weights private and on one
 //! device, so the blocks are written here — with the same math (attention in f32, the same
@@ -232,6 +233,16 @@ impl Projection {
         })
     }
 
+    /// GPT-2's `Conv1D` at `vb`: its weight stored `[in_dim, out_dim]`, transposed
+    /// once as it is read, and its bias.
+    fn load_conv1d(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let weight = vb.get((in_dim, out_dim), "weight")?.t()?.contiguous()?;
+        Ok(Self::Candle(Linear::new(
+            weight,
+            Some(vb.get(out_dim, "bias")?),
+        )))
+    }
+
     /// Whether the weight is multiplied where it is mapped (no copy of it is held).
     fn reads_in_place(&self) -> bool {
         match self {
@@ -367,6 +378,9 @@ impl Attention {
                 source,
                 pack,
             )?),
+            Projections::Conv1D => {
+                Qkv::Fused(Projection::load_conv1d(h, q + 2 * kv, vb.pp("c_attn"))?)
+            }
         };
         let norm = |name: &str, width: usize| rms_norm(width, spec, vb.pp(name));
         let (q_norm, k_norm) = match spec.family.qk_norm {
@@ -382,13 +396,18 @@ impl Attention {
         let window = spec.windows.get(layer).copied().flatten();
         Ok(Self {
             qkv,
-            o: Projection::load(
-                q,
-                h,
-                vb.pp(spec.family.names.attention_output),
-                source,
-                pack,
-            )?,
+            o: match spec.family.projections {
+                Projections::Conv1D => {
+                    Projection::load_conv1d(q, h, vb.pp(spec.family.names.attention_output))?
+                }
+                _ => Projection::load(
+                    q,
+                    h,
+                    vb.pp(spec.family.names.attention_output),
+                    source,
+                    pack,
+                )?,
+            },
             q_norm,
             k_norm,
             per_head_norm: spec.family.qk_norm == QkNorm::PerHead,
@@ -405,7 +424,7 @@ impl Attention {
                     )?
                     .reshape((1, spec.num_attention_heads, 1, 1))?,
                 ),
-                Positions::Rope => None,
+                Positions::Rope | Positions::Learned => None,
             },
             heads: spec.num_attention_heads,
             kv_heads: spec.kv_heads,
@@ -635,6 +654,11 @@ impl Mlp {
                     pack,
                 )?),
                 down: Projection::load(i, h, vb.pp("down_proj"), source, pack)?,
+                activation: spec.activation,
+            }),
+            Projections::Conv1D => Ok(Self {
+                gate_up: GateUp::Ungated(Projection::load_conv1d(h, i, vb.pp("c_fc"))?),
+                down: Projection::load_conv1d(i, h, vb.pp("c_proj"))?,
                 activation: spec.activation,
             }),
             Projections::PerHead => Ok(Self {
@@ -874,9 +898,9 @@ impl Block {
         // Gemma's extra pair after.
         let [pre_attention, post_attention, pre_mlp, post_mlp] = match spec.norms {
             NormPlacement::Pre | NormPlacement::Parallel => [
-                norm("input_layernorm")?,
+                norm(spec.family.names.block_norms[0])?,
                 None,
-                norm("post_attention_layernorm")?,
+                norm(spec.family.names.block_norms[1])?,
                 None,
             ],
             NormPlacement::Post => [
@@ -1112,6 +1136,9 @@ impl Activations for PassRopes {
 pub enum DecoderUnit {
     Embeddings(TokenTable),
     Block(Box<Block>),
+    /// The learned positions' table `[positions, hidden]` (GPT-2's `wpe`): each row's
+    /// positions' entries are added.
+    Positions(Tensor),
     /// The norm right after the embeddings (BLOOM), over every position.
     EmbeddingNorm(Norm),
     /// The final norm, over the last position.
@@ -1129,6 +1156,7 @@ impl StackModule for DecoderUnit {
             }
             Self::Block(block) => block.projections().iter().all(|p| p.reads_in_place()),
             Self::Norm(_) | Self::EmbeddingNorm(_) => true,
+            Self::Positions(_) => false,
             Self::Embeddings(TokenTable::Dense(_)) | Self::Head(OutputHead::Dense(_)) => false,
         }
     }
@@ -1250,6 +1278,7 @@ const TIED_HEAD: &str = "lm_head (tied to the embeddings)";
 #[derive(Debug, Clone)]
 struct UnitNames {
     embeddings: String,
+    positions: Option<String>,
     embedding_norm: Option<String>,
     blocks: String,
     final_norm: String,
@@ -1264,6 +1293,7 @@ impl UnitNames {
         };
         Self {
             embeddings: under(names.embeddings),
+            positions: names.position_embeddings.map(under),
             embedding_norm: names.embedding_norm.map(under),
             blocks: under(names.blocks),
             final_norm: under(names.final_norm),
@@ -1291,6 +1321,7 @@ impl UnitNames {
     /// In execution order, as the planner names them.
     fn all(&self, config: &DecoderSpec) -> Vec<String> {
         let mut names = vec![self.embeddings.clone()];
+        names.extend(self.positions.clone());
         names.extend(self.embedding_norm.clone());
         names.extend((0..config.num_hidden_layers).map(|i| self.block(i)));
         names.push(self.final_norm.clone());
@@ -1351,6 +1382,26 @@ impl MappedDecoder {
                 stack.push_resident(&names.embeddings, d.clone(), module);
             }
             _ => stack.push_planned(&names.embeddings, embed_place.clone(), source, embed)?,
+        }
+        if let Some(unit) = &names.positions {
+            let build = {
+                let (source, weight, positions) = (
+                    source.clone(),
+                    UnitNames::weight(unit),
+                    cfg.max_position_embeddings,
+                );
+                move |d: &Device, _: Residence| {
+                    let table = source.load(&weight, dtype, d)?;
+                    if table.dims() != [positions, h] {
+                        candle_core::bail!(
+                            "{weight} is {:?}, not [{positions}, {h}]",
+                            table.dims()
+                        );
+                    }
+                    Ok(DecoderUnit::Positions(table))
+                }
+            };
+            stack.push_planned(unit, place(unit)?, source, build)?;
         }
         if let Some(unit) = &names.embedding_norm {
             let build = {
@@ -1510,6 +1561,16 @@ impl MappedDecoder {
                         b.forward(flow.hidden()?, &flow.inputs.1, &mut kvs, &positions, limit)?;
                     block += 1;
                     out
+                }
+                DecoderUnit::Positions(table) => {
+                    let index: Vec<u32> = positions
+                        .iter()
+                        .flat_map(|&p| (p..p + seq).map(|i| i as u32))
+                        .collect();
+                    let index = Tensor::new(index.as_slice(), table.device())?;
+                    let hidden = flow.hidden()?;
+                    let added = table.index_select(&index, 0)?.reshape(hidden.shape())?;
+                    (hidden + added)?
                 }
                 DecoderUnit::EmbeddingNorm(n) => n.forward(flow.hidden()?)?,
                 DecoderUnit::Norm(n) => n.forward(

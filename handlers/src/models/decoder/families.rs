@@ -32,6 +32,8 @@ pub enum Positions {
     Rope,
     /// ALiBi: a per-head linear bias on the scores by key position (BLOOM).
     Alibi,
+    /// A learned table of absolute positions added to the embeddings (GPT-2's `wpe`).
+    Learned,
 }
 
 /// What an RMSNorm multiplies by.
@@ -90,6 +92,9 @@ pub enum Projections {
     /// `query_key_value` with each head's q, k and v rows together, and an ungated MLP
     /// `dense_h_to_4h`, `dense_4h_to_h` (GPT-NeoX, BLOOM).
     PerHead,
+    /// GPT-2's `Conv1D`s, weights stored `[in, out]`: `c_attn` (q, then k, then v
+    /// columns), `c_proj`; an ungated MLP `c_fc`, `c_proj`.
+    Conv1D,
 }
 
 /// Where a family's checkpoint keeps its modules. Checkpoints saved from the bare model
@@ -102,6 +107,10 @@ pub struct Names {
     /// A norm right after the embeddings (BLOOM's `word_embeddings_layernorm`).
     pub embedding_norm: Option<&'static str>,
     pub blocks: &'static str,
+    /// The learned position table (GPT-2's `wpe`).
+    pub position_embeddings: Option<&'static str>,
+    /// A block's two norms where they sit before attention and before the MLP.
+    pub block_norms: [&'static str; 2],
     pub final_norm: &'static str,
     /// The untied head, outside the prefix.
     pub head: &'static str,
@@ -115,6 +124,8 @@ const LLAMA_NAMES: Names = Names {
     embeddings: "embed_tokens",
     embedding_norm: None,
     blocks: "layers",
+    position_embeddings: None,
+    block_norms: ["input_layernorm", "post_attention_layernorm"],
     final_norm: "norm",
     head: "lm_head",
     attention: "self_attn",
@@ -313,6 +324,8 @@ pub const FAMILIES: &[Family] = &[
             embeddings: "embed_in",
             embedding_norm: None,
             blocks: "layers",
+            position_embeddings: None,
+            block_norms: ["input_layernorm", "post_attention_layernorm"],
             final_norm: "final_layer_norm",
             head: "embed_out",
             attention: "attention",
@@ -336,6 +349,8 @@ pub const FAMILIES: &[Family] = &[
             embeddings: "word_embeddings",
             embedding_norm: Some("word_embeddings_layernorm"),
             blocks: "h",
+            position_embeddings: None,
+            block_norms: ["input_layernorm", "post_attention_layernorm"],
             final_norm: "ln_f",
             head: "lm_head",
             attention: "self_attention",
@@ -346,6 +361,32 @@ pub const FAMILIES: &[Family] = &[
         norm_kind: NormKind::Layer,
         positions: Positions::Alibi,
         projections: Projections::PerHead,
+        activation: Activation::GeluTanh,
+        default_eps: 1e-5,
+        tied_by_default: true,
+        ..LLAMA
+    },
+    // Learned absolute positions, LayerNorm, Conv1D weights, an ungated tanh-GELU MLP;
+    // the Hub's checkpoints lack the `transformer.` prefix.
+    Family {
+        name: "gpt2",
+        names: &Names {
+            prefix: "transformer",
+            embeddings: "wte",
+            embedding_norm: None,
+            blocks: "h",
+            position_embeddings: Some("wpe"),
+            block_norms: ["ln_1", "ln_2"],
+            final_norm: "ln_f",
+            head: "lm_head",
+            attention: "attn",
+            attention_output: "c_proj",
+        },
+        model_types: &["gpt2"],
+        architectures: &["GPT2LMHeadModel"],
+        norm_kind: NormKind::Layer,
+        positions: Positions::Learned,
+        projections: Projections::Conv1D,
         activation: Activation::GeluTanh,
         default_eps: 1e-5,
         tied_by_default: true,
@@ -387,7 +428,7 @@ mod tests {
             Some("phi3")
         );
         assert_eq!(family_of("smollm2", &[]).map(|f| f.name), Some("llama"));
-        assert!(family_of("gpt2", &["GPT2LMHeadModel"]).is_none());
+        assert!(family_of("gptj", &["GPTJForCausalLM"]).is_none());
         let mut types = served_model_types();
         let all = types.len();
         types.sort();

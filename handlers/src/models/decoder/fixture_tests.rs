@@ -144,34 +144,36 @@ fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_pl
     assert_eq!(seen.len(), FAMILIES.len());
 }
 
-/// BLOOM's checkpoints on the Hub were saved from the bare model: `h.N`,
-/// `word_embeddings`, `ln_f`, no `transformer.` prefix. They answer alike.
+/// BLOOM's and GPT-2's checkpoints on the Hub were saved from the bare model: `h.N`,
+/// `word_embeddings` or `wte`, `ln_f`, no `transformer.` prefix. They answer alike.
 #[test]
-fn a_bloom_checkpoint_without_the_transformer_prefix_answers_alike() {
-    let dir = fixtures().join("bloom");
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = write_weights(&dir, work.path()).expect("weights");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("load");
-    let bare: std::collections::HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(name, t)| {
-            let name = name.strip_prefix("transformer.").map(str::to_string);
-            (name.expect("every tensor under transformer."), t)
-        })
-        .collect();
-    let bare_path = work.path().join("bare.safetensors");
-    candle_core::safetensors::save(&bare, &bare_path).expect("save");
-    let source = WeightSource::open(&bare_path).expect("source");
-    let want = reference(&dir);
-    let spec = spec(&dir, "config.json");
-    for placement in [Placement::Resident, Placement::LaterBlocksOnDisk] {
-        decode(
-            &source,
-            &spec,
-            placement,
-            &want,
-            &format!("bare bloom, {placement:?}"),
-        );
+fn checkpoints_without_the_transformer_prefix_answer_alike() {
+    for family in ["bloom", "gpt2"] {
+        let dir = fixtures().join(family);
+        let work = tempfile::tempdir().expect("tempdir");
+        let path = write_weights(&dir, work.path()).expect("weights");
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).expect("load");
+        let bare: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let name = name.strip_prefix("transformer.").map(str::to_string);
+                (name.expect("every tensor under transformer."), t)
+            })
+            .collect();
+        let bare_path = work.path().join("bare.safetensors");
+        candle_core::safetensors::save(&bare, &bare_path).expect("save");
+        let source = WeightSource::open(&bare_path).expect("source");
+        let want = reference(&dir);
+        let spec = spec(&dir, "config.json");
+        for placement in [Placement::Resident, Placement::LaterBlocksOnDisk] {
+            decode(
+                &source,
+                &spec,
+                placement,
+                &want,
+                &format!("bare {family}, {placement:?}"),
+            );
+        }
     }
 }
 

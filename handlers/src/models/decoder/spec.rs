@@ -203,11 +203,25 @@ impl DecoderSpec {
 
         let (rope, local_rope) = rope_specs(config, family, head_dim)?;
         // Ungated MLPs default to four times the width (BLOOM states none).
-        let intermediate_size = match (count("intermediate_size")?, family.projections) {
+        let intermediate_size = match (
+            count("intermediate_size")?.or(count("n_inner")?),
+            family.projections,
+        ) {
             (Some(i), _) => i,
-            (None, Projections::PerHead) => 4 * hidden_size,
+            (None, Projections::PerHead | Projections::Conv1D) => 4 * hidden_size,
             (None, _) => need("intermediate_size")?,
         };
+        for (key, fine) in [
+            ("scale_attn_by_inverse_layer_idx", false),
+            ("scale_attn_weights", true),
+            ("add_cross_attention", false),
+        ] {
+            if let Some(v) = present(key)
+                && v.as_bool() != Some(fine)
+            {
+                return Err(refuse(family, key, v, "GPT-2's other attention"));
+            }
+        }
         let norms = match family.norms {
             NormPlacement::Parallel
                 if present("use_parallel_residual").and_then(Value::as_bool) == Some(false) =>
@@ -274,7 +288,9 @@ impl DecoderSpec {
                 return Err(refuse(family, key, v, "a shared expert"));
             }
         }
-        let max_position_embeddings = count("max_position_embeddings")?.unwrap_or(4096);
+        let max_position_embeddings = count("max_position_embeddings")?
+            .or(count("n_positions")?)
+            .unwrap_or(4096);
         let windows = windows(config, family, layers)?;
         let multiplier = |key: &str, default: f64| match family.multipliers {
             true => number(key, default),
@@ -397,7 +413,7 @@ impl DecoderSpec {
 /// The gated MLP's activation: `hidden_activation` (Gemma 2 and 3 read it) or else
 /// `hidden_act`. Gemma 1's `gelu` means the tanh approximation (transformers rewrites it).
 fn activation(config: &Value, family: &Family) -> Result<Activation, HandlerError> {
-    let (key, value) = match ["hidden_activation", "hidden_act"]
+    let (key, value) = match ["hidden_activation", "hidden_act", "activation_function"]
         .into_iter()
         .find_map(|k| config.get(k).filter(|v| !v.is_null()).map(|v| (k, v)))
     {
@@ -875,8 +891,8 @@ mod tests {
             let why = refusal(with(model_type, extra));
             assert!(why.contains(key), "{model_type}: {why} does not name {key}");
         }
-        let why = refusal(base("gpt2"));
-        assert!(why.contains("\"gpt2\"") && why.contains("qwen3"), "{why}");
+        let why = refusal(base("gptj"));
+        assert!(why.contains("\"gptj\"") && why.contains("qwen3"), "{why}");
     }
 
     #[test]

@@ -238,10 +238,18 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     if let Some(dtype) = &args.dtype {
         setup.torch_dtype = Some(dtype.clone());
     }
+    // config.json as the server would read it: the decoder's spec is printed from it.
+    let config: Option<serde_json::Value>;
+    let json_of = |files: &dyn spillway_handlers::ModelFiles| -> Option<serde_json::Value> {
+        let bytes = files.read("config.json").ok()??;
+        serde_json::from_slice(&bytes).ok()
+    };
     let inventory = match files {
         None => {
-            let config: serde_json::Value = serde_json::from_slice(&std::fs::read(model)?)?;
-            ModelInventory::from_config(&config)?
+            let read: serde_json::Value = serde_json::from_slice(&std::fs::read(model)?)?;
+            let inventory = ModelInventory::from_config(&read)?;
+            config = Some(read);
+            inventory
         }
         Some(files) => {
             // A GGUF is planned from the copy the server would serve (written once into
@@ -256,9 +264,13 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
                     let copy = spillway::lifecycle::loader::converted_gguf(
                         &*files, &gguf, dtype, &setup, &cache,
                     )?;
+                    config = json_of(&*copy);
                     ModelInventory::read(&*copy)?
                 }
-                None => ModelInventory::read(&*files)?,
+                None => {
+                    config = json_of(&*files);
+                    ModelInventory::read(&*files)?
+                }
             }
         }
     };
@@ -270,6 +282,20 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
+        // A decoder's parsed spec, or why text_generation would refuse it.
+        let decoder = config.as_ref().filter(|c| {
+            c.get("model_type")
+                .and_then(|t| t.as_str())
+                .is_some_and(|t| {
+                    spillway_handlers::models::decoder::families::served_model_types().contains(&t)
+                })
+        });
+        if let Some(config) = decoder {
+            match spillway_handlers::models::decoder::DecoderSpec::from_config(config) {
+                Ok(spec) => println!("decoder: {}", spec.describe()),
+                Err(e) => println!("decoder: refused: {e}"),
+            }
+        }
         print!("{}", spillway_placement::explain::table(&plan));
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::process::Command;
 use reqwest::Method;
 use spillway_handlers::testing::TinyBert;
 
-use crate::support::{BIN, Fixture, TestServer, json};
+use crate::support::{BIN, Fixture, TestServer, json, repo_root};
 
 fn plan(args: &[&str]) -> std::process::Output {
     Command::new(BIN).arg("plan").args(args).output().unwrap()
@@ -153,6 +153,42 @@ fn plan_works_from_config_json_alone() {
     assert_eq!(units[0]["tied"], serde_json::json!(["lm_head"]));
     let total: u64 = units.iter().map(|u| u["bytes"].as_u64().unwrap()).sum();
     assert_eq!(total, 134_515_008 * 2, "SmolLM2-135M in bf16");
+}
+
+/// `plan` prints a decoder's parsed spec above the table, or why text_generation
+/// would refuse it, naming the key.
+#[test]
+fn plan_prints_the_decoders_spec_or_its_refusal() {
+    let fixtures = repo_root().join("handlers/tests/fixtures/decoders");
+    let gemma3 = fixtures.join("gemma3/config.json");
+    let out = plan(&[gemma3.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next().unwrap_or_default();
+    for part in [
+        "decoder: family gemma3",
+        "window 4 on 2 layers",
+        "sliding layers' rope theta 10000",
+        "rope scaling \"linear\"",
+    ] {
+        assert!(line.contains(part), "{part:?} not in {line:?}");
+    }
+    let fixture = Fixture::new();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures.join("llama/config.json")).unwrap())
+            .unwrap();
+    config["hidden_act"] = serde_json::json!("relu");
+    let refused = fixture.file("config.json", &config.to_string());
+    let out = plan(&[refused.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("decoder: refused") && text.contains("hidden_act"),
+        "{text}"
+    );
 }
 
 #[test]

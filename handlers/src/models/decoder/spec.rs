@@ -6,7 +6,8 @@
 use serde_json::Value;
 
 use super::families::{
-    Activation, Family, NormPlacement, Projections, WindowRule, family_of, served_model_types,
+    Activation, Family, NormKind, NormPlacement, Positions, Projections, WindowRule, family_of,
+    served_model_types,
 };
 use crate::HandlerError;
 
@@ -373,13 +374,28 @@ impl DecoderSpec {
                 "{} layers, {} heads ({} key/value) of {}",
                 self.num_hidden_layers, self.num_attention_heads, self.kv_heads, self.head_dim
             ),
-            format!("rope theta {}", self.rope.theta),
         ];
-        if let Some(kind) = self.rope.scaling.as_ref().and_then(|s| s.get("rope_type")) {
-            parts.push(format!("rope scaling {kind}"));
+        match self.family.positions {
+            Positions::Rope => {
+                parts.push(format!("rope theta {}", self.rope.theta));
+                if let Some(kind) = self.rope.scaling.as_ref().and_then(|s| s.get("rope_type")) {
+                    parts.push(format!("rope scaling {kind}"));
+                }
+                if self.rope.rotary_dim != self.head_dim {
+                    parts.push(format!("rotary dims {}", self.rope.rotary_dim));
+                }
+            }
+            Positions::Alibi => parts.push("ALiBi".into()),
+            Positions::Learned => parts.push("learned positions".into()),
         }
-        if self.rope.rotary_dim != self.head_dim {
-            parts.push(format!("rotary dims {}", self.rope.rotary_dim));
+        if self.family.norm_kind == NormKind::Layer {
+            parts.push("LayerNorm".into());
+        }
+        match self.norms {
+            NormPlacement::Pre => {}
+            NormPlacement::Post => parts.push("norms after each branch".into()),
+            NormPlacement::Sandwich => parts.push("norms before and after each branch".into()),
+            NormPlacement::Parallel => parts.push("parallel residual".into()),
         }
         let windowed = self.windows.iter().filter(|w| w.is_some()).count();
         if let Some(Some(w)) = self.windows.iter().find(|w| w.is_some()) {
@@ -396,8 +412,10 @@ impl DecoderSpec {
         if let Some(local) = &self.local_rope {
             parts.push(format!("sliding layers' rope theta {}", local.theta));
         }
-        if self.activation != Activation::Silu {
-            parts.push(format!("{:?}", self.activation));
+        match self.activation {
+            Activation::Silu => {}
+            Activation::GeluTanh => parts.push("tanh-GELU".into()),
+            Activation::Gelu => parts.push("GELU".into()),
         }
         if let Some(cap) = self.attention_softcap {
             parts.push(format!("scores capped at {cap}"));

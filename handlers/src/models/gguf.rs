@@ -47,8 +47,9 @@ pub fn materialize(
 /// Version of the converted folder's layout, part of its key: a change to what
 /// [`materialize`] writes must not reuse folders written before it (2: `rope_scaling`
 /// from `rope_freqs` and the GGUF rope metadata; 3: quantized tensors kept in blocks; 4:
-/// `architectures` and `head_dim` from the key length).
-const CONVERSION: u32 = 4;
+/// `architectures` and `head_dim` from the key length; 5: Granite's multipliers and
+/// OLMo 2's post-norms).
+const CONVERSION: u32 = 5;
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
     HandlerError::bad_file("gguf", reason)
@@ -89,6 +90,9 @@ fn hf_name(
     let (hf, unpermute) = match module {
         "attn_norm" => ("input_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
+        // OLMo 2's norms after attention and after the MLP.
+        "post_attention_norm" => ("post_attention_layernorm", None),
+        "post_ffw_norm" => ("post_feedforward_layernorm", None),
         "attn_q" => ("self_attn.q_proj", permuted.then_some(heads)),
         "attn_k" => ("self_attn.k_proj", permuted.then_some(kv_heads)),
         "attn_v" => ("self_attn.v_proj", None),
@@ -258,9 +262,11 @@ fn convert(
         "mistral" => "MistralForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
         "qwen3" => "Qwen3ForCausalLM",
+        "granite" => "GraniteForCausalLM",
+        "olmo2" => "Olmo2ForCausalLM",
         _ => {
             return Err(HandlerError::Unsupported(format!(
-                "GGUF architecture `{arch}`: this server serves llama, mistral, qwen2 and qwen3 GGUF models"
+                "GGUF architecture `{arch}`: this server serves llama, mistral, qwen2, qwen3, granite and olmo2 GGUF models"
             )));
         }
     };
@@ -283,8 +289,9 @@ fn convert(
         .ok_or_else(|| bad("token_embd.weight is missing"))?;
     let vocab = embed.shape.dims()[0];
     let tied = !content.tensor_infos.contains_key("output.weight");
-    // llama.cpp's converter permutes q/k rows only for the llama architecture.
-    let permuted = arch == "llama";
+    // llama.cpp's converter permutes q/k rows for the llama architecture and the
+    // models it converts as Llama's subclasses (Granite).
+    let permuted = matches!(arch.as_str(), "llama" | "granite");
 
     // Header first (every shape is known up front), then each tensor in turn.
     let mut names: Vec<(String, String, Option<usize>)> = content
@@ -368,6 +375,17 @@ fn convert(
     });
     if let Some(scaling) = rope_scaling {
         config["rope_scaling"] = scaling;
+    }
+    // Granite's multipliers, as llama.cpp's converter names them.
+    for (gguf, hf) in [
+        ("embedding_scale", "embedding_multiplier"),
+        ("residual_scale", "residual_multiplier"),
+        ("attention.scale", "attention_multiplier"),
+        ("logit_scale", "logits_scaling"),
+    ] {
+        if let Some(value) = meta_f32(&content, &key(gguf)) {
+            config[hf] = json!(value);
+        }
     }
     let write = |name: &str, value: &serde_json::Value| {
         let p = out.join(name);
@@ -791,39 +809,73 @@ mod tests {
         }
     }
 
-    /// A Qwen 3 GGUF (per-head qk-norm, a head_dim wider than hidden / heads, as
-    /// llama.cpp's converter writes it: qwen3 names, no q/k permutation) serves like the
-    /// safetensors checkpoint it came from — the fixture held to transformers. The GGUF
-    /// carries no sliding window, so the checkpoint is compared with its windows off.
-    #[test]
-    fn a_qwen3_gguf_decodes_like_its_safetensors_checkpoint() {
-        use crate::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
-        use crate::weights::layer_stack::UnitPlacement;
+    /// A GGUF written from the decoder fixture `family` the way llama.cpp's converter
+    /// writes `arch` (its tensor names; q/k rows permuted where `permute_qk`; `extra`
+    /// metadata), converted back: the fixture's spec, the converted spec, and the two
+    /// folders (the fixture's checkpoint, the converted one) under `work`.
+    fn gguf_of_fixture(
+        family: &str,
+        arch: &str,
+        permute_qk: bool,
+        extra: Vec<(String, Value)>,
+        work: &Path,
+    ) -> (
+        crate::models::decoder::DecoderSpec,
+        crate::models::decoder::DecoderSpec,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        use crate::models::decoder::DecoderSpec;
         use candle_core::quantized::QTensor;
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders/qwen3");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/decoders")
+            .join(family);
         let config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config"))
                 .expect("json");
-        let work = tempfile::tempdir().expect("tempdir");
-        let hf = work.path().join("hf");
+        let hf = work.join("hf");
         crate::testing::decoder_fixtures::write_weights(&fixture, &hf).expect("weights");
-        let mut spec = DecoderSpec::from_config(&config).expect("spec");
-        spec.windows = vec![None; spec.num_hidden_layers];
+        let spec = DecoderSpec::from_config(&config).expect("spec");
         let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
             .expect("weights");
+        // llama.cpp's permute: rows regrouped per head from halves to interleaved pairs.
+        let permute = |t: &Tensor, heads: usize| -> Tensor {
+            let (rows, cols) = t.dims2().expect("2d");
+            t.reshape((heads, 2, rows / heads / 2, cols))
+                .and_then(|t| t.transpose(1, 2))
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.reshape((rows, cols)))
+                .expect("permute")
+        };
+        // OLMo 2 has no norm before the MLP: its post_attention_layernorm is a post-norm.
+        let post_norms = spec.family.norms == crate::models::decoder::families::NormPlacement::Post;
         let mut gguf_tensors: Vec<(String, QTensor)> = Vec::new();
         for (name, t) in &tensors {
+            let mut t = t.clone();
             let gguf = match name.as_str() {
                 "model.embed_tokens.weight" => "token_embd.weight".to_string(),
                 "model.norm.weight" => "output_norm.weight".to_string(),
+                "lm_head.weight" => "output.weight".to_string(),
                 other => {
                     let rest = other.strip_prefix("model.layers.").expect("a layer");
                     let (layer, tail) = rest.split_once('.').expect("layer.tail");
                     let module = match tail.trim_end_matches(".weight") {
                         "input_layernorm" => "attn_norm",
+                        "post_attention_layernorm" if post_norms => "post_attention_norm",
                         "post_attention_layernorm" => "ffn_norm",
-                        "self_attn.q_proj" => "attn_q",
-                        "self_attn.k_proj" => "attn_k",
+                        "post_feedforward_layernorm" => "post_ffw_norm",
+                        "self_attn.q_proj" => {
+                            if permute_qk {
+                                t = permute(&t, spec.num_attention_heads);
+                            }
+                            "attn_q"
+                        }
+                        "self_attn.k_proj" => {
+                            if permute_qk {
+                                t = permute(&t, spec.kv_heads);
+                            }
+                            "attn_k"
+                        }
                         "self_attn.v_proj" => "attn_v",
                         "self_attn.o_proj" => "attn_output",
                         "self_attn.q_norm" => "attn_q_norm",
@@ -836,77 +888,143 @@ mod tests {
                     format!("blk.{layer}.{module}.weight")
                 }
             };
-            gguf_tensors.push((gguf, QTensor::quantize(t, GgmlDType::F32).expect("f32")));
+            gguf_tensors.push((gguf, QTensor::quantize(&t, GgmlDType::F32).expect("f32")));
         }
         let tokens: Vec<Value> = (0..spec.vocab_size)
             .map(|i| Value::String(format!("t{i}")))
             .collect();
         let u32v = |v: usize| Value::U32(v as u32);
-        let metadata: Vec<(&str, Value)> = vec![
-            ("general.architecture", Value::String("qwen3".into())),
-            ("qwen3.attention.head_count", u32v(spec.num_attention_heads)),
-            ("qwen3.attention.head_count_kv", u32v(spec.kv_heads)),
-            ("qwen3.attention.key_length", u32v(spec.head_dim)),
-            ("qwen3.rope.dimension_count", u32v(spec.head_dim)),
-            ("qwen3.embedding_length", u32v(spec.hidden_size)),
-            ("qwen3.feed_forward_length", u32v(spec.intermediate_size)),
-            ("qwen3.block_count", u32v(spec.num_hidden_layers)),
-            ("qwen3.context_length", u32v(spec.max_position_embeddings)),
-            ("qwen3.rope.freq_base", Value::F32(spec.rope.theta as f32)),
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (key("attention.head_count"), u32v(spec.num_attention_heads)),
+            (key("attention.head_count_kv"), u32v(spec.kv_heads)),
+            (key("attention.key_length"), u32v(spec.head_dim)),
+            (key("rope.dimension_count"), u32v(spec.rope.rotary_dim)),
+            (key("embedding_length"), u32v(spec.hidden_size)),
+            (key("feed_forward_length"), u32v(spec.intermediate_size)),
+            (key("block_count"), u32v(spec.num_hidden_layers)),
+            (key("context_length"), u32v(spec.max_position_embeddings)),
+            (key("rope.freq_base"), Value::F32(spec.rope.theta as f32)),
             (
-                "qwen3.attention.layer_norm_rms_epsilon",
+                key("attention.layer_norm_rms_epsilon"),
                 Value::F32(spec.rms_norm_eps as f32),
             ),
-            ("tokenizer.ggml.model", Value::String("gpt2".into())),
-            ("tokenizer.ggml.tokens", Value::Array(tokens)),
-            ("tokenizer.ggml.merges", Value::Array(vec![])),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+            ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ];
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        metadata.extend(extra);
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let refs: Vec<(&str, &QTensor)> =
             gguf_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let gguf_dir = work.path().join("gguf");
+        let gguf_dir = work.join("gguf");
         std::fs::create_dir_all(&gguf_dir).expect("dir");
-        let mut file = std::fs::File::create(gguf_dir.join("qwen3.gguf")).expect("create");
+        let file_name = format!("{family}.gguf");
+        let mut file = std::fs::File::create(gguf_dir.join(&file_name)).expect("create");
         candle_core::quantized::gguf_file::write(&mut file, &metadata, &refs).expect("write");
         drop(file);
         let folder = materialize(
             &crate::weights::files::FolderFiles::new(&gguf_dir),
-            "qwen3.gguf",
-            &work.path().join("offload"),
+            &file_name,
+            &work.join("offload"),
             Some(DType::F32),
         )
         .expect("materialize");
-
-        let prompt = [3u32, 17, 42, 99, 5, 64, 11, 120, 7, 30];
-        let run = |source: &crate::WeightSource, spec: &DecoderSpec| {
-            let model = MappedDecoder::load(source, spec, DType::F32, |_| {
-                Ok(UnitPlacement::Resident(Device::Cpu))
-            })
-            .expect("load");
-            let t = Tensor::new(&prompt[..], &Device::Cpu)
-                .and_then(|t| t.unsqueeze(0))
-                .expect("tokens");
-            model.forward(&t, &mut KvCache::default()).expect("forward")
-        };
         let converted: serde_json::Value =
             serde_json::from_slice(&std::fs::read(folder.join("config.json")).expect("config"))
                 .expect("json");
         let converted = DecoderSpec::from_config(&converted).expect("converted spec");
+        (spec, converted, hf, folder)
+    }
+
+    /// The prompt's last logits of the checkpoint in `folder` under `spec`.
+    fn first_logits(folder: &Path, spec: &crate::models::decoder::DecoderSpec) -> Tensor {
+        use crate::models::decoder::{KvCache, MappedDecoder};
+        use crate::weights::layer_stack::UnitPlacement;
+        let source = crate::WeightSource::open(&folder.join("model.safetensors")).expect("source");
+        let model = MappedDecoder::load(&source, spec, DType::F32, |_| {
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        })
+        .expect("load");
+        let prompt = [3u32, 17, 42, 99, 5, 64, 11, 120, 7, 30];
+        let t = Tensor::new(&prompt[..], &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        model
+            .forward(&t, &mut KvCache::default())
+            .and_then(|l| l.squeeze(0))
+            .expect("forward")
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    /// A Qwen 3 GGUF (per-head qk-norm, a head_dim wider than hidden / heads; qwen3
+    /// names, no q/k permutation) serves like the safetensors checkpoint it came from —
+    /// the fixture held to transformers. The GGUF carries no sliding window, so the
+    /// checkpoint is compared with its windows off.
+    #[test]
+    fn a_qwen3_gguf_decodes_like_its_safetensors_checkpoint() {
+        let work = tempfile::tempdir().expect("tempdir");
+        let (mut spec, converted, hf, folder) =
+            gguf_of_fixture("qwen3", "qwen3", false, vec![], work.path());
+        spec.windows = vec![None; spec.num_hidden_layers];
         assert_eq!(
             (converted.family.name, converted.head_dim),
             ("qwen3", spec.head_dim)
         );
-        let want = run(
-            &crate::WeightSource::open(&hf.join("model.safetensors")).expect("hf"),
-            &spec,
+        let diff = max_diff(
+            &first_logits(&folder, &converted),
+            &first_logits(&hf, &spec),
         );
-        let got = run(
-            &crate::WeightSource::open(&folder.join("model.safetensors")).expect("gguf"),
-            &converted,
-        );
-        let diff = (&got - &want)
-            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
-            .expect("diff");
         assert!(diff <= 1e-5, "the Qwen 3 GGUF's logits differ by {diff}");
+    }
+
+    /// Granite and OLMo 2 GGUFs as llama.cpp writes them — Granite's q/k rows permuted
+    /// and its four multipliers as `granite.*_scale` keys; OLMo 2's post-norms as
+    /// `post_attention_norm` / `post_ffw_norm` and its whole-projection qk-norm — answer
+    /// with transformers' own logits for the fixture.
+    #[test]
+    fn granite_and_olmo2_ggufs_answer_like_transformers() {
+        for (family, permute, extra) in [
+            (
+                "granite",
+                true,
+                vec![
+                    ("granite.embedding_scale".to_string(), Value::F32(2.0)),
+                    ("granite.residual_scale".to_string(), Value::F32(0.7)),
+                    ("granite.attention.scale".to_string(), Value::F32(0.2)),
+                    ("granite.logit_scale".to_string(), Value::F32(4.0)),
+                ],
+            ),
+            ("olmo2", false, vec![]),
+        ] {
+            let work = tempfile::tempdir().expect("tempdir");
+            let (spec, converted, _, folder) =
+                gguf_of_fixture(family, family, permute, extra, work.path());
+            assert_eq!(converted.family.name, spec.family.name);
+            let reference: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("tests/fixtures/decoders")
+                        .join(family)
+                        .join("reference.json"),
+                )
+                .expect("reference"),
+            )
+            .expect("json");
+            let want: Vec<f32> =
+                serde_json::from_value(reference["steps"][0]["logits"].clone()).expect("logits");
+            let want = Tensor::new(want.as_slice(), &Device::Cpu).expect("want");
+            let diff = max_diff(&first_logits(&folder, &converted), &want);
+            assert!(
+                diff <= 1e-4,
+                "{family}'s GGUF logits differ from transformers' by {diff}"
+            );
+        }
     }
 }

@@ -48,8 +48,9 @@ pub fn materialize(
 /// [`materialize`] writes must not reuse folders written before it (2: `rope_scaling`
 /// from `rope_freqs` and the GGUF rope metadata; 3: quantized tensors kept in blocks; 4:
 /// `architectures` and `head_dim` from the key length; 5: Granite's multipliers and
-/// OLMo 2's post-norms).
-const CONVERSION: u32 = 5;
+/// OLMo 2's post-norms; 6: Gemma's norms less one, Gemma 2/3's scale, caps and
+/// windows, Phi-3's fused tensors and partial rotary).
+const CONVERSION: u32 = 6;
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
     HandlerError::bad_file("gguf", reason)
@@ -68,13 +69,31 @@ fn meta_f32(content: &Content, key: &str) -> Option<f32> {
     content.metadata.get(key).and_then(|v| v.to_f32().ok())
 }
 
-/// The HF name of a GGUF tensor, and the head count to un-permute it with (q/k only).
+/// Whether llama.cpp's converter permuted `arch`'s q/k rows: for the llama
+/// architecture and the models it converts as Llama's subclasses (Granite).
+fn permutes_qk(arch: &str) -> bool {
+    matches!(arch, "llama" | "granite")
+}
+
+/// Whether llama.cpp's converter stored `arch`'s norm weights plus one (Gemma's norms
+/// multiply by `1 + w`; llama.cpp's by the stored weight).
+fn norms_plus_one(arch: &str) -> bool {
+    matches!(arch, "gemma" | "gemma2" | "gemma3")
+}
+
+/// The HF name of a GGUF tensor of architecture `arch`, and the head count to
+/// un-permute it with (q/k only).
 fn hf_name(
     gguf: &str,
+    arch: &str,
     heads: usize,
     kv_heads: usize,
-    permuted: bool,
 ) -> Option<(String, Option<usize>)> {
+    let permuted = permutes_qk(arch);
+    // Gemma 2 and 3: `ffn_norm` is the norm before the MLP, the one after attention is
+    // `post_attention_norm`. Phi-3 keeps qkv and gate_up fused.
+    let sandwich = matches!(arch, "gemma2" | "gemma3");
+    let phi3 = arch == "phi3";
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -89,8 +108,11 @@ fn hf_name(
     let (module, param) = tail.rsplit_once('.')?;
     let (hf, unpermute) = match module {
         "attn_norm" => ("input_layernorm", None),
+        "ffn_norm" if sandwich => ("pre_feedforward_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
-        // OLMo 2's norms after attention and after the MLP.
+        "attn_qkv" if phi3 => ("self_attn.qkv_proj", None),
+        "ffn_up" if phi3 => ("mlp.gate_up_proj", None),
+        // Gemma 2/3's and OLMo 2's norms after attention and after the MLP.
         "post_attention_norm" => ("post_attention_layernorm", None),
         "post_ffw_norm" => ("post_feedforward_layernorm", None),
         "attn_q" => ("self_attn.q_proj", permuted.then_some(heads)),
@@ -264,12 +286,25 @@ fn convert(
         "qwen3" => "Qwen3ForCausalLM",
         "granite" => "GraniteForCausalLM",
         "olmo2" => "Olmo2ForCausalLM",
+        "gemma" => "GemmaForCausalLM",
+        "gemma2" => "Gemma2ForCausalLM",
+        "gemma3" => "Gemma3ForCausalLM",
+        "phi3" => "Phi3ForCausalLM",
         _ => {
             return Err(HandlerError::Unsupported(format!(
-                "GGUF architecture `{arch}`: this server serves llama, mistral, qwen2, qwen3, granite and olmo2 GGUF models"
+                "GGUF architecture `{arch}`: this server serves llama, mistral, qwen2, qwen3, granite, olmo2, gemma, gemma2, gemma3 and phi3 GGUF models"
             )));
         }
     };
+    // Phi-3's long-context RoPE (longrope) is not implemented: refused, not ignored.
+    if let Some(factors) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+        .into_iter()
+        .find(|t| content.tensor_infos.contains_key(*t))
+    {
+        return Err(HandlerError::Unsupported(format!(
+            "GGUF tensor {factors} (Phi-3's longrope scaling) is not implemented"
+        )));
+    }
     let key = |k: &str| format!("{arch}.{k}");
     let heads = meta_u32(&content, &key("attention.head_count"))? as usize;
     let kv_heads = content
@@ -289,15 +324,12 @@ fn convert(
         .ok_or_else(|| bad("token_embd.weight is missing"))?;
     let vocab = embed.shape.dims()[0];
     let tied = !content.tensor_infos.contains_key("output.weight");
-    // llama.cpp's converter permutes q/k rows for the llama architecture and the
-    // models it converts as Llama's subclasses (Granite).
-    let permuted = matches!(arch.as_str(), "llama" | "granite");
 
     // Header first (every shape is known up front), then each tensor in turn.
     let mut names: Vec<(String, String, Option<usize>)> = content
         .tensor_infos
         .keys()
-        .filter_map(|g| hf_name(g, heads, kv_heads, permuted).map(|(hf, p)| (g.clone(), hf, p)))
+        .filter_map(|g| hf_name(g, &arch, heads, kv_heads).map(|(hf, p)| (g.clone(), hf, p)))
         .collect();
     names.sort_by(|a, b| a.1.cmp(&b.1));
     if let Some(dtype) = dtype
@@ -327,7 +359,14 @@ fn convert(
                     planned.shape.as_slice(),
                     &Device::Cpu,
                 ),
-                None => q.dequantize(&Device::Cpu)?.to_dtype(planned.dtype),
+                None => {
+                    let t = q.dequantize(&Device::Cpu)?;
+                    let t = match norms_plus_one(&arch) && hf.ends_with("norm.weight") {
+                        true => (t - 1.0)?,
+                        false => t,
+                    };
+                    t.to_dtype(planned.dtype)
+                }
             })
             .and_then(|t| match heads {
                 Some(h) => unpermute(&t, *h),
@@ -348,18 +387,20 @@ fn convert(
         .metadata
         .get("tokenizer.ggml.eos_token_id")
         .and_then(|v| v.to_u32().ok());
-    // A head's width is the key length where the file states it (Qwen 3's is not
-    // hidden / heads); the rotary count only where it does not.
-    let head_dim = [key("attention.key_length"), key("rope.dimension_count")]
-        .iter()
-        .find_map(|k| content.metadata.get(k).and_then(|v| v.to_u32().ok()))
+    // A head's width is the key length where the file states it (Qwen 3's and Gemma's
+    // are not hidden / heads); the rotary count only where it does not, except for
+    // Phi-3, whose rotary count is a part of the head (partial rotary).
+    let meta = |k: &str| content.metadata.get(&key(k)).and_then(|v| v.to_u32().ok());
+    let head_dim = meta("attention.key_length")
+        .or_else(|| meta("rope.dimension_count").filter(|_| arch != "phi3"))
         .unwrap_or((hidden / heads) as u32);
+    let layers = meta_u32(&content, &key("block_count"))?;
     let mut config = json!({
         "architectures": [architectures],
-        "model_type": arch,
+        "model_type": if arch == "gemma3" { "gemma3_text" } else { arch.as_str() },
         "hidden_size": hidden,
         "intermediate_size": meta_u32(&content, &key("feed_forward_length"))?,
-        "num_hidden_layers": meta_u32(&content, &key("block_count"))?,
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
@@ -375,6 +416,48 @@ fn convert(
     });
     if let Some(scaling) = rope_scaling {
         config["rope_scaling"] = scaling;
+    }
+    if let Some(rotary) = meta("rope.dimension_count").filter(|d| *d < head_dim) {
+        config["partial_rotary_factor"] = json!(f64::from(rotary) / f64::from(head_dim));
+    }
+    // Gemma 2 and 3 as llama.cpp runs them: it stores no query_pre_attn_scalar and
+    // scales scores by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for the 27B
+    // models (46 and 62 layers), which is what their configs say; Gemma 2's caps
+    // default to 50 and 30; Gemma 3's sliding layers use a base of 10,000 unless the
+    // file says. Phi-3's window is dropped, as llama.cpp drops it.
+    if matches!(arch.as_str(), "gemma2" | "gemma3") {
+        let big = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+        config["query_pre_attn_scalar"] = json!(match big {
+            true => (hidden / heads) as u32,
+            false => head_dim,
+        });
+        if let Some(window) = meta("attention.sliding_window").filter(|w| *w > 0) {
+            config["sliding_window"] = json!(window);
+        } else if arch == "gemma2" {
+            config["sliding_window"] = json!(4096);
+        }
+        if let Some(pattern) = meta("attention.sliding_window_pattern") {
+            config["sliding_window_pattern"] = json!(pattern);
+        }
+        let caps: [(&str, Option<f32>); 2] = match arch.as_str() {
+            "gemma2" => [
+                ("attn_logit_softcapping", Some(50.0)),
+                ("final_logit_softcapping", Some(30.0)),
+            ],
+            _ => [
+                ("attn_logit_softcapping", None),
+                ("final_logit_softcapping", None),
+            ],
+        };
+        for (cap, default) in caps {
+            if let Some(value) = meta_f32(&content, &key(cap)).or(default) {
+                config[cap] = json!(value);
+            }
+        }
+        if arch == "gemma3" {
+            config["rope_local_base_freq"] =
+                json!(meta_f32(&content, &key("rope.freq_base_swa")).unwrap_or(10_000.0));
+        }
     }
     // Granite's multipliers, as llama.cpp's converter names them.
     for (gguf, hf) in [
@@ -511,26 +594,26 @@ mod tests {
     #[test]
     fn gguf_names_map_to_hf_names() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight", 9, 3, true),
+            hf_name("blk.3.attn_q.weight", "llama", 9, 3),
             Some(("model.layers.3.self_attn.q_proj.weight".into(), Some(9)))
         );
         assert_eq!(
-            hf_name("blk.3.attn_k.weight", 9, 3, true),
+            hf_name("blk.3.attn_k.weight", "llama", 9, 3),
             Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3)))
         );
         assert_eq!(
-            hf_name("blk.3.attn_k.weight", 9, 3, false).map(|n| n.1),
+            hf_name("blk.3.attn_k.weight", "qwen2", 9, 3).map(|n| n.1),
             Some(None)
         );
         assert_eq!(
-            hf_name("blk.0.ffn_norm.weight", 9, 3, true).map(|n| n.0),
+            hf_name("blk.0.ffn_norm.weight", "llama", 9, 3).map(|n| n.0),
             Some("model.layers.0.post_attention_layernorm.weight".into())
         );
         assert_eq!(
-            hf_name("token_embd.weight", 9, 3, true).map(|n| n.0),
+            hf_name("token_embd.weight", "llama", 9, 3).map(|n| n.0),
             Some("model.embed_tokens.weight".into())
         );
-        assert_eq!(hf_name("rope_freqs.weight", 9, 3, true), None);
+        assert_eq!(hf_name("rope_freqs.weight", "llama", 9, 3), None);
     }
 
     /// Writes the tiny Llama in `hf` (safetensors + config.json) as a llama.cpp-style
@@ -847,11 +930,20 @@ mod tests {
                 .and_then(|t| t.reshape((rows, cols)))
                 .expect("permute")
         };
-        // OLMo 2 has no norm before the MLP: its post_attention_layernorm is a post-norm.
-        let post_norms = spec.family.norms == crate::models::decoder::families::NormPlacement::Post;
+        // OLMo 2's and Gemma 2/3's post_attention_layernorm is a norm after attention.
+        use crate::models::decoder::families::NormPlacement;
+        let post_norms = matches!(
+            spec.family.norms,
+            NormPlacement::Post | NormPlacement::Sandwich
+        );
+        // Gemma's norms are stored plus one.
+        let plus_one = arch.starts_with("gemma");
         let mut gguf_tensors: Vec<(String, QTensor)> = Vec::new();
         for (name, t) in &tensors {
             let mut t = t.clone();
+            if plus_one && name.ends_with("norm.weight") {
+                t = (t + 1.0).expect("plus one");
+            }
             let gguf = match name.as_str() {
                 "model.embed_tokens.weight" => "token_embd.weight".to_string(),
                 "model.norm.weight" => "output_norm.weight".to_string(),
@@ -864,6 +956,9 @@ mod tests {
                         "post_attention_layernorm" if post_norms => "post_attention_norm",
                         "post_attention_layernorm" => "ffn_norm",
                         "post_feedforward_layernorm" => "post_ffw_norm",
+                        "pre_feedforward_layernorm" => "ffn_norm",
+                        "self_attn.qkv_proj" => "attn_qkv",
+                        "mlp.gate_up_proj" => "ffn_up",
                         "self_attn.q_proj" => {
                             if permute_qk {
                                 t = permute(&t, spec.num_attention_heads);
@@ -899,7 +994,6 @@ mod tests {
             ("general.architecture".into(), Value::String(arch.into())),
             (key("attention.head_count"), u32v(spec.num_attention_heads)),
             (key("attention.head_count_kv"), u32v(spec.kv_heads)),
-            (key("attention.key_length"), u32v(spec.head_dim)),
             (key("rope.dimension_count"), u32v(spec.rope.rotary_dim)),
             (key("embedding_length"), u32v(spec.hidden_size)),
             (key("feed_forward_length"), u32v(spec.intermediate_size)),
@@ -914,6 +1008,10 @@ mod tests {
             ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
             ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ];
+        // llama.cpp's Phi-3 converter writes no key length.
+        if arch != "phi3" {
+            metadata.push((key("attention.key_length"), u32v(spec.head_dim)));
+        }
         metadata.extend(extra);
         let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let refs: Vec<(&str, &QTensor)> =
@@ -1025,6 +1123,68 @@ mod tests {
                 diff <= 1e-4,
                 "{family}'s GGUF logits differ from transformers' by {diff}"
             );
+        }
+    }
+
+    /// Gemma 1, 2 and 3 and Phi-3 GGUFs as llama.cpp writes them: Gemma's norms stored
+    /// plus one, Gemma 2/3's norm before the MLP as `ffn_norm` and the one after
+    /// attention as `post_attention_norm`, Gemma 2's caps and window and Gemma 3's
+    /// window, pattern, local RoPE base and linear scaling as keys; Phi-3's qkv and
+    /// gate_up fused, a rotary count below the head width, no key length.
+    #[test]
+    fn gemma_and_phi3_ggufs_decode_as_llama_cpp_runs_them() {
+        let u32v = |v: u32| Value::U32(v);
+        let cases: [(&str, Vec<(String, Value)>); 4] = [
+            ("gemma", vec![]),
+            (
+                "gemma2",
+                vec![
+                    ("gemma2.attn_logit_softcapping".into(), Value::F32(3.0)),
+                    ("gemma2.final_logit_softcapping".into(), Value::F32(8.0)),
+                    ("gemma2.attention.sliding_window".into(), u32v(4)),
+                ],
+            ),
+            (
+                "gemma3",
+                vec![
+                    ("gemma3.attention.sliding_window".into(), u32v(4)),
+                    ("gemma3.attention.sliding_window_pattern".into(), u32v(2)),
+                    ("gemma3.rope.freq_base_swa".into(), Value::F32(10_000.0)),
+                    (
+                        "gemma3.rope.scaling.type".into(),
+                        Value::String("linear".into()),
+                    ),
+                    ("gemma3.rope.scaling.factor".into(), Value::F32(8.0)),
+                ],
+            ),
+            ("phi3", vec![]),
+        ];
+        for (family, extra) in cases {
+            let work = tempfile::tempdir().expect("tempdir");
+            let (mut spec, converted, hf, folder) =
+                gguf_of_fixture(family, family, false, extra, work.path());
+            assert_eq!(converted.family.name, spec.family.name);
+            // llama.cpp scales Gemma 2/3's scores by 1/sqrt(head_dim) (the fixture's
+            // query_pre_attn_scalar is other on purpose) and drops Phi-3's window.
+            if family.starts_with("gemma") {
+                spec.attention_scale = 1.0 / (spec.head_dim as f64).sqrt();
+            }
+            if family == "phi3" {
+                spec.windows = vec![None; spec.num_hidden_layers];
+            }
+            assert_eq!(converted.windows, spec.windows, "{family}");
+            assert_eq!(converted.local_rope, spec.local_rope, "{family}");
+            assert_eq!(converted.rope, spec.rope, "{family}");
+            assert_eq!(
+                (converted.attention_softcap, converted.logit_softcap),
+                (spec.attention_softcap, spec.logit_softcap),
+                "{family}"
+            );
+            let diff = max_diff(
+                &first_logits(&folder, &converted),
+                &first_logits(&hf, &spec),
+            );
+            assert!(diff <= 1e-5, "{family}'s GGUF logits differ by {diff}");
         }
     }
 }

@@ -487,6 +487,139 @@ fn convert(
     Ok(())
 }
 
+/// A `tokenizers` JSON for a GGUF `llama` (SentencePiece BPE) vocabulary: Gemma's,
+/// Llama 2's, Phi-3's. SentencePiece merges the adjacent pair whose joined piece scores
+/// highest, falling back to `<0xXX>` byte pieces; as BPE, every piece that splits into
+/// two pieces of the vocabulary is a merge, ranked by its score (the way transformers
+/// converts a SentencePiece model). Spaces become `▁`, with one put in front of each
+/// stretch of text where `add_space_prefix` says (as llama.cpp does); BOS is added where `add_bos_token` says (llama.cpp's default
+/// for these vocabularies: yes). Control pieces are special added tokens, user-defined
+/// ones are matched whole.
+fn sentencepiece_json(
+    metadata: &HashMap<String, Value>,
+    tokens: Vec<String>,
+) -> Result<serde_json::Value, HandlerError> {
+    let numbers = |key: &str| -> Vec<Value> {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_vec().ok())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let scores: Vec<f32> = numbers("tokenizer.ggml.scores")
+        .iter()
+        .map(|v| v.to_f32().unwrap_or(0.0))
+        .collect();
+    let types: Vec<i32> = numbers("tokenizer.ggml.token_type")
+        .iter()
+        .map(|v| v.to_i32().unwrap_or(1))
+        .collect();
+    if scores.len() != tokens.len() || types.len() != tokens.len() {
+        return Err(bad(format!(
+            "tokenizer.ggml.scores and token_type must have one entry per token ({})",
+            tokens.len()
+        )));
+    }
+    let flag = |key: &str, default: bool| {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(default)
+    };
+    let prefix_space = flag("tokenizer.ggml.add_space_prefix", true);
+    let add_bos = flag("tokenizer.ggml.add_bos_token", true);
+    let id_of = |key: &str| {
+        metadata
+            .get(key)
+            .and_then(|v| v.to_u32().ok())
+            .map(|i| i as usize)
+    };
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    // Normal (1) and user-defined (4) pieces merge; bytes, controls and the unknown
+    // piece do not.
+    let merges_from = |i: usize| types[i] == 1 || types[i] == 4;
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (joined, piece) in tokens.iter().enumerate().filter(|(i, _)| types[*i] == 1) {
+        for (at, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(at);
+            if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right))
+                && merges_from(l)
+                && merges_from(r)
+            {
+                merges.push((scores[joined], joined, l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([tokens[l], tokens[r]]))
+        .collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types[*i], 3 | 4))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": types[i] == 3})
+        })
+        .collect();
+    let unk = types
+        .iter()
+        .position(|t| *t == 2)
+        .map(|i| tokens[i].clone());
+    // As llama.cpp tokenizes: each stretch of text between special pieces gets the
+    // prefix space (SentencePiece puts it before the whole text only; they differ
+    // after a special piece), then spaces become `▁`.
+    let mut normalizers = Vec::new();
+    if prefix_space {
+        normalizers.push(json!({"type": "Prepend", "prepend": "\u{2581}"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}));
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if prefix_space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let bos = id_of("tokenizer.ggml.bos_token_id").filter(|i| *i < tokens.len());
+    let post_processor = match (add_bos, bos) {
+        (true, Some(bos)) => {
+            let token = &tokens[bos];
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": token, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {token: {"id": token, "ids": [bos], "tokens": [token]}}})
+        }
+        _ => serde_json::Value::Null,
+    };
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    }))
+}
+
 /// A `tokenizers` JSON for a GGUF `gpt2` (byte-level BPE) vocabulary: tokens and merges
 /// from the metadata, control tokens (type 3) as special added tokens, no prefix space
 /// (`tokenizer.ggml.add_space_prefix` is honoured), and llama.cpp's "smollm"-style
@@ -513,9 +646,12 @@ pub fn tokenizer_json(
         .and_then(|v| v.to_string().ok())
         .map(String::as_str)
         .unwrap_or("");
+    if model == "llama" {
+        return sentencepiece_json(metadata, text_list("tokenizer.ggml.tokens")?);
+    }
     if model != "gpt2" {
         return Err(HandlerError::Unsupported(format!(
-            "GGUF tokenizer model `{model}`: only byte-level BPE (gpt2) vocabularies are supported"
+            "GGUF tokenizer model `{model}`: byte-level BPE (gpt2) and SentencePiece (llama) vocabularies are supported"
         )));
     }
     let tokens = text_list("tokenizer.ggml.tokens")?;
@@ -1185,6 +1321,66 @@ mod tests {
                 &first_logits(&hf, &spec),
             );
             assert!(diff <= 1e-5, "{family}'s GGUF logits differ by {diff}");
+        }
+    }
+
+    /// A SentencePiece vocabulary as a GGUF holds it (tokens, scores, types) tokenizes
+    /// and decodes as SentencePiece itself does: with and without the dummy prefix
+    /// (Llama 2 and Phi-3; Gemma), byte fallback for unseen characters, runs of spaces,
+    /// newlines and tabs; around a user-defined piece as llama.cpp does (each stretch
+    /// of text tokenized on its own) (`scripts/make-spm-fixture.py` trained the models
+    /// and recorded their answers).
+    #[test]
+    fn sentencepiece_vocabularies_tokenize_as_sentencepiece_does() {
+        for name in ["dummy_prefix", "no_prefix"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/spm")
+                .join(format!("{name}.json"));
+            let fixture: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json");
+            let list = |key: &str| fixture[key].as_array().expect("list").clone();
+            let mut metadata: HashMap<String, Value> = HashMap::new();
+            metadata.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+            let tokens = list("tokens")
+                .iter()
+                .map(|t| Value::String(t.as_str().expect("token").into()))
+                .collect();
+            metadata.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens));
+            let scores = list("scores")
+                .iter()
+                .map(|s| Value::F32(s.as_f64().expect("score") as f32))
+                .collect();
+            metadata.insert("tokenizer.ggml.scores".into(), Value::Array(scores));
+            let types = list("token_type")
+                .iter()
+                .map(|t| Value::I32(t.as_i64().expect("type") as i32))
+                .collect();
+            metadata.insert("tokenizer.ggml.token_type".into(), Value::Array(types));
+            metadata.insert(
+                "tokenizer.ggml.add_space_prefix".into(),
+                Value::Bool(fixture["add_space_prefix"].as_bool().expect("flag")),
+            );
+            metadata.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1));
+            let json = tokenizer_json(&metadata).expect("tokenizer json");
+            let tokenizer: tokenizers::Tokenizer =
+                json.to_string().parse().expect("a tokenizers JSON");
+            for case in fixture["cases"].as_array().expect("cases") {
+                let text = case["text"].as_str().expect("text");
+                let want: Vec<u32> =
+                    serde_json::from_value(case["llama_cpp_ids"].clone()).expect("ids");
+                let got = tokenizer.encode(text, false).expect("encode");
+                assert_eq!(got.get_ids(), want.as_slice(), "{name}: {text:?}");
+                let with_bos = tokenizer.encode(text, true).expect("encode");
+                assert_eq!(with_bos.get_ids().first(), Some(&1), "{name}: BOS");
+                // SentencePiece's own ids decode to its text.
+                let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).expect("ids");
+                let decoded = tokenizer.decode(&ids, false).expect("decode");
+                assert_eq!(
+                    decoded,
+                    case["decoded"].as_str().expect("decoded"),
+                    "{name}"
+                );
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use std::io::Seek;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::GgmlDType;
-use candle_core::quantized::gguf_file::{Content, TensorInfo, Value};
+use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
@@ -49,8 +49,18 @@ pub fn materialize(
 /// from `rope_freqs` and the GGUF rope metadata; 3: quantized tensors kept in blocks; 4:
 /// `architectures` and `head_dim` from the key length; 5: Granite's multipliers and
 /// OLMo 2's post-norms; 6: Gemma's norms less one, Gemma 2/3's scale, caps and
-/// windows, Phi-3's fused tensors and partial rotary).
-const CONVERSION: u32 = 6;
+/// windows, Phi-3's fused tensors and partial rotary; 7: experts, tensors in the GGUF's
+/// order).
+const CONVERSION: u32 = 7;
+
+/// A tensor of the converted checkpoint: the GGUF tensor it comes from, its HF name, the
+/// head count to un-permute its rows with, and which expert of a stack it is.
+struct Mapped {
+    gguf: String,
+    hf: String,
+    unpermute: Option<usize>,
+    expert: Option<usize>,
+}
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
     HandlerError::bad_file("gguf", reason)
@@ -79,6 +89,48 @@ fn permutes_qk(arch: &str) -> bool {
 /// multiply by `1 + w`; llama.cpp's by the stored weight).
 fn norms_plus_one(arch: &str) -> bool {
     matches!(arch, "gemma" | "gemma2" | "gemma3")
+}
+
+/// Where `arch`'s checkpoints keep a block's experts: the module (its router is
+/// `<module>.gate`) and each expert's gate, up and down projections (Mixtral is the
+/// llama architecture with experts).
+fn moe_module(arch: &str) -> (&'static str, [&'static str; 3]) {
+    match arch {
+        "qwen3moe" => ("mlp.gate", ["gate_proj", "up_proj", "down_proj"]),
+        _ => ("block_sparse_moe.gate", ["w1", "w3", "w2"]),
+    }
+}
+
+/// The HF names of the experts a GGUF tensor holds, with each one's index in it:
+/// `blk.N.ffn_{gate,up,down}_exps` holds all `experts` of block N stacked `[E, rows,
+/// cols]` (as llama.cpp writes them now); `blk.N.ffn_{gate,up,down}.E` one (as it once
+/// did). `None` for any other tensor.
+fn expert_names(gguf: &str, arch: &str, experts: usize) -> Option<Vec<(String, Option<usize>)>> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (module, param) = tail.rsplit_once('.')?;
+    let (router, [gate, up, down]) = moe_module(arch);
+    let base = router.trim_end_matches(".gate");
+    let which = |kind: &str| match kind {
+        "ffn_gate" => Some(gate),
+        "ffn_up" => Some(up),
+        "ffn_down" => Some(down),
+        _ => None,
+    };
+    let name = |e: usize, projection: &str| {
+        format!("model.layers.{layer}.{base}.experts.{e}.{projection}.{param}")
+    };
+    if let Some(kind) = module.strip_suffix("_exps") {
+        let projection = which(kind)?;
+        return Some(
+            (0..experts)
+                .map(|e| (name(e, projection), Some(e)))
+                .collect(),
+        );
+    }
+    let (kind, e) = module.rsplit_once('.')?;
+    let e: usize = e.parse().ok()?;
+    Some(vec![(name(e, which(kind)?), None)])
 }
 
 /// The HF name of a GGUF tensor of architecture `arch`, and the head count to
@@ -111,6 +163,8 @@ fn hf_name(
         "ffn_norm" if sandwich => ("pre_feedforward_layernorm", None),
         "ffn_norm" => ("post_attention_layernorm", None),
         "attn_qkv" if phi3 => ("self_attn.qkv_proj", None),
+        // A MoE block's router.
+        "ffn_gate_inp" => (moe_module(arch).0, None),
         "ffn_up" if phi3 => ("mlp.gate_up_proj", None),
         // Gemma 2/3's and OLMo 2's norms after attention and after the MLP.
         "post_attention_norm" => ("post_attention_layernorm", None),
@@ -220,9 +274,13 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 
 /// The tensor a GGUF tensor becomes: dequantized to `dtype` when one is asked for; else a
 /// quantized matrix stays in its blocks (`U8` rows) and the rest in its stored type.
-fn planned_tensor(name: String, info: &TensorInfo, dtype: Option<DType>) -> PlannedTensor {
-    let dims = info.shape.dims().to_vec();
-    let stored = match info.ggml_dtype {
+fn planned_tensor(
+    name: String,
+    ggml: GgmlDType,
+    dims: Vec<usize>,
+    dtype: Option<DType>,
+) -> PlannedTensor {
+    let stored = match ggml {
         GgmlDType::F32 => Some(DType::F32),
         GgmlDType::F16 => Some(DType::F16),
         GgmlDType::BF16 => Some(DType::BF16),
@@ -241,15 +299,12 @@ fn planned_tensor(name: String, info: &TensorInfo, dtype: Option<DType>) -> Plan
             shape: dims,
             ggml: None,
         },
-        (None, None, &[rows, cols]) => {
-            let ggml = info.ggml_dtype;
-            PlannedTensor {
-                name,
-                dtype: DType::U8,
-                shape: vec![rows, cols / ggml.block_size() * ggml.type_size()],
-                ggml: Some(ggml),
-            }
-        }
+        (None, None, &[rows, cols]) => PlannedTensor {
+            name,
+            dtype: DType::U8,
+            shape: vec![rows, cols / ggml.block_size() * ggml.type_size()],
+            ggml: Some(ggml),
+        },
         (None, None, _) => PlannedTensor {
             name,
             dtype: DType::F32,
@@ -290,11 +345,24 @@ fn convert(
         "gemma2" => "Gemma2ForCausalLM",
         "gemma3" => "Gemma3ForCausalLM",
         "phi3" => "Phi3ForCausalLM",
+        "qwen3moe" => "Qwen3MoeForCausalLM",
         _ => {
             return Err(HandlerError::Unsupported(format!(
-                "GGUF architecture `{arch}`: this server serves llama, mistral, qwen2, qwen3, granite, olmo2, gemma, gemma2, gemma3 and phi3 GGUF models"
+                "GGUF architecture `{arch}`: this server serves llama (and Mixtral), mistral, qwen2, qwen3, qwen3moe, granite, olmo2, gemma, gemma2, gemma3 and phi3 GGUF models"
             )));
         }
+    };
+    let experts = content
+        .metadata
+        .get(&format!("{arch}.expert_count"))
+        .and_then(|v| v.to_u32().ok())
+        .unwrap_or(0) as usize;
+    // Mixtral is written as the llama architecture with experts.
+    let (architectures, model_type) = match (arch.as_str(), experts) {
+        ("llama", 1..) => ("MixtralForCausalLM", "mixtral"),
+        ("gemma3", _) => (architectures, "gemma3_text"),
+        ("qwen3moe", _) => (architectures, "qwen3_moe"),
+        (other, _) => (architectures, other),
     };
     // Phi-3's long-context RoPE (longrope) is not implemented: refused, not ignored.
     if let Some(factors) = ["rope_factors_long.weight", "rope_factors_short.weight"]
@@ -325,13 +393,29 @@ fn convert(
     let vocab = embed.shape.dims()[0];
     let tied = !content.tensor_infos.contains_key("output.weight");
 
-    // Header first (every shape is known up front), then each tensor in turn.
-    let mut names: Vec<(String, String, Option<usize>)> = content
-        .tensor_infos
-        .keys()
-        .filter_map(|g| hf_name(g, &arch, heads, kv_heads).map(|(hf, p)| (g.clone(), hf, p)))
-        .collect();
-    names.sort_by(|a, b| a.1.cmp(&b.1));
+    // Header first (every shape is known up front), then each tensor in turn: in the
+    // GGUF's name order, a stack of experts one after another (each stack read once).
+    let mut names: Vec<Mapped> = Vec::new();
+    for gguf in content.tensor_infos.keys() {
+        if experts > 0
+            && let Some(split) = expert_names(gguf, &arch, experts)
+        {
+            names.extend(split.into_iter().map(|(hf, expert)| Mapped {
+                gguf: gguf.clone(),
+                hf,
+                unpermute: None,
+                expert,
+            }));
+        } else if let Some((hf, unpermute)) = hf_name(gguf, &arch, heads, kv_heads) {
+            names.push(Mapped {
+                gguf: gguf.clone(),
+                hf,
+                unpermute,
+                expert: None,
+            });
+        }
+    }
+    names.sort_by(|a, b| (&a.gguf, a.expert).cmp(&(&b.gguf, b.expert)));
     if let Some(dtype) = dtype
         && !matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
     {
@@ -341,38 +425,74 @@ fn convert(
     }
     let planned: Vec<PlannedTensor> = names
         .iter()
-        .map(|(gguf, hf, _)| planned_tensor(hf.clone(), &content.tensor_infos[gguf], dtype))
+        .map(|m| {
+            let info = &content.tensor_infos[&m.gguf];
+            let dims = info.shape.dims();
+            // One expert of a stack: its [rows, cols].
+            let dims = match m.expert {
+                Some(_) => dims[1..].to_vec(),
+                None => dims.to_vec(),
+            };
+            planned_tensor(m.hf.clone(), info.ggml_dtype, dims, dtype)
+        })
         .collect();
     let rope_scaling = rope_scaling(&content, &mut reader, &arch)?;
     let mut next = names.iter();
+    // The GGUF tensor last read, as stored: a stack of experts is read once for all.
+    let mut last: Option<(String, candle_core::quantized::QTensor)> = None;
     offload::write_streaming(&out.join("model.safetensors"), &planned, |planned| {
-        let (gguf, hf, heads) = next
+        let Mapped {
+            gguf,
+            hf,
+            unpermute: heads,
+            expert,
+        } = next
             .next()
             .ok_or_else(|| bad("more tensors planned than named"))?;
-        content
-            .tensor(&mut reader, gguf, &Device::Cpu)
-            .and_then(|q| match planned.ggml {
+        let read = (|| -> candle_core::Result<Tensor> {
+            if last.as_ref().is_none_or(|(name, _)| name != gguf) {
+                last = Some((
+                    gguf.clone(),
+                    content.tensor(&mut reader, gguf, &Device::Cpu)?,
+                ));
+            }
+            let Some((_, q)) = &last else {
+                unreachable!("read above")
+            };
+            let t = match planned.ggml {
                 // The blocks as they are, one row of blocks per weight row (so the Q/K
-                // un-permutation below moves whole rows).
-                Some(_) => Tensor::from_vec(
-                    q.data()?.into_owned(),
-                    planned.shape.as_slice(),
-                    &Device::Cpu,
-                ),
+                // un-permutation below moves whole rows); an expert's rows are its
+                // share of the stack's bytes.
+                Some(_) => {
+                    let data = q.data()?;
+                    let bytes = match expert {
+                        Some(e) => {
+                            let share = data.len() / experts;
+                            data[e * share..(e + 1) * share].to_vec()
+                        }
+                        None => data.into_owned(),
+                    };
+                    Tensor::from_vec(bytes, planned.shape.as_slice(), &Device::Cpu)?
+                }
                 None => {
                     let t = q.dequantize(&Device::Cpu)?;
+                    let t = match expert {
+                        Some(e) => t.narrow(0, *e, 1)?.squeeze(0)?,
+                        None => t,
+                    };
                     let t = match norms_plus_one(&arch) && hf.ends_with("norm.weight") {
                         true => (t - 1.0)?,
                         false => t,
                     };
-                    t.to_dtype(planned.dtype)
+                    t.to_dtype(planned.dtype)?
                 }
-            })
-            .and_then(|t| match heads {
+            };
+            match heads {
                 Some(h) => unpermute(&t, *h),
                 None => Ok(t),
-            })
-            .weights_context(|| format!("cannot read tensor {gguf} ({hf}) of the GGUF file"))
+            }
+        })();
+        read.weights_context(|| format!("cannot read tensor {gguf} ({hf}) of the GGUF file"))
     })?;
     reader.rewind().map_err(|source| HandlerError::Io {
         path: path.to_path_buf(),
@@ -397,7 +517,7 @@ fn convert(
     let layers = meta_u32(&content, &key("block_count"))?;
     let mut config = json!({
         "architectures": [architectures],
-        "model_type": if arch == "gemma3" { "gemma3_text" } else { arch.as_str() },
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": meta_u32(&content, &key("feed_forward_length"))?,
         "num_hidden_layers": layers,
@@ -458,6 +578,24 @@ fn convert(
             config["rope_local_base_freq"] =
                 json!(meta_f32(&content, &key("rope.freq_base_swa")).unwrap_or(10_000.0));
         }
+    }
+    if experts > 0 {
+        config["num_local_experts"] = json!(experts);
+        config["num_experts_per_tok"] = json!(meta_u32(&content, &key("expert_used_count"))?);
+        if let Some(width) = meta("expert_feed_forward_length") {
+            config["moe_intermediate_size"] = json!(width);
+        }
+        // llama.cpp renormalises Qwen 3 MoE's chosen experts' weights (as the released
+        // models' norm_topk_prob says); blocks without a router keep a dense MLP.
+        config["norm_topk_prob"] = json!(true);
+        let dense: Vec<u32> = (0..layers)
+            .filter(|l| {
+                !content
+                    .tensor_infos
+                    .contains_key(&format!("blk.{l}.ffn_gate_inp.weight"))
+            })
+            .collect();
+        config["mlp_only_layers"] = json!(dense);
     }
     // Granite's multipliers, as llama.cpp's converter names them.
     for (gguf, hf) in [
@@ -1044,6 +1182,33 @@ mod tests {
         std::path::PathBuf,
         std::path::PathBuf,
     ) {
+        let stacks = GgufStacks {
+            stored: GgmlDType::F32,
+            served: Some(DType::F32),
+        };
+        gguf_of_fixture_with(family, arch, permute_qk, extra, stacks, work)
+    }
+
+    /// How expert stacks are stored in the GGUF, and the dtype the conversion asks for
+    /// (`None`: quantized weights stay in their blocks).
+    struct GgufStacks {
+        stored: GgmlDType,
+        served: Option<DType>,
+    }
+
+    fn gguf_of_fixture_with(
+        family: &str,
+        arch: &str,
+        permute_qk: bool,
+        extra: Vec<(String, Value)>,
+        stacks_as: GgufStacks,
+        work: &Path,
+    ) -> (
+        crate::models::decoder::DecoderSpec,
+        crate::models::decoder::DecoderSpec,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
         use crate::models::decoder::DecoderSpec;
         use candle_core::quantized::QTensor;
         let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1075,7 +1240,28 @@ mod tests {
         // Gemma's norms are stored plus one.
         let plus_one = arch.starts_with("gemma");
         let mut gguf_tensors: Vec<(String, QTensor)> = Vec::new();
+        // Experts as llama.cpp stacks them: (layer, ffn_gate|ffn_up|ffn_down) → [E, rows, cols].
+        let mut stacks: std::collections::BTreeMap<(String, &str), Vec<(usize, Tensor)>> =
+            std::collections::BTreeMap::new();
         for (name, t) in &tensors {
+            if let Some((layer, rest)) = name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split_once('.'))
+                && let Some((_, expert)) = rest.split_once(".experts.")
+            {
+                let (e, projection) = expert.split_once('.').expect("experts.E.projection");
+                let kind = match projection.trim_end_matches(".weight") {
+                    "w1" | "gate_proj" => "ffn_gate",
+                    "w3" | "up_proj" => "ffn_up",
+                    "w2" | "down_proj" => "ffn_down",
+                    other => panic!("unexpected expert tensor {other}"),
+                };
+                stacks
+                    .entry((layer.to_string(), kind))
+                    .or_default()
+                    .push((e.parse().expect("expert index"), t.clone()));
+                continue;
+            }
             let mut t = t.clone();
             if plus_one && name.ends_with("norm.weight") {
                 t = (t + 1.0).expect("plus one");
@@ -1094,6 +1280,7 @@ mod tests {
                         "post_feedforward_layernorm" => "post_ffw_norm",
                         "pre_feedforward_layernorm" => "ffn_norm",
                         "self_attn.qkv_proj" => "attn_qkv",
+                        "block_sparse_moe.gate" | "mlp.gate" => "ffn_gate_inp",
                         "mlp.gate_up_proj" => "ffn_up",
                         "self_attn.q_proj" => {
                             if permute_qk {
@@ -1120,6 +1307,15 @@ mod tests {
                 }
             };
             gguf_tensors.push((gguf, QTensor::quantize(&t, GgmlDType::F32).expect("f32")));
+        }
+        for ((layer, kind), mut experts) in stacks {
+            experts.sort_by_key(|(e, _)| *e);
+            let stack = Tensor::stack(&experts.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)
+                .expect("stack");
+            gguf_tensors.push((
+                format!("blk.{layer}.{kind}_exps.weight"),
+                QTensor::quantize(&stack, stacks_as.stored).expect("quantize"),
+            ));
         }
         let tokens: Vec<Value> = (0..spec.vocab_size)
             .map(|i| Value::String(format!("t{i}")))
@@ -1162,7 +1358,7 @@ mod tests {
             &crate::weights::files::FolderFiles::new(&gguf_dir),
             &file_name,
             &work.join("offload"),
-            Some(DType::F32),
+            stacks_as.served,
         )
         .expect("materialize");
         let converted: serde_json::Value =
@@ -1382,5 +1578,146 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Mixtral (the llama architecture with `expert_count`, q/k permuted) and Qwen 3 MoE
+    /// (`qwen3moe`, a block without a router keeps its dense MLP) GGUFs, experts stacked
+    /// `[E, rows, cols]` as llama.cpp writes them: split back into one tensor per expert,
+    /// they answer with transformers' logits for the fixture.
+    #[test]
+    fn mixtral_and_qwen3_moe_ggufs_split_their_expert_stacks_and_answer_like_transformers() {
+        let u32v = |v: u32| Value::U32(v);
+        for (family, arch, permute, extra) in [
+            (
+                "mixtral",
+                "llama",
+                true,
+                vec![
+                    ("llama.expert_count".to_string(), u32v(4)),
+                    ("llama.expert_used_count".to_string(), u32v(2)),
+                ],
+            ),
+            (
+                "qwen3_moe",
+                "qwen3moe",
+                false,
+                vec![
+                    ("qwen3moe.expert_count".to_string(), u32v(4)),
+                    ("qwen3moe.expert_used_count".to_string(), u32v(2)),
+                    ("qwen3moe.expert_feed_forward_length".to_string(), u32v(24)),
+                ],
+            ),
+        ] {
+            let work = tempfile::tempdir().expect("tempdir");
+            let (spec, converted, _, folder) =
+                gguf_of_fixture(family, arch, permute, extra, work.path());
+            assert_eq!(converted.family.name, spec.family.name);
+            assert_eq!(converted.moe, spec.moe, "{family}");
+            let reference: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("tests/fixtures/decoders")
+                        .join(family)
+                        .join("reference.json"),
+                )
+                .expect("reference"),
+            )
+            .expect("json");
+            let want: Vec<f32> =
+                serde_json::from_value(reference["steps"][0]["logits"].clone()).expect("logits");
+            let want = Tensor::new(want.as_slice(), &Device::Cpu).expect("want");
+            let diff = max_diff(&first_logits(&folder, &converted), &want);
+            assert!(
+                diff <= 1e-4,
+                "{family}'s GGUF logits differ from transformers' by {diff}"
+            );
+        }
+    }
+
+    /// Quantized expert stacks (Q8_0) split into per-expert GGML blocks, multiplied as
+    /// they are, answer as the same GGUF dequantized to f32 does.
+    #[test]
+    fn quantized_expert_stacks_split_by_rows_of_blocks() {
+        let u32v = |v: u32| Value::U32(v);
+        let extra = || {
+            vec![
+                ("llama.expert_count".to_string(), u32v(4)),
+                ("llama.expert_used_count".to_string(), u32v(2)),
+            ]
+        };
+        let work = tempfile::tempdir().expect("tempdir");
+        let convert = |served: Option<DType>, into: &str| {
+            let stacks = GgufStacks {
+                stored: GgmlDType::Q8_0,
+                served,
+            };
+            gguf_of_fixture_with(
+                "mixtral",
+                "llama",
+                true,
+                extra(),
+                stacks,
+                &work.path().join(into),
+            )
+        };
+        let (_, spec, _, blocks) = convert(None, "blocks");
+        let (_, _, _, dense) = convert(Some(DType::F32), "dense");
+        let (blocks_source, dense_source) = (
+            crate::WeightSource::open(&blocks.join("model.safetensors")).expect("blocks"),
+            crate::WeightSource::open(&dense.join("model.safetensors")).expect("dense"),
+        );
+        // Each expert's blocks are exactly its rows of the stack.
+        let experts: Vec<String> = dense_source
+            .tensor_names()
+            .into_iter()
+            .filter(|n| n.contains(".experts."))
+            .collect();
+        assert_eq!(
+            experts.len(),
+            3 * 4 * 3,
+            "3 projections × 4 experts × 3 layers"
+        );
+        for name in &experts {
+            let matrix = blocks_source
+                .quantized(name)
+                .expect("read")
+                .unwrap_or_else(|| panic!("{name} is not kept in blocks"));
+            let got = matrix.dequantize(&Device::Cpu).expect("dequantize");
+            let want = dense_source
+                .load(name, DType::F32, &Device::Cpu)
+                .expect("load");
+            assert_eq!(max_diff(&got, &want), 0.0, "{name}");
+        }
+        // Multiplied as blocks (activations quantized too, by the Q8 kernels), every
+        // expert taking every token, they answer within the dense twins' 5 %.
+        let mut everyone = spec.clone();
+        if let Some(moe) = &mut everyone.moe {
+            moe.per_token = moe.experts;
+        }
+        let (got, want) = (
+            first_logits(&blocks, &everyone),
+            first_logits(&dense, &everyone),
+        );
+        let scale = want
+            .abs()
+            .and_then(|a| a.max_all()?.to_scalar::<f32>())
+            .expect("max");
+        let diff = max_diff(&got, &want);
+        assert!(
+            diff <= 0.05 * scale,
+            "all experts: logits differ by {diff} (largest {scale})"
+        );
+        // Routed, within 10 %: a small change can flip a token's choice of expert in a
+        // later block.
+        let (got, want) = (first_logits(&blocks, &spec), first_logits(&dense, &spec));
+        let scale = want
+            .abs()
+            .and_then(|a| a.max_all()?.to_scalar::<f32>())
+            .expect("max");
+        let diff = max_diff(&got, &want);
+        assert!(
+            diff <= 0.1 * scale,
+            "logits differ by {diff} (largest {scale})"
+        );
     }
 }

@@ -618,9 +618,22 @@ fn convert(
         .metadata
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok());
+    // The chat template's `bos_token` / `eos_token`: it writes BOS itself (Gemma's,
+    // Llama 2's), and the chat path adds no other.
+    let token_text = |key: &str| -> Option<String> {
+        let id = content.metadata.get(key)?.to_u32().ok()? as usize;
+        let tokens = content
+            .metadata
+            .get("tokenizer.ggml.tokens")?
+            .to_vec()
+            .ok()?;
+        tokens.get(id)?.to_string().ok().cloned()
+    };
     write(
         "tokenizer_config.json",
-        &json!({"chat_template": template, "add_bos_token": false}),
+        &json!({"chat_template": template, "add_bos_token": false,
+            "bos_token": token_text("tokenizer.ggml.bos_token_id"),
+            "eos_token": token_text("tokenizer.ggml.eos_token_id")}),
     )?;
     Ok(())
 }

@@ -105,9 +105,20 @@ impl TextGeneration {
 
     /// Tokenizes a prompt as the model's tokenizer does (special tokens it adds included).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, HandlerError> {
+        self.encode_with(prompt, true)
+    }
+
+    /// Tokenizes a prompt, with or without the special tokens the tokenizer adds (a
+    /// rendered chat template writes its own BOS, as transformers' apply_chat_template
+    /// assumes: adding another would double it).
+    fn encode_with(
+        &self,
+        prompt: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, HandlerError> {
         Ok(self
             .tokenizer
-            .encode(prompt, true)
+            .encode(prompt, add_special_tokens)
             .map_err(|source| HandlerError::Tokenizer {
                 context: "cannot tokenize the prompt".into(),
                 source,
@@ -471,19 +482,22 @@ impl Handler for TextGeneration {
     }
 
     fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
-        let request = match request {
-            Request::Generate(request) => request,
-            Request::Chat(chat) => GenerateRequest {
-                prompt: self.chat_prompt(&chat.messages)?,
-                parameters: chat.parameters,
-            },
+        let (request, templated) = match request {
+            Request::Generate(request) => (request, false),
+            Request::Chat(chat) => (
+                GenerateRequest {
+                    prompt: self.chat_prompt(&chat.messages)?,
+                    parameters: chat.parameters,
+                },
+                true,
+            ),
             _ => return Err(HandlerError::Input("text_generation takes a prompt".into())),
         };
         if request.prompt.is_empty() {
             return Err(HandlerError::Input("the request has no prompt".into()));
         }
         request.parameters.check()?;
-        let ids = self.encode(&request.prompt)?;
+        let ids = self.encode_with(&request.prompt, !templated)?;
         self.check_length(&ids, &request.parameters)?;
         Ok(Input::Prompt(PromptInput {
             ids,
@@ -743,6 +757,53 @@ mod tests {
                 "stop {stop:?}: deltas add up to the text"
             );
         }
+    }
+
+    /// A chat is tokenized as its rendered template says, nothing added: the template
+    /// writes BOS itself (here `[CLS]`, which the tokenizer would also add around a plain
+    /// prompt), as transformers' `apply_chat_template` tokenizes it.
+    #[test]
+    fn a_chat_gets_the_templates_bos_once_and_a_prompt_the_tokenizers() {
+        let (dir, _) = tiny_generator();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::json!({
+                "chat_template": "{{ bos_token }}{% for m in messages %}{{ m.content }} {% endfor %}",
+                "bos_token": "[CLS]"
+            })
+            .to_string(),
+        )
+        .expect("write");
+        let handler = TextGeneration::load(
+            &crate::weights::files::FolderFiles::new(dir.path()),
+            &LoadOptions::default(),
+        )
+        .expect("load");
+        let ids = |request: Request| match handler.prepare(request) {
+            Ok(Input::Prompt(prompt)) => prompt.ids,
+            _ => panic!("prepared"),
+        };
+        let chat = ids(Request::Chat(crate::chat::ChatRequest {
+            messages: vec![crate::chat::ChatMessage {
+                role: "user".into(),
+                content: "hello world".into(),
+            }],
+            parameters: GenerateParameters::default(),
+        }));
+        let (cls, sep) = (2, 3);
+        assert_eq!(chat.first(), Some(&cls), "{chat:?}");
+        assert_ne!(chat.get(1), Some(&cls), "BOS twice: {chat:?}");
+        assert_ne!(chat.last(), Some(&sep), "{chat:?}");
+        let prompt = ids(Request::Generate(GenerateRequest {
+            prompt: "hello world".into(),
+            parameters: GenerateParameters::default(),
+        }));
+        assert_eq!(
+            (prompt.first(), prompt.last()),
+            (Some(&cls), Some(&sep)),
+            "{prompt:?}"
+        );
+        assert_eq!(&chat[1..], &prompt[1..prompt.len() - 1], "the same words");
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct CachedKv<'a> {
     pub k: &'a Tensor,
     pub v: &'a Tensor,
     pub keys: usize,
+    /// The first key attended to: a sliding window's start for one query (0: all).
+    pub first: usize,
 }
 
 /// Causal grouped-query attention of `q` `[caches.len(), heads, queries, head_dim]`, row
@@ -100,7 +102,7 @@ pub fn causal_attention(q: &Tensor, caches: &[CachedKv<'_>]) -> Result<Tensor> {
         if (one, h, d) != (1, kv_heads, head_dim)
             || cache.v.dims() != cache.k.dims()
             || cache.keys > capacity
-            || cache.keys < queries
+            || cache.keys < cache.first + queries
         {
             return Err(mismatch());
         }
@@ -118,6 +120,7 @@ pub fn causal_attention(q: &Tensor, caches: &[CachedKv<'_>]) -> Result<Tensor> {
                 k: cpu_elements(k, kl)?,
                 v: cpu_elements(v, vl)?,
                 keys: cache.keys,
+                first: cache.first,
                 stride: cache.k.dim(2)? * head_dim,
             })
         })

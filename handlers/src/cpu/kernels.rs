@@ -422,13 +422,15 @@ pub struct CachedKeys<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub keys: usize,
+    /// The first key attended to (a sliding window's start; 0 for the whole cache).
+    pub first: usize,
     pub stride: usize,
 }
 
 /// Causal grouped-query attention of several sequences at once, each over its own
 /// cache: `q` `[rows.len(), heads, queries, head_dim]` → `out`, same shape. Query i of
-/// row b sits at position `rows[b].keys − queries + i` and attends to keys 0..=that
-/// position; query head h reads key/value head `h / (heads / kv_heads)` (no repeated
+/// row b sits at position `rows[b].keys − queries + i` and attends to keys
+/// `rows[b].first`..=that position; query head h reads key/value head `h / (heads / kv_heads)` (no repeated
 /// copies). All rows' heads are one parallel loop.
 pub fn causal_attention(q: &[f32], rows: &[CachedKeys<'_>], shape: CausalShape, out: &mut [f32]) {
     let CausalShape {
@@ -440,9 +442,10 @@ pub fn causal_attention(q: &[f32], rows: &[CachedKeys<'_>], shape: CausalShape, 
     let group = heads / kv_heads;
     for_each_chunk_mut(out, queries * head_dim, |bh, out| {
         let (row, h) = (rows[bh / heads], bh % heads);
-        let (at, len) = ((h / group) * row.stride, row.keys * head_dim);
+        let at = (h / group) * row.stride;
+        let (from, to) = (at + row.first * head_dim, at + row.keys * head_dim);
         let q = &q[bh * queries * head_dim..(bh + 1) * queries * head_dim];
-        attend_head(q, &row.k[at..at + len], &row.v[at..at + len], head_dim, out)
+        attend_head(q, &row.k[from..to], &row.v[from..to], head_dim, out)
     });
 }
 
@@ -724,6 +727,7 @@ mod tests {
                 k,
                 v,
                 keys,
+                first: 0,
                 stride: capacity * head_dim,
             })
             .collect();

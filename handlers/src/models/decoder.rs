@@ -531,9 +531,14 @@ impl Attention {
             .is_some_and(|w| caches.iter().any(|c| c.len > w));
         // f32 on the CPU: the fused kernel, for decode and prompts alike (SmolLM2's
         // 128-token prefill 135 ms against 146 ms through MKL's batched matmuls, mask
-        // and softmax; docs/cpu-performance.md). Otherwise, past a sliding window, with
-        // soft-capped scores or ALiBi, candle's ops per sequence.
-        let plain = !windowed && self.softcap.is_none() && self.alibi.is_none();
+        // and softmax; docs/cpu-performance.md), and for a decode step past a sliding
+        // window too (its one query sees the window's last keys). Otherwise — several
+        // queries past a window, soft-capped scores, ALiBi — candle's ops per sequence.
+        let plain = (!windowed || seq == 1) && self.softcap.is_none() && self.alibi.is_none();
+        let first = |keys: usize| match (self.window, seq) {
+            (Some(w), 1) => keys.saturating_sub(w),
+            _ => 0,
+        };
         let y = if q.device().is_cpu() && q.dtype() == DType::F32 && plain {
             let cached: Vec<crate::cpu::fused_ops::CachedKv<'_>> = caches
                 .iter()
@@ -541,6 +546,7 @@ impl Attention {
                     k: &c.k,
                     v: &c.v,
                     keys: c.len,
+                    first: first(c.len),
                 })
                 .collect();
             crate::cpu::fused_ops::causal_attention(&q, &cached)?

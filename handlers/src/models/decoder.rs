@@ -53,12 +53,14 @@ impl KvCache {
 /// One block's keys and values of a sequence: `[1, kv_heads, capacity, head_dim]`
 /// buffers filled up to `len` and grown by doubling, so a decode step writes its new
 /// key and value in place. Concatenating instead copied the whole cache of every block
-/// on every step.
+/// on every step. A sliding-window block's cache rolls: past twice its window it keeps
+/// the last window's keys, slot 0 then holding position `start`.
 #[derive(Debug)]
 struct LayerCache {
     k: Tensor,
     v: Tensor,
     len: usize,
+    start: usize,
 }
 
 impl LayerCache {
@@ -93,6 +95,7 @@ impl LayerCache {
                 k: resized(cache.as_ref().map(|c| &c.k), k)?,
                 v: resized(cache.as_ref().map(|c| &c.v), v)?,
                 len,
+                start: cache.as_ref().map_or(0, |c| c.start),
             });
         }
         let Some(cache) = cache.as_mut() else {
@@ -106,6 +109,23 @@ impl LayerCache {
 
     fn capacity(&self) -> usize {
         self.k.dims().get(2).copied().unwrap_or(0)
+    }
+
+    /// Past twice `window` keys, keeps the last `window` (all the next query can see):
+    /// the memory a windowed block holds stays within twice its window, at the cost of
+    /// one copy of a window every window steps.
+    fn roll(&mut self, window: usize) -> candle_core::Result<()> {
+        if self.len <= 2 * window {
+            return Ok(());
+        }
+        let dropped = self.len - window;
+        for buffer in [&self.k, &self.v] {
+            let tail = buffer.narrow(2, dropped, window)?.contiguous()?;
+            buffer.slice_set(&tail, 2, 0)?;
+        }
+        self.len = window;
+        self.start += dropped;
+        Ok(())
     }
 
     fn keys(&self) -> candle_core::Result<Tensor> {
@@ -554,10 +574,17 @@ impl Attention {
             let mut rows = Vec::with_capacity(b);
             for (r, (cache, &pos)) in caches.iter().zip(positions).enumerate() {
                 let (k, v) = (cache.keys()?.contiguous()?, cache.values()?.contiguous()?);
-                rows.push(self.attend(q.narrow(0, r, 1)?, k, v, pos)?);
+                rows.push(self.attend(q.narrow(0, r, 1)?, k, v, pos, cache.start)?);
             }
             Tensor::cat(&rows, 0)?
         };
+        if let Some(window) = self.window {
+            for kv in kvs.iter_mut() {
+                if let Some(cache) = kv.as_mut() {
+                    cache.roll(window)?;
+                }
+            }
+        }
         let y = y
             .transpose(1, 2)?
             .reshape((b, seq, self.heads * self.head_dim))?;
@@ -565,9 +592,16 @@ impl Attention {
     }
 
     /// Causal attention of `q` `[1, heads, seq, head_dim]` (at positions `pos`..) over the
-    /// cached `k`/`v` `[1, kv_heads, keys, head_dim]` → `[1, heads, seq, head_dim]`; keys
-    /// outside the layer's window are masked too.
-    fn attend(&self, q: Tensor, k: Tensor, v: Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    /// cached `k`/`v` `[1, kv_heads, keys, head_dim]` (at positions `start`..) →
+    /// `[1, heads, seq, head_dim]`; keys outside the layer's window are masked too.
+    fn attend(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos: usize,
+        start: usize,
+    ) -> candle_core::Result<Tensor> {
         let seq = q.dim(2)?;
         let keys = k.dim(2)?;
         let repeat = self.heads / self.kv_heads;
@@ -594,7 +628,7 @@ impl Attention {
             None => att,
         };
         let hidden = |query: usize, key: usize| {
-            let at = pos + query;
+            let (at, key) = (pos + query, start + key);
             key > at || self.window.is_some_and(|w| key + w <= at)
         };
         let att = if (0..seq).any(|i| (0..keys).any(|j| hidden(i, j))) {

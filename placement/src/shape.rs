@@ -40,6 +40,9 @@ pub struct ModelShape {
     /// Routed experts per block (0: a dense MLP) and each one's intermediate width.
     pub experts: usize,
     pub expert_intermediate_size: usize,
+    /// Blocks that keep a dense MLP among routed ones (Qwen 3 MoE's `mlp_only_layers`,
+    /// and those `decoder_sparse_step` skips).
+    pub dense_layers: Vec<usize>,
     pub type_vocab_size: usize,
 }
 
@@ -107,6 +110,23 @@ impl ModelShape {
             intermediate_size,
             experts,
             expert_intermediate_size: get("moe_intermediate_size").unwrap_or(intermediate_size),
+            dense_layers: {
+                let only: Vec<usize> = config
+                    .get("mlp_only_layers")
+                    .and_then(|v| v.as_array())
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|v| v.as_u64())
+                            .map(|v| v as usize)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let step = get("decoder_sparse_step").unwrap_or(1).max(1);
+                let layers = get("num_hidden_layers").unwrap_or(0);
+                (0..layers)
+                    .filter(|l| only.contains(l) || (l + 1) % step != 0)
+                    .collect()
+            },
             layers: need("num_hidden_layers")?,
             heads,
             kv_heads: get("num_key_value_heads").unwrap_or(heads),
@@ -251,21 +271,51 @@ impl ModelShape {
                 layer_norm(&mut out, "transformer.ln_f".into());
             }
             Family::Llama => {
+                // What the families of models::decoder::families store, by model_type:
+                // Phi-3's fused projections, the qk-norms (per head, or over the whole
+                // projection for OLMo 2), where the norms sit, routed experts.
+                let model_type = self.model_type.as_str();
+                let fused = model_type == "phi3";
+                let head_norm = match model_type {
+                    "qwen3" | "qwen3_moe" | "gemma3_text" => Some((self.head_dim, self.head_dim)),
+                    "olmo2" => Some((q, kv)),
+                    _ => None,
+                };
+                let norms: &[&str] = match model_type {
+                    "olmo2" => &["post_attention_layernorm", "post_feedforward_layernorm"],
+                    "gemma2" | "gemma3_text" => &[
+                        "input_layernorm",
+                        "post_attention_layernorm",
+                        "pre_feedforward_layernorm",
+                        "post_feedforward_layernorm",
+                    ],
+                    _ => &["input_layernorm", "post_attention_layernorm"],
+                };
                 out.push(t("model.embed_tokens.weight".into(), &[v, h]));
                 for l in 0..self.layers {
                     let p = format!("model.layers.{l}");
-                    out.push(t(format!("{p}.self_attn.q_proj.weight"), &[q, h]));
-                    out.push(t(format!("{p}.self_attn.k_proj.weight"), &[kv, h]));
-                    out.push(t(format!("{p}.self_attn.v_proj.weight"), &[kv, h]));
+                    if fused {
+                        out.push(t(
+                            format!("{p}.self_attn.qkv_proj.weight"),
+                            &[q + 2 * kv, h],
+                        ));
+                    } else {
+                        out.push(t(format!("{p}.self_attn.q_proj.weight"), &[q, h]));
+                        out.push(t(format!("{p}.self_attn.k_proj.weight"), &[kv, h]));
+                        out.push(t(format!("{p}.self_attn.v_proj.weight"), &[kv, h]));
+                    }
                     if self.qkv_bias {
                         out.push(t(format!("{p}.self_attn.q_proj.bias"), &[q]));
                         out.push(t(format!("{p}.self_attn.k_proj.bias"), &[kv]));
                         out.push(t(format!("{p}.self_attn.v_proj.bias"), &[kv]));
                     }
+                    if let Some((qn, kn)) = head_norm {
+                        out.push(t(format!("{p}.self_attn.q_norm.weight"), &[qn]));
+                        out.push(t(format!("{p}.self_attn.k_norm.weight"), &[kn]));
+                    }
                     out.push(t(format!("{p}.self_attn.o_proj.weight"), &[h, q]));
-                    if self.experts > 0 {
-                        // Every block routed (Qwen 3 MoE's `mlp_only_layers` are rare).
-                        let (module, [gate, up, down]) = match self.model_type.as_str() {
+                    if self.experts > 0 && !self.dense_layers.contains(&l) {
+                        let (module, [gate, up, down]) = match model_type {
                             "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
                             _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
                         };
@@ -277,13 +327,17 @@ impl ModelShape {
                             out.push(t(format!("{p}.{up}.weight"), &[e, h]));
                             out.push(t(format!("{p}.{down}.weight"), &[h, e]));
                         }
+                    } else if fused {
+                        out.push(t(format!("{p}.mlp.gate_up_proj.weight"), &[2 * i, h]));
+                        out.push(t(format!("{p}.mlp.down_proj.weight"), &[h, i]));
                     } else {
                         out.push(t(format!("{p}.mlp.gate_proj.weight"), &[i, h]));
                         out.push(t(format!("{p}.mlp.up_proj.weight"), &[i, h]));
                         out.push(t(format!("{p}.mlp.down_proj.weight"), &[h, i]));
                     }
-                    out.push(t(format!("{p}.input_layernorm.weight"), &[h]));
-                    out.push(t(format!("{p}.post_attention_layernorm.weight"), &[h]));
+                    for norm in norms {
+                        out.push(t(format!("{p}.{norm}.weight"), &[h]));
+                    }
                 }
                 out.push(t("model.norm.weight".into(), &[h]));
                 if !self.tie_word_embeddings {
@@ -392,8 +446,9 @@ mod tests {
         );
     }
 
-    /// From config.json alone, the tensors of the checkpoints transformers writes
-    /// (handlers' decoder fixtures list theirs): names and shapes, experts included.
+    /// From config.json alone, the tensors of the checkpoints transformers writes for
+    /// every decoder family (handlers' decoder fixtures list theirs): names and shapes,
+    /// fused projections, qk-norms, every norm and experts included.
     #[test]
     fn config_alone_lists_the_checkpoints_tensors_of_the_decoder_fixtures() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -401,9 +456,13 @@ mod tests {
         let read = |path: std::path::PathBuf| -> serde_json::Value {
             serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json")
         };
-        for family in [
-            "llama", "mistral", "qwen2", "granite", "mixtral", "gpt_neox", "bloom", "gpt2",
-        ] {
+        let mut families: Vec<String> = std::fs::read_dir(&fixtures)
+            .expect("fixtures")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        families.sort();
+        assert!(families.len() >= 15, "{families:?}");
+        for family in &families {
             for file in ["config.json", "config.t4.json"] {
                 let shape = ModelShape::from_config(&read(fixtures.join(family).join(file)))
                     .expect("shape");

@@ -196,6 +196,18 @@ FAMILIES = {
             max_position_embeddings=DROP,
         ),
     ),
+    # Not a family of its own: Qwen 2 with YaRN scaling of an original context of 16
+    # (its frequency ramp and its attention factor on cos and sin).
+    "qwen2_yarn": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16
+            ),
+        ),
+    ),
     # Learned positions, Conv1D weights stored [in, out], an ungated tanh-GELU MLP
     # (n_inner unset: four times the width), tied head.
     "gpt2": (

@@ -1088,9 +1088,10 @@ impl Rope {
             .to_dtype(DType::F32)?
             .reshape((positions, 1))?;
         let angles = positions.matmul(&inv.reshape((1, inv.elem_count()))?)?;
+        let scale = rope.attention_factor();
         Ok(Self {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
+            cos: (angles.cos()? * scale)?.to_dtype(dtype)?,
+            sin: (angles.sin()? * scale)?.to_dtype(dtype)?,
         })
     }
 
@@ -1985,8 +1986,8 @@ mod tests {
         );
         let short = config(serde_json::json!({"rope_type": "frequency_factors", "factors": [1.0]}));
         assert!(short.is_err(), "one factor per frequency");
-        let yarn = config(serde_json::json!({"rope_type": "yarn", "factor": 2.0}));
-        assert!(matches!(yarn, Err(HandlerError::Unsupported(m)) if m.contains("yarn")));
+        let dynamic = config(serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
+        assert!(matches!(dynamic, Err(HandlerError::Unsupported(m)) if m.contains("dynamic")));
     }
 
     #[test]

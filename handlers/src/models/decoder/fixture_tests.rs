@@ -182,6 +182,29 @@ fn checkpoints_without_the_transformer_prefix_answer_alike() {
     }
 }
 
+/// YaRN scaling (a fixture of its own, on Qwen 2): the frequency ramp and the attention
+/// factor on cos and sin, from both spellings, resident and on disk.
+#[test]
+fn yarn_scaling_decodes_like_transformers() {
+    let dir = fixtures().join("qwen2_yarn");
+    let want = reference(&dir);
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = weights(&dir, work.path());
+    for file in ["config.json", "config.t4.json"] {
+        let spec = spec(&dir, file);
+        assert!(spec.rope.attention_factor() > 1.0, "{file}");
+        for placement in [Placement::Resident, Placement::AllOnDisk] {
+            decode(
+                &source,
+                &spec,
+                placement,
+                &want,
+                &format!("yarn ({file}, {placement:?})"),
+            );
+        }
+    }
+}
+
 /// What each fixture exercises really changes the answer: served without it, the
 /// logits leave the reference (else the fixture would not test it).
 #[test]
@@ -242,6 +265,7 @@ fn each_family_feature_changes_the_fixtures_answer() {
             moe.per_token = 1
         }
     });
+    departs("qwen2_yarn", &|s| s.rope.scaling = None);
     departs("gpt_neox", &|s| s.norms = NormPlacement::Pre);
     departs("gpt_neox", &|s| s.rope.rotary_dim = s.head_dim);
     departs("qwen3_moe", &|s| {

@@ -457,6 +457,12 @@ fn rope_specs(
     head_dim: usize,
 ) -> Result<(RopeSpec, Option<RopeSpec>), HandlerError> {
     let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
+    let original = [
+        "original_max_position_embeddings",
+        "max_position_embeddings",
+    ]
+    .into_iter()
+    .find_map(|k| config.get(k).filter(|v| v.is_number()));
     let (global, local) = match present(config.get("rope_parameters")) {
         Some(p) if !p.is_object() => {
             return Err(bad(format!("`rope_parameters` is {p}, not an object")));
@@ -467,7 +473,9 @@ fn rope_specs(
                 match p.get(kind).filter(|v| !v.is_null()) {
                     None => Ok(None),
                     Some(v) if !v.is_object() => Err(bad(format!("{label} is {v}, not an object"))),
-                    Some(v) => rope_from_parameters(v, family, head_dim, &label).map(Some),
+                    Some(v) => {
+                        rope_from_parameters(v, family, head_dim, &label, original).map(Some)
+                    }
                 }
             };
             let global = of("full_attention")?
@@ -475,7 +483,7 @@ fn rope_specs(
             (global, of("sliding_attention")?)
         }
         Some(p) => (
-            rope_from_parameters(&p, family, head_dim, "`rope_parameters`")?,
+            rope_from_parameters(&p, family, head_dim, "`rope_parameters`", original)?,
             None,
         ),
         None => {
@@ -488,6 +496,7 @@ fn rope_specs(
                 family,
                 head_dim,
                 "`rope_scaling`",
+                original,
             )?;
             let local_theta = present(config.get("rope_local_base_freq"))
                 .or_else(|| family.local_rope_theta.map(Value::from));
@@ -500,6 +509,7 @@ fn rope_specs(
                         family,
                         head_dim,
                         "`rope_local_base_freq`",
+                        original,
                     )
                 })
                 .transpose()?;
@@ -516,6 +526,7 @@ fn rope_from_parameters(
     family: &Family,
     head_dim: usize,
     label: &str,
+    original: Option<&Value>,
 ) -> Result<RopeSpec, HandlerError> {
     let mut scaling = parameters.clone();
     let object = scaling
@@ -523,7 +534,15 @@ fn rope_from_parameters(
         .ok_or_else(|| bad(format!("{label} is {parameters}, not an object")))?;
     let theta = object.remove("rope_theta");
     let partial = object.remove("partial_rotary_factor");
-    rope_spec(theta, Some(scaling), partial, family, head_dim, label)
+    rope_spec(
+        theta,
+        Some(scaling),
+        partial,
+        family,
+        head_dim,
+        label,
+        original,
+    )
 }
 
 /// One RoPE from its base, scaling and partial-rotary factor (each as config.json has
@@ -535,6 +554,7 @@ fn rope_spec(
     family: &Family,
     head_dim: usize,
     label: &str,
+    original: Option<&Value>,
 ) -> Result<RopeSpec, HandlerError> {
     let theta = match theta {
         None => 10_000.0,
@@ -565,6 +585,15 @@ fn rope_spec(
         if let Some(object) = s.as_object_mut() {
             object.remove("type");
             object.insert("rope_type".into(), Value::String(kind.clone()));
+            // transformers' default where llama3 or yarn scaling names no
+            // original_max_position_embeddings: the config's own (Phi-3 keeps one at the
+            // top), else max_position_embeddings.
+            if matches!(kind.as_str(), "llama3" | "yarn")
+                && !object.contains_key("original_max_position_embeddings")
+                && let Some(original) = original
+            {
+                object.insert("original_max_position_embeddings".into(), original.clone());
+            }
         }
         (kind != "default").then_some(s)
     });
@@ -684,6 +713,31 @@ fn windows(
 }
 
 impl RopeSpec {
+    /// What the RoPE tables' cos and sin are multiplied by: YaRN's attention factor
+    /// (`attention_factor`, else from `mscale`/`mscale_all_dim`, else
+    /// `0.1·ln(factor) + 1`); 1 for the others.
+    pub fn attention_factor(&self) -> f64 {
+        let Some(scaling) = &self.scaling else {
+            return 1.0;
+        };
+        if scaling.get("rope_type").and_then(Value::as_str) != Some("yarn") {
+            return 1.0;
+        }
+        let number = |key: &str| scaling.get(key).and_then(Value::as_f64);
+        if let Some(factor) = number("attention_factor") {
+            return factor;
+        }
+        let factor = number("factor").unwrap_or(1.0);
+        let mscale = |m: f64| match factor <= 1.0 {
+            true => 1.0,
+            false => 0.1 * m * factor.ln() + 1.0,
+        };
+        match (number("mscale"), number("mscale_all_dim")) {
+            (Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+            _ => mscale(1.0),
+        }
+    }
+
     /// RoPE's inverse frequencies, `theta^(-2i/rotary_dim)`, with the scaling applied:
     /// none; `linear` (positions divided by `factor`); `llama3` (Llama 3.1's banded
     /// rescaling: long wavelengths divided by `factor`, short ones kept, a smooth blend
@@ -758,8 +812,44 @@ impl RopeSpec {
                 }
                 Ok(base.zip(factors).map(|(f, factor)| f / factor).collect())
             }
+            "yarn" => {
+                // YaRN: each frequency blends interpolated (÷ factor) and kept, by a
+                // ramp over the dimensions whose wavelengths fall between beta_fast and
+                // beta_slow rotations of the original context.
+                let factor = number("factor")?;
+                let original = number("original_max_position_embeddings")?;
+                let optional = |key: &str, default: f32| {
+                    scaling
+                        .get(key)
+                        .and_then(|v| v.as_f64())
+                        .map_or(default, |v| v as f32)
+                };
+                let (beta_fast, beta_slow) =
+                    (optional("beta_fast", 32.0), optional("beta_slow", 1.0));
+                let dim = hd as f32;
+                let correction = |rotations: f32| {
+                    dim * (original / (rotations * 2.0 * std::f32::consts::PI)).ln()
+                        / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if scaling.get("truncate").and_then(|v| v.as_bool()) != Some(false) {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                Ok(base
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                        let kept = 1.0 - ramp;
+                        (f / factor) * (1.0 - kept) + f * kept
+                    })
+                    .collect())
+            }
             other => Err(HandlerError::Unsupported(format!(
-                "rope_type `{other}` is not implemented (supported: default, linear, llama3, frequency_factors)"
+                "rope_type `{other}` is not implemented (supported: default, linear, llama3, yarn, frequency_factors)"
             ))),
         }
     }
@@ -860,8 +950,8 @@ mod tests {
             ("llama", json!({"hidden_act": "relu"}), "hidden_act"),
             (
                 "llama",
-                json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}),
-                "yarn",
+                json!({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}),
+                "longrope",
             ),
             (
                 "qwen2",

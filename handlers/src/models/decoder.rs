@@ -1674,7 +1674,7 @@ pub fn argmax(logits: &Tensor) -> candle_core::Result<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::TinyLlama;
     use crate::weights::files::ModelFiles;
@@ -1866,7 +1866,11 @@ mod tests {
     }
 
     /// Our logits for `prompt` under `config` (resident, f32) from the weights in `dir`.
-    fn our_logits(dir: &std::path::Path, config: &DecoderSpec, prompt: &[u32]) -> Tensor {
+    pub(crate) fn our_logits(
+        dir: &std::path::Path,
+        config: &DecoderSpec,
+        prompt: &[u32],
+    ) -> Tensor {
         let source = WeightSource::open(&dir.join("model.safetensors")).expect("source");
         let model = load_all(&source, config, false);
         let t = Tensor::new(prompt, &Device::Cpu)

@@ -1157,17 +1157,7 @@ mod tests {
             assert!(bytes(&quantized).expect("size") * 3 < bytes(&dense).expect("size"));
 
             let (got, want) = (logits(&quantized, &prompt), logits(&dense, &prompt));
-            let scale = want
-                .abs()
-                .and_then(|a| a.max_all()?.to_scalar::<f32>())
-                .expect("max");
-            let diff = (&got - &want)
-                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-                .expect("diff");
-            assert!(
-                diff <= 0.05 * scale,
-                "{weights:?}: logits differ by {diff} (largest {scale})"
-            );
+            assert_within_share(&got, &want, 0.05, &format!("{weights:?}"));
             let streamed = logits_placed(&quantized, &prompt, true);
             let same = (&streamed - &got)
                 .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
@@ -1381,29 +1371,45 @@ mod tests {
         (spec, converted, hf, folder)
     }
 
-    /// The prompt's last logits of the checkpoint in `folder` under `spec`.
+    /// The decoder fixtures' prompt (scripts/make-decoder-fixtures.py's PROMPT).
+    const FIXTURE_PROMPT: [u32; 10] = [3, 17, 42, 99, 5, 64, 11, 120, 7, 30];
+
+    /// The fixture prompt's last logits of the checkpoint in `folder` under `spec`.
     fn first_logits(folder: &Path, spec: &crate::models::decoder::DecoderSpec) -> Tensor {
-        use crate::models::decoder::{KvCache, MappedDecoder};
-        use crate::weights::layer_stack::UnitPlacement;
-        let source = crate::WeightSource::open(&folder.join("model.safetensors")).expect("source");
-        let model = MappedDecoder::load(&source, spec, DType::F32, |_| {
-            Ok(UnitPlacement::Resident(Device::Cpu))
-        })
-        .expect("load");
-        let prompt = [3u32, 17, 42, 99, 5, 64, 11, 120, 7, 30];
-        let t = Tensor::new(&prompt[..], &Device::Cpu)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("tokens");
-        model
-            .forward(&t, &mut KvCache::default())
-            .and_then(|l| l.squeeze(0))
-            .expect("forward")
+        crate::models::decoder::tests::our_logits(folder, spec, &FIXTURE_PROMPT)
+    }
+
+    /// Transformers' logits for the fixture prompt of the decoder fixture `family`.
+    fn transformers_first_logits(family: &str) -> Tensor {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/decoders")
+            .join(family)
+            .join("reference.json");
+        let reference: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("reference")).expect("json");
+        assert_eq!(reference["prompt"], serde_json::json!(FIXTURE_PROMPT));
+        let want: Vec<f32> =
+            serde_json::from_value(reference["steps"][0]["logits"].clone()).expect("logits");
+        Tensor::new(want.as_slice(), &Device::Cpu).expect("want")
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
             .expect("diff")
+    }
+
+    /// `got`'s largest difference from `want`, at most `share` of `want`'s largest value.
+    fn assert_within_share(got: &Tensor, want: &Tensor, share: f32, what: &str) {
+        let scale = want
+            .abs()
+            .and_then(|a| a.max_all()?.to_scalar::<f32>())
+            .expect("max");
+        let diff = max_diff(got, want);
+        assert!(
+            diff <= share * scale,
+            "{what}: logits differ by {diff} (largest {scale})"
+        );
     }
 
     /// A Qwen 3 GGUF (per-head qk-norm, a head_dim wider than hidden / heads; qwen3
@@ -1450,20 +1456,10 @@ mod tests {
             let (spec, converted, _, folder) =
                 gguf_of_fixture(family, family, permute, extra, work.path());
             assert_eq!(converted.family.name, spec.family.name);
-            let reference: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("tests/fixtures/decoders")
-                        .join(family)
-                        .join("reference.json"),
-                )
-                .expect("reference"),
-            )
-            .expect("json");
-            let want: Vec<f32> =
-                serde_json::from_value(reference["steps"][0]["logits"].clone()).expect("logits");
-            let want = Tensor::new(want.as_slice(), &Device::Cpu).expect("want");
-            let diff = max_diff(&first_logits(&folder, &converted), &want);
+            let diff = max_diff(
+                &first_logits(&folder, &converted),
+                &transformers_first_logits(family),
+            );
             assert!(
                 diff <= 1e-4,
                 "{family}'s GGUF logits differ from transformers' by {diff}"
@@ -1626,20 +1622,10 @@ mod tests {
                 gguf_of_fixture(family, arch, permute, extra, work.path());
             assert_eq!(converted.family.name, spec.family.name);
             assert_eq!(converted.moe, spec.moe, "{family}");
-            let reference: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(
-                    Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("tests/fixtures/decoders")
-                        .join(family)
-                        .join("reference.json"),
-                )
-                .expect("reference"),
-            )
-            .expect("json");
-            let want: Vec<f32> =
-                serde_json::from_value(reference["steps"][0]["logits"].clone()).expect("logits");
-            let want = Tensor::new(want.as_slice(), &Device::Cpu).expect("want");
-            let diff = max_diff(&first_logits(&folder, &converted), &want);
+            let diff = max_diff(
+                &first_logits(&folder, &converted),
+                &transformers_first_logits(family),
+            );
             assert!(
                 diff <= 1e-4,
                 "{family}'s GGUF logits differ from transformers' by {diff}"
@@ -1707,30 +1693,19 @@ mod tests {
         if let Some(moe) = &mut everyone.moe {
             moe.per_token = moe.experts;
         }
-        let (got, want) = (
-            first_logits(&blocks, &everyone),
-            first_logits(&dense, &everyone),
-        );
-        let scale = want
-            .abs()
-            .and_then(|a| a.max_all()?.to_scalar::<f32>())
-            .expect("max");
-        let diff = max_diff(&got, &want);
-        assert!(
-            diff <= 0.05 * scale,
-            "all experts: logits differ by {diff} (largest {scale})"
+        assert_within_share(
+            &first_logits(&blocks, &everyone),
+            &first_logits(&dense, &everyone),
+            0.05,
+            "all experts",
         );
         // Routed, within 10 %: a small change can flip a token's choice of expert in a
         // later block.
-        let (got, want) = (first_logits(&blocks, &spec), first_logits(&dense, &spec));
-        let scale = want
-            .abs()
-            .and_then(|a| a.max_all()?.to_scalar::<f32>())
-            .expect("max");
-        let diff = max_diff(&got, &want);
-        assert!(
-            diff <= 0.1 * scale,
-            "logits differ by {diff} (largest {scale})"
+        assert_within_share(
+            &first_logits(&blocks, &spec),
+            &first_logits(&dense, &spec),
+            0.1,
+            "routed",
         );
     }
 }

@@ -138,18 +138,18 @@ impl DecoderSpec {
             }
         };
         // GPT-2's and BLOOM's own spellings where transformers' are absent.
-        let either = |keys: [&str; 3]| -> Result<usize, HandlerError> {
-            for key in keys {
+        let either = |keys: &[&str]| -> Result<usize, HandlerError> {
+            for &key in keys {
                 if let Some(n) = count(key)? {
                     return Ok(n);
                 }
             }
             Err(bad(format!("`{}` is missing", keys[0])))
         };
-        let hidden_size = either(["hidden_size", "n_embed", "n_embd"])?;
-        let heads = either(["num_attention_heads", "n_head", "n_head"])?;
+        let hidden_size = either(&["hidden_size", "n_embed", "n_embd"])?;
+        let heads = either(&["num_attention_heads", "n_head"])?;
         let kv_heads = count("num_key_value_heads")?.unwrap_or(heads);
-        let layers = either(["num_hidden_layers", "n_layer", "n_layer"])?;
+        let layers = either(&["num_hidden_layers", "n_layer"])?;
         if heads % kv_heads != 0 {
             return Err(bad(format!(
                 "{heads} attention heads are not groups of {kv_heads} key/value heads"
@@ -177,16 +177,6 @@ impl DecoderSpec {
         {
             return Err(refuse(family, "query_pre_attn_scalar", v, "a score scale"));
         }
-        if let Some(v) = present("use_bidirectional_attention")
-            && v.as_bool() != Some(false)
-        {
-            return Err(refuse(
-                family,
-                "use_bidirectional_attention",
-                v,
-                "attention without a causal mask",
-            ));
-        }
         if !family.multipliers {
             for key in [
                 "embedding_multiplier",
@@ -212,15 +202,30 @@ impl DecoderSpec {
             (None, Projections::PerHead | Projections::Conv1D) => 4 * hidden_size,
             (None, _) => need("intermediate_size")?,
         };
-        for (key, fine) in [
-            ("scale_attn_by_inverse_layer_idx", false),
-            ("scale_attn_weights", true),
-            ("add_cross_attention", false),
+        // Switches whose other setting is math the graph does not have.
+        for (key, served, why) in [
+            (
+                "use_bidirectional_attention",
+                false,
+                "attention without a causal mask",
+            ),
+            (
+                "apply_residual_connection_post_layernorm",
+                false,
+                "a residual taken after the norm",
+            ),
+            (
+                "scale_attn_by_inverse_layer_idx",
+                false,
+                "GPT-2's other attention",
+            ),
+            ("scale_attn_weights", true, "GPT-2's other attention"),
+            ("add_cross_attention", false, "GPT-2's other attention"),
         ] {
             if let Some(v) = present(key)
-                && v.as_bool() != Some(fine)
+                && v.as_bool() != Some(served)
             {
-                return Err(refuse(family, key, v, "GPT-2's other attention"));
+                return Err(refuse(family, key, v, why));
             }
         }
         let norms = match family.norms {
@@ -231,16 +236,6 @@ impl DecoderSpec {
             }
             placement => placement,
         };
-        if let Some(v) = present("apply_residual_connection_post_layernorm")
-            && v.as_bool() != Some(false)
-        {
-            return Err(refuse(
-                family,
-                "apply_residual_connection_post_layernorm",
-                v,
-                "a residual taken after the norm",
-            ));
-        }
         if let Some(v) = present("slow_but_exact")
             && v.as_bool() == Some(true)
             && count("pretraining_tp")?.unwrap_or(1) > 1
@@ -994,6 +989,21 @@ mod tests {
                 "gemma3_text",
                 json!({"use_bidirectional_attention": true}),
                 "use_bidirectional_attention",
+            ),
+            (
+                "bloom",
+                json!({"apply_residual_connection_post_layernorm": true}),
+                "apply_residual_connection_post_layernorm",
+            ),
+            (
+                "gpt2",
+                json!({"scale_attn_by_inverse_layer_idx": true}),
+                "scale_attn_by_inverse_layer_idx",
+            ),
+            (
+                "bloom",
+                json!({"slow_but_exact": true, "pretraining_tp": 4}),
+                "slow_but_exact",
             ),
         ] {
             let why = refusal(with(model_type, extra));

@@ -4,11 +4,11 @@
 //! - [`text_classification`]: `BertForSequenceClassification`, labels from `id2label`.
 //! - [`text_generation`]: Llama-family generation (greedy or seeded sampling, stop
 //!   sequences) behind a token iterator.
-//! - [`bert_text`]: tokenization and batching shared by the BERT text handlers.
+//! - [`encoder_text`]: tokenization and batching shared by the encoder text handlers.
 //! - [`echo`]: returns its input unchanged; measures the server itself.
 
-pub mod bert_text;
 pub mod echo;
+pub mod encoder_text;
 pub mod text_classification;
 pub mod text_embedding;
 pub mod text_generation;

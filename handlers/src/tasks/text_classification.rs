@@ -10,8 +10,8 @@ use candle_nn::Linear;
 use tokenizers::Encoding;
 
 use crate::error::CandleContext;
-use crate::models::bert::MappedBert;
-use crate::tasks::bert_text::BertText;
+use crate::models::encoder::MappedBert;
+use crate::tasks::encoder_text::BertText;
 use crate::weights::WeightsWatch;
 use crate::{
     Classification, Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions,

@@ -6,8 +6,8 @@
 //! sentence-transformers does. A batch's texts are tokenized one by one (a bad text
 //! fails alone), padded to the longest in each chunk, and run through the model.
 
-use crate::models::bert::MappedBert;
-use crate::tasks::bert_text::BertText;
+use crate::models::encoder::MappedBert;
+use crate::tasks::encoder_text::BertText;
 use candle_core::{D, DType, Device, Tensor};
 use tokenizers::Encoding;
 

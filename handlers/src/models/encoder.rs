@@ -9,10 +9,12 @@
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
 
-use crate::models::bert_block::FusedBertBlock;
+use crate::models::encoder::fused_block::FusedBertBlock;
 pub use crate::weights::layer_stack::UnitPlacement;
 use crate::weights::layer_stack::{Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
+
+pub mod fused_block;
 
 /// One unit of a BERT stack.
 pub enum BertUnit {

@@ -29,6 +29,9 @@ pub struct RawBody {
 pub enum Request {
     /// One or more texts (the text handlers).
     Texts(Vec<String>),
+    /// One or more (text, text pair) inputs, encoded together as one sequence: a
+    /// cross-encoder's (query, passage) or a classifier's sentence pair.
+    Pairs(Vec<(String, String)>),
     /// One or more texts already tokenized by the model's own tokenizer (the text
     /// handlers take the ids as they are: no special tokens are added).
     Tokens(Vec<Vec<u32>>),
@@ -127,6 +130,8 @@ pub enum Output {
 pub struct Classification {
     pub label: String,
     pub score: f32,
+    /// That label's logit, before the softmax or sigmoid (a reranker's raw score).
+    pub logit: f32,
 }
 
 /// The built-in handlers, by the name used in archives (`--handler text_embedding`).

@@ -197,6 +197,16 @@ impl TinyBert {
     }
 }
 
+/// Writes [`tokenizer_json`]'s tokenizer.json into `dir`.
+pub fn write_tokenizer(dir: &Path) -> Result<(), HandlerError> {
+    std::fs::write(dir.join("tokenizer.json"), tokenizer_json().to_string()).map_err(|source| {
+        HandlerError::Io {
+            path: dir.join("tokenizer.json"),
+            source,
+        }
+    })
+}
+
 /// A WordPiece tokenizer.json in the layout BERT checkpoints ship, with fixed padding and
 /// truncation at 128 as MiniLM's has (the handler must override both).
 fn tokenizer_json() -> serde_json::Value {

@@ -1,87 +1,123 @@
-//! BERT as a [`LayerStack`]: the embeddings and each encoder block are separate units,
-//! each resident on its device or streamed from disk, as the plan says. The math is
-//! candle-transformers' own: a 0-block `BertModel` is the embeddings unit, and block i is
-//! a 1-block `BertEncoder` whose tensor names are remapped from layer 0 to layer i, so a
-//! device-mapped BERT computes exactly what the single-device `BertModel` computes.
-//! Blocks that run in f32 on the CPU use [`FusedBertBlock`] instead: the same math in
-//! fewer, fused passes (the tests hold both to `BertModel`).
+//! Encoders as a [`LayerStack`]: the embeddings and each block are separate units, each
+//! resident on its device or streamed from disk, as the plan says. Every family of
+//! [`spec::FAMILIES`] runs this one graph: the embeddings unit adds word, position (as
+//! the family numbers them) and token-type embeddings and normalises; block i is
+//! candle-transformers' 1-block `BertEncoder` reading the checkpoint's block i through
+//! the family's tensor-name map, so a device-mapped encoder computes what the
+//! single-device model computes. Blocks that run in f32 on the CPU use
+//! [`FusedBertBlock`] instead: the same math in fewer, fused passes (the tests hold
+//! both to transformers' outputs).
 
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::bert::{BertEncoder, BertModel, Config};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use candle_transformers::models::bert::BertEncoder;
 
-use crate::models::encoder::fused_block::FusedBertBlock;
+pub use crate::models::encoder::spec::EncoderSpec;
 pub use crate::weights::layer_stack::UnitPlacement;
-use crate::weights::layer_stack::{Flow, LayerStack, Residence, StackModule, Units};
+use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
+use fused_block::FusedBertBlock;
 
+#[cfg(test)]
+pub(crate) mod fixture_tests;
 pub mod fused_block;
+pub mod spec;
 
-/// One unit of a BERT stack.
-pub enum BertUnit {
+/// Word, position and token-type embeddings, summed and normalised.
+pub struct EncoderEmbeddings {
+    words: Embedding,
+    positions: Embedding,
+    types: Option<Embedding>,
+    norm: LayerNorm,
+}
+
+impl EncoderEmbeddings {
+    fn load(vb: VarBuilder, spec: &EncoderSpec) -> candle_core::Result<Self> {
+        let h = spec.hidden_size;
+        Ok(Self {
+            words: candle_nn::embedding(spec.vocab_size, h, vb.pp("word_embeddings"))?,
+            positions: candle_nn::embedding(
+                spec.max_position_embeddings,
+                h,
+                vb.pp("position_embeddings"),
+            )?,
+            types: (spec.type_vocab_size > 0)
+                .then(|| {
+                    candle_nn::embedding(spec.type_vocab_size, h, vb.pp("token_type_embeddings"))
+                })
+                .transpose()?,
+            norm: candle_nn::layer_norm(h, spec.layer_norm_eps, vb.pp("LayerNorm"))?,
+        })
+    }
+
+    /// In transformers' order: words, plus token types, plus positions, normalised.
+    fn forward(&self, inputs: &EncoderInputs) -> candle_core::Result<Tensor> {
+        let mut sum = self.words.forward(&inputs.ids)?;
+        if let Some(types) = &self.types {
+            sum = (sum + types.forward(&inputs.type_ids)?)?;
+        }
+        let sum = (sum + self.positions.forward(&inputs.positions)?)?;
+        self.norm.forward(&sum)
+    }
+}
+
+/// One unit of an encoder stack.
+pub enum EncoderUnit {
     // Boxed: one embeddings unit per model, many blocks.
-    Embeddings(Box<BertModel>),
+    Embeddings(Box<EncoderEmbeddings>),
     Block(BertEncoder),
     FusedBlock(Box<FusedBertBlock>),
 }
 
-impl StackModule for BertUnit {
-    /// BERT's units hold candle's (or the fused kernels' packed) copies of their weights.
+impl StackModule for EncoderUnit {
+    /// The units hold candle's (or the fused kernels' packed) copies of their weights.
     fn reads_in_place(&self) -> bool {
         false
     }
 }
 
-/// A BERT encoder laid out by a plan.
-pub struct MappedBert {
-    stack: LayerStack<BertUnit>,
+/// A batch's inputs, each `[batch, tokens]`: token ids, token types, position ids and the
+/// 0/1 attention mask.
+#[derive(Debug, Clone)]
+pub struct EncoderInputs {
+    pub ids: Tensor,
+    pub type_ids: Tensor,
+    pub positions: Tensor,
+    pub mask: Tensor,
 }
 
-/// The prefix of checkpoints saved from `BertFor*` heads ("bert."), or none.
-fn prefix_of(source: &WeightSource) -> &'static str {
-    if source
-        .info("bert.embeddings.word_embeddings.weight")
-        .is_some()
-    {
-        "bert."
-    } else {
-        ""
-    }
+/// An encoder laid out by a plan.
+pub struct MappedEncoder {
+    stack: LayerStack<EncoderUnit>,
 }
 
-impl MappedBert {
+impl MappedEncoder {
     /// The placement unit names of this checkpoint, in order (as the planner names them).
-    pub fn unit_names(source: &WeightSource, config: &Config) -> Vec<String> {
-        let prefix = prefix_of(source);
+    pub fn unit_names(source: &WeightSource, spec: &EncoderSpec) -> Vec<String> {
+        let prefix = spec.prefix_in(|t| source.info(t).is_some());
         std::iter::once(format!("{prefix}embeddings"))
-            .chain((0..config.num_hidden_layers).map(|i| format!("{prefix}encoder.layer.{i}")))
+            .chain(
+                (0..spec.num_hidden_layers).map(|i| format!("{prefix}{}.{i}", spec.family.blocks)),
+            )
             .collect()
     }
 
     /// Builds the stack; `place` says where each unit (by name) lives.
     pub fn load(
         source: &WeightSource,
-        config: &Config,
+        spec: &EncoderSpec,
         dtype: DType,
         place: impl Fn(&str) -> Result<UnitPlacement, HandlerError>,
     ) -> Result<Self, HandlerError> {
-        let prefix = prefix_of(source);
+        let prefix = spec.prefix_in(|t| source.info(t).is_some());
         let mut stack = LayerStack::default();
 
-        let embeddings_config = Config {
-            num_hidden_layers: 0,
-            ..config.clone()
-        };
         let embeddings_name = format!("{prefix}embeddings");
         let build_embeddings = {
-            let (source, config, root) = (
-                source.clone(),
-                embeddings_config,
-                prefix.trim_end_matches('.').to_string(),
-            );
+            let (source, spec, root) = (source.clone(), spec.clone(), embeddings_name.clone());
             move |device: &Device, _: Residence| {
-                let vb = source.var_builder(dtype, device);
-                let vb = if root.is_empty() { vb } else { vb.pp(&root) };
-                BertModel::load(vb, &config).map(|m| BertUnit::Embeddings(Box::new(m)))
+                EncoderEmbeddings::load(source.var_builder(dtype, device).pp(&root), &spec)
+                    .map(|e| EncoderUnit::Embeddings(Box::new(e)))
             }
         };
         stack.push_planned(
@@ -91,34 +127,30 @@ impl MappedBert {
             build_embeddings,
         )?;
 
-        let block_config = Config {
-            num_hidden_layers: 1,
-            ..config.clone()
-        };
-        for i in 0..config.num_hidden_layers {
-            let name = format!("{prefix}encoder.layer.{i}");
+        let block_config = spec.candle_config(1);
+        for i in 0..spec.num_hidden_layers {
+            let name = format!("{prefix}{}.{i}", spec.family.blocks);
             let build = {
-                let (source, config) = (source.clone(), block_config.clone());
-                let from = format!("{prefix}encoder.layer.0.");
-                let to = format!("{name}.");
-                let encoder = format!("{prefix}encoder");
+                let (source, config, spec) = (source.clone(), block_config.clone(), spec.clone());
+                let block = name.clone();
                 move |device: &Device, _: Residence| {
-                    if FusedBertBlock::applies(&config, device, dtype) {
-                        let vb = source
-                            .var_builder(dtype, device)
-                            .pp(to.trim_end_matches('.'));
-                        return FusedBertBlock::load(vb, &config)
-                            .map(|b| BertUnit::FusedBlock(Box::new(b)));
-                    }
-                    let (from, to) = (from.clone(), to.clone());
+                    // The graph asks for BERT's names of block 0; the family's map and
+                    // the block's index say where the checkpoint keeps them.
+                    let (block, family) = (block.clone(), spec.family);
                     let vb = source
                         .var_builder(dtype, device)
-                        .rename_f(move |tensor: &str| match tensor.strip_prefix(&from) {
-                            Some(rest) => format!("{to}{rest}"),
-                            None => tensor.to_string(),
-                        })
-                        .pp(&encoder);
-                    BertEncoder::load(vb, &config).map(BertUnit::Block)
+                        .rename_f(move |tensor: &str| {
+                            let Some(rest) = tensor.strip_prefix("encoder.layer.0.") else {
+                                return tensor.to_string();
+                            };
+                            let (module, parameter) = rest.rsplit_once('.').unwrap_or((rest, ""));
+                            format!("{block}.{}.{parameter}", (family.block_tensor)(module))
+                        });
+                    if FusedBertBlock::applies(&config, device, dtype) {
+                        return FusedBertBlock::load(vb.pp("encoder.layer.0"), &config)
+                            .map(|b| EncoderUnit::FusedBlock(Box::new(b)));
+                    }
+                    BertEncoder::load(vb.pp("encoder"), &config).map(EncoderUnit::Block)
                 }
             };
             stack.push_planned(&name, place(&name)?, source, build)?;
@@ -137,35 +169,69 @@ impl MappedBert {
     }
 
     /// The last hidden states `[batch, tokens, hidden]`.
-    pub fn forward(
-        &self,
-        ids: &Tensor,
-        type_ids: &Tensor,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let keep: Vec<bool> = mask
+    pub fn forward(&self, inputs: &EncoderInputs) -> candle_core::Result<Tensor> {
+        let keep: Vec<bool> = inputs
+            .mask
             .flatten_all()?
             .to_dtype(DType::F32)?
             .to_vec1::<f32>()?
             .into_iter()
             .map(|m| m != 0.0)
             .collect();
-        let flow = Flow::new((ids.clone(), type_ids.clone(), mask.clone()));
+        let flow = Flow::new(inputs.clone());
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
-            let (ids, type_ids, mask) = &flow.inputs;
             flow.hidden = Some(match unit {
-                BertUnit::Embeddings(model) => model.forward(ids, type_ids, Some(mask))?,
-                BertUnit::Block(encoder) => {
+                EncoderUnit::Embeddings(embeddings) => embeddings.forward(&flow.inputs)?,
+                EncoderUnit::Block(encoder) => {
                     let hidden = flow.hidden()?;
-                    let mask = extended_attention_mask(mask, hidden.dtype())?;
+                    let mask = extended_attention_mask(&flow.inputs.mask, hidden.dtype())?;
                     encoder.forward(hidden, &mask)?
                 }
-                BertUnit::FusedBlock(block) => block.forward(flow.hidden()?, &keep)?,
+                EncoderUnit::FusedBlock(block) => block.forward(flow.hidden()?, &keep)?,
             });
             Ok(flow)
         })?;
         flow.hidden
             .ok_or_else(|| candle_core::Error::Msg("the model has no units".into()))
+    }
+}
+
+impl EncoderInputs {
+    /// A batch from rows of equal length (padded by the caller): positions as `spec`'s
+    /// family numbers them.
+    pub fn from_rows(
+        spec: &EncoderSpec,
+        ids: &[Vec<u32>],
+        type_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let batch = ids.len();
+        let tokens = ids.first().map_or(0, Vec::len);
+        let flat = |rows: &[Vec<u32>]| -> candle_core::Result<Tensor> {
+            if rows.len() != batch || rows.iter().any(|r| r.len() != tokens) {
+                candle_core::bail!("the batch's rows differ in length");
+            }
+            Tensor::from_vec(rows.concat(), (batch, tokens), device)
+        };
+        let positions: Vec<Vec<u32>> = ids.iter().map(|row| spec.positions(row)).collect();
+        Ok(Self {
+            ids: flat(ids)?,
+            type_ids: flat(type_ids)?,
+            positions: flat(&positions)?,
+            mask: flat(mask)?,
+        })
+    }
+}
+
+impl Activations for EncoderInputs {
+    fn to_device(self, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self {
+            ids: self.ids.to_device(device)?,
+            type_ids: self.type_ids.to_device(device)?,
+            positions: self.positions.to_device(device)?,
+            mask: self.mask.to_device(device)?,
+        })
     }
 }
 
@@ -188,16 +254,23 @@ mod tests {
     use super::*;
     use crate::error::CandleContext;
     use crate::testing::TinyBert;
+    use candle_transformers::models::bert::BertModel;
 
-    fn inputs() -> (Tensor, Tensor, Tensor) {
-        let ids = Tensor::new(
-            &[[2u32, 10, 11, 12, 13, 3], [2, 20, 21, 3, 0, 0]],
-            &Device::Cpu,
-        )
-        .expect("ids");
-        let mask =
-            Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).expect("mask");
-        (ids.clone(), ids.zeros_like().expect("types"), mask)
+    fn rows() -> [Vec<Vec<u32>>; 3] {
+        [
+            vec![vec![2, 10, 11, 12, 13, 3], vec![2, 20, 21, 3, 0, 0]],
+            vec![vec![0; 6], vec![0; 6]],
+            vec![vec![1, 1, 1, 1, 1, 1], vec![1, 1, 1, 1, 0, 0]],
+        ]
+    }
+
+    fn spec_of(tiny: &TinyBert) -> EncoderSpec {
+        EncoderSpec::from_config(&tiny.config(), "test").expect("spec")
+    }
+
+    fn inputs(spec: &EncoderSpec) -> EncoderInputs {
+        let [ids, types, mask] = rows();
+        EncoderInputs::from_rows(spec, &ids, &types, &mask, &Device::Cpu).expect("inputs")
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -212,12 +285,12 @@ mod tests {
     #[test]
     fn every_placement_equals_candles_single_device_bert() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spec = TinyBert {
+        let tiny = TinyBert {
             layers: 4,
             ..TinyBert::default()
         };
-        spec.write(dir.path()).expect("write");
-        let config: Config = serde_json::from_value(spec.config()).expect("config");
+        tiny.write(dir.path()).expect("write");
+        let spec = spec_of(&tiny);
         let path = dir.path().join("model.safetensors");
         #[allow(unsafe_code)]
         // SAFETY: the test's own file, not modified while mapped.
@@ -225,14 +298,14 @@ mod tests {
             candle_nn::VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu)
         }
         .expect("vb");
-        let reference = BertModel::load(vb, &config).expect("reference");
-        let (ids, types, mask) = inputs();
+        let reference = BertModel::load(vb, &spec.candle_config(4)).expect("reference");
+        let inputs = inputs(&spec);
         let want = reference
-            .forward(&ids, &types, Some(&mask))
+            .forward(&inputs.ids, &inputs.type_ids, Some(&inputs.mask))
             .expect("reference forward");
 
         let source = WeightSource::open(&path).expect("source");
-        let names = MappedBert::unit_names(&source, &config);
+        let names = MappedEncoder::unit_names(&source, &spec);
         assert_eq!(
             names,
             [
@@ -251,7 +324,7 @@ mod tests {
             ("alternating", |i| i % 2 == 1),
         ];
         for (label, on_disk) in layouts {
-            let stack = MappedBert::load(&source, &config, DType::F32, |name| {
+            let stack = MappedEncoder::load(&source, &spec, DType::F32, |name| {
                 let i = names.iter().position(|n| n == name).expect("known unit");
                 Ok(if on_disk(i) {
                     UnitPlacement::Streamed(Device::Cpu)
@@ -261,7 +334,7 @@ mod tests {
             })
             .expect("load");
             for pass in 0..2 {
-                let got = stack.forward(&ids, &types, &mask).expect("forward");
+                let got = stack.forward(&inputs).expect("forward");
                 assert_eq!(got.dims(), want.dims());
                 let diff = max_diff(&got, &want);
                 assert!(diff <= 1e-5, "{label}, pass {pass}: differs by {diff}");
@@ -273,24 +346,24 @@ mod tests {
     fn half_precision_stays_within_2e_2_of_the_f32_reference() {
         for seed in 1..=3 {
             let dir = tempfile::tempdir().expect("tempdir");
-            let spec = TinyBert {
+            let tiny = TinyBert {
                 layers: 3,
                 seed: Some(seed),
                 ..TinyBert::default()
             };
-            spec.write(dir.path()).expect("write");
-            let config: Config = serde_json::from_value(spec.config()).expect("config");
+            tiny.write(dir.path()).expect("write");
+            let spec = spec_of(&tiny);
             let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
-            let (ids, types, mask) = inputs();
+            let inputs = inputs(&spec);
             let run = |dtype: DType, streamed: bool| {
-                MappedBert::load(&source, &config, dtype, |_| {
+                MappedEncoder::load(&source, &spec, dtype, |_| {
                     Ok(if streamed {
                         UnitPlacement::Streamed(Device::Cpu)
                     } else {
                         UnitPlacement::Resident(Device::Cpu)
                     })
                 })
-                .and_then(|m| m.forward(&ids, &types, &mask).context(|| "forward".into()))
+                .and_then(|m| m.forward(&inputs).context(|| "forward".into()))
                 .and_then(|t| t.to_dtype(DType::F32).context(|| "f32".into()))
                 .expect("run")
             };
@@ -316,8 +389,8 @@ mod tests {
     #[test]
     fn a_bert_prefixed_checkpoint_is_mapped_too() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let spec = TinyBert::default();
-        spec.write(dir.path()).expect("write");
+        let tiny = TinyBert::default();
+        tiny.write(dir.path()).expect("write");
         let path = dir.path().join("model.safetensors");
         let plain = WeightSource::open(&path)
             .expect("source")
@@ -329,19 +402,19 @@ mod tests {
             .collect();
         let prefixed_path = dir.path().join("prefixed.safetensors");
         candle_core::safetensors::save(&prefixed, &prefixed_path).expect("save");
-        let config: Config = serde_json::from_value(spec.config()).expect("config");
-        let (ids, types, mask) = inputs();
+        let spec = spec_of(&tiny);
+        let inputs = inputs(&spec);
         let run = |p: &std::path::Path| {
             let source = WeightSource::open(p).expect("source");
-            MappedBert::load(&source, &config, DType::F32, |_| {
+            MappedEncoder::load(&source, &spec, DType::F32, |_| {
                 Ok(UnitPlacement::Streamed(Device::Cpu))
             })
-            .and_then(|m| m.forward(&ids, &types, &mask).context(|| "forward".into()))
+            .and_then(|m| m.forward(&inputs).context(|| "forward".into()))
             .expect("run")
         };
         let source = WeightSource::open(&prefixed_path).expect("source");
         assert_eq!(
-            MappedBert::unit_names(&source, &config)[0],
+            MappedEncoder::unit_names(&source, &spec)[0],
             "bert.embeddings"
         );
         assert_eq!(max_diff(&run(&path), &run(&prefixed_path)), 0.0);

@@ -1,31 +1,32 @@
-//! What the BERT text handlers share: the checkpoint's config, a tokenizer set up for
+//! What the encoder text handlers share: the checkpoint's [`EncoderSpec`], a tokenizer set up for
 //! truncation at the model's input limit and per-batch padding (tokenizer.json often
 //! carries fixed padding, as MiniLM's pads everything to 128), per-request tokenization
 //! before queueing (a bad text fails only its request), and padding a batch of
-//! encodings into tensors.
+//! encodings into tensors (with config.json's `pad_token_id`: the id RoBERTa's positions
+//! skip).
 
-use candle_core::{Device, Tensor};
-use candle_transformers::models::bert::Config as BertConfig;
+use candle_core::Device;
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::models::encoder::{EncoderInputs, EncoderSpec};
 
 use crate::{HandlerError, Input, ModelFiles, Output, Request};
 
 /// Texts per forward pass: bounds activation memory whatever the batch size.
 const MAX_TEXTS_PER_FORWARD: usize = 64;
 
-/// A BERT checkpoint's config and tokenizer.
-pub struct BertText {
-    pub config: BertConfig,
+/// An encoder checkpoint's spec and tokenizer.
+pub struct EncoderText {
+    pub spec: EncoderSpec,
     /// Raw config.json, for handler-specific keys (`id2label`).
     pub config_json: serde_json::Value,
     tokenizer: Tokenizer,
     pub max_tokens: usize,
-    pad_id: u32,
 }
 
-impl BertText {
-    /// Reads config.json (which must be BERT's) and tokenizer.json; inputs are cut at
-    /// `max_tokens` (else the model's maximum positions, never more).
+impl EncoderText {
+    /// Reads config.json (which must be an encoder family's) and tokenizer.json; inputs
+    /// are cut at `max_tokens` (else the model's maximum positions, never more).
     pub fn load(
         files: &dyn ModelFiles,
         handler: &str,
@@ -34,20 +35,10 @@ impl BertText {
         let bytes = files.read_required("config.json")?;
         let config_json: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| HandlerError::bad_file("config.json", e))?;
-        let model_type = config_json
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        if model_type != "bert" {
-            return Err(HandlerError::Unsupported(format!(
-                "{handler} serves BERT-family encoders (config.json model_type \"bert\"), this model's model_type is {model_type:?}"
-            )));
-        }
-        let config: BertConfig =
-            serde_json::from_slice(&bytes).map_err(|e| HandlerError::bad_file("config.json", e))?;
+        let spec = EncoderSpec::from_config(&config_json, handler)?;
         let max_tokens = max_tokens
-            .unwrap_or(config.max_position_embeddings)
-            .min(config.max_position_embeddings);
+            .unwrap_or(spec.max_tokens())
+            .min(spec.max_tokens());
         let mut tokenizer = Tokenizer::from_bytes(files.read_required("tokenizer.json")?)
             .map_err(|e| HandlerError::bad_file("tokenizer.json", e))?;
         tokenizer
@@ -61,36 +52,33 @@ impl BertText {
                 context: "cannot set truncation".into(),
                 source,
             })?;
-        let pad_id = tokenizer
-            .get_padding()
-            .map(|p| p.pad_id)
-            .unwrap_or(config.pad_token_id as u32);
         tokenizer.with_padding(None);
         Ok(Self {
-            config,
+            spec,
             config_json,
             tokenizer,
             max_tokens,
-            pad_id,
         })
     }
 
-    /// Tokenizes a request's texts (truncated at the input limit), once: the batch runs
-    /// from these encodings.
+    /// Tokenizes a request's texts or text pairs (a pair as the tokenizer's template lays
+    /// it out: separators and token types; truncated at the input limit, longest first),
+    /// once: the batch runs from these encodings.
     pub fn prepare(&self, request: Request, handler: &str) -> Result<Input, HandlerError> {
-        let texts = match request {
-            Request::Texts(texts) => texts,
+        let inputs: Vec<tokenizers::EncodeInput> = match request {
+            Request::Texts(texts) => texts.into_iter().map(Into::into).collect(),
+            Request::Pairs(pairs) => pairs.into_iter().map(Into::into).collect(),
             Request::Tokens(token_lists) => return self.prepare_tokens(token_lists),
             _ => return Err(HandlerError::Input(format!("{handler} takes texts"))),
         };
-        if texts.is_empty() {
+        if inputs.is_empty() {
             return Err(HandlerError::Input("the request has no input text".into()));
         }
-        texts
-            .iter()
-            .map(|text| {
+        inputs
+            .into_iter()
+            .map(|input| {
                 self.tokenizer
-                    .encode(text.as_str(), true)
+                    .encode(input, true)
                     .map_err(|source| HandlerError::Tokenizer {
                         context: "cannot tokenize an input text".into(),
                         source,
@@ -169,28 +157,46 @@ impl BertText {
             .collect())
     }
 
-    /// `(ids, token types, attention mask)`, each `[batch, longest]`, padded on the right.
-    pub fn tensors(
+    /// The batch's inputs, each `[batch, longest]`, padded on the right; positions as the
+    /// family numbers them.
+    pub fn inputs(
         &self,
         encodings: &[&Encoding],
         device: &Device,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let batch = encodings.len();
+    ) -> candle_core::Result<EncoderInputs> {
         let len = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
-        let mut ids = vec![self.pad_id; batch * len];
-        let mut type_ids = vec![0u32; batch * len];
-        let mut mask = vec![0u32; batch * len];
-        for (row, encoding) in encodings.iter().enumerate() {
-            let at = row * len;
-            let n = encoding.len();
-            ids[at..at + n].copy_from_slice(encoding.get_ids());
-            type_ids[at..at + n].copy_from_slice(encoding.get_type_ids());
-            mask[at..at + n].copy_from_slice(encoding.get_attention_mask());
+        let padded = |row: &[u32], pad: u32| {
+            let mut row = row.to_vec();
+            row.resize(len, pad);
+            row
+        };
+        let ids: Vec<Vec<u32>> = encodings
+            .iter()
+            .map(|e| padded(e.get_ids(), self.spec.pad_token_id))
+            .collect();
+        // A family with one token type (RoBERTa's) reads every token as type 0, as its
+        // tokenizers give them; where types count, one past the table is an error.
+        let types: Vec<Vec<u32>> = encodings
+            .iter()
+            .map(|e| match self.spec.type_vocab_size {
+                0 | 1 => vec![0; len],
+                _ => padded(e.get_type_ids(), 0),
+            })
+            .collect();
+        if let Some(bad) = types
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= self.spec.type_vocab_size.max(1))
+        {
+            candle_core::bail!(
+                "token type {bad} is past the model's {} token types (the tokenizer does not fit the model)",
+                self.spec.type_vocab_size
+            );
         }
-        Ok((
-            Tensor::from_vec(ids, (batch, len), device)?,
-            Tensor::from_vec(type_ids, (batch, len), device)?,
-            Tensor::from_vec(mask, (batch, len), device)?,
-        ))
+        let mask: Vec<Vec<u32>> = encodings
+            .iter()
+            .map(|e| padded(e.get_attention_mask(), 0))
+            .collect();
+        EncoderInputs::from_rows(&self.spec, &ids, &types, &mask, device)
     }
 }

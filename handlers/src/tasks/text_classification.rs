@@ -1,30 +1,104 @@
-//! The `text_classification` handler: `BertForSequenceClassification` checkpoints. The
-//! encoder runs as a [`MappedBert`] stack as the plan says; the pooler (dense + tanh on
-//! the first token) and the classifier are small and stay resident. Labels come from
-//! config.json's `id2label`; scores are a softmax (a sigmoid per label for
-//! `problem_type: multi_label_classification`). Each text is answered with its top
-//! label: `[{"label": "POSITIVE", "score": 0.98}, ...]`.
+//! The `text_classification` handler: `*ForSequenceClassification` checkpoints of every
+//! encoder family (BERT's pooler + classifier, RoBERTa's and XLM-RoBERTa's dense +
+//! out_proj head, DistilBERT's pre_classifier + ReLU). The encoder runs as a
+//! [`MappedEncoder`] stack as the plan says; the head is small and stays resident.
+//! Labels come from config.json's `id2label`; logits become scores as transformers'
+//! text-classification pipeline makes them: none for `problem_type: regression`, a
+//! sigmoid per label for multi-label models and single-logit ones (cross-encoders), a
+//! softmax otherwise. Each input — a text or a (text, text pair) — is answered with its
+//! top label: `[{"label": "POSITIVE", "score": 0.98}, ...]`.
 
-use candle_core::{D, DType, Device, Module};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
 use tokenizers::Encoding;
 
 use crate::error::CandleContext;
-use crate::models::encoder::MappedBert;
-use crate::tasks::encoder_text::BertText;
+use crate::models::encoder::MappedEncoder;
+use crate::models::encoder::spec::ClassifierHead;
+use crate::tasks::encoder_text::EncoderText;
 use crate::weights::WeightsWatch;
 use crate::{
     Classification, Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions,
     ModelFiles, Output, Request,
 };
 
+/// How logits become scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scoring {
+    Softmax,
+    Sigmoid,
+    Raw,
+}
+
+impl Scoring {
+    /// transformers' pipeline's choice: `problem_type` first, then the label count.
+    fn of(config: &serde_json::Value, labels: usize) -> Self {
+        match config.get("problem_type").and_then(|v| v.as_str()) {
+            Some("regression") => Scoring::Raw,
+            Some("multi_label_classification") => Scoring::Sigmoid,
+            _ if labels == 1 => Scoring::Sigmoid,
+            _ => Scoring::Softmax,
+        }
+    }
+}
+
+/// A family's classifier head, loaded.
+struct Head {
+    dense: Linear,
+    relu: bool,
+    out: Linear,
+}
+
+impl Head {
+    fn load(
+        weights: &crate::WeightSource,
+        spec: &ClassifierHead,
+        base_prefix: &str,
+        hidden: usize,
+        labels: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, HandlerError> {
+        let vb = weights.var_builder(dtype, device);
+        let dense_name = if spec.dense_in_base {
+            format!("{base_prefix}{}", spec.dense)
+        } else {
+            spec.dense.to_string()
+        };
+        let dense = candle_nn::linear(hidden, hidden, vb.pp(&dense_name)).context(|| {
+            format!("cannot load the classifier head's `{dense_name}` (a *ForSequenceClassification checkpoint has it)")
+        })?;
+        let out = candle_nn::linear(hidden, labels, vb.pp(spec.out)).context(|| {
+            format!(
+                "cannot load the classifier `{}` for {labels} labels",
+                spec.out
+            )
+        })?;
+        Ok(Self {
+            dense,
+            relu: spec.relu,
+            out,
+        })
+    }
+
+    /// `[batch, hidden]` first-token states → `[batch, labels]` logits.
+    fn forward(&self, first: &Tensor) -> candle_core::Result<Tensor> {
+        let dense = self.dense.forward(first)?;
+        let dense = if self.relu {
+            dense.relu()?
+        } else {
+            dense.tanh()?
+        };
+        self.out.forward(&dense)
+    }
+}
+
 pub struct TextClassification {
-    model: MappedBert,
-    text: BertText,
-    pooler: Linear,
-    classifier: Linear,
+    model: MappedEncoder,
+    text: EncoderText,
+    head: Head,
     labels: Vec<String>,
-    multi_label: bool,
+    scoring: Scoring,
     device: Device,
     dtype: DType,
     parameters: usize,
@@ -51,7 +125,9 @@ fn labels(config: &serde_json::Value) -> Result<Vec<String>, HandlerError> {
                 "id2label must number labels 0..n",
             ));
         }
-        return Ok(pairs.into_iter().map(|(_, l)| l).collect());
+        if !pairs.is_empty() {
+            return Ok(pairs.into_iter().map(|(_, l)| l).collect());
+        }
     }
     let n = config
         .get("num_labels")
@@ -62,43 +138,34 @@ fn labels(config: &serde_json::Value) -> Result<Vec<String>, HandlerError> {
 
 impl TextClassification {
     pub fn load(files: &dyn ModelFiles, options: &LoadOptions) -> Result<Self, HandlerError> {
-        let text = BertText::load(files, "text_classification", options.max_length)?;
+        let text = EncoderText::load(files, "text_classification", options.max_length)?;
         let labels = labels(&text.config_json)?;
-        let multi_label = text
-            .config_json
-            .get("problem_type")
-            .and_then(|v| v.as_str())
-            == Some("multi_label_classification");
+        let scoring = Scoring::of(&text.config_json, labels.len());
         let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let device = options.device.clone();
-        let h = text.config.hidden_size;
-        let prefix = if weights.info("bert.pooler.dense.weight").is_some() {
-            "bert."
-        } else {
-            ""
-        };
-        let vb = weights.var_builder(dtype, &device);
-        let pooler =
-            candle_nn::linear(h, h, vb.pp(format!("{prefix}pooler.dense"))).context(|| {
-                "cannot load the pooler (a BertForSequenceClassification checkpoint has one)".into()
-            })?;
-        let classifier = candle_nn::linear(h, labels.len(), vb.pp("classifier"))
-            .context(|| format!("cannot load the classifier for {} labels", labels.len()))?;
+        let spec = &text.spec;
+        let prefix = spec.prefix_in(|t| weights.info(t).is_some());
+        let head = Head::load(
+            &weights,
+            &spec.family.head,
+            &prefix,
+            spec.hidden_size,
+            labels.len(),
+            dtype,
+            &device,
+        )?;
         let parameters = weights.parameters();
-        let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
-            options.placement_of(unit)
-        })?;
+        let model = MappedEncoder::load(&weights, spec, dtype, |unit| options.placement_of(unit))?;
         if let Some(changed) = weights.changed() {
             return Err(changed);
         }
         Ok(Self {
             model,
             text,
-            pooler,
-            classifier,
+            head,
             labels,
-            multi_label,
+            scoring,
             device,
             dtype,
             parameters,
@@ -106,24 +173,17 @@ impl TextClassification {
         })
     }
 
-    /// Per-label probabilities of each text, `[texts][labels]`.
-    pub fn scores(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, HandlerError> {
+    /// Per-label logits of each input, `[inputs][labels]`.
+    pub fn logits(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, HandlerError> {
         let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let (ids, types, mask) = self.text.tensors(encodings, &self.device)?;
-            let hidden = self.model.forward(&ids, &types, &mask)?;
+            let inputs = self.text.inputs(encodings, &self.device)?;
+            let hidden = self.model.forward(&inputs)?;
             // Contiguous: MKL's matmul refuses a strided left-hand side (the portable gemm takes it).
             let first = hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-            let pooled = self
-                .pooler
+            self.head
                 .forward(&first.to_device(&self.device)?)?
-                .tanh()?;
-            let logits = self.classifier.forward(&pooled)?.to_dtype(DType::F32)?;
-            let scores = if self.multi_label {
-                candle_nn::ops::sigmoid(&logits)?
-            } else {
-                candle_nn::ops::softmax(&logits, D::Minus1)?
-            };
-            scores.to_vec2()
+                .to_dtype(DType::F32)?
+                .to_vec2()
         };
         forward().context(|| {
             format!(
@@ -133,7 +193,22 @@ impl TextClassification {
         })
     }
 
-    fn answer(&self, scores: &[f32]) -> Classification {
+    /// Per-label scores from one input's logits.
+    fn scores(&self, logits: &[f32]) -> Vec<f32> {
+        match self.scoring {
+            Scoring::Raw => logits.to_vec(),
+            Scoring::Sigmoid => logits.iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+            Scoring::Softmax => {
+                let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let exp: Vec<f32> = logits.iter().map(|l| (l - top).exp()).collect();
+                let total: f32 = exp.iter().sum();
+                exp.into_iter().map(|e| e / total).collect()
+            }
+        }
+    }
+
+    fn answer(&self, logits: &[f32]) -> Classification {
+        let scores = self.scores(logits);
         let (best, score) = scores
             .iter()
             .enumerate()
@@ -143,6 +218,7 @@ impl TextClassification {
         Classification {
             label: self.labels.get(best).cloned().unwrap_or_default(),
             score,
+            logit: logits.get(best).copied().unwrap_or_default(),
         }
     }
 }
@@ -160,8 +236,8 @@ impl Handler for TextClassification {
         self.text.run_batch(
             batch,
             "text_classification",
-            |chunk| self.scores(chunk),
-            |scores| Output::Classifications(scores.iter().map(|s| self.answer(s)).collect()),
+            |chunk| self.logits(chunk),
+            |logits| Output::Classifications(logits.iter().map(|l| self.answer(l)).collect()),
         )
     }
 
@@ -172,7 +248,7 @@ impl Handler for TextClassification {
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextClassification,
-            architecture: Some("bert".into()),
+            architecture: Some(self.text.spec.family.name.into()),
             dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
             device: "cpu".into(),
             max_input_tokens: Some(self.text.max_tokens),
@@ -186,104 +262,6 @@ impl Handler for TextClassification {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::WeightSource;
-    use crate::testing::TinyBert;
-    use crate::weights::files::FolderFiles;
-    use crate::weights::layer_stack::UnitPlacement;
-    use candle_core::Tensor;
-    use candle_transformers::models::bert::{BertModel, Config};
-
-    fn write_classifier(dir: &std::path::Path) -> (TinyBert, Vec<String>) {
-        let spec = TinyBert::default();
-        let labels = ["negative", "neutral", "positive"];
-        spec.write_sequence_classifier(dir, &labels).expect("write");
-        (spec, labels.iter().map(|l| l.to_string()).collect())
-    }
-
-    #[test]
-    fn scores_match_candles_bert_with_the_pooler_and_classifier_applied_by_hand() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (spec, names) = write_classifier(dir.path());
-        let config: Config = serde_json::from_value(spec.config()).expect("config");
-        let source = WeightSource::open(&dir.path().join("model.safetensors")).expect("source");
-        let reference = BertModel::load(source.var_builder(DType::F32, &Device::Cpu), &config)
-            .expect("reference");
-        let get = |name: &str| -> Vec<f32> {
-            source
-                .load(name, DType::F32, &Device::Cpu)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1())
-                .expect(name)
-        };
-        let (pw, pb, cw, cb) = (
-            get("bert.pooler.dense.weight"),
-            get("bert.pooler.dense.bias"),
-            get("classifier.weight"),
-            get("classifier.bias"),
-        );
-        let h = spec.hidden_size;
-
-        for streamed in [false, true] {
-            let options = LoadOptions::default();
-            let handler =
-                TextClassification::load(&FolderFiles::new(dir.path()), &options).expect("load");
-            let handler = if streamed {
-                let model = MappedBert::load(&source, &config, DType::F32, |_| {
-                    Ok(UnitPlacement::Streamed(Device::Cpu))
-                })
-                .expect("stack");
-                TextClassification { model, ..handler }
-            } else {
-                handler
-            };
-            let texts = ["hello world", "the quick brown fox jumps"];
-            let input = handler
-                .prepare(Request::Texts(
-                    texts.iter().map(|t| t.to_string()).collect(),
-                ))
-                .expect("prepare");
-            let Input::Texts(encoded) = &input else {
-                panic!("texts are tokenized");
-            };
-            let encodings: Vec<&Encoding> = encoded.iter().collect();
-            let got = handler.scores(&encodings).expect("scores");
-            for (i, encoding) in encodings.iter().enumerate() {
-                let ids = Tensor::new(encoding.get_ids(), &Device::Cpu)
-                    .and_then(|t| t.unsqueeze(0))
-                    .expect("ids");
-                let hidden = reference
-                    .forward(&ids, &ids.zeros_like().expect("types"), None)
-                    .expect("forward");
-                let cls: Vec<f32> = hidden
-                    .narrow(1, 0, 1)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1())
-                    .expect("cls");
-                let pooled: Vec<f32> = (0..h)
-                    .map(|r| (pb[r] + (0..h).map(|c| pw[r * h + c] * cls[c]).sum::<f32>()).tanh())
-                    .collect();
-                let logits: Vec<f32> = (0..3)
-                    .map(|r| cb[r] + (0..h).map(|c| cw[r * h + c] * pooled[c]).sum::<f32>())
-                    .collect();
-                let total: f32 = logits.iter().map(|l| l.exp()).sum();
-                for (label, logit) in logits.iter().enumerate() {
-                    let want = logit.exp() / total;
-                    assert!(
-                        (got[i][label] - want).abs() <= 1e-5,
-                        "streamed={streamed} text {i} label {label}: {} vs {want}",
-                        got[i][label]
-                    );
-                }
-                let best = logits
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(j, _)| j)
-                    .expect("best");
-                assert_eq!(handler.answer(&got[i]).label, names[best]);
-            }
-        }
-    }
 
     #[test]
     fn labels_come_from_id2label_or_num_labels() {
@@ -294,5 +272,71 @@ mod tests {
             ["LABEL_0", "LABEL_1", "LABEL_2"]
         );
         assert!(labels(&serde_json::json!({"id2label": {"0": "a", "2": "c"}})).is_err());
+    }
+
+    /// Each family's head (BERT's pooler, RoBERTa's dense + out_proj, DistilBERT's
+    /// pre_classifier + ReLU, a one-logit cross-encoder) against transformers' logits,
+    /// with the encoder resident, partly and wholly on disk.
+    #[test]
+    fn every_encoder_familys_classifier_head_matches_transformers_logits() {
+        use crate::models::encoder::fixture_tests::{
+            FIXTURES, PLACEMENTS, TOLERANCE, config, encodings, fixtures, largest_difference,
+            reference,
+        };
+        use crate::models::encoder::{EncoderSpec, MappedEncoder};
+        use crate::testing::decoder_fixtures::write_weights;
+        use crate::weights::files::FolderFiles;
+        for name in FIXTURES {
+            let dir = fixtures().join(name);
+            let work = tempfile::tempdir().expect("tempdir");
+            let path = write_weights(&dir, work.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            std::fs::copy(dir.join("config.json"), work.path().join("config.json"))
+                .expect("config");
+            crate::testing::write_tokenizer(work.path()).expect("tokenizer");
+            let spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
+            let source = crate::WeightSource::open(&path).expect("source");
+            let want = reference(&dir);
+            let encodings = encodings(&want);
+            let encodings: Vec<&Encoding> = encodings.iter().collect();
+            let resident =
+                TextClassification::load(&FolderFiles::new(work.path()), &LoadOptions::default())
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let mut handler = Some(resident);
+            for placement in PLACEMENTS {
+                let model = MappedEncoder::load(&source, &spec, DType::F32, |unit| {
+                    Ok(placement.of(unit, spec.family.blocks))
+                })
+                .expect("encoder");
+                let current = TextClassification {
+                    model,
+                    ..handler.take().expect("handler")
+                };
+                let got = current.logits(&encodings).expect("logits");
+                assert_eq!(got.len(), want.logits.len());
+                for (row, (g, w)) in got.iter().zip(&want.logits).enumerate() {
+                    let diff = largest_difference(g, w);
+                    assert!(
+                        diff <= TOLERANCE,
+                        "{name} {placement:?} row {row}: logits {g:?}, transformers {w:?}"
+                    );
+                }
+                handler = Some(current);
+            }
+        }
+    }
+
+    #[test]
+    fn scores_follow_transformers_pipeline() {
+        use serde_json::json;
+        assert_eq!(Scoring::of(&json!({}), 3), Scoring::Softmax);
+        assert_eq!(Scoring::of(&json!({}), 1), Scoring::Sigmoid);
+        assert_eq!(
+            Scoring::of(&json!({"problem_type": "multi_label_classification"}), 3),
+            Scoring::Sigmoid
+        );
+        assert_eq!(
+            Scoring::of(&json!({"problem_type": "regression"}), 1),
+            Scoring::Raw
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! The `text_embedding` handler: BERT-family encoders turned into sentence embeddings
+//! The `text_embedding` handler: encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) turned into sentence embeddings
 //! with the pooling and normalisation their sentence-transformers files ask for.
 //!
 //! Inputs longer than `max_seq_length` (sentence_bert_config.json, else the model's
@@ -6,8 +6,8 @@
 //! sentence-transformers does. A batch's texts are tokenized one by one (a bad text
 //! fails alone), padded to the longest in each chunk, and run through the model.
 
-use crate::models::encoder::MappedBert;
-use crate::tasks::encoder_text::BertText;
+use crate::models::encoder::MappedEncoder;
+use crate::tasks::encoder_text::EncoderText;
 use candle_core::{D, DType, Device, Tensor};
 use tokenizers::Encoding;
 
@@ -19,10 +19,10 @@ use crate::{
     Request,
 };
 
-/// A loaded BERT sentence-embedding model.
+/// A loaded sentence-embedding model (any encoder family).
 pub struct TextEmbedding {
-    model: MappedBert,
-    text: BertText,
+    model: MappedEncoder,
+    text: EncoderText,
     pooling: Pooling,
     normalize: bool,
     device: Device,
@@ -35,7 +35,7 @@ pub struct TextEmbedding {
 impl TextEmbedding {
     pub fn load(files: &dyn ModelFiles, options: &LoadOptions) -> Result<Self, HandlerError> {
         let sentence = SentenceTransformerConfig::read(files)?;
-        let text = BertText::load(
+        let text = EncoderText::load(
             files,
             "text_embedding",
             options.max_length.or(sentence.max_seq_length),
@@ -43,7 +43,7 @@ impl TextEmbedding {
         let weights = files.model_weights()?;
         let dtype = options.dtype.unwrap_or(DType::F32);
         let parameters = weights.parameters();
-        let model = MappedBert::load(&weights, &text.config, dtype, |unit| {
+        let model = MappedEncoder::load(&weights, &text.spec, dtype, |unit| {
             options.placement_of(unit)
         })?;
         if let Some(changed) = weights.changed() {
@@ -64,12 +64,9 @@ impl TextEmbedding {
     /// Embeds already tokenized texts in one forward pass.
     fn embed(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, HandlerError> {
         let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
-            let (ids, type_ids, mask) = self.text.tensors(encodings, &self.device)?;
-            let hidden = self
-                .model
-                .forward(&ids, &type_ids, &mask)?
-                .to_dtype(DType::F32)?;
-            let pooled = pool(&hidden, &mask, self.pooling)?;
+            let inputs = self.text.inputs(encodings, &self.device)?;
+            let hidden = self.model.forward(&inputs)?.to_dtype(DType::F32)?;
+            let pooled = pool(&hidden, &inputs.mask, self.pooling)?;
             let pooled = if self.normalize {
                 l2_normalize(&pooled)?
             } else {
@@ -77,7 +74,7 @@ impl TextEmbedding {
             };
             pooled.to_vec2()
         };
-        forward().context(|| format!("BERT forward pass failed (batch of {})", encodings.len()))
+        forward().context(|| format!("encoder forward pass failed (batch of {})", encodings.len()))
     }
 }
 
@@ -137,7 +134,7 @@ impl Handler for TextEmbedding {
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextEmbedding,
-            architecture: Some("bert".into()),
+            architecture: Some(self.text.spec.family.name.into()),
             dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
             device: device_name(&self.device),
             max_input_tokens: Some(self.text.max_tokens),

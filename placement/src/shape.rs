@@ -44,6 +44,9 @@ pub struct ModelShape {
     /// and those `decoder_sparse_step` skips).
     pub dense_layers: Vec<usize>,
     pub type_vocab_size: usize,
+    /// The classifier's labels, for an encoder saved with a sequence classification head
+    /// (`architectures` `*ForSequenceClassification`); `None` for a bare encoder.
+    pub classifier_labels: Option<usize>,
 }
 
 /// Run-time memory of one device's share of the model.
@@ -58,14 +61,14 @@ pub struct Reserve {
 impl ModelShape {
     /// Reads config.json. Unknown families are an error naming the model_type.
     pub fn from_config(config: &serde_json::Value) -> Result<Self, String> {
-        // BLOOM's and GPT-2's own spellings stand in for transformers' names.
+        // BLOOM's, GPT-2's and DistilBERT's own spellings stand in for transformers' names.
         let get = |key: &str| {
             let aliases: &[&str] = match key {
-                "hidden_size" => &["hidden_size", "n_embed", "n_embd"],
-                "num_attention_heads" => &["num_attention_heads", "n_head"],
-                "num_hidden_layers" => &["num_hidden_layers", "n_layer"],
+                "hidden_size" => &["hidden_size", "n_embed", "n_embd", "dim"],
+                "num_attention_heads" => &["num_attention_heads", "n_head", "n_heads"],
+                "num_hidden_layers" => &["num_hidden_layers", "n_layer", "n_layers"],
                 "max_position_embeddings" => &["max_position_embeddings", "n_positions"],
-                "intermediate_size" => &["intermediate_size", "n_inner"],
+                "intermediate_size" => &["intermediate_size", "n_inner", "hidden_dim"],
                 other => &[other][..],
             };
             aliases
@@ -84,7 +87,7 @@ impl ModelShape {
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
             | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe"
             | "gpt_neox" | "bloom" | "gpt2" => Family::Llama,
-            "bert" | "roberta" | "xlm-roberta" | "distilbert" => Family::Bert,
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "distilbert" => Family::Bert,
             other => {
                 return Err(format!(
                     "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, gpt_neox, bloom, gpt2, bert)"
@@ -151,7 +154,28 @@ impl ModelShape {
                 .and_then(|v| v.as_str())
                 .and_then(TensorDType::parse),
             qkv_bias: model_type == "qwen2",
-            type_vocab_size: get("type_vocab_size").unwrap_or(2),
+            type_vocab_size: match model_type.as_str() {
+                "distilbert" => 0,
+                _ => get("type_vocab_size").unwrap_or(2),
+            },
+            classifier_labels: config
+                .get("architectures")
+                .and_then(|v| v.as_array())
+                .is_some_and(|a| {
+                    a.iter().any(|a| {
+                        a.as_str()
+                            .is_some_and(|a| a.ends_with("ForSequenceClassification"))
+                    })
+                })
+                .then(|| {
+                    config
+                        .get("id2label")
+                        .and_then(|v| v.as_object())
+                        .map(|m| m.len())
+                        .filter(|&n| n > 0)
+                        .or(get("num_labels"))
+                        .unwrap_or(2)
+                }),
             model_type,
         })
     }
@@ -345,39 +369,81 @@ impl ModelShape {
                 }
             }
             Family::Bert => {
-                out.push(t("embeddings.word_embeddings.weight".into(), &[v, h]));
+                // A classifier's checkpoint keeps the encoder under its family's prefix.
+                let distil = self.model_type == "distilbert";
+                let roberta = !distil && self.model_type != "bert";
+                let base = match (self.classifier_labels, distil, roberta) {
+                    (None, _, _) => "",
+                    (Some(_), true, _) => "distilbert.",
+                    (Some(_), _, true) => "roberta.",
+                    (Some(_), _, _) => "bert.",
+                };
+                let dense = |out: &mut Vec<TensorInfo>, name: &str, rows: usize, cols: usize| {
+                    out.push(t(format!("{name}.weight"), &[rows, cols]));
+                    out.push(t(format!("{name}.bias"), &[rows]));
+                };
+                let norm = |out: &mut Vec<TensorInfo>, name: &str| {
+                    out.push(t(format!("{name}.weight"), &[h]));
+                    out.push(t(format!("{name}.bias"), &[h]));
+                };
                 out.push(t(
-                    "embeddings.position_embeddings.weight".into(),
+                    format!("{base}embeddings.word_embeddings.weight"),
+                    &[v, h],
+                ));
+                out.push(t(
+                    format!("{base}embeddings.position_embeddings.weight"),
                     &[self.max_position_embeddings, h],
                 ));
-                out.push(t(
-                    "embeddings.token_type_embeddings.weight".into(),
-                    &[self.type_vocab_size, h],
-                ));
-                out.push(t("embeddings.LayerNorm.weight".into(), &[h]));
-                out.push(t("embeddings.LayerNorm.bias".into(), &[h]));
-                for l in 0..self.layers {
-                    let p = format!("encoder.layer.{l}");
-                    for m in [
-                        "attention.self.query",
-                        "attention.self.key",
-                        "attention.self.value",
-                        "attention.output.dense",
-                    ] {
-                        out.push(t(format!("{p}.{m}.weight"), &[h, h]));
-                        out.push(t(format!("{p}.{m}.bias"), &[h]));
-                    }
-                    for m in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                        out.push(t(format!("{p}.{m}.weight"), &[h]));
-                        out.push(t(format!("{p}.{m}.bias"), &[h]));
-                    }
-                    out.push(t(format!("{p}.intermediate.dense.weight"), &[i, h]));
-                    out.push(t(format!("{p}.intermediate.dense.bias"), &[i]));
-                    out.push(t(format!("{p}.output.dense.weight"), &[h, i]));
-                    out.push(t(format!("{p}.output.dense.bias"), &[h]));
+                if self.type_vocab_size > 0 {
+                    out.push(t(
+                        format!("{base}embeddings.token_type_embeddings.weight"),
+                        &[self.type_vocab_size, h],
+                    ));
                 }
-                out.push(t("pooler.dense.weight".into(), &[h, h]));
-                out.push(t("pooler.dense.bias".into(), &[h]));
+                norm(&mut out, &format!("{base}embeddings.LayerNorm"));
+                for l in 0..self.layers {
+                    if distil {
+                        let p = format!("{base}transformer.layer.{l}");
+                        for m in ["q_lin", "k_lin", "v_lin", "out_lin"] {
+                            dense(&mut out, &format!("{p}.attention.{m}"), h, h);
+                        }
+                        norm(&mut out, &format!("{p}.sa_layer_norm"));
+                        dense(&mut out, &format!("{p}.ffn.lin1"), i, h);
+                        dense(&mut out, &format!("{p}.ffn.lin2"), h, i);
+                        norm(&mut out, &format!("{p}.output_layer_norm"));
+                        continue;
+                    }
+                    let p = format!("{base}encoder.layer.{l}");
+                    for m in ["query", "key", "value"] {
+                        dense(&mut out, &format!("{p}.attention.self.{m}"), h, h);
+                    }
+                    dense(&mut out, &format!("{p}.attention.output.dense"), h, h);
+                    norm(&mut out, &format!("{p}.attention.output.LayerNorm"));
+                    dense(&mut out, &format!("{p}.intermediate.dense"), i, h);
+                    dense(&mut out, &format!("{p}.output.dense"), h, i);
+                    norm(&mut out, &format!("{p}.output.LayerNorm"));
+                }
+                // The pooler: a bare BERT's or RoBERTa's, and BERT's classifier's; the
+                // classifiers' own heads after it.
+                match (self.classifier_labels, distil, roberta) {
+                    (None, false, _) | (Some(_), false, false) => {
+                        dense(&mut out, &format!("{base}pooler.dense"), h, h);
+                    }
+                    _ => {}
+                }
+                if let Some(labels) = self.classifier_labels {
+                    match (distil, roberta) {
+                        (true, _) => {
+                            dense(&mut out, "pre_classifier", h, h);
+                            dense(&mut out, "classifier", labels, h);
+                        }
+                        (_, true) => {
+                            dense(&mut out, "classifier.dense", h, h);
+                            dense(&mut out, "classifier.out_proj", labels, h);
+                        }
+                        _ => dense(&mut out, "classifier", labels, h),
+                    }
+                }
             }
         }
         out
@@ -451,8 +517,20 @@ mod tests {
     /// fused projections, qk-norms, every norm and experts included.
     #[test]
     fn config_alone_lists_the_checkpoints_tensors_of_the_decoder_fixtures() {
+        config_alone_lists_the_fixtures_tensors("decoders", &["config.json", "config.t4.json"], 15);
+    }
+
+    /// The same for the encoder fixtures: BERT's, RoBERTa's, XLM-RoBERTa's and DistilBERT's
+    /// sequence classifiers (prefixes, poolers, heads, DistilBERT's names).
+    #[test]
+    fn config_alone_lists_the_checkpoints_tensors_of_the_encoder_fixtures() {
+        config_alone_lists_the_fixtures_tensors("encoders", &["config.json"], 4);
+    }
+
+    fn config_alone_lists_the_fixtures_tensors(kind: &str, files: &[&str], at_least: usize) {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../handlers/tests/fixtures/decoders");
+            .join("../handlers/tests/fixtures")
+            .join(kind);
         let read = |path: std::path::PathBuf| -> serde_json::Value {
             serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("json")
         };
@@ -461,9 +539,9 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();
         families.sort();
-        assert!(families.len() >= 15, "{families:?}");
+        assert!(families.len() >= at_least, "{families:?}");
         for family in &families {
-            for file in ["config.json", "config.t4.json"] {
+            for file in files {
                 let shape = ModelShape::from_config(&read(fixtures.join(family).join(file)))
                     .expect("shape");
                 let mut ours: Vec<(String, Vec<usize>)> = shape

@@ -282,18 +282,24 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
     } else {
-        // A decoder's parsed spec, or why text_generation would refuse it.
-        let decoder = config.as_ref().filter(|c| {
-            c.get("model_type")
-                .and_then(|t| t.as_str())
-                .is_some_and(|t| {
-                    spillway_handlers::models::decoder::families::served_model_types().contains(&t)
-                })
-        });
-        if let Some(config) = decoder {
-            match spillway_handlers::models::decoder::DecoderSpec::from_config(config) {
-                Ok(spec) => println!("decoder: {}", spec.describe()),
-                Err(e) => println!("decoder: refused: {e}"),
+        // A decoder's or an encoder's parsed spec, or why its handler would refuse it.
+        let model_type = config
+            .as_ref()
+            .and_then(|c| c.get("model_type"))
+            .and_then(|t| t.as_str())
+            .unwrap_or_default();
+        use spillway_handlers::models::{decoder, encoder};
+        if let Some(config) = &config {
+            if decoder::families::served_model_types().contains(&model_type) {
+                match decoder::DecoderSpec::from_config(config) {
+                    Ok(spec) => println!("decoder: {}", spec.describe()),
+                    Err(e) => println!("decoder: refused: {e}"),
+                }
+            } else if encoder::spec::served_model_types().contains(&model_type) {
+                match encoder::EncoderSpec::from_config(config, "plan") {
+                    Ok(spec) => println!("encoder: {}", spec.describe()),
+                    Err(e) => println!("encoder: refused: {e}"),
+                }
             }
         }
         print!("{}", spillway_placement::explain::table(&plan));

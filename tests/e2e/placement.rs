@@ -192,6 +192,41 @@ fn plan_prints_the_decoders_spec_or_its_refusal() {
 }
 
 #[test]
+fn plan_prints_the_encoders_spec_and_plans_distilbert_from_its_config() {
+    let fixtures = repo_root().join("handlers/tests/fixtures/encoders");
+    for (fixture, wants) in [
+        (
+            "distilbert",
+            ["encoder: distilbert encoder", "3 blocks, 32 wide"],
+        ),
+        (
+            "roberta",
+            [
+                "encoder: roberta encoder",
+                "positions from 2 (after padding)",
+            ],
+        ),
+    ] {
+        let config = fixtures.join(fixture).join("config.json");
+        let out = plan(&[config.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{fixture}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().next().unwrap_or_default();
+        for part in wants {
+            assert!(line.contains(part), "{part:?} not in {line:?}");
+        }
+        // DistilBERT's blocks are planned as units under its own names.
+        if fixture == "distilbert" {
+            assert!(text.contains("distilbert.transformer.layer.0..2"), "{text}");
+        }
+    }
+}
+
+#[test]
 fn describe_shows_the_plan_and_gpu_plans_are_refused_on_this_build() {
     let fixture = Fixture::new();
     fixture.tiny_archive("tiny", "1.0", &[]);

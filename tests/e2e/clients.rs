@@ -13,7 +13,7 @@ use crate::support::{Fixture, TestServer, fetch_model, repo_root};
 
 /// Whether `python3` can import `module`; a skip notice (or, where the clients are
 /// required, a failure) when it cannot.
-fn python_has(module: &str, test: &str) -> bool {
+pub(crate) fn python_has(module: &str, test: &str) -> bool {
     let found = Command::new("python3")
         .args(["-c", &format!("import {module}")])
         .output()
@@ -47,7 +47,7 @@ fn serve_minilm_and_smollm2() -> (Fixture, TestServer) {
 
 /// Runs a client script from tests/clients/ with `args`; fails with its output and the
 /// server's log unless it prints `done`.
-fn run_client(server: &TestServer, script: &str, args: &[&std::ffi::OsStr], done: &str) {
+pub(crate) fn run_client(server: &TestServer, script: &str, args: &[&std::ffi::OsStr], done: &str) {
     let output = Command::new("python3")
         .arg(repo_root().join("tests/clients").join(script))
         .args(args)

@@ -6,6 +6,7 @@ mod archives;
 mod clients;
 mod connections;
 mod devices;
+mod encoders;
 mod families;
 mod faults;
 mod generation;

@@ -5,6 +5,8 @@
 //!   API (register, describe, scale, unregister, set-default).
 //! - [`openai`]: the OpenAI-compatible API (inference address).
 //! - [`kserve`]: KServe's Open Inference Protocol v2 (inference address).
+//! - [`rerank`]: `/rerank` (text-embeddings-inference's) and `/v1/rerank` (vLLM's,
+//!   Jina's, Cohere's) over a cross-encoder (inference address).
 //! - [`openapi`]: each API's description (`OPTIONS /`), as TorchServe answers it.
 //! - [`dispatch`]: one request's way to its model, shared by every protocol.
 //! - [`metrics`]: Prometheus text.
@@ -25,6 +27,7 @@ pub mod kserve;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod rerank;
 pub mod status_page;
 pub mod torchserve;
 
@@ -46,6 +49,7 @@ pub fn inference_router(state: AppState) -> Router {
     let limit = state.config().max_request_size;
     let json_protocols = openai::router(state.clone())
         .merge(kserve::router(state.clone()))
+        .merge(rerank::router(state.clone()))
         .route_layer(middleware::from_fn(error::json_bodies_only));
     let mut routes = torchserve::inference::predictions(state.clone())
         .merge(json_protocols)

@@ -4,7 +4,9 @@
 //!
 //! - Text handlers: `{"inputs": "text"}`, `{"inputs": ["a", "b"]}` (also under `data`
 //!   or `body`, as TorchServe's default handlers read them), a bare JSON string or array
-//!   of strings, or a text/plain body.
+//!   of strings, or a text/plain body. A classifier also takes text pairs (a
+//!   cross-encoder's query and passage): `{"inputs": [["q", "p"], ...]}` or
+//!   transformers' pipeline's `{"inputs": {"text": "q", "text_pair": "p"}}`.
 //! - `text_generation`: TGI's `{"inputs": "prompt", "parameters": {...}}`, or a
 //!   text/plain prompt; answered `{"generated_text": "..."}`, with `details` when asked.
 //! - `echo`: the body as it came.
@@ -32,9 +34,16 @@ pub fn request(kind: HandlerKind, body: RawBody) -> Result<Prediction> {
         stream: false,
     };
     match kind {
-        HandlerKind::TextEmbedding | HandlerKind::TextClassification => {
-            texts(&body).map(|texts| whole(Request::Texts(texts)))
-        }
+        HandlerKind::TextEmbedding => match texts(&body)? {
+            TextInputs::Texts(texts) => Ok(whole(Request::Texts(texts))),
+            TextInputs::Pairs(_) => Err(bad(
+                "text_embedding embeds texts one by one; text pairs are for a classifier or reranker",
+            )),
+        },
+        HandlerKind::TextClassification => Ok(whole(match texts(&body)? {
+            TextInputs::Texts(texts) => Request::Texts(texts),
+            TextInputs::Pairs(pairs) => Request::Pairs(pairs),
+        })),
         HandlerKind::TextGeneration => generate(&body).map(|(request, stream)| Prediction {
             request: Request::Generate(request),
             stream,
@@ -134,46 +143,101 @@ fn json_of(body: &RawBody) -> Result<Option<Value>> {
         .flatten())
 }
 
-/// The texts of a text handler's request body.
-fn texts(body: &RawBody) -> Result<Vec<String>> {
-    let texts = match json_of(body)? {
+/// The inputs of a text handler's request body: texts, or (text, text pair) inputs for
+/// a classifier.
+fn texts(body: &RawBody) -> Result<TextInputs> {
+    let inputs = match json_of(body)? {
         Some(value) => texts_from_json(value)?,
-        None => vec![
+        None => TextInputs::Texts(vec![
             String::from_utf8(body.bytes.clone())
                 .map_err(|_| bad("the request body is not valid UTF-8 text"))?,
-        ],
+        ]),
     };
-    if texts.is_empty() || (texts.len() == 1 && texts[0].trim().is_empty()) {
-        return Err(bad("the request has no input text"));
+    match &inputs {
+        TextInputs::Texts(texts)
+            if texts.is_empty() || (texts.len() == 1 && texts[0].trim().is_empty()) =>
+        {
+            Err(bad("the request has no input text"))
+        }
+        TextInputs::Pairs(pairs) if pairs.is_empty() => Err(bad("the request has no input text")),
+        _ => Ok(inputs),
     }
-    Ok(texts)
 }
 
-fn texts_from_json(value: Value) -> Result<Vec<String>> {
+/// A text handler's inputs.
+#[derive(Debug, PartialEq)]
+enum TextInputs {
+    Texts(Vec<String>),
+    /// `[["query", "passage"], ...]` or `{"text": ..., "text_pair": ...}` items.
+    Pairs(Vec<(String, String)>),
+}
+
+/// One item of `inputs`: a text, or a pair as a two-string array or as transformers'
+/// pipeline's `{"text", "text_pair"}`.
+fn input_item(item: Value) -> Result<std::result::Result<String, (String, String)>> {
+    let string = |v: Option<Value>, what: &str| match v {
+        Some(Value::String(s)) => Ok(s),
+        other => Err(bad(format!(
+            "{what} must be a string, found {}",
+            other.as_ref().map_or("nothing", json_kind)
+        ))),
+    };
+    match item {
+        Value::String(s) => Ok(Ok(s)),
+        Value::Array(pair) if pair.len() == 2 => {
+            let mut pair = pair.into_iter();
+            Ok(Err((
+                string(pair.next(), "a pair's first text")?,
+                string(pair.next(), "a pair's second text")?,
+            )))
+        }
+        Value::Object(mut map) if map.contains_key("text") => {
+            let text = string(map.remove("text"), "\"text\"")?;
+            let pair = string(map.remove("text_pair"), "\"text_pair\"")?;
+            if let Some(extra) = map.keys().next() {
+                return Err(bad(format!("unknown field {extra:?} next to \"text\"")));
+            }
+            Ok(Err((text, pair)))
+        }
+        other => Err(bad(format!(
+            "\"inputs\" must hold strings, [text, text_pair] arrays or {{\"text\", \"text_pair\"}} objects, found {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn texts_from_json(value: Value) -> Result<TextInputs> {
     let inputs = match value {
-        Value::Object(mut map) => map
+        Value::Object(mut map) if !map.contains_key("text") => map
             .remove("inputs")
             .or_else(|| map.remove("data"))
             .or_else(|| map.remove("body"))
             .ok_or_else(|| bad("expected a JSON object with an \"inputs\" field"))?,
         other => other,
     };
-    match inputs {
-        Value::String(s) => Ok(vec![s]),
-        Value::Array(items) => items
-            .into_iter()
-            .map(|item| match item {
-                Value::String(s) => Ok(s),
-                other => Err(bad(format!(
-                    "\"inputs\" must hold strings, found {}",
-                    json_kind(&other)
-                ))),
-            })
-            .collect(),
-        other => Err(bad(format!(
-            "\"inputs\" must be a string or an array of strings, found {}",
-            json_kind(&other)
-        ))),
+    let items = match inputs {
+        Value::Array(items) => items,
+        item @ (Value::String(_) | Value::Object(_)) => vec![item],
+        other => {
+            return Err(bad(format!(
+                "\"inputs\" must be a string or an array of strings, found {}",
+                json_kind(&other)
+            )));
+        }
+    };
+    let (mut texts, mut pairs) = (Vec::new(), Vec::new());
+    for item in items {
+        match input_item(item)? {
+            Ok(text) => texts.push(text),
+            Err(pair) => pairs.push(pair),
+        }
+    }
+    match (texts.is_empty(), pairs.is_empty()) {
+        (_, true) => Ok(TextInputs::Texts(texts)),
+        (true, false) => Ok(TextInputs::Pairs(pairs)),
+        (false, false) => Err(bad(
+            "\"inputs\" mixes texts and text pairs: send one kind per request",
+        )),
     }
 }
 
@@ -249,7 +313,9 @@ fn generate(body: &RawBody) -> Result<(GenerateRequest, bool)> {
             parameters: parsed.parameters.map(Into::into).unwrap_or_default(),
         }
     } else {
-        let mut texts = texts(body)?;
+        let TextInputs::Texts(mut texts) = texts(body)? else {
+            return Err(bad("a generation request takes one prompt, not text pairs"));
+        };
         GenerateRequest {
             prompt: texts.remove(0),
             parameters: GenerateParameters::default(),
@@ -266,6 +332,55 @@ mod tests {
     use super::*;
     use crate::error::ErrorKind;
 
+    fn texts_of(body: &RawBody) -> Result<Vec<String>> {
+        match texts(body)? {
+            TextInputs::Texts(texts) => Ok(texts),
+            TextInputs::Pairs(pairs) => panic!("texts expected, got pairs {pairs:?}"),
+        }
+    }
+
+    #[test]
+    fn a_classifier_takes_text_pairs_in_both_shapes() {
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        let pairs = |s: &str| match request(HandlerKind::TextClassification, json_body(s)) {
+            Ok(Prediction {
+                request: Request::Pairs(pairs),
+                ..
+            }) => Ok(pairs),
+            Ok(other) => panic!("{s}: {other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(
+            pairs(r#"{"inputs": [["q", "p1"], ["q", "p2"]]}"#),
+            Ok(vec![pair("q", "p1"), pair("q", "p2")])
+        );
+        assert_eq!(
+            pairs(r#"{"inputs": {"text": "q", "text_pair": "p"}}"#),
+            Ok(vec![pair("q", "p")])
+        );
+        assert_eq!(
+            pairs(r#"[{"text": "a", "text_pair": "b"}, {"text": "c", "text_pair": "d"}]"#),
+            Ok(vec![pair("a", "b"), pair("c", "d")])
+        );
+        for bad in [
+            r#"{"inputs": ["a", ["q", "p"]]}"#,
+            r#"{"inputs": [["q", 1]]}"#,
+            r#"{"inputs": [["q", "p", "r"]]}"#,
+            r#"{"inputs": {"text": "q"}}"#,
+            r#"{"inputs": {"text": "q", "text_pair": "p", "x": 1}}"#,
+        ] {
+            assert_eq!(pairs(bad), Err(ErrorKind::BadRequest), "{bad}");
+        }
+        let embedding = request(
+            HandlerKind::TextEmbedding,
+            json_body(r#"{"inputs": [["q", "p"]]}"#),
+        );
+        assert_eq!(
+            embedding.map(|_| ()).map_err(|e| e.kind()),
+            Err(ErrorKind::BadRequest)
+        );
+    }
+
     fn json_body(s: &str) -> RawBody {
         RawBody {
             content_type: Some("application/json".into()),
@@ -275,7 +390,7 @@ mod tests {
 
     #[test]
     fn decodes_the_accepted_text_shapes() {
-        let one = |s: &str| texts(&json_body(s)).ok();
+        let one = |s: &str| texts_of(&json_body(s)).ok();
         assert_eq!(one(r#"{"inputs": "hi"}"#), Some(vec!["hi".to_string()]));
         assert_eq!(
             one(r#"{"inputs": ["a", "b"]}"#),
@@ -287,14 +402,14 @@ mod tests {
             content_type: Some("text/plain".into()),
             bytes: b"{not json".to_vec(),
         };
-        assert_eq!(texts(&plain).ok(), Some(vec!["{not json".to_string()]));
+        assert_eq!(texts_of(&plain).ok(), Some(vec!["{not json".to_string()]));
         // Undeclared, or curl's -d default: JSON when it parses as JSON, else text.
         for content_type in [None, Some("application/x-www-form-urlencoded".to_string())] {
             let body = |bytes: &str| RawBody {
                 content_type: content_type.clone(),
                 bytes: bytes.as_bytes().to_vec(),
             };
-            let got = |bytes: &str| texts(&body(bytes)).map_err(|e| e.kind());
+            let got = |bytes: &str| texts_of(&body(bytes)).map_err(|e| e.kind());
             assert_eq!(
                 got(r#"{"inputs": ["hello world"]}"#),
                 Ok(vec!["hello world".to_string()])

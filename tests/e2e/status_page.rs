@@ -162,6 +162,10 @@ fn headless_chromium_shows_every_model_its_units_and_the_devices() {
         std::path::PathBuf::from,
     );
     let _ = std::fs::remove_file(&screenshot);
+    // target/ is absent where CARGO_TARGET_DIR builds elsewhere.
+    if let Some(folder) = screenshot.parent() {
+        std::fs::create_dir_all(folder).unwrap();
+    }
     headless(
         browser,
         &url,

@@ -67,6 +67,18 @@ FIXTURES = {
                    dict(vocab_size=128, dim=32, n_layers=3, n_heads=4, hidden_dim=64,
                         max_position_embeddings=64, activation="gelu", pad_token_id=0),
                    (2, 3, 0), False),
+    # Pre-norm blocks with RoPE (global layers at one base, local ones at another and
+    # within a window of 2 each side, shorter than the inputs), a GeGLU MLP, no biases,
+    # a final norm; the classifier pools the mean and has a dense + GELU + norm head.
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification",
+                   dict(vocab_size=128, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=3, num_attention_heads=4,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                        eos_token_id=3, cls_token_id=2, sep_token_id=3,
+                        global_attn_every_n_layers=3, local_attention=4,
+                        global_rope_theta=160000.0, local_rope_theta=10000.0,
+                        classifier_pooling="mean"),
+                   (2, 3, 0), False),
 }
 
 
@@ -94,7 +106,7 @@ def recipe(name: str):
 
 def main():
     for name, (config_class, model_class, keys, specials, double_sep) in FIXTURES.items():
-        merged = dict(COMMON) if config_class != "DistilBertConfig" else {}
+        merged = dict(COMMON) if config_class not in ("DistilBertConfig", "ModernBertConfig") else {}
         merged.update(keys)
         if merged.get("num_labels") != 1:
             merged.update(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})

@@ -47,6 +47,18 @@ pub struct ModelShape {
     /// The classifier's labels, for an encoder saved with a sequence classification head
     /// (`architectures` `*ForSequenceClassification`); `None` for a bare encoder.
     pub classifier_labels: Option<usize>,
+    /// Which of ModernBERT's layers carry biases (its `norm_bias`, `attention_bias`,
+    /// `mlp_bias`, `classifier_bias`; all off by default). BERT's all do.
+    pub biases: Biases,
+}
+
+/// Which layers of an encoder carry biases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Biases {
+    pub norm: bool,
+    pub attention: bool,
+    pub mlp: bool,
+    pub classifier: bool,
 }
 
 /// Run-time memory of one device's share of the model.
@@ -87,7 +99,9 @@ impl ModelShape {
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "smollm2" | "granite"
             | "olmo2" | "phi3" | "gemma" | "gemma2" | "gemma3_text" | "mixtral" | "qwen3_moe"
             | "gpt_neox" | "bloom" | "gpt2" => Family::Llama,
-            "bert" | "roberta" | "xlm-roberta" | "camembert" | "distilbert" => Family::Bert,
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "distilbert" | "modernbert" => {
+                Family::Bert
+            }
             other => {
                 return Err(format!(
                     "model_type `{other}` is not a family this server plans (llama, mistral, qwen2, qwen3, granite, olmo2, phi3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe, gpt_neox, bloom, gpt2, bert)"
@@ -157,6 +171,17 @@ impl ModelShape {
             type_vocab_size: match model_type.as_str() {
                 "distilbert" => 0,
                 _ => get("type_vocab_size").unwrap_or(2),
+            },
+            biases: {
+                let flag = |key: &str| config.get(key).and_then(|v| v.as_bool());
+                let modern = model_type == "modernbert";
+                let bias = |key: &str| flag(key).unwrap_or(!modern);
+                Biases {
+                    norm: bias("norm_bias"),
+                    attention: bias("attention_bias"),
+                    mlp: bias("mlp_bias"),
+                    classifier: bias("classifier_bias"),
+                }
             },
             classifier_labels: config
                 .get("architectures")
@@ -368,6 +393,43 @@ impl ModelShape {
                     out.push(t("lm_head.weight".into(), &[v, h]));
                 }
             }
+            Family::Bert if self.model_type == "modernbert" => {
+                let base = if self.classifier_labels.is_some() {
+                    "model."
+                } else {
+                    ""
+                };
+                let b = self.biases;
+                let layer =
+                    |out: &mut Vec<TensorInfo>, name: String, shape: &[usize], bias: bool| {
+                        out.push(t(format!("{name}.weight"), shape));
+                        if bias {
+                            out.push(t(format!("{name}.bias"), &shape[..1]));
+                        }
+                    };
+                out.push(t(
+                    format!("{base}embeddings.tok_embeddings.weight"),
+                    &[v, h],
+                ));
+                layer(&mut out, format!("{base}embeddings.norm"), &[h], b.norm);
+                for l in 0..self.layers {
+                    let p = format!("{base}layers.{l}");
+                    if l > 0 {
+                        layer(&mut out, format!("{p}.attn_norm"), &[h], b.norm);
+                    }
+                    layer(&mut out, format!("{p}.attn.Wqkv"), &[3 * h, h], b.attention);
+                    layer(&mut out, format!("{p}.attn.Wo"), &[h, h], b.attention);
+                    layer(&mut out, format!("{p}.mlp_norm"), &[h], b.norm);
+                    layer(&mut out, format!("{p}.mlp.Wi"), &[2 * i, h], b.mlp);
+                    layer(&mut out, format!("{p}.mlp.Wo"), &[h, i], b.mlp);
+                }
+                layer(&mut out, format!("{base}final_norm"), &[h], b.norm);
+                if let Some(labels) = self.classifier_labels {
+                    layer(&mut out, "head.dense".into(), &[h, h], b.classifier);
+                    layer(&mut out, "head.norm".into(), &[h], b.norm);
+                    layer(&mut out, "classifier".into(), &[labels, h], true);
+                }
+            }
             Family::Bert => {
                 // A classifier's checkpoint keeps the encoder under its family's prefix.
                 let distil = self.model_type == "distilbert";
@@ -520,11 +582,12 @@ mod tests {
         config_alone_lists_the_fixtures_tensors("decoders", &["config.json", "config.t4.json"], 15);
     }
 
-    /// The same for the encoder fixtures: BERT's, RoBERTa's, XLM-RoBERTa's and DistilBERT's
-    /// sequence classifiers (prefixes, poolers, heads, DistilBERT's names).
+    /// The same for the encoder fixtures: BERT's, RoBERTa's, XLM-RoBERTa's, DistilBERT's and
+    /// ModernBERT's sequence classifiers (prefixes, poolers, heads, DistilBERT's and
+    /// ModernBERT's names, ModernBERT's missing biases).
     #[test]
     fn config_alone_lists_the_checkpoints_tensors_of_the_encoder_fixtures() {
-        config_alone_lists_the_fixtures_tensors("encoders", &["config.json"], 4);
+        config_alone_lists_the_fixtures_tensors("encoders", &["config.json"], 5);
     }
 
     fn config_alone_lists_the_fixtures_tensors(kind: &str, files: &[&str], at_least: usize) {

@@ -18,7 +18,7 @@ use spillway_handlers::{Handler, LoadOptions, Output, Request};
 
 use crate::support::{Fixture, TestServer, embeddings, json, repo_root};
 
-const CLASSIFIERS: [&str; 3] = ["bert", "roberta", "distilbert"];
+const CLASSIFIERS: [&str; 4] = ["bert", "roberta", "distilbert", "modernbert"];
 const RERANKER: &str = "xlm_roberta_reranker";
 const QUERY: &str = "the quick brown fox";
 const PASSAGES: [&str; 3] = [

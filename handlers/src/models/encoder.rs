@@ -6,7 +6,8 @@
 //! the family's tensor-name map, so a device-mapped encoder computes what the
 //! single-device model computes. Blocks that run in f32 on the CPU use
 //! [`FusedBertBlock`] instead: the same math in fewer, fused passes (the tests hold
-//! both to transformers' outputs).
+//! both to transformers' outputs). ModernBERT's units are its embeddings (tokens and a
+//! norm), its [`ModernBertBlock`]s and its final norm.
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
@@ -17,10 +18,13 @@ pub use crate::weights::layer_stack::UnitPlacement;
 use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
 use fused_block::FusedBertBlock;
+use modern_block::{ModernBertBlock, ModernPass};
+use spec::Graph;
 
 #[cfg(test)]
 pub(crate) mod fixture_tests;
 pub mod fused_block;
+pub mod modern_block;
 pub mod spec;
 
 /// Word, position and token-type embeddings, summed and normalised.
@@ -29,6 +33,29 @@ pub struct EncoderEmbeddings {
     positions: Embedding,
     types: Option<Embedding>,
     norm: LayerNorm,
+}
+
+/// ModernBERT's embeddings: tokens, normalised (positions are RoPE, in the blocks).
+pub struct ModernEmbeddings {
+    tokens: Embedding,
+    norm: LayerNorm,
+}
+
+impl ModernEmbeddings {
+    fn load(vb: VarBuilder, spec: &EncoderSpec) -> candle_core::Result<Self> {
+        let modern = spec
+            .modern
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("not a ModernBERT".into()))?;
+        Ok(Self {
+            tokens: candle_nn::embedding(
+                spec.vocab_size,
+                spec.hidden_size,
+                vb.pp("tok_embeddings"),
+            )?,
+            norm: modern_block::norm(vb.pp("norm"), spec, modern)?,
+        })
+    }
 }
 
 impl EncoderEmbeddings {
@@ -67,6 +94,10 @@ pub enum EncoderUnit {
     Embeddings(Box<EncoderEmbeddings>),
     Block(BertEncoder),
     FusedBlock(Box<FusedBertBlock>),
+    ModernEmbeddings(Box<ModernEmbeddings>),
+    ModernBlock(Box<ModernBertBlock>),
+    /// ModernBERT's norm after the last block.
+    FinalNorm(LayerNorm),
 }
 
 impl StackModule for EncoderUnit {
@@ -84,11 +115,14 @@ pub struct EncoderInputs {
     pub type_ids: Tensor,
     pub positions: Tensor,
     pub mask: Tensor,
+    /// ModernBERT's RoPE tables and masks, made by [`MappedEncoder::forward`].
+    pub modern: Option<ModernPass>,
 }
 
 /// An encoder laid out by a plan.
 pub struct MappedEncoder {
     stack: LayerStack<EncoderUnit>,
+    spec: EncoderSpec,
 }
 
 impl MappedEncoder {
@@ -99,6 +133,7 @@ impl MappedEncoder {
             .chain(
                 (0..spec.num_hidden_layers).map(|i| format!("{prefix}{}.{i}", spec.family.blocks)),
             )
+            .chain((spec.family.graph == Graph::ModernBert).then(|| format!("{prefix}final_norm")))
             .collect()
     }
 
@@ -116,8 +151,13 @@ impl MappedEncoder {
         let build_embeddings = {
             let (source, spec, root) = (source.clone(), spec.clone(), embeddings_name.clone());
             move |device: &Device, _: Residence| {
-                EncoderEmbeddings::load(source.var_builder(dtype, device).pp(&root), &spec)
-                    .map(|e| EncoderUnit::Embeddings(Box::new(e)))
+                let vb = source.var_builder(dtype, device).pp(&root);
+                match spec.family.graph {
+                    Graph::Bert => EncoderEmbeddings::load(vb, &spec)
+                        .map(|e| EncoderUnit::Embeddings(Box::new(e))),
+                    Graph::ModernBert => ModernEmbeddings::load(vb, &spec)
+                        .map(|e| EncoderUnit::ModernEmbeddings(Box::new(e))),
+                }
             }
         };
         stack.push_planned(
@@ -134,6 +174,11 @@ impl MappedEncoder {
                 let (source, config, spec) = (source.clone(), block_config.clone(), spec.clone());
                 let block = name.clone();
                 move |device: &Device, _: Residence| {
+                    if spec.family.graph == Graph::ModernBert {
+                        let vb = source.var_builder(dtype, device).pp(&block);
+                        return ModernBertBlock::load(vb, &spec, i)
+                            .map(|b| EncoderUnit::ModernBlock(Box::new(b)));
+                    }
                     // The graph asks for BERT's names of block 0; the family's map and
                     // the block's index say where the checkpoint keeps them.
                     let (block, family) = (block.clone(), spec.family);
@@ -155,7 +200,21 @@ impl MappedEncoder {
             };
             stack.push_planned(&name, place(&name)?, source, build)?;
         }
-        Ok(Self { stack })
+        if let Some(modern) = spec.modern.clone() {
+            let name = format!("{prefix}final_norm");
+            let build = {
+                let (source, spec, root) = (source.clone(), spec.clone(), name.clone());
+                move |device: &Device, _: Residence| {
+                    let vb = source.var_builder(dtype, device).pp(&root);
+                    modern_block::norm(vb, &spec, &modern).map(EncoderUnit::FinalNorm)
+                }
+            };
+            stack.push_planned(&name, place(&name)?, source, build)?;
+        }
+        Ok(Self {
+            stack,
+            spec: spec.clone(),
+        })
     }
 
     /// Its units, for metrics and the device manager.
@@ -178,7 +237,12 @@ impl MappedEncoder {
             .into_iter()
             .map(|m| m != 0.0)
             .collect();
-        let flow = Flow::new(inputs.clone());
+        let mut inputs = inputs.clone();
+        if let Some(modern) = &self.spec.modern {
+            let rows = inputs.mask.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+            inputs.modern = Some(ModernPass::new(&self.spec, modern, &rows, &Device::Cpu)?);
+        }
+        let flow = Flow::new(inputs);
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
             flow.hidden = Some(match unit {
                 EncoderUnit::Embeddings(embeddings) => embeddings.forward(&flow.inputs)?,
@@ -188,6 +252,16 @@ impl MappedEncoder {
                     encoder.forward(hidden, &mask)?
                 }
                 EncoderUnit::FusedBlock(block) => block.forward(flow.hidden()?, &keep)?,
+                EncoderUnit::ModernEmbeddings(embeddings) => embeddings
+                    .norm
+                    .forward(&embeddings.tokens.forward(&flow.inputs.ids)?)?,
+                EncoderUnit::ModernBlock(block) => {
+                    let pass = flow.inputs.modern.as_ref().ok_or_else(|| {
+                        candle_core::Error::Msg("a ModernBERT pass without its tables".into())
+                    })?;
+                    block.forward(flow.hidden()?, pass)?
+                }
+                EncoderUnit::FinalNorm(norm) => norm.forward(flow.hidden()?)?,
             });
             Ok(flow)
         })?;
@@ -220,6 +294,7 @@ impl EncoderInputs {
             type_ids: flat(type_ids)?,
             positions: flat(&positions)?,
             mask: flat(mask)?,
+            modern: None,
         })
     }
 }
@@ -231,6 +306,11 @@ impl Activations for EncoderInputs {
             type_ids: self.type_ids.to_device(device)?,
             positions: self.positions.to_device(device)?,
             mask: self.mask.to_device(device)?,
+            modern: self
+                .modern
+                .as_ref()
+                .map(|pass| pass.to_device(device))
+                .transpose()?,
         })
     }
 }

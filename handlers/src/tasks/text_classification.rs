@@ -13,14 +13,18 @@ use candle_nn::Linear;
 use tokenizers::Encoding;
 
 use crate::error::CandleContext;
+use crate::models::encoder::EncoderSpec;
 use crate::models::encoder::MappedEncoder;
-use crate::models::encoder::spec::ClassifierHead;
+use crate::models::encoder::modern_block::activate;
+use crate::models::encoder::spec::HeadActivation;
 use crate::tasks::encoder_text::EncoderText;
 use crate::weights::WeightsWatch;
 use crate::{
     Classification, Handler, HandlerError, HandlerInfo, HandlerKind, Input, LoadOptions,
     ModelFiles, Output, Request,
 };
+use candle_nn::LayerNorm;
+use candle_transformers::models::bert::HiddenAct;
 
 /// How logits become scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,49 +49,96 @@ impl Scoring {
 /// A family's classifier head, loaded.
 struct Head {
     dense: Linear,
-    relu: bool,
+    activation: HiddenAct,
+    /// tanh instead of `activation` (BERT's pooler, RoBERTa's head).
+    tanh: bool,
+    norm: Option<LayerNorm>,
     out: Linear,
+    /// Pool the mean of the tokens instead of taking the first (ModernBERT's
+    /// `classifier_pooling: mean`).
+    mean: bool,
 }
 
 impl Head {
     fn load(
         weights: &crate::WeightSource,
-        spec: &ClassifierHead,
-        base_prefix: &str,
-        hidden: usize,
+        spec: &EncoderSpec,
         labels: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self, HandlerError> {
+        let head = &spec.family.head;
         let vb = weights.var_builder(dtype, device);
-        let dense_name = if spec.dense_in_base {
-            format!("{base_prefix}{}", spec.dense)
+        let dense_name = if head.dense_in_base {
+            format!(
+                "{}{}",
+                spec.prefix_in(|t| weights.info(t).is_some()),
+                head.dense
+            )
         } else {
-            spec.dense.to_string()
+            head.dense.to_string()
         };
-        let dense = candle_nn::linear(hidden, hidden, vb.pp(&dense_name)).context(|| {
+        // ModernBERT's head has a bias only where `classifier_bias` says so.
+        let bias = spec.modern.as_ref().is_none_or(|m| m.classifier_bias);
+        let h = spec.hidden_size;
+        let dense = candle_nn::linear_b(h, h, bias, vb.pp(&dense_name)).context(|| {
             format!("cannot load the classifier head's `{dense_name}` (a *ForSequenceClassification checkpoint has it)")
         })?;
-        let out = candle_nn::linear(hidden, labels, vb.pp(spec.out)).context(|| {
+        let norm = match (head.norm, &spec.modern) {
+            (Some(name), Some(modern)) => Some(
+                crate::models::encoder::modern_block::norm(vb.pp(name), spec, modern)
+                    .context(|| format!("cannot load the classifier head's `{name}`"))?,
+            ),
+            _ => None,
+        };
+        let out = candle_nn::linear(h, labels, vb.pp(head.out)).context(|| {
             format!(
                 "cannot load the classifier `{}` for {labels} labels",
-                spec.out
+                head.out
             )
         })?;
+        let (activation, tanh) = match head.activation {
+            HeadActivation::Tanh => (HiddenAct::Gelu, true),
+            HeadActivation::Relu => (HiddenAct::Relu, false),
+            HeadActivation::FromConfig => (
+                spec.modern
+                    .as_ref()
+                    .map_or(HiddenAct::Gelu, |m| m.classifier_activation),
+                false,
+            ),
+        };
         Ok(Self {
             dense,
-            relu: spec.relu,
+            activation,
+            tanh,
+            norm,
             out,
+            mean: spec.modern.as_ref().is_some_and(|m| m.classifier_mean),
         })
     }
 
-    /// `[batch, hidden]` first-token states → `[batch, labels]` logits.
-    fn forward(&self, first: &Tensor) -> candle_core::Result<Tensor> {
-        let dense = self.dense.forward(first)?;
-        let dense = if self.relu {
-            dense.relu()?
+    /// `[batch, tokens, hidden]` last hidden states (and the 0/1 mask) → `[batch,
+    /// labels]` logits.
+    fn forward(&self, hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let pooled = if self.mean {
+            let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+            hidden
+                .broadcast_mul(&mask)?
+                .sum(1)?
+                .broadcast_div(&mask.sum(1)?)?
         } else {
+            // Contiguous: MKL's matmul refuses a strided left-hand side (the portable gemm takes it).
+            hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?
+        };
+        let dense = self.dense.forward(&pooled)?;
+        let dense = if self.tanh {
             dense.tanh()?
+        } else {
+            activate(&dense, self.activation)?
+        };
+        let dense = match &self.norm {
+            Some(norm) => norm.forward(&dense)?,
+            None => dense,
         };
         self.out.forward(&dense)
     }
@@ -145,16 +196,7 @@ impl TextClassification {
         let dtype = options.dtype.unwrap_or(DType::F32);
         let device = options.device.clone();
         let spec = &text.spec;
-        let prefix = spec.prefix_in(|t| weights.info(t).is_some());
-        let head = Head::load(
-            &weights,
-            &spec.family.head,
-            &prefix,
-            spec.hidden_size,
-            labels.len(),
-            dtype,
-            &device,
-        )?;
+        let head = Head::load(&weights, spec, labels.len(), dtype, &device)?;
         let parameters = weights.parameters();
         let model = MappedEncoder::load(&weights, spec, dtype, |unit| options.placement_of(unit))?;
         if let Some(changed) = weights.changed() {
@@ -177,11 +219,9 @@ impl TextClassification {
     pub fn logits(&self, encodings: &[&Encoding]) -> Result<Vec<Vec<f32>>, HandlerError> {
         let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
             let inputs = self.text.inputs(encodings, &self.device)?;
-            let hidden = self.model.forward(&inputs)?;
-            // Contiguous: MKL's matmul refuses a strided left-hand side (the portable gemm takes it).
-            let first = hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+            let hidden = self.model.forward(&inputs)?.to_device(&self.device)?;
             self.head
-                .forward(&first.to_device(&self.device)?)?
+                .forward(&hidden, &inputs.mask)?
                 .to_dtype(DType::F32)?
                 .to_vec2()
         };

@@ -105,7 +105,8 @@ pub fn manifest_for(
 }
 
 /// The handler a model's `architectures` imply: causal LMs generate, sequence
-/// classifiers classify, sentence-transformers folders (and plain BERT encoders) embed.
+/// classifiers classify, sentence-transformers folders (and bare encoders of the encoder
+/// families) embed.
 fn implied_handler(folder: &std::path::Path) -> Option<HandlerKind> {
     if folder.join("modules.json").is_file() {
         return Some(HandlerKind::TextEmbedding);
@@ -124,7 +125,17 @@ fn implied_handler(folder: &std::path::Path) -> Option<HandlerKind> {
         .any(|a| a.ends_with("ForSequenceClassification"))
     {
         Some(HandlerKind::TextClassification)
-    } else if architectures.contains(&"BertModel") {
+    } else if architectures.iter().any(|a| {
+        matches!(
+            *a,
+            "BertModel"
+                | "RobertaModel"
+                | "XLMRobertaModel"
+                | "CamembertModel"
+                | "DistilBertModel"
+                | "ModernBertModel"
+        )
+    }) {
         Some(HandlerKind::TextEmbedding)
     } else {
         None

@@ -20,7 +20,13 @@ pub(crate) fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders")
 }
 
-pub(crate) const FIXTURES: [&str; 4] = ["bert", "roberta", "xlm_roberta_reranker", "distilbert"];
+pub(crate) const FIXTURES: [&str; 5] = [
+    "bert",
+    "roberta",
+    "xlm_roberta_reranker",
+    "distilbert",
+    "modernbert",
+];
 
 pub(crate) struct Reference {
     pub(crate) ids: Vec<Vec<u32>>,
@@ -106,7 +112,9 @@ fn every_encoder_family_matches_transformers_hidden_states_at_every_placement() 
             EncoderInputs::from_rows(&spec, &want.ids, &want.type_ids, &want.mask, &Device::Cpu)
                 .expect("inputs");
         let units = MappedEncoder::unit_names(&source, &spec);
-        assert_eq!(units.len(), spec.num_hidden_layers + 1, "{name}: {units:?}");
+        // The embeddings, the blocks, and ModernBERT's final norm.
+        let all = spec.num_hidden_layers + 1 + usize::from(spec.modern.is_some());
+        assert_eq!(units.len(), all, "{name}: {units:?}");
         for placement in PLACEMENTS {
             let model = MappedEncoder::load(&source, &spec, DType::F32, |unit| {
                 Ok(placement.of(unit, spec.family.blocks))
@@ -116,7 +124,7 @@ fn every_encoder_family_matches_transformers_hidden_states_at_every_placement() 
             let expected_streamed = match placement {
                 Placement::Resident => 0,
                 Placement::LaterBlocksOnDisk => spec.num_hidden_layers - 1,
-                Placement::AllOnDisk => spec.num_hidden_layers + 1,
+                Placement::AllOnDisk => all,
             };
             assert_eq!(streamed, expected_streamed, "{name} {placement:?}");
             let hidden = model.forward(&inputs).expect("forward");
@@ -186,4 +194,33 @@ fn robertas_position_numbering_matters_to_its_fixture() {
         .expect("forward");
     let diff = largest_difference(&got, &want.hidden);
     assert!(diff > 1e-2, "positions from 0 differ by only {diff}");
+}
+
+/// ModernBERT's fixture holds its local attention: with every layer global, its answer
+/// is far from transformers'.
+#[test]
+fn modernberts_local_windows_matter_to_its_fixture() {
+    let dir = fixtures().join("modernbert");
+    let work = tempfile::tempdir().expect("tempdir");
+    let path = write_weights(&dir, work.path()).expect("weights");
+    let source = WeightSource::open(&path).expect("source");
+    let mut spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
+    if let Some(modern) = spec.modern.as_mut() {
+        modern.local.iter_mut().for_each(|l| *l = false);
+    }
+    let want = reference(&dir);
+    let model = MappedEncoder::load(&source, &spec, DType::F32, |_| {
+        Ok(UnitPlacement::Resident(Device::Cpu))
+    })
+    .expect("model");
+    let inputs =
+        EncoderInputs::from_rows(&spec, &want.ids, &want.type_ids, &want.mask, &Device::Cpu)
+            .expect("inputs");
+    let got: Vec<f32> = model
+        .forward(&inputs)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("forward");
+    let diff = largest_difference(&got, &want.hidden);
+    assert!(diff > 1e-2, "all-global attention differs by only {diff}");
 }

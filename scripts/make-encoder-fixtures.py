@@ -11,7 +11,8 @@ For each fixture below this writes handlers/tests/fixtures/encoders/<name>/:
                   model.safetensors bit for bit
   reference.json  a padded batch of two inputs (ids, token types, attention mask; the
                   second row a pair), the encoder's last hidden states for it (eager
-                  attention, f32) and the classifier's logits
+                  attention, f32) and the classifier's logits (per token for the
+                  token classifiers, `token_logits`)
 
 Regenerate (needs torch, numpy and transformers >= 5; not needed by the tests):
   python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch numpy 'transformers>=5' safetensors
@@ -79,7 +80,19 @@ FIXTURES = {
                         global_rope_theta=160000.0, local_rope_theta=10000.0,
                         classifier_pooling="mean"),
                    (2, 3, 0), False),
+    # Token classifiers (NER): BERT's classifier on every token, and ModernBERT's head
+    # before it.
+    "bert_ner": ("BertConfig", "BertForTokenClassification",
+                 dict(type_vocab_size=2, pad_token_id=0), (2, 3, 0), False),
+    "modernbert_ner": ("ModernBertConfig", "ModernBertForTokenClassification",
+                       dict(vocab_size=128, hidden_size=32, intermediate_size=48,
+                            num_hidden_layers=3, num_attention_heads=4,
+                            max_position_embeddings=64, pad_token_id=0, bos_token_id=2,
+                            eos_token_id=3, cls_token_id=2, sep_token_id=3,
+                            global_attn_every_n_layers=3, local_attention=4),
+                       (2, 3, 0), False),
 }
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
 
 
 def inputs(cls: int, sep: int, pad: int, double_sep: bool):
@@ -108,8 +121,9 @@ def main():
     for name, (config_class, model_class, keys, specials, double_sep) in FIXTURES.items():
         merged = dict(COMMON) if config_class not in ("DistilBertConfig", "ModernBertConfig") else {}
         merged.update(keys)
+        labels = NER_LABELS if name.endswith("_ner") else LABELS
         if merged.get("num_labels") != 1:
-            merged.update(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
+            merged.update(id2label=labels, label2id={v: k for k, v in labels.items()})
         config = getattr(transformers, config_class)(**merged)
         model_type = getattr(transformers, model_class)
         out = OUT / name
@@ -152,7 +166,10 @@ def main():
             "mask": mask,
             "hidden": [round(float(x), 6) for x in hidden.flatten()],
             "hidden_shape": list(hidden.shape),
-            "logits": [[round(float(x), 6) for x in row] for row in logits],
+            "logits": [[round(float(x), 6) for x in row] for row in logits]
+            if logits.dim() == 2 else [],
+            "token_logits": [[[round(float(x), 6) for x in token] for token in row]
+                             for row in logits] if logits.dim() == 3 else [],
         }
         (out / "reference.json").write_text(json.dumps(reference) + "\n")
         size = sum(f.stat().st_size for f in out.iterdir())

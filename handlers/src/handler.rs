@@ -119,6 +119,8 @@ pub enum Output {
     Embeddings(Vec<Vec<f32>>),
     /// The best label per input text.
     Classifications(Vec<Classification>),
+    /// The entities found in each input text.
+    Entities(Vec<Vec<Entity>>),
     /// A finished generation.
     Generation(Generation),
     /// Bytes to send back as they are.
@@ -134,20 +136,34 @@ pub struct Classification {
     pub logit: f32,
 }
 
+/// A run of tokens labelled as one entity, as transformers' token-classification
+/// pipeline with `aggregation_strategy="simple"` reports it: the label without its
+/// `B-`/`I-` prefix, the tokens' mean probability, their text, and its character span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entity {
+    pub entity_group: String,
+    pub score: f32,
+    pub word: String,
+    pub start: usize,
+    pub end: usize,
+}
+
 /// The built-in handlers, by the name used in archives (`--handler text_embedding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HandlerKind {
     TextEmbedding,
     TextClassification,
+    TokenClassification,
     TextGeneration,
     Echo,
 }
 
 impl HandlerKind {
-    pub const ALL: [HandlerKind; 4] = [
+    pub const ALL: [HandlerKind; 5] = [
         HandlerKind::TextEmbedding,
         HandlerKind::TextClassification,
+        HandlerKind::TokenClassification,
         HandlerKind::TextGeneration,
         HandlerKind::Echo,
     ];
@@ -157,6 +173,7 @@ impl HandlerKind {
             HandlerKind::TextEmbedding => "text_embedding",
             HandlerKind::TextGeneration => "text_generation",
             HandlerKind::TextClassification => "text_classification",
+            HandlerKind::TokenClassification => "token_classification",
             HandlerKind::Echo => "echo",
         }
     }

@@ -41,8 +41,8 @@ pub use generate::{
     MAX_TOP_LOGPROBS, TokenLogprob, TokenLogprobs,
 };
 pub use handler::{
-    Classification, Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions, Output,
-    PromptInput, RawBody, Request, StepBatch, candle_dtype,
+    Classification, Entity, Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions,
+    Output, PromptInput, RawBody, Request, StepBatch, candle_dtype,
 };
 pub use tasks::load;
 pub use weights::files::ModelFiles;

@@ -47,6 +47,9 @@ pub struct ModelShape {
     /// The classifier's labels, for an encoder saved with a sequence classification head
     /// (`architectures` `*ForSequenceClassification`); `None` for a bare encoder.
     pub classifier_labels: Option<usize>,
+    /// The classifier labels every token (`*ForTokenClassification`): no pooler, and
+    /// BERT's, RoBERTa's and DistilBERT's heads are the `classifier` alone.
+    pub token_classifier: bool,
     /// Which of ModernBERT's layers carry biases (its `norm_bias`, `attention_bias`,
     /// `mlp_bias`, `classifier_bias`; all off by default). BERT's all do.
     pub biases: Biases,
@@ -68,6 +71,17 @@ pub struct Reserve {
     pub activations: u64,
     /// KV cache of one block.
     pub kv_per_block: u64,
+}
+
+/// Whether config.json's `architectures` has one ending in `suffix`.
+fn architecture_ends(config: &serde_json::Value, suffix: &str) -> bool {
+    config
+        .get("architectures")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| {
+            a.iter()
+                .any(|a| a.as_str().is_some_and(|a| a.ends_with(suffix)))
+        })
 }
 
 impl ModelShape {
@@ -183,24 +197,18 @@ impl ModelShape {
                     classifier: bias("classifier_bias"),
                 }
             },
-            classifier_labels: config
-                .get("architectures")
-                .and_then(|v| v.as_array())
-                .is_some_and(|a| {
-                    a.iter().any(|a| {
-                        a.as_str()
-                            .is_some_and(|a| a.ends_with("ForSequenceClassification"))
-                    })
-                })
-                .then(|| {
-                    config
-                        .get("id2label")
-                        .and_then(|v| v.as_object())
-                        .map(|m| m.len())
-                        .filter(|&n| n > 0)
-                        .or(get("num_labels"))
-                        .unwrap_or(2)
-                }),
+            token_classifier: architecture_ends(config, "ForTokenClassification"),
+            classifier_labels: (architecture_ends(config, "ForSequenceClassification")
+                || architecture_ends(config, "ForTokenClassification"))
+            .then(|| {
+                config
+                    .get("id2label")
+                    .and_then(|v| v.as_object())
+                    .map(|m| m.len())
+                    .filter(|&n| n > 0)
+                    .or(get("num_labels"))
+                    .unwrap_or(2)
+            }),
             model_type,
         })
     }
@@ -488,13 +496,15 @@ impl ModelShape {
                 // The pooler: a bare BERT's or RoBERTa's, and BERT's classifier's; the
                 // classifiers' own heads after it.
                 match (self.classifier_labels, distil, roberta) {
-                    (None, false, _) | (Some(_), false, false) => {
+                    (None, false, _) => dense(&mut out, &format!("{base}pooler.dense"), h, h),
+                    (Some(_), false, false) if !self.token_classifier => {
                         dense(&mut out, &format!("{base}pooler.dense"), h, h);
                     }
                     _ => {}
                 }
                 if let Some(labels) = self.classifier_labels {
                     match (distil, roberta) {
+                        _ if self.token_classifier => dense(&mut out, "classifier", labels, h),
                         (true, _) => {
                             dense(&mut out, "pre_classifier", h, h);
                             dense(&mut out, "classifier", labels, h);
@@ -587,7 +597,7 @@ mod tests {
     /// ModernBERT's names, ModernBERT's missing biases).
     #[test]
     fn config_alone_lists_the_checkpoints_tensors_of_the_encoder_fixtures() {
-        config_alone_lists_the_fixtures_tensors("encoders", &["config.json"], 5);
+        config_alone_lists_the_fixtures_tensors("encoders", &["config.json"], 7);
     }
 
     fn config_alone_lists_the_fixtures_tensors(kind: &str, files: &[&str], at_least: usize) {

@@ -239,15 +239,10 @@ pub fn prediction_body(data: &[u8]) {
         3 => Some("application/octet-stream"),
         _ => Some("application/x-www-form-urlencoded"),
     };
-    let kinds = [
-        HandlerKind::TextEmbedding,
-        HandlerKind::TextClassification,
-        HandlerKind::TextGeneration,
-        HandlerKind::Echo,
-    ];
+    let kinds = HandlerKind::ALL;
     let pick = usize::from(*pick);
-    let result = match pick % 10 {
-        n @ 0..4 => crate::http::torchserve::predictions::request(
+    let result = match pick % 13 {
+        n @ 0..5 => crate::http::torchserve::predictions::request(
             kinds[n],
             RawBody {
                 content_type: content_type.map(str::to_string),
@@ -255,15 +250,15 @@ pub fn prediction_body(data: &[u8]) {
             },
         )
         .map(drop),
-        4 => crate::http::openai::decode("/v1/completions", body).map(drop),
-        5 => crate::http::openai::decode("/v1/chat/completions", body).map(drop),
-        6 => crate::http::openai::decode("/v1/embeddings", body).map(drop),
+        5 => crate::http::openai::decode("/v1/completions", body).map(drop),
+        6 => crate::http::openai::decode("/v1/chat/completions", body).map(drop),
+        7 => crate::http::openai::decode("/v1/embeddings", body).map(drop),
         n => {
             // KServe: with a binary part after the JSON (its header says where the JSON
             // ends) when the input has a zero byte, which marks that place and is dropped.
             let mut headers = HeaderMap::new();
             let mut joined = body.to_vec();
-            if pick / 10 % 2 == 1
+            if pick / 13 % 2 == 1
                 && let Some(json_length) = body.iter().position(|&b| b == 0)
             {
                 joined.remove(json_length);
@@ -272,7 +267,7 @@ pub fn prediction_body(data: &[u8]) {
                     HeaderValue::from(json_length),
                 );
             }
-            crate::http::kserve::decode(kinds[n - 7], &headers, &joined).map(drop)
+            crate::http::kserve::decode(kinds[n - 8], &headers, &joined).map(drop)
         }
     };
     if let Err(e) = result {

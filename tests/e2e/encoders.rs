@@ -11,6 +11,7 @@ use std::path::Path;
 
 use spillway_handlers::tasks::text_classification::TextClassification;
 use spillway_handlers::tasks::text_embedding::TextEmbedding;
+use spillway_handlers::tasks::token_classification::TokenClassification;
 use spillway_handlers::testing::decoder_fixtures::write_weights;
 use spillway_handlers::testing::write_tokenizer;
 use spillway_handlers::weights::files::FolderFiles;
@@ -246,4 +247,74 @@ fn every_encoder_family_embeds_classifies_and_reranks_through_the_server() {
             "done",
         );
     }
+}
+
+/// The token classifiers (BERT's and ModernBERT's) answer each text's entities through
+/// /predictions and KServe v2, as the handler groups them in process.
+#[test]
+fn token_classifiers_answer_entities_through_the_server() {
+    let fixture = Fixture::new();
+    let texts = vec![
+        "hello world from the rust model server".to_string(),
+        "the quick brown fox".to_string(),
+    ];
+    let mut expected = Vec::new();
+    for name in ["bert_ner", "modernbert_ner"] {
+        let folder = fixture.dir.path().join(name);
+        model_folder(name, &folder);
+        let handler =
+            TokenClassification::load(&FolderFiles::new(&folder), &LoadOptions::default()).unwrap();
+        let Output::Entities(entities) = in_process(&handler, Request::Texts(texts.clone())) else {
+            panic!("{name}: entities expected")
+        };
+        assert!(
+            entities.iter().any(|e| !e.is_empty()),
+            "{name}: no entity found"
+        );
+        fixture.archive(name, "1.0", "token_classification", Some(&folder), &[]);
+        expected.push((name, entities));
+    }
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let http = reqwest::blocking::Client::new();
+    for (name, entities) in &expected {
+        let got = json(
+            server.predict(name, &serde_json::json!({"inputs": texts}).to_string()),
+            200,
+        );
+        let kserve = json(
+            http.post(format!("{}/v2/models/{name}/infer", server.inference))
+                .json(
+                    &serde_json::json!({"inputs": [{"name": "text", "shape": [2],
+                    "datatype": "BYTES", "data": texts}]}),
+                )
+                .send()
+                .unwrap(),
+            200,
+        );
+        for (i, want) in entities.iter().enumerate() {
+            let via_kserve: serde_json::Value =
+                serde_json::from_str(kserve["outputs"][0]["data"][i].as_str().unwrap()).unwrap();
+            for answer in [&got[i], &via_kserve] {
+                let answer = answer.as_array().unwrap();
+                assert_eq!(answer.len(), want.len(), "{name} text {i}: {answer:?}");
+                for (a, w) in answer.iter().zip(want) {
+                    assert_eq!(a["entity_group"], w.entity_group.as_str());
+                    assert_eq!(a["word"], w.word.as_str());
+                    assert_eq!(
+                        (a["start"].as_u64(), a["end"].as_u64()),
+                        (Some(w.start as u64), Some(w.end as u64))
+                    );
+                    assert!(close(a["score"].as_f64().unwrap(), f64::from(w.score)));
+                    // The span is the word's text (a group opening on a subword keeps its
+                    // `##`, as transformers' decoder leaves it).
+                    let span = &texts[i][w.start..w.end];
+                    assert_eq!(span, w.word.trim_start_matches("##"), "{name}");
+                }
+            }
+        }
+    }
+    // Pairs are for classifiers.
+    let pairs = server.predict("bert_ner", r#"{"inputs": [["a", "b"]]}"#);
+    assert_eq!(pairs.status().as_u16(), 400);
 }

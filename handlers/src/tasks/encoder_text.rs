@@ -22,6 +22,9 @@ pub struct EncoderText {
     pub config_json: serde_json::Value,
     tokenizer: Tokenizer,
     pub max_tokens: usize,
+    /// Encodings carry character offsets (as transformers' pipelines report spans),
+    /// not byte offsets.
+    pub char_offsets: bool,
 }
 
 impl EncoderText {
@@ -58,6 +61,7 @@ impl EncoderText {
             config_json,
             tokenizer,
             max_tokens,
+            char_offsets: false,
         })
     }
 
@@ -77,15 +81,28 @@ impl EncoderText {
         inputs
             .into_iter()
             .map(|input| {
-                self.tokenizer
-                    .encode(input, true)
-                    .map_err(|source| HandlerError::Tokenizer {
-                        context: "cannot tokenize an input text".into(),
-                        source,
-                    })
+                match self.char_offsets {
+                    true => self.tokenizer.encode_char_offsets(input, true),
+                    false => self.tokenizer.encode(input, true),
+                }
+                .map_err(|source| HandlerError::Tokenizer {
+                    context: "cannot tokenize an input text".into(),
+                    source,
+                })
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Input::Texts)
+    }
+
+    /// The text of `ids`, as the tokenizer's decoder joins them (subword prefixes and
+    /// byte-level marks undone).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, HandlerError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|source| HandlerError::Tokenizer {
+                context: "cannot decode tokens".into(),
+                source,
+            })
     }
 
     /// Encodings of texts the client tokenized: the ids as given (truncated at the

@@ -1,7 +1,10 @@
 //! The built-in handlers, one per task, and [`load`], which builds one by kind.
 //!
 //! - [`text_embedding`]: BERT sentence embeddings with sentence-transformers pooling.
-//! - [`text_classification`]: `BertForSequenceClassification`, labels from `id2label`.
+//! - [`text_classification`]: `*ForSequenceClassification` of the encoder families,
+//!   labels from `id2label`; text pairs for cross-encoders.
+//! - [`token_classification`]: `*ForTokenClassification`, entities as transformers'
+//!   pipeline groups them.
 //! - [`text_generation`]: Llama-family generation (greedy or seeded sampling, stop
 //!   sequences) behind a token iterator.
 //! - [`encoder_text`]: tokenization and batching shared by the encoder text handlers.
@@ -12,6 +15,7 @@ pub mod encoder_text;
 pub mod text_classification;
 pub mod text_embedding;
 pub mod text_generation;
+pub mod token_classification;
 
 use std::sync::Arc;
 
@@ -31,6 +35,9 @@ pub fn load(
         HandlerKind::TextClassification => Arc::new(text_classification::TextClassification::load(
             files, options,
         )?),
+        HandlerKind::TokenClassification => Arc::new(
+            token_classification::TokenClassification::load(files, options)?,
+        ),
         HandlerKind::TextGeneration => {
             Arc::new(text_generation::TextGeneration::load(files, options)?)
         }

@@ -158,7 +158,7 @@ pub struct TextClassification {
 }
 
 /// Label names in index order, from `id2label` (else `num_labels` as LABEL_i).
-fn labels(config: &serde_json::Value) -> Result<Vec<String>, HandlerError> {
+pub(crate) fn labels(config: &serde_json::Value) -> Result<Vec<String>, HandlerError> {
     if let Some(map) = config.get("id2label").and_then(|v| v.as_object()) {
         let mut pairs: Vec<(usize, String)> = map
             .iter()

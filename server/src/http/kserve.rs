@@ -99,12 +99,20 @@ async fn v1_predict(
             return Err(bad("instances is empty"));
         }
         let predictions: Vec<Value> = match dispatch.model.spec.handler {
-            HandlerKind::TextEmbedding | HandlerKind::TextClassification => {
+            HandlerKind::TextEmbedding
+            | HandlerKind::TextClassification
+            | HandlerKind::TokenClassification => {
                 match dispatch.run(&state, Request::Texts(texts)).await?.output {
                     Output::Embeddings(vectors) => vectors.into_iter().map(|v| json!(v)).collect(),
                     Output::Classifications(classes) => classes
                         .into_iter()
                         .map(|c| json!({"label": c.label, "score": c.score}))
+                        .collect(),
+                    Output::Entities(per_text) => per_text
+                        .iter()
+                        .map(|entities| {
+                            crate::http::torchserve::predictions::entities_json(entities)
+                        })
                         .collect(),
                     _ => {
                         return Err(Error::Internal(
@@ -215,6 +223,11 @@ fn signature(kind: HandlerKind) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
         HandlerKind::TextClassification => (
             vec![("text", "BYTES", vec![-1])],
             vec![("label", "BYTES", vec![-1]), ("score", "FP32", vec![-1])],
+        ),
+        // Each text's entities as one JSON string.
+        HandlerKind::TokenClassification => (
+            vec![("text", "BYTES", vec![-1])],
+            vec![("entities", "BYTES", vec![-1])],
         ),
         HandlerKind::TextGeneration => (
             vec![("text_input", "BYTES", vec![1])],
@@ -513,7 +526,9 @@ fn handler_request(kind: HandlerKind, request: &InferRequest, binary: &[u8]) -> 
         return Err(bad(format!("input {} is empty", tensor.name)));
     }
     match kind {
-        HandlerKind::TextEmbedding | HandlerKind::TextClassification => Ok(Request::Texts(strings)),
+        HandlerKind::TextEmbedding
+        | HandlerKind::TextClassification
+        | HandlerKind::TokenClassification => Ok(Request::Texts(strings)),
         HandlerKind::TextGeneration => {
             let [prompt] = <[String; 1]>::try_from(strings)
                 .map_err(|s| bad(format!("text_input takes one prompt, got {}", s.len())))?;
@@ -629,6 +644,19 @@ fn output_tensors(output: Output) -> Result<Vec<OutputTensor>> {
                 data: TensorData::Floats(classes.iter().map(|c| c.score).collect()),
             },
         ],
+        Output::Entities(per_text) => vec![OutputTensor {
+            name: "entities",
+            datatype: "BYTES",
+            shape: vec![per_text.len()],
+            data: TensorData::Strings(
+                per_text
+                    .iter()
+                    .map(|entities| {
+                        crate::http::torchserve::predictions::entities_json(entities).to_string()
+                    })
+                    .collect(),
+            ),
+        }],
         Output::Generation(generation) => vec![OutputTensor {
             name: "text_output",
             datatype: "BYTES",

@@ -125,6 +125,11 @@ fn implied_handler(folder: &std::path::Path) -> Option<HandlerKind> {
         .any(|a| a.ends_with("ForSequenceClassification"))
     {
         Some(HandlerKind::TextClassification)
+    } else if architectures
+        .iter()
+        .any(|a| a.ends_with("ForTokenClassification"))
+    {
+        Some(HandlerKind::TokenClassification)
     } else if architectures.iter().any(|a| {
         matches!(
             *a,

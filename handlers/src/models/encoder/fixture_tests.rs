@@ -35,6 +35,8 @@ pub(crate) struct Reference {
     pub(crate) hidden: Vec<f32>,
     pub(crate) hidden_shape: Vec<usize>,
     pub(crate) logits: Vec<Vec<f32>>,
+    /// A token classifier's logits, `[row][token][label]`.
+    pub(crate) token_logits: Vec<Vec<Vec<f32>>>,
 }
 
 pub(crate) fn reference(dir: &Path) -> Reference {
@@ -49,6 +51,7 @@ pub(crate) fn reference(dir: &Path) -> Reference {
         hidden: serde_json::from_value(field("hidden")).expect("hidden"),
         hidden_shape: serde_json::from_value(field("hidden_shape")).expect("shape"),
         logits: serde_json::from_value(field("logits")).expect("logits"),
+        token_logits: serde_json::from_value(field("token_logits")).expect("token_logits"),
     }
 }
 

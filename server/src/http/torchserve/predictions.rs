@@ -7,6 +7,7 @@
 //!   of strings, or a text/plain body. A classifier also takes text pairs (a
 //!   cross-encoder's query and passage): `{"inputs": [["q", "p"], ...]}` or
 //!   transformers' pipeline's `{"inputs": {"text": "q", "text_pair": "p"}}`.
+//! - `token_classification`: texts as above; answered with each text's entities.
 //! - `text_generation`: TGI's `{"inputs": "prompt", "parameters": {...}}`, or a
 //!   text/plain prompt; answered `{"generated_text": "..."}`, with `details` when asked.
 //! - `echo`: the body as it came.
@@ -38,6 +39,12 @@ pub fn request(kind: HandlerKind, body: RawBody) -> Result<Prediction> {
             TextInputs::Texts(texts) => Ok(whole(Request::Texts(texts))),
             TextInputs::Pairs(_) => Err(bad(
                 "text_embedding embeds texts one by one; text pairs are for a classifier or reranker",
+            )),
+        },
+        HandlerKind::TokenClassification => match texts(&body)? {
+            TextInputs::Texts(texts) => Ok(whole(Request::Texts(texts))),
+            TextInputs::Pairs(_) => Err(bad(
+                "token_classification labels the tokens of texts, not of text pairs",
             )),
         },
         HandlerKind::TextClassification => Ok(whole(match texts(&body)? {
@@ -86,6 +93,12 @@ pub fn answer(output: Output) -> Result<(String, Vec<u8>)> {
                 .map(|c| json!({"label": c.label, "score": c.score}))
                 .collect(),
         )),
+        Output::Entities(per_text) => json(Value::Array(
+            per_text
+                .iter()
+                .map(|entities| entities_json(entities))
+                .collect(),
+        )),
         Output::Generation(generation) => json(generation_json(generation)),
         Output::Raw(body) => Ok((
             body.content_type
@@ -93,6 +106,20 @@ pub fn answer(output: Output) -> Result<(String, Vec<u8>)> {
             body.bytes,
         )),
     }
+}
+
+/// One text's entities as transformers' pipeline prints them: `[{"entity_group",
+/// "score", "word", "start", "end"}]`.
+pub fn entities_json(entities: &[spillway_handlers::Entity]) -> Value {
+    Value::Array(
+        entities
+            .iter()
+            .map(|e| {
+                json!({"entity_group": e.entity_group, "score": e.score, "word": e.word,
+                       "start": e.start, "end": e.end})
+            })
+            .collect(),
+    )
 }
 
 fn generation_json(generation: Generation) -> Value {

@@ -1,6 +1,30 @@
 """What the benchmarks share: `spillway serve` as a child process on its three ports, the
 kernel's page cache, and a process's memory figures."""
-import json, os, subprocess, time, urllib.error, urllib.request
+import json, os, subprocess, sys, time, urllib.error, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The Python peers' venv (torch, transformers, onnxruntime from PyPI), shared by the
+# benchmarks that run them.
+VENV = os.environ.get("SPILLWAY_BENCH_VENV",
+                      os.path.join(os.path.expanduser("~"), ".cache/spillway/bench-venv"))
+
+
+def sh(cmd, env=None):
+    """A command's stdout, run from the repository root; fails on a non-zero exit."""
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
+                          env=env).stdout.strip()
+
+
+def venv_python(packages):
+    """The bench venv's python, made once, with `packages` (import names = PyPI names)
+    installed where missing."""
+    py = os.path.join(VENV, "bin/python")
+    if not os.path.exists(py):
+        print(f"making {VENV} ({', '.join(packages)} from PyPI; minutes, once)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    if subprocess.run([py, "-c", "import " + ", ".join(packages)], capture_output=True).returncode:
+        subprocess.run([py, "-m", "pip", "install", "--quiet", *packages], check=True)
+    return py
 
 
 def drop_caches():

@@ -15,25 +15,9 @@ Usage: bench/cpu-vs-torch.py [--rounds 3] [--threads 2] [--portable]
 """
 import argparse, json, os, re, statistics, subprocess, sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.environ.get("SPILLWAY_BENCH_VENV",
-                      os.path.join(os.path.expanduser("~"), ".cache/spillway/bench-venv"))
+from common import ROOT, sh, venv_python
+
 BATCHES = [1, 8, 32]
-
-
-def sh(cmd, env=None):
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
-                          env=env).stdout.strip()
-
-
-def venv_python():
-    py = os.path.join(VENV, "bin/python")
-    if not os.path.exists(py):
-        print(f"making {VENV} (torch + transformers from PyPI; a few minutes once)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    if subprocess.run([py, "-c", "import torch, transformers"], capture_output=True).returncode:
-        subprocess.run([py, "-m", "pip", "install", "--quiet", "torch", "transformers"], check=True)
-    return py
 
 
 def build(target_dir, mkl):
@@ -75,7 +59,7 @@ def main():
 
     minilm = sh(["scripts/fetch-model.sh", "minilm"])
     gguf = os.path.join(sh(["scripts/fetch-model.sh", "smollm2"]), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    py = venv_python()
+    py = venv_python(["torch", "transformers"])
     variants = {"candle+mkl": build(os.path.join(ROOT, "target"), mkl=True)}
     if a.portable:
         variants["candle"] = build(os.path.join(ROOT, "target/portable"), mkl=False)

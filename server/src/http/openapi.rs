@@ -80,6 +80,18 @@ const INFERENCE: &[Endpoint] = &[
         "OpenAI: a chat completion (streams with stream: true).",
         &[],
     ),
+    endpoint(
+        "post",
+        "/rerank",
+        "text-embeddings-inference's rerank: passages scored by a cross-encoder.",
+        &[],
+    ),
+    endpoint(
+        "post",
+        "/v1/rerank",
+        "Rerank as vLLM's, Jina's and Cohere's clients send it.",
+        &[],
+    ),
     endpoint("get", "/v2", "KServe v2: server metadata.", &[]),
     endpoint("get", "/v2/health/live", "KServe v2: liveness.", &[]),
     endpoint("get", "/v2/health/ready", "KServe v2: readiness.", &[]),
@@ -262,6 +274,7 @@ mod tests {
         let post = &inference["paths"]["/predictions/{model_name}"]["post"];
         assert_eq!(post["parameters"][0]["in"], "path");
         assert!(inference["paths"]["/v1/chat/completions"]["post"].is_object());
+        assert!(inference["paths"]["/v1/rerank"]["post"].is_object());
         assert!(inference["paths"].get("/models").is_none());
         let management = description(Api::Management);
         let register = &management["paths"]["/models"]["post"]["parameters"];

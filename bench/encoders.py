@@ -11,7 +11,8 @@ pick (fastembed, Optimum), on all-MiniLM-L6-v2, in one invocation (issue 31).
 Each engine embeds the same sentence (embed_timing's) repeated at batch 1, 8 and 32,
 mean-pooled and normalised as the model's sentence-transformers files say; rounds take
 turns so the machine's drift reaches all alike, and the table gives medians and
-Spillway ÷ ONNX Runtime ratios (below 1.0 Spillway is faster). Quality: the cosine of
+Spillway ÷ ONNX Runtime ratios (below 1.0 Spillway is faster), and writes them to
+BENCHMARKS.md's section "Encoders against ONNX Runtime" (unless --no-write). Quality: the cosine of
 each engine's embeddings of ../shared/refs/minilm_dev_refs.json's sentences to the
 references (sentence-transformers, float32).
 
@@ -23,7 +24,7 @@ Usage: bench/encoders.py [--rounds 3] [--threads 2] [--dtype bf16] [--skip-build
 """
 import argparse, json, os, re, statistics, subprocess, sys
 
-from common import ROOT, sh, venv_python
+from common import ROOT, sh, venv_python, write_section
 
 BATCHES = [1, 8, 32]
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
@@ -146,6 +147,8 @@ def main():
     ap.add_argument("--dtype", help="also time Spillway in this dtype (bf16, f16)")
     ap.add_argument("--skip-build", action="store_true",
                     help="use target/release/examples/embed_timing as it is")
+    ap.add_argument("--no-write", action="store_true",
+                    help="print only; do not write BENCHMARKS.md's section")
     a = ap.parse_args()
 
     minilm = sh(["scripts/fetch-model.sh", "minilm"])
@@ -174,19 +177,26 @@ def main():
               for name, runs in engines.items()}
     cpu = sh(["bash", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"]).strip()
     amx = "amx_bf16" in open("/proc/cpuinfo").read()
-    print(f"\nMiniLM (all-MiniLM-L6-v2), {a.threads} threads, medians of {a.rounds} rounds × "
-          f"{a.runs} runs; {cpu}{', AMX' if amx else ', no AMX'}; onnxruntime {ort['onnxruntime']}\n")
-    print("| engine | " + " | ".join(f"batch {b} ms" for b in BATCHES) + " | min cosine to refs |")
-    print("|---|" + "---|" * (len(BATCHES) + 1))
+    lines = [f"MiniLM (all-MiniLM-L6-v2), {a.threads} threads, medians of {a.rounds} rounds × "
+             f"{a.runs} runs; {cpu}{', AMX' if amx else ', no AMX'}; onnxruntime {ort['onnxruntime']}.",
+             "Command: `bench/encoders.py " + " ".join(sys.argv[1:]) + "` ("
+             + sh(["date", "+%Y-%m-%d"]) + "). Cosine: the smallest over the reference "
+             "sentences to sentence-transformers' float32 embeddings.", "",
+             "| engine | " + " | ".join(f"batch {b} ms" for b in BATCHES) + " | min cosine to refs |",
+             "|---|" + "---|" * (len(BATCHES) + 1)]
     for name, ms in median.items():
         cos = cosines.get(name)
         cos = "–" if cos is None else f"{cos:.4f}"
-        print(f"| {name} | " + " | ".join(f"{ms[b]:.2f}" for b in BATCHES) + f" | {cos} |")
-    print()
+        lines.append(f"| {name} | " + " | ".join(f"{ms[b]:.2f}" for b in BATCHES) + f" | {cos} |")
+    lines.append("")
     for ours in [n for n in median if n.startswith("spillway")]:
         for peer in ("ort_f32", "ort_int8"):
             ratios = ", ".join(f"batch {b} {median[ours][b] / median[peer][b]:.2f}×" for b in BATCHES)
-            print(f"{ours} ÷ {peer}: {ratios}")
+            lines.append(f"- {ours} ÷ {peer}: {ratios}")
+    table = "\n".join(lines)
+    print("\n" + table)
+    if not a.no_write:
+        write_section("Encoders against ONNX Runtime", table)
 
 
 if __name__ == "__main__":

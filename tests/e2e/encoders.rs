@@ -46,6 +46,21 @@ fn in_process(handler: &dyn Handler, request: Request) -> Output {
     handler.run(&[input]).unwrap().remove(0).unwrap()
 }
 
+/// KServe v2's answer to `texts` as the BYTES tensor `text`.
+fn kserve_texts(server: &TestServer, model: &str, texts: &[String]) -> serde_json::Value {
+    json(
+        reqwest::blocking::Client::new()
+            .post(format!("{}/v2/models/{model}/infer", server.inference))
+            .json(
+                &serde_json::json!({"inputs": [{"name": "text", "shape": [texts.len()],
+                "datatype": "BYTES", "data": texts}]}),
+            )
+            .send()
+            .unwrap(),
+        200,
+    )
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-5 * b.abs().max(1.0)
 }
@@ -117,16 +132,7 @@ fn every_encoder_family_embeds_classifies_and_reranks_through_the_server() {
             .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
             .collect();
         assert_eq!(&got, vectors, "{name}: /v1/embeddings");
-        let kserve = json(
-            http.post(format!("{}/v2/models/{emb}/infer", server.inference))
-                .json(
-                    &serde_json::json!({"inputs": [{"name": "text", "shape": [2],
-                    "datatype": "BYTES", "data": texts}]}),
-                )
-                .send()
-                .unwrap(),
-            200,
-        );
+        let kserve = kserve_texts(&server, &emb, &texts);
         let flat: Vec<f32> = serde_json::from_value(kserve["outputs"][0]["data"].clone()).unwrap();
         assert_eq!(flat, vectors.concat(), "{name}: KServe v2");
 
@@ -276,22 +282,12 @@ fn token_classifiers_answer_entities_through_the_server() {
     }
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
-    let http = reqwest::blocking::Client::new();
     for (name, entities) in &expected {
         let got = json(
             server.predict(name, &serde_json::json!({"inputs": texts}).to_string()),
             200,
         );
-        let kserve = json(
-            http.post(format!("{}/v2/models/{name}/infer", server.inference))
-                .json(
-                    &serde_json::json!({"inputs": [{"name": "text", "shape": [2],
-                    "datatype": "BYTES", "data": texts}]}),
-                )
-                .send()
-                .unwrap(),
-            200,
-        );
+        let kserve = kserve_texts(&server, name, &texts);
         for (i, want) in entities.iter().enumerate() {
             let via_kserve: serde_json::Value =
                 serde_json::from_str(kserve["outputs"][0]["data"][i].as_str().unwrap()).unwrap();

@@ -5,12 +5,21 @@
 //! encodings into tensors (with config.json's `pad_token_id`: the id RoBERTa's positions
 //! skip).
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::models::encoder::{EncoderInputs, EncoderSpec};
+use crate::models::encoder::{EncoderInputs, EncoderSpec, MappedEncoder};
 
-use crate::{HandlerError, Input, ModelFiles, Output, Request};
+use crate::{HandlerError, HandlerInfo, HandlerKind, Input, ModelFiles, Output, Request};
+
+/// The torch spelling of a candle device ("cpu", "cuda:0").
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("mps:{gpu_id}"),
+    }
+}
 
 /// Texts per forward pass: bounds activation memory whatever the batch size.
 const MAX_TEXTS_PER_FORWARD: usize = 64;
@@ -172,6 +181,27 @@ impl EncoderText {
                 request.map(|texts| answer(results.by_ref().take(texts.len()).collect()))
             })
             .collect())
+    }
+
+    /// What describe says about an encoder handler of kind `handler`.
+    pub fn info(
+        &self,
+        handler: HandlerKind,
+        model: &MappedEncoder,
+        dtype: DType,
+        device: &Device,
+        parameters: usize,
+    ) -> HandlerInfo {
+        HandlerInfo {
+            handler,
+            architecture: Some(self.spec.family.name.into()),
+            dtype: Some(format!("{dtype:?}").to_lowercase()),
+            device: device_name(device),
+            max_input_tokens: Some(self.max_tokens),
+            streamed_units: Some(model.streamed_units()),
+            parameters: Some(parameters),
+            weights: None,
+        }
     }
 
     /// The batch's inputs, each `[batch, longest]`, padded on the right; positions as the

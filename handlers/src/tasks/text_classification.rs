@@ -286,16 +286,13 @@ impl Handler for TextClassification {
     }
 
     fn info(&self) -> HandlerInfo {
-        HandlerInfo {
-            handler: HandlerKind::TextClassification,
-            architecture: Some(self.text.spec.family.name.into()),
-            dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
-            device: "cpu".into(),
-            max_input_tokens: Some(self.text.max_tokens),
-            streamed_units: Some(self.model.streamed_units()),
-            parameters: Some(self.parameters),
-            weights: None,
-        }
+        self.text.info(
+            HandlerKind::TextClassification,
+            &self.model,
+            self.dtype,
+            &self.device,
+            self.parameters,
+        )
     }
 }
 
@@ -315,45 +312,33 @@ mod tests {
     }
 
     /// Each family's head (BERT's pooler, RoBERTa's dense + out_proj, DistilBERT's
-    /// pre_classifier + ReLU, a one-logit cross-encoder) against transformers' logits,
-    /// with the encoder resident, partly and wholly on disk.
+    /// pre_classifier + ReLU, ModernBERT's pooling and head, a one-logit cross-encoder)
+    /// against transformers' logits, with the encoder resident, partly and wholly on disk.
     #[test]
     fn every_encoder_familys_classifier_head_matches_transformers_logits() {
         use crate::models::encoder::fixture_tests::{
-            FIXTURES, PLACEMENTS, TOLERANCE, config, encodings, fixtures, largest_difference,
-            reference,
+            FIXTURES, FixtureModel, PLACEMENTS, TOLERANCE, encodings, largest_difference,
         };
-        use crate::models::encoder::{EncoderSpec, MappedEncoder};
-        use crate::testing::decoder_fixtures::write_weights;
         use crate::weights::files::FolderFiles;
         for name in FIXTURES {
-            let dir = fixtures().join(name);
-            let work = tempfile::tempdir().expect("tempdir");
-            let path = write_weights(&dir, work.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
-            std::fs::copy(dir.join("config.json"), work.path().join("config.json"))
-                .expect("config");
-            crate::testing::write_tokenizer(work.path()).expect("tokenizer");
-            let spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
-            let source = crate::WeightSource::open(&path).expect("source");
-            let want = reference(&dir);
-            let encodings = encodings(&want);
+            let fixture = FixtureModel::new(name);
+            let encodings = encodings(&fixture.want);
             let encodings: Vec<&Encoding> = encodings.iter().collect();
-            let resident =
-                TextClassification::load(&FolderFiles::new(work.path()), &LoadOptions::default())
-                    .unwrap_or_else(|e| panic!("{name}: {e}"));
-            let mut handler = Some(resident);
+            let mut handler = Some(
+                TextClassification::load(
+                    &FolderFiles::new(fixture.folder.path()),
+                    &LoadOptions::default(),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
+            );
             for placement in PLACEMENTS {
-                let model = MappedEncoder::load(&source, &spec, DType::F32, |unit| {
-                    Ok(placement.of(unit, spec.family.blocks))
-                })
-                .expect("encoder");
                 let current = TextClassification {
-                    model,
+                    model: fixture.encoder(&fixture.spec, placement),
                     ..handler.take().expect("handler")
                 };
                 let got = current.logits(&encodings).expect("logits");
-                assert_eq!(got.len(), want.logits.len());
-                for (row, (g, w)) in got.iter().zip(&want.logits).enumerate() {
+                assert_eq!(got.len(), fixture.want.logits.len());
+                for (row, (g, w)) in got.iter().zip(&fixture.want.logits).enumerate() {
                     let diff = largest_difference(g, w);
                     assert!(
                         diff <= TOLERANCE,

@@ -132,25 +132,13 @@ impl Handler for TextEmbedding {
     }
 
     fn info(&self) -> HandlerInfo {
-        HandlerInfo {
-            handler: HandlerKind::TextEmbedding,
-            architecture: Some(self.text.spec.family.name.into()),
-            dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
-            device: device_name(&self.device),
-            max_input_tokens: Some(self.text.max_tokens),
-            streamed_units: Some(self.model.streamed_units()),
-            parameters: Some(self.parameters),
-            weights: None,
-        }
-    }
-}
-
-/// The torch spelling of a candle device ("cpu", "cuda:0").
-pub fn device_name(device: &Device) -> String {
-    match device.location() {
-        candle_core::DeviceLocation::Cpu => "cpu".into(),
-        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-        candle_core::DeviceLocation::Metal { gpu_id } => format!("mps:{gpu_id}"),
+        self.text.info(
+            HandlerKind::TextEmbedding,
+            &self.model,
+            self.dtype,
+            &self.device,
+            self.parameters,
+        )
     }
 }
 

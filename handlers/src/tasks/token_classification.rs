@@ -224,35 +224,19 @@ impl Handler for TokenClassification {
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
-        let encodings: Vec<&Encoding> = batch
-            .iter()
-            .flat_map(|input| match input {
-                Input::Texts(encodings) => encodings.as_slice(),
-                _ => &[],
-            })
-            .collect();
-        let chunk_logits: Vec<Vec<Vec<f32>>> = encodings
-            .chunks(64)
-            .map(|chunk| self.logits(chunk))
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        let mut per_text = encodings.iter().zip(chunk_logits);
-        Ok(batch
-            .iter()
-            .map(|input| match input {
-                Input::Texts(encodings) => per_text
-                    .by_ref()
-                    .take(encodings.len())
-                    .map(|(encoding, logits)| self.entities(encoding, &logits))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Output::Entities),
-                _ => Err(HandlerError::Input(
-                    "token_classification takes texts".into(),
-                )),
-            })
-            .collect())
+        self.text.run_batch(
+            batch,
+            "token_classification",
+            |chunk| {
+                let logits = self.logits(chunk)?;
+                chunk
+                    .iter()
+                    .zip(&logits)
+                    .map(|(encoding, logits)| self.entities(encoding, logits))
+                    .collect()
+            },
+            Output::Entities,
+        )
     }
 
     fn units(&self) -> Option<&dyn crate::weights::layer_stack::Units> {
@@ -260,16 +244,13 @@ impl Handler for TokenClassification {
     }
 
     fn info(&self) -> HandlerInfo {
-        HandlerInfo {
-            handler: HandlerKind::TokenClassification,
-            architecture: Some(self.text.spec.family.name.into()),
-            dtype: Some(format!("{:?}", self.dtype).to_lowercase()),
-            device: "cpu".into(),
-            max_input_tokens: Some(self.text.max_tokens),
-            streamed_units: Some(self.model.streamed_units()),
-            parameters: Some(self.parameters),
-            weights: None,
-        }
+        self.text.info(
+            HandlerKind::TokenClassification,
+            &self.model,
+            self.dtype,
+            &self.device,
+            self.parameters,
+        )
     }
 }
 
@@ -282,37 +263,28 @@ mod tests {
     #[test]
     fn token_classifiers_match_transformers_logits_at_every_placement() {
         use crate::models::encoder::fixture_tests::{
-            PLACEMENTS, TOLERANCE, config, encodings, fixtures, largest_difference, reference,
+            FixtureModel, PLACEMENTS, TOLERANCE, encodings, largest_difference,
         };
-        use crate::testing::decoder_fixtures::write_weights;
         use crate::weights::files::FolderFiles;
         for name in ["bert_ner", "modernbert_ner"] {
-            let dir = fixtures().join(name);
-            let work = tempfile::tempdir().expect("tempdir");
-            let path = write_weights(&dir, work.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
-            std::fs::copy(dir.join("config.json"), work.path().join("config.json"))
-                .expect("config");
-            crate::testing::write_tokenizer(work.path()).expect("tokenizer");
-            let spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
-            let source = crate::WeightSource::open(&path).expect("source");
-            let want = reference(&dir);
-            let encodings = encodings(&want);
+            let fixture = FixtureModel::new(name);
+            let encodings = encodings(&fixture.want);
             let encodings: Vec<&Encoding> = encodings.iter().collect();
             let mut handler = Some(
-                TokenClassification::load(&FolderFiles::new(work.path()), &LoadOptions::default())
-                    .unwrap_or_else(|e| panic!("{name}: {e}")),
+                TokenClassification::load(
+                    &FolderFiles::new(fixture.folder.path()),
+                    &LoadOptions::default(),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}")),
             );
             for placement in PLACEMENTS {
-                let model = MappedEncoder::load(&source, &spec, DType::F32, |unit| {
-                    Ok(placement.of(unit, spec.family.blocks))
-                })
-                .expect("encoder");
                 let current = TokenClassification {
-                    model,
+                    model: fixture.encoder(&fixture.spec, placement),
                     ..handler.take().expect("handler")
                 };
                 let got = current.logits(&encodings).expect("logits");
-                for (row, (g, w)) in got.iter().zip(&want.token_logits).enumerate() {
+                assert_eq!(got.len(), fixture.want.token_logits.len());
+                for (row, (g, w)) in got.iter().zip(&fixture.want.token_logits).enumerate() {
                     assert_eq!(g.len(), encodings[row].len());
                     let diff = largest_difference(&g.concat(), &w[..g.len()].concat());
                     assert!(

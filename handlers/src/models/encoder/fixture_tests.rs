@@ -102,27 +102,73 @@ pub(crate) fn largest_difference(got: &[f32], want: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// A fixture's checkpoint rebuilt into a temporary model folder (its weights,
+/// config.json and the tiny WordPiece tokenizer), with its spec, weights and answers.
+pub(crate) struct FixtureModel {
+    pub(crate) folder: tempfile::TempDir,
+    pub(crate) spec: EncoderSpec,
+    pub(crate) source: WeightSource,
+    pub(crate) want: Reference,
+}
+
+impl FixtureModel {
+    pub(crate) fn new(name: &str) -> Self {
+        let dir = fixtures().join(name);
+        let folder = tempfile::tempdir().expect("tempdir");
+        let path = write_weights(&dir, folder.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        std::fs::copy(dir.join("config.json"), folder.path().join("config.json")).expect("config");
+        crate::testing::write_tokenizer(folder.path()).expect("tokenizer");
+        Self {
+            spec: EncoderSpec::from_config(&config(&dir), "test").expect("spec"),
+            source: WeightSource::open(&path).expect("source"),
+            want: reference(&dir),
+            folder,
+        }
+    }
+
+    /// The reference batch as the encoder takes it.
+    pub(crate) fn inputs(&self) -> EncoderInputs {
+        let want = &self.want;
+        EncoderInputs::from_rows(
+            &self.spec,
+            &want.ids,
+            &want.type_ids,
+            &want.mask,
+            &Device::Cpu,
+        )
+        .expect("inputs")
+    }
+
+    /// The encoder `spec` describes (this fixture's, or one changed on purpose) loaded at
+    /// `placement`.
+    pub(crate) fn encoder(&self, spec: &EncoderSpec, placement: Placement) -> MappedEncoder {
+        MappedEncoder::load(&self.source, spec, DType::F32, |unit| {
+            Ok(placement.of(unit, spec.family.blocks))
+        })
+        .unwrap_or_else(|e| panic!("{placement:?}: {e}"))
+    }
+}
+
+/// Flattened values of a forward pass.
+fn flat(hidden: candle_core::Result<candle_core::Tensor>) -> Vec<f32> {
+    hidden
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("forward")
+}
+
 #[test]
 fn every_encoder_family_matches_transformers_hidden_states_at_every_placement() {
     for name in FIXTURES {
-        let dir = fixtures().join(name);
-        let work = tempfile::tempdir().expect("tempdir");
-        let path = write_weights(&dir, work.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let source = WeightSource::open(&path).expect("source");
-        let spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
-        let want = reference(&dir);
-        let inputs =
-            EncoderInputs::from_rows(&spec, &want.ids, &want.type_ids, &want.mask, &Device::Cpu)
-                .expect("inputs");
-        let units = MappedEncoder::unit_names(&source, &spec);
+        let fixture = FixtureModel::new(name);
+        let (spec, want) = (&fixture.spec, &fixture.want);
+        let inputs = fixture.inputs();
+        let units = MappedEncoder::unit_names(&fixture.source, spec);
         // The embeddings, the blocks, and ModernBERT's final norm.
         let all = spec.num_hidden_layers + 1 + usize::from(spec.modern.is_some());
         assert_eq!(units.len(), all, "{name}: {units:?}");
         for placement in PLACEMENTS {
-            let model = MappedEncoder::load(&source, &spec, DType::F32, |unit| {
-                Ok(placement.of(unit, spec.family.blocks))
-            })
-            .unwrap_or_else(|e| panic!("{name} {placement:?}: {e}"));
+            let model = fixture.encoder(spec, placement);
             let streamed = model.streamed_units();
             let expected_streamed = match placement {
                 Placement::Resident => 0,
@@ -132,11 +178,7 @@ fn every_encoder_family_matches_transformers_hidden_states_at_every_placement() 
             assert_eq!(streamed, expected_streamed, "{name} {placement:?}");
             let hidden = model.forward(&inputs).expect("forward");
             assert_eq!(hidden.dims(), want.hidden_shape.as_slice(), "{name}");
-            let got: Vec<f32> = hidden
-                .flatten_all()
-                .and_then(|t| t.to_vec1())
-                .expect("hidden");
-            let diff = largest_difference(&got, &want.hidden);
+            let diff = largest_difference(&flat(Ok(hidden)), &want.hidden);
             assert!(
                 diff <= TOLERANCE,
                 "{name} {placement:?}: hidden states differ from transformers' by {diff}"
@@ -168,34 +210,18 @@ pub(crate) fn encodings(want: &Reference) -> Vec<tokenizers::Encoding> {
         .collect()
 }
 
-/// The fixtures hold what sets the families apart: RoBERTa's positions counted from 0
-/// (BERT's numbering), or its pair's token types given as BERT's tokenizer gives them,
-/// answer far from transformers.
+/// RoBERTa's fixture holds its position numbering: counted from 0 (BERT's numbering),
+/// its answer is far from transformers'.
 #[test]
 fn robertas_position_numbering_matters_to_its_fixture() {
-    let dir = fixtures().join("roberta");
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = write_weights(&dir, work.path()).expect("weights");
-    let source = WeightSource::open(&path).expect("source");
-    let spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
-    let want = reference(&dir);
-    let model = MappedEncoder::load(&source, &spec, DType::F32, |_| {
-        Ok(UnitPlacement::Resident(Device::Cpu))
-    })
-    .expect("model");
-    let mut inputs =
-        EncoderInputs::from_rows(&spec, &want.ids, &want.type_ids, &want.mask, &Device::Cpu)
-            .expect("inputs");
+    let fixture = FixtureModel::new("roberta");
+    let model = fixture.encoder(&fixture.spec, Placement::Resident);
+    let mut inputs = fixture.inputs();
     let (batch, tokens) = inputs.ids.dims2().expect("dims");
     let from_zero: Vec<u32> = (0..batch).flat_map(|_| 0..tokens as u32).collect();
     inputs.positions =
         candle_core::Tensor::from_vec(from_zero, (batch, tokens), &Device::Cpu).expect("positions");
-    let got: Vec<f32> = model
-        .forward(&inputs)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("forward");
-    let diff = largest_difference(&got, &want.hidden);
+    let diff = largest_difference(&flat(model.forward(&inputs)), &fixture.want.hidden);
     assert!(diff > 1e-2, "positions from 0 differ by only {diff}");
 }
 
@@ -203,27 +229,15 @@ fn robertas_position_numbering_matters_to_its_fixture() {
 /// is far from transformers'.
 #[test]
 fn modernberts_local_windows_matter_to_its_fixture() {
-    let dir = fixtures().join("modernbert");
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = write_weights(&dir, work.path()).expect("weights");
-    let source = WeightSource::open(&path).expect("source");
-    let mut spec = EncoderSpec::from_config(&config(&dir), "test").expect("spec");
+    let fixture = FixtureModel::new("modernbert");
+    let mut spec = fixture.spec.clone();
     if let Some(modern) = spec.modern.as_mut() {
         modern.local.iter_mut().for_each(|l| *l = false);
     }
-    let want = reference(&dir);
-    let model = MappedEncoder::load(&source, &spec, DType::F32, |_| {
-        Ok(UnitPlacement::Resident(Device::Cpu))
-    })
-    .expect("model");
-    let inputs =
-        EncoderInputs::from_rows(&spec, &want.ids, &want.type_ids, &want.mask, &Device::Cpu)
-            .expect("inputs");
-    let got: Vec<f32> = model
-        .forward(&inputs)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .expect("forward");
-    let diff = largest_difference(&got, &want.hidden);
+    let model = fixture.encoder(&spec, Placement::Resident);
+    let diff = largest_difference(
+        &flat(model.forward(&fixture.inputs())),
+        &fixture.want.hidden,
+    );
     assert!(diff > 1e-2, "all-global attention differs by only {diff}");
 }

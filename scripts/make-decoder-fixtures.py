@@ -293,6 +293,35 @@ def t4_spelling(config: dict) -> dict:
     return old
 
 
+def recipe_checkpoint(out, family, model, model_type, recipe):
+    """Writes `model`'s weights into `out` as a recipe (tensors.json) and returns the model
+    transformers loads from the checkpoint that recipe makes (f32, eager, eval). The model
+    is saved once to learn its tensors as checkpoints name them (MoE experts one by one,
+    tied heads left out); then the file is written again from the recipe and loaded, every
+    tensor read, and removed."""
+    model.save_pretrained(out, safe_serialization=True)
+    for extra in out.glob("generation_config.json"):
+        extra.unlink()
+    saved = load_file(out / "model.safetensors")
+    manifest, tensors = [], {}
+    for name in sorted(saved):
+        shape = tuple(saved[name].shape)
+        offset, scale = recipe(name)
+        tensors[name] = torch.from_numpy(weights(family, name, shape, offset, scale))
+        manifest.append({"name": name, "shape": list(shape), "offset": offset, "scale": scale})
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = model_type.from_pretrained(
+        out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
+    assert not any(info.values()), (family, info)
+    (out / "model.safetensors").unlink()
+    (out / "tensors.json").write_text(
+        json.dumps({"generator": "splitmix64-fnv1a-v1", "dtype": "F32", "tensors": manifest},
+                   indent=1) + "\n"
+    )
+    return loaded.eval()
+
+
 def main():
     for family, (config_class, model_class, keys) in FAMILIES.items():
         merged = {k: v for k, v in {**COMMON, **keys}.items() if v is not DROP}
@@ -300,30 +329,7 @@ def main():
         model_type = getattr(transformers, model_class)
         out = OUT / family
         out.mkdir(parents=True, exist_ok=True)
-        # Saved once to learn the tensors as checkpoints name them (MoE experts one by
-        # one, tied heads left out); then the file is written again from the recipe and
-        # the model transformers answers with is loaded from it, every tensor read.
-        model_type(config).save_pretrained(out, safe_serialization=True)
-        for extra in out.glob("generation_config.json"):
-            extra.unlink()
-        saved = load_file(out / "model.safetensors")
-        manifest, tensors = [], {}
-        for name in sorted(saved):
-            shape = tuple(saved[name].shape)
-            offset, scale = recipe(name)
-            tensors[name] = torch.from_numpy(weights(family, name, shape, offset, scale))
-            manifest.append({"name": name, "shape": list(shape), "offset": offset, "scale": scale})
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        model, info = model_type.from_pretrained(
-            out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
-        )
-        assert not any(info.values()), (family, info)
-        model = model.eval()
-        (out / "model.safetensors").unlink()
-        (out / "tensors.json").write_text(
-            json.dumps({"generator": "splitmix64-fnv1a-v1", "dtype": "F32", "tensors": manifest},
-                       indent=1) + "\n"
-        )
+        model = recipe_checkpoint(out, family, model_type(config), model_type, recipe)
         saved = json.loads((out / "config.json").read_text())
         (out / "config.t4.json").write_text(json.dumps(t4_spelling(saved), indent=2) + "\n")
 

@@ -25,7 +25,6 @@ import pathlib
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "handlers/tests/fixtures/encoders"
@@ -128,25 +127,7 @@ def main():
         model_type = getattr(transformers, model_class)
         out = OUT / name
         out.mkdir(parents=True, exist_ok=True)
-        model_type(config).save_pretrained(out, safe_serialization=True)
-        saved = load_file(out / "model.safetensors")
-        manifest, tensors = [], {}
-        for tensor in sorted(saved):
-            shape = tuple(saved[tensor].shape)
-            offset, scale = recipe(tensor)
-            tensors[tensor] = torch.from_numpy(decoders.weights(name, tensor, shape, offset, scale))
-            manifest.append({"name": tensor, "shape": list(shape), "offset": offset, "scale": scale})
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        model, info = model_type.from_pretrained(
-            out, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
-        )
-        assert not any(info.values()), (name, info)
-        model = model.eval()
-        (out / "model.safetensors").unlink()
-        (out / "tensors.json").write_text(
-            json.dumps({"generator": "splitmix64-fnv1a-v1", "dtype": "F32", "tensors": manifest},
-                       indent=1) + "\n"
-        )
+        model = decoders.recipe_checkpoint(out, name, model_type(config), model_type, recipe)
 
         ids, types, mask = inputs(*specials, double_sep)
         kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))

@@ -12,6 +12,8 @@
 //! - [`generate`]: generation parameters, results and the events streamed on the way.
 //! - [`tasks`]: the built-in handlers, one per task, and [`load`], which builds one by kind.
 //! - [`models`]: model code, one family per file (BERT, Llama, GGUF conversion).
+//! - [`images`]: image bytes to model inputs (decoding within limits, Pillow's resize,
+//!   each model's preprocessing as data).
 //! - [`weights`]: where bytes come from (model files, mapped safetensors, the offload
 //!   folder) and where units live ([`weights::layer_stack::LayerStack`]).
 //! - [`cpu`]: Spillway's fused f32 CPU kernels, its products on GGML-quantized weights,
@@ -27,6 +29,7 @@ pub mod error;
 pub mod generate;
 pub mod gpu;
 pub mod handler;
+pub mod images;
 pub mod models;
 pub mod tasks;
 pub mod weights;

@@ -39,12 +39,14 @@ pub enum Request {
     Generate(GenerateRequest),
     /// A conversation, rendered by the model's chat template (text_generation).
     Chat(ChatRequest),
+    /// One or more encoded images (JPEG, PNG, ...), as sent (image_classifier).
+    Images(Vec<Vec<u8>>),
     /// The body as it came (the echo handler).
     Raw(RawBody),
 }
 
 impl Request {
-    /// Whether preparing it tokenizes (work to keep off the async runtime).
+    /// Whether preparing it tokenizes or decodes (work to keep off the async runtime).
     pub fn tokenizes(&self) -> bool {
         !matches!(self, Request::Raw(_))
     }
@@ -57,8 +59,18 @@ pub enum Input {
     Texts(Vec<Encoding>),
     /// A tokenized prompt.
     Prompt(PromptInput),
+    /// Images decoded and preprocessed into model inputs.
+    Images(Vec<ImageInput>),
     /// The body as it came.
     Raw(RawBody),
+}
+
+/// One image as the model takes it: `[3, height, width]` floats, channel-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageInput {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<f32>,
 }
 
 /// A tokenized prompt, its parameters, and where to stream its tokens.
@@ -78,7 +90,7 @@ impl Input {
                 rows: encodings.len(),
                 tokens: encodings.iter().map(Encoding::len).max().unwrap_or(0),
             }),
-            Input::Prompt(_) | Input::Raw(_) => None,
+            Input::Prompt(_) | Input::Images(_) | Input::Raw(_) => None,
         }
     }
 
@@ -87,7 +99,7 @@ impl Input {
         match self {
             Input::Texts(encodings) => encodings.iter().map(Encoding::len).sum(),
             Input::Prompt(prompt) => prompt.ids.len(),
-            Input::Raw(_) => 0,
+            Input::Images(_) | Input::Raw(_) => 0,
         }
     }
 
@@ -99,7 +111,7 @@ impl Input {
                 prompt.events = Some(events);
                 true
             }
-            Input::Texts(_) | Input::Raw(_) => false,
+            Input::Texts(_) | Input::Images(_) | Input::Raw(_) => false,
         }
     }
 }
@@ -121,6 +133,8 @@ pub enum Output {
     Classifications(Vec<Classification>),
     /// The entities found in each input text.
     Entities(Vec<Vec<Entity>>),
+    /// The most likely labels of each input image, most likely first.
+    Labels(Vec<Vec<ScoredLabel>>),
     /// A finished generation.
     Generation(Generation),
     /// Bytes to send back as they are.
@@ -134,6 +148,13 @@ pub struct Classification {
     pub score: f32,
     /// That label's logit, before the softmax or sigmoid (a reranker's raw score).
     pub logit: f32,
+}
+
+/// A label and its probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredLabel {
+    pub label: String,
+    pub probability: f32,
 }
 
 /// A run of tokens labelled as one entity, as transformers' token-classification
@@ -156,15 +177,17 @@ pub enum HandlerKind {
     TextClassification,
     TokenClassification,
     TextGeneration,
+    ImageClassifier,
     Echo,
 }
 
 impl HandlerKind {
-    pub const ALL: [HandlerKind; 5] = [
+    pub const ALL: [HandlerKind; 6] = [
         HandlerKind::TextEmbedding,
         HandlerKind::TextClassification,
         HandlerKind::TokenClassification,
         HandlerKind::TextGeneration,
+        HandlerKind::ImageClassifier,
         HandlerKind::Echo,
     ];
 
@@ -174,6 +197,7 @@ impl HandlerKind {
             HandlerKind::TextGeneration => "text_generation",
             HandlerKind::TextClassification => "text_classification",
             HandlerKind::TokenClassification => "token_classification",
+            HandlerKind::ImageClassifier => "image_classifier",
             HandlerKind::Echo => "echo",
         }
     }

@@ -11,7 +11,7 @@
 //! - [`chat`]: chat messages and the model's own chat template (minijinja).
 //! - [`generate`]: generation parameters, results and the events streamed on the way.
 //! - [`tasks`]: the built-in handlers, one per task, and [`load`], which builds one by kind.
-//! - [`models`]: model code, one family per file (BERT, Llama, GGUF conversion).
+//! - [`models`]: model code, one family per file (BERT, Llama, GGUF conversion, vision).
 //! - [`images`]: image bytes to model inputs (decoding within limits, Pillow's resize,
 //!   each model's preprocessing as data).
 //! - [`weights`]: where bytes come from (model files, mapped safetensors, the offload
@@ -44,8 +44,8 @@ pub use generate::{
     MAX_TOP_LOGPROBS, TokenLogprob, TokenLogprobs,
 };
 pub use handler::{
-    Classification, Entity, Handler, HandlerInfo, HandlerKind, Input, InputSize, LoadOptions,
-    Output, PromptInput, RawBody, Request, StepBatch, candle_dtype,
+    Classification, Entity, Handler, HandlerInfo, HandlerKind, ImageInput, Input, InputSize,
+    LoadOptions, Output, PromptInput, RawBody, Request, ScoredLabel, StepBatch, candle_dtype,
 };
 pub use tasks::load;
 pub use weights::files::ModelFiles;

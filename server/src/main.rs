@@ -203,7 +203,7 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
                 |dir: &std::path::Path| -> std::sync::Arc<dyn spillway_handlers::ModelFiles> {
                     std::sync::Arc::new(spillway_handlers::weights::files::FolderFiles::new(dir))
                 };
-            let files = if is("gguf") {
+            let files = if is("gguf") || is("pth") || is("pt") {
                 folder(model.parent().unwrap_or(std::path::Path::new(".")))
             } else if model.is_dir()
                 && !model
@@ -240,6 +240,8 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     }
     // config.json as the server would read it: the decoder's spec is printed from it.
     let config: Option<serde_json::Value>;
+    // An image network's recognized architecture, or why none was (weights only).
+    let mut image: Option<String> = None;
     let json_of = |files: &dyn spillway_handlers::ModelFiles| -> Option<serde_json::Value> {
         let bytes = files.read("config.json").ok()??;
         serde_json::from_slice(&bytes).ok()
@@ -252,26 +254,29 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
             inventory
         }
         Some(files) => {
-            // A GGUF is planned from the copy the server would serve (written once into
-            // the offload folder, or the cache): quantized blocks unless a dtype is asked.
-            let named = is("gguf")
+            // A GGUF or a PyTorch checkpoint is planned from the copy the server would
+            // serve (written once into the offload folder, or the cache): a GGUF's
+            // quantized blocks unless a dtype is asked.
+            let named = (is("gguf") || is("pth") || is("pt"))
                 .then(|| model.file_name())
                 .flatten()
                 .and_then(|n| n.to_str());
-            match spillway::lifecycle::loader::gguf_in(&*files, named)? {
-                Some(gguf) => {
+            use spillway::lifecycle::loader::{
+                ToConvert, converted_gguf, converted_pickle, to_convert_in,
+            };
+            let served = match to_convert_in(&*files, named)? {
+                Some(ToConvert::Gguf(gguf)) => {
                     let dtype = setup.load_options()?.dtype;
-                    let copy = spillway::lifecycle::loader::converted_gguf(
-                        &*files, &gguf, dtype, &setup, &cache,
-                    )?;
-                    config = json_of(&*copy);
-                    ModelInventory::read(&*copy)?
+                    converted_gguf(&*files, &gguf, dtype, &setup, &cache)?
                 }
-                None => {
-                    config = json_of(&*files);
-                    ModelInventory::read(&*files)?
+                Some(ToConvert::TorchPickle(name)) => {
+                    converted_pickle(files.clone(), &name, &setup, &cache)?
                 }
-            }
+                None => files.clone(),
+            };
+            config = json_of(&*served);
+            image = spillway_handlers::models::vision::describe(&*served);
+            ModelInventory::read(&*served)?
         }
     };
     let options = PlanOptions {
@@ -301,6 +306,9 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
                     Err(e) => println!("encoder: refused: {e}"),
                 }
             }
+        }
+        if let Some(image) = &image {
+            println!("image: {image}");
         }
         print!("{}", spillway_placement::explain::table(&plan));
     }

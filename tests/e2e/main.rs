@@ -11,6 +11,7 @@ mod families;
 mod faults;
 mod generation;
 mod hostile;
+mod images;
 mod inference;
 mod logs;
 mod management;

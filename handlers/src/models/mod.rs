@@ -6,8 +6,11 @@
 //! - [`gguf`]: GGUF models converted once to a HuggingFace-layout folder (weights,
 //!   config, tokenizer) in the offload folder.
 //! - [`sentence_transformers`]: reads the sentence-transformers files of a model folder.
+//! - [`vision`]: image networks as graphs of ops, torchvision's recognized from their
+//!   state dicts.
 
 pub mod decoder;
 pub mod encoder;
 pub mod gguf;
 pub mod sentence_transformers;
+pub mod vision;

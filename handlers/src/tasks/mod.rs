@@ -7,11 +7,14 @@
 //!   pipeline groups them.
 //! - [`text_generation`]: Llama-family generation (greedy or seeded sampling, stop
 //!   sequences) behind a token iterator.
+//! - [`image_classifier`]: torchvision classifiers recognized from their weights,
+//!   TorchServe's top-5 answer.
 //! - [`encoder_text`]: tokenization and batching shared by the encoder text handlers.
 //! - [`echo`]: returns its input unchanged; measures the server itself.
 
 pub mod echo;
 pub mod encoder_text;
+pub mod image_classifier;
 pub mod text_classification;
 pub mod text_embedding;
 pub mod text_generation;
@@ -40,6 +43,9 @@ pub fn load(
         ),
         HandlerKind::TextGeneration => {
             Arc::new(text_generation::TextGeneration::load(files, options)?)
+        }
+        HandlerKind::ImageClassifier => {
+            Arc::new(image_classifier::ImageClassifier::load(files, options)?)
         }
         HandlerKind::Echo => Arc::new(Echo),
     })

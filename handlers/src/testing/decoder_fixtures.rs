@@ -58,17 +58,16 @@ fn values(family: &str, name: &str, count: usize, offset: f32, scale: f32) -> Ve
         .collect()
 }
 
-/// Writes `into/model.safetensors` from the recipe in `fixture/tensors.json` (the family
-/// is `fixture`'s folder name) and returns its path.
-pub fn write_weights(fixture: &Path, into: &Path) -> Result<PathBuf, HandlerError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| HandlerError::Io { path, source }
-    };
+/// The tensors the recipe in `fixture/tensors.json` makes (the family is `fixture`'s
+/// folder name), in the recipe's order.
+pub fn rebuild(fixture: &Path) -> Result<Vec<(String, Tensor)>, HandlerError> {
     let recipe_path = fixture.join("tensors.json");
+    let bytes = std::fs::read(&recipe_path).map_err(|source| HandlerError::Io {
+        path: recipe_path.clone(),
+        source,
+    })?;
     let manifest: Manifest =
-        serde_json::from_slice(&std::fs::read(&recipe_path).map_err(io(&recipe_path))?)
-            .map_err(|e| HandlerError::bad_file("tensors.json", e))?;
+        serde_json::from_slice(&bytes).map_err(|e| HandlerError::bad_file("tensors.json", e))?;
     if manifest.generator != GENERATOR || manifest.dtype != "F32" {
         return Err(HandlerError::bad_file(
             "tensors.json",
@@ -82,7 +81,7 @@ pub fn write_weights(fixture: &Path, into: &Path) -> Result<PathBuf, HandlerErro
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    let tensors = manifest
+    manifest
         .tensors
         .iter()
         .map(|t| {
@@ -92,8 +91,17 @@ pub fn write_weights(fixture: &Path, into: &Path) -> Result<PathBuf, HandlerErro
                 .map(|tensor| (t.name.clone(), tensor))
                 .context(|| format!("tensor {}", t.name))
         })
-        .collect::<Result<HashMap<_, _>, _>>()?;
-    std::fs::create_dir_all(into).map_err(io(into))?;
+        .collect()
+}
+
+/// Writes `into/model.safetensors` from the recipe in `fixture/tensors.json` (see
+/// [`rebuild`]) and returns its path.
+pub fn write_weights(fixture: &Path, into: &Path) -> Result<PathBuf, HandlerError> {
+    let tensors: HashMap<String, Tensor> = rebuild(fixture)?.into_iter().collect();
+    std::fs::create_dir_all(into).map_err(|source| HandlerError::Io {
+        path: into.to_path_buf(),
+        source,
+    })?;
     let path = into.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path)
         .context(|| format!("cannot write {}", path.display()))?;

@@ -180,6 +180,52 @@ impl ModelFiles for FolderFiles {
     }
 }
 
+/// A model's files with its weights taken from elsewhere: `model.safetensors` from a
+/// converted copy (a PyTorch checkpoint's, in the offload folder), every other file
+/// (labels, configs) from the archive as it is now.
+pub struct ConvertedWeights {
+    pub weights: FolderFiles,
+    pub rest: std::sync::Arc<dyn ModelFiles>,
+}
+
+impl ConvertedWeights {
+    fn from_weights(path: &str) -> bool {
+        path == SINGLE_WEIGHTS
+    }
+}
+
+impl ModelFiles for ConvertedWeights {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, HandlerError> {
+        match Self::from_weights(path) {
+            true => self.weights.read(path),
+            false => self.rest.read(path),
+        }
+    }
+
+    fn locate(
+        &self,
+        path: &str,
+    ) -> Result<Option<(std::path::PathBuf, std::ops::Range<u64>)>, HandlerError> {
+        match Self::from_weights(path) {
+            true => self.weights.locate(path),
+            false => self.rest.locate(path),
+        }
+    }
+
+    fn find(&self, suffix: &str) -> Vec<String> {
+        let mut found = self.rest.find(suffix);
+        found.extend(
+            self.weights
+                .find(suffix)
+                .into_iter()
+                .filter(|n| Self::from_weights(n)),
+        );
+        found.sort();
+        found.dedup();
+        found
+    }
+}
+
 /// `Read + Seek` over a byte range of a file (an archive entry, say).
 pub struct RangeReader {
     file: std::fs::File,

@@ -9,6 +9,7 @@
 //! - [`huge_map`]: [`huge_map::HugeMap`], the file mapping under it, laid out so the
 //!   kernel can map the page cache 2 MiB at a time.
 //! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
+//! - [`pickle`]: PyTorch state dicts (`.pth`) converted once to safetensors there.
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 
@@ -17,6 +18,7 @@ pub mod guarded_map;
 pub mod huge_map;
 pub mod layer_stack;
 pub mod offload;
+pub mod pickle;
 pub mod progress;
 pub mod source;
 

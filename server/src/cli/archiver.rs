@@ -77,14 +77,18 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
         )));
     }
     let files = collect_files(spec)?;
-    let has_weights = files.iter().any(|(name, _)| {
-        name == "model.safetensors"
-            || name == "model.safetensors.index.json"
+    let weights = |name: &str| {
+        name.ends_with(".safetensors")
             || name.ends_with(".gguf")
-    });
+            || name.ends_with(".pth")
+            || name.ends_with(".pt")
+    };
+    let has_weights = files
+        .iter()
+        .any(|(name, _)| name == "model.safetensors.index.json" || weights(name));
     if spec.handler.needs_model_files() && !has_weights {
         return Err(Error::BadRequest(format!(
-            "handler {} needs weights in the model folder (model.safetensors, a sharded index, or a .gguf)",
+            "handler {} needs weights in the model folder (model.safetensors, a sharded index, a .gguf, or a PyTorch .pth)",
             spec.handler
         )));
     }
@@ -98,7 +102,7 @@ pub fn write(spec: &ArchiveSpec) -> Result<PathBuf> {
             serialized_file: files
                 .iter()
                 .map(|(name, _)| name)
-                .find(|name| name.ends_with(".safetensors") || name.ends_with(".gguf"))
+                .find(|name| weights(name))
                 .cloned(),
             config_file: spec
                 .config_file

@@ -90,6 +90,9 @@ async fn v1_predict(
     let answer = async {
         let request: V1Request = serde_json::from_slice(&body)
             .map_err(|e| bad(format!("expected {{\"instances\": [...]}}: {e}")))?;
+        if dispatch.model.spec.handler == HandlerKind::ImageClassifier {
+            return v1_images(&state, &dispatch, &request.instances).await;
+        }
         let texts = request
             .instances
             .iter()
@@ -153,6 +156,49 @@ async fn v1_predict(
     let response = answer.unwrap_or_else(error_response);
     dispatch.record(response.status().as_u16());
     response
+}
+
+/// KServe v1 for an image classifier: each instance an image in base64 (a string, or an
+/// object with it under `data` or `b64`, as TorchServe's KServe examples send it), answered
+/// `{"predictions": [{label: probability, ...}, ...]}`, labels most likely first.
+async fn v1_images(state: &AppState, dispatch: &Dispatch, instances: &[Value]) -> Result<Response> {
+    if instances.is_empty() {
+        return Err(bad("instances is empty"));
+    }
+    let images = instances
+        .iter()
+        .enumerate()
+        .map(|(i, instance)| {
+            let text = match instance {
+                Value::String(text) => Some(text.as_str()),
+                Value::Object(fields) => ["data", "b64", "image"]
+                    .iter()
+                    .find_map(|k| fields.get(*k)?.as_str()),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                bad(format!(
+                    "instance {i} must be base64 text, or an object with it under data or b64"
+                ))
+            })?;
+            crate::http::torchserve::predictions::base64_image(text, i)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let Output::Labels(per_image) = dispatch.run(state, Request::Images(images)).await?.output
+    else {
+        return Err(Error::Internal(
+            "an image model answered something else".into(),
+        ));
+    };
+    let objects: Vec<String> = per_image
+        .iter()
+        .map(|labels| crate::http::torchserve::predictions::labels_json(labels))
+        .collect();
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        format!("{{\"predictions\":[{}]}}", objects.join(",")),
+    )
+        .into_response())
 }
 
 /// An instance's text: a string, or an object with it under `data`, `text` or `inputs`.
@@ -232,6 +278,12 @@ fn signature(kind: HandlerKind) -> (Vec<TensorSpec>, Vec<TensorSpec>) {
         HandlerKind::TextGeneration => (
             vec![("text_input", "BYTES", vec![1])],
             vec![("text_output", "BYTES", vec![1])],
+        ),
+        // Images in BYTES (base64 in JSON, raw in binary); each image's labels as one
+        // JSON string, most likely first.
+        HandlerKind::ImageClassifier => (
+            vec![("data", "BYTES", vec![-1])],
+            vec![("labels", "BYTES", vec![-1])],
         ),
         HandlerKind::Echo => (
             vec![("input", "BYTES", vec![-1])],
@@ -421,6 +473,39 @@ fn parse_request<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<(InferReques
 
 /// The strings of a BYTES input tensor, from its JSON `data` or its binary bytes.
 fn input_strings(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<String>> {
+    input_elements(tensor, binary)?
+        .into_iter()
+        .map(|element| match element {
+            Element::Text(text) => Ok(text),
+            Element::Bytes(bytes) => String::from_utf8(bytes).map_err(|_| {
+                bad(format!(
+                    "input {} holds bytes that are not UTF-8 text",
+                    tensor.name
+                ))
+            }),
+        })
+        .collect()
+}
+
+/// One element of a BYTES tensor: text from JSON `data`, or bytes from the binary extension.
+enum Element {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// The images of a BYTES input: raw bytes from the binary extension, base64 from JSON.
+fn input_images(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<Vec<u8>>> {
+    input_elements(tensor, binary)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, element)| match element {
+            Element::Text(text) => crate::http::torchserve::predictions::base64_image(&text, i),
+            Element::Bytes(bytes) => Ok(bytes),
+        })
+        .collect()
+}
+
+fn input_elements(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<Element>> {
     if tensor.datatype != "BYTES" {
         return Err(bad(format!(
             "input {} must be BYTES (text), got {}",
@@ -470,12 +555,7 @@ fn input_strings(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<String>
                 )));
             }
             let (element, rest) = rest.split_at(length);
-            strings.push(String::from_utf8(element.to_vec()).map_err(|_| {
-                bad(format!(
-                    "input {} holds bytes that are not UTF-8 text",
-                    tensor.name
-                ))
-            })?);
+            strings.push(Element::Bytes(element.to_vec()));
             data = rest;
         }
         strings
@@ -487,9 +567,11 @@ fn input_strings(tensor: &InputTensor, binary: &mut &[u8]) -> Result<Vec<String>
         flatten(data)
             .into_iter()
             .map(|v| {
-                v.as_str().map(str::to_string).ok_or_else(|| {
-                    bad(format!("input {}: BYTES data must be strings", tensor.name))
-                })
+                v.as_str()
+                    .map(|s| Element::Text(s.to_string()))
+                    .ok_or_else(|| {
+                        bad(format!("input {}: BYTES data must be strings", tensor.name))
+                    })
             })
             .collect::<Result<Vec<_>>>()?
     };
@@ -521,6 +603,13 @@ fn handler_request(kind: HandlerKind, request: &InferRequest, binary: &[u8]) -> 
         )));
     };
     let mut binary = binary;
+    if kind == HandlerKind::ImageClassifier {
+        let images = input_images(tensor, &mut binary)?;
+        if images.is_empty() {
+            return Err(bad(format!("input {} is empty", tensor.name)));
+        }
+        return Ok(Request::Images(images));
+    }
     let strings = input_strings(tensor, &mut binary)?;
     if strings.is_empty() {
         return Err(bad(format!("input {} is empty", tensor.name)));
@@ -539,6 +628,9 @@ fn handler_request(kind: HandlerKind, request: &InferRequest, binary: &[u8]) -> 
             content_type: None,
             bytes: strings.concat().into_bytes(),
         })),
+        HandlerKind::ImageClassifier => Err(Error::Internal(
+            "an image input is read as images, not as text".into(),
+        )),
     }
 }
 
@@ -654,6 +746,17 @@ fn output_tensors(output: Output) -> Result<Vec<OutputTensor>> {
                     .map(|entities| {
                         crate::http::torchserve::predictions::entities_json(entities).to_string()
                     })
+                    .collect(),
+            ),
+        }],
+        Output::Labels(per_image) => vec![OutputTensor {
+            name: "labels",
+            datatype: "BYTES",
+            shape: vec![per_image.len()],
+            data: TensorData::Strings(
+                per_image
+                    .iter()
+                    .map(|labels| crate::http::torchserve::predictions::labels_json(labels))
                     .collect(),
             ),
         }],

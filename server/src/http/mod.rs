@@ -9,6 +9,7 @@
 //!   Jina's, Cohere's) over a cross-encoder (inference address).
 //! - [`openapi`]: each API's description (`OPTIONS /`), as TorchServe answers it.
 //! - [`dispatch`]: one request's way to its model, shared by every protocol.
+//! - [`multipart`]: `multipart/form-data` bodies as named parts (TorchServe's `data`).
 //! - [`metrics`]: Prometheus text.
 //! - [`connections`]: accepting connections within limits (count, header time).
 //! - [`devices`]: `GET /devices`, the device manager's pools (management API).
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod error;
 pub mod kserve;
 pub mod metrics;
+pub mod multipart;
 pub mod openai;
 pub mod openapi;
 pub mod rerank;

@@ -52,8 +52,9 @@ pub struct Source {
     archive: OpenedArchive,
     /// What the handler is told, from setup_config.json (the plan is added when made).
     options: LoadOptions,
-    /// A GGUF file to convert (its model is planned after conversion).
-    gguf: Option<String>,
+    /// A GGUF file or PyTorch checkpoint to convert (its model is planned after
+    /// conversion).
+    convert: Option<ToConvert>,
     /// What the model asks of the device manager (setup_config.json `device`).
     request: Option<DeviceRequest>,
     /// The archive as it was opened (`store::archive_key`).
@@ -85,14 +86,14 @@ impl Source {
             Some(_) => archive::open_folder_as(path, self.archive.manifest.clone()),
             None => archive::open(path, &config.cache_dir, &ArchiveLimits::default())?,
         };
-        let gguf = match handler.needs_model_files() {
-            true => gguf_to_convert(&archive)?,
+        let convert = match handler.needs_model_files() {
+            true => to_convert(&archive)?,
             false => None,
         };
         Ok(Source {
             archive,
             options: self.options.clone(),
-            gguf,
+            convert,
             request: self.request.clone(),
             opened_as,
             hub: self.hub.clone(),
@@ -165,9 +166,10 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
         Some(request) => Some(request),
         None => model_config.device_request()?,
     };
-    // Planned later from the tensor headers ([`admit`]), a GGUF model once converted.
-    let gguf = match handler.needs_model_files() {
-        true => gguf_to_convert(&archive)?,
+    // Planned later from the tensor headers ([`admit`]), a GGUF model or a PyTorch
+    // checkpoint once converted.
+    let convert = match handler.needs_model_files() {
+        true => to_convert(&archive)?,
         false => None,
     };
     Ok(Opened {
@@ -185,7 +187,7 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
         source: Source {
             archive,
             options,
-            gguf,
+            convert,
             request: device_request,
             opened_as,
             hub,
@@ -197,7 +199,7 @@ impl Opened {
     /// Whether its tensors can be planned now, from the headers (safetensors; a GGUF
     /// model is planned once converted, a model without weights never).
     pub fn plans_at_registration(&self) -> bool {
-        self.spec.handler.needs_model_files() && self.source.gguf.is_none()
+        self.spec.handler.needs_model_files() && self.source.convert.is_none()
     }
 
     /// The model files to plan from.
@@ -265,7 +267,7 @@ pub fn build(
     let Source {
         archive,
         mut options,
-        gguf,
+        convert,
         request,
         ..
     } = source;
@@ -281,13 +283,14 @@ pub fn build(
     let key = handle.key();
     let (model_files, mut admission) = match admission {
         Some(admission) => (archive.files.clone(), admission),
-        // A GGUF model is converted first; an evicted model coming back is planned anew.
+        // A GGUF model or a PyTorch checkpoint is converted first; an evicted model coming
+        // back is planned anew.
         None => {
-            let files = match gguf {
-                Some(gguf) => {
+            let files = match convert {
+                Some(convert) => {
                     handle.set_stage(LoadStage::Converting);
                     let cache = &lifecycle.config().cache_dir;
-                    convert_gguf(&archive, &gguf, &options, &spec.setup, cache)?
+                    converted(&archive, &convert, &options, &spec.setup, cache)?
                 }
                 None => archive.files.clone(),
             };
@@ -349,24 +352,64 @@ pub fn build(
 }
 
 /// The GGUF file to convert, when the archive holds a GGUF model and no safetensors.
-fn gguf_to_convert(archive: &OpenedArchive) -> Result<Option<String>> {
-    gguf_in(
+/// A serialized checkpoint converted once before it is planned and served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToConvert {
+    /// llama.cpp's GGUF.
+    Gguf(String),
+    /// A PyTorch state dict (`torch.save`: `.pth`, `.pt`, `pytorch_model.bin`).
+    TorchPickle(String),
+}
+
+fn to_convert(archive: &OpenedArchive) -> Result<Option<ToConvert>> {
+    to_convert_in(
         &*archive.files,
         archive.manifest.model.serialized_file.as_deref(),
     )
+}
+
+/// What of `files` must be converted before it is served: a GGUF (see [`gguf_in`]),
+/// else a PyTorch checkpoint (see [`pickle_in`]); `None` for safetensors models.
+pub fn to_convert_in(
+    files: &dyn ModelFiles,
+    serialized_file: Option<&str>,
+) -> Result<Option<ToConvert>> {
+    if let Some(gguf) = gguf_in(files, serialized_file)? {
+        return Ok(Some(ToConvert::Gguf(gguf)));
+    }
+    Ok(pickle_in(files, serialized_file)?.map(ToConvert::TorchPickle))
+}
+
+/// The PyTorch checkpoint of `files` to serve, when they hold no safetensors:
+/// `serialized_file` when it names one (TorchServe's `--serialized-file
+/// densenet161-8d451a50.pth`), else the first `.pth`, `.pt` or `pytorch_model.bin`.
+pub fn pickle_in(files: &dyn ModelFiles, serialized_file: Option<&str>) -> Result<Option<String>> {
+    if has_safetensors(files)? {
+        return Ok(None);
+    }
+    let pickled = |name: &str| [".pth", ".pt", ".bin"].iter().any(|s| name.ends_with(s));
+    if let Some(named) = serialized_file.filter(|f| pickled(f)) {
+        return Ok(Some(named.to_string()));
+    }
+    Ok([".pth", ".pt", "pytorch_model.bin"]
+        .iter()
+        .find_map(|suffix| files.find(suffix).into_iter().next()))
+}
+
+fn has_safetensors(files: &dyn ModelFiles) -> Result<bool> {
+    Ok([files::SINGLE_WEIGHTS, files::SHARD_INDEX]
+        .into_iter()
+        .map(|name| files.locate(name))
+        .collect::<std::result::Result<Vec<_>, _>>()?
+        .iter()
+        .any(Option::is_some))
 }
 
 /// The GGUF file of `files` to serve, when they hold a GGUF model and no safetensors:
 /// `serialized_file` when it names one, else the first `.gguf` found.
 pub fn gguf_in(files: &dyn ModelFiles, serialized_file: Option<&str>) -> Result<Option<String>> {
     let ggufs = files.find(".gguf");
-    let has_safetensors = [files::SINGLE_WEIGHTS, files::SHARD_INDEX]
-        .into_iter()
-        .map(|name| files.locate(name))
-        .collect::<std::result::Result<Vec<_>, _>>()?
-        .iter()
-        .any(Option::is_some);
-    if has_safetensors || ggufs.is_empty() {
+    if has_safetensors(files)? || ggufs.is_empty() {
         return Ok(None);
     }
     Ok(Some(
@@ -377,22 +420,59 @@ pub fn gguf_in(files: &dyn ModelFiles, serialized_file: Option<&str>) -> Result<
     ))
 }
 
-/// A GGUF model converted once into the offload folder — `offload_folder` from
-/// setup_config.json, else the server's cache — and served from there: its quantized
-/// tensors kept in their blocks (`torch_dtype` unset or `"auto"`), or dequantized to
-/// the `torch_dtype` given.
-fn convert_gguf(
+/// A model's files with its serialized checkpoint converted once into the offload
+/// folder — `offload_folder` from setup_config.json, else the server's cache — and served
+/// from there: a GGUF's quantized tensors kept in their blocks (`torch_dtype` unset or
+/// `"auto"`), or dequantized to the `torch_dtype` given; a PyTorch state dict's tensors
+/// as they are, beside the archive's other files.
+fn converted(
     archive: &OpenedArchive,
-    gguf: &str,
+    convert: &ToConvert,
     options: &LoadOptions,
     setup: &SetupConfig,
     cache_dir: &std::path::Path,
 ) -> Result<Arc<dyn ModelFiles>> {
-    converted_gguf(&*archive.files, gguf, options.dtype, setup, cache_dir)
-        .map_err(Error::load(&archive.path))
+    match convert {
+        ToConvert::Gguf(gguf) => {
+            converted_gguf(&*archive.files, gguf, options.dtype, setup, cache_dir)
+        }
+        ToConvert::TorchPickle(name) => {
+            converted_pickle(archive.files.clone(), name, setup, cache_dir)
+        }
+    }
+    .map_err(Error::load(&archive.path))
 }
 
-/// [`convert_gguf`] for any model files (`spillway plan` plans a GGUF from its copy).
+fn offload_root(setup: &SetupConfig, cache_dir: &std::path::Path) -> std::path::PathBuf {
+    setup
+        .offload_folder
+        .as_ref()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| cache_dir.join("offload"))
+}
+
+/// [`converted`] for a PyTorch checkpoint of any model files (`spillway plan` plans it
+/// from its copy too).
+pub fn converted_pickle(
+    files: Arc<dyn ModelFiles>,
+    name: &str,
+    setup: &SetupConfig,
+    cache_dir: &std::path::Path,
+) -> std::result::Result<Arc<dyn ModelFiles>, spillway_handlers::HandlerError> {
+    let started = Instant::now();
+    let folder = spillway_handlers::weights::pickle::materialize(
+        &*files,
+        name,
+        &offload_root(setup, cache_dir),
+    )?;
+    tracing::info!(checkpoint = %name, folder = %folder.display(), "PyTorch checkpoint ready as safetensors in {:.2} s", started.elapsed().as_secs_f64());
+    Ok(Arc::new(files::ConvertedWeights {
+        weights: files::FolderFiles::new(folder),
+        rest: files,
+    }))
+}
+
+/// [`converted`] for a GGUF of any model files (`spillway plan` plans a GGUF from its copy).
 pub fn converted_gguf(
     files: &dyn ModelFiles,
     gguf: &str,
@@ -400,12 +480,8 @@ pub fn converted_gguf(
     setup: &SetupConfig,
     cache_dir: &std::path::Path,
 ) -> std::result::Result<Arc<dyn ModelFiles>, spillway_handlers::HandlerError> {
-    let root = setup
-        .offload_folder
-        .as_ref()
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| cache_dir.join("offload"));
     let started = Instant::now();
+    let root = offload_root(setup, cache_dir);
     let folder = spillway_handlers::models::gguf::materialize(files, gguf, &root, dtype)?;
     tracing::info!(gguf = %gguf, folder = %folder.display(), "GGUF ready in {:.2} s", started.elapsed().as_secs_f64());
     Ok(Arc::new(files::FolderFiles::new(folder)))

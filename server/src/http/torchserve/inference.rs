@@ -21,8 +21,16 @@ use crate::http::torchserve::predictions;
 /// The predictions routes (guarded by the inference token when one is set).
 pub fn predictions(state: AppState) -> Router {
     Router::new()
-        .route("/predictions/{model}", post(predict_default))
-        .route("/predictions/{model}/{version}", post(predict_version))
+        // PUT as well as POST: `curl -T kitten.jpg` uploads with PUT, as TorchServe's
+        // quickstart sends it.
+        .route(
+            "/predictions/{model}",
+            post(predict_default).put(predict_default),
+        )
+        .route(
+            "/predictions/{model}/{version}",
+            post(predict_version).put(predict_version),
+        )
         .with_state(state)
 }
 
@@ -61,7 +69,13 @@ async fn predict(state: AppState, name: &str, version: Option<&str>, Body(body):
         Ok(dispatch) => dispatch,
         Err(e) => return e.into_response(),
     };
-    let prediction = match predictions::request(dispatch.model.spec.handler, body) {
+    let kind = dispatch.model.spec.handler;
+    let prediction = match crate::http::multipart::parts(&body).await {
+        Ok(Some(parts)) => predictions::from_parts(kind, parts),
+        Ok(None) => predictions::request(kind, body),
+        Err(e) => Err(e),
+    };
+    let prediction = match prediction {
         Ok(prediction) => prediction,
         Err(e) => {
             dispatch.record(e.kind().status().as_u16());

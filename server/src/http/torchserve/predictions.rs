@@ -10,6 +10,11 @@
 //! - `token_classification`: texts as above; answered with each text's entities.
 //! - `text_generation`: TGI's `{"inputs": "prompt", "parameters": {...}}`, or a
 //!   text/plain prompt; answered `{"generated_text": "..."}`, with `details` when asked.
+//! - `image_classifier`: the image as the body (`curl -T kitten.jpg`, `--data-binary`),
+//!   or JSON holding base64 (a string, `{"data": ...}`, or an array of either for
+//!   several images); a multipart form's `data` parts arrive here as images (see
+//!   [`crate::http::multipart`]). Answered as TorchServe's image_classifier answers: per
+//!   image an object of its top labels and probabilities, most likely first.
 //! - `echo`: the body as it came.
 
 use serde::Deserialize;
@@ -55,8 +60,130 @@ pub fn request(kind: HandlerKind, body: RawBody) -> Result<Prediction> {
             request: Request::Generate(request),
             stream,
         }),
+        HandlerKind::ImageClassifier => Ok(whole(Request::Images(images(&body)?))),
         HandlerKind::Echo => Ok(whole(Request::Raw(body))),
     }
+}
+
+/// The request for a multipart form's input `parts`: images for an image handler, else
+/// the first part read as the whole body would be.
+pub fn from_parts(
+    kind: HandlerKind,
+    parts: Vec<crate::http::multipart::Part>,
+) -> Result<Prediction> {
+    let parts = crate::http::multipart::inputs(parts)?;
+    if kind == HandlerKind::ImageClassifier {
+        return Ok(Prediction {
+            request: Request::Images(parts.into_iter().map(|p| p.bytes).collect()),
+            stream: false,
+        });
+    }
+    let part = parts
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad("the form has no input"))?;
+    request(
+        kind,
+        RawBody {
+            content_type: part.content_type,
+            bytes: part.bytes,
+        },
+    )
+}
+
+/// An image sent as base64 text (a `data:` URL's payload too).
+pub fn base64_image(text: &str, index: usize) -> Result<Vec<u8>> {
+    use base64::Engine;
+    let payload = match text.find(";base64,") {
+        Some(at) if text.starts_with("data:") => &text[at + ";base64,".len()..],
+        _ => text,
+    };
+    let compact: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(compact.as_bytes()))
+        .map_err(|e| {
+            bad(format!(
+                "image {index} is neither an image body nor base64 text: {e}"
+            ))
+        })
+}
+
+/// The images of an image handler's body.
+fn images(body: &RawBody) -> Result<Vec<Vec<u8>>> {
+    let Some(value) = json_of(body)? else {
+        if body.bytes.is_empty() {
+            return Err(bad(
+                "the request has no image: send it as the body (curl -T kitten.jpg)",
+            ));
+        }
+        return Ok(vec![body.bytes.clone()]);
+    };
+    fn item(value: &Value, index: usize) -> Result<Vec<u8>> {
+        match value {
+            Value::String(text) => base64_image(text, index),
+            Value::Object(fields) => match ["data", "body", "b64", "image"]
+                .iter()
+                .find_map(|k| fields.get(*k))
+            {
+                Some(Value::String(text)) => base64_image(text, index),
+                _ => Err(bad(format!(
+                    "image {index}: an object must hold base64 under data, body, b64 or image"
+                ))),
+            },
+            other => Err(bad(format!(
+                "image {index} is {}, not base64 text",
+                json_kind(other)
+            ))),
+        }
+    }
+    let images = match &value {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| item(v, i))
+            .collect::<Result<Vec<_>>>()?,
+        Value::Object(fields)
+            if matches!(
+                fields.get("data").or(fields.get("instances")),
+                Some(Value::Array(_))
+            ) =>
+        {
+            let Some(Value::Array(items)) = fields.get("data").or(fields.get("instances")) else {
+                unreachable!("matched above")
+            };
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| item(v, i))
+                .collect::<Result<Vec<_>>>()?
+        }
+        single => vec![item(single, 0)?],
+    };
+    if images.is_empty() {
+        return Err(bad("the request has no image"));
+    }
+    Ok(images)
+}
+
+/// One image's top labels as TorchServe's image_classifier writes them: an object from
+/// label to probability, most likely first (the order is kept: written by hand, as
+/// serde_json's maps sort their keys).
+pub fn labels_json(labels: &[spillway_handlers::ScoredLabel]) -> String {
+    let fields: Vec<String> = labels
+        .iter()
+        .map(|l| {
+            format!(
+                "{}:{}",
+                Value::String(l.label.clone()),
+                json!(l.probability)
+            )
+        })
+        .collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 /// One chunk of a streamed generation, a line of JSON: `{"token_id", "text"}` per
@@ -100,6 +227,15 @@ pub fn answer(output: Output) -> Result<(String, Vec<u8>)> {
                 .collect(),
         )),
         Output::Generation(generation) => json(generation_json(generation)),
+        // One image (TorchServe's one request): its object; several: an array of them.
+        Output::Labels(per_image) => {
+            let objects: Vec<String> = per_image.iter().map(|l| labels_json(l)).collect();
+            let text = match objects.as_slice() {
+                [one] => one.clone(),
+                many => format!("[{}]", many.join(",")),
+            };
+            Ok(("application/json".to_string(), text.into_bytes()))
+        }
         Output::Raw(body) => Ok((
             body.content_type
                 .unwrap_or_else(|| "application/octet-stream".into()),

@@ -1,0 +1,499 @@
+//! The `image_classifier` handler, TorchServe's name and contract: each image decoded
+//! and preprocessed before queueing (a broken image fails only its request), batches of
+//! images through one vision network, a softmax, and each image's top 5 labels with
+//! their probabilities, most likely first. Labels from the archive's
+//! `index_to_name.json` (values `"label"` or `["wnid", "label"]`: the last element), else
+//! config.json's `id2label`, else the class index. Preprocessing is TorchServe's for
+//! torchvision checkpoints, a `preprocessor_config.json`'s where the model has one.
+//!
+//! The network is recognized from its weights ([`crate::models::vision::torchvision`]):
+//! no `model.py` is run. Vision networks are small and compute-bound: the whole network
+//! is resident where the plan puts it; a plan that streams part of it from disk is
+//! refused with the room it needs.
+
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::error::CandleContext;
+use crate::images::{ImageLimits, Preprocess, decode_rgb};
+use crate::models::vision::checkpoint::CanonicalWeights;
+use crate::models::vision::graph::Network;
+use crate::models::vision::torchvision;
+use crate::tasks::encoder_text::device_name;
+use crate::weights::WeightsWatch;
+use crate::weights::files::read_json;
+use crate::weights::layer_stack::UnitPlacement;
+use crate::{
+    Handler, HandlerError, HandlerInfo, HandlerKind, ImageInput, Input, LoadOptions, ModelFiles,
+    Output, Request, ScoredLabel,
+};
+
+/// Labels each image is answered with (TorchServe's `topk`).
+pub const TOP_K: usize = 5;
+
+/// Images per forward pass: bounds activation memory whatever the batch size.
+const MAX_IMAGES_PER_FORWARD: usize = 16;
+
+pub struct ImageClassifier {
+    network: Network,
+    preprocess: Preprocess,
+    limits: ImageLimits,
+    labels: Vec<String>,
+    parameters: usize,
+    watch: WeightsWatch,
+}
+
+/// Class names in index order: `index_to_name.json`, else config.json's `id2label`, else
+/// the indices themselves.
+fn labels(files: &dyn ModelFiles, classes: usize) -> Result<Vec<String>, HandlerError> {
+    let mut labels: Vec<String> = (0..classes).map(|i| i.to_string()).collect();
+    if let Some(map) =
+        read_json::<serde_json::Map<String, serde_json::Value>>(files, "index_to_name.json")?
+    {
+        for (key, value) in map {
+            let bad =
+                |why: &str| HandlerError::bad_file("index_to_name.json", format!("`{key}`: {why}"));
+            let index: usize = key.parse().map_err(|_| bad("keys are class indices"))?;
+            let label = match &value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(items) => items
+                    .last()
+                    .and_then(|v| v.as_str())
+                    .ok_or_else(|| bad("a list value must end with the label"))?
+                    .to_string(),
+                _ => return Err(bad("values are a label or a list ending with one")),
+            };
+            if let Some(slot) = labels.get_mut(index) {
+                *slot = label;
+            }
+        }
+    } else if let Some(config) = read_json::<serde_json::Value>(files, "config.json")?
+        && config.get("id2label").is_some()
+    {
+        let named = crate::tasks::text_classification::labels(&config)?;
+        for (slot, label) in labels.iter_mut().zip(named) {
+            *slot = label;
+        }
+    }
+    Ok(labels)
+}
+
+/// The one device every unit of the plan is resident on (the CPU without a plan).
+fn resident_device(options: &LoadOptions) -> Result<Device, HandlerError> {
+    let Some(plan) = &options.plan else {
+        return Ok(options.device.clone());
+    };
+    let mut device: Option<Device> = None;
+    for unit in &plan.units {
+        match options.placement_of(&unit.name)? {
+            UnitPlacement::Streamed(_) => {
+                let total: u64 = plan.units.iter().map(|u| u.bytes).sum();
+                return Err(HandlerError::Unsupported(format!(
+                    "image models run resident, but the plan puts `{}` on disk: the model needs \
+                     {:.1} MiB on one device (raise max_memory)",
+                    unit.name,
+                    total as f64 / (1 << 20) as f64
+                )));
+            }
+            UnitPlacement::Resident(d) => match &device {
+                Some(first) if !first.same_device(&d) => {
+                    return Err(HandlerError::Unsupported(format!(
+                        "image models run on one device, but the plan splits them ({} and {})",
+                        device_name(first),
+                        device_name(&d)
+                    )));
+                }
+                Some(_) => {}
+                None => device = Some(d),
+            },
+        }
+    }
+    Ok(device.unwrap_or_else(|| options.device.clone()))
+}
+
+impl ImageClassifier {
+    pub fn load(files: &dyn ModelFiles, options: &LoadOptions) -> Result<Self, HandlerError> {
+        if options.dtype.is_some_and(|d| d != DType::F32) {
+            return Err(HandlerError::Unsupported(format!(
+                "image_classifier runs in float32; torch_dtype {:?} is not served for image models yet",
+                options.dtype
+            )));
+        }
+        let weights = CanonicalWeights::new(files.model_weights()?);
+        let graph = torchvision::recognize(&weights.shapes())?;
+        let device = resident_device(options)?;
+        let parameters = weights.source().parameters();
+        let labels = labels(files, graph.classes)?;
+        let preprocess = match read_json::<serde_json::Value>(files, "preprocessor_config.json")? {
+            Some(config) => Preprocess::from_hf(&config)?,
+            None => Preprocess::torchserve_image_classifier(),
+        };
+        let network = Network::load(graph, &weights, &device)?;
+        if let Some(changed) = weights.source().changed() {
+            return Err(changed);
+        }
+        Ok(Self {
+            network,
+            preprocess,
+            limits: ImageLimits::default(),
+            labels,
+            parameters,
+            watch: weights.source().watch(),
+        })
+    }
+
+    /// Class probabilities of each image, `[images][classes]`.
+    pub fn probabilities(&self, images: &[&ImageInput]) -> Result<Vec<Vec<f32>>, HandlerError> {
+        let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
+            let mut rows = Vec::with_capacity(images.len());
+            // Images of one size share a forward pass (they all do once cropped).
+            let mut start = 0;
+            while start < images.len() {
+                let (w, h) = (images[start].width, images[start].height);
+                let end = (start..images.len())
+                    .take(MAX_IMAGES_PER_FORWARD)
+                    .take_while(|&i| (images[i].width, images[i].height) == (w, h))
+                    .last()
+                    .map_or(start + 1, |i| i + 1);
+                let pixels: Vec<f32> = images[start..end]
+                    .iter()
+                    .flat_map(|i| i.pixels.iter().copied())
+                    .collect();
+                let batch = Tensor::from_vec(pixels, (end - start, 3, h, w), &Device::Cpu)?;
+                let logits = self.network.forward(&batch)?;
+                let probabilities =
+                    candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+                rows.extend(probabilities.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
+                start = end;
+            }
+            Ok(rows)
+        };
+        forward().context(|| format!("image forward pass failed (batch of {})", images.len()))
+    }
+
+    /// The top labels of one image's probabilities, most likely first.
+    fn top(&self, probabilities: &[f32]) -> Vec<ScoredLabel> {
+        let mut order: Vec<usize> = (0..probabilities.len()).collect();
+        order.sort_by(|a, b| {
+            probabilities[*b]
+                .total_cmp(&probabilities[*a])
+                .then(a.cmp(b))
+        });
+        order
+            .into_iter()
+            .take(TOP_K)
+            .map(|i| ScoredLabel {
+                label: self.labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
+                probability: probabilities[i],
+            })
+            .collect()
+    }
+}
+
+impl Handler for ImageClassifier {
+    fn weights_changed(&self) -> Option<HandlerError> {
+        self.watch.changed()
+    }
+
+    fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
+        let Request::Images(images) = request else {
+            return Err(HandlerError::Input(
+                "image_classifier takes images (the image as the body, a multipart field `data`, \
+                 or base64 in JSON)"
+                    .into(),
+            ));
+        };
+        if images.is_empty() {
+            return Err(HandlerError::Input("the request has no image".into()));
+        }
+        let inputs = images
+            .iter()
+            .enumerate()
+            .map(|(i, bytes)| {
+                let rgb = decode_rgb(bytes, &self.limits).map_err(|e| match e {
+                    HandlerError::Input(why) if images.len() > 1 => {
+                        HandlerError::Input(format!("image {i}: {why}"))
+                    }
+                    other => other,
+                })?;
+                let (width, height) = self.preprocess.output_size(rgb.width, rgb.height);
+                Ok(ImageInput {
+                    width,
+                    height,
+                    pixels: self.preprocess.apply(&rgb),
+                })
+            })
+            .collect::<Result<Vec<_>, HandlerError>>()?;
+        Ok(Input::Images(inputs))
+    }
+
+    fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
+        let mut images = Vec::new();
+        for input in batch {
+            match input {
+                Input::Images(inputs) => images.extend(inputs.iter()),
+                _ => {
+                    return Err(HandlerError::Input(
+                        "image_classifier runs images only".into(),
+                    ));
+                }
+            }
+        }
+        let probabilities = self.probabilities(&images)?;
+        let mut rows = probabilities.iter();
+        Ok(batch
+            .iter()
+            .map(|input| {
+                let count = match input {
+                    Input::Images(inputs) => inputs.len(),
+                    _ => 0,
+                };
+                Ok(Output::Labels(
+                    rows.by_ref().take(count).map(|p| self.top(p)).collect(),
+                ))
+            })
+            .collect())
+    }
+
+    fn info(&self) -> HandlerInfo {
+        HandlerInfo {
+            handler: HandlerKind::ImageClassifier,
+            architecture: Some(self.network.graph.architecture.clone()),
+            dtype: Some("float32".into()),
+            device: device_name(self.network.device()),
+            max_input_tokens: None,
+            streamed_units: None,
+            parameters: Some(self.parameters),
+            weights: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::testing::decoder_fixtures::{rebuild, write_weights};
+    use crate::weights::files::{ConvertedWeights, FolderFiles};
+
+    /// Each fixture family and the architecture it must be recognized as.
+    const FAMILIES: [(&str, &str); 9] = [
+        ("densenet", "densenet (growth 8, blocks [2, 3])"),
+        ("resnet", "resnet (blocks [1, 1, 1, 1])"),
+        ("resnext", "resnet (blocks [1, 1, 1, 1], bottleneck)"),
+        ("vgg_bn", "vgg9_bn"),
+        ("vgg", "vgg10"),
+        ("alexnet", "alexnet"),
+        ("squeezenet1_0", "squeezenet1_0"),
+        ("squeezenet1_1", "squeezenet1_1"),
+        ("mobilenet_v2", "mobilenet_v2"),
+    ];
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
+    }
+
+    /// The fixture images by name.
+    fn inputs() -> Vec<(String, Vec<u8>)> {
+        let mut inputs: Vec<(String, Vec<u8>)> = std::fs::read_dir(fixtures().join("inputs"))
+            .expect("inputs")
+            .map(|e| {
+                let e = e.expect("entry");
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).expect("read"),
+                )
+            })
+            .collect();
+        inputs.sort();
+        inputs
+    }
+
+    /// The DenseNet fixture as the quickstart ships it: a `.pth` with the legacy names,
+    /// converted as the server converts it, labels read from the archive beside it.
+    fn densenet_from_pth(dir: &Path) -> ConvertedWeights {
+        let archive = dir.join("archive");
+        std::fs::create_dir_all(&archive).expect("mkdir");
+        let tensors = rebuild(&fixtures().join("densenet")).expect("recipe");
+        assert!(
+            tensors
+                .iter()
+                .any(|(n, _)| n.contains("denselayer1.norm.1.weight"))
+        );
+        crate::testing::pth::write_state_dict(&tensors, &archive.join("densenet.pth"))
+            .expect("pth");
+        let files = FolderFiles::new(&archive);
+        let converted =
+            crate::weights::pickle::materialize(&files, "densenet.pth", &dir.join("offload"))
+                .expect("convert");
+        ConvertedWeights {
+            weights: FolderFiles::new(converted),
+            rest: Arc::new(files),
+        }
+    }
+
+    /// Every family through decoding, TorchServe's transform and the network, all images
+    /// in one batch, against torchvision's probabilities for the same files.
+    #[test]
+    fn every_torchvision_family_matches_torchvisions_probabilities() {
+        let inputs = inputs();
+        for (family, architecture) in FAMILIES {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let handler = if family == "densenet" {
+                ImageClassifier::load(&densenet_from_pth(dir.path()), &LoadOptions::default())
+            } else {
+                write_weights(&fixtures().join(family), dir.path()).expect("weights");
+                ImageClassifier::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            }
+            .unwrap_or_else(|e| panic!("{family}: {e}"));
+            assert_eq!(handler.info().architecture.as_deref(), Some(architecture));
+            let reference: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(fixtures().join(family).join("reference.json")).expect("reference"),
+            )
+            .expect("json");
+            let prepared: Vec<ImageInput> = inputs
+                .iter()
+                .flat_map(|(_, bytes)| {
+                    match handler.prepare(Request::Images(vec![bytes.clone()])) {
+                        Ok(Input::Images(images)) => images,
+                        other => panic!("{family}: {other:?}"),
+                    }
+                })
+                .collect();
+            let got = handler
+                .probabilities(&prepared.iter().collect::<Vec<_>>())
+                .expect("forward");
+            let (mut lossless, mut jpeg) = (0f32, 0f32);
+            for ((name, _), got) in inputs.iter().zip(&got) {
+                let want: Vec<f32> =
+                    serde_json::from_value(reference["probabilities"][name].clone())
+                        .expect("probabilities");
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0f32, f32::max);
+                // Every format decodes to Pillow's pixels (JPEG by libjpeg-turbo's decoder, as
+                // Pillow's) and resizes to its bytes: what differs is float rounding.
+                let bound = 1e-4;
+                assert!(
+                    worst <= bound,
+                    "{family} {name}: {got:?} vs torchvision {want:?}"
+                );
+                let slot = if name.ends_with(".jpg") {
+                    &mut jpeg
+                } else {
+                    &mut lossless
+                };
+                *slot = slot.max(worst);
+            }
+            eprintln!(
+                "{family}: largest |p - torchvision's| {lossless:.1e} (lossless inputs), {jpeg:.1e} (JPEG)"
+            );
+        }
+    }
+
+    /// Labels from index_to_name.json (a label or `[wnid, label]`), most likely first,
+    /// five of them; one answer per image of each request in a batch.
+    #[test]
+    fn answers_are_the_top_five_labels_of_each_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_weights(&fixtures().join("squeezenet1_1"), dir.path()).expect("weights");
+        let names: serde_json::Map<String, serde_json::Value> = (0..10)
+            .map(|i| {
+                let label = if i % 2 == 0 {
+                    serde_json::json!([format!("n0{i}"), format!("class {i}")])
+                } else {
+                    serde_json::json!(format!("class {i}"))
+                };
+                (i.to_string(), label)
+            })
+            .collect();
+        std::fs::write(
+            dir.path().join("index_to_name.json"),
+            serde_json::to_vec(&names).expect("json"),
+        )
+        .expect("write");
+        let handler = ImageClassifier::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .expect("load");
+        let inputs = inputs();
+        let batch = vec![
+            handler
+                .prepare(Request::Images(vec![
+                    inputs[0].1.clone(),
+                    inputs[1].1.clone(),
+                ]))
+                .expect("two"),
+            handler
+                .prepare(Request::Images(vec![inputs[2].1.clone()]))
+                .expect("one"),
+        ];
+        let answers = handler.run(&batch).expect("run");
+        let counts: Vec<usize> = answers
+            .iter()
+            .map(|a| match a {
+                Ok(Output::Labels(per_image)) => per_image.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(counts, [2, 1]);
+        let Ok(Output::Labels(per_image)) = &answers[1] else {
+            unreachable!()
+        };
+        let top = &per_image[0];
+        assert_eq!(top.len(), TOP_K);
+        assert!(
+            top.windows(2).all(|w| w[0].probability >= w[1].probability),
+            "{top:?}"
+        );
+        assert!(top.iter().all(|l| l.label.starts_with("class ")), "{top:?}");
+        // The same image alone gives the same answer as in a batch.
+        let alone = handler
+            .run(&[handler
+                .prepare(Request::Images(vec![inputs[2].1.clone()]))
+                .expect("p")])
+            .expect("run");
+        assert_eq!(
+            alone[0].as_ref().expect("ok"),
+            answers[1].as_ref().expect("ok")
+        );
+    }
+
+    #[test]
+    fn a_broken_image_fails_its_request_with_a_client_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_weights(&fixtures().join("squeezenet1_1"), dir.path()).expect("weights");
+        let handler = ImageClassifier::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .expect("load");
+        let good = inputs()[0].1.clone();
+        let err = handler
+            .prepare(Request::Images(vec![
+                good,
+                b"PK\x03\x04not an image".to_vec(),
+            ]))
+            .expect_err("broken");
+        assert!(matches!(err, HandlerError::Input(_)), "{err:?}");
+        assert!(err.to_string().starts_with("image 1:"), "{err}");
+        assert!(
+            handler
+                .prepare(Request::Texts(vec!["a cat".into()]))
+                .is_err()
+        );
+    }
+
+    /// Weights that are no torchvision classifier are refused, naming what they hold.
+    #[test]
+    fn unrecognized_weights_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = candle_core::Tensor::zeros((4, 4), DType::F32, &Device::Cpu).expect("t");
+        let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+            [("encoder.block.0.weight".to_string(), t)].into();
+        candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))
+            .expect("save");
+        let err = ImageClassifier::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("encoder.block.0.weight"), "{err}");
+    }
+}

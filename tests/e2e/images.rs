@@ -353,3 +353,115 @@ fn broken_images_are_client_errors_and_good_requests_keep_their_answers() {
     assert_eq!(after.status().as_u16(), 200);
     server.terminate();
 }
+
+/// README's quickstart block: its three commands, in order.
+fn readme_quickstart() -> [String; 3] {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("TorchServe's quickstart runs unchanged")
+        .expect("the README shows the quickstart");
+    let block = &readme[start..];
+    let block = &block[block.find("```sh").unwrap() + 5..];
+    let block = &block[..block.find("```").unwrap()];
+    let lines: Vec<String> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[0].starts_with("torch-model-archiver ") && lines[1].starts_with("spillway serve ")
+    );
+    assert!(lines[2].starts_with("curl "));
+    [lines[0].clone(), lines[1].clone(), lines[2].clone()]
+}
+
+/// TorchServe's quickstart as the README shows it: torch-model-archiver (the real one,
+/// from PyPI) packs model.py, the .pth and index_to_name.json; `spillway serve` takes the
+/// store and `--models` as written; curl -T gets the handler's own answer.
+#[test]
+fn the_readme_quickstart_runs_as_written() {
+    let [archive, serve, curl] = readme_quickstart();
+    if !crate::clients::python_has("model_archiver", "the_readme_quickstart_runs_as_written") {
+        return;
+    }
+    let fixture = Fixture::new();
+    let work = fixture.dir.path().join("quickstart");
+    quickstart_folder(&work);
+    std::fs::create_dir_all(work.join("model_store")).unwrap();
+    std::fs::copy(
+        images().join("inputs/scene.jpg"),
+        work.join("kitten_small.jpg"),
+    )
+    .unwrap();
+    // The console script where pip put it on PATH, else the same entry point by module.
+    let archive = if Command::new("torch-model-archiver")
+        .arg("--help")
+        .output()
+        .is_ok()
+    {
+        archive
+    } else {
+        archive.replacen(
+            "torch-model-archiver",
+            "python3 -m model_archiver.model_packaging",
+            1,
+        )
+    };
+    let packed = Command::new("bash")
+        .args(["-c", &archive])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(
+        packed.status.success(),
+        "{archive}: {}",
+        String::from_utf8_lossy(&packed.stderr)
+    );
+    let mar = work.join("model_store/densenet161.mar");
+    assert!(
+        mar.is_file(),
+        "torch-model-archiver wrote no {}",
+        mar.display()
+    );
+
+    // `spillway serve --model-store model_store --models ...`: the store and the flags as
+    // written, on free ports.
+    let words: Vec<&str> = serve.split_whitespace().collect();
+    let store_at = words.iter().position(|w| *w == "--model-store").unwrap();
+    let store = work.join(words[store_at + 1]);
+    let rest: Vec<&str> = words[2..]
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i + 2 != store_at && *i + 2 != store_at + 1)
+        .map(|(_, w)| *w)
+        .collect();
+    let server = TestServer::start(&store, &fixture.cache(), &rest);
+    server.wait_healthy();
+    let host = server.inference.trim_start_matches("http://").to_string();
+    let curl = curl.replace("127.0.0.1:8080", &host);
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &curl.replacen("curl ", "curl --silent --show-error ", 1),
+        ])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{curl}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = in_process(
+        &work,
+        &std::fs::read(work.join("kitten_small.jpg")).unwrap(),
+    );
+    assert_answer(
+        &String::from_utf8_lossy(&out.stdout),
+        &want,
+        "the README's curl -T",
+    );
+    server.terminate();
+}

@@ -17,7 +17,7 @@ Run (downloads torch, torchvision, torchserve into the bench venv once; needs ja
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, VENV  # noqa: E402
+from common import ROOT, VENV, write_section  # noqa: E402
 
 CONNECTIONS = (1, 2, 8)
 MODEL = "densenet161"
@@ -235,17 +235,7 @@ def main():
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        path = os.path.join(ROOT, "BENCHMARKS.md")
-        text = open(path).read()
-        heading = "## Images against TorchServe (DenseNet-161 quickstart)"
-        section = f"{heading}\n\n{table}\n"
-        if heading in text:
-            start = text.index(heading)
-            end = text.find("\n## ", start + len(heading))
-            text = text[:start] + section + (text[end + 1:] if end != -1 else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        open(path, "w").write(text)
+        write_section("Images against TorchServe (DenseNet-161 quickstart)", table)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@
 //! any lowercase ASCII text (letters and `##letters`), and the pooling files.
 
 pub mod decoder_fixtures;
+pub mod images;
 pub mod pth;
 
 use std::path::Path;

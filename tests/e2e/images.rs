@@ -281,19 +281,7 @@ fn broken_images_are_client_errors_and_good_requests_keep_their_answers() {
     server.wait_healthy();
     let url = format!("{}/predictions/quick", server.inference);
 
-    let mut bomb = std::fs::read(images().join("inputs/gray.png")).unwrap();
-    bomb[16..20].copy_from_slice(&200_000u32.to_be_bytes());
-    bomb[20..24].copy_from_slice(&200_000u32.to_be_bytes());
-    let crc = bomb[12..29].iter().fold(!0u32, |crc, &b| {
-        (0..8).fold(crc ^ u32::from(b), |c, _| {
-            if c & 1 == 1 {
-                (c >> 1) ^ 0xEDB8_8320
-            } else {
-                c >> 1
-            }
-        })
-    });
-    bomb[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    let bomb = spillway_handlers::testing::images::png_declaring(200_000);
     let broken: Vec<(&str, Vec<u8>, &str)> = vec![
         (
             "truncated JPEG",

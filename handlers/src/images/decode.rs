@@ -219,21 +219,7 @@ mod tests {
     /// nothing near 30 GB is allocated.
     #[test]
     fn a_declared_size_past_the_limit_is_refused_before_decoding() {
-        let mut bomb = png(1, 1, image::ExtendedColorType::L8, &[0]);
-        // IHDR's width and height follow the 8-byte signature, length and type.
-        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-        // The chunk's CRC-32 (over type and data) made good again.
-        let crc = bomb[12..29].iter().fold(!0u32, |crc, &b| {
-            (0..8).fold(crc ^ u32::from(b), |c, _| {
-                if c & 1 == 1 {
-                    (c >> 1) ^ 0xEDB8_8320
-                } else {
-                    c >> 1
-                }
-            })
-        });
-        bomb[29..33].copy_from_slice(&(!crc).to_be_bytes());
+        let bomb = crate::testing::images::png_declaring(100_000);
         let err = decode_rgb(&bomb, &ImageLimits::default()).expect_err("bomb");
         assert!(err.to_string().contains("past the limit"), "{err}");
     }

@@ -169,14 +169,7 @@ async fn v1_images(state: &AppState, dispatch: &Dispatch, instances: &[Value]) -
         .iter()
         .enumerate()
         .map(|(i, instance)| {
-            let text = match instance {
-                Value::String(text) => Some(text.as_str()),
-                Value::Object(fields) => ["data", "b64", "image"]
-                    .iter()
-                    .find_map(|k| fields.get(*k)?.as_str()),
-                _ => None,
-            }
-            .ok_or_else(|| {
+            let text = instance_string(instance, &["data", "b64", "image"]).ok_or_else(|| {
                 bad(format!(
                     "instance {i} must be base64 text, or an object with it under data or b64"
                 ))
@@ -201,15 +194,18 @@ async fn v1_images(state: &AppState, dispatch: &Dispatch, instances: &[Value]) -
         .into_response())
 }
 
+/// A v1 instance's string: the instance itself, or the first of `keys` it holds.
+fn instance_string<'a>(instance: &'a Value, keys: &[&str]) -> Option<&'a str> {
+    match instance {
+        Value::String(text) => Some(text.as_str()),
+        Value::Object(fields) => keys.iter().find_map(|key| fields.get(*key)?.as_str()),
+        _ => None,
+    }
+}
+
 /// An instance's text: a string, or an object with it under `data`, `text` or `inputs`.
 fn instance_text(instance: &Value) -> Result<String> {
-    let text = match instance {
-        Value::String(text) => Some(text.as_str()),
-        Value::Object(fields) => ["data", "text", "inputs"]
-            .iter()
-            .find_map(|key| fields.get(*key)?.as_str()),
-        _ => None,
-    };
+    let text = instance_string(instance, &["data", "text", "inputs"]);
     text.map(str::to_string).ok_or_else(|| {
         bad("each instance must be a text, or an object with a text under data, text or inputs")
     })

@@ -148,21 +148,8 @@ enum Loaded {
         shift: Tensor,
         act: Act,
     },
-    MaxPool {
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-        ceil: bool,
-    },
-    AvgPool {
-        kernel: usize,
-        stride: usize,
-    },
-    AdaptiveAvgPool {
-        height: usize,
-        width: usize,
-    },
-    Flatten,
+    /// An op without tensors (pools, flatten), as written.
+    Plain(Op),
     Linear(Linear, Act),
     Residual(Vec<Loaded>, Vec<Loaded>, Act),
     DenseConcat(Vec<Loaded>),
@@ -254,26 +241,9 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
                 act: *act,
             }
         }
-        Op::MaxPool {
-            kernel,
-            stride,
-            padding,
-            ceil,
-        } => Loaded::MaxPool {
-            kernel: *kernel,
-            stride: *stride,
-            padding: *padding,
-            ceil: *ceil,
-        },
-        Op::AvgPool { kernel, stride } => Loaded::AvgPool {
-            kernel: *kernel,
-            stride: *stride,
-        },
-        Op::AdaptiveAvgPool { height, width } => Loaded::AdaptiveAvgPool {
-            height: *height,
-            width: *width,
-        },
-        Op::Flatten => Loaded::Flatten,
+        Op::MaxPool { .. } | Op::AvgPool { .. } | Op::AdaptiveAvgPool { .. } | Op::Flatten => {
+            Loaded::Plain(op.clone())
+        }
         Op::Linear { name, act } => {
             let weight = on(source.tensor(&format!("{name}.weight"))?, name)?;
             let bias = on(source.tensor(&format!("{name}.bias"))?, name)?;
@@ -359,12 +329,12 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
         Loaded::Affine { scale, shift, act } => {
             activate(x.broadcast_mul(scale)?.broadcast_add(shift)?, *act)
         }
-        Loaded::MaxPool {
+        Loaded::Plain(Op::MaxPool {
             kernel,
             stride,
             padding,
             ceil,
-        } => {
+        }) => {
             let (_, _, h, w) = x.dims4()?;
             let (oh, ow) = (
                 pooled(h, *kernel, *stride, *padding, *ceil),
@@ -379,8 +349,8 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
             };
             x.max_pool2d_with_stride(*kernel, *stride)
         }
-        Loaded::AvgPool { kernel, stride } => x.avg_pool2d_with_stride(*kernel, *stride),
-        Loaded::AdaptiveAvgPool { height, width } => {
+        Loaded::Plain(Op::AvgPool { kernel, stride }) => x.avg_pool2d_with_stride(*kernel, *stride),
+        Loaded::Plain(Op::AdaptiveAvgPool { height, width }) => {
             let (_, _, h, w) = x.dims4()?;
             if (h, w) == (*height, *width) {
                 return Ok(x);
@@ -405,7 +375,10 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
             }
             Tensor::cat(&rows, 2)
         }
-        Loaded::Flatten => x.flatten_from(1),
+        Loaded::Plain(Op::Flatten) => x.flatten_from(1),
+        Loaded::Plain(other) => Err(candle_core::Error::Msg(format!(
+            "{other:?} holds tensors: it is loaded, not plain"
+        ))),
         Loaded::Linear(linear, act) => activate(linear.forward(&x.contiguous()?)?, *act),
         Loaded::Residual(body, shortcut, act) => {
             let short = if shortcut.is_empty() {

@@ -76,6 +76,20 @@ fn indices(shapes: &Shapes, prefix: &str, suffix: &str) -> Vec<usize> {
     found
 }
 
+/// Global average pooling, flattening and the linear classifier `linear`: the end of
+/// DenseNet, ResNet and MobileNet.
+fn pooled_classifier(ops: &mut Vec<Op>, linear: &str) {
+    ops.push(Op::AdaptiveAvgPool {
+        height: 1,
+        width: 1,
+    });
+    ops.push(Op::Flatten);
+    ops.push(Op::Linear {
+        name: linear.into(),
+        act: Act::None,
+    });
+}
+
 fn classes_of(shapes: &Shapes, head: &str) -> Option<usize> {
     out_dim(shapes, &format!("{head}.weight"))
 }
@@ -143,15 +157,7 @@ fn densenet(shapes: &Shapes) -> Option<Graph> {
         norm: "features.norm5".into(),
         act: Act::Relu,
     });
-    ops.push(Op::AdaptiveAvgPool {
-        height: 1,
-        width: 1,
-    });
-    ops.push(Op::Flatten);
-    ops.push(Op::Linear {
-        name: "classifier".into(),
-        act: Act::None,
-    });
+    pooled_classifier(&mut ops, "classifier");
     let growth = out_dim(shapes, "features.denseblock1.denselayer1.conv2.weight")?;
     let init = out_dim(shapes, "features.conv0.weight")?;
     let architecture = match (growth, init, layer_counts.as_slice()) {
@@ -237,15 +243,7 @@ fn resnet(shapes: &Shapes) -> Option<Graph> {
             });
         }
     }
-    ops.push(Op::AdaptiveAvgPool {
-        height: 1,
-        width: 1,
-    });
-    ops.push(Op::Flatten);
-    ops.push(Op::Linear {
-        name: "fc".into(),
-        act: Act::None,
-    });
+    pooled_classifier(&mut ops, "fc");
     let depth = match (bottleneck, counts.as_slice()) {
         (false, [2, 2, 2, 2]) => Some(18),
         (false, [3, 4, 6, 3]) => Some(34),
@@ -541,15 +539,7 @@ fn mobilenet_v2(shapes: &Shapes) -> Option<Graph> {
         0,
         Act::Relu6,
     ));
-    ops.push(Op::AdaptiveAvgPool {
-        height: 1,
-        width: 1,
-    });
-    ops.push(Op::Flatten);
-    ops.push(Op::Linear {
-        name: "classifier.1".into(),
-        act: Act::None,
-    });
+    pooled_classifier(&mut ops, "classifier.1");
     Some(Graph {
         architecture: "mobilenet_v2".into(),
         ops,

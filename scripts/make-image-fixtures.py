@@ -207,11 +207,39 @@ def build(family, model, gain, head_scale=None):
 GAIN = {"mobilenet_v2": 1.0, "resnet": 0.5, "resnext": 0.5}
 
 
+def write_vit(names):
+    """A Hugging Face ViTForImageClassification with its image processor's config, as
+    transformers saves them, and transformers' probabilities through that processor."""
+    import transformers
+    out = OUT / "vit"
+    out.mkdir(exist_ok=True)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=64, image_size=32, patch_size=8,
+                                    num_labels=CLASSES,
+                                    id2label={i: f"vit_label_{i}" for i in range(CLASSES)},
+                                    label2id={f"vit_label_{i}": i for i in range(CLASSES)})
+    model = transformers.ViTForImageClassification(config)
+    model = decoders.recipe_checkpoint(out, "vit", model, transformers.ViTForImageClassification,
+                                       decoders.recipe)
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    processor.save_pretrained(out)
+    probabilities = {}
+    with torch.no_grad():
+        for name in names:
+            pixels = processor(images=load(name), return_tensors="pt")["pixel_values"]
+            p = torch.softmax(model(pixel_values=pixels).logits, 1)[0]
+            probabilities[name] = [round(float(v), 7) for v in p]
+    (out / "reference.json").write_text(json.dumps(
+        {"transformers": transformers.__version__, "probabilities": probabilities}, indent=1) + "\n")
+    print(f"vit            top {[int(np.argmax(p)) for p in probabilities.values()]}")
+
+
 def main():
     (OUT / "inputs").mkdir(parents=True, exist_ok=True)
     names = write_inputs()
     write_resample()
     write_preprocess(names)
+    write_vit(names)
     for family, model in families().items():
         model, manifest = build(family, model, GAIN.get(family, 1.0))
         out = OUT / family

@@ -18,6 +18,7 @@ use crate::images::{ImageLimits, Preprocess, decode_rgb};
 use crate::models::vision::checkpoint::CanonicalWeights;
 use crate::models::vision::graph::Network;
 use crate::models::vision::torchvision;
+use crate::models::vision::vit::{self, Vit};
 use crate::tasks::encoder_text::device_name;
 use crate::weights::WeightsWatch;
 use crate::weights::files::read_json;
@@ -33,8 +34,27 @@ pub const TOP_K: usize = 5;
 /// Images per forward pass: bounds activation memory whatever the batch size.
 const MAX_IMAGES_PER_FORWARD: usize = 16;
 
+/// The network an image classifier runs.
+enum Classifier {
+    /// A torchvision network, recognized from its weights.
+    Graph(Network),
+    /// A Hugging Face ViT, named by its config.json.
+    Vit(Vit),
+}
+
+impl Classifier {
+    fn forward(&self, images: &Tensor, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Classifier::Graph(network) => network.forward(images),
+            Classifier::Vit(model) => model.forward(&images.to_device(device)?),
+        }
+    }
+}
+
 pub struct ImageClassifier {
-    network: Network,
+    network: Classifier,
+    architecture: String,
+    device: Device,
     preprocess: Preprocess,
     limits: ImageLimits,
     labels: Vec<String>,
@@ -119,20 +139,41 @@ impl ImageClassifier {
             )));
         }
         let weights = CanonicalWeights::new(files.model_weights()?);
-        let graph = torchvision::recognize(&weights.shapes())?;
         let device = resident_device(options)?;
         let parameters = weights.source().parameters();
-        let labels = labels(files, graph.classes)?;
+        let config = read_json::<serde_json::Value>(files, "config.json")?;
+        let (network, architecture, labels) = match &config {
+            Some(config) if vit::serves(config) => {
+                let classes = crate::tasks::text_classification::labels(config)?.len();
+                let model = Vit::load(config, classes, weights.source(), &device)?;
+                (
+                    Classifier::Vit(model),
+                    "vit".to_string(),
+                    labels(files, classes)?,
+                )
+            }
+            _ => {
+                let graph = torchvision::recognize(&weights.shapes())?;
+                let labels = labels(files, graph.classes)?;
+                let architecture = graph.architecture.clone();
+                (
+                    Classifier::Graph(Network::load(graph, &weights, &device)?),
+                    architecture,
+                    labels,
+                )
+            }
+        };
         let preprocess = match read_json::<serde_json::Value>(files, "preprocessor_config.json")? {
             Some(config) => Preprocess::from_hf(&config)?,
             None => Preprocess::torchserve_image_classifier(),
         };
-        let network = Network::load(graph, &weights, &device)?;
         if let Some(changed) = weights.source().changed() {
             return Err(changed);
         }
         Ok(Self {
             network,
+            architecture,
+            device,
             preprocess,
             limits: ImageLimits::default(),
             labels,
@@ -159,7 +200,7 @@ impl ImageClassifier {
                     .flat_map(|i| i.pixels.iter().copied())
                     .collect();
                 let batch = Tensor::from_vec(pixels, (end - start, 3, h, w), &Device::Cpu)?;
-                let logits = self.network.forward(&batch)?;
+                let logits = self.network.forward(&batch, &self.device)?;
                 let probabilities =
                     candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
                 rows.extend(probabilities.to_device(&Device::Cpu)?.to_vec2::<f32>()?);
@@ -257,9 +298,9 @@ impl Handler for ImageClassifier {
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::ImageClassifier,
-            architecture: Some(self.network.graph.architecture.clone()),
+            architecture: Some(self.architecture.clone()),
             dtype: Some("float32".into()),
-            device: device_name(self.network.device()),
+            device: device_name(&self.device),
             max_input_tokens: None,
             streamed_units: None,
             parameters: Some(self.parameters),
@@ -278,7 +319,7 @@ mod tests {
     use crate::weights::files::{ConvertedWeights, FolderFiles};
 
     /// Each fixture family and the architecture it must be recognized as.
-    const FAMILIES: [(&str, &str); 9] = [
+    const FAMILIES: [(&str, &str); 10] = [
         ("densenet", "densenet (growth 8, blocks [2, 3])"),
         ("resnet", "resnet (blocks [1, 1, 1, 1])"),
         ("resnext", "resnet (blocks [1, 1, 1, 1], bottleneck)"),
@@ -288,6 +329,7 @@ mod tests {
         ("squeezenet1_0", "squeezenet1_0"),
         ("squeezenet1_1", "squeezenet1_1"),
         ("mobilenet_v2", "mobilenet_v2"),
+        ("vit", "vit"),
     ];
 
     fn fixtures() -> PathBuf {
@@ -333,10 +375,10 @@ mod tests {
         }
     }
 
-    /// Every family through decoding, TorchServe's transform and the network, all images
-    /// in one batch, against torchvision's probabilities for the same files.
+    /// Every family through decoding, its preprocessing and the network, all images
+    /// in one batch, against torchvision's (transformers' for ViT) probabilities.
     #[test]
-    fn every_torchvision_family_matches_torchvisions_probabilities() {
+    fn every_image_family_matches_its_references_probabilities() {
         let inputs = inputs();
         for (family, architecture) in FAMILIES {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -344,6 +386,13 @@ mod tests {
                 ImageClassifier::load(&densenet_from_pth(dir.path()), &LoadOptions::default())
             } else {
                 write_weights(&fixtures().join(family), dir.path()).expect("weights");
+                // A Hugging Face model's config.json and preprocessor_config.json.
+                for file in ["config.json", "preprocessor_config.json"] {
+                    let from = fixtures().join(family).join(file);
+                    if from.is_file() {
+                        std::fs::copy(&from, dir.path().join(file)).expect("copy");
+                    }
+                }
                 ImageClassifier::load(&FolderFiles::new(dir.path()), &LoadOptions::default())
             }
             .unwrap_or_else(|e| panic!("{family}: {e}"));

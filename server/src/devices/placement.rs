@@ -41,8 +41,11 @@ impl ModelInventory {
     /// `model.safetensors.index.json` lists; without weights, sizes from config.json.
     pub fn read(files: &dyn ModelFiles) -> Result<Self> {
         let config: Option<serde_json::Value> = read_json(files, "config.json")?;
+        // A vision model's config.json describes no layer stack to reserve for: it is
+        // planned from its tensor headers alone (it runs resident).
         let shape = config
             .as_ref()
+            .filter(|c| !spillway_handlers::models::vision::vit::serves(c))
             .map(ModelShape::from_config)
             .transpose()
             .map_err(|e| Error::bad_config("config.json", e))?;

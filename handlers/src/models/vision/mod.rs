@@ -1,11 +1,14 @@
 //! Vision networks: a network is a [`graph::Graph`] of ops naming checkpoint tensors,
 //! written by a recognizer ([`torchvision`]: from a state dict's names and shapes) and
 //! run by one executor ([`graph::Network`]); [`checkpoint`] reads the weights (a
-//! PyTorch `.pth` state dict converted once to safetensors, or safetensors).
+//! PyTorch `.pth` state dict converted once to safetensors, or safetensors). Hugging
+//! Face's transformer classifiers, named by their config.json, are their own modules:
+//! [`vit`].
 
 pub mod checkpoint;
 pub mod graph;
 pub mod torchvision;
+pub mod vit;
 
 use crate::ModelFiles;
 

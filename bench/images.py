@@ -30,8 +30,9 @@ import numpy as np
 work = sys.argv[1]
 torch.manual_seed(0)
 model = torchvision.models.densenet161(weights=None).eval()
+# As the published file: legacy names, and no num_batches_tracked (it predates them).
 legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
-          for k, v in model.state_dict().items()}
+          for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
 torch.save(legacy, f"{work}/densenet161-8d451a50.pth")
 categories = torchvision.models.DenseNet161_Weights.IMAGENET1K_V1.meta["categories"]
 json.dump({str(i): [f"n{i:08d}", c] for i, c in enumerate(categories)},
@@ -72,10 +73,11 @@ def venv():
     py = os.path.join(VENV, "bin/python")
     if not os.path.exists(py):
         subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    probe = "import torch, torchvision, PIL, ts, model_archiver"
+    probe = "import torch, torchvision, PIL, ts, model_archiver, captum"
     if subprocess.run([py, "-c", probe], capture_output=True).returncode:
         subprocess.run([py, "-m", "pip", "install", "--quiet", "torch", "torchvision", "pillow",
-                        "torchserve==0.12.0", "torch-model-archiver==0.12.0", "nvgpu"], check=True)
+                        "torchserve==0.12.0", "torch-model-archiver==0.12.0", "nvgpu", "captum"],
+                       check=True)
     return py
 
 

@@ -111,6 +111,18 @@ impl InPlaceLinear {
     }
 }
 
+/// `c = a · b` for row-major f32 `a` `[m, k]`, `b` `[k, n]` and `c` `[m, n]`: MKL's sgemm
+/// in the `mkl` build, candle's matmul elsewhere (the convolutions' product).
+pub fn sgemm_ab(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) -> Result<()> {
+    if a.len() != m * k || b.len() != k * n || c.len() != m * n {
+        candle_core::bail!("sgemm: [{m}, {k}] x [{k}, {n}] with mismatched buffers");
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    imp::sgemm_ab(a, b, c, m, n, k)
+}
+
 fn c_dim(v: usize) -> Result<std::ffi::c_int> {
     std::ffi::c_int::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{v} overflows")))
 }
@@ -159,6 +171,22 @@ mod imp {
         pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
             x.matmul(&self.0.t()?)
         }
+    }
+
+    /// `c = a · b` with candle's matmul over copies (lengths checked by the caller).
+    pub(super) fn sgemm_ab(
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let device = candle_core::Device::Cpu;
+        let a = Tensor::from_slice(a, (m, k), &device)?;
+        let b = Tensor::from_slice(b, (k, n), &device)?;
+        c.copy_from_slice(&a.matmul(&b)?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
     }
 
     /// `y = x · Wᵀ` with candle's matmul over a copy of `w` (this build has no BLAS to
@@ -247,6 +275,39 @@ mod imp {
 
     /// `y = x · Wᵀ`: `x` `[rows, inp]`, `w` `[out, inp]`, `y` `[rows, out]`, all
     /// row-major, with a plain `sgemm` reading `w` where it is.
+    /// `c = a · b` (lengths checked by the caller).
+    pub(super) fn sgemm_ab(
+        a: &[f32],
+        b: &[f32],
+        c: &mut [f32],
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let (cm, cn, ck) = (super::c_dim(m)?, super::c_dim(n)?, super::c_dim(k)?);
+        // SAFETY: the caller checked a, b and c against [m, k], [k, n] and [m, n]; beta = 0
+        // overwrites c.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                NO_TRANS,
+                cm,
+                cn,
+                ck,
+                1.0,
+                a.as_ptr(),
+                ck,
+                b.as_ptr(),
+                cn,
+                0.0,
+                c.as_mut_ptr(),
+                cn,
+            )
+        };
+        Ok(())
+    }
+
     pub(super) fn sgemm_xwt(
         x: &[f32],
         rows: usize,

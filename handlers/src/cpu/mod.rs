@@ -3,6 +3,7 @@
 //! - [`kernels`]: the fused kernels on slices; [`fused_ops`] the same as candle
 //!   operations on tensors.
 //! - [`linear`]: `x · Wᵀ` for f32 on the CPU (weights packed once for MKL).
+//! - [`conv`]: convolutions as one GEMM per image and per-channel affine maps (vision).
 //! - [`quantized`]: products on GGML-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 //!   kernels of its own; candle's block dot products for the k-quants).
 //! - [`simd`]: runs a kernel's loop compiled for the CPU's widest vector extension.
@@ -10,6 +11,7 @@
 //!   with `mkl`, rayon without).
 //! - [`threads`]: how candle's CPU thread pools are set up (call at start-up).
 
+pub mod conv;
 pub mod fused_ops;
 pub mod kernels;
 #[allow(unsafe_code)] // FFI into MKL's packed GEMM (feature `mkl`).

@@ -134,6 +134,10 @@ const BATCH_NORM_EPS: f64 = 1e-5;
 
 /// An op with its tensors loaded.
 enum Loaded {
+    /// Ungrouped on the CPU: one GEMM per image ([`crate::cpu::conv`]).
+    CpuConv(crate::cpu::conv::Conv),
+    /// A batch norm alone on the CPU, in one pass.
+    CpuAffine(crate::cpu::conv::ChannelAffine),
     Conv {
         weight: Tensor,
         /// `[1, out, 1, 1]`.
@@ -219,6 +223,17 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
                     (w, Some(b))
                 }
             };
+            if *groups == 1 && device.is_cpu() {
+                return crate::cpu::conv::Conv::new(
+                    &weight,
+                    bias.as_ref(),
+                    *stride,
+                    *padding,
+                    cpu_act(*act),
+                )
+                .map(Loaded::CpuConv)
+                .context(|| format!("cannot load `{conv}`"));
+            }
             let bias = bias
                 .map(|b| b.reshape((1, (), 1, 1)))
                 .transpose()
@@ -234,6 +249,14 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
         }
         Op::Norm { norm, act } => {
             let (scale, shift) = norm_affine(source, norm)?;
+            if device.is_cpu() {
+                let values = |t: &Tensor| t.to_vec1::<f32>().context(|| norm.clone());
+                return Ok(Loaded::CpuAffine(crate::cpu::conv::ChannelAffine {
+                    scale: values(&scale)?,
+                    shift: values(&shift)?,
+                    act: cpu_act(*act),
+                }));
+            }
             let shape = |t: Tensor| t.reshape((1, (), 1, 1)).context(|| norm.clone());
             Loaded::Affine {
                 scale: on(shape(scale)?, norm)?,
@@ -266,6 +289,14 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
                 .collect::<Result<_, _>>()?,
         ),
     })
+}
+
+fn cpu_act(act: Act) -> crate::cpu::conv::Activation {
+    match act {
+        Act::None => crate::cpu::conv::Activation::None,
+        Act::Relu => crate::cpu::conv::Activation::Relu,
+        Act::Relu6 => crate::cpu::conv::Activation::Relu6,
+    }
 }
 
 fn activate(x: Tensor, act: Act) -> candle_core::Result<Tensor> {
@@ -304,13 +335,78 @@ fn pad_hw(
 
 fn forward_ops(ops: &[Loaded], mut x: Tensor) -> candle_core::Result<Tensor> {
     for op in ops {
-        x = forward_op(op, x)?;
+        x = if profile::on()
+            && !matches!(
+                op,
+                Loaded::Residual(..) | Loaded::DenseConcat(_) | Loaded::Branches(_)
+            ) {
+            let started = std::time::Instant::now();
+            let y = forward_op(op, x)?;
+            profile::add(op.kind(), started.elapsed());
+            y
+        } else {
+            forward_op(op, x)?
+        };
     }
     Ok(x)
 }
 
+/// Time spent per kind of op, when `SPILLWAY_VISION_PROFILE` is set (examples/image_timing).
+pub mod profile {
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Duration;
+
+    static TOTALS: Mutex<BTreeMap<&'static str, Duration>> = Mutex::new(BTreeMap::new());
+
+    pub fn on() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("SPILLWAY_VISION_PROFILE").is_some())
+    }
+
+    pub(super) fn add(kind: &'static str, took: Duration) {
+        if let Ok(mut totals) = TOTALS.lock() {
+            *totals.entry(kind).or_default() += took;
+        }
+    }
+
+    pub fn reset() {
+        if let Ok(mut totals) = TOTALS.lock() {
+            totals.clear();
+        }
+    }
+
+    /// Milliseconds per kind since the last reset.
+    pub fn totals() -> Vec<(&'static str, f64)> {
+        TOTALS
+            .lock()
+            .map(|t| t.iter().map(|(k, d)| (*k, d.as_secs_f64() * 1e3)).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Loaded {
+    /// What the profile calls it.
+    fn kind(&self) -> &'static str {
+        match self {
+            Loaded::CpuConv(conv) if conv.is_one_by_one() => "conv 1x1",
+            Loaded::Conv { weight, .. } if weight.dims().get(2) == Some(&1) => "conv 1x1",
+            Loaded::CpuConv(_) | Loaded::Conv { .. } => "conv kxk",
+            Loaded::CpuAffine(_) | Loaded::Affine { .. } => "batch norm",
+            Loaded::Plain(Op::MaxPool { .. } | Op::AvgPool { .. } | Op::AdaptiveAvgPool { .. }) => {
+                "pool"
+            }
+            Loaded::Plain(_) => "reshape",
+            Loaded::Linear(..) => "linear",
+            Loaded::Residual(..) | Loaded::DenseConcat(_) | Loaded::Branches(_) => "structure",
+        }
+    }
+}
+
 fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
     match op {
+        Loaded::CpuConv(conv) => conv.forward(&x),
+        Loaded::CpuAffine(affine) => affine.forward(&x),
         Loaded::Conv {
             weight,
             bias,
@@ -390,7 +486,12 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
         }
         Loaded::DenseConcat(body) => {
             let new = forward_ops(body, x.clone())?;
-            Tensor::cat(&[x, new], 1)
+            let started = std::time::Instant::now();
+            let joined = Tensor::cat(&[x, new], 1);
+            if profile::on() {
+                profile::add("concat", started.elapsed());
+            }
+            joined
         }
         Loaded::Branches(branches) => {
             let outs = branches

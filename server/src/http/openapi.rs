@@ -61,9 +61,21 @@ const INFERENCE: &[Endpoint] = &[
         &["model_name"],
     ),
     endpoint(
+        "put",
+        "/predictions/{model_name}",
+        "A prediction from the model's default version, the body uploaded as curl -T sends it (an image).",
+        &["model_name"],
+    ),
+    endpoint(
         "post",
         "/predictions/{model_name}/{model_version}",
         "A prediction from one version.",
+        &["model_name", "model_version"],
+    ),
+    endpoint(
+        "put",
+        "/predictions/{model_name}/{model_version}",
+        "A prediction from one version, the body uploaded as curl -T sends it.",
         &["model_name", "model_version"],
     ),
     endpoint("get", "/v1/models", "OpenAI: the registered models.", &[]),
@@ -273,6 +285,7 @@ mod tests {
         assert_eq!(inference["openapi"], "3.0.1");
         let post = &inference["paths"]["/predictions/{model_name}"]["post"];
         assert_eq!(post["parameters"][0]["in"], "path");
+        assert!(inference["paths"]["/predictions/{model_name}"]["put"].is_object());
         assert!(inference["paths"]["/v1/chat/completions"]["post"].is_object());
         assert!(inference["paths"]["/v1/rerank"]["post"].is_object());
         assert!(inference["paths"].get("/models").is_none());

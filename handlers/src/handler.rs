@@ -242,6 +242,9 @@ pub struct LoadOptions {
     pub max_length: Option<usize>,
     /// Where each unit lives; `None`: everything resident on `device`.
     pub plan: Option<spillway_placement::Plan>,
+    /// model-config.yaml's `handler:` section (TorchServe's handler settings), e.g.
+    /// image_classifier's `topk`.
+    pub handler_config: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Default for LoadOptions {
@@ -251,6 +254,7 @@ impl Default for LoadOptions {
             dtype: None,
             max_length: None,
             plan: None,
+            handler_config: serde_json::Map::new(),
         }
     }
 }

@@ -28,8 +28,26 @@ use crate::{
     Output, Request, ScoredLabel,
 };
 
-/// Labels each image is answered with (TorchServe's `topk`).
+/// Labels each image is answered with unless model-config.yaml's `handler:` section sets
+/// `topk` (TorchServe's image_classifier attribute, 5).
 pub const TOP_K: usize = 5;
+
+/// `topk` from the handler settings: a whole number of at least 1, else [`TOP_K`].
+fn top_k(settings: &serde_json::Map<String, serde_json::Value>) -> Result<usize, HandlerError> {
+    match settings.get("topk") {
+        None => Ok(TOP_K),
+        Some(v) => v
+            .as_u64()
+            .filter(|k| *k >= 1)
+            .map(|k| k as usize)
+            .ok_or_else(|| {
+                HandlerError::bad_file(
+                    "model-config.yaml",
+                    format!("handler.topk must be a whole number of at least 1, got {v}"),
+                )
+            }),
+    }
+}
 
 /// Images per forward pass: bounds activation memory whatever the batch size.
 const MAX_IMAGES_PER_FORWARD: usize = 16;
@@ -53,6 +71,8 @@ impl Classifier {
 
 pub struct ImageClassifier {
     network: Classifier,
+    /// Labels per image in an answer.
+    top_k: usize,
     architecture: String,
     device: Device,
     preprocess: Preprocess,
@@ -172,6 +192,7 @@ impl ImageClassifier {
         }
         Ok(Self {
             network,
+            top_k: top_k(&options.handler_config)?,
             architecture,
             device,
             preprocess,
@@ -221,7 +242,7 @@ impl ImageClassifier {
         });
         order
             .into_iter()
-            .take(TOP_K)
+            .take(self.top_k)
             .map(|i| ScoredLabel {
                 label: self.labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
                 probability: probabilities[i],
@@ -497,6 +518,33 @@ mod tests {
             "{top:?}"
         );
         assert!(top.iter().all(|l| l.label.starts_with("class ")), "{top:?}");
+        // model-config.yaml's `handler: {topk: 3}` answers three.
+        let three = ImageClassifier::load(
+            &FolderFiles::new(dir.path()),
+            &LoadOptions {
+                handler_config: serde_json::json!({"topk": 3})
+                    .as_object()
+                    .cloned()
+                    .expect("map"),
+                ..LoadOptions::default()
+            },
+        )
+        .expect("load");
+        let input = three
+            .prepare(Request::Images(vec![inputs[2].1.clone()]))
+            .expect("p");
+        let Ok(Output::Labels(short)) = three.run(&[input]).expect("run").remove(0) else {
+            unreachable!()
+        };
+        assert_eq!(short[0], top[..3]);
+        let zero = LoadOptions {
+            handler_config: serde_json::json!({"topk": 0})
+                .as_object()
+                .cloned()
+                .expect("map"),
+            ..LoadOptions::default()
+        };
+        assert!(ImageClassifier::load(&FolderFiles::new(dir.path()), &zero).is_err());
         // The same image alone gives the same answer as in a batch.
         let alone = handler
             .run(&[handler

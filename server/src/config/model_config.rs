@@ -1,7 +1,7 @@
 //! [`ModelConfig`]: TorchServe's per-model `model-config.yaml` (`minWorkers`, `batchSize`,
 //! `maxBatchDelay`, ...), with the registration API's query parameters applied on top.
-//! Keys this server does not use (handler-specific sections, `parallelType`, ...) are
-//! accepted and ignored, as TorchServe passes them to handlers.
+//! Keys this server does not use (`parallelType`, ...) are accepted and ignored; the
+//! `handler:` section is kept for the built-in handlers, as TorchServe passes it to its.
 
 use std::time::Duration;
 
@@ -36,6 +36,10 @@ pub struct ModelConfig {
     /// `maxBatchTokens` (text-embeddings-inference's `max_batch_tokens`): a batch also
     /// closes before its padded size (texts × longest text, in tokens) would pass this.
     pub max_batch_tokens: Option<usize>,
+    /// The `handler:` section, as TorchServe hands it to its handler
+    /// (`ctx.model_yaml_config["handler"]`): the built-in handlers read their own keys
+    /// (image_classifier's `topk`).
+    pub handler: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The file as written: every key optional.
@@ -57,6 +61,7 @@ struct ModelConfigFile {
     continuous_batching: Option<bool>,
     threads_per_worker: Option<usize>,
     max_batch_tokens: Option<usize>,
+    handler: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Registration-time overrides (`POST /models?batch_size=..&initial_workers=..`).
@@ -128,6 +133,7 @@ impl ModelConfig {
             continuous_batching: file.continuous_batching.unwrap_or(false),
             threads_per_worker: file.threads_per_worker,
             max_batch_tokens: file.max_batch_tokens,
+            handler: file.handler.unwrap_or_default(),
         };
         if config.max_batch_tokens == Some(0) {
             return Err(Error::bad_config(
@@ -212,7 +218,7 @@ mod tests {
     }
 
     #[test]
-    fn reads_torchserve_keys_and_ignores_handler_sections() {
+    fn reads_torchserve_keys_and_keeps_the_handler_section() {
         let yaml = "minWorkers: 2\nmaxWorkers: 4\nbatchSize: 8\nmaxBatchDelay: 5\nresponseTimeout: 30\n\
                     deviceType: cpu\nparallelType: pp\nhandler:\n  max_length: 50\n";
         let c = parse(yaml).expect("parse");
@@ -220,6 +226,7 @@ mod tests {
         assert_eq!(c.max_batch_delay, Duration::from_millis(5));
         assert_eq!(c.response_timeout, Duration::from_secs(30));
         assert_eq!(c.device_type.as_deref(), Some("cpu"));
+        assert_eq!(c.handler.get("max_length"), Some(&serde_json::json!(50)));
         assert_eq!(
             c.device_request().expect("valid"),
             Some(spillway_placement::DeviceRequest::Cpu)

@@ -90,6 +90,7 @@ impl SetupConfig {
             dtype: self.dtype()?.and_then(spillway_handlers::candle_dtype),
             max_length: self.max_length,
             plan: None,
+            handler_config: serde_json::Map::new(),
         })
     }
 }

@@ -160,7 +160,8 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
     };
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
-    let options = setup.load_options()?;
+    let mut options = setup.load_options()?;
+    options.handler_config = model_config.handler.clone();
     // setup_config.json's `device`, else model-config.yaml's deviceType/deviceIds.
     let device_request = match setup.device_request()? {
         Some(request) => Some(request),

@@ -579,6 +579,53 @@ mod tests {
         );
     }
 
+    /// Image models run resident: a plan that puts one of their units on disk is refused,
+    /// naming the unit and the room the model needs; an all-CPU plan loads.
+    #[test]
+    fn a_plan_with_units_on_disk_is_refused_by_name() {
+        use spillway_placement::{Device as Placed, PlacedUnit, Plan, UnitKind};
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_weights(&fixtures().join("squeezenet1_1"), dir.path()).expect("weights");
+        let plan = |second: Placed| Plan {
+            strategy: "auto".into(),
+            units: vec![
+                PlacedUnit {
+                    name: "features".into(),
+                    bytes: 3 << 20,
+                    device: Placed::CPU,
+                    kind: UnitKind::Post,
+                    tied: vec![],
+                },
+                PlacedUnit {
+                    name: "classifier".into(),
+                    bytes: 1 << 20,
+                    device: second,
+                    kind: UnitKind::Post,
+                    tied: vec![],
+                },
+            ],
+            devices: vec![],
+            stream_device: Placed::CPU,
+            streamed_bytes_per_forward: 0,
+            notes: vec![],
+        };
+        let options = |second| LoadOptions {
+            plan: Some(plan(second)),
+            ..LoadOptions::default()
+        };
+        let err = ImageClassifier::load(&FolderFiles::new(dir.path()), &options(Placed::DISK))
+            .err()
+            .expect("refused");
+        let message = err.to_string();
+        assert!(
+            message.contains("`classifier` on disk") && message.contains("4.0 MiB"),
+            "{message}"
+        );
+        assert!(
+            ImageClassifier::load(&FolderFiles::new(dir.path()), &options(Placed::CPU)).is_ok()
+        );
+    }
+
     /// Weights that are no torchvision classifier are refused, naming what they hold.
     #[test]
     fn unrecognized_weights_are_refused_by_name() {

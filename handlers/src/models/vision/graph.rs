@@ -610,20 +610,13 @@ mod tests {
             &dev,
         )
         .expect("load");
-        let a: Vec<f32> = folded
-            .forward(&x)
-            .expect("run")
-            .flatten_all()
-            .expect("f")
-            .to_vec1()
-            .expect("v");
-        let b: Vec<f32> = apart
-            .forward(&x)
-            .expect("run")
-            .flatten_all()
-            .expect("f")
-            .to_vec1()
-            .expect("v");
+        let run = |network: &Network| -> Vec<f32> {
+            network
+                .forward(&x)
+                .and_then(|y| y.flatten_all()?.to_vec1())
+                .expect("run")
+        };
+        let (a, b) = (run(&folded), run(&apart));
         assert_eq!(a.len(), 2 * 25);
         for (a, b) in a.iter().zip(&b) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");

@@ -5,6 +5,7 @@
 use candle_transformers::generation::Sampling;
 
 use crate::HandlerError;
+use crate::tools::{ToolCall, ToolFunction};
 
 /// Generation parameters, with TGI's names and defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +25,38 @@ pub struct GenerateParameters {
     /// Report each generated token's log-probability and this many most likely
     /// alternatives (at most [`MAX_TOP_LOGPROBS`]); `None` reports none.
     pub logprobs: Option<usize>,
+    /// The grammar the generated text must follow, if any (constrained decoding).
+    pub grammar: Option<Grammar>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`, each in
+    /// [-100, 100]).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Subtracted once from the logit of every token already generated (OpenAI's
+    /// `presence_penalty`, in [-2, 2]).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's
+    /// `frequency_penalty`, in [-2, 2]).
+    pub frequency_penalty: f32,
+    /// Functions whose calls are read out of the answer into
+    /// [`Generation::tool_calls`] (a chat request that offers tools); none: the answer
+    /// is all text.
+    pub tools: Vec<ToolFunction>,
+}
+
+/// What the generated text must be, enforced token by token (constrained decoding): a
+/// token that could not continue a text of this grammar is never sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grammar {
+    /// Any JSON object (OpenAI's `json_object`).
+    JsonObject,
+    /// JSON valid against this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// Text the whole of which this regular expression matches.
+    Regex(String),
+    /// A grammar in llguidance's Lark dialect (which can embed JSON schemas with
+    /// `%json`).
+    Lark(String),
+    /// Exactly one of these strings (vLLM's `guided_choice`).
+    Choice(Vec<String>),
 }
 
 /// The most alternatives a request may ask log-probabilities for (OpenAI's limit).
@@ -45,6 +78,11 @@ impl Default for GenerateParameters {
             details: false,
             ignore_eos: false,
             logprobs: None,
+            grammar: None,
+            logit_bias: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            tools: Vec::new(),
         }
     }
 }
@@ -77,6 +115,28 @@ impl GenerateParameters {
         if self.stop.iter().any(String::is_empty) {
             return bad("stop sequences must not be empty".into());
         }
+        for (name, penalty) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&penalty) {
+                return bad(format!("{name} must be between -2 and 2, got {penalty}"));
+            }
+        }
+        if let Some((id, bias)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, bias)| !(-100.0..=100.0).contains(bias))
+        {
+            return bad(format!(
+                "logit_bias for token {id} must be between -100 and 100, got {bias}"
+            ));
+        }
+        if let Some(Grammar::Choice(choices)) = &self.grammar
+            && choices.is_empty()
+        {
+            return bad("guided_choice needs at least one choice".into());
+        }
         Ok(())
     }
 
@@ -107,6 +167,8 @@ pub enum FinishReason {
     Length,
     EosToken,
     StopSequence,
+    /// The answer called tools ([`Generation::tool_calls`]).
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -116,6 +178,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::EosToken => "eos_token",
             FinishReason::StopSequence => "stop_sequence",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }
@@ -134,6 +197,9 @@ pub struct Generation {
     pub details: bool,
     /// Each generated token's log-probability, when the request asked (else empty).
     pub logprobs: Vec<TokenLogprobs>,
+    /// The calls the answer made, when the request offered tools (`text` is then the
+    /// answer without them).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// A generated token's log-probability under the model (its raw distribution, before

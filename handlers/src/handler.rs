@@ -58,7 +58,7 @@ pub enum Input {
     /// Texts, each tokenized (truncated at the model's input limit).
     Texts(Vec<Encoding>),
     /// A tokenized prompt.
-    Prompt(PromptInput),
+    Prompt(Box<PromptInput>),
     /// Images decoded and preprocessed into model inputs.
     Images(Vec<ImageInput>),
     /// The body as it came.

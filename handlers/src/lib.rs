@@ -31,7 +31,9 @@ pub mod gpu;
 pub mod handler;
 pub mod images;
 pub mod models;
+pub mod sampling;
 pub mod tasks;
+pub mod tools;
 pub mod weights;
 
 #[cfg(any(test, feature = "testing"))]
@@ -41,13 +43,14 @@ pub use chat::{ChatMessage, ChatRequest, ChatTemplate};
 pub use error::{ErrorClass, HandlerError};
 pub use generate::{
     EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
-    MAX_TOP_LOGPROBS, TokenLogprob, TokenLogprobs,
+    Grammar, MAX_TOP_LOGPROBS, TokenLogprob, TokenLogprobs,
 };
 pub use handler::{
     Classification, Entity, Handler, HandlerInfo, HandlerKind, ImageInput, Input, InputSize,
     LoadOptions, Output, PromptInput, RawBody, Request, ScoredLabel, StepBatch, candle_dtype,
 };
 pub use tasks::load;
+pub use tools::{ChatTools, ToolCall, ToolChoice, ToolFunction};
 pub use weights::files::ModelFiles;
 pub use weights::{WeightSource, WeightsWatch};
 

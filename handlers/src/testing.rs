@@ -363,6 +363,93 @@ impl TinyLlama {
     }
 }
 
+/// The end-of-sequence token of [`byte_level_tokenizer_json`].
+pub const BYTE_LEVEL_EOS: u32 = 256;
+
+/// A GPT-2-style byte-level BPE tokenizer.json (as SmolLM2's, Llama 3's and Qwen's
+/// are): one token per byte (id = the byte), `<|endoftext|>` (id
+/// [`BYTE_LEVEL_EOS`], special) and three merged tokens, `{"`, `":` and ` "` (ids
+/// 257–259), so masks see tokens of several bytes. 260 tokens in all.
+pub fn byte_level_tokenizer_json() -> serde_json::Value {
+    // GPT-2's map of bytes to printable characters.
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    let mut vocab = serde_json::Map::new();
+    let mut char_of = std::collections::HashMap::new();
+    for byte in 0..=255u8 {
+        let c = if printable(byte) {
+            char::from(byte)
+        } else {
+            let c = char::from_u32(next).unwrap_or('?');
+            next += 1;
+            c
+        };
+        char_of.insert(byte, c);
+        vocab.insert(c.to_string(), json!(byte));
+    }
+    // In the model's vocabulary too, as GPT-2's is (an added token that is not gets
+    // the next free id instead of its own).
+    vocab.insert("<|endoftext|>".into(), json!(BYTE_LEVEL_EOS));
+    let spell = |text: &str| -> String { text.bytes().map(|b| char_of[&b]).collect() };
+    let merges = [("{", "\""), ("\"", ":"), (" ", "\"")];
+    for (i, (a, b)) in merges.iter().enumerate() {
+        vocab.insert(
+            spell(&format!("{a}{b}")),
+            json!(BYTE_LEVEL_EOS as usize + 1 + i),
+        );
+    }
+    let merges: Vec<String> = merges
+        .iter()
+        .map(|(a, b)| format!("{} {}", spell(a), spell(b)))
+        .collect();
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": BYTE_LEVEL_EOS, "content": "<|endoftext|>", "single_word": false,
+                          "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": byte_level,
+        "post_processor": null,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    })
+}
+
+impl TinyLlama {
+    /// The WordPiece tokenizer.json [`TinyLlama::write_generator`] writes.
+    pub fn wordpiece_tokenizer_json(&self) -> serde_json::Value {
+        tokenizer_json()
+    }
+
+    /// A `text_generation` model folder with [`byte_level_tokenizer_json`]'s tokenizer
+    /// (260 tokens; `vocab_size` is set to that) and its end-of-sequence token.
+    pub fn write_byte_level_generator(&self, dir: &Path) -> Result<(), HandlerError> {
+        let spec = TinyLlama {
+            vocab_size: BYTE_LEVEL_EOS as usize + 4,
+            ..self.clone()
+        };
+        spec.write(dir)?;
+        let io = |source| HandlerError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut config = spec.config();
+        config["eos_token_id"] = json!(BYTE_LEVEL_EOS);
+        config["bos_token_id"] = serde_json::Value::Null;
+        std::fs::write(dir.join("config.json"), config.to_string()).map_err(io)?;
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            byte_level_tokenizer_json().to_string(),
+        )
+        .map_err(io)
+    }
+}
+
 /// Refills every variable deterministically from `seed`: norm weights uniform in
 /// [0.5, 1.5], embeddings in [-1, 1], other matrices in ±1/sqrt(fan_in) (kaiming-uniform's
 /// range), biases in ±0.1.

@@ -102,3 +102,22 @@ fn tritonclient_reads_metadata_and_infers_with_binary_and_json_tensors() {
         "all KServe v2 client checks passed",
     );
 }
+
+#[test]
+fn the_openai_client_gets_json_that_validates_and_tool_calls_that_parse() {
+    let test = "the_openai_client_gets_json_that_validates_and_tool_calls_that_parse";
+    if !python_has("openai", test) || !python_has("jsonschema", test) {
+        return;
+    }
+    let fixture = Fixture::new();
+    let smollm2 = fetch_model("smollm2");
+    fixture.archive("smollm2", "1.0", "text_generation", Some(&smollm2), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    run_client(
+        &server,
+        "structured_client.py",
+        &[server.inference.as_ref(), "smollm2".as_ref()],
+        "all structured-output checks passed",
+    );
+}

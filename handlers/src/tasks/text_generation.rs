@@ -21,6 +21,9 @@ use crate::generate::{
 };
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
 use crate::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
+use crate::sampling::adjust::Adjustments;
+use crate::sampling::{GrammarVocabulary, TokenConstraint};
+use crate::tools::ChatTools;
 use crate::weights::WeightsWatch;
 use crate::{Handler, HandlerError, HandlerInfo, HandlerKind, LoadOptions, ModelFiles};
 
@@ -37,6 +40,9 @@ pub struct TextGeneration {
     holding: String,
     /// Whether the files it still maps changed underneath.
     watch: WeightsWatch,
+    /// The vocabulary for constrained decoding, built on the first request with a
+    /// grammar (or why this tokenizer cannot be used for it).
+    grammar_vocabulary: std::sync::OnceLock<Result<GrammarVocabulary, String>>,
 }
 
 impl TextGeneration {
@@ -82,12 +88,51 @@ impl TextGeneration {
             parameters,
             holding,
             watch: weights.watch(),
+            grammar_vocabulary: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A matcher for the request's grammar, if it has one.
+    fn constraint(
+        &self,
+        parameters: &GenerateParameters,
+    ) -> Result<Option<TokenConstraint>, HandlerError> {
+        let Some(grammar) = &parameters.grammar else {
+            return Ok(None);
+        };
+        let vocabulary = self
+            .grammar_vocabulary
+            .get_or_init(|| {
+                GrammarVocabulary::new(&self.tokenizer, self.model.config().vocab_size, &self.eos)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| HandlerError::Input(e.clone()))?;
+        vocabulary.compile(grammar).map(Some)
+    }
+
+    /// Refuses a `logit_bias` for a token the model does not have.
+    fn check_bias(&self, parameters: &GenerateParameters) -> Result<(), HandlerError> {
+        let vocab = self.model.config().vocab_size;
+        match parameters
+            .logit_bias
+            .iter()
+            .find(|(id, _)| *id as usize >= vocab)
+        {
+            Some((id, _)) => Err(HandlerError::Input(format!(
+                "logit_bias names token {id}, past the model's {vocab} tokens"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The prompt that the model's chat template makes of `messages`, the assistant's
     /// turn begun.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, HandlerError> {
+    pub fn chat_prompt(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&ChatTools>,
+    ) -> Result<String, HandlerError> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
             HandlerError::Input(
                 "this model has no chat template (tokenizer_config.json's chat_template): \
@@ -100,7 +145,7 @@ impl TextGeneration {
                 "the conversation has no messages".into(),
             ));
         }
-        template.render(messages, true)
+        template.render_with_tools(messages, tools)
     }
 
     /// Tokenizes a prompt as the model's tokenizer does (special tokens it adds included).
@@ -161,6 +206,8 @@ impl TextGeneration {
         parameters: &GenerateParameters,
     ) -> Result<Sequence, HandlerError> {
         self.check_length(&prompt, parameters)?;
+        self.check_bias(parameters)?;
+        let constraint = self.constraint(parameters)?;
         Ok(Sequence {
             prompt_tokens: prompt.len(),
             cache: KvCache::default(),
@@ -176,6 +223,8 @@ impl TextGeneration {
             parameters: parameters.clone(),
             events: None,
             streamed: 0,
+            constraint,
+            failure: None,
         })
     }
 
@@ -218,10 +267,14 @@ impl TextGeneration {
     /// (end-of-sequence token, a stop sequence in the text, or max_new_tokens); streams
     /// the token when the sequence has events.
     fn accept(&self, sequence: &mut Sequence, logits: &Tensor) -> Result<(), HandlerError> {
-        let id = sequence
-            .sampler
-            .sample(logits)
-            .context(|| "sampling failed".into())?;
+        let id = match self.sample(sequence, logits)? {
+            Ok(id) => id,
+            Err(failure) => {
+                // This request's grammar failed: it alone ends, with its error.
+                sequence.failure = Some(failure);
+                return Ok(());
+            }
+        };
         if let Some(top) = sequence.parameters.logprobs {
             sequence.logprobs.push(self.logprobs(logits, id, top)?);
         }
@@ -256,6 +309,51 @@ impl TextGeneration {
         }
         sequence.stream(id);
         Ok(())
+    }
+
+    /// The next token of `sequence` from its step's `logits`: penalized, biased and
+    /// masked by its grammar as the request asks, then sampled. The outer error fails
+    /// the step (every sequence in it); the inner one only this request (its grammar).
+    fn sample(
+        &self,
+        sequence: &mut Sequence,
+        logits: &Tensor,
+    ) -> Result<Result<u32, HandlerError>, HandlerError> {
+        let parameters = &sequence.parameters;
+        let adjustments = Adjustments {
+            presence_penalty: parameters.presence_penalty,
+            frequency_penalty: parameters.frequency_penalty,
+            logit_bias: &parameters.logit_bias,
+        };
+        if adjustments.is_identity() && sequence.constraint.is_none() {
+            return Ok(Ok(sequence
+                .sampler
+                .sample(logits)
+                .context(|| "sampling failed".into())?));
+        }
+        let mut row: Vec<f32> = logits
+            .to_dtype(DType::F32)
+            .and_then(|l| l.flatten_all())
+            .and_then(|l| l.to_vec1())
+            .context(|| "sampling".into())?;
+        adjustments.apply(&mut row, &sequence.ids);
+        if let Some(constraint) = &mut sequence.constraint
+            && let Err(failure) = constraint.mask(&mut row)
+        {
+            return Ok(Err(failure));
+        }
+        let size = row.len();
+        let row = Tensor::from_vec(row, size, &Device::Cpu).context(|| "sampling".into())?;
+        let id = sequence
+            .sampler
+            .sample(&row)
+            .context(|| "sampling failed".into())?;
+        if let Some(constraint) = &mut sequence.constraint
+            && let Err(failure) = constraint.consume(id)
+        {
+            return Ok(Err(failure));
+        }
+        Ok(Ok(id))
     }
 
     /// Token `id`'s log-probability under `logits` (log-softmax), and the `top` most
@@ -306,9 +404,12 @@ impl TextGeneration {
             })
     }
 
-    /// The answer of a finished sequence.
-    fn answer(&self, sequence: Sequence) -> Output {
-        Output::Generation(sequence.generation())
+    /// The answer of a finished sequence (its grammar's failure, if it failed).
+    fn answer(&self, sequence: Sequence) -> Result<Output, HandlerError> {
+        match sequence.failure {
+            Some(failure) => Err(failure),
+            None => Ok(Output::Generation(sequence.generation())),
+        }
     }
 
     fn respond(&self, prompt: &PromptInput) -> Result<Output, HandlerError> {
@@ -316,7 +417,7 @@ impl TextGeneration {
         while !sequence.finished() {
             self.advance(&mut [&mut sequence])?;
         }
-        Ok(self.answer(sequence))
+        self.answer(sequence)
     }
 
     fn decode(&self, ids: &[u32]) -> Result<String, HandlerError> {
@@ -348,11 +449,15 @@ pub struct Sequence {
     events: Option<EventSender>,
     /// Bytes of `text` already streamed.
     streamed: usize,
+    /// Its place in the grammar it must follow, if it has one.
+    constraint: Option<TokenConstraint>,
+    /// Why it ended without an answer (its grammar failed), if it did.
+    failure: Option<HandlerError>,
 }
 
 impl Sequence {
     pub fn finished(&self) -> bool {
-        self.finish.is_some()
+        self.finish.is_some() || self.failure.is_some()
     }
 
     /// Token ids generated so far.
@@ -361,9 +466,20 @@ impl Sequence {
     }
 
     fn generation(&self) -> Generation {
+        let (text, tool_calls) = if self.parameters.tools.is_empty() || !self.finished() {
+            (self.text.clone(), Vec::new())
+        } else {
+            crate::tools::split_calls(&self.text, &self.parameters.tools)
+        };
+        let finish = self.finish.unwrap_or(FinishReason::Length);
         Generation {
-            text: self.text.clone(),
-            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            text,
+            finish_reason: if tool_calls.is_empty() || finish == FinishReason::Length {
+                finish
+            } else {
+                FinishReason::ToolCalls
+            },
+            tool_calls,
             prompt_tokens: self.prompt_tokens,
             token_ids: self.ids.clone(),
             details: self.parameters.details,
@@ -377,13 +493,24 @@ impl Sequence {
         let Some(events) = &self.events else {
             return;
         };
-        let upto = if self.finished() {
-            self.text.len()
-        } else {
-            settled_len(&self.text, &self.parameters.stop)
+        // With tools offered, text that may become a call waits, and what is sent at
+        // the end is the answer without its calls.
+        let tools = !self.parameters.tools.is_empty();
+        let finished = self.finished().then(|| self.generation());
+        let (text, upto) = match &finished {
+            Some(generation) if tools => (generation.text.as_str(), generation.text.len()),
+            Some(_) => (self.text.as_str(), self.text.len()),
+            None if tools => (
+                self.text.as_str(),
+                settled_len(&self.text, &self.parameters.stop)
+                    .min(crate::tools::streamable_len(&self.text)),
+            ),
+            None => (
+                self.text.as_str(),
+                settled_len(&self.text, &self.parameters.stop),
+            ),
         };
-        let delta = self
-            .text
+        let delta = text
             .get(self.streamed..upto.max(self.streamed))
             .unwrap_or_default()
             .to_string();
@@ -399,8 +526,8 @@ impl Sequence {
             text: delta,
             logprobs,
         });
-        if self.finished() {
-            let _ = events.send(GenerationEvent::Finished(self.generation()));
+        if let Some(generation) = finished {
+            let _ = events.send(GenerationEvent::Finished(generation));
         }
     }
 }
@@ -445,7 +572,7 @@ impl StepBatch for GenerationBatch<'_> {
             return Some(Err(e));
         }
         if sequence.finished() {
-            return Some(Ok(self.owner.answer(sequence)));
+            return Some(self.owner.answer(sequence));
         }
         self.running.push((ticket, sequence));
         None
@@ -467,7 +594,7 @@ impl StepBatch for GenerationBatch<'_> {
         self.running = running;
         Ok(done
             .into_iter()
-            .map(|(ticket, sequence)| (ticket, Ok(self.owner.answer(sequence))))
+            .map(|(ticket, sequence)| (ticket, self.owner.answer(sequence)))
             .collect())
     }
 
@@ -484,13 +611,29 @@ impl Handler for TextGeneration {
     fn prepare(&self, request: Request) -> Result<Input, HandlerError> {
         let (request, templated) = match request {
             Request::Generate(request) => (request, false),
-            Request::Chat(chat) => (
-                GenerateRequest {
-                    prompt: self.chat_prompt(&chat.messages)?,
-                    parameters: chat.parameters,
-                },
-                true,
-            ),
+            Request::Chat(chat) => {
+                let mut parameters = chat.parameters;
+                if let Some(tools) = &chat.tools {
+                    if let Some(grammar) = tools.grammar() {
+                        if parameters.grammar.is_some() {
+                            return Err(HandlerError::Input(
+                                "a required tool call and a response format cannot both \
+                                 constrain the answer"
+                                    .into(),
+                            ));
+                        }
+                        parameters.grammar = Some(grammar);
+                    }
+                    parameters.tools = tools.functions.clone();
+                }
+                (
+                    GenerateRequest {
+                        prompt: self.chat_prompt(&chat.messages, chat.tools.as_ref())?,
+                        parameters,
+                    },
+                    true,
+                )
+            }
             _ => return Err(HandlerError::Input("text_generation takes a prompt".into())),
         };
         if request.prompt.is_empty() {
@@ -499,11 +642,14 @@ impl Handler for TextGeneration {
         request.parameters.check()?;
         let ids = self.encode_with(&request.prompt, !templated)?;
         self.check_length(&ids, &request.parameters)?;
-        Ok(Input::Prompt(PromptInput {
+        self.check_bias(&request.parameters)?;
+        // A grammar that cannot be compiled is refused before the request queues.
+        self.constraint(&request.parameters)?;
+        Ok(Input::Prompt(Box::new(PromptInput {
             ids,
             parameters: request.parameters,
             events: None,
-        }))
+        })))
     }
 
     fn run(&self, batch: &[Input]) -> Result<Vec<Result<Output, HandlerError>>, HandlerError> {
@@ -544,6 +690,7 @@ impl Handler for TextGeneration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::generate::Grammar;
 
     fn tiny_generator() -> (tempfile::TempDir, TextGeneration) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -625,6 +772,279 @@ mod tests {
             ..GenerateParameters::default()
         };
         assert!(too_many.check().is_err());
+    }
+
+    fn byte_level_generator() -> (tempfile::TempDir, TextGeneration) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::testing::TinyLlama::default()
+            .write_byte_level_generator(dir.path())
+            .expect("write");
+        let handler = TextGeneration::load(
+            &crate::weights::files::FolderFiles::new(dir.path()),
+            &LoadOptions::default(),
+        )
+        .expect("load");
+        (dir, handler)
+    }
+
+    fn generate(
+        handler: &TextGeneration,
+        prompt: &str,
+        parameters: GenerateParameters,
+    ) -> Generation {
+        let input = handler
+            .prepare(Request::Generate(crate::GenerateRequest {
+                prompt: prompt.into(),
+                parameters,
+            }))
+            .expect("prepare");
+        match alone(handler, &input) {
+            Output::Generation(generation) => generation,
+            other => panic!("not a generation: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_grammar_the_greedy_text_already_follows_changes_nothing() {
+        let (_dir, handler) = byte_level_generator();
+        let parameters = GenerateParameters {
+            max_new_tokens: 12,
+            ignore_eos: true,
+            ..GenerateParameters::default()
+        };
+        let free = generate(&handler, "say", parameters.clone());
+        assert_eq!(free.token_ids.len(), 12);
+        let text = handler
+            .tokenizer
+            .decode(&free.token_ids, false)
+            .expect("text");
+        let literal: String = text
+            .chars()
+            .map(|c| format!("\\x{{{:x}}}", c as u32))
+            .collect();
+        for grammar in [
+            Grammar::Regex("[\\s\\S]*".into()),
+            Grammar::Regex(format!("{literal}[\\s\\S]*")),
+        ] {
+            let constrained = generate(
+                &handler,
+                "say",
+                GenerateParameters {
+                    grammar: Some(grammar.clone()),
+                    ..parameters.clone()
+                },
+            );
+            assert_eq!(constrained.token_ids, free.token_ids, "{grammar:?}");
+        }
+    }
+
+    #[test]
+    fn a_json_schema_is_followed_greedy_and_sampled_in_a_batch_and_ends_with_eos() {
+        let (_dir, handler) = byte_level_generator();
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "colour": {"enum": ["red", "green", "blue"]},
+                "sizes": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 1, "maxItems": 3},
+            },
+            "required": ["colour", "sizes"],
+            "additionalProperties": false,
+        });
+        let parameters = |do_sample: bool, seed: u64| GenerateParameters {
+            max_new_tokens: 60,
+            do_sample,
+            seed: Some(seed),
+            grammar: Some(Grammar::JsonSchema(schema.clone())),
+            ..GenerateParameters::default()
+        };
+        let inputs: Vec<Input> = [(false, 1), (true, 1), (true, 2), (true, 3)]
+            .into_iter()
+            .map(|(do_sample, seed)| {
+                handler
+                    .prepare(Request::Generate(crate::GenerateRequest {
+                        prompt: "give".into(),
+                        parameters: parameters(do_sample, seed),
+                    }))
+                    .expect("prepare")
+            })
+            .collect();
+        let alone: Vec<Output> = inputs.iter().map(|i| alone(&handler, i)).collect();
+        for answer in &alone {
+            let Output::Generation(generation) = answer else {
+                panic!("{answer:?}");
+            };
+            assert_eq!(
+                generation.finish_reason,
+                FinishReason::EosToken,
+                "{generation:?}"
+            );
+            let value: serde_json::Value =
+                serde_json::from_str(&generation.text).expect("the answer parses as JSON");
+            assert!(
+                ["red", "green", "blue"].contains(&value["colour"].as_str().expect("colour")),
+                "{value}"
+            );
+            let sizes = value["sizes"].as_array().expect("sizes");
+            assert!((1..=3).contains(&sizes.len()), "{value}");
+            assert!(
+                sizes.iter().all(|s| s.as_u64().is_some_and(|n| n <= 99)),
+                "{value}"
+            );
+            assert_eq!(value.as_object().map(|o| o.len()), Some(2), "{value}");
+        }
+        // Together in a running batch, each answers as it did alone.
+        let mut batch = handler.step_batch().expect("steps");
+        let mut answers: Vec<Option<Output>> = vec![None; inputs.len()];
+        for (ticket, input) in inputs.iter().enumerate() {
+            if let Some(answer) = batch.join(ticket as u64, input) {
+                answers[ticket] = Some(answer.expect("answer"));
+            }
+        }
+        while batch.running() > 0 {
+            for (ticket, answer) in batch.step().expect("step") {
+                answers[ticket as usize] = Some(answer.expect("answer"));
+            }
+        }
+        let answers: Vec<Output> = answers.into_iter().map(|a| a.expect("answered")).collect();
+        assert_eq!(answers, alone);
+    }
+
+    #[test]
+    fn a_required_tool_call_always_parses_and_validates_named_or_any() {
+        let (dir, _) = byte_level_generator();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            serde_json::json!({
+                // A template that takes tools (and keeps the prompt short).
+                "chat_template": "{% if tools %}T{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}: ",
+            })
+            .to_string(),
+        )
+        .expect("write");
+        let handler = TextGeneration::load(
+            &crate::weights::files::FolderFiles::new(dir.path()),
+            &LoadOptions::default(),
+        )
+        .expect("load");
+        let function = |name: &str, property: &str| crate::tools::ToolFunction {
+            name: name.into(),
+            description: None,
+            parameters: serde_json::json!({
+                "type": "object",
+                "properties": {property: {"enum": ["a", "b"]}},
+                "required": [property],
+                "additionalProperties": false,
+            }),
+        };
+        let functions = vec![function("first", "x"), function("second", "y")];
+        for (choice, parallel, seed) in [
+            (crate::tools::ToolChoice::Required, false, 1),
+            (crate::tools::ToolChoice::Required, true, 2),
+            (
+                crate::tools::ToolChoice::Function("second".into()),
+                false,
+                3,
+            ),
+        ] {
+            let input = handler
+                .prepare(Request::Chat(crate::chat::ChatRequest {
+                    messages: vec![ChatMessage::new("user", "call")],
+                    parameters: GenerateParameters {
+                        max_new_tokens: 120,
+                        do_sample: true,
+                        seed: Some(seed),
+                        ..GenerateParameters::default()
+                    },
+                    tools: Some(ChatTools {
+                        functions: functions.clone(),
+                        choice: choice.clone(),
+                        parallel,
+                    }),
+                }))
+                .expect("prepare");
+            let Output::Generation(answer) = alone(&handler, &input) else {
+                panic!("a generation");
+            };
+            // A random model may go on making parallel calls to max_new_tokens; the
+            // whole calls it made are read all the same.
+            assert!(
+                answer.finish_reason == FinishReason::ToolCalls
+                    || (parallel && answer.finish_reason == FinishReason::Length),
+                "{answer:?}"
+            );
+            assert!(!answer.tool_calls.is_empty());
+            assert!(parallel || answer.tool_calls.len() == 1, "{answer:?}");
+            for call in &answer.tool_calls {
+                let arguments: serde_json::Value =
+                    serde_json::from_str(&call.arguments).expect("arguments parse");
+                let property = match call.name.as_str() {
+                    "first" => "x",
+                    "second" => "y",
+                    other => panic!("called {other}"),
+                };
+                assert!(["a", "b"].contains(&arguments[property].as_str().expect("value")));
+                if let crate::tools::ToolChoice::Function(name) = &choice {
+                    assert_eq!(&call.name, name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn logit_bias_and_penalties_move_greedy_decoding_as_asked() {
+        let (_dir, handler) = byte_level_generator();
+        let base = GenerateParameters {
+            max_new_tokens: 8,
+            ignore_eos: true,
+            ..GenerateParameters::default()
+        };
+        let free = generate(&handler, "say", base.clone());
+        let forced = generate(
+            &handler,
+            "say",
+            GenerateParameters {
+                logit_bias: vec![(u32::from(b'z'), 100.0)],
+                ..base.clone()
+            },
+        );
+        assert_eq!(forced.text, "zzzzzzzz");
+        let banned = generate(
+            &handler,
+            "say",
+            GenerateParameters {
+                logit_bias: vec![(free.token_ids[0], -100.0)],
+                ..base.clone()
+            },
+        );
+        assert_ne!(banned.token_ids[0], free.token_ids[0]);
+        // A strong frequency penalty never repeats a token within 8 steps of 260.
+        let varied = generate(
+            &handler,
+            "say",
+            GenerateParameters {
+                frequency_penalty: 2.0,
+                presence_penalty: 2.0,
+                logit_bias: vec![(u32::from(b'z'), 3.0)],
+                ..base.clone()
+            },
+        );
+        let mut distinct = varied.token_ids.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert!(distinct.len() > 1, "{varied:?}");
+        let refused = handler
+            .prepare(Request::Generate(crate::GenerateRequest {
+                prompt: "say".into(),
+                parameters: GenerateParameters {
+                    logit_bias: vec![(5000, 1.0)],
+                    ..base
+                },
+            }))
+            .expect_err("a token past the vocabulary");
+        assert!(
+            matches!(refused, HandlerError::Input(ref m) if m.contains("5000")),
+            "{refused:?}"
+        );
     }
 
     fn request(handler: &TextGeneration, prompt: &str, max_new_tokens: usize) -> Input {
@@ -784,10 +1204,8 @@ mod tests {
             _ => panic!("prepared"),
         };
         let chat = ids(Request::Chat(crate::chat::ChatRequest {
-            messages: vec![crate::chat::ChatMessage {
-                role: "user".into(),
-                content: "hello world".into(),
-            }],
+            tools: None,
+            messages: vec![crate::chat::ChatMessage::new("user", "hello world")],
             parameters: GenerateParameters::default(),
         }));
         let (cls, sep) = (2, 3);

@@ -630,9 +630,43 @@ fn handler_request(kind: HandlerKind, request: &InferRequest, binary: &[u8]) -> 
     }
 }
 
-/// TGI's generation parameters from the request's `parameters` (other keys, such as
-/// the binary extension's, are not the handler's).
+/// The request `parameters` a generation model reads: TGI's names (with its `grammar`
+/// and OpenAI's penalties), and the binary extension's.
+const GENERATION_PARAMETERS: [&str; 11] = [
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "grammar",
+    "frequency_penalty",
+    "presence_penalty",
+    "binary_data_output",
+];
+
+/// TGI's generation parameters from the request's `parameters` (the binary
+/// extension's are not the handler's); a key no one reads is refused by name.
 fn generation_parameters(parameters: &Map<String, Value>) -> Result<GenerateParameters> {
+    if let Some(unknown) = parameters
+        .keys()
+        .find(|k| !GENERATION_PARAMETERS.contains(&k.as_str()))
+    {
+        return Err(bad(format!(
+            "unknown generation parameter {unknown:?} (known: {})",
+            GENERATION_PARAMETERS.join(", ")
+        )));
+    }
+    let penalty = |key: &str| -> Result<f32> {
+        match parameters.get(key) {
+            None => Ok(0.0),
+            Some(v) => v
+                .as_f64()
+                .map(|p| p as f32)
+                .ok_or_else(|| bad(format!("{key} must be a number"))),
+        }
+    };
     let defaults = GenerateParameters::default();
     let number = |key: &str| parameters.get(key).and_then(Value::as_f64);
     Ok(GenerateParameters {
@@ -667,6 +701,14 @@ fn generation_parameters(parameters: &Map<String, Value>) -> Result<GeneratePara
         details: false,
         ignore_eos: false,
         logprobs: None,
+        grammar: parameters
+            .get("grammar")
+            .map(crate::http::grammar::tgi)
+            .transpose()?,
+        logit_bias: Vec::new(),
+        presence_penalty: penalty("presence_penalty")?,
+        frequency_penalty: penalty("frequency_penalty")?,
+        tools: Vec::new(),
     })
 }
 

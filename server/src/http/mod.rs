@@ -24,6 +24,7 @@ pub mod connections;
 pub mod devices;
 pub mod dispatch;
 pub mod error;
+pub mod grammar;
 pub mod kserve;
 pub mod metrics;
 pub mod multipart;

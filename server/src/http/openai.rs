@@ -4,6 +4,9 @@
 //! server-sent events ending in `data: [DONE]`). Model names are the registered names;
 //! requests join the same queue and batch as `/predictions`. Errors have OpenAI's shape.
 //!
+//! Every request field is honoured or refused with a 400 naming it, as OpenAI refuses
+//! an unknown one. Grammars: `response_format` (`json_object`, `json_schema`) and
+//! vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` (Lark).
 //! Refused clearly rather than answered differently: `n` > 1, `echo`, and
 //! `dimensions` other than the model's own. Log-probabilities are those
 //! of the model's raw distribution (before temperature and top-p), as vLLM reports.
@@ -19,8 +22,9 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use spillway_handlers::{
-    ChatMessage, ChatRequest, FinishReason, GenerateParameters, GenerateRequest, Generation,
-    GenerationEvent, HandlerKind, MAX_TOP_LOGPROBS, Output, Request, TokenLogprobs,
+    ChatMessage, ChatRequest, ChatTools, FinishReason, GenerateParameters, GenerateRequest,
+    Generation, GenerationEvent, HandlerKind, MAX_TOP_LOGPROBS, Output, Request, TokenLogprobs,
+    ToolCall, ToolChoice, ToolFunction,
 };
 
 use crate::app::AppState;
@@ -291,6 +295,88 @@ struct Sampling {
     top_logprobs: Option<usize>,
     #[serde(default)]
     echo: bool,
+    #[serde(default)]
+    frequency_penalty: Option<f32>,
+    #[serde(default)]
+    presence_penalty: Option<f32>,
+    #[serde(default)]
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    /// vLLM's extension (also TGI's): sample from the `top_k` most likely tokens.
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    best_of: Option<usize>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    store: Option<bool>,
+    /// Every other field, for the grammar fields vLLM spells `guided_*`.
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+/// The request fields both endpoints read: honoured, or refused by value when this
+/// server cannot honour the value (`n` > 1, `store: true`). `user` and `metadata`
+/// describe the request and change nothing in the answer, as at OpenAI (this server
+/// keeps no completions). Any other field is refused as OpenAI refuses it.
+const SHARED_FIELDS: [&str; 24] = [
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "response_format",
+    "user",
+    "store",
+    "metadata",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "echo",
+    "best_of",
+];
+/// The fields only chat completions read.
+const CHAT_FIELDS: [&str; 6] = [
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+];
+/// The fields only completions read.
+const COMPLETION_FIELDS: [&str; 2] = ["prompt", "suffix"];
+
+/// Refuses a body field `endpoint` does not read, with OpenAI's message.
+fn check_fields(body: &[u8], endpoint: Endpoint) -> Result<()> {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(()); // the typed parse says what is wrong with it
+    };
+    let own: &[&str] = match endpoint {
+        Endpoint::Chat => &CHAT_FIELDS,
+        Endpoint::Completions => &COMPLETION_FIELDS,
+    };
+    match fields
+        .keys()
+        .find(|k| !SHARED_FIELDS.contains(&k.as_str()) && !own.contains(&k.as_str()))
+    {
+        Some(unknown) => Err(bad(format!(
+            "Unrecognized request argument supplied: {unknown}"
+        ))),
+        None => Ok(()),
+    }
 }
 
 impl Sampling {
@@ -331,6 +417,48 @@ impl Sampling {
         if self.echo {
             return Err(bad("echo is not supported by this server"));
         }
+        if self.best_of.is_some_and(|n| n != 1) {
+            return Err(bad(
+                "best_of must be 1: this server generates one choice per request",
+            ));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(bad("suffix (insertion) is not supported by this server"));
+        }
+        if self.store == Some(true) {
+            return Err(bad(
+                "store: this server keeps no completions; leave it out or set it to false",
+            ));
+        }
+        let logit_bias = self
+            .logit_bias
+            .iter()
+            .flatten()
+            .map(|(token, bias)| {
+                let id = token.parse::<u32>().map_err(|_| {
+                    bad(format!("logit_bias keys must be token ids, got {token:?}"))
+                })?;
+                let bias = bias
+                    .as_f64()
+                    .ok_or_else(|| bad(format!("logit_bias for token {token} must be a number")))?;
+                Ok((id, bias as f32))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let from_format = self
+            .response_format
+            .as_ref()
+            .map(crate::http::grammar::response_format)
+            .transpose()?
+            .flatten();
+        let guided = crate::http::grammar::guided(&self.rest)?;
+        let grammar = match (from_format, guided) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "ask for one grammar at a time: response_format or guided_*, not both",
+                ));
+            }
+            (a, b) => a.or(b),
+        };
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(bad(format!(
@@ -356,12 +484,17 @@ impl Sampling {
             } else {
                 self.top_p.filter(|&p| p < 1.0)
             },
-            top_k: None,
+            top_k: if greedy { None } else { self.top_k },
             seed: self.seed,
             stop,
             details: true,
             ignore_eos: false,
             logprobs,
+            grammar,
+            logit_bias,
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            tools: Vec::new(),
         })
     }
 
@@ -382,15 +515,153 @@ struct CompletionBody {
 #[derive(Deserialize)]
 struct ChatBody {
     messages: Vec<WireMessage>,
+    #[serde(default)]
+    tools: Option<Vec<WireTool>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     sampling: Sampling,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireTool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireFunction {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    parameters: Option<Value>,
+    /// Calls are always constrained to the schema when the model must call; `strict`
+    /// asks for no more than that.
+    #[serde(default)]
+    #[allow(dead_code)]
+    strict: Option<bool>,
+}
+
+/// The tools of a chat body as the handler takes them: none when it offers none or
+/// says `tool_choice: "none"`.
+fn chat_tools(
+    tools: Option<Vec<WireTool>>,
+    choice: Option<Value>,
+    parallel: Option<bool>,
+) -> Result<Option<ChatTools>> {
+    let tools = tools.unwrap_or_default();
+    let choice = match choice {
+        None => (!tools.is_empty()).then_some(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => None,
+            "auto" => Some(ToolChoice::Auto),
+            "required" => Some(ToolChoice::Required),
+            other => {
+                return Err(bad(format!(
+                    "tool_choice must be \"none\", \"auto\", \"required\" or a function, got {other:?}"
+                )));
+            }
+        },
+        Some(object @ Value::Object(_)) => {
+            match (object["type"].as_str(), object["function"]["name"].as_str()) {
+                (Some("function"), Some(name)) => Some(ToolChoice::Function(name.to_string())),
+                _ => {
+                    return Err(bad(
+                        "tool_choice as an object must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(bad("tool_choice must be a string or an object")),
+    };
+    let Some(choice) = choice else {
+        return Ok(None);
+    };
+    if tools.is_empty() {
+        return Err(bad("tool_choice needs tools"));
+    }
+    let mut functions = Vec::with_capacity(tools.len());
+    for tool in tools {
+        if tool.kind != "function" {
+            return Err(bad(format!(
+                "tools of type {:?} are not supported (only \"function\")",
+                tool.kind
+            )));
+        }
+        let function = tool.function;
+        if function.name.is_empty()
+            || functions
+                .iter()
+                .any(|f: &ToolFunction| f.name == function.name)
+        {
+            return Err(bad(format!(
+                "tool names must be given and distinct, got {:?}",
+                function.name
+            )));
+        }
+        let parameters = function
+            .parameters
+            .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        if !parameters.is_object() {
+            return Err(bad(format!(
+                "tool {}: parameters must be a JSON schema (an object)",
+                function.name
+            )));
+        }
+        functions.push(ToolFunction {
+            name: function.name,
+            description: function.description,
+            parameters,
+        });
+    }
+    if let ToolChoice::Function(name) = &choice
+        && !functions.iter().any(|f| &f.name == name)
+    {
+        return Err(bad(format!(
+            "tool_choice names {name:?}, which is not among the tools"
+        )));
+    }
+    Ok(Some(ChatTools {
+        functions,
+        choice,
+        parallel: parallel.unwrap_or(true),
+    }))
+}
+
+/// A message; fields a client echoes back empty (`refusal`, `audio`, ...) are
+/// accepted when null, refused by name otherwise.
+#[derive(Deserialize)]
 struct WireMessage {
     role: String,
     #[serde(default)]
     content: Option<Value>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    id: String,
+    function: WireCalled,
+}
+
+#[derive(Deserialize)]
+struct WireCalled {
+    name: String,
+    /// JSON text, as OpenAI sends it (an object is taken too).
+    arguments: Value,
 }
 
 impl WireMessage {
@@ -411,9 +682,32 @@ impl WireMessage {
                 .concat(),
             Some(_) => return Err(bad("message content must be a string or an array of parts")),
         };
+        if let Some((key, _)) = self
+            .rest
+            .iter()
+            .find(|(_, v)| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            return Err(bad(format!("messages: the field {key:?} is not supported")));
+        }
+        let tool_calls = self
+            .tool_calls
+            .unwrap_or_default()
+            .into_iter()
+            .map(|call| ToolCall {
+                id: call.id,
+                name: call.function.name,
+                arguments: match call.function.arguments {
+                    Value::String(text) => text,
+                    other => other.to_string(),
+                },
+            })
+            .collect();
         Ok(ChatMessage {
             role: self.role,
             content,
+            tool_calls,
+            tool_call_id: self.tool_call_id,
+            name: self.name,
         })
     }
 }
@@ -526,7 +820,28 @@ fn finish_reason(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Length => "length",
         FinishReason::EosToken | FinishReason::StopSequence => "stop",
+        FinishReason::ToolCalls => "tool_calls",
     }
+}
+
+/// Calls as OpenAI writes them in a message (or, `streamed`, in a delta, with their
+/// index).
+fn tool_calls_json(calls: &[ToolCall], streamed: bool) -> Value {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(index, call)| {
+            let mut entry = json!({
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": call.arguments},
+            });
+            if streamed {
+                entry["index"] = json!(index);
+            }
+            entry
+        })
+        .collect()
 }
 
 fn usage(prompt_tokens: usize, generation: &Generation) -> Value {
@@ -539,6 +854,7 @@ fn usage(prompt_tokens: usize, generation: &Generation) -> Value {
 }
 
 fn decode_completion(body: &[u8]) -> Result<(Sampling, Request)> {
+    check_fields(body, Endpoint::Completions)?;
     let body: CompletionBody = parse(body)?;
     let prompt = match body.prompt {
         Value::String(prompt) => prompt,
@@ -560,6 +876,7 @@ fn decode_completion(body: &[u8]) -> Result<(Sampling, Request)> {
 }
 
 fn decode_chat(body: &[u8]) -> Result<(Sampling, Request)> {
+    check_fields(body, Endpoint::Chat)?;
     let body: ChatBody = parse(body)?;
     let messages = body
         .messages
@@ -569,9 +886,11 @@ fn decode_chat(body: &[u8]) -> Result<(Sampling, Request)> {
     let parameters = body
         .sampling
         .parameters(DEFAULT_CHAT_TOKENS, Endpoint::Chat)?;
+    let tools = chat_tools(body.tools, body.tool_choice, body.parallel_tool_calls)?;
     let request = Request::Chat(ChatRequest {
         messages,
         parameters,
+        tools,
     });
     Ok((body.sampling, request))
 }
@@ -609,17 +928,24 @@ async fn generate(
                 "a generation model answered something else".into(),
             ));
         };
+        let mut choice = endpoint.choice(
+            &generation.text,
+            Some(generation.finish_reason),
+            false,
+            &generation.logprobs,
+        );
+        if !generation.tool_calls.is_empty() {
+            choice["message"]["tool_calls"] = tool_calls_json(&generation.tool_calls, false);
+            if generation.text.is_empty() {
+                choice["message"]["content"] = Value::Null;
+            }
+        }
         return Ok(axum::Json(json!({
             "id": id,
             "object": endpoint.object(false),
             "created": created,
             "model": model,
-            "choices": [endpoint.choice(
-                &generation.text,
-                Some(generation.finish_reason),
-                false,
-                &generation.logprobs,
-            )],
+            "choices": [choice],
             "usage": usage(answered.input_tokens, &generation),
         }))
         .into_response());
@@ -677,6 +1003,12 @@ async fn generate(
         }
         match finished {
             Some(generation) => {
+                if !generation.tool_calls.is_empty() {
+                    // Calls are sent whole, in one delta, once the answer is finished.
+                    let delta =
+                        json!({"tool_calls": tool_calls_json(&generation.tool_calls, true)});
+                    yield_(chunk(json!([{"index": 0, "delta": delta, "finish_reason": null, "logprobs": null}]), None)).await;
+                }
                 let choice = endpoint.choice("", Some(generation.finish_reason), true, &[]);
                 yield_(chunk(json!([choice]), None)).await;
                 if include_usage {

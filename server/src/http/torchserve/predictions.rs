@@ -443,12 +443,18 @@ struct WireParameters {
     ignore_eos: bool,
     #[serde(default)]
     stream: bool,
+    /// TGI's `{"type": "json" | "regex", "value": ...}` (see [`crate::http::grammar`]).
+    grammar: Option<Value>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
 }
 
-impl From<WireParameters> for GenerateParameters {
-    fn from(p: WireParameters) -> Self {
+impl TryFrom<WireParameters> for GenerateParameters {
+    type Error = Error;
+
+    fn try_from(p: WireParameters) -> Result<Self> {
         let defaults = GenerateParameters::default();
-        GenerateParameters {
+        Ok(GenerateParameters {
             max_new_tokens: p.max_new_tokens.unwrap_or(defaults.max_new_tokens),
             do_sample: p.do_sample,
             temperature: p.temperature,
@@ -459,7 +465,16 @@ impl From<WireParameters> for GenerateParameters {
             details: p.details,
             ignore_eos: p.ignore_eos,
             logprobs: None,
-        }
+            grammar: p
+                .grammar
+                .as_ref()
+                .map(crate::http::grammar::tgi)
+                .transpose()?,
+            logit_bias: Vec::new(),
+            presence_penalty: p.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: p.frequency_penalty.unwrap_or(0.0),
+            tools: Vec::new(),
+        })
     }
 }
 
@@ -473,7 +488,11 @@ fn generate(body: &RawBody) -> Result<(GenerateRequest, bool)> {
         stream = parsed.parameters.as_ref().is_some_and(|p| p.stream);
         GenerateRequest {
             prompt: parsed.inputs,
-            parameters: parsed.parameters.map(Into::into).unwrap_or_default(),
+            parameters: parsed
+                .parameters
+                .map(GenerateParameters::try_from)
+                .transpose()?
+                .unwrap_or_default(),
         }
     } else {
         let TextInputs::Texts(mut texts) = texts(body)? else {
@@ -679,6 +698,7 @@ mod tests {
             token_ids: vec![7, 2],
             details: false,
             logprobs: Vec::new(),
+            tool_calls: Vec::new(),
         };
         let render = |g: Generation| -> Value {
             let (ct, bytes) = answer(Output::Generation(g)).expect("answer");

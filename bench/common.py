@@ -27,6 +27,18 @@ def venv_python(packages):
     return py
 
 
+def in_threads(target, count):
+    """Runs `target` in `count` threads at once; the wall seconds until all return."""
+    import threading
+    started = time.perf_counter()
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def drop_caches():
     """Empties the page cache (needs root); whether it could."""
     try:

@@ -17,7 +17,7 @@ Run (downloads torch, torchvision, torchserve into the bench venv once; needs ja
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, VENV, write_section  # noqa: E402
+from common import ROOT, VENV, in_threads, write_section  # noqa: E402
 
 CONNECTIONS = (1, 2, 8)
 MODEL = "densenet161"
@@ -134,13 +134,7 @@ def load(port, image, connections, seconds):
             with lock:
                 (latencies if status == 200 else errors).append(dt if status == 200 else body)
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = in_threads(client, connections)
     if errors:
         raise RuntimeError(f"{len(errors)} errors, e.g. {errors[0][:200]}")
     latencies.sort()

@@ -312,6 +312,12 @@ mod tests {
         }
     }
 
+    fn template_of(source: &str) -> ChatTemplate {
+        ChatTemplate::from_tokenizer_config(&serde_json::json!({"chat_template": source}))
+            .expect("parses")
+            .expect("present")
+    }
+
     fn a_tool_conversation() -> Vec<ChatMessage> {
         let mut asked = message("assistant", "");
         asked.tool_calls = vec![ToolCall {
@@ -327,10 +333,7 @@ mod tests {
     #[test]
     fn a_template_that_takes_tools_gets_them_and_the_calls_as_transformers_passes_them() {
         let source = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}<{{ m.role }}>{% if m.tool_calls %}{% for c in m.tool_calls %}{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% endif %}{{ m.content }}{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}";
-        let template =
-            ChatTemplate::from_tokenizer_config(&serde_json::json!({"chat_template": source}))
-                .expect("parses")
-                .expect("present");
+        let template = template_of(source);
         let prompt = template
             .render_with_tools(&a_tool_conversation(), Some(&weather_tools()))
             .expect("renders");
@@ -343,10 +346,7 @@ mod tests {
     #[test]
     fn a_template_without_tools_gets_them_described_and_the_calls_written_as_blocks() {
         let source = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}";
-        let template =
-            ChatTemplate::from_tokenizer_config(&serde_json::json!({"chat_template": source}))
-                .expect("parses")
-                .expect("present");
+        let template = template_of(source);
         let prompt = template
             .render_with_tools(&a_tool_conversation(), Some(&weather_tools()))
             .expect("renders");

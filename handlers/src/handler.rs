@@ -79,6 +79,8 @@ pub struct PromptInput {
     pub ids: Vec<u32>,
     pub parameters: GenerateParameters,
     pub events: Option<EventSender>,
+    /// The grammar of `parameters`, compiled against the model's vocabulary.
+    pub constraint: Option<crate::sampling::TokenConstraint>,
 }
 
 impl Input {

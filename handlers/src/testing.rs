@@ -211,7 +211,7 @@ pub fn write_tokenizer(dir: &Path) -> Result<(), HandlerError> {
 
 /// A WordPiece tokenizer.json in the layout BERT checkpoints ship, with fixed padding and
 /// truncation at 128 as MiniLM's has (the handler must override both).
-fn tokenizer_json() -> serde_json::Value {
+pub fn tokenizer_json() -> serde_json::Value {
     let vocab: serde_json::Map<String, serde_json::Value> = vocabulary()
         .into_iter()
         .enumerate()
@@ -421,11 +421,6 @@ pub fn byte_level_tokenizer_json() -> serde_json::Value {
 }
 
 impl TinyLlama {
-    /// The WordPiece tokenizer.json [`TinyLlama::write_generator`] writes.
-    pub fn wordpiece_tokenizer_json(&self) -> serde_json::Value {
-        tokenizer_json()
-    }
-
     /// A `text_generation` model folder with [`byte_level_tokenizer_json`]'s tokenizer
     /// (260 tokens; `vocab_size` is set to that) and its end-of-sequence token.
     pub fn write_byte_level_generator(&self, dir: &Path) -> Result<(), HandlerError> {

@@ -172,6 +172,16 @@ pub struct TokenConstraint {
     eos: Vec<u32>,
 }
 
+/// A matcher of its own, at the same place in the grammar.
+impl Clone for TokenConstraint {
+    fn clone(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+            eos: self.eos.clone(),
+        }
+    }
+}
+
 impl std::fmt::Debug for TokenConstraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenConstraint")
@@ -325,12 +335,8 @@ mod tests {
 
     #[test]
     fn a_tokenizer_llguidance_cannot_read_is_refused_not_a_panic() {
-        let wordpiece = Tokenizer::from_bytes(
-            crate::testing::TinyLlama::default()
-                .wordpiece_tokenizer_json()
-                .to_string(),
-        )
-        .expect("tokenizer");
+        let wordpiece =
+            Tokenizer::from_bytes(crate::testing::tokenizer_json().to_string()).expect("tokenizer");
         let refused = GrammarVocabulary::new(&wordpiece, 100, &[2]).expect_err("refused");
         assert!(
             matches!(&refused, HandlerError::Input(m) if m.contains("constrained decoding")),

@@ -194,7 +194,13 @@ impl TextGeneration {
 
     /// A sequence for a prepared prompt, ready for its prefill (nothing computed yet).
     pub fn begin(&self, prompt: &PromptInput) -> Result<Sequence, HandlerError> {
-        let mut sequence = self.begin_tokens(prompt.ids.clone(), &prompt.parameters)?;
+        self.check_length(&prompt.ids, &prompt.parameters)?;
+        // `prepare` compiled its grammar; a copy of that matcher starts the sequence.
+        let constraint = match &prompt.constraint {
+            Some(constraint) => Some(constraint.clone()),
+            None => self.constraint(&prompt.parameters)?,
+        };
+        let mut sequence = self.sequence(prompt.ids.clone(), &prompt.parameters, constraint);
         sequence.events = prompt.events.clone();
         Ok(sequence)
     }
@@ -208,7 +214,17 @@ impl TextGeneration {
         self.check_length(&prompt, parameters)?;
         self.check_bias(parameters)?;
         let constraint = self.constraint(parameters)?;
-        Ok(Sequence {
+        Ok(self.sequence(prompt, parameters, constraint))
+    }
+
+    /// A sequence for checked token ids, ready for its prefill.
+    fn sequence(
+        &self,
+        prompt: Vec<u32>,
+        parameters: &GenerateParameters,
+        constraint: Option<TokenConstraint>,
+    ) -> Sequence {
+        Sequence {
             prompt_tokens: prompt.len(),
             cache: KvCache::default(),
             next_input: prompt,
@@ -225,7 +241,7 @@ impl TextGeneration {
             streamed: 0,
             constraint,
             failure: None,
-        })
+        }
     }
 
     /// Runs one step of every unfinished sequence in `sequences` and appends the token
@@ -644,11 +660,12 @@ impl Handler for TextGeneration {
         self.check_length(&ids, &request.parameters)?;
         self.check_bias(&request.parameters)?;
         // A grammar that cannot be compiled is refused before the request queues.
-        self.constraint(&request.parameters)?;
+        let constraint = self.constraint(&request.parameters)?;
         Ok(Input::Prompt(Box::new(PromptInput {
             ids,
             parameters: request.parameters,
             events: None,
+            constraint,
         })))
     }
 
@@ -705,11 +722,7 @@ mod tests {
                 .expect("config");
         config["eos_token_id"] = serde_json::Value::Null;
         std::fs::write(dir.path().join("config.json"), config.to_string()).expect("config");
-        let handler = TextGeneration::load(
-            &crate::weights::files::FolderFiles::new(dir.path()),
-            &LoadOptions::default(),
-        )
-        .expect("load");
+        let handler = load_folder(dir.path());
         (dir, handler)
     }
 
@@ -774,16 +787,20 @@ mod tests {
         assert!(too_many.check().is_err());
     }
 
+    fn load_folder(dir: &std::path::Path) -> TextGeneration {
+        TextGeneration::load(
+            &crate::weights::files::FolderFiles::new(dir),
+            &LoadOptions::default(),
+        )
+        .expect("load")
+    }
+
     fn byte_level_generator() -> (tempfile::TempDir, TextGeneration) {
         let dir = tempfile::tempdir().expect("tempdir");
         crate::testing::TinyLlama::default()
             .write_byte_level_generator(dir.path())
             .expect("write");
-        let handler = TextGeneration::load(
-            &crate::weights::files::FolderFiles::new(dir.path()),
-            &LoadOptions::default(),
-        )
-        .expect("load");
+        let handler = load_folder(dir.path());
         (dir, handler)
     }
 
@@ -921,11 +938,7 @@ mod tests {
             .to_string(),
         )
         .expect("write");
-        let handler = TextGeneration::load(
-            &crate::weights::files::FolderFiles::new(dir.path()),
-            &LoadOptions::default(),
-        )
-        .expect("load");
+        let handler = load_folder(dir.path());
         let function = |name: &str, property: &str| crate::tools::ToolFunction {
             name: name.into(),
             description: None,
@@ -1194,11 +1207,7 @@ mod tests {
             .to_string(),
         )
         .expect("write");
-        let handler = TextGeneration::load(
-            &crate::weights::files::FolderFiles::new(dir.path()),
-            &LoadOptions::default(),
-        )
-        .expect("load");
+        let handler = load_folder(dir.path());
         let ids = |request: Request| match handler.prepare(request) {
             Ok(Input::Prompt(prompt)) => prompt.ids,
             _ => panic!("prepared"),

@@ -359,11 +359,17 @@ const CHAT_FIELDS: [&str; 6] = [
 /// The fields only completions read.
 const COMPLETION_FIELDS: [&str; 2] = ["prompt", "suffix"];
 
-/// Refuses a body field `endpoint` does not read, with OpenAI's message.
-fn check_fields(body: &[u8], endpoint: Endpoint) -> Result<()> {
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
-        return Ok(()); // the typed parse says what is wrong with it
-    };
+/// The body of `endpoint` as `T`, parsed once; a field the endpoint does not read is
+/// refused with OpenAI's message.
+fn parse_fields<T: serde::de::DeserializeOwned>(body: &[u8], endpoint: Endpoint) -> Result<T> {
+    let value: Value = parse(body)?;
+    if let Value::Object(fields) = &value {
+        check_fields(fields, endpoint)?;
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("invalid request body: {e}")))
+}
+
+fn check_fields(fields: &serde_json::Map<String, Value>, endpoint: Endpoint) -> Result<()> {
     let own: &[&str] = match endpoint {
         Endpoint::Chat => &CHAT_FIELDS,
         Endpoint::Completions => &COMPLETION_FIELDS,
@@ -541,11 +547,10 @@ struct WireFunction {
     description: Option<String>,
     #[serde(default)]
     parameters: Option<Value>,
-    /// Calls are always constrained to the schema when the model must call; `strict`
-    /// asks for no more than that.
-    #[serde(default)]
-    #[allow(dead_code)]
-    strict: Option<bool>,
+    /// `strict`: accepted, as it asks for no more than this server does (a call the
+    /// model must make is always constrained to its schema).
+    #[serde(default, rename = "strict")]
+    _strict: Option<bool>,
 }
 
 /// The tools of a chat body as the handler takes them: none when it offers none or
@@ -854,8 +859,7 @@ fn usage(prompt_tokens: usize, generation: &Generation) -> Value {
 }
 
 fn decode_completion(body: &[u8]) -> Result<(Sampling, Request)> {
-    check_fields(body, Endpoint::Completions)?;
-    let body: CompletionBody = parse(body)?;
+    let body: CompletionBody = parse_fields(body, Endpoint::Completions)?;
     let prompt = match body.prompt {
         Value::String(prompt) => prompt,
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -876,8 +880,7 @@ fn decode_completion(body: &[u8]) -> Result<(Sampling, Request)> {
 }
 
 fn decode_chat(body: &[u8]) -> Result<(Sampling, Request)> {
-    check_fields(body, Endpoint::Chat)?;
-    let body: ChatBody = parse(body)?;
+    let body: ChatBody = parse_fields(body, Endpoint::Chat)?;
     let messages = body
         .messages
         .into_iter()

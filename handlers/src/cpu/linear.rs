@@ -123,6 +123,54 @@ pub fn sgemm_ab(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usiz
     imp::sgemm_ab(a, b, c, m, n, k)
 }
 
+/// `y = x · Wᵀ` for row-major f32 `x` `[rows, inp]`, `w` `[out, inp]` and `y`
+/// `[rows, out]`, reading `w` where it is: MKL's sgemm in the `mkl` build (on one thread
+/// inside the team's parallel region), candle's matmul over copies elsewhere.
+pub fn sgemm_xwt(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: &mut [f32],
+) -> Result<()> {
+    if x.len() != rows * inp || w.len() != out * inp || y.len() != rows * out {
+        candle_core::bail!("sgemm: [{rows}, {inp}] x [{out}, {inp}]ᵀ with mismatched buffers");
+    }
+    if rows == 0 || out == 0 {
+        return Ok(());
+    }
+    imp::sgemm_xwt(x, rows, w, out, inp, y)
+}
+
+/// `y[.., 0..out] = x · Wᵀ` for row-major f32 `x` `[rows, inp]` and `w` `[out, inp]`,
+/// written into the first `out` columns of `rows` rows `ldy` apart from `y` on (a
+/// column range of a wider output), the rest untouched: MKL's sgemm in the `mkl` build,
+/// candle's matmul and a copy elsewhere.
+///
+/// # Safety
+/// `y` must be valid for writes of row `a`'s `out` values at `y + a·ldy` for every `a`
+/// below `rows`, and nothing else may access them during the call.
+#[allow(unsafe_code)]
+pub unsafe fn sgemm_xwt_columns(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    y: *mut f32,
+    ldy: usize,
+) -> Result<()> {
+    if x.len() != rows * inp || w.len() != out * inp || ldy < out {
+        candle_core::bail!("sgemm: [{rows}, {inp}] x [{out}, {inp}]ᵀ with mismatched buffers");
+    }
+    if rows == 0 || out == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { imp::sgemm_xwt_columns(x, rows, w, out, inp, y, ldy) }
+}
+
 fn c_dim(v: usize) -> Result<std::ffi::c_int> {
     std::ffi::c_int::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{v} overflows")))
 }
@@ -186,6 +234,26 @@ mod imp {
         let a = Tensor::from_slice(a, (m, k), &device)?;
         let b = Tensor::from_slice(b, (k, n), &device)?;
         c.copy_from_slice(&a.matmul(&b)?.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// [`super::sgemm_xwt_columns`]: the product into a buffer, then copied row by row.
+    #[allow(unsafe_code)]
+    pub(super) unsafe fn sgemm_xwt_columns(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) -> Result<()> {
+        let mut product = vec![0f32; rows * out];
+        sgemm_xwt(x, rows, w, out, inp, &mut product)?;
+        for (a, row) in product.chunks_exact(out).enumerate() {
+            // SAFETY: the caller made row `a`'s `out` values at `y + a·ldy` ours.
+            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), y.add(a * ldy), out) };
+        }
         Ok(())
     }
 
@@ -338,6 +406,42 @@ mod imp {
                 0.0,
                 y.as_mut_ptr(),
                 n,
+            )
+        };
+        Ok(())
+    }
+
+    /// [`super::sgemm_xwt_columns`] with `ldc = ldy`.
+    pub(super) unsafe fn sgemm_xwt_columns(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) -> Result<()> {
+        let (m, n, k) = (super::c_dim(rows)?, super::c_dim(out)?, super::c_dim(inp)?);
+        let ldc = super::c_dim(ldy)?;
+        // SAFETY: x and w were checked against [rows, inp] and [out, inp] by the caller,
+        // which also made y's rows (ldy apart, out values each) ours; beta = 0 overwrites
+        // them.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                m,
+                n,
+                k,
+                1.0,
+                x.as_ptr(),
+                k,
+                w.as_ptr(),
+                k,
+                0.0,
+                y,
+                ldc,
             )
         };
         Ok(())

@@ -18,6 +18,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 
 use super::activations::quantize_rows;
+use super::dequantize::dequantize;
 use super::dot::{FEW_ROWS, Kernel, rows_times_activations};
 use super::weights::{BLOCK, ExpandedRow, Format};
 
@@ -46,7 +47,15 @@ impl std::fmt::Debug for QuantizedMatrix {
 thread_local! {
     /// Each thread's expanded weight row, reused across calls.
     static SCRATCH: RefCell<ExpandedRow> = RefCell::new(ExpandedRow::default());
+    /// Each thread's tile of weight rows dequantized to f32, reused across calls.
+    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
+
+/// Activation rows from which a product dequantizes tiles of weight rows to f32 and
+/// multiplies them with the f32 GEMM instead of running the integer dot products: a
+/// prompt is compute-bound, and the GEMM's register blocking does more multiplies per
+/// weight read than a dot product per pair of rows.
+pub const GEMM_ROWS: usize = 16;
 
 impl QuantizedMatrix {
     /// `bytes` hold `out` rows of `inp / block` blocks of `dtype` (GGML's row-major
@@ -184,6 +193,7 @@ impl QuantizedMatrix {
             }
             let values = values.as_deref().unwrap_or_default();
             let ys = match Format::of(group[0].dtype) {
+                _ if rows >= GEMM_ROWS => Self::tiled_products(group, values, rows)?,
                 Some(format) => Self::products(group, format, Kernel::best(), values, rows),
                 None => candle_blocks::products(group, values, rows)?,
             };
@@ -216,7 +226,8 @@ impl QuantizedMatrix {
         let inp = matrices[0].inp;
         let acts = quantize_rows(x, rows, inp, format.zero_point(), format.has_min());
         let row_bytes = inp / BLOCK * format.block_bytes();
-        shared_out(matrices, rows, |which, first, out| {
+        let per_thread = if rows < FEW_ROWS { 4 } else { 16 };
+        shared_out(matrices, rows, per_thread, |which, first, out| {
             let count = out.len() / rows;
             let bytes = &matrices[which].data()[first * row_bytes..(first + count) * row_bytes];
             SCRATCH.with_borrow_mut(|scratch| {
@@ -224,6 +235,79 @@ impl QuantizedMatrix {
             });
         })
     }
+
+    /// [`Self::products`] by tiles: each chunk of weight rows is dequantized to f32 into
+    /// the thread's scratch and multiplied by all of `x` with the f32 GEMM (`x` stays
+    /// f32, unrounded), which writes its columns of `y` where they belong. For matrices
+    /// of one dtype, in place.
+    #[allow(unsafe_code)] // Tasks write disjoint column ranges of the same outputs.
+    fn tiled_products(matrices: &[&Self], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
+        let (dtype, inp) = (matrices[0].dtype, matrices[0].inp);
+        let row_bytes = inp / dtype.block_size() * dtype.type_size();
+        let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
+        // Two chunks a thread: the GEMM's speed grows with its tile (SmolLM2 Q4_1's
+        // 128-token prefill took about the same with 1, 2 or 4, 8 % longer with 8).
+        let size = chunk_rows(&outs, 2);
+        let tiles: Vec<(usize, usize)> = outs
+            .iter()
+            .enumerate()
+            .flat_map(|(which, &out)| (0..out).step_by(size).map(move |first| (which, first)))
+            .collect();
+        let mut ys: Vec<Vec<f32>> = outs.iter().map(|&out| vec![0f32; rows * out]).collect();
+        let targets: Vec<Columns> = ys.iter_mut().map(|y| Columns(y.as_mut_ptr())).collect();
+        let failure = std::sync::OnceLock::new();
+        crate::cpu::team::for_each_task(tiles.len(), &|t| {
+            let (which, first) = tiles[t];
+            let (out, count) = (outs[which], size.min(outs[which] - first));
+            let bytes = &matrices[which].data()[first * row_bytes..(first + count) * row_bytes];
+            let done = TILE.with_borrow_mut(|tile| {
+                tile.resize(count * inp, 0.0);
+                match Format::of(dtype) {
+                    Some(format) => dequantize(format, bytes, tile),
+                    None => candle_blocks::dequantize(dtype, bytes, tile)?,
+                }
+                // SAFETY: y `[rows, out]` stays alive and otherwise untouched until every
+                // task has returned; this tile's columns [first, first + count) lie inside
+                // it and no other task writes them.
+                unsafe {
+                    crate::cpu::linear::sgemm_xwt_columns(
+                        x,
+                        rows,
+                        tile,
+                        count,
+                        inp,
+                        targets[which].0.add(first),
+                        out,
+                    )
+                }
+            });
+            if let Err(e) = done {
+                let _ = failure.set(e);
+            }
+        });
+        match failure.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// An output matrix whose disjoint column ranges different tasks write.
+struct Columns(*mut f32);
+// SAFETY: only used by `tiled_products`, whose tasks write disjoint columns.
+#[allow(unsafe_code)]
+unsafe impl Sync for Columns {}
+
+/// The largest number of weight rows a chunk can take that divides every one of `outs`
+/// (so no chunk straddles two matrices) and leaves the team `per_thread` chunks a thread
+/// to balance (at most 256).
+fn chunk_rows(outs: &[usize], per_thread: usize) -> usize {
+    let total: usize = outs.iter().sum();
+    let enough = crate::cpu::threads::calling_thread_limit() * per_thread;
+    [256usize, 128, 64, 32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|&c| outs.iter().all(|o| o % c == 0) && total / c >= enough)
+        .unwrap_or(1)
 }
 
 /// The products of `rows` activation rows with the weight rows of `matrices`, each
@@ -234,23 +318,18 @@ impl QuantizedMatrix {
 fn shared_out(
     matrices: &[&QuantizedMatrix],
     rows: usize,
+    per_thread: usize,
     chunk: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<Vec<f32>> {
     let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
     let total: usize = outs.iter().sum();
-    // The largest chunk that divides every matrix's rows and leaves the team enough
-    // chunks to balance. A decode step's products are memory-bound and short: 4
-    // chunks a thread let each thread read long runs of weight bytes (the hardware
-    // prefetcher starts over at every jump) and claim chunks less often. SmolLM2
-    // Q4_1's decode step (`examples/generate_timing`) took 6.9 ms with 16 chunks a
-    // thread, 4.6 with 4, about the same with 2, 5.3 with 8. Prompts are
-    // compute-bound and keep 16 (4 was no faster).
-    let per_thread = if rows < FEW_ROWS { 4 } else { 16 };
-    let enough = crate::cpu::threads::calling_thread_limit() * per_thread;
-    let size = [256usize, 128, 64, 32, 16, 8, 4, 2, 1]
-        .into_iter()
-        .find(|&c| outs.iter().all(|o| o % c == 0) && total / c >= enough)
-        .unwrap_or(1);
+    // A decode step's products are memory-bound and short: 4 chunks a thread let each
+    // thread read long runs of weight bytes (the hardware prefetcher starts over at
+    // every jump) and claim chunks less often. SmolLM2 Q4_1's decode step
+    // (`examples/generate_timing`) took 6.9 ms with 16 chunks a thread, 4.6 with 4,
+    // about the same with 2, 5.3 with 8. Integer products of a few rows keep 16 (4 was
+    // no faster).
+    let size = chunk_rows(&outs, per_thread);
     let starts: Vec<usize> = outs
         .iter()
         .scan(0, |start, &o| {
@@ -370,6 +449,27 @@ mod candle_blocks {
         Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
     }
 
+    /// Writes the f32 weights of `bytes`, whole blocks of `dtype` (handled here, fitting
+    /// ([`fit`])), to `out`.
+    pub(super) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+        with_block!(
+            dtype,
+            candle_core::bail!("no in-place dequantization for {dtype:?}"),
+            to_float(bytes, out)
+        )
+    }
+
+    fn to_float<T: GgmlType>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+        let blocks = as_blocks::<T>(bytes).ok_or_else(|| {
+            candle_core::Error::Msg("weights not aligned for their blocks".into())
+        })?;
+        if out.len() != blocks.len() * T::BLCK_SIZE {
+            candle_core::bail!("{} blocks into {} values", blocks.len(), out.len());
+        }
+        T::to_float(blocks, out);
+        Ok(())
+    }
+
     /// [`QuantizedMatrix::products`] for matrices of one dtype handled here, all
     /// fitting ([`fit`]).
     pub(super) fn products(
@@ -404,14 +504,20 @@ mod candle_blocks {
         for (x, a) in x.chunks_exact(inp).zip(acts.chunks_exact_mut(blocks)) {
             T::VecDotType::from_float(x, a);
         }
-        Ok(shared_out(matrices, rows, |which, first, out| {
-            for (i, products) in out.chunks_exact_mut(rows).enumerate() {
-                let row = &weights[which][(first + i) * blocks..][..blocks];
-                for (product, a) in products.iter_mut().zip(acts.chunks_exact(blocks)) {
-                    *product = T::vec_dot(inp, row, a);
+        let per_thread = if rows < FEW_ROWS { 4 } else { 16 };
+        Ok(shared_out(
+            matrices,
+            rows,
+            per_thread,
+            |which, first, out| {
+                for (i, products) in out.chunks_exact_mut(rows).enumerate() {
+                    let row = &weights[which][(first + i) * blocks..][..blocks];
+                    for (product, a) in products.iter_mut().zip(acts.chunks_exact(blocks)) {
+                        *product = T::vec_dot(inp, row, a);
+                    }
                 }
-            }
-        }))
+            },
+        ))
     }
 }
 
@@ -457,15 +563,18 @@ mod tests {
             GgmlDType::Q5K,
             GgmlDType::Q6K,
         ] {
-            for (out, inp, rows) in [(96, 256, 1), (40, 768, 7), (300, 512, 3)] {
+            for (out, inp, rows) in [(96, 256, 1), (40, 768, 7), (300, 512, 3), (72, 512, 40)] {
                 let (reference, matrix) = quantized(dtype, out, inp, out as u64);
                 let x = Tensor::randn(0f32, 1.0, (rows, inp), &Device::Cpu).expect("x");
                 let want = x.matmul(&reference.t().expect("t")).expect("matmul");
                 let got = matrix.forward(&x).expect("forward");
                 assert_eq!(got.dims(), &[rows, out]);
                 let error = relative_error(&got, &want);
+                // From GEMM_ROWS rows on, the dequantized tiles meet unrounded
+                // activations: the dequantized product, up to f32 summation order.
+                let bound = if rows >= GEMM_ROWS { 1e-5 } else { 2e-2 };
                 assert!(
-                    error < 2e-2,
+                    error < bound,
                     "{dtype:?} [{out}, {inp}] × {rows} rows: {error}"
                 );
                 assert!(matrix.in_place(), "{dtype:?}");
@@ -502,7 +611,7 @@ mod tests {
         let (_, gate) = quantized(GgmlDType::Q4K, 64, 256, 4);
         let (_, up) = quantized(GgmlDType::Q4K, 32, 256, 5);
         let (_, down) = quantized(GgmlDType::Q6K, 16, 256, 6);
-        for rows in [1, 6] {
+        for rows in [1, 6, GEMM_ROWS + 3] {
             for (width, group) in [
                 (128, vec![&q, &k]),
                 (128, vec![&q, &k, &other]),
@@ -514,7 +623,10 @@ mod tests {
                 for (m, y) in group.iter().zip(&together) {
                     let alone = m.forward(&x).expect("alone");
                     assert_eq!(y.dims(), alone.dims());
-                    assert_eq!(relative_error(y, &alone), 0.0);
+                    // Integer products are exact; the GEMM's tiles differ in size
+                    // together and alone, so its f32 sums may differ in order.
+                    let bound = if rows >= GEMM_ROWS { 1e-6 } else { 0.0 };
+                    assert!(relative_error(y, &alone) <= bound, "{rows} rows");
                 }
             }
         }
@@ -553,6 +665,14 @@ mod tests {
                 let error = relative_error(&got, &want);
                 assert!(error < 1e-4, "{dtype:?}, {rows} rows: {error}");
             }
+            // A prompt's rows: the in-place tiles and the copy both meet the weights'
+            // exact values (candle's QMatMul dequantizes for many rows too, or rounds
+            // the activations: within its rounding).
+            let x = Tensor::randn(0f32, 1.0, (GEMM_ROWS * 2, 512), &Device::Cpu).expect("x");
+            let got = matrix.forward(&x).expect("in place");
+            let want = copied.forward(&x).expect("candle's QMatMul");
+            let error = relative_error(&got, &want);
+            assert!(error < 2e-2, "{dtype:?}, prompt rows: {error}");
         }
     }
 

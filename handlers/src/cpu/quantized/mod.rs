@@ -4,13 +4,16 @@
 //!   Q8_0) and a weight row expanded for them.
 //! - [`activations`]: activation rows quantized to 8 bits per block, as llama.cpp does.
 //! - [`dot`]: the integer dot products (AVX-512 VNNI, AVX2, portable), chosen at run time.
+//! - [`dequantize`]: weight rows back to f32, for the prompt path's GEMM on tiles.
 //! - [`matmul`]: [`QuantizedMatrix`], a linear layer's weight in blocks, its products
 //!   shared out to the thread team (candle's block dot products for the k-quants).
 
 pub mod activations;
+#[allow(unsafe_code)] // Calls into code compiled for the CPU's vector extensions, once detected.
+pub mod dequantize;
 #[allow(unsafe_code)] // Vector intrinsics on slices whose lengths are checked first.
 pub mod dot;
 pub mod matmul;
 pub mod weights;
 
-pub use matmul::{QuantizedMatrix, WeightBytes};
+pub use matmul::{GEMM_ROWS, QuantizedMatrix, WeightBytes};

@@ -47,7 +47,7 @@ Usage: bench/gguf.py [--runs 5] [--no-cold] [--no-k-quants] [--skip-build] [--no
 (--skip-build uses target/release/spillway and target/release/examples/quantized_logits as
 they are; without it both are built with MKL.)
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, re, statistics, subprocess, sys, tempfile, time
 
 from common import Server, drop_caches, write_section
 
@@ -61,12 +61,13 @@ REFS = os.path.join(ROOT, "..", "shared", "refs", "smollm2_dev_refs.json")
 PROMPT_TOKENS, NEW_TOKENS, GREEDY = 128, 64, 32
 SENTENCE = "The history of the river valley is long and full of change, and its people remember it. "
 
-# Runs in the llama.cpp venv: argv[1] the Q4_1 GGUF, argv[2] where to write its Q4_K_M.
+# Runs in the llama.cpp venv: argv[1] the Q4_1 GGUF, argv[2] where to write it requantized,
+# argv[3] the format (llama.cpp's LLAMA_FTYPE_MOSTLY_<argv[3]>: Q4_K_M, Q4_0, Q8_0, ...).
 QUANTIZE = r"""
 import ctypes, sys
 import llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
 params.allow_requantize = True
 params.nthread = 2
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
@@ -352,13 +353,7 @@ def main():
 
 def k_quants(python, gguf, work, text, runs):
     """[(label, figures)] of llama.cpp and Spillway on a Q4_K_M requantization of `gguf`."""
-    # A folder of its own: the server archives the GGUF's whole folder.
-    folder = os.path.dirname(gguf).rstrip("/") + "-Q4_K_M"
-    k_gguf = os.path.join(folder, os.path.basename(gguf).replace("Q4_1", "Q4_K_M"))
-    if not os.path.exists(k_gguf):
-        os.makedirs(folder, exist_ok=True)
-        run([python, "-c", QUANTIZE, gguf, k_gguf + ".part"])
-        os.rename(k_gguf + ".part", k_gguf)
+    k_gguf = requantized(python, gguf, "Q4_K_M")
     job = {"text": text, "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "runs": runs,
            "greedy_prompts": [], "greedy": GREEDY, "eos": 2, "forced_tokens": [], "forced_out": ""}
     llama = json.loads(run([python, "-c", LLAMA_CPP, k_gguf, json.dumps(job)]))
@@ -366,13 +361,26 @@ def k_quants(python, gguf, work, text, runs):
     return [("llama.cpp (Q4_K_M)", llama), ("Spillway Q4_K_M, in RAM", ours)]
 
 
+def requantized(python, gguf, ftype):
+    """`gguf` (Q4_1) requantized to `ftype` by llama.cpp's quantizer, once, in a folder of its
+    own next to the model's (the server archives the GGUF's whole folder)."""
+    folder = os.path.dirname(gguf).rstrip("/") + "-" + ftype
+    out = os.path.join(folder, os.path.basename(gguf).replace("Q4_1", ftype))
+    if not os.path.exists(out):
+        os.makedirs(folder, exist_ok=True)
+        run([python, "-c", QUANTIZE, gguf, out + ".part", ftype])
+        os.rename(out + ".part", out)
+    return out
+
+
 def logit_distances(work, llama_logits, cases):
     """examples/quantized_logits on the quantized and float32 copies the servers wrote (in
     the shared cache's offload folder), with llama.cpp's logits as the other engine."""
     offload = os.path.join(work, "cache", "offload")
-    folder = lambda suffix: next(os.path.join(offload, d) for d in os.listdir(offload)
-                                 if d.endswith(suffix) and not d.startswith("."))
-    out = run([LOGITS, folder("-ggml-v3"), folder("-f32-v3"), REFS, str(cases), "--other", llama_logits],
+    # Named `<source>-ggml-v<CONVERSION>` and `<source>-f32-v<CONVERSION>` (models::gguf).
+    folder = lambda kind: next(os.path.join(offload, d) for d in os.listdir(offload)
+                               if re.search(rf"-{kind}-v\d+$", d) and not d.startswith("."))
+    out = run([LOGITS, folder("ggml"), folder("f32"), REFS, str(cases), "--other", llama_logits],
               env=dict(os.environ, CANDLE_NUM_THREADS="2"))
     return json.loads(out.splitlines()[-1])
 

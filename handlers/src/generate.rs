@@ -190,6 +190,9 @@ pub struct Generation {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Leading prompt tokens whose keys and values came from the prefix cache (not
+    /// computed again).
+    pub cached_tokens: usize,
     /// Every generated token, the end-of-sequence token included when one ended it.
     pub token_ids: Vec<u32>,
     /// The request's `details` parameter, for protocols that answer with details only

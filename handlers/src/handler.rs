@@ -247,6 +247,9 @@ pub struct LoadOptions {
     /// model-config.yaml's `handler:` section (TorchServe's handler settings), e.g.
     /// image_classifier's `topk`.
     pub handler_config: serde_json::Map<String, serde_json::Value>,
+    /// Bytes a generator may keep of the keys and values of prompts it has seen, for
+    /// later prompts that start the same way (0: none).
+    pub prefix_cache_bytes: u64,
 }
 
 impl Default for LoadOptions {
@@ -257,6 +260,7 @@ impl Default for LoadOptions {
             max_length: None,
             plan: None,
             handler_config: serde_json::Map::new(),
+            prefix_cache_bytes: 0,
         }
     }
 }
@@ -361,6 +365,20 @@ pub trait Handler: Send + Sync {
     fn step_batch(&self) -> Option<Box<dyn StepBatch + '_>> {
         None
     }
+
+    /// What its prefix cache has done, where it keeps one (generation).
+    fn prefix_cache(&self) -> Option<PrefixCacheTotals> {
+        None
+    }
+}
+
+/// A generator's prefix cache so far: prompt tokens looked up, those found (not
+/// computed again), and the bytes it holds now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheTotals {
+    pub lookup_tokens: u64,
+    pub hit_tokens: u64,
+    pub bytes: u64,
 }
 
 /// A request that left a [`StepBatch`]: its ticket and its answer.

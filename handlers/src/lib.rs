@@ -47,7 +47,8 @@ pub use generate::{
 };
 pub use handler::{
     Classification, Entity, Handler, HandlerInfo, HandlerKind, ImageInput, Input, InputSize,
-    LoadOptions, Output, PromptInput, RawBody, Request, ScoredLabel, StepBatch, candle_dtype,
+    LoadOptions, Output, PrefixCacheTotals, PromptInput, RawBody, Request, ScoredLabel, StepBatch,
+    candle_dtype,
 };
 pub use tasks::load;
 pub use tools::{ChatTools, ToolCall, ToolChoice, ToolFunction};

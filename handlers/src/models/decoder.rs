@@ -29,6 +29,7 @@ use crate::{HandlerError, WeightSource};
 pub mod families;
 #[cfg(test)]
 mod fixture_tests;
+pub mod prefix_cache;
 pub mod spec;
 
 use families::{Activation, NormKind, NormPlacement, NormWeight, Positions, Projections, QkNorm};
@@ -47,6 +48,65 @@ impl KvCache {
             layers: (0..blocks).map(|_| None).collect(),
             position: 0,
         }
+    }
+}
+
+impl KvCache {
+    /// A copy of the first `len` positions' keys and values (a prefix other sequences
+    /// can start from), or `None` where this cache no longer holds them all (a
+    /// sliding-window block's cache has rolled past them) or holds fewer.
+    pub fn prefix(&self, len: usize) -> candle_core::Result<Option<KvPrefix>> {
+        if len == 0 || len > self.position {
+            return Ok(None);
+        }
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let Some(cache) = layer else {
+                return Ok(None);
+            };
+            if cache.start > 0 || cache.len < len {
+                return Ok(None);
+            }
+            // A copy, never a view: the sequence may go on writing its buffers.
+            let copied = |t: &Tensor| -> candle_core::Result<Tensor> {
+                let part = t.narrow(2, 0, len)?;
+                match part.is_contiguous() {
+                    true => part.copy(),
+                    false => part.contiguous(),
+                }
+            };
+            layers.push((copied(&cache.k)?, copied(&cache.v)?));
+        }
+        Ok(Some(KvPrefix { layers, len }))
+    }
+}
+
+/// The keys and values of a sequence's first `len` positions in every block
+/// (`[1, kv_heads, len, head_dim]` each, on the block's device), from
+/// [`KvCache::prefix`]; [`MappedDecoder::resume`] starts a cache from it.
+#[derive(Debug, Clone)]
+pub struct KvPrefix {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvPrefix {
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes its tensors hold.
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flat_map(|(k, v)| [k, v])
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
     }
 }
 
@@ -1541,6 +1601,27 @@ impl MappedDecoder {
             .iter()
             .any(|u| u.name == TIED_HEAD && u.is_streamed());
         self.stack.streamed_units() - usize::from(tied_head_streamed)
+    }
+
+    /// A cache holding the first `len` positions of `prefix` (at most its own), ready
+    /// for the tokens after them: its own buffers, grown like any other's.
+    pub fn resume(&self, prefix: &KvPrefix, len: usize) -> candle_core::Result<KvCache> {
+        if prefix.layers.len() != self.config.num_hidden_layers || len > prefix.len || len == 0 {
+            candle_core::bail!(
+                "a prefix of {} blocks and {} positions cannot start {len} positions of a \
+                 {}-block model",
+                prefix.layers.len(),
+                prefix.len,
+                self.config.num_hidden_layers
+            );
+        }
+        let mut cache = KvCache::new(self.config.num_hidden_layers);
+        for (layer, (k, v)) in cache.layers.iter_mut().zip(&prefix.layers) {
+            let (k, v) = (k.narrow(2, 0, len)?, v.narrow(2, 0, len)?);
+            LayerCache::append(layer, &k, &v, self.config.positions())?;
+        }
+        cache.position = len;
+        Ok(cache)
     }
 
     /// Runs `tokens` (`[1, seq]`) after what `cache` holds; returns the last position's

@@ -14,13 +14,16 @@ use candle_transformers::generation::LogitsProcessor;
 use tokenizers::Tokenizer;
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::cpu::quantized::GEMM_ROWS;
 use crate::error::CandleContext;
 use crate::generate::{
     EventSender, FinishReason, GenerateParameters, GenerateRequest, Generation, GenerationEvent,
     TokenLogprob, TokenLogprobs,
 };
+use crate::handler::PrefixCacheTotals;
 use crate::handler::{Finished, Input, Output, PromptInput, Request, StepBatch};
-use crate::models::decoder::{DecoderSpec, KvCache, MappedDecoder};
+use crate::models::decoder::prefix_cache::PrefixCache;
+use crate::models::decoder::{DecoderSpec, KvCache, KvPrefix, MappedDecoder};
 use crate::sampling::adjust::Adjustments;
 use crate::sampling::{GrammarVocabulary, TokenConstraint};
 use crate::tools::ChatTools;
@@ -43,6 +46,19 @@ pub struct TextGeneration {
     /// The vocabulary for constrained decoding, built on the first request with a
     /// grammar (or why this tokenizer cannot be used for it).
     grammar_vocabulary: std::sync::OnceLock<Result<GrammarVocabulary, String>>,
+    /// The keys and values of what finished sequences fed the model, for prompts that
+    /// start the same way (`None`: a budget of 0).
+    prefixes: Option<Prefixes>,
+}
+
+/// Tokens in a block of the prefix cache: a prompt reuses whole blocks.
+const PREFIX_BLOCK: usize = 16;
+
+/// A generator's prefix cache and its counts.
+struct Prefixes {
+    cache: std::sync::Mutex<PrefixCache<KvPrefix>>,
+    lookup_tokens: std::sync::atomic::AtomicU64,
+    hit_tokens: std::sync::atomic::AtomicU64,
 }
 
 impl TextGeneration {
@@ -89,7 +105,87 @@ impl TextGeneration {
             holding,
             watch: weights.watch(),
             grammar_vocabulary: std::sync::OnceLock::new(),
+            prefixes: (options.prefix_cache_bytes > 0).then(|| Prefixes {
+                cache: std::sync::Mutex::new(PrefixCache::new(
+                    PREFIX_BLOCK,
+                    options.prefix_cache_bytes,
+                )),
+                lookup_tokens: Default::default(),
+                hit_tokens: Default::default(),
+            }),
         })
+    }
+
+    /// Starts `sequence` (before its prefill) from the longest prefix of its prompt the
+    /// cache holds: its cache copied from the held one, only the rest of the prompt left
+    /// to compute.
+    fn reuse_prefix(&self, sequence: &mut Sequence) -> Result<(), HandlerError> {
+        let Some(prefixes) = &self.prefixes else {
+            return Ok(());
+        };
+        if sequence.cache.position != 0 || !sequence.ids.is_empty() {
+            return Ok(());
+        }
+        let prompt = &sequence.next_input;
+        prefixes
+            .lookup_tokens
+            .fetch_add(prompt.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // A prompt long enough for the prompt GEMM keeps a rest long enough for it too:
+        // quantized weights multiply fewer rows on another path (quantized activations),
+        // which would round differently from the prompt computed whole.
+        let rest = match prompt.len() >= GEMM_ROWS {
+            true => GEMM_ROWS,
+            false => 1,
+        };
+        let hit = prefixes
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup_leaving(prompt, rest);
+        let Some(hit) = hit else {
+            return Ok(());
+        };
+        sequence.cache = self
+            .model
+            .resume(&hit.value, hit.tokens)
+            .context(|| "cannot start from the cached prefix".into())?;
+        sequence.next_input.drain(..hit.tokens);
+        sequence.cached_tokens = hit.tokens;
+        prefixes
+            .hit_tokens
+            .fetch_add(hit.tokens as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Keeps what a finished sequence fed the model (its prompt and all but its last
+    /// token), in whole blocks, for later prompts that start the same way.
+    fn remember(&self, sequence: &Sequence) {
+        let Some(prefixes) = &self.prefixes else {
+            return;
+        };
+        let fed = sequence.cache.position;
+        let whole = fed / PREFIX_BLOCK * PREFIX_BLOCK;
+        if whole == 0 {
+            return;
+        }
+        let tokens: Vec<u32> = sequence
+            .prompt
+            .iter()
+            .chain(&sequence.ids)
+            .take(whole)
+            .copied()
+            .collect();
+        // The copy is made outside the lock; a cache that cannot copy (a rolled
+        // sliding window) keeps nothing.
+        let Ok(Some(prefix)) = sequence.cache.prefix(whole) else {
+            return;
+        };
+        let bytes = prefix.bytes();
+        prefixes
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(&tokens, prefix, bytes);
     }
 
     /// A matcher for the request's grammar, if it has one.
@@ -225,7 +321,8 @@ impl TextGeneration {
         constraint: Option<TokenConstraint>,
     ) -> Sequence {
         Sequence {
-            prompt_tokens: prompt.len(),
+            prompt: prompt.clone(),
+            cached_tokens: 0,
             cache: KvCache::default(),
             next_input: prompt,
             sampler: LogitsProcessor::from_sampling(
@@ -254,6 +351,7 @@ impl TextGeneration {
             .filter(|s| s.finish.is_none())
             .partition(|s| s.next_input.len() > 1 || s.ids.is_empty());
         for sequence in prefill {
+            self.reuse_prefix(sequence)?;
             let input = Tensor::new(sequence.next_input.as_slice(), &Device::Cpu)
                 .and_then(|t| t.unsqueeze(0))
                 .and_then(|t| self.model.forward(&t, &mut sequence.cache))
@@ -422,6 +520,7 @@ impl TextGeneration {
 
     /// The answer of a finished sequence (its grammar's failure, if it failed).
     fn answer(&self, sequence: Sequence) -> Result<Output, HandlerError> {
+        self.remember(&sequence);
         match sequence.failure {
             Some(failure) => Err(failure),
             None => Ok(Output::Generation(sequence.generation())),
@@ -449,7 +548,9 @@ impl TextGeneration {
 /// One request being generated: its KV cache and sampler, the tokens it produced and
 /// their text. [`TextGeneration::advance`] moves it on by one token.
 pub struct Sequence {
-    prompt_tokens: usize,
+    prompt: Vec<u32>,
+    /// Leading prompt tokens started from the prefix cache.
+    cached_tokens: usize,
     cache: KvCache,
     /// What the next step feeds the model: the prompt before the prefill, then the last
     /// token.
@@ -496,7 +597,8 @@ impl Sequence {
                 FinishReason::ToolCalls
             },
             tool_calls,
-            prompt_tokens: self.prompt_tokens,
+            prompt_tokens: self.prompt.len(),
+            cached_tokens: self.cached_tokens,
             token_ids: self.ids.clone(),
             details: self.parameters.details,
             logprobs: self.logprobs.clone(),
@@ -690,6 +792,20 @@ impl Handler for TextGeneration {
         Some(self.model.units())
     }
 
+    fn prefix_cache(&self) -> Option<PrefixCacheTotals> {
+        let prefixes = self.prefixes.as_ref()?;
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        Some(PrefixCacheTotals {
+            lookup_tokens: prefixes.lookup_tokens.load(relaxed),
+            hit_tokens: prefixes.hit_tokens.load(relaxed),
+            bytes: prefixes
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .held(),
+        })
+    }
+
     fn info(&self) -> HandlerInfo {
         HandlerInfo {
             handler: HandlerKind::TextGeneration,
@@ -785,6 +901,107 @@ mod tests {
             ..GenerateParameters::default()
         };
         assert!(too_many.check().is_err());
+    }
+
+    /// A plan that keeps the embeddings, final norm and head in RAM and streams every
+    /// block from disk, each pass.
+    fn blocks_on_disk(config: &DecoderSpec) -> spillway_placement::Plan {
+        use spillway_placement::{Device as Placed, PlacedUnit, Plan, UnitKind};
+        Plan {
+            strategy: "test".into(),
+            units: MappedDecoder::unit_names(config)
+                .into_iter()
+                .map(|name| PlacedUnit {
+                    device: match name.starts_with("model.layers.") {
+                        true => Placed::DISK,
+                        false => Placed::CPU,
+                    },
+                    name,
+                    bytes: 1,
+                    kind: UnitKind::Post,
+                    tied: vec![],
+                })
+                .collect(),
+            devices: vec![],
+            stream_device: Placed::CPU,
+            streamed_bytes_per_forward: 1,
+            notes: vec![],
+        }
+    }
+
+    /// Answers `prompt` greedily for 6 tokens.
+    fn greedy(handler: &TextGeneration, prompt: &[u32]) -> Generation {
+        let input = Input::Prompt(Box::new(PromptInput {
+            ids: prompt.to_vec(),
+            parameters: GenerateParameters {
+                max_new_tokens: 6,
+                ..GenerateParameters::default()
+            },
+            events: None,
+            constraint: None,
+        }));
+        match alone(handler, &input) {
+            Output::Generation(generation) => generation,
+            other => panic!("not a generation: {other:?}"),
+        }
+    }
+
+    /// A prompt that starts like one answered before (an agent's system prompt, a chat
+    /// resending its history) is started from the cached keys and values of its whole
+    /// leading blocks and answers exactly as without the cache, in RAM and with every
+    /// block streamed from disk; the counts say what was reused.
+    #[test]
+    fn a_prompt_starting_like_an_earlier_one_reuses_its_prefix_and_answers_the_same() {
+        let (dir, plain) = tiny_generator();
+        let vocab = crate::testing::vocabulary().len() as u32;
+        let system: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % vocab).collect();
+        let with = |tail: &[u32]| -> Vec<u32> { system.iter().chain(tail).copied().collect() };
+        for streamed in [false, true] {
+            let options = LoadOptions {
+                prefix_cache_bytes: 1 << 30,
+                plan: streamed.then(|| blocks_on_disk(plain.model.config())),
+                ..LoadOptions::default()
+            };
+            let cached = TextGeneration::load(
+                &crate::weights::files::FolderFiles::new(dir.path()),
+                &options,
+            )
+            .expect("load");
+            assert_eq!(cached.model.streamed_units() > 0, streamed);
+            let first = with(&[5, 6]);
+            let answer = greedy(&cached, &first);
+            assert_eq!(answer.cached_tokens, 0, "nothing seen yet");
+            assert_eq!(answer.token_ids, greedy(&plain, &first).token_ids);
+            // Another question after the same system prompt: its first block of 16 is
+            // reused (two would leave fewer than GEMM_ROWS of its 43 tokens to compute).
+            let second = with(&[9, 9, 9]);
+            let reused = greedy(&cached, &second);
+            assert_eq!(reused.cached_tokens, 16, "streamed: {streamed}");
+            assert_eq!(reused.token_ids, greedy(&plain, &second).token_ids);
+            // The next turn of the first: its prompt, its answer, more. What the first
+            // fed the model (42 + 5 tokens) is held in whole blocks: 32 of them.
+            let mut turn: Vec<u32> = first.iter().chain(&answer.token_ids).copied().collect();
+            turn.extend([11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
+            let next = greedy(&cached, &turn);
+            assert_eq!(next.cached_tokens, 32);
+            assert_eq!(next.token_ids, greedy(&plain, &turn).token_ids);
+            // ... and after it, the same conversation goes on from 48 of its tokens.
+            let mut later = turn.clone();
+            later.extend(&next.token_ids);
+            later.extend([21, 22]);
+            let last = greedy(&cached, &later);
+            assert_eq!(last.cached_tokens, 48);
+            assert_eq!(last.token_ids, greedy(&plain, &later).token_ids);
+            let totals = cached.prefix_cache().expect("a prefix cache");
+            let looked: usize = [&first, &second, &turn, &later]
+                .iter()
+                .map(|p| p.len())
+                .sum();
+            assert_eq!(totals.lookup_tokens, looked as u64);
+            assert_eq!(totals.hit_tokens, 16 + 32 + 48);
+            assert!(totals.bytes > 0);
+        }
+        assert!(plain.prefix_cache().is_none(), "a budget of 0 keeps none");
     }
 
     fn load_folder(dir: &std::path::Path) -> TextGeneration {

@@ -63,6 +63,20 @@ impl SetupConfig {
         }
     }
 
+    /// `prefix_cache_bytes`: the bytes a generator's prefix cache may hold (0 turns it
+    /// off); `None` when not given (the planner's default).
+    pub fn prefix_cache_bytes(&self) -> Result<Option<u64>> {
+        match self.other.get("prefix_cache_bytes") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(value) => value.as_u64().map(Some).ok_or_else(|| {
+                Error::bad_config(
+                    FILE,
+                    format!("prefix_cache_bytes must be a whole number of bytes, found {value}"),
+                )
+            }),
+        }
+    }
+
     /// What the model asks of the device manager: `device` ("cpu", "cuda", "cudax2",
     /// "cuda:0", "cuda:0,1"); `None` when not given (the managed GPUs, shared).
     pub fn device_request(&self) -> Result<Option<DeviceRequest>> {
@@ -91,6 +105,8 @@ impl SetupConfig {
             max_length: self.max_length,
             plan: None,
             handler_config: serde_json::Map::new(),
+            // The planner's budget, set by the loader with the plan.
+            prefix_cache_bytes: 0,
         })
     }
 }

@@ -6,7 +6,7 @@
 use spillway_handlers::weights::files::read_json;
 use spillway_handlers::{HandlerError, ModelFiles};
 use spillway_placement::{
-    Budgets, DiskAccess, MaxMemory, ModelShape, Plan, PlanRequest, Strategy, TensorDType,
+    Budgets, DiskAccess, MaxMemory, ModelShape, Plan, PlanRequest, Reserve, Strategy, TensorDType,
     TensorInfo, inventory,
 };
 
@@ -119,6 +119,47 @@ pub struct PlanOptions {
     pub max_length: Option<usize>,
 }
 
+/// Tokens per sequence to reserve for, and the reserve for `options.batch_size` of them.
+fn reserve_of(
+    inventory: &ModelInventory,
+    setup: &SetupConfig,
+    options: &PlanOptions,
+    run_dtype: TensorDType,
+) -> (usize, Reserve) {
+    let seq = options.max_length.or(setup.max_length).unwrap_or_else(|| {
+        inventory
+            .shape
+            .as_ref()
+            .map_or(512, |s| s.max_position_embeddings.min(2048))
+    });
+    let reserve = inventory
+        .shape
+        .as_ref()
+        .map(|s| s.reserve(options.batch_size.max(1), seq, run_dtype))
+        .unwrap_or_default();
+    (seq, reserve)
+}
+
+/// The bytes a generator's prefix cache may hold: setup_config's `prefix_cache_bytes`,
+/// else a quarter of the KV cache reserved for the batch (0 for a model without one).
+/// The planner reserves them beside the KV cache.
+pub fn prefix_cache_budget(
+    inventory: &ModelInventory,
+    setup: &SetupConfig,
+    options: &PlanOptions,
+) -> Result<u64> {
+    if let Some(bytes) = setup.prefix_cache_bytes()? {
+        return Ok(bytes);
+    }
+    let run_dtype = setup
+        .dtype()?
+        .or(inventory.stored_dtype())
+        .unwrap_or(TensorDType::F32);
+    let (_, reserve) = reserve_of(inventory, setup, options, run_dtype);
+    let layers = inventory.shape.as_ref().map_or(0, |s| s.layers as u64);
+    Ok(reserve.kv_per_block * layers / 4)
+}
+
 /// Plans `inventory` under `setup` on `machine`.
 pub fn plan_model(
     inventory: &ModelInventory,
@@ -135,17 +176,12 @@ pub fn plan_model(
         .as_ref()
         .is_some_and(|s| s.tie_word_embeddings);
     let units = inventory::units(&inventory.tensors, target, tie);
-    let seq = options.max_length.or(setup.max_length).unwrap_or_else(|| {
-        inventory
-            .shape
-            .as_ref()
-            .map_or(512, |s| s.max_position_embeddings.min(2048))
-    });
-    let reserve = inventory
-        .shape
-        .as_ref()
-        .map(|s| s.reserve(options.batch_size.max(1), seq, run_dtype))
-        .unwrap_or_default();
+    let (seq, mut reserve) = reserve_of(inventory, setup, options, run_dtype);
+    let prefix_cache = prefix_cache_budget(inventory, setup, options)?;
+    // The prefix cache keeps each block's keys and values on that block's device.
+    if let Some(shape) = inventory.shape.as_ref().filter(|s| s.layers > 0) {
+        reserve.kv_per_block += prefix_cache.div_ceil(shape.layers as u64);
+    }
     let max_memory = match &setup.max_memory {
         Some(map) => {
             MaxMemory::from_json(&serde_json::Value::Object(map.clone())).map_err(plan_error)?

@@ -855,6 +855,7 @@ fn usage(prompt_tokens: usize, generation: &Generation) -> Value {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
     })
 }
 

@@ -21,7 +21,7 @@ use crate::config::ServerConfig;
 use crate::config::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
 use crate::config::setup_config::SetupConfig;
 use crate::devices::manager::{Admission, AdmitError};
-use crate::devices::placement::{ModelInventory, PlanOptions, plan_model};
+use crate::devices::placement::{ModelInventory, PlanOptions, plan_model, prefix_cache_budget};
 use crate::error::{Error, Result};
 use crate::store::archive::{self, ArchiveLimits, OpenedArchive};
 use crate::store::hub::ModelRef;
@@ -287,10 +287,10 @@ pub fn build(
         // A GGUF model or a PyTorch checkpoint is converted first; an evicted model coming
         // back is planned anew.
         None => {
+            let cache = &lifecycle.config().cache_dir;
             let files = match convert {
                 Some(convert) => {
                     handle.set_stage(LoadStage::Converting);
-                    let cache = &lifecycle.config().cache_dir;
                     converted(&archive, &convert, &options, &spec.setup, cache)?
                 }
                 None => archive.files.clone(),
@@ -342,6 +342,14 @@ pub fn build(
     };
     handle.set_stage(LoadStage::Building);
     options.plan = Some(plan);
+    let plan_options = PlanOptions {
+        batch_size: spec.config.batch_size,
+        max_length: None,
+    };
+    options.prefix_cache_bytes = match ModelInventory::read(&*model_files) {
+        Ok(inventory) => prefix_cache_budget(&inventory, &spec.setup, &plan_options)?,
+        Err(_) => 0,
+    };
     let handler = crate::devices::building_weights(|| {
         spillway_handlers::load(spec.handler, &*model_files, &options)
     })

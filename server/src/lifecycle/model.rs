@@ -566,6 +566,7 @@ impl ModelHandle {
                 .units()
                 .map(|u| u.stream_totals())
                 .unwrap_or_default(),
+            prefix_cache: serving.handler.prefix_cache(),
         })
     }
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use spillway_handlers::PrefixCacheTotals;
 use spillway_handlers::weights::layer_stack::StreamTotals;
 use spillway_placement::Plan;
 
@@ -99,6 +100,12 @@ pub const STREAMED_BYTES_TOTAL: &str = "spillway_streamed_bytes_total";
 /// Time spent materializing disk units, microseconds (process-wide; overlaps compute
 /// when read ahead).
 pub const MATERIALIZE_US_TOTAL: &str = "spillway_materialize_microseconds_total";
+/// Prompt tokens a generator looked up in its prefix cache.
+pub const PREFIX_LOOKUP_TOKENS_TOTAL: &str = "spillway_prefix_cache_lookup_tokens_total";
+/// Prompt tokens found there (their keys and values not computed again).
+pub const PREFIX_HIT_TOKENS_TOTAL: &str = "spillway_prefix_cache_hit_tokens_total";
+/// Bytes the prefix cache holds now.
+pub const PREFIX_CACHE_BYTES: &str = "spillway_prefix_cache_bytes";
 
 /// Latency buckets, seconds: 50 µs resolves the server's own overhead, 60 s covers a
 /// long generation.
@@ -180,6 +187,14 @@ fn describe() {
             "Disk units materialized for forward passes.",
         ),
         (
+            PREFIX_LOOKUP_TOKENS_TOTAL,
+            "Prompt tokens looked up in the model's prefix cache.",
+        ),
+        (
+            PREFIX_HIT_TOKENS_TOTAL,
+            "Prompt tokens found in the model's prefix cache (not computed again).",
+        ),
+        (
             EVICTIONS_TOTAL,
             "Times the model was evicted to make room for another (strategy label).",
         ),
@@ -209,6 +224,11 @@ fn describe() {
         "Time spent materializing disk units."
     );
     describe_gauge!(QUEUE_DEPTH, "Jobs waiting in the model's queue.");
+    describe_gauge!(
+        PREFIX_CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes the model's prefix cache holds."
+    );
     for (name, help) in [
         (PROCESS_RESIDENT_BYTES, "Resident memory of this process."),
         (
@@ -499,6 +519,7 @@ pub struct ModelSample {
     pub labels: ModelLabels,
     pub queue_depth: usize,
     pub streamed: StreamTotals,
+    pub prefix_cache: Option<PrefixCacheTotals>,
 }
 
 /// The host's name, as TorchServe's `Hostname` label gives it.
@@ -580,6 +601,11 @@ pub fn refresh(models: &[ModelSample], pools: &[PoolView]) {
         counter!(STREAMED_UNITS_TOTAL, &labels).absolute(model.streamed.units);
         counter!(STREAMED_BYTES_TOTAL, &labels).absolute(model.streamed.bytes);
         counter!(MATERIALIZE_US_TOTAL, &labels).absolute(model.streamed.nanos / 1000);
+        if let Some(prefix) = model.prefix_cache {
+            counter!(PREFIX_LOOKUP_TOKENS_TOTAL, &labels).absolute(prefix.lookup_tokens);
+            counter!(PREFIX_HIT_TOKENS_TOTAL, &labels).absolute(prefix.hit_tokens);
+            gauge!(PREFIX_CACHE_BYTES, &labels).set(prefix.bytes as f64);
+        }
     }
 }
 

@@ -695,6 +695,7 @@ mod tests {
             text: "Paris".into(),
             finish_reason: spillway_handlers::FinishReason::EosToken,
             prompt_tokens: 3,
+            cached_tokens: 0,
             token_ids: vec![7, 2],
             details: false,
             logprobs: Vec::new(),

@@ -52,6 +52,11 @@ struct PlanArgs {
     /// float32, float16, bfloat16 or auto.
     #[arg(long)]
     dtype: Option<String>,
+    /// Quantize the block matrices at load (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k,
+    /// q4_k, q5_k, q6_k), as setup_config's `quantization`: planned from the quantized
+    /// copy the server would serve (written once under --cache-dir or `offload_folder`).
+    #[arg(long)]
+    quantize: Option<String>,
     /// Tokens per sequence to reserve activations and KV cache for.
     #[arg(long)]
     max_length: Option<usize>,
@@ -238,6 +243,11 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
     if let Some(dtype) = &args.dtype {
         setup.torch_dtype = Some(dtype.clone());
     }
+    if let Some(format) = &args.quantize {
+        setup
+            .other
+            .insert("quantization".into(), serde_json::json!(format));
+    }
     // config.json as the server would read it: the decoder's spec is printed from it.
     let config: Option<serde_json::Value>;
     // An image network's recognized architecture, or why none was (weights only).
@@ -273,6 +283,16 @@ fn plan(args: PlanArgs) -> anyhow::Result<()> {
                     converted_pickle(files.clone(), &name, &setup, &cache)?
                 }
                 None => files.clone(),
+            };
+            let served = match setup.quantization()? {
+                Some(quantization) => spillway::lifecycle::loader::quantized(
+                    served,
+                    &quantization,
+                    setup.load_options()?.dtype,
+                    &setup,
+                    &cache,
+                )?,
+                None => served,
             };
             config = json_of(&*served);
             image = spillway_handlers::models::vision::describe(&*served);

@@ -1,6 +1,7 @@
 //! The README's `curl` examples, run verbatim with the real curl against a server that
 //! serves the models they name (MiniLM as all-MiniLM-L6-v2 with the repository's
-//! configs, SmolLM2 as smollm2) — only the addresses are swapped for the test's ports.
+//! configs, SmolLM2 as smollm2) — only the addresses (inference, management, metrics)
+//! are swapped for the test's ports.
 //! Sample output written under an example (`# [[...` or `# {...`) must match what the
 //! server answers.
 
@@ -122,7 +123,8 @@ fn the_readme_curl_examples_run_verbatim_and_answer_as_their_samples_show() {
         let command = example
             .command
             .replace("localhost:8080", &host(&server.inference))
-            .replace("localhost:8081", &host(&server.management));
+            .replace("localhost:8081", &host(&server.management))
+            .replace("localhost:8082", &host(&server.metrics));
         let started = std::time::Instant::now();
         let output = Command::new("bash")
             .args([

@@ -233,3 +233,87 @@ fn plan_takes_a_gguf_only_folder_or_file_and_counts_its_quantized_bytes() {
     assert_eq!(cpu + disk, total);
     assert_eq!(split["streamed_bytes_per_forward"].as_u64(), Some(disk));
 }
+
+/// A float checkpoint quantized at load (here the GGUF dequantized to float32, then
+/// `load_in_8bit`, accelerate's spelling for q8_0): describe says so, the plan counts the
+/// quantized copy's bytes, and it answers; `spillway plan --quantize q4_k` plans the same
+/// kind of copy at under 0.3x the float32 bytes.
+#[test]
+fn smollm2_float32_quantized_at_load_serves_and_plans_its_quantized_bytes() {
+    let model = fetch_model("smollm2");
+    let fixture = Fixture::new();
+    let setup = fixture.file(
+        "setup_config.json",
+        r#"{"torch_dtype": "float32", "load_in_8bit": true}"#,
+    );
+    fixture.archive(
+        "smollm2",
+        "1.0",
+        "text_generation",
+        Some(&model),
+        &["--extra-files", setup.to_str().unwrap()],
+    );
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    let body = r#"{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}}"#;
+    let answer = json(server.predict("smollm2", body), 200);
+    assert!(
+        answer["generated_text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" Paris"),
+        "{answer}"
+    );
+    let described = json(server.manage(reqwest::Method::GET, "/models/smollm2"), 200);
+    let holding = described[0]["model"]["weights"].as_str().unwrap();
+    // 30 blocks of 7 projections and the tied token table (the head): all Q8_0.
+    assert!(
+        holding.starts_with("quantized, used in place: 211 Q8_0;"),
+        "{holding}"
+    );
+    let notes = described[0]["placement"]["notes"].to_string();
+    assert!(
+        notes.contains("quantized at load to q8_0 for load_in_8bit"),
+        "{notes}"
+    );
+    let planned: u64 = described[0]["placement"]["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        (100 << 20..160 << 20).contains(&planned),
+        "{planned} bytes: not Q8_0's ~140 MB"
+    );
+    drop(server);
+
+    let cache = tempfile::tempdir().unwrap();
+    let planned = |extra: &[&str]| -> u64 {
+        let out = std::process::Command::new(crate::support::BIN)
+            .arg("plan")
+            .arg(&model)
+            .args(["--json", "--dtype", "float32", "--cache-dir"])
+            .arg(cache.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        plan["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let (float, q4_k) = (planned(&[]), planned(&["--quantize", "q4_k"]));
+    assert!(
+        q4_k * 10 <= float * 3,
+        "q4_k plans {q4_k} bytes of float32's {float}"
+    );
+}

@@ -10,6 +10,8 @@
 //!   kernel can map the page cache 2 MiB at a time.
 //! - [`offload`]: the offload folder: converted weights written once, tensor by tensor.
 //! - [`pickle`]: PyTorch state dicts (`.pth`) converted once to safetensors there.
+//! - [`quantize`]: a float checkpoint's block matrices quantized once to GGML blocks
+//!   there (in-situ quantization).
 //! - [`layer_stack`]: [`layer_stack::LayerStack`], runs units where the plan put them;
 //!   streams disk units from their memory map with read-ahead.
 
@@ -20,6 +22,7 @@ pub mod layer_stack;
 pub mod offload;
 pub mod pickle;
 pub mod progress;
+pub mod quantize;
 pub mod source;
 
 pub use source::{WeightSource, WeightSpan, WeightsWatch};

@@ -353,9 +353,14 @@ fn tensor_bytes(tensor: &Tensor) -> candle_core::Result<Vec<u8>> {
 /// single file; for shards the first one's, the count, and a stable hash of them all
 /// (a folder name must stay short however many shards there are).
 fn source_fingerprint(source: &WeightSource, dtype: DType) -> Result<String, HandlerError> {
+    source_fingerprint_as(source, &format!("{dtype:?}").to_lowercase())
+}
+
+/// [`source_fingerprint`] for a copy named `target` (`"q4k"`: quantized to Q4_K).
+pub fn source_fingerprint_as(source: &WeightSource, target: &str) -> Result<String, HandlerError> {
     let keys = source
         .files()
-        .map(|(path, range)| fingerprint(path, &range, dtype))
+        .map(|(path, range)| fingerprint_as(path, &range, target))
         .collect::<Result<Vec<_>, _>>()?;
     match keys.as_slice() {
         [one] => Ok(one.clone()),

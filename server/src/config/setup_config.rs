@@ -6,11 +6,43 @@
 
 use serde::{Deserialize, Serialize};
 use spillway_handlers::LoadOptions;
+use spillway_handlers::weights::quantize;
+use spillway_handlers::weights::quantize::GgmlDType;
 use spillway_placement::{DeviceRequest, TensorDType};
 
 use crate::error::{Error, Result};
 
 const FILE: &str = "setup_config.json";
+
+/// A checkpoint quantized as it loads: to `format`, as `asked_by` (the setup key) said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quantization {
+    pub format: GgmlDType,
+    pub asked_by: String,
+}
+
+impl Quantization {
+    fn new(format: GgmlDType, asked_by: String) -> Self {
+        Self { format, asked_by }
+    }
+
+    /// The format's name (`q4_k`).
+    pub fn name(&self) -> String {
+        quantize::format_name(self.format)
+    }
+
+    /// What describe says of it: the format, and for accelerate's keys that it is the
+    /// nearest GGML format to bitsandbytes'.
+    pub fn describe(&self) -> String {
+        match self.asked_by.as_str() {
+            "quantization" => format!("quantized at load to {}", self.name()),
+            key => format!(
+                "quantized at load to {} for {key} (the nearest GGML format to bitsandbytes')",
+                self.name()
+            ),
+        }
+    }
+}
 
 /// The parsed file. Unknown keys are kept for the describe API but not used.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -75,6 +107,98 @@ impl SetupConfig {
                 )
             }),
         }
+    }
+
+    /// How to quantize the checkpoint as it loads: `quantization` (`"q4_k"`, ...; see
+    /// [`quantize::FORMATS`]), or accelerate's bitsandbytes spellings mapped to the
+    /// nearest GGML format — `load_in_8bit` → q8_0, `load_in_4bit` (and a
+    /// `quantization_config` saying either, any `bnb_4bit_quant_type`) → q4_k. `None`
+    /// when none is asked. Conflicting keys, an unknown format or another
+    /// `quant_method` are refused by name.
+    pub fn quantization(&self) -> Result<Option<Quantization>> {
+        let flag = |map: &serde_json::Map<String, serde_json::Value>, key: &str| match map.get(key)
+        {
+            None | Some(serde_json::Value::Null) => Ok(false),
+            Some(value) => value.as_bool().ok_or_else(|| {
+                Error::bad_config(FILE, format!("{key} must be true or false, found {value}"))
+            }),
+        };
+        let bnb = |map: &serde_json::Map<String, serde_json::Value>, at: &str| {
+            let mut asked = Vec::new();
+            if flag(map, "load_in_8bit")? {
+                asked.push(Quantization::new(
+                    GgmlDType::Q8_0,
+                    format!("{at}load_in_8bit"),
+                ));
+            }
+            if flag(map, "load_in_4bit")? {
+                asked.push(Quantization::new(
+                    GgmlDType::Q4K,
+                    format!("{at}load_in_4bit"),
+                ));
+            }
+            Ok::<_, Error>(asked)
+        };
+        let mut asked = bnb(&self.other, "")?;
+        match self.other.get("quantization_config") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Object(config)) => {
+                let method = config.get("quant_method").and_then(|m| m.as_str());
+                if let Some(method) = method.filter(|m| *m != "bitsandbytes") {
+                    return Err(Error::bad_config(
+                        FILE,
+                        format!(
+                            "quantization_config.quant_method `{method}` is not served: \
+                             quantize at load with `quantization` (q4_0, q8_0, q4_k, ...) instead"
+                        ),
+                    ));
+                }
+                asked.extend(bnb(config, "quantization_config.")?);
+            }
+            Some(other) => {
+                return Err(Error::bad_config(
+                    FILE,
+                    format!("quantization_config must be an object, found {other}"),
+                ));
+            }
+        }
+        match self.other.get("quantization") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(value) => {
+                let format = value
+                    .as_str()
+                    .and_then(quantize::format_named)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = quantize::FORMATS.iter().map(|(n, _)| *n).collect();
+                        Error::bad_config(
+                            FILE,
+                            format!("quantization {value} is not one of {}", names.join(", ")),
+                        )
+                    })?;
+                asked.push(Quantization::new(format, "quantization".into()));
+            }
+        }
+        asked.dedup_by(|a, b| a.format == b.format);
+        match asked.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one.clone())),
+            [first, second, ..] => Err(Error::bad_config(
+                FILE,
+                format!(
+                    "{} asks for {} and {} for {}: give one",
+                    first.asked_by,
+                    first.name(),
+                    second.asked_by,
+                    second.name()
+                ),
+            )),
+        }
+    }
+
+    /// Whether [`Self::quantization`] asks for one (a malformed one is refused when the
+    /// model is opened).
+    pub fn quantizes(&self) -> bool {
+        self.quantization().is_ok_and(|q| q.is_some())
     }
 
     /// What the model asks of the device manager: `device` ("cpu", "cuda", "cudax2",
@@ -160,6 +284,53 @@ mod tests {
 #[cfg(test)]
 mod example_tests {
     use super::*;
+
+    #[test]
+    fn quantization_is_read_from_its_key_and_accelerates_and_conflicts_are_refused() {
+        let q =
+            |json: &str| SetupConfig::parse(Some(json.as_bytes())).and_then(|c| c.quantization());
+        let format = |json: &str| q(json).expect(json).map(|q| (q.name(), q.asked_by));
+        assert_eq!(format("{}"), None);
+        assert_eq!(format(r#"{"load_in_8bit": false}"#), None);
+        assert_eq!(
+            format(r#"{"quantization": "Q4_K"}"#),
+            Some(("q4_k".into(), "quantization".into()))
+        );
+        assert_eq!(
+            format(r#"{"load_in_8bit": true}"#),
+            Some(("q8_0".into(), "load_in_8bit".into()))
+        );
+        assert_eq!(
+            format(
+                r#"{"quantization_config": {"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}}"#
+            ),
+            Some(("q4_k".into(), "quantization_config.load_in_4bit".into()))
+        );
+        assert_eq!(
+            format(r#"{"load_in_4bit": true, "quantization": "q4_k"}"#).map(|f| f.0),
+            Some("q4_k".into()),
+            "the same format twice is one"
+        );
+        for (bad, says) in [
+            (r#"{"quantization": "nf4"}"#, "not one of q4_0"),
+            (r#"{"quantization": 4}"#, "not one of"),
+            (
+                r#"{"load_in_8bit": "yes"}"#,
+                "load_in_8bit must be true or false",
+            ),
+            (
+                r#"{"load_in_8bit": true, "load_in_4bit": true}"#,
+                "load_in_8bit asks for q8_0 and load_in_4bit for q4_k",
+            ),
+            (
+                r#"{"quantization_config": {"quant_method": "gptq", "bits": 4}}"#,
+                "quant_method `gptq` is not served",
+            ),
+        ] {
+            let err = q(bad).expect_err(bad).to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn the_example_setup_config_parses() {

@@ -223,6 +223,15 @@ pub fn plan_model(
     } else {
         run_dtype.torch_name().to_string()
     };
+    if let Some(quantization) = setup.quantization()? {
+        plan.notes.push(quantization.describe());
+    }
+    if prefix_cache > 0 {
+        plan.notes.push(format!(
+            "reserves {} for the prefix cache (prefix_cache_bytes)",
+            spillway_placement::ByteSize(prefix_cache)
+        ));
+    }
     plan.notes.push(format!(
         "sizes from {}; weights in {weights}; reserves for batch {} x {seq} tokens",
         match inventory.source {

@@ -19,7 +19,7 @@ use super::model::{ModelHandle, ModelSpec};
 use super::phase::LoadStage;
 use crate::config::ServerConfig;
 use crate::config::model_config::{ModelConfig, ModelConfigOverrides, ModelDefaults};
-use crate::config::setup_config::SetupConfig;
+use crate::config::setup_config::{Quantization, SetupConfig};
 use crate::devices::manager::{Admission, AdmitError};
 use crate::devices::placement::{ModelInventory, PlanOptions, plan_model, prefix_cache_budget};
 use crate::error::{Error, Result};
@@ -161,6 +161,18 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     let mut options = setup.load_options()?;
+    if let Some(quantization) = setup.quantization()?
+        && handler != HandlerKind::TextGeneration
+    {
+        return Err(Error::bad_config(
+            "setup_config.json",
+            format!(
+                "{} quantizes a decoder's block matrices at load: it applies to \
+                 text_generation models, not {handler:?}",
+                quantization.asked_by
+            ),
+        ));
+    }
     options.handler_config = model_config.handler.clone();
     // setup_config.json's `device`, else model-config.yaml's deviceType/deviceIds.
     let device_request = match setup.device_request()? {
@@ -200,7 +212,9 @@ impl Opened {
     /// Whether its tensors can be planned now, from the headers (safetensors; a GGUF
     /// model is planned once converted, a model without weights never).
     pub fn plans_at_registration(&self) -> bool {
-        self.spec.handler.needs_model_files() && self.source.convert.is_none()
+        self.spec.handler.needs_model_files()
+            && self.source.convert.is_none()
+            && !self.spec.setup.quantizes()
     }
 
     /// The model files to plan from.
@@ -294,6 +308,14 @@ pub fn build(
                     converted(&archive, &convert, &options, &spec.setup, cache)?
                 }
                 None => archive.files.clone(),
+            };
+            let files = match spec.setup.quantization()? {
+                Some(quantization) => {
+                    handle.set_stage(LoadStage::Converting);
+                    quantized(files, &quantization, options.dtype, &spec.setup, cache)
+                        .map_err(Error::load(&archive.path))?
+                }
+                None => files,
             };
             handle.set_stage(LoadStage::Planning);
             let admitted = admit(
@@ -479,6 +501,29 @@ pub fn converted_pickle(
         weights: files::FolderFiles::new(folder),
         rest: files,
     }))
+}
+
+/// `files` with their float checkpoint's block matrices quantized as `quantization`
+/// asks, written once into the offload folder (`offload_folder`, else the server's
+/// cache) and served from there; the other float tensors in `dtype` (`None`: as
+/// stored). `spillway plan` plans from the same copy.
+pub fn quantized(
+    files: Arc<dyn ModelFiles>,
+    quantization: &Quantization,
+    dtype: Option<spillway_handlers::DType>,
+    setup: &SetupConfig,
+    cache_dir: &std::path::Path,
+) -> std::result::Result<Arc<dyn ModelFiles>, spillway_handlers::HandlerError> {
+    let started = Instant::now();
+    let source = files.model_weights()?;
+    let (file, count) = spillway_handlers::weights::quantize::quantize(
+        &source,
+        quantization.format,
+        dtype,
+        &offload_root(setup, cache_dir),
+    )?;
+    tracing::info!(file = %file.display(), matrices = count, "{} in {:.2} s", quantization.describe(), started.elapsed().as_secs_f64());
+    Ok(Arc::new(files::WithWeights::new(files, file)))
 }
 
 /// [`converted`] for a GGUF of any model files (`spillway plan` plans a GGUF from its copy).

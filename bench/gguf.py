@@ -170,12 +170,14 @@ def generate(server, text, new_tokens):
 
 
 def start(work, gguf, setup, label):
-    """A server for `gguf` archived with `setup`, once its model is READY."""
+    """A server for `gguf` archived with `setup`, once its model is READY. The prefix cache is
+    off (unless `setup` says otherwise): every request here sends the same prompt, whose
+    prefill is what is measured."""
     store = os.path.join(work, label)
     os.makedirs(store)
     setup_path = os.path.join(work, "setup_config.json")
     with open(setup_path, "w") as f:
-        json.dump(setup, f)
+        json.dump({"prefix_cache_bytes": 0, **setup}, f)
     run([BIN, "archive", "--model-name", "smollm2", "--handler", "text_generation", "--model-dir",
          os.path.dirname(gguf),
          "--extra-files", setup_path, "--export-path", store])

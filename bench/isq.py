@@ -34,6 +34,7 @@ import argparse, json, os, re, shutil, statistics, subprocess, sys, tempfile, ti
 
 import gguf as g
 from common import write_section
+from structured import cpu_name
 
 FORMATS = [("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_k", "Q4_K_S")]
 
@@ -112,7 +113,7 @@ def main():
     finally:
         subprocess.run(["rm", "-rf", work])
     lines = [f"SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized to float32, served as safetensors); "
-             f"{os.cpu_count()} cores, 2 threads each; prompt {g.PROMPT_TOKENS} tokens, decode {g.NEW_TOKENS}; "
+             f"{cpu_name()}, {os.cpu_count()} cores, 2 threads each; prompt {g.PROMPT_TOKENS} tokens, decode {g.NEW_TOKENS}; "
              f"median of {args.runs}. Command: `bench/isq.py --runs {args.runs}` ({time.strftime('%Y-%m-%d')}; "
              f"release build with MKL, each engine in a process of its own). Spillway float32: planned "
              f"{f32_bytes / 2**20:.1f} MiB, prompt {f32['pp_tok_s']:.1f} tok/s, decode {f32['decode_tok_s']:.1f} tok/s. "

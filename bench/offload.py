@@ -105,7 +105,8 @@ def main():
         store = os.path.join(work, name)
         os.makedirs(store)
         with open(os.path.join(work, "setup_config.json"), "w") as f:
-            json.dump(setup, f)
+            # The prefix cache off: every request sends the same prompt, whose prefill is measured.
+            json.dump({"prefix_cache_bytes": 0, **setup}, f)
         run([BIN, "archive", "--model-name", "smollm2", "--handler", "text_generation", "--model-dir", model_dir,
              "--extra-files", os.path.join(work, "setup_config.json"), "--export-path", store])
         server = Server(store, os.path.join(work, "cache"), port)

@@ -10,7 +10,7 @@ are 1536 wide (the mix a Hub Q4_K_M of this model has).
 
 For each format, each engine in a process of its own on the same 2 threads, medians of --runs:
 prompt tok/s over a 128-token prompt and decode tok/s over 64 new tokens (llama.cpp through
-llama-cpp-python, Spillway through its TorchServe API, as bench/gguf.py measures them); then
+llama-cpp-python, Spillway through its TorchServe API, as bench/gguf.py measures them, its prefix cache off); then
 Spillway serving the Q4_1 file dequantized to float32 (`torch_dtype: float32`), the float
 baseline. Prints the table and writes BENCHMARKS.md's "Quantized prompt processing" section
 (unless --no-write). Targets: quantized prompt ≥ 2× llama.cpp's and ≥ 0.8× Spillway float32's.
@@ -21,6 +21,7 @@ import argparse, json, os, subprocess, sys, tempfile, time
 
 import gguf as g
 from common import write_section
+from structured import cpu_name
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M"]
 
@@ -54,7 +55,7 @@ def main():
                          False)
     finally:
         subprocess.run(["rm", "-rf", work])
-    lines = [f"SmolLM2-135M-Instruct; {os.cpu_count()} cores, 2 threads each; prompt {g.PROMPT_TOKENS} tokens, "
+    lines = [f"SmolLM2-135M-Instruct on {cpu_name()}; {os.cpu_count()} cores, 2 threads each; prompt {g.PROMPT_TOKENS} tokens, "
              f"decode {g.NEW_TOKENS}; median of {args.runs}. Command: `bench/prompt.py --runs {args.runs}` "
              f"({time.strftime('%Y-%m-%d')}; release build with MKL, each engine in a process of its own). "
              f"Spillway float32 (the Q4_1 file dequantized): prompt {f32['pp_tok_s']:.1f} tok/s, decode "

@@ -52,32 +52,30 @@ impl KvCache {
 }
 
 impl KvCache {
-    /// A copy of the first `len` positions' keys and values (a prefix other sequences
-    /// can start from), or `None` where this cache no longer holds them all (a
-    /// sliding-window block's cache has rolled past them) or holds fewer.
-    pub fn prefix(&self, len: usize) -> candle_core::Result<Option<KvPrefix>> {
+    /// The first `len` positions' keys and values of a finished sequence (a prefix
+    /// other sequences can start from), taken without a copy: its buffers, viewed up to
+    /// `len`, and counted whole (their capacity) in [`KvPrefix::bytes`]. `None` where
+    /// this cache no longer holds them all (a sliding-window block's cache has rolled
+    /// past them) or holds fewer.
+    pub fn into_prefix(self, len: usize) -> candle_core::Result<Option<KvPrefix>> {
         if len == 0 || len > self.position {
             return Ok(None);
         }
         let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
+        let mut bytes = 0u64;
+        for layer in self.layers {
             let Some(cache) = layer else {
                 return Ok(None);
             };
             if cache.start > 0 || cache.len < len {
                 return Ok(None);
             }
-            // A copy, never a view: the sequence may go on writing its buffers.
-            let copied = |t: &Tensor| -> candle_core::Result<Tensor> {
-                let part = t.narrow(2, 0, len)?;
-                match part.is_contiguous() {
-                    true => part.copy(),
-                    false => part.contiguous(),
-                }
-            };
-            layers.push((copied(&cache.k)?, copied(&cache.v)?));
+            for buffer in [&cache.k, &cache.v] {
+                bytes += (buffer.elem_count() * buffer.dtype().size_in_bytes()) as u64;
+            }
+            layers.push((cache.k.narrow(2, 0, len)?, cache.v.narrow(2, 0, len)?));
         }
-        Ok(Some(KvPrefix { layers, len }))
+        Ok(Some(KvPrefix { layers, len, bytes }))
     }
 }
 
@@ -88,6 +86,8 @@ impl KvCache {
 pub struct KvPrefix {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
+    /// What its buffers hold, room past `len` included.
+    bytes: u64,
 }
 
 impl KvPrefix {
@@ -100,13 +100,9 @@ impl KvPrefix {
         self.len == 0
     }
 
-    /// Bytes its tensors hold.
+    /// Bytes its buffers hold.
     pub fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .flat_map(|(k, v)| [k, v])
-            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-            .sum()
+        self.bytes
     }
 }
 

@@ -158,8 +158,9 @@ impl TextGeneration {
     }
 
     /// Keeps what a finished sequence fed the model (its prompt and all but its last
-    /// token), in whole blocks, for later prompts that start the same way.
-    fn remember(&self, sequence: &Sequence) {
+    /// token), in whole blocks, for later prompts that start the same way: its cache's
+    /// buffers themselves, no copy.
+    fn remember(&self, sequence: Sequence) {
         let Some(prefixes) = &self.prefixes else {
             return;
         };
@@ -175,9 +176,8 @@ impl TextGeneration {
             .take(whole)
             .copied()
             .collect();
-        // The copy is made outside the lock; a cache that cannot copy (a rolled
-        // sliding window) keeps nothing.
-        let Ok(Some(prefix)) = sequence.cache.prefix(whole) else {
+        // A cache that no longer holds its start (a rolled sliding window) keeps nothing.
+        let Ok(Some(prefix)) = sequence.cache.into_prefix(whole) else {
             return;
         };
         let bytes = prefix.bytes();
@@ -519,12 +519,13 @@ impl TextGeneration {
     }
 
     /// The answer of a finished sequence (its grammar's failure, if it failed).
-    fn answer(&self, sequence: Sequence) -> Result<Output, HandlerError> {
-        self.remember(&sequence);
-        match sequence.failure {
+    fn answer(&self, mut sequence: Sequence) -> Result<Output, HandlerError> {
+        let answer = match sequence.failure.take() {
             Some(failure) => Err(failure),
             None => Ok(Output::Generation(sequence.generation())),
-        }
+        };
+        self.remember(sequence);
+        answer
     }
 
     fn respond(&self, prompt: &PromptInput) -> Result<Output, HandlerError> {

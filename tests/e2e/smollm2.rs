@@ -11,6 +11,16 @@ use spillway_handlers::{DType, LoadOptions};
 
 use crate::support::{Fixture, TestServer, fetch_model, json, repo_root};
 
+/// The bytes a plan (describe's `placement`, or `spillway plan --json`) places.
+fn planned_bytes(plan: &serde_json::Value) -> u64 {
+    plan["units"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["bytes"].as_u64().unwrap())
+        .sum()
+}
+
 fn cases() -> Vec<serde_json::Value> {
     let refs: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(repo_root().join("../shared/refs/smollm2_dev_refs.json")).unwrap(),
@@ -160,12 +170,7 @@ fn smollm2_gguf_serves_from_its_quantized_blocks_by_default() {
         holding.starts_with("quantized, used in place: 210 Q4_1, 1 Q8_0;"),
         "{holding}"
     );
-    let planned: u64 = described[0]["placement"]["units"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["bytes"].as_u64().unwrap())
-        .sum();
+    let planned = planned_bytes(&described[0]["placement"]);
     assert!(
         planned < 120 << 20,
         "the plan counts {planned} bytes, not the quantized ~96 MB"
@@ -276,12 +281,7 @@ fn smollm2_float32_quantized_at_load_serves_and_plans_its_quantized_bytes() {
         notes.contains("quantized at load to q8_0 for load_in_8bit"),
         "{notes}"
     );
-    let planned: u64 = described[0]["placement"]["units"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|u| u["bytes"].as_u64().unwrap())
-        .sum();
+    let planned = planned_bytes(&described[0]["placement"]);
     assert!(
         (100 << 20..160 << 20).contains(&planned),
         "{planned} bytes: not Q8_0's ~140 MB"
@@ -303,13 +303,7 @@ fn smollm2_float32_quantized_at_load_serves_and_plans_its_quantized_bytes() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        plan["units"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["bytes"].as_u64().unwrap())
-            .sum()
+        planned_bytes(&serde_json::from_slice(&out.stdout).unwrap())
     };
     let (float, q4_k) = (planned(&[]), planned(&["--quantize", "q4_k"]));
     assert!(

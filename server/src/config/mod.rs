@@ -148,6 +148,11 @@ pub struct Overrides {
     /// Seconds an archive must stay unchanged before the watcher takes it [default: 2].
     #[arg(long, env = "SPILLWAY_MODEL_STORE_SETTLE_SECONDS")]
     pub model_store_settle_seconds: Option<usize>,
+    /// Quantize every text_generation model whose setup_config.json asks for no
+    /// quantization to this format at load (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k,
+    /// q4_k, q5_k, q6_k) [default: none].
+    #[arg(long, env = "SPILLWAY_QUANTIZE")]
+    pub quantize: Option<String>,
 }
 
 /// How log lines are written (`log_format`).
@@ -292,6 +297,9 @@ pub struct ServerConfig {
     pub watch_model_store: bool,
     /// How long an archive must stay unchanged before the watcher takes it.
     pub model_store_settle: Duration,
+    /// The format generators are quantized to at load when their setup_config.json asks
+    /// for none (`quantize`).
+    pub quantize: Option<String>,
 }
 
 /// A properties file's `true` / `false`.
@@ -367,7 +375,25 @@ impl ServerConfig {
                 ));
             }
         };
+        let quantize = match o.quantize.clone().or_else(|| prop("quantize")) {
+            None => None,
+            Some(name) => match spillway_handlers::weights::quantize::format_named(name.trim()) {
+                Some(format) => Some(spillway_handlers::weights::quantize::format_name(format)),
+                None => {
+                    return Err(Error::bad_config(
+                        "quantize",
+                        format!(
+                            "`{name}` is not one of {}",
+                            spillway_handlers::weights::quantize::FORMATS
+                                .map(|(n, _)| n)
+                                .join(", ")
+                        ),
+                    ));
+                }
+            },
+        };
         let config = ServerConfig {
+            quantize,
             kserve_v1,
             log_format: o
                 .log_format

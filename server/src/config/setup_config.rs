@@ -14,6 +14,9 @@ use crate::error::{Error, Result};
 
 const FILE: &str = "setup_config.json";
 
+/// What a quantization the server's default asked for says it was asked by.
+const DEFAULT_QUANTIZATION: &str = "the server's quantize";
+
 /// A checkpoint quantized as it loads: to `format`, as `asked_by` (the setup key) said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quantization {
@@ -36,6 +39,10 @@ impl Quantization {
     pub fn describe(&self) -> String {
         match self.asked_by.as_str() {
             "quantization" => format!("quantized at load to {}", self.name()),
+            DEFAULT_QUANTIZATION => format!(
+                "quantized at load to {} (the server's quantize default)",
+                self.name()
+            ),
             key => format!(
                 "quantized at load to {} for {key} (the nearest GGML format to bitsandbytes')",
                 self.name()
@@ -65,6 +72,9 @@ pub struct SetupConfig {
     pub max_length: Option<usize>,
     #[serde(flatten)]
     pub other: serde_json::Map<String, serde_json::Value>,
+    /// The server's `quantize` default, for a file that asks for no quantization.
+    #[serde(skip)]
+    default_quantization: Option<String>,
 }
 
 impl SetupConfig {
@@ -162,9 +172,19 @@ impl SetupConfig {
                 ));
             }
         }
-        match self.other.get("quantization") {
-            None | Some(serde_json::Value::Null) => {}
-            Some(value) => {
+        let default = self
+            .default_quantization
+            .as_ref()
+            .map(|f| serde_json::Value::String(f.clone()));
+        let given = self.other.get("quantization").filter(|v| !v.is_null());
+        let (key, value) = match (given, &default) {
+            (Some(value), _) => ("quantization", Some(value)),
+            // The server's default, for a model that asks for nothing.
+            (None, Some(value)) if asked.is_empty() => (DEFAULT_QUANTIZATION, Some(value)),
+            _ => ("quantization", None),
+        };
+        if let Some(value) = value {
+            {
                 let format = value
                     .as_str()
                     .and_then(quantize::format_named)
@@ -175,7 +195,7 @@ impl SetupConfig {
                             format!("quantization {value} is not one of {}", names.join(", ")),
                         )
                     })?;
-                asked.push(Quantization::new(format, "quantization".into()));
+                asked.push(Quantization::new(format, key.into()));
             }
         }
         asked.dedup_by(|a, b| a.format == b.format);
@@ -193,6 +213,12 @@ impl SetupConfig {
                 ),
             )),
         }
+    }
+
+    /// Quantizes to `format` at load unless the file asks otherwise (the server's
+    /// `quantize` default).
+    pub fn quantize_by_default(&mut self, format: &str) {
+        self.default_quantization = Some(format.to_string());
     }
 
     /// Whether [`Self::quantization`] asks for one (a malformed one is refused when the
@@ -310,6 +336,22 @@ mod example_tests {
             format(r#"{"load_in_4bit": true, "quantization": "q4_k"}"#).map(|f| f.0),
             Some("q4_k".into()),
             "the same format twice is one"
+        );
+        // The server's default applies where the file asks for nothing.
+        let with_default = |json: &str| {
+            let mut setup = SetupConfig::parse(Some(json.as_bytes())).expect(json);
+            setup.quantize_by_default("q4_k");
+            setup.quantization().expect(json).map(|q| q.describe())
+        };
+        assert_eq!(
+            with_default("{}").as_deref(),
+            Some("quantized at load to q4_k (the server's quantize default)")
+        );
+        assert_eq!(
+            with_default(r#"{"load_in_8bit": true}"#).as_deref(),
+            Some(
+                "quantized at load to q8_0 for load_in_8bit (the nearest GGML format to bitsandbytes')"
+            )
         );
         for (bad, says) in [
             (r#"{"quantization": "nf4"}"#, "not one of q4_0"),

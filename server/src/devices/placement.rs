@@ -212,9 +212,10 @@ pub fn plan_model(
     })
     .map_err(plan_error)?;
     // A GGUF kept quantized (torch_dtype auto) is converted with its quantized tensors
-    // as raw GGML blocks (U8), counted at their real size.
-    let quantized =
-        target.is_none() && inventory.tensors.iter().any(|t| t.dtype == TensorDType::U8);
+    // as raw GGML blocks (U8), counted at their real size; so is a checkpoint quantized
+    // at load, whatever its dtype.
+    let quantized = (target.is_none() || setup.quantizes())
+        && inventory.tensors.iter().any(|t| t.dtype == TensorDType::U8);
     let weights = if quantized {
         format!(
             "GGML quantized blocks ({} for the rest)",

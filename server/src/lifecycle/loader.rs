@@ -159,8 +159,14 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
         response_timeout: config.default_response_timeout,
     };
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
-    let setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
+    let mut setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     let mut options = setup.load_options()?;
+    // The server's default format, for a generator that asks for none.
+    if let Some(format) = &config.quantize
+        && handler == HandlerKind::TextGeneration
+    {
+        setup.quantize_by_default(format);
+    }
     if let Some(quantization) = setup.quantization()?
         && handler != HandlerKind::TextGeneration
     {

@@ -376,6 +376,8 @@ mod imp {
         Ok(())
     }
 
+    /// `y = x · Wᵀ`: [`sgemm_xwt_columns`] over all of y's columns.
+    #[allow(unsafe_code)]
     pub(super) fn sgemm_xwt(
         x: &[f32],
         rows: usize,
@@ -384,31 +386,11 @@ mod imp {
         inp: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        let (m, n, k) = (super::c_dim(rows)?, super::c_dim(out)?, super::c_dim(inp)?);
         if x.len() != rows * inp || w.len() != out * inp || y.len() != rows * out {
             candle_core::bail!("sgemm: [{rows}, {inp}] x [{out}, {inp}]ᵀ with mismatched buffers");
         }
-        // SAFETY: the lengths were checked against the dimensions just above; beta = 0
-        // overwrites y.
-        unsafe {
-            cblas_sgemm(
-                ROW_MAJOR,
-                NO_TRANS,
-                TRANS,
-                m,
-                n,
-                k,
-                1.0,
-                x.as_ptr(),
-                k,
-                w.as_ptr(),
-                k,
-                0.0,
-                y.as_mut_ptr(),
-                n,
-            )
-        };
-        Ok(())
+        // SAFETY: y holds `rows` rows of `out` values, borrowed mutably for the call.
+        unsafe { sgemm_xwt_columns(x, rows, w, out, inp, y.as_mut_ptr(), out) }
     }
 
     /// [`super::sgemm_xwt_columns`] with `ldc = ldy`.

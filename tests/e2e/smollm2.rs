@@ -152,13 +152,14 @@ fn a_model_that_does_not_load_within_its_startup_timeout_is_refused_saying_so() 
 }
 
 /// Without a `torch_dtype`, the GGUF is served from its quantized blocks: describe says so,
-/// the plan counts the quantized bytes, and it answers the prompt float32 answers.
+/// the plan counts the quantized bytes, and it answers the prompt float32 answers. The
+/// server's `--quantize` default passes over it (its blocks are quantized already).
 #[test]
 fn smollm2_gguf_serves_from_its_quantized_blocks_by_default() {
     let model = fetch_model("smollm2");
     let fixture = Fixture::new();
     fixture.archive("smollm2", "1.0", "text_generation", Some(&model), &[]);
-    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &["--quantize", "q4_k"]);
     server.wait_healthy();
     let body = r#"{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}}"#;
     let answer = json(server.predict("smollm2", body), 200);
@@ -170,6 +171,8 @@ fn smollm2_gguf_serves_from_its_quantized_blocks_by_default() {
         holding.starts_with("quantized, used in place: 210 Q4_1, 1 Q8_0;"),
         "{holding}"
     );
+    let notes = described[0]["placement"]["notes"].to_string();
+    assert!(!notes.contains("quantized at load"), "{notes}");
     let planned = planned_bytes(&described[0]["placement"]);
     assert!(
         planned < 120 << 20,

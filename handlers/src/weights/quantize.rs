@@ -100,13 +100,14 @@ const LAYOUT: u32 = 1;
 
 /// `source` with its block matrices quantized to `format` (see [`format_for`]) and its
 /// other floating-point tensors in `dtype` (`None`: as stored), written once into
-/// `root`; returns the file and how many tensors were quantized.
+/// `root`; returns the file and how many tensors were quantized, or `None` when no
+/// tensor is one to quantize (see [`nothing_to_quantize`]).
 pub fn quantize(
     source: &WeightSource,
     format: GgmlDType,
     dtype: Option<DType>,
     root: &Path,
-) -> Result<(PathBuf, usize), HandlerError> {
+) -> Result<Option<(PathBuf, usize)>, HandlerError> {
     let target = match dtype {
         Some(dtype) => format!("{}-{dtype:?}", format_name(format)).to_lowercase(),
         None => format_name(format),
@@ -152,6 +153,9 @@ pub fn quantize(
         .iter()
         .filter(|t| t.ggml.is_some() && source.ggml_type(&t.name).is_none())
         .count();
+    if count == 0 {
+        return Ok(None);
+    }
     let dir = offload::folder(root, &key, "model.safetensors", |staging| {
         offload::write_streaming(&staging.join("model.safetensors"), &planned, |t| {
             let converted = match t.ggml {
@@ -163,7 +167,19 @@ pub fn quantize(
             converted.context(|| format!("cannot quantize {}", t.name))
         })
     })?;
-    Ok((dir.join("model.safetensors"), count))
+    Ok(Some((dir.join("model.safetensors"), count)))
+}
+
+/// Why a checkpoint asked to be quantized to `format` could not be: [`quantize`] found
+/// nothing to quantize in it.
+pub fn nothing_to_quantize(format: GgmlDType) -> HandlerError {
+    HandlerError::Unsupported(format!(
+        "quantization to {}: no tensor of this checkpoint is a float matrix of a decoder \
+         block (`model.layers.N.*.weight`): GPT-2, BLOOM and GPT-NeoX checkpoints are not \
+         quantized at load, and a GGUF's blocks are quantized already (give torch_dtype \
+         to dequantize them first)",
+        format_name(format)
+    ))
 }
 
 /// The float matrix `w` `[rows, cols]` as GGML blocks of `format`, `U8 [rows, bytes per
@@ -267,6 +283,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_checkpoint_with_no_block_matrix_to_quantize_is_found_so_and_told_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.safetensors");
+        let device = Device::Cpu;
+        // GPT-2's names: its blocks live under `transformer.h`.
+        let tensors: std::collections::HashMap<String, Tensor> = [
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.wte.weight",
+        ]
+        .into_iter()
+        .map(|n| {
+            let t = Tensor::zeros((32, 64), DType::F32, &device).expect("zeros");
+            (n.to_string(), t)
+        })
+        .collect();
+        candle_core::safetensors::save(&tensors, &path).expect("save");
+        let source = WeightSource::open(&path).expect("source");
+        let found =
+            quantize(&source, GgmlDType::Q8_0, None, &dir.path().join("offload")).expect("read");
+        assert_eq!(found, None, "nothing to quantize");
+        let said = nothing_to_quantize(GgmlDType::Q8_0).to_string();
+        assert!(said.contains("quantization to q8_0: no tensor"), "{said}");
+    }
+
     fn out_head(file: &Path) -> Option<GgmlDType> {
         WeightSource::open(file).ok()?.ggml_type("lm_head.weight")
     }
@@ -295,7 +336,9 @@ mod tests {
         let source = WeightSource::open(&path).expect("source");
         let root = dir.path().join("offload");
         for format in [GgmlDType::Q4K, GgmlDType::Q4_0, GgmlDType::Q8_0] {
-            let (file, count) = quantize(&source, format, None, &root).expect("quantize");
+            let (file, count) = quantize(&source, format, None, &root)
+                .expect("quantize")
+                .expect("matrices to quantize");
             assert_eq!(count, 2, "the block's matrix and the head");
             let head = match format {
                 GgmlDType::Q8_0 => GgmlDType::Q8_0,
@@ -336,7 +379,9 @@ mod tests {
             let modified = std::fs::metadata(&file)
                 .and_then(|m| m.modified())
                 .expect("mtime");
-            let (again, _) = quantize(&source, format, None, &root).expect("again");
+            let (again, _) = quantize(&source, format, None, &root)
+                .expect("again")
+                .expect("matrices to quantize");
             assert_eq!(again, file);
             assert_eq!(
                 std::fs::metadata(&again)

@@ -29,6 +29,11 @@ impl Quantization {
         Self { format, asked_by }
     }
 
+    /// Whether the server's `quantize` default asked for it (no key of the model's).
+    pub fn is_server_default(&self) -> bool {
+        self.asked_by == DEFAULT_QUANTIZATION
+    }
+
     /// The format's name (`q4_k`).
     pub fn name(&self) -> String {
         quantize::format_name(self.format)

@@ -224,7 +224,7 @@ pub fn plan_model(
     } else {
         run_dtype.torch_name().to_string()
     };
-    if let Some(quantization) = setup.quantization()? {
+    if let Some(quantization) = setup.quantization()?.filter(|_| quantized) {
         plan.notes.push(quantization.describe());
     }
     if prefix_cache > 0 {

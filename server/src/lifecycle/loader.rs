@@ -161,12 +161,6 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
     let model_config = ModelConfig::parse(yaml.as_deref(), &request.overrides, defaults)?;
     let mut setup = SetupConfig::parse(archive.files.read("setup_config.json")?.as_deref())?;
     let mut options = setup.load_options()?;
-    // The server's default format, for a generator that asks for none.
-    if let Some(format) = &config.quantize
-        && handler == HandlerKind::TextGeneration
-    {
-        setup.quantize_by_default(format);
-    }
     if let Some(quantization) = setup.quantization()?
         && handler != HandlerKind::TextGeneration
     {
@@ -191,6 +185,15 @@ pub fn open(config: &ServerConfig, store: &ModelStore, request: &LoadRequest) ->
         true => to_convert(&archive)?,
         false => None,
     };
+    // The server's default format, for a generator that asks for none and has float
+    // blocks (not a GGUF kept in its quantized blocks).
+    let quantized_gguf = matches!(convert, Some(ToConvert::Gguf(_))) && options.dtype.is_none();
+    if let Some(format) = &config.quantize
+        && handler == HandlerKind::TextGeneration
+        && !quantized_gguf
+    {
+        setup.quantize_by_default(format);
+    }
     Ok(Opened {
         spec: ModelSpec {
             name,
@@ -520,14 +523,24 @@ pub fn quantized(
     setup: &SetupConfig,
     cache_dir: &std::path::Path,
 ) -> std::result::Result<Arc<dyn ModelFiles>, spillway_handlers::HandlerError> {
+    use spillway_handlers::weights::quantize::{nothing_to_quantize, quantize};
     let started = Instant::now();
     let source = files.model_weights()?;
-    let (file, count) = spillway_handlers::weights::quantize::quantize(
+    let quantized = quantize(
         &source,
         quantization.format,
         dtype,
         &offload_root(setup, cache_dir),
     )?;
+    let Some((file, count)) = quantized else {
+        // The server's default passes over what it cannot quantize; a model that asked
+        // is refused, never served in float with the key set.
+        if quantization.is_server_default() {
+            tracing::info!("nothing to quantize at load: served as it is");
+            return Ok(files);
+        }
+        return Err(nothing_to_quantize(quantization.format));
+    };
     tracing::info!(file = %file.display(), matrices = count, "{} in {:.2} s", quantization.describe(), started.elapsed().as_secs_f64());
     Ok(Arc::new(files::WithWeights::new(files, file)))
 }

@@ -177,31 +177,28 @@ impl SetupConfig {
                 ));
             }
         }
-        let default = self
-            .default_quantization
-            .as_ref()
-            .map(|f| serde_json::Value::String(f.clone()));
-        let given = self.other.get("quantization").filter(|v| !v.is_null());
-        let (key, value) = match (given, &default) {
-            (Some(value), _) => ("quantization", Some(value)),
-            // The server's default, for a model that asks for nothing.
-            (None, Some(value)) if asked.is_empty() => (DEFAULT_QUANTIZATION, Some(value)),
-            _ => ("quantization", None),
-        };
-        if let Some(value) = value {
-            {
-                let format = value
-                    .as_str()
-                    .and_then(quantize::format_named)
-                    .ok_or_else(|| {
-                        let names: Vec<&str> = quantize::FORMATS.iter().map(|(n, _)| *n).collect();
-                        Error::bad_config(
-                            FILE,
-                            format!("quantization {value} is not one of {}", names.join(", ")),
-                        )
-                    })?;
-                asked.push(Quantization::new(format, key.into()));
-            }
+        if let Some(value) = self.other.get("quantization").filter(|v| !v.is_null()) {
+            let format = value
+                .as_str()
+                .and_then(quantize::format_named)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = quantize::FORMATS.iter().map(|(n, _)| *n).collect();
+                    Error::bad_config(
+                        FILE,
+                        format!("quantization {value} is not one of {}", names.join(", ")),
+                    )
+                })?;
+            asked.push(Quantization::new(format, "quantization".into()));
+        }
+        // The server's default (a format checked when the server starts), for a model
+        // that asks for nothing.
+        if asked.is_empty()
+            && let Some(format) = self
+                .default_quantization
+                .as_deref()
+                .and_then(quantize::format_named)
+        {
+            asked.push(Quantization::new(format, DEFAULT_QUANTIZATION.into()));
         }
         asked.dedup_by(|a, b| a.format == b.format);
         match asked.as_slice() {

@@ -12,6 +12,8 @@ Writes handlers/tests/fixtures/images/:
                   no weights are committed; handlers' testing module rebuilds them)
   <family>/reference.json softmax probabilities of each input through the transform
                   and the torchvision model (eval, f32)
+  architectures.json      real-size torchvision networks' state-dict shapes (weights and
+                  running means only), to hold the names recognition gives them
 
 Families: torchvision's constructors at small widths where the constructor allows it,
 with VGG's and AlexNet's 4096-wide classifiers swapped for narrow ones (the state dict
@@ -20,13 +22,17 @@ legacy names of the published weights (`denselayer1.norm.1.weight`).
 
 Regenerate (needs torch, torchvision, numpy, Pillow; not needed by the tests):
   python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch torchvision numpy pillow safetensors transformers
-  /tmp/tvenv/bin/python scripts/make-image-fixtures.py
+  /tmp/tvenv/bin/python scripts/make-image-fixtures.py            # everything
+  /tmp/tvenv/bin/python scripts/make-image-fixtures.py efficientnet  # only the families named
+                  (the inputs already written; another host's torch may move the other
+                  families' references in the 7th decimal)
 """
 
 import importlib.util
 import json
 import pathlib
 import re
+import sys
 
 import numpy as np
 import torch
@@ -35,7 +41,7 @@ import PIL
 from PIL import Image
 from torch import nn
 from torchvision import transforms
-from torchvision.models import resnet, vgg
+from torchvision.models import efficientnet, resnet, vgg
 
 HERE = pathlib.Path(__file__).resolve().parent
 OUT = HERE.parent / "handlers/tests/fixtures/images"
@@ -151,6 +157,16 @@ def families():
         "squeezenet1_0": torchvision.models.squeezenet1_0(num_classes=CLASSES),
         "squeezenet1_1": torchvision.models.squeezenet1_1(num_classes=CLASSES),
         "mobilenet_v2": torchvision.models.mobilenet_v2(num_classes=CLASSES, width_mult=0.25),
+        "mobilenet_v3_large": torchvision.models.mobilenet_v3_large(num_classes=CLASSES,
+                                                                    width_mult=0.25),
+        "mobilenet_v3_small": torchvision.models.mobilenet_v3_small(num_classes=CLASSES,
+                                                                    width_mult=0.25),
+        # B0's stages at a quarter of its widths and half its depths (1, 1, 1, 2, 2, 2, 1
+        # blocks): the first stage without an expansion, later ones with residuals.
+        "efficientnet": efficientnet.EfficientNet(
+            *efficientnet._efficientnet_conf("efficientnet_b0", width_mult=0.25,
+                                             depth_mult=0.5)[:1],
+            dropout=0.2, num_classes=CLASSES),
     }
 
 
@@ -234,13 +250,41 @@ def write_vit(names):
     print(f"vit            top {[int(np.argmax(p)) for p in probabilities.values()]}")
 
 
-def main():
-    (OUT / "inputs").mkdir(parents=True, exist_ok=True)
-    names = write_inputs()
-    write_resample()
-    write_preprocess(names)
-    write_vit(names)
+# Real sizes whose names recognition must give (B1/B2 and B5's eps differ only there),
+# and one it must refuse (EfficientNet V2's fused blocks).
+NAMED = ["efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b5",
+         "efficientnet_b7", "efficientnet_v2_s"]
+
+
+def write_architecture_shapes():
+    shapes = {}
+    with torch.device("meta"):
+        for name in NAMED:
+            model = torchvision.models.get_model(name)
+            shapes[name] = {k: list(v.shape) for k, v in model.state_dict().items()
+                            if v.is_floating_point()
+                            and (k.endswith(".weight") or k.endswith(".running_mean"))}
+    (OUT / "architectures.json").write_text(
+        "{\n" + ",\n".join(f"{json.dumps(n)}: {json.dumps(s, separators=(',', ':'))}"
+                            for n, s in shapes.items()) + "\n}\n")
+
+
+def main(only):
+    if not only or "architectures" in only:
+        write_architecture_shapes()
+    if only:
+        names = sorted(p.name for p in (OUT / "inputs").iterdir())
+        if "vit" in only:
+            write_vit(names)
+    else:
+        (OUT / "inputs").mkdir(parents=True, exist_ok=True)
+        names = write_inputs()
+        write_resample()
+        write_preprocess(names)
+        write_vit(names)
     for family, model in families().items():
+        if only and family not in only:
+            continue
         model, manifest = build(family, model, GAIN.get(family, 1.0))
         out = OUT / family
         out.mkdir(exist_ok=True)
@@ -259,4 +303,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(set(sys.argv[1:]))

@@ -19,15 +19,27 @@ pub enum Activation {
     None,
     Relu,
     Relu6,
+    /// `x · relu6(x + 3) / 6`: MobileNet v3's.
+    Hardswish,
+    /// `relu6(x + 3) / 6`: MobileNet v3's squeeze-and-excitation gate.
+    Hardsigmoid,
+    /// `x · sigmoid(x)`: EfficientNet's.
+    Silu,
+    Sigmoid,
 }
 
 impl Activation {
     #[inline]
-    fn apply(self, v: f32) -> f32 {
+    pub fn apply(self, v: f32) -> f32 {
         match self {
             Activation::None => v,
             Activation::Relu => v.max(0.0),
             Activation::Relu6 => v.clamp(0.0, 6.0),
+            // PyTorch's CPU kernels: `x * min(max(x + 3, 0), 6) / 6`.
+            Activation::Hardswish => v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
+            Activation::Hardsigmoid => (v + 3.0).clamp(0.0, 6.0) / 6.0,
+            Activation::Silu => v / (1.0 + (-v).exp()),
+            Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
         }
     }
 }

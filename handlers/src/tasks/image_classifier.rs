@@ -340,7 +340,7 @@ mod tests {
     use crate::weights::files::{ConvertedWeights, FolderFiles};
 
     /// Each fixture family and the architecture it must be recognized as.
-    const FAMILIES: [(&str, &str); 10] = [
+    const FAMILIES: [(&str, &str); 13] = [
         ("densenet", "densenet (growth 8, blocks [2, 3])"),
         ("resnet", "resnet (blocks [1, 1, 1, 1])"),
         ("resnext", "resnet (blocks [1, 1, 1, 1], bottleneck)"),
@@ -350,6 +350,12 @@ mod tests {
         ("squeezenet1_0", "squeezenet1_0"),
         ("squeezenet1_1", "squeezenet1_1"),
         ("mobilenet_v2", "mobilenet_v2"),
+        ("mobilenet_v3_large", "mobilenet_v3_large"),
+        ("mobilenet_v3_small", "mobilenet_v3_small"),
+        (
+            "efficientnet",
+            "efficientnet (blocks [1, 1, 1, 2, 2, 2, 1])",
+        ),
         ("vit", "vit"),
     ];
 

@@ -21,6 +21,13 @@ pub enum Act {
     Relu,
     /// min(max(x, 0), 6): MobileNet's.
     Relu6,
+    /// `x · relu6(x + 3) / 6`: MobileNet v3's.
+    Hardswish,
+    /// `relu6(x + 3) / 6`: MobileNet v3's squeeze-and-excitation gate.
+    Hardsigmoid,
+    /// `x · sigmoid(x)`: EfficientNet's.
+    Silu,
+    Sigmoid,
 }
 
 /// One step of a network, with the names of the tensors it reads.
@@ -77,6 +84,11 @@ pub enum Op {
     },
     /// `cat([branch(x) for branch], channels)`: SqueezeNet's Fire expands.
     Branches(Vec<Vec<Op>>),
+    /// `x · body(x)`, `body` giving one value per image and channel (`[batch, c, 1, 1]`):
+    /// squeeze-and-excitation (MobileNet v3, EfficientNet).
+    ChannelGate {
+        body: Vec<Op>,
+    },
 }
 
 impl Op {
@@ -101,6 +113,9 @@ pub struct Graph {
     pub ops: Vec<Op>,
     /// Output classes (the last layer's rows).
     pub classes: usize,
+    /// Every batch norm's eps: PyTorch's default 1e-5, or 1e-3 where the family's
+    /// definition sets it (MobileNet v3, EfficientNet).
+    pub batch_norm_eps: f64,
 }
 
 impl Graph {
@@ -111,7 +126,7 @@ impl Graph {
                 .map(|op| {
                     1 + match op {
                         Op::Residual { body, shortcut, .. } => count(body) + count(shortcut),
-                        Op::DenseConcat { body } => count(body),
+                        Op::DenseConcat { body } | Op::ChannelGate { body } => count(body),
                         Op::Branches(branches) => branches.iter().map(|b| count(b)).sum(),
                         _ => 0,
                     }
@@ -129,8 +144,15 @@ pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
 }
 
-/// A batch norm's eps (PyTorch's `BatchNorm2d` default, which torchvision's networks here keep).
-const BATCH_NORM_EPS: f64 = 1e-5;
+/// PyTorch's `BatchNorm2d` eps, which most torchvision networks keep.
+pub const BATCH_NORM_EPS: f64 = 1e-5;
+
+/// Where an op's tensors come from and go.
+struct Loading<'a> {
+    source: &'a dyn TensorSource,
+    device: &'a Device,
+    batch_norm_eps: f64,
+}
 
 /// An op with its tensors loaded.
 enum Loaded {
@@ -158,11 +180,12 @@ enum Loaded {
     Residual(Vec<Loaded>, Vec<Loaded>, Act),
     DenseConcat(Vec<Loaded>),
     Branches(Vec<Vec<Loaded>>),
+    ChannelGate(Vec<Loaded>),
 }
 
 /// A batch norm as `x * scale + shift`, per channel (`[channels]` each).
-fn norm_affine(source: &dyn TensorSource, norm: &str) -> Result<(Tensor, Tensor), HandlerError> {
-    let get = |part: &str| source.tensor(&format!("{norm}.{part}"));
+fn norm_affine(at: &Loading, norm: &str) -> Result<(Tensor, Tensor), HandlerError> {
+    let get = |part: &str| at.source.tensor(&format!("{norm}.{part}"));
     let (gamma, beta, mean, var) = (
         get("weight")?,
         get("bias")?,
@@ -170,22 +193,19 @@ fn norm_affine(source: &dyn TensorSource, norm: &str) -> Result<(Tensor, Tensor)
         get("running_var")?,
     );
     let folded = || -> candle_core::Result<(Tensor, Tensor)> {
-        let scale = gamma.broadcast_div(&(var + BATCH_NORM_EPS)?.sqrt()?)?;
+        let scale = gamma.broadcast_div(&(var + at.batch_norm_eps)?.sqrt()?)?;
         let shift = (beta - mean.mul(&scale)?)?;
         Ok((scale, shift))
     };
     folded().context(|| format!("cannot fold the batch norm `{norm}`"))
 }
 
-fn load_ops(
-    ops: &[Op],
-    source: &dyn TensorSource,
-    device: &Device,
-) -> Result<Vec<Loaded>, HandlerError> {
-    ops.iter().map(|op| load_op(op, source, device)).collect()
+fn load_ops(ops: &[Op], at: &Loading) -> Result<Vec<Loaded>, HandlerError> {
+    ops.iter().map(|op| load_op(op, at)).collect()
 }
 
-fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded, HandlerError> {
+fn load_op(op: &Op, at: &Loading) -> Result<Loaded, HandlerError> {
+    let (source, device) = (at.source, at.device);
     let on = |t: Tensor, what: &str| {
         t.to_device(device)
             .context(|| format!("cannot place `{what}`"))
@@ -209,7 +229,7 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
             let (weight, bias) = match norm {
                 None => (weight, bias),
                 Some(norm) => {
-                    let (scale, shift) = norm_affine(source, norm)?;
+                    let (scale, shift) = norm_affine(at, norm)?;
                     let fold = || -> candle_core::Result<(Tensor, Tensor)> {
                         let weight = weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
                         let bias = match &bias {
@@ -248,7 +268,7 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
             }
         }
         Op::Norm { norm, act } => {
-            let (scale, shift) = norm_affine(source, norm)?;
+            let (scale, shift) = norm_affine(at, norm)?;
             if device.is_cpu() {
                 let values = |t: &Tensor| t.to_vec1::<f32>().context(|| norm.clone());
                 return Ok(Loaded::CpuAffine(crate::cpu::conv::ChannelAffine {
@@ -276,18 +296,15 @@ fn load_op(op: &Op, source: &dyn TensorSource, device: &Device) -> Result<Loaded
             body,
             shortcut,
             act,
-        } => Loaded::Residual(
-            load_ops(body, source, device)?,
-            load_ops(shortcut, source, device)?,
-            *act,
-        ),
-        Op::DenseConcat { body } => Loaded::DenseConcat(load_ops(body, source, device)?),
+        } => Loaded::Residual(load_ops(body, at)?, load_ops(shortcut, at)?, *act),
+        Op::DenseConcat { body } => Loaded::DenseConcat(load_ops(body, at)?),
         Op::Branches(branches) => Loaded::Branches(
             branches
                 .iter()
-                .map(|b| load_ops(b, source, device))
+                .map(|b| load_ops(b, at))
                 .collect::<Result<_, _>>()?,
         ),
+        Op::ChannelGate { body } => Loaded::ChannelGate(load_ops(body, at)?),
     })
 }
 
@@ -296,6 +313,10 @@ fn cpu_act(act: Act) -> crate::cpu::conv::Activation {
         Act::None => crate::cpu::conv::Activation::None,
         Act::Relu => crate::cpu::conv::Activation::Relu,
         Act::Relu6 => crate::cpu::conv::Activation::Relu6,
+        Act::Hardswish => crate::cpu::conv::Activation::Hardswish,
+        Act::Hardsigmoid => crate::cpu::conv::Activation::Hardsigmoid,
+        Act::Silu => crate::cpu::conv::Activation::Silu,
+        Act::Sigmoid => crate::cpu::conv::Activation::Sigmoid,
     }
 }
 
@@ -304,7 +325,16 @@ fn activate(x: Tensor, act: Act) -> candle_core::Result<Tensor> {
         Act::None => Ok(x),
         Act::Relu => x.relu(),
         Act::Relu6 => x.clamp(0f32, 6f32),
+        Act::Hardswish => x.mul(&hard_sigmoid(&x)?),
+        Act::Hardsigmoid => hard_sigmoid(&x),
+        Act::Silu => x.silu(),
+        Act::Sigmoid => candle_nn::ops::sigmoid(&x),
     }
+}
+
+/// `relu6(x + 3) / 6`.
+fn hard_sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    (x + 3.0)?.clamp(0f32, 6f32)? / 6.0
 }
 
 /// Output size of a pooling window along one axis, PyTorch's rule.
@@ -338,7 +368,10 @@ fn forward_ops(ops: &[Loaded], mut x: Tensor) -> candle_core::Result<Tensor> {
         x = if profile::on()
             && !matches!(
                 op,
-                Loaded::Residual(..) | Loaded::DenseConcat(_) | Loaded::Branches(_)
+                Loaded::Residual(..)
+                    | Loaded::DenseConcat(_)
+                    | Loaded::Branches(_)
+                    | Loaded::ChannelGate(_)
             ) {
             let started = std::time::Instant::now();
             let y = forward_op(op, x)?;
@@ -398,7 +431,10 @@ impl Loaded {
             }
             Loaded::Plain(_) => "reshape",
             Loaded::Linear(..) => "linear",
-            Loaded::Residual(..) | Loaded::DenseConcat(_) | Loaded::Branches(_) => "structure",
+            Loaded::Residual(..)
+            | Loaded::DenseConcat(_)
+            | Loaded::Branches(_)
+            | Loaded::ChannelGate(_) => "structure",
         }
     }
 }
@@ -500,6 +536,10 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::cat(&outs, 1)
         }
+        Loaded::ChannelGate(body) => {
+            let gate = forward_ops(body, x.clone())?;
+            x.broadcast_mul(&gate)
+        }
     }
 }
 
@@ -517,7 +557,14 @@ impl Network {
         source: &dyn TensorSource,
         device: &Device,
     ) -> Result<Self, HandlerError> {
-        let ops = load_ops(&graph.ops, source, device)?;
+        let ops = load_ops(
+            &graph.ops,
+            &Loading {
+                source,
+                device,
+                batch_norm_eps: graph.batch_norm_eps,
+            },
+        )?;
         Ok(Self {
             graph,
             ops,
@@ -591,6 +638,7 @@ mod tests {
             architecture: "t".into(),
             ops,
             classes: 2,
+            batch_norm_eps: BATCH_NORM_EPS,
         };
         let folded = Network::load(
             graph(vec![Op::conv("c", Some("n"), 1, 1, Act::None)]),

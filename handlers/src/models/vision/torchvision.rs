@@ -1,8 +1,9 @@
 //! torchvision's classifiers recognized from a state dict alone — names and shapes, no
 //! `model.py` — and written as a [`Graph`]: DenseNet 121/161/169/201 (and other growth
 //! rates and block counts), ResNet 18–152 with ResNeXt and Wide ResNet, VGG 11–19 with
-//! and without batch norm, AlexNet, SqueezeNet 1.0 and 1.1, MobileNet v2. What shapes
-//! cannot say (strides, paddings) is torchvision's definition of each family.
+//! and without batch norm, AlexNet, SqueezeNet 1.0 and 1.1, MobileNet v2 and v3 (large
+//! and small), EfficientNet B0–B7. What shapes cannot say (strides, paddings,
+//! activations, batch norm eps) is torchvision's definition of each family.
 //!
 //! Names are first made canonical: a `module.` prefix (DataParallel) is dropped and the
 //! legacy DenseNet names of the published weights (`denselayer1.norm.1.weight`) become
@@ -10,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use super::graph::{Act, Graph, Op};
+use super::graph::{Act, BATCH_NORM_EPS, Graph, Op};
 use crate::HandlerError;
 
 /// A state dict's tensor shapes by canonical name.
@@ -46,8 +47,16 @@ fn out_dim(shapes: &Shapes, name: &str) -> Option<usize> {
 
 /// Recognizes the network `shapes` hold; the refusal names what was found.
 pub fn recognize(shapes: &Shapes) -> Result<Graph, HandlerError> {
-    let recognizers: [fn(&Shapes) -> Option<Graph>; 6] =
-        [densenet, resnet, mobilenet_v2, squeezenet, alexnet, vgg];
+    let recognizers: [fn(&Shapes) -> Option<Graph>; 8] = [
+        densenet,
+        resnet,
+        mobilenet_v2,
+        mobilenet_v3,
+        efficientnet,
+        squeezenet,
+        alexnet,
+        vgg,
+    ];
     recognizers.iter().find_map(|r| r(shapes)).ok_or_else(|| {
         let sample: Vec<String> = shapes
             .iter()
@@ -56,7 +65,8 @@ pub fn recognize(shapes: &Shapes) -> Result<Graph, HandlerError> {
             .collect();
         HandlerError::Unsupported(format!(
             "the weights match no image architecture Spillway recognizes (torchvision's DenseNet, \
-             ResNet/ResNeXt/Wide ResNet, VGG, AlexNet, SqueezeNet, MobileNet v2); found {} tensors: \
+             ResNet/ResNeXt/Wide ResNet, VGG, AlexNet, SqueezeNet, MobileNet v2/v3, EfficientNet \
+             B0-B7); found {} tensors: \
              {}{}",
             shapes.len(),
             sample.join(", "),
@@ -171,6 +181,7 @@ fn densenet(shapes: &Shapes) -> Option<Graph> {
         architecture,
         ops,
         classes,
+        batch_norm_eps: BATCH_NORM_EPS,
     })
 }
 
@@ -266,6 +277,7 @@ fn resnet(shapes: &Shapes) -> Option<Graph> {
         architecture,
         ops,
         classes,
+        batch_norm_eps: BATCH_NORM_EPS,
     })
 }
 
@@ -341,6 +353,7 @@ fn vgg(shapes: &Shapes) -> Option<Graph> {
         architecture,
         ops,
         classes,
+        batch_norm_eps: BATCH_NORM_EPS,
     })
 }
 
@@ -388,6 +401,7 @@ fn alexnet(shapes: &Shapes) -> Option<Graph> {
         architecture: "alexnet".into(),
         ops,
         classes,
+        batch_norm_eps: BATCH_NORM_EPS,
     })
 }
 
@@ -445,6 +459,7 @@ fn squeezenet(shapes: &Shapes) -> Option<Graph> {
         architecture: version.into(),
         ops,
         classes,
+        batch_norm_eps: BATCH_NORM_EPS,
     })
 }
 
@@ -544,6 +559,236 @@ fn mobilenet_v2(shapes: &Shapes) -> Option<Graph> {
         architecture: "mobilenet_v2".into(),
         ops,
         classes,
+        batch_norm_eps: BATCH_NORM_EPS,
+    })
+}
+
+/// An inverted residual block's body (MobileNet v3's and EfficientNet's `block`
+/// Sequential, under `block`): an optional 1×1 expansion, one depthwise convolution
+/// striding `stride`, an optional squeeze-and-excitation gate (`fc1` with `gate_inner`,
+/// `fc2` with `gate`), a 1×1 projection without activation; `act` after the others.
+/// Wrapped in a residual when it keeps the stride and the channels. `None` when the
+/// layers are not that shape (EfficientNet V2's fused blocks, say).
+fn inverted_residual(
+    shapes: &Shapes,
+    block: &str,
+    stride: usize,
+    act: Act,
+    gate_inner: Act,
+    gate: Act,
+) -> Option<Vec<Op>> {
+    let mut body = Vec::new();
+    let (mut input, mut output, mut depthwise) = (None, None, 0);
+    let mut j = 0;
+    loop {
+        let layer = format!("{block}.{j}");
+        let is_last = !shapes.contains_key(&format!("{block}.{}.0.weight", j + 1))
+            && !shapes.contains_key(&format!("{block}.{}.fc1.weight", j + 1));
+        if shapes.contains_key(&format!("{layer}.fc1.weight")) {
+            let conv = |name: &str, act| Op::conv(&format!("{layer}.{name}"), None, 1, 0, act);
+            body.push(Op::ChannelGate {
+                body: vec![
+                    Op::AdaptiveAvgPool {
+                        height: 1,
+                        width: 1,
+                    },
+                    conv("fc1", gate_inner),
+                    conv("fc2", gate),
+                ],
+            });
+        } else if let Some(weight) = shape(shapes, &format!("{layer}.0.weight")) {
+            let &[out, per_group, kh, kw] = weight else {
+                return None;
+            };
+            let (conv, norm) = (format!("{layer}.0"), Some(format!("{layer}.1")));
+            if per_group == 1 && kh > 1 && kh == kw {
+                depthwise += 1;
+                input.get_or_insert(out);
+                body.push(Op::Conv {
+                    conv,
+                    norm,
+                    stride,
+                    padding: (kh - 1) / 2,
+                    groups: out,
+                    act,
+                });
+            } else if (kh, kw) == (1, 1) {
+                input.get_or_insert(per_group);
+                body.push(Op::conv(
+                    &conv,
+                    norm.as_deref(),
+                    1,
+                    0,
+                    if is_last { Act::None } else { act },
+                ));
+                if is_last {
+                    output = Some(out);
+                }
+            } else {
+                return None;
+            }
+        } else {
+            break;
+        }
+        j += 1;
+    }
+    let (input, output) = (input?, output?);
+    if depthwise != 1 {
+        return None;
+    }
+    Some(if stride == 1 && input == output {
+        vec![Op::Residual {
+            body,
+            shortcut: Vec::new(),
+            act: Act::None,
+        }]
+    } else {
+        body
+    })
+}
+
+/// torchvision's MobileNet v3, large (15 blocks) or small (11): each block's stride and
+/// activation (ReLU or hardswish) are its definition's table, by position.
+fn mobilenet_v3(shapes: &Shapes) -> Option<Graph> {
+    shape(shapes, "features.0.0.weight")?;
+    shape(shapes, "features.1.block.0.0.weight")?;
+    shape(shapes, "classifier.0.weight")?;
+    let classes = classes_of(shapes, "classifier.3")?;
+    let blocks = indices(shapes, "features.", ".block.0.0.weight");
+    if blocks != (1..=blocks.len()).collect::<Vec<_>>() {
+        return None;
+    }
+    // (architecture, strides, blocks using ReLU before hardswish takes over).
+    let (architecture, strides, relu_blocks): (&str, &[usize], usize) = match blocks.len() {
+        15 => (
+            "mobilenet_v3_large",
+            &[1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1],
+            6,
+        ),
+        11 => ("mobilenet_v3_small", &[2, 2, 1, 2, 1, 1, 1, 1, 2, 1, 1], 3),
+        _ => return None,
+    };
+    let mut ops = vec![Op::conv(
+        "features.0.0",
+        Some("features.0.1"),
+        2,
+        1,
+        Act::Hardswish,
+    )];
+    for (k, &i) in blocks.iter().enumerate() {
+        let act = if k < relu_blocks {
+            Act::Relu
+        } else {
+            Act::Hardswish
+        };
+        ops.extend(inverted_residual(
+            shapes,
+            &format!("features.{i}.block"),
+            strides[k],
+            act,
+            Act::Relu,
+            Act::Hardsigmoid,
+        )?);
+    }
+    let last = blocks.len() + 1;
+    ops.push(Op::conv(
+        &format!("features.{last}.0"),
+        Some(&format!("features.{last}.1")),
+        1,
+        0,
+        Act::Hardswish,
+    ));
+    ops.extend([
+        Op::AdaptiveAvgPool {
+            height: 1,
+            width: 1,
+        },
+        Op::Flatten,
+        Op::Linear {
+            name: "classifier.0".into(),
+            act: Act::Hardswish,
+        },
+        Op::Linear {
+            name: "classifier.3".into(),
+            act: Act::None,
+        },
+    ]);
+    Some(Graph {
+        architecture: architecture.into(),
+        ops,
+        classes,
+        batch_norm_eps: 1e-3,
+    })
+}
+
+/// torchvision's EfficientNet B0–B7: seven stages of inverted residual blocks (SiLU,
+/// squeeze-and-excitation gated by a sigmoid) whose first blocks stride as B0's table
+/// says; the variant is named by its block count and head width. B5–B7's batch norms
+/// use eps 1e-3, B0–B4's PyTorch's default.
+fn efficientnet(shapes: &Shapes) -> Option<Graph> {
+    shape(shapes, "features.0.0.weight")?;
+    shape(shapes, "features.1.0.block.0.0.weight")?;
+    let classes = classes_of(shapes, "classifier.1")?;
+    let stages = indices(shapes, "features.", ".0.block.0.0.weight");
+    if stages != (1..=7).collect::<Vec<_>>() {
+        return None;
+    }
+    const FIRST_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
+    let mut ops = vec![Op::conv(
+        "features.0.0",
+        Some("features.0.1"),
+        2,
+        1,
+        Act::Silu,
+    )];
+    let mut counts = Vec::new();
+    for (&stage, first_stride) in stages.iter().zip(FIRST_STRIDES) {
+        let blocks = indices(shapes, &format!("features.{stage}."), ".block.0.0.weight");
+        counts.push(blocks.len());
+        for b in blocks {
+            let stride = if b == 0 { first_stride } else { 1 };
+            ops.extend(inverted_residual(
+                shapes,
+                &format!("features.{stage}.{b}.block"),
+                stride,
+                Act::Silu,
+                Act::Silu,
+                Act::Sigmoid,
+            )?);
+        }
+    }
+    ops.push(Op::conv(
+        "features.8.0",
+        Some("features.8.1"),
+        1,
+        0,
+        Act::Silu,
+    ));
+    pooled_classifier(&mut ops, "classifier.1");
+    let head = out_dim(shapes, "features.8.0.weight")?;
+    let variant = match (counts.iter().sum::<usize>(), head) {
+        (16, 1280) => Some(0),
+        (23, 1280) => Some(1),
+        (23, 1408) => Some(2),
+        (26, 1536) => Some(3),
+        (32, 1792) => Some(4),
+        (39, 2048) => Some(5),
+        (45, 2304) => Some(6),
+        (55, 2560) => Some(7),
+        _ => None,
+    };
+    Some(Graph {
+        architecture: match variant {
+            Some(b) => format!("efficientnet_b{b}"),
+            None => format!("efficientnet (blocks {counts:?})"),
+        },
+        ops,
+        classes,
+        batch_norm_eps: if variant.is_some_and(|b| b >= 5) {
+            1e-3
+        } else {
+            BATCH_NORM_EPS
+        },
     })
 }
 
@@ -569,6 +814,31 @@ mod tests {
             canonical_name("layer1.0.conv1.weight"),
             "layer1.0.conv1.weight"
         );
+    }
+
+    /// Real-size torchvision networks (their state dicts' shapes, written by
+    /// scripts/make-image-fixtures.py) get their names and their batch norms' eps.
+    #[test]
+    fn real_size_efficientnets_are_named_and_v2_is_refused() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/images/architectures.json");
+        let all: BTreeMap<String, Shapes> =
+            serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("json");
+        for (name, eps) in [
+            ("efficientnet_b0", BATCH_NORM_EPS),
+            ("efficientnet_b1", BATCH_NORM_EPS),
+            ("efficientnet_b2", BATCH_NORM_EPS),
+            ("efficientnet_b5", 1e-3),
+            ("efficientnet_b7", 1e-3),
+        ] {
+            let graph = recognize(&all[name]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(graph.architecture, name);
+            assert_eq!(graph.batch_norm_eps, eps, "{name}");
+            assert_eq!(graph.classes, 1000, "{name}");
+        }
+        // Its first stages are fused blocks (a full 3x3 convolution, no depthwise one).
+        let err = recognize(&all["efficientnet_v2_s"]).expect_err("V2 is not served");
+        assert!(err.to_string().contains("EfficientNet"), "{err}");
     }
 
     #[test]

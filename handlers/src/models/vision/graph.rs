@@ -158,6 +158,8 @@ struct Loading<'a> {
 enum Loaded {
     /// Ungrouped on the CPU: one GEMM per image ([`crate::cpu::conv`]).
     CpuConv(crate::cpu::conv::Conv),
+    /// Depthwise (one filter per channel) on the CPU.
+    CpuDepthwise(crate::cpu::conv::DepthwiseConv),
     /// A batch norm alone on the CPU, in one pass.
     CpuAffine(crate::cpu::conv::ChannelAffine),
     Conv {
@@ -252,6 +254,20 @@ fn load_op(op: &Op, at: &Loading) -> Result<Loaded, HandlerError> {
                     cpu_act(*act),
                 )
                 .map(Loaded::CpuConv)
+                .context(|| format!("cannot load `{conv}`"));
+            }
+            if device.is_cpu()
+                && weight.dims().get(1) == Some(&1)
+                && weight.dim(0).ok() == Some(*groups)
+            {
+                return crate::cpu::conv::DepthwiseConv::new(
+                    &weight,
+                    bias.as_ref(),
+                    *stride,
+                    *padding,
+                    cpu_act(*act),
+                )
+                .map(Loaded::CpuDepthwise)
                 .context(|| format!("cannot load `{conv}`"));
             }
             let bias = bias
@@ -425,6 +441,7 @@ impl Loaded {
             Loaded::CpuConv(conv) if conv.is_one_by_one() => "conv 1x1",
             Loaded::Conv { weight, .. } if weight.dims().get(2) == Some(&1) => "conv 1x1",
             Loaded::CpuConv(_) | Loaded::Conv { .. } => "conv kxk",
+            Loaded::CpuDepthwise(_) => "conv depthwise",
             Loaded::CpuAffine(_) | Loaded::Affine { .. } => "batch norm",
             Loaded::Plain(Op::MaxPool { .. } | Op::AvgPool { .. } | Op::AdaptiveAvgPool { .. }) => {
                 "pool"
@@ -442,6 +459,7 @@ impl Loaded {
 fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
     match op {
         Loaded::CpuConv(conv) => conv.forward(&x),
+        Loaded::CpuDepthwise(conv) => conv.forward(&x),
         Loaded::CpuAffine(affine) => affine.forward(&x),
         Loaded::Conv {
             weight,

@@ -223,21 +223,79 @@ def build(family, model, gain, head_scale=None):
 GAIN = {"mobilenet_v2": 1.0, "resnet": 0.5, "resnext": 0.5}
 
 
-def write_vit(names):
-    """A Hugging Face ViTForImageClassification with its image processor's config, as
+def labelled(family):
+    """A config's labels: `<family>_label_<i>`."""
+    return {"num_labels": CLASSES,
+            "id2label": {i: f"{family}_label_{i}" for i in range(CLASSES)},
+            "label2id": {f"{family}_label_{i}": i for i in range(CLASSES)}}
+
+
+def conv_recipe(shapes):
+    """recipe() for a Hugging Face convolutional checkpoint, by tensor name: norms (batch
+    and layer) away from identity, ConvNeXt's layer scales near 0.5, weights
+    Kaiming-uniform so that activations neither vanish nor blow up with depth."""
+    def by_name(name):
+        leaf = name.rsplit(".", 1)[1]
+        if "normalization" in name or "layernorm" in name:
+            return {"running_var": (1.0, 0.5), "running_mean": (0.0, 0.2),
+                    "weight": (1.0, 0.3)}.get(leaf, (0.0, 0.2))
+        if leaf == "layer_scale_parameter":
+            return 0.5, 0.3
+        shape = shapes[name]
+        if len(shape) == 1:
+            return 0.0, 0.1
+        return 0.0, float(np.sqrt(6.0 / int(np.prod(shape[1:]))))
+    return by_name
+
+
+def hugging_face_models():
+    """family → (model class, config, image processor), tiny. The convolutional ones'
+    references go through the processors' Pillow backend (what the handler reproduces
+    byte for byte); transformers 5's default torchvision backend resizes with bicubic
+    weights of its own, a few 1e-4 away in probability."""
+    import transformers
+    return {
+        "vit": (transformers.ViTForImageClassification,
+                transformers.ViTConfig(hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64,
+                                       image_size=32, patch_size=8, **labelled("vit")),
+                transformers.ViTImageProcessor(size={"height": 32, "width": 32})),
+        # Bottleneck layers with the stride in the first 1x1 (downsample_in_bottleneck)
+        # and a strided first stage: the switches a checkpoint's config can set.
+        "hf_resnet": (transformers.ResNetForImageClassification,
+                      transformers.ResNetConfig(embedding_size=8, hidden_sizes=[16, 24, 32],
+                                                depths=[1, 2, 1], layer_type="bottleneck",
+                                                downsample_in_first_stage=True,
+                                                downsample_in_bottleneck=True,
+                                                **labelled("resnet")),
+                      transformers.ConvNextImageProcessorPil(size={"shortest_edge": 64},
+                                                          crop_pct=0.875)),
+        "hf_resnet_basic": (transformers.ResNetForImageClassification,
+                            transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16],
+                                                      depths=[2, 1], layer_type="basic",
+                                                      **labelled("resnet")),
+                            transformers.ConvNextImageProcessorPil(size={"shortest_edge": 64},
+                                                                crop_pct=0.875)),
+        "convnext": (transformers.ConvNextForImageClassification,
+                     transformers.ConvNextConfig(hidden_sizes=[8, 16, 24], depths=[1, 2, 1], num_stages=3,
+                                                 layer_scale_init_value=0.5,
+                                                 **labelled("convnext")),
+                     transformers.ConvNextImageProcessorPil(size={"shortest_edge": 64},
+                                                         crop_pct=0.875)),
+    }
+
+
+def write_hugging_face(family, names):
+    """A tiny Hugging Face image classifier with its image processor's config, as
     transformers saves them, and transformers' probabilities through that processor."""
     import transformers
-    out = OUT / "vit"
+    model_class, config, processor = hugging_face_models()[family]
+    out = OUT / family
     out.mkdir(exist_ok=True)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=64, image_size=32, patch_size=8,
-                                    num_labels=CLASSES,
-                                    id2label={i: f"vit_label_{i}" for i in range(CLASSES)},
-                                    label2id={f"vit_label_{i}": i for i in range(CLASSES)})
-    model = transformers.ViTForImageClassification(config)
-    model = decoders.recipe_checkpoint(out, "vit", model, transformers.ViTForImageClassification,
-                                       decoders.recipe)
-    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    model = model_class(config)
+    recipe = decoders.recipe if family == "vit" else conv_recipe(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    model = decoders.recipe_checkpoint(out, family, model, model_class, recipe)
     processor.save_pretrained(out)
     probabilities = {}
     with torch.no_grad():
@@ -247,7 +305,8 @@ def write_vit(names):
             probabilities[name] = [round(float(v), 7) for v in p]
     (out / "reference.json").write_text(json.dumps(
         {"transformers": transformers.__version__, "probabilities": probabilities}, indent=1) + "\n")
-    print(f"vit            top {[int(np.argmax(p)) for p in probabilities.values()]}")
+    print(f"{family:14} top {[int(np.argmax(p)) for p in probabilities.values()]} "
+          f"p {[round(max(p), 3) for p in probabilities.values()]}")
 
 
 # Real sizes whose names recognition must give (B1/B2 and B5's eps differ only there),
@@ -274,14 +333,16 @@ def main(only):
         write_architecture_shapes()
     if only:
         names = sorted(p.name for p in (OUT / "inputs").iterdir())
-        if "vit" in only:
-            write_vit(names)
+        for family in hugging_face_models():
+            if family in only:
+                write_hugging_face(family, names)
     else:
         (OUT / "inputs").mkdir(parents=True, exist_ok=True)
         names = write_inputs()
         write_resample()
         write_preprocess(names)
-        write_vit(names)
+        for family in hugging_face_models():
+            write_hugging_face(family, names)
     for family, model in families().items():
         if only and family not in only:
             continue

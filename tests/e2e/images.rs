@@ -454,39 +454,51 @@ fn the_readme_quickstart_runs_as_written() {
     server.terminate();
 }
 
-/// A Hugging Face ViTForImageClassification (config.json, preprocessor_config.json,
-/// safetensors) served by image_classifier: planned from its headers, labels from
-/// id2label, preprocessing from its processor; the answer is the handler's own.
+/// Hugging Face image classifiers — ViT, ResNet and ConvNeXt (config.json,
+/// preprocessor_config.json, safetensors) — served by image_classifier: planned from
+/// their headers, labels from id2label, preprocessing from their processor; each answer
+/// is the handler's own.
 #[test]
-fn a_hugging_face_vit_classifies_through_the_server() {
+fn hugging_face_classifiers_classify_through_the_server() {
     let fixture = Fixture::new();
-    let folder = fixture.dir.path().join("vit");
-    let source = images().join("vit");
-    spillway_handlers::testing::decoder_fixtures::write_weights(&source, &folder).unwrap();
-    for file in ["config.json", "preprocessor_config.json"] {
-        std::fs::copy(source.join(file), folder.join(file)).unwrap();
-    }
-    fixture.archive("vit", "1.0", "image_classifier", Some(&folder), &[]);
+    let families = [
+        ("vit", "vit_label_"),
+        ("hf_resnet", "resnet_label_"),
+        ("convnext", "convnext_label_"),
+    ];
     let png = std::fs::read(images().join("inputs/scene.png")).unwrap();
-    let handler =
-        ImageClassifier::load(&FolderFiles::new(&folder), &LoadOptions::default()).unwrap();
-    let input = handler.prepare(Request::Images(vec![png.clone()])).unwrap();
-    let Output::Labels(mut want) = handler.run(&[input]).unwrap().remove(0).unwrap() else {
-        panic!("labels expected")
-    };
-    let want = want.remove(0);
-    assert!(
-        want.iter().all(|l| l.label.starts_with("vit_label_")),
-        "{want:?}"
-    );
+    let mut wants = Vec::new();
+    for (family, label) in families {
+        let folder = fixture.dir.path().join(family);
+        let source = images().join(family);
+        spillway_handlers::testing::decoder_fixtures::write_weights(&source, &folder).unwrap();
+        for file in ["config.json", "preprocessor_config.json"] {
+            std::fs::copy(source.join(file), folder.join(file)).unwrap();
+        }
+        fixture.archive(family, "1.0", "image_classifier", Some(&folder), &[]);
+        let handler =
+            ImageClassifier::load(&FolderFiles::new(&folder), &LoadOptions::default()).unwrap();
+        let input = handler.prepare(Request::Images(vec![png.clone()])).unwrap();
+        let Output::Labels(mut want) = handler.run(&[input]).unwrap().remove(0).unwrap() else {
+            panic!("labels expected")
+        };
+        let want = want.remove(0);
+        assert!(
+            want.iter().all(|l| l.label.starts_with(label)),
+            "{family}: {want:?}"
+        );
+        wants.push(want);
+    }
     let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
     server.wait_healthy();
-    let answer = reqwest::blocking::Client::new()
-        .put(format!("{}/predictions/vit", server.inference))
-        .body(png)
-        .send()
-        .unwrap();
-    assert_eq!(answer.status().as_u16(), 200);
-    assert_answer(&answer.text().unwrap(), &want, "ViT");
+    for ((family, _), want) in families.iter().zip(&wants) {
+        let answer = reqwest::blocking::Client::new()
+            .put(format!("{}/predictions/{family}", server.inference))
+            .body(png.clone())
+            .send()
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{family}");
+        assert_answer(&answer.text().unwrap(), want, family);
+    }
     server.terminate();
 }

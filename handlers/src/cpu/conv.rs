@@ -29,6 +29,8 @@ pub enum Activation {
     /// `x · sigmoid(x)`: EfficientNet's.
     Silu,
     Sigmoid,
+    /// `x · Φ(x)` with the exact (erf) normal CDF: ConvNeXt's.
+    Gelu,
 }
 
 impl Activation {
@@ -43,6 +45,10 @@ impl Activation {
             Activation::Hardsigmoid => (v + 3.0).clamp(0.0, 6.0) / 6.0,
             Activation::Silu => v / (1.0 + (-v).exp()),
             Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+            Activation::Gelu => {
+                0.5 * v
+                    * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
+            }
         }
     }
 }

@@ -16,9 +16,9 @@ use candle_core::{D, DType, Device, Tensor};
 use crate::error::CandleContext;
 use crate::images::{ImageLimits, Preprocess, decode_rgb};
 use crate::models::vision::checkpoint::CanonicalWeights;
-use crate::models::vision::graph::Network;
-use crate::models::vision::torchvision;
+use crate::models::vision::graph::{Graph, Network};
 use crate::models::vision::vit::{self, Vit};
+use crate::models::vision::{huggingface, torchvision};
 use crate::tasks::encoder_text::device_name;
 use crate::weights::WeightsWatch;
 use crate::weights::files::read_json;
@@ -173,7 +173,12 @@ impl ImageClassifier {
                 )
             }
             _ => {
-                let graph = torchvision::recognize(&weights.shapes())?;
+                let graph: Graph = match &config {
+                    Some(config) if huggingface::serves(config) => {
+                        huggingface::graph(config, &weights.shapes())?
+                    }
+                    _ => torchvision::recognize(&weights.shapes())?,
+                };
                 let labels = labels(files, graph.classes)?;
                 let architecture = graph.architecture.clone();
                 (
@@ -340,7 +345,7 @@ mod tests {
     use crate::weights::files::{ConvertedWeights, FolderFiles};
 
     /// Each fixture family and the architecture it must be recognized as.
-    const FAMILIES: [(&str, &str); 13] = [
+    const FAMILIES: [(&str, &str); 16] = [
         ("densenet", "densenet (growth 8, blocks [2, 3])"),
         ("resnet", "resnet (blocks [1, 1, 1, 1])"),
         ("resnext", "resnet (blocks [1, 1, 1, 1], bottleneck)"),
@@ -357,7 +362,23 @@ mod tests {
             "efficientnet (blocks [1, 1, 1, 2, 2, 2, 1])",
         ),
         ("vit", "vit"),
+        (
+            "hf_resnet",
+            "ResNetForImageClassification (depths [1, 2, 1], bottleneck)",
+        ),
+        (
+            "hf_resnet_basic",
+            "ResNetForImageClassification (depths [2, 1], basic)",
+        ),
+        (
+            "convnext",
+            "ConvNextForImageClassification (depths [1, 2, 1])",
+        ),
     ];
+
+    /// Families preprocessed by a Hugging Face processor resizing bicubic with both sides
+    /// shrinking (see the bound in `every_image_family_matches_its_references_probabilities`).
+    const PILLOW_BICUBIC: [&str; 3] = ["hf_resnet", "hf_resnet_basic", "convnext"];
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images")
@@ -452,7 +473,13 @@ mod tests {
                     .fold(0f32, f32::max);
                 // Every format decodes to Pillow's pixels (JPEG by libjpeg-turbo's decoder, as
                 // Pillow's) and resizes to its bytes: what differs is float rounding.
-                let bound = 1e-4;
+                // But Pillow 13 resizes some shapes vertical pass first (its rule is not
+                // published; 117x251 -> 73x156 bicubic is one), where Pillow 12 and this
+                // resampler go horizontal first: 642 of the 34,164 bytes then differ by one
+                // level. tall.png under the Hugging Face processors' bicubic 73-pixel edge
+                // is such a shape; the bar, 1e-3, holds there.
+                let pillow_13_order = name == "tall.png" && PILLOW_BICUBIC.contains(&family);
+                let bound = if pillow_13_order { 1e-3 } else { 1e-4 };
                 assert!(
                     worst <= bound,
                     "{family} {name}: {got:?} vs torchvision {want:?}"

@@ -45,7 +45,7 @@ impl ModelInventory {
         // planned from its tensor headers alone (it runs resident).
         let shape = config
             .as_ref()
-            .filter(|c| !spillway_handlers::models::vision::vit::serves(c))
+            .filter(|c| !spillway_handlers::models::vision::serves_config(c))
             .map(ModelShape::from_config)
             .transpose()
             .map_err(|e| Error::bad_config("config.json", e))?;

@@ -28,6 +28,8 @@ pub enum Act {
     /// `x · sigmoid(x)`: EfficientNet's.
     Silu,
     Sigmoid,
+    /// `x · Φ(x)`, the exact (erf) GELU: ConvNeXt's.
+    Gelu,
 }
 
 /// One step of a network, with the names of the tensors it reads.
@@ -46,6 +48,20 @@ pub enum Op {
     /// A batch norm on its own, then `act`.
     Norm {
         norm: String,
+        act: Act,
+    },
+    /// A layer norm over the channels at each position (`<norm>.weight`, `<norm>.bias`):
+    /// ConvNeXt's, channels-first or -last alike.
+    ChannelNorm {
+        norm: String,
+        eps: f64,
+    },
+    /// A fully connected layer applied at each position (`<linear>.weight` `[out, in]`,
+    /// `<linear>.bias`): a 1×1 convolution. Its output is multiplied by the per-channel
+    /// `scale` tensor if given (ConvNeXt's layer scale, folded into the weights), then `act`.
+    Pointwise {
+        linear: String,
+        scale: Option<String>,
         act: Act,
     },
     /// Max pooling, zero-padded (it follows a ReLU in every network that pads: the
@@ -176,6 +192,12 @@ enum Loaded {
         shift: Tensor,
         act: Act,
     },
+    /// `[1, c, 1, 1]` each.
+    ChannelNorm {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    },
     /// An op without tensors (pools, flatten), as written.
     Plain(Op),
     Linear(Linear, Act),
@@ -245,42 +267,39 @@ fn load_op(op: &Op, at: &Loading) -> Result<Loaded, HandlerError> {
                     (w, Some(b))
                 }
             };
-            if *groups == 1 && device.is_cpu() {
-                return crate::cpu::conv::Conv::new(
-                    &weight,
-                    bias.as_ref(),
-                    *stride,
-                    *padding,
-                    cpu_act(*act),
-                )
-                .map(Loaded::CpuConv)
-                .context(|| format!("cannot load `{conv}`"));
-            }
-            if device.is_cpu()
-                && weight.dims().get(1) == Some(&1)
-                && weight.dim(0).ok() == Some(*groups)
-            {
-                return crate::cpu::conv::DepthwiseConv::new(
-                    &weight,
-                    bias.as_ref(),
-                    *stride,
-                    *padding,
-                    cpu_act(*act),
-                )
-                .map(Loaded::CpuDepthwise)
-                .context(|| format!("cannot load `{conv}`"));
-            }
-            let bias = bias
-                .map(|b| b.reshape((1, (), 1, 1)))
-                .transpose()
-                .context(|| format!("`{conv}`'s bias"))?;
-            Loaded::Conv {
-                weight: on(weight.contiguous().context(|| conv.clone())?, conv)?,
-                bias: bias.map(|b| on(b, conv)).transpose()?,
-                stride: *stride,
-                padding: *padding,
-                groups: *groups,
-                act: *act,
+            load_conv(weight, bias, (*stride, *padding, *groups), *act, at, conv)?
+        }
+        Op::Pointwise { linear, scale, act } => {
+            let weight = source.tensor(&format!("{linear}.weight"))?;
+            let bias = source.tensor(&format!("{linear}.bias"))?;
+            let scaled = || -> candle_core::Result<(Tensor, Tensor)> {
+                let weight = weight.unsqueeze(2)?.unsqueeze(3)?;
+                Ok(match scale {
+                    None => (weight, bias.clone()),
+                    Some(name) => {
+                        let scale = source
+                            .tensor(name)
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        (
+                            weight.broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?,
+                            bias.mul(&scale)?,
+                        )
+                    }
+                })
+            };
+            let (weight, bias) =
+                scaled().context(|| format!("cannot load `{linear}` as a 1x1 convolution"))?;
+            load_conv(weight, Some(bias), (1, 0, 1), *act, at, linear)?
+        }
+        Op::ChannelNorm { norm, eps } => {
+            let get = |part: &str| -> Result<Tensor, HandlerError> {
+                let t = source.tensor(&format!("{norm}.{part}"))?;
+                on(t.reshape((1, (), 1, 1)).context(|| norm.clone())?, norm)
+            };
+            Loaded::ChannelNorm {
+                weight: get("weight")?,
+                bias: get("bias")?,
+                eps: *eps,
             }
         }
         Op::Norm { norm, act } => {
@@ -324,6 +343,51 @@ fn load_op(op: &Op, at: &Loading) -> Result<Loaded, HandlerError> {
     })
 }
 
+/// A convolution with its (folded) weight and bias, on the kernel that fits it: one GEMM
+/// per image or the depthwise kernel on the CPU, candle's conv2d otherwise.
+fn load_conv(
+    weight: Tensor,
+    bias: Option<Tensor>,
+    (stride, padding, groups): (usize, usize, usize),
+    act: Act,
+    at: &Loading,
+    name: &str,
+) -> Result<Loaded, HandlerError> {
+    let device = at.device;
+    if groups == 1 && device.is_cpu() {
+        return crate::cpu::conv::Conv::new(&weight, bias.as_ref(), stride, padding, cpu_act(act))
+            .map(Loaded::CpuConv)
+            .context(|| format!("cannot load `{name}`"));
+    }
+    if device.is_cpu() && weight.dims().get(1) == Some(&1) && weight.dim(0).ok() == Some(groups) {
+        return crate::cpu::conv::DepthwiseConv::new(
+            &weight,
+            bias.as_ref(),
+            stride,
+            padding,
+            cpu_act(act),
+        )
+        .map(Loaded::CpuDepthwise)
+        .context(|| format!("cannot load `{name}`"));
+    }
+    let on = |t: Tensor| {
+        t.to_device(device)
+            .context(|| format!("cannot place `{name}`"))
+    };
+    let bias = bias
+        .map(|b| b.reshape((1, (), 1, 1)))
+        .transpose()
+        .context(|| format!("`{name}`'s bias"))?;
+    Ok(Loaded::Conv {
+        weight: on(weight.contiguous().context(|| name.to_string())?)?,
+        bias: bias.map(on).transpose()?,
+        stride,
+        padding,
+        groups,
+        act,
+    })
+}
+
 fn cpu_act(act: Act) -> crate::cpu::conv::Activation {
     match act {
         Act::None => crate::cpu::conv::Activation::None,
@@ -333,6 +397,7 @@ fn cpu_act(act: Act) -> crate::cpu::conv::Activation {
         Act::Hardsigmoid => crate::cpu::conv::Activation::Hardsigmoid,
         Act::Silu => crate::cpu::conv::Activation::Silu,
         Act::Sigmoid => crate::cpu::conv::Activation::Sigmoid,
+        Act::Gelu => crate::cpu::conv::Activation::Gelu,
     }
 }
 
@@ -345,6 +410,7 @@ fn activate(x: Tensor, act: Act) -> candle_core::Result<Tensor> {
         Act::Hardsigmoid => hard_sigmoid(&x),
         Act::Silu => x.silu(),
         Act::Sigmoid => candle_nn::ops::sigmoid(&x),
+        Act::Gelu => x.gelu_erf(),
     }
 }
 
@@ -443,6 +509,7 @@ impl Loaded {
             Loaded::CpuConv(_) | Loaded::Conv { .. } => "conv kxk",
             Loaded::CpuDepthwise(_) => "conv depthwise",
             Loaded::CpuAffine(_) | Loaded::Affine { .. } => "batch norm",
+            Loaded::ChannelNorm { .. } => "layer norm",
             Loaded::Plain(Op::MaxPool { .. } | Op::AvgPool { .. } | Op::AdaptiveAvgPool { .. }) => {
                 "pool"
             }
@@ -478,6 +545,14 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
         }
         Loaded::Affine { scale, shift, act } => {
             activate(x.broadcast_mul(scale)?.broadcast_add(shift)?, *act)
+        }
+        Loaded::ChannelNorm { weight, bias, eps } => {
+            let centered = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+            let variance = centered.sqr()?.mean_keepdim(1)?;
+            centered
+                .broadcast_div(&(variance + *eps)?.sqrt()?)?
+                .broadcast_mul(weight)?
+                .broadcast_add(bias)
         }
         Loaded::Plain(Op::MaxPool {
             kernel,

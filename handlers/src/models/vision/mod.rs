@@ -2,32 +2,51 @@
 //! written by a recognizer ([`torchvision`]: from a state dict's names and shapes) and
 //! run by one executor ([`graph::Network`]); [`checkpoint`] reads the weights (a
 //! PyTorch `.pth` state dict converted once to safetensors, or safetensors). Hugging
-//! Face's transformer classifiers, named by their config.json, are their own modules:
-//! [`vit`].
+//! Face's convolutional classifiers, named by their config.json, are graphs too
+//! ([`huggingface`]); its transformer classifiers are their own modules: [`vit`].
 
 pub mod checkpoint;
 pub mod graph;
+pub mod huggingface;
 pub mod torchvision;
 pub mod vit;
 
 use crate::ModelFiles;
 
+/// Whether `config` (a config.json) names a vision model served here: such a config
+/// describes no layer stack to plan reserves for.
+pub fn serves_config(config: &serde_json::Value) -> bool {
+    vit::serves(config) || huggingface::serves(config)
+}
+
 /// What `spillway plan` says of a model's weights as an image network: the architecture
 /// recognized, its classes and op count, or why none was. `None` for a model with a
-/// config.json naming a `model_type` (a text model) or without weights.
+/// config.json naming another `model_type` (a text model, ViT) or without weights.
 pub fn describe(files: &dyn ModelFiles) -> Option<String> {
     let config: Option<serde_json::Value> =
         crate::weights::files::read_json(files, "config.json").ok()?;
-    if config
-        .as_ref()
-        .is_some_and(|c| c.get("model_type").is_some())
+    let hugging_face = config.as_ref().filter(|c| huggingface::serves(c));
+    if hugging_face.is_none()
+        && config
+            .as_ref()
+            .is_some_and(|c| c.get("model_type").is_some())
     {
         return None;
     }
     let weights = checkpoint::CanonicalWeights::new(files.model_weights().ok()?);
-    Some(match torchvision::recognize(&weights.shapes()) {
+    let (graph, source) = match hugging_face {
+        Some(config) => (
+            huggingface::graph(config, &weights.shapes()),
+            "Hugging Face's, from config.json",
+        ),
+        None => (
+            torchvision::recognize(&weights.shapes()),
+            "torchvision's, recognized from the weights",
+        ),
+    };
+    Some(match graph {
         Ok(graph) => format!(
-            "{}, {} classes, {} ops (torchvision's, recognized from the weights; runs resident)",
+            "{}, {} classes, {} ops ({source}; runs resident)",
             graph.architecture,
             graph.classes,
             graph.count_ops()

@@ -13,7 +13,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use crate::cpu::kernels;
 use crate::cpu::linear::sgemm_ab;
+use crate::cpu::simd::simd_kernel;
 use crate::cpu::team;
 
 /// An activation fused into a pass.
@@ -43,13 +45,40 @@ impl Activation {
             // PyTorch's CPU kernels: `x * min(max(x + 3, 0), 6) / 6`.
             Activation::Hardswish => v * (v + 3.0).clamp(0.0, 6.0) / 6.0,
             Activation::Hardsigmoid => (v + 3.0).clamp(0.0, 6.0) / 6.0,
-            Activation::Silu => v / (1.0 + (-v).exp()),
-            Activation::Sigmoid => 1.0 / (1.0 + (-v).exp()),
-            Activation::Gelu => {
-                0.5 * v
-                    * (1.0 + candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2))
+            Activation::Silu => v / (1.0 + kernels::exp(-v)),
+            Activation::Sigmoid => 1.0 / (1.0 + kernels::exp(-v)),
+            Activation::Gelu => 0.5 * v * (1.0 + kernels::erf(v * std::f32::consts::FRAC_1_SQRT_2)),
+        }
+    }
+
+    /// `v = act(v + bias)` over a slice: one loop per activation (the match hoisted out
+    /// of it), so each vectorizes, erf and exp included.
+    pub fn add_bias_and_apply(self, values: &mut [f32], bias: f32) {
+        simd_kernel! {
+            fn run(values: &mut [f32], bias: f32, act: Activation) {
+                macro_rules! each {
+                    (|$v:ident| $e:expr) => {
+                        for slot in values.iter_mut() {
+                            let $v = *slot + bias;
+                            *slot = $e;
+                        }
+                    };
+                }
+                match act {
+                    Activation::None => each!(|v| v),
+                    Activation::Relu => each!(|v| v.max(0.0)),
+                    Activation::Relu6 => each!(|v| v.clamp(0.0, 6.0)),
+                    Activation::Hardswish => each!(|v| v * (v + 3.0).clamp(0.0, 6.0) / 6.0),
+                    Activation::Hardsigmoid => each!(|v| (v + 3.0).clamp(0.0, 6.0) / 6.0),
+                    Activation::Silu => each!(|v| v / (1.0 + kernels::exp(-v))),
+                    Activation::Sigmoid => each!(|v| 1.0 / (1.0 + kernels::exp(-v))),
+                    Activation::Gelu => each!(|v| {
+                        0.5 * v * (1.0 + kernels::erf(v * std::f32::consts::FRAC_1_SQRT_2))
+                    }),
+                }
             }
         }
+        run(values, bias, self)
     }
 }
 
@@ -147,10 +176,7 @@ impl Conv {
             return;
         }
         team::for_each_chunk_mut(y, pixels, |o, plane| {
-            let b = bias.as_ref().map_or(0.0, |b| b[o]);
-            for v in plane {
-                *v = act.apply(*v + b);
-            }
+            act.add_bias_and_apply(plane, bias.as_ref().map_or(0.0, |b| b[o]))
         });
     }
 }
@@ -235,51 +261,40 @@ impl DepthwiseConv {
         x.contiguous()?.apply_op1_no_bwd(self)
     }
 
-    /// One output plane from its input plane: the bias, then each tap's weight times
-    /// the input row it reaches, added along the output row (zero padding skipped).
+    /// One output plane from its input plane, copied first into a zero-padded buffer
+    /// (so no tap needs a bounds check): the bias, then each tap's weight times the
+    /// padded row it reaches, added along the output row.
     fn plane(&self, channel: usize, input: &[f32], (h, w): (usize, usize), out: &mut [f32]) {
+        thread_local! {
+            static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
         let (kh, kw) = self.kernel;
         let (s, p) = (self.stride, self.padding);
         let filter = &self.weight[channel * kh * kw..][..kh * kw];
-        out.fill(self.bias.as_ref().map_or(0.0, |b| b[channel]));
         let (oh, ow) = self.output_size(h, w);
-        // Output columns whose tap `k` lands inside a row of width `w`: [lo, hi).
-        let columns = |k: usize| {
-            let lo = if p > k { (p - k).div_ceil(s) } else { 0 };
-            let hi = if w + p > k {
-                ((w + p - k - 1) / s + 1).min(ow)
-            } else {
-                0
+        let (ph, pw) = (h + 2 * p, w + 2 * p);
+        PADDED.with_borrow_mut(|padded| {
+            padded.clear();
+            padded.resize(ph * pw, 0.0);
+            for (y, line) in input.chunks_exact(w).enumerate() {
+                padded[(y + p) * pw + p..][..w].copy_from_slice(line);
+            }
+            let geometry = Geometry {
+                kernel: (kh, kw),
+                stride: s,
+                padded_width: pw,
+                output: (oh, ow),
             };
-            (lo, hi.max(lo))
-        };
-        for oy in 0..oh {
-            let row = &mut out[oy * ow..][..ow];
-            for ky in 0..kh {
-                let Some(y) = (oy * s + ky).checked_sub(p).filter(|y| *y < h) else {
-                    continue;
-                };
-                let line = &input[y * w..][..w];
-                for kx in 0..kw {
-                    let weight = filter[ky * kw + kx];
-                    let (lo, hi) = columns(kx);
-                    if s == 1 {
-                        let from = lo + kx - p;
-                        for (o, v) in row[lo..hi].iter_mut().zip(&line[from..from + hi - lo]) {
-                            *o += weight * v;
-                        }
-                    } else {
-                        for (ox, o) in row.iter_mut().enumerate().take(hi).skip(lo) {
-                            *o += weight * line[ox * s + kx - p];
-                        }
-                    }
-                }
-            }
-        }
+            depthwise_taps(
+                padded,
+                filter,
+                self.bias.as_ref().map_or(0.0, |b| b[channel]),
+                geometry,
+                out,
+            );
+        });
         if self.act != Activation::None {
-            for v in out.iter_mut() {
-                *v = self.act.apply(*v);
-            }
+            self.act.add_bias_and_apply(out, 0.0);
         }
     }
 
@@ -314,6 +329,129 @@ impl CustomOp1 for DepthwiseConv {
             self.plane(i % channels, &x[i * h * w..][..h * w], (h, w), out)
         });
         Ok((CpuStorage::F32(y), Shape::from((batch, channels, oh, ow))))
+    }
+}
+
+/// A layer norm over the channels at each position of an NCHW tensor (ConvNeXt's): each
+/// pixel's mean and variance over its channels (two passes, f32), then
+/// `(x - mean) / sqrt(var + eps) · weight[c] + bias[c]`. Statistics are gathered along
+/// rows of pixels (contiguous in NCHW), then written one channel plane a task.
+pub struct ChannelLayerNorm {
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub eps: f32,
+}
+
+/// Pixels whose statistics one task gathers.
+const NORM_PIXELS_PER_TASK: usize = 256;
+
+impl ChannelLayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for ChannelLayerNorm {
+    fn name(&self) -> &'static str {
+        "channel-layer-norm"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("a channel layer norm needs a contiguous input".into())
+        })?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let (_, channels, h, w) = layout.shape().dims4()?;
+        if channels != self.weight.len() || channels != self.bias.len() {
+            candle_core::bail!(
+                "channel layer norm: {channels} channels for {} weights",
+                self.weight.len()
+            );
+        }
+        let plane = h * w;
+        // (mean, 1 / sqrt(var + eps)) per pixel of every image, in pixel order.
+        let mut stats = vec![(0f32, 0f32); x.len() / channels.max(1)];
+        team::for_each_chunk_mut(&mut stats, NORM_PIXELS_PER_TASK, |task, out| {
+            let mut first = task * NORM_PIXELS_PER_TASK;
+            let mut out = out;
+            // A run of pixels inside one image: its channels are rows of `plane` floats.
+            while !out.is_empty() {
+                let (image, pixel) = (first / plane, first % plane);
+                let run = out.len().min(plane - pixel);
+                let (here, rest) = out.split_at_mut(run);
+                let base = image * channels * plane + pixel;
+                let row = |c: usize| &x[base + c * plane..][..run];
+                for slot in here.iter_mut() {
+                    slot.0 = 0.0;
+                }
+                for c in 0..channels {
+                    for (slot, v) in here.iter_mut().zip(row(c)) {
+                        slot.0 += v;
+                    }
+                }
+                let n = channels as f32;
+                for slot in here.iter_mut() {
+                    slot.0 /= n;
+                    slot.1 = 0.0;
+                }
+                for c in 0..channels {
+                    for (slot, v) in here.iter_mut().zip(row(c)) {
+                        let d = v - slot.0;
+                        slot.1 += d * d;
+                    }
+                }
+                for slot in here.iter_mut() {
+                    slot.1 = 1.0 / (slot.1 / n + self.eps).sqrt();
+                }
+                out = rest;
+                first += run;
+            }
+        });
+        let mut y = vec![0f32; x.len()];
+        team::for_each_chunk_mut(&mut y, plane, |i, out| {
+            let (image, c) = (i / channels, i % channels);
+            let (weight, bias) = (self.weight[c], self.bias[c]);
+            let stats = &stats[image * plane..][..plane];
+            for ((o, v), (mean, rstd)) in out.iter_mut().zip(&x[i * plane..][..plane]).zip(stats) {
+                *o = (v - mean) * rstd * weight + bias;
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+}
+
+/// A depthwise plane's shape: its filter, stride, the padded input's width, the output.
+#[derive(Clone, Copy)]
+struct Geometry {
+    kernel: (usize, usize),
+    stride: usize,
+    padded_width: usize,
+    output: (usize, usize),
+}
+
+simd_kernel! {
+    /// `out[oy, ox] = bias + Σ filter[ky, kx] · padded[oy·s + ky, ox·s + kx]`, along rows.
+    fn depthwise_taps(padded: &[f32], filter: &[f32], bias: f32, g: Geometry, out: &mut [f32]) {
+        let ((kh, kw), s, pw, (oh, ow)) = (g.kernel, g.stride, g.padded_width, g.output);
+        for oy in 0..oh {
+            let row = &mut out[oy * ow..][..ow];
+            row.fill(bias);
+            for ky in 0..kh {
+                let line = &padded[(oy * s + ky) * pw..][..pw];
+                for kx in 0..kw {
+                    let weight = filter[ky * kw + kx];
+                    if s == 1 {
+                        for (o, v) in row.iter_mut().zip(&line[kx..kx + ow]) {
+                            *o += weight * v;
+                        }
+                    } else {
+                        for (ox, o) in row.iter_mut().enumerate() {
+                            *o += weight * line[ox * s + kx];
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -443,6 +581,40 @@ mod tests {
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() < 1e-5, "k{k} s{stride} p{pad}: {g} vs {w}");
             }
+        }
+    }
+
+    /// Against the same layer norm in candle's ops, over batches whose pixel runs
+    /// straddle images and tasks.
+    #[test]
+    fn a_channel_layer_norm_matches_candles_ops() {
+        for (batch, c, h, w) in [(1, 4, 3, 5), (3, 8, 17, 19), (2, 3, 1, 1)] {
+            let x = (tensor(&[batch, c, h, w], 1) * 3.0)
+                .and_then(|x| x + 0.5)
+                .expect("x");
+            let weight: Vec<f32> = (0..c).map(|i| 1.0 + i as f32 * 0.1).collect();
+            let bias: Vec<f32> = (0..c).map(|i| i as f32 * -0.05).collect();
+            let norm = ChannelLayerNorm {
+                weight: weight.clone(),
+                bias: bias.clone(),
+                eps: 1e-6,
+            };
+            let got = norm.forward(&x).expect("ours");
+            let shape =
+                |v: Vec<f32>| Tensor::from_vec(v, (1, c, 1, 1), &Device::Cpu).expect("shape");
+            let want = (|| -> Result<Tensor> {
+                let centered = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+                let var = centered.sqr()?.mean_keepdim(1)?;
+                centered
+                    .broadcast_div(&(var + 1e-6)?.sqrt()?)?
+                    .broadcast_mul(&shape(weight))?
+                    .broadcast_add(&shape(bias))
+            })()
+            .expect("candle");
+            let diff: f32 = (got - want)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar())
+                .expect("diff");
+            assert!(diff < 1e-5, "{batch}x{c}x{h}x{w}: {diff}");
         }
     }
 

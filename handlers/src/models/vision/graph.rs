@@ -192,6 +192,8 @@ enum Loaded {
         shift: Tensor,
         act: Act,
     },
+    /// A layer norm over channels on the CPU, in two passes.
+    CpuChannelNorm(crate::cpu::conv::ChannelLayerNorm),
     /// `[1, c, 1, 1]` each.
     ChannelNorm {
         weight: Tensor,
@@ -290,6 +292,17 @@ fn load_op(op: &Op, at: &Loading) -> Result<Loaded, HandlerError> {
             let (weight, bias) =
                 scaled().context(|| format!("cannot load `{linear}` as a 1x1 convolution"))?;
             load_conv(weight, Some(bias), (1, 0, 1), *act, at, linear)?
+        }
+        Op::ChannelNorm { norm, eps } if device.is_cpu() => {
+            let values = |part: &str| -> Result<Vec<f32>, HandlerError> {
+                let t = source.tensor(&format!("{norm}.{part}"))?;
+                t.to_vec1::<f32>().context(|| norm.clone())
+            };
+            Loaded::CpuChannelNorm(crate::cpu::conv::ChannelLayerNorm {
+                weight: values("weight")?,
+                bias: values("bias")?,
+                eps: *eps as f32,
+            })
         }
         Op::ChannelNorm { norm, eps } => {
             let get = |part: &str| -> Result<Tensor, HandlerError> {
@@ -509,7 +522,7 @@ impl Loaded {
             Loaded::CpuConv(_) | Loaded::Conv { .. } => "conv kxk",
             Loaded::CpuDepthwise(_) => "conv depthwise",
             Loaded::CpuAffine(_) | Loaded::Affine { .. } => "batch norm",
-            Loaded::ChannelNorm { .. } => "layer norm",
+            Loaded::ChannelNorm { .. } | Loaded::CpuChannelNorm(_) => "layer norm",
             Loaded::Plain(Op::MaxPool { .. } | Op::AvgPool { .. } | Op::AdaptiveAvgPool { .. }) => {
                 "pool"
             }
@@ -546,6 +559,7 @@ fn forward_op(op: &Loaded, x: Tensor) -> candle_core::Result<Tensor> {
         Loaded::Affine { scale, shift, act } => {
             activate(x.broadcast_mul(scale)?.broadcast_add(shift)?, *act)
         }
+        Loaded::CpuChannelNorm(norm) => norm.forward(&x),
         Loaded::ChannelNorm { weight, bias, eps } => {
             let centered = x.broadcast_sub(&x.mean_keepdim(1)?)?;
             let variance = centered.sqr()?.mean_keepdim(1)?;

@@ -49,6 +49,28 @@ fn top_k(settings: &serde_json::Map<String, serde_json::Value>) -> Result<usize,
     }
 }
 
+/// The decoding limits, [`ImageLimits::default`] unless the handler settings set
+/// `max_pixels` (width × height, checked from the header before decoding) or
+/// `max_decoded_bytes` (what the decoder may allocate): whole numbers of at least 1.
+fn image_limits(
+    settings: &serde_json::Map<String, serde_json::Value>,
+) -> Result<ImageLimits, HandlerError> {
+    let read = |key: &str, default: u64| match settings.get(key) {
+        None => Ok(default),
+        Some(v) => v.as_u64().filter(|n| *n >= 1).ok_or_else(|| {
+            HandlerError::bad_file(
+                "model-config.yaml",
+                format!("handler.{key} must be a whole number of at least 1, got {v}"),
+            )
+        }),
+    };
+    let default = ImageLimits::default();
+    Ok(ImageLimits {
+        max_pixels: read("max_pixels", default.max_pixels)?,
+        max_decoded_bytes: read("max_decoded_bytes", default.max_decoded_bytes)?,
+    })
+}
+
 /// Images per forward pass: bounds activation memory whatever the batch size.
 const MAX_IMAGES_PER_FORWARD: usize = 16;
 
@@ -201,7 +223,7 @@ impl ImageClassifier {
             architecture,
             device,
             preprocess,
-            limits: ImageLimits::default(),
+            limits: image_limits(&options.handler_config)?,
             labels,
             parameters,
             watch: weights.source().watch(),
@@ -578,6 +600,36 @@ mod tests {
             ..LoadOptions::default()
         };
         assert!(ImageClassifier::load(&FolderFiles::new(dir.path()), &zero).is_err());
+        // `max_pixels` under `handler:` tightens the decoding limit: the 160x120 image
+        // (19,200 pixels) is refused by name at 10,000, a bad value refuses the model.
+        let settings = |json: serde_json::Value| LoadOptions {
+            handler_config: json.as_object().cloned().expect("map"),
+            ..LoadOptions::default()
+        };
+        let small = ImageClassifier::load(
+            &FolderFiles::new(dir.path()),
+            &settings(serde_json::json!({"max_pixels": 10_000})),
+        )
+        .expect("load");
+        let (name, bytes) = inputs
+            .iter()
+            .find(|(n, _)| n == "small.bmp")
+            .expect("small.bmp");
+        let err = small
+            .prepare(Request::Images(vec![bytes.clone()]))
+            .expect_err("past the limit");
+        assert!(err.to_string().contains("10000"), "{name}: {err}");
+        assert!(
+            handler
+                .prepare(Request::Images(vec![bytes.clone()]))
+                .is_ok()
+        );
+        for bad in [
+            serde_json::json!({"max_pixels": 0}),
+            serde_json::json!({"max_decoded_bytes": "1MB"}),
+        ] {
+            assert!(ImageClassifier::load(&FolderFiles::new(dir.path()), &settings(bad)).is_err());
+        }
         // The same image alone gives the same answer as in a batch.
         let alone = handler
             .run(&[handler

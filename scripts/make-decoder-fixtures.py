@@ -18,10 +18,11 @@ For each family below this writes handlers/tests/fixtures/decoders/<family>/:
 
 Regenerate (needs torch, numpy and transformers >= 5; not needed by the tests):
   python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch numpy 'transformers>=5' safetensors
-  /tmp/tvenv/bin/python scripts/make-decoder-fixtures.py
+  /tmp/tvenv/bin/python scripts/make-decoder-fixtures.py [FAMILY...]   # all, or those named
 """
 
 import json
+import sys
 import pathlib
 
 import numpy as np
@@ -208,6 +209,22 @@ FAMILIES = {
             ),
         ),
     ),
+    # Not a family of its own: Phi-3 with LongRoPE (Phi-3-mini-128k, Phi-3.5): short
+    # factors while the sequence fits the original context of 12, long ones past it —
+    # the 10-token prompt and two steps short, the last four steps long (their keys
+    # before the switch stay as they were cached); the attention factor from 64 / 12.
+    "phi3_longrope": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        dict(
+            tie_word_embeddings=False,
+            original_max_position_embeddings=12,
+            rope_parameters=dict(
+                rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=12,
+                short_factor=[1.0, 1.3, 2.1, 3.7], long_factor=[1.5, 4.0, 9.0, 20.0],
+            ),
+        ),
+    ),
     # Learned positions, Conv1D weights stored [in, out], an ungated tanh-GELU MLP
     # (n_inner unset: four times the width), tied head.
     "gpt2": (
@@ -283,7 +300,12 @@ def t4_spelling(config: dict) -> dict:
     if "partial_rotary_factor" in rope:
         old["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
     kind = rope.pop("rope_type", "default")
-    old["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
+    if kind == "longrope":
+        # Phi-3's hub configs: the original context at the top, `type` for the kind.
+        old["original_max_position_embeddings"] = rope.pop("original_max_position_embeddings")
+        old["rope_scaling"] = {"type": kind, **rope}
+    else:
+        old["rope_scaling"] = None if kind == "default" else {"rope_type": kind, **rope}
     old["transformers_version"] = "4.57.1"
     if old.get("model_type") == "gpt_neox":
         old["rotary_emb_base"] = old.pop("rope_theta")
@@ -322,8 +344,10 @@ def recipe_checkpoint(out, family, model, model_type, recipe):
     return loaded.eval()
 
 
-def main():
+def main(only):
     for family, (config_class, model_class, keys) in FAMILIES.items():
+        if only and family not in only:
+            continue
         merged = {k: v for k, v in {**COMMON, **keys}.items() if v is not DROP}
         config = getattr(transformers, config_class)(**merged)
         model_type = getattr(transformers, model_class)
@@ -355,4 +379,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(set(sys.argv[1:]))

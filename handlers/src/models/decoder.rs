@@ -1122,10 +1122,17 @@ fn rms_norm(width: usize, spec: &DecoderSpec, vb: VarBuilder) -> candle_core::Re
 }
 
 /// RoPE tables (non-interleaved halves, as HF checkpoints expect) for the first
-/// `rotary_dim` dimensions of each head.
+/// `rotary_dim` dimensions of each head. With LongRoPE, a second set of `positions` rows
+/// follows the first: a sequence whose length after this pass exceeds `long_after` takes
+/// its new tokens' angles from there (transformers switches the whole pass by its
+/// longest sequence; here each sequence by its own length, the same for one sequence).
 struct Rope {
     cos: Tensor,
     sin: Tensor,
+    /// Rows of one set.
+    positions: usize,
+    /// LongRoPE's original context, when the tables hold its long set.
+    long_after: Option<usize>,
 }
 
 impl Rope {
@@ -1136,33 +1143,57 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Self> {
-        let inv = rope
-            .inverse_frequencies()
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let inv = Tensor::new(inv.as_slice(), device)?;
-        let positions = Tensor::arange(0, positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((positions, 1))?;
-        let angles = positions.matmul(&inv.reshape((1, inv.elem_count()))?)?;
+        let msg = |e: HandlerError| candle_core::Error::Msg(e.to_string());
+        let angles = |inv: Vec<f32>| -> candle_core::Result<Tensor> {
+            let inv = Tensor::new(inv.as_slice(), device)?;
+            let positions = Tensor::arange(0, positions as u32, device)?
+                .to_dtype(DType::F32)?
+                .reshape((positions, 1))?;
+            positions.matmul(&inv.reshape((1, inv.elem_count()))?)
+        };
+        let mut table = angles(rope.inverse_frequencies().map_err(msg)?)?;
+        // The long set only where a sequence can outgrow the original context.
+        let long = rope
+            .long_context()
+            .map_err(msg)?
+            .filter(|(original, _)| *original < positions);
+        let long_after = match long {
+            Some((original, inv)) => {
+                table = Tensor::cat(&[table, angles(inv)?], 0)?;
+                Some(original)
+            }
+            None => None,
+        };
         let scale = rope.attention_factor();
         Ok(Self {
-            cos: (angles.cos()? * scale)?.to_dtype(dtype)?,
-            sin: (angles.sin()? * scale)?.to_dtype(dtype)?,
+            cos: (table.cos()? * scale)?.to_dtype(dtype)?,
+            sin: (table.sin()? * scale)?.to_dtype(dtype)?,
+            positions,
+            long_after,
         })
+    }
+
+    /// The row of the tables holding position `p` of a sequence that reaches `end`.
+    fn row(&self, p: usize, end: usize) -> usize {
+        match self.long_after {
+            Some(original) if end > original => self.positions + p,
+            _ => p,
+        }
     }
 
     /// The angles of `seq` positions from each of `positions`, for one forward pass.
     fn rows(&self, positions: &[usize], seq: usize) -> candle_core::Result<RowRope> {
         let half = self.cos.dim(1)?;
         let (cos, sin) = if let [pos] = positions {
+            let first = self.row(*pos, pos + seq);
             (
-                self.cos.narrow(0, *pos, seq)?,
-                self.sin.narrow(0, *pos, seq)?,
+                self.cos.narrow(0, first, seq)?,
+                self.sin.narrow(0, first, seq)?,
             )
         } else {
             let index: Vec<u32> = positions
                 .iter()
-                .flat_map(|&p| (p..p + seq).map(|i| i as u32))
+                .flat_map(|&p| (p..p + seq).map(move |i| self.row(i, p + seq) as u32))
                 .collect();
             let index = Tensor::new(index.as_slice(), self.cos.device())?;
             let rows = (positions.len(), seq, half);

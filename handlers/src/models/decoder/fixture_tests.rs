@@ -205,6 +205,69 @@ fn yarn_scaling_decodes_like_transformers() {
     }
 }
 
+/// LongRoPE (a fixture of its own, on Phi-3): short factors while the sequence fits
+/// the original context of 12 (the prompt and two steps), long ones after (the keys
+/// cached before the switch kept), and its attention factor — from both spellings
+/// (Phi-3's hub configs keep the original context at the top), resident and on disk.
+#[test]
+fn longrope_scaling_switches_factors_like_transformers() {
+    let dir = fixtures().join("phi3_longrope");
+    let want = reference(&dir);
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = weights(&dir, work.path());
+    for file in ["config.json", "config.t4.json"] {
+        let spec = spec(&dir, file);
+        // sqrt(1 + ln(64 / 12) / ln(12)), from max_position_embeddings / original.
+        let factor = (1.0 + (64.0f64 / 12.0).ln() / 12f64.ln()).sqrt();
+        assert!(
+            (spec.rope.attention_factor() - factor).abs() < 1e-9,
+            "{file}"
+        );
+        for placement in [Placement::Resident, Placement::AllOnDisk] {
+            decode(
+                &source,
+                &spec,
+                placement,
+                &want,
+                &format!("longrope ({file}, {placement:?})"),
+            );
+        }
+    }
+    // With the long factors made the short ones, the steps before the switch still
+    // match and the ones after leave the reference: the switch is what they test.
+    let mut same = spec(&dir, "config.json");
+    if let Some(scaling) = same.rope.scaling.as_mut() {
+        scaling["long_factor"] = scaling["short_factor"].clone();
+    }
+    let model = MappedDecoder::load(&source, &same, DType::F32, |_| {
+        Ok(UnitPlacement::Resident(Device::Cpu))
+    })
+    .expect("load");
+    let mut cache = KvCache::default();
+    let mut input = want.prompt.clone();
+    let mut diffs = Vec::new();
+    for (logits, token) in &want.steps {
+        let t = Tensor::new(input.as_slice(), &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tokens");
+        let ours = model
+            .forward(&t, &mut cache)
+            .and_then(|l| l.squeeze(0))
+            .and_then(|l| l.to_vec1::<f32>())
+            .expect("forward");
+        diffs.push(
+            ours.iter()
+                .zip(logits)
+                .map(|(a, b)| nan_is_far((a - b).abs()))
+                .fold(0f32, f32::max),
+        );
+        input = vec![*token];
+    }
+    // Steps 0-2 end at positions 10, 11, 12: within the original context of 12.
+    assert!(diffs[..3].iter().all(|d| *d <= 1e-4), "{diffs:?}");
+    assert!(diffs[3..].iter().all(|d| *d > 1e-3), "{diffs:?}");
+}
+
 /// What each fixture exercises really changes the answer: served without it, the
 /// logits leave the reference (else the fixture would not test it).
 #[test]

@@ -452,12 +452,12 @@ fn rope_specs(
     head_dim: usize,
 ) -> Result<(RopeSpec, Option<RopeSpec>), HandlerError> {
     let present = |v: Option<&Value>| v.filter(|v| !v.is_null()).cloned();
-    let original = [
-        "original_max_position_embeddings",
-        "max_position_embeddings",
-    ]
-    .into_iter()
-    .find_map(|k| config.get(k).filter(|v| v.is_number()));
+    let number = |k: &str| config.get(k).filter(|v| v.is_number());
+    let context = &RopeContext {
+        original: number("original_max_position_embeddings")
+            .or_else(|| number("max_position_embeddings")),
+        max_positions: number("max_position_embeddings"),
+    };
     let (global, local) = match present(config.get("rope_parameters")) {
         Some(p) if !p.is_object() => {
             return Err(bad(format!("`rope_parameters` is {p}, not an object")));
@@ -468,9 +468,7 @@ fn rope_specs(
                 match p.get(kind).filter(|v| !v.is_null()) {
                     None => Ok(None),
                     Some(v) if !v.is_object() => Err(bad(format!("{label} is {v}, not an object"))),
-                    Some(v) => {
-                        rope_from_parameters(v, family, head_dim, &label, original).map(Some)
-                    }
+                    Some(v) => rope_from_parameters(v, family, head_dim, &label, context).map(Some),
                 }
             };
             let global = of("full_attention")?
@@ -478,7 +476,7 @@ fn rope_specs(
             (global, of("sliding_attention")?)
         }
         Some(p) => (
-            rope_from_parameters(&p, family, head_dim, "`rope_parameters`", original)?,
+            rope_from_parameters(&p, family, head_dim, "`rope_parameters`", context)?,
             None,
         ),
         None => {
@@ -491,7 +489,7 @@ fn rope_specs(
                 family,
                 head_dim,
                 "`rope_scaling`",
-                original,
+                context,
             )?;
             let local_theta = present(config.get("rope_local_base_freq"))
                 .or_else(|| family.local_rope_theta.map(Value::from));
@@ -504,7 +502,7 @@ fn rope_specs(
                         family,
                         head_dim,
                         "`rope_local_base_freq`",
-                        original,
+                        context,
                     )
                 })
                 .transpose()?;
@@ -514,6 +512,14 @@ fn rope_specs(
     Ok((global.clone(), local.filter(|l| *l != global)))
 }
 
+/// What a RoPE scaling may need from the rest of config.json: the context the model was
+/// pretrained with (`original_max_position_embeddings`, else `max_position_embeddings`)
+/// and the one it is extended to.
+struct RopeContext<'a> {
+    original: Option<&'a Value>,
+    max_positions: Option<&'a Value>,
+}
+
 /// transformers 5's RoPE parameters (`rope_theta`, `partial_rotary_factor` and the
 /// scaling in one object).
 fn rope_from_parameters(
@@ -521,7 +527,7 @@ fn rope_from_parameters(
     family: &Family,
     head_dim: usize,
     label: &str,
-    original: Option<&Value>,
+    context: &RopeContext,
 ) -> Result<RopeSpec, HandlerError> {
     let mut scaling = parameters.clone();
     let object = scaling
@@ -536,7 +542,7 @@ fn rope_from_parameters(
         family,
         head_dim,
         label,
-        original,
+        context,
     )
 }
 
@@ -549,7 +555,7 @@ fn rope_spec(
     family: &Family,
     head_dim: usize,
     label: &str,
-    original: Option<&Value>,
+    context: &RopeContext,
 ) -> Result<RopeSpec, HandlerError> {
     let theta = match theta {
         None => 10_000.0,
@@ -571,23 +577,41 @@ fn rope_spec(
     }
     // `type` is transformers' older spelling of `rope_type`; the default is no scaling.
     let scaling = scaling.and_then(|mut s| {
-        let kind = s
+        let mut kind = s
             .get("rope_type")
             .or_else(|| s.get("type"))
             .and_then(Value::as_str)
             .unwrap_or("default")
             .to_string();
+        // Phi-3's early configs name LongRoPE `su` (and Phi-3.5-MoE's `yarn`), which
+        // transformers' Phi3Config reads as longrope.
+        if family.name == "phi3" && matches!(kind.as_str(), "su" | "yarn") {
+            kind = "longrope".into();
+        }
         if let Some(object) = s.as_object_mut() {
             object.remove("type");
             object.insert("rope_type".into(), Value::String(kind.clone()));
-            // transformers' default where llama3 or yarn scaling names no
+            // transformers' default where llama3, yarn or longrope scaling names no
             // original_max_position_embeddings: the config's own (Phi-3 keeps one at the
             // top), else max_position_embeddings.
-            if matches!(kind.as_str(), "llama3" | "yarn")
+            if matches!(kind.as_str(), "llama3" | "yarn" | "longrope")
                 && !object.contains_key("original_max_position_embeddings")
-                && let Some(original) = original
+                && let Some(original) = context.original
             {
                 object.insert("original_max_position_embeddings".into(), original.clone());
+            }
+            // LongRoPE without a `factor` takes the extension's ratio (Phi-3: 131072 / 4096).
+            if kind == "longrope"
+                && !object.contains_key("factor")
+                && let (Some(max), Some(original)) = (
+                    context.max_positions.and_then(Value::as_f64),
+                    object
+                        .get("original_max_position_embeddings")
+                        .and_then(Value::as_f64),
+                )
+                && original > 0.0
+            {
+                object.insert("factor".into(), Value::from(max / original));
             }
         }
         (kind != "default").then_some(s)
@@ -710,15 +734,30 @@ fn windows(
 impl RopeSpec {
     /// What the RoPE tables' cos and sin are multiplied by: YaRN's attention factor
     /// (`attention_factor`, else from `mscale`/`mscale_all_dim`, else
-    /// `0.1·ln(factor) + 1`); 1 for the others.
+    /// `0.1·ln(factor) + 1`); LongRoPE's (`attention_factor`, else
+    /// `sqrt(1 + ln(factor) / ln(original context))`); 1 for the others.
     pub fn attention_factor(&self) -> f64 {
         let Some(scaling) = &self.scaling else {
             return 1.0;
         };
-        if scaling.get("rope_type").and_then(Value::as_str) != Some("yarn") {
+        let number = |key: &str| scaling.get(key).and_then(Value::as_f64);
+        let kind = scaling.get("rope_type").and_then(Value::as_str);
+        if kind == Some("longrope") {
+            // LongRoPE's: sqrt(1 + ln(factor) / ln(original context)), 1 when not extended.
+            if let Some(factor) = number("attention_factor") {
+                return factor;
+            }
+            let factor = number("factor").unwrap_or(1.0);
+            return match number("original_max_position_embeddings") {
+                Some(original) if factor > 1.0 && original > 1.0 => {
+                    (1.0 + factor.ln() / original.ln()).sqrt()
+                }
+                _ => 1.0,
+            };
+        }
+        if kind != Some("yarn") {
             return 1.0;
         }
-        let number = |key: &str| scaling.get(key).and_then(Value::as_f64);
         if let Some(factor) = number("attention_factor") {
             return factor;
         }
@@ -737,9 +776,34 @@ impl RopeSpec {
     /// none; `linear` (positions divided by `factor`); `llama3` (Llama 3.1's banded
     /// rescaling: long wavelengths divided by `factor`, short ones kept, a smooth blend
     /// between); `frequency_factors` (what a GGUF's `rope_freqs` tensor holds: each
-    /// frequency divided by its own entry of `factors`, as llama.cpp does). Other types
-    /// are refused rather than silently ignored.
+    /// frequency divided by its own entry of `factors`, as llama.cpp does); `longrope`
+    /// (each frequency divided by its `short_factor`: the set used while a sequence fits
+    /// the original context; [`Self::long_context`] gives the other). Other types are
+    /// refused rather than silently ignored.
     pub fn inverse_frequencies(&self) -> Result<Vec<f32>, HandlerError> {
+        self.frequencies(false)
+    }
+
+    /// LongRoPE's second set: past `original` positions a sequence's new tokens use
+    /// `(original, inverse frequencies divided by long_factor)`, as transformers switches
+    /// when the sequence outgrows the pretrained context. `None` for other scalings.
+    pub fn long_context(&self) -> Result<Option<(usize, Vec<f32>)>, HandlerError> {
+        let Some(scaling) = &self.scaling else {
+            return Ok(None);
+        };
+        if scaling.get("rope_type").and_then(Value::as_str) != Some("longrope") {
+            return Ok(None);
+        }
+        let original = scaling
+            .get("original_max_position_embeddings")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| {
+                bad("rope scaling of type longrope needs `original_max_position_embeddings`")
+            })?;
+        Ok(Some((original as usize, self.frequencies(true)?)))
+    }
+
+    fn frequencies(&self, long: bool) -> Result<Vec<f32>, HandlerError> {
         let hd = self.rotary_dim;
         let theta = self.theta as f32;
         let base = (0..hd)
@@ -807,6 +871,25 @@ impl RopeSpec {
                 }
                 Ok(base.zip(factors).map(|(f, factor)| f / factor).collect())
             }
+            "longrope" => {
+                let factors = |key: &str| -> Result<Vec<f32>, HandlerError> {
+                    let values: Option<Vec<f32>> = scaling
+                        .get(key)
+                        .and_then(|f| f.as_array())
+                        .and_then(|f| f.iter().map(|v| v.as_f64().map(|v| v as f32)).collect());
+                    values
+                        .filter(|f| f.len() == hd / 2 && f.iter().all(|f| *f > 0.0))
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "rope scaling of type longrope needs {} positive `{key}`s",
+                                hd / 2
+                            ))
+                        })
+                };
+                let (short, long_factors) = (factors("short_factor")?, factors("long_factor")?);
+                let chosen = if long { long_factors } else { short };
+                Ok(base.zip(chosen).map(|(f, factor)| f / factor).collect())
+            }
             "yarn" => {
                 // YaRN: each frequency blends interpolated (÷ factor) and kept, by a
                 // ramp over the dimensions whose wavelengths fall between beta_fast and
@@ -844,7 +927,7 @@ impl RopeSpec {
                     .collect())
             }
             other => Err(HandlerError::Unsupported(format!(
-                "rope_type `{other}` is not implemented (supported: default, linear, llama3, yarn, frequency_factors)"
+                "rope_type `{other}` is not implemented (supported: default, linear, llama3, yarn, longrope, frequency_factors)"
             ))),
         }
     }
@@ -939,19 +1022,45 @@ mod tests {
         );
     }
 
+    /// LongRoPE: Phi-3's older `su` spelling read as it, the factor from the context's
+    /// extension when absent, and a configuration without its factors refused naming them.
+    #[test]
+    fn longrope_is_read_in_each_spelling_and_refused_without_its_factors() {
+        let factors = json!([1.0, 2.0, 3.0, 4.0]);
+        let phi3 = with(
+            "phi3",
+            json!({"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                   "rope_scaling": {"type": "su", "short_factor": factors,
+                                    "long_factor": factors}}),
+        );
+        let spec = DecoderSpec::from_config(&phi3).expect("su is longrope");
+        let scaling = spec.rope.scaling.as_ref().expect("scaling");
+        assert_eq!(scaling["rope_type"], "longrope");
+        assert_eq!(scaling["factor"].as_f64(), Some(32.0));
+        assert_eq!(scaling["original_max_position_embeddings"], 4096);
+        let (original, _) = spec.rope.long_context().expect("long").expect("some");
+        assert_eq!(original, 4096);
+        let err = DecoderSpec::from_config(&with(
+            "llama",
+            json!({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}),
+        ))
+        .expect_err("no factors");
+        assert!(err.to_string().contains("short_factor"), "{err}");
+    }
+
     #[test]
     fn keys_that_change_the_math_and_are_not_modelled_are_refused_by_name() {
         for (model_type, extra, key) in [
             ("llama", json!({"hidden_act": "relu"}), "hidden_act"),
             (
                 "llama",
-                json!({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}),
-                "longrope",
+                json!({"rope_scaling": {"rope_type": "su", "factor": 4.0}}),
+                "`su`",
             ),
             (
                 "qwen2",
-                json!({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}),
-                "longrope",
+                json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}),
+                "dynamic",
             ),
             (
                 "llama",

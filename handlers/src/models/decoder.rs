@@ -1630,6 +1630,17 @@ impl MappedDecoder {
         self.stack.streamed_units() - usize::from(tied_head_streamed)
     }
 
+    /// Whether the keys a position gets depend on how long its sequence grows (LongRoPE
+    /// switching factors past the original context): then a prefix's cached keys are
+    /// not the same for every sequence that shares it, and are not reused.
+    pub fn keys_depend_on_length(&self) -> bool {
+        self.rope.long_after.is_some()
+            || self
+                .local_rope
+                .as_ref()
+                .is_some_and(|r| r.long_after.is_some())
+    }
+
     /// A cache holding the first `len` positions of `prefix` (at most its own), ready
     /// for the tokens after them: its own buffers, grown like any other's.
     pub fn resume(&self, prefix: &KvPrefix, len: usize) -> candle_core::Result<KvCache> {

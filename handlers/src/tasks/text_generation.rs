@@ -95,6 +95,7 @@ impl TextGeneration {
             }
             None => None,
         };
+        let share_prefixes = options.prefix_cache_bytes > 0 && !model.keys_depend_on_length();
         Ok(Self {
             model,
             tokenizer,
@@ -105,7 +106,8 @@ impl TextGeneration {
             holding,
             watch: weights.watch(),
             grammar_vocabulary: std::sync::OnceLock::new(),
-            prefixes: (options.prefix_cache_bytes > 0).then(|| Prefixes {
+            // LongRoPE's keys depend on the sequence's length: no prefix is shared.
+            prefixes: share_prefixes.then(|| Prefixes {
                 cache: std::sync::Mutex::new(PrefixCache::new(
                     PREFIX_BLOCK,
                     options.prefix_cache_bytes,

@@ -193,6 +193,11 @@ fn yarn_scaling_decodes_like_transformers() {
     for file in ["config.json", "config.t4.json"] {
         let spec = spec(&dir, file);
         assert!(spec.rope.attention_factor() > 1.0, "{file}");
+        let model = MappedDecoder::load(&source, &spec, DType::F32, |_| {
+            Ok(UnitPlacement::Resident(Device::Cpu))
+        })
+        .expect("load");
+        assert!(!model.keys_depend_on_length(), "YaRN's keys do not");
         for placement in [Placement::Resident, Placement::AllOnDisk] {
             decode(
                 &source,
@@ -243,6 +248,8 @@ fn longrope_scaling_switches_factors_like_transformers() {
         Ok(UnitPlacement::Resident(Device::Cpu))
     })
     .expect("load");
+    // Its keys depend on the sequence's length: text_generation shares no prefix.
+    assert!(model.keys_depend_on_length());
     let mut cache = KvCache::default();
     let mut input = want.prompt.clone();
     let mut diffs = Vec::new();

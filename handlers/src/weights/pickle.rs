@@ -32,38 +32,90 @@ pub fn materialize(
         &key,
         crate::weights::files::SINGLE_WEIGHTS,
         |staging| {
-            // candle's reader takes a path: a compressed archive entry is written out first.
             let whole_file = range.start == 0
                 && std::fs::metadata(&path)
                     .map(|m| m.len() == range.end)
                     .unwrap_or(false);
-            let source = if whole_file {
-                path.clone()
-            } else {
-                let copy = staging.join("checkpoint.pth");
-                std::fs::write(&copy, files.read_required(name)?).map_err(|source| {
-                    HandlerError::Io {
-                        path: copy.clone(),
-                        source,
-                    }
-                })?;
-                copy
-            };
-            let converted = convert(
-                &source,
-                name,
-                &staging.join(crate::weights::files::SINGLE_WEIGHTS),
-            );
-            if source != path {
-                let _ = std::fs::remove_file(&source);
+            let target = staging.join(crate::weights::files::SINGLE_WEIGHTS);
+            if whole_file {
+                return convert(&Checkpoint::File(path.clone()), name, &target, staging);
             }
-            converted
+            // An archive entry (a .mar's .pth, deflated by torch-model-archiver) is read
+            // into memory, never written out whole.
+            let bytes = files.read_required(name)?;
+            convert(&Checkpoint::Bytes(bytes), name, &target, staging)
         },
     )
 }
 
-fn convert(source: &Path, name: &str, target: &Path) -> Result<(), HandlerError> {
+/// A PyTorch checkpoint's zip: a file, or an archive entry's bytes.
+enum Checkpoint {
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
+impl Checkpoint {
+    fn zip(&self) -> Result<zip::ZipArchive<Box<dyn ReadSeek + '_>>, zip::result::ZipError> {
+        let reader: Box<dyn ReadSeek + '_> = match self {
+            Checkpoint::File(path) => Box::new(std::io::BufReader::new(std::fs::File::open(path)?)),
+            Checkpoint::Bytes(bytes) => Box::new(std::io::Cursor::new(bytes.as_slice())),
+        };
+        zip::ZipArchive::new(reader)
+    }
+
+    /// A file candle's pickle reader can open (it takes a path): the file itself, or
+    /// for bytes a zip in `staging` holding only their pickle (`*/data.pkl`) — the
+    /// storages stay in memory — or, with `whole`, all of them.
+    fn readable(&self, staging: &Path, whole: bool) -> Result<PathBuf, Box<dyn std::error::Error>> {
+        use std::io::Write;
+        let bytes = match self {
+            Checkpoint::File(path) => return Ok(path.clone()),
+            Checkpoint::Bytes(bytes) => bytes,
+        };
+        let path = staging.join(if whole {
+            "checkpoint.pth"
+        } else {
+            "pickle.pth"
+        });
+        if whole {
+            std::fs::write(&path, bytes)?;
+            return Ok(path);
+        }
+        let mut zip = self.zip()?;
+        let pickle = zip
+            .file_names()
+            .filter_map(Result::ok)
+            .find(|n| n.ends_with("data.pkl"))
+            .map(|n| n.into_owned())
+            .ok_or("no data.pkl in the checkpoint")?;
+        let mut entry = zip.by_name(&pickle)?;
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data)?;
+        let mut out = zip::ZipWriter::new(std::fs::File::create(&path)?);
+        out.start_file(
+            pickle,
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )?;
+        out.write_all(&data)?;
+        out.finish()?;
+        Ok(path)
+    }
+}
+
+trait ReadSeek: std::io::Read + std::io::Seek {}
+impl<T: std::io::Read + std::io::Seek> ReadSeek for T {}
+
+fn convert(
+    checkpoint: &Checkpoint,
+    name: &str,
+    target: &Path,
+    staging: &Path,
+) -> Result<(), HandlerError> {
     let bad = |reason: String| HandlerError::bad_file(name, reason);
+    let source = &checkpoint
+        .readable(staging, false)
+        .map_err(|e| bad(format!("not a PyTorch zip checkpoint ({e})")))?;
     let not_a_state_dict = |e: candle_core::Error| {
         bad(format!(
             "not a PyTorch zip checkpoint with a state dict ({e}); one saved before PyTorch 1.6 \
@@ -77,6 +129,10 @@ fn convert(source: &Path, name: &str, target: &Path) -> Result<(), HandlerError>
         infos = candle_core::pickle::read_pth_tensor_info(source, false, Some("state_dict"))
             .unwrap_or_default();
     }
+    if matches!(checkpoint, Checkpoint::Bytes(_)) {
+        // Only the pickle was written out; the folder keeps the copy alone.
+        let _ = std::fs::remove_file(source);
+    }
     if infos.is_empty() {
         return Err(bad(
             "it holds no state dict of tensors (a pickled whole model is never unpickled: its \
@@ -86,11 +142,18 @@ fn convert(source: &Path, name: &str, target: &Path) -> Result<(), HandlerError>
     }
     if let Some(plan) = StoragePlan::new(&infos) {
         return plan
-            .write(source, target)
+            .write(checkpoint, target)
             .map_err(|e| bad(format!("cannot write its safetensors copy: {e}")));
     }
     // Views that are not a contiguous run of their storage: through candle's tensors.
-    let tensors = candle_core::pickle::read_all(source).map_err(not_a_state_dict)?;
+    let whole = checkpoint
+        .readable(staging, true)
+        .map_err(|e| bad(format!("cannot write it out: {e}")))?;
+    let tensors = candle_core::pickle::read_all(&whole).map_err(not_a_state_dict);
+    if matches!(checkpoint, Checkpoint::Bytes(_)) {
+        let _ = std::fs::remove_file(&whole);
+    }
+    let tensors = tensors?;
     let map: std::collections::HashMap<String, candle_core::Tensor> = tensors.into_iter().collect();
     candle_core::safetensors::save(&map, target)
         .map_err(|e| bad(format!("cannot write its safetensors copy: {e}")))
@@ -137,7 +200,11 @@ impl StoragePlan {
         Some(Self { tensors })
     }
 
-    fn write(&self, source: &Path, target: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    fn write(
+        &self,
+        checkpoint: &Checkpoint,
+        target: &Path,
+    ) -> Result<(), Box<dyn std::error::Error>> {
         use std::io::{Read, Write};
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
@@ -155,7 +222,7 @@ impl StoragePlan {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(target)?);
         out.write_all(&(json.len() as u64).to_le_bytes())?;
         out.write_all(&json)?;
-        let mut zip = zip::ZipArchive::new(std::fs::File::open(source)?)?;
+        let mut zip = checkpoint.zip()?;
         let mut buffer = Vec::new();
         for (name, _, _, entry, offset, bytes) in &self.tensors {
             let mut file = zip.by_name(entry)?;
@@ -166,7 +233,9 @@ impl StoragePlan {
                 .map_err(|e| format!("tensor {name}: its storage `{entry}` is short: {e}"))?;
             out.write_all(&buffer)?;
         }
-        out.into_inner()?.sync_all()?;
+        // Not synced: like the other conversions it lands by a rename of its staging
+        // folder, which a killed server never leaves half done.
+        out.into_inner()?;
         Ok(())
     }
 }
@@ -224,7 +293,15 @@ mod tests {
         ];
         crate::testing::pth::write_state_dict(&tensors, &pth).expect("pth");
         let target = dir.path().join("model.safetensors");
-        convert(&pth, "w.pth", &target).expect("convert");
+        convert(&Checkpoint::File(pth.clone()), "w.pth", &target, dir.path()).expect("convert");
+        // The same checkpoint as an archive entry's bytes converts to the same file.
+        let from_bytes = dir.path().join("from-bytes.safetensors");
+        let bytes = std::fs::read(&pth).expect("pth bytes");
+        convert(&Checkpoint::Bytes(bytes), "w.pth", &from_bytes, dir.path()).expect("bytes");
+        assert_eq!(
+            std::fs::read(&from_bytes).expect("read"),
+            std::fs::read(&target).expect("read")
+        );
         let bytes = std::fs::read(&target).expect("read");
         let file = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
         let header = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
@@ -259,7 +336,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let pth = dir.path().join("w.pth");
         std::fs::write(&pth, b"not a zip").expect("write");
-        let err = convert(&pth, "w.pth", &dir.path().join("out")).expect_err("refused");
+        let err = convert(
+            &Checkpoint::File(pth),
+            "w.pth",
+            &dir.path().join("out"),
+            dir.path(),
+        )
+        .expect_err("refused");
         assert!(err.to_string().contains("state_dict()"), "{err}");
     }
 }

@@ -82,6 +82,25 @@ impl Activation {
     }
 }
 
+/// The f32 values of an op's input, which must be contiguous (`what` names the op).
+fn contiguous_input<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what} needs a contiguous input")))?;
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// A convolution's output (height, width) for an input of `(h, w)`: PyTorch's rule.
+fn output_size(
+    (kh, kw): (usize, usize),
+    stride: usize,
+    padding: usize,
+    (h, w): (usize, usize),
+) -> (usize, usize) {
+    let out = |size: usize, k: usize| (size + 2 * padding).saturating_sub(k) / stride + 1;
+    (out(h, kh), out(w, kw))
+}
+
 /// A convolution's weight `[out, C·kh·kw]` (row-major), bias and geometry.
 pub struct Conv {
     weight: Vec<f32>,
@@ -123,10 +142,7 @@ impl Conv {
     }
 
     fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let (kh, kw) = self.kernel;
-        let out =
-            |size: usize, k: usize| (size + 2 * self.padding).saturating_sub(k) / self.stride + 1;
-        (out(h, kh), out(w, kw))
+        output_size(self.kernel, self.stride, self.padding, (h, w))
     }
 
     /// Whether its kernel is 1×1 (what a profile calls it).
@@ -187,10 +203,7 @@ impl CustomOp1 for Conv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d needs a contiguous input".into()))?;
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = contiguous_input(storage, layout, "conv2d")?;
         let (batch, channels, h, w) = layout.shape().dims4()?;
         if channels != self.channels {
             candle_core::bail!(
@@ -299,10 +312,7 @@ impl DepthwiseConv {
     }
 
     fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let (kh, kw) = self.kernel;
-        let out =
-            |size: usize, k: usize| (size + 2 * self.padding).saturating_sub(k) / self.stride + 1;
-        (out(h, kh), out(w, kw))
+        output_size(self.kernel, self.stride, self.padding, (h, w))
     }
 }
 
@@ -312,10 +322,7 @@ impl CustomOp1 for DepthwiseConv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("a depthwise conv2d needs a contiguous input".into())
-        })?;
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = contiguous_input(storage, layout, "a depthwise conv2d")?;
         let (batch, channels, h, w) = layout.shape().dims4()?;
         if channels != self.channels {
             candle_core::bail!(
@@ -357,10 +364,7 @@ impl CustomOp1 for ChannelLayerNorm {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("a channel layer norm needs a contiguous input".into())
-        })?;
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = contiguous_input(storage, layout, "a channel layer norm")?;
         let (_, channels, h, w) = layout.shape().dims4()?;
         if channels != self.weight.len() || channels != self.bias.len() {
             candle_core::bail!(
@@ -371,9 +375,8 @@ impl CustomOp1 for ChannelLayerNorm {
         let plane = h * w;
         // (mean, 1 / sqrt(var + eps)) per pixel of every image, in pixel order.
         let mut stats = vec![(0f32, 0f32); x.len() / channels.max(1)];
-        team::for_each_chunk_mut(&mut stats, NORM_PIXELS_PER_TASK, |task, out| {
+        team::for_each_chunk_mut(&mut stats, NORM_PIXELS_PER_TASK, |task, mut out| {
             let mut first = task * NORM_PIXELS_PER_TASK;
-            let mut out = out;
             // A run of pixels inside one image: its channels are rows of `plane` floats.
             while !out.is_empty() {
                 let (image, pixel) = (first / plane, first % plane);
@@ -475,10 +478,7 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("channel affine needs a contiguous input".into())
-        })?;
-        let x = &storage.as_slice::<f32>()?[start..end];
+        let x = contiguous_input(storage, layout, "a channel affine map")?;
         let (_, channels, h, w) = layout.shape().dims4()?;
         if channels != self.scale.len() {
             candle_core::bail!(

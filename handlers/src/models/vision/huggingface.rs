@@ -172,17 +172,7 @@ fn resnet(config: &Value, shapes: &Shapes) -> Result<Graph, HandlerError> {
         }
     }
     let classes = classes(shapes, "classifier.1", "ResNetModel")?;
-    ops.extend([
-        Op::AdaptiveAvgPool {
-            height: 1,
-            width: 1,
-        },
-        Op::Flatten,
-        Op::Linear {
-            name: "classifier.1".into(),
-            act: Act::None,
-        },
-    ]);
+    super::torchvision::pooled_classifier(&mut ops, "classifier.1");
     Ok(Graph {
         architecture: format!(
             "ResNetForImageClassification (depths {depths:?}, {})",

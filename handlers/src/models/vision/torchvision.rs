@@ -87,8 +87,8 @@ fn indices(shapes: &Shapes, prefix: &str, suffix: &str) -> Vec<usize> {
 }
 
 /// Global average pooling, flattening and the linear classifier `linear`: the end of
-/// DenseNet, ResNet and MobileNet.
-fn pooled_classifier(ops: &mut Vec<Op>, linear: &str) {
+/// DenseNet, ResNet, MobileNet and EfficientNet (and Hugging Face's ResNet).
+pub(super) fn pooled_classifier(ops: &mut Vec<Op>, linear: &str) {
     ops.push(Op::AdaptiveAvgPool {
         height: 1,
         width: 1,

@@ -213,7 +213,7 @@ fn yarn_scaling_decodes_like_transformers() {
 /// LongRoPE (a fixture of its own, on Phi-3): short factors while the sequence fits
 /// the original context of 12 (the prompt and two steps), long ones after (the keys
 /// cached before the switch kept), and its attention factor — from both spellings
-/// (Phi-3's hub configs keep the original context at the top), resident and on disk.
+/// (Phi-3's hub configs keep the original context at the top), at every placement.
 #[test]
 fn longrope_scaling_switches_factors_like_transformers() {
     let dir = fixtures().join("phi3_longrope");
@@ -228,7 +228,11 @@ fn longrope_scaling_switches_factors_like_transformers() {
             (spec.rope.attention_factor() - factor).abs() < 1e-9,
             "{file}"
         );
-        for placement in [Placement::Resident, Placement::AllOnDisk] {
+        for placement in [
+            Placement::Resident,
+            Placement::LaterBlocksOnDisk,
+            Placement::AllOnDisk,
+        ] {
             decode(
                 &source,
                 &spec,

@@ -6,7 +6,8 @@
 #
 #   scripts/build-cuda.sh                 # -> target/cuda/release/spillway
 #   scripts/build-cuda.sh --check         # cargo clippy --features cuda only (what CI runs):
-#                                         # needs nvcc and headers, not the libraries
+#                                         # needs nvcc's version, not the libraries; candle's
+#                                         # kernels are not compiled (nvcc-for-check.sh)
 #   CUDA_ENV_ONLY=1 source scripts/build-cuda.sh   # set up, export the variables, build nothing
 #
 # What the binary needs on the GPU host: the NVIDIA driver (libcuda.so.1, CUDA 13.0 or newer:
@@ -116,6 +117,11 @@ fi
 
 export CUDA_HOME="$ROOT" # cudarc's link search and cudaforge's toolkit root
 export NVCC="$ROOT/bin/nvcc"
+if [[ "$mode" == check ]]; then
+  # clippy links nothing: candle's kernels are not compiled (scripts/nvcc-for-check.sh).
+  export SPILLWAY_REAL_NVCC="$NVCC"
+  export NVCC="$repo/scripts/nvcc-for-check.sh"
+fi
 export PATH="$ROOT/bin:$PATH"
 export CUDA_COMPUTE_CAP
 export CUDARC_CUDA_VERSION=13000 # the driver API version cudarc binds (else `nvcc --version`)

@@ -12,8 +12,14 @@ Scenarios, each in its own server process so they do not share cores or queues:
                        (ignore_eos), batchSize 8: a batch's requests run one by one
   smollm2 continuous   the same with continuousBatching: requests join and leave a
                        running batch of up to 8 between decode steps
+  torchserve echo      the peer (with --torchserve): TorchServe 0.12 serving a Python echo
+                       handler (the body back), --torchserve-workers workers (default 4,
+                       its best here of 2, 4, 8) and batch size 1, in the same run; the echo
+                       rows' ratio to it is printed
 Load comes from server/examples/loadgen.rs (keep-alive HTTP/1.1, one request in flight
 per connection). Also reports the server's idle RSS with MiniLM loaded after warm-up.
+--torchserve needs java and installs torchserve into the bench venv (SPILLWAY_BENCH_VENV)
+once.
 Prints a Markdown table and writes it, with the machine and the command, to
 BENCHMARKS.md's Load section (unless --no-write).
 
@@ -21,11 +27,12 @@ SmolLM2 rows run --generation-seconds (default 30): at ~5 requests/s a 10 s wind
 counts only a few groups of 8, so its requests/s moves by a whole group between runs.
 
 Usage: bench/load.py [--seconds 10] [--generation-seconds 30] [--concurrency 1 8 32]
-                     [--loadgen-threads 1] [--no-write]
+                     [--loadgen-threads 1] [--torchserve [--torchserve-workers 4]]
+                     [--no-write]
 """
 import argparse, json, os, platform, shutil, subprocess, sys, tempfile, time, urllib.request
 
-from common import write_section
+from common import VENV, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target/release/spillway")
@@ -83,6 +90,67 @@ def archive(store, name, handler, config, model_dir=None):
     os.remove(cfg)
 
 
+# TorchServe's handler for the peer's echo: each request's body back, as the built-in echo.
+ECHO_HANDLER = """
+def handle(data, context):
+    if data is None:
+        return None
+    return [row.get("body") if row.get("body") is not None else row.get("data") for row in data]
+"""
+
+
+class TorchServe:
+    """TorchServe 0.12 from the bench venv serving `echo` (ECHO_HANDLER) on PORT (inference),
+    PORT+1 and PORT+2, with `workers` workers; returns once it answers."""
+
+    def __init__(self, work, port, workers, body_file):
+        py = os.path.join(VENV, "bin/python")
+        if subprocess.run([py, "-c", "import ts, model_archiver"], capture_output=True).returncode:
+            if not os.path.exists(py):
+                subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+            subprocess.run([py, "-m", "pip", "install", "--quiet", "torchserve==0.12.0",
+                            "torch-model-archiver==0.12.0", "nvgpu"], check=True)
+        self.bin = os.path.dirname(py)
+        self.env = dict(os.environ, PATH=f"{self.bin}:{os.environ['PATH']}",
+                        TS_DISABLE_TOKEN_AUTHORIZATION="true")
+        ts = os.path.join(work, "torchserve")
+        store = os.path.join(ts, "store")
+        os.makedirs(store)
+        with open(os.path.join(ts, "echo_handler.py"), "w") as f:
+            f.write(ECHO_HANDLER)
+        subprocess.run([f"{self.bin}/torch-model-archiver", "--model-name", "echo", "--version", "1.0",
+                        "--handler", "echo_handler.py", "--export-path", store, "--force"],
+                       check=True, cwd=ts)
+        config = os.path.join(ts, "config.properties")
+        with open(config, "w") as f:
+            f.write(f"inference_address=http://127.0.0.1:{port}\n"
+                    f"management_address=http://127.0.0.1:{port + 1}\n"
+                    f"metrics_address=http://127.0.0.1:{port + 2}\n"
+                    f"default_workers_per_model={workers}\ndisable_token_authorization=true\n")
+        subprocess.run([f"{self.bin}/torchserve", "--start", "--ncs", "--model-store", store,
+                        "--models", "echo=echo.mar", "--ts-config", config, "--disable-token-auth"],
+                       check=True, env=self.env, cwd=ts, stdout=subprocess.DEVNULL)
+        with open(body_file, "rb") as f:
+            body = f.read()
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/predictions/echo", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as r:
+                    if json.loads(r.read()) == json.loads(body):
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("TorchServe did not answer the echo")
+
+    def stop(self):
+        subprocess.run([f"{self.bin}/torchserve", "--stop"], env=self.env, stdout=subprocess.DEVNULL)
+        time.sleep(3)
+
+
 def load(port, model, body_file, concurrency, seconds, threads):
     out = sh([LOADGEN, f"http://127.0.0.1:{port}/predictions/{model}", body_file,
               str(concurrency), str(seconds), str(threads)])
@@ -98,6 +166,10 @@ def main():
     ap.add_argument("--only", nargs="+",
                     help="scenario names to run (echo, minilm1, minilm8, minilm1x2, minilm8x2, smollm2, smollm2cb)")
     ap.add_argument("--skip", nargs="+", help="scenario names not to run")
+    ap.add_argument("--torchserve", action="store_true",
+                    help="also run TorchServe's echo (the peer) and print the echo rows' ratio to it")
+    ap.add_argument("--torchserve-workers", type=int, default=4,
+                    help="the peer's workers (default 4: its best here; 2 and 8 served fewer)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
 
@@ -152,6 +224,19 @@ def main():
                           file=sys.stderr)
             finally:
                 server.stop()
+        if a.torchserve:
+            peer = TorchServe(work, 18080, a.torchserve_workers, body)
+            try:
+                # Warm-up: the JVM's JIT takes seconds to settle (1 s here gave it half its
+                # 1-connection rate).
+                load(18080, "echo", body, 32, 5, a.loadgen_threads)
+                for c in a.concurrency:
+                    r = load(18080, "echo", body, c, a.seconds, a.loadgen_threads)
+                    rows.append((f"torchserve echo, {a.torchserve_workers} workers", r))
+                    print(f"{'torchserve echo':>31} c={c:<3} {r['requests_per_s']:>9.2f} req/s  "
+                          f"p50 {r['p50_ms']:.3f}  p99 {r['p99_ms']:.3f} ms  {r['statuses']}", file=sys.stderr)
+            finally:
+                peer.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -161,7 +246,9 @@ def main():
         f"server and load generator on the same cores.",
         f"Command: `bench/load.py --seconds {a.seconds:g} --generation-seconds {a.generation_seconds:g} "
         f"--concurrency {' '.join(map(str, a.concurrency))} "
-        f"--loadgen-threads {a.loadgen_threads}` ({time.strftime('%Y-%m-%d')}; release build with MKL, "
+        f"--loadgen-threads {a.loadgen_threads}"
+        f"{f' --torchserve --torchserve-workers {a.torchserve_workers}' if a.torchserve else ''}` "
+        f"({time.strftime('%Y-%m-%d')}; release build with MKL, "
         f"keep-alive connections, {a.seconds:g} s per row ({a.generation_seconds:g} s for SmolLM2) after a warm-up).",
         "",
         f"SmolLM2 rows: {NEW_TOKENS} new tokens per request, so tokens/s = {NEW_TOKENS} × requests/s.",
@@ -177,6 +264,14 @@ def main():
         rps = f"{rps:.0f}" if rps >= 100 else f"{rps:.2f}"
         lines.append(f"| {label} | {r['concurrency']} | {rps} | {r['p50_ms']:.3f} | "
                      f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {statuses} |")
+    echo = {r["concurrency"]: r for label, r in rows if label == "echo"}
+    peer = {r["concurrency"]: r for label, r in rows if label.startswith("torchserve echo")}
+    if echo and peer:
+        lines += ["", "Echo against TorchServe's (same run): " + "; ".join(
+            f"{c} connection{'s' if c > 1 else ''} {echo[c]['requests_per_s'] / peer[c]['requests_per_s']:.1f}x "
+            f"its requests/s, "
+            f"p50 {echo[c]['p50_ms']:.3f} vs {peer[c]['p50_ms']:.3f} ms"
+            for c in a.concurrency if c in echo and c in peer) + "."]
     if idle_rss is not None:
         lines += ["", f"Idle RSS serving MiniLM (after warm-up): {idle_rss:.0f} MiB."]
     table = "\n".join(lines)

@@ -204,6 +204,7 @@ pub fn setup_config(data: &[u8]) {
             .collect(),
         shape: None,
         source: crate::devices::placement::SizeSource::SafetensorsHeaders,
+        reuses_prefixes: true,
     };
     let options = crate::devices::placement::PlanOptions {
         batch_size: 1,

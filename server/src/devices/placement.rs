@@ -29,6 +29,16 @@ pub struct ModelInventory {
     pub tensors: Vec<TensorInfo>,
     pub shape: Option<ModelShape>,
     pub source: SizeSource,
+    /// A generator of this model may reuse cached prefixes: false where a position's keys
+    /// depend on the sequence's length (LongRoPE, `DecoderSpec::keys_depend_on_length`).
+    pub reuses_prefixes: bool,
+}
+
+/// Whether the model config.json describes reuses cached prefixes (see
+/// [`ModelInventory::reuses_prefixes`]); configs that are no decoder's say yes.
+fn reuses_prefixes(config: &serde_json::Value) -> bool {
+    spillway_handlers::models::decoder::spec::DecoderSpec::from_config(config)
+        .map_or(true, |spec| !spec.keys_depend_on_length())
 }
 
 /// safetensors' dtype names ("F32", "BF16", "F8_E4M3") are the placement crate's spellings.
@@ -83,6 +93,7 @@ impl ModelInventory {
             tensors,
             shape,
             source: SizeSource::SafetensorsHeaders,
+            reuses_prefixes: config.as_ref().is_none_or(reuses_prefixes),
         })
     }
 
@@ -94,6 +105,7 @@ impl ModelInventory {
             tensors: shape.tensors(),
             shape: Some(shape),
             source: SizeSource::ConfigJson,
+            reuses_prefixes: reuses_prefixes(config),
         })
     }
 
@@ -141,14 +153,18 @@ fn reserve_of(
 }
 
 /// The bytes a generator's prefix cache may hold: setup_config's `prefix_cache_bytes`,
-/// else a quarter of the KV cache reserved for the batch (0 for a model without one).
-/// The planner reserves them beside the KV cache.
+/// else a quarter of the KV cache reserved for the batch (0 for a model without one, and
+/// for one that cannot reuse prefixes). The planner reserves them beside the KV cache.
 pub fn prefix_cache_budget(
     inventory: &ModelInventory,
     setup: &SetupConfig,
     options: &PlanOptions,
 ) -> Result<u64> {
-    if let Some(bytes) = setup.prefix_cache_bytes()? {
+    let asked = setup.prefix_cache_bytes()?;
+    if !inventory.reuses_prefixes {
+        return Ok(0);
+    }
+    if let Some(bytes) = asked {
         return Ok(bytes);
     }
     let run_dtype = setup
@@ -226,6 +242,13 @@ pub fn plan_model(
     };
     if let Some(quantization) = setup.quantization()?.filter(|_| quantized) {
         plan.notes.push(quantization.describe());
+    }
+    if !inventory.reuses_prefixes {
+        plan.notes.push(
+            "no prefix cache: a position's keys depend on how long its sequence grows \
+             (LongRoPE)"
+                .into(),
+        );
     }
     if prefix_cache > 0 {
         plan.notes.push(format!(
@@ -402,6 +425,54 @@ mod tests {
             Some(spillway_placement::Device::CPU)
         );
         assert_eq!(plan.streamed_bytes_per_forward, 6 * 8_192);
+    }
+
+    #[test]
+    fn a_longrope_model_reserves_no_prefix_cache() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../handlers/tests/fixtures/decoders/phi3_longrope/config.json"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+        let options = PlanOptions {
+            batch_size: 2,
+            max_length: None,
+        };
+        let auto = SetupConfig::parse(None).expect("setup");
+        let asked = SetupConfig::parse(Some(br#"{"prefix_cache_bytes": 4096}"#)).expect("setup");
+        // Its 64 positions pass the original 12: sequences switch to the long factors.
+        let longrope = ModelInventory::from_config(&config).expect("inventory");
+        assert!(!longrope.reuses_prefixes);
+        for setup in [&auto, &asked] {
+            assert_eq!(
+                prefix_cache_budget(&longrope, setup, &options).expect("budget"),
+                0
+            );
+        }
+        let plan = plan_model(&longrope, &auto, &options, &cpu_only_machine()).expect("plan");
+        assert!(
+            plan.notes.iter().any(|n| n.starts_with("no prefix cache")),
+            "{:?}",
+            plan.notes
+        );
+        assert!(
+            !plan
+                .notes
+                .iter()
+                .any(|n| n.contains("for the prefix cache"))
+        );
+        // With no position past the original context the long set is never used, and the
+        // same model reserves a prefix cache as any other.
+        let mut within = config.clone();
+        within["max_position_embeddings"] = 12.into();
+        let within = ModelInventory::from_config(&within).expect("inventory");
+        assert!(within.reuses_prefixes);
+        assert!(prefix_cache_budget(&within, &auto, &options).expect("budget") > 0);
+        assert_eq!(
+            prefix_cache_budget(&within, &asked, &options).expect("budget"),
+            4096
+        );
     }
 
     #[test]

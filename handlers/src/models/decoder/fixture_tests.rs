@@ -198,6 +198,7 @@ fn yarn_scaling_decodes_like_transformers() {
         })
         .expect("load");
         assert!(!model.keys_depend_on_length(), "YaRN's keys do not");
+        assert!(!spec.keys_depend_on_length(), "nor does its spec say so");
         for placement in [Placement::Resident, Placement::AllOnDisk] {
             decode(
                 &source,
@@ -252,8 +253,13 @@ fn longrope_scaling_switches_factors_like_transformers() {
         Ok(UnitPlacement::Resident(Device::Cpu))
     })
     .expect("load");
-    // Its keys depend on the sequence's length: text_generation shares no prefix.
+    // Its keys depend on the sequence's length: text_generation shares no prefix (and
+    // the spec, which the planner reads, says the same).
     assert!(model.keys_depend_on_length());
+    assert!(same.keys_depend_on_length());
+    let mut short = same.clone();
+    short.max_position_embeddings = 12; // no position past the original context
+    assert!(!short.keys_depend_on_length());
     let mut cache = KvCache::default();
     let mut input = want.prompt.clone();
     let mut diffs = Vec::new();

@@ -361,6 +361,18 @@ impl DecoderSpec {
         }
     }
 
+    /// Whether the keys a position gets depend on how long its sequence grows: LongRoPE
+    /// whose long set applies within the model's positions (a sequence switches sets past
+    /// the original context). A prefix's cached keys are then not the same for every
+    /// sequence sharing it, so neither the decoder nor the planner keeps a prefix cache.
+    pub fn keys_depend_on_length(&self) -> bool {
+        let switches = |rope: &RopeSpec| {
+            matches!(rope.long_context(),
+                Ok(Some((original, _))) if original < self.max_position_embeddings)
+        };
+        switches(&self.rope) || self.local_rope.as_ref().is_some_and(switches)
+    }
+
     /// The spec as `plan` prints it: the family and what sets this model apart.
     pub fn describe(&self) -> String {
         let mut parts = vec![

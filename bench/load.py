@@ -227,8 +227,8 @@ def main():
         if a.torchserve:
             peer = TorchServe(work, 18080, a.torchserve_workers, body)
             try:
-                # Warm-up: the JVM's JIT takes seconds to settle (1 s here gave it half its
-                # 1-connection rate).
+                # Warm-up: the JVM's JIT takes seconds to settle (after a 1 s warm-up one
+                # run here served less than half its usual 1-connection rate).
                 load(18080, "echo", body, 32, 5, a.loadgen_threads)
                 for c in a.concurrency:
                     r = load(18080, "echo", body, c, a.seconds, a.loadgen_threads)

@@ -1153,10 +1153,7 @@ impl Rope {
         };
         let mut table = angles(rope.inverse_frequencies().map_err(msg)?)?;
         // The long set only where a sequence can outgrow the original context.
-        let long = rope
-            .long_context()
-            .map_err(msg)?
-            .filter(|(original, _)| *original < positions);
+        let long = rope.long_context_within(positions).map_err(msg)?;
         let long_after = match long {
             Some((original, inv)) => {
                 table = Tensor::cat(&[table, angles(inv)?], 0)?;

@@ -160,6 +160,7 @@ pub fn prefix_cache_budget(
     setup: &SetupConfig,
     options: &PlanOptions,
 ) -> Result<u64> {
+    // Read first: a malformed value is refused even for a model that keeps no cache.
     let asked = setup.prefix_cache_bytes()?;
     if !inventory.reuses_prefixes {
         return Ok(0);

@@ -367,8 +367,10 @@ impl DecoderSpec {
     /// sequence sharing it, so neither the decoder nor the planner keeps a prefix cache.
     pub fn keys_depend_on_length(&self) -> bool {
         let switches = |rope: &RopeSpec| {
-            matches!(rope.long_context(),
-                Ok(Some((original, _))) if original < self.max_position_embeddings)
+            matches!(
+                rope.long_context_within(self.max_position_embeddings),
+                Ok(Some(_))
+            )
         };
         switches(&self.rope) || self.local_rope.as_ref().is_some_and(switches)
     }
@@ -813,6 +815,17 @@ impl RopeSpec {
                 bad("rope scaling of type longrope needs `original_max_position_embeddings`")
             })?;
         Ok(Some((original as usize, self.frequencies(true)?)))
+    }
+
+    /// [`Self::long_context`] where a sequence of up to `positions` reaches it (the long
+    /// set applies only past the original context); `None` otherwise.
+    pub fn long_context_within(
+        &self,
+        positions: usize,
+    ) -> Result<Option<(usize, Vec<f32>)>, HandlerError> {
+        Ok(self
+            .long_context()?
+            .filter(|(original, _)| *original < positions))
     }
 
     fn frequencies(&self, long: bool) -> Result<Vec<f32>, HandlerError> {

@@ -107,8 +107,8 @@ const GGML_TYPES: [GgmlDType; 12] = [
     GgmlDType::Q8K,
 ];
 
-/// The bytes a set of tensors occupies: per mapped file, one range spanning those of its
-/// tensors (see [`WeightSource::span_of`]).
+/// The bytes a set of tensors occupies: per mapped file, the ranges of its tensors (see
+/// [`WeightSource::span_of`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightSpan {
     parts: Vec<(usize, Range<usize>)>,
@@ -390,15 +390,25 @@ impl WeightSource {
         view.load(device)
     }
 
-    /// The bytes that hold the tensors named `names`: per file, one range spanning its
-    /// tensors among them. `None` when no name is known.
+    /// The bytes that hold the tensors named `names`: per file, their ranges, those
+    /// that meet (or are apart by less than a tensor's alignment) joined. Other tensors'
+    /// bytes between them are left out: a block's experts stored between its attention
+    /// tensors are not part of the block's span. `None` when no name is known.
     pub fn span_of<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Option<WeightSpan> {
-        let mut parts: Vec<(usize, Range<usize>)> = Vec::new();
-        for (file, info) in names.into_iter().filter_map(|name| self.locate(name)) {
-            let bytes = self.files[file].bytes_of(info);
-            match parts.iter_mut().find(|(f, _)| *f == file) {
-                Some((_, span)) => *span = span.start.min(bytes.start)..span.end.max(bytes.end),
-                None => parts.push((file, bytes)),
+        // GGUF aligns tensors to 32 bytes by default; safetensors packs them.
+        const GAP: usize = 64;
+        let mut ranges: Vec<(usize, Range<usize>)> = (names.into_iter())
+            .filter_map(|name| self.locate(name))
+            .map(|(file, info)| (file, self.files[file].bytes_of(info)))
+            .collect();
+        ranges.sort_by_key(|(file, r)| (*file, r.start));
+        let mut parts: Vec<(usize, Range<usize>)> = Vec::with_capacity(ranges.len());
+        for (file, r) in ranges {
+            match parts.last_mut() {
+                Some((f, last)) if *f == file && r.start <= last.end + GAP => {
+                    last.end = last.end.max(r.end)
+                }
+                _ => parts.push((file, r)),
             }
         }
         (!parts.is_empty()).then_some(WeightSpan { parts })

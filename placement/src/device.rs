@@ -120,26 +120,34 @@ pub struct DeviceMap {
 }
 
 impl DeviceMap {
-    /// The device of `module`: the longest prefix that matches at a component boundary
-    /// ("" matches everything).
+    /// The device of `module`: the deepest prefix that matches at a component boundary
+    /// ("" matches everything; of two as deep, the one with fewer `*`).
     pub fn device_of(&self, module: &str) -> Option<Device> {
         self.entries
             .iter()
             .filter(|(prefix, _)| prefix_matches(prefix, module))
-            .max_by_key(|(prefix, _)| prefix.len())
+            .max_by_key(|(prefix, _)| {
+                // Deeper first; at one depth, fewer wildcards.
+                let parts = prefix.split('.').filter(|p| !p.is_empty());
+                let literal = prefix.split('.').filter(|p| *p != "*").count();
+                (parts.count(), literal)
+            })
             .map(|(_, device)| *device)
     }
 }
 
-/// Whether `prefix` names `module` or one of its ancestors or descendants' parents, at
-/// component boundaries: "model.layers.1" matches "model.layers.1" and
-/// "model.layers.1.mlp" but not "model.layers.10".
+/// Whether `prefix` names `module` or one of its ancestors, at component boundaries:
+/// "model.layers.1" matches "model.layers.1" and "model.layers.1.mlp" but not
+/// "model.layers.10". A component `*` matches any one component, so
+/// "model.layers.*.mlp.experts" names every block's experts (what llama.cpp's
+/// `-ot exps=CPU` says).
 pub fn prefix_matches(prefix: &str, module: &str) -> bool {
-    prefix.is_empty()
-        || module == prefix
-        || (module.len() > prefix.len()
-            && module.starts_with(prefix)
-            && module.as_bytes()[prefix.len()] == b'.')
+    if prefix.is_empty() {
+        return true;
+    }
+    let module: Vec<&str> = module.split('.').collect();
+    let prefix: Vec<&str> = prefix.split('.').collect();
+    prefix.len() <= module.len() && prefix.iter().zip(&module).all(|(p, m)| *p == "*" || p == m)
 }
 
 impl Serialize for DeviceMap {
@@ -299,5 +307,30 @@ mod tests {
         assert_eq!(map.device_of("model.layers.1"), Some(Device::cuda(0)));
         assert_eq!(map.device_of("model.layers.10"), Some(Device::CPU));
         assert_eq!(map.device_of("lm_head"), None);
+    }
+
+    /// `*` stands for one component: every block's experts in one entry, a block's own
+    /// entry still winning at the same depth.
+    #[test]
+    fn a_wildcard_component_names_every_block() {
+        let map = DeviceMap {
+            entries: vec![
+                ("model.layers".into(), Device::CPU),
+                ("model.layers.*.mlp.experts".into(), Device::DISK),
+                ("model.layers.3.mlp.experts".into(), Device::cuda(0)),
+            ],
+        };
+        assert_eq!(map.device_of("model.layers.1"), Some(Device::CPU));
+        assert_eq!(
+            map.device_of("model.layers.1.mlp.experts"),
+            Some(Device::DISK)
+        );
+        assert_eq!(
+            map.device_of("model.layers.3.mlp.experts"),
+            Some(Device::cuda(0))
+        );
+        assert_eq!(map.device_of("model.layers.1.mlp.gate"), Some(Device::CPU));
+        assert!(!prefix_matches("model.*", "model"));
+        assert!(prefix_matches("*", "lm_head"));
     }
 }

@@ -1,10 +1,26 @@
 //! A [`Plan`] as text: each unit with its bytes and device (runs of consecutive blocks on
-//! one device folded into one line), then each device's budget, reserve, weights and what
+//! one device folded into one line, and so their experts), then each device's budget, reserve, weights and what
 //! is left, then the bytes streamed from disk per forward pass.
 
 use std::fmt::Write;
 
-use crate::{ByteSize, DeviceType, Plan, UnitKind};
+use crate::{ByteSize, DeviceType, PlacedUnit, Plan, UnitKind};
+
+/// The block a unit belongs to (a block, or a block's experts).
+fn block_index(kind: UnitKind) -> Option<usize> {
+    match kind {
+        UnitKind::Block(i) | UnitKind::Experts(i) => Some(i),
+        UnitKind::Pre | UnitKind::Post => None,
+    }
+}
+
+fn row(out: &mut String, name: &str, bytes: u64, device: crate::Device) {
+    let _ = writeln!(
+        out,
+        "{name:<40} {:>12}  {device}",
+        ByteSize(bytes).to_string()
+    );
+}
 
 fn size(bytes: Option<u64>) -> String {
     bytes.map_or_else(|| "unlimited".to_string(), |b| ByteSize(b).to_string())
@@ -23,43 +39,52 @@ pub fn table(plan: &Plan) -> String {
     let mut i = 0;
     while i < plan.units.len() {
         let unit = &plan.units[i];
-        // Fold a run of blocks on one device.
-        let mut j = i;
-        while let (UnitKind::Block(_), Some(next)) = (unit.kind, plan.units.get(j + 1)) {
-            if matches!(next.kind, UnitKind::Block(_)) && next.device == unit.device {
-                j += 1;
-            } else {
-                break;
+        if block_index(unit.kind).is_none() {
+            let name = match unit.tied.is_empty() {
+                true => unit.name.clone(),
+                false => format!("{} (+ {}, tied)", unit.name, unit.tied.join(", ")),
+            };
+            row(&mut out, &name, unit.bytes, unit.device);
+            i += 1;
+            continue;
+        }
+        // A run of blocks (and their experts): consecutive blocks on one device fold
+        // into one line, and so do their experts, each line at its first block.
+        let end = (i..plan.units.len())
+            .find(|&j| block_index(plan.units[j].kind).is_none())
+            .unwrap_or(plan.units.len());
+        let mut lines: Vec<(usize, bool, String, u64, crate::Device)> = Vec::new();
+        for experts in [false, true] {
+            let run: Vec<&PlacedUnit> = plan.units[i..end]
+                .iter()
+                .filter(|u| matches!(u.kind, UnitKind::Experts(_)) == experts)
+                .collect();
+            for group in run.chunk_by(|a, b| a.device == b.device) {
+                let (first, last) = (group[0], group[group.len() - 1]);
+                let (a, b) = (block_index(first.kind), block_index(last.kind));
+                let (Some(a), Some(b)) = (a, b) else {
+                    unreachable!("a run holds blocks and experts only")
+                };
+                let bytes = group.iter().map(|u| u.bytes).sum();
+                let n = group.len();
+                let name = match experts {
+                    _ if n == 1 => None,
+                    true => first
+                        .name
+                        .split_once(&format!(".{a}."))
+                        .map(|(c, module)| format!("{c}.{a}..{b}.{module} ({n} blocks' experts)")),
+                    false => (first.name.rsplit_once('.'))
+                        .map(|(c, _)| format!("{c}.{a}..{b} ({n} blocks)")),
+                }
+                .unwrap_or_else(|| first.name.clone());
+                lines.push((a, experts, name, bytes, first.device));
             }
         }
-        let (name, bytes) = if j > i {
-            let (UnitKind::Block(a), UnitKind::Block(b)) = (unit.kind, plan.units[j].kind) else {
-                unreachable!("only blocks are folded")
-            };
-            let container = unit
-                .name
-                .rsplit_once('.')
-                .map_or(unit.name.as_str(), |(c, _)| c);
-            let total: u64 = plan.units[i..=j].iter().map(|u| u.bytes).sum();
-            (
-                format!("{container}.{a}..{b} ({} blocks)", j - i + 1),
-                total,
-            )
-        } else if unit.tied.is_empty() {
-            (unit.name.clone(), unit.bytes)
-        } else {
-            (
-                format!("{} (+ {}, tied)", unit.name, unit.tied.join(", ")),
-                unit.bytes,
-            )
-        };
-        let _ = writeln!(
-            out,
-            "{name:<40} {:>12}  {}",
-            ByteSize(bytes).to_string(),
-            unit.device
-        );
-        i = j + 1;
+        lines.sort_by_key(|(a, experts, ..)| (*a, *experts));
+        for (_, _, name, bytes, device) in lines {
+            row(&mut out, &name, bytes, device);
+        }
+        i = end;
     }
     let _ = writeln!(out);
     let _ = writeln!(

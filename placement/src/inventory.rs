@@ -126,6 +126,11 @@ pub enum UnitKind {
     Pre,
     /// Transformer block N.
     Block(usize),
+    /// Block N's routed experts (`<block>.<moe>.experts`): a unit of their own, so a
+    /// plan can keep attention resident and put experts on the CPU or disk (llama.cpp's
+    /// `--cpu-moe`). They run inside block N, after its router, and only the experts
+    /// the router picks are read.
+    Experts(usize),
     /// After the blocks (final norm, pooler, head).
     Post,
 }
@@ -147,6 +152,21 @@ impl PlacementUnit {
     pub fn is_block(&self) -> bool {
         matches!(self.kind, UnitKind::Block(_))
     }
+}
+
+/// The experts module inside a block (`block_sparse_moe.experts`, `mlp.experts`) that
+/// `rest` — a tensor name after its block — lies in, if any: the path up to a component
+/// `experts` that has children.
+fn experts_module(rest: &str) -> Option<&str> {
+    let mut end = 0;
+    for part in rest.split('.') {
+        end += part.len();
+        if part == "experts" && end < rest.len() {
+            return Some(&rest[..end]);
+        }
+        end += 1;
+    }
+    None
 }
 
 /// Module path of a tensor (its name without the parameter).
@@ -213,10 +233,14 @@ pub fn units(
         let parts: Vec<&str> = tensor.name.split('.').collect();
         let block = container.as_ref().and_then(|c| {
             let rest = tensor.name.strip_prefix(c.as_str())?.strip_prefix('.')?;
-            rest.split('.').next()?.parse::<usize>().ok()
+            let (index, inside) = rest.split_once('.').unwrap_or((rest, ""));
+            Some((index.parse::<usize>().ok()?, inside))
         });
         let (kind, name) = match (block, &container) {
-            (Some(index), Some(c)) => (UnitKind::Block(index), format!("{c}.{index}")),
+            (Some((index, inside)), Some(c)) => match experts_module(inside) {
+                Some(experts) => (UnitKind::Experts(index), format!("{c}.{index}.{experts}")),
+                None => (UnitKind::Block(index), format!("{c}.{index}")),
+            },
             _ => {
                 let module: Vec<&str> = module_of(&tensor.name).split('.').collect();
                 let shared = module
@@ -250,6 +274,7 @@ pub fn units(
         let key = |u: &PlacementUnit| match u.kind {
             UnitKind::Pre => (0, 0, first_seen.get(&u.name).copied().unwrap_or(0)),
             UnitKind::Block(i) => (1, i, 0),
+            UnitKind::Experts(i) => (1, i, 1),
             UnitKind::Post => (
                 2,
                 post_rank(&u.name) as usize,
@@ -371,6 +396,54 @@ mod tests {
         assert_eq!(units[1].kind, UnitKind::Block(0));
         let in_half = super::units(&tensors, Some(TensorDType::F16), false);
         assert_eq!(in_half[1].bytes, (16 + 4) * 2);
+    }
+
+    /// Mixtral's and Qwen 3 MoE's experts are units of their own after their block;
+    /// the router (`gate`) and the dense MLP of a block without experts stay in it.
+    #[test]
+    fn routed_experts_are_a_unit_after_their_block() {
+        let mut tensors = vec![
+            t("model.embed_tokens.weight", &[10, 4]),
+            t("model.norm.weight", &[4]),
+            t("model.layers.1.mlp.down_proj.weight", &[4, 8]),
+        ];
+        for e in 0..3 {
+            for p in ["w1", "w2", "w3"] {
+                tensors.push(t(
+                    &format!("model.layers.0.block_sparse_moe.experts.{e}.{p}.weight"),
+                    &[8, 4],
+                ));
+            }
+        }
+        tensors.push(t("model.layers.0.block_sparse_moe.gate.weight", &[3, 4]));
+        tensors.push(t("model.layers.0.self_attn.q_proj.weight", &[4, 4]));
+        // transformers 5's fused expert tensors sit under `experts` without an index.
+        tensors.push(t("model.layers.2.mlp.experts.gate_up_proj", &[3, 16, 4]));
+        tensors.push(t("model.layers.2.mlp.gate.weight", &[3, 4]));
+        let units = units(&tensors, None, false);
+        assert_eq!(
+            names(&units),
+            [
+                "model.embed_tokens",
+                "model.layers.0",
+                "model.layers.0.block_sparse_moe.experts",
+                "model.layers.1",
+                "model.layers.2",
+                "model.layers.2.mlp.experts",
+                "model.norm"
+            ]
+        );
+        assert_eq!(units[1].bytes, (12 + 16) * 4);
+        assert_eq!(units[2].kind, UnitKind::Experts(0));
+        assert_eq!(units[2].bytes, 9 * 32 * 4);
+        assert_eq!(units[5].kind, UnitKind::Experts(2));
+        // A module merely named like it is not split off.
+        assert_eq!(experts_module("mlp.experts"), None);
+        assert_eq!(experts_module("mlp.shared_experts.w1.weight"), None);
+        assert_eq!(
+            experts_module("mlp.experts.7.w1.weight"),
+            Some("mlp.experts")
+        );
     }
 
     #[test]

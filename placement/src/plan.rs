@@ -450,13 +450,20 @@ fn explicit(request: &PlanRequest<'_>, map: &crate::DeviceMap) -> Result<Vec<Dev
                 .iter()
                 .any(|t| prefix_matches(prefix, t) || prefix_matches(t, prefix))
         });
-        let inside = request
-            .units
-            .iter()
-            .find(|u| prefix.starts_with(&format!("{}.", u.name)));
-        if let Some(unit) = inside {
+        // Strictly inside a unit, unless it names one there (a block's experts).
+        let inside = (request.units.iter())
+            .filter(|u| {
+                prefix.split('.').count() > u.name.split('.').count()
+                    && prefix_matches(&u.name, prefix)
+            })
+            .max_by_key(|u| u.name.split('.').count());
+        let names_a_whole_unit = request.units.iter().any(|u| {
+            prefix.split('.').count() == u.name.split('.').count()
+                && prefix_matches(prefix, &u.name)
+        });
+        if let Some(unit) = inside.filter(|_| !names_a_whole_unit) {
             return Err(PlanError::BadDeviceMap(format!(
-                "`{prefix}` is inside the unit `{}`: entries must name whole units (embeddings, blocks, norm, head)",
+                "`{prefix}` is inside the unit `{}`: entries must name whole units (embeddings, blocks, a block's experts, norm, head)",
                 unit.name
             )));
         }
@@ -512,12 +519,18 @@ fn layer_counts(
     let first = block_devices.first().copied().unwrap_or(Device::CPU);
     let last = block_devices.last().copied().unwrap_or(Device::CPU);
     let mut next_block = block_devices.into_iter();
+    // A block's experts go where their block went.
+    let mut block_device = Device::CPU;
     Ok(request
         .units
         .iter()
         .map(|u| match u.kind {
             UnitKind::Pre => first,
-            UnitKind::Block(_) => next_block.next().unwrap_or(Device::CPU),
+            UnitKind::Block(_) => {
+                block_device = next_block.next().unwrap_or(Device::CPU);
+                block_device
+            }
+            UnitKind::Experts(_) => block_device,
             UnitKind::Post => last,
         })
         .collect())
@@ -625,6 +638,15 @@ fn finish(request: &PlanRequest<'_>, stream: Device, assignment: Vec<Device>) ->
              {stream} keeps room for two of the largest (one computing, one read ahead)",
             ByteSize(streamed)
         ));
+        let experts = (units.iter())
+            .filter(|u| u.device.kind == DeviceType::Disk && matches!(u.kind, UnitKind::Experts(_)))
+            .count();
+        if experts > 0 {
+            notes.push(format!(
+                "{experts} blocks' experts on disk are read on demand, not ahead: a pass reads the pages of \
+                 the experts its tokens are routed to, and the bytes streamed per pass above count all of them"
+            ));
+        }
     }
     Plan {
         strategy: request.strategy.to_string(),

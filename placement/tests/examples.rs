@@ -359,3 +359,93 @@ fn disk_offload_of_unmappable_weights_needs_an_offload_folder() {
     .expect_err("needs a folder");
     assert!(err.to_string().contains("offload_folder"), "{err}");
 }
+
+/// Mixtral-8x7B in bf16 (93 GB) with 30 GiB of RAM: llama.cpp users keep attention in
+/// memory and the experts on disk (`-ot exps=CPU` / `--cpu-moe`). One wildcard entry says
+/// so; layer counts carry a block's experts with it; an entry inside a block's MoE
+/// that is not its experts is refused.
+#[test]
+fn experts_are_placed_apart_from_their_blocks() {
+    let shape = shape_from(
+        r#"{"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 32000, "max_position_embeddings": 32768, "num_local_experts": 8,
+            "num_experts_per_tok": 2, "tie_word_embeddings": false, "torch_dtype": "bfloat16"}"#,
+    );
+    let c = case(
+        &shape,
+        &machine(&[], 64),
+        serde_json::json!({"cpu": "30GiB"}),
+        1,
+        512,
+    );
+    let experts: Vec<&PlacementUnit> = c
+        .units
+        .iter()
+        .filter(|u| matches!(u.kind, UnitKind::Experts(_)))
+        .collect();
+    assert_eq!(experts.len(), 32);
+    assert_eq!(experts[0].name, "model.layers.0.block_sparse_moe.experts");
+    assert_eq!(experts[0].bytes, 8 * 3 * 4096 * 14336 * 2);
+    let explicit = |map: serde_json::Value| {
+        let strategy = Strategy::from_json(Some(&map), 0).expect("map");
+        plan(&PlanRequest {
+            units: &c.units,
+            budgets: &c.budgets,
+            strategy: &strategy,
+            reserve: c.reserve,
+            disk: DiskAccess::Mapped,
+        })
+    };
+    let p =
+        explicit(serde_json::json!({"": "cpu", "model.layers.*.block_sparse_moe.experts": "disk"}))
+            .expect("attention in RAM, experts on disk");
+    within_budgets(&p);
+    assert_eq!(p.device_of("model.layers.7"), Some(Device::CPU));
+    assert_eq!(
+        p.device_of("model.layers.7.block_sparse_moe.experts"),
+        Some(Device::DISK)
+    );
+    assert_eq!(on(&p, Device::DISK).len(), 32);
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.starts_with("32 blocks' experts on disk are read on demand")),
+        "{:?}",
+        p.notes
+    );
+    let table = explain::table(&p);
+    assert!(
+        table.contains("model.layers.0..31 (32 blocks)")
+            && table.contains("model.layers.0..31.block_sparse_moe.experts (32 blocks' experts)"),
+        "{table}"
+    );
+    // The whole model does not fit the 30 GiB: experts in RAM are refused.
+    assert!(matches!(
+        explicit(serde_json::json!({"": "cpu"})),
+        Err(PlanError::DoesNotFit { .. })
+    ));
+    let err = explicit(serde_json::json!({"": "cpu", "model.layers.3.block_sparse_moe": "disk"}))
+        .expect_err("the router is inside block 3");
+    assert!(
+        err.to_string().contains("inside the unit `model.layers.3`"),
+        "{err}"
+    );
+    let err = explicit(
+        serde_json::json!({"": "cpu", "model.layers.3.block_sparse_moe.experts.1": "disk"}),
+    )
+    .expect_err("one expert is inside the experts unit");
+    assert!(
+        err.to_string().contains("block_sparse_moe.experts`"),
+        "{err}"
+    );
+    let gpu = case(&shape, &machine(&[80], 200), serde_json::json!({}), 1, 512);
+    let counts = run(&gpu, "0:4").expect("four blocks on the GPU");
+    for (i, device) in [(3, Device::cuda(0)), (4, Device::CPU)] {
+        assert_eq!(counts.device_of(&format!("model.layers.{i}")), Some(device));
+        assert_eq!(
+            counts.device_of(&format!("model.layers.{i}.block_sparse_moe.experts")),
+            Some(device)
+        );
+    }
+}

@@ -13,7 +13,8 @@ const MIB: u64 = 1 << 20;
 fn units_strategy() -> impl Strategy<Value = Vec<PlacementUnit>> {
     (
         1u64..400,
-        proptest::collection::vec(1u64..200, 0..40),
+        // Each block, and the size of its experts' unit when it has one.
+        proptest::collection::vec((1u64..200, proptest::option::of(1u64..400)), 0..40),
         proptest::collection::vec(1u64..300, 0..3),
     )
         .prop_map(|(embed, blocks, post)| {
@@ -23,12 +24,20 @@ fn units_strategy() -> impl Strategy<Value = Vec<PlacementUnit>> {
                 kind: UnitKind::Pre,
                 tied: vec![],
             }];
-            units.extend(blocks.iter().enumerate().map(|(i, b)| PlacementUnit {
-                name: format!("model.layers.{i}"),
-                bytes: b * MIB,
-                kind: UnitKind::Block(i),
-                tied: vec![],
-            }));
+            for (i, (b, experts)) in blocks.iter().enumerate() {
+                units.push(PlacementUnit {
+                    name: format!("model.layers.{i}"),
+                    bytes: b * MIB,
+                    kind: UnitKind::Block(i),
+                    tied: vec![],
+                });
+                units.extend(experts.map(|e| PlacementUnit {
+                    name: format!("model.layers.{i}.mlp.experts"),
+                    bytes: e * MIB,
+                    kind: UnitKind::Experts(i),
+                    tied: vec![],
+                }));
+            }
             units.extend(post.iter().enumerate().map(|(i, b)| PlacementUnit {
                 name: format!("head{i}"),
                 bytes: b * MIB,
@@ -151,6 +160,14 @@ proptest! {
             for pair in p.units.windows(2) {
                 prop_assert!(chain_rank(pair[0].device, &strategy) <= chain_rank(pair[1].device, &strategy),
                     "{} on {} before {} on {}", pair[0].name, pair[0].device, pair[1].name, pair[1].device);
+            }
+        }
+        // Layer counts place a block's experts with their block.
+        if matches!(strategy, DeviceMapStrategy::LayerCounts(_)) {
+            for unit in &p.units {
+                if let UnitKind::Experts(i) = unit.kind {
+                    prop_assert_eq!(Some(unit.device), p.device_of(&format!("model.layers.{i}")));
+                }
             }
         }
         prop_assert_eq!(

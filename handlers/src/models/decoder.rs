@@ -26,12 +26,14 @@ use crate::weights::layer_stack::UnitPlacement;
 use crate::weights::layer_stack::{Activations, Flow, LayerStack, Residence, StackModule, Units};
 use crate::{HandlerError, WeightSource};
 
+mod experts;
 pub mod families;
 #[cfg(test)]
 mod fixture_tests;
 pub mod prefix_cache;
 pub mod spec;
 
+use experts::ExpertGroup;
 use families::{Activation, NormKind, NormPlacement, NormWeight, Positions, Projections, QkNorm};
 pub use spec::DecoderSpec;
 
@@ -840,97 +842,11 @@ impl Mlp {
     }
 }
 
-/// Routed experts: each row's MLP is the weighted sum of its `per_token` experts with
-/// the highest softmax of the router's logits (in f32), the weights renormalised to sum
-/// to one where the spec says; each expert runs once over the rows routed to it, and
-/// adds back in expert order (as transformers does).
-struct MixtureOfExperts {
-    router: Projection,
-    experts: Vec<Mlp>,
-    per_token: usize,
-    normalize: bool,
-}
-
-impl MixtureOfExperts {
-    fn load(
-        vb: VarBuilder,
-        source: &WeightSource,
-        spec: &DecoderSpec,
-        names: &families::Experts,
-        moe: &spec::MoeSpec,
-        pack: bool,
-    ) -> candle_core::Result<Self> {
-        let vb = vb.pp(names.module);
-        let experts = (0..moe.experts)
-            .map(|e| {
-                Mlp::load_separate(
-                    vb.pp(format!("experts.{e}")),
-                    source,
-                    spec,
-                    moe.intermediate_size,
-                    names.projections,
-                    pack,
-                )
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self {
-            router: Projection::load(spec.hidden_size, moe.experts, vb.pp("gate"), source, pack)?,
-            experts,
-            per_token: moe.per_token,
-            normalize: moe.normalize,
-        })
-    }
-
-    fn projections(&self) -> Vec<&Projection> {
-        let mut all = vec![&self.router];
-        all.extend(self.experts.iter().flat_map(Mlp::projections));
-        all
-    }
-
-    /// Each expert's rows and their weights, from the router's logits `[rows, experts]`.
-    fn route(&self, logits: &Tensor) -> candle_core::Result<Vec<(Vec<u32>, Vec<f32>)>> {
-        let probabilities =
-            candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?.to_vec2::<f32>()?;
-        let mut routed = vec![(Vec::new(), Vec::new()); self.experts.len()];
-        for (row, p) in probabilities.iter().enumerate() {
-            let mut order: Vec<usize> = (0..p.len()).collect();
-            order.sort_by(|a, b| p[*b].total_cmp(&p[*a]));
-            let chosen = &order[..self.per_token];
-            let sum: f32 = chosen.iter().map(|&e| p[e]).sum();
-            for &e in chosen {
-                routed[e].0.push(row as u32);
-                routed[e]
-                    .1
-                    .push(if self.normalize { p[e] / sum } else { p[e] });
-            }
-        }
-        Ok(routed)
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, seq, h) = x.dims3()?;
-        let rows = x.reshape((1, b * seq, h))?;
-        let logits = self.router.forward(&rows)?.squeeze(0)?;
-        let rows = rows.squeeze(0)?;
-        let mut out = rows.zeros_like()?;
-        for ((index, weights), expert) in self.route(&logits)?.into_iter().zip(&self.experts) {
-            if index.is_empty() {
-                continue;
-            }
-            let count = index.len();
-            let index = Tensor::from_vec(index, count, x.device())?;
-            let y = expert.forward(&rows.index_select(&index, 0)?.unsqueeze(0)?)?;
-            let weights = Tensor::from_vec(weights, (count, 1), x.device())?.to_dtype(y.dtype())?;
-            out = out.index_add(&index, &y.squeeze(0)?.broadcast_mul(&weights)?, 0)?;
-        }
-        out.reshape((b, seq, h))
-    }
-}
-
-/// A block's MLP: one dense, or routed experts.
+/// A block's MLP: one dense, or the router of the experts that follow the block as a
+/// unit of their own ([`experts::ExpertGroup`]).
 enum FeedForward {
     Dense(Mlp),
-    Experts(MixtureOfExperts),
+    Routed(experts::Router),
 }
 
 impl FeedForward {
@@ -941,10 +857,11 @@ impl FeedForward {
         layer: usize,
         pack: bool,
     ) -> candle_core::Result<Self> {
-        match (&spec.family.experts, &spec.moe) {
-            (Some(names), Some(moe)) if moe.sparse.get(layer) == Some(&true) => Ok(Self::Experts(
-                MixtureOfExperts::load(vb, source, spec, names, moe, pack)?,
-            )),
+        match (spec.family.experts.as_ref(), spec.moe.as_ref()) {
+            (Some(names), Some(moe)) if moe.sparse.get(layer) == Some(&true) => {
+                experts::Router::load(vb.pp(names.module), source, spec, moe, pack)
+                    .map(Self::Routed)
+            }
             _ => Mlp::load(vb.pp("mlp"), source, spec, pack).map(Self::Dense),
         }
     }
@@ -952,14 +869,7 @@ impl FeedForward {
     fn projections(&self) -> Vec<&Projection> {
         match self {
             Self::Dense(mlp) => mlp.projections(),
-            Self::Experts(moe) => moe.projections(),
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Dense(mlp) => mlp.forward(x),
-            Self::Experts(moe) => moe.forward(x),
+            Self::Routed(router) => vec![router.projection()],
         }
     }
 }
@@ -1012,6 +922,15 @@ impl Block {
                 norm("post_feedforward_layernorm")?,
             ],
         };
+        let mlp = FeedForward::load(vb.clone(), source, spec, layer, pack)?;
+        if matches!(mlp, FeedForward::Routed(_))
+            && (post_mlp.is_some() || spec.norms == NormPlacement::Parallel)
+        {
+            candle_core::bail!(
+                "routed experts after a norm on the MLP's output or beside attention are not \
+                 implemented"
+            );
+        }
         Ok(Self {
             pre_attention,
             attention: Attention::load(
@@ -1023,7 +942,7 @@ impl Block {
             )?,
             post_attention,
             pre_mlp,
-            mlp: FeedForward::load(vb.clone(), source, spec, layer, pack)?,
+            mlp,
             post_mlp,
             parallel: spec.norms == NormPlacement::Parallel,
             residual_multiplier: spec.residual_multiplier,
@@ -1036,7 +955,9 @@ impl Block {
         all
     }
 
-    /// See [`Attention::forward`] for how rows map to sequences.
+    /// See [`Attention::forward`] for how rows map to sequences. A block with routed
+    /// experts returns the residual stream before its MLP and what its experts' unit
+    /// needs to finish it.
     fn forward(
         &self,
         x: &Tensor,
@@ -1044,7 +965,7 @@ impl Block {
         kvs: &mut [&mut Option<LayerCache>],
         positions: &[usize],
         limit: usize,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, Option<experts::Routed>)> {
         let normed = |norm: &Option<Norm>, t: &Tensor| match norm {
             Some(n) => n.forward(t),
             None => Ok(t.clone()),
@@ -1061,13 +982,29 @@ impl Block {
             limit,
         )?;
         let a = scaled(normed(&self.post_attention, &a)?)?;
+        let mlp = match &self.mlp {
+            FeedForward::Dense(mlp) => mlp,
+            FeedForward::Routed(router) => {
+                // Neither parallel nor post-normed (refused at load).
+                let residual = (a + x)?;
+                let (rows, routes) = router.route(&normed(&self.pre_mlp, &residual)?)?;
+                let routed = experts::Routed {
+                    residual: residual.clone(),
+                    rows,
+                    routes,
+                    residual_multiplier: self.residual_multiplier,
+                };
+                return Ok((residual, Some(routed)));
+            }
+        };
         if self.parallel {
-            let m = self.mlp.forward(&normed(&self.pre_mlp, x)?)?;
-            return (a + scaled(normed(&self.post_mlp, &m)?)?)? + x;
+            let m = mlp.forward(&normed(&self.pre_mlp, x)?)?;
+            let out = ((a + scaled(normed(&self.post_mlp, &m)?)?)? + x)?;
+            return Ok((out, None));
         }
         let h = (a + x)?;
-        let m = self.mlp.forward(&normed(&self.pre_mlp, &h)?)?;
-        scaled(normed(&self.post_mlp, &m)?)? + h
+        let m = mlp.forward(&normed(&self.pre_mlp, &h)?)?;
+        Ok(((scaled(normed(&self.post_mlp, &m)?)? + h)?, None))
     }
 }
 
@@ -1261,6 +1198,8 @@ impl Activations for PassRopes {
 pub enum DecoderUnit {
     Embeddings(TokenTable),
     Block(Box<Block>),
+    /// A block's routed experts, run after it.
+    Experts(experts::ExpertGroup),
     /// The learned positions' table `[positions, hidden]` (GPT-2's `wpe`): each row's
     /// positions' entries are added.
     Positions(Tensor),
@@ -1280,9 +1219,17 @@ impl StackModule for DecoderUnit {
                 m.in_place()
             }
             Self::Block(block) => block.projections().iter().all(|p| p.reads_in_place()),
+            Self::Experts(group) => group.reads_in_place(),
             Self::Norm(_) | Self::EmbeddingNorm(_) => true,
             Self::Positions(_) => false,
             Self::Embeddings(TokenTable::Dense(_)) | Self::Head(OutputHead::Dense(_)) => false,
+        }
+    }
+
+    fn take_read_bytes(&self) -> u64 {
+        match self {
+            Self::Experts(group) => group.take_read_bytes(),
+            _ => 0,
         }
     }
 }
@@ -1439,6 +1386,13 @@ impl UnitNames {
         format!("{}.{i}", self.blocks)
     }
 
+    /// Block `i`'s routed experts' unit, if it has routed experts.
+    fn experts(&self, config: &DecoderSpec, i: usize) -> Option<String> {
+        let (names, moe) = (config.family.experts.as_ref()?, config.moe.as_ref()?);
+        (moe.sparse.get(i) == Some(&true))
+            .then(|| format!("{}.{}.experts", self.block(i), names.module))
+    }
+
     fn weight(unit: &str) -> String {
         format!("{unit}.weight")
     }
@@ -1448,7 +1402,10 @@ impl UnitNames {
         let mut names = vec![self.embeddings.clone()];
         names.extend(self.positions.clone());
         names.extend(self.embedding_norm.clone());
-        names.extend((0..config.num_hidden_layers).map(|i| self.block(i)));
+        for i in 0..config.num_hidden_layers {
+            names.push(self.block(i));
+            names.extend(self.experts(config, i));
+        }
         names.push(self.final_norm.clone());
         if !config.tie_word_embeddings {
             names.push(self.head.clone());
@@ -1550,7 +1507,26 @@ impl MappedDecoder {
                         .map(|b| DecoderUnit::Block(Box::new(b)))
                 }
             };
-            stack.push_planned(&name, placement, source, build)?;
+            // Its tensors, less its experts' when those are a unit of their own.
+            let experts = names.experts(&cfg, i);
+            let within = |unit: &str| {
+                let dotted = format!("{unit}.");
+                (source.tensor_names().into_iter()).filter(move |t| t.starts_with(&dotted))
+            };
+            let tensors = within(&name)
+                .filter(|t| {
+                    experts
+                        .as_ref()
+                        .is_none_or(|e| !t.starts_with(&format!("{e}.")))
+                })
+                .collect();
+            stack.push_planned_with(&name, tensors, false, placement, source, build)?;
+            if let Some(unit) = experts {
+                let placement = place(&unit)?;
+                let build = ExpertGroup::builder(source, &cfg, &unit, dtype)?;
+                let tensors = within(&unit).collect();
+                stack.push_planned_with(&unit, tensors, true, placement, source, build)?;
+            }
         }
         let norm = {
             let (source, cfg, unit) = (source.clone(), cfg.clone(), names.final_norm.clone());
@@ -1703,7 +1679,7 @@ impl MappedDecoder {
                 .map(|r| r.rows(&positions, seq))
                 .transpose()?,
         };
-        let flow = Flow::new((tokens.clone(), ropes));
+        let flow = Flow::new((tokens.clone(), ropes, None::<experts::Routed>));
         let mut block = 0;
         let flow = self.stack.forward(flow, |_, unit, mut flow| {
             flow.hidden = Some(match unit {
@@ -1714,10 +1690,16 @@ impl MappedDecoder {
                 DecoderUnit::Block(b) => {
                     let mut kvs: Vec<&mut Option<LayerCache>> =
                         caches.iter_mut().map(|c| &mut c.layers[block]).collect();
-                    let out =
+                    let (out, routed) =
                         b.forward(flow.hidden()?, &flow.inputs.1, &mut kvs, &positions, limit)?;
+                    flow.inputs.2 = routed;
                     block += 1;
                     out
+                }
+                DecoderUnit::Experts(group) => {
+                    group.forward(flow.inputs.2.take().ok_or_else(|| {
+                        candle_core::Error::Msg("experts ran before their block routed".into())
+                    })?)?
                 }
                 DecoderUnit::Positions(table) => {
                     let index: Vec<u32> = positions

@@ -120,6 +120,13 @@ pub trait StackModule: Send + Sync + 'static {
     /// from, holding no copy of them beyond small ones (norms, biases). A streamed unit
     /// whose module does is built once and kept (only its pages come and go).
     fn reads_in_place(&self) -> bool;
+
+    /// The bytes of its weights the module read since last asked, for a unit read on
+    /// demand ([`LayerStack::push_planned_with`]) that knows them (routed experts: those
+    /// of the experts it ran); 0 otherwise.
+    fn take_read_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// What a [`LayerStack`] carries from unit to unit (hidden states, and whatever the
@@ -214,6 +221,9 @@ struct Mapping<M> {
     build: Build<M>,
     source: WeightSource,
     span: Option<WeightSpan>,
+    /// Streamed, its pages are not read ahead: the module touches what it needs (a
+    /// block's experts, of which a pass runs a few) and reports it.
+    on_demand: bool,
 }
 
 /// One unit of the stack.
@@ -327,6 +337,7 @@ impl<M: StackModule> LayerStack<M> {
         tensors: impl IntoIterator<Item = &'n str>,
         build: Build<M>,
         built: Option<(M, Residence)>,
+        on_demand: bool,
     ) {
         let span = source.span_of(tensors);
         let (module, kept) = match built {
@@ -352,6 +363,7 @@ impl<M: StackModule> LayerStack<M> {
                 build,
                 source,
                 span,
+                on_demand,
             }),
             planned_resident,
         }));
@@ -368,7 +380,7 @@ impl<M: StackModule> LayerStack<M> {
         build: impl Fn() -> Result<M> + Send + Sync + 'static,
     ) {
         let build: Build<M> = Box::new(move |_| build());
-        self.push_mapped(name, device, source, tensors, build, None);
+        self.push_mapped(name, device, source, tensors, build, None, false);
     }
 
     /// Adds the unit `name` (whose tensors are those under `name.`) as `placement` says.
@@ -383,22 +395,45 @@ impl<M: StackModule> LayerStack<M> {
         source: &WeightSource,
         build: impl Fn(&Device, Residence) -> Result<M> + Send + Sync + 'static,
     ) -> std::result::Result<(), HandlerError> {
+        let dotted = format!("{name}.");
+        let tensors = (source.tensor_names().into_iter())
+            .filter(|t| t.starts_with(&dotted))
+            .collect();
+        self.push_planned_with(name, tensors, false, placement, source, build)
+    }
+
+    /// As [`LayerStack::push_planned`], for a unit whose tensors are `tensors` (a block
+    /// whose experts are a unit of their own holds its tensors less theirs). A streamed
+    /// unit `on_demand` is not read ahead: its module reads the weights it needs as it
+    /// runs and says how many bytes ([`StackModule::take_read_bytes`]).
+    pub fn push_planned_with(
+        &mut self,
+        name: &str,
+        tensors: Vec<String>,
+        on_demand: bool,
+        placement: UnitPlacement,
+        source: &WeightSource,
+        build: impl Fn(&Device, Residence) -> Result<M> + Send + Sync + 'static,
+    ) -> std::result::Result<(), HandlerError> {
         let (residence, device) = match &placement {
             UnitPlacement::Resident(device) => (Residence::Resident, device.clone()),
             UnitPlacement::Streamed(device) => (Residence::Streamed, device.clone()),
         };
         let module =
             build(&device, residence).weights_context(|| format!("cannot load unit {name}"))?;
-        let dotted = format!("{name}.");
-        let names = source.tensor_names();
-        let tensors = names
-            .iter()
-            .filter(|t| t.starts_with(&dotted))
-            .map(String::as_str);
+        let tensors = tensors.iter().map(String::as_str);
         let exec = device.clone();
         let build: Build<M> = Box::new(move |residence| build(&exec, residence));
         let built = Some((module, residence));
-        self.push_mapped(name, device, source.clone(), tensors, build, built);
+        self.push_mapped(
+            name,
+            device,
+            source.clone(),
+            tensors,
+            build,
+            built,
+            on_demand,
+        );
         Ok(())
     }
 
@@ -477,15 +512,18 @@ impl<M: StackModule> LayerStack<M> {
             )));
         };
         let started = Instant::now();
-        if let Some(span) = &mapping.span {
+        if let (Some(span), false) = (&mapping.span, mapping.on_demand) {
             mapping.source.prefetch(span);
         }
         let module = match unit.kept().is_some() {
             true => None,
             false => Some((mapping.build)(Residence::Streamed)?),
         };
-        let bytes = mapping.span.as_ref().map_or(0, |s| s.len() as u64);
-        counters.count(bytes, started.elapsed());
+        // A unit read on demand is counted once it has run (what it read).
+        if !mapping.on_demand {
+            let bytes = mapping.span.as_ref().map_or(0, |s| s.len() as u64);
+            counters.count(bytes, started.elapsed());
+        }
         Ok(module)
     }
 
@@ -534,7 +572,12 @@ impl<M: StackModule> LayerStack<M> {
                 }
                 (None, None, None) => unreachable!("a streamed unit is built above"),
             };
+            let started = Instant::now();
             state = step(i, module, state.to_device(&unit.device)?)?;
+            if streamed && unit.mapping.as_ref().is_some_and(|m| m.on_demand) {
+                self.streamed
+                    .count(module.take_read_bytes(), started.elapsed());
+            }
             drop(kept);
             if let Some(module) = owned
                 && module.reads_in_place()

@@ -1,6 +1,7 @@
 //! Every family against transformers' own answers (scripts/make-decoder-fixtures.py):
 //! the greedy tokens and each step's logits, from both spellings of config.json, with
-//! every unit resident, the blocks after the first streamed from disk, and all on disk.
+//! every unit resident, the blocks after the first streamed from disk, routed experts
+//! alone on disk, and all on disk.
 //! Each fixture's weights are rebuilt from its `tensors.json` into a temporary folder.
 
 use std::path::{Path, PathBuf};
@@ -57,7 +58,32 @@ fn spec(dir: &Path, file: &str) -> DecoderSpec {
 enum Placement {
     Resident,
     LaterBlocksOnDisk,
+    /// Routed experts streamed, everything else resident (llama.cpp's `--cpu-moe`).
+    ExpertsOnDisk,
     AllOnDisk,
+}
+
+impl Placement {
+    fn of(self, spec: &DecoderSpec) -> impl Fn(&str) -> Result<UnitPlacement, crate::HandlerError> {
+        // Block units are `<blocks>.N` (their experts `<blocks>.N.<moe>.experts`), with or
+        // without the family's prefix.
+        let blocks = format!("{}.", spec.family.names.blocks);
+        move |unit: &str| {
+            let block = unit
+                .split_once(&blocks)
+                .and_then(|(_, n)| n.split('.').next()?.parse::<usize>().ok());
+            let streamed = match self {
+                Placement::Resident => false,
+                Placement::LaterBlocksOnDisk => block.is_some_and(|n| n > 0),
+                Placement::ExpertsOnDisk => unit.ends_with(".experts"),
+                Placement::AllOnDisk => true,
+            };
+            Ok(match streamed {
+                true => UnitPlacement::Streamed(Device::Cpu),
+                false => UnitPlacement::Resident(Device::Cpu),
+            })
+        }
+    }
 }
 
 /// The fixture's checkpoint, written into `work`.
@@ -73,23 +99,8 @@ fn decode(
     want: &Reference,
     label: &str,
 ) {
-    // Block units are `<blocks>.N`, with or without the family's prefix.
-    let blocks = format!("{}.", spec.family.names.blocks);
-    let model = MappedDecoder::load(source, spec, DType::F32, |unit| {
-        let block = unit
-            .split_once(&blocks)
-            .and_then(|(_, n)| n.parse::<usize>().ok());
-        let streamed = match placement {
-            Placement::Resident => false,
-            Placement::LaterBlocksOnDisk => block.is_some_and(|n| n > 0),
-            Placement::AllOnDisk => true,
-        };
-        Ok(match streamed {
-            true => UnitPlacement::Streamed(Device::Cpu),
-            false => UnitPlacement::Resident(Device::Cpu),
-        })
-    })
-    .unwrap_or_else(|e| panic!("{label}: {e}"));
+    let model = MappedDecoder::load(source, spec, DType::F32, placement.of(spec))
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
     let mut cache = KvCache::default();
     let mut input = want.prompt.clone();
     for (step, (logits, token)) in want.steps.iter().enumerate() {
@@ -135,11 +146,16 @@ fn every_family_decodes_like_transformers_from_both_config_spellings_at_every_pl
         for file in ["config.json", "config.t4.json"] {
             let spec = spec(&dir, file);
             assert_eq!(spec.family.name, family.name, "{file}");
+            let experts = family.experts.is_some();
             for placement in [
                 Placement::Resident,
                 Placement::LaterBlocksOnDisk,
+                Placement::ExpertsOnDisk,
                 Placement::AllOnDisk,
             ] {
+                if matches!(placement, Placement::ExpertsOnDisk) && !experts {
+                    continue;
+                }
                 let label = format!("{} ({file}, {placement:?})", family.name);
                 decode(&source, &spec, placement, &want, &label);
             }
@@ -353,6 +369,60 @@ fn each_family_feature_changes_the_fixtures_answer() {
             moe.normalize = false
         }
     });
+}
+
+/// A streamed expert group reads the experts its rows are routed to and no others: one
+/// token's step runs `num_experts_per_tok` experts in each sparse block, and the stack
+/// counts exactly their bytes, where the whole groups weigh twice that and more.
+#[test]
+fn streamed_experts_read_only_the_routed_ones() {
+    for family in ["mixtral", "qwen3_moe"] {
+        let dir = fixtures().join(family);
+        let work = tempfile::tempdir().expect("tempdir");
+        let source = weights(&dir, work.path());
+        let spec = spec(&dir, "config.json");
+        let moe = spec.moe.clone().expect("a MoE family");
+        assert!(moe.per_token < moe.experts, "{family}");
+        let model = MappedDecoder::load(
+            &source,
+            &spec,
+            DType::F32,
+            Placement::ExpertsOnDisk.of(&spec),
+        )
+        .expect("load");
+        let sparse = moe.sparse.iter().filter(|s| **s).count();
+        assert_eq!(
+            model.streamed_units(),
+            sparse,
+            "{family}: only experts stream"
+        );
+        let want = reference(&dir);
+        let tokens = |ids: &[u32]| {
+            Tensor::new(ids, &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("tokens")
+        };
+        let mut cache = KvCache::default();
+        model
+            .forward(&tokens(&want.prompt), &mut cache)
+            .expect("prompt");
+        let before = model.units().stream_totals();
+        model
+            .forward(&tokens(&[want.steps[0].1]), &mut cache)
+            .expect("step");
+        let after = model.units().stream_totals();
+        let expert = (3 * spec.hidden_size * moe.intermediate_size * 4) as u64;
+        assert_eq!(after.units - before.units, sparse as u64, "{family}");
+        assert_eq!(
+            after.bytes - before.bytes,
+            (sparse * moe.per_token) as u64 * expert,
+            "{family}: one token reads its routed experts"
+        );
+        assert!(
+            before.bytes <= (sparse * moe.experts) as u64 * expert,
+            "{family}"
+        );
+    }
 }
 
 /// A sliding-window block's cache rolls (it keeps at most twice its window), and a

@@ -225,6 +225,19 @@ FAMILIES = {
             ),
         ),
     ),
+    # Not a family of its own: Llama with dynamic NTK scaling (factor 2) past its
+    # max_position_embeddings of 12 — the 10-token prompt and two steps within it, the last
+    # four steps each with the base grown for the sequence's length (as transformers'
+    # forward recomputes it; the keys cached before keep theirs).
+    "llama_dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            tie_word_embeddings=False,
+            max_position_embeddings=12,
+            rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0),
+        ),
+    ),
     # Learned positions, Conv1D weights stored [in, out], an ungated tanh-GELU MLP
     # (n_inner unset: four times the width), tied head.
     "gpt2": (

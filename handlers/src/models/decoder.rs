@@ -1070,6 +1070,9 @@ struct Rope {
     positions: usize,
     /// LongRoPE's original context, when the tables hold its long set.
     long_after: Option<usize>,
+    /// Dynamic NTK scaling: its original context and the RoPE, whose angles past it are
+    /// computed for each pass from the sequence's length.
+    dynamic: Option<(usize, spec::RopeSpec)>,
 }
 
 impl Rope {
@@ -1099,12 +1102,58 @@ impl Rope {
             None => None,
         };
         let scale = rope.attention_factor();
+        let dynamic = match rope.dynamic_ntk().map_err(msg)? {
+            Some((original, _)) if original < positions => Some((original, rope.clone())),
+            _ => None,
+        };
         Ok(Self {
             cos: (table.cos()? * scale)?.to_dtype(dtype)?,
             sin: (table.sin()? * scale)?.to_dtype(dtype)?,
             positions,
             long_after,
+            dynamic,
         })
+    }
+
+    /// The angles of `seq` positions from each of `positions` under dynamic NTK scaling,
+    /// when a sequence ends past the original context: each sequence's new tokens
+    /// rotate with the frequencies of its length after this pass (as transformers'
+    /// forward recomputes them; the keys cached before keep theirs). `None` when every
+    /// sequence stays within the original context (the tables hold those angles).
+    fn dynamic_rows(
+        &self,
+        positions: &[usize],
+        seq: usize,
+    ) -> candle_core::Result<Option<RowRope>> {
+        let Some((original, rope)) = &self.dynamic else {
+            return Ok(None);
+        };
+        if positions.iter().all(|p| p + seq <= *original) {
+            return Ok(None);
+        }
+        let half = self.cos.dim(1)?;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &p in positions {
+            let inverse = rope
+                .frequencies_at_length(p + seq)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            for position in p..p + seq {
+                for f in &inverse {
+                    let angle = position as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = match positions.len() {
+            1 => vec![seq, half],
+            rows => vec![rows, seq, half],
+        };
+        let (device, dtype) = (self.cos.device(), self.cos.dtype());
+        Ok(Some(RowRope {
+            cos: Tensor::from_vec(cos, shape.as_slice(), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, shape.as_slice(), device)?.to_dtype(dtype)?,
+        }))
     }
 
     /// The row of the tables holding position `p` of a sequence that reaches `end`.
@@ -1117,6 +1166,9 @@ impl Rope {
 
     /// The angles of `seq` positions from each of `positions`, for one forward pass.
     fn rows(&self, positions: &[usize], seq: usize) -> candle_core::Result<RowRope> {
+        if let Some(rows) = self.dynamic_rows(positions, seq)? {
+            return Ok(rows);
+        }
         let half = self.cos.dim(1)?;
         let (cos, sin) = if let [pos] = positions {
             let first = self.row(*pos, pos + seq);
@@ -1574,7 +1626,7 @@ impl MappedDecoder {
             .cloned()
             .ok_or_else(|| HandlerError::Unsupported("the model has no units".into()))?;
         let tables = |rope: &spec::RopeSpec| {
-            Rope::new(rope, cfg.max_position_embeddings, dtype, &rope_device)
+            Rope::new(rope, cfg.positions(), dtype, &rope_device)
                 .context(|| "cannot build RoPE tables".into())
         };
         let rope = tables(&cfg.rope)?;
@@ -1604,14 +1656,11 @@ impl MappedDecoder {
     }
 
     /// Whether the keys a position gets depend on how long its sequence grows (LongRoPE
-    /// switching factors past the original context): then a prefix's cached keys are
+    /// switching factors, or dynamic NTK growing its base, past the original context): then a prefix's cached keys are
     /// not the same for every sequence that shares it, and are not reused.
     pub fn keys_depend_on_length(&self) -> bool {
-        self.rope.long_after.is_some()
-            || self
-                .local_rope
-                .as_ref()
-                .is_some_and(|r| r.long_after.is_some())
+        let depends = |r: &Rope| r.long_after.is_some() || r.dynamic.is_some();
+        depends(&self.rope) || self.local_rope.as_ref().is_some_and(depends)
     }
 
     /// A cache holding the first `len` positions of `prefix` (at most its own), ready
@@ -2088,8 +2137,31 @@ pub(crate) mod tests {
         );
         let short = config(serde_json::json!({"rope_type": "frequency_factors", "factors": [1.0]}));
         assert!(short.is_err(), "one factor per frequency");
-        let dynamic = config(serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
-        assert!(matches!(dynamic, Err(HandlerError::Unsupported(m)) if m.contains("dynamic")));
+        // Dynamic NTK: the plain frequencies within max_position_embeddings; at twice it
+        // (factor 2) the base grows by (2·2 − 1)^(d / (d − 2)).
+        let dynamic =
+            config(serde_json::json!({"rope_type": "dynamic", "factor": 2.0})).expect("dynamic");
+        let original = plain.max_position_embeddings;
+        assert_eq!(dynamic.positions(), 2 * original);
+        let within = dynamic
+            .rope
+            .frequencies_at_length(original)
+            .expect("within");
+        assert_eq!(within, base);
+        let d = dynamic.rope.rotary_dim as f64;
+        let grown = dynamic.rope.theta * 3f64.powf(d / (d - 2.0));
+        let past = dynamic
+            .rope
+            .frequencies_at_length(2 * original)
+            .expect("past");
+        for (i, f) in past.iter().enumerate() {
+            let want = grown.powf(-(2.0 * i as f64) / d) as f32;
+            assert!(
+                (f - want).abs() <= 1e-6 * want.max(1e-3),
+                "{i}: {f} vs {want}"
+            );
+        }
+        assert!(past[1] < base[1], "a grown base lowers the frequencies");
     }
 
     #[test]

@@ -247,7 +247,7 @@ pub fn plan_model(
     if !inventory.reuses_prefixes {
         plan.notes.push(
             "no prefix cache: a position's keys depend on how long its sequence grows \
-             (LongRoPE)"
+             (LongRoPE, dynamic NTK)"
                 .into(),
         );
     }
@@ -473,6 +473,20 @@ mod tests {
         assert_eq!(
             prefix_cache_budget(&within, &asked, &options).expect("budget"),
             4096
+        );
+        // Dynamic NTK scaling grows the base with the sequence past its 12 positions: no
+        // prefix cache either.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../handlers/tests/fixtures/decoders/llama_dynamic/config.json"
+        );
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json");
+        let dynamic = ModelInventory::from_config(&config).expect("inventory");
+        assert!(!dynamic.reuses_prefixes);
+        assert_eq!(
+            prefix_cache_budget(&dynamic, &asked, &options).expect("budget"),
+            0
         );
     }
 

@@ -276,6 +276,15 @@ fn longrope_scaling_switches_factors_like_transformers() {
     let mut short = same.clone();
     short.max_position_embeddings = 12; // no position past the original context
     assert!(!short.keys_depend_on_length());
+    let diffs = step_differences(&model, &want);
+    // Steps 0-2 end at positions 10, 11, 12: within the original context of 12.
+    assert!(diffs[..3].iter().all(|d| *d <= 1e-4), "{diffs:?}");
+    assert!(diffs[3..].iter().all(|d| *d > 1e-3), "{diffs:?}");
+}
+
+/// Each step's largest logit difference to the reference, teacher-forced along its
+/// tokens.
+fn step_differences(model: &MappedDecoder, want: &Reference) -> Vec<f32> {
     let mut cache = KvCache::default();
     let mut input = want.prompt.clone();
     let mut diffs = Vec::new();
@@ -296,6 +305,51 @@ fn longrope_scaling_switches_factors_like_transformers() {
         );
         input = vec![*token];
     }
+    diffs
+}
+
+/// Dynamic NTK scaling (a fixture of its own, on Llama): past max_position_embeddings
+/// (12) each pass rotates its new tokens with the base grown for the sequence's length,
+/// and the model serves factor × 12 positions. Both spellings, every placement; with the
+/// scaling taken off, the steps within 12 positions still match and those past it do not.
+#[test]
+fn dynamic_ntk_scaling_grows_the_base_like_transformers() {
+    let dir = fixtures().join("llama_dynamic");
+    let want = reference(&dir);
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = weights(&dir, work.path());
+    for file in ["config.json", "config.t4.json"] {
+        let spec = spec(&dir, file);
+        assert_eq!(
+            spec.rope.dynamic_ntk().expect("read"),
+            Some((12, 2.0)),
+            "{file}"
+        );
+        assert_eq!(spec.positions(), 24, "{file}");
+        assert!(spec.keys_depend_on_length(), "{file}");
+        for placement in [
+            Placement::Resident,
+            Placement::LaterBlocksOnDisk,
+            Placement::AllOnDisk,
+        ] {
+            decode(
+                &source,
+                &spec,
+                placement,
+                &want,
+                &format!("dynamic ({file}, {placement:?})"),
+            );
+        }
+    }
+    let mut plain = spec(&dir, "config.json");
+    plain.rope.scaling = None;
+    plain.max_position_embeddings = 24;
+    let model = MappedDecoder::load(&source, &plain, DType::F32, |_| {
+        Ok(UnitPlacement::Resident(Device::Cpu))
+    })
+    .expect("load");
+    assert!(!model.keys_depend_on_length());
+    let diffs = step_differences(&model, &want);
     // Steps 0-2 end at positions 10, 11, 12: within the original context of 12.
     assert!(diffs[..3].iter().all(|d| *d <= 1e-4), "{diffs:?}");
     assert!(diffs[3..].iter().all(|d| *d > 1e-3), "{diffs:?}");

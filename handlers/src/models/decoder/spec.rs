@@ -343,9 +343,10 @@ impl DecoderSpec {
     }
 
     /// Positions a sequence may use: `max_position_embeddings` (a sliding window bounds
-    /// what each position attends to, not how long a sequence may be).
+    /// what each position attends to, not how long a sequence may be), stretched by a
+    /// dynamic NTK scaling's factor ([`RopeSpec::served_positions`]).
     pub fn positions(&self) -> usize {
-        self.max_position_embeddings
+        self.rope.served_positions(self.max_position_embeddings)
     }
 
     /// End-of-sequence ids (`eos_token_id`: one id or a list).
@@ -363,14 +364,13 @@ impl DecoderSpec {
 
     /// Whether the keys a position gets depend on how long its sequence grows: LongRoPE
     /// whose long set applies within the model's positions (a sequence switches sets past
-    /// the original context). A prefix's cached keys are then not the same for every
+    /// the original context), and dynamic NTK scaling past it (the base grows with the
+    /// sequence). A prefix's cached keys are then not the same for every
     /// sequence sharing it, so neither the decoder nor the planner keeps a prefix cache.
     pub fn keys_depend_on_length(&self) -> bool {
         let switches = |rope: &RopeSpec| {
-            matches!(
-                rope.long_context_within(self.max_position_embeddings),
-                Ok(Some(_))
-            )
+            matches!(rope.long_context_within(self.positions()), Ok(Some(_)))
+                || matches!(rope.dynamic_ntk(), Ok(Some((original, _))) if original < self.positions())
         };
         switches(&self.rope) || self.local_rope.as_ref().is_some_and(switches)
     }
@@ -432,7 +432,7 @@ impl DecoderSpec {
         if let Some(cap) = self.logit_softcap {
             parts.push(format!("logits capped at {cap}"));
         }
-        parts.push(format!("{} positions", self.max_position_embeddings));
+        parts.push(format!("{} positions", self.positions()));
         parts.join(", ")
     }
 }
@@ -613,6 +613,13 @@ fn rope_spec(
                 && let Some(original) = context.original
             {
                 object.insert("original_max_position_embeddings".into(), original.clone());
+            }
+            // Dynamic NTK grows the base past the model's own context, which transformers
+            // reads from max_position_embeddings whatever else the scaling says.
+            if kind == "dynamic"
+                && let Some(max) = context.max_positions
+            {
+                object.insert("original_max_position_embeddings".into(), max.clone());
             }
             // LongRoPE without a `factor` takes the extension's ratio (Phi-3: 131072 / 4096).
             if kind == "longrope"
@@ -817,6 +824,55 @@ impl RopeSpec {
         Ok(Some((original as usize, self.frequencies(true)?)))
     }
 
+    /// Dynamic NTK scaling's `(original context, factor)`: a sequence of `len` tokens
+    /// past the original context rotates its new tokens with
+    /// [`Self::frequencies_at_length`], as transformers recomputes the frequencies for each
+    /// forward pass from the sequence's length. `None` for other scalings.
+    pub fn dynamic_ntk(&self) -> Result<Option<(usize, f64)>, HandlerError> {
+        let Some(scaling) = &self.scaling else {
+            return Ok(None);
+        };
+        if scaling.get("rope_type").and_then(Value::as_str) != Some("dynamic") {
+            return Ok(None);
+        }
+        let factor = (scaling.get("factor").and_then(Value::as_f64))
+            .filter(|f| *f >= 1.0)
+            .ok_or_else(|| bad("rope scaling of type dynamic needs a `factor` of at least 1"))?;
+        let original = (scaling.get("original_max_position_embeddings"))
+            .and_then(Value::as_u64)
+            .filter(|o| *o > 0)
+            .ok_or_else(|| bad("rope scaling of type dynamic needs `max_position_embeddings`"))?;
+        Ok(Some((original as usize, factor)))
+    }
+
+    /// The inverse frequencies of a sequence `len` tokens long under dynamic NTK scaling:
+    /// past the original context the base grows to
+    /// `theta · (factor · len / original − (factor − 1))^(dim / (dim − 2))`; within it, or
+    /// for another scaling, [`Self::inverse_frequencies`].
+    pub fn frequencies_at_length(&self, len: usize) -> Result<Vec<f32>, HandlerError> {
+        match self.dynamic_ntk()? {
+            Some((original, factor)) if len > original => {
+                let dim = self.rotary_dim as f64;
+                let grown = factor * len as f64 / original as f64 - (factor - 1.0);
+                let base = (self.theta * grown.powf(dim / (dim - 2.0))) as f32;
+                Ok((0..self.rotary_dim)
+                    .step_by(2)
+                    .map(|i| 1f32 / base.powf(i as f32 / dim as f32))
+                    .collect())
+            }
+            _ => self.inverse_frequencies(),
+        }
+    }
+
+    /// The context a model of `max_position_embeddings` serves: dynamic NTK scaling
+    /// stretches it by its factor (what vLLM serves such a model with); the others keep it.
+    pub fn served_positions(&self, max_position_embeddings: usize) -> usize {
+        match self.dynamic_ntk() {
+            Ok(Some((_, factor))) => (max_position_embeddings as f64 * factor) as usize,
+            _ => max_position_embeddings,
+        }
+    }
+
     /// [`Self::long_context`] where a sequence of up to `positions` reaches it (the long
     /// set applies only past the original context); `None` otherwise.
     pub fn long_context_within(
@@ -858,6 +914,12 @@ impl RopeSpec {
                 let factor = number("factor")?;
                 Ok(base.map(|f| f / factor).collect())
             }
+            // Within the original context dynamic NTK is the plain RoPE; past it see
+            // `Self::dynamic_ntk`.
+            "dynamic" => match self.dynamic_ntk()? {
+                Some(_) => Ok(base.collect()),
+                None => unreachable!("a dynamic scaling has its parameters"),
+            },
             "llama3" => {
                 let factor = number("factor")?;
                 let (low, high) = (number("low_freq_factor")?, number("high_freq_factor")?);
@@ -952,7 +1014,7 @@ impl RopeSpec {
                     .collect())
             }
             other => Err(HandlerError::Unsupported(format!(
-                "rope_type `{other}` is not implemented (supported: default, linear, llama3, yarn, longrope, frequency_factors)"
+                "rope_type `{other}` is not implemented (supported: default, linear, dynamic, llama3, yarn, longrope, frequency_factors)"
             ))),
         }
     }
@@ -1073,6 +1135,32 @@ mod tests {
         assert!(err.to_string().contains("short_factor"), "{err}");
     }
 
+    /// Dynamic NTK needs its factor, and reads the original context from
+    /// max_position_embeddings in either spelling (as transformers does).
+    #[test]
+    fn dynamic_scaling_is_read_in_each_spelling_and_needs_its_factor() {
+        let t5 = DecoderSpec::from_config(&with(
+            "llama",
+            json!({"max_position_embeddings": 4096,
+                   "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0,
+                                       "original_max_position_embeddings": 1024}}),
+        ))
+        .expect("t5");
+        let t4 = DecoderSpec::from_config(&with(
+            "llama",
+            json!({"max_position_embeddings": 4096, "rope_theta": 1e4,
+                   "rope_scaling": {"type": "dynamic", "factor": 2.0}}),
+        ))
+        .expect("t4");
+        assert_eq!(t5.rope.dynamic_ntk().expect("t5"), Some((4096, 2.0)));
+        assert_eq!(t4.rope.dynamic_ntk().expect("t4"), Some((4096, 2.0)));
+        assert_eq!(t4.positions(), 8192);
+        let err =
+            DecoderSpec::from_config(&with("llama", json!({"rope_scaling": {"type": "dynamic"}})))
+                .expect_err("no factor");
+        assert!(err.to_string().contains("`factor`"), "{err}");
+    }
+
     #[test]
     fn keys_that_change_the_math_and_are_not_modelled_are_refused_by_name() {
         for (model_type, extra, key) in [
@@ -1084,13 +1172,13 @@ mod tests {
             ),
             (
                 "qwen2",
-                json!({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}),
-                "dynamic",
+                json!({"rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}}),
+                "proportional",
             ),
             (
                 "llama",
-                json!({"rope_scaling": {"type": "dynamic", "factor": 2.0}}),
-                "dynamic",
+                json!({"rope_scaling": {"type": "ntk_by_parts", "factor": 2.0}}),
+                "ntk_by_parts",
             ),
             ("llama", json!({"sliding_window": 16}), "sliding_window"),
             (

@@ -29,7 +29,7 @@ use crate::{HandlerError, WeightSource};
 mod experts;
 pub mod families;
 #[cfg(test)]
-mod fixture_tests;
+pub(crate) mod fixture_tests;
 pub mod prefix_cache;
 pub mod spec;
 

@@ -188,22 +188,58 @@ fn hf_name(
 /// config.json's `rope_scaling` for a GGUF model. llama.cpp's converter turns Llama 3.1's
 /// banded `llama3` scaling into a `rope_freqs` tensor of per-frequency divisors, which
 /// becomes `frequency_factors` here (see [`crate::models::decoder::spec::RopeSpec::inverse_frequencies`]);
-/// `{arch}.rope.scaling.type` `linear` keeps its factor; other scalings (yarn, ...) are
+/// `{arch}.rope.scaling.type` `linear` keeps its factor; Phi-3's `rope_factors_long` /
+/// `rope_factors_short` tensors become `longrope`; other scalings (yarn, ...) are
 /// refused rather than served with plain RoPE.
 fn rope_scaling(
     content: &Content,
     reader: &mut RangeReader,
     arch: &str,
 ) -> Result<Option<serde_json::Value>, HandlerError> {
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        let factors = content
-            .tensor(reader, "rope_freqs.weight", &Device::Cpu)
+    let mut vector = |name: &str| {
+        content
+            .tensor(reader, name, &Device::Cpu)
             .and_then(|q| q.dequantize(&Device::Cpu))
             .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-            .weights_context(|| "cannot read rope_freqs.weight of the GGUF file".into())?;
+            .weights_context(|| format!("cannot read {name} of the GGUF file"))
+    };
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        let factors = vector("rope_freqs.weight")?;
         return Ok(Some(
             json!({"rope_type": "frequency_factors", "factors": factors}),
         ));
+    }
+    // Phi-3's LongRoPE as llama.cpp's converter writes it: the factors as two tensors,
+    // the original context and the attention factor as keys. Served as transformers
+    // runs it (a sequence takes the long factors once it outgrows the original
+    // context), where llama.cpp picks one set for every sequence by its context size.
+    let (long, short) = ("rope_factors_long.weight", "rope_factors_short.weight");
+    let has = |t: &str| content.tensor_infos.contains_key(t);
+    if has(long) || has(short) {
+        if !(has(long) && has(short)) {
+            return Err(bad(format!(
+                "the GGUF has one of {long} and {short} without the other"
+            )));
+        }
+        let original = content
+            .metadata
+            .get(&format!("{arch}.rope.scaling.original_context_length"))
+            .and_then(|v| v.to_u32().ok())
+            .ok_or_else(|| {
+                bad(format!(
+                    "{long} needs {arch}.rope.scaling.original_context_length (LongRoPE's original context)"
+                ))
+            })?;
+        let mut scaling = json!({
+            "rope_type": "longrope",
+            "long_factor": vector(long)?,
+            "short_factor": vector(short)?,
+            "original_max_position_embeddings": original,
+        });
+        if let Some(factor) = meta_f32(content, &format!("{arch}.rope.scaling.attn_factor")) {
+            scaling["attention_factor"] = json!(factor);
+        }
+        return Ok(Some(scaling));
     }
     let kind = content
         .metadata
@@ -364,15 +400,6 @@ fn convert(
         ("qwen3moe", _) => (architectures, "qwen3_moe"),
         (other, _) => (architectures, other),
     };
-    // Phi-3's long-context RoPE (longrope) is not implemented: refused, not ignored.
-    if let Some(factors) = ["rope_factors_long.weight", "rope_factors_short.weight"]
-        .into_iter()
-        .find(|t| content.tensor_infos.contains_key(*t))
-    {
-        return Err(HandlerError::Unsupported(format!(
-            "GGUF tensor {factors} (Phi-3's longrope scaling) is not implemented"
-        )));
-    }
     let key = |k: &str| format!("{arch}.{k}");
     let heads = meta_u32(&content, &key("attention.head_count"))? as usize;
     let kv_heads = content
@@ -1347,6 +1374,29 @@ mod tests {
         if arch != "phi3" {
             metadata.push((key("attention.key_length"), u32v(spec.head_dim)));
         }
+        // LongRoPE as llama.cpp's Phi-3 converter writes it: two factor tensors, the
+        // original context and the attention factor.
+        if let Some(scaling) = (spec.rope.scaling.as_ref()).filter(|s| s["rope_type"] == "longrope")
+        {
+            for (factors, name) in [("long_factor", "long"), ("short_factor", "short")] {
+                let values: Vec<f32> =
+                    serde_json::from_value(scaling[factors].clone()).expect("factors");
+                let t = Tensor::new(values.as_slice(), &Device::Cpu).expect("factors");
+                let q = QTensor::quantize(&t, GgmlDType::F32).expect("f32");
+                gguf_tensors.push((format!("rope_factors_{name}.weight"), q));
+            }
+            let original = scaling["original_max_position_embeddings"]
+                .as_u64()
+                .expect("original");
+            metadata.push((
+                key("rope.scaling.original_context_length"),
+                u32v(original as usize),
+            ));
+            metadata.push((
+                key("rope.scaling.attn_factor"),
+                Value::F32(spec.rope.attention_factor() as f32),
+            ));
+        }
         metadata.extend(extra);
         let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let refs: Vec<(&str, &QTensor)> =
@@ -1526,6 +1576,45 @@ mod tests {
                 &first_logits(&hf, &spec),
             );
             assert!(diff <= 1e-5, "{family}'s GGUF logits differ by {diff}");
+        }
+    }
+
+    /// Phi-3's LongRoPE from a GGUF (its factor tensors and keys as llama.cpp's converter
+    /// writes them) decodes as transformers does: the fixture's prompt and six steps, the
+    /// last four past the original context of 12, resident and on disk.
+    #[test]
+    fn a_phi3_longrope_gguf_decodes_like_transformers() {
+        use crate::models::decoder::fixture_tests::{Placement, decode, reference};
+        let work = tempfile::tempdir().expect("tempdir");
+        let (spec, converted, _, folder) =
+            gguf_of_fixture("phi3_longrope", "phi3", false, vec![], work.path());
+        assert_eq!(
+            converted.rope.long_context().expect("converted"),
+            spec.rope.long_context().expect("fixture")
+        );
+        assert_eq!(
+            converted.rope.inverse_frequencies().expect("converted"),
+            spec.rope.inverse_frequencies().expect("fixture")
+        );
+        let factor = converted.rope.attention_factor();
+        assert!(
+            (factor - spec.rope.attention_factor()).abs() < 1e-6,
+            "{factor}"
+        );
+        let source = crate::WeightSource::open(&folder.join("model.safetensors")).expect("source");
+        let want = reference(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/decoders/phi3_longrope")
+                .as_path(),
+        );
+        for placement in [Placement::Resident, Placement::AllOnDisk] {
+            decode(
+                &source,
+                &converted,
+                placement,
+                &want,
+                &format!("phi3_longrope GGUF, {placement:?}"),
+            );
         }
     }
 

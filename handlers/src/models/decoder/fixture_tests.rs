@@ -23,13 +23,13 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/decoders")
 }
 
-struct Reference {
+pub(crate) struct Reference {
     prompt: Vec<u32>,
     /// Per step: the logits and the token transformers picked.
     steps: Vec<(Vec<f32>, u32)>,
 }
 
-fn reference(dir: &Path) -> Reference {
+pub(crate) fn reference(dir: &Path) -> Reference {
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("reference.json")).expect("reference"))
             .expect("reference.json");
@@ -55,7 +55,7 @@ fn spec(dir: &Path, file: &str) -> DecoderSpec {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Placement {
+pub(crate) enum Placement {
     Resident,
     LaterBlocksOnDisk,
     /// Routed experts streamed, everything else resident (llama.cpp's `--cpu-moe`).
@@ -92,7 +92,7 @@ fn weights(dir: &Path, work: &Path) -> WeightSource {
     WeightSource::open(&path).expect("source")
 }
 
-fn decode(
+pub(crate) fn decode(
     source: &WeightSource,
     spec: &DecoderSpec,
     placement: Placement,

@@ -131,3 +131,74 @@ fn every_decoder_family_answers_predictions_completions_and_chat() {
         assert!(chat["choices"][0]["message"]["content"].is_string());
     }
 }
+
+/// Mixtral and Qwen 3 MoE with their routed experts on disk and everything else in RAM
+/// (one wildcard entry of `device_map`, llama.cpp's `--cpu-moe`): the plan puts each
+/// block's experts unit on disk and its block on the CPU, and the server answers with the
+/// decoder's own greedy tokens while it streams only expert bytes.
+#[test]
+fn moe_families_serve_with_their_experts_on_disk() {
+    let fixture = Fixture::new();
+    let mut expected = Vec::new();
+    for family in FAMILIES.iter().filter(|f| f.experts.is_some()) {
+        let folder = fixture.dir.path().join(family.name);
+        model_folder(family.name, &folder);
+        expected.push((family, greedy_in_process(&folder, PROMPT)));
+        let moe = family.experts.as_ref().unwrap().module;
+        let setup = serde_json::json!({"device_map":
+            {"": "cpu", format!("model.layers.*.{moe}.experts"): "disk"}});
+        let setup = fixture.file(
+            &format!("{}-setup_config.json", family.name),
+            &setup.to_string(),
+        );
+        std::fs::copy(&setup, folder.join("setup_config.json")).unwrap();
+        fixture.archive(family.name, "1.0", "text_generation", Some(&folder), &[]);
+    }
+    let server = TestServer::start(&fixture.store(), &fixture.cache(), &[]);
+    server.wait_healthy();
+    for (family, want) in &expected {
+        let name = family.name;
+        let described = json(
+            server.manage(reqwest::Method::GET, &format!("/models/{name}")),
+            200,
+        );
+        let units = described[0]["placement"]["units"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let experts: Vec<&serde_json::Value> =
+            units.iter().filter(|u| u["kind"] == "experts").collect();
+        assert!(!experts.is_empty(), "{name}: {units:?}");
+        assert!(
+            experts.iter().all(|u| u["device"] == "disk"),
+            "{name}: {units:?}"
+        );
+        assert!(
+            units
+                .iter()
+                .filter(|u| u["kind"] != "experts")
+                .all(|u| u["device"] == "cpu"),
+            "{name}: {units:?}"
+        );
+        let body = serde_json::json!({"inputs": PROMPT,
+            "parameters": {"max_new_tokens": NEW_TOKENS, "details": true}});
+        let answer = json(server.predict(name, &body.to_string()), 200);
+        let ids: Vec<u64> = answer["details"]["token_ids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: {answer}"))
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(&ids, want, "{name}: greedy tokens with experts on disk");
+        let streamed = server
+            .metrics_text()
+            .lines()
+            .filter(|l| {
+                l.starts_with("spillway_streamed_bytes_total")
+                    && l.contains(&format!("model_name=\"{name}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        assert!(streamed > 0.0, "{name}: its experts were read from disk");
+    }
+}

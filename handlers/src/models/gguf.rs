@@ -53,13 +53,27 @@ pub fn materialize(
 /// order).
 const CONVERSION: u32 = 7;
 
-/// A tensor of the converted checkpoint: the GGUF tensor it comes from, its HF name, the
-/// head count to un-permute its rows with, and which expert of a stack it is.
+/// A tensor of the converted checkpoint: the GGUF tensor it comes from, its HF name, how
+/// its rows go back to the checkpoint's order, and which expert of a stack it is.
 struct Mapped {
     gguf: String,
     hf: String,
-    unpermute: Option<usize>,
+    rows: Rows,
     expert: Option<usize>,
+}
+
+/// How a GGUF tensor's data goes back to the checkpoint's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    AsStored,
+    /// llama.cpp's q/k permutation undone, for this many heads ([`unpermute`]).
+    Unpermute(usize),
+    /// BLOOM's and GPT-NeoX's fused qkv: llama.cpp's `[Q; K; V]` blocks back to the
+    /// checkpoint's per-head `[q, k, v]` rows, for this many heads ([`interleave_qkv`]).
+    InterleaveQkv(usize),
+    /// GPT-2's Conv1D weights, which llama.cpp stores transposed to `[out, in]`, back to
+    /// `[in, out]` (dequantized: GGML blocks run along a row and cannot be transposed).
+    Transpose,
 }
 
 fn bad(reason: impl std::fmt::Display) -> HandlerError {
@@ -133,14 +147,12 @@ fn expert_names(gguf: &str, arch: &str, experts: usize) -> Option<Vec<(String, O
     Some(vec![(name(e, which(kind)?), None)])
 }
 
-/// The HF name of a GGUF tensor of architecture `arch`, and the head count to
-/// un-permute it with (q/k only).
-fn hf_name(
-    gguf: &str,
-    arch: &str,
-    heads: usize,
-    kv_heads: usize,
-) -> Option<(String, Option<usize>)> {
+/// The HF name of a GGUF tensor of architecture `arch`, and how its rows go back (q/k
+/// un-permuted where llama.cpp permuted them).
+fn hf_name(gguf: &str, arch: &str, heads: usize, kv_heads: usize) -> Option<(String, Rows)> {
+    if matches!(arch, "gpt2" | "bloom" | "gptneox") {
+        return legacy_hf_name(gguf, arch, heads);
+    }
     let permuted = permutes_qk(arch);
     // Gemma 2 and 3: `ffn_norm` is the norm before the MLP, the one after attention is
     // `post_attention_norm`. Phi-3 keeps qkv and gate_up fused.
@@ -153,7 +165,7 @@ fn hf_name(
         _ => None,
     };
     if let Some(name) = fixed {
-        return Some((name.to_string(), None));
+        return Some((name.to_string(), Rows::AsStored));
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, tail) = rest.split_once('.')?;
@@ -182,7 +194,69 @@ fn hf_name(
         _ => return None,
     };
     // Biases are permuted like their weights' rows.
-    Some((format!("model.layers.{layer}.{hf}.{param}"), unpermute))
+    let rows = unpermute.map_or(Rows::AsStored, Rows::Unpermute);
+    Some((format!("model.layers.{layer}.{hf}.{param}"), rows))
+}
+
+/// The HF name of a tensor of the GPT-2, BLOOM or GPT-NeoX GGUFs llama.cpp's converter
+/// writes (`gpt2`, `bloom`, `gptneox`): each family under its own prefix and names, a
+/// fused qkv (GPT-2's already in `[q; k; v]` blocks, the others' per head in the
+/// checkpoint), and GPT-2's Conv1D weights transposed.
+fn legacy_hf_name(gguf: &str, arch: &str, heads: usize) -> Option<(String, Rows)> {
+    let (prefix, blocks, embeddings, final_norm, head) = match arch {
+        "gpt2" => ("transformer", "h", "wte", "ln_f", "lm_head"),
+        "bloom" => ("transformer", "h", "word_embeddings", "ln_f", "lm_head"),
+        _ => (
+            "gpt_neox",
+            "layers",
+            "embed_in",
+            "final_layer_norm",
+            "embed_out",
+        ),
+    };
+    let (module, param) = gguf.rsplit_once('.')?;
+    let top = |name: &str| Some((format!("{prefix}.{name}.{param}"), Rows::AsStored));
+    match module {
+        "token_embd" => return top(embeddings),
+        "position_embd" if arch == "gpt2" => return top("wpe"),
+        "token_embd_norm" if arch == "bloom" => return top("word_embeddings_layernorm"),
+        "output_norm" => return top(final_norm),
+        "output" => return Some((format!("{head}.{param}"), Rows::AsStored)),
+        _ => {}
+    }
+    let (layer, module) = module.strip_prefix("blk.")?.split_once('.')?;
+    let weight = param == "weight";
+    let (hf, rows) = match (arch, module) {
+        ("gpt2", "attn_norm") => ("ln_1", Rows::AsStored),
+        ("gpt2", "ffn_norm") => ("ln_2", Rows::AsStored),
+        ("gpt2", conv) => {
+            let hf = match conv {
+                "attn_qkv" => "attn.c_attn",
+                "attn_output" => "attn.c_proj",
+                "ffn_up" => "mlp.c_fc",
+                "ffn_down" => "mlp.c_proj",
+                _ => return None,
+            };
+            (
+                hf,
+                if weight {
+                    Rows::Transpose
+                } else {
+                    Rows::AsStored
+                },
+            )
+        }
+        (_, "attn_norm") => ("input_layernorm", Rows::AsStored),
+        (_, "ffn_norm") => ("post_attention_layernorm", Rows::AsStored),
+        (_, "ffn_up") => ("mlp.dense_h_to_4h", Rows::AsStored),
+        (_, "ffn_down") => ("mlp.dense_4h_to_h", Rows::AsStored),
+        ("bloom", "attn_qkv") => ("self_attention.query_key_value", Rows::InterleaveQkv(heads)),
+        ("bloom", "attn_output") => ("self_attention.dense", Rows::AsStored),
+        (_, "attn_qkv") => ("attention.query_key_value", Rows::InterleaveQkv(heads)),
+        (_, "attn_output") => ("attention.dense", Rows::AsStored),
+        _ => return None,
+    };
+    Some((format!("{prefix}.{blocks}.{layer}.{hf}.{param}"), rows))
 }
 
 /// config.json's `rope_scaling` for a GGUF model. llama.cpp's converter turns Llama 3.1's
@@ -308,6 +382,19 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape(dims)
 }
 
+/// Rows of a fused qkv from llama.cpp's `[Q; K; V]` blocks (`[3, heads, head_dim]`) back
+/// to the per-head `[heads, 3, head_dim]` BLOOM's and GPT-NeoX's checkpoints keep (the
+/// inverse of llama.cpp's converter; rows of GGML blocks move whole).
+fn interleave_qkv(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    w.reshape((3, heads, rows / 3 / heads, rest))?
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape(dims)
+}
+
 /// The tensor a GGUF tensor becomes: dequantized to `dtype` when one is asked for; else a
 /// quantized matrix stays in its blocks (`U8` rows) and the rest in its stored type.
 fn planned_tensor(
@@ -382,9 +469,12 @@ fn convert(
         "gemma3" => "Gemma3ForCausalLM",
         "phi3" => "Phi3ForCausalLM",
         "qwen3moe" => "Qwen3MoeForCausalLM",
+        "gpt2" => "GPT2LMHeadModel",
+        "bloom" => "BloomForCausalLM",
+        "gptneox" => "GPTNeoXForCausalLM",
         _ => {
             return Err(HandlerError::Unsupported(format!(
-                "GGUF architecture `{arch}`: this server serves llama (and Mixtral), mistral, qwen2, qwen3, qwen3moe, granite, olmo2, gemma, gemma2, gemma3 and phi3 GGUF models"
+                "GGUF architecture `{arch}`: this server serves llama (and Mixtral), mistral, qwen2, qwen3, qwen3moe, granite, olmo2, gemma, gemma2, gemma3, phi3, gpt2, bloom and gptneox GGUF models"
             )));
         }
     };
@@ -398,6 +488,7 @@ fn convert(
         ("llama", 1..) => ("MixtralForCausalLM", "mixtral"),
         ("gemma3", _) => (architectures, "gemma3_text"),
         ("qwen3moe", _) => (architectures, "qwen3_moe"),
+        ("gptneox", _) => (architectures, "gpt_neox"),
         (other, _) => (architectures, other),
     };
     let key = |k: &str| format!("{arch}.{k}");
@@ -430,14 +521,14 @@ fn convert(
             names.extend(split.into_iter().map(|(hf, expert)| Mapped {
                 gguf: gguf.clone(),
                 hf,
-                unpermute: None,
+                rows: Rows::AsStored,
                 expert,
             }));
-        } else if let Some((hf, unpermute)) = hf_name(gguf, &arch, heads, kv_heads) {
+        } else if let Some((hf, rows)) = hf_name(gguf, &arch, heads, kv_heads) {
             names.push(Mapped {
                 gguf: gguf.clone(),
                 hf,
-                unpermute,
+                rows,
                 expert: None,
             });
         }
@@ -460,6 +551,21 @@ fn convert(
                 Some(_) => dims[1..].to_vec(),
                 None => dims.to_vec(),
             };
+            if m.rows == Rows::Transpose {
+                // In a float type: its own, or float32 for GGML blocks.
+                let float = match info.ggml_dtype {
+                    GgmlDType::F16 => DType::F16,
+                    GgmlDType::BF16 => DType::BF16,
+                    _ => DType::F32,
+                };
+                let transposed = dims.iter().rev().copied().collect();
+                return planned_tensor(
+                    m.hf.clone(),
+                    info.ggml_dtype,
+                    transposed,
+                    Some(dtype.unwrap_or(float)),
+                );
+            }
             planned_tensor(m.hf.clone(), info.ggml_dtype, dims, dtype)
         })
         .collect();
@@ -471,7 +577,7 @@ fn convert(
         let Mapped {
             gguf,
             hf,
-            unpermute: heads,
+            rows,
             expert,
         } = next
             .next()
@@ -514,9 +620,11 @@ fn convert(
                     t.to_dtype(planned.dtype)?
                 }
             };
-            match heads {
-                Some(h) => unpermute(&t, *h),
-                None => Ok(t),
+            match rows {
+                Rows::AsStored => Ok(t),
+                Rows::Unpermute(heads) => unpermute(&t, *heads),
+                Rows::InterleaveQkv(heads) => interleave_qkv(&t, *heads),
+                Rows::Transpose => t.t()?.contiguous(),
             }
         })();
         read.weights_context(|| format!("cannot read tensor {gguf} ({hf}) of the GGUF file"))
@@ -539,7 +647,9 @@ fn convert(
     // Phi-3, whose rotary count is a part of the head (partial rotary).
     let meta = |k: &str| content.metadata.get(&key(k)).and_then(|v| v.to_u32().ok());
     let head_dim = meta("attention.key_length")
-        .or_else(|| meta("rope.dimension_count").filter(|_| arch != "phi3"))
+        .or_else(|| {
+            meta("rope.dimension_count").filter(|_| !matches!(arch.as_str(), "phi3" | "gptneox"))
+        })
         .unwrap_or((hidden / heads) as u32);
     let layers = meta_u32(&content, &key("block_count"))?;
     let mut config = json!({
@@ -563,6 +673,28 @@ fn convert(
     });
     if let Some(scaling) = rope_scaling {
         config["rope_scaling"] = scaling;
+    }
+    // GPT-2, BLOOM and GPT-NeoX: LayerNorms (their epsilon under its own key); GPT-2's
+    // learned positions and BLOOM's ALiBi have no RoPE; GPT-NeoX's parallel residual is
+    // a key (llama.cpp writes no `rotary_emb_base`: 10,000 unless the file says). Their
+    // MLPs' GELU is each family's own (tanh for GPT-2 and BLOOM, erf for GPT-NeoX, where
+    // llama.cpp computes tanh for all three).
+    if matches!(arch.as_str(), "gpt2" | "bloom" | "gptneox")
+        && let Some(object) = config.as_object_mut()
+    {
+        object.remove("rms_norm_eps");
+        let epsilon = meta_f32(&content, &key("attention.layer_norm_epsilon")).unwrap_or(1e-5);
+        object.insert("layer_norm_epsilon".into(), json!(epsilon));
+        if arch == "gptneox" {
+            let parallel = (content.metadata.get(&key("use_parallel_residual")))
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(true);
+            object.insert("use_parallel_residual".into(), json!(parallel));
+            object.insert("hidden_act".into(), json!("gelu"));
+        } else {
+            object.remove("rope_theta");
+            object.remove("head_dim");
+        }
     }
     if let Some(rotary) = meta("rope.dimension_count").filter(|d| *d < head_dim) {
         config["partial_rotary_factor"] = json!(f64::from(rotary) / f64::from(head_dim));
@@ -909,15 +1041,21 @@ mod tests {
     fn gguf_names_map_to_hf_names() {
         assert_eq!(
             hf_name("blk.3.attn_q.weight", "llama", 9, 3),
-            Some(("model.layers.3.self_attn.q_proj.weight".into(), Some(9)))
+            Some((
+                "model.layers.3.self_attn.q_proj.weight".into(),
+                Rows::Unpermute(9)
+            ))
         );
         assert_eq!(
             hf_name("blk.3.attn_k.weight", "llama", 9, 3),
-            Some(("model.layers.3.self_attn.k_proj.weight".into(), Some(3)))
+            Some((
+                "model.layers.3.self_attn.k_proj.weight".into(),
+                Rows::Unpermute(3)
+            ))
         );
         assert_eq!(
             hf_name("blk.3.attn_k.weight", "qwen2", 9, 3).map(|n| n.1),
-            Some(None)
+            Some(Rows::AsStored)
         );
         assert_eq!(
             hf_name("blk.0.ffn_norm.weight", "llama", 9, 3).map(|n| n.0),
@@ -1576,6 +1714,238 @@ mod tests {
                 &first_logits(&hf, &spec),
             );
             assert!(diff <= 1e-5, "{family}'s GGUF logits differ by {diff}");
+        }
+    }
+
+    /// The fixture of `family` written as llama.cpp's converter writes a GGUF of `arch`
+    /// (`gpt2`, `bloom`, `gptneox`; its names and layout, independent of the reading side's
+    /// map): GPT-2's Conv1D weights transposed to `[out, in]`, BLOOM's and GPT-NeoX's fused
+    /// qkv regrouped from per-head `[q, k, v]` to `[Q; K; V]` blocks, the output head
+    /// always written (a tied one as a copy of the embeddings), 2-D weights stored as
+    /// `matrices`; and the folder the server converts it to.
+    fn legacy_gguf_of_fixture(
+        family: &str,
+        arch: &str,
+        matrices: GgmlDType,
+        work: &Path,
+    ) -> (
+        crate::models::decoder::DecoderSpec,
+        crate::models::decoder::DecoderSpec,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    ) {
+        use crate::models::decoder::DecoderSpec;
+        use candle_core::quantized::QTensor;
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/decoders")
+            .join(family);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config"))
+                .expect("json");
+        let hf = work.join("hf");
+        crate::testing::decoder_fixtures::write_weights(&fixture, &hf).expect("weights");
+        let spec = DecoderSpec::from_config(&config).expect("spec");
+        let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
+            .expect("weights");
+        let heads = spec.num_attention_heads;
+        // llama.cpp's converter: [heads, 3, head_dim] rows regrouped into [3, heads, head_dim].
+        let blocks_of_qkv = |t: &Tensor| -> Tensor {
+            let dims = t.dims().to_vec();
+            let rest: usize = dims[1..].iter().product();
+            t.reshape((heads, 3, dims[0] / 3 / heads, rest))
+                .and_then(|t| t.transpose(0, 1))
+                .and_then(|t| t.contiguous())
+                .and_then(|t| t.reshape(dims))
+                .expect("regroup")
+        };
+        let (embeddings, per_block): (&str, &[(&str, &str)]) = match arch {
+            "gpt2" => (
+                "transformer.wte.weight",
+                &[
+                    ("ln_1", "attn_norm"),
+                    ("attn.c_attn", "attn_qkv"),
+                    ("attn.c_proj", "attn_output"),
+                    ("ln_2", "ffn_norm"),
+                    ("mlp.c_fc", "ffn_up"),
+                    ("mlp.c_proj", "ffn_down"),
+                ],
+            ),
+            "bloom" => (
+                "transformer.word_embeddings.weight",
+                &[
+                    ("input_layernorm", "attn_norm"),
+                    ("self_attention.query_key_value", "attn_qkv"),
+                    ("self_attention.dense", "attn_output"),
+                    ("post_attention_layernorm", "ffn_norm"),
+                    ("mlp.dense_h_to_4h", "ffn_up"),
+                    ("mlp.dense_4h_to_h", "ffn_down"),
+                ],
+            ),
+            _ => (
+                "gpt_neox.embed_in.weight",
+                &[
+                    ("input_layernorm", "attn_norm"),
+                    ("attention.query_key_value", "attn_qkv"),
+                    ("attention.dense", "attn_output"),
+                    ("post_attention_layernorm", "ffn_norm"),
+                    ("mlp.dense_h_to_4h", "ffn_up"),
+                    ("mlp.dense_4h_to_h", "ffn_down"),
+                ],
+            ),
+        };
+        let fixed = [
+            ("transformer.wte.weight", "token_embd.weight"),
+            ("transformer.wpe.weight", "position_embd.weight"),
+            ("transformer.word_embeddings.weight", "token_embd.weight"),
+            (
+                "transformer.word_embeddings_layernorm.weight",
+                "token_embd_norm.weight",
+            ),
+            (
+                "transformer.word_embeddings_layernorm.bias",
+                "token_embd_norm.bias",
+            ),
+            ("transformer.ln_f.weight", "output_norm.weight"),
+            ("transformer.ln_f.bias", "output_norm.bias"),
+            ("gpt_neox.embed_in.weight", "token_embd.weight"),
+            ("gpt_neox.final_layer_norm.weight", "output_norm.weight"),
+            ("gpt_neox.final_layer_norm.bias", "output_norm.bias"),
+            ("embed_out.weight", "output.weight"),
+            ("lm_head.weight", "output.weight"),
+        ];
+        let mut gguf_tensors: Vec<(String, QTensor)> = Vec::new();
+        // Rows that are not whole blocks stay in float32, as llama.cpp's quantizer leaves them.
+        let mut store = |name: String, t: &Tensor| {
+            let whole = t
+                .dims()
+                .last()
+                .is_some_and(|c| c % matrices.block_size() == 0);
+            let ggml = match t.rank() {
+                2 if name != "position_embd.weight" && whole => matrices,
+                _ => GgmlDType::F32,
+            };
+            gguf_tensors.push((name, QTensor::quantize(t, ggml).expect("quantize")));
+        };
+        for (name, t) in &tensors {
+            if let Some((_, gguf)) = fixed.iter().find(|(hf, _)| hf == name) {
+                store(gguf.to_string(), t);
+                continue;
+            }
+            let (_, rest) = name
+                .split_once(".h.")
+                .or_else(|| name.split_once(".layers."))
+                .unwrap_or_else(|| panic!("unexpected tensor {name}"));
+            let (layer, tail) = rest.split_once('.').expect("layer.tail");
+            let (module, param) = tail.rsplit_once('.').expect("module.param");
+            let (_, gguf) = per_block
+                .iter()
+                .find(|(hf, _)| *hf == module)
+                .unwrap_or_else(|| panic!("unexpected tensor {name}"));
+            let t = match (*gguf, arch, param) {
+                ("attn_qkv", "bloom" | "gptneox", _) => blocks_of_qkv(t),
+                (_, "gpt2", "weight") if *gguf != "attn_norm" && *gguf != "ffn_norm" => {
+                    t.t().and_then(|t| t.contiguous()).expect("transpose")
+                }
+                _ => t.clone(),
+            };
+            store(format!("blk.{layer}.{gguf}.{param}"), &t);
+        }
+        // A tied head is written as a copy of the embeddings.
+        if !["lm_head.weight", "embed_out.weight"]
+            .iter()
+            .any(|head| tensors.contains_key(*head))
+        {
+            store("output.weight".into(), &tensors[embeddings]);
+        }
+        let u32v = |v: usize| Value::U32(v as u32);
+        let key = |k: &str| format!("{arch}.{k}");
+        let tokens: Vec<Value> = (0..spec.vocab_size)
+            .map(|i| Value::String(format!("t{i}")))
+            .collect();
+        let mut metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (key("attention.head_count"), u32v(heads)),
+            (key("embedding_length"), u32v(spec.hidden_size)),
+            (key("feed_forward_length"), u32v(spec.intermediate_size)),
+            (key("block_count"), u32v(spec.num_hidden_layers)),
+            (key("context_length"), u32v(spec.max_position_embeddings)),
+            (
+                key("attention.layer_norm_epsilon"),
+                Value::F32(spec.rms_norm_eps as f32),
+            ),
+            ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+            ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ];
+        match arch {
+            "bloom" => metadata.push((key("attention.head_count_kv"), u32v(heads))),
+            "gptneox" => {
+                metadata.push((key("rope.dimension_count"), u32v(spec.rope.rotary_dim)));
+                metadata.push((key("use_parallel_residual"), Value::Bool(true)));
+            }
+            _ => {}
+        }
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let refs: Vec<(&str, &QTensor)> =
+            gguf_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let gguf_dir = work.join("gguf");
+        std::fs::create_dir_all(&gguf_dir).expect("dir");
+        let file_name = format!("{family}.gguf");
+        let mut file = std::fs::File::create(gguf_dir.join(&file_name)).expect("create");
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &refs).expect("write");
+        drop(file);
+        let folder = materialize(
+            &crate::weights::files::FolderFiles::new(&gguf_dir),
+            &file_name,
+            &work.join("offload"),
+            None,
+        )
+        .expect("materialize");
+        let converted: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(folder.join("config.json")).expect("config"))
+                .expect("json");
+        let converted = DecoderSpec::from_config(&converted).expect("converted spec");
+        (spec, converted, hf, folder)
+    }
+
+    /// GPT-2, BLOOM and GPT-NeoX GGUFs as llama.cpp writes them decode as transformers
+    /// does from the checkpoint they came from: in float32 to 1e-5 of the checkpoint's
+    /// logits; with the matrices in Q8_0 blocks (GPT-2's dequantized, as its transposed
+    /// Conv1D weights must be; BLOOM's and GPT-NeoX's fused qkv regrouped row by row in
+    /// their blocks) within 5 % of the largest logit.
+    #[test]
+    fn gpt2_bloom_and_gptneox_ggufs_decode_as_their_checkpoints() {
+        for (family, arch) in [
+            ("gpt2", "gpt2"),
+            ("bloom", "bloom"),
+            ("gpt_neox", "gptneox"),
+        ] {
+            for matrices in [GgmlDType::F32, GgmlDType::Q8_0] {
+                let work = tempfile::tempdir().expect("tempdir");
+                let (spec, converted, hf, folder) =
+                    legacy_gguf_of_fixture(family, arch, matrices, work.path());
+                assert_eq!(converted.family.name, spec.family.name, "{family}");
+                assert_eq!(converted.rope, spec.rope, "{family}");
+                assert_eq!(converted.norms, spec.norms, "{family}");
+                assert_eq!(converted.activation, spec.activation, "{family}");
+                assert_eq!(converted.positions(), spec.positions(), "{family}");
+                let want = first_logits(&hf, &spec);
+                let ours = first_logits(&folder, &converted);
+                let diff = max_diff(&ours, &want);
+                let largest = want
+                    .abs()
+                    .and_then(|t| t.max_all())
+                    .and_then(|t| t.to_scalar::<f32>())
+                    .expect("max");
+                let bar = match matrices {
+                    GgmlDType::F32 => 1e-5,
+                    _ => 0.05 * largest,
+                };
+                assert!(
+                    diff <= bar,
+                    "{family} ({matrices:?}): logits differ by {diff} (bar {bar})"
+                );
+            }
         }
     }
 

@@ -329,17 +329,14 @@ impl<M: StackModule> LayerStack<M> {
         }));
     }
 
-    fn push_mapped<'n>(
+    /// Adds a unit read from `mapping`, built already as `built` says (or not at all).
+    fn push_mapped(
         &mut self,
         name: impl Into<String>,
         device: Device,
-        source: WeightSource,
-        tensors: impl IntoIterator<Item = &'n str>,
-        build: Build<M>,
+        mapping: Mapping<M>,
         built: Option<(M, Residence)>,
-        on_demand: bool,
     ) {
-        let span = source.span_of(tensors);
         let (module, kept) = match built {
             Some((module, Residence::Resident)) => (Some(module), None),
             // Kept only if it reads in place.
@@ -351,20 +348,15 @@ impl<M: StackModule> LayerStack<M> {
         // check it) is rebuilt for each pass; a resident one either holds its own copy
         // (f32 packed for MKL, or copied by candle), which the mapped pages would double,
         // or reads its weights in place, which maps back the pages it uses as it uses them.
-        if let Some(span) = &span {
-            source.release(span);
+        if let Some(span) = &mapping.span {
+            mapping.source.release(span);
         }
         self.units.push(Arc::new(StackUnit {
             name: name.into(),
             device,
             module: RwLock::new(module),
             kept: RwLock::new(kept.filter(|m| m.reads_in_place())),
-            mapping: Some(Mapping {
-                build,
-                source,
-                span,
-                on_demand,
-            }),
+            mapping: Some(mapping),
             planned_resident,
         }));
     }
@@ -379,8 +371,13 @@ impl<M: StackModule> LayerStack<M> {
         tensors: impl IntoIterator<Item = &'n str>,
         build: impl Fn() -> Result<M> + Send + Sync + 'static,
     ) {
-        let build: Build<M> = Box::new(move |_| build());
-        self.push_mapped(name, device, source, tensors, build, None, false);
+        let mapping = Mapping {
+            build: Box::new(move |_| build()),
+            span: source.span_of(tensors),
+            source,
+            on_demand: false,
+        };
+        self.push_mapped(name, device, mapping, None);
     }
 
     /// Adds the unit `name` (whose tensors are those under `name.`) as `placement` says.
@@ -421,19 +418,14 @@ impl<M: StackModule> LayerStack<M> {
         };
         let module =
             build(&device, residence).weights_context(|| format!("cannot load unit {name}"))?;
-        let tensors = tensors.iter().map(String::as_str);
         let exec = device.clone();
-        let build: Build<M> = Box::new(move |residence| build(&exec, residence));
-        let built = Some((module, residence));
-        self.push_mapped(
-            name,
-            device,
-            source.clone(),
-            tensors,
-            build,
-            built,
+        let mapping = Mapping {
+            build: Box::new(move |residence| build(&exec, residence)),
+            span: source.span_of(tensors.iter().map(String::as_str)),
+            source: source.clone(),
             on_demand,
-        );
+        };
+        self.push_mapped(name, device, mapping, Some((module, residence)));
         Ok(())
     }
 

@@ -121,16 +121,19 @@ pub struct DeviceMap {
 
 impl DeviceMap {
     /// The device of `module`: the deepest prefix that matches at a component boundary
-    /// ("" matches everything; of two as deep, the one with fewer `*`).
+    /// ("" matches everything; of two as deep, the one with fewer `*`, then the one whose
+    /// first `*` comes later).
     pub fn device_of(&self, module: &str) -> Option<Device> {
         self.entries
             .iter()
             .filter(|(prefix, _)| prefix_matches(prefix, module))
             .max_by_key(|(prefix, _)| {
-                // Deeper first; at one depth, fewer wildcards.
-                let parts = prefix.split('.').filter(|p| !p.is_empty());
-                let literal = prefix.split('.').filter(|p| *p != "*").count();
-                (parts.count(), literal)
+                // Deeper first; at one depth, fewer wildcards; then the later first
+                // wildcard (the longer literal start), so no two matching entries tie.
+                let parts: Vec<&str> = prefix.split('.').filter(|p| !p.is_empty()).collect();
+                let literal = parts.iter().filter(|p| **p != "*").count();
+                let first_wildcard = parts.iter().position(|p| *p == "*").unwrap_or(usize::MAX);
+                (parts.len(), literal, first_wildcard)
             })
             .map(|(_, device)| *device)
     }
@@ -331,6 +334,23 @@ mod tests {
         );
         assert_eq!(map.device_of("model.layers.1.mlp.gate"), Some(Device::CPU));
         assert!(!prefix_matches("model.*", "model"));
+        // Same depth, one `*` each: the one with the longer literal start wins, in
+        // whichever order the map lists them.
+        for entries in [
+            [
+                ("model.*.1", Device::cuda(0)),
+                ("model.layers.*", Device::CPU),
+            ],
+            [
+                ("model.layers.*", Device::CPU),
+                ("model.*.1", Device::cuda(0)),
+            ],
+        ] {
+            let map = DeviceMap {
+                entries: entries.iter().map(|(p, d)| (p.to_string(), *d)).collect(),
+            };
+            assert_eq!(map.device_of("model.layers.1"), Some(Device::CPU));
+        }
         assert!(prefix_matches("*", "lm_head"));
     }
 }

@@ -59,7 +59,11 @@ pub fn table(plan: &Plan) -> String {
                 .iter()
                 .filter(|u| matches!(u.kind, UnitKind::Experts(_)) == experts)
                 .collect();
-            for group in run.chunk_by(|a, b| a.device == b.device) {
+            // A gap in the blocks (a dense block between blocks with experts) ends a line.
+            let next = |a: &&PlacedUnit, b: &&PlacedUnit| {
+                a.device == b.device && block_index(a.kind).map(|i| i + 1) == block_index(b.kind)
+            };
+            for group in run.chunk_by(next) {
                 let (first, last) = (group[0], group[group.len() - 1]);
                 let (a, b) = (block_index(first.kind), block_index(last.kind));
                 let (Some(a), Some(b)) = (a, b) else {
@@ -67,12 +71,19 @@ pub fn table(plan: &Plan) -> String {
                 };
                 let bytes = group.iter().map(|u| u.bytes).sum();
                 let n = group.len();
+                // Experts are named after their block: `<block>.<module>`.
+                let block = (plan.units.iter())
+                    .find(|u| u.kind == UnitKind::Block(a))
+                    .map(|u| u.name.as_str());
                 let name = match experts {
                     _ if n == 1 => None,
-                    true => first
-                        .name
-                        .split_once(&format!(".{a}."))
-                        .map(|(c, module)| format!("{c}.{a}..{b}.{module} ({n} blocks' experts)")),
+                    true => block.and_then(|block| {
+                        let module = first.name.strip_prefix(block)?.strip_prefix('.')?;
+                        let (container, _) = block.rsplit_once('.')?;
+                        Some(format!(
+                            "{container}.{a}..{b}.{module} ({n} blocks' experts)"
+                        ))
+                    }),
                     false => (first.name.rsplit_once('.'))
                         .map(|(c, _)| format!("{c}.{a}..{b} ({n} blocks)")),
                 }

@@ -358,17 +358,21 @@ fn fill_strategy(
         + reserve.activations * gpus.len() as u64;
     let sum: u64 = gpus.iter().map(|(_, b)| *b).sum();
     if gpus.len() > 1 && total <= sum {
-        // Each capped GPU may overshoot its share by one block, so that granularity never
-        // pushes the tail of a model that fits off the GPUs; and a share is never less
-        // than the largest unit and a pass of activations (a share smaller than the
-        // embeddings sent them to disk while another GPU had room).
-        let largest = request
-            .units
-            .iter()
-            .filter(|u| u.is_block())
-            .map(|u| u.bytes + reserve.kv_per_block)
-            .max()
-            .unwrap_or(0);
+        // Each capped GPU may overshoot its share by one block (with its experts), so
+        // that granularity never pushes the tail of a model that fits off the GPUs; and a
+        // share is never less than the largest unit and a pass of activations (a share
+        // smaller than the embeddings sent them to disk while another GPU had room).
+        let mut per_block: std::collections::BTreeMap<usize, u64> = Default::default();
+        for unit in request.units {
+            match unit.kind {
+                UnitKind::Block(i) => {
+                    *per_block.entry(i).or_default() += unit.bytes + reserve.kv_per_block
+                }
+                UnitKind::Experts(i) => *per_block.entry(i).or_default() += unit.bytes,
+                UnitKind::Pre | UnitKind::Post => {}
+            }
+        }
+        let largest = per_block.values().copied().max().unwrap_or(0);
         let largest_unit = request
             .units
             .iter()
@@ -450,12 +454,15 @@ fn explicit(request: &PlanRequest<'_>, map: &crate::DeviceMap) -> Result<Vec<Dev
                 .iter()
                 .any(|t| prefix_matches(prefix, t) || prefix_matches(t, prefix))
         });
-        // Strictly inside a unit, unless it names one there (a block's experts).
+        // Strictly inside a unit (a `*` of the entry standing for any of its components),
+        // unless it names one there (a block's experts).
+        let encloses = |unit: &str| {
+            let (unit, entry): (Vec<&str>, Vec<&str>) =
+                (unit.split('.').collect(), prefix.split('.').collect());
+            unit.len() < entry.len() && unit.iter().zip(&entry).all(|(u, e)| *e == "*" || u == e)
+        };
         let inside = (request.units.iter())
-            .filter(|u| {
-                prefix.split('.').count() > u.name.split('.').count()
-                    && prefix_matches(&u.name, prefix)
-            })
+            .filter(|u| encloses(&u.name))
             .max_by_key(|u| u.name.split('.').count());
         let names_a_whole_unit = request.units.iter().any(|u| {
             prefix.split('.').count() == u.name.split('.').count()

@@ -431,6 +431,18 @@ fn experts_are_placed_apart_from_their_blocks() {
         err.to_string().contains("inside the unit `model.layers.3`"),
         "{err}"
     );
+    // A wildcard entry inside every block, but not naming their experts, is refused too.
+    for entry in [
+        "model.layers.*.block_sparse_moe",
+        "model.layers.*.self_attn",
+    ] {
+        let err = explicit(serde_json::json!({"": "cpu", entry: "disk"})).expect_err(entry);
+        assert!(
+            err.to_string()
+                .contains("is inside the unit `model.layers."),
+            "{err}"
+        );
+    }
     let err = explicit(
         serde_json::json!({"": "cpu", "model.layers.3.block_sparse_moe.experts.1": "disk"}),
     )
@@ -448,4 +460,116 @@ fn experts_are_placed_apart_from_their_blocks() {
             Some(device)
         );
     }
+}
+
+/// Balanced over two GPUs, a GPU's share may overshoot by one block *with its experts*:
+/// with the experts a unit of their own, the overshoot of a bare block (a twelfth of a
+/// Mixtral block's bytes) stopped GPU 0 an experts unit short and pushed the head off
+/// the GPUs.
+#[test]
+fn balanced_shares_overshoot_by_a_block_with_its_experts() {
+    let gib = |x: f64| (x * GIB as f64) as u64;
+    let unit = |name: String, bytes, kind| PlacementUnit {
+        name,
+        bytes,
+        kind,
+        tied: vec![],
+    };
+    let mut units = vec![unit("model.embed_tokens".into(), gib(0.8), UnitKind::Pre)];
+    for i in 0..7 {
+        units.push(unit(
+            format!("model.layers.{i}"),
+            gib(0.25),
+            UnitKind::Block(i),
+        ));
+        units.push(unit(
+            format!("model.layers.{i}.block_sparse_moe.experts"),
+            gib(2.0),
+            UnitKind::Experts(i),
+        ));
+    }
+    units.push(unit("lm_head".into(), gib(1.45), UnitKind::Post));
+    let budget = |device, bytes| DeviceBudget { device, bytes };
+    let budgets = Budgets {
+        devices: vec![
+            budget(Device::cuda(0), Some(10 * GIB)),
+            budget(Device::cuda(1), Some(10 * GIB)),
+            budget(Device::CPU, Some(64 * GIB)),
+            budget(Device::DISK, None),
+        ],
+        notes: vec![],
+    };
+    let p = plan(&PlanRequest {
+        units: &units,
+        budgets: &budgets,
+        strategy: &Strategy::Balanced,
+        reserve: Reserve::default(),
+        disk: DiskAccess::Mapped,
+    })
+    .expect("18 GiB on two 10 GiB GPUs");
+    within_budgets(&p);
+    assert!(
+        p.units.iter().all(|u| u.device.kind == DeviceType::Cuda),
+        "{}",
+        explain::table(&p)
+    );
+}
+
+/// `plan`'s table folds consecutive blocks' experts, and a dense block between them
+/// (Qwen 3 MoE's `mlp_only_layers`) ends a line rather than hiding in a range.
+#[test]
+fn the_plan_table_folds_experts_only_over_consecutive_blocks() {
+    let unit = |name: String, kind| PlacementUnit {
+        name,
+        bytes: 1 << 20,
+        kind,
+        tied: vec![],
+    };
+    let mut units = vec![unit("model.embed_tokens".into(), UnitKind::Pre)];
+    for i in 0..4 {
+        units.push(unit(format!("model.layers.{i}"), UnitKind::Block(i)));
+        if i != 1 {
+            units.push(unit(
+                format!("model.layers.{i}.mlp.experts"),
+                UnitKind::Experts(i),
+            ));
+        }
+    }
+    let budgets = Budgets {
+        devices: vec![
+            DeviceBudget {
+                device: Device::CPU,
+                bytes: None,
+            },
+            DeviceBudget {
+                device: Device::DISK,
+                bytes: None,
+            },
+        ],
+        notes: vec![],
+    };
+    let p = plan(&PlanRequest {
+        units: &units,
+        budgets: &budgets,
+        strategy: &Strategy::Single(Device::CPU),
+        reserve: Reserve::default(),
+        disk: DiskAccess::Mapped,
+    })
+    .expect("plan");
+    let table = explain::table(&p);
+    let names: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.split("  ").next())
+        .map(str::trim)
+        .filter(|n| n.starts_with("model.layers"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0..3 (4 blocks)",
+            "model.layers.0.mlp.experts",
+            "model.layers.2..3.mlp.experts (2 blocks' experts)"
+        ],
+        "{table}"
+    );
 }

@@ -1084,6 +1084,15 @@ impl Rope {
         device: &Device,
     ) -> candle_core::Result<Self> {
         let msg = |e: HandlerError| candle_core::Error::Msg(e.to_string());
+        // Dynamic NTK reads the tables within its original context only (past it the
+        // angles are computed for each pass).
+        let dynamic = match rope.dynamic_ntk().map_err(msg)? {
+            Some((original, _)) if original < positions => Some((original, rope.clone())),
+            _ => None,
+        };
+        let positions = dynamic
+            .as_ref()
+            .map_or(positions, |(original, _)| *original);
         let angles = |inv: Vec<f32>| -> candle_core::Result<Tensor> {
             let inv = Tensor::new(inv.as_slice(), device)?;
             let positions = Tensor::arange(0, positions as u32, device)?
@@ -1102,10 +1111,6 @@ impl Rope {
             None => None,
         };
         let scale = rope.attention_factor();
-        let dynamic = match rope.dynamic_ntk().map_err(msg)? {
-            Some((original, _)) if original < positions => Some((original, rope.clone())),
-            _ => None,
-        };
         Ok(Self {
             cos: (table.cos()? * scale)?.to_dtype(dtype)?,
             sin: (table.sin()? * scale)?.to_dtype(dtype)?,

@@ -374,7 +374,9 @@ fn check_tensors_within(content: &Content, file_len: u64) -> Result<(), HandlerE
 /// Undoes llama.cpp's `permute(w, n_head)`, which interleaves each head's two rotary halves.
 fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
-    let rows = dims[0];
+    let Some(&rows) = dims.first().filter(|r| **r % (2 * heads.max(1)) == 0) else {
+        candle_core::bail!("q/k rows of shape {dims:?} are not pairs of {heads} heads");
+    };
     let rest: usize = dims[1..].iter().product();
     w.reshape((heads, rows / heads / 2, 2, rest))?
         .transpose(1, 2)?
@@ -387,7 +389,9 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
 /// inverse of llama.cpp's converter; rows of GGML blocks move whole).
 fn interleave_qkv(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     let dims = w.dims().to_vec();
-    let rows = dims[0];
+    let Some(&rows) = dims.first().filter(|r| **r % (3 * heads.max(1)) == 0) else {
+        candle_core::bail!("a fused qkv of shape {dims:?} is not three blocks of {heads} heads");
+    };
     let rest: usize = dims[1..].iter().product();
     w.reshape((3, heads, rows / 3 / heads, rest))?
         .transpose(0, 1)?

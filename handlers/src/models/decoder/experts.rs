@@ -194,12 +194,15 @@ impl ExpertGroup {
         if let Some(mlp) = self.experts[e].get() {
             return Ok((mlp, false));
         }
-        // Two passes may load it at once: one copy is kept, the other dropped.
-        let _ = self.experts[e].set((self.load)(e)?);
-        self.read.fetch_add(self.bytes[e], Ordering::Relaxed);
+        // Two passes may load it at once: one copy is kept (and counted), the other
+        // dropped.
+        let loaded = self.experts[e].set((self.load)(e)?).is_ok();
+        if loaded {
+            self.read.fetch_add(self.bytes[e], Ordering::Relaxed);
+        }
         let mlp = (self.experts[e].get())
             .ok_or_else(|| candle_core::Error::Msg(format!("expert {e} did not load")))?;
-        Ok((mlp, true))
+        Ok((mlp, loaded))
     }
 
     /// Whether every expert loaded so far multiplies its weights where they are mapped

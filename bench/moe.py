@@ -159,7 +159,8 @@ def main():
              f"{weights / 2**20:.0f} MiB, of it experts {8 * 8 * 3 * 512 * 1024 * 4 / 2**20:.0f} MiB); "
              f"max_memory cpu {args.budget_mib} MiB for the disk layouts; prompt {rows[0][5]} tokens, "
              f"decode {NEW_TOKENS} new tokens, median of {args.runs}; page cache warm; {cpu_name()}, "
-             f"{os.cpu_count()} cores. Command: `bench/moe.py --runs {args.runs}` ({time.strftime('%Y-%m-%d')}; "
+             f"{os.cpu_count()} cores. Command: `bench/moe.py --runs {args.runs}"
+             f"{' --before ' + os.path.basename(args.before) if args.before else ''}` ({time.strftime('%Y-%m-%d')}; "
              f"release build).", "",
              "| layout | in RAM (plan) | on disk (plan) | decode tok/s | vs ram | MiB read from disk per token "
              "| max RssAnon MiB | budget MiB |",

@@ -1361,6 +1361,63 @@ mod tests {
         gguf_of_fixture_with(family, arch, permute_qk, extra, stacks, work)
     }
 
+    /// The decoder fixture `family`: its spec, its checkpoint written into `work/hf`, and
+    /// that checkpoint's tensors.
+    fn fixture_checkpoint(
+        family: &str,
+        work: &Path,
+    ) -> (
+        crate::models::decoder::DecoderSpec,
+        std::path::PathBuf,
+        HashMap<String, Tensor>,
+    ) {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/decoders")
+            .join(family);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config"))
+                .expect("json");
+        let hf = work.join("hf");
+        crate::testing::decoder_fixtures::write_weights(&fixture, &hf).expect("weights");
+        let spec = crate::models::decoder::DecoderSpec::from_config(&config).expect("spec");
+        let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
+            .expect("weights");
+        (spec, hf, tensors)
+    }
+
+    /// `metadata` and `tensors` written as `work/gguf/<family>.gguf`, and the folder the
+    /// server converts it to (`served`: the dtype asked for) with the spec it reads there.
+    fn gguf_converted(
+        family: &str,
+        metadata: &[(String, Value)],
+        tensors: &[(String, candle_core::quantized::QTensor)],
+        served: Option<DType>,
+        work: &Path,
+    ) -> (crate::models::decoder::DecoderSpec, std::path::PathBuf) {
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let gguf_dir = work.join("gguf");
+        std::fs::create_dir_all(&gguf_dir).expect("dir");
+        let file_name = format!("{family}.gguf");
+        let mut file = std::fs::File::create(gguf_dir.join(&file_name)).expect("create");
+        candle_core::quantized::gguf_file::write(&mut file, &metadata, &refs).expect("write");
+        drop(file);
+        let folder = materialize(
+            &crate::weights::files::FolderFiles::new(&gguf_dir),
+            &file_name,
+            &work.join("offload"),
+            served,
+        )
+        .expect("materialize");
+        let converted: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(folder.join("config.json")).expect("config"))
+                .expect("json");
+        let converted =
+            crate::models::decoder::DecoderSpec::from_config(&converted).expect("converted spec");
+        (converted, folder)
+    }
+
     /// How expert stacks are stored in the GGUF, and the dtype the conversion asks for
     /// (`None`: quantized weights stay in their blocks).
     struct GgufStacks {
@@ -1381,19 +1438,8 @@ mod tests {
         std::path::PathBuf,
         std::path::PathBuf,
     ) {
-        use crate::models::decoder::DecoderSpec;
         use candle_core::quantized::QTensor;
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/decoders")
-            .join(family);
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config"))
-                .expect("json");
-        let hf = work.join("hf");
-        crate::testing::decoder_fixtures::write_weights(&fixture, &hf).expect("weights");
-        let spec = DecoderSpec::from_config(&config).expect("spec");
-        let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
-            .expect("weights");
+        let (spec, hf, tensors) = fixture_checkpoint(family, work);
         // llama.cpp's permute: rows regrouped per head from halves to interleaved pairs.
         let permute = |t: &Tensor, heads: usize| -> Tensor {
             let (rows, cols) = t.dims2().expect("2d");
@@ -1540,26 +1586,8 @@ mod tests {
             ));
         }
         metadata.extend(extra);
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let refs: Vec<(&str, &QTensor)> =
-            gguf_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let gguf_dir = work.join("gguf");
-        std::fs::create_dir_all(&gguf_dir).expect("dir");
-        let file_name = format!("{family}.gguf");
-        let mut file = std::fs::File::create(gguf_dir.join(&file_name)).expect("create");
-        candle_core::quantized::gguf_file::write(&mut file, &metadata, &refs).expect("write");
-        drop(file);
-        let folder = materialize(
-            &crate::weights::files::FolderFiles::new(&gguf_dir),
-            &file_name,
-            &work.join("offload"),
-            stacks_as.served,
-        )
-        .expect("materialize");
-        let converted: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(folder.join("config.json")).expect("config"))
-                .expect("json");
-        let converted = DecoderSpec::from_config(&converted).expect("converted spec");
+        let (converted, folder) =
+            gguf_converted(family, &metadata, &gguf_tensors, stacks_as.served, work);
         (spec, converted, hf, folder)
     }
 
@@ -1738,19 +1766,8 @@ mod tests {
         std::path::PathBuf,
         std::path::PathBuf,
     ) {
-        use crate::models::decoder::DecoderSpec;
         use candle_core::quantized::QTensor;
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/decoders")
-            .join(family);
-        let config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(fixture.join("config.json")).expect("config"))
-                .expect("json");
-        let hf = work.join("hf");
-        crate::testing::decoder_fixtures::write_weights(&fixture, &hf).expect("weights");
-        let spec = DecoderSpec::from_config(&config).expect("spec");
-        let tensors = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu)
-            .expect("weights");
+        let (spec, hf, tensors) = fixture_checkpoint(family, work);
         let heads = spec.num_attention_heads;
         // llama.cpp's converter: [heads, 3, head_dim] rows regrouped into [3, heads, head_dim].
         let blocks_of_qkv = |t: &Tensor| -> Tensor {
@@ -1889,26 +1906,7 @@ mod tests {
             }
             _ => {}
         }
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let refs: Vec<(&str, &QTensor)> =
-            gguf_tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let gguf_dir = work.join("gguf");
-        std::fs::create_dir_all(&gguf_dir).expect("dir");
-        let file_name = format!("{family}.gguf");
-        let mut file = std::fs::File::create(gguf_dir.join(&file_name)).expect("create");
-        candle_core::quantized::gguf_file::write(&mut file, &metadata, &refs).expect("write");
-        drop(file);
-        let folder = materialize(
-            &crate::weights::files::FolderFiles::new(&gguf_dir),
-            &file_name,
-            &work.join("offload"),
-            None,
-        )
-        .expect("materialize");
-        let converted: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(folder.join("config.json")).expect("config"))
-                .expect("json");
-        let converted = DecoderSpec::from_config(&converted).expect("converted spec");
+        let (converted, folder) = gguf_converted(family, &metadata, &gguf_tensors, None, work);
         (spec, converted, hf, folder)
     }
 

@@ -245,19 +245,7 @@ fn longrope_scaling_switches_factors_like_transformers() {
             (spec.rope.attention_factor() - factor).abs() < 1e-9,
             "{file}"
         );
-        for placement in [
-            Placement::Resident,
-            Placement::LaterBlocksOnDisk,
-            Placement::AllOnDisk,
-        ] {
-            decode(
-                &source,
-                &spec,
-                placement,
-                &want,
-                &format!("longrope ({file}, {placement:?})"),
-            );
-        }
+        decode_resident_and_on_disk(&source, &spec, &want, &format!("longrope ({file})"));
     }
     // With the long factors made the short ones, the steps before the switch still
     // match and the ones after leave the reference: the switch is what they test.
@@ -280,6 +268,29 @@ fn longrope_scaling_switches_factors_like_transformers() {
     // Steps 0-2 end at positions 10, 11, 12: within the original context of 12.
     assert!(diffs[..3].iter().all(|d| *d <= 1e-4), "{diffs:?}");
     assert!(diffs[3..].iter().all(|d| *d > 1e-3), "{diffs:?}");
+}
+
+/// [`decode`] at the three placements a fixture is held to: resident, the blocks after
+/// the first on disk, all on disk.
+fn decode_resident_and_on_disk(
+    source: &WeightSource,
+    spec: &DecoderSpec,
+    want: &Reference,
+    label: &str,
+) {
+    for placement in [
+        Placement::Resident,
+        Placement::LaterBlocksOnDisk,
+        Placement::AllOnDisk,
+    ] {
+        decode(
+            source,
+            spec,
+            placement,
+            want,
+            &format!("{label}, {placement:?}"),
+        );
+    }
 }
 
 /// Each step's largest logit difference to the reference, teacher-forced along its
@@ -327,19 +338,7 @@ fn dynamic_ntk_scaling_grows_the_base_like_transformers() {
         );
         assert_eq!(spec.positions(), 24, "{file}");
         assert!(spec.keys_depend_on_length(), "{file}");
-        for placement in [
-            Placement::Resident,
-            Placement::LaterBlocksOnDisk,
-            Placement::AllOnDisk,
-        ] {
-            decode(
-                &source,
-                &spec,
-                placement,
-                &want,
-                &format!("dynamic ({file}, {placement:?})"),
-            );
-        }
+        decode_resident_and_on_disk(&source, &spec, &want, &format!("dynamic ({file})"));
     }
     let mut plain = spec(&dir, "config.json");
     plain.rope.scaling = None;

@@ -72,7 +72,12 @@ fn case(
 }
 
 fn run(case: &Case, strategy: &str) -> Result<Plan, PlanError> {
-    let strategy = Strategy::from_json(Some(&serde_json::json!(strategy)), 0).expect("strategy");
+    plan_with(case, serde_json::json!(strategy))
+}
+
+/// The plan of `case` under setup_config's `device_map` (a strategy name or a map).
+fn plan_with(case: &Case, device_map: serde_json::Value) -> Result<Plan, PlanError> {
+    let strategy = Strategy::from_json(Some(&device_map), 0).expect("device_map");
     plan(&PlanRequest {
         units: &case.units,
         budgets: &case.budgets,
@@ -278,16 +283,7 @@ fn balanced_strategies_on_two_gpus() {
 fn explicit_maps_must_name_real_whole_units_and_cover_them_all() {
     let shape = shape_from(include_str!("../../../shared/refs/smollm2_config.json"));
     let c = case(&shape, &machine(&[16], 64), serde_json::json!({}), 1, 512);
-    let explicit = |map: serde_json::Value| {
-        let strategy = Strategy::from_json(Some(&map), 1).expect("map");
-        plan(&PlanRequest {
-            units: &c.units,
-            budgets: &c.budgets,
-            strategy: &strategy,
-            reserve: c.reserve,
-            disk: DiskAccess::Mapped,
-        })
-    };
+    let explicit = |map: serde_json::Value| plan_with(&c, map);
     let p = explicit(serde_json::json!({"model.embed_tokens": 0, "model.layers": "cpu", "model.layers.29": "disk", "model.norm": "cpu"}))
         .expect("valid");
     assert_eq!(p.device_of("model.layers.3"), Some(Device::CPU));
@@ -387,16 +383,7 @@ fn experts_are_placed_apart_from_their_blocks() {
     assert_eq!(experts.len(), 32);
     assert_eq!(experts[0].name, "model.layers.0.block_sparse_moe.experts");
     assert_eq!(experts[0].bytes, 8 * 3 * 4096 * 14336 * 2);
-    let explicit = |map: serde_json::Value| {
-        let strategy = Strategy::from_json(Some(&map), 0).expect("map");
-        plan(&PlanRequest {
-            units: &c.units,
-            budgets: &c.budgets,
-            strategy: &strategy,
-            reserve: c.reserve,
-            disk: DiskAccess::Mapped,
-        })
-    };
+    let explicit = |map: serde_json::Value| plan_with(&c, map);
     let p =
         explicit(serde_json::json!({"": "cpu", "model.layers.*.block_sparse_moe.experts": "disk"}))
             .expect("attention in RAM, experts on disk");

@@ -74,6 +74,21 @@ fn greedy_in_process(folder: &Path, prompt: &str) -> Vec<u64> {
     out
 }
 
+/// The server's `/predictions` answer for PROMPT (greedy, NEW_TOKENS, with details) and
+/// its token ids.
+fn predicted(server: &TestServer, name: &str) -> (serde_json::Value, Vec<u64>) {
+    let body = serde_json::json!({"inputs": PROMPT,
+        "parameters": {"max_new_tokens": NEW_TOKENS, "details": true}});
+    let answer = json(server.predict(name, &body.to_string()), 200);
+    let ids: Vec<u64> = answer["details"]["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{name}: {answer}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    (answer, ids)
+}
+
 #[test]
 fn every_decoder_family_answers_predictions_completions_and_chat() {
     let fixture = Fixture::new();
@@ -88,15 +103,7 @@ fn every_decoder_family_answers_predictions_completions_and_chat() {
     server.wait_healthy();
     let http = reqwest::blocking::Client::new();
     for (name, want) in &expected {
-        let body = serde_json::json!({"inputs": PROMPT,
-            "parameters": {"max_new_tokens": NEW_TOKENS, "details": true}});
-        let answer = json(server.predict(name, &body.to_string()), 200);
-        let ids: Vec<u64> = answer["details"]["token_ids"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{name}: {answer}"))
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let (answer, ids) = predicted(&server, name);
         assert_eq!(&ids, want, "{name}: the server's greedy tokens");
         let text = answer["generated_text"].as_str().unwrap().to_string();
 
@@ -180,15 +187,7 @@ fn moe_families_serve_with_their_experts_on_disk() {
                 .all(|u| u["device"] == "cpu"),
             "{name}: {units:?}"
         );
-        let body = serde_json::json!({"inputs": PROMPT,
-            "parameters": {"max_new_tokens": NEW_TOKENS, "details": true}});
-        let answer = json(server.predict(name, &body.to_string()), 200);
-        let ids: Vec<u64> = answer["details"]["token_ids"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{name}: {answer}"))
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
+        let (_, ids) = predicted(&server, name);
         assert_eq!(&ids, want, "{name}: greedy tokens with experts on disk");
         let streamed = server
             .metrics_text()

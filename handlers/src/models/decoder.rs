@@ -1552,6 +1552,8 @@ impl MappedDecoder {
             };
             stack.push_planned(unit, place(unit)?, source, build)?;
         }
+        // Listed once: each block takes its own (less its experts') from it.
+        let all_tensors = source.tensor_names();
         for i in 0..cfg.num_hidden_layers {
             let name = names.block(i);
             let placement = place(&name)?;
@@ -1568,14 +1570,13 @@ impl MappedDecoder {
             let experts = names.experts(&cfg, i);
             let within = |unit: &str| {
                 let dotted = format!("{unit}.");
-                (source.tensor_names().into_iter()).filter(move |t| t.starts_with(&dotted))
+                (all_tensors.iter())
+                    .filter(move |t| t.starts_with(&dotted))
+                    .cloned()
             };
+            let experts_dotted = experts.as_ref().map(|e| format!("{e}."));
             let tensors = within(&name)
-                .filter(|t| {
-                    experts
-                        .as_ref()
-                        .is_none_or(|e| !t.starts_with(&format!("{e}.")))
-                })
+                .filter(|t| experts_dotted.as_ref().is_none_or(|e| !t.starts_with(e)))
                 .collect();
             stack.push_planned_with(&name, tensors, false, placement, source, build)?;
             if let Some(unit) = experts {

@@ -20,6 +20,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use super::activations::quantize_rows;
 use super::dequantize::dequantize;
 use super::dot::{FEW_ROWS, Kernel, rows_times_activations};
+use super::panel::{self, GROUP, Panel, PanelFormat};
 use super::weights::{BLOCK, ExpandedRow, Format};
 
 /// A quantized weight's bytes: owned, or a view of a memory map that it keeps alive.
@@ -49,6 +50,8 @@ thread_local! {
     static SCRATCH: RefCell<ExpandedRow> = RefCell::new(ExpandedRow::default());
     /// Each thread's tile of weight rows dequantized to f32, reused across calls.
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's tile of weight rows unpacked into 8-bit panels, reused across calls.
+    static PANEL: RefCell<Panel> = RefCell::new(Panel::default());
 }
 
 /// Activation rows from which a product dequantizes tiles of weight rows to f32 and
@@ -193,6 +196,9 @@ impl QuantizedMatrix {
             }
             let values = values.as_deref().unwrap_or_default();
             let ys = match Format::of(group[0].dtype) {
+                _ if rows >= PANEL_ROWS && Self::multiplies_in_panels(group) => {
+                    Self::tiled_products(group, values, rows)?
+                }
                 _ if rows >= GEMM_ROWS => Self::tiled_products(group, values, rows)?,
                 Some(format) => Self::products(group, format, Kernel::best(), values, rows),
                 None => candle_blocks::products(group, values, rows)?,
@@ -236,10 +242,23 @@ impl QuantizedMatrix {
         })
     }
 
-    /// [`Self::products`] by tiles: each chunk of weight rows is dequantized to f32 into
-    /// the thread's scratch and multiplied by all of `x` with the f32 GEMM (`x` stays
-    /// f32, unrounded), which writes its columns of `y` where they belong. For matrices
-    /// of one dtype, in place.
+    /// Whether [`Self::tiled_products`] multiplies `matrices` (one dtype) in 8-bit
+    /// panels: the CPU runs the panel kernel, the format unpacks into panels, and the
+    /// tiles are whole panel groups.
+    fn multiplies_in_panels(matrices: &[&Self]) -> bool {
+        let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
+        PromptKernel::chosen() == PromptKernel::Integer
+            && PanelFormat::of(matrices[0].dtype).is_some()
+            && panel_chunk_rows(&outs).is_some()
+    }
+
+    /// [`Self::products`] by tiles: each chunk of weight rows is unpacked into the
+    /// thread's scratch and multiplied by all of `x`, written into its columns of `y`
+    /// where they belong. Where the CPU has AVX-512 VNNI and the format unpacks into
+    /// 8-bit panels ([`panel`]), `x` is quantized once as the integer products quantize
+    /// it and the tiles are multiplied in integers; else each tile is dequantized to f32
+    /// and multiplied with the f32 GEMM (`x` stays f32, unrounded). For matrices of one
+    /// dtype, in place.
     #[allow(unsafe_code)] // Tasks write disjoint column ranges of the same outputs.
     fn tiled_products(matrices: &[&Self], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
         let (dtype, inp) = (matrices[0].dtype, matrices[0].inp);
@@ -247,7 +266,13 @@ impl QuantizedMatrix {
         let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
         // Two chunks a thread: the GEMM's speed grows with its tile (SmolLM2 Q4_1's
         // 128-token prefill took about the same with 1, 2 or 4, 8 % longer with 8).
-        let size = chunk_rows(&outs, 2);
+        let integer = PanelFormat::of(dtype)
+            .filter(|_| Self::multiplies_in_panels(matrices))
+            .map(|format| (format, format.quantize(x, rows, inp)));
+        let size = match (&integer, panel_chunk_rows(&outs)) {
+            (Some(_), Some(size)) => size,
+            _ => chunk_rows(&outs, 2),
+        };
         let tiles: Vec<(usize, usize)> = outs
             .iter()
             .enumerate()
@@ -260,6 +285,14 @@ impl QuantizedMatrix {
             let (which, first) = tiles[t];
             let (out, count) = (outs[which], size.min(outs[which] - first));
             let bytes = &matrices[which].data()[first * row_bytes..(first + count) * row_bytes];
+            if let Some((format, acts)) = &integer {
+                PANEL.with_borrow_mut(|p| {
+                    p.fill(*format, bytes, inp);
+                    // SAFETY: as below; the panel holds `count` rows, this tile's columns.
+                    unsafe { panel::multiply(p, acts, targets[which].0.add(first), out) }
+                });
+                return;
+            }
             let done = TILE.with_borrow_mut(|tile| {
                 tile.resize(count * inp, 0.0);
                 match Format::of(dtype) {
@@ -292,6 +325,41 @@ impl QuantizedMatrix {
     }
 }
 
+/// Activation rows from which products whose format unpacks into 8-bit panels use them
+/// ([`PromptKernel::Integer`]) instead of the integer dot products: a panel is unpacked
+/// once per call and met by every row. Measured on SmolLM2 Q4_1
+/// (`examples/generate_timing`, one decode step advancing ROWS sequences, ms, panels vs
+/// dot products): 2 rows 14.9 / 7.8, 4 rows 20.2 / 27.1, 8 rows 20.9 / 38.3, 16 rows
+/// 34.2 / (f32 tiles) 46.6.
+pub const PANEL_ROWS: usize = 4;
+
+/// How prompt products (≥ [`GEMM_ROWS`] activation rows) multiply quantized tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromptKernel {
+    /// 8-bit panels and the VNNI micro-kernel ([`panel`]), activations quantized as the
+    /// integer products quantize them.
+    Integer,
+    /// Tiles dequantized to f32 and the f32 GEMM, activations unrounded.
+    Float,
+}
+
+impl PromptKernel {
+    /// [`Self::Integer`] where the CPU runs it, unless `SPILLWAY_PROMPT_KERNEL=float`
+    /// (read once) asks for the f32 tiles (to compare the two; Q6_K and the other
+    /// k-quants always take the f32 tiles).
+    pub fn chosen() -> Self {
+        static CHOSEN: std::sync::OnceLock<PromptKernel> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let asked = std::env::var("SPILLWAY_PROMPT_KERNEL").ok();
+            match asked.as_deref() {
+                Some("float") => Self::Float,
+                _ if panel::available() => Self::Integer,
+                _ => Self::Float,
+            }
+        })
+    }
+}
+
 /// An output matrix whose disjoint column ranges different tasks write.
 struct Columns(*mut f32);
 // SAFETY: only used by `tiled_products`, whose tasks write disjoint columns.
@@ -308,6 +376,15 @@ fn chunk_rows(outs: &[usize], per_thread: usize) -> usize {
         .into_iter()
         .find(|&c| outs.iter().all(|o| o % c == 0) && total / c >= enough)
         .unwrap_or(1)
+}
+
+/// [`chunk_rows`] for 8-bit panels: whole panel groups (a multiple of [`GROUP`] rows),
+/// even if that leaves the team fewer chunks; `None` where `outs` are not whole groups.
+fn panel_chunk_rows(outs: &[usize]) -> Option<usize> {
+    if !outs.iter().all(|o| o.is_multiple_of(GROUP)) {
+        return None;
+    }
+    Some(chunk_rows(outs, 2).max(GROUP) / GROUP * GROUP).filter(|c| outs.iter().all(|o| o % c == 0))
 }
 
 /// The products of `rows` activation rows with the weight rows of `matrices`, each
@@ -570,14 +647,55 @@ mod tests {
                 let got = matrix.forward(&x).expect("forward");
                 assert_eq!(got.dims(), &[rows, out]);
                 let error = relative_error(&got, &want);
-                // From GEMM_ROWS rows on, the dequantized tiles meet unrounded
-                // activations: the dequantized product, up to f32 summation order.
-                let bound = if rows >= GEMM_ROWS { 1e-5 } else { 2e-2 };
+                // From GEMM_ROWS rows on, f32 tiles meet unrounded activations: the
+                // dequantized product, up to f32 summation order (the integer panels
+                // round the activations as the dot products do).
+                let float_tiles = rows >= GEMM_ROWS
+                    && (PromptKernel::chosen() == PromptKernel::Float
+                        || PanelFormat::of(dtype).is_none()
+                        || out % GROUP != 0);
+                let bound = if float_tiles { 1e-5 } else { 2e-2 };
                 assert!(
                     error < bound,
                     "{dtype:?} [{out}, {inp}] × {rows} rows: {error}"
                 );
                 assert!(matrix.in_place(), "{dtype:?}");
+            }
+        }
+    }
+
+    /// A prompt's rows through the integer panels give the integer dot products' sums
+    /// (the same quantized activations, the same per-block arithmetic).
+    #[test]
+    fn prompt_panels_equal_the_integer_dot_products() {
+        if PromptKernel::chosen() != PromptKernel::Integer {
+            eprintln!("skipped prompt_panels_equal_the_integer_dot_products: no AVX-512 VNNI");
+            return;
+        }
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
+            let format = Format::of(dtype).expect("format");
+            let (_, matrix) = quantized(dtype, 96, 256, 9);
+            let rows = GEMM_ROWS + 5;
+            let x: Vec<f32> = (0..rows * 256)
+                .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 0.01)
+                .collect();
+            let want = matrix.product(format, Kernel::Portable, &x, rows);
+            let xt = Tensor::from_vec(x, (rows, 256), &Device::Cpu).expect("x");
+            let got = matrix.forward(&xt).expect("forward");
+            let got = got
+                .flatten_all()
+                .and_then(|g| g.to_vec1::<f32>())
+                .expect("got");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{dtype:?}: {g} against {w}"
+                );
             }
         }
     }
@@ -623,9 +741,15 @@ mod tests {
                 for (m, y) in group.iter().zip(&together) {
                     let alone = m.forward(&x).expect("alone");
                     assert_eq!(y.dims(), alone.dims());
-                    // Integer products are exact; the GEMM's tiles differ in size
-                    // together and alone, so its f32 sums may differ in order.
-                    let bound = if rows >= GEMM_ROWS { 1e-6 } else { 0.0 };
+                    // Integer products are exact; together and alone, tiles differ in
+                    // size (and may take panels or dot products), so f32 sums may
+                    // differ in order — and for the k-quants, candle's dot products
+                    // quantize the activations per 256 values, the panels per 32.
+                    let bound = match (rows >= PANEL_ROWS, Format::of(m.dtype)) {
+                        (false, _) => 0.0,
+                        (true, Some(_)) => 1e-6,
+                        (true, None) => 2e-2,
+                    };
                     assert!(relative_error(y, &alone) <= bound, "{rows} rows");
                 }
             }
@@ -656,7 +780,9 @@ mod tests {
             let copied =
                 QuantizedMatrix::new(dtype, 48, 512, Arc::new(OneIn(shifted))).expect("copied");
             assert!(!copied.in_place(), "{dtype:?}: misaligned bytes are copied");
-            for rows in [1, 6] {
+            // Below PANEL_ROWS (the panels quantize activations per 32 values, candle's
+            // k-quant dot products per 256).
+            for rows in [1, PANEL_ROWS - 1] {
                 let x = Tensor::randn(0f32, 1.0, (rows, 512), &Device::Cpu).expect("x");
                 let got = matrix.forward(&x).expect("in place");
                 let want = copied.forward(&x).expect("candle's QMatMul");

@@ -329,8 +329,8 @@ impl QuantizedMatrix {
 /// ([`PromptKernel::Integer`]) instead of the integer dot products: a panel is unpacked
 /// once per call and met by every row. Measured on SmolLM2 Q4_1
 /// (`examples/generate_timing`, one decode step advancing ROWS sequences, ms, panels vs
-/// dot products): 2 rows 14.9 / 7.8, 4 rows 20.2 / 27.1, 8 rows 20.9 / 38.3, 16 rows
-/// 34.2 / (f32 tiles) 46.6.
+/// dot products): 2 rows 8.9 / 6.8, 3 rows 9.8 / 9.5, 4 rows 10.7 / 23.8, 8 rows
+/// 14.9 / 35.4; 16 rows 21.9 (the f32 tiles took 46.6).
 pub const PANEL_ROWS: usize = 4;
 
 /// How prompt products (≥ [`GEMM_ROWS`] activation rows) multiply quantized tiles.

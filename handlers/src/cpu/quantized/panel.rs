@@ -191,7 +191,7 @@ impl Panel {
         if self.row.values.len() != cols {
             self.row = ExpandedRow::with_blocks(blocks);
         }
-        self.staged.resize(GROUP * cols, 0);
+        self.staged.resize(GROUP * cols.max(row_bytes), 0);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` found AVX-512 F/BW/VL on this CPU.
         unsafe {
@@ -264,7 +264,7 @@ mod avx512 {
     /// memory), then interleaved four bytes at a time by gathers (one 64-byte step of the
     /// panel per gather). The 32-value block formats are decoded in vectors, the k-quants
     /// by [`PanelFormat::expand`].
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn fill(
         panel: &mut Panel,
         format: PanelFormat,
@@ -278,6 +278,15 @@ mod avx512 {
             let out = panel.values[g * blocks * STEPS * GROUP * 4..].as_mut_ptr();
             let group = &bytes[g * GROUP * row_bytes..(g + 1) * GROUP * row_bytes];
             match format {
+                PanelFormat::Block(block_format) if !block_format.has_high_bits() => {
+                    // Copied in order first (prefetch-friendly), then gathered straight
+                    // from the blocks: no expanded copy.
+                    panel.staged[..group.len()].copy_from_slice(group);
+                    // SAFETY: `staged` holds the group's GROUP whole rows of `row_bytes`;
+                    // `values`, `scales` and `mins` the panel's groups (sized by `fill`).
+                    unsafe { gather_blocks(panel, block_format, g, row_bytes, out) };
+                    continue;
+                }
                 PanelFormat::Block(block_format) => {
                     let size = block_format.block_bytes();
                     for (r, row) in group.chunks_exact(row_bytes).enumerate() {
@@ -311,6 +320,63 @@ mod avx512 {
             // SAFETY: `staged` holds GROUP rows of `cols` bytes, `values` `groups` groups
             // of `blocks · STEPS` 64-byte steps.
             unsafe { interleave(panel.staged.as_ptr(), starts, blocks * STEPS, out) };
+        }
+    }
+
+    /// Group `g` of Q4_0, Q4_1 or Q8_0 rows (staged whole, `row_bytes` apart) into the
+    /// panel: per block, each 64-byte step gathered from the 16 rows' bytes (Q4's four
+    /// bytes of nibbles give two steps: low and high halves), and the 16 scales (and
+    /// minimums) gathered and converted from f16 at once.
+    ///
+    /// # Safety
+    /// `panel.staged` holds GROUP rows of `row_bytes` of `format`'s blocks; the panel's
+    /// vectors are sized for group `g` ([`Panel::fill`]); `out` is group `g`'s values.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn gather_blocks(
+        panel: &mut Panel,
+        format: Format,
+        g: usize,
+        row_bytes: usize,
+        out: *mut u8,
+    ) {
+        let (size, blocks) = (format.block_bytes(), panel.blocks);
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let rows = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(row_bytes as i32));
+        let staged = panel.staged.as_ptr();
+        let low = _mm512_set1_epi8(0x0f);
+        for b in 0..blocks {
+            let starts = _mm512_add_epi32(rows, _mm512_set1_epi32((b * size) as i32));
+            // SAFETY: every offset is inside one of the staged rows' block `b` (a gather
+            // of 4 bytes at ≤ size − 4 from its start), and `out` holds the group's
+            // `blocks · STEPS` steps.
+            unsafe {
+                let at = |offset: usize| _mm512_add_epi32(starts, _mm512_set1_epi32(offset as i32));
+                let step = |s: usize| out.add((b * STEPS + s) * GROUP * 4);
+                if format == Format::Q8_0 {
+                    for s in 0..STEPS {
+                        let four = _mm512_i32gather_epi32::<1>(at(2 + 4 * s), staged.cast());
+                        let unsigned = _mm512_xor_si512(four, _mm512_set1_epi8(-128));
+                        _mm512_storeu_si512(step(s).cast(), unsigned);
+                    }
+                } else {
+                    for j in 0..STEPS / 2 {
+                        let nibbles =
+                            _mm512_i32gather_epi32::<1>(at(size - 16 + 4 * j), staged.cast());
+                        _mm512_storeu_si512(step(j).cast(), _mm512_and_si512(nibbles, low));
+                        let high = _mm512_and_si512(_mm512_srli_epi32(nibbles, 4), low);
+                        _mm512_storeu_si512(step(j + STEPS / 2).cast(), high);
+                    }
+                }
+                let head = _mm512_i32gather_epi32::<1>(starts, staged.cast());
+                let lane = (g * blocks + b) * GROUP;
+                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+                _mm512_storeu_ps(panel.scales.as_mut_ptr().add(lane), d);
+                if panel.has_min {
+                    let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head, 16)));
+                    _mm512_storeu_ps(panel.mins.as_mut_ptr().add(lane), m);
+                }
+            }
         }
     }
 

@@ -24,8 +24,8 @@ pub struct QuantizedRows {
     pub scales: Vec<f32>,
     /// `rows × blocks × 8`: `-zero_point × Σvalues` in lane 0 (see [`quantize_rows`]).
     pub biases: Vec<i32>,
-    /// `rows × blocks × 8`: `scale × Σvalues` rounded to f16, in lane 0 (formats with a
-    /// minimum only; empty otherwise).
+    /// `rows × blocks × 8`: `scale × Σvalues` (rounded to f16 unless `exact`), in lane 0
+    /// (formats with a minimum only; empty otherwise).
     pub sums: Vec<f32>,
     /// `rows × blocks × 2`: each block's scale and (formats with a minimum; else 0) its
     /// `scale × Σvalues`, side by side (the decode kernel reads both with one load).
@@ -107,11 +107,9 @@ fn quantize_rows_as(
     let mut out = QuantizedRows::zeros(rows, cols / BLOCK, with_sums);
     out.exact = exact;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
-        // SAFETY: the CPU has the extensions (checked just above).
+    if super::dot::Kernel::best() == super::dot::Kernel::Avx512Vnni {
+        // SAFETY: the CPU has AVX-512 F/BW/VL, AVX2, FMA and F16C (`Kernel::detect`
+        // checked them for the VNNI kernel).
         unsafe { avx512::quantize_blocks(x, &mut out, zero_point, with_sums) };
         return out;
     }
@@ -124,7 +122,7 @@ fn quantize_blocks(x: &[f32], out: &mut QuantizedRows, zero_point: i32, with_sum
     for (b, block) in x.chunks_exact(BLOCK).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
-        let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
+        let inverse = inverse_of(d);
         let values = &mut out.values[b * BLOCK..(b + 1) * BLOCK];
         for (q, &v) in values.iter_mut().zip(block) {
             // Round half away from zero, as llama.cpp's reference `roundf` (written out:
@@ -135,6 +133,14 @@ fn quantize_blocks(x: &[f32], out: &mut QuantizedRows, zero_point: i32, with_sum
         let total: i32 = values.iter().map(|&q| i32::from(q)).sum();
         out.set_block(b, d, total, zero_point, with_sums);
     }
+}
+
+/// `1 / d`, or 0 where that is not finite (an all-zero block, or one so small that its
+/// scale is subnormal: its values round to 0 either way, and both quantizers agree).
+#[inline(always)]
+fn inverse_of(d: f32) -> f32 {
+    let inverse = 1.0 / d;
+    if inverse.is_finite() { inverse } else { 0.0 }
 }
 
 impl QuantizedRows {
@@ -203,7 +209,7 @@ mod avx512 {
                 let amax =
                     _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
                 let d = amax / 127.0;
-                let inverse = _mm512_set1_ps(if d == 0.0 { 0.0 } else { 1.0 / d });
+                let inverse = _mm512_set1_ps(inverse_of(d));
                 let round = |v: __m512| {
                     let signed_half = _mm512_castsi512_ps(_mm512_or_si512(
                         _mm512_and_si512(_mm512_castps_si512(v), sign),
@@ -263,13 +269,22 @@ mod tests {
                 ((i * 7919 % 1013) as f32 - 506.5) * 0.0137 * if i % 7 == 0 { 9.0 } else { 1.0 }
             })
             .chain([0.0; 32])
+            // A block whose scale is subnormal (1/d overflows).
+            .chain((0..32).map(|i| if i % 2 == 0 { 1e-40 } else { -2e-40 }))
             .collect();
         let rows = x.len() / 32;
-        let vector = quantize_rows(&x, rows, 32, 8, true);
-        let mut portable = QuantizedRows::zeros(rows, 1, true);
-        quantize_blocks(&x, &mut portable, 8, true);
-        assert!(portable.values.iter().any(|&v| v != 0));
-        assert_eq!(vector, portable);
+        if super::super::dot::Kernel::best() != super::super::dot::Kernel::Avx512Vnni {
+            eprintln!("skipped the_vector_path_gives_the_portable_values_bit_for_bit: no AVX-512");
+            return;
+        }
+        for exact in [false, true] {
+            let vector = quantize_rows_as(&x, rows, 32, 8, true, exact);
+            let mut portable = QuantizedRows::zeros(rows, 1, true);
+            portable.exact = exact;
+            quantize_blocks(&x, &mut portable, 8, true);
+            assert!(portable.values.iter().any(|&v| v != 0));
+            assert_eq!(vector, portable, "exact: {exact}");
+        }
     }
 
     #[test]

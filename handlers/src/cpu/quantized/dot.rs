@@ -23,7 +23,7 @@ pub enum Kernel {
     Portable,
     /// AVX2 and FMA.
     Avx2,
-    /// AVX-512 F/BW/VL with VNNI.
+    /// AVX-512 F/BW/VL with VNNI (and F16C).
     Avx512Vnni,
 }
 
@@ -47,7 +47,12 @@ impl Kernel {
             use std::arch::is_x86_feature_detected as has;
             if has!("avx2") && has!("fma") {
                 kernels.push(Self::Avx2);
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") {
+                if has!("avx512f")
+                    && has!("avx512bw")
+                    && has!("avx512vl")
+                    && has!("avx512vnni")
+                    && has!("f16c")
+                {
                     kernels.push(Self::Avx512Vnni);
                 }
             }

@@ -11,8 +11,10 @@
 //!
 //! `Σ_blocks (Σ_i u_i·q_i − z·Σ_i q_i) · d_w·d_a  (+ m_w · d_a·Σ_i q_i)`
 //!
-//! so its answers are those of llama.cpp's `vec_dot_*_q8_*` up to the order f32 partial
-//! sums are added.
+//! so for the 32-value block formats its answers are those of llama.cpp's
+//! `vec_dot_*_q8_*` up to the order f32 partial sums are added. (For Q4_K/Q5_K the
+//! activations are quantized per 32 values with f32 scales, where llama.cpp's Q8_K has
+//! one scale per 256.)
 //!
 //! The panel layout: weight rows in groups of [`GROUP`] (16, one 512-bit vector of
 //! outputs). Per group and block, the block's 32 values of each of the 16 rows as 8
@@ -80,6 +82,14 @@ impl PanelFormat {
         match self {
             Self::Block(f) => quantize_rows(x, rows, cols, f.zero_point(), f.has_min()),
             Self::Q4K | Self::Q5K => quantize_rows_exact(x, rows, cols, 0, true),
+        }
+    }
+
+    /// Values per block (32) or super-block (256): rows are whole ones.
+    pub fn block_values(self) -> usize {
+        match self {
+            Self::Block(_) => BLOCK,
+            Self::Q4K | Self::Q5K => 256,
         }
     }
 
@@ -177,7 +187,7 @@ impl Panel {
     /// If the sizes disagree or the CPU lacks AVX-512 ([`available`]).
     pub fn fill(&mut self, format: PanelFormat, bytes: &[u8], cols: usize) {
         let row_bytes = format.row_bytes(cols);
-        assert!(cols.is_multiple_of(BLOCK) && row_bytes > 0);
+        assert!(cols.is_multiple_of(format.block_values()) && row_bytes > 0);
         assert!(bytes.len().is_multiple_of(row_bytes * GROUP));
         assert!(available(), "panels need AVX-512 VNNI");
         let (rows, blocks) = (bytes.len() / row_bytes, cols / BLOCK);
@@ -193,7 +203,7 @@ impl Panel {
         }
         self.staged.resize(GROUP * cols.max(row_bytes), 0);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `available` found AVX-512 F/BW/VL on this CPU.
+        // SAFETY: `available` found AVX-512 F/BW/VL, AVX2, FMA and F16C on this CPU.
         unsafe {
             avx512::fill(self, format, bytes, row_bytes)
         }
@@ -240,7 +250,10 @@ pub fn available() -> bool {
 pub unsafe fn multiply(panel: &Panel, acts: &QuantizedRows, y: *mut f32, ldy: usize) {
     assert!(available(), "the panel kernel needs AVX-512 VNNI");
     assert_eq!(panel.blocks, acts.blocks, "panel and activations widths");
-    assert!(!panel.has_min || acts.sums.len() == acts.rows * acts.blocks * LANES);
+    let lanes = acts.rows * acts.blocks * LANES;
+    assert_eq!(acts.values.len(), acts.rows * acts.blocks * BLOCK);
+    assert!(acts.scales.len() == lanes && acts.biases.len() == lanes);
+    assert!(!panel.has_min || acts.sums.len() == lanes);
     assert!(ldy >= panel.rows());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has the extensions (asserted) and the caller vouches for `y`.
@@ -546,23 +559,26 @@ mod tests {
 
     /// `w` (`out × cols`) quantized to `dtype` blocks by candle.
     fn blocks_of(dtype: GgmlDType, w: &[f32], out: usize, cols: usize) -> Vec<u8> {
-        let t = candle_core::Tensor::from_slice(w, (out, cols), &candle_core::Device::Cpu).unwrap();
-        let q = candle_core::quantized::QTensor::quantize(&t, dtype).unwrap();
-        q.data().unwrap().to_vec()
+        let t = candle_core::Tensor::from_slice(w, (out, cols), &candle_core::Device::Cpu)
+            .expect("test tensor");
+        let q = candle_core::quantized::QTensor::quantize(&t, dtype).expect("test tensor");
+        q.data().expect("test tensor").to_vec()
     }
 
+    /// The panel product, through `panel` (reused across calls as the threads' panels
+    /// are: earlier formats and widths must leave nothing behind).
     fn panel_product(
+        panel: &mut Panel,
         format: PanelFormat,
         bytes: &[u8],
         acts: &QuantizedRows,
         out: usize,
     ) -> Vec<f32> {
-        let mut panel = Panel::default();
         panel.fill(format, bytes, acts.blocks * BLOCK);
         assert_eq!(panel.rows(), out);
         let mut y = vec![f32::NAN; acts.rows * (out + 3)];
         // SAFETY: y holds acts.rows rows of out + 3 floats and nothing else touches it.
-        unsafe { multiply(&panel, acts, y.as_mut_ptr(), out + 3) };
+        unsafe { multiply(panel, acts, y.as_mut_ptr(), out + 3) };
         (0..acts.rows)
             .flat_map(|a| y[a * (out + 3)..a * (out + 3) + out].to_vec())
             .collect()
@@ -581,14 +597,25 @@ mod tests {
             (GgmlDType::Q5_1, Format::Q5_1),
             (GgmlDType::Q8_0, Format::Q8_0),
         ];
-        // Odd and even group counts, 1 to 7 activation rows (every remainder of 4).
-        for (out, cols, rows) in [(16, 64, 1), (48, 96, 7), (32, 256, 5), (64, 32, 4)] {
+        // Odd and even group counts; 1, 2, 7, 5 and 4 activation rows (every remainder of
+        // 4), one panel reused across formats and widths.
+        let mut shared = Panel::default();
+        let shapes = [
+            (16, 64, 1),
+            (48, 96, 7),
+            (32, 256, 5),
+            (16, 64, 2),
+            (64, 32, 4),
+            (32, 96, 2),
+        ];
+        for (out, cols, rows) in shapes {
             let w = random(out * cols, (out * cols) as u64);
             let x = random(rows * cols, rows as u64 + 7);
             for (dtype, format) in formats {
                 let bytes = blocks_of(dtype, &w, out, cols);
                 let acts = quantize_rows(&x, rows, cols, format.zero_point(), format.has_min());
-                let got = panel_product(PanelFormat::Block(format), &bytes, &acts, out);
+                let got =
+                    panel_product(&mut shared, PanelFormat::Block(format), &bytes, &acts, out);
                 let mut by_row = vec![0.0; out * rows];
                 rows_times_activations(
                     Kernel::Portable,
@@ -666,6 +693,7 @@ mod tests {
             return;
         }
         let (out, cols, rows) = (32, 256, 6);
+        let mut shared = Panel::default();
         let w = random(out * cols, 11);
         let x = random(rows * cols, 12);
         for (dtype, format) in [
@@ -674,21 +702,21 @@ mod tests {
         ] {
             let bytes = blocks_of(dtype, &w, out, cols);
             let acts = format.quantize(&x, rows, cols);
-            let got = panel_product(format, &bytes, &acts, out);
+            let got = panel_product(&mut shared, format, &bytes, &acts, out);
             // The reference: candle's dequantized weights times the activations as
             // quantized (values × scales), in f64.
             let t = candle_core::quantized::QTensor::quantize(
                 &candle_core::Tensor::from_slice(&w, (out, cols), &candle_core::Device::Cpu)
-                    .unwrap(),
+                    .expect("test tensor"),
                 dtype,
             )
-            .unwrap()
+            .expect("test tensor")
             .dequantize(&candle_core::Device::Cpu)
-            .unwrap()
+            .expect("test tensor")
             .flatten_all()
-            .unwrap()
+            .expect("test tensor")
             .to_vec1::<f32>()
-            .unwrap();
+            .expect("test tensor");
             for a in 0..rows {
                 for c in 0..out {
                     let want: f64 = (0..cols)

@@ -25,7 +25,9 @@
 //!
 //! Besides the block formats of [`super::weights`], Q4_K and Q5_K unpack here: their
 //! 256-value super-blocks are eight 32-value blocks of `w = d·sc·u − dmin·m`, a scale and
-//! a minimum per 32 values, as Q4_1's blocks.
+//! a minimum per 32 values, as Q4_1's blocks. Q6_K's blocks have a scale per 16 values
+//! (`w = d·sc·(u − 32)`): its panels keep two scales a block and the kernel scales each
+//! half's sums apart.
 
 use candle_core::quantized::GgmlDType;
 
@@ -46,6 +48,9 @@ pub enum PanelFormat {
     Q4K,
     /// GGML's Q5_K: 176-byte super-blocks of 256 values.
     Q5K,
+    /// GGML's Q6_K: 210-byte super-blocks of 256 values, a scale per 16 (so a panel
+    /// block has two: [`Panel::halves`]).
+    Q6K,
 }
 
 impl PanelFormat {
@@ -54,6 +59,7 @@ impl PanelFormat {
         match dtype {
             GgmlDType::Q4K => Some(Self::Q4K),
             GgmlDType::Q5K => Some(Self::Q5K),
+            GgmlDType::Q6K => Some(Self::Q6K),
             other => Format::of(other).map(Self::Block),
         }
     }
@@ -64,6 +70,7 @@ impl PanelFormat {
         match self {
             Self::Block(f) => f.zero_point(),
             Self::Q4K | Self::Q5K => 0,
+            Self::Q6K => 32,
         }
     }
 
@@ -72,7 +79,13 @@ impl PanelFormat {
         match self {
             Self::Block(f) => f.has_min(),
             Self::Q4K | Self::Q5K => true,
+            Self::Q6K => false,
         }
+    }
+
+    /// Whether each 32-value block has a scale per 16 values (Q6_K).
+    pub fn halves(self) -> bool {
+        self == Self::Q6K
     }
 
     /// `x` (`rows × cols`) quantized for panels of this format: as the integer dot
@@ -82,6 +95,17 @@ impl PanelFormat {
         match self {
             Self::Block(f) => quantize_rows(x, rows, cols, f.zero_point(), f.has_min()),
             Self::Q4K | Self::Q5K => quantize_rows_exact(x, rows, cols, 0, true),
+            Self::Q6K => {
+                // Biases per 16 values: lane 0 for the first half, lane 1 the second.
+                let mut acts = quantize_rows_exact(x, rows, cols, 0, false);
+                let z = self.zero_point();
+                for (b, block) in acts.values.chunks_exact(BLOCK).enumerate() {
+                    let sum = |half: &[i8]| half.iter().map(|&q| i32::from(q)).sum::<i32>();
+                    acts.biases[b * LANES] = -z * sum(&block[..BLOCK / 2]);
+                    acts.biases[b * LANES + 1] = -z * sum(&block[BLOCK / 2..]);
+                }
+                acts
+            }
         }
     }
 
@@ -89,7 +113,7 @@ impl PanelFormat {
     pub fn block_values(self) -> usize {
         match self {
             Self::Block(_) => BLOCK,
-            Self::Q4K | Self::Q5K => 256,
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
         }
     }
 
@@ -99,6 +123,7 @@ impl PanelFormat {
             Self::Block(f) => cols / BLOCK * f.block_bytes(),
             Self::Q4K => cols / 256 * 144,
             Self::Q5K => cols / 256 * 176,
+            Self::Q6K => cols / 256 * 210,
         }
     }
 
@@ -109,6 +134,7 @@ impl PanelFormat {
             Self::Block(f) => out.expand(f, row),
             Self::Q4K => expand_k(row, 144, false, out),
             Self::Q5K => expand_k(row, 176, true, out),
+            Self::Q6K => expand_q6k(row, out),
         }
     }
 }
@@ -147,6 +173,34 @@ fn expand_k(row: &[u8], size: usize, high: bool, out: &mut ExpandedRow) {
     }
 }
 
+/// Q6_K super-blocks (candle's `BlockQ6K`: 128 bytes of low nibbles, 64 of high bit
+/// pairs, 16 signed scales, f16 `d`) into 32-value blocks of unsigned 6-bit values
+/// (`w = d·sc·(u − 32)`), each block's two scales `d·sc` in lanes 0 and 1. Per 128
+/// values (half `h`), block `j` takes nibbles of `ql[64h + 32·(j % 2) + l]` (low for
+/// j < 2, high after) and bits `2j..2j + 2` of `qh[32h + l]`; its scales are
+/// `sc[8h + 2j]` and `sc[8h + 2j + 1]`.
+#[inline(always)]
+fn expand_q6k(row: &[u8], out: &mut ExpandedRow) {
+    for (s, sb) in row.chunks_exact(210).enumerate() {
+        let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
+        let d = f16_bits_to_f32(u16::from_le_bytes([sb[208], sb[209]]));
+        for h in 0..2 {
+            for j in 0..4 {
+                let b = s * 8 + h * 4 + j;
+                let lanes = &mut out.scales[b * LANES..(b + 1) * LANES];
+                lanes[0] = d * f32::from(sc[8 * h + 2 * j] as i8);
+                lanes[1] = d * f32::from(sc[8 * h + 2 * j + 1] as i8);
+                let values = &mut out.values[b * BLOCK..(b + 1) * BLOCK];
+                for (l, v) in values.iter_mut().enumerate() {
+                    let byte = ql[64 * h + 32 * (j % 2) + l];
+                    let nibble = if j < 2 { byte & 0x0f } else { byte >> 4 };
+                    *v = nibble | (((qh[32 * h + l] >> (2 * j)) & 3) << 4);
+                }
+            }
+        }
+    }
+}
+
 /// The 6-bit scale and minimum of sub-block `j` of a k-quant super-block (llama.cpp's
 /// `get_scale_min_k4`).
 fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -173,6 +227,10 @@ pub struct Panel {
     scales: Vec<f32>,
     /// `groups × blocks × GROUP` (formats with a minimum; else empty).
     mins: Vec<f32>,
+    /// Whether each block has a second scale for its last 16 values (Q6_K).
+    halves: bool,
+    /// `groups × blocks × GROUP`: the second scales (`halves` only; else empty).
+    scales_hi: Vec<f32>,
     /// One weight row expanded.
     row: ExpandedRow,
     /// A group's rows expanded, `GROUP × cols`, before they are interleaved.
@@ -194,6 +252,9 @@ impl Panel {
         self.groups = rows / GROUP;
         self.blocks = blocks;
         self.has_min = format.has_min();
+        self.halves = format.halves();
+        self.scales_hi
+            .resize(if self.halves { rows * blocks } else { 0 }, 0.0);
         self.values.resize(rows * cols, 0);
         self.scales.resize(rows * blocks, 0.0);
         self.mins
@@ -219,6 +280,9 @@ impl Panel {
         for b in 0..blocks {
             let at = (g * blocks + b) * GROUP + r;
             self.scales[at] = self.row.scales[b * LANES];
+            if self.halves {
+                self.scales_hi[at] = self.row.scales[b * LANES + 1];
+            }
             if self.has_min {
                 self.mins[at] = self.row.mins[b * LANES];
             }
@@ -254,6 +318,10 @@ pub unsafe fn multiply(panel: &Panel, acts: &QuantizedRows, y: *mut f32, ldy: us
     assert_eq!(acts.values.len(), acts.rows * acts.blocks * BLOCK);
     assert!(acts.scales.len() == lanes && acts.biases.len() == lanes);
     assert!(!panel.has_min || acts.sums.len() == lanes);
+    assert!(
+        !panel.has_min || !panel.halves,
+        "a block with two scales has no minimum"
+    );
     assert!(ldy >= panel.rows());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has the extensions (asserted) and the caller vouches for `y`.
@@ -441,6 +509,24 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn multiply(panel: &Panel, acts: &QuantizedRows, y: *mut f32, ldy: usize) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe {
+            match panel.halves {
+                false => multiply_as::<1>(panel, acts, y, ldy),
+                true => multiply_as::<2>(panel, acts, y, ldy),
+            }
+        }
+    }
+
+    /// [`multiply`] for blocks with `H` scales (1, or 2 for Q6_K's 16-value halves).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn multiply_as<const H: usize>(
+        panel: &Panel,
+        acts: &QuantizedRows,
+        y: *mut f32,
+        ldy: usize,
+    ) {
         let mut g = 0;
         while g < panel.groups {
             let pair = g + 1 < panel.groups;
@@ -451,14 +537,14 @@ mod avx512 {
                 // caller vouches for y's rows and columns.
                 unsafe {
                     match (n, pair) {
-                        (4, true) => tile::<4, 2>(panel, acts, g, a, y, ldy),
-                        (3, true) => tile::<3, 2>(panel, acts, g, a, y, ldy),
-                        (2, true) => tile::<2, 2>(panel, acts, g, a, y, ldy),
-                        (1, true) => tile::<1, 2>(panel, acts, g, a, y, ldy),
-                        (4, false) => tile::<4, 1>(panel, acts, g, a, y, ldy),
-                        (3, false) => tile::<3, 1>(panel, acts, g, a, y, ldy),
-                        (2, false) => tile::<2, 1>(panel, acts, g, a, y, ldy),
-                        _ => tile::<1, 1>(panel, acts, g, a, y, ldy),
+                        (4, true) => tile::<4, 2, H>(panel, acts, g, a, y, ldy),
+                        (3, true) => tile::<3, 2, H>(panel, acts, g, a, y, ldy),
+                        (2, true) => tile::<2, 2, H>(panel, acts, g, a, y, ldy),
+                        (1, true) => tile::<1, 2, H>(panel, acts, g, a, y, ldy),
+                        (4, false) => tile::<4, 1, H>(panel, acts, g, a, y, ldy),
+                        (3, false) => tile::<3, 1, H>(panel, acts, g, a, y, ldy),
+                        (2, false) => tile::<2, 1, H>(panel, acts, g, a, y, ldy),
+                        _ => tile::<1, 1, H>(panel, acts, g, a, y, ldy),
                     }
                 }
                 a += n;
@@ -467,10 +553,11 @@ mod avx512 {
         }
     }
 
-    /// Activation rows `a..a + R` times panel groups `g..g + G`, written to `y`.
+    /// Activation rows `a..a + R` times panel groups `g..g + G`, written to `y`; each
+    /// block in `H` parts of its own scale (and activation bias, in lane `h`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tile<const R: usize, const G: usize>(
+    unsafe fn tile<const R: usize, const G: usize, const H: usize>(
         panel: &Panel,
         acts: &QuantizedRows,
         g: usize,
@@ -490,41 +577,48 @@ mod avx512 {
         unsafe {
             for b in 0..blocks {
                 let lane = |r: usize| ((a + r) * blocks + b) * LANES;
-                let mut sums = [[_mm512_setzero_si512(); G]; R];
-                for (r, row) in sums.iter_mut().enumerate() {
-                    let bias = _mm512_set1_epi32(*acts.biases.get_unchecked(lane(r)));
-                    *row = [bias; G];
-                }
-                for s in 0..STEPS {
-                    let mut w = [_mm512_setzero_si512(); G];
-                    for (k, wk) in w.iter_mut().enumerate() {
-                        let at = (g + k) * group_values + (b * STEPS + s) * GROUP * 4;
-                        *wk = _mm512_loadu_si512(values.add(at).cast());
-                    }
+                for h in 0..H {
+                    let mut sums = [[_mm512_setzero_si512(); G]; R];
                     for (r, row) in sums.iter_mut().enumerate() {
-                        let four = x.add((a + r) * cols + b * BLOCK + s * 4);
-                        let q = _mm512_set1_epi32(std::ptr::read_unaligned(four.cast::<i32>()));
-                        for (sum, wk) in row.iter_mut().zip(&w) {
-                            *sum = _mm512_dpbusd_epi32(*sum, *wk, q);
+                        let bias = _mm512_set1_epi32(*acts.biases.get_unchecked(lane(r) + h));
+                        *row = [bias; G];
+                    }
+                    for s in h * STEPS / H..(h + 1) * STEPS / H {
+                        let mut w = [_mm512_setzero_si512(); G];
+                        for (k, wk) in w.iter_mut().enumerate() {
+                            let at = (g + k) * group_values + (b * STEPS + s) * GROUP * 4;
+                            *wk = _mm512_loadu_si512(values.add(at).cast());
+                        }
+                        for (r, row) in sums.iter_mut().enumerate() {
+                            let four = x.add((a + r) * cols + b * BLOCK + s * 4);
+                            let q = _mm512_set1_epi32(std::ptr::read_unaligned(four.cast::<i32>()));
+                            for (sum, wk) in row.iter_mut().zip(&w) {
+                                *sum = _mm512_dpbusd_epi32(*sum, *wk, q);
+                            }
                         }
                     }
-                }
-                for k in 0..G {
-                    let at = ((g + k) * blocks + b) * GROUP;
-                    let d = _mm512_loadu_ps(panel.scales.as_ptr().add(at));
-                    let m = if panel.has_min {
-                        _mm512_loadu_ps(panel.mins.as_ptr().add(at))
+                    let scales = if h == 0 {
+                        &panel.scales
                     } else {
-                        _mm512_setzero_ps()
+                        &panel.scales_hi
                     };
-                    for r in 0..R {
-                        let da = _mm512_set1_ps(*acts.scales.get_unchecked(lane(r)));
-                        let scale = _mm512_mul_ps(d, da);
-                        out[r][k] =
-                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][k]), scale, out[r][k]);
-                        if panel.has_min {
-                            let s = _mm512_set1_ps(*acts.sums.get_unchecked(lane(r)));
-                            out[r][k] = _mm512_fmadd_ps(m, s, out[r][k]);
+                    for k in 0..G {
+                        let at = ((g + k) * blocks + b) * GROUP;
+                        let d = _mm512_loadu_ps(scales.as_ptr().add(at));
+                        let m = if panel.has_min {
+                            _mm512_loadu_ps(panel.mins.as_ptr().add(at))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        for r in 0..R {
+                            let da = _mm512_set1_ps(*acts.scales.get_unchecked(lane(r)));
+                            let scale = _mm512_mul_ps(d, da);
+                            out[r][k] =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][k]), scale, out[r][k]);
+                            if panel.has_min {
+                                let s = _mm512_set1_ps(*acts.sums.get_unchecked(lane(r)));
+                                out[r][k] = _mm512_fmadd_ps(m, s, out[r][k]);
+                            }
                         }
                     }
                 }
@@ -543,7 +637,7 @@ mod tests {
     use super::*;
     use crate::cpu::quantized::dot::{Kernel, rows_times_activations};
     use candle_core::quantized::GgmlType;
-    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K};
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ5K, BlockQ6K};
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut state = seed;
@@ -645,21 +739,26 @@ mod tests {
         for (dtype, format) in [
             (GgmlDType::Q4K, PanelFormat::Q4K),
             (GgmlDType::Q5K, PanelFormat::Q5K),
+            (GgmlDType::Q6K, PanelFormat::Q6K),
         ] {
             let bytes = blocks_of(dtype, &w, out, cols);
             let mut expected = vec![0f32; out * cols];
             match dtype {
                 GgmlDType::Q4K => BlockQ4K::to_float(bytemuck_blocks(&bytes), &mut expected),
-                _ => BlockQ5K::to_float(bytemuck_blocks(&bytes), &mut expected),
+                GgmlDType::Q5K => BlockQ5K::to_float(bytemuck_blocks(&bytes), &mut expected),
+                _ => BlockQ6K::to_float(bytemuck_blocks(&bytes), &mut expected),
             }
             let mut row = ExpandedRow::with_blocks(cols / BLOCK);
             for r in 0..out {
                 let bytes = &bytes[r * format.row_bytes(cols)..(r + 1) * format.row_bytes(cols)];
                 format.expand(bytes, &mut row);
                 for i in 0..cols {
-                    let b = i / BLOCK;
-                    let value =
-                        row.scales[b * LANES] * f32::from(row.values[i]) + row.mins[b * LANES];
+                    let (b, u) = (i / BLOCK, f32::from(row.values[i]));
+                    let value = match format.halves() {
+                        // Q6_K: a scale per 16 values, zero point 32.
+                        true => row.scales[b * LANES + (i % BLOCK) / 16] * (u - 32.0),
+                        false => row.scales[b * LANES] * u + row.mins[b * LANES],
+                    };
                     let want = expected[r * cols + i];
                     assert!(
                         (value - want).abs() <= 1e-6 * want.abs().max(1.0),
@@ -699,6 +798,7 @@ mod tests {
         for (dtype, format) in [
             (GgmlDType::Q4K, PanelFormat::Q4K),
             (GgmlDType::Q5K, PanelFormat::Q5K),
+            (GgmlDType::Q6K, PanelFormat::Q6K),
         ] {
             let bytes = blocks_of(dtype, &w, out, cols);
             let acts = format.quantize(&x, rows, cols);

@@ -30,7 +30,7 @@ pub struct QuantizedRows {
     /// `rows × blocks × 2`: each block's scale and (formats with a minimum; else 0) its
     /// `scale × Σvalues`, side by side (the decode kernel reads both with one load).
     pub scale_sums: Vec<f32>,
-    /// Whether scales and sums are kept in f32 ([`quantize_rows_exact`]) rather than
+    /// Whether scales and sums are kept in f32 ([`quantize_rows_as`]) rather than
     /// rounded to f16.
     pub exact: bool,
 }
@@ -78,20 +78,10 @@ pub fn quantize_rows(
     quantize_rows_as(x, rows, cols, zero_point, with_sums, false)
 }
 
-/// [`quantize_rows`] with each block's scale and `scale × Σq` kept in f32 (llama.cpp's
-/// Q8_K keeps them so for the k-quants, whose minimum terms are large: an f16 sum lost
-/// ~0.7 % of a Q4_K product).
-pub fn quantize_rows_exact(
-    x: &[f32],
-    rows: usize,
-    cols: usize,
-    zero_point: i32,
-    with_sums: bool,
-) -> QuantizedRows {
-    quantize_rows_as(x, rows, cols, zero_point, with_sums, true)
-}
-
-fn quantize_rows_as(
+/// [`quantize_rows`], with each block's scale and `scale × Σq` kept in f32 where `exact`
+/// (llama.cpp's Q8_K keeps them so for the k-quants, whose minimum terms are large: an
+/// f16 sum lost ~0.7 % of a Q4_K product).
+pub fn quantize_rows_as(
     x: &[f32],
     rows: usize,
     cols: usize,

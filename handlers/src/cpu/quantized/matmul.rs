@@ -197,9 +197,9 @@ impl QuantizedMatrix {
             let values = values.as_deref().unwrap_or_default();
             let ys = match Format::of(group[0].dtype) {
                 _ if rows >= PANEL_ROWS && Self::multiplies_in_panels(group) => {
-                    Self::tiled_products(group, values, rows)?
+                    Self::tiled_products(group, values, rows, true)?
                 }
-                _ if rows >= GEMM_ROWS => Self::tiled_products(group, values, rows)?,
+                _ if rows >= GEMM_ROWS => Self::tiled_products(group, values, rows, false)?,
                 Some(format) => Self::products(group, format, Kernel::best(), values, rows),
                 None => candle_blocks::products(group, values, rows)?,
             };
@@ -260,14 +260,19 @@ impl QuantizedMatrix {
     /// and multiplied with the f32 GEMM (`x` stays f32, unrounded). For matrices of one
     /// dtype, in place.
     #[allow(unsafe_code)] // Tasks write disjoint column ranges of the same outputs.
-    fn tiled_products(matrices: &[&Self], x: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
+    fn tiled_products(
+        matrices: &[&Self],
+        x: &[f32],
+        rows: usize,
+        panels: bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let (dtype, inp) = (matrices[0].dtype, matrices[0].inp);
         let row_bytes = inp / dtype.block_size() * dtype.type_size();
         let outs: Vec<usize> = matrices.iter().map(|m| m.out).collect();
         // Two chunks a thread: the GEMM's speed grows with its tile (SmolLM2 Q4_1's
         // 128-token prefill took about the same with 1, 2 or 4, 8 % longer with 8).
         let integer = PanelFormat::of(dtype)
-            .filter(|_| Self::multiplies_in_panels(matrices))
+            .filter(|_| panels)
             .map(|format| (format, format.quantize(x, rows, inp)));
         let size = match (&integer, panel_chunk_rows(&outs)) {
             (Some(_), Some(size)) => size,
@@ -626,20 +631,21 @@ mod tests {
         diff.expect("diff") / scale.expect("scale")
     }
 
+    /// The formats with Spillway's own 32-value block kernels.
+    const BLOCK_FORMATS: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
+
     /// Each format's product against dequantize-then-f32 matmul: the only difference is
     /// the activations' 8-bit rounding, a bounded relative error.
     #[test]
     fn products_match_the_dequantized_weights_within_activation_rounding() {
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
+        let k_quants = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+        for dtype in BLOCK_FORMATS.into_iter().chain(k_quants) {
             let shapes = [
                 (96, 256, 1),
                 (40, 768, 7),
@@ -657,10 +663,8 @@ mod tests {
                 // From GEMM_ROWS rows on, f32 tiles meet unrounded activations: the
                 // dequantized product, up to f32 summation order (the integer panels
                 // round the activations as the dot products do).
-                let float_tiles = rows >= GEMM_ROWS
-                    && (PromptKernel::chosen() == PromptKernel::Float
-                        || PanelFormat::of(dtype).is_none()
-                        || out % GROUP != 0);
+                let float_tiles =
+                    rows >= GEMM_ROWS && !QuantizedMatrix::multiplies_in_panels(&[&matrix]);
                 let bound = if float_tiles { 1e-5 } else { 2e-2 };
                 assert!(
                     error < bound,
@@ -679,13 +683,7 @@ mod tests {
             eprintln!("skipped prompt_panels_equal_the_integer_dot_products: no AVX-512 VNNI");
             return;
         }
-        for dtype in [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-        ] {
+        for dtype in BLOCK_FORMATS {
             let format = Format::of(dtype).expect("format");
             let (_, matrix) = quantized(dtype, 96, 256, 9);
             let rows = GEMM_ROWS + 6;

@@ -31,7 +31,7 @@
 
 use candle_core::quantized::GgmlDType;
 
-use super::activations::{QuantizedRows, quantize_rows, quantize_rows_exact};
+use super::activations::{QuantizedRows, quantize_rows, quantize_rows_as};
 use super::weights::{BLOCK, ExpandedRow, Format, LANES, f16_bits_to_f32};
 
 /// Weight rows per panel group: one 512-bit vector of f32 outputs.
@@ -94,10 +94,10 @@ impl PanelFormat {
     pub fn quantize(self, x: &[f32], rows: usize, cols: usize) -> QuantizedRows {
         match self {
             Self::Block(f) => quantize_rows(x, rows, cols, f.zero_point(), f.has_min()),
-            Self::Q4K | Self::Q5K => quantize_rows_exact(x, rows, cols, 0, true),
+            Self::Q4K | Self::Q5K => quantize_rows_as(x, rows, cols, 0, true, true),
             Self::Q6K => {
                 // Biases per 16 values: lane 0 for the first half, lane 1 the second.
-                let mut acts = quantize_rows_exact(x, rows, cols, 0, false);
+                let mut acts = quantize_rows_as(x, rows, cols, 0, false, true);
                 let z = self.zero_point();
                 for (b, block) in acts.values.chunks_exact(BLOCK).enumerate() {
                     let sum = |half: &[i8]| half.iter().map(|&q| i32::from(q)).sum::<i32>();

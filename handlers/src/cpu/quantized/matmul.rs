@@ -184,17 +184,30 @@ impl QuantizedMatrix {
         // parallel region (a Q4_K_M block's q and k are Q5_0, its v Q8_0).
         let groups = matrices
             .chunk_by(|a, b| a.candle.is_none() && b.candle.is_none() && a.dtype == b.dtype);
-        let mut values: Option<Vec<f32>> = None;
+        // x's values where they are (a CPU tensor, contiguous), else copied once.
+        let storage = x.storage_and_layout();
+        let in_place = match (&*storage.0, storage.1.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+                Some(&cpu.as_slice::<f32>()?[start..end])
+            }
+            _ => None,
+        };
+        let mut copied: Option<Vec<f32>> = None;
         let mut outputs = Vec::with_capacity(matrices.len());
         for group in groups {
             if let Some(candle) = &group[0].candle {
                 outputs.push(shaped(candle.forward(&x)?, group[0].out)?);
                 continue;
             }
-            if values.is_none() {
-                values = Some(x.flatten_all()?.to_vec1::<f32>()?);
-            }
-            let values = values.as_deref().unwrap_or_default();
+            let values = match in_place {
+                Some(values) => values,
+                None => {
+                    if copied.is_none() {
+                        copied = Some(x.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    copied.as_deref().unwrap_or_default()
+                }
+            };
             let ys = match Format::of(group[0].dtype) {
                 _ if rows >= PANEL_ROWS && Self::multiplies_in_panels(group) => {
                     Self::tiled_products(group, values, rows, true)?
@@ -283,7 +296,14 @@ impl QuantizedMatrix {
             .enumerate()
             .flat_map(|(which, &out)| (0..out).step_by(size).map(move |first| (which, first)))
             .collect();
-        let mut ys: Vec<Vec<f32>> = outs.iter().map(|&out| vec![0f32; rows * out]).collect();
+        // Panels store every value of their columns; the f32 tiles' GEMM gets zeros.
+        let mut ys: Vec<Vec<f32>> = outs
+            .iter()
+            .map(|&out| match integer {
+                Some(_) => Vec::with_capacity(rows * out),
+                None => vec![0f32; rows * out],
+            })
+            .collect();
         let targets: Vec<Columns> = ys.iter_mut().map(|y| Columns(y.as_mut_ptr())).collect();
         let failure = std::sync::OnceLock::new();
         crate::cpu::team::for_each_task(tiles.len(), &|t| {
@@ -323,6 +343,14 @@ impl QuantizedMatrix {
                 let _ = failure.set(e);
             }
         });
+        if integer.is_some() {
+            for (y, &out) in ys.iter_mut().zip(&outs) {
+                // SAFETY: the tiles cover every column of every output (whole panel
+                // groups, `panel_chunk_rows`) and `panel::multiply` stored each of their
+                // `rows` values; a panic in a task was re-raised above, before this.
+                unsafe { y.set_len(rows * out) };
+            }
+        }
         match failure.into_inner() {
             Some(e) => Err(e),
             None => Ok(ys),

@@ -8,7 +8,8 @@
 //! reference implementation can load the same weights), then medians:
 //! `prefill_ms`, `decode_ms_per_token`, `decode_tokens_per_s`; for each ROWS given, the
 //! median time of one decode step that advances that many sequences together
-//! (`decode_step_ms_rows_N`, continuous batching's step).
+//! (`decode_step_ms_rows_N`, continuous batching's step). `PREFILL_ONLY=1` times the
+//! prefills alone (no decoding: what a profile of prompt processing wants).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -77,12 +78,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ignore_eos: true,
         ..GenerateParameters::default()
     };
+    let prefill_only = std::env::var("PREFILL_ONLY").is_ok_and(|v| v == "1");
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     for run in 0..=runs {
         let mut sequence = handler.begin_tokens(prompt.clone(), &parameters)?;
         let started = Instant::now();
         handler.advance(&mut [&mut sequence])?;
         let first = started.elapsed().as_secs_f64() * 1e3;
+        if prefill_only {
+            prefill.push(first);
+            continue;
+        }
         let started = Instant::now();
         while !sequence.finished() {
             handler.advance(&mut [&mut sequence])?;
@@ -96,6 +102,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             prefill.push(first);
             decode.push(rest / NEW_TOKENS as f64);
         }
+    }
+    if prefill_only {
+        println!("prefill_ms {:.2}", median(prefill));
+        return Ok(());
     }
     let (prefill, decode) = (median(prefill), median(decode));
     println!("prefill_ms {prefill:.2}");

@@ -4,12 +4,12 @@
 //! the tensors are f32 on the CPU; anywhere else they fail rather than guess.
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, InplaceOp1, InplaceOp2, Layout, Result, Shape, Storage,
-    Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp1, InplaceOp2, Layout, Result, Shape,
+    Storage, Tensor,
 };
 use candle_nn::VarBuilder;
 
-use crate::cpu::kernels::{self, AttentionShape, CachedKeys, CausalShape, Norm};
+use crate::cpu::kernels::{self, AttentionShape, CachedKeys, CausalShape, Norm, RopeShape};
 
 /// LayerNorm parameters over the last dimension.
 pub struct NormParams {
@@ -68,6 +68,22 @@ pub fn add_norm_in_place(
     norm: &NormParams,
 ) -> Result<()> {
     x.inplace_op2(residual, &AddNorm { bias, norm })
+}
+
+/// RMSNorm of `x`'s rows (its last dimension) scaled by `weight`, on the team (see
+/// [`kernels::rms_norm`]).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &RmsNormRows { eps })
+}
+
+/// `x` `[batch, tokens, heads, head_dim]` rotated by RoPE (`cos`/`sin` `[tokens, half]` or
+/// `[batch, tokens, half]`, half = head_dim / 2) → `[batch, heads, tokens, head_dim]`,
+/// contiguous (see [`kernels::rope_heads_first`]; equal to candle-nn's `rope` of the
+/// transposed `x`).
+pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeHeadsFirst)
 }
 
 /// One sequence's cache for [`causal_attention`]: `k`/`v` `[1, kv_heads, capacity,
@@ -312,5 +328,142 @@ impl InplaceOp2 for SiluMul {
         }
         kernels::silu_mul(gate, up);
         Ok(())
+    }
+}
+
+struct RmsNormRows {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormRows {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, weight) = (elements(s1, l1)?, elements(s2, l2)?);
+        if weight.is_empty() || l1.shape().dims().last() != Some(&weight.len()) {
+            candle_core::bail!("rms norm of {:?} by {} weights", l1.shape(), weight.len());
+        }
+        let mut out = vec![0.0f32; x.len()];
+        kernels::rms_norm(x, weight, self.eps, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+struct RopeHeadsFirst;
+
+impl CustomOp3 for RopeHeadsFirst {
+    fn name(&self) -> &'static str {
+        "fused-rope-heads-first"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cos, sin) = (elements(s1, l1)?, elements(s2, l2)?, elements(s3, l3)?);
+        let (batch, tokens, heads, head_dim) = l1.shape().dims4()?;
+        let half = head_dim / 2;
+        let angles = |l: &Layout| match l.shape().dims() {
+            [t, h] => *t == tokens && *h == half,
+            [b, t, h] => *b == batch && *t == tokens && *h == half,
+            _ => false,
+        };
+        if !head_dim.is_multiple_of(2) || !angles(l2) || l2.shape() != l3.shape() {
+            candle_core::bail!(
+                "rope of {:?} by angles {:?} / {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
+            );
+        }
+        let mut out = vec![0.0f32; x.len()];
+        let shape = RopeShape {
+            heads,
+            tokens,
+            head_dim,
+        };
+        kernels::rope_heads_first(x, cos, sin, shape, &mut out);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((batch, heads, tokens, head_dim)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A deterministic `[dims]` tensor of values in about [-2, 2].
+    fn values(dims: &[usize], seed: usize) -> Tensor {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i + seed) * 7919 % 4001) as f32 - 2000.0) / 1000.0)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).expect("a tensor")
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("f32 values")
+    }
+
+    #[test]
+    fn rms_norm_matches_candle_nns() {
+        // 400 rows of 96 span several team tasks; 40 columns leave a lane remainder.
+        for dims in [vec![400, 96], vec![3, 5, 40], vec![1, 576]] {
+            let x = values(&dims, 3);
+            let weight = values(&dims[dims.len() - 1..], 11);
+            let ours = flat(&rms_norm(&x, &weight, 1e-5).expect("rms norm"));
+            let theirs = flat(&candle_nn::ops::rms_norm(&x, &weight, 1e-5).expect("candle's"));
+            assert_eq!(ours.len(), theirs.len());
+            let worst = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-3))
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{dims:?}: relative difference {worst}");
+        }
+        let x = values(&[2, 8], 0);
+        assert!(rms_norm(&x, &values(&[7], 0), 1e-5).is_err());
+    }
+
+    #[test]
+    fn rope_heads_first_is_candle_nns_rope_of_the_transpose() {
+        let (batch, tokens, heads, head_dim) = (2, 7, 3, 8);
+        let x = values(&[batch, tokens, heads, head_dim], 5);
+        let transposed = x
+            .transpose(1, 2)
+            .and_then(|t| t.contiguous())
+            .expect("transposed");
+        // One table for every row, and a table per row (rows at their own positions).
+        for angles in [
+            vec![tokens, head_dim / 2],
+            vec![batch, tokens, head_dim / 2],
+        ] {
+            let (cos, sin) = (values(&angles, 1).cos(), values(&angles, 2).sin());
+            let (cos, sin) = (cos.expect("cos"), sin.expect("sin"));
+            let ours = rope_heads_first(&x, &cos, &sin).expect("rope");
+            assert_eq!(ours.dims(), &[batch, heads, tokens, head_dim]);
+            let theirs = candle_nn::rotary_emb::rope(&transposed, &cos, &sin).expect("candle's");
+            assert_eq!(flat(&ours), flat(&theirs), "angles {angles:?}");
+        }
+        let (cos, sin) = (values(&[tokens + 1, 4], 1), values(&[tokens + 1, 4], 2));
+        assert!(rope_heads_first(&x, &cos, &sin).is_err());
     }
 }

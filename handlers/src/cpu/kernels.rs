@@ -8,7 +8,7 @@
 //! memory, the transcendental functions are branch-free polynomials that the compiler
 //! vectorizes, and attention reads its heads straight out of the packed QKV matrix.
 
-use crate::cpu::simd::simd_kernel;
+use crate::cpu::simd::{mul_add, simd_kernel};
 use crate::cpu::team::for_each_chunk_mut;
 
 /// erf(x), |error| < 5e-7 in f32 (1e-7 in exact arithmetic): the odd rational approximation on [-4, 4] that Eigen and
@@ -91,6 +91,94 @@ simd_kernel! {
     fn silu_mul_chunk(gate: &mut [f32], up: &[f32]) {
         for (g, u) in gate.iter_mut().zip(up) {
             *g = *g / (1.0 + exp(-*g)) * u;
+        }
+    }
+}
+
+/// `out[r] = x[r] / sqrt(mean(x[r]²) + eps) · weight` for each row of `x` (RMSNorm, as
+/// candle-nn computes it but for the sum of squares, taken in 16 lanes), on the team
+/// instead of candle-nn's rayon pool, which fought the team's spinning threads for the
+/// cores between a prompt's matmuls.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let columns = weight.len();
+    let per_task = columns * rows_per_task(columns);
+    for_each_chunk_mut(out, per_task, |index, out| {
+        rms_norm_rows(&x[index * per_task..][..out.len()], weight, eps, out)
+    });
+}
+
+simd_kernel! {
+    fn rms_norm_rows<const FMA: bool>(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        let n = weight.len();
+        for (x, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let mut lanes = [0.0f32; LANES];
+            let blocks = x.chunks_exact(LANES);
+            let rest: f32 = blocks.remainder().iter().map(|v| v * v).sum();
+            for block in blocks {
+                for (l, v) in lanes.iter_mut().zip(block) {
+                    *l = mul_add::<FMA>(*v, *v, *l);
+                }
+            }
+            let squares = lanes.iter().sum::<f32>() + rest;
+            let m = (squares / n as f32 + eps).sqrt();
+            for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+                *o = *v / m * *w;
+            }
+        }
+    }
+}
+
+/// Rotates `x` `[batch, tokens, heads, head_dim]` by RoPE (non-interleaved halves, as
+/// candle-nn's `rope`: equal bit for bit) and writes it heads first, `out` `[batch,
+/// heads, tokens, head_dim]`: the transpose attention needs and the rotation in one pass
+/// on the team. `cos`/`sin` are `[tokens, head_dim / 2]`, or `[batch, tokens, head_dim / 2]`
+/// (each row at its own positions).
+pub fn rope_heads_first(x: &[f32], cos: &[f32], sin: &[f32], shape: RopeShape, out: &mut [f32]) {
+    let RopeShape {
+        heads,
+        tokens,
+        head_dim,
+    } = shape;
+    let half = head_dim / 2;
+    let batched = cos.len() > tokens * half;
+    for_each_chunk_mut(out, tokens * head_dim, |bh, out| {
+        let (b, h) = (bh / heads, bh % heads);
+        let angles = if batched { b * tokens * half } else { 0 };
+        let x = &x[b * tokens * heads * head_dim..];
+        rope_head(
+            x,
+            &cos[angles..][..tokens * half],
+            &sin[angles..][..tokens * half],
+            h * head_dim,
+            heads * head_dim,
+            head_dim,
+            out,
+        )
+    });
+}
+
+/// The dimensions of [`rope_heads_first`]'s input.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeShape {
+    pub heads: usize,
+    pub tokens: usize,
+    pub head_dim: usize,
+}
+
+simd_kernel! {
+    /// One head of [`rope_heads_first`]: token t's `head_dim` values start at
+    /// `x[t · stride + first]`; `out` `[tokens, head_dim]`.
+    fn rope_head(x: &[f32], cos: &[f32], sin: &[f32], first: usize, stride: usize, head_dim: usize, out: &mut [f32]) {
+        let half = head_dim / 2;
+        for (t, out) in out.chunks_exact_mut(head_dim).enumerate() {
+            let x = &x[t * stride + first..][..head_dim];
+            let (cos, sin) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            let (x1, x2) = x.split_at(half);
+            let (o1, o2) = out.split_at_mut(half);
+            for i in 0..half {
+                o1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+                o2[i] = x1[i] * sin[i] + x2[i] * cos[i];
+            }
         }
     }
 }
@@ -218,7 +306,7 @@ pub fn self_attention(
 
 simd_kernel! {
     /// [`self_attention`] of one sequence: `rows` its `[tokens, 3 · hidden]` projections.
-    fn attend_sequence(rows: &[f32], bias: &[f32], keep: &[bool], shape: AttentionShape, out: &mut [f32]) {
+    fn attend_sequence<const FMA: bool>(rows: &[f32], bias: &[f32], keep: &[bool], shape: AttentionShape, out: &mut [f32]) {
         let AttentionShape {
             tokens,
             heads,
@@ -269,7 +357,7 @@ simd_kernel! {
                 .chunks_exact(ROWS * head_dim)
                 .zip(scores.chunks_exact_mut(ROWS * padded))
             {
-                score_rows(qs, &kt, padded, padded / LANES, s);
+                score_rows::<FMA>(qs, &kt, padded, padded / LANES, s);
             }
             for s in scores.chunks_exact_mut(padded).take(tokens) {
                 softmax_in_place(&mut s[..n]);
@@ -277,7 +365,7 @@ simd_kernel! {
             for (group, p) in scores.chunks_exact(ROWS * padded).enumerate() {
                 let rows_here = ROWS.min(tokens - group * ROWS);
                 let first = group * ROWS * hidden + h * head_dim;
-                weighted_rows(p, padded, &v, head_dim, rows_here, out, first, hidden);
+                weighted_rows::<FMA>(p, padded, &v, head_dim, rows_here, out, first, hidden);
             }
         }
     }
@@ -287,14 +375,20 @@ simd_kernel! {
 /// `blocks` lane blocks of keys in `kt` (`[head_dim, padded]`, keys transposed) into `s`
 /// (`[ROWS, padded]`): each 4 × 16 block of scores builds up in registers.
 #[inline(always)]
-fn score_rows(qs: &[f32], kt: &[f32], padded: usize, blocks: usize, s: &mut [f32]) {
+fn score_rows<const FMA: bool>(
+    qs: &[f32],
+    kt: &[f32],
+    padded: usize,
+    blocks: usize,
+    s: &mut [f32],
+) {
     let head_dim = kt.len() / padded;
     for block in 0..blocks {
         let mut acc = [[0.0f32; LANES]; ROWS];
         for (d, k) in kt.chunks_exact(padded).enumerate() {
             let k = lanes(&k[block * LANES..]);
             for (r, acc) in acc.iter_mut().enumerate() {
-                axpy_lanes(acc, qs[r * head_dim + d], k);
+                axpy_lanes::<FMA>(acc, qs[r * head_dim + d], k);
             }
         }
         for (r, acc) in acc.iter().enumerate() {
@@ -321,7 +415,7 @@ fn softmax_in_place(s: &mut [f32]) {
 /// Each 4 × 16 block of outputs builds up in registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn weighted_rows(
+fn weighted_rows<const FMA: bool>(
     p: &[f32],
     padded: usize,
     v: &[f32],
@@ -338,7 +432,7 @@ fn weighted_rows(
         for (j, vj) in v.chunks_exact(head_dim).enumerate() {
             let vj = lanes(&vj[columns..]);
             for (r, acc) in acc.iter_mut().enumerate() {
-                axpy_lanes(acc, p[r * padded + j], vj);
+                axpy_lanes::<FMA>(acc, p[r * padded + j], vj);
             }
         }
         for (r, acc) in acc.iter().enumerate().take(rows_here) {
@@ -373,9 +467,9 @@ fn lanes(x: &[f32]) -> &[f32; LANES] {
 
 /// `acc += a · x`.
 #[inline(always)]
-fn axpy_lanes(acc: &mut [f32; LANES], a: f32, x: &[f32; LANES]) {
+fn axpy_lanes<const FMA: bool>(acc: &mut [f32; LANES], a: f32, x: &[f32; LANES]) {
     for (s, x) in acc.iter_mut().zip(x) {
-        *s += a * x;
+        *s = mul_add::<FMA>(a, *x, *s);
     }
 }
 
@@ -452,7 +546,7 @@ pub fn causal_attention(q: &[f32], rows: &[CachedKeys<'_>], shape: CausalShape, 
 simd_kernel! {
     /// [`causal_attention`] of one query head: its `q` `[queries, head_dim]` over the
     /// `k`/`v` `[keys, head_dim]` of its key/value head.
-    fn attend_head(q: &[f32], k: &[f32], v: &[f32], head_dim: usize, out: &mut [f32]) {
+    fn attend_head<const FMA: bool>(q: &[f32], k: &[f32], v: &[f32], head_dim: usize, out: &mut [f32]) {
         let (queries, keys) = (q.len() / head_dim, k.len() / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let offset = keys - queries;
@@ -474,14 +568,14 @@ simd_kernel! {
                 let rows_here = ROWS.min(queries - group * ROWS);
                 // The group's last query sees the most keys; earlier ones fewer.
                 let seen = offset + group * ROWS + rows_here;
-                score_rows(qs, &kt, padded, seen.div_ceil(LANES), &mut scores);
+                score_rows::<FMA>(qs, &kt, padded, seen.div_ceil(LANES), &mut scores);
                 for (r, s) in scores.chunks_exact_mut(padded).enumerate() {
                     let visible = if r < rows_here { offset + group * ROWS + r + 1 } else { 0 };
                     softmax_in_place(&mut s[..visible]);
                     s[visible..seen].fill(0.0);
                 }
                 let v = &v[..seen * head_dim];
-                weighted_rows(&scores, padded, v, head_dim, rows_here, out, group * ROWS * head_dim, head_dim);
+                weighted_rows::<FMA>(&scores, padded, v, head_dim, rows_here, out, group * ROWS * head_dim, head_dim);
             }
             return;
         }

@@ -567,26 +567,21 @@ impl Attention {
         }
         let [q, k, v] = self.project(x)?;
         let (q, k) = match (&self.q_norm, &self.k_norm, self.per_head_norm) {
-            (Some(qn), Some(kn), false) => {
-                (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?)
-            }
+            (Some(qn), Some(kn), false) => (rms_norm_forward(qn, &q)?, rms_norm_forward(kn, &k)?),
             _ => (q, k),
         };
         let split = |t: Tensor, heads: usize| t.reshape((b, seq, heads, self.head_dim));
         let (q, k) = (split(q, self.heads)?, split(k, self.kv_heads)?);
         let (q, k) = match (&self.q_norm, &self.k_norm, self.per_head_norm) {
-            (Some(qn), Some(kn), true) => {
-                (qn.forward(&q.contiguous()?)?, kn.forward(&k.contiguous()?)?)
-            }
+            (Some(qn), Some(kn), true) => (rms_norm_forward(qn, &q)?, rms_norm_forward(kn, &k)?),
             _ => (q, k),
         };
-        let (q, k) = (
-            q.transpose(1, 2)?.contiguous()?,
-            k.transpose(1, 2)?.contiguous()?,
-        );
         let (q, k) = match self.rope {
-            true => (rope.apply(&q)?, rope.apply(&k)?),
-            false => (q, k),
+            true => (rope.apply_heads_first(&q)?, rope.apply_heads_first(&k)?),
+            false => (
+                q.transpose(1, 2)?.contiguous()?,
+                k.transpose(1, 2)?.contiguous()?,
+            ),
         };
         let q = match self.query_scale {
             Some(scale) => (q * scale)?,
@@ -1024,7 +1019,7 @@ impl Norm {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::Rms(n) => n.forward(x),
+            Self::Rms(n) => rms_norm_forward(n, x),
             Self::Layer(n) => n.forward(x),
         }
     }
@@ -1045,6 +1040,16 @@ fn alibi_slopes(heads: usize) -> Vec<f32> {
             .map(|i| extra.powi(1 + 2 * i as i32)),
     );
     slopes
+}
+
+/// `norm(x)`: for f32 on the CPU on the team ([`crate::cpu::fused_ops::rms_norm`]),
+/// elsewhere candle-nn's.
+fn rms_norm_forward(norm: &RmsNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+    let weight = norm.weight();
+    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        return crate::cpu::fused_ops::rms_norm(x, weight, norm.eps() as f32);
+    }
+    norm.forward(&x.contiguous()?)
 }
 
 /// An RMSNorm of `width` at `vb`, multiplying by `w` or, for Gemma, by `1 + w`.
@@ -1208,6 +1213,19 @@ struct RowRope {
 }
 
 impl RowRope {
+    /// `x` `[rows, seq, heads, head_dim]` rotated ([`Self::apply`]) and transposed to
+    /// `[rows, heads, seq, head_dim]` (contiguous): in one pass on the team for f32 on the
+    /// CPU with the whole head rotated (a prompt's transposes and rotations were copies
+    /// on the calling thread and on rayon's pool between its matmuls).
+    fn apply_heads_first(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let whole = 2 * self.cos.dim(D::Minus1)? == x.dim(D::Minus1)?;
+        if whole && x.device().is_cpu() && x.dtype() == DType::F32 && self.cos.dtype() == DType::F32
+        {
+            return crate::cpu::fused_ops::rope_heads_first(x, &self.cos, &self.sin);
+        }
+        self.apply(&x.transpose(1, 2)?.contiguous()?)
+    }
+
     /// Rotates the first `2 × half` dimensions of `x` `[rows, heads, seq, head_dim]`
     /// (contiguous); the rest pass through (partial rotary).
     fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {

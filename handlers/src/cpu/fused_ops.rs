@@ -80,7 +80,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 /// `x` `[batch, tokens, heads, head_dim]` rotated by RoPE (`cos`/`sin` `[tokens, half]` or
 /// `[batch, tokens, half]`, half = head_dim / 2) → `[batch, heads, tokens, head_dim]`,
 /// contiguous (see [`kernels::rope_heads_first`]; equal to candle-nn's `rope` of the
-/// transposed `x`).
+/// transposed `x`, but the tables must have exactly `tokens` rows).
 pub fn rope_heads_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?
         .apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &RopeHeadsFirst)
@@ -184,14 +184,14 @@ fn elements_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a 
     let (start, end) = contiguous(layout)?;
     match storage {
         CpuStorage::F32(values) => Ok(&mut values[start..end]),
-        _ => candle_core::bail!("fused BERT kernels need f32"),
+        _ => candle_core::bail!("fused kernels need f32"),
     }
 }
 
 fn contiguous(layout: &Layout) -> Result<(usize, usize)> {
     layout
         .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused BERT kernels need contiguous input".into()))
+        .ok_or_else(|| candle_core::Error::Msg("fused kernels need contiguous input".into()))
 }
 
 struct SelfAttention<'a> {

@@ -181,7 +181,6 @@ impl QuantizedRows {
         }
     }
 
-    /// Block `b`'s scale, bias and sums from its exact scale `d` and `Σq`.
     /// The blocks as consecutive parts of `per_part` blocks each (the last may be
     /// shorter), each writable on its own.
     fn blocks_mut(&mut self, per_part: usize) -> Vec<BlocksMut<'_>> {
@@ -222,6 +221,7 @@ struct BlocksMut<'a> {
 }
 
 impl BlocksMut<'_> {
+    /// Block `b`'s scale, bias and sums from its exact scale `d` and `Σq`.
     #[inline(always)]
     fn set_block(&mut self, b: usize, d: f32, total: i32, zero_point: i32, with_sums: bool) {
         let lanes = b * LANES..(b + 1) * LANES;
@@ -241,6 +241,9 @@ impl BlocksMut<'_> {
     }
 }
 
+/// [`quantize_blocks`] in AVX-512: the same values (the same f32 operations in the same
+/// order, per lane) with a block's 32 values in two vectors; the scalar version's
+/// `max` chain and per-value conversions were 7–10 % of a quantized prompt's time.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::*;

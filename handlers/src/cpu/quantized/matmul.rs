@@ -184,10 +184,19 @@ impl QuantizedMatrix {
         // parallel region (a Q4_K_M block's q and k are Q5_0, its v Q8_0).
         let groups = matrices
             .chunk_by(|a, b| a.candle.is_none() && b.candle.is_none() && a.dtype == b.dtype);
-        // x's values where they are (a CPU tensor, contiguous), else copied once.
+        // x's values where they are (a CPU tensor, contiguous), else copied once. Not
+        // while a candle product runs below: it reads x's storage too, and a second read
+        // lock on this thread could wait behind a queued writer.
         let storage = x.storage_and_layout();
-        let in_place = match (&*storage.0, storage.1.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+        let storage = match matrices.iter().all(|m| m.candle.is_none()) {
+            true => Some(storage),
+            false => None,
+        };
+        let in_place = match storage
+            .as_ref()
+            .map(|(s, l)| (&**s, l.contiguous_offsets()))
+        {
+            Some((candle_core::Storage::Cpu(cpu), Some((start, end)))) => {
                 Some(&cpu.as_slice::<f32>()?[start..end])
             }
             _ => None,
@@ -313,6 +322,7 @@ impl QuantizedMatrix {
             if let Some((format, acts)) = &integer {
                 PANEL.with_borrow_mut(|p| {
                     p.fill(*format, bytes, inp);
+                    debug_assert_eq!(p.rows(), count, "a panel tile is whole groups");
                     // SAFETY: as below; the panel holds `count` rows, this tile's columns.
                     unsafe { panel::multiply(p, acts, targets[which].0.add(first), out) }
                 });
